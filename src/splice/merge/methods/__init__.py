@@ -1,0 +1,3 @@
+"""Built-in merge methods: importing this package registers each one."""
+
+from splice.merge.methods import task_arithmetic  # noqa: F401

@@ -1,0 +1,34 @@
+"""Task arithmetic (Ilharco et al. 2023, "Editing Models with Task Arithmetic").
+
+    merged = base + λ · Σ_i w_i (θ_i − base)            (normalize = False)
+    merged = base + λ · Σ_i w_i (θ_i − base) / Σ_i w_i  (normalize = True)
+
+Same as mergekit's ``task_arithmetic`` (normalize defaults to False there too; a weight
+sum with |Σ w| < 1e-8 is not divided by).
+"""
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from splice.merge.registry import PerModel, merge_method
+
+
+@merge_method("task_arithmetic", needs_base=True)
+def task_arithmetic(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> Tensor:
+    """Add the weighted sum of task vectors to the base, scaled by λ."""
+    total = base.new_zeros(base.shape)
+    for w, t in zip(weight, tensors):
+        total.add_(t - base, alpha=w)
+    if normalize:
+        s = sum(weight)
+        if abs(s) >= 1e-8:
+            total.div_(s)
+    return base.add_(total, alpha=lambda_)

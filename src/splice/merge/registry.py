@@ -1,0 +1,305 @@
+"""The one registry of merge methods.
+
+A merge method is a pure function of tensors and parameters. Its *signature is its
+parameter schema*:
+
+    @merge_method("task_arithmetic", needs_base=True)
+    def task_arithmetic(
+        base: Tensor,
+        tensors: Sequence[Tensor],
+        *,
+        weight: PerModel[float] = 1.0,      # one value per input model (a list at call time)
+        lambda_: float = 1.0,               # one global value ("lambda" in recipes)
+        normalize: bool = False,
+        ctx: MergeContext,                  # optional: seed, tensor name, dialect, model stats
+    ) -> Tensor: ...
+
+Conventions
+- Positional arguments: ``base`` (a Tensor, or None when the method does not need one) and
+  ``tensors`` (the non-base inputs, in recipe order). All arrive in the compute dtype
+  (float32 unless the recipe says otherwise) and may be modified in place by the method.
+- Keyword-only arguments are parameters. ``PerModel[T]`` marks a per-model parameter: the
+  method receives a ``list[T]`` aligned with ``tensors``. Anything else is global. Types may
+  carry pydantic constraints (``Annotated[float, Field(ge=0, le=1)]``); ``Literal`` lists
+  the allowed choices. A trailing underscore is dropped in recipes (``lambda_`` -> ``lambda``).
+- ``ctx: MergeContext`` (if declared) is injected by the engine and is not a parameter.
+- The return value is the merged tensor, same shape as the inputs, any float dtype; the
+  engine casts to the output dtype.
+
+Methods never open files, know about YAML or print.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from splice.errors import MergeValidationError
+
+Dialect = Literal["splice", "mergekit"]
+
+
+class _PerModelMarker:
+    def __repr__(self) -> str:
+        return "PerModel"
+
+
+_PER_MODEL = _PerModelMarker()
+
+
+class _PerModelFactory:
+    """``PerModel[float]`` -> ``Annotated[list[float], PER_MODEL]``."""
+
+    def __getitem__(self, item: Any) -> Any:
+        return Annotated[list[item], _PER_MODEL]
+
+
+PerModel = _PerModelFactory()
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """Which entries of one tensor survive a whole-model magnitude trim.
+
+    Keep every entry with ``|x| > threshold`` plus the first ``tie_quota`` entries (in flat,
+    row-major order) with ``|x| == threshold``. Magnitudes are compared in float32. The
+    engine computes the rule so that exactly round(density * N) entries survive over the
+    whole model (N = number of entries of all merged tensors).
+    """
+
+    threshold: float
+    tie_quota: int
+
+
+@dataclass(frozen=True)
+class TopKRequest:
+    """A request for a whole-model magnitude statistic, answered with a `KeepRule`.
+
+    The statistic is over |tensors[model_index] - base| (float32), or |tensors[model_index]|
+    when ``of_delta`` is False, across every tensor the method merges.
+    """
+
+    key: str
+    model_index: int
+    density: float
+    of_delta: bool = True
+
+
+@dataclass
+class MergeContext:
+    """Per-tensor context injected into methods that declare ``ctx``."""
+
+    tensor_name: str = ""
+    seed: int = 0
+    dialect: Dialect = "splice"
+    # Answers to the method's TopKRequests, by request key, for this tensor.
+    model_stats: Mapping[str, KeepRule] = field(default_factory=dict)
+
+    def generator(self, index: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, tensor name, index): deterministic and
+        independent of execution order and threads."""
+        digest = hashlib.sha256(f"{self.seed}:{self.tensor_name}:{index}".encode()).digest()
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # recipe name (no trailing underscore)
+    arg: str  # python argument name
+    per_model: bool
+    value_type: Any  # type of one value
+    default: Any  # inspect.Parameter.empty when required
+    adapter: TypeAdapter
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def validate(self, value: Any, where: str) -> Any:
+        try:
+            return self.adapter.validate_python(value, strict=False)
+        except ValidationError as e:
+            msg = "; ".join(err["msg"] for err in e.errors())
+            raise MergeValidationError(
+                f"{where}: parameter '{self.name}' = {value!r} is invalid: {msg}"
+            ) from None
+
+    def describe_type(self) -> str:
+        t = self.value_type
+        while get_origin(t) is Annotated:
+            t = get_args(t)[0]
+        if get_origin(t) is Literal:
+            return " | ".join(repr(a) for a in get_args(t))
+        return getattr(t, "__name__", str(t))
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[ParamSpec, ...]
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+    random: bool
+    wants_ctx: bool
+    summary: str
+    # Defaults that differ when a recipe is written in mergekit's dialect (`merge_method:`).
+    mergekit_defaults: Mapping[str, Any]
+    # Given the resolved global + per-model parameters, the whole-model statistics needed.
+    model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None
+
+    def param(self, name: str) -> ParamSpec:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def default(self, p: ParamSpec, dialect: Dialect) -> Any:
+        if dialect == "mergekit" and p.name in self.mergekit_defaults:
+            return self.mergekit_defaults[p.name]
+        return p.default
+
+    def __call__(
+        self,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        ctx: MergeContext | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        """Call with recipe-named parameters; missing ones take their defaults.
+
+        A scalar given for a per-model parameter is broadcast to every model. This is the
+        convenient entry point for tests and library users; the engine resolves and
+        validates parameters itself and calls the same path.
+        """
+        ctx = ctx or MergeContext()
+        kwargs: dict[str, Any] = {}
+        unknown = set(params) - {p.name for p in self.params}
+        if unknown:
+            raise MergeValidationError(
+                f"method '{self.name}' has no parameter(s) {sorted(unknown)}; "
+                f"it takes {[p.name for p in self.params]}"
+            )
+        for p in self.params:
+            value = params.get(p.name, self.default(p, ctx.dialect))
+            if value is inspect.Parameter.empty:
+                raise MergeValidationError(f"method '{self.name}' needs parameter '{p.name}'")
+            if p.per_model and not isinstance(value, (list, tuple)):
+                value = [value] * len(tensors)
+            kwargs[p.arg] = p.validate(value, f"method '{self.name}'")
+        if self.wants_ctx:
+            kwargs["ctx"] = ctx
+        return self.fn(base, list(tensors), **kwargs)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def _param_specs(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
+    sig = inspect.signature(fn)
+    hints = get_type_hints(fn, include_extras=True)
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if [p.name for p in positional] != ["base", "tensors"]:
+        raise TypeError(f"{fn.__name__}: positional arguments must be (base, tensors)")
+    specs = []
+    wants_ctx = False
+    for p in sig.parameters.values():
+        if p.kind != p.KEYWORD_ONLY:
+            continue
+        if p.name == "ctx":
+            wants_ctx = True
+            continue
+        ann = hints.get(p.name)
+        if ann is None:
+            raise TypeError(f"{fn.__name__}: parameter {p.name} needs a type annotation")
+        per_model = get_origin(ann) is Annotated and _PER_MODEL in get_args(ann)[1:]
+        value_type = get_args(get_args(ann)[0])[0] if per_model else ann
+        adapter_type = list[value_type] if per_model else value_type
+        specs.append(
+            ParamSpec(
+                name=p.name.rstrip("_"),
+                arg=p.name,
+                per_model=per_model,
+                value_type=value_type,
+                default=p.default,
+                adapter=TypeAdapter(adapter_type),
+            )
+        )
+    return tuple(specs), wants_ctx
+
+
+def merge_method(
+    name: str,
+    *,
+    needs_base: bool,
+    min_models: int = 1,
+    max_models: int | None = None,
+    random: bool = False,
+    mergekit_defaults: Mapping[str, Any] | None = None,
+    model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
+    """Register a merge method under ``name`` (one registry; duplicate names are errors)."""
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> MergeMethod:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method '{name}' is already registered")
+        params, wants_ctx = _param_specs(fn)
+        known = {p.name for p in params}
+        for key in mergekit_defaults or {}:
+            if key not in known:
+                raise TypeError(f"{name}: mergekit default for unknown parameter {key}")
+        doc = inspect.getdoc(fn) or ""
+        method = MergeMethod(
+            name=name,
+            fn=fn,
+            params=params,
+            needs_base=needs_base,
+            min_models=min_models,
+            max_models=max_models,
+            random=random,
+            wants_ctx=wants_ctx,
+            summary=doc.splitlines()[0] if doc else "",
+            mergekit_defaults=dict(mergekit_defaults or {}),
+            model_stats=model_stats,
+        )
+        _REGISTRY[name] = method
+        return method
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise MergeValidationError(
+            f"unknown merge method '{name}'{hint}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_methods() -> list[MergeMethod]:
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method file.
+    import splice.merge.methods  # noqa: F401
