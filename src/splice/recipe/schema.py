@@ -1,0 +1,211 @@
+"""Merge recipes: the YAML schema, parsed strictly with pydantic.
+
+Two dialects share one schema and are told apart by one key:
+
+- ``merge_method: NAME`` — mergekit's format, accepted as is. Methods take mergekit's
+  defaults (e.g. TIES trims per tensor), so a mergekit recipe gives mergekit's tensors.
+- ``method: NAME`` — splice's native form: the same keys, splice's defaults (e.g. TIES trims
+  over the whole task vector as in the paper), plus native extras.
+
+Keys (both dialects unless marked):
+    merge_method | method   the merge method (exactly one of the two)
+    base_model              base checkpoint reference (folder, file, or PATH+LORA_ADAPTER)
+    models                  list of {model, parameters}
+    slices                  list of {sources: [{model, layer_range, parameters}],
+                            base_model, parameters}  (layer stacking / per-slice merges)
+    parameters              global parameter settings
+    dtype                   compute dtype (default float32)
+    out_dtype               output dtype (default: dtype if given, else each input's dtype)
+    tokenizer_source        "base" or a model reference to copy tokenizer files from
+    seed                    (splice) seed of random methods, default 0
+    on_missing              (splice) a tensor of the reference model that some input lacks:
+                            "error" (default) | "base" (copy the reference's tensor) | "drop"
+    name                    (splice) free-form label stored with the output
+
+A parameter setting is a scalar, a gradient (list of numbers interpolated over the layer
+index, as mergekit), or a list of ``{filter, value}`` where ``filter`` is a substring of the
+tensor name (mergekit) or ``re:REGEX`` (splice; ``re.search``); ``*`` or no filter matches
+all. Unknown keys anywhere are an error naming the key's path and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from splice.errors import RecipeError
+
+Scalar = bool | int | float | str
+
+
+class ConditionalSetting(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | list[Scalar]
+
+
+ParameterSetting = Scalar | list[Scalar] | list[ConditionalSetting] | ConditionalSetting
+Parameters = dict[str, ParameterSetting]
+
+
+def _check_ref(value: Any) -> Any:
+    if isinstance(value, dict):
+        raise ValueError(
+            "model references are strings here: write 'PATH' or 'PATH+LORA_ADAPTER_PATH'"
+        )
+    return value
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Parameters | None = None
+
+    _ref = field_validator("model", mode="before")(_check_ref)
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    _ref = field_validator("model", mode="before")(_check_ref)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {v}")
+        return v
+
+
+class OutputSlice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+    _ref = field_validator("base_model", mode="before")(_check_ref)
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: list[SliceSource]) -> list[SliceSource]:
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers: {v}")
+        return v
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str | None = None
+    method: str | None = None
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    on_missing: Literal["error", "base", "drop"] = "error"
+    name: str | None = None
+
+    _ref = field_validator("base_model", mode="before")(_check_ref)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Recipe:
+        if (self.merge_method is None) == (self.method is None):
+            raise ValueError("give exactly one of 'method' (splice) or 'merge_method' (mergekit)")
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices', non-empty")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source 'union' (vocabulary merging) is not supported yet")
+        return self
+
+    @property
+    def method_name(self) -> str:
+        return self.method or self.merge_method  # type: ignore[return-value]
+
+    @property
+    def dialect(self) -> Literal["splice", "mergekit"]:
+        return "mergekit" if self.merge_method is not None else "splice"
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing with helpful errors
+
+
+_MODELS_AT = {
+    (): Recipe,
+    ("models",): ModelEntry,
+    ("slices",): OutputSlice,
+    ("slices", "sources"): SliceSource,
+}
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    key = tuple(p for p in loc[:-1] if isinstance(p, str))
+    if "parameters" in key:
+        return ConditionalSetting if key and key[-1] != "parameters" else None
+    return _MODELS_AT.get(key)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    # pydantic adds union branch names to the location; drop them for the path shown.
+    shown = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    path = ".".join(shown) or "<recipe>"
+    if err["type"] == "extra_forbidden":
+        model = _model_at(tuple(p for p in loc if isinstance(p, (int, str)) and "[" not in str(p)))
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+        return f"unknown key '{path}'{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return msg if path == "<recipe>" else f"{path}: {msg}"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe given as a mapping (e.g. parsed YAML)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        seen: list[str] = []
+        for err in e.errors():
+            # For union-typed parameters pydantic reports every failing branch; the
+            # unknown-key errors are what the user needs, so show distinct messages only.
+            line = _format_error(err)
+            if line not in seen:
+                seen.append(line)
+        extra = [s for s in seen if s.startswith("unknown key")]
+        shown = extra or seen
+        raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(shown[:10])) from None
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, str]:
+    """Read and validate a recipe file; returns the recipe and its YAML text."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    return parse_recipe(data, str(p)), text
