@@ -1,0 +1,142 @@
+"""The `splice` command line. Thin: parse flags, call the library, print.
+
+Exit code 0 on success, 1 on a SpliceError (one clear message on stderr; the traceback only
+with --debug), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+
+from splice import __version__
+from splice.errors import SpliceError
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from splice.engine import plan_merge, run_merge
+    from splice.io import parse_size
+    from splice.recipe.schema import load_recipe
+
+    recipe, text = load_recipe(args.recipe)
+    update: dict[str, object] = {}
+    if args.dtype:
+        update["out_dtype"] = args.dtype
+    if args.seed is not None:
+        update["seed"] = args.seed
+    if update:
+        recipe = recipe.model_copy(update=update)
+        text = None  # the stored recipe must be the one that ran
+    shard = parse_size(args.shard_size)
+    plan = plan_merge(recipe)
+    try:
+        report = run_merge(plan, args.out, shard_bytes=shard, threads=args.threads,
+                           resume=args.resume, overwrite=args.overwrite, recipe_text=text,
+                           progress=not args.quiet)
+    finally:
+        plan.close()
+    resumed = f", {report.skipped} already done" if report.skipped else ""
+    print(f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
+          f"{report.out_dir} in {report.seconds:.1f} s "
+          f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from splice.inspect_ckpt import compare, human_bytes, summarize
+    from splice.io import open_checkpoint
+
+    a = open_checkpoint(args.path)
+    try:
+        if args.other is None:
+            s, rows = summarize(a)
+            if not args.summary:
+                width = max((len(r[0]) for r in rows), default=4)
+                for name, shape, dt in rows:
+                    print(f"{name:<{width}}  {list(shape)!s:<20} {dt}")
+            print(f"{s.tensors} tensors, {s.parameters:,} parameters, {human_bytes(s.bytes)}; "
+                  + ", ".join(f"{k}: {v:,}" for k, v in s.dtypes.items()))
+            return 0
+        b = open_checkpoint(args.other)
+        try:
+            rows, only_a, only_b = compare(a, b)
+        finally:
+            b.close()
+        width = max((len(r.name) for r in rows), default=4)
+        print(f"{'tensor':<{width}}  {'|b-a|':>10} {'|b-a|/|a|':>10} {'cos(a,b)':>9}")
+        for r in rows:
+            print(f"{r.name:<{width}}  {r.delta_norm:>10.4g} {r.relative:>10.4g} {r.cosine:>9.5f}")
+        total = sum(r.delta_norm**2 for r in rows if r.delta_norm == r.delta_norm) ** 0.5
+        print(f"{len(rows)} shared tensors, total |b-a| = {total:.4g}; "
+              f"only in {args.path}: {len(only_a)}, only in {args.other}: {len(only_b)}")
+        for n in only_a[:5]:
+            print(f"  only in first: {n}")
+        for n in only_b[:5]:
+            print(f"  only in second: {n}")
+        return 0
+    finally:
+        a.close()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from splice.demo import run_demo
+
+    run_demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splice", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"splice {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge checkpoints with a recipe (mergekit YAML accepted)")
+    m.add_argument("recipe", help="recipe YAML file")
+    m.add_argument("--out", required=True, help="output folder (HF layout)")
+    m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
+                   help="output dtype (overrides the recipe's out_dtype)")
+    m.add_argument("--threads", type=int, default=None, help="worker threads (min(4, cores))")
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge into the same --out")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    m.add_argument("--seed", type=int, default=None, help="seed for random methods")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(fn=_cmd_merge)
+
+    i = sub.add_parser("inspect", help="list a checkpoint's tensors, or compare two")
+    i.add_argument("path")
+    i.add_argument("other", nargs="?", default=None)
+    i.add_argument("--summary", action="store_true", help="totals only")
+    i.set_defaults(fn=_cmd_inspect)
+
+    d = sub.add_parser("demo", help="build a small model and fine-tunes, merge with every "
+                                    "core method, print what each did")
+    d.add_argument("--out", default="splice-demo", help="work folder (splice-demo)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise SpliceError("--threads must be at least 1")
+        return int(args.fn(args))
+    except SpliceError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"splice: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("splice: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Execute a merge plan: streaming, threaded, bounded memory, atomic output, resumable.
+
+Each job reads its inputs (one tensor per model), merges them in the compute dtype, casts
+to the output dtype and hands the result to the sharded writer, which places it at its
+pre-planned offset in its shard. Jobs run on a thread pool with at most ``threads + 1``
+jobs in flight, so peak memory is about (threads + 1) × (inputs + 1) × the largest tensor
+in the compute dtype, independent of model size. Reading (pread), computing (torch) and
+writing (pwrite) all release the GIL, so they overlap across jobs.
+
+Output appears atomically: shards are written into ``<out>.splice-partial/`` and the folder
+is renamed to ``<out>`` only when complete. A failed or killed run leaves the partial
+folder; ``resume=True`` keeps its completed shards (same recipe fingerprint) and redoes the
+rest, giving a bit-identical result (random methods draw from generators seeded by
+(seed, tensor name, model index), independent of order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import splice
+from splice.engine.plan import MergePlan, TensorJob
+from splice.engine.topk import keep_rules
+from splice.io import ShardedWriter, model_dir_of, plan_shards
+from splice.merge import KeepRule, MergeContext
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    tensors: int
+    skipped: int  # tensors already done in a resumed run
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+
+
+def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
+    """Identity of a run, for --resume: recipe, output layout, splice version."""
+    layout = [(j.out.name, list(j.out.shape), str(j.out.dtype)) for j in plan.jobs]
+    blob = json.dumps(
+        [plan.recipe.model_dump(mode="json"), layout, shard_bytes, splice.__version__],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _config_json(plan: MergePlan) -> bytes | None:
+    d = model_dir_of(plan.reference)
+    if d is None or not (Path(d) / "config.json").is_file():
+        return None
+    cfg = json.loads((Path(d) / "config.json").read_text())
+    if plan.num_layers_out is not None:
+        for key in _LAYER_KEYS:
+            if key in cfg:
+                cfg[key] = plan.num_layers_out
+    if plan.recipe.out_dtype or plan.recipe.dtype:
+        cfg["torch_dtype"] = plan.recipe.out_dtype or plan.recipe.dtype
+    cfg.pop("quantization_config", None)
+    return (json.dumps(cfg, indent=2) + "\n").encode()
+
+
+def _tokenizer_files(plan: MergePlan) -> list[Path]:
+    src = plan.recipe.tokenizer_source
+    ref = plan.reference if src in (None, "base") else src
+    if src == "base" and plan.recipe.base_model:
+        ref = plan.recipe.base_model
+    d = model_dir_of(ref)
+    if d is None:
+        return []
+    return [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()]
+
+
+class _Runner:
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, rules: dict[int, dict[str, KeepRule]]):
+        self.plan = plan
+        self.writer = writer
+        self.rules = rules
+        self.bytes_read = 0
+        self.lock = threading.Lock()
+
+    def read(self, job: TensorJob, which: int | None) -> torch.Tensor:
+        src = job.base if which is None else job.inputs[which]
+        assert src is not None
+        t = self.plan.readers[src.ref].read(src.name)
+        with self.lock:
+            self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def __call__(self, index: int) -> int:
+        job = self.plan.jobs[index]
+        if job.kind == "copy":
+            out = self.read(job, 0)
+        else:
+            cd = self.plan.compute_dtype
+            base = self.read(job, None).to(cd) if job.base else None
+            tensors = [self.read(job, i).to(cd) for i in range(len(job.inputs))]
+            ctx = MergeContext(
+                tensor_name=job.out.name,
+                seed=self.plan.recipe.seed,
+                dialect=self.plan.recipe.dialect,
+                model_stats=self.rules.get(index, {}),
+            )
+            out = self.plan.method(base, tensors, ctx, **job.params)
+            del base, tensors
+        out = out.to(job.out.dtype).contiguous()
+        self.writer.write(job.out.name, out)
+        return out.numel() * out.element_size()
+
+
+def _model_stat_rules(plan: MergePlan, threads: int,
+                      progress: bool) -> dict[int, dict[str, KeepRule]]:
+    """Whole-model statistics (two extra passes) when the method asks for them."""
+    requests = plan.stat_requests
+    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
+    if not requests:
+        return {}
+    cd = plan.compute_dtype
+
+    def magnitudes(i: int) -> list[torch.Tensor]:
+        job = plan.jobs[i]
+        base = plan.readers[job.base.ref].read(job.base.name).to(cd) if job.base else None
+        out = []
+        for r in requests:
+            x = plan.readers[job.inputs[r.model_index].ref].read(job.inputs[r.model_index].name)
+            x = x.to(cd)
+            if r.of_delta and base is not None:
+                x = x - base
+            out.append(x.abs().float())
+        return out
+
+    bars: list[tqdm] = []
+
+    def bar(label: str) -> Callable[[], None]:
+        b = tqdm(total=len(merge_jobs), desc=label, unit="tensor", disable=not progress,
+                 leave=False)
+        bars.append(b)
+        return lambda: b.update(1)
+
+    try:
+        # The statistic spans all merged tensors, also those a resumed run has done.
+        return keep_rules(requests, merge_jobs, lambda i: plan.jobs[i].out.numel,
+                          magnitudes, threads=threads, progress=bar)
+    finally:
+        for b in bars:
+            b.close()
+
+
+def run_merge(
+    plan: MergePlan,
+    out_dir: str | Path,
+    *,
+    shard_bytes: int = 2_000_000_000,
+    threads: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    recipe_text: str | None = None,
+    progress: bool = True,
+) -> MergeReport:
+    """Run a planned merge into ``out_dir`` (HF folder: shards, index, config, tokenizer)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    threads = threads or min(4, os.cpu_count() or 1)
+    recipe_yaml = recipe_text or yaml.safe_dump(
+        plan.recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    metadata = {
+        "format": "pt",
+        "splice_version": splice.__version__,
+        "splice_recipe": recipe_yaml,
+    }
+    shards = plan_shards([j.out for j in plan.jobs], shard_bytes)
+    writer = ShardedWriter(out_dir, shards, metadata, resume=resume,
+                           fingerprint=fingerprint(plan, shard_bytes), overwrite=overwrite)
+    done = writer.completed_tensors() if resume else set()
+    pending = [i for i, j in enumerate(plan.jobs) if j.out.name not in done]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+    try:
+        rules = _model_stat_rules(plan, threads, progress) if pending else {}
+        runner = _Runner(plan, writer, rules)
+        written = _run_jobs(runner, pending, threads, progress,
+                            sum(plan.jobs[i].out.nbytes for i in pending))
+        extra = {"splice_recipe.yaml": recipe_yaml.encode()}
+        cfg = _config_json(plan)
+        if cfg is not None:
+            extra["config.json"] = cfg
+        writer.finalize(extra_files=extra, copy_files=_tokenizer_files(plan))
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        torch.set_num_threads(old_threads)
+    return MergeReport(out_dir=out_dir, tensors=len(pending), skipped=len(done),
+                       bytes_read=runner.bytes_read, bytes_written=written,
+                       seconds=time.perf_counter() - start)
+
+
+def _run_jobs(runner: _Runner, pending: list[int], threads: int, progress: bool,
+              total_bytes: int) -> int:
+    written = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(pending), desc="merging", unit="tensor", disable=not progress)
+    in_flight: set[Future[int]] = set()
+    queue = iter(pending)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            def top_up() -> None:
+                for i in queue:
+                    in_flight.add(pool.submit(runner, i))
+                    if len(in_flight) > threads:
+                        break
+
+            top_up()
+            while in_flight:
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    in_flight.discard(f)
+                    written += f.result()  # re-raises a job's error
+                    bar.update(1)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(
+                    f"read {runner.bytes_read / elapsed / 1e6:.0f} MB/s, "
+                    f"wrote {written / 1e6:.0f}/{total_bytes / 1e6:.0f} MB", refresh=False)
+                top_up()
+    except BaseException:
+        for f in in_flight:
+            f.cancel()
+        raise
+    finally:
+        bar.close()
+    return written

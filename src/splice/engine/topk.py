@@ -1,0 +1,140 @@
+"""Exact whole-model top-k magnitude thresholds in bounded memory (radix selection).
+
+Methods that trim over the whole task vector (TIES as in the paper, global magnitude
+pruning) need, per model, the k-th largest |δ| over *all* tensors, k = round(density·N).
+Holding every |δ| is out of the question for large models, so the statistic is found by
+radix selection over the float32 bit patterns (for non-negative floats the int32 view is
+monotonic in the value):
+
+1. pass 1: a 65,536-bin histogram of the high 16 bits of every |δ| → the bucket holding
+   the k-th largest, and how many of the k lie above it;
+2. pass 2: inside that bucket, a histogram of the low 16 bits → the exact value v;
+   per tensor, the number of entries equal to v is kept (as unique/count pairs of the
+   bucket's low bits, at most 65,536 per tensor, usually far fewer);
+3. the caller's apply pass keeps |δ| > v everywhere plus, in plan order, just enough
+   entries equal to v (first ones in flat order within a tensor) to keep exactly k.
+
+Memory: two 65,536-bin histograms per model plus the per-tensor tie counts; the inputs are
+streamed one tensor at a time. Cost: two extra reads of the inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from splice.merge import KeepRule, TopKRequest
+
+_BINS = 1 << 16
+
+# Given a job index, return the float32 magnitudes of each requested model's delta
+# (in the order of `requests`), one tensor each.
+MagnitudeFn = Callable[[int], Sequence[torch.Tensor]]
+
+
+def _bits(mag: torch.Tensor) -> torch.Tensor:
+    mag = mag.reshape(-1)
+    if mag.dtype != torch.float32:
+        mag = mag.float()
+    if torch.isnan(mag).any():
+        raise ValueError("NaN in a task vector: cannot rank magnitudes")
+    return mag.view(torch.int32)
+
+
+def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bin b with above(b) < k <= above(b) + hist[b]; returns (b, above(b))."""
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # count > b
+    ok = (above < k) & (above + hist >= k)
+    b = int(torch.nonzero(ok)[-1])  # highest such bin (empty bins below share `above`)
+    return b, int(above[b])
+
+
+def keep_rules(
+    requests: Sequence[TopKRequest],
+    jobs: Iterable[int],
+    numel: Callable[[int], int],
+    magnitudes: MagnitudeFn,
+    threads: int = 1,
+    progress: Callable[[str], Callable[[], None]] | None = None,
+) -> dict[int, dict[str, KeepRule]]:
+    """For each job index and request key, the KeepRule that keeps exactly round(d·N) entries."""
+    job_list = list(jobs)
+    total = sum(numel(j) for j in job_list)
+    ks = [round(r.density * total) for r in requests]
+    lock = threading.Lock()
+
+    def run(fn: Callable[[int], None], label: str) -> None:
+        tick = progress(label) if progress else None
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for _ in pool.map(fn, job_list):
+                if tick:
+                    tick()
+
+    # pass 1: high 16 bits
+    hi_hist = [torch.zeros(_BINS, dtype=torch.int64) for _ in requests]
+
+    def pass1(j: int) -> None:
+        mags = magnitudes(j)
+        local = [torch.bincount(_bits(m) >> 16, minlength=_BINS) for m in mags]
+        with lock:
+            for h, loc in zip(hi_hist, local):
+                h += loc
+
+    run(pass1, "trim threshold (1/2)")
+    buckets: list[tuple[int, int] | None] = []
+    for k, h in zip(ks, hi_hist):
+        buckets.append(_select(h, k) if 0 < k < total else None)
+
+    # pass 2: low 16 bits inside the chosen bucket, plus per-job tie counts
+    lo_hist = [torch.zeros(_BINS, dtype=torch.int64) for _ in requests]
+    per_job: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+
+    def pass2(j: int) -> None:
+        mags = magnitudes(j)
+        entry: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        local: list[torch.Tensor | None] = []
+        for m, bucket in zip(mags, buckets):
+            if bucket is None:
+                entry.append(None)
+                local.append(None)
+                continue
+            bits = _bits(m)
+            lo = bits[(bits >> 16) == bucket[0]] & 0xFFFF
+            entry.append(torch.unique(lo, return_counts=True))
+            local.append(torch.bincount(lo, minlength=_BINS))
+        with lock:
+            per_job[j] = entry
+            for h, loc in zip(lo_hist, local):
+                if loc is not None:
+                    h += loc
+
+    if any(b is not None for b in buckets):
+        run(pass2, "trim threshold (2/2)")
+
+    rules: dict[int, dict[str, KeepRule]] = {j: {} for j in job_list}
+    for ri, (req, k, bucket) in enumerate(zip(requests, ks, buckets)):
+        if bucket is None:
+            # keep nothing (k = 0) or everything (k = N)
+            rule = KeepRule(float("inf"), 0) if k <= 0 else KeepRule(-1.0, 0)
+            for j in job_list:
+                rules[j][req.key] = rule
+            continue
+        b, above_b = bucket
+        lo, above_lo = _select(lo_hist[ri], k - above_b)
+        bits = torch.tensor([(b << 16) | lo], dtype=torch.int32)
+        threshold = float(bits.view(torch.float32).item())
+        remaining = k - above_b - above_lo  # entries equal to the threshold still to keep
+        for j in job_list:  # plan order: deterministic tie assignment
+            uc = per_job[j][ri]
+            eq = 0
+            if uc is not None:
+                hit = (uc[0] == lo).nonzero()
+                if hit.numel():
+                    eq = int(uc[1][hit[0, 0]])
+            quota = min(eq, remaining)
+            remaining -= quota
+            rules[j][req.key] = KeepRule(threshold, quota)
+    return rules
