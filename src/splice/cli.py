@@ -32,15 +32,24 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     shard = parse_size(args.shard_size)
     plan = plan_merge(recipe)
     try:
-        report = run_merge(plan, args.out, shard_bytes=shard, threads=args.threads,
-                           resume=args.resume, overwrite=args.overwrite, recipe_text=text,
-                           progress=not args.quiet)
+        report = run_merge(
+            plan,
+            args.out,
+            shard_bytes=shard,
+            threads=args.threads,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            recipe_text=text,
+            progress=not args.quiet,
+        )
     finally:
         plan.close()
     resumed = f", {report.skipped} already done" if report.skipped else ""
-    print(f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
-          f"{report.out_dir} in {report.seconds:.1f} s "
-          f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)")
+    print(
+        f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
+        f"{report.out_dir} in {report.seconds:.1f} s "
+        f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)"
+    )
     return 0
 
 
@@ -56,8 +65,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 width = max((len(r[0]) for r in rows), default=4)
                 for name, shape, dt in rows:
                     print(f"{name:<{width}}  {list(shape)!s:<20} {dt}")
-            print(f"{s.tensors} tensors, {s.parameters:,} parameters, {human_bytes(s.bytes)}; "
-                  + ", ".join(f"{k}: {v:,}" for k, v in s.dtypes.items()))
+            print(
+                f"{s.tensors} tensors, {s.parameters:,} parameters, {human_bytes(s.bytes)}; "
+                + ", ".join(f"{k}: {v:,}" for k, v in s.dtypes.items())
+            )
             return 0
         b = open_checkpoint(args.other)
         try:
@@ -69,8 +80,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r.name:<{width}}  {r.delta_norm:>10.4g} {r.relative:>10.4g} {r.cosine:>9.5f}")
         total = sum(r.delta_norm**2 for r in rows if r.delta_norm == r.delta_norm) ** 0.5
-        print(f"{len(rows)} shared tensors, total |b-a| = {total:.4g}; "
-              f"only in {args.path}: {len(only_a)}, only in {args.other}: {len(only_b)}")
+        print(
+            f"{len(rows)} shared tensors, total |b-a| = {total:.4g}; "
+            f"only in {args.path}: {len(only_a)}, only in {args.other}: {len(only_b)}"
+        )
         for n in only_a[:5]:
             print(f"  only in first: {n}")
         for n in only_b[:5]:
@@ -97,11 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", help="recipe YAML file")
     m.add_argument("--out", required=True, help="output folder (HF layout)")
     m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                   help="output dtype (overrides the recipe's out_dtype)")
+    m.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (overrides the recipe's out_dtype)",
+    )
     m.add_argument("--threads", type=int, default=None, help="worker threads (min(4, cores))")
-    m.add_argument("--resume", action="store_true",
-                   help="continue an interrupted merge into the same --out")
+    m.add_argument(
+        "--resume", action="store_true", help="continue an interrupted merge into the same --out"
+    )
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     m.add_argument("--seed", type=int, default=None, help="seed for random methods")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--summary", action="store_true", help="totals only")
     i.set_defaults(fn=_cmd_inspect)
 
-    d = sub.add_parser("demo", help="build a small model and fine-tunes, merge with every "
-                                    "core method, print what each did")
+    d = sub.add_parser(
+        "demo",
+        help="build a small model and fine-tunes, merge with every "
+        "core method, print what each did",
+    )
     d.add_argument("--out", default="splice-demo", help="work folder (splice-demo)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_cmd_demo)

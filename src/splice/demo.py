@@ -83,8 +83,9 @@ def write_model(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     w.finalize(extra_files={"config.json": json.dumps(CONFIG, indent=2).encode()}, copy_files=[])
 
 
-def fine_tune(base: dict[str, torch.Tensor], task: int, shared: dict[str, torch.Tensor],
-              gen: torch.Generator) -> dict[str, torch.Tensor]:
+def fine_tune(
+    base: dict[str, torch.Tensor], task: int, shared: dict[str, torch.Tensor], gen: torch.Generator
+) -> dict[str, torch.Tensor]:
     out = {}
     for n, w in base.items():
         if w.dim() != 2 or "embed" in n or "lm_head" in n:
@@ -111,14 +112,19 @@ def run_demo(out: str | Path = "splice-demo", progress: bool = True) -> list[dic
     gen = torch.Generator().manual_seed(0)
     base = llama_tensors(CONFIG, gen)
     write_model(root / "base", base)
-    shared = {n: torch.randn(w.shape, generator=gen) * 0.01 / w.shape[-1] ** 0.5
-              for n, w in base.items() if w.dim() == 2}
+    shared = {
+        n: torch.randn(w.shape, generator=gen) * 0.01 / w.shape[-1] ** 0.5
+        for n, w in base.items()
+        if w.dim() == 2
+    }
     fts = []
     for i in range(3):
         write_model(root / f"ft{i}", fine_tune(base, i, shared, gen))
         fts.append(str(root / f"ft{i}"))
-    print(f"wrote a {sum(t.numel() for t in base.values()) / 1e6:.1f}M-parameter Llama-shaped "
-          f"base and 3 fine-tunes under {root}/")
+    print(
+        f"wrote a {sum(t.numel() for t in base.values()) / 1e6:.1f}M-parameter Llama-shaped "
+        f"base and 3 fine-tunes under {root}/"
+    )
 
     rows = []
     base_r = open_checkpoint(str(root / "base"))
@@ -128,8 +134,12 @@ def run_demo(out: str | Path = "splice-demo", progress: bool = True) -> list[dic
     for method, params in runs:
         label = method + "".join(f" {k}={v}" for k, v in params.items())
         models = fts[:1] if method == "slerp" else fts
-        recipe = {"method": method, "base_model": str(root / "base"),
-                  "models": [{"model": m} for m in models], "parameters": params}
+        recipe = {
+            "method": method,
+            "base_model": str(root / "base"),
+            "models": [{"model": m} for m in models],
+            "parameters": params,
+        }
         tag = label.replace(" ", "_").replace("=", "")
         (root / "recipes").mkdir(exist_ok=True)
         rp = root / "recipes" / f"{tag}.yaml"
@@ -137,16 +147,25 @@ def run_demo(out: str | Path = "splice-demo", progress: bool = True) -> list[dic
         plan = plan_merge(parse_recipe(recipe, str(rp)))
         t0 = time.perf_counter()
         try:
-            run_merge(plan, root / "merged" / tag, overwrite=True, progress=False,
-                      recipe_text=rp.read_text())
+            run_merge(
+                plan,
+                root / "merged" / tag,
+                overwrite=True,
+                progress=False,
+                recipe_text=rp.read_text(),
+            )
         finally:
             plan.close()
         secs = time.perf_counter() - t0
         merged = open_checkpoint(str(root / "merged" / tag))
         d = _flat_delta(merged, base_r, names)
         merged.close()
-        row: dict[str, object] = {"method": label, "norm": d.norm().item(),
-                                  "zeros": (d == 0).double().mean().item(), "seconds": secs}
+        row: dict[str, object] = {
+            "method": label,
+            "norm": d.norm().item(),
+            "zeros": (d == 0).double().mean().item(),
+            "seconds": secs,
+        }
         for i, fd in enumerate(ft_deltas):
             row[f"cos{i}"] = (d @ fd / (d.norm() * fd.norm() + 1e-30)).item()
             row[f"dist{i}"] = ((d - fd).norm() / fd.norm()).item()
@@ -159,16 +178,23 @@ def run_demo(out: str | Path = "splice-demo", progress: bool = True) -> list[dic
 
 def _print_table(rows: list[dict[str, object]], ft_deltas: list[torch.Tensor]) -> None:
     w = max(len(str(r["method"])) for r in rows)
-    head = (f"{'method':<{w}}  {'|δ|':>7} {'zeros':>6}  " + " ".join(
-        f"{'cos' + str(i):>6}" for i in range(3)) + "  " + " ".join(
-        f"{'dist' + str(i):>6}" for i in range(3)) + f"  {'time':>6}")
+    head = (
+        f"{'method':<{w}}  {'|δ|':>7} {'zeros':>6}  "
+        + " ".join(f"{'cos' + str(i):>6}" for i in range(3))
+        + "  "
+        + " ".join(f"{'dist' + str(i):>6}" for i in range(3))
+        + f"  {'time':>6}"
+    )
     print()
     print(head)
     print("-" * len(head))
     for i, fd in enumerate(ft_deltas):
         print(f"{'(fine-tune ' + str(i) + ')':<{w}}  {fd.norm().item():>7.3f}")
     for r in rows:
-        print(f"{r['method']!s:<{w}}  {r['norm']:>7.3f} {r['zeros']:>6.1%}  "
-              + " ".join(f"{r[f'cos{i}']:>6.3f}" for i in range(3)) + "  "
-              + " ".join(f"{r[f'dist{i}']:>6.3f}" for i in range(3))
-              + f"  {r['seconds']:>5.2f}s")
+        print(
+            f"{r['method']!s:<{w}}  {r['norm']:>7.3f} {r['zeros']:>6.1%}  "
+            + " ".join(f"{r[f'cos{i}']:>6.3f}" for i in range(3))
+            + "  "
+            + " ".join(f"{r[f'dist{i}']:>6.3f}" for i in range(3))
+            + f"  {r['seconds']:>5.2f}s"
+        )

@@ -46,7 +46,9 @@ class DeltaRow:
     cosine: float
 
 
-def compare(a: CheckpointReader, b: CheckpointReader) -> tuple[list[DeltaRow], list[str], list[str]]:
+def compare(
+    a: CheckpointReader, b: CheckpointReader
+) -> tuple[list[DeltaRow], list[str], list[str]]:
     """Per-tensor deltas for names both share; plus names only in a, only in b."""
     names_b = set(b.names())
     common = [n for n in a.names() if n in names_b]

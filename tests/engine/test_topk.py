@@ -18,16 +18,23 @@ def _apply(mag: torch.Tensor, rule: KeepRule) -> torch.Tensor:
 def _run(tensors: list[list[torch.Tensor]], densities: list[float], threads: int = 1):
     """tensors[job][model] are magnitudes."""
     reqs = [TopKRequest(key=f"m{i}", model_index=i, density=d) for i, d in enumerate(densities)]
-    rules = keep_rules(reqs, range(len(tensors)), lambda j: tensors[j][0].numel(),
-                       lambda j: tensors[j], threads=threads)
+    rules = keep_rules(
+        reqs,
+        range(len(tensors)),
+        lambda j: tensors[j][0].numel(),
+        lambda j: tensors[j],
+        threads=threads,
+    )
     return reqs, rules
 
 
 def test_exact_count_matches_sort_on_random_values():
     g = torch.Generator().manual_seed(0)
-    jobs = [[torch.randn(n, generator=g).abs(), torch.randn(n, generator=g).abs()]
-            for n in (100, 37, 1000, 5)]
-    reqs, rules = _run(jobs, [0.1, 0.55], threads=2)
+    jobs = [
+        [torch.randn(n, generator=g).abs(), torch.randn(n, generator=g).abs()]
+        for n in (100, 37, 1000, 5)
+    ]
+    _, rules = _run(jobs, [0.1, 0.55], threads=2)
     total = sum(j[0].numel() for j in jobs)
     for mi, d in enumerate([0.1, 0.55]):
         k = round(d * total)

@@ -10,18 +10,22 @@ MK = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m1"}]}
 
 
 def test_mergekit_recipe_parses_unchanged():
-    r = parse_recipe({
-        "merge_method": "ties",
-        "base_model": "base",
-        "models": [
-            {"model": "a", "parameters": {"density": [0.2, 0.8], "weight": 0.5}},
-            {"model": "b", "parameters": {"density": [{"filter": "mlp", "value": 0.1},
-                                                      {"value": 0.5}]}},
-        ],
-        "parameters": {"normalize": True},
-        "dtype": "bfloat16",
-        "out_dtype": "float16",
-    })
+    r = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "models": [
+                {"model": "a", "parameters": {"density": [0.2, 0.8], "weight": 0.5}},
+                {
+                    "model": "b",
+                    "parameters": {"density": [{"filter": "mlp", "value": 0.1}, {"value": 0.5}]},
+                },
+            ],
+            "parameters": {"normalize": True},
+            "dtype": "bfloat16",
+            "out_dtype": "float16",
+        }
+    )
     assert r.dialect == "mergekit" and r.method_name == "ties"
     assert r.models[1].parameters["density"][0].filter == "mlp"
 
@@ -31,27 +35,57 @@ def test_native_dialect_by_key():
     assert r.dialect == "splice" and r.seed == 3
 
 
-@pytest.mark.parametrize("data, fragment", [
-    ({**MK, "base_modle": "x"}, "unknown key 'base_modle' (did you mean 'base_model'?)"),
-    ({**MK, "models": [{"modle": "m1"}]}, "unknown key 'models.0.modle' (did you mean 'model'?)"),
-    ({**MK, "models": [{"model": "m", "parameters": {"density": [{"filtr": "x", "value": 1}]}}]},
-     "(did you mean 'filter'?)"),
-    ({"merge_method": "ties", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
-                                                       "paramters": {}}]}]},
-     "unknown key 'slices.0.sources.0.paramters' (did you mean 'parameters'?)"),
-    ({**MK, "method": "ties"}, "exactly one of 'method'"),
-    ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
-    ({**MK, "dtype": "float8"}, "dtype"),
-    ({**MK, "tokenizer_source": "union"}, "not supported"),
-    ({**MK, "models": [{"model": {"path": "x"}}]}, "PATH+LORA_ADAPTER_PATH"),
-    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m",
-                                                               "layer_range": [3, 1]}]}]},
-     "layer_range"),
-    ({"merge_method": "linear", "slices": [{"sources": [
-        {"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}]},
-     "same number of layers"),
-    (["not", "a", "mapping"], "a recipe is a YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({**MK, "base_modle": "x"}, "unknown key 'base_modle' (did you mean 'base_model'?)"),
+        (
+            {**MK, "models": [{"modle": "m1"}]},
+            "unknown key 'models.0.modle' (did you mean 'model'?)",
+        ),
+        (
+            {
+                **MK,
+                "models": [{"model": "m", "parameters": {"density": [{"filtr": "x", "value": 1}]}}],
+            },
+            "(did you mean 'filter'?)",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "slices": [{"sources": [{"model": "m", "layer_range": [0, 2], "paramters": {}}]}],
+            },
+            "unknown key 'slices.0.sources.0.paramters' (did you mean 'parameters'?)",
+        ),
+        ({**MK, "method": "ties"}, "exactly one of 'method'"),
+        ({"merge_method": "ties"}, "exactly one of 'models' or 'slices'"),
+        ({**MK, "dtype": "float8"}, "dtype"),
+        ({**MK, "tokenizer_source": "union"}, "not supported"),
+        ({**MK, "models": [{"model": {"path": "x"}}]}, "PATH+LORA_ADAPTER_PATH"),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": "m", "layer_range": [3, 1]}]}],
+            },
+            "layer_range",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": "a", "layer_range": [0, 2]},
+                            {"model": "b", "layer_range": [0, 3]},
+                        ]
+                    }
+                ],
+            },
+            "same number of layers",
+        ),
+        (["not", "a", "mapping"], "a recipe is a YAML mapping"),
+    ],
+)
 def test_bad_recipes_give_clear_errors(data, fragment):
     with pytest.raises(RecipeError) as e:
         parse_recipe(data)
@@ -77,14 +111,26 @@ def test_gradient_interpolates_like_mergekit():
 
 
 def test_filters_substring_regex_and_fallthrough():
-    r = parse_recipe({**MK, "parameters": {"density": [
-        {"filter": "re:layers\\.[01]\\.mlp", "value": 0.1},
-        {"filter": "self_attn", "value": 0.2}]}})
+    r = parse_recipe(
+        {
+            **MK,
+            "parameters": {
+                "density": [
+                    {"filter": "re:layers\\.[01]\\.mlp", "value": 0.1},
+                    {"filter": "self_attn", "value": 0.2},
+                ]
+            },
+        }
+    )
     setting = r.parameters["density"]
     assert evaluate_setting(setting, "model.layers.1.mlp.up.weight", 0) == 0.1
     assert evaluate_setting(setting, "model.layers.2.mlp.up.weight", 0) is None
     assert evaluate_setting(setting, "model.layers.2.self_attn.q.weight", 0) == 0.2
     # narrowest scope first; a scope whose filters don't match falls through to the next
-    assert resolve("density", ({"density": setting}, {"density": 0.9}),
-                   "model.layers.2.mlp.up.weight", 0) == 0.9
+    assert (
+        resolve(
+            "density", ({"density": setting}, {"density": 0.9}), "model.layers.2.mlp.up.weight", 0
+        )
+        == 0.9
+    )
     assert resolve("density", ({}, None), "x", 0) is MISSING

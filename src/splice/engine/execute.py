@@ -61,11 +61,31 @@ class MergeReport:
     seconds: float
 
 
+def _input_stats(plan: MergePlan) -> list[tuple[str, int, int]]:
+    """(path, size, mtime) of every input file, so --resume notices changed inputs."""
+    stats = []
+    for ref in plan.readers:
+        for part in ref.split("+"):
+            p = Path(part)
+            files = sorted(p.iterdir()) if p.is_dir() else [p]
+            for f in files:
+                if f.is_file():
+                    st = f.stat()
+                    stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return stats
+
+
 def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
-    """Identity of a run, for --resume: recipe, output layout, splice version."""
+    """Identity of a run, for --resume: recipe, inputs, output layout, splice version."""
     layout = [(j.out.name, list(j.out.shape), str(j.out.dtype)) for j in plan.jobs]
     blob = json.dumps(
-        [plan.recipe.model_dump(mode="json"), layout, shard_bytes, splice.__version__],
+        [
+            plan.recipe.model_dump(mode="json"),
+            _input_stats(plan),
+            layout,
+            shard_bytes,
+            splice.__version__,
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -98,7 +118,9 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
 
 
 class _Runner:
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, rules: dict[int, dict[str, KeepRule]]):
+    def __init__(
+        self, plan: MergePlan, writer: ShardedWriter, rules: dict[int, dict[str, KeepRule]]
+    ):
         self.plan = plan
         self.writer = writer
         self.rules = rules
@@ -134,8 +156,9 @@ class _Runner:
         return out.numel() * out.element_size()
 
 
-def _model_stat_rules(plan: MergePlan, threads: int,
-                      progress: bool) -> dict[int, dict[str, KeepRule]]:
+def _model_stat_rules(
+    plan: MergePlan, threads: int, progress: bool
+) -> dict[int, dict[str, KeepRule]]:
     """Whole-model statistics (two extra passes) when the method asks for them."""
     requests = plan.stat_requests
     merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
@@ -158,15 +181,22 @@ def _model_stat_rules(plan: MergePlan, threads: int,
     bars: list[tqdm] = []
 
     def bar(label: str) -> Callable[[], None]:
-        b = tqdm(total=len(merge_jobs), desc=label, unit="tensor", disable=not progress,
-                 leave=False)
+        b = tqdm(
+            total=len(merge_jobs), desc=label, unit="tensor", disable=not progress, leave=False
+        )
         bars.append(b)
         return lambda: b.update(1)
 
     try:
         # The statistic spans all merged tensors, also those a resumed run has done.
-        return keep_rules(requests, merge_jobs, lambda i: plan.jobs[i].out.numel,
-                          magnitudes, threads=threads, progress=bar)
+        return keep_rules(
+            requests,
+            merge_jobs,
+            lambda i: plan.jobs[i].out.numel,
+            magnitudes,
+            threads=threads,
+            progress=bar,
+        )
     finally:
         for b in bars:
             b.close()
@@ -188,15 +218,22 @@ def run_merge(
     out_dir = Path(out_dir)
     threads = threads or min(4, os.cpu_count() or 1)
     recipe_yaml = recipe_text or yaml.safe_dump(
-        plan.recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        plan.recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
+    )
     metadata = {
         "format": "pt",
         "splice_version": splice.__version__,
         "splice_recipe": recipe_yaml,
     }
     shards = plan_shards([j.out for j in plan.jobs], shard_bytes)
-    writer = ShardedWriter(out_dir, shards, metadata, resume=resume,
-                           fingerprint=fingerprint(plan, shard_bytes), overwrite=overwrite)
+    writer = ShardedWriter(
+        out_dir,
+        shards,
+        metadata,
+        resume=resume,
+        fingerprint=fingerprint(plan, shard_bytes),
+        overwrite=overwrite,
+    )
     done = writer.completed_tensors() if resume else set()
     pending = [i for i, j in enumerate(plan.jobs) if j.out.name not in done]
     old_threads = torch.get_num_threads()
@@ -204,8 +241,9 @@ def run_merge(
     try:
         rules = _model_stat_rules(plan, threads, progress) if pending else {}
         runner = _Runner(plan, writer, rules)
-        written = _run_jobs(runner, pending, threads, progress,
-                            sum(plan.jobs[i].out.nbytes for i in pending))
+        written = _run_jobs(
+            runner, pending, threads, progress, sum(plan.jobs[i].out.nbytes for i in pending)
+        )
         extra = {"splice_recipe.yaml": recipe_yaml.encode()}
         cfg = _config_json(plan)
         if cfg is not None:
@@ -216,13 +254,19 @@ def run_merge(
         raise
     finally:
         torch.set_num_threads(old_threads)
-    return MergeReport(out_dir=out_dir, tensors=len(pending), skipped=len(done),
-                       bytes_read=runner.bytes_read, bytes_written=written,
-                       seconds=time.perf_counter() - start)
+    return MergeReport(
+        out_dir=out_dir,
+        tensors=len(pending),
+        skipped=len(done),
+        bytes_read=runner.bytes_read,
+        bytes_written=written,
+        seconds=time.perf_counter() - start,
+    )
 
 
-def _run_jobs(runner: _Runner, pending: list[int], threads: int, progress: bool,
-              total_bytes: int) -> int:
+def _run_jobs(
+    runner: _Runner, pending: list[int], threads: int, progress: bool, total_bytes: int
+) -> int:
     written = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc="merging", unit="tensor", disable=not progress)
@@ -230,6 +274,7 @@ def _run_jobs(runner: _Runner, pending: list[int], threads: int, progress: bool,
     queue = iter(pending)
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
+
             def top_up() -> None:
                 for i in queue:
                     in_flight.add(pool.submit(runner, i))
@@ -246,7 +291,9 @@ def _run_jobs(runner: _Runner, pending: list[int], threads: int, progress: bool,
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(
                     f"read {runner.bytes_read / elapsed / 1e6:.0f} MB/s, "
-                    f"wrote {written / 1e6:.0f}/{total_bytes / 1e6:.0f} MB", refresh=False)
+                    f"wrote {written / 1e6:.0f}/{total_bytes / 1e6:.0f} MB",
+                    refresh=False,
+                )
                 top_up()
     except BaseException:
         for f in in_flight:

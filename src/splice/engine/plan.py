@@ -77,9 +77,7 @@ class MergePlan:
 
     @property
     def input_bytes(self) -> int:
-        return sum(
-            self.readers[s.ref].info(s.name).nbytes for j in self.jobs for s in j.sources
-        )
+        return sum(self.readers[s.ref].info(s.name).nbytes for j in self.jobs for s in j.sources)
 
     @property
     def output_bytes(self) -> int:
@@ -112,14 +110,19 @@ class _Planner:
         self.method = get_method(recipe.method_name)
         self.dialect = recipe.dialect
         self.compute_dtype = DTYPES[recipe.dtype or "float32"]
-        self.out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (
-            recipe.out_dtype or recipe.dtype
-        ) else None
+        self.out_dtype = (
+            DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
+        )
         self.known = {p.name for p in self.method.params}
 
     # -- groups -------------------------------------------------------------------------
-    def group(self, base: str | None, entries: list[tuple[str, Parameters | None]],
-              slice_params: Parameters | None, where: str) -> _Group:
+    def group(
+        self,
+        base: str | None,
+        entries: list[tuple[str, Parameters | None]],
+        slice_params: Parameters | None,
+        where: str,
+    ) -> _Group:
         m = self.method
         if m.needs_base and base is None:
             raise MergeValidationError(f"method '{m.name}' needs a base_model ({where})")
@@ -127,40 +130,53 @@ class _Planner:
             entries = [(ref, p) for ref, p in entries if ref != base]
         n = len(entries)
         if n < m.min_models or (m.max_models is not None and n > m.max_models):
-            want = (f"exactly {m.min_models}" if m.max_models == m.min_models
-                    else f"at least {m.min_models}" + (f" and at most {m.max_models}"
-                                                        if m.max_models else ""))
+            want = (
+                f"exactly {m.min_models}"
+                if m.max_models == m.min_models
+                else f"at least {m.min_models}"
+                + (f" and at most {m.max_models}" if m.max_models else "")
+            )
             extra = " besides the base" if m.needs_base else ""
             raise MergeValidationError(
-                f"method '{m.name}' takes {want} input model(s){extra}; {where} has {n}")
-        return _Group(base=base, inputs=[r for r, _ in entries],
-                      input_params=[p for _, p in entries], slice_params=slice_params)
+                f"method '{m.name}' takes {want} input model(s){extra}; {where} has {n}"
+            )
+        return _Group(
+            base=base,
+            inputs=[r for r, _ in entries],
+            input_params=[p for _, p in entries],
+            slice_params=slice_params,
+        )
 
-    def check_param_names(self, params: Parameters | None, where: str,
-                          per_model_scope: bool) -> None:
+    def check_param_names(
+        self, params: Parameters | None, where: str, per_model_scope: bool
+    ) -> None:
         for key in params or {}:
             if key not in self.known:
                 close = difflib.get_close_matches(key, list(self.known), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise MergeValidationError(
                     f"{where}: method '{self.method.name}' has no parameter '{key}'{hint}; "
-                    f"its parameters: {sorted(self.known) or 'none'}")
+                    f"its parameters: {sorted(self.known) or 'none'}"
+                )
             if per_model_scope and not self.method.param(key).per_model:
                 raise MergeValidationError(
                     f"{where}: '{key}' is a global parameter of '{self.method.name}'; "
-                    "set it under the top-level (or slice) 'parameters'")
+                    "set it under the top-level (or slice) 'parameters'"
+                )
 
     # -- parameters ---------------------------------------------------------------------
-    def resolve_params(self, g: _Group, out_name: str, in_names: list[str],
-                       t: float) -> dict[str, Any]:
+    def resolve_params(
+        self, g: _Group, out_name: str, in_names: list[str], t: float
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         where = f"tensor '{out_name}'"
         for p in self.method.params:
             if p.per_model:
                 values = []
                 for i, scope in enumerate(g.input_params):
-                    v = resolve(p.name, (scope, g.slice_params, self.recipe.parameters),
-                                in_names[i], t)
+                    v = resolve(
+                        p.name, (scope, g.slice_params, self.recipe.parameters), in_names[i], t
+                    )
                     values.append(self._default(p, v, where))
                 out[p.name] = p.validate(values, where)
             else:
@@ -174,12 +190,12 @@ class _Planner:
         d = self.method.default(p, self.dialect)
         if d is inspect.Parameter.empty:
             raise MergeValidationError(
-                f"{where}: method '{self.method.name}' needs parameter '{p.name}'")
+                f"{where}: method '{self.method.name}' needs parameter '{p.name}'"
+            )
         return d
 
     # -- jobs ---------------------------------------------------------------------------
-    def job(self, g: _Group, out_name: str, in_name: str, t: float,
-            jobs: list[TensorJob]) -> None:
+    def job(self, g: _Group, out_name: str, in_name: str, t: float, jobs: list[TensorJob]) -> None:
         """Plan one output tensor whose inputs are `in_name` in each model of `g`."""
         ref_model = g.base or g.inputs[0]
         refs = ([g.base] if g.base else []) + g.inputs
@@ -190,12 +206,19 @@ class _Planner:
                 return
             if policy == "base" and ref_model not in missing:
                 info = self.readers[ref_model].info(in_name)
-                jobs.append(TensorJob(out=self._out_info(out_name, info), kind="copy",
-                                      base=None, inputs=[Source(ref_model, in_name)]))
+                jobs.append(
+                    TensorJob(
+                        out=self._out_info(out_name, info),
+                        kind="copy",
+                        base=None,
+                        inputs=[Source(ref_model, in_name)],
+                    )
+                )
                 return
             raise MergeValidationError(
                 f"tensor '{in_name}' is missing from {', '.join(missing)} "
-                "(set on_missing: base | drop to allow)")
+                "(set on_missing: base | drop to allow)"
+            )
         infos = [self.readers[r].info(in_name) for r in refs]
         shapes = {i.shape for i in infos}
         if len(shapes) > 1:
@@ -205,14 +228,25 @@ class _Planner:
         out = self._out_info(out_name, first)
         if not all(i.dtype.is_floating_point for i in infos):
             # Integer buffers (position ids, masks) are copied from the reference model.
-            jobs.append(TensorJob(out=TensorInfo(out_name, first.shape, first.dtype),
-                                  kind="copy", base=None, inputs=[Source(ref_model, in_name)]))
+            jobs.append(
+                TensorJob(
+                    out=TensorInfo(out_name, first.shape, first.dtype),
+                    kind="copy",
+                    base=None,
+                    inputs=[Source(ref_model, in_name)],
+                )
+            )
             return
         params = self.resolve_params(g, out_name, [in_name] * len(g.inputs), t)
-        jobs.append(TensorJob(
-            out=out, kind="merge",
-            base=Source(g.base, in_name) if g.base else None,
-            inputs=[Source(r, in_name) for r in g.inputs], params=params))
+        jobs.append(
+            TensorJob(
+                out=out,
+                kind="merge",
+                base=Source(g.base, in_name) if g.base else None,
+                inputs=[Source(r, in_name) for r in g.inputs],
+                params=params,
+            )
+        )
 
     def _names(self, ref: str) -> set[str]:
         cache = self.__dict__.setdefault("_name_cache", {})
@@ -229,13 +263,17 @@ class _Planner:
         assert r.models is not None
         for i, e in enumerate(r.models):
             self.check_param_names(e.parameters, f"models[{i}] ({e.model})", True)
-        g = self.group(r.base_model, [(e.model, e.parameters) for e in r.models], None,
-                       "the recipe")
+        g = self.group(
+            r.base_model, [(e.model, e.parameters) for e in r.models], None, "the recipe"
+        )
         reference = g.base or g.inputs[0]
         names = self.readers[reference].names()
         self._check_extra_names(reference, g)
-        num_layers = 1 + max((layer_index(n) or 0) for n in names) if any(
-            layer_index(n) is not None for n in names) else 0
+        num_layers = (
+            1 + max((layer_index(n) or 0) for n in names)
+            if any(layer_index(n) is not None for n in names)
+            else 0
+        )
         jobs: list[TensorJob] = []
         for name in names:
             li = layer_index(name)
@@ -252,7 +290,8 @@ class _Planner:
             if extra:
                 raise MergeValidationError(
                     f"{ref} has tensors that {reference} lacks, e.g. {extra[:3]} "
-                    f"({len(extra)} in all; set on_missing: drop to ignore them)")
+                    f"({len(extra)} in all; set on_missing: drop to ignore them)"
+                )
 
     def plan_slices(self) -> tuple[list[TensorJob], str, int]:
         r = self.recipe
@@ -286,8 +325,9 @@ class _Planner:
 
     def _slice_group(self, s: OutputSlice, si: int) -> _Group:
         base = s.base_model or self.recipe.base_model
-        return self.group(base, [(src.model, src.parameters) for src in s.sources],
-                          s.parameters, f"slices[{si}]")
+        return self.group(
+            base, [(src.model, src.parameters) for src in s.sources], s.parameters, f"slices[{si}]"
+        )
 
     def _layer_names(self, s: OutputSlice, offset: int, si: int) -> list[str]:
         src = s.sources[0]
@@ -295,14 +335,24 @@ class _Planner:
         names = [n for n in self.readers[src.model].names() if layer_index(n) == idx]
         if not names:
             raise MergeValidationError(
-                f"slices[{si}]: {src.model} has no layer {idx} (layer_range {list(src.layer_range)})")
+                f"slices[{si}]: {src.model} has no layer {idx} (layer_range {list(src.layer_range)})"
+            )
         return names
 
-    def slice_job(self, g: _Group, s: OutputSlice, offset: int, in_name: str,
-                          out_layer: int, t: float, jobs: list[TensorJob]) -> None:
+    def slice_job(
+        self,
+        g: _Group,
+        s: OutputSlice,
+        offset: int,
+        in_name: str,
+        out_layer: int,
+        t: float,
+        jobs: list[TensorJob],
+    ) -> None:
         """One layer tensor of a slice; each source reads its own layer index."""
-        per_ref = {src.model: rename_layer(in_name, src.layer_range[0] + offset)
-                   for src in s.sources}
+        per_ref = {
+            src.model: rename_layer(in_name, src.layer_range[0] + offset) for src in s.sources
+        }
         if g.base is not None and g.base not in per_ref:
             per_ref[g.base] = rename_layer(in_name, s.sources[0].layer_range[0] + offset)
         refs = ([g.base] if g.base else []) + g.inputs
@@ -312,17 +362,30 @@ class _Planner:
         infos = [self.readers[ref].info(per_ref[ref]) for ref in refs]
         if len({i.shape for i in infos}) > 1:
             raise MergeValidationError(
-                f"shape mismatch for layer tensor '{in_name}' across slice sources")
+                f"shape mismatch for layer tensor '{in_name}' across slice sources"
+            )
         out_name = rename_layer(in_name, out_layer)
         out = self._out_info(out_name, infos[0])
         if not all(i.dtype.is_floating_point for i in infos):
-            jobs.append(TensorJob(out=TensorInfo(out_name, infos[0].shape, infos[0].dtype),
-                                  kind="copy", base=None, inputs=[Source(refs[0], per_ref[refs[0]])]))
+            jobs.append(
+                TensorJob(
+                    out=TensorInfo(out_name, infos[0].shape, infos[0].dtype),
+                    kind="copy",
+                    base=None,
+                    inputs=[Source(refs[0], per_ref[refs[0]])],
+                )
+            )
             return
         params = self.resolve_params(g, out_name, [per_ref[r] for r in g.inputs], t)
-        jobs.append(TensorJob(out=out, kind="merge",
-                              base=Source(g.base, per_ref[g.base]) if g.base else None,
-                              inputs=[Source(r, per_ref[r]) for r in g.inputs], params=params))
+        jobs.append(
+            TensorJob(
+                out=out,
+                kind="merge",
+                base=Source(g.base, per_ref[g.base]) if g.base else None,
+                inputs=[Source(r, per_ref[r]) for r in g.inputs],
+                params=params,
+            )
+        )
 
 
 def referenced_models(recipe: Recipe) -> list[str]:
@@ -347,6 +410,7 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = 
             if ref not in opened:
                 opened[ref] = open_checkpoint(ref)
         planner = _Planner(recipe, opened)
+        planner.check_param_names(recipe.parameters, "parameters", False)
         if recipe.models:
             jobs, reference = planner.plan_models()
             layers = None
@@ -363,9 +427,16 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = 
         for r in opened.values():
             r.close()
         raise
-    return MergePlan(recipe=recipe, method=planner.method, jobs=jobs, readers=opened,
-                     compute_dtype=planner.compute_dtype, reference=reference,
-                     num_layers_out=layers, stat_requests=requests)
+    return MergePlan(
+        recipe=recipe,
+        method=planner.method,
+        jobs=jobs,
+        readers=opened,
+        compute_dtype=planner.compute_dtype,
+        reference=reference,
+        num_layers_out=layers,
+        stat_requests=requests,
+    )
 
 
 def _stat_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKRequest]:
@@ -379,5 +450,6 @@ def _stat_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKReque
             raise MergeValidationError(
                 "whole-model trimming (scope: model) needs the same density for every "
                 f"tensor, but '{j.out.name}' differs from '{merge_jobs[0].out.name}'; "
-                "use scope: tensor for per-tensor densities")
+                "use scope: tensor for per-tensor densities"
+            )
     return requests
