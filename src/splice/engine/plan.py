@@ -335,7 +335,8 @@ class _Planner:
         names = [n for n in self.readers[src.model].names() if layer_index(n) == idx]
         if not names:
             raise MergeValidationError(
-                f"slices[{si}]: {src.model} has no layer {idx} (layer_range {list(src.layer_range)})"
+                f"slices[{si}]: {src.model} has no layer {idx} "
+                f"(layer_range {list(src.layer_range)})"
             )
         return names
 
