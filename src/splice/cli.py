@@ -100,6 +100,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from splice.merge.reference import method_summaries, method_table
+
+    print(method_summaries())
+    print()
+    print(method_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"splice {__version__}")
@@ -129,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("other", nargs="?", default=None)
     i.add_argument("--summary", action="store_true", help="totals only")
     i.set_defaults(fn=_cmd_inspect)
+
+    r = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
+    r.set_defaults(fn=_cmd_methods)
 
     d = sub.add_parser(
         "demo",

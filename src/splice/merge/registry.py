@@ -133,12 +133,22 @@ class ParamSpec:
             ) from None
 
     def describe_type(self) -> str:
-        t = self.value_type
-        while get_origin(t) is Annotated:
-            t = get_args(t)[0]
-        if get_origin(t) is Literal:
-            return " | ".join(repr(a) for a in get_args(t))
-        return getattr(t, "__name__", str(t))
+        return _describe(self.value_type)
+
+
+def _describe(t: Any) -> str:
+    """A short human name for a parameter type: float, bool, 'a' / 'b', float or none."""
+    import types
+    import typing
+
+    while get_origin(t) is Annotated:
+        t = get_args(t)[0]
+    origin = get_origin(t)
+    if origin is Literal:
+        return " / ".join(repr(a) for a in get_args(t))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _describe(a) for a in get_args(t))
+    return getattr(t, "__name__", str(t))
 
 
 @dataclass(frozen=True)
