@@ -1,0 +1,230 @@
+"""PEFT LoRA adapter folders: `adapter_config.json` plus `adapter_model.safetensors` (or `.bin`).
+
+This module reads the config and classifies the saved keys; `lora_fold` does the arithmetic.
+The matching rules follow PEFT (peft 0.21, `peft/tuners/tuners_utils.py` and
+`peft/utils/other.py`), where a module key is the module's dotted path in the wrapped model,
+e.g. `model.layers.0.self_attn.q_proj`:
+
+- target_modules: a string is a regex that must `re.fullmatch` the key; a list matches a key
+  equal to an entry or ending in `.` + entry; "all-linear" matches every linear layer.
+  exclude_modules follows the same rule and wins. (layers_to_transform is not re-checked: a
+  saved LoRA key already says which layers were adapted.)
+- rank_pattern / alpha_pattern: the first pattern key (in the JSON's order) for which
+  `re.match(rf"(.*\\.)?({pattern})$", key)` succeeds gives that module's r / lora_alpha.
+- scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+
+Saved keys carry the prefix `base_model.model.` and no adapter name:
+`<key>.lora_A.weight`, `<key>.lora_B.weight`, `<key>.lora_B.bias` (lora_bias),
+`<key>.lora_embedding_A`, `<key>.lora_embedding_B` (embeddings); any other key is a full
+tensor (modules_to_save, trained biases, an embedding's `base_layer.weight` saved for resized
+vocabularies) that replaces the base tensor of the same name once `.base_layer` is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splice.errors import CheckpointError
+from splice.io.base import CheckpointReader
+from splice.io.safetensors_reader import SafetensorsReader
+from splice.io.torch_reader import TorchReader
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+SAVED_PREFIX = "base_model.model."
+
+# Config fields that select a LoRA variant whose merge is not base + scale * B @ A, or that
+# change which parameters are adapted; an adapter using any of them is refused.
+_UNSUPPORTED: dict[str, str] = {
+    "use_dora": "DoRA (use_dora)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+}
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """The fields of a LoRA `adapter_config.json` that decide the folded weights."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def rank_for(self, key: str) -> int:
+        """r of module `key`: its rank_pattern entry, else r."""
+        pattern = _pattern_key(self.rank_pattern, key)
+        return self.rank_pattern[pattern] if pattern is not None else self.r
+
+    def alpha_for(self, key: str) -> float:
+        """lora_alpha of module `key`: its alpha_pattern entry, else lora_alpha."""
+        pattern = _pattern_key(self.alpha_pattern, key)
+        return self.alpha_pattern[pattern] if pattern is not None else self.lora_alpha
+
+    def scale_for(self, key: str) -> float:
+        """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with use_rslora."""
+        r, alpha = self.rank_for(key), self.alpha_for(key)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def targets(self, key: str) -> bool:
+        """Whether PEFT would put a LoRA layer on module `key`."""
+        if self.exclude_modules and _matches(self.exclude_modules, key):
+            return False
+        if self.target_modules is None or self.target_modules == "all-linear":
+            return True
+        return _matches(self.target_modules, key)
+
+
+def _matches(targets: list[str] | str, key: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    return key in targets or any(key.endswith("." + t) for t in targets)
+
+
+def _pattern_key(patterns: dict[str, Any], key: str) -> str | None:
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None
+
+
+def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
+    """Read and check `adapter_config.json`; CheckpointError for anything not foldable."""
+    path = adapter_dir / CONFIG_NAME
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"adapter folder {adapter_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME}; not a PEFT adapter folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointError(
+            f"{path}: peft_type is {peft_type!r}; only LORA adapters can be folded into a base"
+        )
+    for key, what in _UNSUPPORTED.items():
+        if raw.get(key):
+            raise CheckpointError(f"{path}: {what} is not supported yet; only plain LoRA folds")
+
+    def need(key: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+        """The field's value, `default` when absent or null; CheckpointError on a wrong type."""
+        value = raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise CheckpointError(f"{path}: '{key}' = {value!r} has the wrong type")
+        return value
+
+    r = need("r", (int,), 8)
+    alpha = need("lora_alpha", (int, float), 8)
+    if r < 1:
+        raise CheckpointError(f"{path}: r = {r} must be positive")
+    rank_pattern = need("rank_pattern", (dict,), {})
+    alpha_pattern = need("alpha_pattern", (dict,), {})
+    for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for k, v in pat.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise CheckpointError(f"{path}: {name}['{k}'] = {v!r} must be a positive number")
+    target = need("target_modules", (list, str))
+    exclude = need("exclude_modules", (list, str))
+    return LoraAdapterConfig(
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        target_modules=target,
+        exclude_modules=exclude,
+        rank_pattern={k: int(v) for k, v in rank_pattern.items()},
+        alpha_pattern=dict(alpha_pattern),
+        modules_to_save=list(need("modules_to_save", (list,), [])),
+    )
+
+
+def open_adapter_weights(adapter_dir: Path) -> CheckpointReader:
+    """Open `adapter_model.safetensors`, else `adapter_model.bin` (weights only)."""
+    for name in WEIGHT_NAMES:
+        path = adapter_dir / name
+        if path.is_file():
+            if name.endswith(".safetensors"):
+                return SafetensorsReader(path)
+            return TorchReader(path)
+    raise CheckpointError(f"{adapter_dir}: no {' or '.join(WEIGHT_NAMES)}")
+
+
+@dataclass
+class LoraModuleKeys:
+    """The saved keys of one LoRA-adapted module."""
+
+    module: str
+    embedding: bool = False
+    a: str | None = None
+    b: str | None = None
+    b_bias: str | None = None
+
+
+_LORA_SUFFIXES = {
+    ".lora_A.weight": ("a", False),
+    ".lora_B.weight": ("b", False),
+    ".lora_B.bias": ("b_bias", False),
+    ".lora_embedding_A": ("a", True),
+    ".lora_embedding_B": ("b", True),
+}
+
+
+def classify_keys(path: str, keys: list[str]) -> tuple[dict[str, LoraModuleKeys], dict[str, str]]:
+    """Split saved keys into LoRA modules and full tensors.
+
+    Returns ({module key: its LoRA keys}, {base tensor name: saved key}) with the
+    `base_model.model.` prefix removed and `.base_layer` dropped from full-tensor names.
+    """
+    modules: dict[str, LoraModuleKeys] = {}
+    full: dict[str, str] = {}
+    for key in keys:
+        rel = key.removeprefix(SAVED_PREFIX)
+        for suffix, (slot, embedding) in _LORA_SUFFIXES.items():
+            if rel.endswith(suffix):
+                module = rel[: -len(suffix)]
+                entry = modules.setdefault(module, LoraModuleKeys(module, embedding))
+                if entry.embedding != embedding:
+                    raise CheckpointError(
+                        f"{path}: module '{module}' mixes linear and embedding LoRA keys"
+                    )
+                setattr(entry, slot, key)
+                break
+        else:
+            if "lora_" in rel:
+                raise CheckpointError(
+                    f"{path}: key '{key}' is not a plain LoRA key (lora_A/lora_B weights or "
+                    "lora_embedding_A/B); this adapter type is not supported yet"
+                )
+            name = rel.replace(".base_layer.", ".")
+            if name in full:
+                raise CheckpointError(f"{path}: keys '{full[name]}' and '{key}' both save '{name}'")
+            full[name] = key
+    for entry in modules.values():
+        if entry.a is None or entry.b is None:
+            half = "lora_A" if entry.a is None else "lora_B"
+            raise CheckpointError(f"{path}: module '{entry.module}' has no {half} weight")
+    return modules, full

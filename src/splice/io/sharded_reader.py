@@ -1,0 +1,117 @@
+"""A reader for Hugging Face sharded checkpoints: an index JSON plus shard files.
+
+`model.safetensors.index.json` (safetensors shards) or `pytorch_model.bin.index.json`
+(weights-only pickled shards) holds {"metadata": {...}, "weight_map": {tensor: shard file}}.
+At open, every shard is opened (headers only for safetensors, a memory map for `.bin`) and the
+index is checked against them: each shard file exists, is a plain file name inside the folder,
+and holds every tensor the index assigns to it. Tensors a shard
+holds but the index does not list are unreachable for Hugging Face loaders and are ignored here
+too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from splice.errors import CheckpointError
+from splice.io.base import CheckpointReader, TensorInfo
+from splice.io.safetensors_reader import SafetensorsReader
+from splice.io.torch_reader import TorchReader
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class ShardedReader:
+    """One lazy view over all shards named by an HF index file."""
+
+    def __init__(self, index_path: str | os.PathLike[str]) -> None:
+        index_file = Path(index_path)
+        self.path = str(index_file.parent)
+        self.index_path = str(index_file)
+        weight_map = _load_weight_map(index_file)
+        opener: Callable[[str], CheckpointReader] = (
+            TorchReader if index_file.name.endswith(".bin.index.json") else SafetensorsReader
+        )
+
+        shard_names = sorted(set(weight_map.values()))
+        self._shards: dict[str, CheckpointReader] = {}
+        self._where: dict[str, str] = {}
+        try:
+            for shard in shard_names:
+                shard_path = index_file.parent / shard
+                if not shard_path.is_file():
+                    raise CheckpointError(
+                        f"{index_file}: lists shard '{shard}', which does not exist in "
+                        f"{index_file.parent}"
+                    )
+                self._shards[shard] = opener(str(shard_path))
+            for name, shard in weight_map.items():
+                try:
+                    self._shards[shard].info(name)
+                except KeyError:
+                    raise CheckpointError(
+                        f"{index_file}: tensor '{name}' is mapped to shard '{shard}', "
+                        "but that shard does not contain it"
+                    ) from None
+            listed = set(weight_map)
+            self._order = [
+                n for shard in shard_names for n in self._shards[shard].names() if n in listed
+            ]
+            self._where = {n: weight_map[n] for n in self._order}
+        except BaseException:
+            self.close()
+            raise
+
+    def names(self) -> list[str]:
+        """Tensor names: shards in file-name order, each in its own file order."""
+        return list(self._order)
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype from the shard's header; KeyError for unknown names."""
+        return self._shards[self._where[name]].info(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard."""
+        return self._shards[self._where[name]].read(name)
+
+    def shard_of(self, name: str) -> str:
+        """The shard file name holding `name`."""
+        return self._where[name]
+
+    def close(self) -> None:
+        """Close every shard."""
+        for reader in self._shards.values():
+            reader.close()
+
+
+def _load_weight_map(index_file: Path) -> dict[str, str]:
+    try:
+        text = index_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{index_file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_file}: cannot read: {e}") from None
+    try:
+        index = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index_file}: has no 'weight_map' object mapping tensor names to shard files"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index_file}: weight_map['{name}'] is not a file name")
+        if shard != os.path.basename(shard) or shard in (".", ".."):
+            raise CheckpointError(
+                f"{index_file}: weight_map['{name}'] = '{shard}' is not a plain file name "
+                "in the checkpoint folder"
+            )
+    return weight_map

@@ -1,0 +1,116 @@
+"""A reader for PyTorch pickled checkpoints (`.bin`, `.pt`, `.pth`), loaded safely.
+
+Only `torch.load(path, weights_only=True, mmap=True, map_location="cpu")` is ever called: the
+restricted unpickler rebuilds tensors and plain containers and refuses any other object, so a
+file that pickles a class, a function or an `os.system` reduce is a CheckpointError and its
+payload never runs. With `mmap=True` the tensors are views on the mapped file, so opening is
+cheap and `read` copies only the tensor asked for. Files in the legacy (pre-zip, torch < 1.6)
+format cannot be mapped; they are loaded fully into memory instead, still with
+`weights_only=True`.
+
+Accepted content (the rule, stated): a dict mapping string names to tensors; or a dict whose
+only key is "state_dict" holding such a dict. Anything else is a CheckpointError naming the
+first offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from typing import Any
+
+import torch
+
+from splice.errors import CheckpointError
+from splice.io.base import TensorInfo
+
+
+class TorchReader:
+    """Tensors of a weights-only pickled state dict, mapped from disk."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path} does not exist")
+        if os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path} is a folder, not a PyTorch checkpoint file")
+        obj = _safe_load(self.path)
+        self._tensors = _state_dict_of(self.path, obj)
+
+    def names(self) -> list[str]:
+        """Tensor names in the order the pickle stored them."""
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Shape and dtype; KeyError for unknown names."""
+        t = self._tensors[name]
+        return TensorInfo(name=name, shape=tuple(t.shape), dtype=t.dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh contiguous copy of the tensor (tensors sharing storage are copied apart)."""
+        return self._tensors[name].clone(memory_format=torch.contiguous_format)
+
+    def close(self) -> None:
+        """Drop the mapped tensors (the mapping goes with the last reference)."""
+        self._tensors = {}
+
+
+def _safe_load(path: str) -> Any:
+    try:
+        try:
+            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zipfile" not in str(e):
+                raise
+            # Legacy (non-zip) format: cannot be memory-mapped.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path}: refuses to unpickle: the file holds objects other than tensors and "
+                f"plain containers, which could run code when loaded ({_unsafe_detail(e)}). "
+                "Convert it to safetensors from a trusted environment."
+            ) from None
+        raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first_line})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {first_line}"
+        ) from None
+
+
+_REFUSED = re.compile(
+    r"unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+|unsupported operand \d+", re.I
+)
+
+
+def _unsafe_detail(e: Exception) -> str:
+    """The part of torch's long message that names what was refused."""
+    m = _REFUSED.search(str(e))
+    return m.group(0) if m else "unsupported object"
+
+
+def _state_dict_of(path: str, obj: Any) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and list(obj) == ["state_dict"]:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: holds a {type(obj).__name__}, expected a state dict "
+            "(a dict of name to tensor)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor; only flat "
+                "state dicts (or {'state_dict': ...}) are accepted"
+            )
+        out[key] = value
+    return out
