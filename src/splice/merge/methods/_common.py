@@ -1,0 +1,170 @@
+"""Building blocks shared by the task-vector methods (task arithmetic family, TIES family).
+
+All functions work in place on the tensors they are given (the registry allows methods to
+modify their inputs) and follow the order of operations of mergekit's generalized task
+arithmetic: delta -> sparsify (per model, unweighted) -> multiply by weight -> combine ->
+(normalize) -> multiply by lambda -> add to base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from splice.errors import MergeValidationError
+from splice.merge.registry import MergeContext, TopKRequest
+from splice.merge.sparsify import keep_count, keep_rule_mask, magnitude, rescale_l1, topk_mask
+
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+Majority = Literal["sum", "count"]
+Disjoint = Literal["mean", "sum", "max"]
+TrimScope = Literal["model", "tensor"]
+
+
+def own_inputs(base: Tensor | None, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The inputs, with any tensor that shares storage with the base or with an earlier
+    input replaced by a copy, so that in-place arithmetic cannot corrupt another input."""
+    seen = set() if base is None else {base.data_ptr()}
+    out = []
+    for t in tensors:
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+            ptr = t.data_ptr()
+        seen.add(ptr)
+        out.append(t)
+    return out
+
+
+def deltas_(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Task vectors δ_i = θ_i − base, computed in place in the input tensors."""
+    return [t.sub_(base) for t in own_inputs(base, tensors)]
+
+
+def trim_requests(params: Mapping[str, Any]) -> list[TopKRequest]:
+    """Whole-model statistics for a magnitude trim with ``scope="model"``: one request per
+    model whose density is strictly between 0 and 1 (0 and 1 need no statistic)."""
+    if params["scope"] != "model":
+        return []
+    return [
+        TopKRequest(key=f"trim{i}", model_index=i, density=d)
+        for i, d in enumerate(params["density"])
+        if 0 < d < 1
+    ]
+
+
+def magnitude_trim_(
+    delta: Tensor, density: float, index: int, *, scope: str, ctx: MergeContext, rescale: bool
+) -> Tensor:
+    """Keep the largest-|δ| entries of one task vector, zero the rest (in place).
+
+    scope="tensor": `keep_count` entries of this tensor (rule depends on the dialect); ties
+    at the boundary in flat order, or in mergekit's sort order in the mergekit dialect.
+    scope="model": the engine's whole-model `KeepRule` ``trim{index}``.
+    rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return delta.zero_()
+    mag = magnitude(delta)
+    if scope == "model":
+        rule = ctx.model_stats.get(f"trim{index}")
+        if rule is None:
+            raise MergeValidationError(
+                f"tensor '{ctx.tensor_name}': scope 'model' needs the whole-model magnitude "
+                f"statistic 'trim{index}' (model {index}, density {density}), which the "
+                "engine did not provide; use scope 'tensor' to trim each tensor on its own"
+            )
+        mask = keep_rule_mask(mag, rule)
+    else:
+        ties = "torch_sort" if ctx.dialect == "mergekit" else "flat"
+        mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), ties)
+    l1 = mag.sum() if rescale else None
+    del mag
+    delta.mul_(mask)
+    if l1 is not None:
+        rescale_l1(l1, delta)
+    return delta
+
+
+def linear_combine_(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weight: Sequence[float],
+    *,
+    lambda_: float,
+    normalize: bool,
+) -> Tensor:
+    """base + λ · Σ w_i δ_i [/ Σ w_i when normalize and |Σ w_i| >= 1e-8] (mergekit's
+    generalized task arithmetic without consensus)."""
+    if not deltas:
+        return base
+    merged = deltas[0].mul_(weight[0])
+    for d, w in zip(deltas[1:], weight[1:], strict=True):
+        merged.add_(d, alpha=w)
+    if normalize:
+        total = sum(weight)
+        if abs(total) >= 1e-8:
+            merged.div_(total)
+    if lambda_ != 1:
+        merged.mul_(lambda_)
+    return base.add_(merged)
+
+
+def resolve_disjoint(disjoint: str | None, normalize: bool) -> str:
+    """`disjoint`, when given, wins; otherwise mergekit's `normalize` picks mean/sum."""
+    if disjoint is not None:
+        return disjoint
+    return "mean" if normalize else "sum"
+
+
+def ties_combine_(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weight: Sequence[float],
+    *,
+    lambda_: float,
+    majority: str,
+    disjoint: str,
+) -> Tensor:
+    """TIES sign election and disjoint merge of (already trimmed) task vectors, in place.
+
+    v_i = w_i δ_i.  majority="sum": s = sign⁺(Σ v_i); "count": s = sign⁺(Σ sign(v_i)),
+    where sign⁺(x) = +1 for x >= 0 and −1 otherwise. Entry i agrees where sign(v_i) == s
+    (an exact zero never agrees).
+    disjoint="mean": Σ_agree v_i / Σ_agree w_i (a zero divisor counts as 1);
+    "sum": Σ_agree v_i;  "max": s · max_agree |v_i|.
+    Result: base + λ · merged.
+    """
+    if not deltas:
+        return base
+    for d, w in zip(deltas, weight, strict=True):
+        d.mul_(w)
+    sign = torch.zeros_like(base)
+    for d in deltas:
+        sign.add_(d if majority == "sum" else d.sign())
+    sign.ge_(0).mul_(2).sub_(1)  # s = ±1
+    # |v_i| where v_i has the elected sign, 0 elsewhere: clamp(v_i · s, min=0)
+    merged = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if disjoint == "mean" else None
+    for d, w in zip(deltas, weight, strict=True):
+        agreeing = d.mul_(sign).clamp_(min=0)
+        if disjoint == "max":
+            torch.maximum(merged, agreeing, out=merged)
+        else:
+            merged.add_(agreeing)
+        if divisor is not None:
+            divisor.add_(agreeing.sign_(), alpha=w)
+    merged.mul_(sign)
+    del sign
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1)
+        merged.div_(divisor)
+    if lambda_ != 1:
+        merged.mul_(lambda_)
+    return base.add_(merged)

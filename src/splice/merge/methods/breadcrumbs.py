@@ -1,0 +1,149 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023, "Model Breadcrumbs: Scaling Multi-Task
+Model Merging with Sparse Masks").
+
+Each task vector δ_i = θ_i − base is masked to a band of magnitudes: drop the largest
+(outliers), drop the smallest, keep the middle. Within one unit of n entries (a row or a
+whole tensor, see ``scope``):
+
+    keep  = round(density_i · n)    splice      int(density_i · n)   mergekit
+    top   = round(gamma_i · n)      splice      int(gamma_i · n)     mergekit
+    skip  = min(top, n − keep)      outlier removal shrinks so that ``keep`` entries remain
+    mask  = entries ranked skip+1 … skip+keep by |δ_i| (largest first)
+
+This equals mergekit's rule (ascending sort, keep positions [n_bot, n_bot + keep) with
+n_bot = max(0, n − keep − top)). Equal magnitudes straddling a boundary: the first in
+flat order (splice dialect), or torch's sort order as in mergekit (mergekit dialect,
+tensor scope; the tensor is then sorted). Then
+
+    breadcrumbs:      merged = base + λ · Σ_i w_i δ̂_i   [/ Σ_i w_i when normalize]
+    breadcrumbs_ties: TIES sign election + disjoint merge of w_i δ̂_i (see `ties`)
+
+Choices:
+- ``scope="row"`` (splice default, as the authors' code): one unit per vector along the
+  last axis (the output rows of a 2-D weight; a 1-D tensor is one row).
+  ``scope="tensor"`` (mergekit default): the flattened tensor is one unit.
+- ``density`` is required in the splice dialect (mergekit defaults it to 1, where the
+  method changes nothing); ``gamma`` defaults to 0.01 in both dialects.
+- ``rescale: true`` restores each δ_i's L1 norm (over the whole tensor) after masking.
+- breadcrumbs_ties: normalize defaults to true in splice (disjoint mean, as `ties`) and
+  false in mergekit; ``disjoint``, when given, wins over ``normalize``.
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import Tensor
+
+from splice.merge.methods._common import (
+    Disjoint,
+    Majority,
+    UnitFloat,
+    deltas_,
+    linear_combine_,
+    resolve_disjoint,
+    ties_combine_,
+)
+from splice.merge.registry import Dialect, MergeContext, PerModel, merge_method
+from splice.merge.sparsify import band_mask_rows, magnitude, rescale_l1, rows_view
+
+RowScope = Literal["row", "tensor"]
+
+
+def breadcrumbs_counts(n: int, density: float, gamma: float, dialect: Dialect) -> tuple[int, int]:
+    """(skip, keep) for a unit of ``n`` entries: skip the ``skip`` largest, keep the next
+    ``keep``."""
+    if dialect == "mergekit":
+        keep, top = int(density * n), int(gamma * n)
+    else:
+        keep, top = round(density * n), round(gamma * n)
+    keep = max(0, min(n, keep))
+    return max(0, min(top, n - keep)), keep
+
+
+def breadcrumbs_mask_(
+    delta: Tensor, density: float, gamma: float, *, scope: str, dialect: Dialect, rescale: bool
+) -> Tensor:
+    """Mask one task vector to its middle band of magnitudes (in place)."""
+    if density >= 1:
+        return delta
+    mag = magnitude(delta)
+    rows = rows_view(mag) if scope == "row" else mag.reshape(1, -1)
+    skip, keep = breadcrumbs_counts(rows.shape[1], density, gamma, dialect)
+    ties = "torch_sort" if dialect == "mergekit" else "flat"
+    mask = band_mask_rows(rows, skip, keep, ties).reshape(delta.shape)
+    l1 = mag.sum() if rescale else None
+    del mag, rows
+    delta.mul_(mask)
+    if l1 is not None:
+        rescale_l1(l1, delta)
+    return delta
+
+
+def _masked_deltas(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    scope: str,
+    rescale: bool,
+    ctx: MergeContext,
+) -> list[Tensor]:
+    deltas = deltas_(base, tensors)
+    for d, dens, g in zip(deltas, density, gamma, strict=True):
+        breadcrumbs_mask_(d, dens, g, scope=scope, dialect=ctx.dialect, rescale=rescale)
+    return deltas
+
+
+@merge_method(
+    "breadcrumbs",
+    needs_base=True,
+    mergekit_defaults={"density": 1.0, "scope": "tensor"},
+)
+def breadcrumbs(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[UnitFloat],
+    gamma: PerModel[UnitFloat] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    scope: RowScope = "row",
+    ctx: MergeContext,
+) -> Tensor:
+    """Drop the largest and smallest task-vector entries, then task arithmetic."""
+    deltas = _masked_deltas(base, tensors, density, gamma, scope, rescale, ctx)
+    return linear_combine_(base, deltas, weight, lambda_=lambda_, normalize=normalize)
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    needs_base=True,
+    mergekit_defaults={"density": 1.0, "scope": "tensor", "normalize": False},
+)
+def breadcrumbs_ties(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[UnitFloat],
+    gamma: PerModel[UnitFloat] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    disjoint: Disjoint | None = None,
+    majority: Majority = "sum",
+    rescale: bool = False,
+    scope: RowScope = "row",
+    ctx: MergeContext,
+) -> Tensor:
+    """Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    deltas = _masked_deltas(base, tensors, density, gamma, scope, rescale, ctx)
+    return ties_combine_(
+        base,
+        deltas,
+        weight,
+        lambda_=lambda_,
+        majority=majority,
+        disjoint=resolve_disjoint(disjoint, normalize),
+    )

@@ -1,0 +1,79 @@
+"""TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models").
+
+    δ_i = θ_i − base
+    δ̂_i = trim(δ_i, density_i)        keep the largest-|δ_i| entries, zero the rest
+    v_i = w_i · δ̂_i
+    s   = sign⁺(Σ_i v_i)              majority="sum" (paper); "count": sign⁺(Σ_i sign(v_i))
+                                      sign⁺(x) = +1 for x >= 0, −1 otherwise
+    A_i = [sign(v_i) == s]            an entry agrees with the elected sign (0 never agrees)
+    δ   = Σ_i A_i v_i / Σ_i A_i w_i   disjoint="mean" (a zero divisor counts as 1)
+        = Σ_i A_i v_i                 disjoint="sum"
+        = s · max_i A_i |v_i|         disjoint="max"
+    merged = base + λ · δ
+
+Order of operations as mergekit's generalized task arithmetic (trim the unweighted δ_i,
+then weight, elect, merge, normalize, scale by λ).
+
+Choices:
+- Trim scope. ``scope="model"`` (splice default, the paper): keep exactly
+  round(density_i · N) entries of δ_i over the whole model (N = all merged entries), via
+  the engine's whole-model `KeepRule`. ``scope="tensor"`` (mergekit default): keep the top
+  entries of each tensor on its own; splice dialect keeps exactly round(density_i · n),
+  mergekit dialect max(1, int(density_i · n)). Equal magnitudes at the threshold: the
+  first in flat order; in the mergekit dialect, the ones torch's (unstable) sort puts
+  first, as mergekit (only such tensors are sorted; common with bf16 task vectors).
+- ``disjoint`` vs mergekit's ``normalize``: ``disjoint``, when given, wins; otherwise
+  normalize=true means disjoint="mean" and normalize=false means disjoint="sum".
+- ``rescale: true`` multiplies each trimmed δ̂_i to restore the L1 norm of δ_i (mergekit).
+"""
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from splice.merge.methods._common import (
+    Disjoint,
+    Majority,
+    TrimScope,
+    UnitFloat,
+    deltas_,
+    magnitude_trim_,
+    resolve_disjoint,
+    ties_combine_,
+    trim_requests,
+)
+from splice.merge.registry import MergeContext, PerModel, merge_method
+
+
+@merge_method(
+    "ties",
+    needs_base=True,
+    mergekit_defaults={"scope": "tensor"},
+    model_stats=trim_requests,
+)
+def ties(
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[UnitFloat] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    disjoint: Disjoint | None = None,
+    majority: Majority = "sum",
+    rescale: bool = False,
+    scope: TrimScope = "model",
+    ctx: MergeContext,
+) -> Tensor:
+    """Trim each task vector by magnitude, elect a sign per entry, average the agreeing."""
+    deltas = deltas_(base, tensors)
+    for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
+        magnitude_trim_(d, dens, i, scope=scope, ctx=ctx, rescale=rescale)
+    return ties_combine_(
+        base,
+        deltas,
+        weight,
+        lambda_=lambda_,
+        majority=majority,
+        disjoint=resolve_disjoint(disjoint, normalize),
+    )

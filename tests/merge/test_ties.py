@@ -1,0 +1,113 @@
+"""TIES golden values, computed by hand in the comments."""
+
+import pytest
+import torch
+from merge_test_util import MERGEKIT, run
+
+from splice.errors import MergeValidationError
+from splice.merge import KeepRule, MergeContext, TopKRequest, get_method
+
+BASE = [1.0] * 6
+D1 = [3.0, -1.0, 2.0, 0.5, -4.0, 1.0]
+D2 = [-2.0, 2.0, 1.0, -3.0, -1.0, 0.2]
+D3 = [1.0, -3.0, -1.0, 1.0, 2.0, 0.1]
+
+
+def models(*deltas):
+    return [[1.0 + x for x in d] for d in deltas]
+
+
+# density 0.5 of 6 entries keeps 3 per task vector (scope tensor):
+#   D1 -> [ 3,  0, 2,  0, -4, 0]
+#   D2 -> [-2,  2, 0, -3,  0, 0]   (|2| twice: both kept, |3| kept)
+#   D3 -> [ 1, -3, 0,  0,  2, 0]   (three |1| tie for the last place: the first, index 0)
+# sum  =  [ 2, -1, 2, -3, -2, 0]  -> elected sign [+, -, +, -, -, +]
+TRIM = dict(density=0.5, scope="tensor")
+
+
+def test_sum_majority_disjoint_mean():
+    out = run("ties", BASE, models(D1, D2, D3), **TRIM)
+    # agreeing: [3,1] [-3] [2] [-3] [-4] [] -> means [2,-3,2,-3,-4,0]
+    torch.testing.assert_close(out, torch.tensor([3.0, -2.0, 3.0, -2.0, -3.0, 1.0]))
+
+
+def test_disjoint_sum_and_normalize_false():
+    expected = torch.tensor([5.0, -2.0, 3.0, -2.0, -3.0, 1.0])  # sums [4,-3,2,-3,-4,0]
+    torch.testing.assert_close(
+        run("ties", BASE, models(D1, D2, D3), disjoint="sum", **TRIM), expected
+    )
+    torch.testing.assert_close(
+        run("ties", BASE, models(D1, D2, D3), normalize=False, **TRIM), expected
+    )
+
+
+def test_disjoint_wins_over_normalize():
+    out = run("ties", BASE, models(D1, D2, D3), normalize=False, disjoint="mean", **TRIM)
+    torch.testing.assert_close(out, torch.tensor([3.0, -2.0, 3.0, -2.0, -3.0, 1.0]))
+
+
+def test_disjoint_max():
+    out = run("ties", BASE, models(D1, D2, D3), disjoint="max", **TRIM)
+    # largest agreeing magnitude with the elected sign: [3,-3,2,-3,-4,0]
+    torch.testing.assert_close(out, torch.tensor([4.0, -2.0, 3.0, -2.0, -3.0, 1.0]))
+
+
+def test_count_majority():
+    out = run("ties", BASE, models(D1, D2, D3), majority="count", **TRIM)
+    # sign counts [+1, 0, +1, -1, 0, 0] -> elected [+, +, +, -, +, +]
+    # agreeing means: [(3+1)/2, 2, 2, -3, 2, 0]
+    torch.testing.assert_close(out, torch.tensor([3.0, 3.0, 3.0, -2.0, 3.0, 1.0]))
+
+
+def test_weights_and_lambda():
+    out = run("ties", BASE, models(D1, D2, D3), weight=[2.0, 1.0, 1.0], **TRIM, **{"lambda": 0.5})
+    # v1 = [6,0,4,0,-8,0]; sum = [5,-1,4,-3,-6,0] -> [+,-,+,-,-,+]
+    # merged = [(6+1)/(2+1), -3/1, 4/2, -3/1, -8/2, 0] = [7/3,-3,2,-3,-4,0]; *0.5; +1
+    torch.testing.assert_close(out, torch.tensor([13 / 6, -0.5, 2.0, -0.5, -1.0, 1.0]))
+
+
+def test_density_one_is_sign_elected_mean():
+    out = run("ties", BASE, models(D1, D2, D3), scope="tensor")
+    # sum [2,-2,2,-1.5,-3,1.3] -> [+,-,+,-,-,+]
+    # means [(3+1)/2, (-1-3)/2, (2+1)/2, -3, (-4-1)/2, (1+.2+.1)/3]
+    expected = torch.tensor([3.0, -1.0, 2.5, -2.0, -1.5, 1.0 + 1.3 / 3])
+    torch.testing.assert_close(out, expected)
+
+
+def test_count_rule_differs_by_dialect():
+    # density 0.45 of 6: splice keeps round(2.7) = 3, mergekit int(2.7) = 2
+    splice = run("ties", BASE, models(D1), density=0.45, scope="tensor")
+    torch.testing.assert_close(splice, torch.tensor([4.0, 1.0, 3.0, 1.0, -3.0, 1.0]))
+    mk = run("ties", BASE, models(D1), density=0.45, ctx=MERGEKIT)  # scope tensor by default
+    torch.testing.assert_close(mk, torch.tensor([4.0, 1.0, 1.0, 1.0, -3.0, 1.0]))
+
+
+def test_rescale_restores_l1():
+    out = run("ties", BASE, models(D1), rescale=True, **TRIM)
+    # kept [3,0,2,0,-4,0] (L1 9) scaled to the L1 of D1 (11.5)
+    expected = torch.tensor([1 + 34.5 / 9, 1.0, 1 + 23 / 9, 1.0, 1 - 46 / 9, 1.0])
+    torch.testing.assert_close(out, expected)
+
+
+def test_model_scope_uses_keep_rules():
+    ties = get_method("ties")
+    params = {"density": [0.5, 1.0, 0.0], "scope": "model"}
+    assert ties.model_stats(params) == [TopKRequest(key="trim0", model_index=0, density=0.5)]
+    assert ties.model_stats({**params, "scope": "tensor"}) == []
+    # |D1| = [3,1,2,.5,4,1]: rule "> 2, plus one tie at 2" keeps [3,0,2,0,-4,0]
+    ctx = MergeContext(model_stats={"trim0": KeepRule(2.0, 1)})
+    out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
+    torch.testing.assert_close(out, torch.tensor([4.0, 1.0, 3.0, 1.0, -3.0, 1.0]))
+    ctx = MergeContext(model_stats={"trim0": KeepRule(2.0, 0)})
+    out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
+    torch.testing.assert_close(out, torch.tensor([4.0, 1.0, 1.0, 1.0, -3.0, 1.0]))
+
+
+def test_model_scope_without_statistic_is_a_clear_error():
+    with pytest.raises(MergeValidationError, match=r"trim0.*scope 'tensor'"):
+        run("ties", BASE, models(D1), density=0.5)
+
+
+def test_density_zero_keeps_the_base():
+    out = run("ties", BASE, models(D1, D2), density=0.0)
+    torch.testing.assert_close(out, torch.tensor(BASE))
