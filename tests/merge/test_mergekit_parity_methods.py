@@ -1,0 +1,145 @@
+"""splice (mergekit dialect) against mergekit 0.1.5's own merge kernels.
+
+Each case calls mergekit's registered method on one TensorGroup (its public entry point:
+parameter binding, dtype alignment, then the kernel) and splice's method with
+``MergeContext(dialect="mergekit")`` and no parameters beyond the recipe's, so mergekit
+defaults are exercised too. Inputs are random float32 (no magnitude ties, where the two
+tie rules could pick different entries). DARE draws its masks from a different RNG and is
+compared only at density 1, where it is deterministic.
+"""
+
+import zlib
+
+import pytest
+import torch
+
+mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+
+from splice.merge import MergeContext, get_method  # noqa: E402
+
+SHAPES = [(24, 40), (40,), (3, 4, 10)]
+
+
+def inputs(shape, n, seed, scale=0.05, spread=0.01):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * scale
+    return base, [base + torch.randn(shape, generator=g) * spread for _ in range(n)]
+
+
+def mergekit_merge(name, base, tensors, params):
+    if base is None:
+        group = TensorGroup.from_tensors([t.clone() for t in tensors])
+    else:
+        group = TensorGroup.from_tensors(
+            [base.clone()] + [t.clone() for t in tensors], base_index=0
+        )
+    (out,) = mk_registry.get(name)([group], parameters=params)
+    return out
+
+
+def splice_merge(name, base, tensors, params):
+    ctx = MergeContext(dialect="mergekit", tensor_name="w")
+    b = None if base is None else base.clone()
+    return get_method(name)(b, [t.clone() for t in tensors], ctx, **params)
+
+
+def check(name, base, tensors, params, splice_params=None):
+    expected = mergekit_merge(name, base, tensors, params)
+    actual = splice_merge(name, base, tensors, params if splice_params is None else splice_params)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+GTA_CASES = {
+    "task_arithmetic": [
+        {"weight": [1.0, 0.5, 0.8]},
+        {"weight": [1.0, 0.5, 0.8], "normalize": True, "lambda": 0.7},
+    ],
+    "ties": [
+        {"weight": [1.0, 0.5, 0.8], "density": [0.29, 0.63, 0.87]},
+        {"weight": [1.0, -0.5, 0.8], "density": 0.2, "normalize": False, "lambda": 1.3},
+        {"weight": [0.7, 0.5, 0.8], "density": [0.5, 0.001, 1.0], "rescale": True},
+    ],
+    "breadcrumbs": [
+        {"weight": [1.0, 0.5, 0.8], "density": [0.29, 0.63, 0.87], "gamma": [0.01, 0.05, 0.1]},
+        {"weight": [1.0, 0.5, 0.8], "density": 0.95, "gamma": 0.17, "normalize": True},
+        {"weight": [1.0, 0.5, 0.8], "density": 0.3, "rescale": True, "lambda": 0.5},
+    ],
+    "breadcrumbs_ties": [
+        {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.7, 0.9], "gamma": [0.01, 0.05, 0.1]},
+        {"weight": [1.0, 0.5, 0.8], "density": 0.37, "gamma": 0.29, "normalize": True},
+    ],
+    "dare_linear": [{"weight": [1.0, 0.5, 0.8]}, {"weight": [1.0, 0.5, 0.8], "normalize": True}],
+    "dare_ties": [{"weight": [1.0, 0.5, 0.8]}, {"weight": [1.0, 0.5, 0.8], "normalize": True}],
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [(name, p) for name, cases in GTA_CASES.items() for p in cases],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_task_vector_methods(name, params, shape):
+    base, tensors = inputs(shape, 3, seed=zlib.crc32(f"{name}{shape}".encode()))
+    check(name, base, tensors, params)
+
+
+TIED_CASES = [
+    ("ties", {"weight": [1.0, 0.5, 0.8], "density": [0.2, 0.3, 0.5]}),
+    ("ties", {"weight": [1.0, 0.5, 0.8], "density": 0.37, "rescale": True}),
+    ("breadcrumbs", {"weight": [1.0, 0.8, 0.6], "density": [0.5, 0.7, 0.9], "gamma": 0.05}),
+    ("breadcrumbs_ties", {"weight": 1.0, "density": 0.6, "gamma": [0.05, 0.1, 0.01]}),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("name", "params"), TIED_CASES, ids=[c[0] for c in TIED_CASES])
+def test_tied_magnitudes_like_bf16(name, params, shape):
+    # bf16-rounded weights: task vectors take few distinct values, so many |δ| are equal
+    # across the keep boundaries and mergekit's sort order decides which are kept
+    base, tensors = inputs(shape, 3, seed=11)
+    base, tensors = base.bfloat16().float(), [t.bfloat16().float() for t in tensors]
+    check(name, base, tensors, params)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ties_unit_scale(shape):
+    base, tensors = inputs(shape, 3, seed=5, scale=1.0, spread=1.0)
+    check("ties", base, tensors, {"weight": [1.0, 0.5, 0.8], "density": [0.29, 0.63, 0.87]})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear(shape, normalize):
+    _, tensors = inputs(shape, 3, seed=1, spread=0.5)
+    check("linear", None, tensors, {"weight": [0.3, 0.5, 0.9], "normalize": normalize})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.9, 1.0])
+def test_slerp(shape, t):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    check("slerp", a, [b], {"t": t})
+    # nearly parallel: linear fallback
+    check("slerp", a, [a * 1.5 + 1e-4 * b], {"t": t})
+    # zero base: mergekit's zero-norm guard
+    check("slerp", torch.zeros(shape), [b], {"t": t})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("n", [2, 4])
+def test_model_stock(shape, filter_wise, n):
+    base, tensors = inputs(shape, n, seed=3, scale=0.05, spread=0.02)
+    tensors = [t + 0.01 * (base - 0.03) for t in tensors]  # correlated task vectors
+    check("model_stock", base, tensors, {"filter_wise": filter_wise})
+    if not filter_wise:
+        check("model_stock", base, tensors, {})
+
+
+def test_passthrough():
+    _, (t,) = inputs((5, 7), 1, seed=4)
+    check("passthrough", None, [t], {})
+    check("passthrough", None, [t], {"scale": [0.25]})
