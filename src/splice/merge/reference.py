@@ -45,3 +45,20 @@ def method_table(methods: list[MergeMethod] | None = None) -> str:
 
 def method_summaries() -> str:
     return "\n".join(f"- `{m.name}`: {m.summary}" for m in all_methods())
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the block between the methods markers of the README."""
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    block = f"<!-- methods:begin -->\n{method_table()}\n<!-- methods:end -->"
+    text = re.sub(r"<!-- methods:begin -->.*?<!-- methods:end -->", lambda _: block, text,
+                  flags=re.S)
+    p.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    update_readme()

@@ -1,0 +1,17 @@
+"""The README's method reference is generated from the registry and must stay equal to it."""
+
+import re
+from pathlib import Path
+
+from splice.merge.reference import method_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_method_table_matches_registry():
+    text = README.read_text(encoding="utf-8")
+    m = re.search(r"<!-- methods:begin -->\n(.*?)\n<!-- methods:end -->", text, re.S)
+    assert m, "README lacks the methods block"
+    assert m.group(1).strip() == method_table().strip(), (
+        "README method table is stale: run `python -m splice.merge.reference` to refresh it"
+    )
