@@ -202,3 +202,25 @@ def test_resume_after_a_crash_is_bit_identical(models, tmp_path, monkeypatch):
     assert report.skipped > 0 and report.tensors < len(plan.jobs)
     for f in sorted(ref.glob("*.safetensors")):
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_mergekit_noop_parameters_accepted_only_in_mergekit_dialect(models, tmp_path):
+    from splice.errors import MergeValidationError
+
+    common = {"base_model": models["base"], "models": [{"model": models["ft0"]}]}
+    plain = load_all(
+        merge({"merge_method": "ties", **common, "parameters": {"density": 0.5}}, tmp_path / "a")
+    )
+    noop = load_all(
+        merge(
+            {"merge_method": "ties", **common, "parameters": {"density": 0.5, "int8_mask": True}},
+            tmp_path / "b",
+        )
+    )
+    assert all(torch.equal(plain[n], noop[n]) for n in plain)
+    with pytest.raises(MergeValidationError, match="no parameter 'int8_mask'"):
+        plan_merge(
+            parse_recipe(
+                {"method": "ties", **common, "parameters": {"density": 0.5, "int8_mask": True}}
+            )
+        )

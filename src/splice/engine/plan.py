@@ -151,6 +151,8 @@ class _Planner:
         self, params: Parameters | None, where: str, per_model_scope: bool
     ) -> None:
         for key in params or {}:
+            if self.dialect == "mergekit" and key in self.method.mergekit_ignored:
+                continue  # accepted for mergekit compatibility, no effect (as in mergekit)
             if key not in self.known:
                 close = difflib.get_close_matches(key, list(self.known), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -166,6 +166,9 @@ class MergeMethod:
     mergekit_defaults: Mapping[str, Any]
     # Given the resolved global + per-model parameters, the whole-model statistics needed.
     model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None
+    # Parameters mergekit accepts for this method but that change nothing (e.g. int8_mask):
+    # accepted and ignored in the mergekit dialect so existing recipes run unchanged.
+    mergekit_ignored: frozenset[str] = frozenset()
 
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
@@ -218,9 +221,7 @@ def _param_specs(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
     sig = inspect.signature(fn)
     hints = get_type_hints(fn, include_extras=True)
     positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if [p.name for p in positional] != ["base", "tensors"]:
         raise TypeError(f"{fn.__name__}: positional arguments must be (base, tensors)")
@@ -260,6 +261,7 @@ def merge_method(
     random: bool = False,
     mergekit_defaults: Mapping[str, Any] | None = None,
     model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None = None,
+    mergekit_ignored: frozenset[str] | set[str] = frozenset(),
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; duplicate names are errors)."""
 
@@ -284,6 +286,7 @@ def merge_method(
             summary=doc.splitlines()[0] if doc else "",
             mergekit_defaults=dict(mergekit_defaults or {}),
             model_stats=model_stats,
+            mergekit_ignored=frozenset(mergekit_ignored),
         )
         _REGISTRY[name] = method
         return method

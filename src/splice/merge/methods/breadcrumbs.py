@@ -98,6 +98,7 @@ def _masked_deltas(
     "breadcrumbs",
     needs_base=True,
     mergekit_defaults={"density": 1.0, "scope": "tensor"},
+    mergekit_ignored={"int8_mask"},
 )
 def breadcrumbs(
     base: Tensor,
@@ -121,6 +122,7 @@ def breadcrumbs(
     "breadcrumbs_ties",
     needs_base=True,
     mergekit_defaults={"density": 1.0, "scope": "tensor", "normalize": False},
+    mergekit_ignored={"int8_mask"},
 )
 def breadcrumbs_ties(
     base: Tensor,

@@ -82,6 +82,7 @@ def _dare_deltas(
     needs_base=True,
     random=True,
     mergekit_defaults={"density": 1.0, "rescale": True},
+    mergekit_ignored={"int8_mask"},
 )
 def dare_linear(
     base: Tensor,
@@ -104,6 +105,7 @@ def dare_linear(
     needs_base=True,
     random=True,
     mergekit_defaults={"density": 1.0, "rescale": True, "normalize": False},
+    mergekit_ignored={"int8_mask"},
 )
 def dare_ties(
     base: Tensor,

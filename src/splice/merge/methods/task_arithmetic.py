@@ -14,7 +14,13 @@ from torch import Tensor
 from splice.merge.registry import PerModel, merge_method
 
 
-@merge_method("task_arithmetic", needs_base=True)
+@merge_method(
+    "task_arithmetic",
+    needs_base=True,
+    # mergekit's generalized task arithmetic accepts these for every variant; here they
+    # have no effect in mergekit either.
+    mergekit_ignored={"int8_mask", "density", "rescale"},
+)
 def task_arithmetic(
     base: Tensor,
     tensors: Sequence[Tensor],

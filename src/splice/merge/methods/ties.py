@@ -49,6 +49,7 @@ from splice.merge.registry import MergeContext, PerModel, merge_method
     "ties",
     needs_base=True,
     mergekit_defaults={"scope": "tensor"},
+    mergekit_ignored={"int8_mask"},
     model_stats=trim_requests,
 )
 def ties(
