@@ -55,8 +55,9 @@ def update_readme(path: str = "README.md") -> None:
     p = Path(path)
     text = p.read_text(encoding="utf-8")
     block = f"<!-- methods:begin -->\n{method_table()}\n<!-- methods:end -->"
-    text = re.sub(r"<!-- methods:begin -->.*?<!-- methods:end -->", lambda _: block, text,
-                  flags=re.S)
+    text = re.sub(
+        r"<!-- methods:begin -->.*?<!-- methods:end -->", lambda _: block, text, flags=re.S
+    )
     p.write_text(text, encoding="utf-8")
 
 

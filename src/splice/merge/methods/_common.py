@@ -104,9 +104,11 @@ def linear_combine_(
     generalized task arithmetic without consensus)."""
     if not deltas:
         return base
+    # Multiply, then add (not add_(d, alpha=w), which may fuse into one rounding): the same
+    # roundings as mergekit's deltas.mul_(weights).sum(0), so fp32 results are bit-identical.
     merged = deltas[0].mul_(weight[0])
     for d, w in zip(deltas[1:], weight[1:], strict=True):
-        merged.add_(d, alpha=w)
+        merged.add_(d.mul_(w))
     if normalize:
         total = sum(weight)
         if abs(total) >= 1e-8:

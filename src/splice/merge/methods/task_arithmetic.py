@@ -4,13 +4,15 @@
     merged = base + λ · Σ_i w_i (θ_i − base) / Σ_i w_i  (normalize = True)
 
 Same as mergekit's ``task_arithmetic`` (normalize defaults to False there too; a weight
-sum with |Σ w| < 1e-8 is not divided by).
+sum with |Σ w| < 1e-8 is not divided by), with mergekit's order of operations, so fp32
+results are bit-identical: each δ_i is multiplied by w_i, then the products are summed.
 """
 
 from collections.abc import Sequence
 
 from torch import Tensor
 
+from splice.merge.methods._common import deltas_, linear_combine_
 from splice.merge.registry import PerModel, merge_method
 
 
@@ -30,11 +32,6 @@ def task_arithmetic(
     normalize: bool = False,
 ) -> Tensor:
     """Add the weighted sum of task vectors to the base, scaled by λ."""
-    total = base.new_zeros(base.shape)
-    for w, t in zip(weight, tensors):
-        total.add_(t - base, alpha=w)
-    if normalize:
-        s = sum(weight)
-        if abs(s) >= 1e-8:
-            total.div_(s)
-    return base.add_(total, alpha=lambda_)
+    return linear_combine_(
+        base, deltas_(base, tensors), weight, lambda_=lambda_, normalize=normalize
+    )
