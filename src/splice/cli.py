@@ -30,6 +30,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update=update)
         text = None  # the stored recipe must be the one that ran
     shard = parse_size(args.shard_size)
+    budget = parse_size(args.memory)
     plan = plan_merge(recipe)
     try:
         report = run_merge(
@@ -41,6 +42,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             recipe_text=text,
             progress=not args.quiet,
+            memory_budget=budget,
         )
     finally:
         plan.close()
@@ -130,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     m.add_argument("--seed", type=int, default=None, help="seed for random methods")
+    m.add_argument(
+        "--memory",
+        default="1GB",
+        help="cap on the estimated memory of tensors being merged at once (1GB); "
+        "a tensor needing more runs alone",
+    )
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(fn=_cmd_merge)
 

@@ -224,3 +224,32 @@ def test_mergekit_noop_parameters_accepted_only_in_mergekit_dialect(models, tmp_
                 {"method": "ties", **common, "parameters": {"density": 0.5, "int8_mask": True}}
             )
         )
+
+
+def test_memory_budget_bounds_jobs_in_flight(models, tmp_path, monkeypatch):
+    import threading
+    import time
+
+    real_call = execute_mod._Runner.__call__
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def tracking(self, index):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.01)
+        try:
+            return real_call(self, index)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(execute_mod._Runner, "__call__", tracking)
+    recipe = {"method": "linear", "models": [{"model": models["ft0"]}, {"model": models["ft1"]}]}
+    tiny = load_all(merge(recipe, tmp_path / "a", threads=4, memory_budget=1))
+    assert state["max"] == 1  # every job exceeds 1 byte: each runs alone
+    state["max"] = 0
+    roomy = load_all(merge(recipe, tmp_path / "b", threads=4, memory_budget=10**9))
+    assert state["max"] > 1
+    assert all(torch.equal(tiny[n], roomy[n]) for n in tiny)

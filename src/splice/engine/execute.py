@@ -3,9 +3,10 @@
 Each job reads its inputs (one tensor per model), merges them in the compute dtype, casts
 to the output dtype and hands the result to the sharded writer, which places it at its
 pre-planned offset in its shard. Jobs run on a thread pool with at most ``threads + 1``
-jobs in flight, so peak memory is about (threads + 1) × (inputs + 1) × the largest tensor
-in the compute dtype, independent of model size. Reading (pread), computing (torch) and
-writing (pwrite) all release the GIL, so they overlap across jobs.
+jobs in flight and at most ``memory_budget`` bytes of estimated job memory (inputs in the
+compute dtype plus scratch; a larger job runs alone), so peak memory is about
+max(budget, the largest job) plus the interpreter, independent of model size. Reading
+(pread), computing (torch) and writing (pwrite) all release the GIL, so they overlap.
 
 Output appears atomically: shards are written into ``<out>.splice-partial/`` and the folder
 is renamed to ``<out>`` only when complete. A failed or killed run leaves the partial
@@ -21,6 +22,7 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -212,8 +214,13 @@ def run_merge(
     overwrite: bool = False,
     recipe_text: str | None = None,
     progress: bool = True,
+    memory_budget: int = 1_000_000_000,
 ) -> MergeReport:
-    """Run a planned merge into ``out_dir`` (HF folder: shards, index, config, tokenizer)."""
+    """Run a planned merge into ``out_dir`` (HF folder: shards, index, config, tokenizer).
+
+    ``memory_budget`` caps the estimated memory of the jobs in flight (see `job_cost`);
+    a single job larger than it still runs, alone.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     threads = threads or min(4, os.cpu_count() or 1)
@@ -242,7 +249,12 @@ def run_merge(
         rules = _model_stat_rules(plan, threads, progress) if pending else {}
         runner = _Runner(plan, writer, rules)
         written = _run_jobs(
-            runner, pending, threads, progress, sum(plan.jobs[i].out.nbytes for i in pending)
+            runner,
+            pending,
+            threads,
+            progress,
+            sum(plan.jobs[i].out.nbytes for i in pending),
+            memory_budget,
         )
         extra = {"splice_recipe.yaml": recipe_yaml.encode()}
         cfg = _config_json(plan)
@@ -264,28 +276,44 @@ def run_merge(
     )
 
 
+def job_cost(plan: MergePlan, index: int) -> int:
+    """Approximate bytes a job holds at its peak: its inputs in the compute dtype plus two
+    tensors of scratch (magnitudes, masks, the result)."""
+    job = plan.jobs[index]
+    size = torch.empty((), dtype=plan.compute_dtype).element_size()
+    return job.out.numel * size * (len(job.sources) + 2)
+
+
 def _run_jobs(
-    runner: _Runner, pending: list[int], threads: int, progress: bool, total_bytes: int
+    runner: _Runner,
+    pending: list[int],
+    threads: int,
+    progress: bool,
+    total_bytes: int,
+    memory_budget: int,
 ) -> int:
+    """Run jobs in plan order: at most threads + 1 in flight, and no more than
+    `memory_budget` bytes of estimated job memory (a job larger than the budget runs alone)."""
     written = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc="merging", unit="tensor", disable=not progress)
-    in_flight: set[Future[int]] = set()
-    queue = iter(pending)
+    in_flight: dict[Future[int], int] = {}
+    queue = deque(pending)
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
 
             def top_up() -> None:
-                for i in queue:
-                    in_flight.add(pool.submit(runner, i))
-                    if len(in_flight) > threads:
-                        break
+                while queue and len(in_flight) <= threads:
+                    cost = job_cost(runner.plan, queue[0])
+                    if in_flight and sum(in_flight.values()) + cost > memory_budget:
+                        return
+                    in_flight[pool.submit(runner, queue.popleft())] = cost
 
             top_up()
             while in_flight:
                 finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    in_flight.discard(f)
+                    del in_flight[f]
                     written += f.result()  # re-raises a job's error
                     bar.update(1)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
