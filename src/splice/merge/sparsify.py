@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from splice.merge.argsort_select import argsort_topk_mask
 from splice.merge.registry import Dialect, KeepRule
 
 # How ties at a keep boundary are broken:
@@ -62,7 +63,7 @@ def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
         flat = flat.float()
     mask, tied = _topk_flat(flat, k)
     if tied and ties == "torch_sort":
-        mask = _sorted_slice(flat, 0, k, descending=True)
+        mask = argsort_topk_mask(flat, k)
     return mask.reshape(mag.shape)
 
 
