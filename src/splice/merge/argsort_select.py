@@ -80,7 +80,7 @@ def _introselect_mask(x: torch.Tensor, k: int) -> torch.Tensor:
             return _argsort_mask(x, k)
         depth -= 1
         if idx is None:
-            idx = np.arange(size, dtype=np.int64)
+            idx = np.arange(size, dtype=np.int32 if size < 2**31 else np.int64)
             v = v.copy()
         m = _median_of_three(v, 1, size // 2, size - 1)
         if m:
@@ -95,6 +95,7 @@ def _introselect_mask(x: torch.Tensor, k: int) -> torch.Tensor:
             left[swaps] if swaps < len(left) else size, right[swaps - 1] if swaps else size
         )
         ls, rs = left[:swaps] + 1, right[:swaps] + 1
+        del left, right, body  # the scans' stop lists are the largest scratch: free them now
         if k >= cut:  # everything left of the cut is kept
             kept = idx[:cut].copy()
             kept[ls] = idx[rs]
