@@ -1,5 +1,10 @@
 #!/usr/bin/env python
-"""Prototype: mergekit's magnitude top-k set without sorting the tensor.
+"""Check splice.merge.argsort_select (mergekit's top-k set without sorting) by hand.
+
+The algorithm now lives in src/splice/merge/argsort_select.py; this script times it
+against torch.argsort on real task vectors and checks the kept sets are identical.
+
+Original notes:
 
 mergekit 0.1.5 trims a task vector with ``torch.argsort(|δ|, descending=True)[:k]``. On
 the CPU, torch's (unstable) argsort of a 1-D float tensor is libstdc++'s ``std::sort``
@@ -20,8 +25,8 @@ in expected O(n) instead of O(n log n). One Hoare partition is vectorized: the l
 stops at entries <= pivot, the right scan at entries >= pivot; the t-th stops of the two
 scans are swapped while they have not crossed, and the cut is where they cross.
 
-    python benchmarks/tie_order_prototype.py --check          # random cases vs torch.argsort
-    python benchmarks/tie_order_prototype.py --models .bench/models-full   # real deltas
+    python benchmarks/argsort_select_check.py --check          # random cases vs torch.argsort
+    python benchmarks/argsort_select_check.py --models .bench/models-full   # real deltas
 
 The second form times argsort and the prototype on every tensor of the benchmark's three
 fine-tunes (δ = ft − base in float32, densities 0.2/0.3/0.5 as in the TIES recipe) and
@@ -37,88 +42,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 
-THRESHOLD = 16  # libstdc++ _S_threshold: partitions this small are left to insertion sort
-
-
-def _median_of_three(v: np.ndarray, a: int, b: int, c: int) -> int:
-    """libstdc++ __move_median_to_first's choice with comp(x, y) = x > y."""
-    va, vb, vc = v[a], v[b], v[c]
-    if va > vb:
-        return b if vb > vc else (c if va > vc else a)
-    if va > vc:
-        return a
-    return c if vb > vc else b
-
-
-def _crossing(left: np.ndarray, right: np.ndarray) -> int:
-    """Length of the prefix with left[t] < right[t] (left increasing, right decreasing)."""
-    lo, hi = 0, min(len(left), len(right))
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if left[mid] < right[mid]:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def argsort_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the positions ``torch.argsort(x, descending=True)[:k]`` selects, for a
-    1-D float32 CPU tensor without NaN, on torch builds whose CPU sort is std::sort."""
-    n = x.numel()
-    out = torch.zeros(n, dtype=torch.bool)
-    if k <= 0:
-        return out
-    if k >= n:
-        return out.fill_(True)
-    mask = out.numpy()
-    v = x.numpy()
-    idx: np.ndarray | None = None  # positions in x of v's entries; None until first needed
-    depth = 2 * (n.bit_length() - 1)  # introsort's depth limit: 2 * floor(log2 n)
-    while len(v) > THRESHOLD:
-        size = len(v)
-        if depth == 0:  # introsort switches to heapsort here; rare: use the real sort
-            out.zero_()
-            out[torch.argsort(x, descending=True)[:k]] = True
-            return out
-        depth -= 1
-        if idx is None:
-            idx = np.arange(size, dtype=np.int64)
-            v = v.copy()
-        m = _median_of_three(v, 1, size // 2, size - 1)
-        if m:
-            v[0], v[m] = v[m], v[0]
-            idx[0], idx[m] = idx[m], idx[0]
-        pivot = v[0]
-        body = v[1:]
-        left = np.flatnonzero(body <= pivot)  # where the left scan stops, in order
-        right = np.flatnonzero(body >= pivot)[::-1]  # where the right scan stops, in order
-        swaps = _crossing(left, right)
-        cut = 1 + min(left[swaps] if swaps < len(left) else size,
-                      right[swaps - 1] if swaps else size)
-        ls, rs = left[:swaps] + 1, right[:swaps] + 1
-        if k >= cut:  # everything left of the cut is kept
-            kept = idx[:cut].copy()
-            kept[ls] = idx[rs]
-            mask[kept] = True
-            if k == cut:
-                return out
-            nv, ni = v[cut:].copy(), idx[cut:].copy()
-            nv[rs - cut], ni[rs - cut] = v[ls], idx[ls]
-            k -= cut
-        else:
-            nv, ni = v[:cut].copy(), idx[:cut].copy()
-            nv[ls], ni[ls] = v[rs], idx[rs]
-        v, idx = nv, ni
-    if idx is None:
-        idx = np.arange(len(v), dtype=np.int64)
-    order = np.argsort(-v, kind="stable")  # the final insertion sort is stable
-    mask[idx[order[:k]]] = True
-    return out
+from splice.merge.argsort_select import argsort_topk_mask
 
 
 def reference(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -176,15 +103,23 @@ def on_models(root: Path, densities: tuple[float, ...] = (0.2, 0.3, 0.5)) -> int
             t_proto += t2 - t1
             bad += not torch.equal(ref, got)
             count += 1
-    print(f"{count} trims of real task vectors: argsort {t_sort:.1f} s, prototype "
-          f"{t_proto:.1f} s ({t_sort / t_proto:.1f}x less), {bad} kept sets differ")
+    print(
+        f"{count} trims of real task vectors: argsort {t_sort:.1f} s, prototype "
+        f"{t_proto:.1f} s ({t_sort / t_proto:.1f}x less), {bad} kept sets differ"
+    )
     return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", type=int, nargs="?", const=600, default=None,
-                    help="compare with torch.argsort on N random cases (600)")
+    ap.add_argument(
+        "--check",
+        type=int,
+        nargs="?",
+        const=600,
+        default=None,
+        help="compare with torch.argsort on N random cases (600)",
+    )
     ap.add_argument("--models", type=Path, help="a benchmark models folder (base, ft0..ft2)")
     args = ap.parse_args(argv)
     rc = 0
