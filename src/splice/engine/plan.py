@@ -114,6 +114,7 @@ class _Planner:
             DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
         )
         self.known = {p.name for p in self.method.params}
+        self._name_cache: dict[str, set[str]] = {}
 
     # -- groups -------------------------------------------------------------------------
     def group(
@@ -197,37 +198,42 @@ class _Planner:
         return d
 
     # -- jobs ---------------------------------------------------------------------------
-    def job(self, g: _Group, out_name: str, in_name: str, t: float, jobs: list[TensorJob]) -> None:
-        """Plan one output tensor whose inputs are `in_name` in each model of `g`."""
-        ref_model = g.base or g.inputs[0]
-        refs = ([g.base] if g.base else []) + g.inputs
-        missing = [r for r in refs if in_name not in self._names(r)]
+    def job(
+        self,
+        g: _Group,
+        out_name: str,
+        in_names: Mapping[str, str],
+        t: float,
+        jobs: list[TensorJob],
+    ) -> None:
+        """Plan one output tensor; `in_names` gives each model of `g` its input tensor name."""
+        refs = self._refs(g)
+        ref_model = refs[0]
+        missing = [r for r in refs if in_names[r] not in self._names(r)]
         if missing:
             policy = self.recipe.on_missing
             if policy == "drop":
                 return
             if policy == "base" and ref_model not in missing:
-                info = self.readers[ref_model].info(in_name)
+                src = Source(ref_model, in_names[ref_model])
+                info = self.readers[ref_model].info(src.name)
                 jobs.append(
                     TensorJob(
-                        out=self._out_info(out_name, info),
-                        kind="copy",
-                        base=None,
-                        inputs=[Source(ref_model, in_name)],
+                        out=self._out_info(out_name, info), kind="copy", base=None, inputs=[src]
                     )
                 )
                 return
             raise MergeValidationError(
-                f"tensor '{in_name}' is missing from {', '.join(missing)} "
+                f"tensor '{in_names[missing[0]]}' is missing from {', '.join(missing)} "
                 "(set on_missing: base | drop to allow)"
             )
-        infos = [self.readers[r].info(in_name) for r in refs]
-        shapes = {i.shape for i in infos}
-        if len(shapes) > 1:
+        infos = [self.readers[r].info(in_names[r]) for r in refs]
+        if len({i.shape for i in infos}) > 1:
             detail = ", ".join(f"{r}: {list(i.shape)}" for r, i in zip(refs, infos))
-            raise MergeValidationError(f"shape mismatch for tensor '{in_name}': {detail}")
+            raise MergeValidationError(
+                f"shape mismatch for tensor '{in_names[ref_model]}': {detail}"
+            )
         first = infos[0]
-        out = self._out_info(out_name, first)
         if not all(i.dtype.is_floating_point for i in infos):
             # Integer buffers (position ids, masks) are copied from the reference model.
             jobs.append(
@@ -235,26 +241,29 @@ class _Planner:
                     out=TensorInfo(out_name, first.shape, first.dtype),
                     kind="copy",
                     base=None,
-                    inputs=[Source(ref_model, in_name)],
+                    inputs=[Source(ref_model, in_names[ref_model])],
                 )
             )
             return
-        params = self.resolve_params(g, out_name, [in_name] * len(g.inputs), t)
+        params = self.resolve_params(g, out_name, [in_names[r] for r in g.inputs], t)
         jobs.append(
             TensorJob(
-                out=out,
+                out=self._out_info(out_name, first),
                 kind="merge",
-                base=Source(g.base, in_name) if g.base else None,
-                inputs=[Source(r, in_name) for r in g.inputs],
+                base=Source(g.base, in_names[g.base]) if g.base else None,
+                inputs=[Source(r, in_names[r]) for r in g.inputs],
                 params=params,
             )
         )
 
+    @staticmethod
+    def _refs(g: _Group) -> list[str]:
+        return ([g.base] if g.base else []) + g.inputs
+
     def _names(self, ref: str) -> set[str]:
-        cache = self.__dict__.setdefault("_name_cache", {})
-        if ref not in cache:
-            cache[ref] = set(self.readers[ref].names())
-        return cache[ref]
+        if ref not in self._name_cache:
+            self._name_cache[ref] = set(self.readers[ref].names())
+        return self._name_cache[ref]
 
     def _out_info(self, name: str, info: TensorInfo) -> TensorInfo:
         dtype = self.out_dtype if (self.out_dtype and info.dtype.is_floating_point) else info.dtype
@@ -280,14 +289,14 @@ class _Planner:
         for name in names:
             li = layer_index(name)
             t = 0.0 if li is None else (li / (num_layers - 1) if num_layers > 1 else 1.0)
-            self.job(g, name, name, t, jobs)
+            self.job(g, name, dict.fromkeys(self._refs(g), name), t, jobs)
         return jobs, reference
 
     def _check_extra_names(self, reference: str, g: _Group) -> None:
         if self.recipe.on_missing != "error":
             return
         ref_names = self._names(reference)
-        for ref in ([g.base] if g.base else []) + g.inputs:
+        for ref in self._refs(g):
             extra = sorted(self._names(ref) - ref_names)
             if extra:
                 raise MergeValidationError(
@@ -310,7 +319,7 @@ class _Planner:
         pre = [n for n in outside if _PRE_RE.search(n)]
         post = [n for n in outside if not _PRE_RE.search(n)]
         for name in pre:
-            self.job(groups[0], name, name, 0.0, jobs)
+            self.job(groups[0], name, dict.fromkeys(self._refs(groups[0]), name), 0.0, jobs)
         out_layer = 0
         for si, (s, g) in enumerate(zip(r.slices, groups)):
             start, end = s.sources[0].layer_range
@@ -322,7 +331,7 @@ class _Planner:
                     self.slice_job(g, s, offset, in_name, out_layer, t, jobs)
                 out_layer += 1
         for name in post:
-            self.job(groups[-1], name, name, 0.0, jobs)
+            self.job(groups[-1], name, dict.fromkeys(self._refs(groups[-1]), name), 0.0, jobs)
         return jobs, reference, out_layer
 
     def _slice_group(self, s: OutputSlice, si: int) -> _Group:
@@ -352,43 +361,14 @@ class _Planner:
         t: float,
         jobs: list[TensorJob],
     ) -> None:
-        """One layer tensor of a slice; each source reads its own layer index."""
-        per_ref = {
-            src.model: rename_layer(in_name, src.layer_range[0] + offset) for src in s.sources
-        }
-        if g.base is not None and g.base not in per_ref:
-            per_ref[g.base] = rename_layer(in_name, s.sources[0].layer_range[0] + offset)
-        refs = ([g.base] if g.base else []) + g.inputs
-        for ref in refs:
-            if per_ref[ref] not in self._names(ref):
-                raise MergeValidationError(f"tensor '{per_ref[ref]}' is missing from {ref}")
-        infos = [self.readers[ref].info(per_ref[ref]) for ref in refs]
-        if len({i.shape for i in infos}) > 1:
-            raise MergeValidationError(
-                f"shape mismatch for layer tensor '{in_name}' across slice sources"
-            )
-        out_name = rename_layer(in_name, out_layer)
-        out = self._out_info(out_name, infos[0])
-        if not all(i.dtype.is_floating_point for i in infos):
-            jobs.append(
-                TensorJob(
-                    out=TensorInfo(out_name, infos[0].shape, infos[0].dtype),
-                    kind="copy",
-                    base=None,
-                    inputs=[Source(refs[0], per_ref[refs[0]])],
-                )
-            )
-            return
-        params = self.resolve_params(g, out_name, [per_ref[r] for r in g.inputs], t)
-        jobs.append(
-            TensorJob(
-                out=out,
-                kind="merge",
-                base=Source(g.base, per_ref[g.base]) if g.base else None,
-                inputs=[Source(r, per_ref[r]) for r in g.inputs],
-                params=params,
-            )
+        """One layer tensor of a slice; each source reads its own layer index (the base
+        reads the first source's)."""
+        first = rename_layer(in_name, s.sources[0].layer_range[0] + offset)
+        in_names = {g.base: first} if g.base is not None else {}
+        in_names.update(
+            {src.model: rename_layer(in_name, src.layer_range[0] + offset) for src in s.sources}
         )
+        self.job(g, rename_layer(in_name, out_layer), in_names, t, jobs)
 
 
 def referenced_models(recipe: Recipe) -> list[str]:
