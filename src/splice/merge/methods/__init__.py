@@ -1,13 +1,12 @@
-"""Built-in merge methods: importing this package registers each one."""
+"""Built-in merge methods: importing this package registers each one.
 
-from splice.merge.methods import (  # noqa: F401
-    breadcrumbs,
-    dare,
-    linear,
-    magnitude_prune,
-    model_stock,
-    passthrough,
-    slerp,
-    task_arithmetic,
-    ties,
-)
+Every module in this package (except private ``_*`` helpers) is imported, so adding a
+method is adding one file here.
+"""
+
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
