@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="splice-demo", help="work folder (splice-demo)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_cmd_demo)
+
+    from splice.commands import register_all
+
+    register_all(sub)
     return p
 
 
