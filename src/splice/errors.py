@@ -15,3 +15,7 @@ class RecipeError(SpliceError):
 
 class MergeValidationError(SpliceError):
     """Inputs do not fit together: names, shapes, dtypes, missing base, bad parameters."""
+
+
+class DataError(SpliceError):
+    """A dataset is missing, malformed, or does not match a saved split."""
