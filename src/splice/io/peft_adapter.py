@@ -71,12 +71,12 @@ class LoraAdapterConfig:
 
     def rank_for(self, key: str) -> int:
         """r of module `key`: its rank_pattern entry, else r."""
-        pattern = _pattern_key(self.rank_pattern, key)
+        pattern = pattern_key(self.rank_pattern, key)
         return self.rank_pattern[pattern] if pattern is not None else self.r
 
     def alpha_for(self, key: str) -> float:
         """lora_alpha of module `key`: its alpha_pattern entry, else lora_alpha."""
-        pattern = _pattern_key(self.alpha_pattern, key)
+        pattern = pattern_key(self.alpha_pattern, key)
         return self.alpha_pattern[pattern] if pattern is not None else self.lora_alpha
 
     def scale_for(self, key: str) -> float:
@@ -86,20 +86,20 @@ class LoraAdapterConfig:
 
     def targets(self, key: str) -> bool:
         """Whether PEFT would put a LoRA layer on module `key`."""
-        if self.exclude_modules and _matches(self.exclude_modules, key):
+        if self.exclude_modules and module_matches(self.exclude_modules, key):
             return False
         if self.target_modules is None or self.target_modules == "all-linear":
             return True
-        return _matches(self.target_modules, key)
+        return module_matches(self.target_modules, key)
 
 
-def _matches(targets: list[str] | str, key: str) -> bool:
+def module_matches(targets: list[str] | str, key: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     return key in targets or any(key.endswith("." + t) for t in targets)
 
 
-def _pattern_key(patterns: dict[str, Any], key: str) -> str | None:
+def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
     for pattern in patterns:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return pattern

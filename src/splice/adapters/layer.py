@@ -1,0 +1,155 @@
+"""The layer wrapper and the interface every layer adapter implements.
+
+An `AdaptedLayer` replaces a target module in the model. It keeps the original module as
+``base_layer`` (frozen) and the named adapters in ``adapters`` (a ModuleDict). Its forward,
+with the active adapters a_1..a_k (in activation order) that are not folded:
+
+    x'     = a_k.transform_input(... a_1.transform_input(x))      (e.g. OFT rotates inputs)
+    y      = a.base_forward(x', base)   for the last a with replaces_base (LN tuning,
+             modules_to_save), else base(x')
+    y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
+
+A weight-space adapter also exposes its delta, ``delta(base) -> {param name: ΔW}`` with
+ΔW in the base parameter's shape (DESIGN.md: every adaptation is a delta on named
+parameters). Folding adds the deltas to the base parameters; the forward then skips the
+folded adapters. Unfolding restores the exact original tensors (kept aside at fold time:
+that costs one copy of each folded parameter until unfold or `merge_and_unload`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from splice.errors import SpliceError
+
+
+class AdapterStateError(SpliceError):
+    """An adapter operation is not possible in the current state (fold, unfold, load)."""
+
+
+class AdapterModule(nn.Module):
+    """One named adapter on one base layer. Subclasses override what they need."""
+
+    foldable: ClassVar[bool] = True
+    replaces_base: ClassVar[bool] = False
+
+    def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
+        return x
+
+    def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        return result
+
+    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+        """ΔW per base parameter name ("weight", "bias"), shaped like that parameter, in
+        float32 (the caller casts)."""
+        raise AdapterStateError(f"{type(self).__name__} acts on activations: it has no delta")
+
+    def peft_state(self) -> dict[str, Tensor]:
+        """Saved tensors by key suffix (PEFT's names, the adapter name removed)."""
+        return {k: v for k, v in self.state_dict().items()}
+
+    def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise AdapterStateError(
+                f"{where}: adapter tensors do not match: missing {missing[:4]}, "
+                f"unexpected {extra[:4]}"
+            )
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise AdapterStateError(
+                    f"{where}.{k}: saved shape {tuple(v.shape)} != expected {tuple(own[k].shape)}"
+                )
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+
+class AdaptedLayer(nn.Module):
+    """A base module plus named adapters (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        # name -> original base tensors, for exact unfolding; insertion order = fold order.
+        self._folded: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def folded(self) -> list[str]:
+        return list(self._folded)
+
+    def running(self) -> list[AdapterModule]:
+        if self.disabled:
+            return []
+        return [self.adapters[n] for n in self.active if n in self.adapters and n not in self._folded]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        running = self.running()
+        if not running:
+            return self.base_layer(x, *args, **kwargs)
+        x_in = x
+        for a in running:
+            x = a.transform_input(x, self.base_layer)
+        replacing = [a for a in running if a.replaces_base]
+        if replacing:
+            result = replacing[-1].base_forward(x, self.base_layer)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for a in running:
+            result = a.transform_output(x_in, result, self.base_layer)
+        return result
+
+    # -- folding -------------------------------------------------------------------------
+
+    def fold(self, name: str) -> None:
+        if name in self._folded:
+            return
+        adapter = self.adapters[name]
+        if not adapter.foldable:
+            raise AdapterStateError(
+                f"adapter '{name}' ({type(adapter).__name__}) acts on activations and cannot "
+                "be folded into weights"
+            )
+        deltas = adapter.delta(self.base_layer)
+        params = dict(self.base_layer.named_parameters(recurse=True))
+        backup: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for pname, d in deltas.items():
+                p = params[pname]
+                backup[pname] = p.detach().clone()
+                p.copy_((p.float() + d.to(p.device)).to(p.dtype))
+        self._folded[name] = backup
+
+    def unfold(self, name: str) -> None:
+        """Restore the exact pre-fold tensors. Folds are undone newest first, so unfolding
+        one adapter also unfolds (and then refolds) any folded after it."""
+        if name not in self._folded:
+            return
+        order = list(self._folded)
+        later = order[order.index(name) + 1 :]
+        for n in reversed([name, *later]):
+            backup = self._folded.pop(n)
+            params = dict(self.base_layer.named_parameters(recurse=True))
+            with torch.no_grad():
+                for pname, t in backup.items():
+                    params[pname].copy_(t)
+        for n in later:
+            self.fold(n)
+
+    def commit_folds(self) -> None:
+        """Make folds permanent: drop the backups (and with them the way back)."""
+        self._folded = {}
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, active={self.active}, folded={self.folded}"

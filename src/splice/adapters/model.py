@@ -1,0 +1,319 @@
+"""`AdapterModel`: a model with named adapters — add, activate, disable, delete, fold.
+
+    am = AdapterModel(model)                        # any torch.nn.Module; HF models first
+    am.add_adapter("sst", LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    am.set_active(["sst", "style"])                 # one or several at once
+    with am.disabled(): ...                         # the base model's outputs
+    am.fold("sst"); am.unfold("sst")                # into the weights and back, exactly
+    am.deltas("sst")                                # {param name: ΔW} (DESIGN.md deltas)
+    plain = am.merge_and_unload()                   # fold for good, drop the wrappers
+
+Adding an adapter freezes every base parameter; the new adapter's parameters are trainable.
+The wrapped model's attributes are reachable through the wrapper (``am.config``,
+``am.generate``), and ``am(...)`` calls the model with the active model-level adapters
+(prompt / prefix tuning) applied to its arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splice.adapters.config import AdapterConfig, AdapterConfigError
+from splice.adapters.full_copy import FullCopy
+from splice.adapters.layer import AdaptedLayer, AdapterModule, AdapterStateError
+from splice.adapters.model_adapter import ModelAdapter
+from splice.adapters.registry import method_for_config
+from splice.adapters.targeting import (
+    find_targets,
+    get_submodule,
+    matches,
+    named_base_modules,
+    set_submodule,
+    suggest_names,
+)
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+class AdapterModel(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, AdapterModel):
+            raise AdapterStateError("the model is already an AdapterModel")
+        self.model = model
+        self.model_adapters = nn.ModuleDict()
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active: list[str] = []
+
+    # -- wrapped model passthrough --------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        for name in self._running_model_adapters():
+            args, kwargs = self.model_adapters[name].prepare(self.model, args, kwargs)
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self._running_model_adapters():
+            raise AdapterStateError(
+                "generate() with an active prompt/prefix adapter is not supported yet"
+            )
+        return self.model.generate(*args, **kwargs)
+
+    # -- layers -----------------------------------------------------------------------------
+
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    def _running_model_adapters(self) -> list[str]:
+        if getattr(self, "_disabled", False):
+            return []
+        return [n for n in self.active if n in self.model_adapters]
+
+    # -- adding and removing -------------------------------------------------------------
+
+    def add_adapter(self, name: str, config: AdapterConfig, *, activate: bool | None = None) -> None:
+        """Inject adapter ``name``. ``activate`` defaults to True for the first adapter."""
+        if not _NAME_RE.fullmatch(name):
+            raise AdapterConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
+        if name in self.configs:
+            raise AdapterConfigError(f"an adapter named '{name}' already exists")
+        method = method_for_config(config)
+        if method.kind == "model":
+            self.model_adapters[name] = method.build(self.model, config)
+        else:
+            config = self._with_default_targets(config, method)
+            self._inject_layers(name, config, method)
+        if config.modules_to_save:
+            self._inject_full_copies(name, config.modules_to_save)
+        self.configs[name] = config
+        self._freeze_base()
+        for p in self.adapter_parameters(name):
+            p.requires_grad_(True)
+        if activate or (activate is None and not self.active):
+            self.set_active([*self.active, name] if activate and self.active else [name])
+
+    def _with_default_targets(self, config: AdapterConfig, method: Any) -> AdapterConfig:
+        if config.target_modules is not None or method.default_targets is None:
+            return config
+        model_type = getattr(getattr(self.model, "config", None), "model_type", "")
+        targets = method.default_targets(model_type)
+        if not targets:
+            raise AdapterConfigError(
+                f"'{method.name}': set target_modules (no default for model type "
+                f"{model_type!r}); module names here: {suggest_names(self.model)}"
+            )
+        return config.model_copy(update={"target_modules": targets})
+
+    def _inject_layers(self, name: str, config: AdapterConfig, method: Any) -> None:
+        paths = find_targets(self.model, config.target_modules, config.exclude_modules)
+        if config.modules_to_save:
+            paths = [p for p in paths if not matches(config.modules_to_save, p)]
+        if not paths:
+            raise AdapterConfigError(
+                f"adapter '{name}': target_modules {config.target_modules!r} matched no module;"
+                f" module names here: {suggest_names(self.model)}"
+            )
+        built: list[tuple[str, AdapterModule]] = []
+        for path in paths:
+            base = self._base_of(path)
+            module = method.build(base, config, path)
+            if module is None:
+                raise AdapterConfigError(
+                    f"adapter '{name}' ({method.name}): module '{path}' is a "
+                    f"{type(base).__name__}, which {method.name} does not support"
+                )
+            built.append((path, module))
+        for path, module in built:  # all built before any is attached: no half-injected model
+            self._wrap(path).adapters[name] = module
+
+    def _inject_full_copies(self, name: str, modules_to_save: list[str]) -> None:
+        paths = [p for p, _ in named_base_modules(self.model) if p and matches(modules_to_save, p)]
+        # the outermost matches only (a head, not also its sublayers)
+        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+        if not paths:
+            raise AdapterConfigError(
+                f"adapter '{name}': modules_to_save {modules_to_save!r} matched no module"
+            )
+        for path in paths:
+            self._wrap(path).adapters[name] = FullCopy(self._base_of(path))
+
+    def _base_of(self, path: str) -> nn.Module:
+        module = get_submodule(self.model, path)
+        return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+    def _wrap(self, path: str) -> AdaptedLayer:
+        module = get_submodule(self.model, path)
+        if isinstance(module, AdaptedLayer):
+            return module
+        layer = AdaptedLayer(module)
+        layer.active = list(self.active)
+        set_submodule(self.model, path, layer)
+        return layer
+
+    def _freeze_base(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.model_adapters.parameters():
+            p.requires_grad_(False)
+
+    def delete_adapter(self, name: str) -> None:
+        self._check(name)
+        for path, layer in list(self.adapted_layers()):
+            if name in layer.adapters:
+                layer.unfold(name)
+                del layer.adapters[name]
+                if name in layer.active:
+                    layer.active.remove(name)
+                if not len(layer.adapters):
+                    set_submodule(self.model, path, layer.base_layer)
+        if name in self.model_adapters:
+            del self.model_adapters[name]
+        del self.configs[name]
+        if name in self.active:
+            self.set_active([n for n in self.active if n != name])
+
+    # -- activation ------------------------------------------------------------------------
+
+    def set_active(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check(n)
+        self.active = names
+        for _, layer in self.adapted_layers():
+            layer.active = [n for n in names if n in layer.adapters]
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model: no adapter applies (folded adapters are unfolded for the
+        duration and folded back after)."""
+        folded = {p: layer.folded for p, layer in self.adapted_layers()}
+        for _, layer in self.adapted_layers():
+            for n in reversed(layer.folded):
+                layer.unfold(n)
+            layer.disabled = True
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+            for p, layer in self.adapted_layers():
+                layer.disabled = False
+                for n in folded.get(p, []):
+                    layer.fold(n)
+
+    # -- folding -----------------------------------------------------------------------------
+
+    def fold(self, names: str | list[str] | None = None) -> None:
+        """Add the deltas of ``names`` (default: the active adapters) to the base weights."""
+        names = self._names(names)
+        for n in names:
+            if n in self.model_adapters:
+                raise AdapterStateError(f"adapter '{n}' is a model-level adapter: no weights to fold into")
+        layers = [layer for _, layer in self.adapted_layers()]
+        for n in names:  # check every layer before changing any
+            for layer in layers:
+                if n in layer.adapters and not layer.adapters[n].foldable:
+                    raise AdapterStateError(
+                        f"adapter '{n}' ({type(layer.adapters[n]).__name__}) acts on "
+                        "activations and cannot be folded into weights"
+                    )
+        for n in names:
+            for layer in layers:
+                if n in layer.adapters:
+                    layer.fold(n)
+
+    def unfold(self, names: str | list[str] | None = None) -> None:
+        """Restore the exact weights from before folding ``names`` (default: all folded)."""
+        for _, layer in self.adapted_layers():
+            for n in reversed(layer.folded if names is None else self._names(names)):
+                layer.unfold(n)
+
+    def merge_and_unload(self, names: str | list[str] | None = None) -> nn.Module:
+        """Fold ``names`` (default: active) for good and return the plain model (wrappers
+        removed, other adapters dropped)."""
+        self.fold(names)
+        for path, layer in list(self.adapted_layers()):
+            layer.commit_folds()
+            set_submodule(self.model, path, layer.base_layer)
+        model = self.model
+        self.configs.clear()
+        self.active = []
+        return model
+
+    # -- parameters and deltas ---------------------------------------------------------------
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        self._check(name)
+        params = []
+        for _, layer in self.adapted_layers():
+            if name in layer.adapters:
+                params.extend(layer.adapters[name].parameters())
+        if name in self.model_adapters:
+            params.extend(self.model_adapters[name].parameters())
+        return params
+
+    def named_adapter_modules(self, name: str) -> Iterator[tuple[str, AdapterModule]]:
+        """(layer path, adapter module) for adapter ``name``."""
+        for path, layer in self.adapted_layers():
+            if name in layer.adapters:
+                yield path, layer.adapters[name]
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; the total counts each tensor once."""
+        seen: dict[int, nn.Parameter] = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in seen.values())
+        trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> str:
+        t, n = self.trainable_parameters()
+        line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
+        print(line)
+        return line
+
+    def deltas(self, name: str) -> dict[str, Tensor]:
+        """Dense ΔW (float32) of adapter ``name`` by the base model's parameter name."""
+        self._check(name)
+        if name in self.model_adapters:
+            raise AdapterStateError(f"adapter '{name}' is a model-level adapter: it has no delta")
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for path, module in self.named_adapter_modules(name):
+                layer = get_submodule(self.model, path)
+                for pname, d in module.delta(layer.base_layer).items():
+                    out[f"{path}.{pname}"] = d.detach().float().cpu()
+        return out
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check(self, name: str) -> None:
+        if name not in self.configs:
+            known = ", ".join(self.configs) or "none"
+            raise AdapterConfigError(f"no adapter named '{name}' (adapters: {known})")
+
+    def _names(self, names: str | list[str] | None) -> list[str]:
+        if names is None:
+            return list(self.active)
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check(n)
+        return names
+
+    def model_adapter(self, name: str) -> ModelAdapter:
+        return self.model_adapters[name]

@@ -1,0 +1,69 @@
+"""Tiny Hugging Face models built from configs (seeded), for adapter tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+FACTORIES = {"llama": tiny_llama, "bert": tiny_bert_cls, "gpt2": tiny_gpt2}
+
+
+def inputs(seed: int = 1, batch: int = 2, seq: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, 64, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+
+
+@torch.no_grad()
+def logits(model, **extra) -> torch.Tensor:
+    return model(**inputs(), **extra).logits
+
+
+@torch.no_grad()
+def randomize(params, seed: int = 3, scale: float = 0.1) -> None:
+    """Give adapter parameters non-trivial values (B = 0 at init would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.copy_(torch.randn(p.shape, generator=g) * scale)
