@@ -113,7 +113,7 @@ def test_bad_configs():
     with pytest.raises(AdapterConfigError, match="did you mean 'lora_alpha'"):
         LoraConfig.from_dict({"r": 4, "lora_alpah": 8})
     am = AdapterModel(tiny_llama())
-    with pytest.raises(AdapterConfigError, match="matched no module.*q_proj"):
+    with pytest.raises(AdapterConfigError, match=r"matched no module.*q_proj"):
         am.add_adapter("a", LoraConfig(target_modules=["nope"]))
     with pytest.raises(AdapterConfigError, match="'r'"):
         LoraConfig.from_dict({"r": 0})

@@ -20,7 +20,9 @@ from splice.adapters.registry import (
 )
 
 
-def __getattr__(name: str):  # config classes of the built-in methods, e.g. splice.adapters.LoraConfig
+def __getattr__(
+    name: str,
+):  # config classes of the built-in methods, e.g. splice.adapters.LoraConfig
     for m in all_adapter_methods():
         if m.config_cls.__name__ == name:
             return m.config_cls

@@ -92,8 +92,10 @@ class AdapterConfig(BaseModel):
         for k, v in data.items():
             if k in cls.model_fields:
                 own[k] = v
-            elif k in PEFT_BOOKKEEPING or v in (None, False, {}, [], "") or (
-                k in cls.peft_inert_defaults and cls.peft_inert_defaults[k] == v
+            elif (
+                k in PEFT_BOOKKEEPING
+                or v in (None, False, {}, [], "")
+                or (k in cls.peft_inert_defaults and cls.peft_inert_defaults[k] == v)
             ):
                 continue
             else:

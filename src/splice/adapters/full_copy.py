@@ -27,7 +27,9 @@ class FullCopy(AdapterModule):
 
     def delta(self, base: nn.Module) -> dict[str, Tensor]:
         own = dict(self.module.named_parameters())
-        return {n: (own[n].detach().float() - p.detach().float()) for n, p in base.named_parameters()}
+        return {
+            n: (own[n].detach().float() - p.detach().float()) for n, p in base.named_parameters()
+        }
 
     def peft_state(self) -> dict[str, Tensor]:
         return dict(self.module.state_dict())

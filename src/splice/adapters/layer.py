@@ -92,7 +92,9 @@ class AdaptedLayer(nn.Module):
     def running(self) -> list[AdapterModule]:
         if self.disabled:
             return []
-        return [self.adapters[n] for n in self.active if n in self.adapters and n not in self._folded]
+        return [
+            self.adapters[n] for n in self.active if n in self.adapters and n not in self._folded
+        ]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         running = self.running()

@@ -87,7 +87,9 @@ class AdapterModel(nn.Module):
 
     # -- adding and removing -------------------------------------------------------------
 
-    def add_adapter(self, name: str, config: AdapterConfig, *, activate: bool | None = None) -> None:
+    def add_adapter(
+        self, name: str, config: AdapterConfig, *, activate: bool | None = None
+    ) -> None:
         """Inject adapter ``name``. ``activate`` defaults to True for the first adapter."""
         if not _NAME_RE.fullmatch(name):
             raise AdapterConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
@@ -224,7 +226,9 @@ class AdapterModel(nn.Module):
         names = self._names(names)
         for n in names:
             if n in self.model_adapters:
-                raise AdapterStateError(f"adapter '{n}' is a model-level adapter: no weights to fold into")
+                raise AdapterStateError(
+                    f"adapter '{n}' is a model-level adapter: no weights to fold into"
+                )
         layers = [layer for _, layer in self.adapted_layers()]
         for n in names:  # check every layer before changing any
             for layer in layers:
@@ -283,7 +287,9 @@ class AdapterModel(nn.Module):
 
     def print_trainable_parameters(self) -> str:
         t, n = self.trainable_parameters()
-        line = f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
+        line = (
+            f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
+        )
         print(line)
         return line
 

@@ -21,7 +21,7 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -57,7 +57,10 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     bias: Literal["none"] = "none"
 
-    peft_inert_defaults = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+    peft_inert_defaults: ClassVar[dict[str, Any]] = {
+        "megatron_core": "megatron.core",
+        "qalora_group_size": 16,
+    }
 
     def rank_for(self, path: str) -> int:
         key = pattern_key(self.rank_pattern, path)
