@@ -33,7 +33,7 @@ import yaml
 from tqdm import tqdm
 
 import splice
-from splice.engine.plan import MergePlan, TensorJob
+from splice.engine.plan import MergePlan, TensorJob, layer_index
 from splice.engine.topk import keep_rules
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.merge import KeepRule, MergeContext
@@ -128,6 +128,9 @@ class _Runner:
         self.rules = rules
         self.bytes_read = 0
         self.lock = threading.Lock()
+        # The output's layer count, for methods that scale by depth (LiNeS).
+        indices = [i for i in (layer_index(j.out.name) for j in plan.jobs) if i is not None]
+        self.num_layers = plan.num_layers_out or (1 + max(indices) if indices else None)
 
     def read(self, job: TensorJob, which: int | None) -> torch.Tensor:
         src = job.base if which is None else job.inputs[which]
@@ -150,6 +153,8 @@ class _Runner:
                 seed=self.plan.recipe.seed,
                 dialect=self.plan.recipe.dialect,
                 model_stats=self.rules.get(index, {}),
+                layer_index=layer_index(job.out.name),
+                num_layers=self.num_layers,
             )
             out = self.plan.method(base, tensors, ctx, **job.params)
             del base, tensors

@@ -100,6 +100,10 @@ class MergeContext:
     dialect: Dialect = "splice"
     # Answers to the method's TopKRequests, by request key, for this tensor.
     model_stats: Mapping[str, KeepRule] = field(default_factory=dict)
+    # Layer position of this tensor (from its name, e.g. ``model.layers.3.mlp...`` -> 3) and
+    # the model's layer count; None for tensors outside layers / models without layers.
+    layer_index: int | None = None
+    num_layers: int | None = None
 
     def generator(self, index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, tensor name, index): deterministic and
