@@ -1,0 +1,74 @@
+"""Merge N PEFT LoRA adapter folders into one, module by module, with a registered method.
+
+Thin I/O around the pure methods: load and cross-check the adapters (`adapters.py`), check
+the options before any arithmetic, run the method on each module's factors with a
+`MergeContext(tensor_name=module, seed=seed)`, and write a PEFT adapter folder atomically
+(`peft_writer.py`) from the first adapter's config. Holds all adapters' factors in memory
+(adapters are small); the dense methods form one module's out×in delta at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splice.lora_merge.adapters import load_adapters
+from splice.lora_merge.factors import LoraFactors
+from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
+from splice.merge.registry import MergeContext
+
+
+@dataclass(frozen=True)
+class LoraMergeReport:
+    out_dir: Path
+    method: str
+    modules: int
+    ranks: dict[str, int]
+
+
+def merge_adapters(
+    adapter_dirs: list[str | Path],
+    method: str,
+    out_dir: str | Path,
+    *,
+    weights: list[float] | None = None,
+    opts: LoraMergeOptions | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LoraMergeReport:
+    """Merge the adapters with `method` and write the result to `out_dir`."""
+    opts = opts or LoraMergeOptions()
+    m = get_lora_method(method)
+    weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
+    m.validate(opts, len(adapter_dirs), len(weights))
+    check_out_dir(Path(out_dir), overwrite)
+    adapters = load_adapters(adapter_dirs)
+    first = adapters[0]
+    merged: dict[str, LoraFactors] = {}
+    for module in sorted(first.modules):
+        loras = [ad.modules[module] for ad in adapters]
+        ctx = MergeContext(tensor_name=module, seed=opts.seed)
+        merged[module] = m.fn(loras, weights, opts, ctx)
+    info = {
+        "method": method,
+        "adapters": [str(ad.path) for ad in adapters],
+        "weights": weights,
+        "rank": opts.rank,
+        "density": opts.density,
+        "lambda": opts.lambda_,
+        "seed": opts.seed,
+    }
+    out = write_lora_adapter(
+        out_dir,
+        merged,
+        first.embedding,
+        first.raw_config,
+        dtype=dtype,
+        overwrite=overwrite,
+        metadata={"splice_lora_merge": json.dumps(info)},
+    )
+    return LoraMergeReport(out, method, len(merged), {k: max(f.rank, 1) for k, f in merged.items()})

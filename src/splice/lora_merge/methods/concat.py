@@ -1,0 +1,32 @@
+"""`concat`: the exact sum of weighted LoRAs as one LoRA of rank Σ r_i.
+
+    ΔW = Σ_i w_i s_i B_i A_i = [w_1 s_1 B_1 | … | w_n s_n B_n] · [A_1; …; A_n]
+
+so B = the weighted, scaled B_i side by side, A = the A_i stacked, scale 1 (written with
+lora_alpha = r). Exact: no approximation, rank Σ r_i. PEFT's `add_weighted_adapter(...,
+combination_type="cat")` puts w_i s_i on A_i instead of B_i; the product is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splice.lora_merge.factors import LoraFactors
+from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
+from splice.merge.registry import MergeContext
+
+
+def concat_factors(loras: list[LoraFactors], weights: list[float]) -> LoraFactors:
+    """[w_1 s_1 B_1 | …] and [A_1; …] (the exact weighted sum in factor form)."""
+    b = torch.cat([f.b * (w * f.scale) for f, w in zip(loras, weights, strict=True)], dim=1)
+    a = torch.cat([f.a for f in loras], dim=0)
+    return LoraFactors(b, a, 1.0)
+
+
+@lora_merge_method("concat", uses_rank=False)
+def concat(
+    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LoraFactors:
+    """Exact: stack the weighted factors into one LoRA of rank Σ r_i."""
+    merged = concat_factors(loras, weights)
+    return LoraFactors(merged.b * opts.lambda_, merged.a, 1.0)

@@ -1,0 +1,134 @@
+"""Write LoRA factors as a PEFT LoRA adapter folder, atomically.
+
+Output: `adapter_config.json` + `adapter_model.safetensors` with PEFT's saved key names
+(`base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, or `.lora_embedding_A` /
+`.lora_embedding_B` for embeddings), loadable by `peft.PeftModel.from_pretrained`.
+
+Scaling: each module's scale is folded into B and its lora_alpha set to its rank r, so PEFT's
+scaling alpha / r is 1 (use_rslora is switched off). The config's `r` / `lora_alpha` is the
+most common rank (ties: the smallest); modules of another rank get `rank_pattern` and
+`alpha_pattern` entries keyed by their escaped full module name (PEFT matches a pattern P
+with `re.match(rf"(.*\\.)?({P})$", key)`, so the escaped name matches that module only).
+Other config fields (target_modules, base_model_name_or_path, task_type, ...) come from the
+template config, with modules_to_save and lora_bias cleared.
+
+Atomicity: everything is written into `<out>.splice-partial/` and renamed to `<out>` last; an
+existing `<out>` is a CheckpointError unless overwrite=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from splice.errors import CheckpointError
+from splice.io.peft_adapter import CONFIG_NAME, SAVED_PREFIX
+from splice.io.writer import partial_dir_of
+from splice.lora_merge.factors import LoraFactors
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_tensors(
+    modules: dict[str, LoraFactors], embedding: dict[str, bool], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """PEFT's saved tensors for the factors (scale folded into B)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, f in sorted(modules.items()):
+        b = (f.b * f.scale).to(dtype).contiguous()
+        a = f.a.to(dtype).contiguous()
+        if embedding.get(module, False):
+            out[f"{SAVED_PREFIX}{module}.lora_embedding_A"] = a
+            out[f"{SAVED_PREFIX}{module}.lora_embedding_B"] = b
+        else:
+            out[f"{SAVED_PREFIX}{module}.lora_A.weight"] = a
+            out[f"{SAVED_PREFIX}{module}.lora_B.weight"] = b
+    return out
+
+
+def adapter_config(template: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+    """The template config with r / lora_alpha / rank_pattern / alpha_pattern for `ranks`."""
+    counts = Counter(ranks.values())
+    top = max(counts.values())
+    r = min(k for k, v in counts.items() if v == top)
+    pattern = {re.escape(m): k for m, k in sorted(ranks.items()) if k != r}
+    config = dict(template)
+    config.update(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=r,
+        use_rslora=False,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        modules_to_save=None,
+        lora_bias=False,
+        use_dora=False,
+    )
+    return config
+
+
+def write_lora_adapter(
+    out_dir: str | os.PathLike[str],
+    modules: dict[str, LoraFactors],
+    embedding: dict[str, bool],
+    template: dict[str, Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the factors as a PEFT adapter folder at `out_dir` (atomic rename at the end)."""
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    ranks = {m: max(f.rank, 1) for m, f in modules.items()}
+    fixed = {
+        m: f
+        if f.rank > 0
+        else LoraFactors(f.b.new_zeros(f.b.shape[0], 1), f.a.new_zeros(1, f.a.shape[1]))
+        for m, f in modules.items()
+    }
+    tmp = partial_dir_of(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = adapter_tensors(fixed, embedding, dtype)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
+        config = adapter_config(template, ranks)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        if out.exists():
+            old = out.with_name(out.name + ".splice-old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """CheckpointError when `out` exists (and overwriting was not asked for) or is a file."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CheckpointError(f"output {out} exists and is not a folder")
+        if not overwrite:
+            raise CheckpointError(
+                f"output folder {out} already exists; choose another path or allow "
+                "overwriting it (--overwrite)"
+            )

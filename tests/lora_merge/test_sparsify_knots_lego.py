@@ -1,0 +1,137 @@
+"""`ties`/`dare` (dense + refactor), KnOTS and LoRA-LEGO on hand-computed inputs."""
+
+import torch
+
+from splice.lora_merge import LoraFactors, LoraMergeOptions, get_lora_method
+from splice.lora_merge.kmeans import kmeans
+from splice.lora_merge.methods.knots import knots_basis
+from splice.merge import get_method
+from splice.merge.registry import MergeContext
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _row(b, a, s=1.0):
+    return LoraFactors(_t(b), _t(a), s)
+
+
+def test_ties_hand_computed():
+    # ΔW1 = [[1,-2],[0,0]], ΔW2 = [[3,4],[0,0]] (density 1: sign election + disjoint mean)
+    # col 0: signs agree (+), mean (1+3)/2 = 2; col 1: sum -2+4 = 2 > 0, only ΔW2 agrees -> 4
+    f1, f2 = _row([[1], [0]], [[1, -2]]), _row([[1], [0]], [[3, 4]])
+    out = get_lora_method("ties")([f1, f2])
+    torch.testing.assert_close(out.dense(), _t([[2, 4], [0, 0]]))
+    assert out.rank == 1  # default rank max r_i = 1
+
+
+def test_ties_trims_by_density():
+    # ΔW_i are 2×2 (4 entries); density 0.25 keeps 1 per task: ΔW1 keeps -2, ΔW2 keeps 4;
+    # col 0: nothing left -> 0; col 1: -2 + 4 > 0 -> only ΔW2 agrees -> 4
+    f1, f2 = _row([[1], [0]], [[1, -2]]), _row([[1], [0]], [[3, 4]])
+    out = get_lora_method("ties")([f1, f2], opts=LoraMergeOptions(density=0.25, rank=2))
+    torch.testing.assert_close(out.dense(), _t([[0, 4], [0, 0]]))
+
+
+def test_dare_matches_registered_method_on_dense_deltas():
+    g = torch.Generator().manual_seed(3)
+    loras = [
+        LoraFactors(torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)) for _ in "ab"
+    ]
+    opts = LoraMergeOptions(density=0.5, rank=4, seed=7)
+    ctx = MergeContext(tensor_name="m", seed=7)
+    got = get_lora_method("dare")(loras, [1.0, 0.5], opts, ctx)
+    want = get_method("dare_linear")(
+        torch.zeros(5, 4), [f.dense() for f in loras], ctx=ctx, weight=[1.0, 0.5], density=0.5
+    )
+    assert float(want.abs().sum()) > 0
+    torch.testing.assert_close(got.dense(), want, atol=1e-5, rtol=1e-5)  # rank 4 = full: exact
+
+
+def test_knots_basis_reconstructs_each_task():
+    g = torch.Generator().manual_seed(4)
+    loras = [
+        LoraFactors(torch.randn(12, r, generator=g), torch.randn(r, 9, generator=g), s)
+        for r, s in ((3, 2.0), (2, 0.5))
+    ]
+    basis, coeffs = knots_basis(loras)
+    assert basis.shape == (12, 5) and [c.shape for c in coeffs] == [(5, 9), (5, 9)]
+    torch.testing.assert_close(basis.T @ basis, torch.eye(5), atol=1e-5, rtol=0)  # orthonormal
+    for f, c in zip(loras, coeffs):
+        torch.testing.assert_close(basis @ c, f.dense(), atol=1e-5, rtol=1e-5)
+
+
+def test_knots_same_direction_is_averaged():
+    # ΔW1 = [[1,0],[0,0]], ΔW2 = [[3,0],[0,0]]: [ΔW1|ΔW2] has one σ = √10 (σ ≤ 1e-5 dropped),
+    # u = ±e1, coefficients C1 = ±[1,0], C2 = ±[3,0]; TIES disjoint mean (1+3)/2 = 2.
+    f1, f2 = _row([[1], [0]], [[1, 0]]), _row([[1], [0]], [[3, 0]])
+    out = get_lora_method("knots")([f1, f2])
+    assert out.rank == 1
+    torch.testing.assert_close(out.dense(), _t([[2, 0], [0, 0]]))
+
+
+def test_knots_disjoint_tasks_add_up():
+    # ΔW1 = [[2,0],[0,0]], ΔW2 = [[0,0],[0,-1]]: the coefficients never overlap, so the
+    # disjoint mean of each entry is its one value and KnOTS returns ΔW1 + ΔW2.
+    f1, f2 = _row([[1], [0]], [[2, 0]]), _row([[0], [1]], [[0, -1]])
+    out = get_lora_method("knots")([f1, f2])
+    torch.testing.assert_close(out.dense(), _t([[2, 0], [0, -1]]))
+    # and --rank 1 keeps the σ = 2 component
+    one = get_lora_method("knots")([f1, f2], opts=LoraMergeOptions(rank=1))
+    torch.testing.assert_close(one.dense(), _t([[2, 0], [0, 0]]))
+
+
+def test_knots_dare_is_seeded():
+    g = torch.Generator().manual_seed(5)
+    loras = [
+        LoraFactors(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for _ in "ab"
+    ]
+    m = get_lora_method("knots_dare")
+    x = m(loras, opts=LoraMergeOptions(density=0.5, seed=1), ctx=MergeContext("t", seed=1))
+    y = m(loras, opts=LoraMergeOptions(density=0.5, seed=1), ctx=MergeContext("t", seed=1))
+    z = m(loras, opts=LoraMergeOptions(density=0.5, seed=2), ctx=MergeContext("t", seed=2))
+    assert torch.equal(x.dense(), y.dense()) and not torch.equal(x.dense(), z.dense())
+
+
+def test_kmeans_hand_computed():
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0]])
+    labels, centres = kmeans(x, 2, torch.Generator().manual_seed(0))
+    assert labels[0] == labels[1] != labels[2] == labels[3]
+    got = sorted(tuple(c.tolist()) for c in centres)
+    assert got == [(0.0, 0.5), (10.0, 10.5)]
+
+
+def test_lego_identical_units_merge_to_one():
+    f = _row([[1], [0]], [[1, 0]])
+    out = get_lora_method("lego")([f, f])  # k = max r_i = 1, one cluster of two equal MSUs
+    torch.testing.assert_close(out.dense(), _t([[1, 0], [0, 0]]))
+
+
+def test_lego_norm_rescaling_hand_computed():
+    # MSU1: a=[1,0], b=[1,0]; MSU2: a=[0,1], b=[1,0]; one cluster.
+    # mean a = [.5,.5] (norm .707) rescaled to the members' mean norm 1 -> [1/√2, 1/√2];
+    # b = [1,0] already has norm 1. ΔW = b aᵀ = [[1/√2, 1/√2],[0,0]] (plain averaging: .5).
+    f1, f2 = _row([[1], [0]], [[1, 0]]), _row([[1], [0]], [[0, 1]])
+    out = get_lora_method("lego")([f1, f2])
+    h = 2**-0.5
+    torch.testing.assert_close(out.dense(), _t([[h, h], [0, 0]]))
+
+
+def test_lego_weights_and_scales_split_onto_both_halves():
+    # w s = 4 on a single MSU b=[1,0], a=[0,1]: g = 2, b=[2,0], a=[0,2] -> ΔW = 4·b aᵀ.
+    f = _row([[1], [0]], [[0, 1]], s=2.0)
+    out = get_lora_method("lego")([f], [2.0])
+    torch.testing.assert_close(out.dense(), _t([[0, 4], [0, 0]]))
+    neg = get_lora_method("lego")([f], [-2.0])
+    torch.testing.assert_close(neg.dense(), _t([[0, -4], [0, 0]]))
+
+
+def test_lego_two_clusters_deterministic():
+    # Two tasks, rank 2 each; units 1/3 and 2/4 are near-duplicates -> 2 clusters of 2.
+    f1 = _row([[1, 0], [0, 1]], [[1, 0], [0, 1]])
+    f2 = _row([[1, 0], [0, 1.1]], [[1, 0], [0, 0.9]])
+    out = get_lora_method("lego")([f1, f2], opts=LoraMergeOptions(rank=2, seed=3))
+    # cluster 1: b=[1,0], a=[1,0] twice -> e1 e1ᵀ. cluster 2: b≈[0,1.05], a≈[0,.95]:
+    # norms rescale to the mean norms 1.05 and .95 (already parallel) -> 0.9975 at (1,1).
+    torch.testing.assert_close(out.dense(), _t([[1, 0], [0, 1.05 * 0.95]]), atol=1e-6, rtol=0)
