@@ -16,6 +16,7 @@ def test_parts():
     sign = elect_sign(deltas)
     assert sign.tolist() == [1.0, -1.0, -1.0, 1.0]
     masks = agree_masks(deltas, sign)
+    assert all(m.dtype == torch.bool for m in masks)
     assert [m.tolist() for m in masks] == [
         [True, True, False, True],
         [False, True, False, False],

@@ -39,7 +39,7 @@ def elect_sign(deltas: Sequence[Tensor]) -> Tensor:
 
 def agree_masks(deltas: Sequence[Tensor], sign: Tensor) -> list[Tensor]:
     """M_t = [τ_t ⊙ γ > 0] (bool)."""
-    return [(d * sign).gt_(0) for d in deltas]
+    return [(d * sign) > 0 for d in deltas]
 
 
 def unified_vector(deltas: Sequence[Tensor], sign: Tensor, masks: Sequence[Tensor]) -> Tensor:
