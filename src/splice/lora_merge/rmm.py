@@ -1,0 +1,160 @@
+"""Reversible model merging of LoRA adapters (closest stated version of RMM).
+
+Paper: Alipour & Mohammadi Amiri 2025, "Towards Reversible Model Merging For Low-rank
+Weights" (arXiv 2510.14163). Instead of collapsing n low-rank task models into one, RMM keeps
+a compact basis of k "models" (k < n) and per-task coefficients, from which each task's
+low-rank weights are recovered by a linear combination; basis and coefficients have a closed
+form. The paper's full text was not reachable offline; what is implemented is the clearly
+stated closest version:
+
+For each module and each factor separately (B and A, the paper's "separate" treatment of
+the two LoRA factors; the task scale s_i is folded into B first), stack the n tasks'
+flattened factors as rows, X ∈ R^{n×D}, and take the best rank-k approximation
+(Eckart–Young, via SVD X = U S Vᵀ):
+
+    basis  Φ = V_kᵀ ∈ R^{k×D}    (orthonormal rows: k "basis models")
+    coeffs C = X Φᵀ = U_k S_k ∈ R^{n×k}
+    recover  X̂_i = C_i Φ,   i.e.  B̂_i = reshape(C^B_i Φ^B),  Â_i = reshape(C^A_i Φ^A)
+    ΔŴ_i = B̂_i Â_i
+
+With k = n recovery is exact; with k < n each factor is the orthogonal projection of the
+task's factor onto the top-k principal directions (no centring), which minimizes
+Σ_i ‖X_i − X̂_i‖². Adapters of different ranks are zero-padded to the largest rank (exact:
+the padded columns of B and rows of A are zero). Stored as `rmm.safetensors`
+(`<module>.lora_B.basis` k×out×r, `.lora_B.coeffs` n×k, the same for lora_A) plus `rmm.json`
+(k, task adapter paths, the template adapter config, embedding flags).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from splice.errors import CheckpointError, MergeValidationError
+from splice.io.writer import partial_dir_of
+from splice.lora_merge.adapters import load_adapters
+from splice.lora_merge.factors import LoraFactors
+from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+
+STORE_WEIGHTS = "rmm.safetensors"
+STORE_INFO = "rmm.json"
+
+
+@dataclass(frozen=True)
+class RmmFactor:
+    """One factor of one module: basis (k × *shape) and coefficients (n × k)."""
+
+    basis: torch.Tensor
+    coeffs: torch.Tensor
+
+    def recover(self, task: int) -> torch.Tensor:
+        k = self.basis.shape[0]
+        return (self.coeffs[task] @ self.basis.reshape(k, -1)).reshape(self.basis.shape[1:])
+
+
+def fit_factor(stack: list[torch.Tensor], k: int) -> RmmFactor:
+    """Best rank-k basis and coefficients for the n same-shape tensors in `stack`."""
+    x = torch.stack([t.reshape(-1).double() for t in stack])
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    k = min(k, s.numel())
+    basis = vh[:k]
+    coeffs = u[:, :k] * s[:k]
+    return RmmFactor(basis.reshape(k, *stack[0].shape).float(), coeffs.float())
+
+
+def _pad(f: LoraFactors, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b = torch.zeros(f.b.shape[0], r, dtype=f.b.dtype)
+    a = torch.zeros(r, f.a.shape[1], dtype=f.a.dtype)
+    b[:, : f.rank] = f.b * f.scale
+    a[: f.rank] = f.a
+    return b, a
+
+
+def fit_module(tasks: list[LoraFactors], k: int) -> tuple[RmmFactor, RmmFactor]:
+    """(B factor, A factor) of one module's n task LoRAs, each with a rank-k basis."""
+    r = max(f.rank for f in tasks)
+    padded = [_pad(f, r) for f in tasks]
+    return fit_factor([b for b, _ in padded], k), fit_factor([a for _, a in padded], k)
+
+
+def recover_module(fb: RmmFactor, fa: RmmFactor, task: int) -> LoraFactors:
+    """Task `task`'s LoRA factors from the store (scale 1)."""
+    return LoraFactors(fb.recover(task), fa.recover(task), 1.0)
+
+
+def build_rmm(
+    adapter_dirs: list[str | Path], k: int, out_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Fit and save an RMM store of the adapters with k basis models."""
+    if not 1 <= k <= len(adapter_dirs):
+        raise MergeValidationError(
+            f"k = {k} must be between 1 and the {len(adapter_dirs)} adapters"
+        )
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    adapters = load_adapters(adapter_dirs)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(adapters[0].modules):
+        fb, fa = fit_module([ad.modules[module] for ad in adapters], k)
+        for part, f in (("lora_B", fb), ("lora_A", fa)):
+            tensors[f"{module}.{part}.basis"] = f.basis.contiguous()
+            tensors[f"{module}.{part}.coeffs"] = f.coeffs.contiguous()
+    info: dict[str, Any] = {
+        "format": "splice-rmm-1",
+        "k": k,
+        "tasks": [str(ad.path) for ad in adapters],
+        "embedding": adapters[0].embedding,
+        "adapter_config": adapters[0].raw_config,
+    }
+    tmp = partial_dir_of(out)
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / STORE_WEIGHTS))
+    (tmp / STORE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_rmm(
+    store_dir: str | Path,
+) -> tuple[dict[str, Any], dict[str, tuple[RmmFactor, RmmFactor]]]:
+    """(info, {module: (B factor, A factor)}) of a saved store."""
+    store = Path(store_dir)
+    try:
+        info = json.loads((store / STORE_INFO).read_text(encoding="utf-8"))
+        raw = load_file(str(store / STORE_WEIGHTS))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{store}: not a readable RMM store ({e})") from None
+    if info.get("format") != "splice-rmm-1":
+        raise CheckpointError(f"{store}: unknown RMM store format {info.get('format')!r}")
+    modules: dict[str, tuple[RmmFactor, RmmFactor]] = {}
+    for key in raw:
+        if key.endswith(".lora_B.basis"):
+            m = key.removesuffix(".lora_B.basis")
+            fb = RmmFactor(raw[f"{m}.lora_B.basis"], raw[f"{m}.lora_B.coeffs"])
+            fa = RmmFactor(raw[f"{m}.lora_A.basis"], raw[f"{m}.lora_A.coeffs"])
+            modules[m] = (fb, fa)
+    return info, modules
+
+
+def recover_adapter(
+    store_dir: str | Path, task: int, out_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write task `task`'s recovered LoRA as a PEFT adapter folder."""
+    info, modules = load_rmm(store_dir)
+    n = len(info["tasks"])
+    if not 0 <= task < n:
+        raise MergeValidationError(f"task {task} out of range: the store holds tasks 0..{n - 1}")
+    check_out_dir(Path(out_dir), overwrite)
+    factors = {m: recover_module(fb, fa, task) for m, (fb, fa) in modules.items()}
+    return write_lora_adapter(
+        out_dir, factors, info["embedding"], info["adapter_config"], overwrite=overwrite
+    )
