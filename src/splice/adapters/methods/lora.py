@@ -1,21 +1,31 @@
-"""LoRA (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models").
+"""LoRA (Hu et al. 2022) and its family: rsLoRA, DoRA, PiSSA / OLoRA init, LoRA on
+embeddings and Conv2d, bias training. The config and the builder; the modules are in
+`lora_layers.py`, the initialisations in `lora_init.py`, LoRA+ in `loraplus.py`.
 
 For a linear layer y = W x + b with W: out×in,
 
     y = W x + b + s · B A dropout(x),      A: r×in, B: out×r,   ΔW = s · B A
     s = lora_alpha / r                       (use_rslora: lora_alpha / √r, Kalajdzievski 2023)
 
+DoRA (Liu et al. 2024, ``use_dora=True``): W' = m ⊙ (W + s B A) / ‖W + s B A‖_row with a
+trainable magnitude m (one per output feature, saved as ``lora_magnitude_vector``, init
+‖W‖_row so the model starts unchanged); ΔW = W' − W. Forward and norm detaching as PEFT
+(see `lora_layers.py`).
+
 Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
-- init_lora_weights=True: A ~ kaiming_uniform(a=√5) (nn.Linear's default), B = 0, so the
-  adapted model starts equal to the base; "gaussian": A ~ N(0, 1/r²)... as PEFT: std = 1/r;
-  False: A and B both random (nn.Linear's default init; for tests).
+- layer types: nn.Linear, GPT-2 Conv1D (W stored in×out: ΔW transposed, PEFT's
+  fan_in_fan_out, set automatically), nn.Embedding (``lora_embedding_A`` r×num,
+  ``lora_embedding_B`` dim×r, ΔW = s (B A)ᵀ), nn.Conv2d (A: conv with the base's kernel,
+  stride and padding; B: 1×1 conv; dilation 1 only).
 - rank_pattern / alpha_pattern: the first pattern (in the dict's order) with
   re.match(rf"(.*\\.)?({pattern})$", module path) gives that module's r / lora_alpha.
-- GPT-2's Conv1D stores W as in×out: ΔW is (s · B A)ᵀ there (PEFT's fan_in_fan_out, which
-  it sets automatically for Conv1D; so does splice).
+- ``bias``: "none"; "lora_only" trains the targeted layers' biases; "all" every bias of the
+  model (saved as PEFT saves them: ``<path>.base_layer.bias`` on targeted layers, ``<path>.bias``
+  elsewhere). ``lora_bias``: a bias on lora_B (not with DoRA nor PiSSA/OLoRA, as PEFT).
 - The adapter computes in its own dtype (float32 by default): x is cast to A's dtype and
   the update cast back to the output's dtype, as PEFT does.
-- Saved keys: ``lora_A.weight``, ``lora_B.weight`` (PEFT's names).
+- Initialisations: see `lora_init.py` (default, "gaussian", "pissa", "pissa_niter_K",
+  "olora"; the last three rewrite the base weight to W − s·B A).
 """
 
 from __future__ import annotations
@@ -23,12 +33,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
-import torch
-from pydantic import Field
-from torch import Tensor, nn
+from pydantic import Field, model_validator
+from torch import nn
 
-from splice.adapters.config import AdapterConfig
+from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
+from splice.adapters.methods.lora_init import initialise, niter_of
+from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d, pattern_key
 
@@ -52,15 +63,31 @@ class LoraConfig(AdapterConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     use_rslora: bool = False
     fan_in_fan_out: bool = False
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
-    bias: Literal["none"] = "none"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    lora_bias: bool = False
+    use_dora: bool = False
 
     peft_inert_defaults: ClassVar[dict[str, Any]] = {
         "megatron_core": "megatron.core",
         "qalora_group_size": 16,
     }
+
+    @model_validator(mode="after")
+    def _check(self) -> LoraConfig:
+        init = self.init_lora_weights
+        if isinstance(init, str) and init not in ("gaussian", "olora"):
+            try:
+                niter_of(init)
+            except AdapterConfigError as e:
+                raise ValueError(str(e)) from None
+        if self.lora_bias and init not in (True, False):
+            raise ValueError(f"lora_bias=True needs init_lora_weights True or False, not {init!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (as PEFT)")
+        return self
 
     def rank_for(self, path: str) -> int:
         key = pattern_key(self.rank_pattern, path)
@@ -75,74 +102,48 @@ class LoraConfig(AdapterConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-class LoraLinear(AdapterModule):
-    """LoRA on nn.Linear or GPT-2 Conv1D."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int,
-        scaling: float,
-        dropout: float,
-        transpose: bool,
-        init: bool | str,
-    ) -> None:
-        super().__init__()
-        self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.transpose = transpose
-        self.reset(init)
-
-    @torch.no_grad()
-    def reset(self, init: bool | str) -> None:
-        if init is False:
-            return
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        x = x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
-        return result + update.to(result.dtype)
-
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        d = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        return {"weight": d.T if self.transpose else d}
-
-    def factors(self) -> tuple[Tensor, Tensor, float]:
-        """(B, A, s) with ΔW = s · B A (before any Conv1D transpose): the low-rank delta."""
-        return self.lora_B.weight, self.lora_A.weight, self.scaling
-
-
-def _features(base: nn.Module) -> tuple[int, int, bool] | None:
-    """(in, out, transpose) of a linear-like base layer."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, False
-    if is_conv1d(base):
-        in_f, out_f = base.weight.shape
-        return in_f, out_f, True
-    return None
+def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> AdapterModule | None:
+    """The LoRA / DoRA module for ``base`` (None: an unsupported layer type)."""
+    r, s = config.rank_for(path), config.scaling_for(path)
+    init = config.init_lora_weights
+    train_bias = config.bias != "none"
+    rewrites_base = isinstance(init, str) and init != "gaussian"
+    module: AdapterModule
+    if isinstance(base, nn.Linear) or is_conv1d(base):
+        in_f, out_f = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else (
+            base.weight.shape
+        )
+        module = LoraLinear(
+            base, in_f, out_f, r, s, config.lora_dropout,
+            is_conv1d(base) or config.fan_in_fan_out,
+            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
+        )  # fmt: skip
+    elif isinstance(base, nn.Embedding):
+        if config.lora_bias or rewrites_base:
+            what = "lora_bias" if config.lora_bias else f"init_lora_weights={init!r}"
+            raise AdapterConfigError(f"{path}: {what} is not supported on an nn.Embedding")
+        module = LoraEmbedding(base, r, s, use_dora=config.use_dora)
+    elif isinstance(base, nn.Conv2d):
+        if base.groups != 1 or base.dilation != (1, 1) or rewrites_base:
+            raise AdapterConfigError(
+                f"{path}: LoRA on Conv2d supports groups=1, dilation=1 and the default or "
+                f"'gaussian' init (groups={base.groups}, dilation={base.dilation}, "
+                f"init_lora_weights={init!r})"
+            )
+        module = LoraConv2d(
+            base, r, s, config.lora_dropout,
+            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
+        )  # fmt: skip
+    else:
+        return None
+    module.to(device=base.weight.device)
+    initialise(module, base, init, r)
+    if config.use_dora:
+        module.init_magnitude(base)
+    return module
 
 
 @adapter_method(LoraConfig, name="lora", peft_type="LORA", default_targets=DEFAULT_TARGETS.get)
 def build_lora(base: nn.Module, config: LoraConfig, path: str) -> AdapterModule | None:
-    feats = _features(base)
-    if feats is None:
-        return None
-    in_f, out_f, transpose = feats
-    module = LoraLinear(
-        in_f,
-        out_f,
-        config.rank_for(path),
-        config.scaling_for(path),
-        config.lora_dropout,
-        transpose or config.fan_in_fan_out,
-        config.init_lora_weights,
-    )
-    return module.to(device=base.weight.device)
+    return build_lora_module(base, config, path)

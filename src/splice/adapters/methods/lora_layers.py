@@ -1,0 +1,331 @@
+"""LoRA / DoRA adapter modules: one per base layer type (Linear or GPT-2 Conv1D, Embedding,
+Conv2d). The config, targeting and initialisation choices are in `lora.py` / `lora_init.py`.
+
+Shared math (s = the scaling, W: out×in in nn.Linear's layout):
+
+    LoRA:  y = base(x) + s · B A dropout(x)                      ΔW = s · B A
+    DoRA:  W' = m ⊙ (W + s B A) / ‖W + s B A‖_row              ΔW = W' − W
+           (‖·‖_row: the L2 norm of each output row, i.e. over the input dimension: PEFT's
+           "column-wise" norm of Vᵀ; the norm is detached from the graph, DoRA §4.3)
+
+DoRA forward, as PEFT (`peft/tuners/lora/dora.py`): with c = m / ‖W + s B A‖_row (detached),
+
+    eval or no dropout:  y = base(x) + (c − 1) · (base(x) − b) + c · s · B A x
+    training + dropout:  y = base(x) + (c − 1) · W d(x)        + c · s · B A d(x),  d = dropout
+
+so without dropout y = c ⊙ (W + s B A) x + b exactly, and the bias is never rescaled.
+
+Bias options (PEFT's names): ``lora_bias`` gives lora_B a bias β (update s · β, init 0,
+ΔW_bias = s · β; not with DoRA, as PEFT); ``bias="lora_only"`` makes the base layer's bias
+trainable: splice keeps a trainable copy b_t inside the adapter (saved as PEFT saves it,
+``base_layer.bias``) and adds b_t − b, so ``disabled()`` and ``delete_adapter`` give the
+base's own bias back (PEFT trains the base bias in place instead; the saved file is the same).
+"""
+
+from __future__ import annotations
+
+import weakref
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from splice.adapters.layer import AdapterModule, AdapterStateError
+
+_BIAS_KEY = "base_layer.bias"
+
+
+class LoraModule(AdapterModule):
+    """What the three layer kinds share: scaling, dropout, DoRA magnitude, bias copies."""
+
+    use_dora: bool
+    scaling: float
+
+    def _setup_bias(self, base: nn.Module, train_bias: bool) -> None:
+        bias = getattr(base, "bias", None)
+        self.base_bias = (
+            nn.Parameter(bias.detach().clone()) if train_bias and bias is not None else None
+        )
+
+    def _bias_shift(self, base: nn.Module) -> Tensor | None:
+        """b_t − b for bias="lora_only" (None when the bias is not trained)."""
+        if self.base_bias is None:
+            return None
+        return self.base_bias - base.bias.detach()
+
+    def _effective_bias(self, base: nn.Module) -> Tensor | None:
+        if self.base_bias is not None:
+            return self.base_bias
+        return getattr(base, "bias", None)
+
+    # -- saved names ---------------------------------------------------------------------
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {
+            (_BIAS_KEY if k == "base_bias" else k): v for k, v in self.state_dict().items()
+        }
+
+    def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
+        super().load_peft_state(
+            {("base_bias" if k == _BIAS_KEY else k): v for k, v in state.items()}, where
+        )
+
+
+def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
+    """c = m / ‖W + s · BA‖ per output feature (dim 0 of ``weight``), detached."""
+    dims = tuple(range(1, weight.dim()))
+    norm = (weight + scaling * lora_weight.detach()).norm(p=2, dim=dims).detach()
+    return magnitude.reshape(-1) / norm
+
+
+class LoraLinear(LoraModule):
+    """LoRA / DoRA on nn.Linear or GPT-2 Conv1D (weight stored in×out: ``transpose``)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        in_features: int,
+        out_features: int,
+        r: int,
+        scaling: float,
+        dropout: float,
+        transpose: bool,
+        *,
+        lora_bias: bool = False,
+        use_dora: bool = False,
+        train_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.transpose = transpose
+        self.use_dora = use_dora
+        self._setup_bias(base, train_bias)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features)) if use_dora else None
+
+    def base_weight(self, base: nn.Module) -> Tensor:
+        """W in out×in layout."""
+        return base.weight.T if self.transpose else base.weight
+
+    def lora_weight(self) -> Tensor:
+        return self.lora_B.weight @ self.lora_A.weight
+
+    @torch.no_grad()
+    def init_magnitude(self, base: nn.Module) -> None:
+        """m = ‖W + s B A‖_row, so DoRA starts equal to LoRA (PEFT's init)."""
+        w = self.base_weight(base).float()
+        d = self.lora_weight().float()
+        self.lora_magnitude_vector.copy_((w + self.scaling * d).norm(p=2, dim=1))
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        out_dtype = result.dtype
+        shift = self._bias_shift(base)
+        if shift is not None:
+            result = result + shift.to(result.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
+        weight = self.base_weight(base).to(x.dtype)
+        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result
+            bias = self._effective_bias(base)
+            if bias is not None:
+                base_result = base_result - bias
+        else:
+            x = self.dropout(x)
+            base_result = F.linear(x, weight)
+        lora_result = self.lora_B(self.lora_A(x))
+        update = (c - 1) * base_result + c * lora_result * self.scaling
+        return (result + update).to(out_dtype)
+
+    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+        s = self.scaling
+        d = self.lora_weight().float() * s
+        if self.use_dora:
+            w = self.base_weight(base).float()
+            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
+            d = c[:, None] * (w + d) - w
+        out = {"weight": d.T if self.transpose else d}
+        return _with_bias(out, base, self, s)
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """(B, A, s) with ΔW = s · B A (plain LoRA, before any Conv1D transpose)."""
+        return self.lora_B.weight, self.lora_A.weight, self.scaling
+
+
+def _with_bias(
+    out: dict[str, Tensor], base: nn.Module, module: LoraModule, s: float
+) -> dict[str, Tensor]:
+    """Add the bias deltas: s · lora_B.bias (lora_bias) and b_t − b (bias="lora_only")."""
+    parts = []
+    lora_b = getattr(getattr(module, "lora_B", None), "bias", None)
+    if lora_b is not None:
+        parts.append(lora_b.float() * s)
+    shift = module._bias_shift(base)
+    if shift is not None:
+        parts.append(shift.float())
+    if parts:
+        if getattr(base, "bias", None) is None:
+            raise AdapterStateError(
+                "lora_bias=True on a layer without a bias: the update cannot be folded (as PEFT)"
+            )
+        out["bias"] = sum(parts[1:], parts[0])
+    return out
+
+
+class LoraEmbedding(LoraModule):
+    """LoRA / DoRA on nn.Embedding (W: num_embeddings × dim, ΔW = s · (B A)ᵀ).
+
+    PEFT's layout: ``lora_embedding_A`` r×num_embeddings, ``lora_embedding_B`` dim×r;
+    y = base(x) + s · embed(x, Aᵀ) Bᵀ. No dropout on embeddings (as PEFT). PEFT also saves the
+    embedding itself (``base_layer.weight``) when an embedding is targeted; splice does the
+    same and, loading, writes a saved one into the base (PEFT's load does, for resized
+    vocabularies)."""
+
+    def __init__(
+        self, base: nn.Embedding, r: int, scaling: float, *, use_dora: bool = False
+    ) -> None:
+        super().__init__()
+        num, dim = base.weight.shape
+        self.lora_embedding_A = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B = nn.Parameter(torch.randn(dim, r))
+        self.scaling = scaling
+        self.use_dora = use_dora
+        self.base_bias = None
+        self._base = weakref.ref(base)
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(dim)) if use_dora else None
+
+    def lora_weight(self) -> Tensor:
+        """B A: dim × num_embeddings (ΔW = s · this, transposed)."""
+        return self.lora_embedding_B @ self.lora_embedding_A
+
+    @torch.no_grad()
+    def init_magnitude(self, base: nn.Module) -> None:
+        w = base.weight.T.float()
+        self.lora_magnitude_vector.copy_((w + self.scaling * self.lora_weight().float()).norm(dim=1))
+
+    def _embed(self, x: Tensor, weight: Tensor, base: nn.Embedding) -> Tensor:
+        return F.embedding(
+            x,
+            weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        out_dtype = result.dtype
+        update = (self._embed(x, self.lora_embedding_A.T, base) @ self.lora_embedding_B.T) * (
+            self.scaling
+        )
+        embed_scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        if not self.use_dora:
+            return (result + update).to(out_dtype)
+        c = _dora_factor(
+            self.lora_magnitude_vector, base.weight.T, self.lora_weight(), self.scaling
+        )
+        return (c * result + c * update).to(out_dtype)
+
+    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+        d = self.lora_weight().float() * self.scaling  # dim × num
+        if self.use_dora:
+            w = base.weight.T.float()
+            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
+            d = c[:, None] * (w + d) - w
+        return {"weight": d.T}
+
+    def peft_state(self) -> dict[str, Tensor]:
+        state = super().peft_state()
+        base = self._base()
+        if base is not None:
+            state["base_layer.weight"] = base.weight
+        return state
+
+    def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
+        state = dict(state)
+        saved = state.pop("base_layer.weight", None)
+        base = self._base()
+        if saved is not None and base is not None:
+            if tuple(saved.shape) != tuple(base.weight.shape):
+                raise AdapterStateError(
+                    f"{where}.base_layer.weight: saved shape {tuple(saved.shape)} != "
+                    f"{tuple(base.weight.shape)}"
+                )
+            with torch.no_grad():
+                base.weight.copy_(saved.to(base.weight.dtype))
+        super().load_peft_state(state, where)
+
+
+class LoraConv2d(LoraModule):
+    """LoRA / DoRA on nn.Conv2d (PEFT's conv LoRA): A = Conv2d(in, r, the base's kernel,
+    stride, padding), B = 1×1 Conv2d(r, out); ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l]."""
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        r: int,
+        scaling: float,
+        dropout: float,
+        *,
+        lora_bias: bool = False,
+        use_dora: bool = False,
+        train_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_A = nn.Conv2d(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False
+        )
+        self.lora_B = nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.use_dora = use_dora
+        self._setup_bias(base, train_bias)
+        mag = torch.ones(1, base.out_channels, 1, 1)  # PEFT's saved shape
+        self.lora_magnitude_vector = nn.Parameter(mag) if use_dora else None
+
+    def lora_weight(self) -> Tensor:
+        """Σ_r B[o,r] A[r,i,k,l]: out × in × kh × kw."""
+        return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight)
+
+    @torch.no_grad()
+    def init_magnitude(self, base: nn.Module) -> None:
+        w = base.weight.float() + self.scaling * self.lora_weight().float()
+        self.lora_magnitude_vector.copy_(w.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1))
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        out_dtype = result.dtype
+        shift = self._bias_shift(base)
+        if shift is not None:
+            result = result + shift.view(1, -1, 1, 1).to(result.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
+        weight = base.weight
+        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
+        c = c.view(1, -1, 1, 1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result
+            bias = self._effective_bias(base)
+            if bias is not None:
+                base_result = base_result - bias.view(1, -1, 1, 1)
+        else:
+            x = self.dropout(x)
+            base_result = F.conv2d(
+                x, weight, None, base.stride, base.padding, base.dilation, base.groups
+            )
+        update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
+        return (result + update).to(out_dtype)
+
+    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+        d = self.lora_weight().float() * self.scaling
+        if self.use_dora:
+            w = base.weight.float()
+            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
+            d = c.view(-1, 1, 1, 1) * (w + d) - w
+        return _with_bias({"weight": d}, base, self, self.scaling)
