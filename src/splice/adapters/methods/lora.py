@@ -102,7 +102,6 @@ class LoraConfig(AdapterConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-
 def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> AdapterModule | None:
     """The LoRA / DoRA module for ``base`` (None: an unsupported layer type)."""
     r, s = config.rank_for(path), config.scaling_for(path)
@@ -111,8 +110,10 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
     rewrites_base = isinstance(init, str) and init != "gaussian"
     module: AdapterModule
     if isinstance(base, nn.Linear) or is_conv1d(base):
-        in_f, out_f = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else (
-            base.weight.shape
+        in_f, out_f = (
+            (base.in_features, base.out_features)
+            if isinstance(base, nn.Linear)
+            else (base.weight.shape)
         )
         module = LoraLinear(
             base, in_f, out_f, r, s, config.lora_dropout,

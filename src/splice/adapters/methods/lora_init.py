@@ -43,7 +43,9 @@ from splice.adapters.config import AdapterConfigError
 from splice.errors import CheckpointError
 
 
-def pissa_factors(w: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+def pissa_factors(
+    w: Tensor, r: int, scaling: float, niter: int | None = None
+) -> tuple[Tensor, Tensor]:
     """(A, B) with s · B A the top-r SVD part of ``w`` (out×in, float32)."""
     if niter is None:
         u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
@@ -152,8 +154,9 @@ def converted_lora(am: Any, name: str) -> tuple[Any, dict[str, Tensor]]:
     return new, state
 
 
-def save_as_lora(am: Any, out_dir: str | os.PathLike[str], name: str = "default", *,
-                 overwrite: bool = False) -> Path:
+def save_as_lora(
+    am: Any, out_dir: str | os.PathLike[str], name: str = "default", *, overwrite: bool = False
+) -> Path:
     """Write adapter ``name`` (PiSSA / OLoRA) as the equivalent plain LoRA of rank 2r for
     the *original* base (PEFT's ``path_initial_model_for_weight_conversion`` output)."""
     from splice.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, _task_type
@@ -164,7 +167,9 @@ def save_as_lora(am: Any, out_dir: str | os.PathLike[str], name: str = "default"
     config, state = converted_lora(am, name)
     cfg = config.to_peft()
     cfg["task_type"] = _task_type(am.model)
-    cfg["base_model_name_or_path"] = getattr(getattr(am.model, "config", None), "_name_or_path", None)
+    cfg["base_model_name_or_path"] = getattr(
+        getattr(am.model, "config", None), "_name_or_path", None
+    )
     cfg["inference_mode"] = True
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)

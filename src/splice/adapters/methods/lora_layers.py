@@ -25,6 +25,7 @@ base's own bias back (PEFT trains the base bias in place instead; the saved file
 from __future__ import annotations
 
 import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,9 +61,7 @@ class LoraModule(AdapterModule):
     # -- saved names ---------------------------------------------------------------------
 
     def peft_state(self) -> dict[str, Tensor]:
-        return {
-            (_BIAS_KEY if k == "base_bias" else k): v for k, v in self.state_dict().items()
-        }
+        return {(_BIAS_KEY if k == "base_bias" else k): v for k, v in self.state_dict().items()}
 
     def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
         super().load_peft_state(
@@ -204,7 +203,9 @@ class LoraEmbedding(LoraModule):
     @torch.no_grad()
     def init_magnitude(self, base: nn.Module) -> None:
         w = base.weight.T.float()
-        self.lora_magnitude_vector.copy_((w + self.scaling * self.lora_weight().float()).norm(dim=1))
+        self.lora_magnitude_vector.copy_(
+            (w + self.scaling * self.lora_weight().float()).norm(dim=1)
+        )
 
     def _embed(self, x: Tensor, weight: Tensor, base: nn.Embedding) -> Tensor:
         return F.embedding(
