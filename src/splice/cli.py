@@ -20,6 +20,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from splice.io import parse_size
     from splice.recipe.schema import load_recipe
 
+    if args.continual is not None or args.recipe is None:
+        return _cmd_merge_continual(args)
     recipe, text = load_recipe(args.recipe)
     update: dict[str, object] = {}
     if args.dtype:
@@ -51,6 +53,35 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
         f"{report.out_dir} in {report.seconds:.1f} s "
         f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)"
+    )
+    return 0
+
+
+def _cmd_merge_continual(args: argparse.Namespace) -> int:
+    """`splice merge --continual STATE|none --base B --add MODEL --out DIR` (OPCM)."""
+    from splice.errors import MergeValidationError
+    from splice.io import parse_size
+    from splice.merge.continual.stream import opcm_add
+
+    if args.continual is None:
+        raise MergeValidationError("splice merge needs a recipe, or --continual STATE|none")
+    if args.recipe is not None:
+        raise MergeValidationError("--continual takes no recipe (it merges with OPCM)")
+    if not args.base or not args.add:
+        raise MergeValidationError("--continual needs --base BASE and --add MODEL")
+    state = None if args.continual.lower() == "none" else args.continual
+    report = opcm_add(
+        args.base,
+        state,
+        args.add,
+        args.out,
+        alpha=args.alpha,
+        shard_bytes=parse_size(args.shard_size),
+        overwrite=args.overwrite,
+    )
+    print(
+        f"merged model {report.models_merged} into {report.out_dir} with OPCM "
+        f"(lambda {report.lambda_:.4g}, {report.tensors} tensors)"
     )
     return 0
 
@@ -118,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge checkpoints with a recipe (mergekit YAML accepted)")
-    m.add_argument("recipe", help="recipe YAML file")
+    m.add_argument("recipe", nargs="?", default=None, help="recipe YAML file")
     m.add_argument("--out", required=True, help="output folder (HF layout)")
     m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
     m.add_argument(
@@ -139,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a tensor needing more runs alone",
     )
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--continual",
+        metavar="STATE",
+        default=None,
+        help="continual merging (OPCM), no recipe: the previous state folder, or 'none' "
+        "to start with --add; writes the new state to --out",
+    )
+    m.add_argument("--base", default=None, help="with --continual: the base model")
+    m.add_argument("--add", default=None, help="with --continual: the model to merge in")
+    m.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="with --continual: OPCM's subspace threshold (the state's, 0.5 at first)",
+    )
     m.set_defaults(fn=_cmd_merge)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, or compare two")
