@@ -77,6 +77,14 @@ class AdapterConfig(BaseModel):
             loc = ".".join(str(p) for p in err["loc"])
             raise AdapterConfigError(f"{where}: '{loc}': {err['msg']}") from None
 
+    def for_targets(self, model: Any, targets: list[tuple[str, Any]]) -> AdapterConfig:
+        """Hook, called once per `add_adapter` after targeting and before any layer is built,
+        with the model and the (path, base layer) targets: a method whose layers depend on
+        the model or on all the targets together (IA3's per-architecture
+        ``feedforward_modules``, VeRA's shared projections sized to the largest target)
+        returns a completed copy here. The default changes nothing."""
+        return self
+
     def to_peft(self) -> dict[str, Any]:
         """The adapter_config.json content (PEFT fills any field it has and we omit)."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

@@ -54,6 +54,14 @@ class AdapterModule(nn.Module):
         """Saved tensors by key suffix (PEFT's names, the adapter name removed)."""
         return {k: v for k, v in self.state_dict().items()}
 
+    def shared_state(self) -> dict[str, Tensor]:
+        """Tensors shared by all layers of this adapter, by their full saved key (not under
+        the layer's path), e.g. VeRA's ``base_model.vera_A``; saved once. Default: none."""
+        return {}
+
+    def load_shared_state(self, state: dict[str, Tensor], where: str) -> None:
+        """Receive the saved tensors whose keys `shared_state` names (those present)."""
+
     def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
         own = self.state_dict()
         missing = sorted(set(own) - set(state))

@@ -100,7 +100,7 @@ class AdapterModel(nn.Module):
             self.model_adapters[name] = method.build(self.model, config)
         else:
             config = self._with_default_targets(config, method)
-            self._inject_layers(name, config, method)
+            config = self._inject_layers(name, config, method)
         if config.modules_to_save:
             self._inject_full_copies(name, config.modules_to_save)
         self.configs[name] = config
@@ -122,7 +122,7 @@ class AdapterModel(nn.Module):
             )
         return config.model_copy(update={"target_modules": targets})
 
-    def _inject_layers(self, name: str, config: AdapterConfig, method: Any) -> None:
+    def _inject_layers(self, name: str, config: AdapterConfig, method: Any) -> AdapterConfig:
         paths = find_targets(self.model, config.target_modules, config.exclude_modules)
         if config.modules_to_save:
             paths = [p for p in paths if not matches(config.modules_to_save, p)]
@@ -131,6 +131,7 @@ class AdapterModel(nn.Module):
                 f"adapter '{name}': target_modules {config.target_modules!r} matched no module;"
                 f" module names here: {suggest_names(self.model)}"
             )
+        config = config.for_targets(self.model, [(p, self._base_of(p)) for p in paths])
         built: list[tuple[str, AdapterModule]] = []
         for path in paths:
             base = self._base_of(path)
@@ -143,6 +144,7 @@ class AdapterModel(nn.Module):
             built.append((path, module))
         for path, module in built:  # all built before any is attached: no half-injected model
             self._wrap(path).adapters[name] = module
+        return config
 
     def _inject_full_copies(self, name: str, modules_to_save: list[str]) -> None:
         paths = [p for p, _ in named_base_modules(self.model) if p and matches(modules_to_save, p)]

@@ -57,6 +57,7 @@ def adapter_state(am: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     for path, module in am.named_adapter_modules(name):
         for suffix, t in module.peft_state().items():
             state[f"{PREFIX}{path}.{suffix}"] = t
+        state.update(module.shared_state())  # tensors shared across layers (VeRA), once
     if name in am.model_adapters:
         state.update(am.model_adapters[name].peft_state())
     return state
@@ -168,6 +169,9 @@ def _load_state(am: AdapterModel, name: str, weights: dict[str, torch.Tensor], w
         # keys of nested paths (a.b and a.b.c) share a prefix: keep only this module's own
         own = set(module.peft_state())
         module.load_peft_state({k: v for k, v in sub.items() if k in own}, f"{where}: {path}")
+        shared = set(module.shared_state())
+        if shared:
+            module.load_shared_state({k: v for k, v in weights.items() if k in shared}, where)
     if name in am.model_adapters:
         madapter = am.model_adapters[name]
         own = set(madapter.peft_state())
