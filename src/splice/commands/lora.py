@@ -1,0 +1,183 @@
+"""`splice lora ...`: LoRA-native merging, extraction, reversible merging and ComPEFT.
+
+splice lora merge --method M ADAPTER1 ADAPTER2 ... [--weights ..] [--rank R]
+                  [--density D] [--lambda L] [--seed S] --out DIR
+splice lora extract --base B --model FT (--rank R | --energy E) --out DIR
+splice lora rmm ADAPTER1 ... --k K --out STORE
+splice lora rmm-recover STORE --task I --out DIR
+splice lora compeft ADAPTER --density D [--alpha A] --out DIR
+splice lora methods
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from splice.lora_merge import LoraMergeOptions, merge_adapters
+
+    opts = LoraMergeOptions(
+        rank=args.rank, density=args.density, lambda_=args.lambda_, seed=args.seed
+    )
+    report = merge_adapters(
+        args.adapters,
+        args.method,
+        args.out,
+        weights=args.weights,
+        opts=opts,
+        overwrite=args.overwrite,
+    )
+    ranks = sorted(set(report.ranks.values()))
+    shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
+    print(
+        f"merged {len(args.adapters)} adapters ({report.modules} modules) with "
+        f"'{report.method}' into {report.out_dir} (ranks: {shown})"
+    )
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from splice.lora_merge.extract import DEFAULT_EXCLUDE, extract_lora
+
+    report = extract_lora(
+        args.base,
+        args.model,
+        args.out,
+        rank=args.rank,
+        energy=args.energy,
+        max_rank=args.max_rank,
+        targets=args.targets,
+        exclude=DEFAULT_EXCLUDE if args.exclude is None else (args.exclude or None),
+        fan_in_fan_out=args.fan_in_fan_out,
+        oversample=args.oversample,
+        niter=args.niter,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    for t in report.tensors:
+        print(f"{t.name}\trank {t.rank}\trelative error {t.rel_error:.4g}")
+    for name, why in report.skipped:
+        print(f"skipped {name}: {why}")
+    worst = max(t.rel_error for t in report.tensors)
+    print(
+        f"extracted {len(report.tensors)} tensors into {report.out_dir} "
+        f"(worst relative error {worst:.4g}; {report.unchanged} unchanged, "
+        f"{len(report.skipped)} skipped)"
+    )
+    return 0
+
+
+def _rmm(args: argparse.Namespace) -> int:
+    from splice.lora_merge.rmm import build_rmm
+
+    out = build_rmm(args.adapters, args.k, args.out, overwrite=args.overwrite)
+    print(f"stored {len(args.adapters)} adapters as {args.k} basis models in {out}")
+    return 0
+
+
+def _rmm_recover(args: argparse.Namespace) -> int:
+    from splice.lora_merge.rmm import recover_adapter
+
+    out = recover_adapter(args.store, args.task, args.out, overwrite=args.overwrite)
+    print(f"recovered task {args.task} into {out}")
+    return 0
+
+
+def _compeft(args: argparse.Namespace) -> int:
+    from splice.compress.compeft import compeft_adapter
+
+    entries, errors = compeft_adapter(
+        args.adapter,
+        args.out,
+        density=args.density,
+        alpha=args.alpha,
+        std_of=args.std_of,
+        overwrite=args.overwrite,
+    )
+    dense = sum(e.bits["dense"] for e in entries)
+    entropy = sum(e.bits["entropy"] for e in entries)
+    two_bit = sum(e.bits["ternary_2bit"] for e in entries)
+    worst = max(errors.values())
+    print(
+        f"compressed {len(entries)} LoRA factors into {args.out}: {dense / 8e6:.3f} MB dense -> "
+        f"{entropy / 8e6:.3f} MB entropy-coded ({dense / entropy:.1f}x), "
+        f"{two_bit / 8e6:.3f} MB at 2 bits/entry; worst module ΔW relative error {worst:.4g}"
+    )
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from splice.lora_merge import all_lora_methods
+
+    for m in all_lora_methods():
+        flags = [f for f, on in (("rank", m.uses_rank), ("density", m.uses_density)) if on]
+        print(f"{m.name:12s} {m.summary}  [{', '.join(flags) or 'exact'}]")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    lora = sub.add_parser("lora", help="merge, extract, compress PEFT LoRA adapters")
+    lsub = lora.add_subparsers(dest="lora_cmd", required=True)
+
+    m = lsub.add_parser("merge", help="merge PEFT LoRA adapters into one adapter")
+    m.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders of the same base")
+    m.add_argument("--method", required=True, help="concat, svd, ties, dare, dare_ties, knots, ...")
+    m.add_argument("--weights", type=_floats, help="one weight per adapter (default 1 each)")
+    m.add_argument("--rank", type=int, help="output rank (default: max input rank)")
+    m.add_argument("--density", type=float, help="fraction kept by ties/dare/knots")
+    m.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="global scale")
+    m.add_argument("--seed", type=int, default=0, help="seed for DARE masks and k-means")
+    m.add_argument("--out", required=True, help="output adapter folder")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(fn=_merge)
+
+    e = lsub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune")
+    e.add_argument("--base", required=True, help="base checkpoint (file or folder)")
+    e.add_argument("--model", required=True, help="fine-tuned checkpoint")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="rank of every extracted LoRA")
+    g.add_argument("--energy", type=float, help="keep this fraction of ‖ΔW‖² per tensor")
+    e.add_argument("--max-rank", type=int, help="cap on the rank with --energy")
+    e.add_argument("--targets", help="regex: only modules whose name matches")
+    e.add_argument("--exclude", help="regex of modules to skip (default: embeddings; '' none)")
+    e.add_argument("--fan-in-fan-out", action="store_true", help="weights stored in×out (GPT-2)")
+    e.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling")
+    e.add_argument("--niter", type=int, default=2, help="randomized SVD power iterations")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True, help="output adapter folder")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=_extract)
+
+    r = lsub.add_parser("rmm", help="store adapters as k basis models + per-task coefficients")
+    r.add_argument("adapters", nargs="+")
+    r.add_argument("--k", type=int, required=True, help="number of basis models")
+    r.add_argument("--out", required=True, help="output store folder")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(fn=_rmm)
+
+    rr = lsub.add_parser("rmm-recover", help="recover one task's adapter from an RMM store")
+    rr.add_argument("store")
+    rr.add_argument("--task", type=int, required=True, help="task index (order given to rmm)")
+    rr.add_argument("--out", required=True)
+    rr.add_argument("--overwrite", action="store_true")
+    rr.set_defaults(fn=_rmm_recover)
+
+    c = lsub.add_parser("compeft", help="ComPEFT: sparse ternary compression of an adapter")
+    c.add_argument("adapter")
+    c.add_argument("--density", type=float, required=True, help="fraction of entries kept")
+    c.add_argument("--alpha", type=float, default=1.0, help="scale multiplier α (default 1)")
+    c.add_argument("--std-of", choices=["original", "sparse"], default="original")
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=_compeft)
+
+    ls = lsub.add_parser("methods", help="list the LoRA merge methods")
+    ls.set_defaults(fn=_methods)
