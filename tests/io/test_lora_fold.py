@@ -265,9 +265,74 @@ def test_unsupported_peft_type(tmp_path):
         LoraFoldedReader(_tiny_base(tmp_path), ad)
 
 
-def test_dora_refused(tmp_path):
+def test_dora_hand_computed_fold(tmp_path):
+    ad = _adapter(
+        tmp_path,
+        {"use_dora": True, "target_modules": ["q"]},
+        tensors={
+            "base_model.model.m.q.lora_A.weight": torch.tensor([[1.0, 1.0]]),
+            "base_model.model.m.q.lora_B.weight": torch.tensor([[1.0], [0.0]]),
+            "base_model.model.m.q.lora_magnitude_vector": torch.tensor([1.0, 3.0]),
+        },
+    )
+    base = _tiny_base(tmp_path, **{"m.q.weight": torch.tensor([[1.0, 0.0], [0.0, 2.0]])})
+    # s = 2/1; W + sBA = [[3,2],[0,2]]; row norms [√13, 2]; m = [1, 3]
+    # W' = [[3/√13, 2/√13], [0, 3]]
+    r13 = 13**0.5
+    got = LoraFoldedReader(base, ad).read("m.q.weight")
+    torch.testing.assert_close(got, torch.tensor([[3 / r13, 2 / r13], [0.0, 3.0]]))
+
+
+def test_dora_matches_peft(tmp_path):
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]
+    )
+    base_dir, ad_dir = _build(tmp_path, _llama, cfg)
+    reader = open_checkpoint(f"{base_dir}+{ad_dir}")
+    ref = _reference(base_dir, ad_dir, transformers.LlamaForCausalLM)
+    assert _compare(reader, ref, exact=False) == 5  # 2 q, 2 v, the embedding
+
+
+def test_dora_gpt2_conv1d_matches_peft(tmp_path):
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
+    base_dir, ad_dir = _build(tmp_path, _gpt2, cfg)
+    reader = open_checkpoint(f"{base_dir}+{ad_dir}")
+    ref = _reference(base_dir, ad_dir, transformers.GPT2LMHeadModel)
+    assert _compare(reader, ref, exact=False) == 4
+
+
+def test_dora_magnitude_without_use_dora(tmp_path):
+    ad = _adapter(
+        tmp_path,
+        tensors={
+            "base_model.model.m.q.lora_A.weight": torch.ones(1, 2),
+            "base_model.model.m.q.lora_B.weight": torch.ones(3, 1),
+            "base_model.model.m.q.lora_magnitude_vector": torch.ones(3),
+        },
+    )
+    with pytest.raises(CheckpointError, match="DoRA magnitude vector but the config"):
+        LoraFoldedReader(_tiny_base(tmp_path), ad)
+
+
+def test_dora_missing_magnitude(tmp_path):
     ad = _adapter(tmp_path, {"use_dora": True})
-    with pytest.raises(CheckpointError, match=r"DoRA \(use_dora\) is not supported yet"):
+    with pytest.raises(CheckpointError, match="use_dora is set but module 'm.q' has no"):
+        LoraFoldedReader(_tiny_base(tmp_path), ad)
+
+
+def test_dora_magnitude_shape(tmp_path):
+    ad = _adapter(
+        tmp_path,
+        {"use_dora": True},
+        tensors={
+            "base_model.model.m.q.lora_A.weight": torch.ones(1, 2),
+            "base_model.model.m.q.lora_B.weight": torch.ones(3, 1),
+            "base_model.model.m.q.lora_magnitude_vector": torch.ones(2),
+        },
+    )
+    with pytest.raises(CheckpointError, match=r"DoRA magnitude of shape \[2\], expected \[3\]"):
         LoraFoldedReader(_tiny_base(tmp_path), ad)
 
 
@@ -332,7 +397,7 @@ def test_half_a_lora_pair(tmp_path):
 
 
 def test_unknown_lora_key(tmp_path):
-    ad = _adapter(tmp_path, tensors={"base_model.model.m.q.lora_magnitude_vector": torch.ones(3)})
+    ad = _adapter(tmp_path, tensors={"base_model.model.m.q.lora_E": torch.ones(3)})
     with pytest.raises(CheckpointError, match="not a plain LoRA key"):
         LoraFoldedReader(_tiny_base(tmp_path), ad)
 

@@ -6,6 +6,10 @@
 - a LoRA-adapted weight W becomes W + scale · B @ A (transposed when the config says
   fan_in_fan_out, as for GPT-2's Conv1D); an embedding becomes W + scale · (B @ A)ᵀ from
   lora_embedding_A/B; with lora_bias the bias gains scale · lora_B.bias;
+- a DoRA-adapted weight (use_dora, a saved ``lora_magnitude_vector`` m) becomes
+  W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (the norm over the input dimension: rows
+  of W for a linear layer, columns of an embedding, rows of Wᵀ for a Conv1D), ΔW as above —
+  PEFT's DoRA merge; the bias is not rescaled;
 - a full tensor saved in the adapter (modules_to_save, trained biases, an embedding's saved
   base layer) replaces the base tensor, cast to the base dtype, as loading it would;
 - every other tensor is the base tensor unchanged.
@@ -54,6 +58,7 @@ class _Fold:
     scale: float
     transpose: bool
     bias: bool = False
+    dora: bool = False
 
 
 class LoraFoldedReader:
@@ -129,7 +134,24 @@ class LoraFoldedReader:
             weight = resolve(module + ".weight", keys.a, folded_by)
             self._check_shape(keys.a, out_shape, weight, delta=True)
             scale = self.config.scale_for(module)
-            folds[weight] = _Fold(keys, scale, transpose)
+            if keys.magnitude is not None:
+                if not self.config.use_dora:
+                    raise CheckpointError(
+                        f"{where}: module '{module}' has a DoRA magnitude vector but the config "
+                        "does not set use_dora"
+                    )
+                features = out_shape[1] if transpose else out_shape[0]
+                m_shape = tuple(self.adapter.info(keys.magnitude).shape)
+                if m_shape != (features,):
+                    raise CheckpointError(
+                        f"{where}: module '{module}': DoRA magnitude of shape {list(m_shape)}, "
+                        f"expected [{features}]"
+                    )
+            elif self.config.use_dora:
+                raise CheckpointError(
+                    f"{where}: use_dora is set but module '{module}' has no lora_magnitude_vector"
+                )
+            folds[weight] = _Fold(keys, scale, transpose, dora=keys.magnitude is not None)
             if keys.b_bias is not None:
                 bias = resolve(module + ".bias", keys.b_bias, folded_by)
                 self._check_shape(keys.b_bias, self.adapter.info(keys.b_bias).shape, bias)
@@ -182,12 +204,29 @@ class LoraFoldedReader:
             product = b @ a
             delta = (product.T if fold.transpose else product) * fold.scale
         dtype = torch.promote_types(weight.dtype, delta.dtype)
+        if fold.dora:
+            assert fold.keys.magnitude is not None
+            magnitude = _compute(self.adapter.read(fold.keys.magnitude))
+            return _dora(weight.to(dtype), delta, magnitude, fold.transpose).to(info.dtype)
         return (weight.to(dtype) + delta).to(info.dtype)
 
     def close(self) -> None:
         """Close the adapter and the base."""
         self.adapter.close()
         self.base.close()
+
+
+def _dora(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, transpose: bool
+) -> torch.Tensor:
+    """m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature: rows of W, or of Wᵀ when ``transpose``
+    (Conv1D's in×out storage, embeddings), as PEFT's DoRA merge."""
+    merged = weight + delta
+    if transpose:
+        norm = torch.linalg.norm(merged.T, dim=1)
+        return (magnitude / norm).view(1, -1) * merged
+    norm = torch.linalg.norm(merged, dim=1)
+    return (magnitude / norm).view(-1, 1) * merged
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:

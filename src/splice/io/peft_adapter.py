@@ -15,7 +15,8 @@ e.g. `model.layers.0.self_attn.q_proj`:
 
 Saved keys carry the prefix `base_model.model.` and no adapter name:
 `<key>.lora_A.weight`, `<key>.lora_B.weight`, `<key>.lora_B.bias` (lora_bias),
-`<key>.lora_embedding_A`, `<key>.lora_embedding_B` (embeddings); any other key is a full
+`<key>.lora_embedding_A`, `<key>.lora_embedding_B` (embeddings), `<key>.lora_magnitude_vector`
+(DoRA, with use_dora); any other key is a full
 tensor (modules_to_save, trained biases, an embedding's `base_layer.weight` saved for resized
 vocabularies) that replaces the base tensor of the same name once `.base_layer` is removed.
 """
@@ -41,7 +42,6 @@ SAVED_PREFIX = "base_model.model."
 # Config fields that select a LoRA variant whose merge is not base + scale * B @ A, or that
 # change which parameters are adapted; an adapter using any of them is refused.
 _UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA (use_dora)",
     "use_qalora": "QALoRA (use_qalora)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
@@ -68,6 +68,7 @@ class LoraAdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+    use_dora: bool = False
 
     def rank_for(self, key: str) -> int:
         """r of module `key`: its rank_pattern entry, else r."""
@@ -159,6 +160,7 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
         rank_pattern={k: int(v) for k, v in rank_pattern.items()},
         alpha_pattern=dict(alpha_pattern),
         modules_to_save=list(need("modules_to_save", (list,), [])),
+        use_dora=bool(raw.get("use_dora", False)),
     )
 
 
@@ -182,6 +184,7 @@ class LoraModuleKeys:
     a: str | None = None
     b: str | None = None
     b_bias: str | None = None
+    magnitude: str | None = None  # DoRA's lora_magnitude_vector
 
 
 _LORA_SUFFIXES = {
@@ -191,6 +194,7 @@ _LORA_SUFFIXES = {
     ".lora_embedding_A": ("a", True),
     ".lora_embedding_B": ("b", True),
 }
+_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA: linear or embedding, told by its A/B keys
 
 
 def classify_keys(path: str, keys: list[str]) -> tuple[dict[str, LoraModuleKeys], dict[str, str]]:
@@ -201,8 +205,12 @@ def classify_keys(path: str, keys: list[str]) -> tuple[dict[str, LoraModuleKeys]
     """
     modules: dict[str, LoraModuleKeys] = {}
     full: dict[str, str] = {}
+    magnitudes: dict[str, str] = {}
     for key in keys:
         rel = key.removeprefix(SAVED_PREFIX)
+        if rel.endswith(_MAGNITUDE_SUFFIX):
+            magnitudes[rel[: -len(_MAGNITUDE_SUFFIX)]] = key
+            continue
         for suffix, (slot, embedding) in _LORA_SUFFIXES.items():
             if rel.endswith(suffix):
                 module = rel[: -len(suffix)]
@@ -223,6 +231,10 @@ def classify_keys(path: str, keys: list[str]) -> tuple[dict[str, LoraModuleKeys]
             if name in full:
                 raise CheckpointError(f"{path}: keys '{full[name]}' and '{key}' both save '{name}'")
             full[name] = key
+    for module, key in magnitudes.items():
+        if module not in modules:
+            raise CheckpointError(f"{path}: DoRA magnitude '{key}' has no lora_A/lora_B weights")
+        modules[module].magnitude = key
     for entry in modules.values():
         if entry.a is None or entry.b is None:
             half = "lora_A" if entry.a is None else "lora_B"
