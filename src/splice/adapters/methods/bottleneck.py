@@ -1,0 +1,161 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP";
+Pfeiffer et al. 2021, "AdapterFusion"), placements as in AdapterHub's ``adapters`` library.
+
+An activation-space module on the output h (hidden size d) of a named module:
+
+    h ← h + s · dropout(W_up · f(W_down · h + b_down) + b_up)
+    W_down: m×d, W_up: d×m,  m = bottleneck_size, or d // reduction_factor (default 16; ≥ 1)
+
+f = ``non_linearity`` (relu, gelu (exact erf form), swish = silu, tanh), s = ``scaling``.
+It has no weight delta: folding it is an error (`deltas()` too).
+
+Init (``init_weights``, AdapterHub's names): "mam_adapter" (default): W_down kaiming-uniform,
+W_up = 0, biases 0 — the adapted model starts exactly at the base; "bert": all weights
+N(0, 0.02²), biases 0 (AdapterHub's default: near identity); "houlsby": truncated
+N(0, 0.01²) in ±0.02, biases 0.
+
+Placement (``placement``; ``target_modules`` overrides it): the modules whose output is
+adapted, by architecture —
+
+    placement  BERT/RoBERTa                         Llama-family       GPT-2
+    houlsby    attention.output.dense, output.dense  self_attn.o_proj,  attn.c_proj,
+                                                     mlp.down_proj      mlp.c_proj
+    pfeiffer   output.dense (the FFN's)              mlp.down_proj      mlp.c_proj
+
+(as a regex over all of these, so one config serves each family). Where this sits relative
+to AdapterHub: in BERT, AdapterHub's adapter runs inside BertSelfOutput / BertOutput after
+``dropout(dense(·))`` and before ``LayerNorm(h + input)``; for Houlsby
+(``double_seq_bn``: original_ln_before=False, residual_before_ln=True) that is
+h + f(h) then the block's own residual and LayerNorm. splice adapts the dense layer's output,
+i.e. *before* the sub-layer dropout: identical in eval mode; in training AdapterHub's
+adapter sees dropout(h), splice's sees h (the dropout then applies to h + f(h)).
+AdapterHub's Pfeiffer preset (``seq_bn``: original_ln_before=True) additionally feeds the
+adapter LN(h + input) with residual h and applies the LayerNorm again after; splice's
+"pfeiffer" is that *placement* (one adapter per block, after the FFN) with the Houlsby
+form above, so its weights do not transfer to AdapterHub's seq_bn (nor does splice read
+AdapterHub folders). For pre-LN models (Llama, GPT-2) the adapted output is the sub-layer
+output before the residual add, as in AdapterHub.
+
+Splice-only (PEFT has no bottleneck adapter): saved as ``SPLICE_BOTTLENECK`` in the same
+folder layout, keys ``<module path>.adapter_down.weight|bias``, ``adapter_up.weight|bias``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from splice.adapters.config import AdapterConfig, AdapterConfigError
+from splice.adapters.layer import AdapterModule
+from splice.adapters.registry import adapter_method
+from splice.adapters.targeting import is_conv1d
+
+# Module-name regexes (matched against the path's tail) for each placement, by family.
+_SITES: dict[str, dict[str, list[str]]] = {
+    "bert": {"attention": [r"attention\.output\.dense"], "ffn": [r"layer\.\d+\.output\.dense"]},
+    "llama": {"attention": [r"self_attn\.o_proj"], "ffn": [r"mlp\.down_proj"]},
+    "gpt2": {"attention": [r"attn\.c_proj"], "ffn": [r"mlp\.c_proj"]},
+}
+PLACEMENT_SITES = {"houlsby": ("attention", "ffn"), "pfeiffer": ("ffn",)}
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "swish": F.silu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def placement_regex(placement: str) -> str:
+    """One full-match regex over the module names of ``placement`` for every known family."""
+    alts = [
+        pattern
+        for family in _SITES.values()
+        for site in PLACEMENT_SITES[placement]
+        for pattern in family[site]
+    ]
+    return r"(.*\.)?(" + "|".join(alts) + ")"
+
+
+class BottleneckConfig(AdapterConfig):
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    reduction_factor: float | None = Field(None, gt=0)
+    bottleneck_size: int | None = Field(None, gt=0)
+    non_linearity: Literal["relu", "gelu", "swish", "silu", "tanh"] = "relu"
+    scaling: float = 1.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init_weights: Literal["mam_adapter", "bert", "houlsby"] = "mam_adapter"
+
+    @model_validator(mode="after")
+    def _resolve(self) -> BottleneckConfig:
+        if self.reduction_factor is not None and self.bottleneck_size is not None:
+            raise AdapterConfigError(
+                "bottleneck: set reduction_factor or bottleneck_size, not both"
+            )
+        if self.target_modules is None:  # frozen model: set the resolved default in place
+            object.__setattr__(self, "target_modules", placement_regex(self.placement))
+        return self
+
+    def size_for(self, hidden: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return max(1, int(hidden // (self.reduction_factor or 16)))
+
+
+class BottleneckAdapter(AdapterModule):
+    """h ← h + s · dropout(up(f(down(h)))) on the wrapped module's output."""
+
+    foldable = False
+
+    def __init__(self, hidden: int, config: BottleneckConfig) -> None:
+        super().__init__()
+        m = config.size_for(hidden)
+        self.adapter_down = nn.Linear(hidden, m)
+        self.adapter_up = nn.Linear(m, hidden)
+        self.act = ACTIVATIONS[config.non_linearity]
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling
+        self.reset(config.init_weights)
+
+    @torch.no_grad()
+    def reset(self, init: str) -> None:
+        down, up = self.adapter_down, self.adapter_up
+        if init == "mam_adapter":
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            nn.init.zeros_(up.weight)
+        elif init == "bert":
+            nn.init.normal_(down.weight, std=0.02)
+            nn.init.normal_(up.weight, std=0.02)
+        else:  # houlsby
+            nn.init.trunc_normal_(down.weight, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.trunc_normal_(up.weight, std=1e-2, a=-2e-2, b=2e-2)
+        nn.init.zeros_(down.bias)
+        nn.init.zeros_(up.bias)
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        h = result.to(self.adapter_down.weight.dtype)
+        update = self.dropout(self.adapter_up(self.act(self.adapter_down(h)))) * self.scaling
+        return result + update.to(result.dtype)
+
+
+@adapter_method(BottleneckConfig, name="bottleneck")
+def build_bottleneck(base: nn.Module, config: BottleneckConfig, path: str) -> AdapterModule | None:
+    if isinstance(base, nn.Linear):
+        hidden = base.out_features
+    elif is_conv1d(base):
+        hidden = base.weight.shape[1]
+    else:
+        return None
+    if config.bottleneck_size is not None and config.bottleneck_size > hidden:
+        raise AdapterConfigError(
+            f"bottleneck: '{path}': bottleneck_size {config.bottleneck_size} exceeds the "
+            f"hidden size {hidden}"
+        )
+    return BottleneckAdapter(hidden, config).to(device=base.weight.device)
