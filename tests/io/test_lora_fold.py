@@ -318,7 +318,7 @@ def test_dora_magnitude_without_use_dora(tmp_path):
 
 def test_dora_missing_magnitude(tmp_path):
     ad = _adapter(tmp_path, {"use_dora": True})
-    with pytest.raises(CheckpointError, match="use_dora is set but module 'm.q' has no"):
+    with pytest.raises(CheckpointError, match=r"use_dora is set but module 'm\.q' has no"):
         LoraFoldedReader(_tiny_base(tmp_path), ad)
 
 
