@@ -19,10 +19,20 @@ from splice.adapters.registry import (
     make_config,
 )
 
+# helpers living in method modules, imported on first use (a method module loads them all)
+_LAZY = {
+    "loraplus_param_groups": "splice.adapters.methods.loraplus",
+    "save_as_lora": "splice.adapters.methods.lora_init",
+}
+
 
 def __getattr__(
     name: str,
 ):  # config classes of the built-in methods, e.g. splice.adapters.LoraConfig
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     for m in all_adapter_methods():
         if m.config_cls.__name__ == name:
             return m.config_cls
@@ -43,7 +53,9 @@ __all__ = [
     "get_adapter_method",
     "load_adapter",
     "load_adapter_model",
+    "loraplus_param_groups",
     "make_config",
     "read_adapter_config",
     "save_adapter",
+    "save_as_lora",
 ]
