@@ -141,12 +141,12 @@ class IA3(AdapterModule):
 
     def weight_scale(self) -> Tensor:
         """l shaped to broadcast against the base weight."""
-        l = self.ia3_l.float()
+        vec = self.ia3_l.float()
         if self.kind == "conv1d":
-            return l.T  # W is in×out: (out,1) -> (1,out), (1,in) -> (in,1)
+            return vec.T  # W is in×out: (out,1) -> (1,out), (1,in) -> (in,1)
         if self.kind == "conv" and not self.feedforward:
-            return l.transpose(0, 1)  # (1, C_out, 1, 1) -> (C_out, 1, 1, 1)
-        return l
+            return vec.transpose(0, 1)  # (1, C_out, 1, 1) -> (C_out, 1, 1, 1)
+        return vec
 
     def delta(self, base: nn.Module) -> dict[str, Tensor]:
         w = base.weight.float()
