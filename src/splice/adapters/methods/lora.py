@@ -19,9 +19,10 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
   stride and padding; B: 1×1 conv; dilation 1 only).
 - rank_pattern / alpha_pattern: the first pattern (in the dict's order) with
   re.match(rf"(.*\\.)?({pattern})$", module path) gives that module's r / lora_alpha.
-- ``bias``: "none"; "lora_only" trains the targeted layers' biases; "all" every bias of the
-  model (saved as PEFT saves them: ``<path>.base_layer.bias`` on targeted layers, ``<path>.bias``
-  elsewhere). ``lora_bias``: a bias on lora_B (not with DoRA nor PiSSA/OLoRA, as PEFT).
+- ``bias``: "none"; "lora_only" trains the targeted layers' biases (saved as PEFT saves them,
+  ``<path>.base_layer.bias``); "all" (every bias of the model) is refused for now: it needs
+  adapters on non-targeted modules, which the builder cannot reach.
+- ``lora_bias``: a bias on lora_B (not with DoRA nor PiSSA/OLoRA, as PEFT).
 - The adapter computes in its own dtype (float32 by default): x is cast to A's dtype and
   the update cast back to the output's dtype, as PEFT does.
 - Initialisations: see `lora_init.py` (default, "gaussian", "pissa", "pissa_niter_K",
@@ -85,6 +86,11 @@ class LoraConfig(AdapterConfig):
                 raise ValueError(str(e)) from None
         if self.lora_bias and init not in (True, False):
             raise ValueError(f"lora_bias=True needs init_lora_weights True or False, not {init!r}")
+        if self.bias == "all":
+            raise ValueError(
+                "bias='all' (train every bias of the model) is not supported yet; use "
+                "'lora_only' (the targeted layers' biases) or modules_to_save"
+            )
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True is not supported with use_dora=True (as PEFT)")
         return self
