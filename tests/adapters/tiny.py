@@ -67,3 +67,23 @@ def randomize(params, seed: int = 3, scale: float = 0.1) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in params:
         p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+TINY_WORDS = ["<s>", "<unk>"] + [f"w{i}" for i in range(2, 64)]
+
+
+def tiny_tokenizer_dir(path) -> str:
+    """A word-level tokenizer over the tiny models' 64 ids ("<s>"=0, "<unk>"=1, "w2".."w63"),
+    adding "<s>" in front like Llama's, saved as a HF tokenizer folder (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return str(path)

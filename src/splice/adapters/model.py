@@ -67,10 +67,13 @@ class AdapterModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if self._running_model_adapters():
+        running = self._running_model_adapters()
+        if len(running) > 1:
             raise AdapterStateError(
-                "generate() with an active prompt/prefix adapter is not supported yet"
+                f"generate() with several active model-level adapters {running} is not supported"
             )
+        if running:  # the adapter rewrites each step's inputs (ModelAdapter.generate)
+            return self.model_adapters[running[0]].generate(self.model, args, kwargs)
         return self.model.generate(*args, **kwargs)
 
     # -- layers -----------------------------------------------------------------------------
@@ -97,6 +100,7 @@ class AdapterModel(nn.Module):
             raise AdapterConfigError(f"an adapter named '{name}' already exists")
         method = method_for_config(config)
         if method.kind == "model":
+            config = config.for_targets(self.model, [])  # e.g. model dimensions filled in
             self.model_adapters[name] = method.build(self.model, config)
         else:
             config = self._with_default_targets(config, method)

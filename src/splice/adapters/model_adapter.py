@@ -18,6 +18,12 @@ class ModelAdapter(nn.Module):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         raise NotImplementedError
 
+    def generate(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``model.generate(*args, **kwargs)`` with this adapter applied at every step."""
+        from splice.adapters.layer import AdapterStateError
+
+        raise AdapterStateError(f"{type(self).__name__} does not support generate()")
+
     def peft_state(self) -> dict[str, Tensor]:
         return dict(self.state_dict())
 

@@ -39,7 +39,7 @@ def _task_type(model: torch.nn.Module) -> str | None:
     archs = getattr(getattr(model, "config", None), "architectures", None) or []
     cls = type(model).__name__
     for name in [cls, *archs]:
-        if name.endswith("ForCausalLM"):
+        if name.endswith(("ForCausalLM", "LMHeadModel")):  # GPT2LMHeadModel
             return "CAUSAL_LM"
         if name.endswith("ForSequenceClassification"):
             return "SEQ_CLS"
