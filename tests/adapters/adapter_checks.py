@@ -55,3 +55,51 @@ def train_lowers_loss(am: AdapterModel, name: str, steps: int = 5) -> None:
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
     assert any(not torch.equal(p, s) for p, s in zip(trainable, start))
+
+
+def conv_net(seed: int = 0) -> torch.nn.Module:
+    """A tiny conv net (3×3 and 1×1 Conv2d, and a Linear head) for the LyCORIS tests."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 6),
+    ).eval()
+
+
+def conv_peft_parity(peft_config, splice_config, tmp) -> None:
+    """PEFT -> splice and splice -> PEFT on `conv_net`, outputs equal to 1e-5."""
+    from peft import PeftModel, get_peft_model
+
+    from splice.adapters import load_adapter_model, save_adapter
+
+    x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = conv_net()(x)
+    pm = get_peft_model(conv_net(), peft_config)
+    randomize([p for p in pm.parameters() if p.requires_grad], scale=0.3)
+    pm.eval()
+    with torch.no_grad():
+        want = pm(x)
+    assert (want - base_out).abs().max() > 1e-3
+    pm.save_pretrained(tmp / "peft")
+    am = load_adapter_model(conv_net(), tmp / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(am(x), want, atol=1e-5, rtol=0)
+    am2 = AdapterModel(conv_net())
+    am2.add_adapter("default", splice_config)
+    randomize(am2.adapter_parameters("default"), seed=5, scale=0.3)
+    am2.eval()
+    with torch.no_grad():
+        want2 = am2(x)
+    assert (want2 - base_out).abs().max() > 1e-3
+    save_adapter(am2, tmp / "splice")
+    pm2 = PeftModel.from_pretrained(conv_net(), tmp / "splice").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm2(x), want2, atol=1e-5, rtol=0)
+    am2.fold("default")
+    with torch.no_grad():
+        torch.testing.assert_close(am2(x), want2, atol=1e-5, rtol=0)
