@@ -44,17 +44,22 @@ from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraL
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d, pattern_key
 
-# target_modules when unset, by HF model_type (PEFT's defaults for these architectures).
+# target_modules when unset, by HF model_type: PEFT 0.21's defaults
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
+# a test checks them against PEFT's table.
+_QV = ["q_proj", "v_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
+    **{t: _QV for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{t: _QV for t in ("gemma3_text", "opt", "bart", "gptj")},
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
     "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "t5": ["q", "v"],
 }
 
 
