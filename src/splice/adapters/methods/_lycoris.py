@@ -63,6 +63,12 @@ def kaiming_(t: Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
+def cp_factor(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
+    """Tucker/CP form of a conv factor: R[p, q, a, b] = Σ_{u,v} T[u, v, a, b] · Wa[u, p] ·
+    Wb[v, q]  (T: r×r×k1×k2, Wa: r×out, Wb: r×in -> out×in×k1×k2)."""
+    return torch.einsum("uvab,up,vq->pqab", t, wa, wb)
+
+
 def conv_shape(base: nn.Module) -> tuple[int, int, tuple[int, ...]] | None:
     """(out, in per group, kernel) of a supported base layer; kernel () for nn.Linear."""
     if isinstance(base, nn.Linear):

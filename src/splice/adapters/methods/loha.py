@@ -35,6 +35,7 @@ from splice.adapters.methods._lycoris import (
     LycorisConfig,
     LycorisModule,
     conv_shape,
+    cp_factor,
     kaiming_,
 )
 from splice.adapters.registry import adapter_method
@@ -47,11 +48,6 @@ class LoHaConfig(LycorisConfig):
 def hadamard_delta(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: float) -> Tensor:
     """s · (W1a W1b) ⊙ (W2a W2b)."""
     return (w1a @ w1b) * (w2a @ w2b) * scale
-
-
-def cp_factor(t: Tensor, wa: Tensor, wb: Tensor) -> Tensor:
-    """R[p, q, a, b] = Σ_{u,v} T[u, v, a, b] · Wa[u, p] · Wb[v, q]  (out×in×k1×k2)."""
-    return torch.einsum("uvab,up,vq->pqab", t, wa, wb)
 
 
 class LoHa(LycorisModule):
