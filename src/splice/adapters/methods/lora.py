@@ -128,7 +128,7 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
         )
         module = LoraLinear(
             base, in_f, out_f, r, s, config.lora_dropout,
-            is_conv1d(base) or config.fan_in_fan_out,
+            is_conv1d(base),  # PEFT forces fan_in_fan_out: True on Conv1D, False on Linear
             lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
         )  # fmt: skip
     elif isinstance(base, nn.Embedding):
