@@ -1,0 +1,101 @@
+"""`splice train`: train an adapter from a YAML config and/or flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+FLAG_KEYS = {
+    "model": "model",
+    "task": "task",
+    "data": "data.train",
+    "validation": "data.validation",
+    "test": "data.test",
+    "max_train_examples": "data.max_train_examples",
+    "method": "adapter.method",
+    "epochs": "epochs",
+    "steps": "steps",
+    "lr": "lr",
+    "batch_size": "batch_size",
+    "max_length": "max_length",
+    "seed": "seed",
+    "threads": "threads",
+}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from splice.train import TrainConfigError
+
+    out: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    if args.steps is not None and args.epochs is None:
+        out["epochs"] = None
+    for item in args.param or []:
+        if "=" not in item:
+            raise TrainConfigError(f"--param {item!r}: expected KEY=VALUE (e.g. r=8)")
+        k, v = item.split("=", 1)
+        out[f"adapter.{k}"] = yaml.safe_load(v)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from splice.train import load_train_config, parse_train_config, run_training
+    from splice.train.config import merge_overrides
+
+    overrides = _overrides(args)
+    if args.config:
+        cfg = load_train_config(args.config, overrides)
+    else:
+        cfg = parse_train_config(merge_overrides({}, overrides), where="flags")
+    results = run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    after = results["after"]
+    print(f"trainable params: {results['trainable_params']:,} of {results['total_params']:,}")
+    if cfg.task == "seq_cls":
+        t = after["test"]
+        acc, f1, n = t["accuracy"], t["macro_f1"], t["examples"]
+        print(f"test accuracy {acc:.4f}  macro-F1 {f1:.4f}  ({n} examples)")
+    else:
+        before = results["before"]["test"]["loss"]
+        print(f"held-out loss {before:.4f} -> {after['test']['loss']:.4f} (base -> adapted)")
+    print(f"adapter written to {args.out}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an adapter (LoRA, DoRA, IA3, ...) from a YAML config or flags",
+        description="Train an adapter. A YAML config (see `splice.train.config`) and/or "
+        "flags; flags override the config.",
+    )
+    p.add_argument("config", nargs="?", help="training config YAML")
+    p.add_argument("--out", required=True, help="output folder (a PEFT adapter folder + logs)")
+    p.add_argument("--model", help="minilm, smollm2, an HF folder or a .gguf file")
+    p.add_argument("--task", choices=["seq_cls", "causal_lm"])
+    p.add_argument("--data", help="training data: a built-in task name or a .jsonl/.csv file")
+    p.add_argument("--validation", help="validation file (default: a split of --data)")
+    p.add_argument("--test", help="test file (default: a split of --data)")
+    p.add_argument("--max-train-examples", type=int)
+    p.add_argument("--method", help="adapter method (lora, dora via lora use_dora=true, ia3, ...)")
+    p.add_argument(
+        "--param", action="append", metavar="KEY=VALUE", help="adapter parameter, repeatable"
+    )
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print all results as JSON")
+    p.set_defaults(fn=_run)

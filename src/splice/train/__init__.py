@@ -1,0 +1,19 @@
+"""Training adapters: `splice train` and a lean loop usable from Python.
+
+from splice.train import TrainConfig, run_training, fit
+"""
+
+from splice.train.config import TrainConfig, TrainConfigError, load_train_config, parse_train_config
+from splice.train.loop import evaluate_classification, evaluate_lm, fit
+from splice.train.run import run_training
+
+__all__ = [
+    "TrainConfig",
+    "TrainConfigError",
+    "evaluate_classification",
+    "evaluate_lm",
+    "fit",
+    "load_train_config",
+    "parse_train_config",
+    "run_training",
+]

@@ -1,0 +1,189 @@
+"""Training data: classification splits and causal-LM examples, tokenized into batches.
+
+Classification data comes from `splice.data` (built-in tasks or a text/label file) with its
+seeded stratified splits (80/10/10); ``max_train_examples`` caps the training split per
+class (⌈max / classes⌉ each, so classes stay balanced as far as the data allows).
+Causal-LM rows are ``text`` or ``prompt`` + ``completion``; without explicit validation /
+test files a seeded 80/10/10 split of the rows is used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splice.errors import DataError
+from splice.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class LMExample:
+    prompt: str  # no loss on these tokens ("" for plain text)
+    completion: str  # loss on these tokens
+
+
+def classification_splits(cfg: TrainConfig) -> dict[str, Any]:
+    from splice.data import load_task, make_splits
+
+    ds = load_task(cfg.data.train)
+    per_class = None
+    if cfg.data.max_train_examples:
+        per_class = math.ceil(cfg.data.max_train_examples / ds.num_classes)
+    splits = make_splits(ds, seed=cfg.seed, max_per_class={"train": per_class})
+    parts = splits.apply(ds)
+    for name in ("validation", "test"):
+        path = getattr(cfg.data, name)
+        if path:
+            other = load_task(path)
+            if tuple(other.label_names) != tuple(ds.label_names):
+                raise DataError(
+                    f"data.{name} ({path}) has classes {list(other.label_names)}, but "
+                    f"data.train has {list(ds.label_names)}"
+                )
+            parts[name] = other
+    cap = cfg.data.max_eval_examples
+    for name in ("validation", "test"):
+        if cap and len(parts[name]) > cap:
+            parts[name] = parts[name].subset(range(cap))
+    return {"parts": parts, "splits": splits, "dataset": ds}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .jsonl or .csv file."""
+    if path.suffix in (".jsonl", ".ndjson"):
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        return rows
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    raise DataError(f"{path}: expected a .jsonl or .csv file")
+
+
+def lm_examples_from_file(path: Path) -> list[LMExample]:
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    out = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: expected an object")
+        if "prompt" in row and "completion" in row:
+            out.append(LMExample(str(row["prompt"]), str(row["completion"])))
+        elif "text" in row:
+            out.append(LMExample("", str(row["text"])))
+        else:
+            raise DataError(
+                f"{path} row {i}: needs 'text', or 'prompt' and 'completion' (has {sorted(row)})"
+            )
+    return out
+
+
+def lm_splits(cfg: TrainConfig) -> dict[str, list[LMExample]]:
+    path = Path(cfg.data.train)
+    if path.suffix in (".jsonl", ".ndjson", ".csv", ".tsv") and path.exists():
+        rows = lm_examples_from_file(path)
+        order = list(range(len(rows)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(0.1 * len(rows)))
+        parts = {
+            "test": [rows[i] for i in order[:n_eval]],
+            "validation": [rows[i] for i in order[n_eval : 2 * n_eval]],
+            "train": [rows[i] for i in order[2 * n_eval :]],
+        }
+    else:  # a built-in task: train on its texts, split as for classification
+        cls = classification_splits(cfg)["parts"]
+        parts = {k: [LMExample("", t) for t in v.texts] for k, v in cls.items()}
+    for name in ("validation", "test"):
+        p = getattr(cfg.data, name)
+        if p:
+            parts[name] = lm_examples_from_file(Path(p))
+    if cfg.data.max_train_examples:
+        parts["train"] = parts["train"][: cfg.data.max_train_examples]
+    if cfg.data.max_eval_examples:
+        for name in ("validation", "test"):
+            parts[name] = parts[name][: cfg.data.max_eval_examples]
+    if not parts["train"]:
+        raise DataError(f"data.train ({cfg.data.train}): no training examples")
+    return parts
+
+
+def cls_batches(
+    texts: list[str] | tuple[str, ...],
+    labels: list[int] | tuple[int, ...],
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    order = list(range(len(texts)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer(
+            [texts[i] for i in idx],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        enc = {
+            k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        enc["labels"] = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+        yield enc
+
+
+def lm_encode(example: LMExample, tokenizer: Any, max_length: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels): prompt tokens get label −100; an EOS ends the completion."""
+    prompt = (
+        tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+    )
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion = [*completion, tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    ids = (bos + prompt + completion)[:max_length]
+    labels = ([-100] * (len(bos) + len(prompt)) + completion)[:max_length]
+    return ids, labels
+
+
+def lm_batches(
+    examples: list[LMExample],
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), batch_size):
+        encoded = [
+            lm_encode(examples[i], tokenizer, max_length) for i in order[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (i, lab) in enumerate(encoded):  # right padding
+            ids[row, : len(i)] = torch.tensor(i)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(i)] = 1
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}

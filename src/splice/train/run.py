@@ -1,0 +1,147 @@
+"""`splice train`: load model and data, inject the adapter, train, evaluate, save.
+
+The output folder is a PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``, loadable by PEFT and by splice) plus:
+
+    train_log.jsonl      one JSON record per step (loss, lr, elapsed) and per evaluation
+    eval.json            metrics before and after training, on validation and test
+    splice_train.yaml    the resolved config
+    splits.json          the classification splits (indices + data hash), to reproduce
+
+It is built in ``<out>.splice-partial`` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from splice.errors import SpliceError
+from splice.train.config import TrainConfig
+
+
+def _partial(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise SpliceError(f"{out} exists (pass --overwrite to replace it)")
+    partial = out.with_name(out.name + ".splice-partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def run_training(
+    cfg: TrainConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    from splice.adapters import AdapterModel, make_config, save_adapter
+    from splice.train import data as D
+    from splice.train.loop import evaluate_classification, evaluate_lm, fit
+    from splice.train.models import head_names, load_for_task
+
+    out = Path(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
+    if cfg.task == "seq_cls":
+        cls = D.classification_splits(cfg)
+        parts = cls["parts"]
+        label_names = list(cls["dataset"].label_names)
+        n_train = len(parts["train"])
+    else:
+        lm_parts = D.lm_splits(cfg)
+        label_names = []
+        n_train = len(lm_parts["train"])
+    partial = _partial(out, overwrite)
+    try:
+        torch.manual_seed(cfg.seed)
+        model, tok, folder = load_for_task(
+            cfg.model, cfg.task, len(label_names) or None, label_names or None
+        )
+        if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
+            adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
+        am = AdapterModel(model)
+        am.add_adapter("default", adapter_cfg)
+        trainable, total = am.trainable_parameters()
+
+        if cfg.task == "seq_cls":
+
+            def batches(split: str, seed: int | None = None):
+                p = parts[split]
+                return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
+
+            def evaluate(split: str) -> dict[str, float]:
+                return evaluate_classification(am, batches(split))
+        else:
+
+            def batches(split: str, seed: int | None = None):
+                return D.lm_batches(lm_parts[split], tok, cfg.batch_size, cfg.max_length, seed)
+
+            def evaluate(split: str) -> dict[str, float]:
+                return evaluate_lm(am, batches(split))
+
+        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+        total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
+        results: dict[str, Any] = {
+            "model": cfg.model,
+            "model_folder": str(folder),
+            "task": cfg.task,
+            "method": cfg.method,
+            "trainable_params": trainable,
+            "total_params": total,
+            "train_examples": n_train,
+            "steps": total_steps,
+        }
+        if cfg.task == "causal_lm":
+            with am.disabled():
+                results["before"] = {"test": evaluate("test")}
+        log_path = partial / "train_log.jsonl"
+        with open(log_path, "w") as log_file:
+
+            def log(record: dict[str, Any]) -> None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+
+            summary = fit(
+                am,
+                lambda epoch: batches("train", cfg.seed + epoch),
+                total_steps,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                warmup_ratio=cfg.warmup_ratio,
+                grad_clip=cfg.grad_clip,
+                log=log,
+                evaluate=lambda: evaluate("validation"),
+                eval_every=cfg.eval_every,
+                progress=progress,
+            )
+            results["train_loss"] = summary["loss"]
+            results["train_seconds"] = round(summary["seconds"], 2)
+            results["steps_per_second"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 3)
+            results["after"] = {"validation": evaluate("validation"), "test": evaluate("test")}
+            log({"final": results["after"]})
+        if label_names:
+            results["label_names"] = label_names
+        tmp_adapter = save_adapter(am, partial / "_adapter", base_model_name_or_path=str(folder))
+        for f in tmp_adapter.iterdir():
+            os.replace(f, partial / f.name)
+        tmp_adapter.rmdir()
+        (partial / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        (partial / "splice_train.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        )
+        if cfg.task == "seq_cls":
+            cls["splits"].save(partial / "splits.json", cls["dataset"])
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return results
