@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +93,23 @@ class BottleneckConfig(AdapterConfig):
     dropout: float = Field(0.0, ge=0, lt=1)
     init_weights: Literal["mam_adapter", "bert", "houlsby"] = "mam_adapter"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _placement_targets(cls, data: Any) -> Any:
+        """Unset target_modules: the placement's sites (an invalid placement is left for the
+        field check to report)."""
+        if isinstance(data, dict) and data.get("target_modules") is None:
+            placement = data.get("placement", "pfeiffer")
+            if placement in PLACEMENT_SITES:
+                data = {**data, "target_modules": placement_regex(placement)}
+        return data
+
     @model_validator(mode="after")
-    def _resolve(self) -> BottleneckConfig:
+    def _one_size(self) -> BottleneckConfig:
         if self.reduction_factor is not None and self.bottleneck_size is not None:
             raise AdapterConfigError(
                 "bottleneck: set reduction_factor or bottleneck_size, not both"
             )
-        if self.target_modules is None:  # frozen model: set the resolved default in place
-            object.__setattr__(self, "target_modules", placement_regex(self.placement))
         return self
 
     def size_for(self, hidden: int) -> int:

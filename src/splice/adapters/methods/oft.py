@@ -32,7 +32,9 @@ Linear forward; splice applies it (training only, so inference parity is unaffec
 False: N(0, 0.1²) (tests).
 
 Supports nn.Linear (as PEFT) and GPT-2 Conv1D (splice only: W stored in×out, so
-ΔW = (R_bd − I) W there; PEFT cannot load such an adapter). Saved key: ``oft_R.weight``,
+ΔW = (R_bd − I) W there; PEFT cannot load such an adapter). ``fan_in_fan_out`` is accepted
+for PEFT's config but has no effect: splice recognises Conv1D by its type (PEFT resets the
+flag to False on nn.Linear). Saved key: ``oft_R.weight``,
 shape (r, k(k−1)/2), or (1, …) with block_share.
 """
 
