@@ -1,7 +1,8 @@
 """Open a model reference as a `CheckpointReader`, choosing the reader by what is on disk.
 
-A reference is a path, or `BASE+ADAPTER` (a base checkpoint with a PEFT LoRA adapter folder
-folded in). Dispatch:
+A reference is a path, or `BASE+ADAPTER` (a base checkpoint with an adapter folder folded
+in: PEFT LoRA/DoRA by `lora_fold`; any other weight-space type, PEFT's or splice's, by
+`splice.adapters.fold_reader` through the adapter's own delta). Dispatch:
 
 - a file by suffix: `.safetensors`; `.bin` / `.pt` / `.pth` (weights-only pickle); `.gguf`;
 - a folder, first match wins: `model.safetensors.index.json`, `model.safetensors`,
@@ -65,10 +66,25 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> CheckpointReader:
     if adapter is None:
         return reader
     try:
-        return LoraFoldedReader(reader, adapter)
+        if _peft_type(Path(adapter)) == "LORA":
+            return LoraFoldedReader(reader, adapter)
+        # any other adapter type folds through its own delta (splice.adapters)
+        from splice.adapters.fold_reader import AdapterFoldedReader
+
+        return AdapterFoldedReader(reader, adapter, model_dir_of(base))
     except BaseException:
         reader.close()
         raise
+
+
+def _peft_type(adapter_dir: Path) -> str:
+    """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
+    import json
+
+    try:
+        return str(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA"))
+    except (OSError, ValueError, AttributeError):
+        return "LORA"
 
 
 def _open_path(path: Path) -> CheckpointReader:
