@@ -256,6 +256,10 @@ def test_bad_configs():
         )
     with pytest.raises(AdapterConfigError, match="decoder-only causal LMs"):
         AdapterModel(tiny_bert_cls()).add_adapter("p", PrefixTuningConfig(num_virtual_tokens=2))
+    sliding = tiny_llama()
+    sliding.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(AdapterConfigError, match="sliding-window or shared key/value layers"):
+        AdapterModel(sliding).add_adapter("p", PrefixTuningConfig(num_virtual_tokens=2))
 
 
 def test_two_model_level_adapters_cannot_generate_together():

@@ -13,6 +13,9 @@ so a query attends to the prefix as to n earlier tokens. Splice follows PEFT 0.2
   F.view(n, 2L, heads, head_dim) → key of layer l = F[:, 2l], value = F[:, 2l + 1], laid out
   (batch, heads, n, head_dim) in a transformers ``DynamicCache`` passed as ``past_key_values``.
   The prefix keys get no rotary embedding (they enter the cache as they are, as in PEFT).
+- Only models whose layers all use full attention (Llama, Mistral, Qwen2, GPT-2, ...): PEFT's
+  special cache handling of sliding-window / shared-KV layers (Gemma 2-4) is not reproduced,
+  so such models are a clear error.
 - Grouped-query attention (Llama): PEFT sizes the prefix to the key/value heads:
   token_dim = head_dim × num_key_value_heads, num_attention_heads = num_key_value_heads.
 - Reparameterization (the paper's MLP, ``prefix_projection=True``):
@@ -64,7 +67,14 @@ class PrefixTuningConfig(PromptLearningConfig):
         return self
 
     def resolved(self, model: nn.Module) -> PrefixTuningConfig:
-        dims = model_dims(check_causal_lm(model, self.method))
+        text_config = check_causal_lm(model, self.method)
+        layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"} or getattr(text_config, "num_kv_shared_layers", 0):
+            raise AdapterConfigError(
+                f"'prefix_tuning': layers of kinds {sorted(layer_types)} (sliding-window or "
+                "shared key/value layers) are not supported; full-attention models only"
+            )
+        dims = model_dims(text_config)
         num_layers = self.num_layers if self.num_layers is not None else dims["num_layers"]
         token_dim = self.token_dim if self.token_dim is not None else dims["hidden"]
         heads = self.num_attention_heads if self.num_attention_heads is not None else dims["heads"]
