@@ -22,19 +22,21 @@ adapted, by architecture —
                                                      mlp.down_proj      mlp.c_proj
     pfeiffer   output.dense (the FFN's)              mlp.down_proj      mlp.c_proj
 
-(as a regex over all of these, so one config serves each family). Where this sits relative
-to AdapterHub: in BERT, AdapterHub's adapter runs inside BertSelfOutput / BertOutput after
-``dropout(dense(·))`` and before ``LayerNorm(h + input)``; for Houlsby
-(``double_seq_bn``: original_ln_before=False, residual_before_ln=True) that is
-h + f(h) then the block's own residual and LayerNorm. splice adapts the dense layer's output,
-i.e. *before* the sub-layer dropout: identical in eval mode; in training AdapterHub's
-adapter sees dropout(h), splice's sees h (the dropout then applies to h + f(h)).
-AdapterHub's Pfeiffer preset (``seq_bn``: original_ln_before=True) additionally feeds the
-adapter LN(h + input) with residual h and applies the LayerNorm again after; splice's
-"pfeiffer" is that *placement* (one adapter per block, after the FFN) with the Houlsby
-form above, so its weights do not transfer to AdapterHub's seq_bn (nor does splice read
-AdapterHub folders). For pre-LN models (Llama, GPT-2) the adapted output is the sub-layer
-output before the residual add, as in AdapterHub.
+(as a regex over all of these, so one config serves each family). splice applies the adapter
+to the named module's output h, so h ← h + f(h) happens before the block's residual add (and,
+in BERT, before the sub-layer's dropout and LayerNorm). Relation to AdapterHub (read from
+``adapters``' Adapter.pre_forward / post_forward and its model mixins):
+- Houlsby (``double_seq_bn``: original_ln_before=False, residual_before_ln=True): AdapterHub
+  computes h + f(h) on the sub-layer output and then the block's own residual (and, BERT,
+  LayerNorm(· + input)). Llama: identical (the sub-layer output *is* o_proj's / down_proj's
+  output). BERT / GPT-2: AdapterHub's h is dropout(dense(·)) (GPT-2: resid_dropout(c_proj(·))),
+  splice's is the projection's output: identical in eval mode; in training the dropout falls
+  on h + f(h) instead of on h.
+- Pfeiffer (``seq_bn``: original_ln_before=True): AdapterHub feeds the adapter the residual
+  stream *after* the add (Llama: f(h + x); BERT: f(LN(h + x)) with the LayerNorm applied again
+  after). splice's "pfeiffer" is that *placement* (one adapter per block, after the FFN)
+  with the Houlsby form h + f(h): not numerically AdapterHub's seq_bn, so weights do not
+  transfer between the two (splice does not read AdapterHub folders in any case).
 
 Splice-only (PEFT has no bottleneck adapter): saved as ``SPLICE_BOTTLENECK`` in the same
 folder layout, keys ``<module path>.adapter_down.weight|bias``, ``adapter_up.weight|bias``.
