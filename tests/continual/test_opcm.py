@@ -66,3 +66,19 @@ def test_lambda_bookkeeping():
     s = OpcmState(task_vector_norms=[2.0, 4.0])
     assert s.next_lambda(6.0, 10.0) == (pytest.approx(2.5), pytest.approx(4.0))
     assert OpcmState.from_json(s.to_json()) == s
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5)])
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.9])
+def test_thin_svd_equals_the_reference_full_svd_projection(shape, alpha):
+    g = torch.Generator().manual_seed(5)
+    prev = torch.randn(shape, generator=g, dtype=torch.float64)
+    tau = torch.randn(shape, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(prev, full_matrices=True)  # the reference's way
+    k = int(((s.cumsum(0) / s.sum()) > alpha).float().argmax())
+    p = u.T @ tau @ vh.T
+    p.diagonal().fill_(0)
+    p[:k, :k] = 0
+    expected = 1.5 * prev + u @ p @ vh
+    got = opcm_projected_update(prev, tau, alpha=alpha, prev_lambda=1.5, project=True)
+    torch.testing.assert_close(got, expected)

@@ -25,8 +25,9 @@ then over the whole model (the driver's second pass):
     τ̄_{t+1} = u / λ_{t+1}                     (the merged task vector keeps norm n̄)
 
 Choices (all as the reference code):
-- Full SVD (``full_matrices=True``) and the diagonal of every singular pair removed, also
-  beyond the rank of τ̄_t; the split index is the first *strict* exceedance of α.
+- The diagonal of every singular pair is removed, also beyond the rank of τ̄_t; the split
+  index is the first *strict* exceedance of α. The reference uses the full SVD; splice
+  computes the same matrix from the thin SVD (see `opcm_projected_update`).
 - A zero τ̄_t (nothing merged in that tensor yet) has no subspace: k = 0, only the diagonal
   of Uᵀ τ V (U = V = I up to signs from the SVD of zeros) is removed — as the reference would.
 - Which tensors are projected: the reference projects the weights of ``nn.Linear`` modules.
@@ -66,16 +67,21 @@ def opcm_projected_update(
 ) -> Tensor:
     """u = λ_t τ̄_t + τ' for one tensor (see the module docstring); float32 or float64 in,
     same dtype out. Inputs are not modified."""
-    if project:
-        u, s, vh = torch.linalg.svd(merged_tv, full_matrices=True)
-        k = opcm_split_rank(s, alpha)
-        p = u.T @ task_tv @ vh.T
-        p.diagonal().zero_()
-        p[:k, :k] = 0
-        cleaned = u @ p @ vh
-    else:
-        cleaned = task_tv
-    return merged_tv * prev_lambda + cleaned
+    if not project:
+        return merged_tv * prev_lambda + task_tv
+    # The reference's full-SVD projection, computed from the thin SVD: the zeroed entries
+    # of P = Uᵀ τ V (the diagonal i < r = min(m, n) and the block [:k, :k]) involve only
+    # the first r columns of U and V, so
+    #   τ' = τ − U_k (U_kᵀ τ V_k) V_kᵀ − Σ_{k <= i < r} u_i (u_iᵀ τ v_i) v_iᵀ
+    # which is the same matrix at O(m n r) instead of O(m² n) cost and memory.
+    u, s, vh = torch.linalg.svd(merged_tv, full_matrices=False)
+    k = opcm_split_rank(s, alpha)
+    uk, vhk = u[:, :k], vh[:k]
+    removed = uk @ (uk.T @ task_tv @ vhk.T) @ vhk
+    ut, vht = u[:, k:], vh[k:]
+    d = ((ut.T @ task_tv) * vht).sum(1)  # u_iᵀ τ v_i for k <= i < r
+    removed += (ut * d) @ vht
+    return merged_tv * prev_lambda + (task_tv - removed)
 
 
 @dataclass
