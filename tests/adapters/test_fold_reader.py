@@ -63,7 +63,7 @@ def test_activation_space_adapter_is_refused(tmp_path):
         make_config("bottleneck", {"target_modules": ["down_proj"], "bottleneck_size": 4}),
     )
     save_adapter(am, tmp_path / "adapter")
-    with pytest.raises(CheckpointError, match="cannot be folded|no weight delta|activations"):
+    with pytest.raises(CheckpointError, match=r"cannot be folded|no weight delta|activations"):
         r = open_checkpoint(f"{base_dir}+{tmp_path / 'adapter'}")
         for n in r.names():
             if r.is_modified(n):
