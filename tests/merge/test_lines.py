@@ -72,3 +72,73 @@ def test_engine_fills_the_layer_context(tmp_path):
         "model.layers.2.mlp.weight": 1.5,
         "model.norm.weight": 0.5,
     }
+
+
+def _merge(tmp_path, recipe, name):
+    plan = plan_merge(parse_recipe(recipe))
+    try:
+        run_merge(plan, tmp_path / name, progress=False)
+    finally:
+        plan.close()
+    r = open_checkpoint(str(tmp_path / name))
+    got = {n: r.read(n) for n in r.names()}
+    r.close()
+    return got
+
+
+def test_post_step_scales_any_methods_task_vector(tmp_path):
+    base, a, b = (_folder(tmp_path / n, v) for n, v in (("base", 0.0), ("a", 1.0), ("b", 3.0)))
+    models = [{"model": a}, {"model": b}]
+    # TIES (density 1, disjoint mean of agreeing signs): merged δ = (1 + 3) / 2 = 2 everywhere;
+    # the post-step scales it by 0.5 + 1.0·l/2 -> layers 1, 2, 3 ... and the norm 1.0
+    got = _merge(
+        tmp_path,
+        {
+            "method": "ties",
+            "base_model": base,
+            "models": models,
+            "lines": {"alpha": 0.5, "beta": 1.0},
+        },
+        "ties",
+    )
+    want = {
+        "model.layers.0.mlp.weight": 1.0,
+        "model.layers.1.mlp.weight": 2.0,
+        "model.layers.2.mlp.weight": 3.0,
+        "model.norm.weight": 1.0,
+    }
+    assert {n: float(t[0, 0]) for n, t in got.items()} == want
+    # task arithmetic + the post-step is the `lines` method itself
+    post = _merge(
+        tmp_path,
+        {
+            "method": "task_arithmetic",
+            "base_model": base,
+            "models": models,
+            "lines": {"alpha": 0.25, "beta": 0.5},
+        },
+        "ta",
+    )
+    own = _merge(
+        tmp_path,
+        {
+            "method": "lines",
+            "base_model": base,
+            "models": models,
+            "parameters": {"alpha": 0.25, "beta": 0.5},
+        },
+        "lines",
+    )
+    for n in own:
+        torch.testing.assert_close(post[n], own[n], rtol=0, atol=0)
+
+
+def test_post_step_needs_a_base_using_method(tmp_path):
+    from splice.errors import MergeValidationError, RecipeError
+
+    base, a = _folder(tmp_path / "base", 0.0), _folder(tmp_path / "a", 1.0)
+    recipe = {"method": "linear", "models": [{"model": base}, {"model": a}]}
+    with pytest.raises(MergeValidationError, match="takes no base_model"):
+        plan_merge(parse_recipe({**recipe, "lines": {"alpha": 0.5, "beta": 0.5}}))
+    with pytest.raises(RecipeError, match="gamma"):
+        parse_recipe({**recipe, "lines": {"alpha": 0.5, "beta": 0.5, "gamma": 1}})

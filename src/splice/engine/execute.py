@@ -37,6 +37,7 @@ from splice.engine.plan import MergePlan, TensorJob, layer_index
 from splice.engine.topk import keep_rules
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.merge import KeepRule, MergeContext
+from splice.merge.methods.lines import lines_scale
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -156,8 +157,15 @@ class _Runner:
                 layer_index=layer_index(job.out.name),
                 num_layers=self.num_layers,
             )
+            post = self.plan.recipe.lines
+            # Methods may modify their inputs in place: the post-step keeps its own base.
+            kept = base.clone() if post is not None and base is not None else None
             out = self.plan.method(base, tensors, ctx, **job.params)
-            del base, tensors
+            if kept is not None:
+                assert post is not None
+                s = lines_scale(post.alpha, post.beta, ctx.layer_index, ctx.num_layers)
+                out = kept.add_(out.to(cd).sub_(kept), alpha=s)
+            del base, tensors, kept
         out = out.to(job.out.dtype).contiguous()
         self.writer.write(job.out.name, out)
         return out.numel() * out.element_size()

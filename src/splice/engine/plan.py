@@ -388,7 +388,12 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = 
     """Open inputs (headers only) and plan every output tensor. Raises before any heavy work."""
     opened: dict[str, CheckpointReader] = dict(readers or {})
     try:
-        get_method(recipe.method_name)  # unknown method: fail before opening files
+        method = get_method(recipe.method_name)  # unknown method: fail before opening files
+        if recipe.lines is not None and not method.needs_base:
+            raise MergeValidationError(
+                f"the LiNeS post-step (`lines:`) scales the merged task vector (merged - base); "
+                f"method '{method.name}' takes no base_model, so it has none"
+            )
         for ref in referenced_models(recipe):
             if ref not in opened:
                 opened[ref] = open_checkpoint(ref)

@@ -21,6 +21,9 @@ Keys (both dialects unless marked):
     on_missing              (splice) a tensor of the reference model that some input lacks:
                             "error" (default) | "base" (copy the reference's tensor) | "drop"
     name                    (splice) free-form label stored with the output
+    lines                   (splice) LiNeS post-step {alpha, beta}: the merged task vector
+                            (merged − base) of a base-using method is scaled by
+                            α + β·l/(L−1) in layer l (α outside layers); see merge/methods/lines.py
 
 A parameter setting is a scalar, a gradient (list of numbers interpolated over the layer
 index, as mergekit), or a list of ``{filter, value}`` where ``filter`` is a substring of the
@@ -103,6 +106,14 @@ class OutputSlice(BaseModel):
         return v
 
 
+class LinesStep(BaseModel):
+    """LiNeS as a post-step of any base-using method (`lines:` in a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float
+    beta: float
+
+
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -121,6 +132,7 @@ class Recipe(BaseModel):
     seed: int = 0
     on_missing: Literal["error", "base", "drop"] = "error"
     name: str | None = None
+    lines: LinesStep | None = None
 
     _ref = field_validator("base_model", mode="before")(_check_ref)
 

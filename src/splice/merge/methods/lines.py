@@ -16,8 +16,9 @@ Choices:
   single fine-tuned model it uses α small and α + β = 1 (the last layer keeps the full
   update); for multi-task merging both are tuned (α is usually near the merging method's
   own scaling, e.g. 1/T for a sum of T task vectors).
-- The merged task vector here is task arithmetic's (Σ w_i δ_i); `lines_scale` is the pure
-  scaling rule, usable as a post-step of any method.
+- The merged task vector here is task arithmetic's (Σ w_i δ_i). As a post-step of any
+  base-using method, a recipe's ``lines: {alpha, beta}`` key makes the engine scale that
+  method's merged task vector (merged − base) by the same s(l) (`lines_scale`).
 - Needs the engine's layer context (``ctx.layer_index`` / ``ctx.num_layers``); called
   without it (a bare tensor), every tensor is "outside layers" and gets α.
 """
