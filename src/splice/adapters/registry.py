@@ -34,6 +34,7 @@ class AdapterMethod:
     peft_type: str  # PEFT's type name, or "SPLICE_<NAME>" for methods PEFT lacks
     in_peft: bool  # PEFT has this method (its adapters load in PEFT)
     default_targets: Callable[[str], list[str] | None] | None = None
+    folds: bool = True  # the adapter is a weight delta that folds into the base exactly
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -47,10 +48,13 @@ def adapter_method(
     peft_type: str | None = None,
     kind: Kind = "layer",
     default_targets: Callable[[str], list[str] | None] | None = None,
+    folds: bool | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``build`` for ``config_cls``. ``name`` defaults to the config's `method`.
     ``peft_type`` None means PEFT lacks the method: splice writes ``SPLICE_<NAME>``.
-    ``default_targets(model_type)`` gives target_modules when a config leaves them unset."""
+    ``default_targets(model_type)`` gives target_modules when a config leaves them unset.
+    ``folds`` (default: ``kind == "layer"``) says whether the adapter is a weight delta that
+    folds into the base; activation-space layer adapters (bottleneck) pass ``False``."""
 
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         method_name = name or config_cls.method
@@ -62,7 +66,14 @@ def adapter_method(
         config_cls.method = method_name
         config_cls.peft_type = ptype
         m = AdapterMethod(
-            method_name, config_cls, build, kind, ptype, peft_type is not None, default_targets
+            method_name,
+            config_cls,
+            build,
+            kind,
+            ptype,
+            peft_type is not None,
+            default_targets,
+            kind == "layer" if folds is None else folds,
         )
         _METHODS[method_name] = m
         _BY_PEFT_TYPE[ptype] = m

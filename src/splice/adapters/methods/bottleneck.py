@@ -156,7 +156,7 @@ class BottleneckAdapter(AdapterModule):
         return result + update.to(result.dtype)
 
 
-@adapter_method(BottleneckConfig, name="bottleneck")
+@adapter_method(BottleneckConfig, name="bottleneck", folds=False)
 def build_bottleneck(base: nn.Module, config: BottleneckConfig, path: str) -> AdapterModule | None:
     if isinstance(base, nn.Linear):
         hidden = base.out_features
