@@ -177,3 +177,19 @@ def test_default_targets_match_peft_table():
 
     for model_type, targets in DEFAULT_TARGETS.items():
         assert targets == peft[model_type], model_type
+
+
+def test_new_adapter_follows_the_models_mode():
+    # An adapter added to a model in eval mode must not apply dropout (nn.Module starts in
+    # train mode); one added in train mode does.
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.eval()
+    am = AdapterModel(model)
+    am.add_adapter("a", LoraConfig(r=2, lora_dropout=0.9, target_modules=["0"]))
+    randomize(am.adapter_parameters("a"))
+    assert not am.model[0].adapters["a"].training
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(am(x), am(x))
+    am.train()
+    am.add_adapter("b", LoraConfig(r=2, lora_dropout=0.9, target_modules=["0"]))
+    assert am.model[0].adapters["b"].training

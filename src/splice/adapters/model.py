@@ -108,6 +108,13 @@ class AdapterModel(nn.Module):
         if config.modules_to_save:
             self._inject_full_copies(name, config.modules_to_save)
         self.configs[name] = config
+        # New modules start in train mode (nn.Module's default); follow the model's mode, so
+        # an adapter added to a model in eval mode has no active dropout.
+        mode = self.model.training
+        for _, module in self.named_adapter_modules(name):
+            module.train(mode)
+        if name in self.model_adapters:
+            self.model_adapters[name].train(mode)
         self._freeze_base()
         for p in self.adapter_parameters(name):
             p.requires_grad_(True)
