@@ -1,0 +1,205 @@
+"""`splice bench` configuration: a small strict YAML (unknown keys are errors).
+
+    model: minilm                 # packaged name, or an HF folder of an encoder classifier
+    tasks: [tweet_sentiment, bbc_news, spam, wordnet_supersense]   # built-in names or files
+    kinds: [full, lora]           # the expert pools: full fine-tunes and LoRA fine-tunes
+    data:
+      split_seed: 0               # seeded stratified 80/10/10 split (splice.data.make_splits)
+      train_per_class: 200        # each cap is per class, and the per-task maximum divides
+      train_max: 1200             #   over the classes: min(per_class, ceil(max / classes))
+      validation_per_class: 100
+      validation_max: 200
+      test_per_class: 100
+      test_max: 500
+    training:                     # shared by every expert and the multi-task baseline
+      epochs: 2
+      batch_size: 16
+      max_length: 64              # tokens per example (truncation)
+      warmup_ratio: 0.06          # linear warm-up, then linear decay to 0
+      weight_decay: 0.0
+      grad_clip: 1.0
+      head_lr: 2.0e-3             # the new classification head's learning rate
+      seed: 0                     # torch seed: head init, dropout, batch order
+    full:
+      lr: 1.0e-4                  # backbone learning rate of full fine-tuning
+    lora:
+      lr: 1.0e-3
+      r: 8
+      alpha: 16
+      dropout: 0.0
+      target_modules: [query, value]
+    baselines:
+      probe: true                 # frozen pretrained backbone, head trained (linear probe)
+      multitask: true             # one backbone fine-tuned on the union, one head per task
+    merge:
+      methods: core               # core | all | a list of registered method names
+      sweep: true                 # validation sweep of each method's main coefficient
+      params: {}                  # per-method parameter overrides: {ties: {density: 0.3}}
+      grids: {}                   # per-method sweep overrides: {ties: {lambda: [0.8, 1.0]}}
+      seed: 0                     # seed of random methods (DARE, DELLA)
+    eval_batch_size: 64
+    precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
+    threads: null                 # torch CPU threads (null: torch's default)
+
+Choices: the caps keep every split class-balanced as far as the data allows, so chance
+accuracy is 1/classes; the test split is the seeded split's test part, never seen in
+training or in the sweep (which uses validation only).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from splice.errors import SpliceError
+
+
+class BenchConfigError(SpliceError):
+    """A bench config is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSizes(_Strict):
+    split_seed: int = 0
+    train_per_class: int = Field(200, gt=0)
+    train_max: int = Field(1200, gt=0)
+    validation_per_class: int = Field(100, gt=0)
+    validation_max: int = Field(200, gt=0)
+    test_per_class: int = Field(100, gt=0)
+    test_max: int = Field(500, gt=0)
+
+
+class TrainingSettings(_Strict):
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(64, gt=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    head_lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class FullSettings(_Strict):
+    lr: float = Field(1e-4, gt=0)
+
+
+class LoraSettings(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+
+
+class Baselines(_Strict):
+    probe: bool = True
+    multitask: bool = True
+
+
+class MergeSettings(_Strict):
+    methods: Literal["core", "all"] | list[str] = "core"
+    sweep: bool = True
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _nonempty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty method list (use core, all, or name methods)")
+        return v
+
+    @field_validator("grids")
+    @classmethod
+    def _one_param(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for method, grid in v.items():
+            if len(grid) != 1:
+                raise ValueError(f"grids.{method}: sweep exactly one parameter, got {list(grid)}")
+            values = next(iter(grid.values()))
+            if not values:
+                raise ValueError(f"grids.{method}: an empty grid")
+        return v
+
+
+class BenchConfig(_Strict):
+    model: str = "minilm"
+    tasks: list[str] = Field(min_length=2)
+    kinds: list[Literal["full", "lora"]] = Field(
+        default_factory=lambda: ["full", "lora"], min_length=1
+    )
+    data: DataSizes = Field(default_factory=DataSizes)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    full: FullSettings = Field(default_factory=FullSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    baselines: Baselines = Field(default_factory=Baselines)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    eval_batch_size: int = Field(64, gt=0)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    threads: int | None = Field(None, gt=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks must be distinct, got {v}")
+        return v
+
+    @field_validator("kinds")
+    @classmethod
+    def _distinct_kinds(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"kinds must be distinct, got {v}")
+        return v
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The config class that holds the key at ``loc`` (for 'did you mean')."""
+    cls: type[BaseModel] = BenchConfig
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            cls = sub
+        else:
+            break
+    return cls
+
+
+def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
+    """Validate ``data`` (a mapping); errors name the key's path and the closest valid key."""
+    if not isinstance(data, dict):
+        raise BenchConfigError(f"{where}: expected a mapping at the top level")
+    try:
+        return BenchConfig(**data)
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
+        err = errors[0]  # a typo'd key first: it usually explains a missing one
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            fields = list(_model_at(loc).model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+            msg += f"; valid keys here: {', '.join(fields)}"
+        raise BenchConfigError(f"{where}: '{path}': {msg}") from None
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise BenchConfigError(f"{p}: no such file") from None
+    except yaml.YAMLError as e:
+        raise BenchConfigError(f"{p}: not valid YAML ({e})") from None
+    return parse_bench_config(data or {}, where=str(p))

@@ -1,0 +1,181 @@
+"""Which registered merge methods the bench runs, with which defaults and sweep grids.
+
+One table, `TABLE`: per method, the parameters the bench sets on top of splice's own
+defaults (only where splice has no default, or where splice's default is not the paper's
+recommended setting) and the main coefficient swept on validation data (where the paper
+tunes one). Every choice carries its source. A method not in the table runs with splice's
+defaults and no sweep; one that cannot run on N experts is skipped with the reason:
+
+- it takes a fixed number of models (slerp, passthrough: one besides the base);
+- it needs a parameter that has no default (lines: alpha, beta; metrics_weighted: each
+  model's metric, i.e. data); a config's ``merge.params`` can supply it.
+
+Grids share their points across methods (0.3 / 0.5 / 0.7 / 1.0 for task-vector sums, 0.6 /
+1.0 / 1.4 / 1.8 for disjoint means) so the plot compares like with like; four points per
+method keeps the 4-task run inside its time budget.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from splice.errors import SpliceError
+from splice.merge import all_methods, get_method
+
+SUM_GRID = [0.3, 0.5, 0.7, 1.0]  # task-vector sums: Task Arithmetic's λ range
+MEAN_GRID = [0.6, 1.0, 1.4, 1.8]  # disjoint means (TIES family): brackets λ = 1
+ISO_GRID = [0.5, 1.0, 1.5, 2.0]  # isotropic spectra: brackets α = 1
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    defaults: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[str, list[Any]] | None = None
+
+
+TABLE: dict[str, MethodSpec] = {
+    # Weight averaging (model soups, Wortsman et al. 2022): no coefficient.
+    "linear": MethodSpec(),
+    # Task Arithmetic (Ilharco et al. 2023): λ picked on validation from {0, 0.05, …, 1};
+    # splice's default λ = 1 is the plain sum.
+    "task_arithmetic": MethodSpec(sweep=("lambda", SUM_GRID)),
+    # TIES (Yadav et al. 2023): keep the top k = 20% (splice's default density 1.0 trims
+    # nothing); the paper's recommendation without validation is k = 20%, λ = 1, and it
+    # tunes λ on validation otherwise.
+    "ties": MethodSpec({"density": 0.2}, ("lambda", MEAN_GRID)),
+    # DARE (Yu et al. 2024) on TIES / on Task Arithmetic: drop rate 0.5 as FusionBench's
+    # dare/ties_merging.yaml and dare/task_arithmetic.yaml (sparsity_ratio 0.5); the paper
+    # sweeps the drop rate and the merge's own coefficient.
+    "dare_ties": MethodSpec({"density": 0.5}, ("lambda", MEAN_GRID)),
+    "dare_linear": MethodSpec({"density": 0.5}, ("lambda", SUM_GRID)),
+    # Model Breadcrumbs (Davari & Belilovsky 2023): density 0.9 / gamma 0.01 as mergekit's
+    # documented example (drop the top 1% and the bottom 9% per row); λ tuned as TA.
+    "breadcrumbs": MethodSpec({"density": 0.9, "gamma": 0.01}, ("lambda", SUM_GRID)),
+    "breadcrumbs_ties": MethodSpec({"density": 0.9, "gamma": 0.01}, ("lambda", MEAN_GRID)),
+    # Consensus / TALL masks (Wang et al. 2024): k = 2, λ_tall 0.4 (splice's defaults, the
+    # middle of the paper's grid); the task-arithmetic λ is tuned on validation.
+    "consensus": MethodSpec(sweep=("lambda", SUM_GRID)),
+    # TSV-M (Gargiulo et al. 2025): α = 1, used without validation in the paper.
+    "tsv": MethodSpec(),
+    # Iso-C / Iso-CTS (Marczak et al. 2025): α tuned on validation.
+    "iso_c": MethodSpec(sweep=("lambda", ISO_GRID)),
+    "iso_cts": MethodSpec(sweep=("lambda", ISO_GRID)),
+    # MagMax (Marczak et al. 2024): λ = 0.5 is splice's default (the released code's).
+    "magmax": MethodSpec(sweep=("lambda", SUM_GRID)),
+    # PCB (Du et al. 2024): ratio 0.1 (splice's default); λ tuned on validation.
+    "pcb": MethodSpec(sweep=("lambda", MEAN_GRID)),
+    # DELLA (Deep et al. 2024): drop 0.5 as DARE above, ε 0.15 (splice's default).
+    "della": MethodSpec({"density": 0.5}, ("lambda", MEAN_GRID)),
+    "della_linear": MethodSpec({"density": 0.5}, ("lambda", SUM_GRID)),
+    # Magnitude pruning of each task vector to TIES's k = 20%, then TA.
+    "magnitude_prune": MethodSpec({"density": 0.2}, ("lambda", SUM_GRID)),
+    # Multi-SLERP: equal weights (the barycentre), no coefficient.
+    "multislerp": MethodSpec({"weight": 1.0}),
+}
+
+# The quick, widely compared methods: the 4-task run and the demo use these.
+CORE = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "consensus",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "magmax",
+    "pcb",
+    "model_stock",
+]
+
+
+@dataclass(frozen=True)
+class PlannedMethod:
+    """A method to run: the parameters of its default row and its sweep, if any."""
+
+    name: str
+    params: dict[str, Any]
+    sweep: tuple[str, list[Any]] | None
+    random: bool
+
+
+@dataclass(frozen=True)
+class SkippedMethod:
+    name: str
+    reason: str
+
+
+def _names(selection: str | list[str]) -> list[str]:
+    known = [m.name for m in all_methods()]
+    if selection == "all":
+        return known
+    if selection == "core":
+        return list(CORE)
+    for name in selection:
+        get_method(name)  # unknown: an error naming the closest
+    return list(selection)
+
+
+def check_overrides(
+    params: dict[str, dict[str, Any]], grids: dict[str, dict[str, list[Any]]]
+) -> None:
+    """Unknown methods or parameters in ``merge.params`` / ``merge.grids`` are errors."""
+    for where, table in (("merge.params", params), ("merge.grids", grids)):
+        for method, values in table.items():
+            m = get_method(method)
+            names = [p.name for p in m.params]
+            for key in values:
+                if key not in names:
+                    close = difflib.get_close_matches(key, names, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise SpliceError(
+                        f"{where}.{method}: '{key}' is not a parameter of {method}{hint}; "
+                        f"its parameters: {names or 'none'}"
+                    )
+
+
+def select_methods(
+    selection: str | list[str],
+    n_models: int,
+    params: dict[str, dict[str, Any]] | None = None,
+    grids: dict[str, dict[str, list[Any]]] | None = None,
+    sweep: bool = True,
+) -> tuple[list[PlannedMethod], list[SkippedMethod]]:
+    """The methods of ``selection`` that apply to ``n_models`` experts, and the rest with
+    the reason each is skipped."""
+    params, grids = params or {}, grids or {}
+    check_overrides(params, grids)
+    planned: list[PlannedMethod] = []
+    skipped: list[SkippedMethod] = []
+    for name in _names(selection):
+        m = get_method(name)
+        if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
+            count = (
+                f"exactly {m.min_models}"
+                if m.max_models == m.min_models
+                else f"at least {m.min_models}"
+            )
+            skipped.append(SkippedMethod(name, f"takes {count} model(s), the pool has {n_models}"))
+            continue
+        spec = TABLE.get(name, MethodSpec())
+        chosen = {**spec.defaults, **params.get(name, {})}
+        missing = [
+            p.name
+            for p in m.params
+            if p.default is inspect.Parameter.empty and p.name not in chosen
+        ]
+        if missing:
+            skipped.append(
+                SkippedMethod(name, f"needs {', '.join(missing)}, which have no default")
+            )
+            continue
+        grid = spec.sweep
+        if name in grids:
+            grid = next(iter(grids[name].items()))
+        planned.append(PlannedMethod(name, chosen, grid if sweep else None, m.random))
+    return planned, skipped

@@ -1,0 +1,140 @@
+"""The bench's outputs: the results table, results.json, and two plots.
+
+Table (one section per expert kind): a row per model (baselines, then merges ranked by
+normalized accuracy), a column per task's test accuracy, the average accuracy, and the
+normalized accuracy = mean over tasks of acc(row, task) / acc(the kind's expert for that
+task, task) (`splice.data.mean_normalized_accuracy`; Ilharco et al. 2023). Baselines
+(linear probe, multi-task) appear in every section, normalized by that section's experts.
+
+Plots (matplotlib, Agg backend, PNG): ``accuracy_by_method.png`` (average test accuracy
+per merge, default and tuned, with the experts / multi-task / probe as reference lines)
+and ``accuracy_vs_coefficient.png`` (average validation accuracy over each swept grid).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from splice.data import mean_normalized_accuracy, normalized_accuracy
+
+Row = dict[str, Any]
+
+
+def score_row(test: Mapping[str, float], experts: Mapping[str, float]) -> dict[str, Any]:
+    """Average accuracy, normalized accuracy per task and on average, for one row."""
+    tasks = list(experts)
+    return {
+        "avg": sum(test[t] for t in tasks) / len(tasks),
+        "normalized": {t: normalized_accuracy(test[t], experts[t]) for t in tasks},
+        "avg_normalized": mean_normalized_accuracy({t: test[t] for t in tasks}, experts),
+    }
+
+
+def section_rows(rows: Sequence[Row], kind: str, experts: Mapping[str, float]) -> list[Row]:
+    """The rows of ``kind``'s section, scored against its experts: baselines in order,
+    then merges by normalized accuracy (best first)."""
+    out = []
+    for r in rows:
+        if r["kind"] not in (kind, "shared"):
+            continue
+        out.append({**r, **score_row(r["test"], experts)})
+    base = [r for r in out if r["group"] == "baseline"]
+    merged = sorted((r for r in out if r["group"] == "merged"), key=lambda r: -r["avg_normalized"])
+    return base + merged
+
+
+def row_label(r: Row) -> tuple[str, str]:
+    setting = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items())
+    if r.get("variant"):
+        setting = f"{r['variant']}: {setting}" if setting else r["variant"]
+    return r["method"], setting
+
+
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    head = ["model", "setting", *tasks, "avg acc", "norm. acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name, setting = row_label(r)
+        cells = [name, setting]
+        cells += [f"{100 * r['test'][t]:.1f}" for t in tasks]
+        cells += [f"{100 * r['avg']:.1f}", f"{100 * r['avg_normalized']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_tables(results: Mapping[str, Any]) -> str:
+    """Markdown: one table per kind, with the chance level of each task under it."""
+    tasks = list(results["tasks"])
+    parts = []
+    for kind, section in results["tables"].items():
+        parts.append(f"### {kind} experts\n")
+        parts.append(markdown_table(section, tasks))
+        parts.append("")
+    chance = ", ".join(f"{t} {100 / results['tasks'][t]['classes']:.1f}" for t in tasks)
+    parts.append(f"Test accuracy in %; chance (balanced test sets): {chance}.")
+    return "\n".join(parts) + "\n"
+
+
+def write_json(path: Path, results: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def plot_methods(path: Path, results: Mapping[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["tables"])
+    n = max(len([r for r in results["tables"][k] if r["group"] == "merged"]) for k in kinds)
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(6.5 * len(kinds), 1.2 + 0.3 * max(n, 4)), squeeze=False
+    )
+    for ax, kind in zip(axes[0], kinds):
+        rows = [r for r in results["tables"][kind] if r["group"] == "merged"][::-1]
+        labels = [" ".join(x for x in row_label(r) if x) for r in rows]
+        colors = ["tab:orange" if r.get("variant") == "tuned" else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), [100 * r["avg"] for r in rows], color=colors)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        styles = {"experts": "k-", "multi-task": "g--", "linear probe": "r:"}
+        for r in results["tables"][kind]:
+            if r["group"] == "baseline" and r["method"] in styles:
+                ax.axvline(
+                    100 * r["avg"],
+                    linestyle=styles[r["method"]][1:],
+                    color=styles[r["method"]][0],
+                    label=r["method"],
+                )
+        ax.set_xlabel("average test accuracy (%)")
+        ax.set_title(f"{kind} experts (blue: default, orange: tuned on validation)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweeps(path: Path, results: Mapping[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["tables"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for s in results["sweeps"]:
+            if s["kind"] != kind:
+                continue
+            xs = [p["value"] for p in s["points"]]
+            ys = [100 * p["avg"] for p in s["points"]]
+            ax.plot(xs, ys, marker="o", label=f"{s['method']} ({s['param']})")
+        ax.set_xlabel("coefficient")
+        ax.set_ylabel("average validation accuracy (%)")
+        ax.set_title(f"{kind} experts: sweep on validation", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

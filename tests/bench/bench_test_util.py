@@ -1,0 +1,30 @@
+"""Helpers of the bench tests: the tiny run's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_config(model: Path, tasks: list[Path], **over) -> dict:
+    cfg = {
+        "model": str(model),
+        "tasks": [str(p) for p in tasks],
+        "data": {"train_per_class": 60, "validation_max": 60, "test_max": 90},
+        "training": {"epochs": 12, "batch_size": 16, "max_length": 16, "head_lr": 0.01},
+        "full": {"lr": 0.001},
+        "lora": {
+            "lr": 0.005,
+            "r": 8,
+            "alpha": 16,
+            "target_modules": ["query", "key", "value", "dense"],
+        },
+        "merge": {
+            "methods": ["linear", "task_arithmetic", "ties"],
+            "grids": {"task_arithmetic": {"lambda": [0.5, 1.0]}, "ties": {"lambda": [0.6, 1.0]}},
+        },
+        "precision": "float32",
+        "eval_batch_size": 32,
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    return cfg

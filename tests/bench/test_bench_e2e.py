@@ -1,0 +1,115 @@
+"""One end-to-end `splice bench` run on a tiny BERT and two synthetic tasks (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from bench_test_util import tiny_config
+from safetensors.torch import load_file
+
+from splice.bench import parse_bench_config, run_bench
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert, tiny_tasks, tmp_path_factory):
+    """One run for the module (its cache stays set for the module's tests)."""
+    root = tmp_path_factory.mktemp("bench-e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPLICE_CACHE", str(root / "cache"))
+        cfg = parse_bench_config(tiny_config(tiny_bert, tiny_tasks))
+        out = root / "out"
+        yield cfg, out, run_bench(cfg, out, progress=False)
+
+
+def test_outputs_and_experts(run):
+    _, out, res = run
+    for name in (
+        "results.json",
+        "results.md",
+        "accuracy_by_method.png",
+        "accuracy_vs_coefficient.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["tasks"]["sentiment"]["classes"] == 2
+    assert saved["tasks"]["topic"]["classes"] == 3
+    for kind in ("full", "lora"):
+        for task in ("sentiment", "topic"):
+            e = res["experts"][kind][task]
+            assert e["test"] >= 0.9, (kind, task, e)  # keyword tasks: clearly learned
+            assert not e["cached"]
+    assert res["skipped"] == []
+
+
+def test_table_values(run):
+    _, _, res = run
+    for kind, rows in res["tables"].items():
+        experts = {t: res["experts"][kind][t]["test"] for t in ("sentiment", "topic")}
+        names = [r["method"] for r in rows]
+        assert names[:2] == ["experts", "pretrained + expert heads"]
+        assert {"linear probe", "multi-task"} <= set(names)
+        for r in rows:
+            acc = r["test"]
+            assert r["avg"] == pytest.approx((acc["sentiment"] + acc["topic"]) / 2)
+            want = (acc["sentiment"] / experts["sentiment"] + acc["topic"] / experts["topic"]) / 2
+            assert r["avg_normalized"] == pytest.approx(want)
+        assert rows[0]["avg_normalized"] == pytest.approx(1.0)
+        merged = [r["avg_normalized"] for r in rows if r["group"] == "merged"]
+        assert merged == sorted(merged, reverse=True)
+        assert len(merged) == 5  # linear + (default, tuned) for the two swept methods
+
+
+def test_sweep_picks_best_validation_point(run):
+    _, _, res = run
+    sweeps = {(s["kind"], s["method"]): s for s in res["sweeps"]}
+    assert set(sweeps) == {(k, m) for k in ("full", "lora") for m in ("task_arithmetic", "ties")}
+    for s in sweeps.values():
+        assert [p["value"] for p in s["points"]] == (
+            [0.5, 1.0] if s["method"] == "task_arithmetic" else [0.6, 1.0]
+        )
+        best = max(s["points"], key=lambda p: p["avg"])
+        assert s["best"] == best["value"]
+        assert s["default"] == 1.0
+
+
+def test_linear_row_is_the_average_backbone(run, tiny_bert, tiny_tasks):
+    """The merged row equals evaluating the hand-averaged expert backbones."""
+    from splice.bench.backbone import prepare_base
+    from splice.bench.evaluate import Evaluator
+    from splice.bench.tasks import prepare_task
+
+    cfg, _, res = run
+    tasks = [prepare_task(str(p), cfg.data) for p in tiny_tasks]
+    base = prepare_base(cfg.model, cfg.training.seed)
+    for t in tasks:
+        base.fresh_model(t)
+    ev = Evaluator(base, tasks, cfg.training.max_length, cfg.eval_batch_size)
+    from pathlib import Path
+
+    from splice.bench.backbone import load_heads
+
+    experts = [Path(res["experts"]["full"][t.name]["folder"]) for t in tasks]
+    states = [load_file(str(f / "model.safetensors")) for f in experts]
+    avg = {
+        k: torch.stack([s[k] for s in states]).mean(0)
+        if states[0][k].is_floating_point()
+        else states[0][k]
+        for k in states[0]
+    }
+    heads = {t.name: load_heads(f / "heads.safetensors")[t.name] for t, f in zip(tasks, experts)}
+    want = ev.evaluate(avg, heads, "test")
+    row = next(r for r in res["tables"]["full"] if r["method"] == "linear")
+    assert row["test"] == pytest.approx(want, abs=1e-9)
+
+
+def test_second_run_reuses_the_experts(run, tmp_path):
+    cfg, _, first = run
+    again = run_bench(cfg, tmp_path / "out2", progress=False)
+    for kind in ("full", "lora"):
+        for task, e in again["experts"][kind].items():
+            assert e["cached"]
+            assert e["test"] == first["experts"][kind][task]["test"]
+    assert again["experts"]["multitask"]["cached"]
