@@ -183,9 +183,12 @@ def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
     except ValidationError as e:
         errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
         err = errors[0]  # a typo'd key first: it usually explains a missing one
-        loc = tuple(err["loc"])
+        # drop the union-branch tags pydantic puts in locations ("literal['core','all']")
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
         path = ".".join(str(p) for p in loc)
         msg = err["msg"]
+        if path == "merge.methods":
+            msg = "expected 'core', 'all' or a list of method names"
         if err["type"] == "extra_forbidden":
             fields = list(_model_at(loc).model_fields)
             close = difflib.get_close_matches(str(loc[-1]), fields, n=1)

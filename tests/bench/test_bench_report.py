@@ -1,0 +1,82 @@
+"""The table's numbers on hand-made accuracies: average, normalized accuracy, ranking."""
+
+from __future__ import annotations
+
+import pytest
+
+from splice.bench.report import markdown_table, render_tables, score_row, section_rows
+from splice.errors import DataError
+
+EXPERTS = {"a": 0.8, "b": 0.5}
+
+
+def test_score_row_values():
+    s = score_row({"a": 0.4, "b": 0.5}, EXPERTS)
+    assert s["avg"] == pytest.approx(0.45)
+    assert s["normalized"] == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
+    assert s["avg_normalized"] == pytest.approx(0.75)
+    # above the expert is allowed (a merge can help a task)
+    assert score_row({"a": 0.8, "b": 0.6}, EXPERTS)["avg_normalized"] == pytest.approx(1.1)
+
+
+def test_score_row_rejects_a_zero_expert():
+    with pytest.raises(DataError, match="undefined"):
+        score_row({"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 0.5})
+
+
+def _rows():
+    return [
+        {"kind": "full", "group": "baseline", "method": "experts", "test": dict(EXPERTS)},
+        {
+            "kind": "shared",
+            "group": "baseline",
+            "method": "multi-task",
+            "test": {"a": 0.7, "b": 0.6},
+        },
+        {
+            "kind": "full",
+            "group": "merged",
+            "method": "x",
+            "variant": "default",
+            "params": {"lambda": 1.0},
+            "test": {"a": 0.4, "b": 0.25},
+        },
+        {
+            "kind": "full",
+            "group": "merged",
+            "method": "y",
+            "variant": "tuned",
+            "params": {"lambda": 0.5},
+            "test": {"a": 0.8, "b": 0.25},
+        },
+        {"kind": "lora", "group": "merged", "method": "z", "test": {"a": 0.1, "b": 0.1}},
+    ]
+
+
+def test_section_rows_rank_and_filter():
+    rows = section_rows(_rows(), "full", EXPERTS)
+    assert [r["method"] for r in rows] == ["experts", "multi-task", "y", "x"]
+    assert [round(r["avg_normalized"], 4) for r in rows] == [1.0, 1.0375, 0.75, 0.5]
+    assert rows[1]["normalized"] == {"a": pytest.approx(0.875), "b": pytest.approx(1.2)}
+    lora = section_rows(_rows(), "lora", {"a": 0.5, "b": 0.5})
+    assert [r["method"] for r in lora] == ["multi-task", "z"]  # shared rows in every section
+    assert lora[1]["avg_normalized"] == pytest.approx(0.2)
+
+
+def test_markdown_table_cells():
+    text = markdown_table(section_rows(_rows(), "full", EXPERTS), ["a", "b"])
+    lines = text.splitlines()
+    assert lines[0] == "| model | setting | a | b | avg acc | norm. acc |"
+    assert lines[2] == "| experts |  | 80.0 | 50.0 | 65.0 | 100.0 |"
+    assert lines[4] == "| y | tuned: lambda=0.5 | 80.0 | 25.0 | 52.5 | 75.0 |"
+    assert lines[5] == "| x | default: lambda=1.0 | 40.0 | 25.0 | 32.5 | 50.0 |"
+
+
+def test_render_tables_has_sections_and_chance():
+    results = {
+        "tasks": {"a": {"classes": 2}, "b": {"classes": 4}},
+        "tables": {"full": section_rows(_rows(), "full", EXPERTS)},
+    }
+    text = render_tables(results)
+    assert "### full experts" in text
+    assert "chance (balanced test sets): a 50.0, b 25.0" in text
