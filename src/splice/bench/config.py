@@ -23,7 +23,7 @@
     full:
       lr: 1.0e-4                  # backbone learning rate of full fine-tuning
     lora:
-      lr: 1.0e-3
+      lr: 4.0e-3
       r: 8
       alpha: 16
       dropout: 0.0
@@ -92,7 +92,7 @@ class FullSettings(_Strict):
 
 
 class LoraSettings(_Strict):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(4e-3, gt=0)
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
