@@ -72,6 +72,7 @@ def test_sweep_picks_best_validation_point(run):
         )
         best = max(s["points"], key=lambda p: p["avg"])
         assert s["best"] == best["value"]
+        assert s["at_grid_edge"]  # two points: the best is always an end
         assert s["default"] == 1.0
 
 

@@ -80,3 +80,9 @@ def test_render_tables_has_sections_and_chance():
     text = render_tables(results)
     assert "### full experts" in text
     assert "chance (balanced test sets): a 50.0, b 25.0" in text
+    assert "end of its grid" not in text
+    results["sweeps"] = [
+        {"kind": "full", "method": "x", "param": "lambda", "best": 3.0, "at_grid_edge": True},
+        {"kind": "full", "method": "y", "param": "lambda", "best": 0.5, "at_grid_edge": False},
+    ]
+    assert "outside): full x (lambda=3.0)." in render_tables(results)

@@ -75,6 +75,15 @@ def render_tables(results: Mapping[str, Any]) -> str:
         parts.append("")
     chance = ", ".join(f"{t} {100 / results['tasks'][t]['classes']:.1f}" for t in tasks)
     parts.append(f"Test accuracy in %; chance (balanced test sets): {chance}.")
+    edges = [
+        f"{s['kind']} {s['method']} ({s['param']}={s['best']})"
+        for s in results.get("sweeps", [])
+        if s.get("at_grid_edge")
+    ]
+    if edges:
+        parts.append(
+            "Tuned at an end of its grid (the optimum may lie outside): " + ", ".join(edges) + "."
+        )
     return "\n".join(parts) + "\n"
 
 

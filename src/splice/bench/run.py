@@ -51,9 +51,19 @@ def _units(planned: list[PlannedMethod], kinds: int, n_tasks: int, cfg: BenchCon
     return merges + train + 2 + kinds  # + probe, multitask eval, per-kind baselines
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     return {
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -204,8 +214,10 @@ class _Runner:
             )
         self.rows.append(tuned)
         self.done()
+        edge = len(grid) > 1 and value in (grid[0], grid[-1])
         self.sweeps.append(
             {
+                "at_grid_edge": edge,  # the optimum may lie outside the grid
                 "kind": kind,
                 "method": p.name,
                 "param": param,
