@@ -40,6 +40,7 @@ def test_outputs_and_experts(run):
         for task in ("sentiment", "topic"):
             e = res["experts"][kind][task]
             assert e["test"] >= 0.9, (kind, task, e)  # keyword tasks: clearly learned
+            assert e["margin_over_chance"] == pytest.approx(e["test"] - e["chance"])
             assert not e["cached"]
     assert res["skipped"] == []
 

@@ -40,6 +40,8 @@ from splice.bench.precision import resolve_precision
 from splice.bench.tasks import TaskData, prepare_task
 from splice.merge import get_method
 
+WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
+
 
 def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
@@ -104,10 +106,17 @@ class _Runner:
                     "test": test[name],
                     "validation": val[name],
                     "chance": 1 / ev.tasks[name].num_classes,
+                    "margin_over_chance": test[name] - 1 / ev.tasks[name].num_classes,
                     "cached": e.cached,
                     "folder": str(e.folder),
                     **{k: e.meta.get(k) for k in ("steps", "train_seconds", "steps_per_second")},
                 }
+                if test[name] - 1 / ev.tasks[name].num_classes < WEAK_MARGIN:
+                    tqdm.write(
+                        f"splice bench: warning: the {kind} expert of {name} is within "
+                        f"{WEAK_MARGIN:.0%} of chance ({test[name]:.1%}); its normalized "
+                        "accuracies say little (more data, epochs or a higher lr?)"
+                    )
             self.rows.append(_row(kind, "baseline", "experts", test, validation=val))
             heads = {name: e.heads[name] for name, e in pool.items()}
             zero = ev.evaluate(base_state, heads, "test")
