@@ -86,3 +86,15 @@ def test_render_tables_has_sections_and_chance():
         {"kind": "full", "method": "y", "param": "lambda", "best": 0.5, "at_grid_edge": False},
     ]
     assert "outside): full x (lambda=3.0)." in render_tables(results)
+
+
+def test_render_tables_lists_skipped_and_failed():
+    results = {
+        "tasks": {"a": {"classes": 2}, "b": {"classes": 4}},
+        "tables": {"full": section_rows(_rows(), "full", EXPERTS)},
+        "skipped": [{"method": "slerp", "reason": "takes exactly 1 model(s), the pool has 2"}],
+        "failed": [{"kind": "lora", "method": "m", "error": "SpliceError: boom"}],
+    }
+    text = render_tables(results)
+    assert "Not applicable: slerp (takes exactly 1 model(s), the pool has 2)." in text
+    assert "Failed on the lora experts, no row: m (SpliceError: boom)." in text

@@ -84,6 +84,11 @@ def render_tables(results: Mapping[str, Any]) -> str:
         parts.append(
             "Tuned at an end of its grid (the optimum may lie outside): " + ", ".join(edges) + "."
         )
+    skipped = [f"{s['method']} ({s['reason']})" for s in results.get("skipped", [])]
+    if skipped:
+        parts.append("Not applicable: " + "; ".join(skipped) + ".")
+    for f in results.get("failed", []):
+        parts.append(f"Failed on the {f['kind']} experts, no row: {f['method']} ({f['error']}).")
     return "\n".join(parts) + "\n"
 
 

@@ -38,6 +38,7 @@ from splice.bench.merging import merge_backbones
 from splice.bench.methods import PlannedMethod, select_methods
 from splice.bench.precision import resolve_precision
 from splice.bench.tasks import TaskData, prepare_task
+from splice.errors import SpliceError
 from splice.merge import get_method
 
 WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
@@ -80,12 +81,15 @@ class _Runner:
         self.progress = progress
         self.rows: list[dict[str, Any]] = []
         self.sweeps: list[dict[str, Any]] = []
+        self.failed: list[dict[str, str]] = []
+        self.units = 0
         self.bar: Any = None
 
     def step(self, what: str) -> None:
         self.bar.set_description(what)
 
     def done(self, n: int = 1) -> None:
+        self.units += n
         self.bar.update(n)
 
     # -- baselines ------------------------------------------------------------------------
@@ -141,6 +145,27 @@ class _Runner:
     def merge_method(
         self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
     ) -> None:
+        """Run one method (its sweep, default and tuned rows). A method that fails on this
+        pool (a merge error, a numerical failure) is recorded in ``failed`` with its message
+        and the run goes on; its rows are kept only if all of them succeeded."""
+        expected = (len(p.sweep[1]) + 2) if p.sweep else 1
+        before = self.units
+        try:
+            rows, sweep = self._merge_method(kind, p, ev, base_folder, pool)
+        except (SpliceError, RuntimeError, ValueError) as e:
+            msg = f"{type(e).__name__}: {e}"
+            tqdm.write(f"splice bench: {kind} {p.name} failed, skipped: {msg}")
+            self.failed.append({"kind": kind, "method": p.name, "error": msg})
+            self.done(expected - (self.units - before))
+            return
+        self.rows.extend(rows)
+        if sweep is not None:
+            self.sweeps.append(sweep)
+
+    def _merge_method(
+        self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        rows: list[dict[str, Any]] = []
         folders = [e.folder for e in pool]
         heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
         seed = self.cfg.merge.seed
@@ -151,7 +176,7 @@ class _Runner:
         if p.sweep is None:
             self.step(f"{kind} {p.name}")
             state, secs = merge(p.params)
-            self.rows.append(
+            rows.append(
                 _row(
                     kind,
                     "merged",
@@ -163,7 +188,7 @@ class _Runner:
                 )
             )
             self.done()
-            return
+            return rows, None
         param, grid = p.sweep
         method = get_method(p.name)
         default_value = p.params.get(param, method.param(param).default)
@@ -202,7 +227,7 @@ class _Runner:
                 variant="default",
                 merge_seconds=secs,
             )
-        self.rows.append(default_row)
+        rows.append(default_row)
         self.done()
         assert best is not None
         _, value, state, secs, val = best
@@ -221,10 +246,10 @@ class _Runner:
                 merge_seconds=secs,
                 validation=val,
             )
-        self.rows.append(tuned)
+        rows.append(tuned)
         self.done()
         edge = len(grid) > 1 and value in (grid[0], grid[-1])
-        self.sweeps.append(
+        return rows, (
             {
                 "at_grid_edge": edge,  # the optimum may lie outside the grid
                 "kind": kind,
@@ -317,6 +342,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         "sweeps": runner.sweeps,
         "methods": [{"name": p.name, "params": p.params, "sweep": p.sweep} for p in planned],
         "skipped": [{"method": s.name, "reason": s.reason} for s in skipped],
+        "failed": runner.failed,
         "timing": {
             "total_s": round(total_s, 1),
             "prepare_s": round(t_prep, 1),
