@@ -63,3 +63,11 @@ def test_matches_mergekit(with_base, normalize):
         b, [t.clone() for t in tensors], MergeContext(dialect="mergekit"), **params
     )
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_inputs_all_equal_to_the_base_give_the_base():
+    # three experts that left this tensor untouched (LoRA elsewhere): every x_i = 0
+    out = run("multislerp", [0.5, -2.0], [[0.5, -2.0]] * 3, weight=[1.0, 1.0, 1.0])
+    torch.testing.assert_close(out, torch.tensor([0.5, -2.0]))
+    zeros = run("multislerp", None, [[0.0, 0.0]] * 3, weight=[1.0, 2.0, 1.0])
+    torch.testing.assert_close(zeros, torch.zeros(2))

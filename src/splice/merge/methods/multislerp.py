@@ -16,6 +16,9 @@ mean norm; it is kept for operation-for-operation parity with mergekit.
 
 Same as mergekit, including its choices:
 - One input: that input is returned (the base is not used).
+- Every x_i = 0 (all inputs equal to the base, e.g. a tensor that no LoRA expert touched):
+  the base (zeros without one). mergekit raises here as for antipodal inputs; splice
+  returns the only sensible merge.
 - |m| < ε (antipodal inputs whose weights cancel): two inputs fall back to the linear
   combination w_0 x_0 + w_1 x_1 [+ base]; more inputs are an error.
 - ``weight`` is per model and required (mergekit has no default); ε = ``eps`` = 1e-8.
@@ -53,6 +56,9 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if not torch.any(norms):  # every input equals the base (e.g. a tensor no LoRA touched)
+        out = torch.zeros(shape, dtype=x.dtype)
+        return out if base is None else out.add_(base)
     units = x / (norms + eps)
     mean = (units * w[:, None]).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
