@@ -174,7 +174,7 @@ def select_methods(
         ]
         if missing:
             skipped.append(
-                SkippedMethod(name, f"needs {', '.join(missing)}, which have no default")
+                SkippedMethod(name, f"needs {', '.join(missing)} (no default)")
             )
             continue
         grid = spec.sweep
