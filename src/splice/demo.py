@@ -4,9 +4,9 @@
 all-MiniLM-L6-v2 fine-tuned fully and with LoRA on three real tasks (BBC news topics,
 SpamAssassin spam, tweet sentiment), the expert backbones merged with nine quick core
 methods (paper defaults and a validation sweep of each main coefficient), every merge
-evaluated on every task's test split with the task's own head. It prints the table (accuracy per task,
-average, normalized accuracy) and writes results.json and the plots into ``--out``.
-Experts are cached (``$SPLICE_CACHE/bench``), so a second run only merges. Sized to
+evaluated on every task's test split with the task's own head. It prints the table
+(accuracy per task, average, normalized accuracy) and writes results.json and the plots
+into ``--out``. Experts are cached (``$SPLICE_CACHE/bench``), so a second run only merges. Sized to
 finish within 10 minutes on 2 CPU cores from a cold cache.
 
 ``splice demo --synthetic`` is the earlier, dependency-free demo: it writes a small
