@@ -7,9 +7,6 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 from pydantic_core import PydanticUndefined
 
 from splice.adapters.registry import AdapterMethod, all_adapter_methods
@@ -49,13 +46,10 @@ def adapter_table(methods: list[AdapterMethod] | None = None) -> str:
 
 
 def update_readme(path: str = "README.md") -> None:
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    block = f"<!-- adapters:begin -->\n{adapter_table()}\n<!-- adapters:end -->"
-    text = re.sub(
-        r"<!-- adapters:begin -->.*?<!-- adapters:end -->", lambda _: block, text, flags=re.S
-    )
-    p.write_text(text, encoding="utf-8")
+    """Rewrite the block between the adapters markers of the README."""
+    from splice.readme_blocks import update_block
+
+    update_block(path, "adapters", adapter_table())
 
 
 if __name__ == "__main__":

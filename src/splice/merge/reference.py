@@ -49,16 +49,9 @@ def method_summaries() -> str:
 
 def update_readme(path: str = "README.md") -> None:
     """Rewrite the block between the methods markers of the README."""
-    import re
-    from pathlib import Path
+    from splice.readme_blocks import update_block
 
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    block = f"<!-- methods:begin -->\n{method_table()}\n<!-- methods:end -->"
-    text = re.sub(
-        r"<!-- methods:begin -->.*?<!-- methods:end -->", lambda _: block, text, flags=re.S
-    )
-    p.write_text(text, encoding="utf-8")
+    update_block(path, "methods", method_table())
 
 
 if __name__ == "__main__":
