@@ -157,13 +157,10 @@ def select_methods(
     skipped: list[SkippedMethod] = []
     for name in _names(selection):
         m = get_method(name)
-        if n_models < m.min_models or (m.max_models is not None and n_models > m.max_models):
-            count = (
-                f"exactly {m.min_models}"
-                if m.max_models == m.min_models
-                else f"at least {m.min_models}"
+        if not m.accepts(n_models):
+            skipped.append(
+                SkippedMethod(name, f"takes {m.model_count()} model(s), the pool has {n_models}")
             )
-            skipped.append(SkippedMethod(name, f"takes {count} model(s), the pool has {n_models}"))
             continue
         spec = TABLE.get(name, MethodSpec())
         chosen = {**spec.defaults, **params.get(name, {})}

@@ -130,16 +130,11 @@ class _Planner:
         if m.needs_base:
             entries = [(ref, p) for ref, p in entries if ref != base]
         n = len(entries)
-        if n < m.min_models or (m.max_models is not None and n > m.max_models):
-            want = (
-                f"exactly {m.min_models}"
-                if m.max_models == m.min_models
-                else f"at least {m.min_models}"
-                + (f" and at most {m.max_models}" if m.max_models else "")
-            )
+        if not m.accepts(n):
             extra = " besides the base" if m.needs_base else ""
             raise MergeValidationError(
-                f"method '{m.name}' takes {want} input model(s){extra}; {where} has {n}"
+                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; "
+                f"{where} has {n}"
             )
         return _Group(
             base=base,

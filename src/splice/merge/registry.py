@@ -174,6 +174,17 @@ class MergeMethod:
     # accepted and ignored in the mergekit dialect so existing recipes run unchanged.
     mergekit_ignored: frozenset[str] = frozenset()
 
+    def accepts(self, n: int) -> bool:
+        """Whether the method takes ``n`` input models (besides the base, if it needs one)."""
+        return self.min_models <= n and (self.max_models is None or n <= self.max_models)
+
+    def model_count(self) -> str:
+        """How many input models the method takes, in words ("at least 1", "exactly 1")."""
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        at_most = f" and at most {self.max_models}" if self.max_models else ""
+        return f"at least {self.min_models}{at_most}"
+
     def param(self, name: str) -> ParamSpec:
         for p in self.params:
             if p.name == name:
