@@ -48,13 +48,13 @@ training or in the sweep (which uses validation only).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
 
 
@@ -161,19 +161,6 @@ class BenchConfig(_Strict):
         return v
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The config class that holds the key at ``loc`` (for 'did you mean')."""
-    cls: type[BaseModel] = BenchConfig
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        sub = getattr(field, "annotation", None) if field else None
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            cls = sub
-        else:
-            break
-    return cls
-
-
 def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
     """Validate ``data`` (a mapping); errors name the key's path and the closest valid key."""
     if not isinstance(data, dict):
@@ -181,19 +168,13 @@ def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
     try:
         return BenchConfig(**data)
     except ValidationError as e:
-        errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
-        err = errors[0]  # a typo'd key first: it usually explains a missing one
-        # drop the union-branch tags pydantic puts in locations ("literal['core','all']")
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+        loc, err = first_error(e)
         path = ".".join(str(p) for p in loc)
         msg = err["msg"]
         if path == "merge.methods":
             msg = "expected 'core', 'all' or a list of method names"
         if err["type"] == "extra_forbidden":
-            fields = list(_model_at(loc).model_fields)
-            close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
-            msg += f"; valid keys here: {', '.join(fields)}"
+            msg = unknown_key_message(BenchConfig, loc, list_valid=True)
         raise BenchConfigError(f"{where}: '{path}': {msg}") from None
 
 

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
 
 
@@ -90,18 +91,11 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
     try:
         cfg = TrainConfig(**data)
     except ValidationError as e:
-        errors = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
-        err = errors[0]  # a typo'd key first: it usually explains a missing one
-        loc = ".".join(str(p) for p in err["loc"])
+        path, err = first_error(e)
+        loc = ".".join(str(p) for p in path)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            import difflib
-
-            fields = (
-                DataConfig.model_fields if loc.startswith("data.") else TrainConfig.model_fields
-            )
-            close = difflib.get_close_matches(loc.split(".")[-1], list(fields), n=1)
-            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+            msg = unknown_key_message(TrainConfig, path, list_valid=False)
         raise TrainConfigError(f"{where}: '{loc}': {msg}") from None
     from splice.adapters import make_config
 

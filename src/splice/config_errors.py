@@ -1,0 +1,42 @@
+"""One readable line for a pydantic error of a strict (``extra="forbid"``) config: the key's
+dotted path, and for an unknown key the closest valid key at that level.
+
+Shared by the YAML configs (`splice train`, `splice bench`)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+
+def model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The config class that holds the key at ``loc`` (nested models followed by name)."""
+    cls = root
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        sub = getattr(field, "annotation", None) if field else None
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            cls = sub
+        else:
+            break
+    return cls
+
+
+def first_error(e: ValidationError) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The error to report (a typo'd key first: it usually explains a missing one) and its
+    location without the union-branch tags pydantic inserts (``literal['core','all']``)."""
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+    return loc, dict(err)
+
+
+def unknown_key_message(root: type[BaseModel], loc: tuple[Any, ...], list_valid: bool) -> str:
+    """'unknown key (did you mean ...?)' [+ '; valid keys here: ...']."""
+    fields = list(model_at(root, loc).model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if list_valid:
+        msg += f"; valid keys here: {', '.join(fields)}"
+    return msg
