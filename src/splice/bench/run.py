@@ -173,20 +173,24 @@ class _Runner:
         def merge(params: dict[str, Any]) -> tuple[dict, float]:
             return merge_backbones(p.name, params, base_folder, folders, seed=seed)
 
+        def test_row(state: dict, params: dict[str, Any], variant: str, secs: float, val=None):
+            """The merged backbone's row: its test accuracy per task, and how it was made."""
+            test = ev.evaluate(state, heads, "test")
+            return _row(
+                kind,
+                "merged",
+                p.name,
+                test,
+                params=params,
+                variant=variant,
+                merge_seconds=secs,
+                validation=val,
+            )
+
         if p.sweep is None:
             self.step(f"{kind} {p.name}")
             state, secs = merge(p.params)
-            rows.append(
-                _row(
-                    kind,
-                    "merged",
-                    p.name,
-                    ev.evaluate(state, heads, "test"),
-                    params=p.params,
-                    variant="default",
-                    merge_seconds=secs,
-                )
-            )
+            rows.append(test_row(state, p.params, "default", secs))
             self.done()
             return rows, None
         param, grid = p.sweep
@@ -202,31 +206,14 @@ class _Runner:
                 {"value": value, "avg": _mean(val), "validation": val, "merge_seconds": secs}
             )
             if value == default_value:
-                default_row = _row(
-                    kind,
-                    "merged",
-                    p.name,
-                    ev.evaluate(state, heads, "test"),
-                    params=default_params,
-                    variant="default",
-                    merge_seconds=secs,
-                    validation=val,
-                )
+                default_row = test_row(state, default_params, "default", secs, val)
             if best is None or _mean(val) > best[0]:
                 best = (_mean(val), value, state, secs, val)
             self.done()
         self.step(f"{kind} {p.name} default")
         if default_row is None:
             state, secs = merge(default_params)
-            default_row = _row(
-                kind,
-                "merged",
-                p.name,
-                ev.evaluate(state, heads, "test"),
-                params=default_params,
-                variant="default",
-                merge_seconds=secs,
-            )
+            default_row = test_row(state, default_params, "default", secs)
         rows.append(default_row)
         self.done()
         assert best is not None
@@ -236,16 +223,7 @@ class _Runner:
             tuned = {**default_row, "variant": "tuned", "same_as_default": True}
         else:
             self.step(f"{kind} {p.name} tuned")
-            tuned = _row(
-                kind,
-                "merged",
-                p.name,
-                ev.evaluate(state, heads, "test"),
-                params=tuned_params,
-                variant="tuned",
-                merge_seconds=secs,
-                validation=val,
-            )
+            tuned = test_row(state, tuned_params, "tuned", secs, val)
         rows.append(tuned)
         self.done()
         edge = len(grid) > 1 and value in (grid[0], grid[-1])
