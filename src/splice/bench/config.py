@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
@@ -146,18 +153,11 @@ class BenchConfig(_Strict):
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)
 
-    @field_validator("tasks")
+    @field_validator("tasks", "kinds")
     @classmethod
-    def _distinct_tasks(cls, v: list[str]) -> list[str]:
+    def _distinct(cls, v: list[str], info: ValidationInfo) -> list[str]:
         if len(set(v)) != len(v):
-            raise ValueError(f"tasks must be distinct, got {v}")
-        return v
-
-    @field_validator("kinds")
-    @classmethod
-    def _distinct_kinds(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"kinds must be distinct, got {v}")
+            raise ValueError(f"{info.field_name} must be distinct, got {v}")
         return v
 
 
