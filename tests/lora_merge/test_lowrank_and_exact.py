@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from splice.delta.low_rank import factor_svd
 from splice.errors import MergeValidationError
 from splice.lora_merge import LoraFactors, LoraMergeOptions, get_lora_method, truncate_factors
-from splice.lora_merge.lowrank import factor_svd
 
 
 def _t(rows):

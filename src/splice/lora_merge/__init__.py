@@ -5,9 +5,9 @@ Each target is kept as factors ΔW = s · B @ A (`LoraFactors`); methods (`conca
 (`get_lora_method`) and write PEFT adapter folders that `peft.PeftModel.from_pretrained` loads.
 """
 
+from splice.delta.low_rank import factor_svd, truncate_dense, truncate_factors
 from splice.lora_merge.adapters import LoadedAdapter, load_adapter, load_adapters
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.lowrank import factor_svd, truncate_dense, truncate_factors
 from splice.lora_merge.merge import LoraMergeReport, merge_adapters
 from splice.lora_merge.peft_writer import write_lora_adapter
 from splice.lora_merge.registry import (

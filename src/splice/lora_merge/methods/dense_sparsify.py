@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from splice.delta.low_rank import truncate_dense
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.lowrank import truncate_dense
 from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
 from splice.merge.registry import MergeContext, get_method
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from splice.delta.low_rank import truncate_factors
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.lowrank import truncate_factors
 from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
 from splice.merge.registry import MergeContext, get_method
 

@@ -12,8 +12,8 @@ SVD (optionally clamping entries at a quantile, `svd_clamp`, not done here).
 
 from __future__ import annotations
 
+from splice.delta.low_rank import truncate_factors
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.lowrank import truncate_factors
 from splice.lora_merge.methods.concat import concat_factors
 from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
 from splice.merge.registry import MergeContext

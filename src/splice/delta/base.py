@@ -1,0 +1,131 @@
+"""The delta protocol: every adaptation is a delta on one named parameter.
+
+A delta ΔW says how one base tensor W changes. Its types differ only in how ΔW is stored:
+
+    Dense      ΔW itself
+    LowRank    ΔW = s · B A (or its transpose), B: out×r, A: r×in
+    Sparse     ΔW zero except at flat indices, where it takes `values`
+    Ternary    ΔW = γ · T with T in {−1, 0, +1} (ComPEFT, BitDelta-style)
+    Folded     ΔW = f(W) − W for a transform f that is not additive (DoRA's column norm,
+               IA3's scaling, OFT's rotation): only defined against a given base
+
+One protocol serves all of them: `shape`, `nbytes`, `to_dense(base=None, dtype=float32)`,
+`scale(c)`, `add(other)`, and (de)serialization to safetensors tensors plus a one-line
+metadata string (`to_tensors` / `delta_from_tensors`). Adding a delta type is one file: a
+frozen dataclass implementing the protocol, decorated with `@delta_type("name")`.
+
+Choices:
+- `to_dense` is float32 unless asked; only `Folded` needs the base, any other type ignores it.
+- `add` keeps the most specific exact type: LowRank + LowRank concatenates factors (ranks
+  add), Sparse + Sparse unions indices, Ternary + Ternary is Sparse; anything else is Dense
+  (and needs the base when a `Folded` is involved). Shapes must match.
+- Numbers are checked finite (`scale`), shapes at construction: a bad delta fails where it
+  is made, not where it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from splice.errors import SpliceError
+
+
+class DeltaError(SpliceError):
+    """A delta cannot be built, combined or read back as asked."""
+
+
+@runtime_checkable
+class Delta(Protocol):
+    """The protocol every delta type implements (see the module docstring)."""
+
+    kind: ClassVar[str]
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def to_dense(
+        self, base: Tensor | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor: ...
+
+    def scale(self, factor: float) -> Delta: ...
+
+    def add(self, other: Delta, base: Tensor | None = None) -> Delta: ...
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by field name (for serialization)."""
+        ...
+
+    def attributes(self) -> dict[str, Any]:
+        """The non-tensor fields, JSON-serializable (for serialization)."""
+        ...
+
+
+_TYPES: dict[str, Callable[..., Delta]] = {}
+
+
+def delta_type(kind: str) -> Callable[[type], type]:
+    """Class decorator: register a delta type under `kind` (its serialized name)."""
+
+    def register(cls: type) -> type:
+        if kind in _TYPES:
+            raise ValueError(f"delta type '{kind}' is registered twice")
+        cls.kind = kind  # type: ignore[attr-defined]
+        _TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+def delta_types() -> list[str]:
+    return sorted(_TYPES)
+
+
+def check_factor(factor: float) -> float:
+    factor = float(factor)
+    if not math.isfinite(factor):
+        raise DeltaError(f"a delta's scale factor must be finite, got {factor}")
+    return factor
+
+
+def check_shape(shape: tuple[int, ...], other: Delta) -> None:
+    if tuple(other.shape) != tuple(shape):
+        raise DeltaError(f"cannot add deltas of shapes {list(shape)} and {list(other.shape)}")
+
+
+def apply_delta(base: Tensor, delta: Delta) -> Tensor:
+    """W + ΔW in the base's dtype (arithmetic in float32)."""
+    return (base.float() + delta.to_dense(base)).to(base.dtype)
+
+
+def to_tensors(name: str, delta: Delta) -> tuple[dict[str, Tensor], str]:
+    """The delta's tensors under keys `name.FIELD`, and its metadata line (JSON)."""
+    tensors = {f"{name}.{k}": v.contiguous() for k, v in delta.tensors().items()}
+    meta = json.dumps({"type": delta.kind, **delta.attributes()}, sort_keys=True)
+    return tensors, meta
+
+
+def delta_from_tensors(name: str, tensors: dict[str, Tensor], meta: str) -> Delta:
+    """Inverse of `to_tensors`: rebuild the delta `name` from its keys and metadata line."""
+    try:
+        attrs = json.loads(meta)
+        kind = attrs.pop("type")
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise DeltaError(f"delta '{name}': unreadable metadata") from e
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise DeltaError(f"delta '{name}': unknown type '{kind}' (known: {delta_types()})")
+    prefix = name + "."
+    fields = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        return cls.from_parts(fields, attrs)  # type: ignore[attr-defined]
+    except TypeError as e:
+        raise DeltaError(f"delta '{name}' ({kind}): fields do not match: {e}") from e

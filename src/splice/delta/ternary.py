@@ -1,0 +1,82 @@
+"""`Ternary`: ΔW = γ · T with T in {−1, 0, +1} and one scale γ per tensor.
+
+ComPEFT (Yadav et al. 2023) keeps the top-k magnitudes' signs and γ = α · σ(ΔW);
+BitDelta (Liu et al. 2024) keeps every sign (no zeros) and γ = mean |ΔW|. `ternarize`
+builds either from any delta: density 1 with ``scale="mean_abs"`` is BitDelta's
+initialization, density < 1 with ``scale="std"`` is ComPEFT's (torch's Bessel-corrected
+std of the original update, as the official code's ``tensor.std()``).
+
+Stored as int8 signs (one byte an entry; `nbytes` counts that, a 2-bit packing is a
+storage format's business) and a float scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from splice.delta._common import DeltaOps, element_bytes
+from splice.delta.base import Delta, DeltaError, check_factor, delta_type
+
+ScaleRule = Literal["std", "mean_abs"]
+
+
+@delta_type("ternary")
+@dataclass(frozen=True)
+class Ternary(DeltaOps):
+    signs: Tensor
+    gamma: float
+
+    def __post_init__(self) -> None:
+        if self.signs.dtype != torch.int8:
+            raise DeltaError("ternary signs must be int8")
+        if self.signs.numel() and int(self.signs.abs().max()) > 1:
+            raise DeltaError("ternary signs must be -1, 0 or +1")
+        check_factor(self.gamma)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.signs.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return element_bytes(self.signs) + 4
+
+    def to_dense(self, base: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.signs.to(dtype) * self.gamma
+
+    def scale(self, factor: float) -> Ternary:
+        return Ternary(self.signs, self.gamma * check_factor(factor))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"signs": self.signs}
+
+    def attributes(self) -> dict[str, Any]:
+        return {"gamma": self.gamma}
+
+
+def ternarize(
+    delta: Delta,
+    density: float = 1.0,
+    scale: ScaleRule = "mean_abs",
+    alpha: float = 1.0,
+    base: Tensor | None = None,
+) -> Ternary:
+    """Signs of the top round(density · n) magnitudes times α · (std or mean |ΔW|)."""
+    from splice.merge.sparsify import keep_count, topk_mask
+
+    if not 0.0 < density <= 1.0:
+        raise DeltaError(f"density must be in (0, 1], got {density}")
+    dense = delta.to_dense(base)
+    k = keep_count(dense.numel(), density)
+    signs = torch.sign(dense) * topk_mask(dense.abs(), k)
+    if scale == "std":
+        gamma = float(dense.std()) if dense.numel() > 1 else 0.0
+    elif scale == "mean_abs":
+        gamma = float(dense.abs().mean()) if dense.numel() else 0.0
+    else:
+        raise DeltaError(f"unknown ternary scale rule '{scale}' (std, mean_abs)")
+    return Ternary(signs.to(torch.int8), gamma * check_factor(alpha))
