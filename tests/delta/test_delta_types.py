@@ -27,7 +27,7 @@ from splice.delta import (
 T = torch.tensor
 
 
-def test_dense_scale_add():
+def test_dense_scalingadd():
     d = Dense(T([[1.0, -2.0], [0.5, 4.0]]))
     assert torch.equal(d.scale(2).to_dense(), T([[2.0, -4.0], [1.0, 8.0]]))
     s = d.add(Dense(T([[1.0, 1.0], [1.0, 1.0]])))
@@ -72,7 +72,7 @@ def test_low_rank_add_concatenates():
     y = LowRank(torch.randn(4, 1, generator=g), torch.randn(1, 3, generator=g), 0.5)
     z = LowRank(torch.randn(4, 1, generator=g), torch.randn(1, 3, generator=g), 3.0)
     xy = x.add(y)
-    assert isinstance(xy, LowRank) and xy.rank == 3 and xy.scale_ == 0.5
+    assert isinstance(xy, LowRank) and xy.rank == 3 and xy.scaling == 0.5
     assert torch.allclose(xy.to_dense(), x.to_dense() + y.to_dense(), atol=1e-6)
     xz = x.add(z)
     assert isinstance(xz, LowRank) and xz.rank == 3

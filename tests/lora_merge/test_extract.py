@@ -14,7 +14,7 @@ def test_energy_threshold_hand_computed():
     d = torch.diag(torch.tensor([3.0, 1.0, 0.0]))
     f, err = lowrank_delta(d, energy=0.9)
     assert f.rank == 1 and err == pytest.approx(10**-0.5, rel=1e-6)
-    torch.testing.assert_close(f.dense(), torch.diag(torch.tensor([3.0, 0, 0])))
+    torch.testing.assert_close(f.to_dense(), torch.diag(torch.tensor([3.0, 0, 0])))
     f, err = lowrank_delta(d, energy=0.95)
     assert f.rank == 2 and err == pytest.approx(0, abs=1e-7)
     f, err = lowrank_delta(d, energy=0.95, max_rank=1)  # capped

@@ -36,7 +36,7 @@ def _expected(adapter_dirs, weights):
     want = base_weights()
     for ad, w in zip(load_adapters(adapter_dirs), weights):
         for module, f in ad.modules.items():
-            want[module + ".weight"] = want[module + ".weight"] + w * f.dense()
+            want[module + ".weight"] = want[module + ".weight"] + w * f.to_dense()
     return want
 
 
@@ -72,7 +72,7 @@ def test_svd_and_knots_load_in_peft(adapters, tmp_path):
         want = base_weights()
         for module, f in written.modules.items():
             assert f.rank == report.ranks[module]
-            want[module + ".weight"] = want[module + ".weight"] + f.dense()
+            want[module + ".weight"] = want[module + ".weight"] + f.to_dense()
         _assert_weights(merged_weights(out), want)
 
 
@@ -105,7 +105,7 @@ def test_parity_with_peft_add_weighted_adapter(adapters, tmp_path, combination, 
     ours = load_adapters([out.out_dir])[0]
     assert set(peer) == set(ours.modules)
     for module, delta in peer.items():
-        torch.testing.assert_close(ours.modules[module].dense(), delta, atol=2e-6, rtol=0)
+        torch.testing.assert_close(ours.modules[module].to_dense(), delta, atol=2e-6, rtol=0)
 
 
 def test_bad_inputs(adapters, tmp_path):

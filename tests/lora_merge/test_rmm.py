@@ -4,8 +4,9 @@ import pytest
 import torch
 from lora_test_util import make_adapter
 
+from splice.delta import LowRank
 from splice.errors import MergeValidationError
-from splice.lora_merge import LoraFactors, load_adapters
+from splice.lora_merge import load_adapters
 from splice.lora_merge.rmm import build_rmm, fit_factor, fit_module, recover_adapter, recover_module
 
 
@@ -31,16 +32,19 @@ def test_fit_factor_hand_computed():
 def test_fit_module_recovers_mixed_ranks_exactly_with_k_equal_n():
     g = torch.Generator().manual_seed(0)
     tasks = [
-        LoraFactors(torch.randn(8, r, generator=g), torch.randn(r, 6, generator=g), s)
+        LowRank(torch.randn(8, r, generator=g), torch.randn(r, 6, generator=g), s)
         for r, s in ((3, 2.0), (2, 0.5), (3, 1.0))
     ]
     fb, fa = fit_module(tasks, 3)
     for i, t in enumerate(tasks):
-        torch.testing.assert_close(recover_module(fb, fa, i).dense(), t.dense(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            recover_module(fb, fa, i).to_dense(), t.to_dense(), atol=1e-5, rtol=0
+        )
     # k = 2 < n: each factor is its projection onto the top-2 directions -> not exact
     fb2, fa2 = fit_module(tasks, 2)
     err = sum(
-        float((recover_module(fb2, fa2, i).dense() - t.dense()).norm()) for i, t in enumerate(tasks)
+        float((recover_module(fb2, fa2, i).to_dense() - t.to_dense()).norm())
+        for i, t in enumerate(tasks)
     )
     assert err > 1e-3
 
@@ -53,7 +57,9 @@ def test_store_and_recover_adapters(tmp_path):
         out = recover_adapter(store, i, tmp_path / f"rec{i}")
         rec = load_adapters([out])[0]
         for module, f in orig.modules.items():
-            torch.testing.assert_close(rec.modules[module].dense(), f.dense(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                rec.modules[module].to_dense(), f.to_dense(), atol=1e-5, rtol=0
+            )
     with pytest.raises(MergeValidationError, match="out of range"):
         recover_adapter(store, 3, tmp_path / "x")
     with pytest.raises(MergeValidationError, match="between 1 and"):

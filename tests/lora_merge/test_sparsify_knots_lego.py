@@ -2,7 +2,8 @@
 
 import torch
 
-from splice.lora_merge import LoraFactors, LoraMergeOptions, get_lora_method
+from splice.delta import LowRank
+from splice.lora_merge import LoraMergeOptions, get_lora_method
 from splice.lora_merge.kmeans import kmeans
 from splice.lora_merge.methods.knots import knots_basis
 from splice.merge import get_method
@@ -14,7 +15,7 @@ def _t(rows):
 
 
 def _row(b, a, s=1.0):
-    return LoraFactors(_t(b), _t(a), s)
+    return LowRank(_t(b), _t(a), s)
 
 
 def test_ties_hand_computed():
@@ -22,7 +23,7 @@ def test_ties_hand_computed():
     # col 0: signs agree (+), mean (1+3)/2 = 2; col 1: sum -2+4 = 2 > 0, only ΔW2 agrees -> 4
     f1, f2 = _row([[1], [0]], [[1, -2]]), _row([[1], [0]], [[3, 4]])
     out = get_lora_method("ties")([f1, f2])
-    torch.testing.assert_close(out.dense(), _t([[2, 4], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[2, 4], [0, 0]]))
     assert out.rank == 1  # default rank max r_i = 1
 
 
@@ -31,35 +32,33 @@ def test_ties_trims_by_density():
     # col 0: nothing left -> 0; col 1: -2 + 4 > 0 -> only ΔW2 agrees -> 4
     f1, f2 = _row([[1], [0]], [[1, -2]]), _row([[1], [0]], [[3, 4]])
     out = get_lora_method("ties")([f1, f2], opts=LoraMergeOptions(density=0.25, rank=2))
-    torch.testing.assert_close(out.dense(), _t([[0, 4], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[0, 4], [0, 0]]))
 
 
 def test_dare_matches_registered_method_on_dense_deltas():
     g = torch.Generator().manual_seed(3)
-    loras = [
-        LoraFactors(torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)) for _ in "ab"
-    ]
+    loras = [LowRank(torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)) for _ in "ab"]
     opts = LoraMergeOptions(density=0.5, rank=4, seed=7)
     ctx = MergeContext(tensor_name="m", seed=7)
     got = get_lora_method("dare")(loras, [1.0, 0.5], opts, ctx)
     want = get_method("dare_linear")(
-        torch.zeros(5, 4), [f.dense() for f in loras], ctx=ctx, weight=[1.0, 0.5], density=0.5
+        torch.zeros(5, 4), [f.to_dense() for f in loras], ctx=ctx, weight=[1.0, 0.5], density=0.5
     )
     assert float(want.abs().sum()) > 0
-    torch.testing.assert_close(got.dense(), want, atol=1e-5, rtol=1e-5)  # rank 4 = full: exact
+    torch.testing.assert_close(got.to_dense(), want, atol=1e-5, rtol=1e-5)  # rank 4 = full: exact
 
 
 def test_knots_basis_reconstructs_each_task():
     g = torch.Generator().manual_seed(4)
     loras = [
-        LoraFactors(torch.randn(12, r, generator=g), torch.randn(r, 9, generator=g), s)
+        LowRank(torch.randn(12, r, generator=g), torch.randn(r, 9, generator=g), s)
         for r, s in ((3, 2.0), (2, 0.5))
     ]
     basis, coeffs = knots_basis(loras)
     assert basis.shape == (12, 5) and [c.shape for c in coeffs] == [(5, 9), (5, 9)]
     torch.testing.assert_close(basis.T @ basis, torch.eye(5), atol=1e-5, rtol=0)  # orthonormal
     for f, c in zip(loras, coeffs):
-        torch.testing.assert_close(basis @ c, f.dense(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(basis @ c, f.to_dense(), atol=1e-5, rtol=1e-5)
 
 
 def test_knots_same_direction_is_averaged():
@@ -68,7 +67,7 @@ def test_knots_same_direction_is_averaged():
     f1, f2 = _row([[1], [0]], [[1, 0]]), _row([[1], [0]], [[3, 0]])
     out = get_lora_method("knots")([f1, f2])
     assert out.rank == 1
-    torch.testing.assert_close(out.dense(), _t([[2, 0], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[2, 0], [0, 0]]))
 
 
 def test_knots_disjoint_tasks_add_up():
@@ -76,22 +75,20 @@ def test_knots_disjoint_tasks_add_up():
     # disjoint mean of each entry is its one value and KnOTS returns ΔW1 + ΔW2.
     f1, f2 = _row([[1], [0]], [[2, 0]]), _row([[0], [1]], [[0, -1]])
     out = get_lora_method("knots")([f1, f2])
-    torch.testing.assert_close(out.dense(), _t([[2, 0], [0, -1]]))
+    torch.testing.assert_close(out.to_dense(), _t([[2, 0], [0, -1]]))
     # and --rank 1 keeps the σ = 2 component
     one = get_lora_method("knots")([f1, f2], opts=LoraMergeOptions(rank=1))
-    torch.testing.assert_close(one.dense(), _t([[2, 0], [0, 0]]))
+    torch.testing.assert_close(one.to_dense(), _t([[2, 0], [0, 0]]))
 
 
 def test_knots_dare_is_seeded():
     g = torch.Generator().manual_seed(5)
-    loras = [
-        LoraFactors(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for _ in "ab"
-    ]
+    loras = [LowRank(torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)) for _ in "ab"]
     m = get_lora_method("knots_dare")
     x = m(loras, opts=LoraMergeOptions(density=0.5, seed=1), ctx=MergeContext("t", seed=1))
     y = m(loras, opts=LoraMergeOptions(density=0.5, seed=1), ctx=MergeContext("t", seed=1))
     z = m(loras, opts=LoraMergeOptions(density=0.5, seed=2), ctx=MergeContext("t", seed=2))
-    assert torch.equal(x.dense(), y.dense()) and not torch.equal(x.dense(), z.dense())
+    assert torch.equal(x.to_dense(), y.to_dense()) and not torch.equal(x.to_dense(), z.to_dense())
 
 
 def test_kmeans_hand_computed():
@@ -105,7 +102,7 @@ def test_kmeans_hand_computed():
 def test_lego_identical_units_merge_to_one():
     f = _row([[1], [0]], [[1, 0]])
     out = get_lora_method("lego")([f, f])  # k = max r_i = 1, one cluster of two equal MSUs
-    torch.testing.assert_close(out.dense(), _t([[1, 0], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[1, 0], [0, 0]]))
 
 
 def test_lego_norm_rescaling_hand_computed():
@@ -115,16 +112,16 @@ def test_lego_norm_rescaling_hand_computed():
     f1, f2 = _row([[1], [0]], [[1, 0]]), _row([[1], [0]], [[0, 1]])
     out = get_lora_method("lego")([f1, f2])
     h = 2**-0.5
-    torch.testing.assert_close(out.dense(), _t([[h, h], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[h, h], [0, 0]]))
 
 
 def test_lego_weights_and_scales_split_onto_both_halves():
     # w s = 4 on a single MSU b=[1,0], a=[0,1]: g = 2, b=[2,0], a=[0,2] -> ΔW = 4·b aᵀ.
     f = _row([[1], [0]], [[0, 1]], s=2.0)
     out = get_lora_method("lego")([f], [2.0])
-    torch.testing.assert_close(out.dense(), _t([[0, 4], [0, 0]]))
+    torch.testing.assert_close(out.to_dense(), _t([[0, 4], [0, 0]]))
     neg = get_lora_method("lego")([f], [-2.0])
-    torch.testing.assert_close(neg.dense(), _t([[0, -4], [0, 0]]))
+    torch.testing.assert_close(neg.to_dense(), _t([[0, -4], [0, 0]]))
 
 
 def test_lego_two_clusters_deterministic():
@@ -134,4 +131,4 @@ def test_lego_two_clusters_deterministic():
     out = get_lora_method("lego")([f1, f2], opts=LoraMergeOptions(rank=2, seed=3))
     # cluster 1: b=[1,0], a=[1,0] twice -> e1 e1ᵀ. cluster 2: b≈[0,1.05], a≈[0,.95]:
     # norms rescale to the mean norms 1.05 and .95 (already parallel) -> 0.9975 at (1,1).
-    torch.testing.assert_close(out.dense(), _t([[1, 0], [0, 1.05 * 0.95]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.to_dense(), _t([[1, 0], [0, 1.05 * 0.95]]), atol=1e-6, rtol=0)

@@ -119,8 +119,8 @@ def compeft_adapter(
     Returns the per-factor entries and, per module, the relative error of the module's
     ΔW = s · B̂ Â against the original s · B A.
     """
+    from splice.delta import LowRank
     from splice.lora_merge.adapters import load_adapter
-    from splice.lora_merge.factors import LoraFactors
     from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
     if not 0 <= density <= 1:
@@ -129,7 +129,7 @@ def compeft_adapter(
     adapter = load_adapter(adapter_dir)
     entries: list[CompeftEntry] = []
     module_errors: dict[str, float] = {}
-    out: dict[str, LoraFactors] = {}
+    out: dict[str, LowRank] = {}
     for module, f in sorted(adapter.modules.items()):
         parts = []
         for part, t in (("lora_B", f.b), ("lora_A", f.a)):
@@ -141,7 +141,7 @@ def compeft_adapter(
                 )
             )
             parts.append(approx)
-        out[module] = LoraFactors(parts[0], parts[1], f.scale)
-        module_errors[module] = relative_error(f.dense(), out[module].dense())
+        out[module] = LowRank(parts[0], parts[1], f.scaling)
+        module_errors[module] = relative_error(f.to_dense(), out[module].to_dense())
     write_lora_adapter(out_dir, out, adapter.embedding, adapter.raw_config, overwrite=overwrite)
     return entries, module_errors

@@ -57,7 +57,7 @@ def truncate_dense(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 class LowRank(DeltaOps):
     b: Tensor
     a: Tensor
-    scale_: float = 1.0
+    scaling: float = 1.0
     transposed: bool = False
     weight_shape: tuple[int, ...] | None = None
 
@@ -67,7 +67,7 @@ class LowRank(DeltaOps):
                 f"low-rank factors must be B out×r and A r×in; got {list(self.b.shape)}, "
                 f"{list(self.a.shape)}"
             )
-        check_factor(self.scale_)
+        check_factor(self.scaling)
         if self.weight_shape is not None:
             object.__setattr__(self, "weight_shape", tuple(int(s) for s in self.weight_shape))
             n = 1
@@ -95,29 +95,29 @@ class LowRank(DeltaOps):
         return element_bytes(self.b) + element_bytes(self.a)
 
     def to_dense(self, base: Tensor | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        d = (self.b.to(dtype) @ self.a.to(dtype)) * self.scale_
+        d = (self.b.to(dtype) @ self.a.to(dtype)) * self.scaling
         if self.transposed:
             return d.T
         return d if self.weight_shape is None else d.reshape(self.weight_shape)
 
     def scale(self, factor: float) -> LowRank:
-        return self._with(self.b, self.a, self.scale_ * check_factor(factor))
+        return self._with(self.b, self.a, self.scaling * check_factor(factor))
 
     def truncate(self, rank: int) -> LowRank:
         """The best rank-`rank` approximation (exact when rank ≥ the current rank)."""
         if rank < 1:
             raise DeltaError(f"rank must be at least 1, got {rank}")
         b, a = truncate_factors(self.b, self.a, rank)
-        return self._with(b.to(self.b.dtype), a.to(self.a.dtype), self.scale_)
+        return self._with(b.to(self.b.dtype), a.to(self.a.dtype), self.scaling)
 
     def _add_same(self, other: LowRank) -> LowRank | None:
         if (self.transposed, self.weight_shape) != (other.transposed, other.weight_shape):
             return None
-        if self.scale_ == other.scale_:
+        if self.scaling == other.scaling:
             return self._with(
-                torch.cat([self.b, other.b], 1), torch.cat([self.a, other.a], 0), self.scale_
+                torch.cat([self.b, other.b], 1), torch.cat([self.a, other.a], 0), self.scaling
             )
-        b = torch.cat([self.b * self.scale_, other.b * other.scale_], 1)
+        b = torch.cat([self.b * self.scaling, other.b * other.scaling], 1)
         return self._with(b, torch.cat([self.a, other.a], 0), 1.0)
 
     def _with(self, b: Tensor, a: Tensor, scale: float) -> LowRank:
@@ -128,4 +128,4 @@ class LowRank(DeltaOps):
 
     def attributes(self) -> dict[str, Any]:
         shape = None if self.weight_shape is None else list(self.weight_shape)
-        return {"scale_": self.scale_, "transposed": self.transposed, "weight_shape": shape}
+        return {"scaling": self.scaling, "transposed": self.transposed, "weight_shape": shape}

@@ -2,7 +2,7 @@
 
 Each adapter folder is read with `splice.io.peft_adapter` (config, key names, scale =
 alpha/r or alpha/√r with rsLoRA, rank_pattern / alpha_pattern). Every target becomes a
-`LoraFactors(B, A, scale)` in float32 (float64 adapters stay float64).
+`LowRank(B, A, scale)` in float32 (float64 adapters stay float64).
 
 Checks, all before any method runs (MergeValidationError / CheckpointError, one line):
 - every adapter adapts the same modules, each with the same delta shape and kind (linear or
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.peft_adapter import (
     CONFIG_NAME,
@@ -29,7 +30,6 @@ from splice.io.peft_adapter import (
     load_lora_config,
     open_adapter_weights,
 )
-from splice.lora_merge.factors import LoraFactors
 
 
 @dataclass
@@ -39,7 +39,7 @@ class LoadedAdapter:
     path: Path
     raw_config: dict[str, Any]
     config: LoraAdapterConfig
-    modules: dict[str, LoraFactors] = field(default_factory=dict)
+    modules: dict[str, LowRank] = field(default_factory=dict)
     embedding: dict[str, bool] = field(default_factory=dict)
 
 
@@ -80,7 +80,7 @@ def load_adapter(adapter_dir: str | Path) -> LoadedAdapter:
                     f"{path}: module '{module}': A {list(a.shape)}, B {list(b.shape)} do not "
                     f"have the configured rank r={r}"
                 )
-            out.modules[module] = LoraFactors(b, a, config.scale_for(module))
+            out.modules[module] = LowRank(b, a, config.scale_for(module))
             out.embedding[module] = keys.embedding
         if not out.modules:
             raise MergeValidationError(f"{path}: the adapter has no LoRA weights")

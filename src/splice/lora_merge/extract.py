@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from splice.delta import LowRank
 from splice.errors import MergeValidationError
 from splice.io import open_checkpoint
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
 DEFAULT_EXCLUDE = (
@@ -73,7 +73,7 @@ def lowrank_delta(
     oversample: int = 10,
     niter: int = 2,
     seed: int = 0,
-) -> tuple[LoraFactors, float]:
+) -> tuple[LowRank, float]:
     """(factors B, A of rank k, relative Frobenius error) for one 2-D delta."""
     if (rank is None) == (energy is None):
         raise MergeValidationError("give exactly one of rank and energy")
@@ -99,7 +99,7 @@ def lowrank_delta(
     b, a = u[:, :k] * s[:k], vh[:k]
     norm = float(d.norm())
     err = float((d - b @ a).norm()) / norm if norm > 0 else 0.0
-    return LoraFactors(b.float(), a.float()), err
+    return LowRank(b.float(), a.float()), err
 
 
 def extract_lora(
@@ -145,7 +145,7 @@ def extract_lora(
             raise MergeValidationError(
                 f"{ft_r.path}: {len(missing)} tensors are not in the base (e.g. '{missing[0]}')"
             )
-        modules: dict[str, LoraFactors] = {}
+        modules: dict[str, LowRank] = {}
         for name in ft_r.names():
             bi, fi = base_r.info(name), ft_r.info(name)
             if bi.shape != fi.shape:

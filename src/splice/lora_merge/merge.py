@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from splice.delta import LowRank
 from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
 from splice.merge.registry import MergeContext
@@ -48,7 +48,7 @@ def merge_adapters(
     check_out_dir(Path(out_dir), overwrite)
     adapters = load_adapters(adapter_dirs)
     first = adapters[0]
-    merged: dict[str, LoraFactors] = {}
+    merged: dict[str, LowRank] = {}
     for module in sorted(first.modules):
         loras = [ad.modules[module] for ad in adapters]
         ctx = MergeContext(tensor_name=module, seed=opts.seed)

@@ -29,21 +29,21 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from splice.delta import LowRank
 from splice.errors import CheckpointError
 from splice.io.peft_adapter import CONFIG_NAME, SAVED_PREFIX
 from splice.io.writer import partial_dir_of
-from splice.lora_merge.factors import LoraFactors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def adapter_tensors(
-    modules: dict[str, LoraFactors], embedding: dict[str, bool], dtype: torch.dtype
+    modules: dict[str, LowRank], embedding: dict[str, bool], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """PEFT's saved tensors for the factors (scale folded into B)."""
     out: dict[str, torch.Tensor] = {}
     for module, f in sorted(modules.items()):
-        b = (f.b * f.scale).to(dtype).contiguous()
+        b = (f.b * f.scaling).to(dtype).contiguous()
         a = f.a.to(dtype).contiguous()
         if embedding.get(module, False):
             out[f"{SAVED_PREFIX}{module}.lora_embedding_A"] = a
@@ -77,7 +77,7 @@ def adapter_config(template: dict[str, Any], ranks: dict[str, int]) -> dict[str,
 
 def write_lora_adapter(
     out_dir: str | os.PathLike[str],
-    modules: dict[str, LoraFactors],
+    modules: dict[str, LowRank],
     embedding: dict[str, bool],
     template: dict[str, Any],
     *,
@@ -93,7 +93,7 @@ def write_lora_adapter(
     fixed = {
         m: f
         if f.rank > 0
-        else LoraFactors(f.b.new_zeros(f.b.shape[0], 1), f.a.new_zeros(1, f.a.shape[1]))
+        else LowRank(f.b.new_zeros(f.b.shape[0], 1), f.a.new_zeros(1, f.a.shape[1]))
         for m, f in modules.items()
     }
     tmp = partial_dir_of(out)

@@ -2,8 +2,8 @@
 
 A LoRA merge method is a pure function of one target's factors:
 
-    fn(loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions,
-       ctx: MergeContext) -> LoraFactors
+    fn(loras: list[LowRank], weights: list[float], opts: LoraMergeOptions,
+       ctx: MergeContext) -> LowRank
 
 `loras[i]` is adapter i's (B_i, A_i, s_i) for this module, `weights[i]` its weight w_i, and
 the result is the merged (B, A, scale). `ctx` carries the module name and the seed (random
@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from splice.delta import LowRank
 from splice.errors import MergeValidationError
-from splice.lora_merge.factors import LoraFactors
 from splice.merge.registry import MergeContext
 
 
@@ -38,9 +38,7 @@ class LoraMergeOptions:
             raise MergeValidationError(f"density = {self.density} must be in [0, 1]")
 
 
-LoraMergeFn = Callable[
-    [list[LoraFactors], list[float], LoraMergeOptions, MergeContext], LoraFactors
-]
+LoraMergeFn = Callable[[list[LowRank], list[float], LoraMergeOptions, MergeContext], LowRank]
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,11 @@ class LoraMergeMethod:
 
     def __call__(
         self,
-        loras: list[LoraFactors],
+        loras: list[LowRank],
         weights: list[float] | None = None,
         opts: LoraMergeOptions | None = None,
         ctx: MergeContext | None = None,
-    ) -> LoraFactors:
+    ) -> LowRank:
         opts = opts or LoraMergeOptions()
         weights = [1.0] * len(loras) if weights is None else list(weights)
         self.validate(opts, len(loras), len(weights))
@@ -132,6 +130,6 @@ def all_lora_methods() -> list[LoraMergeMethod]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
-def default_rank(loras: list[LoraFactors], opts: LoraMergeOptions) -> int:
+def default_rank(loras: list[LowRank], opts: LoraMergeOptions) -> int:
     """opts.rank, else the largest input rank (PEFT's default for its *_svd combinations)."""
     return opts.rank if opts.rank is not None else max(f.rank for f in loras)

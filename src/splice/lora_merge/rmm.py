@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.writer import partial_dir_of
 from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
 STORE_WEIGHTS = "rmm.safetensors"
@@ -67,24 +67,24 @@ def fit_factor(stack: list[torch.Tensor], k: int) -> RmmFactor:
     return RmmFactor(basis.reshape(k, *stack[0].shape).float(), coeffs.float())
 
 
-def _pad(f: LoraFactors, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(f: LowRank, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     b = torch.zeros(f.b.shape[0], r, dtype=f.b.dtype)
     a = torch.zeros(r, f.a.shape[1], dtype=f.a.dtype)
-    b[:, : f.rank] = f.b * f.scale
+    b[:, : f.rank] = f.b * f.scaling
     a[: f.rank] = f.a
     return b, a
 
 
-def fit_module(tasks: list[LoraFactors], k: int) -> tuple[RmmFactor, RmmFactor]:
+def fit_module(tasks: list[LowRank], k: int) -> tuple[RmmFactor, RmmFactor]:
     """(B factor, A factor) of one module's n task LoRAs, each with a rank-k basis."""
     r = max(f.rank for f in tasks)
     padded = [_pad(f, r) for f in tasks]
     return fit_factor([b for b, _ in padded], k), fit_factor([a for _, a in padded], k)
 
 
-def recover_module(fb: RmmFactor, fa: RmmFactor, task: int) -> LoraFactors:
+def recover_module(fb: RmmFactor, fa: RmmFactor, task: int) -> LowRank:
     """Task `task`'s LoRA factors from the store (scale 1)."""
-    return LoraFactors(fb.recover(task), fa.recover(task), 1.0)
+    return LowRank(fb.recover(task), fa.recover(task), 1.0)
 
 
 def build_rmm(

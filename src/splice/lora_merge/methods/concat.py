@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from splice.lora_merge.factors import LoraFactors
+from splice.delta import LowRank
 from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
 from splice.merge.registry import MergeContext
 
 
-def concat_factors(loras: list[LoraFactors], weights: list[float]) -> LoraFactors:
+def concat_factors(loras: list[LowRank], weights: list[float]) -> LowRank:
     """[w_1 s_1 B_1 | …] and [A_1; …] (the exact weighted sum in factor form)."""
-    b = torch.cat([f.b * (w * f.scale) for f, w in zip(loras, weights, strict=True)], dim=1)
+    b = torch.cat([f.b * (w * f.scaling) for f, w in zip(loras, weights, strict=True)], dim=1)
     a = torch.cat([f.a for f in loras], dim=0)
-    return LoraFactors(b, a, 1.0)
+    return LowRank(b, a, 1.0)
 
 
 @lora_merge_method("concat", uses_rank=False)
 def concat(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """Exact: stack the weighted factors into one LoRA of rank Σ r_i."""
     merged = concat_factors(loras, weights)
-    return LoraFactors(merged.b * opts.lambda_, merged.a, 1.0)
+    return LowRank(merged.b * opts.lambda_, merged.a, 1.0)

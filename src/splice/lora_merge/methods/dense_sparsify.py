@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import torch
 
+from splice.delta import LowRank
 from splice.delta.low_rank import truncate_dense
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
 from splice.merge.registry import MergeContext, get_method
 
 
 def merge_dense(
     method: str,
-    loras: list[LoraFactors],
+    loras: list[LowRank],
     weights: list[float],
     opts: LoraMergeOptions,
     ctx: MergeContext,
 ) -> torch.Tensor:
     """The merged dense ΔW of one module with splice's registered `method` (base = 0)."""
-    deltas = [f.dense() for f in loras]
+    deltas = [f.to_dense() for f in loras]
     params: dict[str, object] = {"weight": list(weights), "lambda": opts.lambda_}
     if opts.density is not None:
         params["density"] = opts.density
@@ -46,30 +46,30 @@ def merge_dense(
     return get_method(method)(torch.zeros_like(deltas[0]), deltas, ctx=ctx, **params)
 
 
-def _refactor(delta: torch.Tensor, loras: list[LoraFactors], opts: LoraMergeOptions) -> LoraFactors:
+def _refactor(delta: torch.Tensor, loras: list[LowRank], opts: LoraMergeOptions) -> LowRank:
     b, a = truncate_dense(delta, default_rank(loras, opts))
-    return LoraFactors(b, a, 1.0)
+    return LowRank(b, a, 1.0)
 
 
 @lora_merge_method("ties", uses_rank=True, uses_density=True, dense=True)
 def ties(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r."""
     return _refactor(merge_dense("ties", loras, weights, opts, ctx), loras, opts)
 
 
 @lora_merge_method("dare", uses_rank=True, uses_density=True, needs_density=True, dense=True)
 def dare(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r."""
     return _refactor(merge_dense("dare_linear", loras, weights, opts, ctx), loras, opts)
 
 
 @lora_merge_method("dare_ties", uses_rank=True, uses_density=True, needs_density=True, dense=True)
 def dare_ties(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """DARE + TIES on the dense ΔW_i, then truncated SVD to rank r."""
     return _refactor(merge_dense("dare_ties", loras, weights, opts, ctx), loras, opts)

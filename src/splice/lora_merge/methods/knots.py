@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import torch
 
+from splice.delta import LowRank
 from splice.delta.low_rank import truncate_factors
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
 from splice.merge.registry import MergeContext, get_method
 
 SIGMA_EPS = 1e-5
 
 
-def knots_basis(loras: list[LoraFactors]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def knots_basis(loras: list[LowRank]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(U: out×k, [C_i: k×in]) with [ΔW_1 | … | ΔW_n] = U [C_1 | … | C_n], C_i = S V_iᵀ."""
     dtype = torch.float64 if any(f.b.dtype == torch.float64 for f in loras) else torch.float32
-    b_cat = torch.cat([f.b.double() * f.scale for f in loras], dim=1)
+    b_cat = torch.cat([f.b.double() * f.scaling for f in loras], dim=1)
     q, r = torch.linalg.qr(b_cat)
     blocks, col = [], 0
     for f in loras:
@@ -50,14 +50,14 @@ def knots_basis(loras: list[LoraFactors]) -> tuple[torch.Tensor, list[torch.Tens
 
 def _knots(
     method: str,
-    loras: list[LoraFactors],
+    loras: list[LowRank],
     weights: list[float],
     opts: LoraMergeOptions,
     ctx: MergeContext,
-) -> LoraFactors:
+) -> LowRank:
     basis, coeffs = knots_basis(loras)
     if basis.shape[1] == 0:
-        return LoraFactors(basis, coeffs[0], 1.0)
+        return LowRank(basis, coeffs[0], 1.0)
     params: dict[str, object] = {"weight": list(weights), "lambda": opts.lambda_}
     if opts.density is not None:
         params["density"] = opts.density
@@ -66,21 +66,21 @@ def _knots(
     merged = get_method(method)(torch.zeros_like(coeffs[0]), coeffs, ctx=ctx, **params)
     if opts.rank is not None:
         b, a = truncate_factors(basis, merged, opts.rank)
-        return LoraFactors(b, a, 1.0)
-    return LoraFactors(basis, merged, 1.0)
+        return LowRank(b, a, 1.0)
+    return LowRank(basis, merged, 1.0)
 
 
 @lora_merge_method("knots", uses_rank=True, uses_density=True)
 def knots(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """KnOTS-TIES: joint SVD basis, TIES on the per-task coefficients, reconstruct."""
     return _knots("ties", loras, weights, opts, ctx)
 
 
 @lora_merge_method("knots_dare", uses_rank=True, uses_density=True, needs_density=True)
 def knots_dare(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """KnOTS-DARE: joint SVD basis, DARE + TIES on the per-task coefficients, reconstruct."""
     return _knots("dare_ties", loras, weights, opts, ctx)

@@ -25,17 +25,17 @@ import math
 
 import torch
 
-from splice.lora_merge.factors import LoraFactors
+from splice.delta import LowRank
 from splice.lora_merge.kmeans import kmeans
 from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
 from splice.merge.registry import MergeContext
 
 
-def msus(loras: list[LoraFactors], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def msus(loras: list[LowRank], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A-halves: N×in, B-halves: N×out) of all MSUs, weight and scale split evenly."""
     a_rows, b_rows = [], []
     for f, w in zip(loras, weights, strict=True):
-        c = w * f.scale
+        c = w * f.scaling
         g = math.sqrt(abs(c))
         a_rows.append(f.a.double() * (g * (1.0 if c >= 0 else -1.0)))
         b_rows.append(f.b.double().T * g)
@@ -50,8 +50,8 @@ def _rescale(centre: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
 
 @lora_merge_method("lego", uses_rank=True)
 def lego(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """Cluster rank-1 units (k-means on [a; b]), average each cluster, rescale norms."""
     a, b = msus(loras, weights)
     k = min(default_rank(loras, opts), a.shape[0])
@@ -63,4 +63,4 @@ def lego(
         out_b.append(_rescale(b[sel].mean(0), b[sel]))
     dtype = torch.float64 if loras[0].a.dtype == torch.float64 else torch.float32
     merged_b = (torch.stack(out_b, dim=1) * opts.lambda_).to(dtype)
-    return LoraFactors(merged_b, torch.stack(out_a).to(dtype), 1.0)
+    return LowRank(merged_b, torch.stack(out_a).to(dtype), 1.0)

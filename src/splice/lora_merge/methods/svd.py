@@ -12,8 +12,8 @@ SVD (optionally clamping entries at a quantile, `svd_clamp`, not done here).
 
 from __future__ import annotations
 
+from splice.delta import LowRank
 from splice.delta.low_rank import truncate_factors
-from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.methods.concat import concat_factors
 from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
 from splice.merge.registry import MergeContext
@@ -21,9 +21,9 @@ from splice.merge.registry import MergeContext
 
 @lora_merge_method("svd", uses_rank=True)
 def svd(
-    loras: list[LoraFactors], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LoraFactors:
+    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+) -> LowRank:
     """Weighted sum truncated to rank r via QR + SVD of the small core (no dense ΔW)."""
     cat = concat_factors(loras, weights)
     b, a = truncate_factors(cat.b, cat.a, default_rank(loras, opts))
-    return LoraFactors(b * opts.lambda_, a, 1.0)
+    return LowRank(b * opts.lambda_, a, 1.0)
