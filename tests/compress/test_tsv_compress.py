@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from splice.compress.tsv import (
-    LowRankDelta,
-    compress_delta,
-    compress_tasks,
-    kept_rank,
-    reconstruct,
-    restore_task,
-)
+from splice.compress.tsv import compress_delta, compress_tasks, kept_rank, restore_task
+from splice.delta import LowRank
 from splice.errors import MergeValidationError
 
 
@@ -18,10 +12,11 @@ def test_rank_k_truncation():
     # δ = diag(5, 3, 1) permuted by rows (σ = 5, 3, 1); k = 2 keeps 5 and 3, drops the 1
     delta = torch.tensor([[0.0, 3.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     c = compress_delta(delta, rank=2)
-    assert isinstance(c, LowRankDelta) and c.rank == 2 and c.numel == 3 * 2 + 2 + 2 * 3
-    torch.testing.assert_close(c.s, torch.tensor([5.0, 3.0]))
+    assert isinstance(c, LowRank) and c.rank == 2 and c.nbytes == (3 * 2 + 2 * 3) * 4
+    # the singular values sit in B's column norms (B = U_k diag(S_k))
+    torch.testing.assert_close(c.b.norm(dim=0), torch.tensor([5.0, 3.0]))
     expected = torch.tensor([[0.0, 3.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    torch.testing.assert_close(reconstruct(c), expected)
+    torch.testing.assert_close(c.to_dense(), expected)
 
 
 def test_kept_rank():

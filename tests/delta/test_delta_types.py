@@ -119,16 +119,6 @@ def test_ternary_bitdelta_and_compeft_scales():
     assert torch.allclose(bit.add(com).to_dense(), bit.to_dense() + com.to_dense())
 
 
-def test_ternary_matches_compeft():
-    from splice.compress.compeft import compeft_compress
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 5, generator=g)
-    ours = ternarize(Dense(x), density=0.3, scale="std", alpha=1.5)
-    theirs = compeft_compress(x, density=0.3, alpha=1.5)
-    assert torch.allclose(ours.to_dense(), theirs.decompress(), atol=1e-6)
-
-
 def test_folded_transforms_by_hand():
     w = T([[1.0, 2.0], [3.0, 4.0]])
     ia3 = Folded("scale", {"vector": T([[2.0], [0.5]])}, (2, 2))

@@ -6,7 +6,12 @@ import pytest
 import torch
 from lora_test_util import load_peft, make_adapter
 
-from splice.compress.compeft import compeft_adapter, compeft_compress, relative_error
+from splice.compress.compeft import (
+    compeft_adapter,
+    compeft_bits,
+    compeft_compress,
+    relative_error,
+)
 from splice.errors import MergeValidationError
 from splice.lora_merge import load_adapters
 
@@ -19,18 +24,18 @@ def test_compress_hand_computed():
     c = compeft_compress(d, 0.5)
     sigma = math.sqrt(24.8675 / 3)
     assert c.signs.tolist() == [1, -1, 0, 0] and c.signs.dtype == torch.int8
-    assert c.scale == pytest.approx(sigma, rel=1e-6)
-    torch.testing.assert_close(c.decompress(), torch.tensor([sigma, -sigma, 0, 0]))
+    assert c.gamma == pytest.approx(sigma, rel=1e-6)
+    torch.testing.assert_close(c.to_dense(), torch.tensor([sigma, -sigma, 0, 0]))
     # α = 2 doubles the scale
-    assert compeft_compress(d, 0.5, alpha=2.0).scale == pytest.approx(2 * sigma, rel=1e-6)
+    assert compeft_compress(d, 0.5, alpha=2.0).gamma == pytest.approx(2 * sigma, rel=1e-6)
     # official-code variant: σ of the sparsified Δ = std([4, -3, 0, 0]):
     # mean .25, sq. dev. 14.0625 + 10.5625 + .0625 + .0625 = 24.75, /3 = 8.25 -> 2.872281
-    assert compeft_compress(d, 0.5, std_of="sparse").scale == pytest.approx(8.25**0.5, rel=1e-6)
+    assert compeft_compress(d, 0.5, std_of="sparse").gamma == pytest.approx(8.25**0.5, rel=1e-6)
     # sizes: n=4, k=2: dense 4·32; 2-bit 8 + 32; entropy 4·H(.5) + 2 + 32 = 38
-    assert c.bits() == {"dense": 128.0, "ternary_2bit": 40.0, "entropy": 38.0}
+    assert compeft_bits(c, 32) == {"dense": 128.0, "ternary_2bit": 40.0, "entropy": 38.0}
     # error ‖[4-σ, -3+σ, .5, -.2]‖ / ‖Δ‖
     want = math.sqrt((4 - sigma) ** 2 + (sigma - 3) ** 2 + 0.25 + 0.04) / math.sqrt(25.29)
-    assert relative_error(d, c.decompress()) == pytest.approx(want, rel=1e-6)
+    assert relative_error(d, c.to_dense()) == pytest.approx(want, rel=1e-6)
 
 
 def test_bad_parameters():

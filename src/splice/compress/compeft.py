@@ -33,58 +33,35 @@ from typing import Literal
 
 import torch
 
+from splice.delta import Dense, Ternary, ternarize
 from splice.errors import MergeValidationError
-from splice.merge.sparsify import keep_count, magnitude, topk_mask
 
 StdOf = Literal["original", "sparse"]
 
 
-@dataclass(frozen=True)
-class CompeftTensor:
-    """Signs in {−1, 0, +1} (int8) and one scale: Δ̂ = scale · signs."""
-
-    signs: torch.Tensor
-    scale: float
-    source_bits: int  # bits per entry of the original dtype
-
-    def decompress(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.signs.to(dtype) * self.scale
-
-    @property
-    def numel(self) -> int:
-        return self.signs.numel()
-
-    @property
-    def nnz(self) -> int:
-        return int(self.signs.count_nonzero())
-
-    def bits(self) -> dict[str, float]:
-        """Sizes in bits: dense original, 2-bit ternary, entropy-coded positions."""
-        n, k = self.numel, self.nnz
-        p = k / n if n else 0.0
-        h = 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
-        return {
-            "dense": float(n * self.source_bits),
-            "ternary_2bit": float(2 * n + 32),
-            "entropy": n * h + k + 32,
-        }
+def compeft_bits(t: Ternary, source_bits: int) -> dict[str, float]:
+    """Sizes in bits of a ComPEFT-compressed tensor: dense original, 2-bit ternary,
+    entropy-coded positions (see the module docstring)."""
+    n, k = t.signs.numel(), int(t.signs.count_nonzero())
+    p = k / n if n else 0.0
+    h = 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+    return {
+        "dense": float(n * source_bits),
+        "ternary_2bit": float(2 * n + 32),
+        "entropy": n * h + k + 32,
+    }
 
 
 def compeft_compress(
     delta: torch.Tensor, density: float, alpha: float = 1.0, std_of: StdOf = "original"
-) -> CompeftTensor:
+) -> Ternary:
     """Keep the top `density` fraction of |Δ|, ternarize to sign × α · σ."""
     if not 0 <= density <= 1:
         raise MergeValidationError(f"density = {density} must be in [0, 1]")
     if not math.isfinite(alpha) or alpha <= 0:
         raise MergeValidationError(f"alpha = {alpha} must be a positive number")
-    x = delta.detach().float()
-    mask = topk_mask(magnitude(x), keep_count(x.numel(), density))
-    signs = (torch.sign(x) * mask).to(torch.int8)
-    src = x if std_of == "original" else x * mask
-    sigma = float(src.std()) if x.numel() > 1 else float(src.abs().sum())
-    bits = torch.finfo(delta.dtype).bits if delta.dtype.is_floating_point else 32
-    return CompeftTensor(signs, alpha * sigma, bits)
+    rule = "std" if std_of == "original" else "std_kept"
+    return ternarize(Dense(delta.detach().float()), density, rule, alpha)
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
@@ -134,10 +111,13 @@ def compeft_adapter(
         parts = []
         for part, t in (("lora_B", f.b), ("lora_A", f.a)):
             c = compeft_compress(t, density, alpha, std_of)
-            approx = c.decompress()
+            approx = c.to_dense()
+            source_bits = torch.finfo(t.dtype).bits if t.dtype.is_floating_point else 32
+            nnz = int(c.signs.count_nonzero())
+            bits = compeft_bits(c, source_bits)
             entries.append(
                 CompeftEntry(
-                    f"{module}.{part}", c.numel, c.nnz, c.scale, c.bits(), relative_error(t, approx)
+                    f"{module}.{part}", t.numel(), nnz, c.gamma, bits, relative_error(t, approx)
                 )
             )
             parts.append(approx)

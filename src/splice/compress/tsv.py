@@ -4,7 +4,7 @@ each task's update to a matrix as its top singular triplets.
 
 For a 2-D task vector δ (m × n, r = min(m, n)) and k kept components:
 
-    δ = U Σ Vᵀ (thin SVD)  ->  factors U[:, :k], Σ[:k], Vᵀ[:k]        (k (m + n + 1) numbers)
+    δ = U Σ Vᵀ (thin SVD)  ->  LowRank(U[:, :k] diag(Σ[:k]), Vᵀ[:k])   (k (m + n) numbers)
     δ̂ = U[:, :k] diag(Σ[:k]) Vᵀ[:k]                                  (the best rank-k
                                                                       approximation, Eckart–Young)
 
@@ -19,32 +19,12 @@ Pure functions; no CLI (files are the caller's business).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from splice.delta import Dense, LowRank
 from splice.errors import MergeValidationError
-
-
-@dataclass(frozen=True)
-class LowRankDelta:
-    """δ ≈ u · diag(s) · vh, with u: m × k, s: k, vh: k × n."""
-
-    u: Tensor
-    s: Tensor
-    vh: Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.s.numel()
-
-    @property
-    def numel(self) -> int:
-        return self.u.numel() + self.s.numel() + self.vh.numel()
-
-    def reconstruct(self) -> Tensor:
-        return (self.u * self.s) @ self.vh
 
 
 def kept_rank(shape: Sequence[int], *, rank: int | None, fraction: float | None) -> int:
@@ -65,18 +45,14 @@ def kept_rank(shape: Sequence[int], *, rank: int | None, fraction: float | None)
 
 def compress_delta(
     delta: Tensor, *, rank: int | None = None, fraction: float | None = None
-) -> LowRankDelta | Tensor:
-    """One task vector: its top-k singular triplets (2-D) or itself (anything else)."""
+) -> LowRank | Dense:
+    """One task vector: its top-k singular triplets (2-D), as ``LowRank(U_k diag(S_k),
+    V_kᵀ)``, or itself (anything else)."""
     if delta.ndim != 2:
-        return delta
+        return Dense(delta)
     k = kept_rank(delta.shape, rank=rank, fraction=fraction)
     u, s, vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
-    return LowRankDelta(u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous())
-
-
-def reconstruct(compressed: LowRankDelta | Tensor) -> Tensor:
-    """The dense task vector δ̂ stored by `compress_delta`."""
-    return compressed.reconstruct() if isinstance(compressed, LowRankDelta) else compressed
+    return LowRank((u[:, :k] * s[:k]).contiguous(), vh[:k].contiguous())
 
 
 def compress_tasks(
@@ -84,7 +60,7 @@ def compress_tasks(
     models: Sequence[Mapping[str, Tensor]],
     *,
     fraction: float | None = None,
-) -> list[dict[str, LowRankDelta | Tensor]]:
+) -> list[dict[str, LowRank | Dense]]:
     """TSV-C of T fine-tuned state dicts against ``base``: per task and tensor, the factors
     of δ_t = θ_t − base with k = ⌊r · fraction⌋ (fraction defaults to 1/T, the paper's)."""
     if not models:
@@ -104,7 +80,7 @@ def compress_tasks(
 
 
 def restore_task(
-    base: Mapping[str, Tensor], compressed: Mapping[str, LowRankDelta | Tensor]
+    base: Mapping[str, Tensor], compressed: Mapping[str, LowRank | Dense]
 ) -> dict[str, Tensor]:
     """θ̂_t = base + δ̂_t, in each base tensor's dtype."""
-    return {n: (b.float() + reconstruct(compressed[n])).to(b.dtype) for n, b in base.items()}
+    return {n: (b.float() + compressed[n].to_dense()).to(b.dtype) for n, b in base.items()}

@@ -4,7 +4,9 @@ ComPEFT (Yadav et al. 2023) keeps the top-k magnitudes' signs and γ = α · σ(
 BitDelta (Liu et al. 2024) keeps every sign (no zeros) and γ = mean |ΔW|. `ternarize`
 builds either from any delta: density 1 with ``scale="mean_abs"`` is BitDelta's
 initialization, density < 1 with ``scale="std"`` is ComPEFT's (torch's Bessel-corrected
-std of the original update, as the official code's ``tensor.std()``).
+std of the original update, the paper's α · σ(τ)); ``scale="std_kept"`` takes the std of
+the sparsified update (dropped entries zeroed), as the official `replace_noise_and_constant`
+does. A one-entry update has no std: γ = |ΔW| then, so it is kept exactly.
 
 Stored as int8 signs (one byte an entry; `nbytes` counts that, a 2-bit packing is a
 storage format's business) and a float scale.
@@ -21,7 +23,7 @@ from torch import Tensor
 from splice.delta._common import DeltaOps, element_bytes
 from splice.delta.base import Delta, DeltaError, check_factor, delta_type
 
-ScaleRule = Literal["std", "mean_abs"]
+ScaleRule = Literal["std", "std_kept", "mean_abs"]
 
 
 @delta_type("ternary")
@@ -68,15 +70,18 @@ def ternarize(
     """Signs of the top round(density · n) magnitudes times α · (std or mean |ΔW|)."""
     from splice.merge.sparsify import keep_count, topk_mask
 
-    if not 0.0 < density <= 1.0:
-        raise DeltaError(f"density must be in (0, 1], got {density}")
+    if not 0.0 <= density <= 1.0:
+        raise DeltaError(f"density must be in [0, 1], got {density}")
+    check_factor(alpha)
     dense = delta.to_dense(base)
     k = keep_count(dense.numel(), density)
-    signs = torch.sign(dense) * topk_mask(dense.abs(), k)
-    if scale == "std":
-        gamma = float(dense.std()) if dense.numel() > 1 else 0.0
+    mask = topk_mask(dense.abs(), k)
+    signs = (torch.sign(dense) * mask).to(torch.int8)
+    if scale in ("std", "std_kept"):
+        src = dense if scale == "std" else dense * mask
+        gamma = float(src.std()) if src.numel() > 1 else float(src.abs().sum())
     elif scale == "mean_abs":
         gamma = float(dense.abs().mean()) if dense.numel() else 0.0
     else:
-        raise DeltaError(f"unknown ternary scale rule '{scale}' (std, mean_abs)")
-    return Ternary(signs.to(torch.int8), gamma * check_factor(alpha))
+        raise DeltaError(f"unknown ternary scale rule '{scale}' (std, std_kept, mean_abs)")
+    return Ternary(signs, alpha * gamma)
