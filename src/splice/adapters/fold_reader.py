@@ -183,7 +183,7 @@ class AdapterFoldedReader:
             delta = adapter.delta(base).get(pname)
         if delta is None:  # the adapter leaves this parameter of the layer alone
             return weight
-        return (weight.float() + delta.float()).to(weight.dtype)
+        return (weight.float() + delta.to_dense(params[pname].detach())).to(weight.dtype)
 
     def close(self) -> None:
         self.base.close()

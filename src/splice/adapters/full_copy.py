@@ -11,6 +11,7 @@ import copy
 from torch import Tensor, nn
 
 from splice.adapters.layer import AdapterModule
+from splice.delta import Delta, Dense
 
 
 class FullCopy(AdapterModule):
@@ -25,10 +26,11 @@ class FullCopy(AdapterModule):
     def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         return self.module(x)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
         own = dict(self.module.named_parameters())
         return {
-            n: (own[n].detach().float() - p.detach().float()) for n, p in base.named_parameters()
+            n: Dense(own[n].detach().float() - p.detach().float())
+            for n, p in base.named_parameters()
         }
 
     def peft_state(self) -> dict[str, Tensor]:

@@ -9,11 +9,13 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
              modules_to_save), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
 
-A weight-space adapter also exposes its delta, ``delta(base) -> {param name: ΔW}`` with
-ΔW in the base parameter's shape (DESIGN.md: every adaptation is a delta on named
-parameters). Folding adds the deltas to the base parameters; the forward then skips the
-folded adapters. Unfolding restores the exact original tensors (kept aside at fold time:
-that costs one copy of each folded parameter until unfold or `merge_and_unload`).
+A weight-space adapter also exposes its delta, ``delta(base) -> {param name: Delta}``, typed
+`splice.delta` values in the base parameter's shape (every adaptation is a delta on named
+parameters): LoRA a `LowRank` (never a dense ΔW unless asked), DoRA / IA3 / OFT / HRA a
+`Folded` transform of the base, the others `Dense`. Folding adds the deltas to the base
+parameters; the forward then skips the folded adapters. Unfolding restores the exact original
+tensors (kept aside at fold time: that costs one copy of each folded parameter until unfold or
+`merge_and_unload`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from splice.delta import Delta
 from splice.errors import SpliceError
 
 
@@ -45,9 +48,9 @@ class AdapterModule(nn.Module):
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         return result
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        """ΔW per base parameter name ("weight", "bias"), shaped like that parameter, in
-        float32 (the caller casts)."""
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        """The delta per base parameter name ("weight", "bias"), shaped like that parameter;
+        `to_dense(base_param)` gives ΔW in float32 (the caller casts)."""
         raise AdapterStateError(f"{type(self).__name__} acts on activations: it has no delta")
 
     def peft_state(self) -> dict[str, Tensor]:
@@ -138,7 +141,7 @@ class AdaptedLayer(nn.Module):
             for pname, d in deltas.items():
                 p = params[pname]
                 backup[pname] = p.detach().clone()
-                p.copy_((p.float() + d.to(p.device)).to(p.dtype))
+                p.copy_((p.float() + d.to_dense(p.detach()).to(p.device)).to(p.dtype))
         self._folded[name] = backup
 
     def unfold(self, name: str) -> None:

@@ -315,8 +315,9 @@ class AdapterModel(nn.Module):
         with torch.no_grad():
             for path, module in self.named_adapter_modules(name):
                 layer = get_submodule(self.model, path)
+                params = dict(layer.base_layer.named_parameters())
                 for pname, d in module.delta(layer.base_layer).items():
-                    out[f"{path}.{pname}"] = d.detach().float().cpu()
+                    out[f"{path}.{pname}"] = d.to_dense(params[pname].detach()).detach().cpu()
         return out
 
     # -- helpers -------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ frozen dataclass implementing the protocol, decorated with `@delta_type("name")`
 
 Choices:
 - `to_dense` is float32 unless asked; only `Folded` needs the base, any other type ignores it.
+  A `Dense` delta may return its own tensor: treat the result as read-only.
 - `add` keeps the most specific exact type: LowRank + LowRank concatenates factors (ranks
-  add), Sparse + Sparse unions indices, Ternary + Ternary is Sparse; anything else is Dense
+  add), Sparse + Sparse unions indices; anything else is Dense
   (and needs the base when a `Folded` is involved). Shapes must match.
 - Numbers are checked finite (`scale`), shapes at construction: a bad delta fails where it
   is made, not where it is used.

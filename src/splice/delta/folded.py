@@ -1,18 +1,19 @@
 """`Folded`: adapters that transform W instead of adding to it; ΔW = f(W) − W.
 
-Their delta exists only against a given base, so `to_dense(base)` needs it. Transforms
-(each with the paper's / PEFT's formula; W is the weight in its stored layout):
+Their delta exists only against a given base, so `to_dense(base)` needs it. Transforms, each
+registered as its ΔW (written to avoid cancellation where it can; W in its stored layout):
 
-    scale        W' = W ⊙ v                v broadcasts against W (IA3: per output row
-                                           v[:, None], per input column v[None, :])
-    matmul_right W' = W M                  OFT on a Linear: M = Rᵀ (in×in)
-    matmul_left  W' = M W                  OFT on GPT-2 Conv1D (W stored in×out): M = R
-    dora         W' = c ⊙ (W + s·B A),     DoRA (Liu et al. 2024): m is the learned magnitude,
-                 c = m / ‖W + s·B A‖        the norm over every dim but 0 (per output feature),
-                                           treated as a constant (detached), as PEFT
+    scale        ΔW = W ⊙ (v − 1)           W' = W ⊙ v, v broadcasting against W (IA3: per
+                                             output row v[:, None], per input column v[None, :])
+    matmul_right ΔW = W M − W                OFT / HRA on a Linear: M = Rᵀ (in×in)
+    matmul_left  ΔW = M W − W                OFT / HRA on GPT-2 Conv1D (W stored in×out)
+    dora         ΔW = c ⊙ (W + s·B A) − W,   DoRA (Liu et al. 2024): m is the learned magnitude,
+                 c = m / ‖W + s·B A‖         the norm over every dim but 0 (per output
+                                             feature), a constant (detached) as in PEFT;
+                                             option ``transposed``: W is stored in×out (Conv1D,
+                                             embeddings) and the formula applies to Wᵀ
 
-`scale` is exact under `scale()` (ΔW scales linearly); the others are not linear in their
-parameters, so `scale(c)` scales the resulting ΔW: it keeps a `factor` applied after f.
+None is linear in its parameters, so `scale(c)` scales the resulting ΔW (a `factor`).
 Adding a transform is one function registered with `@folded_transform(name)`.
 """
 
@@ -28,12 +29,14 @@ from torch import Tensor
 from splice.delta._common import DeltaOps, element_bytes
 from splice.delta.base import Delta, DeltaError, check_factor, delta_type
 
-Transform = Callable[[Tensor, dict[str, Tensor], dict[str, Any]], Tensor]
-_TRANSFORMS: dict[str, Transform] = {}
+DeltaOf = Callable[[Tensor, dict[str, Tensor], dict[str, Any]], Tensor]
+_TRANSFORMS: dict[str, DeltaOf] = {}
 
 
-def folded_transform(name: str) -> Callable[[Transform], Transform]:
-    def register(fn: Transform) -> Transform:
+def folded_transform(name: str) -> Callable[[DeltaOf], DeltaOf]:
+    """Register ``fn(W, params, options) -> ΔW`` (float32 W in) under ``name``."""
+
+    def register(fn: DeltaOf) -> DeltaOf:
         _TRANSFORMS[name] = fn
         return fn
 
@@ -42,26 +45,29 @@ def folded_transform(name: str) -> Callable[[Transform], Transform]:
 
 @folded_transform("scale")
 def _scale(w: Tensor, p: dict[str, Tensor], _: dict[str, Any]) -> Tensor:
-    return w * p["vector"].float()
+    return w * (p["vector"].float() - 1)
 
 
 @folded_transform("matmul_right")
 def _matmul_right(w: Tensor, p: dict[str, Tensor], _: dict[str, Any]) -> Tensor:
-    return w @ p["matrix"].float()
+    return w @ p["matrix"].float() - w
 
 
 @folded_transform("matmul_left")
 def _matmul_left(w: Tensor, p: dict[str, Tensor], _: dict[str, Any]) -> Tensor:
-    return p["matrix"].float() @ w
+    return p["matrix"].float() @ w - w
 
 
 @folded_transform("dora")
 def _dora(w: Tensor, p: dict[str, Tensor], opts: dict[str, Any]) -> Tensor:
+    transposed = bool(opts.get("transposed", False))
+    if transposed:
+        w = w.T
     lora = (p["b"].float() @ p["a"].float()).reshape(w.shape) * float(opts.get("lora_scale", 1.0))
-    adapted = w + lora
-    norm = adapted.norm(p=2, dim=tuple(range(1, w.dim())))
+    norm = (w + lora).norm(p=2, dim=tuple(range(1, w.dim())))
     c = p["magnitude"].float().reshape(-1) / norm
-    return c.reshape(-1, *([1] * (w.dim() - 1))) * adapted
+    d = c.reshape(-1, *([1] * (w.dim() - 1))) * (w + lora) - w
+    return d.T if transposed else d
 
 
 @delta_type("folded")
@@ -98,7 +104,7 @@ class Folded(DeltaOps):
         if tuple(base.shape) != self.size:
             raise DeltaError(f"base shape {list(base.shape)} != delta shape {list(self.size)}")
         w = base.float()
-        d = _TRANSFORMS[self.transform](w, self.params, self.options) - w
+        d = _TRANSFORMS[self.transform](w, self.params, self.options)
         return (d * self.factor).to(dtype)
 
     def scale(self, factor: float) -> Folded:

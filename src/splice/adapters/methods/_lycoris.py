@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
 from splice.adapters.targeting import pattern_key
+from splice.delta import Delta, Dense
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -110,8 +111,8 @@ class LycorisModule(AdapterModule):
         update = F.linear(x, w) if isinstance(base, nn.Linear) else base._conv_forward(x, w, None)
         return (result + update).to(result.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        return {"weight": self._weight(base).float()}
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        return {"weight": Dense(self._weight(base).float())}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"

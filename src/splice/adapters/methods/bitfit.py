@@ -37,6 +37,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
+from splice.delta import Delta, Dense
 
 _LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _BERT = ["query", "key", "value", "dense", "LayerNorm"]
@@ -95,14 +96,14 @@ class BitFitBias(AdapterModule):
             d = d.reshape(-1, *([1] * (result.dim() - 2)))
         return result + d.to(result.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        return {"bias": self.bitfit_bias.float()}
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        return {"bias": Dense(self.bitfit_bias.float())}
 
 
 class BitFitSkip(AdapterModule):
     """A matched module without a bias: passes through; no parameters, no delta."""
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
         return {}
 
 

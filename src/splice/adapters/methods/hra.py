@@ -38,6 +38,7 @@ from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
+from splice.delta import Delta, Folded
 
 # PEFT's HRA defaults by HF model_type (the architectures splice tests).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -132,12 +133,12 @@ class HRALinear(AdapterModule):
         u = self.hra_u
         return reflect_rows(x.to(u.dtype), u, self.apply_gs).to(x.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
         h = householder_product(self.hra_u.float(), self.apply_gs)
-        w = base.weight.float()
+        size = tuple(base.weight.shape)
         if self.conv1d:  # W stored in×out: y = x Hᵀ W  ->  W' = Hᵀ W
-            return {"weight": h.T @ w - w}
-        return {"weight": w @ h - w}
+            return {"weight": Folded("matmul_left", {"matrix": h.T}, size)}
+        return {"weight": Folded("matmul_right", {"matrix": h}, size)}
 
 
 @adapter_method(HRAConfig, name="hra", peft_type="HRA", default_targets=DEFAULT_TARGETS.get)

@@ -42,6 +42,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
+from splice.delta import Delta, Folded
 
 # PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), main families.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -148,12 +149,14 @@ class IA3(AdapterModule):
             return vec.transpose(0, 1)  # (1, C_out, 1, 1) -> (C_out, 1, 1, 1)
         return vec
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        w = base.weight.float()
-        out = {"weight": w * (self.weight_scale() - 1)}
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        """ΔW = W ⊙ (l − 1) (and b ⊙ (l − 1) for an output scaling): `Folded` "scale"."""
+        size = tuple(base.weight.shape)
+        out: dict[str, Delta] = {"weight": Folded("scale", {"vector": self.weight_scale()}, size)}
         bias = getattr(base, "bias", None)
         if not self.feedforward and bias is not None:
-            out["bias"] = bias.float() * (self.ia3_l.float().flatten() - 1)
+            vector = self.ia3_l.float().flatten()
+            out["bias"] = Folded("scale", {"vector": vector}, tuple(bias.shape))
         return out
 
 

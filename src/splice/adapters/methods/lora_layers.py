@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from splice.adapters.layer import AdapterModule, AdapterStateError
+from splice.delta import Delta, Dense, Folded, LowRank
 
 _BIAS_KEY = "base_layer.bias"
 
@@ -139,24 +140,32 @@ class LoraLinear(LoraModule):
         update = (c - 1) * base_result + c * lora_result * self.scaling
         return (result + update).to(out_dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        s = self.scaling
-        d = self.lora_weight().float() * s
-        if self.use_dora:
-            w = self.base_weight(base).float()
-            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
-            d = c[:, None] * (w + d) - w
-        out = {"weight": d.T if self.transpose else d}
-        return _with_bias(out, base, self, s)
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        b, a = self.lora_B.weight, self.lora_A.weight
+        out = {"weight": _lora_or_dora(self, b, a, base.weight.shape, transposed=self.transpose)}
+        return _with_bias(out, base, self, self.scaling)
 
-    def factors(self) -> tuple[Tensor, Tensor, float]:
-        """(B, A, s) with ΔW = s · B A (plain LoRA, before any Conv1D transpose)."""
-        return self.lora_B.weight, self.lora_A.weight, self.scaling
+
+def _lora_or_dora(
+    module: LoraModule,
+    b: Tensor,
+    a: Tensor,
+    shape: tuple[int, ...],
+    *,
+    transposed: bool = False,
+    weight_shape: tuple[int, ...] | None = None,
+) -> Delta:
+    """LoRA: ``LowRank(B, A, s)``; DoRA: the ``dora`` transform of the base (same factors)."""
+    if not module.use_dora:
+        return LowRank(b, a, module.scaling, transposed, weight_shape)
+    params = {"b": b, "a": a, "magnitude": module.lora_magnitude_vector}
+    options = {"lora_scale": module.scaling, "transposed": transposed}
+    return Folded("dora", params, tuple(shape), options)
 
 
 def _with_bias(
-    out: dict[str, Tensor], base: nn.Module, module: LoraModule, s: float
-) -> dict[str, Tensor]:
+    out: dict[str, Delta], base: nn.Module, module: LoraModule, s: float
+) -> dict[str, Delta]:
     """Add the bias deltas: s · lora_B.bias (lora_bias) and b_t − b (bias="lora_only")."""
     parts = []
     lora_b = getattr(getattr(module, "lora_B", None), "bias", None)
@@ -170,7 +179,7 @@ def _with_bias(
             raise AdapterStateError(
                 "lora_bias=True on a layer without a bias: the update cannot be folded (as PEFT)"
             )
-        out["bias"] = sum(parts[1:], parts[0])
+        out["bias"] = Dense(sum(parts[1:], parts[0]))
     return out
 
 
@@ -233,13 +242,9 @@ class LoraEmbedding(LoraModule):
         )
         return (c * result + c * update).to(out_dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        d = self.lora_weight().float() * self.scaling  # dim × num
-        if self.use_dora:
-            w = base.weight.T.float()
-            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
-            d = c[:, None] * (w + d) - w
-        return {"weight": d.T}
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        b, a = self.lora_embedding_B, self.lora_embedding_A  # ΔW = s · (B A)ᵀ
+        return {"weight": _lora_or_dora(self, b, a, base.weight.shape, transposed=True)}
 
     def peft_state(self) -> dict[str, Tensor]:
         state = super().peft_state()
@@ -323,10 +328,8 @@ class LoraConv2d(LoraModule):
         update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
         return (result + update).to(out_dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        d = self.lora_weight().float() * self.scaling
-        if self.use_dora:
-            w = base.weight.float()
-            c = _dora_factor(self.lora_magnitude_vector.float(), w, d, 1.0)
-            d = c.view(-1, 1, 1, 1) * (w + d) - w
-        return _with_bias({"weight": d}, base, self, self.scaling)
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        shape = tuple(base.weight.shape)
+        b, a = self.lora_B.weight[:, :, 0, 0], self.lora_A.weight.flatten(1)
+        weight = _lora_or_dora(self, b, a, shape, weight_shape=shape)
+        return _with_bias({"weight": weight}, base, self, self.scaling)

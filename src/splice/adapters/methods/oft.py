@@ -51,6 +51,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
+from splice.delta import Delta, Folded
 
 # PEFT's OFT defaults by HF model_type (the architectures splice tests).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -236,12 +237,12 @@ class OFTLinear(AdapterModule):
         out = torch.einsum("...rk,rkc->...rc", xr, blocks)
         return out.reshape(x.shape).to(x.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
-        r = self.rotation()
-        w = base.weight.float()
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
+        r = self.rotation().float()
+        size = tuple(base.weight.shape)
         if self.conv1d:  # W stored in×out: y = x R W  ->  W' = R W
-            return {"weight": r @ w - w}
-        return {"weight": w @ r.T - w}
+            return {"weight": Folded("matmul_left", {"matrix": r}, size)}
+        return {"weight": Folded("matmul_right", {"matrix": r.T}, size)}
 
 
 @adapter_method(OFTConfig, name="oft", peft_type="OFT", default_targets=DEFAULT_TARGETS.get)

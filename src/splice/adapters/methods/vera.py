@@ -40,6 +40,7 @@ from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule, AdapterStateError
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
+from splice.delta import Delta, Dense
 
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -140,11 +141,11 @@ class VeraLinear(AdapterModule):
         update = self.vera_lambda_b * F.linear(h, b.to(x.dtype))
         return (result + update).to(result.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Tensor]:
+    def delta(self, base: nn.Module) -> dict[str, Delta]:
         a, b = self.sliced()
         lb, ld = self.vera_lambda_b.float(), self.vera_lambda_d.float()
         d = (lb[:, None] * b.float()) @ (ld[:, None] * a.float())
-        return {"weight": d.T if self.transpose else d}
+        return {"weight": Dense(d.T if self.transpose else d)}
 
     def peft_state(self) -> dict[str, Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b, "vera_lambda_d": self.vera_lambda_d}
