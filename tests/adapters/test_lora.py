@@ -173,9 +173,9 @@ def test_splice_to_peft(case, tmp_path):
 def test_default_targets_match_peft_table():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft
 
-    from splice.adapters.methods.lora import DEFAULT_TARGETS
+    from splice.adapters.default_targets import DEFAULT_TARGETS
 
-    for model_type, targets in DEFAULT_TARGETS.items():
+    for model_type, targets in DEFAULT_TARGETS["lora"].items():
         assert targets == peft[model_type], model_type
 
 

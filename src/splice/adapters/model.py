@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, AdapterConfigError
+from splice.adapters.default_targets import DEFAULT_TARGETS, default_targets
 from splice.adapters.full_copy import FullCopy
 from splice.adapters.layer import AdaptedLayer, AdapterModule, AdapterStateError
 from splice.adapters.model_adapter import ModelAdapter
@@ -122,10 +123,10 @@ class AdapterModel(nn.Module):
             self.set_active([*self.active, name] if activate and self.active else [name])
 
     def _with_default_targets(self, config: AdapterConfig, method: Any) -> AdapterConfig:
-        if config.target_modules is not None or method.default_targets is None:
+        if config.target_modules is not None or method.name not in DEFAULT_TARGETS:
             return config
         model_type = getattr(getattr(self.model, "config", None), "model_type", "")
-        targets = method.default_targets(model_type)
+        targets = default_targets(method.name, model_type)
         if not targets:
             raise AdapterConfigError(
                 f"'{method.name}': set target_modules (no default for model type "

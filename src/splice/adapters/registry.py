@@ -33,7 +33,6 @@ class AdapterMethod:
     kind: Kind
     peft_type: str  # PEFT's type name, or "SPLICE_<NAME>" for methods PEFT lacks
     in_peft: bool  # PEFT has this method (its adapters load in PEFT)
-    default_targets: Callable[[str], list[str] | None] | None = None
     folds: bool = True  # the adapter is a weight delta that folds into the base exactly
 
 
@@ -47,12 +46,10 @@ def adapter_method(
     name: str | None = None,
     peft_type: str | None = None,
     kind: Kind = "layer",
-    default_targets: Callable[[str], list[str] | None] | None = None,
     folds: bool | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``build`` for ``config_cls``. ``name`` defaults to the config's `method`.
     ``peft_type`` None means PEFT lacks the method: splice writes ``SPLICE_<NAME>``.
-    ``default_targets(model_type)`` gives target_modules when a config leaves them unset.
     ``folds`` (default: ``kind == "layer"``) says whether the adapter is a weight delta that
     folds into the base; activation-space layer adapters (bottleneck) pass ``False``."""
 
@@ -72,7 +69,6 @@ def adapter_method(
             kind,
             ptype,
             peft_type is not None,
-            default_targets,
             kind == "layer" if folds is None else folds,
         )
         _METHODS[method_name] = m

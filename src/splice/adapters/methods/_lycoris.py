@@ -30,15 +30,6 @@ from splice.adapters.targeting import pattern_key
 from splice.delta import Delta, Dense
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
 
 
 class LycorisConfig(AdapterConfig):

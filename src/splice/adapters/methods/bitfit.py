@@ -39,20 +39,6 @@ from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
 from splice.delta import Delta, Dense
 
-_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_BERT = ["query", "key", "value", "dense", "LayerNorm"]
-
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": _BERT,
-    "roberta": _BERT,
-    "gpt2": ["c_attn", "c_proj", "c_fc", "ln_1", "ln_2", "ln_f"],
-    "qwen2": ["q_proj", "k_proj", "v_proj"],
-    "llama": _LLAMA_LINEAR,
-    "mistral": _LLAMA_LINEAR,
-    "gemma": _LLAMA_LINEAR,
-    "gemma2": _LLAMA_LINEAR,
-}
-
 # modules whose bias is added on the channel axis (1) rather than the last one
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 _LAST_AXIS = (nn.Linear, nn.LayerNorm)
@@ -107,7 +93,7 @@ class BitFitSkip(AdapterModule):
         return {}
 
 
-@adapter_method(BitFitConfig, name="bitfit", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(BitFitConfig, name="bitfit")
 def build_bitfit(base: nn.Module, config: BitFitConfig, path: str) -> AdapterModule | None:
     if _gains_bias(base, config.add_missing_bias):
         assert isinstance(base, nn.Linear)

@@ -41,16 +41,6 @@ from splice.adapters.targeting import is_conv1d
 from splice.delta import Delta, Folded
 
 # PEFT's HRA defaults by HF model_type (the architectures splice tests).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
 
 
 class HRAConfig(AdapterConfig):
@@ -141,7 +131,7 @@ class HRALinear(AdapterModule):
         return {"weight": Folded("matmul_right", {"matrix": h}, size)}
 
 
-@adapter_method(HRAConfig, name="hra", peft_type="HRA", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(HRAConfig, name="hra", peft_type="HRA")
 def build_hra(base: nn.Module, config: HRAConfig, path: str) -> AdapterModule | None:
     if isinstance(base, nn.Linear):
         in_features, conv1d = base.in_features, False

@@ -39,42 +39,13 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, AdapterConfigError
+from splice.adapters.default_targets import IA3_FEEDFORWARD
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import is_conv1d
 from splice.delta import Delta, Folded
 
 # PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), main families.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["q_proj", "v_proj", "down_proj"],
-    "qwen3": ["q_proj", "v_proj", "down_proj"],
-    "gemma": ["q_proj", "v_proj", "down_proj"],
-    "gemma2": ["q_proj", "v_proj", "down_proj"],
-    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
-    "bert": ["key", "value", "output.dense"],
-    "roberta": ["key", "value", "output.dense"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "t5": ["k", "v", "wo"],
-    "opt": ["q_proj", "k_proj", "fc2"],
-    "phi": ["q_proj", "v_proj", "fc2"],
-}
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
-    "qwen3": ["down_proj"],
-    "gemma": ["down_proj"],
-    "gemma2": ["down_proj"],
-    "gemma3_text": ["down_proj"],
-    "bert": ["output.dense"],
-    "roberta": ["output.dense"],
-    "gpt2": ["mlp.c_proj"],
-    "t5": ["wo"],
-    "opt": ["fc2"],
-    "phi": ["fc2"],
-}
 
 
 class IA3Config(AdapterConfig):
@@ -109,12 +80,12 @@ class IA3Config(AdapterConfig):
         if self.feedforward_modules is not None:
             return self
         model_type = getattr(getattr(model, "config", None), "model_type", "")
-        if model_type not in DEFAULT_FEEDFORWARD:
+        if model_type not in IA3_FEEDFORWARD:
             raise AdapterConfigError(
                 f"ia3: set feedforward_modules (no default for model type {model_type!r}); "
                 "use [] when no target is a feed-forward layer"
             )
-        return self.model_copy(update={"feedforward_modules": DEFAULT_FEEDFORWARD[model_type]})
+        return self.model_copy(update={"feedforward_modules": IA3_FEEDFORWARD[model_type]})
 
 
 class IA3(AdapterModule):
@@ -160,7 +131,7 @@ class IA3(AdapterModule):
         return out
 
 
-@adapter_method(IA3Config, name="ia3", peft_type="IA3", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(IA3Config, name="ia3", peft_type="IA3")
 def build_ia3(base: nn.Module, config: IA3Config, path: str) -> AdapterModule | None:
     ff = config.is_feedforward(path)
     if isinstance(base, nn.Linear):

@@ -32,29 +32,6 @@ PREFIX = "ln_tuning_layers."
 
 # PEFT 0.21's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (text models), plus
 # BERT / RoBERTa (splice's addition).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "gemma2": [
-        "input_layernorm",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-        "norm",
-    ],
-    "qwen2": ["post_attention_layernorm"],
-    "qwen3": ["post_attention_layernorm"],
-    "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
-    "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
-    "gpt2": ["ln_1", "ln_2", "ln_f"],
-    "gptj": ["ln_1", "ln_f"],
-    "phi": ["input_layernorm", "final_layernorm"],
-    "t5": ["layer_norm", "final_layer_norm"],
-    "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
-    "bert": ["LayerNorm"],
-    "roberta": ["LayerNorm"],
-}
 
 
 class LNTuningConfig(AdapterConfig):
@@ -73,9 +50,7 @@ class LNTuningCopy(FullCopy):
         )
 
 
-@adapter_method(
-    LNTuningConfig, name="ln_tuning", peft_type="LN_TUNING", default_targets=DEFAULT_TARGETS.get
-)
+@adapter_method(LNTuningConfig, name="ln_tuning", peft_type="LN_TUNING")
 def build_ln_tuning(base: nn.Module, config: LNTuningConfig, path: str) -> AdapterModule | None:
     if not any(True for _ in base.parameters()):
         return None

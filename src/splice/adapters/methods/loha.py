@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from splice.adapters.layer import AdapterModule
 from splice.adapters.methods._lycoris import (
-    DEFAULT_TARGETS,
     LycorisConfig,
     LycorisModule,
     conv_shape,
@@ -92,7 +91,7 @@ class LoHa(LycorisModule):
         )
 
 
-@adapter_method(LoHaConfig, name="loha", peft_type="LOHA", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(LoHaConfig, name="loha", peft_type="LOHA")
 def build_loha(base: nn.Module, config: LoHaConfig, path: str) -> AdapterModule | None:
     shape = conv_shape(base)
     if shape is None:

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from splice.adapters.layer import AdapterModule
 from splice.adapters.methods._lycoris import (
-    DEFAULT_TARGETS,
     LycorisConfig,
     LycorisModule,
     conv_shape,
@@ -136,7 +135,7 @@ class LoKr(LycorisModule):
         return kron_delta(w1, w2, self.scaling)
 
 
-@adapter_method(LoKrConfig, name="lokr", peft_type="LOKR", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(LoKrConfig, name="lokr", peft_type="LOKR")
 def build_lokr(base: nn.Module, config: LoKrConfig, path: str) -> AdapterModule | None:
     shape = conv_shape(base)
     if shape is None:

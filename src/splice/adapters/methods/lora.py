@@ -47,20 +47,6 @@ from splice.adapters.targeting import is_conv1d, pattern_key
 # target_modules when unset, by HF model_type: PEFT 0.21's defaults
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
 # a test checks them against PEFT's table.
-_QV = ["q_proj", "v_proj"]
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: _QV for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
-    **{t: _QV for t in ("gemma3_text", "opt", "bart", "gptj")},
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "t5": ["q", "v"],
-}
 
 
 class LoraConfig(AdapterConfig):
@@ -156,6 +142,6 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
     return module
 
 
-@adapter_method(LoraConfig, name="lora", peft_type="LORA", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(LoraConfig, name="lora", peft_type="LORA")
 def build_lora(base: nn.Module, config: LoraConfig, path: str) -> AdapterModule | None:
     return build_lora_module(base, config, path)

@@ -54,16 +54,6 @@ from splice.adapters.targeting import is_conv1d
 from splice.delta import Delta, Folded
 
 # PEFT's OFT defaults by HF model_type (the architectures splice tests).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
 
 
 class OFTConfig(AdapterConfig):
@@ -245,7 +235,7 @@ class OFTLinear(AdapterModule):
         return {"weight": Folded("matmul_right", {"matrix": r.T}, size)}
 
 
-@adapter_method(OFTConfig, name="oft", peft_type="OFT", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(OFTConfig, name="oft", peft_type="OFT")
 def build_oft(base: nn.Module, config: OFTConfig, path: str) -> AdapterModule | None:
     if isinstance(base, nn.Linear):
         in_features, conv1d = base.in_features, False

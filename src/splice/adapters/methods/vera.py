@@ -44,16 +44,6 @@ from splice.delta import Delta, Dense
 
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "gpt2": ["c_attn"],
-}
-
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
     """U(-√(6/fan_in), √(6/fan_in)) with fan_in = shape[1], drawn from ``generator``."""
@@ -183,7 +173,7 @@ def _features(base: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-@adapter_method(VeraConfig, name="vera", peft_type="VERA", default_targets=DEFAULT_TARGETS.get)
+@adapter_method(VeraConfig, name="vera", peft_type="VERA")
 def build_vera(base: nn.Module, config: VeraConfig, path: str) -> AdapterModule | None:
     feats = _features(base)
     if feats is None:
