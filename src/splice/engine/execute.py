@@ -167,7 +167,7 @@ class _Runner:
                 out = kept.add_(out.to(cd).sub_(kept), alpha=s)
             del base, tensors, kept
         out = out.to(job.out.dtype).contiguous()
-        self.writer.write(job.out.name, out)
+        self.writer.write(job.out.name, out, allow_nonfinite=self.plan.allow_nonfinite)
         return out.numel() * out.element_size()
 
 

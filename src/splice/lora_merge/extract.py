@@ -117,8 +117,11 @@ def extract_lora(
     niter: int = 2,
     seed: int = 0,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ExtractReport:
-    """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`."""
+    """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`. An input
+    tensor holding NaN / ±inf is a NonFiniteError naming it (its SVD would fail), as is a
+    non-finite factor in the output, unless ``allow_nonfinite``."""
     if (rank is None) == (energy is None):
         raise MergeValidationError("give exactly one of --rank and --energy")
     if rank is not None and rank < 1:
@@ -137,7 +140,9 @@ def extract_lora(
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     report = ExtractReport(out)
-    base_r, ft_r = open_checkpoint(base), open_checkpoint(model)
+    check = not allow_nonfinite
+    base_r = open_checkpoint(base, check_finite=check)
+    ft_r = open_checkpoint(model, check_finite=check)
     try:
         base_names = set(base_r.names())
         missing = [n for n in ft_r.names() if n not in base_names]
@@ -198,5 +203,7 @@ def extract_lora(
         "task_type": None,
         "inference_mode": True,
     }
-    write_lora_adapter(out, modules, {}, template, overwrite=overwrite)
+    write_lora_adapter(
+        out, modules, {}, template, overwrite=overwrite, allow_nonfinite=allow_nonfinite
+    )
     return report

@@ -39,14 +39,16 @@ def merge_adapters(
     opts: LoraMergeOptions | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
 ) -> LoraMergeReport:
-    """Merge the adapters with `method` and write the result to `out_dir`."""
+    """Merge the adapters with `method` and write the result to `out_dir`. NaN / ±inf in
+    an adapter's factors or in the result is a NonFiniteError unless ``allow_nonfinite``."""
     opts = opts or LoraMergeOptions()
     m = get_lora_method(method)
     weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
-    m.validate(opts, len(adapter_dirs), len(weights))
+    m.validate(opts, len(adapter_dirs), weights)
     check_out_dir(Path(out_dir), overwrite)
-    adapters = load_adapters(adapter_dirs)
+    adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     first = adapters[0]
     merged: dict[str, LoraFactors] = {}
     for module in sorted(first.modules):
@@ -70,5 +72,6 @@ def merge_adapters(
         dtype=dtype,
         overwrite=overwrite,
         metadata={"splice_lora_merge": json.dumps(info)},
+        allow_nonfinite=allow_nonfinite,
     )
     return LoraMergeReport(out, method, len(merged), {k: max(f.rank, 1) for k, f in merged.items()})

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.numbers import FINITE
 
 
 class TrainConfigError(SpliceError):
@@ -48,7 +49,8 @@ class TrainConfigError(SpliceError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or flags) are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
 
 
 class DataConfig(_Strict):
