@@ -1,4 +1,5 @@
-"""`splice bench` configuration: a small strict YAML (unknown keys are errors).
+"""`splice bench` configuration: a small strict YAML (unknown keys are errors, and so are
+NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
 
     model: minilm                 # packaged name, or an HF folder of an encoder classifier
     tasks: [tweet_sentiment, bbc_news, spam, wordnet_supersense]   # built-in names or files

@@ -11,6 +11,8 @@ extract / compeft / rmm, compress, restore):
 - Output: writers call `check_output` on each tensor after the cast to the output dtype;
   this also catches float16 / bfloat16 overflow (a finite float32 value beyond the dtype's
   range becomes ±inf), which the message says.
+- In between, with the opt-in: an SVD / QR of non-finite values fails inside torch;
+  `numerical_errors` turns that into one error naming the tensor instead of a traceback.
 
 Cost: one min/max reduction per tensor (``torch.aminmax`` propagates NaN; no copy, no
 mask); only a tensor that fails it is counted in detail.
@@ -19,11 +21,13 @@ mask); only a tensor that fails it is counted in detail.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, MergeValidationError
 from splice.io.base import CheckpointReader, TensorInfo
 
 OPT_IN = "pass --allow-nonfinite to"
@@ -77,6 +81,17 @@ def check_output(t: torch.Tensor, name: str) -> None:
     raise NonFiniteError(
         f"output tensor '{name}' has {describe_nonfinite(t)} {where}; {OPT_IN} write them anyway"
     )
+
+
+@contextmanager
+def numerical_errors(what: str) -> Iterator[None]:
+    """Re-raise torch's linear-algebra failures (e.g. an SVD of NaN / inf values, which only
+    ``--allow-nonfinite`` lets through) as a MergeValidationError naming ``what``."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MergeValidationError(f"{what}: {first}") from None
 
 
 class FiniteReader:

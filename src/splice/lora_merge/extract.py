@@ -34,6 +34,7 @@ import torch
 
 from splice.errors import MergeValidationError
 from splice.io import open_checkpoint
+from splice.io.finite import numerical_errors
 from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
@@ -177,15 +178,16 @@ def extract_lora(
                 report.skipped.append((name, "not selected by --targets"))
                 continue
             work = delta.T if fan_in_fan_out else delta
-            factors, err = lowrank_delta(
-                work,
-                rank=rank,
-                energy=energy,
-                max_rank=max_rank,
-                oversample=oversample,
-                niter=niter,
-                seed=seed,
-            )
+            with numerical_errors(f"'{name}'"):
+                factors, err = lowrank_delta(
+                    work,
+                    rank=rank,
+                    energy=energy,
+                    max_rank=max_rank,
+                    oversample=oversample,
+                    niter=niter,
+                    seed=seed,
+                )
             modules[module] = factors
             report.tensors.append(ExtractedTensor(name, factors.rank, err))
     finally:

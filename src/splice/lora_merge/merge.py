@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from splice.io.finite import numerical_errors
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.factors import LoraFactors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
@@ -54,7 +55,8 @@ def merge_adapters(
     for module in sorted(first.modules):
         loras = [ad.modules[module] for ad in adapters]
         ctx = MergeContext(tensor_name=module, seed=opts.seed)
-        merged[module] = m.fn(loras, weights, opts, ctx)
+        with numerical_errors(f"module '{module}': method '{method}'"):
+            merged[module] = m.fn(loras, weights, opts, ctx)
     info = {
         "method": method,
         "adapters": [str(ad.path) for ad in adapters],

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io.finite import check_output
+from splice.io.finite import check_output, numerical_errors
 from splice.io.writer import partial_dir_of
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.factors import LoraFactors
@@ -107,7 +107,8 @@ def build_rmm(
     adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(adapters[0].modules):
-        fb, fa = fit_module([ad.modules[module] for ad in adapters], k)
+        with numerical_errors(f"module '{module}'"):
+            fb, fa = fit_module([ad.modules[module] for ad in adapters], k)
         for part, f in (("lora_B", fb), ("lora_A", fa)):
             tensors[f"{module}.{part}.basis"] = f.basis.contiguous()
             tensors[f"{module}.{part}.coeffs"] = f.coeffs.contiguous()

@@ -28,7 +28,9 @@ Keys (both dialects unless marked):
 A parameter setting is a scalar, a gradient (list of numbers interpolated over the layer
 index, as mergekit), or a list of ``{filter, value}`` where ``filter`` is a substring of the
 tensor name (mergekit) or ``re:REGEX`` (splice; ``re.search``); ``*`` or no filter matches
-all. Unknown keys anywhere are an error naming the key's path and the closest valid key.
+all. Unknown keys anywhere are an error naming the key's path and the closest valid key;
+so is a number that is not finite (YAML's ``.nan`` / ``.inf``), anywhere, and each method's
+parameter ranges are checked when the recipe is planned, before any tensor is read.
 """
 
 from __future__ import annotations

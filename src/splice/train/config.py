@@ -1,4 +1,5 @@
-"""`splice train` configuration: a small strict YAML (unknown keys are errors).
+"""`splice train` configuration: a small strict YAML (unknown keys are errors, and so are
+NaN / inf numbers and values outside a field's range, e.g. epochs or lr <= 0).
 
     model: minilm                 # packaged name (minilm, smollm2), an HF folder, or a .gguf
     task: seq_cls                 # seq_cls (sequence classification) | causal_lm

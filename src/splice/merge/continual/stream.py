@@ -28,6 +28,7 @@ import splice
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
 from splice.io.base import TensorInfo
+from splice.io.finite import numerical_errors
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
 
@@ -109,13 +110,14 @@ def _updates(
             yield name, b, tau, tau
             continue
         prev = merged.read(name).to(torch.float32) - b
-        u = opcm_projected_update(
-            prev,
-            tau,
-            alpha=alpha,
-            prev_lambda=state.lambda_,
-            project=projects(name, b.shape),
-        )
+        with numerical_errors(f"tensor '{name}'"):
+            u = opcm_projected_update(
+                prev,
+                tau,
+                alpha=alpha,
+                prev_lambda=state.lambda_,
+                project=projects(name, b.shape),
+            )
         yield name, b, tau, u
 
 
