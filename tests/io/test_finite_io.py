@@ -31,7 +31,7 @@ def test_all_finite_every_float_dtype(dtype):
         bad = t.clone()
         bad[pos] = NAN
         assert not all_finite(bad)
-        assert describe_nonfinite(bad) == "1 non-finite values (1 NaN)"
+        assert describe_nonfinite(bad) == "1 non-finite value (1 NaN)"
     if dtype not in (torch.float8_e4m3fn,):  # e4m3fn has no inf
         bad = t.clone()
         bad[3], bad[4] = INF, -INF
@@ -86,12 +86,12 @@ def test_writer_refuses_nonfinite_output_unless_allowed(tmp_path):
     with pytest.raises(NonFiniteError) as e:
         w.write("a", tensors["a"])
     assert str(e.value) == (
-        "output tensor 'a' has 1 non-finite values (1 NaN) in float32; "
+        "output tensor 'a' has 1 non-finite value (1 NaN) in float32; "
         "pass --allow-nonfinite to write them anyway"
     )
     with pytest.raises(NonFiniteError) as e:
         w.write("b", tensors["b"])
-    assert "'b' has 1 non-finite values (1 inf) in float16, whose range is ±65504 (larger " in (
+    assert "'b' has 1 non-finite value (1 inf) in float16, whose range is ±65504 (larger " in (
         str(e.value)
     )
     with pytest.raises(NonFiniteError, match=r"in bfloat16, whose range is ±3\.38953e\+38"):

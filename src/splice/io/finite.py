@@ -3,11 +3,12 @@
 Policy (every command that computes on tensors: merge, merge --continual, lora merge /
 extract / compeft / rmm, compress, restore):
 
-- Input: `open_checkpoint` wraps its reader in `FiniteReader` unless the caller opts out
-  (``allow_nonfinite=True``, the ``--allow-nonfinite`` flag; `splice inspect` always opts
-  out, it is a diagnostic tool). Reading a floating tensor that holds NaN / ±inf raises
-  `NonFiniteError` naming the tensor and the model reference. Any arithmetic on such a
-  tensor (a merge, an SVD) would spread NaN through the output or fail with a traceback.
+- Input: those commands open their inputs with ``open_checkpoint(ref, check_finite=True)``
+  (PEFT adapter factors: `FiniteReader` directly), unless given ``--allow-nonfinite``.
+  Reading a floating tensor that holds NaN / ±inf then raises `NonFiniteError` naming the
+  tensor and the model reference: any arithmetic on it (a merge, an SVD) would spread NaN
+  through the output or fail with a traceback. `splice inspect` reads without the check:
+  it is a diagnostic tool and shows such tensors.
 - Output: writers call `check_output` on each tensor after the cast to the output dtype;
   this also catches float16 / bfloat16 overflow (a finite float32 value beyond the dtype's
   range becomes ±inf), which the message says.
@@ -56,7 +57,8 @@ def describe_nonfinite(t: torch.Tensor) -> str:
     nan = int(torch.isnan(t).sum())
     inf = int(torch.isinf(t).sum())
     parts = [f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n]
-    return f"{nan + inf} non-finite values ({', '.join(parts)})"
+    total = nan + inf
+    return f"{total} non-finite value{'s' if total != 1 else ''} ({', '.join(parts)})"
 
 
 def check_input(t: torch.Tensor, name: str, source: str) -> torch.Tensor:
