@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from splice import __version__
+from splice.commands._flags import add_allow_nonfinite
 from splice.errors import SpliceError
 
 
@@ -33,7 +34,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         text = None  # the stored recipe must be the one that ran
     shard = parse_size(args.shard_size)
     budget = parse_size(args.memory)
-    plan = plan_merge(recipe)
+    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite)
     try:
         report = run_merge(
             plan,
@@ -78,6 +79,7 @@ def _cmd_merge_continual(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         shard_bytes=parse_size(args.shard_size),
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(
         f"merged model {report.models_merged} into {report.out_dir} with OPCM "
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --continual: OPCM's subspace threshold (the state's, 0.5 at first)",
     )
+    add_allow_nonfinite(m)
     m.set_defaults(fn=_cmd_merge)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, or compare two")

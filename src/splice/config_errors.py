@@ -27,9 +27,10 @@ def model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
 def first_error(e: ValidationError) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The error to report (a typo'd key first: it usually explains a missing one) and its
     location without the union-branch tags pydantic inserts (``literal['core','all']``)."""
-    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+    err = dict(sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0])
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
-    return loc, dict(err)
+    err["msg"] = str(err["msg"]).removeprefix("Value error, ")  # a validator's own message
+    return loc, err
 
 
 def unknown_key_message(root: type[BaseModel], loc: tuple[Any, ...], list_valid: bool) -> str:

@@ -1,7 +1,8 @@
 """Adapter configurations: strict pydantic models, one class per method.
 
-Every config rejects unknown keys (with the closest valid key in the message) and is
-immutable. `to_peft` / `from_peft` translate to and from PEFT's `adapter_config.json`:
+Every config rejects unknown keys (with the closest valid key in the message) and NaN /
+±inf numbers (also when read from an adapter_config.json), and is immutable. `to_peft` /
+`from_peft` translate to and from PEFT's `adapter_config.json`:
 splice's field names are PEFT's where PEFT has the method, so a round trip is the identity.
 
 Targeting fields shared by the layer-wrapping methods (PEFT's semantics):
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from splice.errors import SpliceError
+from splice.numbers import FINITE
 
 
 class AdapterConfigError(SpliceError):
@@ -44,7 +46,7 @@ PEFT_BOOKKEEPING = frozenset(
 class AdapterConfig(BaseModel):
     """Base of every adapter config."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)  # NaN / inf: errors
 
     # Set by the registry: the method name ("lora") and the type name written to PEFT's
     # adapter_config.json ("LORA"; splice-only methods use "SPLICE_<NAME>").

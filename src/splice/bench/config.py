@@ -1,4 +1,5 @@
-"""`splice bench` configuration: a small strict YAML (unknown keys are errors).
+"""`splice bench` configuration: a small strict YAML (unknown keys are errors, and so are
+NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
 
     model: minilm                 # packaged name, or an HF folder of an encoder classifier
     tasks: [tweet_sentiment, bbc_news, spam, wordnet_supersense]   # built-in names or files
@@ -63,6 +64,7 @@ from pydantic import (
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.numbers import FINITE, first_nonfinite
 
 
 class BenchConfigError(SpliceError):
@@ -70,7 +72,8 @@ class BenchConfigError(SpliceError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or flags) are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
 
 
 class DataSizes(_Strict):
@@ -123,6 +126,16 @@ class MergeSettings(_Strict):
     def _nonempty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("an empty method list (use core, all, or name methods)")
+        return v
+
+    @field_validator("params", "grids")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Values are typed Any (each method declares its own), so pydantic's allow_inf_nan
+        # does not reach them; the method's own ranges are checked when the bench starts.
+        found = first_nonfinite(v)
+        if found:
+            raise ValueError(f"{found[0]} = {found[1]!r} must be a finite number")
         return v
 
     @field_validator("grids")

@@ -127,12 +127,14 @@ def _names(selection: str | list[str]) -> list[str]:
 def check_overrides(
     params: dict[str, dict[str, Any]], grids: dict[str, dict[str, list[Any]]]
 ) -> None:
-    """Unknown methods or parameters in ``merge.params`` / ``merge.grids`` are errors."""
+    """Unknown methods or parameters in ``merge.params`` / ``merge.grids`` are errors, and
+    so is a scalar value (a grid point) outside the parameter's declared type and range:
+    found here, before any expert is trained, not at merge time."""
     for where, table in (("merge.params", params), ("merge.grids", grids)):
         for method, values in table.items():
             m = get_method(method)
             names = [p.name for p in m.params]
-            for key in values:
+            for key, value in values.items():
                 if key not in names:
                     close = difflib.get_close_matches(key, names, n=1)
                     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -140,6 +142,11 @@ def check_overrides(
                         f"{where}.{method}: '{key}' is not a parameter of {method}{hint}; "
                         f"its parameters: {names or 'none'}"
                     )
+                spec = m.param(key)
+                points = value if where == "merge.grids" else [value]
+                for v in points:
+                    if not isinstance(v, list | dict):  # gradients, filters: checked per tensor
+                        spec.validate([v] if spec.per_model else v, f"{where}.{method}")
 
 
 def select_methods(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands._flags import add_allow_nonfinite
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the pre-trained checkpoint")
@@ -13,6 +15,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", nargs="+", default=None, help="task names (default: file stems)")
     p.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_allow_nonfinite(p)
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -20,7 +23,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from splice.io import parse_size
 
     common = dict(
-        names=args.names, shard_bytes=parse_size(args.shard_size), overwrite=args.overwrite
+        names=args.names,
+        shard_bytes=parse_size(args.shard_size),
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     if args.method == "tall":
         lam = args.lambda_[0] if len(args.lambda_) == 1 else args.lambda_
@@ -47,6 +53,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         base_ref=args.base,
         shard_bytes=parse_size(args.shard_size),
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     print(f"restored task '{args.task}' into {out}")
     return 0
@@ -76,4 +83,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--base", default=None, help="the base checkpoint (default: as recorded)")
     r.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_allow_nonfinite(r)
     r.set_defaults(fn=_cmd_restore)

@@ -8,6 +8,7 @@ splice data split NAME|FILE --out F  a seeded stratified split saved as JSON
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from splice.errors import DataError
@@ -30,6 +31,8 @@ def _parse_options(items: list[str] | None) -> dict[str, Any]:
                     break
                 except ValueError:
                     pass
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DataError(f"--option {item!r}: {raw!r} is not a finite number")
         out[key.replace("-", "_")] = value
     return out
 
@@ -58,7 +61,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from splice.data import load_task
     from splice.data.splits import order_key
+    from splice.numbers import check_number
 
+    check_number(args.examples, "--examples", ge=0, integer=True, error=DataError)
     ds = load_task(args.name, cache_dir=args.cache_dir, **_parse_options(args.option))
     print(f"{ds.source}: {len(ds):,} examples, {ds.num_classes} classes")
     for key, value in ds.info.items():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands._flags import add_allow_nonfinite
+
 
 def _merge(args: argparse.Namespace) -> int:
     from splice.lora_merge import LoraMergeOptions, merge_adapters
@@ -27,6 +29,7 @@ def _merge(args: argparse.Namespace) -> int:
         weights=args.weights,
         opts=opts,
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     ranks = sorted(set(report.ranks.values()))
     shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
@@ -54,6 +57,7 @@ def _extract(args: argparse.Namespace) -> int:
         niter=args.niter,
         seed=args.seed,
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     for t in report.tensors:
         print(f"{t.name}\trank {t.rank}\trelative error {t.rel_error:.4g}")
@@ -71,7 +75,13 @@ def _extract(args: argparse.Namespace) -> int:
 def _rmm(args: argparse.Namespace) -> int:
     from splice.lora_merge.rmm import build_rmm
 
-    out = build_rmm(args.adapters, args.k, args.out, overwrite=args.overwrite)
+    out = build_rmm(
+        args.adapters,
+        args.k,
+        args.out,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"stored {len(args.adapters)} adapters as {args.k} basis models in {out}")
     return 0
 
@@ -79,7 +89,13 @@ def _rmm(args: argparse.Namespace) -> int:
 def _rmm_recover(args: argparse.Namespace) -> int:
     from splice.lora_merge.rmm import recover_adapter
 
-    out = recover_adapter(args.store, args.task, args.out, overwrite=args.overwrite)
+    out = recover_adapter(
+        args.store,
+        args.task,
+        args.out,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     print(f"recovered task {args.task} into {out}")
     return 0
 
@@ -94,6 +110,7 @@ def _compeft(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         std_of=args.std_of,
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     dense = sum(e.bits["dense"] for e in entries)
     entropy = sum(e.bits["entropy"] for e in entries)
@@ -137,6 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed for DARE masks and k-means")
     m.add_argument("--out", required=True, help="output adapter folder")
     m.add_argument("--overwrite", action="store_true")
+    add_allow_nonfinite(m)
     m.set_defaults(fn=_merge)
 
     e = lsub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune")
@@ -154,6 +172,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output adapter folder")
     e.add_argument("--overwrite", action="store_true")
+    add_allow_nonfinite(e)
     e.set_defaults(fn=_extract)
 
     r = lsub.add_parser("rmm", help="store adapters as k basis models + per-task coefficients")
@@ -161,6 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--k", type=int, required=True, help="number of basis models")
     r.add_argument("--out", required=True, help="output store folder")
     r.add_argument("--overwrite", action="store_true")
+    add_allow_nonfinite(r)
     r.set_defaults(fn=_rmm)
 
     rr = lsub.add_parser("rmm-recover", help="recover one task's adapter from an RMM store")
@@ -168,6 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rr.add_argument("--task", type=int, required=True, help="task index (order given to rmm)")
     rr.add_argument("--out", required=True)
     rr.add_argument("--overwrite", action="store_true")
+    add_allow_nonfinite(rr)
     rr.set_defaults(fn=_rmm_recover)
 
     c = lsub.add_parser("compeft", help="ComPEFT: sparse ternary compression of an adapter")
@@ -177,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--std-of", choices=["original", "sparse"], default="original")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
+    add_allow_nonfinite(c)
     c.set_defaults(fn=_compeft)
 
     ls = lsub.add_parser("methods", help="list the LoRA merge methods")

@@ -35,6 +35,7 @@ import torch
 
 from splice.delta import Dense, Ternary, ternarize
 from splice.errors import MergeValidationError
+from splice.numbers import check_number
 
 StdOf = Literal["original", "sparse"]
 
@@ -90,20 +91,22 @@ def compeft_adapter(
     alpha: float = 1.0,
     std_of: StdOf = "original",
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[list[CompeftEntry], dict[str, float]]:
     """Compress every LoRA factor of a PEFT adapter; write the decompressed adapter.
 
     Returns the per-factor entries and, per module, the relative error of the module's
-    ΔW = s · B̂ Â against the original s · B A.
+    ΔW = s · B̂ Â against the original s · B A. NaN / ±inf in the adapter's factors is a
+    NonFiniteError naming the tensor unless ``allow_nonfinite``.
     """
     from splice.delta import LowRank
     from splice.lora_merge.adapters import load_adapter
     from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
-    if not 0 <= density <= 1:
-        raise MergeValidationError(f"density = {density} must be in [0, 1]")
+    check_number(density, "density", ge=0, le=1)
+    check_number(alpha, "alpha", gt=0)
     check_out_dir(Path(out_dir), overwrite)
-    adapter = load_adapter(adapter_dir)
+    adapter = load_adapter(adapter_dir, allow_nonfinite=allow_nonfinite)
     entries: list[CompeftEntry] = []
     module_errors: dict[str, float] = {}
     out: dict[str, LowRank] = {}
@@ -123,5 +126,12 @@ def compeft_adapter(
             parts.append(approx)
         out[module] = LowRank(parts[0], parts[1], f.scaling)
         module_errors[module] = relative_error(f.to_dense(), out[module].to_dense())
-    write_lora_adapter(out_dir, out, adapter.embedding, adapter.raw_config, overwrite=overwrite)
+    write_lora_adapter(
+        out_dir,
+        out,
+        adapter.embedding,
+        adapter.raw_config,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+    )
     return entries, module_errors

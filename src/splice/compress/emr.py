@@ -49,6 +49,7 @@ def compress_emr(
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress fine-tuned ``models`` of ``base`` into τ_uni, per-task masks and rescalers."""
     return compress(
@@ -61,4 +62,5 @@ def compress_emr(
         names=names,
         shard_bytes=shard_bytes,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
     )

@@ -98,17 +98,20 @@ def compress(
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress the fine-tuned ``model_refs`` (all of the base's architecture) into
-    ``out_dir``: per float tensor, the kernel's shared vector and packed task masks."""
+    ``out_dir``: per float tensor, the kernel's shared vector and packed task masks.
+    NaN / ±inf in an input or the vector is a NonFiniteError unless ``allow_nonfinite``."""
     start = time.perf_counter()
     if len(model_refs) < 2:
         raise MergeValidationError(f"{method} compression needs at least 2 fine-tuned models")
     names = list(names) if names else task_names(model_refs)
     if len(names) != len(model_refs) or len(set(names)) != len(names):
         raise MergeValidationError("task names must be unique, one per model")
-    base = open_checkpoint(base_ref)
-    models = [open_checkpoint(r) for r in model_refs]
+    check = not allow_nonfinite
+    base = open_checkpoint(base_ref, check_finite=check)
+    models = [open_checkpoint(r, check_finite=check) for r in model_refs]
     try:
         _check_inputs(base, models)
         floats = [n for n in base.names() if base.info(n).dtype.is_floating_point]
@@ -135,7 +138,7 @@ def compress(
                 del deltas
                 vector = vector.to(base.info(n).dtype).contiguous()
                 packed = pack_masks(masks)
-                writer.write(n, vector)
+                writer.write(n, vector, allow_nonfinite=allow_nonfinite)
                 writer.write(mask_name(n), packed)
                 written += vector.nbytes + packed.nbytes
             manifest = Manifest(
@@ -167,16 +170,17 @@ def restore(
     base_ref: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write task ``task`` (name or index) of a compressed folder as a checkpoint folder:
     θ_t = base + s_t · (m_t ⊙ v), in the base's dtypes, with the base's config and
-    tokenizer files."""
+    tokenizer files. NaN / ±inf (inputs, output) are refused unless ``allow_nonfinite``."""
     manifest = Manifest.load(folder)
     t = manifest.task_index(task)
     scale = manifest.scales[t]
     base_ref = base_ref or manifest.base
-    packed_reader = open_checkpoint(folder)
-    base = open_checkpoint(base_ref)
+    packed_reader = open_checkpoint(folder, check_finite=not allow_nonfinite)
+    base = open_checkpoint(base_ref, check_finite=not allow_nonfinite)
     try:
         stored = set(packed_reader.names())
         keep = set(manifest.passthrough)
@@ -212,7 +216,7 @@ def restore(
                     if scale != 1:
                         delta.mul_(scale)
                     b = b.float().add_(delta).to(info.dtype)
-                writer.write(info.name, b.contiguous())
+                writer.write(info.name, b.contiguous(), allow_nonfinite=allow_nonfinite)
             writer.finalize(copy_files=copies)
         except BaseException:
             writer.abort()

@@ -22,6 +22,7 @@ from torch import Tensor
 from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, compress
 from splice.errors import MergeValidationError
 from splice.merge.methods.consensus import tall_masks, task_sum
+from splice.numbers import check_numbers
 
 DEFAULT_LAMBDA = 0.4
 
@@ -49,13 +50,13 @@ def compress_tall(
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress fine-tuned ``models`` of ``base`` into τ_MTL plus per-task TALL masks."""
     lam = [float(lambdas)] * len(models) if isinstance(lambdas, (int, float)) else list(lambdas)
     if len(lam) != len(models):
         raise MergeValidationError(f"{len(lam)} TALL lambdas for {len(models)} models")
-    if any(x < 0 for x in lam):
-        raise MergeValidationError(f"TALL lambdas must be >= 0, got {lam}")
+    check_numbers(lam, "lambda", ge=0)  # finite and >= 0, before any tensor is read
     return compress(
         base,
         models,
@@ -66,4 +67,5 @@ def compress_tall(
         names=names,
         shard_bytes=shard_bytes,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
     )

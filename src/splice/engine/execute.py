@@ -36,6 +36,7 @@ import splice
 from splice.engine.plan import MergePlan, TensorJob, layer_index
 from splice.engine.topk import keep_rules
 from splice.io import ShardedWriter, model_dir_of, plan_shards
+from splice.io.finite import numerical_errors
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
 
@@ -160,14 +161,15 @@ class _Runner:
             post = self.plan.recipe.lines
             # Methods may modify their inputs in place: the post-step keeps its own base.
             kept = base.clone() if post is not None and base is not None else None
-            out = self.plan.method(base, tensors, ctx, **job.params)
+            with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
+                out = self.plan.method(base, tensors, ctx, **job.params)
             if kept is not None:
                 assert post is not None
                 s = lines_scale(post.alpha, post.beta, ctx.layer_index, ctx.num_layers)
                 out = kept.add_(out.to(cd).sub_(kept), alpha=s)
             del base, tensors, kept
         out = out.to(job.out.dtype).contiguous()
-        self.writer.write(job.out.name, out)
+        self.writer.write(job.out.name, out, allow_nonfinite=self.plan.allow_nonfinite)
         return out.numel() * out.element_size()
 
 

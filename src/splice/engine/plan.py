@@ -70,6 +70,7 @@ class MergePlan:
     reference: str  # the model whose config and tokenizer the output takes
     num_layers_out: int | None  # set for slices: the output's layer count
     stat_requests: list[TopKRequest] = field(default_factory=list)  # whole-model statistics
+    allow_nonfinite: bool = False  # NaN / ±inf may pass in the inputs and the output
 
     def close(self) -> None:
         for r in self.readers.values():
@@ -379,8 +380,14 @@ def referenced_models(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(refs))
 
 
-def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = None) -> MergePlan:
-    """Open inputs (headers only) and plan every output tensor. Raises before any heavy work."""
+def plan_merge(
+    recipe: Recipe,
+    readers: Mapping[str, CheckpointReader] | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> MergePlan:
+    """Open inputs (headers only) and plan every output tensor. Raises before any heavy work.
+    Inputs it opens, and outputs, refuse NaN / ±inf values unless ``allow_nonfinite``."""
     opened: dict[str, CheckpointReader] = dict(readers or {})
     try:
         method = get_method(recipe.method_name)  # unknown method: fail before opening files
@@ -391,7 +398,7 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = 
             )
         for ref in referenced_models(recipe):
             if ref not in opened:
-                opened[ref] = open_checkpoint(ref)
+                opened[ref] = open_checkpoint(ref, check_finite=not allow_nonfinite)
         planner = _Planner(recipe, opened)
         planner.check_param_names(recipe.parameters, "parameters", False)
         if recipe.models:
@@ -419,6 +426,7 @@ def plan_merge(recipe: Recipe, readers: Mapping[str, CheckpointReader] | None = 
         reference=reference,
         num_layers_out=layers,
         stat_requests=requests,
+        allow_nonfinite=allow_nonfinite,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
+from splice.io.finite import FiniteReader
 from splice.io.gguf_reader import GgufReader
 from splice.io.lora_fold import LoraFoldedReader
 from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
@@ -59,8 +60,19 @@ def split_reference(ref: str | os.PathLike[str]) -> tuple[str, str | None]:
     raise CheckpointError(f"{ref} does not exist")
 
 
-def open_checkpoint(ref: str | os.PathLike[str]) -> CheckpointReader:
-    """A lazy reader for `ref` (see the module docstring for the dispatch rules)."""
+def open_checkpoint(ref: str | os.PathLike[str], *, check_finite: bool = False) -> CheckpointReader:
+    """A lazy reader for `ref` (see the module docstring for the dispatch rules).
+
+    With ``check_finite`` (what every computing command asks for unless given
+    ``--allow-nonfinite``) its `read` refuses a floating tensor holding NaN / ±inf, naming
+    the tensor and `ref` (`splice.io.finite.FiniteReader`). Without it the reader is the
+    format's own (what `splice inspect` shows, non-finite values included).
+    """
+    reader = _open_reference(ref)
+    return FiniteReader(reader, os.fspath(ref)) if check_finite else reader
+
+
+def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
     base, adapter = split_reference(ref)
     reader = _open_path(Path(base))
     if adapter is None:

@@ -34,6 +34,7 @@ from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.torch_reader import TorchReader
+from splice.numbers import check_number, is_finite_number
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -142,12 +143,16 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
     alpha = need("lora_alpha", (int, float), 8)
     if r < 1:
         raise CheckpointError(f"{path}: r = {r} must be positive")
+    # JSON may hold NaN / Infinity: a non-finite alpha would make every folded value NaN.
+    check_number(alpha, f"{path}: 'lora_alpha'", error=CheckpointError)
     rank_pattern = need("rank_pattern", (dict,), {})
     alpha_pattern = need("alpha_pattern", (dict,), {})
     for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k, v in pat.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            if not is_finite_number(v) or v <= 0:
                 raise CheckpointError(f"{path}: {name}['{k}'] = {v!r} must be a positive number")
+            if name == "rank_pattern" and v != int(v):
+                raise CheckpointError(f"{path}: {name}['{k}'] = {v!r} must be an integer")
     target = need("target_modules", (list, str))
     exclude = need("exclude_modules", (list, str))
     return LoraAdapterConfig(

@@ -46,6 +46,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
+from splice.io.finite import check_output
 from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.sizes import parse_size
 
@@ -169,8 +170,11 @@ class ShardedWriter:
 
     # -- writing ------------------------------------------------------------------------
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Store one planned tensor; thread-safe. Dtype and shape must match the plan exactly."""
+    def write(self, name: str, tensor: torch.Tensor, *, allow_nonfinite: bool = False) -> None:
+        """Store one planned tensor; thread-safe. Dtype and shape must match the plan exactly.
+
+        A floating tensor holding NaN / ±inf (e.g. float16 overflow in the cast to the output
+        dtype) is a `NonFiniteError` naming it, unless ``allow_nonfinite``."""
         try:
             state, info, offset = self._where[name]
         except KeyError:
@@ -180,6 +184,8 @@ class ShardedWriter:
                 f"tensor '{name}': planned {info.dtype} {list(info.shape)}, got "
                 f"{tensor.dtype} {list(tensor.shape)} (the writer casts nothing)"
             )
+        if not allow_nonfinite:
+            check_output(tensor, name)
         path = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
         with self._lock:
             if self._finished:

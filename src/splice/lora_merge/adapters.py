@@ -23,6 +23,7 @@ import torch
 
 from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
+from splice.io.finite import FiniteReader
 from splice.io.peft_adapter import (
     CONFIG_NAME,
     LoraAdapterConfig,
@@ -47,12 +48,15 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def load_adapter(adapter_dir: str | Path) -> LoadedAdapter:
-    """Read one PEFT LoRA adapter folder into factors."""
+def load_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False) -> LoadedAdapter:
+    """Read one PEFT LoRA adapter folder into factors; a factor holding NaN / ±inf is a
+    NonFiniteError naming it unless ``allow_nonfinite``."""
     path = Path(adapter_dir)
     config = load_lora_config(path)
     raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     reader = open_adapter_weights(path)
+    if not allow_nonfinite:
+        reader = FiniteReader(reader, str(path))
     try:
         modules, full = classify_keys(reader.path, reader.names())
         if full:
@@ -89,11 +93,13 @@ def load_adapter(adapter_dir: str | Path) -> LoadedAdapter:
         reader.close()
 
 
-def load_adapters(adapter_dirs: list[str | Path]) -> list[LoadedAdapter]:
+def load_adapters(
+    adapter_dirs: list[str | Path], *, allow_nonfinite: bool = False
+) -> list[LoadedAdapter]:
     """Load and cross-check adapters of the same base; MergeValidationError on a mismatch."""
     if not adapter_dirs:
         raise MergeValidationError("no adapters given")
-    adapters = [load_adapter(d) for d in adapter_dirs]
+    adapters = [load_adapter(d, allow_nonfinite=allow_nonfinite) for d in adapter_dirs]
     first = adapters[0]
     for other in adapters[1:]:
         mine, theirs = set(first.modules), set(other.modules)

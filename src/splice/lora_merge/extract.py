@@ -35,6 +35,7 @@ import torch
 from splice.delta import LowRank
 from splice.errors import MergeValidationError
 from splice.io import open_checkpoint
+from splice.io.finite import numerical_errors
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 
 DEFAULT_EXCLUDE = (
@@ -117,8 +118,11 @@ def extract_lora(
     niter: int = 2,
     seed: int = 0,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> ExtractReport:
-    """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`."""
+    """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`. An input
+    tensor holding NaN / ±inf is a NonFiniteError naming it (its SVD would fail), as is a
+    non-finite factor in the output, unless ``allow_nonfinite``."""
     if (rank is None) == (energy is None):
         raise MergeValidationError("give exactly one of --rank and --energy")
     if rank is not None and rank < 1:
@@ -137,7 +141,9 @@ def extract_lora(
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     report = ExtractReport(out)
-    base_r, ft_r = open_checkpoint(base), open_checkpoint(model)
+    check = not allow_nonfinite
+    base_r = open_checkpoint(base, check_finite=check)
+    ft_r = open_checkpoint(model, check_finite=check)
     try:
         base_names = set(base_r.names())
         missing = [n for n in ft_r.names() if n not in base_names]
@@ -172,15 +178,16 @@ def extract_lora(
                 report.skipped.append((name, "not selected by --targets"))
                 continue
             work = delta.T if fan_in_fan_out else delta
-            factors, err = lowrank_delta(
-                work,
-                rank=rank,
-                energy=energy,
-                max_rank=max_rank,
-                oversample=oversample,
-                niter=niter,
-                seed=seed,
-            )
+            with numerical_errors(f"'{name}'"):
+                factors, err = lowrank_delta(
+                    work,
+                    rank=rank,
+                    energy=energy,
+                    max_rank=max_rank,
+                    oversample=oversample,
+                    niter=niter,
+                    seed=seed,
+                )
             modules[module] = factors
             report.tensors.append(ExtractedTensor(name, factors.rank, err))
     finally:
@@ -198,5 +205,7 @@ def extract_lora(
         "task_type": None,
         "inference_mode": True,
     }
-    write_lora_adapter(out, modules, {}, template, overwrite=overwrite)
+    write_lora_adapter(
+        out, modules, {}, template, overwrite=overwrite, allow_nonfinite=allow_nonfinite
+    )
     return report

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from splice.delta import LowRank
+from splice.io.finite import numerical_errors
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
 from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
@@ -39,20 +40,23 @@ def merge_adapters(
     opts: LoraMergeOptions | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
 ) -> LoraMergeReport:
-    """Merge the adapters with `method` and write the result to `out_dir`."""
+    """Merge the adapters with `method` and write the result to `out_dir`. NaN / ±inf in
+    an adapter's factors or in the result is a NonFiniteError unless ``allow_nonfinite``."""
     opts = opts or LoraMergeOptions()
     m = get_lora_method(method)
     weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
-    m.validate(opts, len(adapter_dirs), len(weights))
+    m.validate(opts, len(adapter_dirs), weights)
     check_out_dir(Path(out_dir), overwrite)
-    adapters = load_adapters(adapter_dirs)
+    adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     first = adapters[0]
     merged: dict[str, LowRank] = {}
     for module in sorted(first.modules):
         loras = [ad.modules[module] for ad in adapters]
         ctx = MergeContext(tensor_name=module, seed=opts.seed)
-        merged[module] = m.fn(loras, weights, opts, ctx)
+        with numerical_errors(f"module '{module}': method '{method}'"):
+            merged[module] = m.fn(loras, weights, opts, ctx)
     info = {
         "method": method,
         "adapters": [str(ad.path) for ad in adapters],
@@ -70,5 +74,6 @@ def merge_adapters(
         dtype=dtype,
         overwrite=overwrite,
         metadata={"splice_lora_merge": json.dumps(info)},
+        allow_nonfinite=allow_nonfinite,
     )
     return LoraMergeReport(out, method, len(merged), {k: max(f.rank, 1) for k, f in merged.items()})

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from splice.delta import LowRank
 from splice.errors import CheckpointError
+from splice.io.finite import check_output
 from splice.io.peft_adapter import CONFIG_NAME, SAVED_PREFIX
 from splice.io.writer import partial_dir_of
 
@@ -85,8 +86,11 @@ def write_lora_adapter(
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
     metadata: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Write the factors as a PEFT adapter folder at `out_dir` (atomic rename at the end)."""
+    """Write the factors as a PEFT adapter folder at `out_dir` (atomic rename at the end).
+    A saved tensor holding NaN / ±inf (after the cast to ``dtype``) is a NonFiniteError,
+    raised before anything is written, unless ``allow_nonfinite``."""
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     ranks = {m: max(f.rank, 1) for m, f in modules.items()}
@@ -96,12 +100,15 @@ def write_lora_adapter(
         else LowRank(f.b.new_zeros(f.b.shape[0], 1), f.a.new_zeros(1, f.a.shape[1]))
         for m, f in modules.items()
     }
+    tensors = adapter_tensors(fixed, embedding, dtype)
+    if not allow_nonfinite:
+        for name, t in tensors.items():
+            check_output(t, name)
     tmp = partial_dir_of(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        tensors = adapter_tensors(fixed, embedding, dtype)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
         config = adapter_config(template, ranks)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from splice.delta import LowRank
 from splice.errors import MergeValidationError
 from splice.merge.registry import MergeContext
+from splice.numbers import check_number, check_numbers
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,12 @@ class LoraMergeOptions:
     seed: int = 0
 
     def check(self) -> None:
-        if self.rank is not None and self.rank < 1:
-            raise MergeValidationError(f"rank = {self.rank} must be at least 1")
-        if self.density is not None and not 0 <= self.density <= 1:
-            raise MergeValidationError(f"density = {self.density} must be in [0, 1]")
+        """Ranges: rank >= 1, density in [0, 1], lambda finite (no NaN / inf anywhere)."""
+        if self.rank is not None:
+            check_number(self.rank, "rank", ge=1, integer=True)
+        if self.density is not None:
+            check_number(self.density, "density", ge=0, le=1)
+        check_number(self.lambda_, "lambda")
 
 
 LoraMergeFn = Callable[[list[LowRank], list[float], LoraMergeOptions, MergeContext], LowRank]
@@ -60,18 +63,20 @@ class LoraMergeMethod:
     ) -> LowRank:
         opts = opts or LoraMergeOptions()
         weights = [1.0] * len(loras) if weights is None else list(weights)
-        self.validate(opts, len(loras), len(weights))
+        self.validate(opts, len(loras), weights)
         return self.fn(loras, weights, opts, ctx or MergeContext(seed=opts.seed))
 
-    def validate(self, opts: LoraMergeOptions, n_models: int, n_weights: int) -> None:
-        """MergeValidationError for options this method does not take or lacks."""
+    def validate(self, opts: LoraMergeOptions, n_models: int, weights: list[float]) -> None:
+        """MergeValidationError for options this method does not take or lacks, and for
+        weights that are not one finite number per adapter."""
         opts.check()
         if n_models < 1:
             raise MergeValidationError(f"method '{self.name}' needs at least one adapter")
-        if n_weights != n_models:
+        if len(weights) != n_models:
             raise MergeValidationError(
-                f"{n_weights} weights for {n_models} adapters; give one weight per adapter"
+                f"{len(weights)} weights for {n_models} adapters; give one weight per adapter"
             )
+        check_numbers(weights, "weights")
         if opts.rank is not None and not self.uses_rank:
             raise MergeValidationError(f"method '{self.name}' takes no rank (it is exact)")
         if opts.density is not None and not self.uses_density:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
+from splice.io.finite import check_output, numerical_errors
 from splice.io.writer import partial_dir_of
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
@@ -88,19 +89,26 @@ def recover_module(fb: RmmFactor, fa: RmmFactor, task: int) -> LowRank:
 
 
 def build_rmm(
-    adapter_dirs: list[str | Path], k: int, out_dir: str | Path, *, overwrite: bool = False
+    adapter_dirs: list[str | Path],
+    k: int,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Fit and save an RMM store of the adapters with k basis models."""
+    """Fit and save an RMM store of the adapters with k basis models. NaN / ±inf in an
+    adapter or in the fitted store is a NonFiniteError unless ``allow_nonfinite``."""
     if not 1 <= k <= len(adapter_dirs):
         raise MergeValidationError(
             f"k = {k} must be between 1 and the {len(adapter_dirs)} adapters"
         )
     out = Path(out_dir)
     check_out_dir(out, overwrite)
-    adapters = load_adapters(adapter_dirs)
+    adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(adapters[0].modules):
-        fb, fa = fit_module([ad.modules[module] for ad in adapters], k)
+        with numerical_errors(f"module '{module}'"):
+            fb, fa = fit_module([ad.modules[module] for ad in adapters], k)
         for part, f in (("lora_B", fb), ("lora_A", fa)):
             tensors[f"{module}.{part}.basis"] = f.basis.contiguous()
             tensors[f"{module}.{part}.coeffs"] = f.coeffs.contiguous()
@@ -111,6 +119,9 @@ def build_rmm(
         "embedding": adapters[0].embedding,
         "adapter_config": adapters[0].raw_config,
     }
+    if not allow_nonfinite:
+        for name, t in tensors.items():
+            check_output(t, name)
     tmp = partial_dir_of(out)
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / STORE_WEIGHTS))
@@ -146,9 +157,15 @@ def load_rmm(
 
 
 def recover_adapter(
-    store_dir: str | Path, task: int, out_dir: str | Path, *, overwrite: bool = False
+    store_dir: str | Path,
+    task: int,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
-    """Write task `task`'s recovered LoRA as a PEFT adapter folder."""
+    """Write task `task`'s recovered LoRA as a PEFT adapter folder (NaN / ±inf in it is a
+    NonFiniteError unless ``allow_nonfinite``)."""
     info, modules = load_rmm(store_dir)
     n = len(info["tasks"])
     if not 0 <= task < n:
@@ -156,5 +173,10 @@ def recover_adapter(
     check_out_dir(Path(out_dir), overwrite)
     factors = {m: recover_module(fb, fa, task) for m, (fb, fa) in modules.items()}
     return write_lora_adapter(
-        out_dir, factors, info["embedding"], info["adapter_config"], overwrite=overwrite
+        out_dir,
+        factors,
+        info["embedding"],
+        info["adapter_config"],
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
     )

@@ -21,7 +21,8 @@ Conventions
 - Keyword-only arguments are parameters. ``PerModel[T]`` marks a per-model parameter: the
   method receives a ``list[T]`` aligned with ``tensors``. Anything else is global. Types may
   carry pydantic constraints (``Annotated[float, Field(ge=0, le=1)]``); ``Literal`` lists
-  the allowed choices. A trailing underscore is dropped in recipes (``lambda_`` -> ``lambda``).
+  the allowed choices; NaN and ±inf are never valid. A trailing underscore is dropped in
+  recipes (``lambda_`` -> ``lambda``).
 - ``ctx: MergeContext`` (if declared) is injected by the engine and is not a parameter.
 - The return value is the merged tensor, same shape as the inputs, any float dtype; the
   engine casts to the output dtype.
@@ -41,6 +42,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 
 from splice.errors import MergeValidationError
+from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
 
@@ -261,7 +263,8 @@ def _param_specs(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
                 per_model=per_model,
                 value_type=value_type,
                 default=p.default,
-                adapter=TypeAdapter(adapter_type),
+                # NaN / ±inf are refused, also when given as strings ("nan", "1e400").
+                adapter=TypeAdapter(adapter_type, config=FINITE),
             )
         )
     return tuple(specs), wants_ctx

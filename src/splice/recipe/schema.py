@@ -28,7 +28,9 @@ Keys (both dialects unless marked):
 A parameter setting is a scalar, a gradient (list of numbers interpolated over the layer
 index, as mergekit), or a list of ``{filter, value}`` where ``filter`` is a substring of the
 tensor name (mergekit) or ``re:REGEX`` (splice; ``re.search``); ``*`` or no filter matches
-all. Unknown keys anywhere are an error naming the key's path and the closest valid key.
+all. Unknown keys anywhere are an error naming the key's path and the closest valid key;
+so is a number that is not finite (YAML's ``.nan`` / ``.inf``), anywhere, and each method's
+parameter ranges are checked when the recipe is planned, before any tensor is read.
 """
 
 from __future__ import annotations
@@ -41,12 +43,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from splice.errors import RecipeError
+from splice.numbers import FINITE
 
 Scalar = bool | int | float | str
+# Every recipe model: unknown keys are errors, and so is a NaN / ±inf number anywhere
+# (YAML's .nan / .inf, or an overflowing literal such as 1e400): it would make every
+# merged value NaN / inf.
+_STRICT = ConfigDict(extra="forbid", **FINITE)
 
 
 class ConditionalSetting(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     filter: str | None = None
     value: Scalar | list[Scalar]
 
@@ -64,7 +71,7 @@ def _check_ref(value: Any) -> Any:
 
 
 class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     model: str
     parameters: Parameters | None = None
 
@@ -72,7 +79,7 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters | None = None
@@ -88,7 +95,7 @@ class SliceSource(BaseModel):
 
 
 class OutputSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     sources: list[SliceSource]
     base_model: str | None = None
     parameters: Parameters | None = None
@@ -109,7 +116,7 @@ class OutputSlice(BaseModel):
 class LinesStep(BaseModel):
     """LiNeS as a post-step of any base-using method (`lines:` in a recipe)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     alpha: float
     beta: float
 
@@ -118,7 +125,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     merge_method: str | None = None
     method: str | None = None
@@ -174,10 +181,18 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return _MODELS_AT.get(key)
 
 
+_SCALAR_BRANCHES = frozenset({"bool", "int", "float", "str"})
+
+
+def _is_branch(p: Any) -> bool:
+    """A union branch name pydantic adds to an error location (``float``, ``list[...]``)."""
+    return isinstance(p, str) and ("[" in p or p[:1].isupper() or p in _SCALAR_BRANCHES)
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
     # pydantic adds union branch names to the location; drop them for the path shown.
-    shown = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p[:1].isupper()))]
+    shown = [str(p) for p in loc if not _is_branch(p)]
     path = ".".join(shown) or "<recipe>"
     if err["type"] == "extra_forbidden":
         model = _model_at(tuple(p for p in loc if isinstance(p, (int, str)) and "[" not in str(p)))
@@ -188,6 +203,8 @@ def _format_error(err: dict[str, Any]) -> str:
                 hint = f" (did you mean '{close[0]}'?)"
         return f"unknown key '{path}'{hint}"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "finite_number":
+        msg += f", got {err['input']!r}"
     return msg if path == "<recipe>" else f"{path}: {msg}"
 
 
@@ -201,12 +218,14 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         seen: list[str] = []
         for err in e.errors():
             # For union-typed parameters pydantic reports every failing branch; the
-            # unknown-key errors are what the user needs, so show distinct messages only.
+            # unknown-key errors, then the non-finite numbers, are what the user needs,
+            # so show distinct messages of the first kind present only.
             line = _format_error(err)
             if line not in seen:
                 seen.append(line)
+        nonfinite = [_format_error(err) for err in e.errors() if err["type"] == "finite_number"]
         extra = [s for s in seen if s.startswith("unknown key")]
-        shown = extra or seen
+        shown = extra or list(dict.fromkeys(nonfinite)) or seen
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(shown[:10])) from None
 
 

@@ -1,4 +1,5 @@
-"""`splice train` configuration: a small strict YAML (unknown keys are errors).
+"""`splice train` configuration: a small strict YAML (unknown keys are errors, and so are
+NaN / inf numbers and values outside a field's range, e.g. epochs or lr <= 0).
 
     model: minilm                 # packaged name (minilm, smollm2), an HF folder, or a .gguf
     task: seq_cls                 # seq_cls (sequence classification) | causal_lm
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.numbers import FINITE
 
 
 class TrainConfigError(SpliceError):
@@ -48,7 +50,8 @@ class TrainConfigError(SpliceError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or flags) are errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
 
 
 class DataConfig(_Strict):

@@ -28,7 +28,9 @@ import splice
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
 from splice.io.base import TensorInfo
+from splice.io.finite import numerical_errors
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
+from splice.numbers import check_number, check_numbers
 
 STATE_FILE = "splice_continual.json"
 SIDE_FILES = (
@@ -62,9 +64,16 @@ def load_state(state_dir: str | Path) -> OpcmState:
         data = json.loads(path.read_text())
         if data.get("method") != "opcm":
             raise CheckpointError(f"{path}: method {data.get('method')!r} is not 'opcm'")
-        return OpcmState.from_json(data)
+        state = OpcmState.from_json(data)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable continual state ({e})") from None
+    # JSON may hold NaN / Infinity; a state is only usable with finite scalars.
+    check_number(state.alpha, f"{path}: alpha", ge=0, le=1, error=CheckpointError)
+    check_number(state.lambda_, f"{path}: lambda", error=CheckpointError)
+    check_numbers(
+        state.task_vector_norms, f"{path}: task_vector_norms", ge=0, error=CheckpointError
+    )
+    return state
 
 
 def _check_same_tensors(ref: CheckpointReader, other: CheckpointReader, what: str) -> None:
@@ -101,13 +110,14 @@ def _updates(
             yield name, b, tau, tau
             continue
         prev = merged.read(name).to(torch.float32) - b
-        u = opcm_projected_update(
-            prev,
-            tau,
-            alpha=alpha,
-            prev_lambda=state.lambda_,
-            project=projects(name, b.shape),
-        )
+        with numerical_errors(f"tensor '{name}'"):
+            u = opcm_projected_update(
+                prev,
+                tau,
+                alpha=alpha,
+                prev_lambda=state.lambda_,
+                project=projects(name, b.shape),
+            )
         yield name, b, tau, u
 
 
@@ -129,20 +139,23 @@ def opcm_add(
     shard_bytes: int = 2_000_000_000,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> ContinualReport:
     """Merge ``model_ref`` into the state ``state_ref`` (None: start with this model) and
-    write the new state to ``out_dir``. ``alpha`` defaults to the state's (0.5 at first)."""
+    write the new state to ``out_dir``. ``alpha`` defaults to the state's (0.5 at first).
+    NaN / ±inf in an input or the output is a NonFiniteError unless ``allow_nonfinite``."""
     state = OpcmState() if state_ref is None else load_state(state_ref)
     if alpha is not None:
-        if not 0 <= alpha <= 1:
+        if not 0 <= alpha <= 1:  # also refuses NaN
             raise MergeValidationError(f"alpha = {alpha} is invalid: it must lie in [0, 1]")
         state.alpha = alpha
     with ExitStack() as stack:
-        base = stack.enter_context(_closing(open_checkpoint(base_ref)))
-        new = stack.enter_context(_closing(open_checkpoint(model_ref)))
+        check = not allow_nonfinite
+        base = stack.enter_context(_closing(open_checkpoint(base_ref, check_finite=check)))
+        new = stack.enter_context(_closing(open_checkpoint(model_ref, check_finite=check)))
         merged = None
         if state_ref is not None:
-            merged = stack.enter_context(_closing(open_checkpoint(state_ref)))
+            merged = stack.enter_context(_closing(open_checkpoint(state_ref, check_finite=check)))
             _check_same_tensors(base, merged, f"state '{state_ref}'")
         _check_same_tensors(base, new, f"model '{model_ref}'")
 
@@ -174,7 +187,7 @@ def opcm_add(
                     out = base.read(name)
                 else:
                     out = b.add_(u, alpha=scale).to(base.info(name).dtype)
-                writer.write(name, out.contiguous())
+                writer.write(name, out.contiguous(), allow_nonfinite=allow_nonfinite)
             state.lambda_ = new_lambda
             state.task_vector_norms.append(new_norm)
             state.models.append(str(model_ref))
