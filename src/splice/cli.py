@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from splice import __version__
-from splice.errors import SpliceError
+from splice.errors import SpliceError, expected_failure
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A `SpliceError` prints ``splice: error: MSG`` and exits 1; so does
+    an expected failure that is not one (an OS error, undecodable text, a YAML / JSON
+    syntax error, too-deep nesting, an invalid regular expression, a CSV error, a pydantic
+    validation error; see `splice.errors.expected_failure`). Anything else is a bug and
+    keeps its traceback. Ctrl-C exits 130. ``--debug`` prints the traceback of every error.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -237,6 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("splice: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = expected_failure(e)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"splice: error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

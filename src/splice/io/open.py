@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, SpliceError
 from splice.io.base import CheckpointReader
 from splice.io.gguf_reader import GgufReader
 from splice.io.lora_fold import LoraFoldedReader
@@ -79,11 +79,11 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> CheckpointReader:
 
 def _peft_type(adapter_dir: Path) -> str:
     """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
-    import json
+    from splice.textfile import load_json_object
 
     try:
-        return str(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA"))
-    except (OSError, ValueError, AttributeError):
+        return str(load_json_object(adapter_dir / ADAPTER_CONFIG).get("peft_type", "LORA"))
+    except SpliceError:
         return "LORA"
 
 

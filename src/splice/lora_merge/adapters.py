@@ -14,7 +14,6 @@ Checks, all before any method runs (MergeValidationError / CheckpointError, one 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from splice.io.peft_adapter import (
     open_adapter_weights,
 )
 from splice.lora_merge.factors import LoraFactors
+from splice.textfile import load_json_object
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_adapter(adapter_dir: str | Path) -> LoadedAdapter:
     """Read one PEFT LoRA adapter folder into factors."""
     path = Path(adapter_dir)
     config = load_lora_config(path)
-    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw = load_json_object(path / CONFIG_NAME, CheckpointError)
     reader = open_adapter_weights(path)
     try:
         modules, full = classify_keys(reader.path, reader.names())
