@@ -49,7 +49,7 @@ def _rows_csv(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, di
         columns = list(reader.fieldnames or [])
         rows = [(reader.line_num, row) for row in reader]
     except csv.Error as e:
-        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
+        raise DataError(f"{path} line {reader.reader.line_num}: not valid CSV ({e})") from None
     finally:
         csv.field_size_limit(old_limit)
     return columns, rows
