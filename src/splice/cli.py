@@ -1,7 +1,7 @@
 """The `splice` command line. Thin: parse flags, call the library, print.
 
-Exit code 0 on success, 1 on a SpliceError (one clear message on stderr; the traceback only
-with --debug), 130 on Ctrl-C.
+Exit code 0 on success, 1 on a SpliceError or another expected failure such as an OS error
+(one line on stderr, ``splice: error: ...``; the traceback only with --debug), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
