@@ -1,7 +1,7 @@
 """The `splice` command line. Thin: parse flags, call the library, print.
 
-Exit code 0 on success, 1 on a SpliceError (one clear message on stderr; the traceback only
-with --debug), 130 on Ctrl-C.
+Exit code 0 on success, 1 on a SpliceError or another expected failure such as an OS error
+(one line on stderr, ``splice: error: ...``; the traceback only with --debug), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from splice import __version__
 from splice.commands._flags import add_allow_nonfinite
-from splice.errors import SpliceError
+from splice.errors import SpliceError, expected_failure
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A `SpliceError` prints ``splice: error: MSG`` and exits 1; so does
+    an expected failure that is not one (an OS error, undecodable text, a YAML / JSON
+    syntax error, too-deep nesting, an invalid regular expression, a CSV error, a pydantic
+    validation error; see `splice.errors.expected_failure`). Anything else is a bug and
+    keeps its traceback. Ctrl-C exits 130. ``--debug`` prints the traceback of every error.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -240,6 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("splice: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = expected_failure(e)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"splice: error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

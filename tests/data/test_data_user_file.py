@@ -24,11 +24,41 @@ def test_csv_string_labels_are_sorted_names(tmp_path):
     assert ds.source == "d"
 
 
-def test_csv_digit_labels_are_class_ids(tmp_path):
+def test_csv_digit_labels_are_the_integers_present(tmp_path):
     f = write(tmp_path / "d.csv", "text,label\na,2\nb,0\nc,2\n")
     ds = load_user_file(f)
-    assert ds.labels == (2, 0, 2)
-    assert ds.label_names == ("0", "1", "2")  # ids as given, names "0".."max"
+    assert ds.labels == (1, 0, 1)
+    assert ds.label_names == ("0", "2")  # the integers present, sorted; no empty class "1"
+
+
+@pytest.mark.parametrize(
+    ("labels", "names", "ids"),
+    [
+        ([0, 10**12], ("0", "1000000000000"), (0, 1)),  # two classes, not 10**12 + 1
+        ([10**12, 0, 10**12], ("0", "1000000000000"), (1, 0, 1)),
+        ([10, 9, 100], ("9", "10", "100"), (1, 0, 2)),  # numeric order, not string order
+        (["007", 7, "3"], ("3", "7"), (1, 1, 0)),  # digit strings are integers
+    ],
+)
+def test_integer_labels_are_bounded_by_the_labels_present(tmp_path, labels, names, ids):
+    lines = [json.dumps({"text": f"t{i}", "label": y}) for i, y in enumerate(labels)]
+    ds = load_user_file(write(tmp_path / "d.jsonl", "\n".join(lines) + "\n"))
+    assert ds.label_names == names
+    assert ds.labels == ids
+
+
+@pytest.mark.parametrize("integers", [True, False])
+def test_too_many_distinct_labels_is_an_error(tmp_path, integers):
+    from splice.data.dataset import MAX_CLASSES
+
+    n = MAX_CLASSES + 1
+    rows = [f"t{i},{i * 10**9 if integers else f'c{i}'}" for i in range(n)]
+    f = write(tmp_path / "d.csv", "text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=f"{n:,} distinct labels; at most {MAX_CLASSES:,}"):
+        load_user_file(f)
+    # exactly the bound is accepted
+    f = write(tmp_path / "e.csv", "text,label\n" + "\n".join(rows[:-1]) + "\n")
+    assert load_user_file(f).num_classes == MAX_CLASSES
 
 
 def test_jsonl_int_labels_bom_blank_lines_and_custom_columns(tmp_path):

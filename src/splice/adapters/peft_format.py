@@ -29,6 +29,7 @@ from splice.adapters.layer import AdapterStateError
 from splice.adapters.model import AdapterModel
 from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.errors import CheckpointError
+from splice.textfile import load_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -110,10 +111,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[
     cfg_path = d / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{d}: not an adapter folder (no {CONFIG_NAME})")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = load_json(cfg_path, CheckpointError)
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise CheckpointError(f"{cfg_path}: no 'peft_type'")
     return method_for_peft_type(str(raw["peft_type"])), raw

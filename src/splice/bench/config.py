@@ -52,7 +52,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -65,6 +64,7 @@ from pydantic import (
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
 from splice.numbers import FINITE, first_nonfinite
+from splice.textfile import load_yaml
 
 
 class BenchConfigError(SpliceError):
@@ -193,10 +193,7 @@ def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
 
 def load_bench_config(path: str | Path) -> BenchConfig:
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise BenchConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as e:
-        raise BenchConfigError(f"{p}: not valid YAML ({e})") from None
+    if not p.exists():
+        raise BenchConfigError(f"{p}: no such file")
+    data = load_yaml(p, BenchConfigError)  # one-line errors (splice.textfile)
     return parse_bench_config(data or {}, where=str(p))

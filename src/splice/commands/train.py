@@ -25,8 +25,9 @@ FLAG_KEYS = {
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
+    """Flags as dotted config keys. A ``--param KEY=VALUE`` value is YAML; a value that does
+    not parse is an error naming the parameter."""
+    from splice.textfile import parse_yaml
     from splice.train import TrainConfigError
 
     out: dict[str, Any] = {}
@@ -40,7 +41,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise TrainConfigError(f"--param {item!r}: expected KEY=VALUE (e.g. r=8)")
         k, v = item.split("=", 1)
-        out[f"adapter.{k}"] = yaml.safe_load(v)
+        out[f"adapter.{k}"] = parse_yaml(v, f"--param {k}", TrainConfigError)
     return out
 
 

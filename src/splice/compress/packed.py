@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from splice.errors import CheckpointError
+from splice.textfile import load_json_object
 
 MANIFEST_NAME = "splice_compress.json"
 MASK_PREFIX = "__mask__."
@@ -77,8 +78,7 @@ class Manifest:
         if not path.is_file():
             raise CheckpointError(f"{folder}: not a compressed folder (no {MANIFEST_NAME})")
         try:
-            data = json.loads(path.read_text())
-            manifest = cls(**data)
+            manifest = cls(**load_json_object(path, CheckpointError))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: unreadable manifest: {e}") from None
         if manifest.format != FORMAT or manifest.version != VERSION:

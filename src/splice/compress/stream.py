@@ -27,9 +27,10 @@ from splice.compress.packed import (
     packed_width,
     unpack_mask,
 )
-from splice.errors import MergeValidationError
+from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
 from splice.io.base import TensorInfo
+from splice.textfile import check_readable
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
 MODEL_FILES = (
@@ -197,6 +198,7 @@ def restore(
         infos = [base.info(n) for n in base.names()]
         model_dir = model_dir_of(base_ref)
         copies = [model_dir / f for f in MODEL_FILES if model_dir and (model_dir / f).is_file()]
+        check_readable(copies, CheckpointError)  # before any tensor is written
         writer = ShardedWriter(
             out_dir,
             plan_shards(infos, shard_bytes),

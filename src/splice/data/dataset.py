@@ -24,6 +24,9 @@ from typing import Any
 from splice.errors import DataError
 
 CACHE_ENV = "SPLICE_DATA"
+# The most classes a dataset may have: a bound on what a label column can make splice
+# allocate (names, a classification head), far above any real task.
+MAX_CLASSES = 10_000
 
 
 class SourceMissingError(DataError):
@@ -49,6 +52,8 @@ class TextClassificationDataset:
         if len(set(self.label_names)) != len(self.label_names):
             raise DataError(f"{self.source}: duplicate label names {list(self.label_names)}")
         k = len(self.label_names)
+        if k > MAX_CLASSES:
+            raise DataError(f"{self.source}: {k:,} classes; at most {MAX_CLASSES:,} are supported")
         bad = next((y for y in self.labels if not 0 <= y < k), None)
         if bad is not None:
             raise DataError(f"{self.source}: label {bad} outside 0..{k - 1}")

@@ -167,6 +167,24 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def class_split_sizes(n_c: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """How many of a class's ``n_c`` examples each split gets (step 2 of the algorithm)."""
+    n_test = _round_half_up(n_c * fractions["test"])
+    n_val = min(_round_half_up(n_c * fractions["validation"]), n_c - n_test)
+    return {"train": n_c - n_test - n_val, "validation": n_val, "test": n_test}
+
+
+def min_class_size(sizes: Sequence[float] | Mapping[str, float] = (0.8, 0.1, 0.1)) -> int:
+    """The fewest examples a class needs to appear in every split with a nonzero fraction
+    (5 for 80/10/10)."""
+    fr = _fractions(sizes)
+    wanted = [n for n in SPLIT_NAMES if fr[n] > 0]
+    n_c = 1
+    while any(class_split_sizes(n_c, fr)[n] == 0 for n in wanted):
+        n_c += 1
+    return n_c
+
+
 def make_splits(
     dataset: TextClassificationDataset,
     seed: int = 0,
@@ -185,9 +203,8 @@ def make_splits(
         by_class.setdefault(dataset.labels[i], []).append(i)
     parts: dict[str, list[int]] = {n: [] for n in SPLIT_NAMES}
     for members in by_class.values():
-        n_c = len(members)
-        n_test = _round_half_up(n_c * fr["test"])
-        n_val = min(_round_half_up(n_c * fr["validation"]), n_c - n_test)
+        n = class_split_sizes(len(members), fr)
+        n_test, n_val = n["test"], n["validation"]
         chunk = {
             "test": members[:n_test],
             "validation": members[n_test : n_test + n_val],

@@ -2,59 +2,83 @@
 
 Formats, chosen by extension: ``.csv`` (comma), ``.tsv`` (tab), ``.jsonl`` / ``.ndjson``
 (one JSON object per line; blank lines skipped). Files are UTF-8 (a BOM is accepted). Other
-columns are ignored.
+columns are ignored. A CSV field may hold up to `MAX_FIELD_CHARS` characters (16 Mi; the
+csv module's own default is 128 Ki).
 
-Labels:
-- integer labels (JSON integers, or strings of digits such as CSV's ``"0"``, ``"1"``) are
-  used as the class ids as given, with names ``"0" .. str(max)``; they must be >= 0;
+Labels (the classes are the labels present in the file, never a range):
+- integer labels (JSON integers, or strings of digits such as CSV's ``"0"``, ``"1"``): the
+  classes are the distinct integers present, sorted numerically, named by their decimal
+  strings; the id of a label is its position in that order. So labels 0 and 10**12 are two
+  classes, ``"0"`` and ``"1000000000000"``, with ids 0 and 1. They must be >= 0;
 - any other labels are strings: the class names are the distinct strings, sorted, and the
   id of a label is its position in that order.
-JSON floats, booleans, nulls, lists and objects are rejected as labels.
+JSON floats, booleans, nulls, lists and objects are rejected as labels. At most
+`MAX_CLASSES` distinct labels (`splice.data.dataset`).
 
-Errors (`DataError`, one line, before any heavy work): unknown extension, empty file, a
-missing column (the columns found are listed), an empty text or label (with its line
-number), fewer than two distinct classes. Duplicate texts are kept unless ``dedupe=True``.
+Errors (`DataError`, one line, before any heavy work): unknown extension, unreadable file,
+undecodable bytes (with the byte offset), empty file, a CSV format error or a JSON Lines
+line that is not a JSON object (with its line number), a missing column (the columns found
+are listed), an empty text or label (with its line number), fewer than two distinct
+classes, more than `MAX_CLASSES`. Duplicate texts are kept unless ``dedupe=True``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 import re
 from pathlib import Path
 from typing import Any
 
-from splice.data.dataset import TextClassificationDataset, from_pairs
+from splice.data.dataset import MAX_CLASSES, TextClassificationDataset, from_pairs
 from splice.errors import DataError
+from splice.textfile import parse_json, read_text
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT = re.compile(r"[+-]?\d+")
 
 
+MAX_FIELD_CHARS = 16 * 1024 * 1024
+
+
 def _rows_csv(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    text = read_text(path, DataError)
+    old_limit = csv.field_size_limit(MAX_FIELD_CHARS)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         columns = list(reader.fieldnames or [])
         rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.reader.line_num}: not valid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(old_limit)
     return columns, rows
 
 
 def _rows_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     columns: dict[str, None] = {}
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object")
-            columns.update(dict.fromkeys(obj))
-            rows.append((number, obj))
+    for number, line in enumerate(io.StringIO(read_text(path, DataError)), 1):
+        if not line.strip():
+            continue
+        obj = parse_json(line, f"{path} line {number}", DataError)
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object")
+        columns.update(dict.fromkeys(obj))
+        rows.append((number, obj))
     return list(columns), rows
+
+
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """(columns, [(line number, row)]) of a .csv / .tsv / .jsonl / .ndjson file."""
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{path}: unknown data file type {path.suffix!r}; use one of {sorted(SUFFIXES)}"
+        )
+    if kind == "jsonl":
+        return _rows_jsonl(path)
+    return _rows_csv(path, "\t" if kind == "tsv" else ",")
 
 
 def _label_ids(raw: list[tuple[int, Any]], path: Path) -> tuple[list[int], list[str]]:
@@ -62,15 +86,22 @@ def _label_ids(raw: list[tuple[int, Any]], path: Path) -> tuple[list[int], list[
     for number, value in raw:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise DataError(f"{path} line {number}: label {value!r} must be a string or an integer")
+    keys: list[int | str]
     if all(isinstance(v, int) or _INT.fullmatch(v.strip()) for _, v in raw):
-        ids = [int(v) for _, v in raw]
-        neg = next(((n, v) for (n, v), i in zip(raw, ids) if i < 0), None)
+        keys = [int(v) for _, v in raw]
+        neg = next(((n, v) for (n, v), k in zip(raw, keys) if int(k) < 0), None)
         if neg is not None:
             raise DataError(f"{path} line {neg[0]}: integer label {neg[1]!r} is negative")
-        return ids, [str(i) for i in range(max(ids) + 1)]
-    names = sorted({str(v).strip() for _, v in raw})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[str(v).strip()] for _, v in raw], names
+    else:
+        keys = [str(v).strip() for _, v in raw]
+    distinct = sorted(set(keys))  # type: ignore[type-var]
+    if len(distinct) > MAX_CLASSES:
+        raise DataError(
+            f"{path}: {len(distinct):,} distinct labels; at most {MAX_CLASSES:,} classes "
+            "are supported (is the label column right?)"
+        )
+    index = {k: i for i, k in enumerate(distinct)}
+    return [index[k] for k in keys], [str(k) for k in distinct]
 
 
 def load_user_file(
@@ -82,19 +113,15 @@ def load_user_file(
 ) -> TextClassificationDataset:
     """Load a labeled text file (CSV, TSV or JSON Lines)."""
     path = Path(path)
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
+    if path.suffix.lower() not in SUFFIXES:
         raise DataError(
             f"{path}: unknown data file type {path.suffix!r}; use one of {sorted(SUFFIXES)}"
         )
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
-    if kind == "jsonl":
-        columns, rows = _rows_jsonl(path)
-    else:
-        columns, rows = _rows_csv(path, "\t" if kind == "tsv" else ",")
+    columns, rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no examples (only a header or blank lines)")
     for col in (text_column, label_column):

@@ -35,10 +35,12 @@ from tqdm import tqdm
 import splice
 from splice.engine.plan import MergePlan, TensorJob, layer_index
 from splice.engine.topk import keep_rules
+from splice.errors import CheckpointError
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.io.finite import numerical_errors
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
+from splice.textfile import check_readable, load_json_object
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -96,10 +98,13 @@ def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
 
 
 def _config_json(plan: MergePlan) -> bytes | None:
+    """The output's config.json: the reference model's, with the layer count and dtype of
+    the merge. Read before any tensor is written: an unreadable, undecodable or invalid
+    file, or one that is not a JSON object, is a `CheckpointError` and no output is made."""
     d = model_dir_of(plan.reference)
-    if d is None or not (Path(d) / "config.json").is_file():
+    if d is None or not (Path(d) / "config.json").exists():
         return None
-    cfg = json.loads((Path(d) / "config.json").read_text())
+    cfg = load_json_object(Path(d) / "config.json", CheckpointError)
     if plan.num_layers_out is not None:
         for key in _LAYER_KEYS:
             if key in cfg:
@@ -118,7 +123,9 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
     d = model_dir_of(ref)
     if d is None:
         return []
-    return [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()]
+    return check_readable(
+        [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()], CheckpointError
+    )
 
 
 class _Runner:
@@ -247,6 +254,8 @@ def run_merge(
         "splice_version": splice.__version__,
         "splice_recipe": recipe_yaml,
     }
+    config_json = _config_json(plan)  # side inputs first: no output if one is bad
+    tokenizer_files = _tokenizer_files(plan)
     shards = plan_shards([j.out for j in plan.jobs], shard_bytes)
     writer = ShardedWriter(
         out_dir,
@@ -272,10 +281,9 @@ def run_merge(
             memory_budget,
         )
         extra = {"splice_recipe.yaml": recipe_yaml.encode()}
-        cfg = _config_json(plan)
-        if cfg is not None:
-            extra["config.json"] = cfg
-        writer.finalize(extra_files=extra, copy_files=_tokenizer_files(plan))
+        if config_json is not None:
+            extra["config.json"] = config_json
+        writer.finalize(extra_files=extra, copy_files=tokenizer_files)
     except BaseException:
         writer.abort()
         raise

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, SpliceError
 from splice.io.base import CheckpointReader
 from splice.io.finite import FiniteReader
 from splice.io.gguf_reader import GgufReader
@@ -91,11 +91,11 @@ def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
 
 def _peft_type(adapter_dir: Path) -> str:
     """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
-    import json
+    from splice.textfile import load_json_object
 
     try:
-        return str(json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA"))
-    except (OSError, ValueError, AttributeError):
+        return str(load_json_object(adapter_dir / ADAPTER_CONFIG).get("peft_type", "LORA"))
+    except SpliceError:
         return "LORA"
 
 

@@ -23,7 +23,6 @@ vocabularies) that replaces the base tensor of the same name once `.base_layer` 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from splice.io.base import CheckpointReader
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.torch_reader import TorchReader
 from splice.numbers import check_number, is_finite_number
+from splice.textfile import load_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -115,12 +115,7 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
         raise CheckpointError(f"adapter folder {adapter_dir} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read as JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    raw = load_json_object(path, CheckpointError)
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(

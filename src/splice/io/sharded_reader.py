@@ -11,7 +11,6 @@ too.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.torch_reader import TorchReader
+from splice.textfile import load_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -91,16 +91,9 @@ class ShardedReader:
 
 
 def _load_weight_map(index_file: Path) -> dict[str, str]:
-    try:
-        text = index_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{index_file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_file}: cannot read: {e}") from None
-    try:
-        index = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
+    if not index_file.exists():
+        raise CheckpointError(f"{index_file} does not exist")
+    index = load_json(index_file, CheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(

@@ -69,19 +69,26 @@ def _safe_load(path: str) -> Any:
                 warnings.simplefilter("ignore")
                 return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise CheckpointError(
-                f"{path}: refuses to unpickle: the file holds objects other than tensors and "
-                f"plain containers, which could run code when loaded ({_unsafe_detail(e)}). "
-                "Convert it to safetensors from a trusted environment."
-            ) from None
-        raise CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first_line})") from None
+        raise unpickling_error(path, e) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {first_line}"
         ) from None
+
+
+def unpickling_error(path: str, e: pickle.UnpicklingError) -> CheckpointError:
+    """The one-line error for a pickle torch would not load (with ``weights_only=True``:
+    refused objects, which could run code) or could not parse. Also used when transformers
+    loads a ``.bin`` model (`splice.train.models`)."""
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "weights only" in str(e).lower() or "weights_only" in str(e):
+        return CheckpointError(
+            f"{path}: refuses to unpickle: the file holds objects other than tensors and "
+            f"plain containers, which could run code when loaded ({_unsafe_detail(e)}). "
+            "Convert it to safetensors from a trusted environment."
+        )
+    return CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first_line})")
 
 
 _REFUSED = re.compile(

@@ -14,7 +14,6 @@ Checks, all before any method runs (MergeValidationError / CheckpointError, one 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from splice.io.peft_adapter import (
     load_lora_config,
     open_adapter_weights,
 )
+from splice.textfile import load_json_object
 
 
 @dataclass
@@ -53,7 +53,7 @@ def load_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False) -> L
     NonFiniteError naming it unless ``allow_nonfinite``."""
     path = Path(adapter_dir)
     config = load_lora_config(path)
-    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    raw = load_json_object(path / CONFIG_NAME, CheckpointError)
     reader = open_adapter_weights(path)
     if not allow_nonfinite:
         reader = FiniteReader(reader, str(path))

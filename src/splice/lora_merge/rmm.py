@@ -41,6 +41,7 @@ from splice.io.finite import check_output, numerical_errors
 from splice.io.writer import partial_dir_of
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.textfile import load_json_object
 
 STORE_WEIGHTS = "rmm.safetensors"
 STORE_INFO = "rmm.json"
@@ -139,8 +140,8 @@ def load_rmm(
 ) -> tuple[dict[str, Any], dict[str, tuple[RmmFactor, RmmFactor]]]:
     """(info, {module: (B factor, A factor)}) of a saved store."""
     store = Path(store_dir)
+    info = load_json_object(store / STORE_INFO, CheckpointError)
     try:
-        info = json.loads((store / STORE_INFO).read_text(encoding="utf-8"))
         raw = load_file(str(store / STORE_WEIGHTS))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{store}: not a readable RMM store ({e})") from None

@@ -36,14 +36,15 @@ parameter ranges are checked when the recipe is planned, before any tensor is re
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from splice.errors import RecipeError
 from splice.numbers import FINITE
+from splice.textfile import parse_yaml, read_text
 
 Scalar = bool | int | float | str
 # Every recipe model: unknown keys are errors, and so is a NaN / ±inf number anywhere
@@ -56,6 +57,17 @@ class ConditionalSetting(BaseModel):
     model_config = _STRICT
     filter: str | None = None
     value: Scalar | list[Scalar]
+
+    @field_validator("filter")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        """A ``re:`` filter must compile (checked here, so the error names its key path)."""
+        if v is not None and v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as e:
+                raise ValueError(f"invalid regular expression {v[3:]!r}: {e.msg}") from None
+        return v
 
 
 ParameterSetting = Scalar | list[Scalar] | list[ConditionalSetting] | ConditionalSetting
@@ -216,27 +228,27 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as e:
         seen: list[str] = []
+        checks: list[str] = []  # this schema's own checks (a bad `re:` filter, ...)
         for err in e.errors():
             # For union-typed parameters pydantic reports every failing branch; the
-            # unknown-key errors, then the non-finite numbers, are what the user needs,
-            # so show distinct messages of the first kind present only.
+            # unknown-key errors, then non-finite numbers, then the failed checks, are what
+            # the user needs, so show distinct messages of the first kind present only.
             line = _format_error(err)
             if line not in seen:
                 seen.append(line)
+                if err["type"] == "value_error":
+                    checks.append(line)
         nonfinite = [_format_error(err) for err in e.errors() if err["type"] == "finite_number"]
         extra = [s for s in seen if s.startswith("unknown key")]
-        shown = extra or list(dict.fromkeys(nonfinite)) or seen
+        shown = extra or list(dict.fromkeys(nonfinite)) or checks or seen
         raise RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(shown[:10])) from None
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
-    """Read and validate a recipe file; returns the recipe and its YAML text."""
+    """Read and validate a recipe file; returns the recipe and its YAML text. Unreadable
+    files, undecodable bytes and YAML errors are one-line `RecipeError`s (`splice.textfile`)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise RecipeError(f"recipe file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: not valid YAML: {e}") from None
-    return parse_recipe(data, str(p)), text
+    text = read_text(p, RecipeError)
+    return parse_recipe(parse_yaml(text, str(p), RecipeError), str(p)), text

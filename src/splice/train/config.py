@@ -37,12 +37,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
 from splice.numbers import FINITE
+from splice.textfile import load_yaml
 
 
 class TrainConfigError(SpliceError):
@@ -108,12 +108,11 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise TrainConfigError(f"{p}: no such file") from None
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{p}: not valid YAML ({e})") from None
+    if not p.exists():
+        raise TrainConfigError(f"{p}: no such file")
+    data = load_yaml(p, TrainConfigError)  # one-line errors (splice.textfile)
+    if data is not None and not isinstance(data, dict):
+        raise TrainConfigError(f"{p}: expected a mapping at the top level")
     return parse_train_config(merge_overrides(data or {}, overrides or {}), where=str(p))
 
 

@@ -5,12 +5,14 @@ seeded stratified splits (80/10/10); ``max_train_examples`` caps the training sp
 class (⌈max / classes⌉ each, so classes stay balanced as far as the data allows).
 Causal-LM rows are ``text`` or ``prompt`` + ``completion``; without explicit validation /
 test files a seeded 80/10/10 split of the rows is used.
+
+Split sizes are checked here, before the output folder is made or the model loaded: every
+split non-empty, and for classification every class in every split splice makes (a class
+needs 5 examples for 80/10/10); a causal-LM file needs 3 rows.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 
+from splice.data.dataset import TextClassificationDataset
+from splice.data.splits import SPLIT_NAMES
 from splice.errors import DataError
 from splice.train.config import TrainConfig
 
@@ -31,6 +35,12 @@ class LMExample:
 
 
 def classification_splits(cfg: TrainConfig) -> dict[str, Any]:
+    """The train / validation / test datasets, checked before any model is loaded.
+
+    The seeded stratified 80/10/10 split must give every class at least one example in
+    each split it makes (5 per class suffice), else `DataError` naming the class. A
+    ``data.validation`` / ``data.test`` file replaces its split; its classes must be among
+    the training classes and are mapped to them by name."""
     from splice.data import load_task, make_splits
 
     ds = load_task(cfg.data.train)
@@ -39,16 +49,11 @@ def classification_splits(cfg: TrainConfig) -> dict[str, Any]:
         per_class = math.ceil(cfg.data.max_train_examples / ds.num_classes)
     splits = make_splits(ds, seed=cfg.seed, max_per_class={"train": per_class})
     parts = splits.apply(ds)
-    for name in ("validation", "test"):
+    given = [name for name in ("validation", "test") if getattr(cfg.data, name)]
+    _check_every_class(cfg.data.train, ds, parts, [n for n in SPLIT_NAMES if n not in given])
+    for name in given:
         path = getattr(cfg.data, name)
-        if path:
-            other = load_task(path)
-            if tuple(other.label_names) != tuple(ds.label_names):
-                raise DataError(
-                    f"data.{name} ({path}) has classes {list(other.label_names)}, but "
-                    f"data.train has {list(ds.label_names)}"
-                )
-            parts[name] = other
+        parts[name] = _relabel(load_task(path), ds, f"data.{name} ({path})")
     cap = cfg.data.max_eval_examples
     for name in ("validation", "test"):
         if cap and len(parts[name]) > cap:
@@ -56,39 +61,68 @@ def classification_splits(cfg: TrainConfig) -> dict[str, Any]:
     return {"parts": parts, "splits": splits, "dataset": ds}
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl or .csv file."""
-    if path.suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        return rows
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
-    raise DataError(f"{path}: expected a .jsonl or .csv file")
+def _check_every_class(
+    where: str,
+    ds: TextClassificationDataset,
+    parts: dict[str, TextClassificationDataset],
+    made: list[str],
+) -> None:
+    from splice.data.splits import min_class_size
+
+    totals = ds.class_counts()
+    for name in made:
+        counts = parts[name].class_counts()
+        missing = next((c for c, n in counts.items() if n == 0), None)
+        if missing is not None:
+            raise DataError(
+                f"data.train ({where}): class {missing!r} has {totals[missing]} example(s), too "
+                f"few for the seeded 80/10/10 split: {name} gets none (every class needs at "
+                f"least {min_class_size()}; or give data.validation and data.test files)"
+            )
+
+
+def _relabel(
+    other: TextClassificationDataset, train: TextClassificationDataset, where: str
+) -> TextClassificationDataset:
+    """``other`` with the training set's class ids (classes matched by name)."""
+    index = {n: i for i, n in enumerate(train.label_names)}
+    present = sorted({other.label_names[y] for y in other.labels})
+    unknown = [n for n in present if n not in index]
+    if unknown:
+        raise DataError(
+            f"{where} has classes that data.train lacks: {unknown[:5]}"
+            f"{' ...' if len(unknown) > 5 else ''} (data.train has {len(index)} classes: "
+            f"{list(train.label_names)[:10]}{' ...' if len(index) > 10 else ''})"
+        )
+    return TextClassificationDataset(
+        texts=other.texts,
+        labels=tuple(index[other.label_names[y]] for y in other.labels),
+        label_names=train.label_names,
+        source=other.source,
+        info=dict(other.info),
+    )
 
 
 def lm_examples_from_file(path: Path) -> list[LMExample]:
-    rows = read_rows(path)
+    """Causal-LM examples of a .jsonl / .csv / .tsv file (`splice.data.user_file.read_rows`:
+    the same one-line errors as classification data)."""
+    from splice.data.user_file import read_rows
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    _, rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     out = []
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path} row {i}: expected an object")
+    for number, row in rows:
         if "prompt" in row and "completion" in row:
             out.append(LMExample(str(row["prompt"]), str(row["completion"])))
         elif "text" in row:
             out.append(LMExample("", str(row["text"])))
         else:
             raise DataError(
-                f"{path} row {i}: needs 'text', or 'prompt' and 'completion' (has {sorted(row)})"
+                f"{path} line {number}: needs 'text', or 'prompt' and 'completion' "
+                f"(has {sorted(row)})"
             )
     return out
 
@@ -117,8 +151,12 @@ def lm_splits(cfg: TrainConfig) -> dict[str, list[LMExample]]:
     if cfg.data.max_eval_examples:
         for name in ("validation", "test"):
             parts[name] = parts[name][: cfg.data.max_eval_examples]
-    if not parts["train"]:
-        raise DataError(f"data.train ({cfg.data.train}): no training examples")
+    for name in SPLIT_NAMES:
+        if not parts[name]:
+            raise DataError(
+                f"data.train ({cfg.data.train}): no {name} examples: too few rows for the "
+                "seeded 80/10/10 split (at least 3 are needed)"
+            )
     return parts
 
 

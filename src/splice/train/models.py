@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 from splice.errors import SpliceError
+from splice.io.torch_reader import unpickling_error
+from splice.textfile import load_json_object
 
 PACKAGED: dict[str, tuple[str, str, str]] = {
     # name: (python package, file or folder inside it, pip command)
@@ -65,6 +68,7 @@ def resolve_model(ref: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return gguf_to_hf_folder(path)
     if path.is_dir() and (path / "config.json").is_file():
+        load_json_object(path / "config.json", ModelNotFoundError)  # cheap, before loading
         return path
     raise ModelNotFoundError(f"model '{ref}': {path} is not an HF model folder or a .gguf file")
 
@@ -75,6 +79,11 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{key[:12]}"
     if (out / "config.json").is_file():
         return out
+    if importlib.util.find_spec("accelerate") is None:  # transformers needs it for GGUF
+        raise SpliceError(
+            f"{gguf.name}: loading a GGUF model needs the accelerate package; "
+            "pip install 'accelerate>=1.1' (it is in splice's hf extra)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"splice: converting {gguf.name} to a float32 HF folder (once) ...", flush=True)
@@ -103,11 +112,26 @@ def load_for_task(
     ref: str, task: str, num_labels: int | None = None, label_names: list[str] | None = None
 ) -> tuple[Any, Any, Path]:
     """(model, tokenizer, folder). The classification head of ``seq_cls`` is new (seeded
-    by the caller's torch seed)."""
+    by the caller's torch seed). A ``.bin`` weight file that torch refuses to unpickle
+    (``weights_only``: it holds objects that could run code) is a one-line `CheckpointError`,
+    as when splice reads one itself; so is a folder transformers rejects (an unknown
+    ``model_type``, missing weights: its ValueError / OSError, first line)."""
+    folder = resolve_model(ref)
+    try:
+        return _load(folder, task, num_labels, label_names)
+    except pickle.UnpicklingError as e:
+        raise unpickling_error(str(folder), e) from None
+    except (ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"{folder}: transformers cannot load it: {first}") from None
+
+
+def _load(
+    folder: Path, task: str, num_labels: int | None, label_names: list[str] | None
+) -> tuple[Any, Any, Path]:
     import transformers
     from transformers import AutoTokenizer
 
-    folder = resolve_model(ref)
     transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:

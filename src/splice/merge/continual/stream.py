@@ -31,6 +31,7 @@ from splice.io.base import TensorInfo
 from splice.io.finite import numerical_errors
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
+from splice.textfile import check_readable, load_json_object
 
 STATE_FILE = "splice_continual.json"
 SIDE_FILES = (
@@ -60,8 +61,8 @@ def load_state(state_dir: str | Path) -> OpcmState:
     path = Path(state_dir) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"'{state_dir}' is not a continual-merge state: no {STATE_FILE}")
+    data = load_json_object(path, CheckpointError)
     try:
-        data = json.loads(path.read_text())
         if data.get("method") != "opcm":
             raise CheckpointError(f"{path}: method {data.get('method')!r} is not 'opcm'")
         state = OpcmState.from_json(data)
@@ -125,7 +126,8 @@ def _side_files(*refs: str) -> list[Path]:
     for ref in refs:
         d = model_dir_of(ref)
         if d is not None:
-            return [Path(d) / f for f in SIDE_FILES if (Path(d) / f).is_file()]
+            files = [Path(d) / f for f in SIDE_FILES if (Path(d) / f).is_file()]
+            return check_readable(files, CheckpointError)
     return []
 
 
@@ -160,6 +162,7 @@ def opcm_add(
         _check_same_tensors(base, new, f"model '{model_ref}'")
 
         infos = [TensorInfo(n, base.info(n).shape, base.info(n).dtype) for n in base.names()]
+        side_files = _side_files(model_ref, base_ref)  # checked before any tensor is written
         writer = ShardedWriter(
             out_dir,
             plan_shards(infos, shard_bytes),
@@ -192,7 +195,7 @@ def opcm_add(
             state.task_vector_norms.append(new_norm)
             state.models.append(str(model_ref))
             side = {STATE_FILE: (json.dumps(state.to_json(), indent=2) + "\n").encode()}
-            writer.finalize(extra_files=side, copy_files=_side_files(model_ref, base_ref))
+            writer.finalize(extra_files=side, copy_files=side_files)
         except BaseException:
             writer.abort()
             raise
