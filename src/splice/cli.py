@@ -148,6 +148,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from splice.commands import add_overwrite_argument
+
     p = argparse.ArgumentParser(prog="splice", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"splice {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--resume", action="store_true", help="continue an interrupted merge into the same --out"
     )
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(m)
     m.add_argument("--seed", type=int, default=None, help="seed for random methods")
     m.add_argument(
         "--memory",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands import add_overwrite_argument
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the pre-trained checkpoint")
@@ -12,7 +14,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--names", nargs="+", default=None, help="task names (default: file stems)")
     p.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(p)
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -75,5 +77,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--base", default=None, help="the base checkpoint (default: as recorded)")
     r.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(r)
     r.set_defaults(fn=_cmd_restore)

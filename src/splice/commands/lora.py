@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands import add_overwrite_argument
+
 
 def _merge(args: argparse.Namespace) -> int:
     from splice.lora_merge import LoraMergeOptions, merge_adapters
@@ -136,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="global scale")
     m.add_argument("--seed", type=int, default=0, help="seed for DARE masks and k-means")
     m.add_argument("--out", required=True, help="output adapter folder")
-    m.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(m)
     m.set_defaults(fn=_merge)
 
     e = lsub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune")
@@ -153,21 +155,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--niter", type=int, default=2, help="randomized SVD power iterations")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output adapter folder")
-    e.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(e)
     e.set_defaults(fn=_extract)
 
     r = lsub.add_parser("rmm", help="store adapters as k basis models + per-task coefficients")
     r.add_argument("adapters", nargs="+")
     r.add_argument("--k", type=int, required=True, help="number of basis models")
     r.add_argument("--out", required=True, help="output store folder")
-    r.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(r)
     r.set_defaults(fn=_rmm)
 
     rr = lsub.add_parser("rmm-recover", help="recover one task's adapter from an RMM store")
     rr.add_argument("store")
     rr.add_argument("--task", type=int, required=True, help="task index (order given to rmm)")
     rr.add_argument("--out", required=True)
-    rr.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(rr)
     rr.set_defaults(fn=_rmm_recover)
 
     c = lsub.add_parser("compeft", help="ComPEFT: sparse ternary compression of an adapter")
@@ -176,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--alpha", type=float, default=1.0, help="scale multiplier α (default 1)")
     c.add_argument("--std-of", choices=["original", "sparse"], default="original")
     c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(c)
     c.set_defaults(fn=_compeft)
 
     ls = lsub.add_parser("methods", help="list the LoRA merge methods")

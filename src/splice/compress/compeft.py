@@ -112,20 +112,21 @@ def compeft_adapter(
     density: float,
     alpha: float = 1.0,
     std_of: StdOf = "original",
-    overwrite: bool = False,
+    overwrite: int | bool = False,
 ) -> tuple[list[CompeftEntry], dict[str, float]]:
     """Compress every LoRA factor of a PEFT adapter; write the decompressed adapter.
 
     Returns the per-factor entries and, per module, the relative error of the module's
     ΔW = s · B̂ Â against the original s · B A.
     """
+    from splice.io.output_folder import OutputFolder
     from splice.lora_merge.adapters import load_adapter
     from splice.lora_merge.factors import LoraFactors
-    from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+    from splice.lora_merge.peft_writer import write_adapter_files
 
     if not 0 <= density <= 1:
         raise MergeValidationError(f"density = {density} must be in [0, 1]")
-    check_out_dir(Path(out_dir), overwrite)
+    folder = OutputFolder(out_dir, overwrite=overwrite, inputs=[adapter_dir]).check()
     adapter = load_adapter(adapter_dir)
     entries: list[CompeftEntry] = []
     module_errors: dict[str, float] = {}
@@ -143,5 +144,6 @@ def compeft_adapter(
             parts.append(approx)
         out[module] = LoraFactors(parts[0], parts[1], f.scale)
         module_errors[module] = relative_error(f.dense(), out[module].dense())
-    write_lora_adapter(out_dir, out, adapter.embedding, adapter.raw_config, overwrite=overwrite)
+    with folder as tmp:
+        write_adapter_files(tmp, out, adapter.embedding, adapter.raw_config)
     return entries, module_errors

@@ -97,7 +97,7 @@ def compress(
     params: dict[str, object],
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
 ) -> CompressReport:
     """Compress the fine-tuned ``model_refs`` (all of the base's architecture) into
     ``out_dir``: per float tensor, the kernel's shared vector and packed task masks."""
@@ -125,6 +125,7 @@ def compress(
             plan_shards(plan, shard_bytes),
             {"format": "pt", "splice_version": splice.__version__, "splice_compress": method},
             overwrite=overwrite,
+            inputs=[base_ref, *model_refs],
         )
         try:
             written = 0
@@ -166,7 +167,7 @@ def restore(
     *,
     base_ref: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
 ) -> Path:
     """Write task ``task`` (name or index) of a compressed folder as a checkpoint folder:
     θ_t = base + s_t · (m_t ⊙ v), in the base's dtypes, with the base's config and
@@ -202,6 +203,7 @@ def restore(
                 "splice_restored_task": manifest.tasks[t],
             },
             overwrite=overwrite,
+            inputs=[folder, base_ref],
         )
         try:
             for info in infos:

@@ -34,8 +34,9 @@ import torch
 
 from splice.errors import MergeValidationError
 from splice.io import open_checkpoint
+from splice.io.output_folder import OutputFolder
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.lora_merge.peft_writer import write_adapter_files
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embed_tokens|wte|wpe|embed_positions|word_embeddings|position_embeddings)$"
@@ -116,7 +117,7 @@ def extract_lora(
     oversample: int = 10,
     niter: int = 2,
     seed: int = 0,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
 ) -> ExtractReport:
     """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`."""
     if (rank is None) == (energy is None):
@@ -135,7 +136,7 @@ def extract_lora(
     except re.error as e:
         raise MergeValidationError(f"bad --targets/--exclude regex: {e}") from None
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    folder = OutputFolder(out, overwrite=overwrite, inputs=[base, model]).check()
     report = ExtractReport(out)
     base_r, ft_r = open_checkpoint(base), open_checkpoint(model)
     try:
@@ -198,5 +199,6 @@ def extract_lora(
         "task_type": None,
         "inference_mode": True,
     }
-    write_lora_adapter(out, modules, {}, template, overwrite=overwrite)
+    with folder as tmp:
+        write_adapter_files(tmp, modules, {}, template)
     return report

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io.writer import partial_dir_of
+from splice.io.output_folder import OutputFolder, write_bytes
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.factors import LoraFactors
-from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.lora_merge.peft_writer import write_lora_adapter
 
 STORE_WEIGHTS = "rmm.safetensors"
 STORE_INFO = "rmm.json"
@@ -88,7 +88,7 @@ def recover_module(fb: RmmFactor, fa: RmmFactor, task: int) -> LoraFactors:
 
 
 def build_rmm(
-    adapter_dirs: list[str | Path], k: int, out_dir: str | Path, *, overwrite: bool = False
+    adapter_dirs: list[str | Path], k: int, out_dir: str | Path, *, overwrite: int | bool = False
 ) -> Path:
     """Fit and save an RMM store of the adapters with k basis models."""
     if not 1 <= k <= len(adapter_dirs):
@@ -96,7 +96,7 @@ def build_rmm(
             f"k = {k} must be between 1 and the {len(adapter_dirs)} adapters"
         )
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    folder = OutputFolder(out, overwrite=overwrite, inputs=adapter_dirs).check()
     adapters = load_adapters(adapter_dirs)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(adapters[0].modules):
@@ -111,15 +111,9 @@ def build_rmm(
         "embedding": adapters[0].embedding,
         "adapter_config": adapters[0].raw_config,
     }
-    tmp = partial_dir_of(out)
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / STORE_WEIGHTS))
-    (tmp / STORE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with folder as tmp:
+        write_bytes(tmp / STORE_WEIGHTS, save(tensors))
+        write_bytes(tmp / STORE_INFO, (json.dumps(info, indent=2) + "\n").encode())
     return out
 
 
@@ -146,15 +140,20 @@ def load_rmm(
 
 
 def recover_adapter(
-    store_dir: str | Path, task: int, out_dir: str | Path, *, overwrite: bool = False
+    store_dir: str | Path, task: int, out_dir: str | Path, *, overwrite: int | bool = False
 ) -> Path:
     """Write task `task`'s recovered LoRA as a PEFT adapter folder."""
     info, modules = load_rmm(store_dir)
     n = len(info["tasks"])
     if not 0 <= task < n:
         raise MergeValidationError(f"task {task} out of range: the store holds tasks 0..{n - 1}")
-    check_out_dir(Path(out_dir), overwrite)
+    OutputFolder(out_dir, overwrite=overwrite, inputs=[store_dir]).check()
     factors = {m: recover_module(fb, fa, task) for m, (fb, fa) in modules.items()}
     return write_lora_adapter(
-        out_dir, factors, info["embedding"], info["adapter_config"], overwrite=overwrite
+        out_dir,
+        factors,
+        info["embedding"],
+        info["adapter_config"],
+        overwrite=overwrite,
+        inputs=[store_dir],
     )

@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from splice.errors import SpliceError
+from splice.io.output_folder import cache_folder
 
 PACKAGED: dict[str, tuple[str, str, str]] = {
     # name: (python package, file or folder inside it, pip command)
@@ -87,15 +86,9 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
         del config.quantization_config
     model = type(loaded)(config)  # a plain model: save_pretrained refuses GGUF-loaded ones
     model.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with cache_folder(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -127,7 +127,7 @@ def opcm_add(
     *,
     alpha: float | None = None,
     shard_bytes: int = 2_000_000_000,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ContinualReport:
     """Merge ``model_ref`` into the state ``state_ref`` (None: start with this model) and
@@ -152,6 +152,7 @@ def opcm_add(
             plan_shards(infos, shard_bytes),
             {"format": "pt", "splice_version": splice.__version__},
             overwrite=overwrite,
+            inputs=[r for r in (base_ref, state_ref, model_ref) if r is not None],
         )
         try:
             # Pass 1: ‖τ‖ and ‖u‖ over the whole model.
