@@ -379,3 +379,23 @@ def test_read_only_mount(tmp_path):
     assert res.returncode == 1, res.stderr
     assert res.stderr.startswith("splice: error: ") and "read-only file system" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_work_folders_of_bench_and_demo(tmp_path, monkeypatch, capsys):
+    from splice.cli import main
+    from splice.io.out_location import prepare_work_folder
+
+    (tmp_path / "f").write_text("x")
+    assert prepare_work_folder(tmp_path / "new" / "w") == tmp_path / "new" / "w"
+    assert (tmp_path / "new" / "w").is_dir() and not list((tmp_path / "new" / "w").iterdir())
+    monkeypatch.chdir(tmp_path / "new")
+    assert prepare_work_folder(".") == Path(".")  # an existing folder is fine, even .
+    for bad, fragment in [
+        (tmp_path / "f", "not a folder"),
+        (tmp_path / "f" / "w", "is a file, not a folder"),
+    ]:
+        with pytest.raises(CheckpointError, match=fragment):
+            prepare_work_folder(bad)
+        assert main(["demo", "--synthetic", "--quiet", "--out", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("splice: error: ") and "Traceback" not in err

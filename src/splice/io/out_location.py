@@ -57,16 +57,25 @@ def check_out_location(out: str | os.PathLike[str]) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"output {text} exists and is not a folder")
         return path
+    _check_creatable(path, text)
+    return path
+
+
+def _check_creatable(path: Path, text: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder this process may write in."""
     ancestor = path.parent
-    while not ancestor.exists():
+    while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CheckpointError(
             f"cannot create the output {text}: {ancestor} is a file, not a folder"
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot create the output {text}: no write permission in {ancestor}")
-    return path
+        if os.statvfs(ancestor).f_flag & os.ST_RDONLY:
+            why = f"{ancestor} is on a read-only file system"
+        else:
+            why = f"no write permission in {ancestor}"
+        raise CheckpointError(f"cannot create the output {text}: {why}")
 
 
 def prepare_work_folder(out: str | os.PathLike[str]) -> Path:
@@ -76,6 +85,8 @@ def prepare_work_folder(out: str | os.PathLike[str]) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"output {out} exists and is not a folder")
+    if not path.exists():
+        _check_creatable(Path(os.path.abspath(path)), os.fspath(out))
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".splice-probe-{os.getpid()}"
