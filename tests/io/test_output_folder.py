@@ -338,13 +338,7 @@ def test_read_only_folder(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        probe = ro / "probe"
-        try:
-            probe.write_text("x")
-        except PermissionError:
-            pass
-        else:
-            probe.unlink()
+        if os.access(ro, os.W_OK):
             pytest.skip("this user (root) writes into a 0555 folder; see the bind-mount test")
         with pytest.raises(CheckpointError, match="no write permission"):
             write_model(ro / "out")

@@ -54,7 +54,7 @@ from splice.io.out_location import (
 )
 
 STATE_DIR = ".splice-state"
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def partial_dir_of(out_dir: str | os.PathLike[str]) -> Path:
@@ -164,7 +164,11 @@ class OutputFolder:
                 if old.exists() or old.is_symlink():
                     remove(old)
                 os.rename(self.out, old)
-                os.rename(self.partial, self.out)
+                try:
+                    os.rename(self.partial, self.out)
+                except OSError:
+                    os.rename(old, self.out)  # put the previous output back
+                    raise
                 fsync_dir(self.out.parent)
                 remove(old)
             else:
