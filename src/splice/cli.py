@@ -150,6 +150,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from splice.commands import add_overwrite_argument
+
     p = argparse.ArgumentParser(prog="splice", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"splice {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -157,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge checkpoints with a recipe (mergekit YAML accepted)")
     m.add_argument("recipe", nargs="?", default=None, help="recipe YAML file")
-    m.add_argument("--out", required=True, help="output folder (HF layout)")
+    m.add_argument(
+        "--out",
+        required=True,
+        help="output folder (HF layout), written aside and renamed into place when complete; "
+        "a second run into the same --out is refused while one is running",
+    )
     m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
     m.add_argument(
         "--dtype",
@@ -166,9 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--threads", type=int, default=None, help="worker threads (min(4, cores))")
     m.add_argument(
-        "--resume", action="store_true", help="continue an interrupted merge into the same --out"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted merge into the same --out: finished shards are kept only "
+        "when their bytes and the inputs they were made from are unchanged (checked by "
+        "content: one read of those inputs and shards)",
     )
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(m)
     m.add_argument("--seed", type=int, default=None, help="seed for random methods")
     m.add_argument(
         "--memory",

@@ -38,6 +38,7 @@ import yaml
 
 from splice.engine import plan_merge, run_merge
 from splice.io import ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io.out_location import prepare_work_folder
 from splice.recipe.schema import parse_recipe
 
 # The real demo's bench config (see splice.bench.config): three tasks whose data sources
@@ -171,8 +172,7 @@ def _flat_delta(reader, base, names) -> torch.Tensor:
 
 
 def run_demo(out: str | Path = "splice-demo", progress: bool = True) -> list[dict[str, object]]:
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_work_folder(out)
     gen = torch.Generator().manual_seed(0)
     base = llama_tensors(CONFIG, gen)
     write_model(root / "base", base)

@@ -56,3 +56,24 @@ def test_split_writes_a_loadable_split(monkeypatch, tmp_path, capsys):
 def test_usage_errors(argv):
     with pytest.raises(SystemExit):
         main(argv)
+
+
+def test_split_out_must_be_a_new_or_split_file(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    rows = [f"w{i} x{i},{'ab'[i % 2]}" for i in range(10)]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    before = data.read_text()
+    cases = {
+        str(data): "is the data file itself",
+        str(tmp_path): "is a folder",
+        "": "is a folder",
+        str(data / "split.json"): "is a file, not a folder",
+        str(data / "a" / "split.json"): "is a file, not a folder",
+    }
+    for out, fragment in cases.items():
+        assert main(["data", "split", str(data), "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("splice: error: ") and fragment in err and "Traceback" not in err
+    assert data.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv"]
+    assert main(["data", "split", str(data), "--out", str(tmp_path / "s" / "split.json")]) == 0

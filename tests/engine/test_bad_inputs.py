@@ -186,8 +186,14 @@ def test_existing_output_is_not_overwritten(models, tmp_path, capsys):
     assert main(["merge", str(rp), "--out", str(out), "--quiet"]) == 1
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["merge", str(rp), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    # one --overwrite replaces only a previous splice output; this folder is not one
+    assert main(["merge", str(rp), "--out", str(out), "--quiet", "--overwrite"]) == 1
+    assert "not written by splice" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["merge", str(rp), "--out", str(out), "--quiet", "--overwrite", "--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
+    # now it is one: a single --overwrite replaces it
+    assert main(["merge", str(rp), "--out", str(out), "--quiet", "--overwrite"]) == 0
 
 
 def test_bad_shard_size_and_debug_traceback(models, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from splice.io import (
     model_dir_of,
     open_checkpoint,
 )
+from splice.io.open import split_reference
 
 
 def test_missing_path():
@@ -104,3 +106,45 @@ def test_model_dir_of(tmp_path):
     assert model_dir_of(str(tmp_path)) == tmp_path
     assert model_dir_of(str(tmp_path / "model.safetensors")) == tmp_path
     assert model_dir_of("/no/such/thing") is None
+
+
+def _plus_tree(tmp_path, monkeypatch):
+    """Folders m, m+a, a+b, b (relative to the working folder)."""
+    monkeypatch.chdir(tmp_path)
+    for d in ("m", "m+a", "a+b", "b", "x\\y"):
+        Path(d).mkdir()
+
+
+@pytest.mark.parametrize(
+    "ref, want",
+    [
+        ("m+a", ("m+a", None)),  # an existing path wins
+        ("m\\+a", ("m+a", None)),  # escaped: one path
+        ("m+a\\+b", ("m", "a+b")),
+        ("m\\+a+b", ("m+a", "b")),
+        ("m+b", ("m", "b")),  # the one split where both sides exist
+        ("a+b+b", ("a+b", "b")),
+        ("x\\\\y+b", ("x\\y", "b")),  # an escaped backslash
+    ],
+)
+def test_split_reference_forms(ref, want, tmp_path, monkeypatch):
+    _plus_tree(tmp_path, monkeypatch)
+    assert split_reference(ref) == want
+
+
+@pytest.mark.parametrize(
+    "ref, fragment",
+    [
+        ("m+a+b", r"ambiguous: it splits at '\+' as 'm' \+ 'a\+b' or 'm\+a' \+ 'b'.*'\\\+'"),
+        ("m\\+a+b+b", "has 2 unescaped"),
+        ("m\\a+b", "a backslash must be followed by"),
+        ("m\\+a+nope", "nope does not exist"),
+        ("\\+b", r"^\+b does not exist"),
+        ("m+\\+", r"^\+ does not exist"),
+        ("+b\\+", "empty part"),
+    ],
+)
+def test_split_reference_errors(ref, fragment, tmp_path, monkeypatch):
+    _plus_tree(tmp_path, monkeypatch)
+    with pytest.raises(CheckpointError, match=fragment):
+        split_reference(ref)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from splice.errors import CheckpointError
 from splice.io import SafetensorsReader, ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io.output_folder import MARKER_NAME
 from splice.io.writer import partial_dir_of
 
 
@@ -62,7 +63,7 @@ def test_round_trip_random_thread_order(tmp_path, budget):
 
     files = sorted(p.name for p in out.iterdir())
     if len(shards) == 1:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["config.json", "model.safetensors", MARKER_NAME]
     else:
         assert "model.safetensors.index.json" in files
         assert f"model-00001-of-{len(shards):05d}.safetensors" in files
@@ -231,11 +232,14 @@ def test_existing_out_dir_refused_at_construction(tmp_path):
     with pytest.raises(CheckpointError, match=r"already exists.*--overwrite"):
         ShardedWriter(out, shards, {})
     assert not partial_dir_of(out).exists()  # refused before any work
-    w = ShardedWriter(out, shards, {}, overwrite=True)
+    with pytest.raises(CheckpointError, match=r"not written by splice.*--overwrite twice"):
+        ShardedWriter(out, shards, {}, overwrite=True)  # not a splice output
+    assert not partial_dir_of(out).exists()
+    w = ShardedWriter(out, shards, {}, overwrite=2)
     w.write("a", torch.ones(2))
     assert (out / "old.txt").exists()  # untouched until finalize
     w.finalize()
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", MARKER_NAME]
     assert not out.with_name("out.splice-old").exists()
 
 

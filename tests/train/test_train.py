@@ -72,6 +72,7 @@ def test_seq_cls_lora_learns_and_loads_in_peft(tiny_bert_dir, fruit_csv, tmp_pat
             "eval.json",
             "splice_train.yaml",
             "splits.json",
+            "splice_output.json",
             "train_log.jsonl",
         ]
     )

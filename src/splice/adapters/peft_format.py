@@ -7,28 +7,29 @@
                                   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
 
 Model-level adapters (prompt / prefix tuning) save their tensors under their own keys
-(``prompt_embeddings``), as PEFT does. Folders are written atomically (a temporary folder
-renamed into place). Loading validates the config (unknown or non-inert options are errors)
-and requires every expected tensor with its shape, and no unexpected one.
+(``prompt_embeddings``), as PEFT does. Folders are written through
+`splice.io.output_folder.OutputFolder` (locked, built aside, renamed into place; `overwrite`
+1 replaces a previous splice output, 2 any folder). Loading validates the config (unknown or
+non-inert options are errors) and requires every expected tensor with its shape, and no
+unexpected one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from splice.adapters.config import AdapterConfigError
 from splice.adapters.layer import AdapterStateError
 from splice.adapters.model import AdapterModel
 from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.errors import CheckpointError
+from splice.io.output_folder import OutputFolder, write_bytes
 from splice.textfile import load_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -70,13 +71,32 @@ def save_adapter(
     name: str = "default",
     *,
     base_model_name_or_path: str | None = None,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     extra_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write adapter ``name`` as a PEFT adapter folder at ``out_dir`` (atomically)."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} exists (pass overwrite=True to replace it)")
+    folder = OutputFolder(out_dir, overwrite=overwrite).check()
+    am._check(name)
+    with folder as tmp:
+        write_adapter_files(
+            am,
+            tmp,
+            name,
+            base_model_name_or_path=base_model_name_or_path,
+            extra_config=extra_config,
+        )
+    return Path(out_dir)
+
+
+def write_adapter_files(
+    am: AdapterModel,
+    folder: Path,
+    name: str = "default",
+    *,
+    base_model_name_or_path: str | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
+    """Write adapter ``name``'s PEFT files into ``folder`` (an `OutputFolder`'s partial one)."""
     config = am.configs.get(name)
     if config is None:
         am._check(name)
@@ -89,18 +109,8 @@ def save_adapter(
     cfg["inference_mode"] = True
     cfg.update(extra_config or {})
     state = {k: v.detach().contiguous().cpu().clone() for k, v in adapter_state(am, name).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    write_bytes(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+    write_bytes(folder / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:

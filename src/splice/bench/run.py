@@ -39,6 +39,7 @@ from splice.bench.methods import PlannedMethod, select_methods
 from splice.bench.precision import resolve_precision
 from splice.bench.tasks import TaskData, prepare_task
 from splice.errors import SpliceError
+from splice.io.out_location import prepare_work_folder
 from splice.merge import get_method
 
 WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
@@ -265,7 +266,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_work_folder(out)  # a clear error before any heavy work
     runner = _Runner(cfg, progress)
     total = _units(planned, len(cfg.kinds), n_models, cfg)
     with tqdm(

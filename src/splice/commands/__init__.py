@@ -12,6 +12,16 @@ import argparse
 import importlib
 import pkgutil
 
+OVERWRITE_HELP = (
+    "replace an existing --out written by splice (it holds splice_output.json and no input of "
+    "this run); give it twice to replace any folder"
+)
+
+
+def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    """`--overwrite`, counted: 1 replaces a previous splice output, 2 any folder."""
+    p.add_argument("--overwrite", action="count", default=0, help=OVERWRITE_HELP)
+
 
 def register_all(sub: argparse._SubParsersAction) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

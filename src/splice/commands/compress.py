@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands import add_overwrite_argument
 from splice.commands._flags import add_allow_nonfinite
 
 
@@ -14,7 +15,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--names", nargs="+", default=None, help="task names (default: file stems)")
     p.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(p)
     add_allow_nonfinite(p)
 
 
@@ -82,6 +83,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--base", default=None, help="the base checkpoint (default: as recorded)")
     r.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_overwrite_argument(r)
     add_allow_nonfinite(r)
     r.set_defaults(fn=_cmd_restore)

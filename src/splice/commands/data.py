@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 from splice.errors import DataError
@@ -93,6 +94,9 @@ def _cmd_split(args: argparse.Namespace) -> int:
         "validation": args.max_eval_per_class,
         "test": args.max_eval_per_class,
     }
+    source = Path(args.name)
+    if source.is_file() and Path(args.out).resolve() == source.resolve():
+        raise DataError(f"--out {args.out} is the data file itself; give another file")
     splits = make_splits(ds, args.seed, sizes, max_per_class=caps)
     path = splits.save(args.out, ds)
     print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands import add_overwrite_argument
 from splice.commands._flags import add_allow_nonfinite
 
 
@@ -153,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="global scale")
     m.add_argument("--seed", type=int, default=0, help="seed for DARE masks and k-means")
     m.add_argument("--out", required=True, help="output adapter folder")
-    m.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(m)
     add_allow_nonfinite(m)
     m.set_defaults(fn=_merge)
 
@@ -171,7 +172,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--niter", type=int, default=2, help="randomized SVD power iterations")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True, help="output adapter folder")
-    e.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(e)
     add_allow_nonfinite(e)
     e.set_defaults(fn=_extract)
 
@@ -179,7 +180,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("adapters", nargs="+")
     r.add_argument("--k", type=int, required=True, help="number of basis models")
     r.add_argument("--out", required=True, help="output store folder")
-    r.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(r)
     add_allow_nonfinite(r)
     r.set_defaults(fn=_rmm)
 
@@ -187,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rr.add_argument("store")
     rr.add_argument("--task", type=int, required=True, help="task index (order given to rmm)")
     rr.add_argument("--out", required=True)
-    rr.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(rr)
     add_allow_nonfinite(rr)
     rr.set_defaults(fn=_rmm_recover)
 
@@ -197,7 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--alpha", type=float, default=1.0, help="scale multiplier α (default 1)")
     c.add_argument("--std-of", choices=["original", "sparse"], default="original")
     c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(c)
     add_allow_nonfinite(c)
     c.set_defaults(fn=_compeft)
 

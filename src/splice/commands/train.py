@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from splice.commands import add_overwrite_argument
+
 FLAG_KEYS = {
     "model": "model",
     "task": "task",
@@ -96,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
-    p.add_argument("--overwrite", action="store_true")
+    add_overwrite_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print all results as JSON")
     p.set_defaults(fn=_run)

@@ -90,7 +90,7 @@ def compeft_adapter(
     density: float,
     alpha: float = 1.0,
     std_of: StdOf = "original",
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> tuple[list[CompeftEntry], dict[str, float]]:
     """Compress every LoRA factor of a PEFT adapter; write the decompressed adapter.
@@ -100,12 +100,13 @@ def compeft_adapter(
     NonFiniteError naming the tensor unless ``allow_nonfinite``.
     """
     from splice.delta import LowRank
+    from splice.io.output_folder import OutputFolder
     from splice.lora_merge.adapters import load_adapter
-    from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+    from splice.lora_merge.peft_writer import write_adapter_files
 
     check_number(density, "density", ge=0, le=1)
     check_number(alpha, "alpha", gt=0)
-    check_out_dir(Path(out_dir), overwrite)
+    folder = OutputFolder(out_dir, overwrite=overwrite, inputs=[adapter_dir]).check()
     adapter = load_adapter(adapter_dir, allow_nonfinite=allow_nonfinite)
     entries: list[CompeftEntry] = []
     module_errors: dict[str, float] = {}
@@ -126,12 +127,8 @@ def compeft_adapter(
             parts.append(approx)
         out[module] = LowRank(parts[0], parts[1], f.scaling)
         module_errors[module] = relative_error(f.to_dense(), out[module].to_dense())
-    write_lora_adapter(
-        out_dir,
-        out,
-        adapter.embedding,
-        adapter.raw_config,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-    )
+    with folder as tmp:
+        write_adapter_files(
+            tmp, out, adapter.embedding, adapter.raw_config, allow_nonfinite=allow_nonfinite
+        )
     return entries, module_errors

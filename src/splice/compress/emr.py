@@ -48,7 +48,7 @@ def compress_emr(
     *,
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress fine-tuned ``models`` of ``base`` into τ_uni, per-task masks and rescalers."""

@@ -98,7 +98,7 @@ def compress(
     params: dict[str, object],
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress the fine-tuned ``model_refs`` (all of the base's architecture) into
@@ -129,6 +129,7 @@ def compress(
             plan_shards(plan, shard_bytes),
             {"format": "pt", "splice_version": splice.__version__, "splice_compress": method},
             overwrite=overwrite,
+            inputs=[base_ref, *model_refs],
         )
         try:
             written = 0
@@ -170,7 +171,7 @@ def restore(
     *,
     base_ref: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> Path:
     """Write task ``task`` (name or index) of a compressed folder as a checkpoint folder:
@@ -208,6 +209,7 @@ def restore(
                 "splice_restored_task": manifest.tasks[t],
             },
             overwrite=overwrite,
+            inputs=[folder, base_ref],
         )
         try:
             for info in infos:

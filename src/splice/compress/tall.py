@@ -49,7 +49,7 @@ def compress_tall(
     lambdas: float | Sequence[float] = DEFAULT_LAMBDA,
     names: Sequence[str] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> CompressReport:
     """Compress fine-tuned ``models`` of ``base`` into τ_MTL plus per-task TALL masks."""

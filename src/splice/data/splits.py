@@ -24,6 +24,7 @@ different loader option).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -111,15 +112,27 @@ class Splits:
         }
 
     def save(self, path: str | Path, dataset: TextClassificationDataset | None = None) -> Path:
-        """Write the JSON file atomically (a temporary file renamed into place)."""
+        """Write the JSON file atomically (a temporary file renamed into place). A folder or an
+        unwritable place is a DataError, before anything is written."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise DataError(f"{path} is a folder; give a file name for the split (split.json)")
+        above = path.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise DataError(f"cannot write the split file {path}: {above} is a file, not a folder")
         text = json.dumps(self.to_json(dataset), separators=(",", ":")) + "\n"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobber; umask applies
                 f.write(text)
             os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise DataError(f"cannot write the split file {path}: {e.strerror or e}") from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

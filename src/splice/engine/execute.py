@@ -10,9 +10,13 @@ max(budget, the largest job) plus the interpreter, independent of model size. Re
 
 Output appears atomically: shards are written into ``<out>.splice-partial/`` and the folder
 is renamed to ``<out>`` only when complete. A failed or killed run leaves the partial
-folder; ``resume=True`` keeps its completed shards (same recipe fingerprint) and redoes the
-rest, giving a bit-identical result (random methods draw from generators seeded by
-(seed, tensor name, model index), independent of order).
+folder; ``resume=True`` keeps its completed shards and redoes the rest, giving a
+bit-identical result (random methods draw from generators seeded by (seed, tensor name, model
+index), independent of order). A shard is kept only when the recipe, plan and input paths
+match (`fingerprint`), its file still hashes to what was written, and the inputs it was made
+from still hash to what was read (`splice.engine.resume_check`; an input edited in place with
+its size and mtime kept is caught). A second run into the same ``out_dir`` while one is
+running is refused (the output folder's lock).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from tqdm import tqdm
 
 import splice
 from splice.engine.plan import MergePlan, TensorJob, layer_index
+from splice.engine.resume_check import InputCheck, Rules, rules_digest, source_key, stats_key
 from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.io.finite import numerical_errors
+from splice.io.open import split_reference
+from splice.io.shard_record import input_digest
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
 from splice.textfile import check_readable, load_json_object
@@ -67,27 +74,23 @@ class MergeReport:
     seconds: float
 
 
-def _input_stats(plan: MergePlan) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of every input file, so --resume notices changed inputs."""
-    stats = []
-    for ref in plan.readers:
-        for part in ref.split("+"):
-            p = Path(part)
-            files = sorted(p.iterdir()) if p.is_dir() else [p]
-            for f in files:
-                if f.is_file():
-                    st = f.stat()
-                    stats.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
-    return stats
+def _input_paths(plan: MergePlan) -> list[list[str | None]]:
+    """Resolved (base, adapter) paths of every input reference, by `split_reference` (so a
+    folder name holding '+' is one path). Content is checked per shard on resume."""
+    out: list[list[str | None]] = []
+    for ref in sorted(plan.readers):
+        base, adapter = split_reference(ref)
+        out.append([str(Path(base).resolve()), str(Path(adapter).resolve()) if adapter else None])
+    return out
 
 
 def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
-    """Identity of a run, for --resume: recipe, inputs, output layout, splice version."""
+    """Identity of a run, for --resume: recipe, input paths, output layout, splice version."""
     layout = [(j.out.name, list(j.out.shape), str(j.out.dtype)) for j in plan.jobs]
     blob = json.dumps(
         [
             plan.recipe.model_dump(mode="json"),
-            _input_stats(plan),
+            _input_paths(plan),
             layout,
             shard_bytes,
             splice.__version__,
@@ -141,22 +144,27 @@ class _Runner:
         indices = [i for i in (layer_index(j.out.name) for j in plan.jobs) if i is not None]
         self.num_layers = plan.num_layers_out or (1 + max(indices) if indices else None)
 
-    def read(self, job: TensorJob, which: int | None) -> torch.Tensor:
+    def read(self, job: TensorJob, which: int | None, seen: dict[str, str]) -> torch.Tensor:
+        """Read one input; its digest goes into `seen` (the shard's record, for --resume)."""
         src = job.base if which is None else job.inputs[which]
         assert src is not None
         t = self.plan.readers[src.ref].read(src.name)
+        seen[source_key(src.ref, src.name)] = input_digest(t)
         with self.lock:
             self.bytes_read += t.numel() * t.element_size()
         return t
 
     def __call__(self, index: int) -> int:
         job = self.plan.jobs[index]
+        seen: dict[str, str] = {}
         if job.kind == "copy":
-            out = self.read(job, 0)
+            out = self.read(job, 0, seen)
         else:
             cd = self.plan.compute_dtype
-            base = self.read(job, None).to(cd) if job.base else None
-            tensors = [self.read(job, i).to(cd) for i in range(len(job.inputs))]
+            base = self.read(job, None, seen).to(cd) if job.base else None
+            tensors = [self.read(job, i, seen).to(cd) for i in range(len(job.inputs))]
+            if self.rules.get(index):
+                seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
             ctx = MergeContext(
                 tensor_name=job.out.name,
                 seed=self.plan.recipe.seed,
@@ -176,13 +184,13 @@ class _Runner:
                 out = kept.add_(out.to(cd).sub_(kept), alpha=s)
             del base, tensors, kept
         out = out.to(job.out.dtype).contiguous()
-        self.writer.write(job.out.name, out, allow_nonfinite=self.plan.allow_nonfinite)
+        self.writer.write(
+            job.out.name, out, inputs=seen, allow_nonfinite=self.plan.allow_nonfinite
+        )
         return out.numel() * out.element_size()
 
 
-def _model_stat_rules(
-    plan: MergePlan, threads: int, progress: bool
-) -> dict[int, dict[str, KeepRule]]:
+def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
     """Whole-model statistics (two extra passes) when the method asks for them."""
     requests = plan.stat_requests
     merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
@@ -233,7 +241,7 @@ def run_merge(
     shard_bytes: int = 2_000_000_000,
     threads: int | None = None,
     resume: bool = False,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     recipe_text: str | None = None,
     progress: bool = True,
     memory_budget: int = 1_000_000_000,
@@ -241,7 +249,8 @@ def run_merge(
     """Run a planned merge into ``out_dir`` (HF folder: shards, index, config, tokenizer).
 
     ``memory_budget`` caps the estimated memory of the jobs in flight (see `job_cost`);
-    a single job larger than it still runs, alone.
+    a single job larger than it still runs, alone. ``overwrite``: 0 refuses an existing
+    ``out_dir``, 1 replaces a previous splice output holding no input, 2 any folder.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -264,14 +273,23 @@ def run_merge(
         resume=resume,
         fingerprint=fingerprint(plan, shard_bytes),
         overwrite=overwrite,
+        inputs=list(plan.readers),
     )
-    done = writer.completed_tensors() if resume else set()
-    pending = [i for i, j in enumerate(plan.jobs) if j.out.name not in done]
+    memo: list[Rules] = []
+
+    def rules() -> Rules:  # whole-model statistics, computed at most once
+        if not memo:
+            memo.append(_model_stat_rules(plan, threads, progress))
+        return memo[0]
+
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
     try:
-        rules = _model_stat_rules(plan, threads, progress) if pending else {}
-        runner = _Runner(plan, writer, rules)
+        if resume:
+            writer.drop_shards(InputCheck(plan, rules))
+        done = writer.completed_tensors()
+        pending = [i for i, j in enumerate(plan.jobs) if j.out.name not in done]
+        runner = _Runner(plan, writer, rules() if pending else {})
         written = _run_jobs(
             runner,
             pending,

@@ -1,4 +1,4 @@
-"""Open a model reference as a `CheckpointReader`, choosing the reader by what is on disk.
+r"""Open a model reference as a `CheckpointReader`, choosing the reader by what is on disk.
 
 A reference is a path, or `BASE+ADAPTER` (a base checkpoint with an adapter folder folded
 in: PEFT LoRA/DoRA by `lora_fold`; any other weight-space type, PEFT's or splice's, by
@@ -8,8 +8,16 @@ in: PEFT LoRA/DoRA by `lora_fold`; any other weight-space type, PEFT's or splice
 - a folder, first match wins: `model.safetensors.index.json`, `model.safetensors`,
   `pytorch_model.bin.index.json`, `pytorch_model.bin` (safetensors preferred when both exist).
 
-A reference containing `+` is taken as a path when that path exists; otherwise it is split at
-a `+` such that both sides exist (refused if several splits would work).
+`BASE+ADAPTER` and paths that contain `+` (`split_reference`, the one parser of references):
+
+1. a reference that exists as a path is that path (`models/a+b` naming a real folder);
+2. otherwise, without a backslash, it is split at the one `+` where both sides exist; when
+   several splits work it is ambiguous and refused;
+3. the unambiguous form escapes every `+` that belongs to a path as `\+` (and a backslash
+   as `\\`): then the single unescaped `+`, if any, is the split, e.g.
+   `models/base\+v2+adapters/lora\+x` is base `models/base+v2` with adapter
+   `adapters/lora+x`. In YAML write it plain or single-quoted (`'a\+b+c'`); in a shell,
+   quote it.
 """
 
 from __future__ import annotations
@@ -38,10 +46,13 @@ MODEL_DIR_FILES = (
 
 
 def split_reference(ref: str | os.PathLike[str]) -> tuple[str, str | None]:
-    """(base path, adapter path or None) for a reference; CheckpointError if nothing exists."""
+    """(base path, adapter path or None) for a reference (rules in the module docstring);
+    CheckpointError when a part does not exist or the reference is ambiguous."""
     ref = os.fspath(ref)
     if os.path.exists(ref):
         return ref, None
+    if "\\" in ref:
+        return _split_escaped(ref)
     splits = [
         (ref[:i], ref[i + 1 :])
         for i, ch in enumerate(ref)
@@ -50,14 +61,51 @@ def split_reference(ref: str | os.PathLike[str]) -> tuple[str, str | None]:
     if len(splits) == 1:
         return splits[0]
     if len(splits) > 1:
+        ways = " or ".join(f"'{b}' + '{a}'" for b, a in splits[:3])
         raise CheckpointError(
-            f"model reference '{ref}' is ambiguous: it can be split at '+' in several ways"
+            f"model reference '{ref}' is ambiguous: it splits at '+' as {ways}; write each "
+            "'+' that belongs to a path as '\\+' (e.g. 'base\\+v2+adapter')"
         )
     if "+" in ref:
         base, _, adapter = ref.partition("+")
         missing = base if not os.path.exists(base) else adapter
         raise CheckpointError(f"{missing} does not exist (in model reference '{ref}')")
     raise CheckpointError(f"{ref} does not exist")
+
+
+def _split_escaped(ref: str) -> tuple[str, str | None]:
+    """The escaped form: `\\+` and `\\\\` are literal, an unescaped `+` splits (at most one)."""
+    parts, cur, i = [], [], 0
+    while i < len(ref):
+        ch = ref[i]
+        if ch == "\\":
+            nxt = ref[i + 1 : i + 2]
+            if nxt not in ("+", "\\"):
+                raise CheckpointError(
+                    f"model reference '{ref}': a backslash must be followed by '+' or '\\' "
+                    "(write '\\+' for a '+' in a path, '\\\\' for a backslash)"
+                )
+            cur.append(nxt)
+            i += 2
+            continue
+        if ch == "+":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    parts.append("".join(cur))
+    if len(parts) > 2:
+        raise CheckpointError(
+            f"model reference '{ref}' has {len(parts) - 1} unescaped '+'; use one to join "
+            "BASE+ADAPTER and write a '+' in a path as '\\+'"
+        )
+    for p in parts:
+        if not p:
+            raise CheckpointError(f"model reference '{ref}' has an empty part around '+'")
+        if not os.path.exists(p):
+            raise CheckpointError(f"{p} does not exist (in model reference '{ref}')")
+    return parts[0], parts[1] if len(parts) == 2 else None
 
 
 def open_checkpoint(ref: str | os.PathLike[str], *, check_finite: bool = False) -> CheckpointReader:

@@ -1,35 +1,31 @@
 """A streaming, thread-safe, resumable writer of sharded safetensors checkpoints.
 
-Lifecycle:
+The folder (location check, lock, `<out_dir>.splice-partial/`, overwrite rule, permissions,
+atomic rename) is `splice.io.output_folder.OutputFolder`'s; this module fills the shards.
 
-1. Construction checks the output folder (it must not exist unless `overwrite=True`), then
-   prepares the temporary sibling folder `<out_dir>.splice-partial/`. Each shard not yet
-   complete is laid out as `X.safetensors.partial`: its header is written first (all shapes
-   and dtypes are known from the plan) and the file is sized to its final length.
-2. `write(name, tensor)`, from any number of threads, checks dtype and shape against the plan
-   (nothing is cast) and `pwrite`s the bytes at the tensor's offset. When a shard's last
-   tensor lands, the shard is fsynced and renamed `X.safetensors.partial` -> `X.safetensors`;
-   that rename is what marks it complete.
-3. `finalize(...)` checks every shard is complete, writes `model.safetensors.index.json` when
-   there is more than one shard, the extra files and the copied files, fsyncs, and renames the
-   temporary folder to `out_dir`. Nothing exists at `out_dir` before that rename.
-4. `abort()` closes files and leaves the temporary folder for a later `resume=True`.
+1. Construction checks the location and takes the folder's lock (a second writer of the same
+   `out_dir` is refused), then lays out each shard not yet complete as
+   `X.safetensors.partial`: header first (shapes and dtypes come from the plan), sized to its
+   final length.
+2. `write(name, tensor, inputs=...)`, from any number of threads, checks dtype and shape
+   (nothing is cast), `pwrite`s the bytes at the tensor's offset and hashes them. When a
+   shard's last tensor lands, it is fsynced, its record (digests of header, tensors and the
+   given `inputs`; `splice.io.shard_record`) is stored, and it is renamed to `X.safetensors`:
+   that rename marks it complete.
+3. `finalize(...)` writes the index (more than one shard), extra and copied files, and commits
+   the folder: nothing exists at `out_dir` before that rename.
+4. `abort()` closes files, unlocks, and leaves the partial folder for `resume=True`.
 
-Resume rule: the temporary folder holds a `fingerprint` file, a digest of the caller's
-fingerprint (recipe, inputs), the shard plan and the metadata. With `resume=True` and a
-matching digest, complete shards whose size and header are as planned are kept and partial
-ones are redone; a different digest is a CheckpointError telling the user to delete the folder
-or drop --resume (a silent restart could discard hours of work the user meant to keep). With
-`resume=False` an existing temporary folder is deleted and the run starts fresh.
+Resume rule: the partial folder holds a digest of the caller's fingerprint (recipe, input
+paths), the shard plan and the metadata; a different digest is a CheckpointError telling the
+user to delete the folder or drop --resume (a silent restart could discard hours of work).
+With a matching digest a complete shard is kept only when its record exists and re-hashing
+the file gives the recorded digests; the caller then re-checks the inputs behind the kept
+shards (`drop_shards`). Shards redone are reported on one `splice: note:` line. Without
+`resume` an existing partial folder is deleted and the run starts fresh.
 
-Overwrite rule: an existing `out_dir` is a CheckpointError at construction, before any heavy
-work, unless `overwrite=True`; then, at finalize, the old folder is moved aside to
-`<out_dir>.splice-old`, the new one renamed into place, and the old one deleted (two renames:
-there is a short moment with no `out_dir`, never one with a half-written one).
-
-Programming errors of the caller (an unplanned name, a wrong dtype or shape, a tensor written
-twice, finalize before every tensor was written) raise ValueError / RuntimeError, not
-SpliceError: they are bugs, not bad user input.
+Caller bugs (an unplanned name, a wrong dtype or shape, a tensor written twice, finalize
+before every tensor was written) raise ValueError / RuntimeError, not SpliceError.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,20 +44,38 @@ import torch
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
 from splice.io.finite import check_output
+from splice.io.output_folder import (
+    MARKER_NAME,
+    STATE_DIR,
+    OutputFolder,
+    fsync_dir,
+    partial_dir_of,
+    write_bytes,
+)
 from splice.io.shard_plan import ShardPlan, plan_shards
+from splice.io.shard_record import (
+    ShardRecord,
+    digest,
+    notice_redone,
+    raw_bytes,
+    record_path,
+    remove_quietly,
+    resume_record,
+)
 from splice.io.sizes import parse_size
 
-__all__ = ["INDEX_NAME", "ShardPlan", "ShardedWriter", "parse_size", "plan_shards"]
+__all__ = [
+    "INDEX_NAME",
+    "ShardPlan",
+    "ShardedWriter",
+    "parse_size",
+    "partial_dir_of",
+    "plan_shards",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 FINGERPRINT_NAME = "fingerprint"
 PARTIAL_SUFFIX = ".partial"
-
-
-def partial_dir_of(out_dir: str | os.PathLike[str]) -> Path:
-    """The temporary sibling folder a write into `out_dir` uses: `<out_dir>.splice-partial`."""
-    p = Path(out_dir)
-    return p.with_name(p.name + ".splice-partial")
 
 
 @dataclass
@@ -71,6 +86,8 @@ class _ShardState:
     in_flight: set[str] = field(default_factory=set)
     fd: int = -1
     complete: bool = False
+    digests: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 class ShardedWriter:
@@ -83,20 +100,21 @@ class ShardedWriter:
         metadata: dict[str, str],
         resume: bool = False,
         fingerprint: str = "",
-        overwrite: bool = False,
+        overwrite: int | bool = False,
+        inputs: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
+        """`overwrite`: 0 refuses an existing `out_dir`, 1 replaces a previous splice output,
+        2 replaces any folder (`splice.io.out_location`). `inputs`: the references this
+        output is made from (for the overwrite and permission rules)."""
         self.out_dir = Path(out_dir)
-        self.tmp_dir = partial_dir_of(self.out_dir)
-        self.overwrite = overwrite
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError("safetensors metadata must map strings to strings")
         self.metadata = dict(metadata)
-        self._check_out_dir()
 
         self._states: dict[str, _ShardState] = {}
         self._where: dict[str, tuple[_ShardState, TensorInfo, int]] = {}
         for plan in shards:
-            if plan.filename in self._states or plan.filename in (INDEX_NAME, FINGERPRINT_NAME):
+            if plan.filename in self._states or plan.filename in _RESERVED:
                 raise ValueError(f"shard file name '{plan.filename}' is used twice or reserved")
             state = _ShardState(plan=plan, header=plan.header(self.metadata))
             self._states[plan.filename] = state
@@ -105,27 +123,24 @@ class ShardedWriter:
                     raise ValueError(f"tensor '{info.name}' is planned in two shards")
                 self._where[info.name] = (state, info, len(state.header) + begin)
 
+        self.folder = OutputFolder(out_dir, overwrite=overwrite, inputs=inputs)
+        self.tmp_dir = self.folder.partial
         self._lock = threading.Lock()
         self._finished = False
         self._digest = _digest(fingerprint, shards, self.metadata)
-        self._prepare(resume)
+        self.folder.acquire()
+        try:
+            self._prepare(resume)
+        except BaseException:
+            self.folder.release()
+            raise
 
     # -- setup --------------------------------------------------------------------------
 
-    def _check_out_dir(self) -> None:
-        if self.out_dir.exists() or self.out_dir.is_symlink():
-            if not self.out_dir.is_dir():
-                raise CheckpointError(f"output {self.out_dir} exists and is not a folder")
-            if not self.overwrite:
-                raise CheckpointError(
-                    f"output folder {self.out_dir} already exists; choose another path or "
-                    "allow overwriting it (--overwrite)"
-                )
-
     def _prepare(self, resume: bool) -> None:
-        tmp = self.tmp_dir
-        stamp_file = tmp / FINGERPRINT_NAME
-        if tmp.exists() and resume:
+        tmp, state_dir = self.tmp_dir, self.folder.state_dir
+        stamp_file = state_dir / FINGERPRINT_NAME
+        if resume and tmp.is_dir() and not tmp.is_symlink():
             stored = stamp_file.read_text().strip() if stamp_file.is_file() else None
             if stored != self._digest:
                 raise CheckpointError(
@@ -135,46 +150,88 @@ class ShardedWriter:
                 )
             self._keep_complete_shards()
         else:
-            if tmp.exists() or tmp.is_symlink():
-                _remove(tmp)
-            tmp.mkdir(parents=True)
-            _write_file(stamp_file, (self._digest + "\n").encode())
-            _fsync_dir(tmp)
+            self.folder.fresh_partial()
+            with self.folder.mapped("cannot create the output"):
+                state_dir.mkdir()
+                write_bytes(stamp_file, (self._digest + "\n").encode())
+                fsync_dir(tmp)
         for state in self._states.values():
             if not state.complete:
                 self._lay_out(state)
 
     def _keep_complete_shards(self) -> None:
-        for entry in self.tmp_dir.iterdir():
-            if entry.name.endswith(PARTIAL_SUFFIX):
-                entry.unlink()
-        for name, state in self._states.items():
-            path = self.tmp_dir / name
-            if path.is_file() and _matches_layout(path, state):
+        """Keep the complete shards whose file still matches their record; redo the rest."""
+        state_dir = self.folder.state_dir
+        redo: list[tuple[str, str]] = []
+        with self.folder.mapped("cannot resume the output"):
+            state_dir.mkdir(exist_ok=True)
+            for entry in self.tmp_dir.iterdir():
+                if entry.name.endswith(PARTIAL_SUFFIX):
+                    entry.unlink()
+            for name, state in self._states.items():
+                path, rec_path = self.tmp_dir / name, record_path(state_dir, name)
+                record, reason = resume_record(
+                    path, rec_path, state.header, _size(state), _regions(state)
+                )
+                if reason is not None:
+                    redo.append((name, reason))
+                if record is None:
+                    continue
                 state.complete = True
                 state.written = {t.name for t in state.plan.tensors}
-            elif path.exists():
-                path.unlink()
+                state.digests, state.inputs = record.tensors, record.inputs
+        notice_redone(redo)
+
+    def drop_shards(self, check: Callable[[dict[str, str]], str | None]) -> None:
+        """Redo every complete shard whose recorded inputs `check` rejects (it returns why).
+
+        For resuming: `check` gets the input digests given to `write` for the shard's tensors.
+        """
+        redo: list[tuple[str, str]] = []
+        for name, state in self._states.items():
+            if not state.complete or not state.plan.tensors:
+                continue
+            reason = check(dict(state.inputs))
+            if reason is None:
+                continue
+            redo.append((name, reason))
+            with self.folder.mapped("cannot resume the output"):
+                remove_quietly(self.tmp_dir / name, record_path(self.folder.state_dir, name))
+            state.complete, state.written = False, set()
+            state.digests, state.inputs = {}, {}
+            self._lay_out(state)
+        notice_redone(redo)
 
     def _lay_out(self, state: _ShardState) -> None:
         """Create `X.safetensors.partial` with its header, sized to its final length."""
         path = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _pwrite_all(fd, memoryview(state.header), 0, path)
-            os.ftruncate(fd, len(state.header) + state.plan.data_bytes)
-        finally:
-            os.close(fd)
+        with self.folder.mapped("cannot write the output"):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                _pwrite_all(fd, memoryview(state.header), 0, path)
+                os.ftruncate(fd, _size(state))
+            finally:
+                os.close(fd)
         if not state.plan.tensors:
             self._complete(state, -1)
 
     # -- writing ------------------------------------------------------------------------
 
-    def write(self, name: str, tensor: torch.Tensor, *, allow_nonfinite: bool = False) -> None:
+    def write(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        inputs: Mapping[str, str] | None = None,
+        *,
+        allow_nonfinite: bool = False,
+    ) -> None:
         """Store one planned tensor; thread-safe. Dtype and shape must match the plan exactly.
 
-        A floating tensor holding NaN / ±inf (e.g. float16 overflow in the cast to the output
-        dtype) is a `NonFiniteError` naming it, unless ``allow_nonfinite``."""
+        `inputs`: digests of what the tensor was made from (source key -> digest), kept in
+        the shard's record for `drop_shards` on resume. A floating tensor holding NaN / ±inf
+        (e.g. float16 overflow in the cast to the output dtype) is a `NonFiniteError` naming
+        it, unless ``allow_nonfinite``.
+        """
         try:
             state, info, offset = self._where[name]
         except KeyError:
@@ -200,9 +257,9 @@ class ShardedWriter:
             state.in_flight.add(name)
             fd = state.fd
         try:
-            if info.numel:
-                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                _pwrite_all(fd, memoryview(data.numpy()), offset, path)
+            data = raw_bytes(tensor) if info.numel else memoryview(b"")
+            _pwrite_all(fd, data, offset, path)
+            sha = digest(data)
         except BaseException:
             with self._lock:
                 state.in_flight.discard(name)
@@ -210,6 +267,8 @@ class ShardedWriter:
         with self._lock:
             state.in_flight.discard(name)
             state.written.add(name)
+            state.digests[name] = sha
+            state.inputs.update(inputs or {})
             done = len(state.written) == len(state.plan.tensors)
             if done:
                 fd, state.fd = state.fd, -1
@@ -217,15 +276,19 @@ class ShardedWriter:
             self._complete(state, fd)
 
     def _complete(self, state: _ShardState, fd: int) -> None:
+        """fsync, store the shard's record, then rename it complete."""
         partial = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
-        if fd < 0:
-            fd = os.open(partial, os.O_WRONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(partial, self.tmp_dir / state.plan.filename)
-        _fsync_dir(self.tmp_dir)
+        record = ShardRecord(digest(state.header), dict(state.digests), dict(state.inputs))
+        with self.folder.mapped("cannot write the output"):
+            if fd < 0:
+                fd = os.open(partial, os.O_WRONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            write_bytes(record_path(self.folder.state_dir, state.plan.filename), record.to_bytes())
+            os.rename(partial, self.tmp_dir / state.plan.filename)
+            fsync_dir(self.tmp_dir)
         with self._lock:
             state.complete = True
 
@@ -259,7 +322,7 @@ class ShardedWriter:
         if len(self._states) > 1:
             taken.add(INDEX_NAME)
         for name in [*extra_files, *(p.name for p in copy_files)]:
-            if name != os.path.basename(name) or name in ("", ".", "..", FINGERPRINT_NAME):
+            if name != os.path.basename(name) or name in ("", ".", "..", *_RESERVED):
                 raise CheckpointError(f"output side file '{name}' is not a plain file name")
             if name in taken:
                 raise CheckpointError(f"output side file '{name}' clashes with another output file")
@@ -268,30 +331,14 @@ class ShardedWriter:
             if not src.is_file():
                 raise CheckpointError(f"{src}: cannot copy into the output: not an existing file")
 
-        if len(self._states) > 1:
-            _write_file(self.tmp_dir / INDEX_NAME, self._index_json())
-        for name, data in extra_files.items():
-            _write_file(self.tmp_dir / name, data)
-        for src in copy_files:
-            dst = self.tmp_dir / src.name
-            shutil.copyfile(src, dst)
-            _fsync_file(dst)
-        (self.tmp_dir / FINGERPRINT_NAME).unlink(missing_ok=True)
-        _fsync_dir(self.tmp_dir)
-
-        self._check_out_dir()
-        parent = self.out_dir.parent
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(self.out_dir.name + ".splice-old")
-            if old.exists() or old.is_symlink():
-                _remove(old)
-            os.rename(self.out_dir, old)
-            os.rename(self.tmp_dir, self.out_dir)
-            _fsync_dir(parent)
-            _remove(old)
-        else:
-            os.rename(self.tmp_dir, self.out_dir)
-        _fsync_dir(parent)
+        with self.folder.mapped("cannot write the output"):
+            if len(self._states) > 1:
+                write_bytes(self.tmp_dir / INDEX_NAME, self._index_json())
+            for name, data in extra_files.items():
+                write_bytes(self.tmp_dir / name, data)
+            for src in copy_files:
+                shutil.copyfile(src, self.tmp_dir / src.name)
+        self.folder.commit()
         with self._lock:
             self._finished = True
         return self.out_dir
@@ -305,13 +352,14 @@ class ShardedWriter:
         return (json.dumps(index, indent=2) + "\n").encode()
 
     def abort(self) -> None:
-        """Close open shard files and leave the temporary folder for `resume=True`."""
+        """Close open shard files, unlock, and leave the partial folder for `resume=True`."""
         with self._lock:
             self._finished = True
             for state in self._states.values():
                 if state.fd >= 0:
                     os.close(state.fd)
                     state.fd = -1
+        self.folder.release(keep_partial=True)
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -323,6 +371,8 @@ class ShardedWriter:
 
 # -- helpers ----------------------------------------------------------------------------
 
+_RESERVED = (INDEX_NAME, MARKER_NAME, STATE_DIR)
+
 
 def _digest(fingerprint: str, shards: list[ShardPlan], metadata: dict[str, str]) -> str:
     layout = [
@@ -333,13 +383,13 @@ def _digest(fingerprint: str, shards: list[ShardPlan], metadata: dict[str, str])
     return hashlib.sha256(blob).hexdigest()
 
 
-def _matches_layout(path: Path, state: _ShardState) -> bool:
-    """True when a complete shard on disk has the planned size and header."""
-    expected_size = len(state.header) + state.plan.data_bytes
-    if path.stat().st_size != expected_size:
-        return False
-    with open(path, "rb") as f:
-        return f.read(len(state.header)) == state.header
+def _size(state: _ShardState) -> int:
+    return len(state.header) + state.plan.data_bytes
+
+
+def _regions(state: _ShardState) -> list[tuple[str, int, int]]:
+    h = len(state.header)
+    return [(t.name, h + b, h + e) for t, (b, e) in zip(state.plan.tensors, state.plan.offsets)]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
@@ -350,35 +400,3 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as e:
         raise CheckpointError(f"{path}: write failed: {e.strerror}") from e
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _pwrite_all(fd, memoryview(data), 0, path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

@@ -36,7 +36,8 @@ from splice.delta import LowRank
 from splice.errors import MergeValidationError
 from splice.io import open_checkpoint
 from splice.io.finite import numerical_errors
-from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.io.output_folder import OutputFolder
+from splice.lora_merge.peft_writer import write_adapter_files
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embed_tokens|wte|wpe|embed_positions|word_embeddings|position_embeddings)$"
@@ -117,7 +118,7 @@ def extract_lora(
     oversample: int = 10,
     niter: int = 2,
     seed: int = 0,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> ExtractReport:
     """Extract a LoRA adapter (PEFT folder at `out_dir`) from `model` − `base`. An input
@@ -139,7 +140,7 @@ def extract_lora(
     except re.error as e:
         raise MergeValidationError(f"bad --targets/--exclude regex: {e}") from None
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    folder = OutputFolder(out, overwrite=overwrite, inputs=[base, model]).check()
     report = ExtractReport(out)
     check = not allow_nonfinite
     base_r = open_checkpoint(base, check_finite=check)
@@ -205,7 +206,6 @@ def extract_lora(
         "task_type": None,
         "inference_mode": True,
     }
-    write_lora_adapter(
-        out, modules, {}, template, overwrite=overwrite, allow_nonfinite=allow_nonfinite
-    )
+    with folder as tmp:
+        write_adapter_files(tmp, modules, {}, template, allow_nonfinite=allow_nonfinite)
     return report

@@ -17,8 +17,9 @@ import torch
 
 from splice.delta import LowRank
 from splice.io.finite import numerical_errors
+from splice.io.output_folder import OutputFolder
 from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.lora_merge.peft_writer import write_adapter_files
 from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
 from splice.merge.registry import MergeContext
 
@@ -38,7 +39,7 @@ def merge_adapters(
     *,
     weights: list[float] | None = None,
     opts: LoraMergeOptions | None = None,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     dtype: torch.dtype = torch.float32,
     allow_nonfinite: bool = False,
 ) -> LoraMergeReport:
@@ -48,7 +49,7 @@ def merge_adapters(
     m = get_lora_method(method)
     weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
     m.validate(opts, len(adapter_dirs), weights)
-    check_out_dir(Path(out_dir), overwrite)
+    folder = OutputFolder(out_dir, overwrite=overwrite, inputs=adapter_dirs).check()
     adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     first = adapters[0]
     merged: dict[str, LowRank] = {}
@@ -66,14 +67,15 @@ def merge_adapters(
         "lambda": opts.lambda_,
         "seed": opts.seed,
     }
-    out = write_lora_adapter(
-        out_dir,
-        merged,
-        first.embedding,
-        first.raw_config,
-        dtype=dtype,
-        overwrite=overwrite,
-        metadata={"splice_lora_merge": json.dumps(info)},
-        allow_nonfinite=allow_nonfinite,
-    )
+    with folder as tmp:
+        write_adapter_files(
+            tmp,
+            merged,
+            first.embedding,
+            first.raw_config,
+            dtype=dtype,
+            metadata={"splice_lora_merge": json.dumps(info)},
+            allow_nonfinite=allow_nonfinite,
+        )
+    out = Path(out_dir)
     return LoraMergeReport(out, method, len(merged), {k: max(f.rank, 1) for k, f in merged.items()})

@@ -12,8 +12,10 @@ with `re.match(rf"(.*\\.)?({P})$", key)`, so the escaped name matches that modul
 Other config fields (target_modules, base_model_name_or_path, task_type, ...) come from the
 template config, with modules_to_save and lora_bias cleared.
 
-Atomicity: everything is written into `<out>.splice-partial/` and renamed to `<out>` last; an
-existing `<out>` is a CheckpointError unless overwrite=True.
+Atomicity: `write_lora_adapter` writes through `splice.io.output_folder.OutputFolder` (lock,
+`<out>.splice-partial/`, overwrite rule, permissions, rename into place); commands that do
+heavy work first open the `OutputFolder` themselves, before that work, and call
+`write_adapter_files` into its partial folder.
 """
 
 from __future__ import annotations
@@ -21,19 +23,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from splice.delta import LowRank
-from splice.errors import CheckpointError
 from splice.io.finite import check_output
+from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.peft_adapter import CONFIG_NAME, SAVED_PREFIX
-from splice.io.writer import partial_dir_of
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -76,23 +77,20 @@ def adapter_config(template: dict[str, Any], ranks: dict[str, int]) -> dict[str,
     return config
 
 
-def write_lora_adapter(
-    out_dir: str | os.PathLike[str],
+def write_adapter_files(
+    folder: Path,
     modules: dict[str, LowRank],
     embedding: dict[str, bool],
     template: dict[str, Any],
     *,
     dtype: torch.dtype = torch.float32,
-    overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
     metadata: dict[str, str] | None = None,
     allow_nonfinite: bool = False,
-) -> Path:
-    """Write the factors as a PEFT adapter folder at `out_dir` (atomic rename at the end).
+) -> None:
+    """Write the factors' PEFT files into `folder` (an `OutputFolder`'s partial folder).
     A saved tensor holding NaN / ±inf (after the cast to ``dtype``) is a NonFiniteError,
     raised before anything is written, unless ``allow_nonfinite``."""
-    out = Path(out_dir)
-    check_out_dir(out, overwrite)
     ranks = {m: max(f.rank, 1) for m, f in modules.items()}
     fixed = {
         m: f
@@ -104,38 +102,38 @@ def write_lora_adapter(
     if not allow_nonfinite:
         for name, t in tensors.items():
             check_output(t, name)
-    tmp = partial_dir_of(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **(metadata or {})})
-        config = adapter_config(template, ranks)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if out.exists():
-            old = out.with_name(out.name + ".splice-old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt", **(metadata or {})}))
+    config = adapter_config(template, ranks)
+    write_bytes(
+        folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    )
+    for name, data in (extra_files or {}).items():
+        write_bytes(folder / name, data)
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """CheckpointError when `out` exists (and overwriting was not asked for) or is a file."""
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise CheckpointError(f"output {out} exists and is not a folder")
-        if not overwrite:
-            raise CheckpointError(
-                f"output folder {out} already exists; choose another path or allow "
-                "overwriting it (--overwrite)"
-            )
+def write_lora_adapter(
+    out_dir: str | os.PathLike[str],
+    modules: dict[str, LowRank],
+    embedding: dict[str, bool],
+    template: dict[str, Any],
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: int | bool = False,
+    extra_files: dict[str, bytes] | None = None,
+    metadata: dict[str, str] | None = None,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    allow_nonfinite: bool = False,
+) -> Path:
+    """Write the factors as a PEFT adapter folder at `out_dir` (atomic rename at the end)."""
+    with OutputFolder(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
+        write_adapter_files(
+            tmp,
+            modules,
+            embedding,
+            template,
+            dtype=dtype,
+            extra_files=extra_files,
+            metadata=metadata,
+            allow_nonfinite=allow_nonfinite,
+        )
+    return Path(out_dir)

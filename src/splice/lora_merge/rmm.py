@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.finite import check_output, numerical_errors
-from splice.io.writer import partial_dir_of
+from splice.io.output_folder import OutputFolder, write_bytes
 from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.peft_writer import check_out_dir, write_lora_adapter
+from splice.lora_merge.peft_writer import write_lora_adapter
 from splice.textfile import load_json_object
 
 STORE_WEIGHTS = "rmm.safetensors"
@@ -94,7 +94,7 @@ def build_rmm(
     k: int,
     out_dir: str | Path,
     *,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> Path:
     """Fit and save an RMM store of the adapters with k basis models. NaN / ±inf in an
@@ -104,7 +104,7 @@ def build_rmm(
             f"k = {k} must be between 1 and the {len(adapter_dirs)} adapters"
         )
     out = Path(out_dir)
-    check_out_dir(out, overwrite)
+    folder = OutputFolder(out, overwrite=overwrite, inputs=adapter_dirs).check()
     adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(adapters[0].modules):
@@ -123,15 +123,9 @@ def build_rmm(
     if not allow_nonfinite:
         for name, t in tensors.items():
             check_output(t, name)
-    tmp = partial_dir_of(out)
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / STORE_WEIGHTS))
-    (tmp / STORE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with folder as tmp:
+        write_bytes(tmp / STORE_WEIGHTS, save(tensors))
+        write_bytes(tmp / STORE_INFO, (json.dumps(info, indent=2) + "\n").encode())
     return out
 
 
@@ -162,7 +156,7 @@ def recover_adapter(
     task: int,
     out_dir: str | Path,
     *,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
 ) -> Path:
     """Write task `task`'s recovered LoRA as a PEFT adapter folder (NaN / ±inf in it is a
@@ -171,7 +165,7 @@ def recover_adapter(
     n = len(info["tasks"])
     if not 0 <= task < n:
         raise MergeValidationError(f"task {task} out of range: the store holds tasks 0..{n - 1}")
-    check_out_dir(Path(out_dir), overwrite)
+    OutputFolder(out_dir, overwrite=overwrite, inputs=[store_dir]).check()
     factors = {m: recover_module(fb, fa, task) for m, (fb, fa) in modules.items()}
     return write_lora_adapter(
         out_dir,
@@ -179,5 +173,6 @@ def recover_adapter(
         info["embedding"],
         info["adapter_config"],
         overwrite=overwrite,
+        inputs=[store_dir],
         allow_nonfinite=allow_nonfinite,
     )

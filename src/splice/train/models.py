@@ -14,14 +14,13 @@ import hashlib
 import importlib.util
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from splice.errors import SpliceError
+from splice.io.output_folder import cache_folder
 from splice.io.torch_reader import unpickling_error
 from splice.textfile import load_json_object
 
@@ -96,15 +95,9 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
         del config.quantization_config
     model = type(loaded)(config)  # a plain model: save_pretrained refuses GGUF-loaded ones
     model.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with cache_folder(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -8,7 +8,10 @@ The output folder is a PEFT adapter folder (``adapter_config.json`` +
     splice_train.yaml    the resolved config
     splits.json          the classification splits (indices + data hash), to reproduce
 
-It is built in ``<out>.splice-partial`` and renamed into place when complete.
+It is written through `splice.io.output_folder.OutputFolder`: the location and the overwrite
+rule are checked before any loading, the folder is built in ``<out>.splice-partial`` under a
+lock (a second run into the same ``--out`` is refused) and renamed into place when complete;
+its files get at most the permissions of the model and data files.
 """
 
 from __future__ import annotations
@@ -16,36 +19,34 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from splice.errors import SpliceError
+from splice.io.output_folder import OutputFolder
 from splice.train.config import TrainConfig
 
 
-def _partial(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
-        raise SpliceError(f"{out} exists (pass --overwrite to replace it)")
-    partial = out.with_name(out.name + ".splice-partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return partial
-
-
 def run_training(
-    cfg: TrainConfig, out: str | os.PathLike[str], *, overwrite: bool = False, progress: bool = True
+    cfg: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: int | bool = False,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    from splice.adapters import AdapterModel, make_config, save_adapter
+    """Train, evaluate and write the output folder (``overwrite``: 1 replaces a previous
+    splice output, 2 any folder)."""
+    from splice.adapters import AdapterModel, make_config
+    from splice.adapters.peft_format import write_adapter_files
     from splice.train import data as D
     from splice.train.loop import evaluate_classification, evaluate_lm, fit
     from splice.train.models import head_names, load_for_task
 
     out = Path(out)
+    sources = [cfg.model, cfg.data.train, cfg.data.validation, cfg.data.test]
+    folder = OutputFolder(out, overwrite=overwrite, inputs=[s for s in sources if s]).check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
@@ -58,10 +59,9 @@ def run_training(
         lm_parts = D.lm_splits(cfg)
         label_names = []
         n_train = len(lm_parts["train"])
-    partial = _partial(out, overwrite)
-    try:
+    with folder as partial:
         torch.manual_seed(cfg.seed)
-        model, tok, folder = load_for_task(
+        model, tok, model_folder = load_for_task(
             cfg.model, cfg.task, len(label_names) or None, label_names or None
         )
         if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
@@ -90,7 +90,7 @@ def run_training(
         total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
         results: dict[str, Any] = {
             "model": cfg.model,
-            "model_folder": str(folder),
+            "model_folder": str(model_folder),
             "task": cfg.task,
             "method": cfg.method,
             "trainable_params": trainable,
@@ -128,20 +128,11 @@ def run_training(
             log({"final": results["after"]})
         if label_names:
             results["label_names"] = label_names
-        tmp_adapter = save_adapter(am, partial / "_adapter", base_model_name_or_path=str(folder))
-        for f in tmp_adapter.iterdir():
-            os.replace(f, partial / f.name)
-        tmp_adapter.rmdir()
+        write_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
         (partial / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         )
         if cfg.task == "seq_cls":
             cls["splits"].save(partial / "splits.json", cls["dataset"])
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return results

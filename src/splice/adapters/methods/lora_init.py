@@ -30,17 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.errors import CheckpointError
+from splice.io.output_folder import OutputFolder, write_bytes
 
 
 def pissa_factors(
@@ -155,16 +153,18 @@ def converted_lora(am: Any, name: str) -> tuple[Any, dict[str, Tensor]]:
 
 
 def save_as_lora(
-    am: Any, out_dir: str | os.PathLike[str], name: str = "default", *, overwrite: bool = False
+    am: Any,
+    out_dir: str | os.PathLike[str],
+    name: str = "default",
+    *,
+    overwrite: int | bool = False,
 ) -> Path:
     """Write adapter ``name`` (PiSSA / OLoRA) as the equivalent plain LoRA of rank 2r for
     the *original* base (PEFT's ``path_initial_model_for_weight_conversion`` output)."""
     from splice.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, _task_type
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} exists (pass overwrite=True to replace it)")
     config, state = converted_lora(am, name)
+    folder = OutputFolder(out_dir, overwrite=overwrite).check()
     cfg = config.to_peft()
     cfg["task_type"] = _task_type(am.model)
     cfg["base_model_name_or_path"] = getattr(
@@ -172,15 +172,8 @@ def save_as_lora(
     )
     cfg["inference_mode"] = True
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with folder as tmp:
+        write_bytes(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        write_bytes(tmp / CONFIG_NAME, text.encode())
+    return Path(out_dir)

@@ -139,7 +139,7 @@ def opcm_add(
     *,
     alpha: float | None = None,
     shard_bytes: int = 2_000_000_000,
-    overwrite: bool = False,
+    overwrite: int | bool = False,
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
 ) -> ContinualReport:
@@ -168,6 +168,7 @@ def opcm_add(
             plan_shards(infos, shard_bytes),
             {"format": "pt", "splice_version": splice.__version__},
             overwrite=overwrite,
+            inputs=[r for r in (base_ref, state_ref, model_ref) if r is not None],
         )
         try:
             # Pass 1: ‖τ‖ and ‖u‖ over the whole model.
