@@ -46,6 +46,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
+from splice.io.safe_paths import open_regular, require_regular
 from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.sizes import parse_size
 
@@ -235,7 +236,12 @@ class ShardedWriter:
         extra_files: dict[str, bytes] | None = None,
         copy_files: list[Path] | None = None,
     ) -> Path:
-        """Write index and side files, then rename the temporary folder to `out_dir`."""
+        """Write index and side files, then rename the temporary folder to `out_dir`.
+
+        `copy_files` are copied only if they are regular files (`safe_paths.open_regular`);
+        the callers choose them with `safe_paths.side_files`, which also keeps them inside the
+        model folder's allowed root.
+        """
         extra_files = dict(extra_files or {})
         copy_files = [Path(p) for p in copy_files or []]
         with self._lock:
@@ -259,8 +265,10 @@ class ShardedWriter:
                 raise CheckpointError(f"output side file '{name}' clashes with another output file")
             taken.add(name)
         for src in copy_files:
-            if not src.is_file():
-                raise CheckpointError(f"{src}: cannot copy into the output: not an existing file")
+            try:
+                require_regular(src)  # a FIFO or device is refused here, never opened
+            except CheckpointError as e:
+                raise CheckpointError(f"cannot copy into the output: {e}") from None
 
         if len(self._states) > 1:
             _write_file(self.tmp_dir / INDEX_NAME, self._index_json())
@@ -268,7 +276,8 @@ class ShardedWriter:
             _write_file(self.tmp_dir / name, data)
         for src in copy_files:
             dst = self.tmp_dir / src.name
-            shutil.copyfile(src, dst)
+            with open(open_regular(src), "rb") as f_in, open(dst, "wb") as f_out:
+                shutil.copyfileobj(f_in, f_out)
             _fsync_file(dst)
         (self.tmp_dir / FINGERPRINT_NAME).unlink(missing_ok=True)
         _fsync_dir(self.tmp_dir)
