@@ -8,7 +8,8 @@
 
 Model-level adapters (prompt / prefix tuning) save their tensors under their own keys
 (``prompt_embeddings``), as PEFT does. Folders are written atomically (a temporary folder
-renamed into place). Loading validates the config (unknown or non-inert options are errors)
+renamed into place). Loading reads only regular files inside the adapter folder's allowed
+root (`splice.io.safe_paths`), validates the config (unknown or non-inert options are errors)
 and requires every expected tensor with its shape, and no unexpected one.
 """
 
@@ -29,6 +30,7 @@ from splice.adapters.layer import AdapterStateError
 from splice.adapters.model import AdapterModel
 from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.errors import CheckpointError
+from splice.io.safe_paths import allowed_root, member, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -107,13 +109,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[
     d = Path(adapter_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not an adapter folder (no such directory)")
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
+    cfg_path = member(d, CONFIG_NAME)
+    if cfg_path is None:
         raise CheckpointError(f"{d}: not an adapter folder (no {CONFIG_NAME})")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json(cfg_path, "adapter config")
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise CheckpointError(f"{cfg_path}: no 'peft_type'")
     return method_for_peft_type(str(raw["peft_type"])), raw
@@ -123,9 +122,10 @@ def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, torch
     from splice.io import open_checkpoint
 
     d = Path(adapter_dir)
+    root = allowed_root(d)
     for fname in (WEIGHTS_NAME, "adapter_model.bin"):
-        if (d / fname).is_file():
-            reader = open_checkpoint(str(d / fname))
+        if (path := member(d, fname, root)) is not None:
+            reader = open_checkpoint(str(path))
             try:
                 return {n: reader.read(n) for n in reader.names()}
             finally:

@@ -63,6 +63,7 @@ from pydantic import (
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.io.safe_paths import read_text
 
 
 class BenchConfigError(SpliceError):
@@ -181,9 +182,7 @@ def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
 def load_bench_config(path: str | Path) -> BenchConfig:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise BenchConfigError(f"{p}: no such file") from None
+        data = yaml.safe_load(read_text(p, "config file", error=BenchConfigError))
     except yaml.YAMLError as e:
         raise BenchConfigError(f"{p}: not valid YAML ({e})") from None
     return parse_bench_config(data or {}, where=str(p))

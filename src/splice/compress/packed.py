@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from splice.errors import CheckpointError
+from splice.io.safe_paths import member, read_json
 
 MANIFEST_NAME = "splice_compress.json"
 MASK_PREFIX = "__mask__."
@@ -73,11 +74,11 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        path = member(folder, MANIFEST_NAME)
+        if path is None:
             raise CheckpointError(f"{folder}: not a compressed folder (no {MANIFEST_NAME})")
+        data = read_json(path, "compressed-folder manifest")
         try:
-            data = json.loads(path.read_text())
             manifest = cls(**data)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: unreadable manifest: {e}") from None

@@ -35,7 +35,9 @@ from tqdm import tqdm
 import splice
 from splice.engine.plan import MergePlan, TensorJob, layer_index
 from splice.engine.topk import keep_rules
+from splice.errors import CheckpointError
 from splice.io import ShardedWriter, model_dir_of, plan_shards
+from splice.io.safe_paths import member, read_json, side_files
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
 
@@ -96,9 +98,12 @@ def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
 
 def _config_json(plan: MergePlan) -> bytes | None:
     d = model_dir_of(plan.reference)
-    if d is None or not (Path(d) / "config.json").is_file():
+    path = member(d, "config.json") if d is not None else None
+    if path is None:
         return None
-    cfg = json.loads((Path(d) / "config.json").read_text())
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     if plan.num_layers_out is not None:
         for key in _LAYER_KEYS:
             if key in cfg:
@@ -117,7 +122,7 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
     d = model_dir_of(ref)
     if d is None:
         return []
-    return [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()]
+    return side_files(d, TOKENIZER_FILES)
 
 
 class _Runner:
@@ -245,6 +250,12 @@ def run_merge(
         "splice_version": splice.__version__,
         "splice_recipe": recipe_yaml,
     }
+    # side files are checked (`safe_paths`) before any heavy work
+    extra = {"splice_recipe.yaml": recipe_yaml.encode()}
+    cfg = _config_json(plan)
+    if cfg is not None:
+        extra["config.json"] = cfg
+    copies = _tokenizer_files(plan)
     shards = plan_shards([j.out for j in plan.jobs], shard_bytes)
     writer = ShardedWriter(
         out_dir,
@@ -269,11 +280,7 @@ def run_merge(
             sum(plan.jobs[i].out.nbytes for i in pending),
             memory_budget,
         )
-        extra = {"splice_recipe.yaml": recipe_yaml.encode()}
-        cfg = _config_json(plan)
-        if cfg is not None:
-            extra["config.json"] = cfg
-        writer.finalize(extra_files=extra, copy_files=_tokenizer_files(plan))
+        writer.finalize(extra_files=extra, copy_files=copies)
     except BaseException:
         writer.abort()
         raise

@@ -14,7 +14,6 @@ Checks, all before any method runs (MergeValidationError / CheckpointError, one 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,11 @@ import torch
 
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.peft_adapter import (
-    CONFIG_NAME,
     LoraAdapterConfig,
     classify_keys,
     load_lora_config,
     open_adapter_weights,
+    read_lora_config_json,
 )
 from splice.lora_merge.factors import LoraFactors
 
@@ -51,7 +50,7 @@ def load_adapter(adapter_dir: str | Path) -> LoadedAdapter:
     """Read one PEFT LoRA adapter folder into factors."""
     path = Path(adapter_dir)
     config = load_lora_config(path)
-    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    _, raw = read_lora_config_json(path)
     reader = open_adapter_weights(path)
     try:
         modules, full = classify_keys(reader.path, reader.names())

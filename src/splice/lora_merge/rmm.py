@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from splice.errors import CheckpointError, MergeValidationError
+from splice.io.safe_paths import allowed_root, member, read_json, shown
+from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.writer import partial_dir_of
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.factors import LoraFactors
@@ -128,13 +130,18 @@ def load_rmm(
 ) -> tuple[dict[str, Any], dict[str, tuple[RmmFactor, RmmFactor]]]:
     """(info, {module: (B factor, A factor)}) of a saved store."""
     store = Path(store_dir)
-    try:
-        info = json.loads((store / STORE_INFO).read_text(encoding="utf-8"))
-        raw = load_file(str(store / STORE_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{store}: not a readable RMM store ({e})") from None
-    if info.get("format") != "splice-rmm-1":
-        raise CheckpointError(f"{store}: unknown RMM store format {info.get('format')!r}")
+    root = allowed_root(store)
+    info_path, weights_path = member(store, STORE_INFO, root), member(store, STORE_WEIGHTS, root)
+    if info_path is None or weights_path is None:
+        raise CheckpointError(
+            f"{store}: not a readable RMM store (no {STORE_INFO} or no {STORE_WEIGHTS})"
+        )
+    info = read_json(info_path, "RMM store description")
+    with SafetensorsReader(weights_path) as reader:
+        raw = {name: reader.read(name) for name in reader.names()}
+    if not isinstance(info, dict) or info.get("format") != "splice-rmm-1":
+        found = info.get("format") if isinstance(info, dict) else None
+        raise CheckpointError(f"{store}: unknown RMM store format {shown(found)}")
     modules: dict[str, tuple[RmmFactor, RmmFactor]] = {}
     for key in raw:
         if key.endswith(".lora_B.basis"):

@@ -34,6 +34,7 @@ all. Unknown keys anywhere are an error naming the key's path and the closest va
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from splice.errors import RecipeError
+from splice.io.safe_paths import read_text
 
 Scalar = bool | int | float | str
 
@@ -213,9 +215,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns the recipe and its YAML text."""
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise RecipeError(f"recipe file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "recipe", error=RecipeError)  # a regular file (never a FIFO), UTF-8
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.io.safe_paths import read_text
 
 
 class TrainConfigError(SpliceError):
@@ -106,9 +107,7 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise TrainConfigError(f"{p}: no such file") from None
+        data = yaml.safe_load(read_text(p, "config file", error=TrainConfigError))
     except yaml.YAMLError as e:
         raise TrainConfigError(f"{p}: not valid YAML ({e})") from None
     return parse_train_config(merge_overrides(data or {}, overrides or {}), where=str(p))
