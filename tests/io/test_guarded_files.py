@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,8 +101,13 @@ def test_rmm_store_weights_must_be_a_regular_file_inside(tmp_path):
     d.mkdir()
     (d / "rmm.json").write_text(json.dumps({"format": "splice-rmm-1"}))
     os.mkfifo(d / "rmm.safetensors")
-    with pytest.raises(CheckpointError, match=r"rmm\.safetensors is a FIFO"):
-        call_with_timeout(lambda: load_rmm(d), d / "rmm.safetensors")
+    # in a subprocess: a library that blocks in open() while holding the GIL (the safetensors
+    # package did here) would freeze a thread-based timeout too
+    code = "import sys; from splice.lora_merge.rmm import load_rmm; load_rmm(sys.argv[1])"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and "rmm.safetensors is a FIFO" in r.stderr
 
 
 @pytest.mark.parametrize("data", [(SECRET + "\n") * 3, "\x80\x02" + SECRET, "PK\x03\x04" + SECRET])
