@@ -5,6 +5,9 @@ JSON Lines data, a model's ``config.json``, adapter and store side files) goes t
 `read_text`, and YAML / JSON through `load_yaml` / `load_json` (or `parse_yaml` /
 `parse_json` for text that is not a file, such as a ``--param`` value). The policy:
 
+- The file is opened through `splice.io.safe_paths.read_limited`: a regular file only (a
+  FIFO or device is refused, never opened), at most ``limit`` bytes (`MAX_TEXT_BYTES` for a
+  recipe or config, no bound for a data file the caller reads whole anyway).
 - The file is read whole as UTF-8; a leading byte-order mark is accepted and dropped.
 - Any OS error (no such file, a folder where a file is expected, no permission, I/O error)
   is ``"PATH: <what the OS said>"``.
@@ -30,6 +33,8 @@ from typing import Any
 from splice.errors import SpliceError
 
 MAX_DEPTH = 100
+MAX_TEXT_BYTES = 100_000_000
+"""Recipes, configs, indexes and adapter configs are far smaller; a larger one is refused."""
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -66,12 +71,16 @@ def decode_utf8(data: bytes, where: str, error: type[SpliceError] = SpliceError)
         raise error(decode_error_message(where, e, skip)) from None
 
 
-def read_text(path: str | os.PathLike[str], error: type[SpliceError] = SpliceError) -> str:
-    """The whole file as text (see the module docstring for the errors)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise error(os_error_message(e, path)) from None
+def read_text(
+    path: str | os.PathLike[str],
+    error: type[SpliceError] = SpliceError,
+    limit: int | None = MAX_TEXT_BYTES,
+) -> str:
+    """The whole regular file as text, at most ``limit`` bytes (None: no bound); see the
+    module docstring for the errors."""
+    from splice.io.safe_paths import read_limited
+
+    data = read_limited(path, limit if limit is not None else 1 << 62, "text file", error)
     return decode_utf8(data, str(path), error)
 
 

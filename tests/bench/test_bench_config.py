@@ -68,7 +68,7 @@ def test_load_file(tmp_path):
     p = tmp_path / "b.yaml"
     p.write_text("tasks: [x.csv, y.csv]\nmerge: {methods: [ties, linear]}\n")
     assert load_bench_config(p).merge.methods == ["ties", "linear"]
-    with pytest.raises(BenchConfigError, match="no such file"):
+    with pytest.raises(BenchConfigError, match="does not exist"):
         load_bench_config(tmp_path / "missing.yaml")
     p.write_text("tasks: [x\n")
     with pytest.raises(BenchConfigError, match="not valid YAML"):

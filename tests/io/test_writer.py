@@ -215,7 +215,9 @@ def test_finalize_copies_files_and_checks_names(tmp_path):
         w.finalize(extra_files={"model.safetensors": b"x"})
     with pytest.raises(CheckpointError, match="not a plain file name"):
         w.finalize(extra_files={"../evil": b"x"})
-    with pytest.raises(CheckpointError, match="not an existing file"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot copy into the output: .*missing\.json does not exist"
+    ):
         w.finalize(copy_files=[tmp_path / "missing.json"])
     w.finalize(extra_files={"splice_recipe.yaml": b"a: 1\n"}, copy_files=[tok])
     out = tmp_path / "out"

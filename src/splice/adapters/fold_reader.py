@@ -28,6 +28,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
+from splice.io.safe_paths import member
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -87,7 +88,7 @@ class AdapterFoldedReader:
                 "projections (save_projection: false); load it with splice.adapters and fold "
                 "it there (AdapterModel.merge_and_unload), or save it with save_projection: true"
             )
-        if model_dir is None or not (model_dir / "config.json").is_file():
+        if model_dir is None or member(model_dir, "config.json") is None:
             raise CheckpointError(
                 f"{self.path}: folding a {method.name} adapter needs the base model's "
                 "config.json next to its weights"

@@ -9,7 +9,8 @@
 Model-level adapters (prompt / prefix tuning) save their tensors under their own keys
 (``prompt_embeddings``), as PEFT does. Folders are written through
 `splice.io.output_folder.OutputFolder` (locked, built aside, renamed into place; `overwrite`
-1 replaces a previous splice output, 2 any folder). Loading validates the config (unknown or
+1 replaces a previous splice output, 2 any folder). Loading reads only regular files inside
+the adapter folder's allowed root (`splice.io.safe_paths`), validates the config (unknown or
 non-inert options are errors) and requires every expected tensor with its shape, and no
 unexpected one.
 """
@@ -30,6 +31,7 @@ from splice.adapters.model import AdapterModel
 from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.errors import CheckpointError
 from splice.io.output_folder import OutputFolder, write_bytes
+from splice.io.safe_paths import allowed_root, member
 from splice.textfile import load_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -118,8 +120,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[
     d = Path(adapter_dir)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not an adapter folder (no such directory)")
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
+    cfg_path = member(d, CONFIG_NAME)
+    if cfg_path is None:
         raise CheckpointError(f"{d}: not an adapter folder (no {CONFIG_NAME})")
     raw = load_json(cfg_path, CheckpointError)
     if not isinstance(raw, dict) or "peft_type" not in raw:
@@ -131,9 +133,10 @@ def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, torch
     from splice.io import open_checkpoint
 
     d = Path(adapter_dir)
+    root = allowed_root(d)
     for fname in (WEIGHTS_NAME, "adapter_model.bin"):
-        if (d / fname).is_file():
-            reader = open_checkpoint(str(d / fname))
+        if (path := member(d, fname, root)) is not None:
+            reader = open_checkpoint(str(path))
             try:
                 return {n: reader.read(n) for n in reader.names()}
             finally:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from splice.errors import CheckpointError
+from splice.io.safe_paths import member
 from splice.textfile import load_json_object
 
 MANIFEST_NAME = "splice_compress.json"
@@ -74,8 +75,8 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        path = member(folder, MANIFEST_NAME)
+        if path is None:
             raise CheckpointError(f"{folder}: not a compressed folder (no {MANIFEST_NAME})")
         try:
             manifest = cls(**load_json_object(path, CheckpointError))

@@ -30,6 +30,7 @@ from splice.compress.packed import (
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
 from splice.io.base import TensorInfo
+from splice.io.safe_paths import side_files
 from splice.textfile import check_readable
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
@@ -198,7 +199,7 @@ def restore(
                 )
         infos = [base.info(n) for n in base.names()]
         model_dir = model_dir_of(base_ref)
-        copies = [model_dir / f for f in MODEL_FILES if model_dir and (model_dir / f).is_file()]
+        copies = side_files(model_dir, MODEL_FILES) if model_dir else []
         check_readable(copies, CheckpointError)  # before any tensor is written
         writer = ShardedWriter(
             out_dir,

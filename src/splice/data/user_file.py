@@ -42,7 +42,7 @@ MAX_FIELD_CHARS = 16 * 1024 * 1024
 
 
 def _rows_csv(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
-    text = read_text(path, DataError)
+    text = read_text(path, DataError, limit=None)
     old_limit = csv.field_size_limit(MAX_FIELD_CHARS)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -58,7 +58,7 @@ def _rows_csv(path: Path, delimiter: str) -> tuple[list[str], list[tuple[int, di
 def _rows_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     columns: dict[str, None] = {}
-    for number, line in enumerate(io.StringIO(read_text(path, DataError)), 1):
+    for number, line in enumerate(io.StringIO(read_text(path, DataError, limit=None)), 1):
         if not line.strip():
             continue
         obj = parse_json(line, f"{path} line {number}", DataError)

@@ -44,6 +44,7 @@ from splice.errors import CheckpointError
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.io.finite import numerical_errors
 from splice.io.open import split_reference
+from splice.io.safe_paths import member, side_files
 from splice.io.shard_record import input_digest
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
@@ -105,9 +106,10 @@ def _config_json(plan: MergePlan) -> bytes | None:
     the merge. Read before any tensor is written: an unreadable, undecodable or invalid
     file, or one that is not a JSON object, is a `CheckpointError` and no output is made."""
     d = model_dir_of(plan.reference)
-    if d is None or not (Path(d) / "config.json").exists():
+    path = member(d, "config.json") if d is not None else None
+    if path is None:
         return None
-    cfg = load_json_object(Path(d) / "config.json", CheckpointError)
+    cfg = load_json_object(path, CheckpointError)
     if plan.num_layers_out is not None:
         for key in _LAYER_KEYS:
             if key in cfg:
@@ -126,9 +128,7 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
     d = model_dir_of(ref)
     if d is None:
         return []
-    return check_readable(
-        [Path(d) / f for f in TOKENIZER_FILES if (Path(d) / f).is_file()], CheckpointError
-    )
+    return check_readable(side_files(d, TOKENIZER_FILES), CheckpointError)
 
 
 class _Runner:

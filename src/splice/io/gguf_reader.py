@@ -22,6 +22,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
+from splice.io.safe_paths import require_regular
 
 _MISSING_DEPS = (
     "{path}: reading GGUF files needs the optional packages 'transformers' and 'gguf' "
@@ -34,8 +35,7 @@ class GgufReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise CheckpointError(f"{self.path} does not exist")
+        require_regular(self.path)  # the gguf package opens it: refuse a FIFO or device first
         try:
             import gguf  # noqa: F401
             import transformers

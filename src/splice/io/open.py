@@ -8,6 +8,10 @@ in: PEFT LoRA/DoRA by `lora_fold`; any other weight-space type, PEFT's or splice
 - a folder, first match wins: `model.safetensors.index.json`, `model.safetensors`,
   `pytorch_model.bin.index.json`, `pytorch_model.bin` (safetensors preferred when both exist).
 
+What is read (`splice.io.safe_paths`): the path named is opened even if it is a link; files
+found in a named folder (and shards an index names) must lie inside that folder's allowed root
+once links are followed, and be regular files; FIFOs and devices are refused, never opened.
+
 `BASE+ADAPTER` and paths that contain `+` (`split_reference`, the one parser of references):
 
 1. a reference that exists as a path is that path (`models/a+b` naming a real folder);
@@ -31,6 +35,7 @@ from splice.io.finite import FiniteReader
 from splice.io.gguf_reader import GgufReader
 from splice.io.lora_fold import LoraFoldedReader
 from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
+from splice.io.safe_paths import allowed_root, member
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.sharded_reader import BIN_INDEX, SAFETENSORS_INDEX, ShardedReader
 from splice.io.torch_reader import TorchReader
@@ -142,7 +147,9 @@ def _peft_type(adapter_dir: Path) -> str:
     from splice.textfile import load_json_object
 
     try:
-        return str(load_json_object(adapter_dir / ADAPTER_CONFIG).get("peft_type", "LORA"))
+        path = member(adapter_dir, ADAPTER_CONFIG)
+        raw = load_json_object(path, CheckpointError) if path is not None else {}
+        return str(raw.get("peft_type", "LORA"))
     except SpliceError:
         return "LORA"
 
@@ -166,14 +173,15 @@ def _open_path(path: Path) -> CheckpointReader:
 
 
 def _open_folder(folder: Path) -> CheckpointReader:
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return ShardedReader(folder / SAFETENSORS_INDEX)
-    if (folder / "model.safetensors").is_file():
-        return SafetensorsReader(folder / "model.safetensors")
-    if (folder / BIN_INDEX).is_file():
-        return ShardedReader(folder / BIN_INDEX)
-    if (folder / "pytorch_model.bin").is_file():
-        return TorchReader(folder / "pytorch_model.bin")
+    root = allowed_root(folder)
+    if (path := member(folder, SAFETENSORS_INDEX, root)) is not None:
+        return ShardedReader(path)
+    if (path := member(folder, "model.safetensors", root)) is not None:
+        return SafetensorsReader(path)
+    if (path := member(folder, BIN_INDEX, root)) is not None:
+        return ShardedReader(path)
+    if (path := member(folder, "pytorch_model.bin", root)) is not None:
+        return TorchReader(path)
     if (folder / ADAPTER_CONFIG).is_file():
         raise CheckpointError(
             f"{folder} is a PEFT adapter folder, not a model; fold it into its base with "
@@ -189,7 +197,9 @@ def model_dir_of(ref: str | os.PathLike[str]) -> Path | None:
     """The folder with the config / tokenizer files of a reference, or None.
 
     For `BASE+ADAPTER` it is the base's. A folder reference is its own model folder, a file
-    reference its parent, when that folder holds one of `MODEL_DIR_FILES`. Never raises.
+    reference its parent, when that folder holds one of `MODEL_DIR_FILES` (any entry of that
+    name counts, even a FIFO or a broken link: the file's own check then reports it). Never
+    raises.
     """
     try:
         base, _adapter = split_reference(ref)
@@ -197,6 +207,6 @@ def model_dir_of(ref: str | os.PathLike[str]) -> Path | None:
         return None
     path = Path(base)
     folder = path if path.is_dir() else path.parent
-    if any((folder / name).is_file() for name in MODEL_DIR_FILES):
+    if any(os.path.lexists(folder / name) for name in MODEL_DIR_FILES):
         return folder
     return None

@@ -31,6 +31,7 @@ from typing import Any
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
+from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.torch_reader import TorchReader
 from splice.numbers import check_number, is_finite_number
@@ -108,18 +109,24 @@ def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
     return None
 
 
-def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
-    """Read and check `adapter_config.json`; CheckpointError for anything not foldable."""
-    path = adapter_dir / CONFIG_NAME
+def read_lora_config_json(adapter_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """(path, raw dict) of the folder's `adapter_config.json`, read through `safe_paths`."""
     if not adapter_dir.is_dir():
         raise CheckpointError(f"adapter folder {adapter_dir} does not exist")
-    if not path.is_file():
+    path = member(adapter_dir, CONFIG_NAME)
+    if path is None:
         raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME}; not a PEFT adapter folder")
     raw = load_json_object(path, CheckpointError)
+    return path, raw
+
+
+def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
+    """Read and check `adapter_config.json`; CheckpointError for anything not foldable."""
+    path, raw = read_lora_config_json(adapter_dir)
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(
-            f"{path}: peft_type is {peft_type!r}; only LORA adapters can be folded into a base"
+            f"{path}: peft_type is {shown(peft_type)}; only LORA adapters can be folded into a base"
         )
     for key, what in _UNSUPPORTED.items():
         if raw.get(key):
@@ -131,7 +138,7 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
         if value is None:
             return default
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise CheckpointError(f"{path}: '{key}' = {value!r} has the wrong type")
+            raise CheckpointError(f"{path}: '{key}' = {shown(value)} has the wrong type")
         return value
 
     r = need("r", (int,), 8)
@@ -145,9 +152,11 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
     for name, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for k, v in pat.items():
             if not is_finite_number(v) or v <= 0:
-                raise CheckpointError(f"{path}: {name}['{k}'] = {v!r} must be a positive number")
+                raise CheckpointError(
+                    f"{path}: {name}[{shown(k)}] = {shown(v)} must be a positive number"
+                )
             if name == "rank_pattern" and v != int(v):
-                raise CheckpointError(f"{path}: {name}['{k}'] = {v!r} must be an integer")
+                raise CheckpointError(f"{path}: {name}[{shown(k)}] = {shown(v)} must be an integer")
     target = need("target_modules", (list, str))
     exclude = need("exclude_modules", (list, str))
     return LoraAdapterConfig(
@@ -165,10 +174,14 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
 
 
 def open_adapter_weights(adapter_dir: Path) -> CheckpointReader:
-    """Open `adapter_model.safetensors`, else `adapter_model.bin` (weights only)."""
+    """Open `adapter_model.safetensors`, else `adapter_model.bin` (weights only).
+
+    Either must lie inside the folder's allowed root and be a regular file (`safe_paths`).
+    """
+    root = allowed_root(adapter_dir)
     for name in WEIGHT_NAMES:
-        path = adapter_dir / name
-        if path.is_file():
+        path = member(adapter_dir, name, root)
+        if path is not None:
             if name.endswith(".safetensors"):
                 return SafetensorsReader(path)
             return TorchReader(path)

@@ -8,7 +8,10 @@ Everything that can be checked from the header is checked when the file is opene
 truncated or corrupt file fails before any heavy work: the header size, the JSON, the dtypes,
 the shapes, each tensor's byte length against shape × itemsize, each range against the file
 size, and overlaps between ranges. Gaps between tensors are tolerated (they waste bytes but
-cannot make a read wrong).
+cannot make a read wrong). Limits: the header at most `MAX_HEADER_BYTES`, at most `MAX_TENSORS`
+tensors; the checks are one pass plus one sort, so a header at the limits opens in seconds.
+The file is opened only if it is a regular file (`safe_paths.open_regular`: a FIFO or device
+named `*.safetensors` is an error, not a hang), and errors never quote its bytes.
 
 `read(name)` reads that tensor's bytes, and nothing else, with `os.preadv` into a fresh
 buffer: no mmap, so the resident memory is the tensors the caller holds, not the file's pages.
@@ -17,9 +20,9 @@ The file descriptor stays open until `close()`; reads from several threads are s
 
 from __future__ import annotations
 
-import json
+import itertools
+import math
 import os
-import stat
 import sys
 from typing import Any
 
@@ -28,9 +31,16 @@ import torch
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
 from splice.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from splice.io.safe_paths import open_regular, shown
+from splice.textfile import decode_utf8, parse_json
 
 MAX_HEADER_BYTES = 100_000_000
 """The same upper bound the official `safetensors` library puts on a header."""
+
+MAX_TENSORS = 1_000_000
+"""Most tensors accepted in one file (or one shard index): far above any published checkpoint
+(the largest mixture-of-experts models list on the order of 10^5), low enough that a header
+crafted to list millions of empty tensors fails at once instead of costing minutes and GBs."""
 
 _PREADV_CHUNK = 1 << 30
 """Read at most this many bytes per system call (Linux caps one read near 2 GiB)."""
@@ -61,15 +71,8 @@ class SafetensorsReader:
                 f"{self.path}: safetensors data is little-endian and this machine is not; "
                 "big-endian hosts are not supported"
             )
+        self._fd = open_regular(self.path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path} does not exist") from None
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-                raise CheckpointError(f"{self.path} is not a regular file (a folder?)")
             self._infos, self._ranges, self.metadata = self._parse_header()
         except BaseException:
             os.close(self._fd)
@@ -92,9 +95,10 @@ class SafetensorsReader:
         read_exact(self._fd, size_bytes, 0, p)
         header_size = int.from_bytes(size_bytes, "little")
         if header_size == 0 or header_size > MAX_HEADER_BYTES:
+            # the value is not printed: it is 8 bytes of a file that may not be safetensors
             raise CheckpointError(
-                f"{p}: header size {header_size} is not plausible (expected 1..{MAX_HEADER_BYTES} "
-                "bytes); not a safetensors file, or a corrupt one"
+                f"{p}: header size is not plausible (the first 8 bytes must give 1.."
+                f"{MAX_HEADER_BYTES}); not a safetensors file, or a corrupt one"
             )
         if 8 + header_size > file_size:
             raise CheckpointError(
@@ -103,16 +107,20 @@ class SafetensorsReader:
             )
         raw = bytearray(header_size)
         read_exact(self._fd, raw, 8, p)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{p}: the header is not valid JSON ({e})") from None
+        where = f"{p}: the header"
+        header = parse_json(decode_utf8(bytes(raw), where, CheckpointError), where, CheckpointError)
+        del raw
         if not isinstance(header, dict):
             raise CheckpointError(
                 f"{p}: the header is JSON {type(header).__name__}, expected an object"
             )
-
         metadata = _check_metadata(p, header.pop("__metadata__", None))
+        if len(header) > MAX_TENSORS:
+            raise CheckpointError(
+                f"{p}: the header lists {len(header)} tensors; at most {MAX_TENSORS} are "
+                "accepted in one file"
+            )
+
         data_start = 8 + header_size
         data_size = file_size - data_start
         infos: dict[str, TensorInfo] = {}
@@ -121,22 +129,12 @@ class SafetensorsReader:
             info, begin, end = _check_entry(p, name, entry)
             if end > data_size:
                 raise CheckpointError(
-                    f"{p}: tensor '{name}' data_offsets [{begin}, {end}] run past the end of the "
-                    f"data region ({data_size} bytes); the file is truncated or corrupt"
+                    f"{p}: tensor {shown(name)} data_offsets [{begin}, {end}] run past the end "
+                    f"of the data region ({data_size} bytes); the file is truncated or corrupt"
                 )
             infos[name] = info
             ranges[name] = (data_start + begin, data_start + end)
-
-        previous: tuple[str, int] | None = None
-        for name in sorted(ranges, key=lambda n: ranges[n]):
-            begin, end = ranges[name]
-            if begin == end:
-                continue
-            if previous is not None and begin < previous[1]:
-                raise CheckpointError(
-                    f"{p}: tensors '{previous[0]}' and '{name}' have overlapping data_offsets"
-                )
-            previous = (name, end)
+        _check_overlaps(p, ranges)
         return infos, ranges, metadata
 
     def names(self) -> list[str]:
@@ -192,39 +190,58 @@ def _check_metadata(path: str, metadata: Any) -> dict[str, str]:
     return dict(metadata)
 
 
+def _check_overlaps(path: str, ranges: dict[str, tuple[int, int]]) -> None:
+    """One sort, one pass: no two non-empty ranges may share a byte."""
+    spans = sorted((begin, end, name) for name, (begin, end) in ranges.items() if begin != end)
+    for (_, prev_end, prev), (begin, _, name) in itertools.pairwise(spans):
+        if begin < prev_end:
+            raise CheckpointError(
+                f"{path}: tensors {shown(prev)} and {shown(name)} have overlapping data_offsets"
+            )
+
+
+_ITEMSIZE = {name: itemsize(dtype) for name, dtype in SAFETENSORS_TO_TORCH.items()}
+
+
 def _check_entry(path: str, name: str, entry: Any) -> tuple[TensorInfo, int, int]:
-    """Validate one header entry; return its info and relative [begin, end)."""
-    where = f"{path}: tensor '{name}'"
+    """Validate one header entry; return its info and relative [begin, end).
+
+    Values read from the file appear in errors only through `shown` (escaped, shortened).
+    """
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: header entry is not an object")
-    missing = {"dtype", "shape", "data_offsets"} - entry.keys()
-    if missing:
-        raise CheckpointError(f"{where}: header entry lacks {sorted(missing)}")
-    dtype_name = entry["dtype"]
-    if dtype_name not in SAFETENSORS_TO_TORCH:
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header entry is not an object")
+    if "dtype" not in entry or "shape" not in entry or "data_offsets" not in entry:
+        missing = sorted({"dtype", "shape", "data_offsets"} - entry.keys())
+        raise CheckpointError(f"{path}: tensor {shown(name)}: header entry lacks {missing}")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    size = _ITEMSIZE.get(dtype_name) if isinstance(dtype_name, str) else None
+    if size is None:
         known = ", ".join(SAFETENSORS_TO_TORCH)
-        raise CheckpointError(f"{where}: unknown dtype {dtype_name!r} (known: {known})")
-    dtype = SAFETENSORS_TO_TORCH[dtype_name]
-    shape = entry["shape"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-    offsets = entry["data_offsets"]
+        raise CheckpointError(
+            f"{path}: tensor {shown(name)}: unknown dtype {shown(dtype_name)} (known: {known})"
+        )
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {shown(name)}: shape {shown(shape)} is not a list of non-negative "
+            "integers"
+        )
     if (
-        not isinstance(offsets, list)
+        type(offsets) is not list
         or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
+        or type(offsets[0]) is not int
+        or type(offsets[1]) is not int
+        or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CheckpointError(
-            f"{where}: data_offsets {offsets!r} are not two non-negative integers [begin, end] "
-            "with begin <= end"
+            f"{path}: tensor {shown(name)}: data_offsets {shown(offsets)} are not two "
+            "non-negative integers [begin, end] with begin <= end"
         )
-    info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype)
     begin, end = offsets
-    expected = info.numel * itemsize(dtype)
+    expected = math.prod(shape) * size
     if end - begin != expected:
         raise CheckpointError(
-            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape "
-            f"{list(shape)} of {dtype_name} needs {expected}"
+            f"{path}: tensor {shown(name)}: data_offsets [{begin}, {end}] hold {end - begin} "
+            f"bytes, but shape {shown(shape)} of {dtype_name} needs {expected}"
         )
+    info = TensorInfo(name=name, shape=tuple(shape), dtype=SAFETENSORS_TO_TORCH[dtype_name])
     return info, begin, end

@@ -4,7 +4,11 @@
 (weights-only pickled shards) holds {"metadata": {...}, "weight_map": {tensor: shard file}}.
 At open, every shard is opened (headers only for safetensors, a memory map for `.bin`) and the
 index is checked against them: each shard file exists, is a plain file name inside the folder,
-and holds every tensor the index assigns to it. Tensors a shard
+really lies inside the folder's allowed root once links are followed (`safe_paths`: a shard
+linked out of the folder is refused; a Hugging Face cache snapshot's links into its blobs are
+fine), is a regular file, and holds every tensor the index assigns to it. The index itself is
+read through `splice.textfile.load_json` (a regular file of at most 100 MB) and may list at most
+`MAX_TENSORS` tensors. Tensors a shard
 holds but the index does not list are unreachable for Hugging Face loaders and are ignored here
 too.
 """
@@ -19,7 +23,8 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
-from splice.io.safetensors_reader import SafetensorsReader
+from splice.io.safe_paths import allowed_root, member, shown
+from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
 from splice.io.torch_reader import TorchReader
 from splice.textfile import load_json
 
@@ -43,11 +48,12 @@ class ShardedReader:
         self._shards: dict[str, CheckpointReader] = {}
         self._where: dict[str, str] = {}
         try:
+            root = allowed_root(index_file.parent)
             for shard in shard_names:
-                shard_path = index_file.parent / shard
-                if not shard_path.is_file():
+                shard_path = member(index_file.parent, shard, root)
+                if shard_path is None:
                     raise CheckpointError(
-                        f"{index_file}: lists shard '{shard}', which does not exist in "
+                        f"{index_file}: lists shard {shown(shard)}, which does not exist in "
                         f"{index_file.parent}"
                     )
                 self._shards[shard] = opener(str(shard_path))
@@ -56,7 +62,7 @@ class ShardedReader:
                     self._shards[shard].info(name)
                 except KeyError:
                     raise CheckpointError(
-                        f"{index_file}: tensor '{name}' is mapped to shard '{shard}', "
+                        f"{index_file}: tensor {shown(name)} is mapped to shard {shown(shard)}, "
                         "but that shard does not contain it"
                     ) from None
             listed = set(weight_map)
@@ -91,20 +97,23 @@ class ShardedReader:
 
 
 def _load_weight_map(index_file: Path) -> dict[str, str]:
-    if not index_file.exists():
-        raise CheckpointError(f"{index_file} does not exist")
     index = load_json(index_file, CheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(
             f"{index_file}: has no 'weight_map' object mapping tensor names to shard files"
         )
+    if len(weight_map) > MAX_TENSORS:
+        raise CheckpointError(
+            f"{index_file}: the weight_map lists {len(weight_map)} tensors; at most "
+            f"{MAX_TENSORS} are accepted"
+        )
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise CheckpointError(f"{index_file}: weight_map['{name}'] is not a file name")
+            raise CheckpointError(f"{index_file}: weight_map[{shown(name)}] is not a file name")
         if shard != os.path.basename(shard) or shard in (".", ".."):
             raise CheckpointError(
-                f"{index_file}: weight_map['{name}'] = '{shard}' is not a plain file name "
-                "in the checkpoint folder"
+                f"{index_file}: weight_map[{shown(name)}] = {shown(shard)} is not a plain file "
+                "name in the checkpoint folder"
             )
     return weight_map

@@ -25,6 +25,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
+from splice.io.safe_paths import require_regular, shown
 
 
 class TorchReader:
@@ -32,10 +33,7 @@ class TorchReader:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise CheckpointError(f"{self.path} does not exist")
-        if os.path.isdir(self.path):
-            raise CheckpointError(f"{self.path} is a folder, not a PyTorch checkpoint file")
+        require_regular(self.path)  # torch opens it: refuse a FIFO or device before that
         obj = _safe_load(self.path)
         self._tensors = _state_dict_of(self.path, obj)
 
@@ -71,9 +69,12 @@ def _safe_load(path: str) -> Any:
     except pickle.UnpicklingError as e:
         raise unpickling_error(path, e) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {first_line}"
+            f"{path}: not a valid PyTorch checkpoint ({_first_line(e)})"
+        ) from None
+    except Exception as e:  # torch's legacy unpickler raises many types on garbage input
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint (corrupt or truncated?): {_first_line(e)}"
         ) from None
 
 
@@ -81,23 +82,38 @@ def unpickling_error(path: str, e: pickle.UnpicklingError) -> CheckpointError:
     """The one-line error for a pickle torch would not load (with ``weights_only=True``:
     refused objects, which could run code) or could not parse. Also used when transformers
     loads a ``.bin`` model (`splice.train.models`)."""
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "weights only" in str(e).lower() or "weights_only" in str(e):
         return CheckpointError(
             f"{path}: refuses to unpickle: the file holds objects other than tensors and "
             f"plain containers, which could run code when loaded ({_unsafe_detail(e)}). "
             "Convert it to safetensors from a trusted environment."
         )
-    return CheckpointError(f"{path}: not a valid PyTorch checkpoint ({first_line})")
+    return CheckpointError(f"{path}: not a valid PyTorch checkpoint ({_first_line(e)})")
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of torch's message, without the bytes some messages quote.
+
+    ("invalid load key, 'r'." quotes the file's first byte; the key is dropped.)
+    """
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    line = re.sub(r"load key, .*", "load key", line)
+    return line if len(line) <= 200 else line[:200] + "..."
 
 
 _REFUSED = re.compile(
-    r"unsupported global: GLOBAL [\w.]+|unsupported GLOBAL [\w.]+|unsupported operand \d+", re.I
+    r"unsupported global: GLOBAL [\w.]{1,200}|unsupported GLOBAL [\w.]{1,200}|unsupported operand",
+    re.I,
 )
 
 
 def _unsafe_detail(e: Exception) -> str:
-    """The part of torch's long message that names what was refused."""
+    """The part of torch's long message that names what was refused.
+
+    The global's dotted name is kept (it says what the file tried to load); an opcode's byte
+    value is not (it is a byte of the file).
+    """
     m = _REFUSED.search(str(e))
     return m.group(0) if m else "unsupported object"
 
@@ -113,10 +129,10 @@ def _state_dict_of(path: str, obj: Any) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"{path}: state dict key {key!r} is not a string")
+            raise CheckpointError(f"{path}: state dict key {shown(key)} is not a string")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
-                f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor; only flat "
+                f"{path}: entry {shown(key)} is a {type(value).__name__}, not a tensor; only flat "
                 "state dicts (or {'state_dict': ...}) are accepted"
             )
         out[key] = value

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from splice.io.output_folder import (
     partial_dir_of,
     write_bytes,
 )
+from splice.io.safe_paths import open_regular, require_regular
 from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.shard_record import (
     ShardRecord,
@@ -304,7 +304,12 @@ class ShardedWriter:
         extra_files: dict[str, bytes] | None = None,
         copy_files: list[Path] | None = None,
     ) -> Path:
-        """Write index and side files, then rename the temporary folder to `out_dir`."""
+        """Write index and side files, then rename the temporary folder to `out_dir`.
+
+        `copy_files` are copied only if they are regular files (`safe_paths.open_regular`);
+        the callers choose them with `safe_paths.side_files`, which also keeps them inside the
+        model folder's allowed root.
+        """
         extra_files = dict(extra_files or {})
         copy_files = [Path(p) for p in copy_files or []]
         with self._lock:
@@ -328,16 +333,19 @@ class ShardedWriter:
                 raise CheckpointError(f"output side file '{name}' clashes with another output file")
             taken.add(name)
         for src in copy_files:
-            if not src.is_file():
-                raise CheckpointError(f"{src}: cannot copy into the output: not an existing file")
+            try:
+                require_regular(src)  # a FIFO or device is refused here, never opened
+            except CheckpointError as e:
+                raise CheckpointError(f"cannot copy into the output: {e}") from None
 
         with self.folder.mapped("cannot write the output"):
             if len(self._states) > 1:
                 write_bytes(self.tmp_dir / INDEX_NAME, self._index_json())
             for name, data in extra_files.items():
                 write_bytes(self.tmp_dir / name, data)
-            for src in copy_files:
-                shutil.copyfile(src, self.tmp_dir / src.name)
+            for src in copy_files:  # regular files only (`safe_paths.open_regular`)
+                with open(open_regular(src), "rb") as f_in:
+                    write_bytes(self.tmp_dir / src.name, f_in.read())
         self.folder.commit()
         with self._lock:
             self._finished = True

@@ -24,13 +24,12 @@ from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.finite import FiniteReader
 from splice.io.peft_adapter import (
-    CONFIG_NAME,
     LoraAdapterConfig,
     classify_keys,
     load_lora_config,
     open_adapter_weights,
+    read_lora_config_json,
 )
-from splice.textfile import load_json_object
 
 
 @dataclass
@@ -53,7 +52,7 @@ def load_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False) -> L
     NonFiniteError naming it unless ``allow_nonfinite``."""
     path = Path(adapter_dir)
     config = load_lora_config(path)
-    raw = load_json_object(path / CONFIG_NAME, CheckpointError)
+    _, raw = read_lora_config_json(path)
     reader = open_adapter_weights(path)
     if not allow_nonfinite:
         reader = FiniteReader(reader, str(path))

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from splice.delta import LowRank
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.finite import check_output, numerical_errors
 from splice.io.output_folder import OutputFolder, write_bytes
+from splice.io.safe_paths import allowed_root, member, shown
+from splice.io.safetensors_reader import SafetensorsReader
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.peft_writer import write_lora_adapter
 from splice.textfile import load_json_object
@@ -134,13 +136,17 @@ def load_rmm(
 ) -> tuple[dict[str, Any], dict[str, tuple[RmmFactor, RmmFactor]]]:
     """(info, {module: (B factor, A factor)}) of a saved store."""
     store = Path(store_dir)
-    info = load_json_object(store / STORE_INFO, CheckpointError)
-    try:
-        raw = load_file(str(store / STORE_WEIGHTS))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{store}: not a readable RMM store ({e})") from None
+    root = allowed_root(store)
+    info_path, weights_path = member(store, STORE_INFO, root), member(store, STORE_WEIGHTS, root)
+    if info_path is None or weights_path is None:
+        raise CheckpointError(
+            f"{store}: not a readable RMM store (no {STORE_INFO} or no {STORE_WEIGHTS})"
+        )
+    info = load_json_object(info_path, CheckpointError)
+    with SafetensorsReader(weights_path) as reader:
+        raw = {name: reader.read(name) for name in reader.names()}
     if info.get("format") != "splice-rmm-1":
-        raise CheckpointError(f"{store}: unknown RMM store format {info.get('format')!r}")
+        raise CheckpointError(f"{store}: unknown RMM store format {shown(info.get('format'))}")
     modules: dict[str, tuple[RmmFactor, RmmFactor]] = {}
     for key in raw:
         if key.endswith(".lora_B.basis"):

@@ -36,6 +36,7 @@ parameter ranges are checked when the recipe is planned, before any tensor is re
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -248,7 +249,7 @@ def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns the recipe and its YAML text. Unreadable
     files, undecodable bytes and YAML errors are one-line `RecipeError`s (`splice.textfile`)."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.lexists(p):
         raise RecipeError(f"recipe file {p} does not exist")
-    text = read_text(p, RecipeError)
+    text = read_text(p, RecipeError)  # a regular file (never a FIFO), UTF-8
     return parse_recipe(parse_yaml(text, str(p), RecipeError), str(p)), text

@@ -21,6 +21,7 @@ import torch
 
 from splice.errors import SpliceError
 from splice.io.output_folder import cache_folder
+from splice.io.safe_paths import check_model_folder, require_regular
 from splice.io.torch_reader import unpickling_error
 from splice.textfile import load_json_object
 
@@ -50,7 +51,12 @@ def cache_root() -> Path:
 
 
 def resolve_model(ref: str) -> Path:
-    """An HF model folder for ``ref`` (converting a GGUF on first use)."""
+    """An HF model folder for ``ref`` (converting a GGUF on first use).
+
+    The folder is checked as `splice.io.safe_paths.check_model_folder` says before
+    transformers reads it: every entry stays inside the folder (a Hugging Face cache's
+    ``models--ORG--NAME`` for a snapshot) once links are followed, and files are regular files.
+    """
     name = ALIASES.get(ref.lower(), ref.lower())
     if name in PACKAGED and not Path(ref).exists():
         package, inner, install = PACKAGED[name]
@@ -64,9 +70,11 @@ def resolve_model(ref: str) -> Path:
         raise ModelNotFoundError(
             f"model '{ref}': no such folder or file (packaged names: {', '.join(PACKAGED)})"
         )
-    if path.is_file() and path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():
+        require_regular(path, ModelNotFoundError)  # transformers opens it: no FIFO or device
         return gguf_to_hf_folder(path)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and os.path.lexists(path / "config.json"):
+        check_model_folder(path, ModelNotFoundError)  # every file transformers may read
         load_json_object(path / "config.json", ModelNotFoundError)  # cheap, before loading
         return path
     raise ModelNotFoundError(f"model '{ref}': {path} is not an HF model folder or a .gguf file")

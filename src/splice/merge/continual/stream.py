@@ -29,6 +29,7 @@ from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
 from splice.io.base import TensorInfo
 from splice.io.finite import numerical_errors
+from splice.io.safe_paths import member, side_files
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
 from splice.textfile import check_readable, load_json_object
@@ -58,8 +59,8 @@ class ContinualReport:
 
 def load_state(state_dir: str | Path) -> OpcmState:
     """The scalars of a state folder written by `opcm_add`."""
-    path = Path(state_dir) / STATE_FILE
-    if not path.is_file():
+    path = member(state_dir, STATE_FILE)
+    if path is None:
         raise CheckpointError(f"'{state_dir}' is not a continual-merge state: no {STATE_FILE}")
     data = load_json_object(path, CheckpointError)
     try:
@@ -123,11 +124,11 @@ def _updates(
 
 
 def _side_files(*refs: str) -> list[Path]:
+    """The side files of the first reference with a model folder (`safe_paths.side_files`)."""
     for ref in refs:
         d = model_dir_of(ref)
         if d is not None:
-            files = [Path(d) / f for f in SIDE_FILES if (Path(d) / f).is_file()]
-            return check_readable(files, CheckpointError)
+            return check_readable(side_files(d, SIDE_FILES), CheckpointError)
     return []
 
 
@@ -162,7 +163,7 @@ def opcm_add(
         _check_same_tensors(base, new, f"model '{model_ref}'")
 
         infos = [TensorInfo(n, base.info(n).shape, base.info(n).dtype) for n in base.names()]
-        side_files = _side_files(model_ref, base_ref)  # checked before any tensor is written
+        copies = _side_files(model_ref, base_ref)  # checked before any heavy work
         writer = ShardedWriter(
             out_dir,
             plan_shards(infos, shard_bytes),
@@ -196,7 +197,7 @@ def opcm_add(
             state.task_vector_norms.append(new_norm)
             state.models.append(str(model_ref))
             side = {STATE_FILE: (json.dumps(state.to_json(), indent=2) + "\n").encode()}
-            writer.finalize(extra_files=side, copy_files=side_files)
+            writer.finalize(extra_files=side, copy_files=copies)
         except BaseException:
             writer.abort()
             raise
