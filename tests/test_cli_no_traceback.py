@@ -93,7 +93,7 @@ def test_yaml_inputs(tmp_path, capsys, command: Callable, kind: str):
 
 def test_yaml_errors_name_the_file_and_place(tmp_path, capsys):
     err = fails_cleanly(["merge", str(_yaml_file(tmp_path, "undecodable")), "--out", "o"], capsys)
-    assert "bad.yaml is not valid UTF-8 text (byte 0xff at offset 23, line 2)" in err
+    assert "bad.yaml is not valid UTF-8 text (invalid byte at offset 23, line 2)" in err
     err = fails_cleanly(["merge", str(_yaml_file(tmp_path, "invalid yaml")), "--out", "o"], capsys)
     assert "bad.yaml: not valid YAML:" in err and "(line 2, column 7)" in err
     err = fails_cleanly(
@@ -103,7 +103,7 @@ def test_yaml_errors_name_the_file_and_place(tmp_path, capsys):
     err = fails_cleanly(["bench", str(_yaml_file(tmp_path, "a list")), "--out", "o"], capsys)
     assert "expected a mapping at the top level" in err
     err = fails_cleanly(["train", str(tmp_path), "--out", "o"], capsys)
-    assert f"{tmp_path}: is a folder, not a file" in err
+    assert f"{tmp_path} is a folder, not a regular file" in err
 
 
 @pytest.mark.parametrize(

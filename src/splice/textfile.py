@@ -11,13 +11,13 @@ JSON Lines data, a model's ``config.json``, adapter and store side files) goes t
 - The file is read whole as UTF-8; a leading byte-order mark is accepted and dropped.
 - Any OS error (no such file, a folder where a file is expected, no permission, I/O error)
   is ``"PATH: <what the OS said>"``.
-- Undecodable bytes are ``"PATH is not valid UTF-8 text (byte 0xff at offset 123, line 4)"``
+- Undecodable bytes are ``"PATH is not valid UTF-8 text (invalid byte at offset 123, line 4)"``
   (the offset counts bytes from the start of the file, the BOM included).
 - A YAML or JSON syntax error names the line and column and the parser's problem.
 - Nesting deeper than `MAX_DEPTH` levels (or deep enough to exhaust Python's recursion
   limit while parsing) is an error: no config or recipe is anywhere near that deep, and the
   bound keeps every later walk over the parsed value safe.
-- Messages never quote the file's contents beyond the one offending character.
+- Messages never quote the file's contents (not even the offending byte).
 
 Each function takes the `SpliceError` subclass to raise (``RecipeError``, ``DataError``,
 ...), so callers keep their own error family.
@@ -52,14 +52,12 @@ def os_error_message(e: OSError, path: str | os.PathLike[str] | None = None) -> 
 
 
 def decode_error_message(path: str | os.PathLike[str], e: UnicodeDecodeError, skip: int) -> str:
-    """``"PATH is not valid UTF-8 text (byte 0x.. at offset N, line L)"``."""
+    """``"PATH is not valid UTF-8 text (invalid byte at offset N, line L)"``."""
     raw = e.object
     offset = skip + e.start
-    byte = raw[e.start] if isinstance(raw, (bytes, bytearray)) and e.start < len(raw) else None
     line = 1 + bytes(raw[: e.start]).count(b"\n") if isinstance(raw, (bytes, bytearray)) else None
-    what = f"byte 0x{byte:02x}" if byte is not None else "a byte"
     where = f", line {line}" if line is not None else ""
-    return f"{path} is not valid UTF-8 text ({what} at offset {offset}{where})"
+    return f"{path} is not valid UTF-8 text (invalid byte at offset {offset}{where})"
 
 
 def decode_utf8(data: bytes, where: str, error: type[SpliceError] = SpliceError) -> str:

@@ -178,7 +178,7 @@ def test_no_space_while_copying_the_tokenizer(models, tmp_path, monkeypatch, cap
     def full(src, dst, *a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(shutil, "copyfile", full)
+    monkeypatch.setattr(shutil, "copyfileobj", full)
     assert main(cli(rp, "--out", str(out))) == 1
     err = capsys.readouterr().err
     assert err.startswith("splice: error: cannot write the output") and "No space left" in err

@@ -43,7 +43,7 @@ def test_config_files_that_are_fifos_or_devices_fail_promptly(tmp_path, load, er
     with pytest.raises(error, match="does not exist"):
         load(tmp_path / "missing.yaml")
     (tmp_path / "bin.yaml").write_bytes(b"a: 1\n\xff\xfe")
-    with pytest.raises(error, match=r"not UTF-8 text \(invalid byte at offset 5\)"):
+    with pytest.raises(error, match=r"not valid UTF-8 text \(invalid byte at offset 5"):
         load(tmp_path / "bin.yaml")
 
 

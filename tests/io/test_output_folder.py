@@ -296,7 +296,7 @@ def test_no_space_while_copying_side_files_keeps_the_work_for_resume(tmp_path, m
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
 
     w = run(False)
-    monkeypatch.setattr(of.shutil, "copyfile", full)
+    monkeypatch.setattr(of.shutil, "copyfileobj", full)
     with pytest.raises(CheckpointError, match=r"cannot write the output .*No space left"):
         w.finalize(copy_files=[tok])
     w.abort()

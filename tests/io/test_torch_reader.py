@@ -91,7 +91,7 @@ def test_corrupt_and_missing(tmp_path):
     torch.save({"a": torch.ones(1000)}, good)
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(CheckpointError, match=r"trunc\.pt: cannot read as a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"trunc\.pt: not a valid PyTorch checkpoint"):
         TorchReader(trunc)
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"hello, not a checkpoint")

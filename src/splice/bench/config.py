@@ -194,6 +194,6 @@ def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
 def load_bench_config(path: str | Path) -> BenchConfig:
     p = Path(path)
     if not p.exists():
-        raise BenchConfigError(f"{p}: no such file")
+        raise BenchConfigError(f"{p} does not exist")
     data = load_yaml(p, BenchConfigError)  # one-line errors (splice.textfile)
     return parse_bench_config(data or {}, where=str(p))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -344,8 +345,11 @@ class ShardedWriter:
             for name, data in extra_files.items():
                 write_bytes(self.tmp_dir / name, data)
             for src in copy_files:  # regular files only (`safe_paths.open_regular`)
-                with open(open_regular(src), "rb") as f_in:
-                    write_bytes(self.tmp_dir / src.name, f_in.read())
+                dst = self.tmp_dir / src.name
+                with open(open_regular(src), "rb") as f_in, open(dst, "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out)
+                    f_out.flush()
+                    os.fsync(f_out.fileno())
         self.folder.commit()
         with self._lock:
             self._finished = True

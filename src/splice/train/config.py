@@ -109,7 +109,7 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     p = Path(path)
     if not p.exists():
-        raise TrainConfigError(f"{p}: no such file")
+        raise TrainConfigError(f"{p} does not exist")
     data = load_yaml(p, TrainConfigError)  # one-line errors (splice.textfile)
     if data is not None and not isinstance(data, dict):
         raise TrainConfigError(f"{p}: expected a mapping at the top level")
