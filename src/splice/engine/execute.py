@@ -37,7 +37,8 @@ import yaml
 from tqdm import tqdm
 
 import splice
-from splice.engine.plan import MergePlan, TensorJob, layer_index
+from splice.engine.layers import layer_index
+from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.resume_check import InputCheck, Rules, rules_digest, source_key, stats_key
 from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError

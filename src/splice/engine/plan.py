@@ -5,12 +5,11 @@ names (layer stacking for ``slices``), checks names, shapes and dtypes, resolves
 validates every parameter for every tensor, and lays out the output. Nothing is read or
 written; any problem is a `SpliceError` before the first byte of output exists.
 
-Layers are found by name: a path segment ``layers|h|layer|blocks|block`` followed by an
-index (``model.layers.3.mlp...``, ``transformer.h.3...``, ``encoder.layer.3...``). A layer's
-gradient position is t = offset / (layers_in_slice − 1) (1 for a one-layer slice); tensors
-outside layers get t = 0, as in mergekit. With ``slices``, tensors outside layers come from
-the first slice's sources if their name looks like an input embedding (``embed``, ``wte``,
-``wpe``, ``word_embeddings``), else from the last slice's sources.
+Layers are found by name (`splice.engine.layers`). A layer's gradient position is
+t = offset / (layers_in_slice − 1) (1 for a one-layer slice); tensors outside layers get
+t = 0, as in mergekit. With ``slices``, tensors outside layers come from the first slice's
+sources if their name looks like an input embedding (``embed``, ``wte``, ``wpe``,
+``word_embeddings``), else from the last slice's sources.
 """
 
 from __future__ import annotations
@@ -24,22 +23,16 @@ from typing import Any, Literal
 
 import torch
 
+from splice.engine.layers import layer_index, rename_layer
+from splice.engine.topk import stat_requests
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, TensorInfo, open_checkpoint
+from splice.io.dtypes import DTYPE_BY_NAME
 from splice.merge import MergeMethod, TopKRequest, get_method
 from splice.recipe.schema import OutputSlice, Parameters, Recipe
 from splice.recipe.settings import MISSING, resolve
 
-LAYER_RE = re.compile(r"(?:(?<=\.)|^)(layers|h|layer|blocks|block)\.(\d+)(?=\.)")
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 @dataclass(frozen=True)
 class Source:
@@ -85,15 +78,6 @@ class MergePlan:
         return sum(j.out.nbytes for j in self.jobs)
 
 
-def layer_index(name: str) -> int | None:
-    m = LAYER_RE.search(name)
-    return int(m.group(2)) if m else None
-
-
-def rename_layer(name: str, new_index: int) -> str:
-    return LAYER_RE.sub(lambda m: f"{m.group(1)}.{new_index}", name, count=1)
-
-
 @dataclass
 class _Group:
     """The inputs for a run of output tensors: one slice, or the whole `models` list."""
@@ -110,10 +94,9 @@ class _Planner:
         self.readers = readers
         self.method = get_method(recipe.method_name)
         self.dialect = recipe.dialect
-        self.compute_dtype = DTYPES[recipe.dtype or "float32"]
-        self.out_dtype = (
-            DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
-        )
+        self.compute_dtype = DTYPE_BY_NAME[recipe.dtype or "float32"]
+        out_name = recipe.out_dtype or recipe.dtype
+        self.out_dtype = DTYPE_BY_NAME[out_name] if out_name else None
         self.known = {p.name for p in self.method.params}
         self._name_cache: dict[str, set[str]] = {}
 
@@ -367,19 +350,6 @@ class _Planner:
         self.job(g, rename_layer(in_name, out_layer), in_names, t, jobs)
 
 
-def referenced_models(recipe: Recipe) -> list[str]:
-    refs: list[str] = []
-    if recipe.base_model:
-        refs.append(recipe.base_model)
-    for e in recipe.models or []:
-        refs.append(e.model)
-    for s in recipe.slices or []:
-        if s.base_model:
-            refs.append(s.base_model)
-        refs.extend(src.model for src in s.sources)
-    return list(dict.fromkeys(refs))
-
-
 def plan_merge(
     recipe: Recipe,
     readers: Mapping[str, CheckpointReader] | None = None,
@@ -396,7 +366,7 @@ def plan_merge(
                 f"the LiNeS post-step (`lines:`) scales the merged task vector (merged - base); "
                 f"method '{method.name}' takes no base_model, so it has none"
             )
-        for ref in referenced_models(recipe):
+        for ref in recipe.model_references():
             if ref not in opened:
                 opened[ref] = open_checkpoint(ref, check_finite=not allow_nonfinite)
         planner = _Planner(recipe, opened)
@@ -412,7 +382,7 @@ def plan_merge(
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
-        requests = _stat_requests(planner.method, jobs)
+        requests = stat_requests(planner.method, jobs)
     except BaseException:
         for r in opened.values():
             r.close()
@@ -428,19 +398,3 @@ def plan_merge(
         stat_requests=requests,
         allow_nonfinite=allow_nonfinite,
     )
-
-
-def _stat_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKRequest]:
-    """Whole-model statistics the method needs; their parameters must not vary by tensor."""
-    merge_jobs = [j for j in jobs if j.kind == "merge"]
-    if method.model_stats is None or not merge_jobs:
-        return []
-    requests = method.model_stats(merge_jobs[0].params)
-    for j in merge_jobs[1:]:
-        if method.model_stats(j.params) != requests:
-            raise MergeValidationError(
-                "whole-model trimming (scope: model) needs the same density for every "
-                f"tensor, but '{j.out.name}' differs from '{merge_jobs[0].out.name}'; "
-                "use scope: tensor for per-tensor densities"
-            )
-    return requests

@@ -23,10 +23,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
-from splice.merge import KeepRule, TopKRequest
+from splice.errors import MergeValidationError
+from splice.merge import KeepRule, MergeMethod, TopKRequest
+
+if TYPE_CHECKING:
+    from splice.engine.plan import TensorJob
 
 _BINS = 1 << 16
 
@@ -138,3 +143,19 @@ def keep_rules(
             remaining -= quota
             rules[j][req.key] = KeepRule(threshold, quota)
     return rules
+
+
+def stat_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKRequest]:
+    """Whole-model statistics the method needs; their parameters must not vary by tensor."""
+    merge_jobs = [j for j in jobs if j.kind == "merge"]
+    if method.model_stats is None or not merge_jobs:
+        return []
+    requests = method.model_stats(merge_jobs[0].params)
+    for j in merge_jobs[1:]:
+        if method.model_stats(j.params) != requests:
+            raise MergeValidationError(
+                "whole-model trimming (scope: model) needs the same density for every "
+                f"tensor, but '{j.out.name}' differs from '{merge_jobs[0].out.name}'; "
+                "use scope: tensor for per-tensor densities"
+            )
+    return requests

@@ -23,6 +23,14 @@ SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
 }
 """Every dtype this package reads and writes, by its safetensors header name."""
 
+DTYPE_BY_NAME: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+"""The floating dtypes a recipe's ``dtype`` / ``out_dtype`` names (Hugging Face's names)."""
+
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
 
 

@@ -344,3 +344,14 @@ __all__ = [
     "remove",
     "write_bytes",
 ]
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    """Write all of `data` at `offset` of `fd` (from any thread); CheckpointError on failure."""
+    data = data.cast("B")
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        raise CheckpointError(f"{path}: write failed: {e.strerror}") from e

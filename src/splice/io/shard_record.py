@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from splice.io.shard_plan import ShardPlan
+
 _CHUNK = 1 << 24
 
 
@@ -144,3 +146,13 @@ def remove_quietly(*paths: Path) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
+
+
+def layout_digest(fingerprint: str, shards: list[ShardPlan], metadata: dict[str, str]) -> str:
+    """Identity of a run for --resume: the caller's fingerprint, the shard layout, metadata."""
+    layout = [
+        [p.filename, [[t.name, str(t.dtype), list(t.shape)] for t in p.tensors], p.offsets]
+        for p in shards
+    ]
+    blob = json.dumps([fingerprint, layout, metadata], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -30,7 +30,6 @@ before every tensor was written) raise ValueError / RuntimeError, not SpliceErro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,7 @@ from splice.io.output_folder import (
     OutputFolder,
     fsync_dir,
     partial_dir_of,
+    pwrite_all,
     write_bytes,
 )
 from splice.io.safe_paths import open_regular, require_regular
@@ -57,6 +57,7 @@ from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.shard_record import (
     ShardRecord,
     digest,
+    layout_digest,
     notice_redone,
     raw_bytes,
     record_path,
@@ -128,7 +129,7 @@ class ShardedWriter:
         self.tmp_dir = self.folder.partial
         self._lock = threading.Lock()
         self._finished = False
-        self._digest = _digest(fingerprint, shards, self.metadata)
+        self._digest = layout_digest(fingerprint, shards, self.metadata)
         self.folder.acquire()
         try:
             self._prepare(resume)
@@ -209,7 +210,7 @@ class ShardedWriter:
         with self.folder.mapped("cannot write the output"):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                _pwrite_all(fd, memoryview(state.header), 0, path)
+                pwrite_all(fd, memoryview(state.header), 0, path)
                 os.ftruncate(fd, _size(state))
             finally:
                 os.close(fd)
@@ -259,7 +260,7 @@ class ShardedWriter:
             fd = state.fd
         try:
             data = raw_bytes(tensor) if info.numel else memoryview(b"")
-            _pwrite_all(fd, data, offset, path)
+            pwrite_all(fd, data, offset, path)
             sha = digest(data)
         except BaseException:
             with self._lock:
@@ -386,15 +387,6 @@ class ShardedWriter:
 _RESERVED = (INDEX_NAME, MARKER_NAME, STATE_DIR)
 
 
-def _digest(fingerprint: str, shards: list[ShardPlan], metadata: dict[str, str]) -> str:
-    layout = [
-        [p.filename, [[t.name, str(t.dtype), list(t.shape)] for t in p.tensors], p.offsets]
-        for p in shards
-    ]
-    blob = json.dumps([fingerprint, layout, metadata], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
 def _size(state: _ShardState) -> int:
     return len(state.header) + state.plan.data_bytes
 
@@ -402,13 +394,3 @@ def _size(state: _ShardState) -> int:
 def _regions(state: _ShardState) -> list[tuple[str, int, int]]:
     h = len(state.header)
     return [(t.name, h + b, h + e) for t, (b, e) in zip(state.plan.tensors, state.plan.offsets)]
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
-    data = data.cast("B")
-    done = 0
-    try:
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-    except OSError as e:
-        raise CheckpointError(f"{path}: write failed: {e.strerror}") from e

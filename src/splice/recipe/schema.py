@@ -170,6 +170,16 @@ class Recipe(BaseModel):
     def method_name(self) -> str:
         return self.method or self.merge_method  # type: ignore[return-value]
 
+    def model_references(self) -> list[str]:
+        """Every model reference the recipe names (base, models, slice sources), in order,
+        each once."""
+        refs: list[str] = [self.base_model] if self.base_model else []
+        refs += [e.model for e in self.models or []]
+        for s in self.slices or []:
+            refs += [s.base_model] if s.base_model else []
+            refs += [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
     @property
     def dialect(self) -> Literal["splice", "mergekit"]:
         return "mergekit" if self.merge_method is not None else "splice"
