@@ -1,9 +1,11 @@
 """`splice.delta`: the delta types every adaptation is expressed in (see `base.py`)."""
 
+from splice.delta._common import DeltaOps
 from splice.delta.base import (
     Delta,
     DeltaError,
     apply_delta,
+    check_factor,
     delta_from_tensors,
     delta_type,
     delta_types,
@@ -18,12 +20,14 @@ from splice.delta.ternary import Ternary, ternarize
 __all__ = [
     "Delta",
     "DeltaError",
+    "DeltaOps",
     "Dense",
     "Folded",
     "LowRank",
     "Sparse",
     "Ternary",
     "apply_delta",
+    "check_factor",
     "delta_from_tensors",
     "delta_type",
     "delta_types",
