@@ -6,6 +6,7 @@ Shared by the YAML configs (`splice train`, `splice bench`)."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -33,11 +34,20 @@ def first_error(e: ValidationError) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return loc, err
 
 
+def did_you_mean(word: str, choices: Iterable[str], sep: str = " ") -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``word`` (difflib's
+    ratio >= 0.6), or "" when none is close: the one "did you mean" of every splice error.
+    ``sep="; "`` gives ``"; did you mean 'x'?"`` for messages that go on in parentheses."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    if not close:
+        return ""
+    return f" (did you mean '{close[0]}'?)" if sep == " " else f"{sep}did you mean '{close[0]}'?"
+
+
 def unknown_key_message(root: type[BaseModel], loc: tuple[Any, ...], list_valid: bool) -> str:
     """'unknown key (did you mean ...?)' [+ '; valid keys here: ...']."""
     fields = list(model_at(root, loc).model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
-    msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    msg = "unknown key" + did_you_mean(str(loc[-1]), fields)
     if list_valid:
         msg += f"; valid keys here: {', '.join(fields)}"
     return msg

@@ -16,11 +16,11 @@ Targeting fields shared by the layer-wrapping methods (PEFT's semantics):
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from splice.config_errors import did_you_mean
 from splice.errors import SpliceError
 from splice.numbers import FINITE
 
@@ -66,8 +66,7 @@ class AdapterConfig(BaseModel):
         unknown = [k for k in data if k not in cls.model_fields]
         if unknown:
             k = unknown[0]
-            close = difflib.get_close_matches(k, list(cls.model_fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(k, cls.model_fields)
             raise AdapterConfigError(
                 f"{where}: unknown key '{k}' for method '{cls.method}'{hint}; "
                 f"valid keys: {', '.join(cls.model_fields)}"

@@ -17,11 +17,11 @@ method keeps the 4-task run inside its time budget.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from splice.config_errors import did_you_mean
 from splice.errors import SpliceError
 from splice.merge import all_methods, get_method
 
@@ -136,8 +136,7 @@ def check_overrides(
             names = [p.name for p in m.params]
             for key, value in values.items():
                 if key not in names:
-                    close = difflib.get_close_matches(key, names, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    hint = did_you_mean(key, names)
                     raise SpliceError(
                         f"{where}.{method}: '{key}' is not a parameter of {method}{hint}; "
                         f"its parameters: {names or 'none'}"

@@ -8,13 +8,13 @@ option the loader does not take is an error naming the closest valid one.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from splice.config_errors import did_you_mean
 from splice.data import bbc_news, spam, tweet_sentiment, wordnet_supersense
 from splice.data.dataset import SourceMissingError, TextClassificationDataset
 from splice.data.user_file import SUFFIXES, load_user_file
@@ -91,16 +91,14 @@ def get_task(name: str) -> TaskSpec:
     """A built-in task by name; an unknown name is an error naming the closest ones."""
     if name in TASKS:
         return TASKS[name]
-    close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(name, TASKS, sep="; ")
     raise DataError(f"unknown task {name!r}{hint} (built-in: {', '.join(TASKS)})")
 
 
 def _check_options(options: dict[str, Any], valid: list[str], what: str) -> None:
     for key in options:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, valid, sep="; ")
             raise DataError(f"{what} has no option {key!r}{hint} (options: {valid})")
 
 

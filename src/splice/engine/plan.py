@@ -14,7 +14,6 @@ sources if their name looks like an input embedding (``embed``, ``wte``, ``wpe``
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from splice.config_errors import did_you_mean
 from splice.engine.layers import layer_index, rename_layer
 from splice.engine.topk import stat_requests
 from splice.errors import MergeValidationError
@@ -134,8 +134,7 @@ class _Planner:
             if self.dialect == "mergekit" and key in self.method.mergekit_ignored:
                 continue  # accepted for mergekit compatibility, no effect (as in mergekit)
             if key not in self.known:
-                close = difflib.get_close_matches(key, list(self.known), n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(key, self.known)
                 raise MergeValidationError(
                     f"{where}: method '{self.method.name}' has no parameter '{key}'{hint}; "
                     f"its parameters: {sorted(self.known) or 'none'}"

@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 import torch
 from pydantic import TypeAdapter, ValidationError
 
+from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
 from splice.numbers import FINITE
 
@@ -317,10 +318,7 @@ def get_method(name: str) -> MergeMethod:
     try:
         return _REGISTRY[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise MergeValidationError(
             f"unknown merge method '{name}'{hint}; available: {', '.join(sorted(_REGISTRY))}"
         ) from None

@@ -35,7 +35,6 @@ parameter ranges are checked when the recipe is planned, before any tensor is re
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from splice.config_errors import did_you_mean
 from splice.errors import RecipeError
 from splice.numbers import FINITE
 from splice.textfile import parse_yaml, read_text
@@ -219,11 +219,7 @@ def _format_error(err: dict[str, Any]) -> str:
     path = ".".join(shown) or "<recipe>"
     if err["type"] == "extra_forbidden":
         model = _model_at(tuple(p for p in loc if isinstance(p, (int, str)) and "[" not in str(p)))
-        hint = ""
-        if model is not None:
-            close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-            if close:
-                hint = f" (did you mean '{close[0]}'?)"
+        hint = did_you_mean(str(loc[-1]), model.model_fields) if model is not None else ""
         return f"unknown key '{path}'{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "finite_number":
