@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import torch
 
+import tiny_hf
+
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_hf.tiny_llama(seed, intermediate_size=48, max_position_embeddings=64).eval()
 
 
 def tiny_bert_cls(seed: int = 0, num_labels: int = 3):

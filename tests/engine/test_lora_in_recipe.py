@@ -8,22 +8,14 @@ import torch
 from splice.engine import plan_merge, run_merge
 from splice.io import open_checkpoint
 from splice.recipe.schema import parse_recipe
+from tiny_hf import tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
 def test_task_arithmetic_over_a_lora_adapter_equals_peft_merge(tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(0)
     model.save_pretrained(tmp_path / "base")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

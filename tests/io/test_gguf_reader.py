@@ -8,6 +8,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io import GgufReader, open_checkpoint
+from tiny_hf import tiny_llama
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -23,17 +24,8 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_tiny_llama_gguf(path):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=128,
-    )
-    sd = transformers.LlamaForCausalLM(cfg).state_dict()
+    model = tiny_llama(0, max_position_embeddings=128)
+    cfg, sd = model.config, model.state_dict()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(2)

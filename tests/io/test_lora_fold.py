@@ -10,23 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError
 from splice.io import LoraFoldedReader, SafetensorsReader, open_checkpoint
+from tiny_hf import tiny_llama
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 
 def _llama(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        **overrides,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama(seed, **overrides)
 
 
 def _gpt2(seed=0):

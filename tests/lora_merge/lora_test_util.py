@@ -7,21 +7,14 @@ from pathlib import Path
 
 import torch
 
+import tiny_hf
+
 peft = __import__("peft")
 transformers = __import__("transformers")
 
 
 def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_hf.tiny_llama(seed).eval()
 
 
 def save_base(path: Path) -> Path:

@@ -1,0 +1,28 @@
+"""The shared tiny Hugging Face models of the test suite, built from configs (seeded, no
+download). One definition each; tests that need a variant pass config overrides."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer Llama causal LM (hidden 32, vocab 64), weights from ``torch.manual_seed(seed)``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**overrides))
