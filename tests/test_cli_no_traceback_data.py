@@ -132,7 +132,7 @@ def test_train_param_errors_name_the_param(tmp_path, capsys, param, message):
 
 
 def test_expected_failures_outside_readers_are_one_line(monkeypatch, capsys, tmp_path):
-    import splice.cli as cli
+    import splice.commands.methods as methods_command
 
     def raise_(e: BaseException):
         def fn(args):
@@ -159,15 +159,15 @@ def test_expected_failures_outside_readers_are_one_line(monkeypatch, capsys, tmp
         ),
     ]
     for exc, line in cases:
-        monkeypatch.setattr(cli, "_cmd_methods", raise_(exc))
+        monkeypatch.setattr(methods_command, "_cmd_methods", raise_(exc))
         assert main(["methods"]) == 1
         err = capsys.readouterr().err
         assert err.strip().startswith(line), err
         assert "Traceback" not in err
-    monkeypatch.setattr(cli, "_cmd_methods", raise_(ZeroDivisionError("a bug")))
+    monkeypatch.setattr(methods_command, "_cmd_methods", raise_(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):  # a bug is not an expected failure
         main(["methods"])
-    monkeypatch.setattr(cli, "_cmd_methods", raise_(OSError(5, "Input/output error", "x")))
+    monkeypatch.setattr(methods_command, "_cmd_methods", raise_(OSError(5, "Input/output error", "x")))
     assert main(["--debug", "methods"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith("splice: error: x: Input/output error")

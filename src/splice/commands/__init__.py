@@ -1,4 +1,4 @@
-"""Extra `splice` subcommands, one module each.
+"""The `splice` subcommands, one module each (`splice.cli` only parses and dispatches).
 
 Every public module here defines ``register(sub)``: it adds its subparser to ``sub`` (the
 result of ``add_subparsers``) and sets ``fn`` (a function of the parsed args returning the
@@ -11,16 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-
-OVERWRITE_HELP = (
-    "replace an existing --out written by splice (it holds splice_output.json and no input of "
-    "this run); give it twice to replace any folder"
-)
-
-
-def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
-    """`--overwrite`, counted: 1 replaces a previous splice output, 2 any folder."""
-    p.add_argument("--overwrite", action="count", default=0, help=OVERWRITE_HELP)
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from splice.commands import add_overwrite_argument
-from splice.commands._flags import add_allow_nonfinite
+from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from splice.commands import add_overwrite_argument
+from splice.commands._flags import add_overwrite_argument
 
 FLAG_KEYS = {
     "model": "model",

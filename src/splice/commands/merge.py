@@ -1,0 +1,130 @@
+"""`splice merge RECIPE --out DIR` (and `--continual`, OPCM): the streaming merge engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from splice.engine import plan_merge, run_merge
+    from splice.io import parse_size
+    from splice.recipe.schema import load_recipe
+
+    if args.continual is not None or args.recipe is None:
+        return _cmd_merge_continual(args)
+    recipe, text = load_recipe(args.recipe)
+    update: dict[str, object] = {}
+    if args.dtype:
+        update["out_dtype"] = args.dtype
+    if args.seed is not None:
+        update["seed"] = args.seed
+    if update:
+        recipe = recipe.model_copy(update=update)
+        text = None  # the stored recipe must be the one that ran
+    shard = parse_size(args.shard_size)
+    budget = parse_size(args.memory)
+    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite)
+    try:
+        report = run_merge(
+            plan,
+            args.out,
+            shard_bytes=shard,
+            threads=args.threads,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            recipe_text=text,
+            progress=not args.quiet,
+            memory_budget=budget,
+        )
+    finally:
+        plan.close()
+    resumed = f", {report.skipped} already done" if report.skipped else ""
+    print(
+        f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
+        f"{report.out_dir} in {report.seconds:.1f} s "
+        f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)"
+    )
+    return 0
+
+
+def _cmd_merge_continual(args: argparse.Namespace) -> int:
+    """`splice merge --continual STATE|none --base B --add MODEL --out DIR` (OPCM)."""
+    from splice.errors import MergeValidationError
+    from splice.io import parse_size
+    from splice.merge.continual.stream import opcm_add
+
+    if args.continual is None:
+        raise MergeValidationError("splice merge needs a recipe, or --continual STATE|none")
+    if args.recipe is not None:
+        raise MergeValidationError("--continual takes no recipe (it merges with OPCM)")
+    if not args.base or not args.add:
+        raise MergeValidationError("--continual needs --base BASE and --add MODEL")
+    state = None if args.continual.lower() == "none" else args.continual
+    report = opcm_add(
+        args.base,
+        state,
+        args.add,
+        args.out,
+        alpha=args.alpha,
+        shard_bytes=parse_size(args.shard_size),
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+    print(
+        f"merged model {report.models_merged} into {report.out_dir} with OPCM "
+        f"(lambda {report.lambda_:.4g}, {report.tensors} tensors)"
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("merge", help="merge checkpoints with a recipe (mergekit YAML accepted)")
+    m.add_argument("recipe", nargs="?", default=None, help="recipe YAML file")
+    m.add_argument(
+        "--out",
+        required=True,
+        help="output folder (HF layout), written aside and renamed into place when complete; "
+        "a second run into the same --out is refused while one is running",
+    )
+    m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
+    m.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (overrides the recipe's out_dtype)",
+    )
+    m.add_argument("--threads", type=int, default=None, help="worker threads (min(4, cores))")
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted merge into the same --out: finished shards are kept only "
+        "when their bytes and the inputs they were made from are unchanged (checked by "
+        "content: one read of those inputs and shards)",
+    )
+    add_overwrite_argument(m)
+    m.add_argument("--seed", type=int, default=None, help="seed for random methods")
+    m.add_argument(
+        "--memory",
+        default="1GB",
+        help="cap on the estimated memory of tensors being merged at once (1GB); "
+        "a tensor needing more runs alone",
+    )
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--continual",
+        metavar="STATE",
+        default=None,
+        help="continual merging (OPCM), no recipe: the previous state folder, or 'none' "
+        "to start with --add; writes the new state to --out",
+    )
+    m.add_argument("--base", default=None, help="with --continual: the base model")
+    m.add_argument("--add", default=None, help="with --continual: the model to merge in")
+    m.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="with --continual: OPCM's subspace threshold (the state's, 0.5 at first)",
+    )
+    add_allow_nonfinite(m)
+    m.set_defaults(fn=_cmd_merge)
