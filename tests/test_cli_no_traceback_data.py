@@ -167,7 +167,9 @@ def test_expected_failures_outside_readers_are_one_line(monkeypatch, capsys, tmp
     monkeypatch.setattr(methods_command, "_cmd_methods", raise_(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):  # a bug is not an expected failure
         main(["methods"])
-    monkeypatch.setattr(methods_command, "_cmd_methods", raise_(OSError(5, "Input/output error", "x")))
+    monkeypatch.setattr(
+        methods_command, "_cmd_methods", raise_(OSError(5, "Input/output error", "x"))
+    )
     assert main(["--debug", "methods"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().endswith("splice: error: x: Input/output error")
