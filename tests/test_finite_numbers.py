@@ -18,9 +18,9 @@ from splice.adapters.config import AdapterConfig
 from splice.bench.config import BenchConfigError, parse_bench_config
 from splice.bench.methods import check_overrides
 from splice.cli import main
+from splice.engine.continual import STATE_FILE, load_state
 from splice.errors import CheckpointError, DataError, MergeValidationError, RecipeError
 from splice.merge import get_method
-from splice.merge.continual.stream import STATE_FILE, load_state
 from splice.numbers import check_number, check_numbers, first_nonfinite, is_finite_number
 from splice.recipe.schema import parse_recipe
 from splice.train import TrainConfigError, parse_train_config

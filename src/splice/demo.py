@@ -37,9 +37,10 @@ import torch
 import yaml
 
 from splice.engine import plan_merge, run_merge
-from splice.io import ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io import ShardedWriter, TensorInfo, plan_shards
 from splice.io.out_location import prepare_work_folder
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 
 # The real demo's bench config (see splice.bench.config): three tasks whose data sources
 # scripts/install_data.sh installs without root; smaller splits than the 4-task benchmark

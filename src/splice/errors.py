@@ -1,5 +1,9 @@
 """Error types. Every user-facing failure is a `SpliceError` with one clear message."""
 
+from __future__ import annotations
+
+import os
+
 
 class SpliceError(Exception):
     """Base class: the CLI prints the message (traceback only under --debug) and exits 1."""
@@ -28,7 +32,7 @@ def expected_failure(e: BaseException) -> str | None:
     Expected: an OS error (``"PATH: <what the OS said>"``), undecodable text, a YAML / JSON
     syntax error, input nested too deeply to parse (RecursionError), an invalid regular
     expression, a CSV format error, and a pydantic validation error. The readers of user
-    files turn these into `SpliceError`s naming the file (`splice.textfile`); this is the
+    files turn these into `SpliceError`s naming the file (`splice.io.textfile`); this is the
     net under them, so that no user input reaches the user as a traceback.
     """
     import csv
@@ -36,8 +40,6 @@ def expected_failure(e: BaseException) -> str | None:
     import re
 
     if isinstance(e, OSError):
-        from splice.textfile import os_error_message
-
         return os_error_message(e)
     if isinstance(e, UnicodeDecodeError):
         return f"input is not valid UTF-8 text ({e.reason} at offset {e.start})"
@@ -77,3 +79,16 @@ def _validation_error(e: BaseException) -> str | None:
     loc = ".".join(str(p) for p in err["loc"]) or e.title
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return f"invalid {e.title}: '{loc}': {err['msg']}{more}"
+
+
+def os_error_message(e: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """``"PATH: strerror"`` (both paths for a two-path error such as a rename)."""
+    name = path if path is not None else e.filename
+    reason = e.strerror or str(e) or type(e).__name__
+    if isinstance(e, IsADirectoryError):
+        reason = "is a folder, not a file"
+    if name is None:
+        return reason
+    if e.filename2 is not None and path is None:
+        return f"{name} -> {e.filename2}: {reason}"
+    return f"{name}: {reason}"

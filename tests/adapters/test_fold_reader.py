@@ -7,7 +7,7 @@ from tiny import randomize, tiny_bert_cls, tiny_llama
 
 from splice.adapters import AdapterModel, make_config, save_adapter
 from splice.errors import CheckpointError
-from splice.io import open_checkpoint
+from splice.reference import open_checkpoint
 
 QV = ["q_proj", "v_proj"]
 CASES = {

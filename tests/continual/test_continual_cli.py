@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from splice.cli import main
-from splice.io import open_checkpoint
+from splice.reference import open_checkpoint
 
 
 def folder(path, value):

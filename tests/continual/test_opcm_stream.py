@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from splice.engine.continual import STATE_FILE, opcm_add
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io import open_checkpoint
-from splice.merge.continual.stream import STATE_FILE, opcm_add
+from splice.reference import open_checkpoint
 
 SHAPES = {
     "model.embed_tokens.weight": (6, 3),

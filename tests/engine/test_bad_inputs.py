@@ -219,7 +219,7 @@ def test_base_dtype_tensor_and_int_buffers_copied(tmp_path):
         )
     )
     assert main(["merge", str(rp), "--out", str(tmp_path / "o"), "--quiet"]) == 0
-    from splice.io import open_checkpoint
+    from splice.reference import open_checkpoint
 
     r = open_checkpoint(str(tmp_path / "o"))
     assert r.read("model.position_ids").dtype == torch.int64

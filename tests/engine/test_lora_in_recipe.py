@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from splice.engine import plan_merge, run_merge
-from splice.io import open_checkpoint
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 from tiny_hf import tiny_llama
 
 peft = pytest.importorskip("peft")

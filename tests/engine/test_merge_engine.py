@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge, run_merge
-from splice.io import open_checkpoint
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 
 
 def merge(recipe: dict, out: Path, **kw) -> Path:

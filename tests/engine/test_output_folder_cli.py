@@ -16,8 +16,8 @@ import yaml
 
 import splice
 from splice.cli import main
-from splice.io import open_checkpoint
 from splice.io.output_folder import MARKER_NAME, lock_file_of, partial_dir_of
+from splice.reference import open_checkpoint
 
 SRC = str(Path(splice.__file__).resolve().parents[1])
 # A `splice merge` that stops after its 3rd tensor until the file argv[1] exists.

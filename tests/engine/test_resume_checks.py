@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from splice.cli import main
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge, run_merge
-from splice.io import SafetensorsReader, open_checkpoint
+from splice.io import SafetensorsReader
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 
 SHARD = 600  # several small shards
 

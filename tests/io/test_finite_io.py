@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io import SafetensorsReader, ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io import SafetensorsReader, ShardedWriter, TensorInfo, plan_shards
 from splice.io.finite import (
     FiniteReader,
     NonFiniteError,
@@ -17,6 +17,7 @@ from splice.io.finite import (
     describe_nonfinite,
     numerical_errors,
 )
+from splice.reference import open_checkpoint
 
 NAN, INF = float("nan"), float("inf")
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

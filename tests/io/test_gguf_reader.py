@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from splice.errors import CheckpointError
-from splice.io import GgufReader, open_checkpoint
+from splice.io import GgufReader
+from splice.reference import open_checkpoint
 from tiny_hf import tiny_llama
 
 gguf = pytest.importorskip("gguf")

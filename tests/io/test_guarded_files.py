@@ -16,9 +16,9 @@ from test_safe_paths import SECRET, call_with_timeout, hub_cache, secret_file
 
 from splice.bench.config import BenchConfigError, load_bench_config
 from splice.compress.packed import Manifest
+from splice.engine.continual import load_state
 from splice.errors import CheckpointError, RecipeError
 from splice.lora_merge.rmm import load_rmm
-from splice.merge.continual.stream import load_state
 from splice.recipe.schema import load_recipe
 from splice.train.config import TrainConfigError, load_train_config
 from splice.train.models import ModelNotFoundError, resolve_model
@@ -112,7 +112,7 @@ def test_rmm_store_weights_must_be_a_regular_file_inside(tmp_path):
 
 @pytest.mark.parametrize("data", [(SECRET + "\n") * 3, "\x80\x02" + SECRET, "PK\x03\x04" + SECRET])
 def test_garbage_named_as_a_torch_checkpoint_is_a_clean_error_without_content(tmp_path, data):
-    from splice.io import open_checkpoint
+    from splice.reference import open_checkpoint
 
     p = tmp_path / "pytorch_model.bin"
     p.write_bytes(data.encode("latin-1"))

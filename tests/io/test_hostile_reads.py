@@ -18,8 +18,9 @@ from test_safe_paths import SECRET, call_with_timeout, hub_cache, secret_file
 
 from splice.cli import main
 from splice.errors import CheckpointError
-from splice.io import SafetensorsReader, ShardedReader, open_checkpoint, sharded_reader
+from splice.io import SafetensorsReader, ShardedReader, sharded_reader
 from splice.io import safetensors_reader as st_reader
+from splice.reference import open_checkpoint
 
 A = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([[4.0, 5.0]])}
 B = {"w": torch.tensor([3.0, 4.0, 5.0]), "b": torch.tensor([[6.0, 7.0]])}

@@ -9,7 +9,8 @@ from io_test_util import write_tensors
 from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError
-from splice.io import LoraFoldedReader, SafetensorsReader, open_checkpoint
+from splice.io import LoraFoldedReader, SafetensorsReader
+from splice.reference import open_checkpoint
 from tiny_hf import tiny_llama
 
 peft = pytest.importorskip("peft")

@@ -12,9 +12,9 @@ from splice.io import (
     ShardedReader,
     TorchReader,
     model_dir_of,
-    open_checkpoint,
 )
 from splice.io.open import split_reference
+from splice.reference import open_checkpoint
 
 
 def test_missing_path():

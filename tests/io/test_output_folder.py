@@ -17,9 +17,10 @@ import torch
 
 import splice
 from splice.errors import CheckpointError
-from splice.io import ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io import ShardedWriter, TensorInfo, plan_shards
 from splice.io import output_folder as of
 from splice.io.output_folder import MARKER_NAME, OutputFolder, lock_file_of, partial_dir_of
+from splice.reference import open_checkpoint
 
 SRC = str(Path(splice.__file__).resolve().parents[1])
 HOLDER = """

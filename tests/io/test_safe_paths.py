@@ -19,7 +19,7 @@ from splice.io.safe_paths import (
     shown,
     side_files,
 )
-from splice.textfile import load_json, read_text
+from splice.io.textfile import load_json, read_text
 
 SECRET = "TOPSECRET-4f2a-do-not-print"
 

@@ -5,7 +5,8 @@ import torch
 from io_test_util import write_tensors
 
 from splice.errors import CheckpointError
-from splice.io import ShardedReader, open_checkpoint
+from splice.io import ShardedReader
+from splice.reference import open_checkpoint
 
 
 def _sharded(folder, kind="safetensors"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from splice.errors import CheckpointError
-from splice.io import TorchReader, open_checkpoint
+from splice.io import TorchReader
+from splice.reference import open_checkpoint
 
 
 class _Evil:

@@ -10,9 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from splice.errors import CheckpointError
-from splice.io import SafetensorsReader, ShardedWriter, TensorInfo, open_checkpoint, plan_shards
+from splice.io import SafetensorsReader, ShardedWriter, TensorInfo, plan_shards
 from splice.io.output_folder import MARKER_NAME
 from splice.io.writer import partial_dir_of
+from splice.reference import open_checkpoint
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -8,10 +8,10 @@ from merge_test_util import run
 from safetensors.torch import save_file
 
 from splice.engine import plan_merge, run_merge
-from splice.io import open_checkpoint
 from splice.merge import MergeContext
 from splice.merge.methods.lines import lines_scale
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 
 
 def test_scale_rule():

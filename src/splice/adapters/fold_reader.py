@@ -70,7 +70,7 @@ class AdapterFoldedReader:
     ) -> None:
         from splice.adapters.model import AdapterModel
         from splice.adapters.peft_format import PREFIX, read_adapter_config, read_adapter_weights
-        from splice.io.lora_fold import _resolve
+        from splice.io.lora_fold import resolve_tensor_name
 
         self.base = base_reader
         self.adapter_dir = Path(adapter_dir)
@@ -130,7 +130,7 @@ class AdapterFoldedReader:
                 expected.add(f"{PREFIX}{path}.{key}")
             expected.update(module.shared_state())
             for pname, _ in layer.base_layer.named_parameters():
-                name = _resolve(f"{path}.{pname}", base_set, base_names)
+                name = resolve_tensor_name(f"{path}.{pname}", base_set, base_names)
                 if not name:
                     raise CheckpointError(
                         f"{self.path}: the base has no tensor for '{path}.{pname}'"

@@ -32,7 +32,7 @@ from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.errors import CheckpointError
 from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.safe_paths import allowed_root, member
-from splice.textfile import load_json
+from splice.io.textfile import load_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -130,13 +130,13 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from splice.io import open_checkpoint
+    from splice.io.open import open_path
 
     d = Path(adapter_dir)
     root = allowed_root(d)
     for fname in (WEIGHTS_NAME, "adapter_model.bin"):
         if (path := member(d, fname, root)) is not None:
-            reader = open_checkpoint(str(path))
+            reader = open_path(path)
             try:
                 return {n: reader.read(n) for n in reader.names()}
             finally:

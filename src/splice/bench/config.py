@@ -63,8 +63,8 @@ from pydantic import (
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.io.textfile import load_yaml
 from splice.numbers import FINITE, first_nonfinite
-from splice.textfile import load_yaml
 
 
 class BenchConfigError(SpliceError):
@@ -195,5 +195,5 @@ def load_bench_config(path: str | Path) -> BenchConfig:
     p = Path(path)
     if not p.exists():
         raise BenchConfigError(f"{p} does not exist")
-    data = load_yaml(p, BenchConfigError)  # one-line errors (splice.textfile)
+    data = load_yaml(p, BenchConfigError)  # one-line errors (splice.io.textfile)
     return parse_bench_config(data or {}, where=str(p))

@@ -19,9 +19,9 @@ import torch
 
 from splice.bench.backbone import State
 from splice.engine import plan_merge, run_merge
-from splice.io import open_checkpoint
 from splice.merge import get_method
 from splice.recipe.schema import parse_recipe
+from splice.reference import open_checkpoint
 
 
 def make_recipe(

@@ -7,7 +7,7 @@ import argparse
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from splice.inspect_ckpt import compare, human_bytes, summarize
-    from splice.io import open_checkpoint
+    from splice.reference import open_checkpoint
 
     a = open_checkpoint(args.path)
     try:

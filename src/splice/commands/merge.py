@@ -51,9 +51,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_merge_continual(args: argparse.Namespace) -> int:
     """`splice merge --continual STATE|none --base B --add MODEL --out DIR` (OPCM)."""
+    from splice.engine.continual import opcm_add
     from splice.errors import MergeValidationError
     from splice.io import parse_size
-    from splice.merge.continual.stream import opcm_add
 
     if args.continual is None:
         raise MergeValidationError("splice merge needs a recipe, or --continual STATE|none")

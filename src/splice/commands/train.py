@@ -29,7 +29,7 @@ FLAG_KEYS = {
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags as dotted config keys. A ``--param KEY=VALUE`` value is YAML; a value that does
     not parse is an error naming the parameter."""
-    from splice.textfile import parse_yaml
+    from splice.io.textfile import parse_yaml
     from splice.train import TrainConfigError
 
     out: dict[str, Any] = {}

@@ -26,7 +26,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.safe_paths import member
-from splice.textfile import load_json_object
+from splice.io.textfile import load_json_object
 
 MANIFEST_NAME = "splice_compress.json"
 MASK_PREFIX = "__mask__."

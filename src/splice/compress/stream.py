@@ -28,10 +28,11 @@ from splice.compress.packed import (
     unpack_mask,
 )
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
+from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
 from splice.io.safe_paths import side_files
-from splice.textfile import check_readable
+from splice.io.textfile import check_readable
+from splice.reference import open_checkpoint
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
 MODEL_FILES = (

@@ -32,7 +32,7 @@ from typing import Any
 
 from splice.data.dataset import MAX_CLASSES, TextClassificationDataset, from_pairs
 from splice.errors import DataError
-from splice.textfile import parse_json, read_text
+from splice.io.textfile import parse_json, read_text
 
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT = re.compile(r"[+-]?\d+")

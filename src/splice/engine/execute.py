@@ -47,9 +47,9 @@ from splice.io.finite import numerical_errors
 from splice.io.open import split_reference
 from splice.io.safe_paths import member, side_files
 from splice.io.shard_record import input_digest
+from splice.io.textfile import check_readable, load_json_object
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
-from splice.textfile import check_readable, load_json_object
 
 TOKENIZER_FILES = (
     "tokenizer.json",

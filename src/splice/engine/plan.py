@@ -26,11 +26,12 @@ from splice.config_errors import did_you_mean
 from splice.engine.layers import layer_index, rename_layer
 from splice.engine.topk import stat_requests
 from splice.errors import MergeValidationError
-from splice.io import CheckpointReader, TensorInfo, open_checkpoint
+from splice.io import CheckpointReader, TensorInfo
 from splice.io.dtypes import DTYPE_BY_NAME
 from splice.merge import MergeMethod, TopKRequest, get_method
 from splice.recipe.schema import OutputSlice, Parameters, Recipe
 from splice.recipe.settings import MISSING, resolve
+from splice.reference import open_checkpoint
 
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
 

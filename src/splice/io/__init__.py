@@ -3,7 +3,7 @@
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.gguf_reader import GgufReader
 from splice.io.lora_fold import LoraFoldedReader
-from splice.io.open import model_dir_of, open_checkpoint
+from splice.io.open import model_dir_of, open_path
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.sharded_reader import ShardedReader
@@ -23,7 +23,7 @@ __all__ = [
     "TensorInfo",
     "TorchReader",
     "model_dir_of",
-    "open_checkpoint",
+    "open_path",
     "parse_size",
     "plan_shards",
 ]

@@ -85,7 +85,7 @@ class LoraFoldedReader:
         folded_by: dict[str, str] = {}
 
         def resolve(wanted: str, key: str, owner: dict[str, str]) -> str:
-            name = _resolve(wanted, base_set, base_names)
+            name = resolve_tensor_name(wanted, base_set, base_names)
             if name is None:
                 raise CheckpointError(
                     f"{where}: key '{key}' matches no tensor of the base {self.base.path} "
@@ -236,7 +236,7 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _resolve(wanted: str, base_set: set[str], base_names: list[str]) -> str | None:
+def resolve_tensor_name(wanted: str, base_set: set[str], base_names: list[str]) -> str | None:
     """The base tensor name for adapter name `wanted`; None if none, "" if ambiguous."""
     if wanted in base_set:
         return wanted

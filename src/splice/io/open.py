@@ -1,8 +1,7 @@
-r"""Open a model reference as a `CheckpointReader`, choosing the reader by what is on disk.
-
-A reference is a path, or `BASE+ADAPTER` (a base checkpoint with an adapter folder folded
-in: PEFT LoRA/DoRA by `lora_fold`; any other weight-space type, PEFT's or splice's, by
-`splice.adapters.fold_reader` through the adapter's own delta). Dispatch:
+r"""Model references on disk: `open_path` (a plain path as a `CheckpointReader`, the reader
+chosen by what is on disk), `split_reference` (`PATH` or `BASE+ADAPTER`) and `model_dir_of`.
+Folding an adapter into its base is `splice.reference.open_checkpoint`, above this package.
+`open_path` dispatch:
 
 - a file by suffix: `.safetensors`; `.bin` / `.pt` / `.pth` (weights-only pickle); `.gguf`;
 - a folder, first match wins: `model.safetensors.index.json`, `model.safetensors`,
@@ -29,11 +28,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from splice.errors import CheckpointError, SpliceError
+from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
-from splice.io.finite import FiniteReader
 from splice.io.gguf_reader import GgufReader
-from splice.io.lora_fold import LoraFoldedReader
 from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
 from splice.io.safe_paths import allowed_root, member
 from splice.io.safetensors_reader import SafetensorsReader
@@ -113,48 +110,8 @@ def _split_escaped(ref: str) -> tuple[str, str | None]:
     return parts[0], parts[1] if len(parts) == 2 else None
 
 
-def open_checkpoint(ref: str | os.PathLike[str], *, check_finite: bool = False) -> CheckpointReader:
-    """A lazy reader for `ref` (see the module docstring for the dispatch rules).
-
-    With ``check_finite`` (what every computing command asks for unless given
-    ``--allow-nonfinite``) its `read` refuses a floating tensor holding NaN / ±inf, naming
-    the tensor and `ref` (`splice.io.finite.FiniteReader`). Without it the reader is the
-    format's own (what `splice inspect` shows, non-finite values included).
-    """
-    reader = _open_reference(ref)
-    return FiniteReader(reader, os.fspath(ref)) if check_finite else reader
-
-
-def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
-    base, adapter = split_reference(ref)
-    reader = _open_path(Path(base))
-    if adapter is None:
-        return reader
-    try:
-        if _peft_type(Path(adapter)) == "LORA":
-            return LoraFoldedReader(reader, adapter)
-        # any other adapter type folds through its own delta (splice.adapters)
-        from splice.adapters.fold_reader import AdapterFoldedReader
-
-        return AdapterFoldedReader(reader, adapter, model_dir_of(base))
-    except BaseException:
-        reader.close()
-        raise
-
-
-def _peft_type(adapter_dir: Path) -> str:
-    """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
-    from splice.textfile import load_json_object
-
-    try:
-        path = member(adapter_dir, ADAPTER_CONFIG)
-        raw = load_json_object(path, CheckpointError) if path is not None else {}
-        return str(raw.get("peft_type", "LORA"))
-    except SpliceError:
-        return "LORA"
-
-
-def _open_path(path: Path) -> CheckpointReader:
+def open_path(path: Path) -> CheckpointReader:
+    """A lazy reader for a plain checkpoint path (a file by suffix, or a folder)."""
     if path.is_dir():
         return _open_folder(path)
     suffix = path.suffix.lower()

@@ -33,9 +33,9 @@ from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import SafetensorsReader
+from splice.io.textfile import load_json_object
 from splice.io.torch_reader import TorchReader
 from splice.numbers import check_number, is_finite_number
-from splice.textfile import load_json_object
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

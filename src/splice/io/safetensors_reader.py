@@ -32,7 +32,7 @@ from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
 from splice.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
 from splice.io.safe_paths import open_regular, shown
-from splice.textfile import decode_utf8, parse_json
+from splice.io.textfile import decode_utf8, parse_json
 
 MAX_HEADER_BYTES = 100_000_000
 """The same upper bound the official `safetensors` library puts on a header."""

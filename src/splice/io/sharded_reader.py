@@ -7,7 +7,7 @@ index is checked against them: each shard file exists, is a plain file name insi
 really lies inside the folder's allowed root once links are followed (`safe_paths`: a shard
 linked out of the folder is refused; a Hugging Face cache snapshot's links into its blobs are
 fine), is a regular file, and holds every tensor the index assigns to it. The index itself is
-read through `splice.textfile.load_json` (a regular file of at most 100 MB) and may list at most
+read through `splice.io.textfile.load_json` (a regular file of at most 100 MB) and may list at most
 `MAX_TENSORS` tensors. Tensors a shard
 holds but the index does not list are unreachable for Hugging Face loaders and are ignored here
 too.
@@ -25,8 +25,8 @@ from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
+from splice.io.textfile import load_json
 from splice.io.torch_reader import TorchReader
-from splice.textfile import load_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

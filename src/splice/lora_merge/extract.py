@@ -34,10 +34,10 @@ import torch
 
 from splice.delta import LowRank
 from splice.errors import MergeValidationError
-from splice.io import open_checkpoint
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
 from splice.lora_merge.peft_writer import write_adapter_files
+from splice.reference import open_checkpoint
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embed_tokens|wte|wpe|embed_positions|word_embeddings|position_embeddings)$"

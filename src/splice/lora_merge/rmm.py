@@ -41,9 +41,9 @@ from splice.io.finite import check_output, numerical_errors
 from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import SafetensorsReader
+from splice.io.textfile import load_json_object
 from splice.lora_merge.adapters import load_adapters
 from splice.lora_merge.peft_writer import write_lora_adapter
-from splice.textfile import load_json_object
 
 STORE_WEIGHTS = "rmm.safetensors"
 STORE_INFO = "rmm.json"

@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from splice.config_errors import did_you_mean
 from splice.errors import RecipeError
+from splice.io.textfile import parse_yaml, read_text
 from splice.numbers import FINITE
-from splice.textfile import parse_yaml, read_text
 
 Scalar = bool | int | float | str
 # Every recipe model: unknown keys are errors, and so is a NaN / ±inf number anywhere
@@ -253,7 +253,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns the recipe and its YAML text. Unreadable
-    files, undecodable bytes and YAML errors are one-line `RecipeError`s (`splice.textfile`)."""
+    files, undecodable bytes and YAML errors are one-line `RecipeError`s (`splice.io.textfile`)."""
     p = Path(path)
     if not os.path.lexists(p):
         raise RecipeError(f"recipe file {p} does not exist")

@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from splice.config_errors import first_error, unknown_key_message
 from splice.errors import SpliceError
+from splice.io.textfile import load_yaml
 from splice.numbers import FINITE
-from splice.textfile import load_yaml
 
 
 class TrainConfigError(SpliceError):
@@ -110,7 +110,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     p = Path(path)
     if not p.exists():
         raise TrainConfigError(f"{p} does not exist")
-    data = load_yaml(p, TrainConfigError)  # one-line errors (splice.textfile)
+    data = load_yaml(p, TrainConfigError)  # one-line errors (splice.io.textfile)
     if data is not None and not isinstance(data, dict):
         raise TrainConfigError(f"{p}: expected a mapping at the top level")
     return parse_train_config(merge_overrides(data or {}, overrides or {}), where=str(p))

@@ -22,8 +22,8 @@ import torch
 from splice.errors import SpliceError
 from splice.io.output_folder import cache_folder
 from splice.io.safe_paths import check_model_folder, require_regular
+from splice.io.textfile import load_json_object
 from splice.io.torch_reader import unpickling_error
-from splice.textfile import load_json_object
 
 PACKAGED: dict[str, tuple[str, str, str]] = {
     # name: (python package, file or folder inside it, pip command)

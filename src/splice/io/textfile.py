@@ -30,25 +30,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from splice.errors import SpliceError
+from splice.errors import SpliceError, os_error_message
+from splice.io.safe_paths import read_limited
 
 MAX_DEPTH = 100
 MAX_TEXT_BYTES = 100_000_000
 """Recipes, configs, indexes and adapter configs are far smaller; a larger one is refused."""
 _BOM = b"\xef\xbb\xbf"
-
-
-def os_error_message(e: OSError, path: str | os.PathLike[str] | None = None) -> str:
-    """``"PATH: strerror"`` (both paths for a two-path error such as a rename)."""
-    name = path if path is not None else e.filename
-    reason = e.strerror or str(e) or type(e).__name__
-    if isinstance(e, IsADirectoryError):
-        reason = "is a folder, not a file"
-    if name is None:
-        return reason
-    if e.filename2 is not None and path is None:
-        return f"{name} -> {e.filename2}: {reason}"
-    return f"{name}: {reason}"
 
 
 def decode_error_message(path: str | os.PathLike[str], e: UnicodeDecodeError, skip: int) -> str:
@@ -76,8 +64,6 @@ def read_text(
 ) -> str:
     """The whole regular file as text, at most ``limit`` bytes (None: no bound); see the
     module docstring for the errors."""
-    from splice.io.safe_paths import read_limited
-
     data = read_limited(path, limit if limit is not None else 1 << 62, "text file", error)
     return decode_utf8(data, str(path), error)
 

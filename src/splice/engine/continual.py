@@ -26,13 +26,14 @@ import torch
 
 import splice
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, model_dir_of, open_checkpoint, plan_shards
+from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
 from splice.io.finite import numerical_errors
 from splice.io.safe_paths import member, side_files
+from splice.io.textfile import check_readable, load_json_object
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
-from splice.textfile import check_readable, load_json_object
+from splice.reference import open_checkpoint
 
 STATE_FILE = "splice_continual.json"
 SIDE_FILES = (
