@@ -132,3 +132,59 @@ def test_lego_two_clusters_deterministic():
     # cluster 1: b=[1,0], a=[1,0] twice -> e1 e1ᵀ. cluster 2: b≈[0,1.05], a≈[0,.95]:
     # norms rescale to the mean norms 1.05 and .95 (already parallel) -> 0.9975 at (1,1).
     torch.testing.assert_close(out.to_dense(), _t([[1, 0], [0, 1.05 * 0.95]]), atol=1e-6, rtol=0)
+
+
+def _dare_ties_by_hand(deltas, weights, density, ctx):
+    """DARE (Yu et al.: keep each entry with probability `density`, rescale by 1/density;
+    masks from the documented per-(seed, module, model) generator) then TIES (Yadav et al.:
+    elected sign = sign of the weighted sum, >= 0 counts as +; disjoint weighted mean of the
+    agreeing entries, a zero divisor counting as 1), written entry by entry."""
+    from splice.merge.methods.dare import dare_mask
+
+    kept = []
+    for i, d in enumerate(deltas):
+        mask = dare_mask(d.shape, density, ctx.generator(i))
+        kept.append(
+            [
+                [float(d[r, c]) / density if mask[r, c] else 0.0 for c in range(d.shape[1])]
+                for r in range(d.shape[0])
+            ]
+        )
+    rows, cols = deltas[0].shape
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            values = [w * k[r][c] for k, w in zip(kept, weights)]
+            sign = 1.0 if sum(values) >= 0 else -1.0
+            agree = [(v, w) for v, w in zip(values, weights) if v != 0 and (v > 0) == (sign > 0)]
+            den = sum(w for _, w in agree) or 1.0
+            out[r, c] = sum(v for v, _ in agree) / den
+    masks = [dare_mask(d.shape, density, ctx.generator(i)) for i, d in enumerate(deltas)]
+    return out, masks
+
+
+def test_dare_ties_golden():
+    # ΔW_1 = A_1, ΔW_2 = A_2 (B = I); density 0.5, weights 1 and 0.5; full rank 2: exact SVD
+    a1, a2 = _t([[1, -2], [3, 0.5]]), _t([[-1, 4], [2, -3]])
+    loras = [LowRank(torch.eye(2), a1), LowRank(torch.eye(2), a2)]
+    opts = LoraMergeOptions(density=0.5, rank=2, seed=11)
+    ctx = MergeContext(tensor_name="layers.0.q_proj", seed=11)
+    want, masks = _dare_ties_by_hand([a1, a2], [1.0, 0.5], 0.5, ctx)
+    assert all(0 < int(m.sum()) < m.numel() for m in masks)  # the masks drop and keep
+    got = get_lora_method("dare_ties")(loras, [1.0, 0.5], opts, ctx)
+    torch.testing.assert_close(got.to_dense().double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_knots_dare_golden():
+    # KnOTS-DARE: ΔW = U · DARE-TIES(C_1, C_2) with [ΔW_1 | ΔW_2] = U [C_1 | C_2]
+    g = torch.Generator().manual_seed(4)
+    loras = [LowRank(torch.randn(4, 2, generator=g), torch.randn(2, 3, generator=g)) for _ in "ab"]
+    opts = LoraMergeOptions(density=0.5, seed=3)
+    ctx = MergeContext(tensor_name="layers.1.v_proj", seed=3)
+    basis, coeffs = knots_basis(loras)
+    merged, masks = _dare_ties_by_hand(coeffs, [1.0, 1.0], 0.5, ctx)
+    assert all(0 < int(m.sum()) < m.numel() for m in masks)
+    got = get_lora_method("knots_dare")(loras, [1.0, 1.0], opts, ctx)
+    torch.testing.assert_close(
+        got.to_dense().double(), basis.double() @ merged, atol=1e-5, rtol=1e-5
+    )
