@@ -148,3 +148,19 @@ def test_split_reference_errors(ref, fragment, tmp_path, monkeypatch):
     _plus_tree(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match=fragment):
         split_reference(ref)
+
+
+def test_model_side_files_is_the_one_list_of_copied_files(tmp_path):
+    from splice.io.open import TOKENIZER_FILES, model_side_files
+
+    for name in ("config.json", "merges.txt", "vocab.json", "chat_template.jinja", "notes.txt"):
+        (tmp_path / name).write_text("{}")
+    # in the list's order; config.json only where the caller asks for it; other files never
+    assert [p.name for p in model_side_files(tmp_path)] == [
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+    ]
+    names = [p.name for p in model_side_files(tmp_path, ("config.json", *TOKENIZER_FILES))]
+    assert names == ["config.json", "vocab.json", "merges.txt", "chat_template.jinja"]
+    assert model_side_files(tmp_path / "missing") == []

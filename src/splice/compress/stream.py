@@ -27,22 +27,14 @@ from splice.compress.packed import (
     packed_width,
     unpack_mask,
 )
-from splice.errors import CheckpointError, MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
+from splice.errors import MergeValidationError
+from splice.io import CheckpointReader, ShardedWriter, plan_shards
 from splice.io.base import TensorInfo
-from splice.io.safe_paths import side_files
-from splice.io.textfile import check_readable
+from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.reference import open_checkpoint
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-)
+MODEL_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 class Kernel(Protocol):
@@ -199,9 +191,7 @@ def restore(
                     f"{base_ref} has {base.info(n).shape}"
                 )
         infos = [base.info(n) for n in base.names()]
-        model_dir = model_dir_of(base_ref)
-        copies = side_files(model_dir, MODEL_FILES) if model_dir else []
-        check_readable(copies, CheckpointError)  # before any tensor is written
+        copies = model_side_files(base_ref, MODEL_FILES)  # checked before any tensor is written
         writer = ShardedWriter(
             out_dir,
             plan_shards(infos, shard_bytes),

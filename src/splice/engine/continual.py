@@ -29,25 +29,15 @@ from splice.errors import CheckpointError, MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
 from splice.io.finite import numerical_errors
-from splice.io.safe_paths import member, side_files
-from splice.io.textfile import check_readable, load_json_object
+from splice.io.open import TOKENIZER_FILES, model_side_files
+from splice.io.safe_paths import member
+from splice.io.textfile import load_json_object
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
 from splice.reference import open_checkpoint
 
 STATE_FILE = "splice_continual.json"
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-)
+SIDE_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)
@@ -125,11 +115,10 @@ def _updates(
 
 
 def _side_files(*refs: str) -> list[Path]:
-    """The side files of the first reference with a model folder (`safe_paths.side_files`)."""
+    """The side files of the first reference with a model folder (`model_side_files`)."""
     for ref in refs:
-        d = model_dir_of(ref)
-        if d is not None:
-            return check_readable(side_files(d, SIDE_FILES), CheckpointError)
+        if model_dir_of(ref) is not None:
+            return model_side_files(ref, SIDE_FILES)
     return []
 
 

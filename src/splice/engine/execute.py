@@ -44,25 +44,13 @@ from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
 from splice.io import ShardedWriter, model_dir_of, plan_shards
 from splice.io.finite import numerical_errors
-from splice.io.open import split_reference
-from splice.io.safe_paths import member, side_files
+from splice.io.open import model_side_files, split_reference
+from splice.io.safe_paths import member
 from splice.io.shard_record import input_digest
-from splice.io.textfile import check_readable, load_json_object
+from splice.io.textfile import load_json_object
 from splice.merge import KeepRule, MergeContext
 from splice.merge.methods.lines import lines_scale
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -126,10 +114,7 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
     ref = plan.reference if src in (None, "base") else src
     if src == "base" and plan.recipe.base_model:
         ref = plan.recipe.base_model
-    d = model_dir_of(ref)
-    if d is None:
-        return []
-    return check_readable(side_files(d, TOKENIZER_FILES), CheckpointError)
+    return model_side_files(ref)
 
 
 class _Runner:
@@ -185,9 +170,7 @@ class _Runner:
                 out = kept.add_(out.to(cd).sub_(kept), alpha=s)
             del base, tensors, kept
         out = out.to(job.out.dtype).contiguous()
-        self.writer.write(
-            job.out.name, out, inputs=seen, allow_nonfinite=self.plan.allow_nonfinite
-        )
+        self.writer.write(job.out.name, out, inputs=seen, allow_nonfinite=self.plan.allow_nonfinite)
         return out.numel() * out.element_size()
 
 

@@ -32,7 +32,7 @@ from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
 from splice.io.gguf_reader import GgufReader
 from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
-from splice.io.safe_paths import allowed_root, member
+from splice.io.safe_paths import allowed_root, member, side_files
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.sharded_reader import BIN_INDEX, SAFETENSORS_INDEX, ShardedReader
 from splice.io.torch_reader import TorchReader
@@ -148,6 +148,32 @@ def _open_folder(folder: Path) -> CheckpointReader:
         f"{folder}: no checkpoint found (looked for {SAFETENSORS_INDEX}, model.safetensors, "
         f"{BIN_INDEX}, pytorch_model.bin)"
     )
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""The side files every output copies from its model folder (the merge engine, continual
+merging, compress / restore); `config.json` is added by the callers that copy it verbatim."""
+
+
+def model_side_files(
+    ref: str | os.PathLike[str], names: tuple[str, ...] = TOKENIZER_FILES
+) -> list[Path]:
+    """The files of `names` in the model folder of `ref` (none without one), each checked by
+    `safe_paths.side_files` (inside the allowed root, a readable regular file) before any
+    output is written."""
+    folder = model_dir_of(ref)
+    return [] if folder is None else side_files(folder, names)
 
 
 def model_dir_of(ref: str | os.PathLike[str]) -> Path | None:

@@ -149,9 +149,14 @@ def member(
 
 
 def side_files(folder: str | os.PathLike[str], names: tuple[str, ...] | list[str]) -> list[Path]:
-    """The files of `names` present in `folder`, each checked by `member` (errors raise)."""
+    """The files of `names` present in `folder`, each checked by `member` and opened once
+    (`open_regular`), so that a side file a writer copies at the end fails before the first
+    tensor is written (errors raise)."""
     root = allowed_root(folder)
-    return [p for name in names if (p := member(folder, name, root)) is not None]
+    found = [p for name in names if (p := member(folder, name, root)) is not None]
+    for p in found:
+        os.close(open_regular(p))
+    return found
 
 
 def check_model_folder(

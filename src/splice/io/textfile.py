@@ -9,8 +9,9 @@ JSON Lines data, a model's ``config.json``, adapter and store side files) goes t
   FIFO or device is refused, never opened), at most ``limit`` bytes (`MAX_TEXT_BYTES` for a
   recipe or config, no bound for a data file the caller reads whole anyway).
 - The file is read whole as UTF-8; a leading byte-order mark is accepted and dropped.
-- Any OS error (no such file, a folder where a file is expected, no permission, I/O error)
-  is ``"PATH: <what the OS said>"``.
+- A missing file is ``"PATH does not exist"``, a folder or FIFO ``"PATH is a folder, not a
+  regular file"``, any other OS error ``"PATH: cannot open: <what the OS said>"`` (or
+  ``cannot read``).
 - Undecodable bytes are ``"PATH is not valid UTF-8 text (invalid byte at offset 123, line 4)"``
   (the offset counts bytes from the start of the file, the BOM included).
 - A YAML or JSON syntax error names the line and column and the parser's problem.
@@ -27,10 +28,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from splice.errors import SpliceError, os_error_message
+from splice.errors import SpliceError
 from splice.io.safe_paths import read_limited
 
 MAX_DEPTH = 100
@@ -143,15 +143,3 @@ def _kind(value: Any) -> str:
     return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), f"a {type(value).__name__}"
     )
-
-
-def check_readable(paths: list[Path], error: type[SpliceError] = SpliceError) -> list[Path]:
-    """``paths`` unchanged once each opens for reading: side files (tokenizer, config) that a
-    writer copies at the end are checked before the first tensor is written."""
-    for p in paths:
-        try:
-            with open(p, "rb"):
-                pass
-        except OSError as e:
-            raise error(os_error_message(e, p)) from None
-    return paths
