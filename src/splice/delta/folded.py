@@ -58,14 +58,21 @@ def _matmul_left(w: Tensor, p: dict[str, Tensor], _: dict[str, Any]) -> Tensor:
     return p["matrix"].float() @ w - w
 
 
+def dora_factor(magnitude: Tensor, weight: Tensor, lora: Tensor) -> Tensor:
+    """DoRA's c = m / ‖W + ΔW_lora‖ per output feature (the L2 norm over every dim but 0),
+    the norm detached from the graph (DoRA §4.3, as PEFT). The one place of this formula:
+    the LoRA layers' DoRA forward, the `dora` transform and the PEFT fold use it."""
+    norm = (weight + lora).norm(p=2, dim=tuple(range(1, weight.dim()))).detach()
+    return magnitude.reshape(-1) / norm
+
+
 @folded_transform("dora")
 def _dora(w: Tensor, p: dict[str, Tensor], opts: dict[str, Any]) -> Tensor:
     transposed = bool(opts.get("transposed", False))
     if transposed:
         w = w.T
     lora = (p["b"].float() @ p["a"].float()).reshape(w.shape) * float(opts.get("lora_scale", 1.0))
-    norm = (w + lora).norm(p=2, dim=tuple(range(1, w.dim())))
-    c = p["magnitude"].float().reshape(-1) / norm
+    c = dora_factor(p["magnitude"].float(), w, lora)
     d = c.reshape(-1, *([1] * (w.dim() - 1))) * (w + lora) - w
     return d.T if transposed else d
 

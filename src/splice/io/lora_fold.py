@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from splice.delta.folded import dora_factor
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.peft_adapter import (
@@ -223,10 +224,8 @@ def _dora(
     (Conv1D's in×out storage, embeddings), as PEFT's DoRA merge."""
     merged = weight + delta
     if transpose:
-        norm = torch.linalg.norm(merged.T, dim=1)
-        return (magnitude / norm).view(1, -1) * merged
-    norm = torch.linalg.norm(merged, dim=1)
-    return (magnitude / norm).view(-1, 1) * merged
+        return dora_factor(magnitude, weight.T, delta.T).view(1, -1) * merged
+    return dora_factor(magnitude, weight, delta).view(-1, 1) * merged
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from splice.adapters.layer import AdapterModule, AdapterStateError
 from splice.delta import Delta, Dense, Folded, LowRank
+from splice.delta.folded import dora_factor
 
 _BIAS_KEY = "base_layer.bias"
 
@@ -71,10 +72,8 @@ class LoraModule(AdapterModule):
 
 
 def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
-    """c = m / ‖W + s · BA‖ per output feature (dim 0 of ``weight``), detached."""
-    dims = tuple(range(1, weight.dim()))
-    norm = (weight + scaling * lora_weight.detach()).norm(p=2, dim=dims).detach()
-    return magnitude.reshape(-1) / norm
+    """c = m / ‖W + s · BA‖ per output feature (`splice.delta.folded.dora_factor`)."""
+    return dora_factor(magnitude, weight, scaling * lora_weight.detach())
 
 
 class LoraLinear(LoraModule):
