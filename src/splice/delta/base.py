@@ -27,7 +27,6 @@ Choices:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from splice.errors import SpliceError
+from splice.numbers import check_number
 
 
 class DeltaError(SpliceError):
@@ -91,10 +91,8 @@ def delta_types() -> list[str]:
 
 
 def check_factor(factor: float) -> float:
-    factor = float(factor)
-    if not math.isfinite(factor):
-        raise DeltaError(f"a delta's scale factor must be finite, got {factor}")
-    return factor
+    """``float(factor)`` when finite, else a DeltaError (`splice.numbers.check_number`)."""
+    return check_number(float(factor), "a delta's scale factor", error=DeltaError)
 
 
 def check_shape(shape: tuple[int, ...], other: Delta) -> None:
