@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Check splice.merge.argsort_select (mergekit's top-k set without sorting) by hand.
+"""Check splice.delta.argsort_select (mergekit's top-k set without sorting) by hand.
 
-The algorithm now lives in src/splice/merge/argsort_select.py; this script times it
+The algorithm now lives in src/splice.delta.argsort_select.py; this script times it
 against torch.argsort on real task vectors and checks the kept sets are identical.
 
 Original notes:
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from splice.merge.argsort_select import argsort_topk_mask
+from splice.delta.argsort_select import argsort_topk_mask
 
 
 def reference(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -41,13 +41,13 @@ STEPS: list[tuple[str, str, str, int]] = [
     ("splice.engine.execute", "_model_stat_rules", "whole-model statistics passes", 0),
     ("splice.merge.methods._common", "deltas_", "method: deltas θ_i − base", 1),
     ("splice.merge.methods._common", "magnitude_trim_", "method: magnitude trim (per model)", 1),
-    ("splice.merge.sparsify", "magnitude", "|δ| in float32", 2),
-    ("splice.merge.sparsify", "topk_mask", "top-k mask", 2),
-    ("splice.merge.sparsify", "_topk_flat", "exact top-k (radix select + mask)", 3),
-    ("splice.merge.sparsify", "kth_largest", "radix selection (2 bincounts)", 4),
-    ("splice.merge.sparsify", "_sorted_slice", "torch argsort for mergekit tie order", 3),
-    ("splice.merge.sparsify", "topk_mask_rows", "row-wise top-k (kthvalue)", 2),
-    ("splice.merge.sparsify", "band_mask_rows", "band mask (breadcrumbs)", 2),
+    ("splice.delta.topk", "magnitude", "|δ| in float32", 2),
+    ("splice.delta.topk", "topk_mask", "top-k mask", 2),
+    ("splice.delta.topk", "_topk_flat", "exact top-k (radix select + mask)", 3),
+    ("splice.delta.topk", "kth_largest", "radix selection (2 bincounts)", 4),
+    ("splice.delta.topk", "_sorted_slice", "torch argsort for mergekit tie order", 3),
+    ("splice.delta.topk", "topk_mask_rows", "row-wise top-k (kthvalue)", 2),
+    ("splice.delta.topk", "band_mask_rows", "band mask (breadcrumbs)", 2),
     ("splice.merge.methods._common", "ties_combine_", "method: sign election + disjoint mean", 1),
     ("splice.merge.methods._common", "linear_combine_", "method: weighted sum", 1),
     ("splice.io.writer", "ShardedWriter.write", "write output tensor (pwrite)", 1),
@@ -104,7 +104,8 @@ def install(timers: Timers) -> list[tuple[object, str, object]]:
         wrapped = timers.wrap(label, orig)
         for name, mod in list(sys.modules.items()):
             if (name == "splice" or name.startswith("splice.")) and getattr(
-                    mod, attr, None) is orig:
+                mod, attr, None
+            ) is orig:
                 undo.append((mod, attr, orig))
                 setattr(mod, attr, wrapped)
     return undo
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     t_plan = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
-        report = run_merge(plan, args.out, threads=args.threads, overwrite=True,
-                           progress=False, recipe_text=text)
+        report = run_merge(
+            plan, args.out, threads=args.threads, overwrite=True, progress=False, recipe_text=text
+        )
         wall = time.perf_counter() - t1
     finally:
         plan.close()
@@ -136,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             setattr(obj, attr, orig)
     shutil.rmtree(args.out, ignore_errors=True)
 
-    print(f"recipe {args.recipe} ({recipe.method_name}), threads {args.threads}, "
-          f"torch threads per job {max(1, (torch.get_num_threads()) // args.threads)}")
-    print(f"plan {t_plan:.2f} s; run_merge {wall:.2f} s; read {report.bytes_read / 1e9:.2f} GB, "
-          f"wrote {report.bytes_written / 1e9:.2f} GB, {report.tensors} tensors")
+    print(
+        f"recipe {args.recipe} ({recipe.method_name}), threads {args.threads}, "
+        f"torch threads per job {max(1, (torch.get_num_threads()) // args.threads)}"
+    )
+    print(
+        f"plan {t_plan:.2f} s; run_merge {wall:.2f} s; read {report.bytes_read / 1e9:.2f} GB, "
+        f"wrote {report.bytes_written / 1e9:.2f} GB, {report.tensors} tensors"
+    )
     print(f"\n{'step':58} {'seconds':>8} {'% wall':>7} {'calls':>6}")
     for _, _, label, depth in STEPS:
         if label not in timers.seconds:
@@ -149,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     top = sum(timers.seconds[lbl] for _, _, lbl, d in STEPS if d == 0)
     jobs = timers.seconds.get("job (all steps of one tensor)", 0.0)
     inside = sum(timers.seconds[lbl] for _, _, lbl, d in STEPS if d == 1)
-    print(f"{'  job time not in a timed step (dtype casts, glue)':58} {jobs - inside:>8.2f} "
-          f"{(jobs - inside) / wall:>7.1%}")
-    print(f"{'outside jobs (setup, thread hand-offs)':58} {wall - top:>8.2f} "
-          f"{(wall - top) / wall:>7.1%}")
+    print(
+        f"{'  job time not in a timed step (dtype casts, glue)':58} {jobs - inside:>8.2f} "
+        f"{(jobs - inside) / wall:>7.1%}"
+    )
+    print(
+        f"{'outside jobs (setup, thread hand-offs)':58} {wall - top:>8.2f} "
+        f"{(wall - top) / wall:>7.1%}"
+    )
     _ = execute  # keep the engine module imported for the class patches
     return 0
 

@@ -3,18 +3,9 @@ import math
 import pytest
 import torch
 
+from splice.delta.topk import band_mask_rows, keep_count, kth_largest, topk_mask, topk_mask_rows
 from splice.merge import KeepRule
-from splice.merge.sparsify import (
-    band_mask_rows,
-    keep_count,
-    keep_rule_mask,
-    kth_largest,
-    rescale_inverse,
-    rescale_l1,
-    rows_view,
-    topk_mask,
-    topk_mask_rows,
-)
+from splice.merge.sparsify import keep_rule_mask, rescale_inverse, rescale_l1, rows_view
 
 T, F = True, False
 

@@ -2,7 +2,7 @@
 TALL masks). Stored as flat int64 indices (strictly increasing) and their values.
 
 `sparsify(delta, density)` keeps exactly k = round(density · n) entries of largest |ΔW|
-(`keep_count`; ties at the threshold in flat order, `splice.merge.sparsify.topk_mask`): the
+(`splice.delta.topk.largest_mask`: ties at the threshold in flat order): the
 magnitude trim of TIES without rescaling. Memory: 8 + element size bytes per kept entry.
 """
 
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from splice.delta._common import DeltaOps, element_bytes
 from splice.delta.base import Delta, DeltaError, check_factor, delta_type
+from splice.delta.topk import largest_mask
 
 
 @delta_type("sparse")
@@ -82,10 +83,7 @@ class Sparse(DeltaOps):
 
 def sparsify(delta: Delta, density: float, base: Tensor | None = None) -> Sparse:
     """Keep the round(density · n) entries of largest magnitude of any delta."""
-    from splice.merge.sparsify import keep_count, topk_mask
-
     if not 0.0 <= density <= 1.0:
         raise DeltaError(f"density must be in [0, 1], got {density}")
     dense = delta.to_dense(base)
-    k = keep_count(dense.numel(), density)
-    return Sparse.from_mask(dense, topk_mask(dense.abs(), k))
+    return Sparse.from_mask(dense, largest_mask(dense, density))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from splice.delta._common import DeltaOps, element_bytes
 from splice.delta.base import Delta, DeltaError, check_factor, delta_type
+from splice.delta.topk import largest_mask
 
 ScaleRule = Literal["std", "std_kept", "mean_abs"]
 
@@ -68,14 +69,11 @@ def ternarize(
     base: Tensor | None = None,
 ) -> Ternary:
     """Signs of the top round(density · n) magnitudes times α · (std or mean |ΔW|)."""
-    from splice.merge.sparsify import keep_count, topk_mask
-
     if not 0.0 <= density <= 1.0:
         raise DeltaError(f"density must be in [0, 1], got {density}")
     check_factor(alpha)
     dense = delta.to_dense(base)
-    k = keep_count(dense.numel(), density)
-    mask = topk_mask(dense.abs(), k)
+    mask = largest_mask(dense, density)
     signs = (torch.sign(dense) * mask).to(torch.int8)
     if scale in ("std", "std_kept"):
         src = dense if scale == "std" else dense * mask

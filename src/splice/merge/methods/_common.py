@@ -15,9 +15,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from splice.delta.topk import keep_count, magnitude, topk_mask
 from splice.errors import MergeValidationError
-from splice.merge.registry import MergeContext, TopKRequest
-from splice.merge.sparsify import keep_count, keep_rule_mask, magnitude, rescale_l1, topk_mask
+from splice.merge.registry import MergeContext, PerModel, TopKRequest
+from splice.merge.sparsify import keep_rule_mask, rescale_l1
 
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 Majority = Literal["sum", "count"]
@@ -95,10 +96,10 @@ def magnitude_trim_(
 def linear_combine_(
     base: Tensor,
     deltas: Sequence[Tensor],
-    weight: Sequence[float],
+    weight: PerModel[float] = 1.0,
     *,
-    lambda_: float,
-    normalize: bool,
+    lambda_: float = 1.0,
+    normalize: bool = False,
 ) -> Tensor:
     """base + λ · Σ w_i δ_i [/ Σ w_i when normalize and |Σ w_i| >= 1e-8] (mergekit's
     generalized task arithmetic without consensus)."""
@@ -113,38 +114,33 @@ def linear_combine_(
         total = sum(weight)
         if abs(total) >= 1e-8:
             merged.div_(total)
-    if lambda_ != 1:
-        merged.mul_(lambda_)
-    return base.add_(merged)
-
-
-def resolve_disjoint(disjoint: str | None, normalize: bool) -> str:
-    """`disjoint`, when given, wins; otherwise mergekit's `normalize` picks mean/sum."""
-    if disjoint is not None:
-        return disjoint
-    return "mean" if normalize else "sum"
+    return add_scaled_(base, merged, lambda_)
 
 
 def ties_combine_(
     base: Tensor,
     deltas: Sequence[Tensor],
-    weight: Sequence[float],
+    weight: PerModel[float] = 1.0,
     *,
-    lambda_: float,
-    majority: str,
-    disjoint: str,
+    majority: Majority = "sum",
+    disjoint: Disjoint | None = None,
+    normalize: bool = True,
+    lambda_: float = 1.0,
 ) -> Tensor:
-    """TIES sign election and disjoint merge of (already trimmed) task vectors, in place.
+    """TIES sign election and disjoint merge of (already sparsified) task vectors, in place.
 
     v_i = w_i δ_i.  majority="sum": s = sign⁺(Σ v_i); "count": s = sign⁺(Σ sign(v_i)),
     where sign⁺(x) = +1 for x >= 0 and −1 otherwise. Entry i agrees where sign(v_i) == s
     (an exact zero never agrees).
     disjoint="mean": Σ_agree v_i / Σ_agree w_i (a zero divisor counts as 1);
-    "sum": Σ_agree v_i;  "max": s · max_agree |v_i|.
+    "sum": Σ_agree v_i;  "max": s · max_agree |v_i|. ``disjoint``, when given, wins;
+    otherwise mergekit's ``normalize`` picks "mean" (true) or "sum" (false).
     Result: base + λ · merged.
     """
     if not deltas:
         return base
+    if disjoint is None:
+        disjoint = "mean" if normalize else "sum"
     for d, w in zip(deltas, weight, strict=True):
         d.mul_(w)
     sign = torch.zeros_like(base)
@@ -167,6 +163,11 @@ def ties_combine_(
     if divisor is not None:
         divisor.masked_fill_(divisor == 0, 1)
         merged.div_(divisor)
+    return add_scaled_(base, merged, lambda_)
+
+
+def add_scaled_(base: Tensor, merged: Tensor, lambda_: float) -> Tensor:
+    """base + λ · merged, in place in both (λ = 1 multiplies nothing)."""
     if lambda_ != 1:
         merged.mul_(lambda_)
     return base.add_(merged)

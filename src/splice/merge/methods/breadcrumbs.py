@@ -29,22 +29,15 @@ Choices:
   false in mergekit; ``disjoint``, when given, wins over ``normalize``.
 """
 
-from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor
 
-from splice.merge.methods._common import (
-    Disjoint,
-    Majority,
-    UnitFloat,
-    deltas_,
-    linear_combine_,
-    resolve_disjoint,
-    ties_combine_,
-)
-from splice.merge.registry import Dialect, MergeContext, PerModel, merge_method
-from splice.merge.sparsify import band_mask_rows, magnitude, rescale_l1, rows_view
+from splice.delta.topk import band_mask_rows, magnitude
+from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
+from splice.merge.methods._compose import compose
+from splice.merge.registry import Dialect, MergeContext, PerModel
+from splice.merge.sparsify import drop_, rows_view
 
 RowScope = Literal["row", "tensor"]
 
@@ -73,79 +66,37 @@ def breadcrumbs_mask_(
     mask = band_mask_rows(rows, skip, keep, ties).reshape(delta.shape)
     l1 = mag.sum() if rescale else None
     del mag, rows
-    delta.mul_(mask)
-    if l1 is not None:
-        rescale_l1(l1, delta)
-    return delta
+    return drop_(delta, mask, rescale, l1=l1)
 
 
-def _masked_deltas(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    scope: str,
-    rescale: bool,
+def band_(
+    deltas: list[Tensor],
+    *,
+    density: PerModel[UnitFloat],
+    gamma: PerModel[UnitFloat] = 0.01,
+    rescale: bool = False,
+    scope: RowScope = "row",
     ctx: MergeContext,
-) -> list[Tensor]:
-    deltas = deltas_(base, tensors)
+) -> None:
+    """Keep the band of each task vector's magnitudes below its top gamma_i (in place)."""
     for d, dens, g in zip(deltas, density, gamma, strict=True):
         breadcrumbs_mask_(d, dens, g, scope=scope, dialect=ctx.dialect, rescale=rescale)
-    return deltas
 
 
-@merge_method(
+_MERGEKIT = {"density": 1.0, "scope": "tensor"}
+compose(
     "breadcrumbs",
-    needs_base=True,
-    mergekit_defaults={"density": 1.0, "scope": "tensor"},
+    band_,
+    linear_combine_,
+    summary="Drop the largest and smallest task-vector entries, then task arithmetic.",
+    mergekit_defaults=_MERGEKIT,
     mergekit_ignored={"int8_mask"},
 )
-def breadcrumbs(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    gamma: PerModel[UnitFloat] = 0.01,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = False,
-    scope: RowScope = "row",
-    ctx: MergeContext,
-) -> Tensor:
-    """Drop the largest and smallest task-vector entries, then task arithmetic."""
-    deltas = _masked_deltas(base, tensors, density, gamma, scope, rescale, ctx)
-    return linear_combine_(base, deltas, weight, lambda_=lambda_, normalize=normalize)
-
-
-@merge_method(
+compose(
     "breadcrumbs_ties",
-    needs_base=True,
-    mergekit_defaults={"density": 1.0, "scope": "tensor", "normalize": False},
+    band_,
+    ties_combine_,
+    summary="Breadcrumbs masks, then TIES sign election and disjoint merge.",
+    mergekit_defaults={**_MERGEKIT, "normalize": False},
     mergekit_ignored={"int8_mask"},
 )
-def breadcrumbs_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    gamma: PerModel[UnitFloat] = 0.01,
-    lambda_: float = 1.0,
-    normalize: bool = True,
-    disjoint: Disjoint | None = None,
-    majority: Majority = "sum",
-    rescale: bool = False,
-    scope: RowScope = "row",
-    ctx: MergeContext,
-) -> Tensor:
-    """Breadcrumbs masks, then TIES sign election and disjoint merge."""
-    deltas = _masked_deltas(base, tensors, density, gamma, scope, rescale, ctx)
-    return ties_combine_(
-        base,
-        deltas,
-        weight,
-        lambda_=lambda_,
-        majority=majority,
-        disjoint=resolve_disjoint(disjoint, normalize),
-    )

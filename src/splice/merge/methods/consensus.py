@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.merge.methods._common import deltas_
+from splice.merge.methods._common import add_scaled_, deltas_
 from splice.merge.registry import PerModel, merge_method
 
 NonNegative = Annotated[float, Field(ge=0)]
@@ -74,7 +74,4 @@ def consensus(
     deltas = deltas_(base, tensors)
     total = task_sum(deltas)
     keep = consensus_mask(tall_masks(deltas, total, lambda_tall), k)
-    total.mul_(keep)
-    if lambda_ != 1:
-        total.mul_(lambda_)
-    return base.add_(total)
+    return add_scaled_(base, total.mul_(keep), lambda_)

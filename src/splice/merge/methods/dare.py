@@ -25,25 +25,13 @@ as in the paper's DARE+TIES) and false in mergekit; ``disjoint``, when given, wi
 ``normalize``.
 """
 
-from collections.abc import Sequence
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-from splice.merge.methods._common import (
-    Disjoint,
-    Majority,
-    UnitFloat,
-    deltas_,
-    linear_combine_,
-    resolve_disjoint,
-    ties_combine_,
-)
-from splice.merge.registry import MergeContext, PerModel, merge_method
-from splice.merge.sparsify import rescale_inverse, rescale_l1
-
-Rescale = Literal["inverse", "l1", "none"] | bool
+from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
+from splice.merge.methods._compose import compose
+from splice.merge.registry import MergeContext, PerModel
+from splice.merge.sparsify import Rescale, drop_
 
 
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> Tensor:
@@ -51,82 +39,40 @@ def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> 
     return torch.empty(shape, dtype=torch.bool).bernoulli_(density, generator=generator)
 
 
-def dare_apply_(delta: Tensor, mask: Tensor, density: float, rescale: str | bool) -> Tensor:
+def dare_apply_(delta: Tensor, mask: Tensor, density: float, rescale: Rescale) -> Tensor:
     """Zero the dropped entries of ``delta`` (in place) and rescale the kept ones."""
-    mode = "l1" if rescale is True else "none" if rescale is False else rescale
-    l1 = delta.abs().sum() if mode == "l1" else None
-    delta.mul_(mask.to(delta.device))
-    if mode == "inverse":
-        rescale_inverse(delta, density)
-    elif l1 is not None:
-        rescale_l1(l1, delta)
-    return delta
+    return drop_(delta, mask, rescale, density)
 
 
-def _dare_deltas(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    density: Sequence[float],
-    rescale: str | bool,
+def dare_(
+    deltas: list[Tensor],
+    *,
+    density: PerModel[UnitFloat],
+    rescale: Rescale = "inverse",
     ctx: MergeContext,
-) -> list[Tensor]:
-    deltas = deltas_(base, tensors)
+) -> None:
+    """Drop each entry of δ_i with probability 1 − density_i, rescale the rest (in place)."""
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
         if dens < 1:
             dare_apply_(d, dare_mask(d.shape, dens, ctx.generator(i)), dens, rescale)
-    return deltas
 
 
-@merge_method(
+_MERGEKIT = {"density": 1.0, "rescale": True}
+compose(
     "dare_linear",
-    needs_base=True,
+    dare_,
+    linear_combine_,
+    summary="Randomly drop task-vector entries, rescale, then task arithmetic.",
     random=True,
-    mergekit_defaults={"density": 1.0, "rescale": True},
+    mergekit_defaults=_MERGEKIT,
     mergekit_ignored={"int8_mask"},
 )
-def dare_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: Rescale = "inverse",
-    ctx: MergeContext,
-) -> Tensor:
-    """Randomly drop task-vector entries, rescale, then task arithmetic."""
-    deltas = _dare_deltas(base, tensors, density, rescale, ctx)
-    return linear_combine_(base, deltas, weight, lambda_=lambda_, normalize=normalize)
-
-
-@merge_method(
+compose(
     "dare_ties",
-    needs_base=True,
+    dare_,
+    ties_combine_,
+    summary="Randomly drop task-vector entries, rescale, then TIES sign election and merge.",
     random=True,
-    mergekit_defaults={"density": 1.0, "rescale": True, "normalize": False},
+    mergekit_defaults={**_MERGEKIT, "normalize": False},
     mergekit_ignored={"int8_mask"},
 )
-def dare_ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    lambda_: float = 1.0,
-    normalize: bool = True,
-    disjoint: Disjoint | None = None,
-    majority: Majority = "sum",
-    rescale: Rescale = "inverse",
-    ctx: MergeContext,
-) -> Tensor:
-    """Randomly drop task-vector entries, rescale, then TIES sign election and merge."""
-    deltas = _dare_deltas(base, tensors, density, rescale, ctx)
-    return ties_combine_(
-        base,
-        deltas,
-        weight,
-        lambda_=lambda_,
-        majority=majority,
-        disjoint=resolve_disjoint(disjoint, normalize),
-    )

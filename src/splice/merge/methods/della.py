@@ -34,27 +34,19 @@ accepted and ignored). Choices:
   match mergekit's draws from the global torch RNG).
 """
 
-from collections.abc import Sequence
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import Annotated
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from splice.errors import MergeValidationError
-from splice.merge.methods._common import (
-    Disjoint,
-    Majority,
-    UnitFloat,
-    deltas_,
-    linear_combine_,
-    resolve_disjoint,
-    ties_combine_,
-)
-from splice.merge.registry import MergeContext, PerModel, merge_method
-from splice.merge.sparsify import rescale_l1, rows_view
+from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
+from splice.merge.methods._compose import compose
+from splice.merge.registry import MergeContext, PerModel
+from splice.merge.sparsify import Rescale, drop_, rows_view
 
-Rescale = Literal["inverse", "l1", "none"] | bool
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
 
 
@@ -78,11 +70,7 @@ def magprune_mask(prob: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def magprune_(
-    delta: Tensor,
-    density: float,
-    epsilon: float,
-    rescale: str | bool,
-    generator: torch.Generator,
+    delta: Tensor, density: float, epsilon: float, rescale: Rescale, generator: torch.Generator
 ) -> Tensor:
     """DELLA's MagPrune of one task vector, in place."""
     if density >= 1:
@@ -90,97 +78,43 @@ def magprune_(
     if density <= 0:
         return delta.zero_()
     prob = magprune_keep_prob(delta.cpu(), density, epsilon)
-    mask = magprune_mask(prob, generator)
-    mode = "l1" if rescale is True else "none" if rescale is False else rescale
-    l1 = delta.abs().sum() if mode == "l1" else None
-    delta.mul_(mask.to(delta.device))
-    if mode == "inverse":
-        delta.div_(prob.to(delta.device, delta.dtype))
-    elif l1 is not None:
-        rescale_l1(l1, delta)
-    return delta
+    return drop_(delta, magprune_mask(prob, generator), rescale, prob)
 
 
-def _check(density: Sequence[float], epsilon: Sequence[float], method: str) -> None:
-    for i, (d, e) in enumerate(zip(density, epsilon, strict=True)):
-        if 0 < d < 1 and not (d - e > 0 and d + e < 1):
-            raise MergeValidationError(
-                f"method '{method}': model {i}: density ± epsilon must lie in (0, 1), "
-                f"got density {d}, epsilon {e}"
-            )
+def magprune_sparsifier(method: str) -> Callable[..., None]:
+    """DELLA's sparsifier (MagPrune of every task vector) for ``method``, which its error
+    message names."""
+
+    def magprune_all_(
+        deltas: list[Tensor],
+        *,
+        density: PerModel[UnitFloat],
+        epsilon: PerModel[Epsilon] = 0.15,
+        rescale: Rescale = "inverse",
+        ctx: MergeContext,
+    ) -> None:
+        for i, (d, e) in enumerate(zip(density, epsilon, strict=True)):
+            if 0 < d < 1 and not (d - e > 0 and d + e < 1):
+                raise MergeValidationError(
+                    f"method '{method}': model {i}: density ± epsilon must lie in (0, 1), "
+                    f"got density {d}, epsilon {e}"
+                )
+        for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
+            magprune_(d, dens, eps, rescale, ctx.generator(i))
+
+    return magprune_all_
 
 
-def _pruned(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    density: Sequence[float],
-    epsilon: Sequence[float],
-    rescale: str | bool,
-    ctx: MergeContext,
-    method: str,
-) -> list[Tensor]:
-    _check(density, epsilon, method)
-    deltas = deltas_(base, tensors)
-    for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
-        magprune_(d, dens, eps, rescale, ctx.generator(i))
-    return deltas
-
-
-_MERGEKIT = {"density": 1.0, "rescale": True}
-
-
-@merge_method(
-    "della",
-    needs_base=True,
-    random=True,
-    mergekit_defaults=_MERGEKIT,
-    mergekit_ignored={"int8_mask"},
-)
-def della(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    epsilon: PerModel[Epsilon] = 0.15,
-    lambda_: float = 1.0,
-    normalize: bool = True,
-    disjoint: Disjoint | None = None,
-    majority: Majority = "sum",
-    rescale: Rescale = "inverse",
-    ctx: MergeContext,
-) -> Tensor:
-    """MagPrune (rank-based random drop), then TIES sign election and disjoint merge."""
-    deltas = _pruned(base, tensors, density, epsilon, rescale, ctx, "della")
-    return ties_combine_(
-        base,
-        deltas,
-        weight,
-        lambda_=lambda_,
-        majority=majority,
-        disjoint=resolve_disjoint(disjoint, normalize),
+for _name, _combine, _then in (
+    ("della", ties_combine_, "TIES sign election and disjoint merge"),
+    ("della_linear", linear_combine_, "task arithmetic"),
+):
+    compose(
+        _name,
+        magprune_sparsifier(_name),
+        _combine,
+        summary=f"MagPrune (rank-based random drop), then {_then}.",
+        random=True,
+        mergekit_defaults={"density": 1.0, "rescale": True},
+        mergekit_ignored={"int8_mask"},
     )
-
-
-@merge_method(
-    "della_linear",
-    needs_base=True,
-    random=True,
-    mergekit_defaults=_MERGEKIT,
-    mergekit_ignored={"int8_mask"},
-)
-def della_linear(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat],
-    epsilon: PerModel[Epsilon] = 0.15,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: Rescale = "inverse",
-    ctx: MergeContext,
-) -> Tensor:
-    """MagPrune (rank-based random drop), then task arithmetic."""
-    deltas = _pruned(base, tensors, density, epsilon, rescale, ctx, "della_linear")
-    return linear_combine_(base, deltas, weight, lambda_=lambda_, normalize=normalize)

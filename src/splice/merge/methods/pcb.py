@@ -43,7 +43,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.merge.methods._common import deltas_
+from splice.merge.methods._common import add_scaled_, deltas_
 from splice.merge.registry import merge_method
 
 CLIP = 1e-4  # the official min_ratio / max_ratio of the magnitude clipping
@@ -94,6 +94,4 @@ def pcb(
     clipped, score = pcb_weights(deltas, ratio)
     del deltas
     merged = clipped.mul_(score).sum(dim=0).div_(score.sum(dim=0).clamp_(min=1e-12))
-    if lambda_ != 1:
-        merged.mul_(lambda_)
-    return base.add_(merged.reshape(base.shape))
+    return add_scaled_(base, merged.reshape(base.shape), lambda_)

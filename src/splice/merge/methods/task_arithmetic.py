@@ -8,30 +8,15 @@ sum with |Σ w| < 1e-8 is not divided by), with mergekit's order of operations, 
 results are bit-identical: each δ_i is multiplied by w_i, then the products are summed.
 """
 
-from collections.abc import Sequence
+from splice.merge.methods._common import linear_combine_
+from splice.merge.methods._compose import compose
 
-from torch import Tensor
-
-from splice.merge.methods._common import deltas_, linear_combine_
-from splice.merge.registry import PerModel, merge_method
-
-
-@merge_method(
+compose(
     "task_arithmetic",
-    needs_base=True,
+    None,
+    linear_combine_,
+    summary="Add the weighted sum of task vectors to the base, scaled by λ.",
     # mergekit's generalized task arithmetic accepts these for every variant; here they
     # have no effect in mergekit either.
     mergekit_ignored={"int8_mask", "density", "rescale"},
 )
-def task_arithmetic(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-) -> Tensor:
-    """Add the weighted sum of task vectors to the base, scaled by λ."""
-    return linear_combine_(
-        base, deltas_(base, tensors), weight, lambda_=lambda_, normalize=normalize
-    )

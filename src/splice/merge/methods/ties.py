@@ -25,56 +25,54 @@ Choices:
 - ``disjoint`` vs mergekit's ``normalize``: ``disjoint``, when given, wins; otherwise
   normalize=true means disjoint="mean" and normalize=false means disjoint="sum".
 - ``rescale: true`` multiplies each trimmed δ̂_i to restore the L1 norm of δ_i (mergekit).
-"""
 
-from collections.abc import Sequence
+``magnitude_prune``: the same trim, then task arithmetic (TIES without sign election; no
+mergekit method of that name, ``density`` required):
+
+    merged = base + λ · Σ_i w_i δ̂_i          [/ Σ_i w_i when normalize, |Σ w| >= 1e-8]
+"""
 
 from torch import Tensor
 
 from splice.merge.methods._common import (
-    Disjoint,
-    Majority,
     TrimScope,
     UnitFloat,
-    deltas_,
+    linear_combine_,
     magnitude_trim_,
-    resolve_disjoint,
     ties_combine_,
     trim_requests,
 )
-from splice.merge.registry import MergeContext, PerModel, merge_method
+from splice.merge.methods._compose import compose
+from splice.merge.registry import MergeContext, PerModel
 
 
-@merge_method(
+def trim_(
+    deltas: list[Tensor],
+    *,
+    density: PerModel[UnitFloat],
+    rescale: bool = False,
+    scope: TrimScope = "model",
+    ctx: MergeContext,
+) -> None:
+    """Keep the round(density_i · n) largest-|δ_i| entries of each task vector (in place)."""
+    for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
+        magnitude_trim_(d, dens, i, scope=scope, ctx=ctx, rescale=rescale)
+
+
+compose(
     "ties",
-    needs_base=True,
+    trim_,
+    ties_combine_,
+    summary="Trim each task vector by magnitude, elect a sign per entry, average the agreeing.",
+    defaults={"density": 1.0},
     mergekit_defaults={"scope": "tensor"},
     mergekit_ignored={"int8_mask"},
     model_stats=trim_requests,
 )
-def ties(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[UnitFloat] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = True,
-    disjoint: Disjoint | None = None,
-    majority: Majority = "sum",
-    rescale: bool = False,
-    scope: TrimScope = "model",
-    ctx: MergeContext,
-) -> Tensor:
-    """Trim each task vector by magnitude, elect a sign per entry, average the agreeing."""
-    deltas = deltas_(base, tensors)
-    for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
-        magnitude_trim_(d, dens, i, scope=scope, ctx=ctx, rescale=rescale)
-    return ties_combine_(
-        base,
-        deltas,
-        weight,
-        lambda_=lambda_,
-        majority=majority,
-        disjoint=resolve_disjoint(disjoint, normalize),
-    )
+compose(
+    "magnitude_prune",
+    trim_,
+    linear_combine_,
+    summary="Keep the largest entries of each task vector, then add their weighted sum.",
+    model_stats=trim_requests,
+)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from splice.merge import argsort_select
-from splice.merge.argsort_select import argsort_topk_mask
+from splice.delta import argsort_select
+from splice.delta.argsort_select import argsort_topk_mask
 
 
 def _reference(x: torch.Tensor, k: int) -> torch.Tensor:
