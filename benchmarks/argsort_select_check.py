@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check splice.delta.argsort_select (mergekit's top-k set without sorting) by hand.
 
-The algorithm now lives in src/splice.delta.argsort_select.py; this script times it
+The algorithm now lives in src/splice/delta/argsort_select.py; this script times it
 against torch.argsort on real task vectors and checks the kept sets are identical.
 
 Original notes:

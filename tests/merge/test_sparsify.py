@@ -5,7 +5,7 @@ import torch
 
 from splice.delta.topk import band_mask_rows, keep_count, kth_largest, topk_mask, topk_mask_rows
 from splice.merge import KeepRule
-from splice.merge.sparsify import keep_rule_mask, rescale_inverse, rescale_l1, rows_view
+from splice.merge.sparsify import drop_, keep_rule_mask, rescale_inverse, rescale_l1, rows_view
 
 T, F = True, False
 
@@ -142,6 +142,20 @@ def test_rescale_l1():
     assert torch.equal(rescale_l1(10.0, zero), torch.zeros(3))
     tiny = torch.tensor([1e-8, 0.0])
     assert torch.equal(rescale_l1(5.0, tiny.clone()), tiny)
+
+
+def test_drop_per_entry_probabilities_and_given_l1():
+    keep = bools(T, F, T, T)
+
+    def drop(rescale, **kw):
+        return drop_(torch.tensor([2.0, -4.0, 1.0, -3.0]), keep, rescale, **kw)
+
+    prob = torch.tensor([0.5, 0.5, 0.25, 0.75])
+    assert torch.equal(drop("inverse", keep_prob=prob), torch.tensor([4.0, 0.0, 4.0, -4.0]))
+    assert torch.equal(drop("none", keep_prob=prob), torch.tensor([2.0, 0.0, 1.0, -3.0]))
+    # |δ|_1 = 10, kept 6: x 10/6; a given l1 (12) is used instead of measuring: x 2
+    torch.testing.assert_close(drop(True), torch.tensor([2.0, 0.0, 1.0, -3.0]) * (10 / 6))
+    assert torch.equal(drop("l1", l1=torch.tensor(12.0)), torch.tensor([4.0, 0.0, 2.0, -6.0]))
 
 
 def test_rescale_inverse():

@@ -10,7 +10,7 @@ default Bessel-corrected std, as the official code's `tensor.std()`); `std_of="s
 takes it of the sparsified update instead, as the official `replace_noise_and_constant`
 does (it zeroes the dropped entries before calling `.std()`). α: the paper tunes it on
 validation data; the default here is 1. Ties at the top-k threshold: first in flat order
-(`splice.merge.sparsify.topk_mask`).
+(`splice.delta.topk.topk_mask`).
 
 Size, in bits: `dense` = n · (bits of the original dtype); `ternary_2bit` = 2n + 32 (two
 bits per entry plus a float32 scale); `entropy` = n · H(k/n) + k + 32 (the positions at
