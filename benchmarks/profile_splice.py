@@ -45,7 +45,6 @@ STEPS: list[tuple[str, str, str, int]] = [
     ("splice.delta.topk", "topk_mask", "top-k mask", 2),
     ("splice.delta.topk", "_topk_flat", "exact top-k (radix select + mask)", 3),
     ("splice.delta.topk", "kth_largest", "radix selection (2 bincounts)", 4),
-    ("splice.delta.topk", "_sorted_slice", "torch argsort for mergekit tie order", 3),
     ("splice.delta.topk", "topk_mask_rows", "row-wise top-k (kthvalue)", 2),
     ("splice.delta.topk", "band_mask_rows", "band mask (breadcrumbs)", 2),
     ("splice.merge.methods._common", "ties_combine_", "method: sign election + disjoint mean", 1),

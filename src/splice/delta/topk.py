@@ -86,18 +86,6 @@ def _topk_flat(flat: Tensor, k: int) -> tuple[Tensor, bool]:
     return mask, True
 
 
-def _sorted_slice(flat: Tensor, start: int, stop: int, *, descending: bool) -> Tensor:
-    """Mask of positions [start, stop) in torch's own (unstable) sort order, called exactly
-    as mergekit calls it; used only where equal magnitudes straddle a boundary."""
-    if descending:
-        order = torch.argsort(flat, descending=True)
-    else:
-        order = torch.sort(flat, descending=False).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    mask[order[start:stop]] = True
-    return mask
-
-
 _BINS = 1 << 16
 
 
@@ -169,8 +157,10 @@ def band_mask_rows(mag: Tensor, skip_top: int, keep: int, ties: TieOrder = "flat
             upper &= ~top
             tied = tied or tied_top
         if tied and ties == "torch_sort":
+            # positions [bottom, bottom + keep) of torch's unstable ascending sort (mergekit)
             bottom = flat.numel() - skip_top - keep
-            upper = _sorted_slice(flat, bottom, bottom + keep, descending=False)
+            upper = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            upper[torch.sort(flat, descending=False).indices[bottom : bottom + keep]] = True
         return upper.reshape(mag.shape)
     upper = topk_mask_rows(mag, skip_top + keep)
     if skip_top > 0:
