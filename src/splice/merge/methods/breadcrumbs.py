@@ -78,7 +78,7 @@ def band_(
     scope: RowScope = "row",
     ctx: MergeContext,
 ) -> None:
-    """Keep the band of each task vector's magnitudes below its top gamma_i (in place)."""
+    """Keep each task vector's density_i band of magnitudes below its top gamma_i (in place)."""
     for d, dens, g in zip(deltas, density, gamma, strict=True):
         breadcrumbs_mask_(d, dens, g, scope=scope, dialect=ctx.dialect, rescale=rescale)
 
