@@ -38,12 +38,26 @@ import torch
 from tqdm import tqdm
 
 from splice.errors import MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, plan_shards
+from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
+from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.io.shard_record import input_digest
 from splice.reference import open_checkpoint
 
 T = TypeVar("T")
+
+# The side files a written model takes from its model folder (a merge writes its own
+# config.json and copies only the tokenizer's).
+MODEL_FILES = ("config.json", *TOKENIZER_FILES)
+
+
+def side_files(*refs: str | os.PathLike[str], names: tuple[str, ...] = MODEL_FILES) -> list[Path]:
+    """The side files of the first reference with a model folder (`model_side_files`: each
+    checked before any output is written); none when no reference has one."""
+    for ref in refs:
+        if model_dir_of(ref) is not None:
+            return model_side_files(ref, names)
+    return []
 
 
 def source_key(ref: str, name: str) -> str:
