@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,20 +141,33 @@ class Sources:
 
 def passes(
     fn: Callable[[int], T],
-    steps: Sequence[int],
+    steps: Iterable[int],
     *,
     threads: int = 1,
     label: str = "",
     progress: bool = False,
 ) -> list[T]:
-    """``fn(step)`` for every step on ``threads`` workers; the results in step order."""
+    """``fn(step)`` for every step, the results in step order: inline with one thread, else
+    on ``threads`` workers (an error cancels the steps not yet started)."""
+    steps = list(steps)
     bar = tqdm(total=len(steps), desc=label, unit="tensor", disable=not progress, leave=False)
     out: list[T] = []
     try:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for r in pool.map(fn, steps):
-                out.append(r)
+        if threads <= 1:
+            for i in steps:
+                out.append(fn(i))
                 bar.update(1)
+            return out
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(fn, i) for i in steps]
+            try:
+                for f in futures:
+                    out.append(f.result())
+                    bar.update(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         bar.close()
     return out
