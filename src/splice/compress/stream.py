@@ -4,8 +4,9 @@ restoring one task's model from it (see `splice.compress.packed` for the folder 
 Both directions are per-tensor functions on the streaming driver (`splice.engine.driver`):
 one tensor at a time in, `ShardedWriter` out (atomic: nothing appears at the output path
 until it is complete), so peak memory is a few copies of the largest tensor times the number
-of tasks. Compression runs its steps in order on one thread: a kernel's whole-model
-statistics (EMR's rescaler sums) accumulate in tensor order.
+of tasks. A kernel's whole-model statistic (EMR's rescaler sums) is answered in the same
+pass: each tensor's share is kept by tensor and reduced in tensor order after the last one,
+so the scales do not depend on the order the steps ran in.
 """
 
 from __future__ import annotations
@@ -36,14 +37,17 @@ DEFAULT_SHARD_BYTES = 2_000_000_000
 
 
 class Kernel(Protocol):
-    """The per-tensor math of a compression method."""
+    """The per-tensor math of a compression method, and its whole-model restore scales."""
 
-    def __call__(self, base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """(shared vector, per-task bool masks) for one tensor, from float32 task vectors."""
+    def __call__(
+        self, base: Tensor, deltas: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], Sequence[float]]:
+        """(shared vector, per-task bool masks, this tensor's share of the whole-model
+        statistic) for one tensor, from float32 task vectors."""
         ...
 
-    def scales(self) -> list[float]:
-        """Per-task restore scales s_t, asked once after every tensor was seen."""
+    def scales(self, shares: list[Sequence[float]]) -> list[float]:
+        """Per-task restore scales s_t from every tensor's share, in tensor order."""
         ...
 
 
@@ -94,10 +98,13 @@ def compress(
             width = packed_width(info.numel)
             outputs += [info, TensorInfo(mask_name(n), (len(model_refs), width), torch.uint8)]
 
+        shares: dict[int, Sequence[float]] = {}
+
         def step(i: int) -> list[Output]:
             n = floats[i]
             b = src.read(base_ref, n).float()
-            vector, masks = kernel(b, [src.read(r, n).float().sub_(b) for r in model_refs])
+            deltas = [src.read(r, n).float().sub_(b) for r in model_refs]
+            vector, masks, shares[i] = kernel(b, deltas)
             vector = vector.to(base.info(n).dtype).contiguous()
             return [Output(n, vector), Output(mask_name(n), pack_masks(masks))]
 
@@ -105,7 +112,7 @@ def compress(
             m = Manifest(
                 method=method,
                 tasks=names,
-                scales=[float(s) for s in kernel.scales()],
+                scales=[float(s) for s in kernel.scales([shares[i] for i in sorted(shares)])],
                 base=os.path.abspath(os.fspath(base_ref)),
                 params=params,
                 passthrough=[n for n in base.names() if n not in set(floats)],
