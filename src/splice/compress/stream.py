@@ -20,7 +20,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-import splice
 from splice.compress.packed import (
     MANIFEST_NAME,
     Manifest,
@@ -123,11 +122,8 @@ def compress(
             outputs=outputs,
             step_outputs=[[n, mask_name(n)] for n in floats],
             metadata={
-                "format": "pt",
-                "splice_version": splice.__version__,
                 "splice_compress": method,
             },
-            inputs=[os.fspath(r) for r in (base_ref, *model_refs)],
             shard_bytes=shard_bytes,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
@@ -186,13 +182,9 @@ def restore(
 
         spec = Stream(
             outputs=infos,
-            step_outputs=[[i.name] for i in infos],
             metadata={
-                "format": "pt",
-                "splice_version": splice.__version__,
                 "splice_restored_task": manifest.tasks[t],
             },
-            inputs=[folder, base_ref],
             shard_bytes=shard_bytes,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,

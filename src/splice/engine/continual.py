@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-import splice
 from splice.engine.driver import Output, Sources, Stream, passes, side_files, write_stream
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.finite import numerical_errors
@@ -157,9 +156,7 @@ def opcm_add(
 
         spec = Stream(
             outputs=[base.info(n) for n in names],
-            step_outputs=[[n] for n in names],
-            metadata={"format": "pt", "splice_version": splice.__version__},
-            inputs=refs,
+            metadata={},
             shard_bytes=shard_bytes,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,

@@ -37,6 +37,7 @@ from typing import TypeVar
 import torch
 from tqdm import tqdm
 
+import splice
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
@@ -188,9 +189,9 @@ class Stream:
     """What `write_stream` writes and how; see the module docstring."""
 
     outputs: list[TensorInfo]  # every planned output tensor, in order
-    step_outputs: list[list[str]]  # the output names each step writes
-    metadata: dict[str, str]
-    inputs: list[str]  # the references the output is made from (overwrite rules)
+    metadata: dict[str, str]  # besides format and splice_version
+    # The output names each step writes; default: one step per output tensor.
+    step_outputs: list[list[str]] | None = None
     shard_bytes: int = 2_000_000_000
     overwrite: int | bool = False
     allow_nonfinite: bool = False
@@ -200,8 +201,8 @@ class Stream:
     # On resume: why a kept shard's recorded inputs no longer hold, or None.
     input_check: Callable[[dict[str, str]], str | None] | None = None
     threads: int = 1
-    memory_budget: int | None = None
-    cost: Callable[[int], int] | None = None  # estimated bytes of a step at its peak
+    memory_budget: int = 1_000_000_000
+    cost: Callable[[int], int] = lambda i: 0  # estimated bytes of a step at its peak
     progress: bool = False
     label: str = "writing"
 
@@ -221,22 +222,21 @@ def write_stream(
     ``extra_files()`` after the last step (files computed from the whole run)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    steps = spec.step_outputs or [[o.name] for o in spec.outputs]
     writer = ShardedWriter(
         out_dir,
         plan_shards(spec.outputs, spec.shard_bytes),
-        spec.metadata,
+        {"format": "pt", "splice_version": splice.__version__, **spec.metadata},
         resume=spec.resume,
         fingerprint=spec.fingerprint,
         overwrite=spec.overwrite,
-        inputs=spec.inputs,
+        inputs=list(sources.readers),  # for the overwrite and permission rules
     )
     try:
         if spec.resume and spec.input_check is not None:
             writer.drop_shards(spec.input_check)
         done = writer.completed_tensors()
-        pending = [
-            i for i, names in enumerate(spec.step_outputs) if not all(n in done for n in names)
-        ]
+        pending = [i for i, names in enumerate(steps) if not all(n in done for n in names)]
         if before is not None:
             before(pending)
 
@@ -249,7 +249,9 @@ def write_stream(
                 written += o.tensor.numel() * o.tensor.element_size()
             return written
 
-        written = _run_steps(run, pending, spec, sources)
+        total = {o.name: o.nbytes for o in spec.outputs}
+        planned = sum(total[n] for i in pending for n in steps[i])
+        written = _run_steps(run, pending, spec, sources, planned)
         writer.finalize(
             extra_files=dict(extra_files() if extra_files else {}), copy_files=spec.side_files
         )
@@ -267,15 +269,13 @@ def write_stream(
 
 
 def _run_steps(
-    run: Callable[[int], int], pending: list[int], spec: Stream, sources: Sources
+    run: Callable[[int], int], pending: list[int], spec: Stream, sources: Sources, total: int
 ) -> int:
     """Run steps in order: at most threads + 1 in flight, and no more than the memory budget
     of estimated step memory (a step larger than the budget runs alone)."""
     threads = spec.threads
     written = 0
     t0 = time.perf_counter()
-    nbytes = {o.name: o.nbytes for o in spec.outputs}
-    total = sum(nbytes[n] for i in pending for n in spec.step_outputs[i])
     bar = tqdm(total=len(pending), desc=spec.label, unit="tensor", disable=not spec.progress)
     in_flight: dict[Future[int], int] = {}
     queue = deque(pending)
@@ -284,9 +284,8 @@ def _run_steps(
 
             def top_up() -> None:
                 while queue and len(in_flight) <= threads:
-                    cost = spec.cost(queue[0]) if spec.cost else 0
-                    budget = spec.memory_budget
-                    if in_flight and budget is not None and sum(in_flight.values()) + cost > budget:
+                    cost = spec.cost(queue[0])
+                    if in_flight and sum(in_flight.values()) + cost > spec.memory_budget:
                         return
                     in_flight[pool.submit(run, queue.popleft())] = cost
 

@@ -212,13 +212,9 @@ def run_merge(
 
     spec = Stream(
         outputs=[j.out for j in plan.jobs],
-        step_outputs=[[j.out.name] for j in plan.jobs],
         metadata={
-            "format": "pt",
-            "splice_version": splice.__version__,
             "splice_recipe": recipe_yaml,
         },
-        inputs=list(plan.readers),
         shard_bytes=shard_bytes,
         overwrite=overwrite,
         allow_nonfinite=plan.allow_nonfinite,
