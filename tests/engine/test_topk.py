@@ -3,8 +3,7 @@
 import torch
 
 from splice.engine.topk import keep_rules
-from splice.merge import TopKRequest
-from splice.merge.registry import KeepRule
+from splice.merge import KeepRule, TopKThreshold
 
 
 def _apply(mag: torch.Tensor, rule: KeepRule) -> torch.Tensor:
@@ -17,7 +16,7 @@ def _apply(mag: torch.Tensor, rule: KeepRule) -> torch.Tensor:
 
 def _run(tensors: list[list[torch.Tensor]], densities: list[float], threads: int = 1):
     """tensors[job][model] are magnitudes."""
-    reqs = [TopKRequest(key=f"m{i}", model_index=i, density=d) for i, d in enumerate(densities)]
+    reqs = [TopKThreshold(i, d) for i, d in enumerate(densities)]
     rules = keep_rules(
         reqs,
         range(len(tensors)),
@@ -34,11 +33,11 @@ def test_exact_count_matches_sort_on_random_values():
         [torch.randn(n, generator=g).abs(), torch.randn(n, generator=g).abs()]
         for n in (100, 37, 1000, 5)
     ]
-    _, rules = _run(jobs, [0.1, 0.55], threads=2)
+    reqs, rules = _run(jobs, [0.1, 0.55], threads=2)
     total = sum(j[0].numel() for j in jobs)
     for mi, d in enumerate([0.1, 0.55]):
         k = round(d * total)
-        kept = torch.cat([_apply(jobs[j][mi], rules[j][f"m{mi}"]) for j in range(len(jobs))])
+        kept = torch.cat([_apply(jobs[j][mi], rules[j][reqs[mi]]) for j in range(len(jobs))])
         assert int(kept.sum()) == k
         allmag = torch.cat([jobs[j][mi] for j in range(len(jobs))])
         kth = allmag.sort(descending=True).values[k - 1]
@@ -49,29 +48,29 @@ def test_exact_count_matches_sort_on_random_values():
 def test_ties_are_filled_in_plan_order_to_exactly_k():
     # 10 entries all equal: density 0.35 -> keep round(3.5)=4 (banker's rounding), first in order
     jobs = [[torch.full((3,), 2.0)], [torch.full((4,), 2.0)], [torch.full((3,), 2.0)]]
-    _, rules = _run(jobs, [0.35])
-    kept = [_apply(jobs[j][0], rules[j]["m0"]).tolist() for j in range(3)]
+    (req,), rules = _run(jobs, [0.35])
+    kept = [_apply(jobs[j][0], rules[j][req]).tolist() for j in range(3)]
     assert kept == [[True, True, True], [True, False, False, False], [False, False, False]]
 
 
 def test_hand_computed_threshold_and_quota():
     # magnitudes 5,4,4,3 | 4,1 ; keep k=round(0.5*6)=3 -> the 5 and two of the three 4s
     jobs = [[torch.tensor([5.0, 4.0, 4.0, 3.0])], [torch.tensor([4.0, 1.0])]]
-    _, rules = _run(jobs, [0.5])
-    assert rules[0]["m0"] == KeepRule(4.0, 2)  # both of its 4s come first in plan order
-    assert rules[1]["m0"] == KeepRule(4.0, 0)
+    (req,), rules = _run(jobs, [0.5])
+    assert rules[0][req] == KeepRule(4.0, 2)  # both of its 4s come first in plan order
+    assert rules[1][req] == KeepRule(4.0, 0)
 
 
 def test_density_zero_and_one():
     jobs = [[torch.tensor([0.0, 1.0, 2.0])]]
-    _, r0 = _run(jobs, [0.0])
-    _, r1 = _run(jobs, [1.0])
-    assert int(_apply(jobs[0][0], r0[0]["m0"]).sum()) == 0
-    assert int(_apply(jobs[0][0], r1[0]["m0"]).sum()) == 3
+    (q0,), r0 = _run(jobs, [0.0])
+    (q1,), r1 = _run(jobs, [1.0])
+    assert int(_apply(jobs[0][0], r0[0][q0]).sum()) == 0
+    assert int(_apply(jobs[0][0], r1[0][q1]).sum()) == 3
 
 
 def test_values_spanning_binades_and_zeros():
     mags = [torch.tensor([0.0, 0.0, 1e-30, 3e-8, 1.0, 1e20, 0.5, 0.25])]
-    _, rules = _run([mags], [0.5])
-    kept = _apply(mags[0], rules[0]["m0"])
+    (req,), rules = _run([mags], [0.5])
+    kept = _apply(mags[0], rules[0][req])
     assert kept.tolist() == [False, False, False, False, True, True, True, True]

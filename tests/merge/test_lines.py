@@ -8,18 +8,20 @@ from merge_test_util import run
 from safetensors.torch import save_file
 
 from splice.engine import plan_merge, run_merge
-from splice.merge import MergeContext
-from splice.merge.methods.lines import lines_scale
+from splice.merge import DepthScale, MergeContext
 from splice.recipe.schema import parse_recipe
 from splice.reference import open_checkpoint
 
 
 def test_scale_rule():
     # α + β·l/(L−1): L = 5, l = 2 -> 0.2 + 0.8·2/4 = 0.6; last layer α + β; outside layers α
-    assert lines_scale(0.2, 0.8, 2, 5) == pytest.approx(0.6)
-    assert lines_scale(0.2, 0.8, 4, 5) == 1.0
-    assert lines_scale(0.2, 0.8, None, 5) == 0.2
-    assert lines_scale(0.2, 0.8, 0, 1) == 0.2
+    s = DepthScale(0.2, 0.8)
+    assert s.at(2, 5) == pytest.approx(0.6)
+    assert s.at(4, 5) == 1.0
+    assert s.at(None, 5) == 0.2
+    assert s.at(0, 1) == 0.2
+    # the request is answered from the context's layer fields
+    assert MergeContext(layer_index=2, num_layers=5).stat(s) == pytest.approx(0.6)
 
 
 def test_task_arithmetic_scaled_by_depth():

@@ -3,7 +3,7 @@ import torch
 from merge_test_util import MERGEKIT, run
 
 from splice.errors import MergeValidationError
-from splice.merge import KeepRule, MergeContext, TopKRequest, get_method
+from splice.merge import KeepRule, MergeContext, TopKThreshold, get_method
 
 BASE = [1.0] * 6
 D1 = [3.0, -1.0, 2.0, 0.5, -4.0, 1.0]
@@ -43,12 +43,13 @@ def test_normalize_and_lambda():
 def test_model_scope_keep_rules():
     method = get_method("magnitude_prune")
     assert method.model_stats({"density": [0.5, 0.25], "scope": "model"}) == [
-        TopKRequest("trim0", 0, 0.5),
-        TopKRequest("trim1", 1, 0.25),
+        TopKThreshold(0, 0.5),
+        TopKThreshold(1, 0.25),
     ]
     # D1: > 2 plus one tie at 2 -> [3,0,2,0,-4,0]
     # D2: |D2| = [2,2,1,3,1,.2]: > 2 plus the first tie at 2 -> [-2,0,0,-3,0,0]
-    rules = {"trim0": KeepRule(2.0, 1), "trim1": KeepRule(2.0, 1)}
+    # the answers are keyed by the request itself: model index and density
+    rules = {TopKThreshold(0, 0.5): KeepRule(2.0, 1), TopKThreshold(1, 0.5): KeepRule(2.0, 1)}
     out = run(
         "magnitude_prune", BASE, models(D1, D2), ctx=MergeContext(model_stats=rules), density=0.5
     )

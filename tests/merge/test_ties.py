@@ -5,7 +5,7 @@ import torch
 from merge_test_util import MERGEKIT, run
 
 from splice.errors import MergeValidationError
-from splice.merge import KeepRule, MergeContext, TopKRequest, get_method
+from splice.merge import KeepRule, MergeContext, TopKThreshold, get_method
 
 BASE = [1.0] * 6
 D1 = [3.0, -1.0, 2.0, 0.5, -4.0, 1.0]
@@ -92,19 +92,21 @@ def test_rescale_restores_l1():
 def test_model_scope_uses_keep_rules():
     ties = get_method("ties")
     params = {"density": [0.5, 1.0, 0.0], "scope": "model"}
-    assert ties.model_stats(params) == [TopKRequest(key="trim0", model_index=0, density=0.5)]
+    assert ties.model_stats(params) == [TopKThreshold(model_index=0, density=0.5)]
     assert ties.model_stats({**params, "scope": "tensor"}) == []
     # |D1| = [3,1,2,.5,4,1]: rule "> 2, plus one tie at 2" keeps [3,0,2,0,-4,0]
-    ctx = MergeContext(model_stats={"trim0": KeepRule(2.0, 1)})
+    ctx = MergeContext(model_stats={TopKThreshold(0, 0.5): KeepRule(2.0, 1)})
     out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
     torch.testing.assert_close(out, torch.tensor([4.0, 1.0, 3.0, 1.0, -3.0, 1.0]))
-    ctx = MergeContext(model_stats={"trim0": KeepRule(2.0, 0)})
+    ctx = MergeContext(model_stats={TopKThreshold(0, 0.5): KeepRule(2.0, 0)})
     out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
     torch.testing.assert_close(out, torch.tensor([4.0, 1.0, 1.0, 1.0, -3.0, 1.0]))
 
 
 def test_model_scope_without_statistic_is_a_clear_error():
-    with pytest.raises(MergeValidationError, match=r"trim0.*scope 'tensor'"):
+    with pytest.raises(
+        MergeValidationError, match=r"did not answer TopKThreshold\(model_index=0.*scope 'tensor'"
+    ):
         run("ties", BASE, models(D1), density=0.5)
 
 

@@ -5,8 +5,9 @@ Store the unified task vector τ_uni once, one bit per entry per task (M_t) and 
 per task (λ_t); restore θ̂_t = base + λ_t · M_t ⊙ τ_uni. The math is in
 `splice.merge.methods.emr`. The rescalers are whole-model, as in the official
 ``emr_merge``: λ_t = Σ_n mean|τ_t,n| / Σ_n mean|M_t,n ⊙ τ_uni,n|, the sums over all float
-tensors n; the kernel accumulates both sums while the tensors stream by. A task whose
-masked unified vector is zero everywhere gets λ_t = 1 (0/0 in the official code).
+tensors n; each tensor's two means are its share of that whole-model statistic, summed in
+tensor order by the streaming pass. A task whose masked unified vector is zero everywhere
+gets λ_t = 1 (0/0 in the official code).
 """
 
 from __future__ import annotations
@@ -21,24 +22,31 @@ from splice.merge.methods.emr import agree_masks, elect_sign, unified_vector
 
 
 class EmrKernel:
-    """Per tensor: (τ_uni, M_t); accumulates the whole-model rescaler sums."""
+    """Per tensor: (τ_uni, M_t, its share (mean|τ_t,n|, mean|M_t,n ⊙ τ_uni,n|) per task t)."""
 
-    def __init__(self, n_tasks: int) -> None:
-        self.before = [0.0] * n_tasks  # Σ_n mean|τ_t,n|
-        self.after = [0.0] * n_tasks  # Σ_n mean|M_t,n ⊙ τ_uni,n|
-
-    def __call__(self, base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def __call__(
+        self, base: Tensor, deltas: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[tuple[float, float]]]:
         sign = elect_sign(deltas)
         masks = agree_masks(deltas, sign)
         uni = unified_vector(deltas, sign, masks)
-        if uni.numel():
-            for t, (d, m) in enumerate(zip(deltas, masks, strict=True)):
-                self.before[t] += float(d.abs().mean())
-                self.after[t] += float(uni.abs().mul_(m).mean())
-        return uni, masks
+        if not uni.numel():
+            return uni, masks, [(0.0, 0.0)] * len(deltas)
+        share = [
+            (float(d.abs().mean()), float(uni.abs().mul_(m).mean()))
+            for d, m in zip(deltas, masks, strict=True)
+        ]
+        return uni, masks, share
 
-    def scales(self) -> list[float]:
-        return [b / a if a > 0 else 1.0 for b, a in zip(self.before, self.after, strict=True)]
+    def scales(self, shares: list[Sequence[tuple[float, float]]]) -> list[float]:
+        """λ_t = Σ_n before / Σ_n after, summed in tensor order."""
+        n_tasks = len(shares[0]) if shares else 0
+        before, after = [0.0] * n_tasks, [0.0] * n_tasks
+        for share in shares:
+            for t, (b, a) in enumerate(share):
+                before[t] += b
+                after[t] += a
+        return [b / a if a > 0 else 1.0 for b, a in zip(before, after, strict=True)]
 
 
 def compress_emr(
@@ -56,7 +64,7 @@ def compress_emr(
         base,
         models,
         out_dir,
-        EmrKernel(len(models)),
+        EmrKernel(),
         method="emr",
         params={},
         names=names,

@@ -1,15 +1,17 @@
 """Streaming compression of N fine-tuned checkpoints into a shared vector plus masks, and
 restoring one task's model from it (see `splice.compress.packed` for the folder layout).
 
-Both directions read one tensor at a time (`open_checkpoint`) and write through
-`ShardedWriter` (atomic: nothing appears at the output path until it is complete), so peak
-memory is a few copies of the largest tensor times the number of tasks.
+Both directions are per-tensor functions on the streaming driver (`splice.engine.driver`):
+one tensor at a time in, `ShardedWriter` out (atomic: nothing appears at the output path
+until it is complete), so peak memory is a few copies of the largest tensor times the number
+of tasks. A kernel's whole-model statistic (EMR's rescaler sums) is answered in the same
+pass: each tensor's share is kept by tensor and reduced in tensor order after the last one,
+so the scales do not depend on the order the steps ran in.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-import splice
 from splice.compress.packed import (
     MANIFEST_NAME,
     Manifest,
@@ -27,25 +28,25 @@ from splice.compress.packed import (
     packed_width,
     unpack_mask,
 )
+from splice.engine.driver import Output, Sources, Stream, side_files, write_stream
 from splice.errors import MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, plan_shards
 from splice.io.base import TensorInfo
-from splice.io.open import TOKENIZER_FILES, model_side_files
-from splice.reference import open_checkpoint
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
-MODEL_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 class Kernel(Protocol):
-    """The per-tensor math of a compression method."""
+    """The per-tensor math of a compression method, and its whole-model restore scales."""
 
-    def __call__(self, base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """(shared vector, per-task bool masks) for one tensor, from float32 task vectors."""
+    def __call__(
+        self, base: Tensor, deltas: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], Sequence[float]]:
+        """(shared vector, per-task bool masks, this tensor's share of the whole-model
+        statistic) for one tensor, from float32 task vectors."""
         ...
 
-    def scales(self) -> list[float]:
-        """Per-task restore scales s_t, asked once after every tensor was seen."""
+    def scales(self, shares: list[Sequence[float]]) -> list[float]:
+        """Per-task restore scales s_t from every tensor's share, in tensor order."""
         ...
 
 
@@ -64,24 +65,6 @@ def task_names(refs: Sequence[str]) -> list[str]:
     return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 
-def _check_inputs(base: CheckpointReader, models: list[CheckpointReader]) -> None:
-    names = base.names()
-    for m in models:
-        missing = sorted(set(names) ^ set(m.names()))
-        if missing:
-            raise MergeValidationError(
-                f"{m.path}: tensor names differ from the base {base.path}: "
-                + ", ".join(missing[:3])
-                + (" ..." if len(missing) > 3 else "")
-            )
-        for n in names:
-            if m.info(n).shape != base.info(n).shape:
-                raise MergeValidationError(
-                    f"{m.path}: tensor '{n}' has shape {m.info(n).shape}, "
-                    f"the base has {base.info(n).shape}"
-                )
-
-
 def compress(
     base_ref: str,
     model_refs: Sequence[str],
@@ -98,63 +81,57 @@ def compress(
     """Compress the fine-tuned ``model_refs`` (all of the base's architecture) into
     ``out_dir``: per float tensor, the kernel's shared vector and packed task masks.
     NaN / ±inf in an input or the vector is a NonFiniteError unless ``allow_nonfinite``."""
-    start = time.perf_counter()
     if len(model_refs) < 2:
         raise MergeValidationError(f"{method} compression needs at least 2 fine-tuned models")
     names = list(names) if names else task_names(model_refs)
     if len(names) != len(model_refs) or len(set(names)) != len(names):
         raise MergeValidationError("task names must be unique, one per model")
-    check = not allow_nonfinite
-    base = open_checkpoint(base_ref, check_finite=check)
-    models = [open_checkpoint(r, check_finite=check) for r in model_refs]
-    try:
-        _check_inputs(base, models)
+    with Sources.open([base_ref, *model_refs], allow_nonfinite=allow_nonfinite) as src:
+        base = src[base_ref]
+        for r in model_refs:
+            src.check_same_tensors(base_ref, r, f"model '{r}'")
         floats = [n for n in base.names() if base.info(n).dtype.is_floating_point]
-        passthrough = [n for n in base.names() if n not in set(floats)]
-        plan: list[TensorInfo] = []
+        outputs: list[TensorInfo] = []
         for n in floats:
             info = base.info(n)
-            plan.append(info)
-            plan.append(
-                TensorInfo(mask_name(n), (len(models), packed_width(info.numel)), torch.uint8)
-            )
-        writer = ShardedWriter(
-            out_dir,
-            plan_shards(plan, shard_bytes),
-            {"format": "pt", "splice_version": splice.__version__, "splice_compress": method},
-            overwrite=overwrite,
-            inputs=[base_ref, *model_refs],
-        )
-        try:
-            written = 0
-            for n in floats:
-                b = base.read(n).float()
-                deltas = [m.read(n).float().sub_(b) for m in models]
-                vector, masks = kernel(b, deltas)
-                del deltas
-                vector = vector.to(base.info(n).dtype).contiguous()
-                packed = pack_masks(masks)
-                writer.write(n, vector, allow_nonfinite=allow_nonfinite)
-                writer.write(mask_name(n), packed)
-                written += vector.nbytes + packed.nbytes
-            manifest = Manifest(
+            width = packed_width(info.numel)
+            outputs += [info, TensorInfo(mask_name(n), (len(model_refs), width), torch.uint8)]
+
+        shares: dict[int, Sequence[float]] = {}
+
+        def step(i: int) -> list[Output]:
+            n = floats[i]
+            b = src.read(base_ref, n).float()
+            deltas = [src.read(r, n).float().sub_(b) for r in model_refs]
+            vector, masks, shares[i] = kernel(b, deltas)
+            vector = vector.to(base.info(n).dtype).contiguous()
+            return [Output(n, vector), Output(mask_name(n), pack_masks(masks))]
+
+        def manifest() -> dict[str, bytes]:
+            m = Manifest(
                 method=method,
                 tasks=names,
-                scales=[float(s) for s in kernel.scales()],
+                scales=[float(s) for s in kernel.scales([shares[i] for i in sorted(shares)])],
                 base=os.path.abspath(os.fspath(base_ref)),
                 params=params,
-                passthrough=passthrough,
+                passthrough=[n for n in base.names() if n not in set(floats)],
             )
-            writer.finalize(extra_files={MANIFEST_NAME: manifest.to_json()})
-        except BaseException:
-            writer.abort()
-            raise
-        bytes_in = sum(m.info(n).nbytes for m in models for n in m.names())
-    finally:
-        for r in [base, *models]:
-            r.close()
+            return {MANIFEST_NAME: m.to_json()}
+
+        spec = Stream(
+            outputs=outputs,
+            step_outputs=[[n, mask_name(n)] for n in floats],
+            metadata={
+                "splice_compress": method,
+            },
+            shard_bytes=shard_bytes,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+        )
+        report = write_stream(out_dir, spec, src, step, extra_files=manifest)
+        bytes_in = sum(src[r].info(n).nbytes for r in model_refs for n in src[r].names())
     return CompressReport(
-        Path(out_dir), len(floats), written, bytes_in, time.perf_counter() - start
+        Path(out_dir), len(floats), report.bytes_written, bytes_in, report.seconds
     )
 
 
@@ -175,49 +152,43 @@ def restore(
     t = manifest.task_index(task)
     scale = manifest.scales[t]
     base_ref = base_ref or manifest.base
-    packed_reader = open_checkpoint(folder, check_finite=not allow_nonfinite)
-    base = open_checkpoint(base_ref, check_finite=not allow_nonfinite)
-    try:
-        stored = set(packed_reader.names())
+    folder = os.fspath(folder)
+    with Sources.open([folder, base_ref], allow_nonfinite=allow_nonfinite) as src:
+        packed, base = src[folder], src[base_ref]
+        stored = set(packed.names())
         keep = set(manifest.passthrough)
         for n in base.names():
             if n in keep:
                 continue
             if n not in stored or mask_name(n) not in stored:
                 raise MergeValidationError(f"{folder}: no task vector for base tensor '{n}'")
-            if packed_reader.info(n).shape != base.info(n).shape:
+            if packed.info(n).shape != base.info(n).shape:
                 raise MergeValidationError(
-                    f"{folder}: tensor '{n}' has shape {packed_reader.info(n).shape}, the base "
+                    f"{folder}: tensor '{n}' has shape {packed.info(n).shape}, the base "
                     f"{base_ref} has {base.info(n).shape}"
                 )
         infos = [base.info(n) for n in base.names()]
-        copies = model_side_files(base_ref, MODEL_FILES)  # checked before any tensor is written
-        writer = ShardedWriter(
-            out_dir,
-            plan_shards(infos, shard_bytes),
-            {
-                "format": "pt",
-                "splice_version": splice.__version__,
+
+        def step(i: int) -> list[Output]:
+            info = infos[i]
+            b = src.read(base_ref, info.name)
+            if info.name not in keep:
+                mask = unpack_mask(src.read(folder, mask_name(info.name)), t, info.shape)
+                delta = src.read(folder, info.name).float().mul_(mask)
+                if scale != 1:
+                    delta.mul_(scale)
+                b = b.float().add_(delta).to(info.dtype)
+            return [Output(info.name, b.contiguous())]
+
+        spec = Stream(
+            outputs=infos,
+            metadata={
                 "splice_restored_task": manifest.tasks[t],
             },
+            shard_bytes=shard_bytes,
             overwrite=overwrite,
-            inputs=[folder, base_ref],
+            allow_nonfinite=allow_nonfinite,
+            side_files=side_files(base_ref),  # checked before any tensor is written
         )
-        try:
-            for info in infos:
-                b = base.read(info.name)
-                if info.name not in keep:
-                    mask = unpack_mask(packed_reader.read(mask_name(info.name)), t, info.shape)
-                    delta = packed_reader.read(info.name).float().mul_(mask)
-                    if scale != 1:
-                        delta.mul_(scale)
-                    b = b.float().add_(delta).to(info.dtype)
-                writer.write(info.name, b.contiguous(), allow_nonfinite=allow_nonfinite)
-            writer.finalize(copy_files=copies)
-        except BaseException:
-            writer.abort()
-            raise
-    finally:
-        packed_reader.close()
-        base.close()
+        write_stream(out_dir, spec, src, step)
     return Path(out_dir)

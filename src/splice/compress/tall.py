@@ -33,11 +33,11 @@ class TallKernel:
     def __init__(self, lambdas: Sequence[float]) -> None:
         self.lambdas = list(lambdas)
 
-    def __call__(self, base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def __call__(self, base: Tensor, deltas: list[Tensor]) -> tuple[Tensor, list[Tensor], tuple]:
         total = task_sum(deltas)
-        return total, tall_masks(deltas, total, self.lambdas)
+        return total, tall_masks(deltas, total, self.lambdas), ()
 
-    def scales(self) -> list[float]:
+    def scales(self, shares: list[Sequence[float]]) -> list[float]:
         return [1.0] * len(self.lambdas)
 
 

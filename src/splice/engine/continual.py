@@ -6,38 +6,34 @@ tokenizer files copied from the new model's folder, else the base's) holding the
 model, plus ``splice_continual.json`` with the scalars of `OpcmState`. It loads with
 ``from_pretrained`` like any merge output, and is the ``--state`` of the next step.
 
-Memory: a few tensors at a time (base, merged, new, their SVD), independent of the number
-of models merged. The whole-model normalisation needs ‖u‖ before anything is written, so
-each step makes two passes over the tensors: the first computes the norms, the second
-recomputes each update (the SVDs run twice) and writes it. The output is written
-atomically by `ShardedWriter` (nothing appears at ``out_dir`` until it is complete).
+It runs on the streaming driver (`splice.engine.driver`). Memory: a few tensors at a time
+(base, merged, new, their SVD), independent of the number of models merged. The
+whole-model normalisation needs ‖τ‖ and ‖u‖ before anything is written: a statistic pass
+computes them (the squares summed in tensor order, in float64), then the write pass
+recomputes each update (the SVDs run twice) and writes it. The output is written atomically
+(nothing appears at ``out_dir`` until it is complete).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import splice
+from splice.engine.driver import Output, Sources, Stream, passes, side_files, write_stream
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
-from splice.io.base import TensorInfo
 from splice.io.finite import numerical_errors
-from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.io.safe_paths import member
 from splice.io.textfile import load_json_object
 from splice.merge.continual.opcm import OpcmState, opcm_projected_update, projects
 from splice.numbers import check_number, check_numbers
-from splice.reference import open_checkpoint
 
 STATE_FILE = "splice_continual.json"
-SIDE_FILES = ("config.json", *TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)
@@ -69,57 +65,29 @@ def load_state(state_dir: str | Path) -> OpcmState:
     return state
 
 
-def _check_same_tensors(ref: CheckpointReader, other: CheckpointReader, what: str) -> None:
-    names, other_names = set(ref.names()), set(other.names())
-    if names != other_names:
-        diff = sorted(names ^ other_names)
-        raise MergeValidationError(
-            f"{what} does not have the base's tensors (first difference: '{diff[0]}')"
+def _update(
+    src: Sources, refs: list[str], name: str, state: OpcmState
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(base tensor, task vector τ, update u) of one tensor in float32, from the references
+    (base, new model) or (base, previous state, new model); None for a non-float tensor,
+    which is copied from the base."""
+    base = refs[0]
+    if not src[base].info(name).dtype.is_floating_point:
+        return None
+    b = src.read(base, name).to(torch.float32)
+    tau = src.read(refs[-1], name).to(torch.float32) - b
+    if len(refs) == 2:
+        return b, tau, tau
+    prev = src.read(refs[1], name).to(torch.float32) - b
+    with numerical_errors(f"tensor '{name}'"):
+        u = opcm_projected_update(
+            prev,
+            tau,
+            alpha=state.alpha,
+            prev_lambda=state.lambda_,
+            project=projects(name, b.shape),
         )
-    for n in ref.names():
-        if ref.info(n).shape != other.info(n).shape:
-            raise MergeValidationError(
-                f"shape mismatch for tensor '{n}': base {list(ref.info(n).shape)}, "
-                f"{what} {list(other.info(n).shape)}"
-            )
-
-
-def _updates(
-    base: CheckpointReader,
-    merged: CheckpointReader | None,
-    new: CheckpointReader,
-    state: OpcmState,
-    alpha: float,
-) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
-    """(name, base tensor, task vector τ, update u) per tensor, in float32; non-float tensors
-    give (name, None, None, None) and are copied from the base."""
-    for name in base.names():
-        if not base.info(name).dtype.is_floating_point:
-            yield name, None, None, None
-            continue
-        b = base.read(name).to(torch.float32)
-        tau = new.read(name).to(torch.float32) - b
-        if merged is None:
-            yield name, b, tau, tau
-            continue
-        prev = merged.read(name).to(torch.float32) - b
-        with numerical_errors(f"tensor '{name}'"):
-            u = opcm_projected_update(
-                prev,
-                tau,
-                alpha=alpha,
-                prev_lambda=state.lambda_,
-                project=projects(name, b.shape),
-            )
-        yield name, b, tau, u
-
-
-def _side_files(*refs: str) -> list[Path]:
-    """The side files of the first reference with a model folder (`model_side_files`)."""
-    for ref in refs:
-        if model_dir_of(ref) is not None:
-            return model_side_files(ref, SIDE_FILES)
-    return []
+    return b, tau, u
 
 
 def opcm_add(
@@ -142,66 +110,64 @@ def opcm_add(
         if not 0 <= alpha <= 1:  # also refuses NaN
             raise MergeValidationError(f"alpha = {alpha} is invalid: it must lie in [0, 1]")
         state.alpha = alpha
-    with ExitStack() as stack:
-        check = not allow_nonfinite
-        base = stack.enter_context(_closing(open_checkpoint(base_ref, check_finite=check)))
-        new = stack.enter_context(_closing(open_checkpoint(model_ref, check_finite=check)))
-        merged = None
+    refs = [os.fspath(r) for r in (base_ref, state_ref, model_ref) if r is not None]
+    with Sources.open(refs, allow_nonfinite=allow_nonfinite) as src:
         if state_ref is not None:
-            merged = stack.enter_context(_closing(open_checkpoint(state_ref, check_finite=check)))
-            _check_same_tensors(base, merged, f"state '{state_ref}'")
-        _check_same_tensors(base, new, f"model '{model_ref}'")
+            src.check_same_tensors(refs[0], refs[1], f"state '{state_ref}'")
+        src.check_same_tensors(refs[0], refs[-1], f"model '{model_ref}'")
+        base = src[refs[0]]
+        names = base.names()
+        found: dict[str, float] = {"scale": 1.0}
 
-        infos = [TensorInfo(n, base.info(n).shape, base.info(n).dtype) for n in base.names()]
-        copies = _side_files(model_ref, base_ref)  # checked before any heavy work
-        writer = ShardedWriter(
-            out_dir,
-            plan_shards(infos, shard_bytes),
-            {"format": "pt", "splice_version": splice.__version__},
-            overwrite=overwrite,
-            inputs=[r for r in (base_ref, state_ref, model_ref) if r is not None],
-        )
-        try:
-            # Pass 1: ‖τ‖ and ‖u‖ over the whole model.
+        def norms(pending: list[int]) -> None:
+            """‖τ‖ and ‖u‖ over the whole model: the scale of u and the next λ."""
+
+            def squares(i: int) -> tuple[float, float]:
+                upd = _update(src, refs, names[i], state)
+                if upd is None:
+                    return 0.0, 0.0
+                _b, tau, u = upd
+                return float(tau.double().square().sum()), float(u.double().square().sum())
+
             tau_sq = u_sq = 0.0
-            for _name, _b, tau, u in _updates(base, merged, new, state, state.alpha):
-                if tau is not None and u is not None:
-                    tau_sq += float(tau.double().square().sum())
-                    u_sq += float(u.double().square().sum())
+            for t, u in passes(squares, range(len(names))):
+                tau_sq += t
+                u_sq += u
             if progress:
                 progress("norms computed")
             new_norm, u_norm = math.sqrt(tau_sq), math.sqrt(u_sq)
-            if merged is None:
-                new_lambda, scale = 1.0, 1.0
-            else:
-                new_lambda, mean_norm = state.next_lambda(new_norm, u_norm)
-                scale = mean_norm / u_norm if u_norm > 0 else 0.0
-            # Pass 2: write base + u · scale.
-            for name, b, _tau, u in _updates(base, merged, new, state, state.alpha):
-                if b is None or u is None:
-                    out = base.read(name)
-                else:
-                    out = b.add_(u, alpha=scale).to(base.info(name).dtype)
-                writer.write(name, out.contiguous(), allow_nonfinite=allow_nonfinite)
-            state.lambda_ = new_lambda
-            state.task_vector_norms.append(new_norm)
+            found.update(norm=new_norm, lambda_=1.0)
+            if state_ref is not None:
+                found["lambda_"], mean_norm = state.next_lambda(new_norm, u_norm)
+                found["scale"] = mean_norm / u_norm if u_norm > 0 else 0.0
+
+        def step(i: int) -> list[Output]:
+            """base + u · scale (the update recomputed with the previous state's λ)."""
+            name = names[i]
+            upd = _update(src, refs, name, state)
+            out = base.read(name) if upd is None else upd[0].add_(upd[2], alpha=found["scale"])
+            return [Output(name, out.to(base.info(name).dtype).contiguous())]
+
+        def next_state() -> dict[str, bytes]:
+            state.lambda_ = found["lambda_"]
+            state.task_vector_norms.append(found["norm"])
             state.models.append(str(model_ref))
-            side = {STATE_FILE: (json.dumps(state.to_json(), indent=2) + "\n").encode()}
-            writer.finalize(extra_files=side, copy_files=copies)
-        except BaseException:
-            writer.abort()
-            raise
-    return ContinualReport(Path(out_dir), state.count, state.lambda_, len(infos))
+            return {STATE_FILE: (json.dumps(state.to_json(), indent=2) + "\n").encode()}
 
-
-class _closing:
-    """Context manager closing a checkpoint reader."""
-
-    def __init__(self, reader: CheckpointReader):
-        self.reader = reader
-
-    def __enter__(self) -> CheckpointReader:
-        return self.reader
-
-    def __exit__(self, *exc: object) -> None:
-        self.reader.close()
+        spec = Stream(
+            outputs=[base.info(n) for n in names],
+            metadata={},
+            shard_bytes=shard_bytes,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            side_files=side_files(model_ref, base_ref),  # checked before any heavy work
+        )
+        write_stream(
+            out_dir,
+            spec,
+            src,
+            step,
+            before=norms,
+            extra_files=next_state,
+        )
+    return ContinualReport(Path(out_dir), state.count, state.lambda_, len(names))

@@ -1,12 +1,11 @@
-"""Execute a merge plan: streaming, threaded, bounded memory, atomic output, resumable.
+"""Execute a merge plan on the streaming driver (`splice.engine.driver`): threaded, bounded
+memory, atomic output, resumable.
 
-Each job reads its inputs (one tensor per model), merges them in the compute dtype, casts
-to the output dtype and hands the result to the sharded writer, which places it at its
-pre-planned offset in its shard. Jobs run on a thread pool with at most ``threads + 1``
-jobs in flight and at most ``memory_budget`` bytes of estimated job memory (inputs in the
-compute dtype plus scratch; a larger job runs alone), so peak memory is about
-max(budget, the largest job) plus the interpreter, independent of model size. Reading
-(pread), computing (torch) and writing (pwrite) all release the GIL, so they overlap.
+Each job reads its inputs (one tensor per model), merges them in the compute dtype (with the
+answers to the method's whole-model requests, `splice.merge.stats`, and the recipe's LiNeS
+post-step as a `DepthScale`), casts to the output dtype and hands the result to the sharded
+writer, which places it at its pre-planned offset in its shard. Jobs run on the driver's
+thread pool within ``memory_budget`` bytes of estimated job memory (`job_cost`).
 
 Output appears atomically: shards are written into ``<out>.splice-partial/`` and the folder
 is renamed to ``<out>`` only when complete. A failed or killed run leaves the partial
@@ -24,44 +23,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
 
 import splice
+from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
-from splice.engine.plan import MergePlan, TensorJob
-from splice.engine.resume_check import InputCheck, Rules, rules_digest, source_key, stats_key
+from splice.engine.plan import MergePlan
+from splice.engine.resume_check import InputCheck, Rules, rules_digest, stats_key
 from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
-from splice.io import ShardedWriter, model_dir_of, plan_shards
+from splice.io import model_dir_of
 from splice.io.finite import numerical_errors
 from splice.io.open import model_side_files, split_reference
 from splice.io.safe_paths import member
-from splice.io.shard_record import input_digest
 from splice.io.textfile import load_json_object
-from splice.merge import KeepRule, MergeContext
-from splice.merge.methods.lines import lines_scale
+from splice.merge import DepthScale, MergeContext
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
-
-@dataclass
-class MergeReport:
-    out_dir: Path
-    tensors: int
-    skipped: int  # tensors already done in a resumed run
-    bytes_read: int
-    bytes_written: int
-    seconds: float
+MergeReport = StreamReport
 
 
 def _input_paths(plan: MergePlan) -> list[list[str | None]]:
@@ -117,38 +101,30 @@ def _tokenizer_files(plan: MergePlan) -> list[Path]:
     return model_side_files(ref)
 
 
+@dataclass
 class _Runner:
-    def __init__(
-        self, plan: MergePlan, writer: ShardedWriter, rules: dict[int, dict[str, KeepRule]]
-    ):
-        self.plan = plan
-        self.writer = writer
-        self.rules = rules
-        self.bytes_read = 0
-        self.lock = threading.Lock()
-        # The output's layer count, for methods that scale by depth (LiNeS).
-        indices = [i for i in (layer_index(j.out.name) for j in plan.jobs) if i is not None]
-        self.num_layers = plan.num_layers_out or (1 + max(indices) if indices else None)
+    """One merge job: its inputs read (digests recorded), merged, cast to the output dtype."""
 
-    def read(self, job: TensorJob, which: int | None, seen: dict[str, str]) -> torch.Tensor:
-        """Read one input; its digest goes into `seen` (the shard's record, for --resume)."""
-        src = job.base if which is None else job.inputs[which]
-        assert src is not None
-        t = self.plan.readers[src.ref].read(src.name)
-        seen[source_key(src.ref, src.name)] = input_digest(t)
-        with self.lock:
-            self.bytes_read += t.numel() * t.element_size()
-        return t
+    plan: MergePlan
+    sources: Sources
+    rules: Rules
 
-    def __call__(self, index: int) -> int:
+    def __post_init__(self) -> None:
+        lines = self.plan.recipe.lines
+        self.post = DepthScale(lines.alpha, lines.beta) if lines is not None else None
+        # The output's layer count, for depth statistics (LiNeS).
+        indices = [i for i in (layer_index(j.out.name) for j in self.plan.jobs) if i is not None]
+        self.num_layers = self.plan.num_layers_out or (1 + max(indices) if indices else None)
+
+    def __call__(self, index: int) -> list[Output]:
         job = self.plan.jobs[index]
         seen: dict[str, str] = {}
         if job.kind == "copy":
-            out = self.read(job, 0, seen)
+            out = self.sources.read(job.inputs[0].ref, job.inputs[0].name, seen)
         else:
             cd = self.plan.compute_dtype
-            base = self.read(job, None, seen).to(cd) if job.base else None
-            tensors = [self.read(job, i, seen).to(cd) for i in range(len(job.inputs))]
+            base = self.sources.read(job.base.ref, job.base.name, seen).to(cd) if job.base else None
+            tensors = [self.sources.read(s.ref, s.name, seen).to(cd) for s in job.inputs]
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
             ctx = MergeContext(
@@ -159,25 +135,20 @@ class _Runner:
                 layer_index=layer_index(job.out.name),
                 num_layers=self.num_layers,
             )
-            post = self.plan.recipe.lines
             # Methods may modify their inputs in place: the post-step keeps its own base.
-            kept = base.clone() if post is not None and base is not None else None
+            kept = base.clone() if self.post is not None and base is not None else None
             with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
                 out = self.plan.method(base, tensors, ctx, **job.params)
             if kept is not None:
-                assert post is not None
-                s = lines_scale(post.alpha, post.beta, ctx.layer_index, ctx.num_layers)
-                out = kept.add_(out.to(cd).sub_(kept), alpha=s)
+                assert self.post is not None
+                out = kept.add_(out.to(cd).sub_(kept), alpha=ctx.stat(self.post))
             del base, tensors, kept
-        out = out.to(job.out.dtype).contiguous()
-        self.writer.write(job.out.name, out, inputs=seen, allow_nonfinite=self.plan.allow_nonfinite)
-        return out.numel() * out.element_size()
+        return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
 
 
 def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
-    """Whole-model statistics (two extra passes) when the method asks for them."""
+    """The answers to the method's whole-model top-k requests (two extra passes)."""
     requests = plan.stat_requests
-    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
     if not requests:
         return {}
     cd = plan.compute_dtype
@@ -194,28 +165,16 @@ def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
             out.append(x.abs().float())
         return out
 
-    bars: list[tqdm] = []
-
-    def bar(label: str) -> Callable[[], None]:
-        b = tqdm(
-            total=len(merge_jobs), desc=label, unit="tensor", disable=not progress, leave=False
-        )
-        bars.append(b)
-        return lambda: b.update(1)
-
-    try:
-        # The statistic spans all merged tensors, also those a resumed run has done.
-        return keep_rules(
-            requests,
-            merge_jobs,
-            lambda i: plan.jobs[i].out.numel,
-            magnitudes,
-            threads=threads,
-            progress=bar,
-        )
-    finally:
-        for b in bars:
-            b.close()
+    # The statistic spans all merged tensors, also those a resumed run has done.
+    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
+    return keep_rules(
+        requests,
+        merge_jobs,
+        lambda i: plan.jobs[i].out.numel,
+        magnitudes,
+        threads=threads,
+        progress=progress,
+    )
 
 
 def run_merge(
@@ -236,29 +195,14 @@ def run_merge(
     a single job larger than it still runs, alone. ``overwrite``: 0 refuses an existing
     ``out_dir``, 1 replaces a previous splice output holding no input, 2 any folder.
     """
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
     threads = threads or min(4, os.cpu_count() or 1)
     recipe_yaml = recipe_text or yaml.safe_dump(
         plan.recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
-    metadata = {
-        "format": "pt",
-        "splice_version": splice.__version__,
-        "splice_recipe": recipe_yaml,
-    }
+    extra = {"splice_recipe.yaml": recipe_yaml.encode()}
     config_json = _config_json(plan)  # side inputs first: no output if one is bad
-    tokenizer_files = _tokenizer_files(plan)
-    shards = plan_shards([j.out for j in plan.jobs], shard_bytes)
-    writer = ShardedWriter(
-        out_dir,
-        shards,
-        metadata,
-        resume=resume,
-        fingerprint=fingerprint(plan, shard_bytes),
-        overwrite=overwrite,
-        inputs=list(plan.readers),
-    )
+    if config_json is not None:
+        extra["config.json"] = config_json
     memo: list[Rules] = []
 
     def rules() -> Rules:  # whole-model statistics, computed at most once
@@ -266,39 +210,37 @@ def run_merge(
             memo.append(_model_stat_rules(plan, threads, progress))
         return memo[0]
 
+    spec = Stream(
+        outputs=[j.out for j in plan.jobs],
+        metadata={
+            "splice_recipe": recipe_yaml,
+        },
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        allow_nonfinite=plan.allow_nonfinite,
+        side_files=_tokenizer_files(plan),
+        resume=resume,
+        fingerprint=fingerprint(plan, shard_bytes),
+        input_check=InputCheck(plan, rules),
+        threads=threads,
+        memory_budget=memory_budget,
+        cost=lambda i: job_cost(plan, i),
+        progress=progress,
+        label="merging",
+    )
+    runner = _Runner(plan, Sources(plan.readers), {})
+
+    def before(pending: list[int]) -> None:
+        runner.rules = rules() if pending else {}
+
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
     try:
-        if resume:
-            writer.drop_shards(InputCheck(plan, rules))
-        done = writer.completed_tensors()
-        pending = [i for i, j in enumerate(plan.jobs) if j.out.name not in done]
-        runner = _Runner(plan, writer, rules() if pending else {})
-        written = _run_jobs(
-            runner,
-            pending,
-            threads,
-            progress,
-            sum(plan.jobs[i].out.nbytes for i in pending),
-            memory_budget,
+        return write_stream(
+            out_dir, spec, runner.sources, runner, before=before, extra_files=lambda: extra
         )
-        extra = {"splice_recipe.yaml": recipe_yaml.encode()}
-        if config_json is not None:
-            extra["config.json"] = config_json
-        writer.finalize(extra_files=extra, copy_files=tokenizer_files)
-    except BaseException:
-        writer.abort()
-        raise
     finally:
         torch.set_num_threads(old_threads)
-    return MergeReport(
-        out_dir=out_dir,
-        tensors=len(pending),
-        skipped=len(done),
-        bytes_read=runner.bytes_read,
-        bytes_written=written,
-        seconds=time.perf_counter() - start,
-    )
 
 
 def job_cost(plan: MergePlan, index: int) -> int:
@@ -309,51 +251,3 @@ def job_cost(plan: MergePlan, index: int) -> int:
     job = plan.jobs[index]
     size = torch.empty((), dtype=plan.compute_dtype).element_size()
     return job.out.numel * size * (len(job.sources) + 6)
-
-
-def _run_jobs(
-    runner: _Runner,
-    pending: list[int],
-    threads: int,
-    progress: bool,
-    total_bytes: int,
-    memory_budget: int,
-) -> int:
-    """Run jobs in plan order: at most threads + 1 in flight, and no more than
-    `memory_budget` bytes of estimated job memory (a job larger than the budget runs alone)."""
-    written = 0
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(pending), desc="merging", unit="tensor", disable=not progress)
-    in_flight: dict[Future[int], int] = {}
-    queue = deque(pending)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-
-            def top_up() -> None:
-                while queue and len(in_flight) <= threads:
-                    cost = job_cost(runner.plan, queue[0])
-                    if in_flight and sum(in_flight.values()) + cost > memory_budget:
-                        return
-                    in_flight[pool.submit(runner, queue.popleft())] = cost
-
-            top_up()
-            while in_flight:
-                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    del in_flight[f]
-                    written += f.result()  # re-raises a job's error
-                    bar.update(1)
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(
-                    f"read {runner.bytes_read / elapsed / 1e6:.0f} MB/s, "
-                    f"wrote {written / 1e6:.0f}/{total_bytes / 1e6:.0f} MB",
-                    refresh=False,
-                )
-                top_up()
-    except BaseException:
-        for f in in_flight:
-            f.cancel()
-        raise
-    finally:
-        bar.close()
-    return written

@@ -24,16 +24,17 @@ import torch
 
 from splice.config_errors import did_you_mean
 from splice.engine.layers import layer_index, rename_layer
-from splice.engine.topk import stat_requests
+from splice.engine.topk import topk_requests
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, TensorInfo
 from splice.io.dtypes import DTYPE_BY_NAME
-from splice.merge import MergeMethod, TopKRequest, get_method
+from splice.merge import MergeMethod, TopKThreshold, get_method
 from splice.recipe.schema import OutputSlice, Parameters, Recipe
 from splice.recipe.settings import MISSING, resolve
 from splice.reference import open_checkpoint
 
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
+
 
 @dataclass(frozen=True)
 class Source:
@@ -63,7 +64,7 @@ class MergePlan:
     compute_dtype: torch.dtype
     reference: str  # the model whose config and tokenizer the output takes
     num_layers_out: int | None  # set for slices: the output's layer count
-    stat_requests: list[TopKRequest] = field(default_factory=list)  # whole-model statistics
+    stat_requests: list[TopKThreshold] = field(default_factory=list)  # whole-model top-k
     allow_nonfinite: bool = False  # NaN / ±inf may pass in the inputs and the output
 
     def close(self) -> None:
@@ -118,8 +119,7 @@ class _Planner:
         if not m.accepts(n):
             extra = " besides the base" if m.needs_base else ""
             raise MergeValidationError(
-                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; "
-                f"{where} has {n}"
+                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; {where} has {n}"
             )
         return _Group(
             base=base,
@@ -382,7 +382,7 @@ def plan_merge(
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
-        requests = stat_requests(planner.method, jobs)
+        requests = topk_requests(planner.method, jobs)
     except BaseException:
         for r in opened.values():
             r.close()

@@ -20,14 +20,9 @@ from collections.abc import Callable
 from splice.engine.plan import MergePlan
 from splice.errors import SpliceError
 from splice.io.shard_record import input_digest
-from splice.merge import KeepRule
+from splice.merge import KeepRule, TopKThreshold
 
-Rules = dict[int, dict[str, KeepRule]]
-
-
-def source_key(ref: str, name: str) -> str:
-    """Record key of input tensor `name` of reference `ref`."""
-    return json.dumps(["read", ref, name])
+Rules = dict[int, dict[TopKThreshold, KeepRule]]
 
 
 def stats_key(out_name: str) -> str:
@@ -35,8 +30,8 @@ def stats_key(out_name: str) -> str:
     return json.dumps(["stats", out_name])
 
 
-def rules_digest(rules: dict[str, KeepRule]) -> str:
-    items = sorted((k, float(r.threshold).hex(), int(r.tie_quota)) for k, r in rules.items())
+def rules_digest(rules: dict[TopKThreshold, KeepRule]) -> str:
+    items = sorted((repr(k), float(r.threshold).hex(), int(r.tie_quota)) for k, r in rules.items())
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
 
+from splice.engine.driver import passes
 from splice.errors import MergeValidationError
-from splice.merge import KeepRule, MergeMethod, TopKRequest
+from splice.merge import KeepRule, MergeMethod, TopKThreshold
 
 if TYPE_CHECKING:
     from splice.engine.plan import TensorJob
@@ -58,25 +58,21 @@ def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def keep_rules(
-    requests: Sequence[TopKRequest],
+    requests: Sequence[TopKThreshold],
     jobs: Iterable[int],
     numel: Callable[[int], int],
     magnitudes: MagnitudeFn,
     threads: int = 1,
-    progress: Callable[[str], Callable[[], None]] | None = None,
-) -> dict[int, dict[str, KeepRule]]:
-    """For each job index and request key, the KeepRule that keeps exactly round(d·N) entries."""
+    progress: bool = False,
+) -> dict[int, dict[TopKThreshold, KeepRule]]:
+    """For each job index and request, the KeepRule that keeps exactly round(d·N) entries."""
     job_list = list(jobs)
     total = sum(numel(j) for j in job_list)
     ks = [round(r.density * total) for r in requests]
     lock = threading.Lock()
 
     def run(fn: Callable[[int], None], label: str) -> None:
-        tick = progress(label) if progress else None
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for _ in pool.map(fn, job_list):
-                if tick:
-                    tick()
+        passes(fn, job_list, threads=threads, label=label, progress=progress)
 
     # pass 1: high 16 bits
     hi_hist = [torch.zeros(_BINS, dtype=torch.int64) for _ in requests]
@@ -119,13 +115,13 @@ def keep_rules(
     if any(b is not None for b in buckets):
         run(pass2, "trim threshold (2/2)")
 
-    rules: dict[int, dict[str, KeepRule]] = {j: {} for j in job_list}
+    rules: dict[int, dict[TopKThreshold, KeepRule]] = {j: {} for j in job_list}
     for ri, (req, k, bucket) in enumerate(zip(requests, ks, buckets)):
         if bucket is None:
             # keep nothing (k = 0) or everything (k = N)
             rule = KeepRule(float("inf"), 0) if k <= 0 else KeepRule(-1.0, 0)
             for j in job_list:
-                rules[j][req.key] = rule
+                rules[j][req] = rule
             continue
         b, above_b = bucket
         lo, above_lo = _select(lo_hist[ri], k - above_b)
@@ -141,18 +137,24 @@ def keep_rules(
                     eq = int(uc[1][hit[0, 0]])
             quota = min(eq, remaining)
             remaining -= quota
-            rules[j][req.key] = KeepRule(threshold, quota)
+            rules[j][req] = KeepRule(threshold, quota)
     return rules
 
 
-def stat_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKRequest]:
-    """Whole-model statistics the method needs; their parameters must not vary by tensor."""
+def topk_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKThreshold]:
+    """The whole-model top-k statistics the method declares (other requests need no pass);
+    their parameters must not vary by tensor."""
     merge_jobs = [j for j in jobs if j.kind == "merge"]
     if method.model_stats is None or not merge_jobs:
         return []
-    requests = method.model_stats(merge_jobs[0].params)
+
+    def declared(params: dict) -> list[TopKThreshold]:
+        assert method.model_stats is not None
+        return [r for r in method.model_stats(params) if isinstance(r, TopKThreshold)]
+
+    requests = declared(merge_jobs[0].params)
     for j in merge_jobs[1:]:
-        if method.model_stats(j.params) != requests:
+        if declared(j.params) != requests:
             raise MergeValidationError(
                 "whole-model trimming (scope: model) needs the same density for every "
                 f"tensor, but '{j.out.name}' differs from '{merge_jobs[0].out.name}'; "

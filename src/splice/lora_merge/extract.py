@@ -1,7 +1,8 @@
 """Extract a PEFT LoRA adapter from a full fine-tune: ΔW = W_ft − W_base ≈ B @ A per tensor.
 
 Per 2-D `*.weight` tensor present in both checkpoints, streamed one tensor at a time through
-`splice.io.open_checkpoint` (only one ΔW in memory):
+the streaming driver's reader loop (`splice.engine.driver`; only one ΔW in memory), the
+factors written as a PEFT folder (`peft_writer`):
 
     ΔW ≈ U_k S_k V_kᵀ,   B = U_k S_k (out×k),   A = V_kᵀ (k×in),   written with alpha = k
 
@@ -33,11 +34,11 @@ from pathlib import Path
 import torch
 
 from splice.delta import LowRank
+from splice.engine.driver import Sources, passes
 from splice.errors import MergeValidationError
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
 from splice.lora_merge.peft_writer import write_adapter_files
-from splice.reference import open_checkpoint
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embed_tokens|wte|wpe|embed_positions|word_embeddings|position_embeddings)$"
@@ -142,18 +143,23 @@ def extract_lora(
     out = Path(out_dir)
     folder = OutputFolder(out, overwrite=overwrite, inputs=[base, model]).check()
     report = ExtractReport(out)
-    check = not allow_nonfinite
-    base_r = open_checkpoint(base, check_finite=check)
-    ft_r = open_checkpoint(model, check_finite=check)
-    try:
+    svd = dict(
+        rank=rank, energy=energy, max_rank=max_rank, oversample=oversample, niter=niter, seed=seed
+    )
+    modules: dict[str, LowRank] = {}
+    with Sources.open([base, model], allow_nonfinite=allow_nonfinite) as src:
+        base_r, ft_r = src[base], src[model]
         base_names = set(base_r.names())
         missing = [n for n in ft_r.names() if n not in base_names]
         if missing:
             raise MergeValidationError(
                 f"{ft_r.path}: {len(missing)} tensors are not in the base (e.g. '{missing[0]}')"
             )
-        modules: dict[str, LowRank] = {}
-        for name in ft_r.names():
+        names = ft_r.names()
+
+        def step(i: int) -> tuple[LowRank, float] | str | None:
+            """One tensor: (factors, relative error), why it is skipped, or None."""
+            name = names[i]
             bi, fi = base_r.info(name), ft_r.info(name)
             if bi.shape != fi.shape:
                 raise MergeValidationError(
@@ -161,39 +167,30 @@ def extract_lora(
                     f"{list(bi.shape)} in the base"
                 )
             if not fi.dtype.is_floating_point:
-                continue
-            delta = ft_r.read(name).float() - base_r.read(name).float()
+                return None
+            delta = src.read(model, name).float() - src.read(base, name).float()
             if not bool(delta.any()):
                 report.unchanged += 1
-                continue
+                return None
             module = name.removesuffix(".weight")
-            is_matrix = name.endswith(".weight") and delta.dim() == 2
-            if not is_matrix:
-                rel = float(delta.norm()) / max(float(base_r.read(name).float().norm()), 1e-30)
-                report.skipped.append((name, f"not a 2-D weight (relative change {rel:.3g})"))
-                continue
+            if not (name.endswith(".weight") and delta.dim() == 2):
+                rel = float(delta.norm()) / max(float(src.read(base, name).float().norm()), 1e-30)
+                return f"not a 2-D weight (relative change {rel:.3g})"
             if exclude_re is not None and exclude_re.search(module):
-                report.skipped.append((name, "excluded (--exclude)"))
-                continue
+                return "excluded (--exclude)"
             if target_re is not None and not target_re.search(module):
-                report.skipped.append((name, "not selected by --targets"))
-                continue
-            work = delta.T if fan_in_fan_out else delta
+                return "not selected by --targets"
             with numerical_errors(f"'{name}'"):
-                factors, err = lowrank_delta(
-                    work,
-                    rank=rank,
-                    energy=energy,
-                    max_rank=max_rank,
-                    oversample=oversample,
-                    niter=niter,
-                    seed=seed,
-                )
-            modules[module] = factors
-            report.tensors.append(ExtractedTensor(name, factors.rank, err))
-    finally:
-        base_r.close()
-        ft_r.close()
+                factors, err = lowrank_delta(delta.T if fan_in_fan_out else delta, **svd)
+            return factors, err
+
+        # One thread: the randomized SVD seeds torch's (global) generator.
+        for name, found in zip(names, passes(step, range(len(names)))):
+            if isinstance(found, tuple):
+                modules[name.removesuffix(".weight")] = found[0]
+                report.tensors.append(ExtractedTensor(name, found[0].rank, found[1]))
+            elif found is not None:
+                report.skipped.append((name, found))
     if not modules:
         raise MergeValidationError("no 2-D weight differs between the base and the fine-tune")
     template = {

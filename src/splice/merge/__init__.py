@@ -1,22 +1,23 @@
 """Merge methods: pure tensor functions registered by name (see `registry`)."""
 
 from splice.merge.registry import (
-    KeepRule,
     MergeContext,
     MergeMethod,
     PerModel,
-    TopKRequest,
     all_methods,
     get_method,
     merge_method,
 )
+from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
 
 __all__ = [
+    "DepthScale",
     "KeepRule",
     "MergeContext",
     "MergeMethod",
     "PerModel",
-    "TopKRequest",
+    "StatRequest",
+    "TopKThreshold",
     "all_methods",
     "get_method",
     "merge_method",

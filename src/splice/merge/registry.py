@@ -43,6 +43,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
+from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
 from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
@@ -66,34 +67,6 @@ class _PerModelFactory:
 PerModel = _PerModelFactory()
 
 
-@dataclass(frozen=True)
-class KeepRule:
-    """Which entries of one tensor survive a whole-model magnitude trim.
-
-    Keep every entry with ``|x| > threshold`` plus the first ``tie_quota`` entries (in flat,
-    row-major order) with ``|x| == threshold``. Magnitudes are compared in float32. The
-    engine computes the rule so that exactly round(density * N) entries survive over the
-    whole model (N = number of entries of all merged tensors).
-    """
-
-    threshold: float
-    tie_quota: int
-
-
-@dataclass(frozen=True)
-class TopKRequest:
-    """A request for a whole-model magnitude statistic, answered with a `KeepRule`.
-
-    The statistic is over |tensors[model_index] - base| (float32), or |tensors[model_index]|
-    when ``of_delta`` is False, across every tensor the method merges.
-    """
-
-    key: str
-    model_index: int
-    density: float
-    of_delta: bool = True
-
-
 @dataclass
 class MergeContext:
     """Per-tensor context injected into methods that declare ``ctx``."""
@@ -101,12 +74,23 @@ class MergeContext:
     tensor_name: str = ""
     seed: int = 0
     dialect: Dialect = "splice"
-    # Answers to the method's TopKRequests, by request key, for this tensor.
-    model_stats: Mapping[str, KeepRule] = field(default_factory=dict)
+    # The engine's answers to the method's whole-model requests, for this tensor.
+    model_stats: Mapping[TopKThreshold, KeepRule] = field(default_factory=dict)
     # Layer position of this tensor (from its name, e.g. ``model.layers.3.mlp...`` -> 3) and
     # the model's layer count; None for tensors outside layers / models without layers.
     layer_index: int | None = None
     num_layers: int | None = None
+
+    def stat(self, request: StatRequest) -> Any:
+        """The answer to a declared statistic request (`splice.merge.stats`)."""
+        if isinstance(request, DepthScale):
+            return request.at(self.layer_index, self.num_layers)
+        if request not in self.model_stats:
+            raise MergeValidationError(
+                f"tensor '{self.tensor_name}': the engine did not answer {request} "
+                "(a whole-model statistic: run through the engine, or use scope 'tensor')"
+            )
+        return self.model_stats[request]
 
     def generator(self, index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, tensor name, index): deterministic and
@@ -172,7 +156,7 @@ class MergeMethod:
     # Defaults that differ when a recipe is written in mergekit's dialect (`merge_method:`).
     mergekit_defaults: Mapping[str, Any]
     # Given the resolved global + per-model parameters, the whole-model statistics needed.
-    model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None
+    model_stats: Callable[[Mapping[str, Any]], list[StatRequest]] | None
     # Parameters mergekit accepts for this method but that change nothing (e.g. int8_mask):
     # accepted and ignored in the mergekit dialect so existing recipes run unchanged.
     mergekit_ignored: frozenset[str] = frozenset()
@@ -279,7 +263,7 @@ def merge_method(
     max_models: int | None = None,
     random: bool = False,
     mergekit_defaults: Mapping[str, Any] | None = None,
-    model_stats: Callable[[Mapping[str, Any]], list[TopKRequest]] | None = None,
+    model_stats: Callable[[Mapping[str, Any]], list[StatRequest]] | None = None,
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; duplicate names are errors)."""

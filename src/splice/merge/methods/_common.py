@@ -16,9 +16,9 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.delta.topk import keep_count, magnitude, topk_mask
-from splice.errors import MergeValidationError
-from splice.merge.registry import MergeContext, PerModel, TopKRequest
+from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
+from splice.merge.stats import TopKThreshold
 
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 Majority = Literal["sum", "count"]
@@ -46,16 +46,12 @@ def deltas_(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.sub_(base) for t in own_inputs(base, tensors)]
 
 
-def trim_requests(params: Mapping[str, Any]) -> list[TopKRequest]:
+def trim_requests(params: Mapping[str, Any]) -> list[TopKThreshold]:
     """Whole-model statistics for a magnitude trim with ``scope="model"``: one request per
     model whose density is strictly between 0 and 1 (0 and 1 need no statistic)."""
     if params["scope"] != "model":
         return []
-    return [
-        TopKRequest(key=f"trim{i}", model_index=i, density=d)
-        for i, d in enumerate(params["density"])
-        if 0 < d < 1
-    ]
+    return [TopKThreshold(i, d) for i, d in enumerate(params["density"]) if 0 < d < 1]
 
 
 def magnitude_trim_(
@@ -65,7 +61,7 @@ def magnitude_trim_(
 
     scope="tensor": `keep_count` entries of this tensor (rule depends on the dialect); ties
     at the boundary in flat order, or in mergekit's sort order in the mergekit dialect.
-    scope="model": the engine's whole-model `KeepRule` ``trim{index}``.
+    scope="model": the engine's whole-model `KeepRule`, its answer to `TopKThreshold`.
     rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit).
     """
     if density >= 1:
@@ -74,14 +70,7 @@ def magnitude_trim_(
         return delta.zero_()
     mag = magnitude(delta)
     if scope == "model":
-        rule = ctx.model_stats.get(f"trim{index}")
-        if rule is None:
-            raise MergeValidationError(
-                f"tensor '{ctx.tensor_name}': scope 'model' needs the whole-model magnitude "
-                f"statistic 'trim{index}' (model {index}, density {density}), which the "
-                "engine did not provide; use scope 'tensor' to trim each tensor on its own"
-            )
-        mask = keep_rule_mask(mag, rule)
+        mask = keep_rule_mask(mag, ctx.stat(TopKThreshold(index, density)))
     else:
         ties = "torch_sort" if ctx.dialect == "mergekit" else "flat"
         mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), ties)

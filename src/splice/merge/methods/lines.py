@@ -18,9 +18,11 @@ Choices:
   own scaling, e.g. 1/T for a sum of T task vectors).
 - The merged task vector here is task arithmetic's (Σ w_i δ_i). As a post-step of any
   base-using method, a recipe's ``lines: {alpha, beta}`` key makes the engine scale that
-  method's merged task vector (merged − base) by the same s(l) (`lines_scale`).
-- Needs the engine's layer context (``ctx.layer_index`` / ``ctx.num_layers``); called
-  without it (a bare tensor), every tensor is "outside layers" and gets α.
+  method's merged task vector (merged − base) by the same s(l): the engine applies the
+  typed request `DepthScale` (`splice.merge.stats`) generically, it imports no method.
+- s(l) is the answer to the declared request `DepthScale(alpha, beta)`, from the engine's
+  layer context (``ctx.layer_index`` / ``ctx.num_layers``); called without it (a bare
+  tensor), every tensor is "outside layers" and gets α.
 """
 
 from collections.abc import Sequence
@@ -29,16 +31,10 @@ from torch import Tensor
 
 from splice.merge.methods._common import deltas_, linear_combine_
 from splice.merge.registry import MergeContext, PerModel, merge_method
+from splice.merge.stats import DepthScale
 
 
-def lines_scale(alpha: float, beta: float, layer: int | None, num_layers: int | None) -> float:
-    """s(l) = α + β · l / (L − 1); α outside layers or for L <= 1."""
-    if layer is None or num_layers is None or num_layers <= 1:
-        return alpha
-    return alpha + beta * layer / (num_layers - 1)
-
-
-@merge_method("lines", needs_base=True)
+@merge_method("lines", needs_base=True, model_stats=lambda p: [DepthScale(p["alpha"], p["beta"])])
 def lines(
     base: Tensor,
     tensors: Sequence[Tensor],
@@ -49,5 +45,5 @@ def lines(
     ctx: MergeContext,
 ) -> Tensor:
     """Task arithmetic with the task vector scaled linearly with layer depth."""
-    scale = lines_scale(alpha, beta, ctx.layer_index, ctx.num_layers)
+    scale = ctx.stat(DepthScale(alpha, beta))
     return linear_combine_(base, deltas_(base, tensors), weight, lambda_=scale, normalize=False)

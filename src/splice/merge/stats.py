@@ -1,0 +1,63 @@
+"""Whole-model statistics as typed requests: a method declares them, the engine answers.
+
+A method that needs more than the tensor in hand declares requests (`merge_method(...,
+model_stats=fn)`, ``fn(params) -> list of requests``); the engine answers them in its
+passes and hands each tensor its answers in `MergeContext.model_stats`, keyed by the request
+object itself (frozen dataclasses: equal requests are one key). No string keys, and the
+engine imports no method.
+
+- `TopKThreshold(model_index, density)`: the whole-model top-k magnitude trim (TIES,
+  DARE-TIES, breadcrumbs, magnitude pruning with ``scope: model``). The engine finds, by two
+  radix-selection passes over every merged tensor (`splice.engine.topk`), the `KeepRule` per
+  tensor that keeps exactly round(density · N) entries over the whole model.
+- `DepthScale(alpha, beta)`: LiNeS' depth scaling s(l) = α + β · l / (L − 1) (α outside
+  layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
+  which the engine puts in every context, so `MergeContext.stat` answers it directly; the
+  engine applies it generically as the recipe's ``lines:`` post-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeepRule:
+    """Which entries of one tensor survive a whole-model magnitude trim.
+
+    Keep every entry with ``|x| > threshold`` plus the first ``tie_quota`` entries (in flat,
+    row-major order) with ``|x| == threshold``. Magnitudes are compared in float32. The
+    engine computes the rule so that exactly round(density * N) entries survive over the
+    whole model (N = number of entries of all merged tensors).
+    """
+
+    threshold: float
+    tie_quota: int
+
+
+@dataclass(frozen=True)
+class TopKThreshold:
+    """Request: the whole-model top-k of |tensors[model_index] − base| (float32), or of
+    |tensors[model_index]| when ``of_delta`` is False, over every tensor the method merges;
+    answered per tensor with a `KeepRule`."""
+
+    model_index: int
+    density: float
+    of_delta: bool = True
+
+
+@dataclass(frozen=True)
+class DepthScale:
+    """Request: LiNeS' depth scale of a tensor, s(l) = α + β · l / (L − 1)."""
+
+    alpha: float
+    beta: float
+
+    def at(self, layer: int | None, num_layers: int | None) -> float:
+        """s(l); α outside layers (``layer`` None) or for a model of at most one layer."""
+        if layer is None or num_layers is None or num_layers <= 1:
+            return self.alpha
+        return self.alpha + self.beta * layer / (num_layers - 1)
+
+
+StatRequest = TopKThreshold | DepthScale
