@@ -9,6 +9,18 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
              modules_to_save), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
 
+Dtypes (PEFT's rule, peft 0.21): adapter parameters stay in their own dtype (float32 unless
+the caller casts them; PEFT's ``autocast_adapter_dtype`` upcasts bf16/fp16 adapters to
+float32 by default), each adapter computes in its parameters' dtype (x cast to it), and the
+chain is rounded to the base layer's dtype once per side: the transformed input is cast to
+the input's dtype before the base layer, and the output (base result plus every update,
+accumulated in the promoted dtype) is cast to the base result's dtype at the end. So with a
+bf16 base, y = round_bf16(base(x) + s · B A x) — the update is not rounded on its own.
+
+The wrapper stands in for the base layer: attributes it does not have itself (``weight``,
+``bias``, ``in_features``, ``kernel_size``, ``num_embeddings``, ...) are the base layer's,
+as PEFT's layers expose them (model code reads e.g. ``patch_embeddings.projection.weight``).
+
 A weight-space adapter also exposes its delta, ``delta(base) -> {param name: Delta}``, typed
 `splice.delta` values in the base parameter's shape (every adaptation is a delta on named
 parameters): LoRA a `LowRank` (never a dense ΔW unless asked), DoRA / IA3 / OFT / HRA a
@@ -40,12 +52,15 @@ class AdapterModule(nn.Module):
     replaces_base: ClassVar[bool] = False
 
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
+        """The input the base layer sees, in the adapter's dtype (the layer casts it back)."""
         return x
 
     def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         raise NotImplementedError
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        """The output with this adapter's update, in the promoted dtype of ``result`` and
+        the update (the layer casts the final output to the base result's dtype once)."""
         return result
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
@@ -107,6 +122,16 @@ class AdaptedLayer(nn.Module):
             self.adapters[n] for n in self.active if n in self.adapters and n not in self._folded
         ]
 
+    def __getattr__(self, name: str) -> Any:
+        """The base layer's attribute when the wrapper has none of that name."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         running = self.running()
         if not running:
@@ -118,10 +143,11 @@ class AdaptedLayer(nn.Module):
         if replacing:
             result = replacing[-1].base_forward(x, self.base_layer)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self.base_layer(x.to(x_in.dtype), *args, **kwargs)
+        out_dtype = result.dtype
         for a in running:
             result = a.transform_output(x_in, result, self.base_layer)
-        return result
+        return result.to(out_dtype)
 
     # -- folding -------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ Training-time only, as PEFT:
   rescales the kept rows by 1/mean(mask), LoKr only with ``rank_dropout_scale`` (PEFT's
   choices; a mask of all zeros drops ΔW instead of PEFT's 0/0).
 In eval mode neither applies, and ``delta()`` never applies them.
+Dtypes as PEFT (`splice.adapters.layer`): ΔW and x·ΔW in the factors' dtype (float32 on a
+bf16 base), added to the base output and rounded once.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class LycorisModule(AdapterModule):
         x = x.to(w.dtype)
         # Conv2d: the base's own convolution (stride, padding, dilation, groups, padding_mode)
         update = F.linear(x, w) if isinstance(base, nn.Linear) else base._conv_forward(x, w, None)
-        return (result + update).to(result.dtype)
+        return result + update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         return {"weight": Dense(self._weight(base).float())}

@@ -153,7 +153,7 @@ class BottleneckAdapter(AdapterModule):
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         h = result.to(self.adapter_down.weight.dtype)
         update = self.dropout(self.adapter_up(self.act(self.adapter_down(h)))) * self.scaling
-        return result + update.to(result.dtype)
+        return result + update
 
 
 @adapter_method(BottleneckConfig, name="bottleneck", folds=False)

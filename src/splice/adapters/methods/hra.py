@@ -14,6 +14,8 @@ directions; PEFT's formula).
 Computation: y = W' x + b = W (H x) + b, so splice reflects the *input* — Hᵀ applied to a
 row vector x is x H_r H_{r−1} ⋯ H_1 (each H_i symmetric): r rank-one updates, O(r·in) per
 token, never the in×in matrix. PEFT builds W H densely; the two agree to float rounding.
+Dtypes as PEFT: the whole layer runs in the adapter's dtype (x, W and b cast to it, float32
+on a bf16 base) and its output is rounded once to the base's dtype.
 
 Init (PEFT's, init_weights=True): r/2 kaiming-uniform vectors, each repeated twice
 (u_1 = u_2, u_3 = u_4, …), so H_1 H_2 = I and the adapted model starts equal to the base.
@@ -96,6 +98,8 @@ def reflect_rows(x: Tensor, u: Tensor, apply_gs: bool) -> Tensor:
 class HRALinear(AdapterModule):
     """HRA on nn.Linear / Conv1D (see the module docstring)."""
 
+    replaces_base = True  # the base layer runs in the adapter's dtype (base_forward)
+
     def __init__(self, in_features: int, r: int, apply_gs: bool, init: bool, conv1d: bool):
         super().__init__()
         self.apply_gs = apply_gs
@@ -121,7 +125,13 @@ class HRALinear(AdapterModule):
 
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
         u = self.hra_u
-        return reflect_rows(x.to(u.dtype), u, self.apply_gs).to(x.dtype)
+        return reflect_rows(x.to(u.dtype), u, self.apply_gs)
+
+    def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        """The base layer on the reflected x with W and b cast to the adapter's dtype, the
+        result rounded once to the base's dtype (PEFT computes the whole HRA layer so)."""
+        params = {n: p.to(x.dtype) for n, p in base.named_parameters(recurse=False)}
+        return torch.func.functional_call(base, params, (x,)).to(base.weight.dtype)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         h = householder_product(self.hra_u.float(), self.apply_gs)

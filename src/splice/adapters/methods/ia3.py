@@ -25,6 +25,8 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
 - Several active (IA)³ adapters on one layer multiply (PEFT's product of the vectors).
 - The delta depends on the base weights it scales: ``deltas()`` uses the current base (with
   any adapter folded before it).
+- Dtypes as PEFT: l stays float32 on a bf16 base; x ⊙ l (rounded to x's dtype before the
+  base layer) or (W x + b) ⊙ l are computed in float32 and rounded once.
 - Conv layers: input scaling is supported only for ``groups == 1`` (PEFT broadcasts a
   grouped layout; not needed for the models splice targets).
 """
@@ -104,12 +106,12 @@ class IA3(AdapterModule):
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
         if not self.feedforward:
             return x
-        return (x.to(self.ia3_l.dtype) * self._act_scale()).to(base.weight.dtype)
+        return x.to(self.ia3_l.dtype) * self._act_scale()
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         if self.feedforward:
             return result
-        return (result * self._act_scale()).to(result.dtype)
+        return result * self._act_scale()
 
     def weight_scale(self) -> Tensor:
         """l shaped to broadcast against the base weight."""

@@ -23,8 +23,9 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
   ``<path>.base_layer.bias``); "all" (every bias of the model) is refused for now: it needs
   adapters on non-targeted modules, which the builder cannot reach.
 - ``lora_bias``: a bias on lora_B (not with DoRA nor PiSSA/OLoRA, as PEFT).
-- The adapter computes in its own dtype (float32 by default): x is cast to A's dtype and
-  the update cast back to the output's dtype, as PEFT does.
+- Dtypes (PEFT's rule, `splice.adapters.layer`): A, B and m stay float32 on a bf16/fp16
+  base; x is cast to A's dtype, the float32 update is added to the base output and the sum
+  rounded once to the base output's dtype (not the update first: that rounds twice).
 - Initialisations: see `lora_init.py` (default, "gaussian", "pissa", "pissa_niter_K",
   "olora"; the last three rewrite the base weight to W − s·B A).
 """

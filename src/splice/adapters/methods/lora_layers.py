@@ -38,10 +38,31 @@ _BIAS_KEY = "base_layer.bias"
 
 
 class LoraModule(AdapterModule):
-    """What the three layer kinds share: scaling, dropout, DoRA magnitude, bias copies."""
+    """What the layer kinds share: scaling, dropout, DoRA magnitude, bias copies, and the
+    forward of the two with ``lora_A`` / ``lora_B`` modules (Linear / Conv1D and Conv2d)."""
 
     use_dora: bool
     scaling: float
+
+    def _setup(
+        self,
+        lora_a: nn.Module,
+        lora_b: nn.Module,
+        base: nn.Module,
+        scaling: float,
+        dropout: float,
+        use_dora: bool,
+        train_bias: bool,
+        magnitude_shape: tuple[int, ...],
+    ) -> None:
+        self.lora_A = lora_a
+        self.lora_B = lora_b
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.use_dora = use_dora
+        self._setup_bias(base, train_bias)
+        magnitude = nn.Parameter(torch.ones(magnitude_shape)) if use_dora else None
+        self.lora_magnitude_vector = magnitude
 
     def _setup_bias(self, base: nn.Module, train_bias: bool) -> None:
         bias = getattr(base, "bias", None)
@@ -59,6 +80,46 @@ class LoraModule(AdapterModule):
         if self.base_bias is not None:
             return self.base_bias
         return getattr(base, "bias", None)
+
+    # -- the forward of the lora_A / lora_B layers ----------------------------------------
+
+    def base_weight(self, base: nn.Module) -> Tensor:
+        """W in out×in(×kernel) layout."""
+        return base.weight
+
+    def lora_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def _per_channel(self, t: Tensor) -> Tensor:
+        """A per-output-feature vector shaped to broadcast against the output (last axis)."""
+        return t
+
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        """The base layer's operation with ``weight`` and no bias."""
+        raise NotImplementedError
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        """LoRA / DoRA (module docstring) in the adapter's dtype: x is cast to A's dtype and
+        the update added unrounded (`AdaptedLayer` rounds the output once, as PEFT)."""
+        shift = self._bias_shift(base)
+        if shift is not None:
+            result = result + self._per_channel(shift).to(result.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            return result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        weight = self.base_weight(base).to(x.dtype)
+        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
+        c = self._per_channel(c)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result
+            bias = self._effective_bias(base)
+            if bias is not None:
+                base_result = base_result - self._per_channel(bias)
+        else:
+            x = self.dropout(x)
+            base_result = self._base_op(x, weight, base)
+        update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
+        return result + update
 
     # -- saved names ---------------------------------------------------------------------
 
@@ -94,14 +155,10 @@ class LoraLinear(LoraModule):
         train_bias: bool = False,
     ) -> None:
         super().__init__()
-        self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=lora_bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
+        lora_a = nn.Linear(in_features, r, bias=False)
+        lora_b = nn.Linear(r, out_features, bias=lora_bias)
+        self._setup(lora_a, lora_b, base, scaling, dropout, use_dora, train_bias, (out_features,))
         self.transpose = transpose
-        self.use_dora = use_dora
-        self._setup_bias(base, train_bias)
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features)) if use_dora else None
 
     def base_weight(self, base: nn.Module) -> Tensor:
         """W in out×in layout."""
@@ -117,27 +174,8 @@ class LoraLinear(LoraModule):
         d = self.lora_weight().float()
         self.lora_magnitude_vector.copy_((w + self.scaling * d).norm(p=2, dim=1))
 
-    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
-        shift = self._bias_shift(base)
-        if shift is not None:
-            result = result + shift.to(result.dtype)
-        x = x.to(self.lora_A.weight.dtype)
-        if not self.use_dora:
-            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
-        weight = self.base_weight(base).to(x.dtype)
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_result = result
-            bias = self._effective_bias(base)
-            if bias is not None:
-                base_result = base_result - bias
-        else:
-            x = self.dropout(x)
-            base_result = F.linear(x, weight)
-        lora_result = self.lora_B(self.lora_A(x))
-        update = (c - 1) * base_result + c * lora_result * self.scaling
-        return (result + update).to(out_dtype)
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        return F.linear(x, weight)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         b, a = self.lora_B.weight, self.lora_A.weight
@@ -227,7 +265,6 @@ class LoraEmbedding(LoraModule):
         )
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
         update = (self._embed(x, self.lora_embedding_A.T, base) @ self.lora_embedding_B.T) * (
             self.scaling
         )
@@ -235,11 +272,11 @@ class LoraEmbedding(LoraModule):
         if embed_scale is not None:
             update = update * embed_scale.to(update.dtype)
         if not self.use_dora:
-            return (result + update).to(out_dtype)
+            return result + update
         c = _dora_factor(
             self.lora_magnitude_vector, base.weight.T, self.lora_weight(), self.scaling
         )
-        return (c * result + c * update).to(out_dtype)
+        return c * result + c * update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         b, a = self.lora_embedding_B, self.lora_embedding_A  # ΔW = s · (B A)ᵀ
@@ -283,16 +320,12 @@ class LoraConv2d(LoraModule):
         train_bias: bool = False,
     ) -> None:
         super().__init__()
-        self.lora_A = nn.Conv2d(
+        lora_a = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False
         )
-        self.lora_B = nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.use_dora = use_dora
-        self._setup_bias(base, train_bias)
-        mag = torch.ones(1, base.out_channels, 1, 1)  # PEFT's saved shape
-        self.lora_magnitude_vector = nn.Parameter(mag) if use_dora else None
+        lora_b = nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
+        magnitude_shape = (1, base.out_channels, 1, 1)  # PEFT's saved shape
+        self._setup(lora_a, lora_b, base, scaling, dropout, use_dora, train_bias, magnitude_shape)
 
     def lora_weight(self) -> Tensor:
         """Σ_r B[o,r] A[r,i,k,l]: out × in × kh × kw."""
@@ -303,29 +336,11 @@ class LoraConv2d(LoraModule):
         w = base.weight.float() + self.scaling * self.lora_weight().float()
         self.lora_magnitude_vector.copy_(w.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1))
 
-    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
-        shift = self._bias_shift(base)
-        if shift is not None:
-            result = result + shift.view(1, -1, 1, 1).to(result.dtype)
-        x = x.to(self.lora_A.weight.dtype)
-        if not self.use_dora:
-            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
-        weight = base.weight
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
-        c = c.view(1, -1, 1, 1)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_result = result
-            bias = self._effective_bias(base)
-            if bias is not None:
-                base_result = base_result - bias.view(1, -1, 1, 1)
-        else:
-            x = self.dropout(x)
-            base_result = F.conv2d(
-                x, weight, None, base.stride, base.padding, base.dilation, base.groups
-            )
-        update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
-        return (result + update).to(out_dtype)
+    def _per_channel(self, t: Tensor) -> Tensor:
+        return t.view(1, -1, 1, 1)
+
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         shape = tuple(base.weight.shape)

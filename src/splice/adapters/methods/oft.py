@@ -31,6 +31,9 @@ Linear forward; splice applies it (training only, so inference parity is unaffec
 ``init_weights=True``: Q = 0, so R = I and the adapted model starts equal to the base;
 False: N(0, 0.1²) (tests).
 
+Dtypes as PEFT: x is rotated in the adapter's dtype (float32 on a bf16 base) and rounded
+to its own dtype before the base layer.
+
 Supports nn.Linear (as PEFT) and GPT-2 Conv1D (splice only: W stored in×out, so
 ΔW = (R_bd − I) W there; PEFT cannot load such an adapter). ``fan_in_fan_out`` is accepted
 for PEFT's config but has no effect: splice recognises Conv1D by its type (PEFT resets the
@@ -225,7 +228,7 @@ class OFTLinear(AdapterModule):
             blocks = multiplicative_dropout(blocks, self.dropout_p)
         xr = x.to(blocks.dtype).reshape(*x.shape[:-1], self.blocks, self.block_size)
         out = torch.einsum("...rk,rkc->...rc", xr, blocks)
-        return out.reshape(x.shape).to(x.dtype)
+        return out.reshape(x.shape)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         r = self.rotation().float()

@@ -24,6 +24,7 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
   targets). PEFT reuses the first adapter's buffers for later ones; a saved folder holds
   one adapter, so the files are the same.
 - ``bias`` other than "none" is not supported.
+- Dtypes as LoRA's (`splice.adapters.layer`): float32 update, output rounded once.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class VeraLinear(AdapterModule):
         x = x.to(self.vera_lambda_d.dtype)
         h = self.vera_lambda_d * F.linear(self.dropout(x), a.to(x.dtype))
         update = self.vera_lambda_b * F.linear(h, b.to(x.dtype))
-        return (result + update).to(result.dtype)
+        return result + update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         a, b = self.sliced()
