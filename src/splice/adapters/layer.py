@@ -45,6 +45,19 @@ class AdapterStateError(SpliceError):
     """An adapter operation is not possible in the current state (fold, unfold, load)."""
 
 
+def copy_saved(pairs: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Load saved tensors: for each (where, own, saved), check the shape (all first, so a
+    mismatch changes nothing), then copy ``saved`` into ``own`` cast to its dtype."""
+    for where, own, saved in pairs:
+        if tuple(saved.shape) != tuple(own.shape):
+            raise AdapterStateError(
+                f"{where}: saved shape {tuple(saved.shape)} != expected {tuple(own.shape)}"
+            )
+    with torch.no_grad():
+        for _, own, saved in pairs:
+            own.copy_(saved.to(own.dtype))
+
+
 class AdapterModule(nn.Module):
     """One named adapter on one base layer. Subclasses override what they need."""
 
@@ -89,14 +102,7 @@ class AdapterModule(nn.Module):
                 f"{where}: adapter tensors do not match: missing {missing[:4]}, "
                 f"unexpected {extra[:4]}"
             )
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise AdapterStateError(
-                    f"{where}.{k}: saved shape {tuple(v.shape)} != expected {tuple(own[k].shape)}"
-                )
-        with torch.no_grad():
-            for k, v in state.items():
-                own[k].copy_(v.to(own[k].dtype))
+        copy_saved([(f"{where}.{k}", own[k], v) for k, v in state.items()])
 
 
 class AdaptedLayer(nn.Module):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
-from splice.adapters.targeting import pattern_key
+from splice.adapters.targeting import pattern_value
 from splice.delta import Delta, Dense
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
@@ -44,12 +44,10 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
     def rank_for(self, path: str) -> int:
-        key = pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
-        key = pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.alpha
+        return pattern_value(self.alpha_pattern, path, self.alpha)
 
 
 def kaiming_(t: Tensor) -> None:
@@ -109,3 +107,14 @@ class LycorisModule(AdapterModule):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"
+
+
+def build_lycoris(
+    module_type: type[LycorisModule], base: nn.Module, config: LycorisConfig, path: str
+) -> LycorisModule | None:
+    """``module_type(config, path, out, in, kernel)`` for a supported base layer (None for
+    another layer type), on the base's device."""
+    shape = conv_shape(base)
+    if shape is None:
+        return None
+    return module_type(config, path, *shape).to(device=base.weight.device)

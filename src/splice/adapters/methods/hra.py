@@ -38,9 +38,8 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
+from splice.adapters.methods._input_transform import InputTransform, build_on_linear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
-from splice.delta import Delta, Folded
 
 # PEFT's HRA defaults by HF model_type (the architectures splice tests).
 
@@ -95,15 +94,14 @@ def reflect_rows(x: Tensor, u: Tensor, apply_gs: bool) -> Tensor:
 # -- the layer ------------------------------------------------------------------------------
 
 
-class HRALinear(AdapterModule):
+class HRALinear(InputTransform):
     """HRA on nn.Linear / Conv1D (see the module docstring)."""
 
     replaces_base = True  # the base layer runs in the adapter's dtype (base_forward)
 
     def __init__(self, in_features: int, r: int, apply_gs: bool, init: bool, conv1d: bool):
-        super().__init__()
+        super().__init__(in_features, conv1d)
         self.apply_gs = apply_gs
-        self.conv1d = conv1d
         self.hra_u = nn.Parameter(torch.empty(in_features, r))
         self.reset(init)
 
@@ -133,21 +131,13 @@ class HRALinear(AdapterModule):
         params = {n: p.to(x.dtype) for n, p in base.named_parameters(recurse=False)}
         return torch.func.functional_call(base, params, (x,)).to(base.weight.dtype)
 
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        h = householder_product(self.hra_u.float(), self.apply_gs)
-        size = tuple(base.weight.shape)
-        if self.conv1d:  # W stored in×out: y = x Hᵀ W  ->  W' = Hᵀ W
-            return {"weight": Folded("matmul_left", {"matrix": h.T}, size)}
-        return {"weight": Folded("matmul_right", {"matrix": h}, size)}
+    def input_matrix(self) -> Tensor:
+        return householder_product(self.hra_u.float(), self.apply_gs)
 
 
 @adapter_method(HRAConfig, name="hra", peft_type="HRA")
 def build_hra(base: nn.Module, config: HRAConfig, path: str) -> AdapterModule | None:
-    if isinstance(base, nn.Linear):
-        in_features, conv1d = base.in_features, False
-    elif is_conv1d(base):
-        in_features, conv1d = base.weight.shape[0], True
-    else:
-        return None
-    module = HRALinear(in_features, config.r, config.apply_GS, config.init_weights, conv1d)
-    return module.to(device=base.weight.device)
+    def make(in_features: int, conv1d: bool) -> HRALinear:
+        return HRALinear(in_features, config.r, config.apply_GS, config.init_weights, conv1d)
+
+    return build_on_linear(base, make)

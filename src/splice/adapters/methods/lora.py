@@ -43,7 +43,7 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods.lora_init import initialise, niter_of
 from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d, pattern_key
+from splice.adapters.targeting import is_conv1d, pattern_value
 
 # target_modules when unset, by HF model_type: PEFT 0.21's defaults
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
@@ -88,12 +88,10 @@ class LoraConfig(AdapterConfig):
         return self
 
     def rank_for(self, path: str) -> int:
-        key = pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
-        key = pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
     def scaling_for(self, path: str) -> float:
         r, alpha = self.rank_for(path), self.alpha_for(path)
@@ -107,17 +105,9 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
     train_bias = config.bias != "none"
     rewrites_base = isinstance(init, str) and init != "gaussian"
     module: AdapterModule
+    flags = {"lora_bias": config.lora_bias, "use_dora": config.use_dora, "train_bias": train_bias}
     if isinstance(base, nn.Linear) or is_conv1d(base):
-        in_f, out_f = (
-            (base.in_features, base.out_features)
-            if isinstance(base, nn.Linear)
-            else (base.weight.shape)
-        )
-        module = LoraLinear(
-            base, in_f, out_f, r, s, config.lora_dropout,
-            is_conv1d(base),  # PEFT forces fan_in_fan_out: True on Conv1D, False on Linear
-            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
-        )  # fmt: skip
+        module = LoraLinear(base, r, s, config.lora_dropout, **flags)
     elif isinstance(base, nn.Embedding):
         if config.lora_bias or rewrites_base:
             what = "lora_bias" if config.lora_bias else f"init_lora_weights={init!r}"
@@ -130,10 +120,7 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
                 f"'gaussian' init (groups={base.groups}, dilation={base.dilation}, "
                 f"init_lora_weights={init!r})"
             )
-        module = LoraConv2d(
-            base, r, s, config.lora_dropout,
-            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
-        )  # fmt: skip
+        module = LoraConv2d(base, r, s, config.lora_dropout, **flags)
     else:
         return None
     module.to(device=base.weight.device)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.layer import AdapterModule, AdapterStateError
+from splice.adapters.layer import AdapterModule, AdapterStateError, copy_saved
+from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Dense, Folded, LowRank
 from splice.delta.folded import dora_factor
 
@@ -38,31 +39,12 @@ _BIAS_KEY = "base_layer.bias"
 
 
 class LoraModule(AdapterModule):
-    """What the layer kinds share: scaling, dropout, DoRA magnitude, bias copies, and the
-    forward of the two with ``lora_A`` / ``lora_B`` modules (Linear / Conv1D and Conv2d)."""
+    """What the three layer kinds share: scaling, the DoRA magnitude and its init, bias
+    copies, the saved names."""
 
     use_dora: bool
     scaling: float
-
-    def _setup(
-        self,
-        lora_a: nn.Module,
-        lora_b: nn.Module,
-        base: nn.Module,
-        scaling: float,
-        dropout: float,
-        use_dora: bool,
-        train_bias: bool,
-        magnitude_shape: tuple[int, ...],
-    ) -> None:
-        self.lora_A = lora_a
-        self.lora_B = lora_b
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.use_dora = use_dora
-        self._setup_bias(base, train_bias)
-        magnitude = nn.Parameter(torch.ones(magnitude_shape)) if use_dora else None
-        self.lora_magnitude_vector = magnitude
+    lora_magnitude_vector: nn.Parameter | None
 
     def _setup_bias(self, base: nn.Module, train_bias: bool) -> None:
         bias = getattr(base, "bias", None)
@@ -81,13 +63,65 @@ class LoraModule(AdapterModule):
             return self.base_bias
         return getattr(base, "bias", None)
 
-    # -- the forward of the lora_A / lora_B layers ----------------------------------------
-
     def base_weight(self, base: nn.Module) -> Tensor:
-        """W in out×in(×kernel) layout."""
+        """W with the output features first (out × in [× kernel])."""
         return base.weight
 
     def lora_weight(self) -> Tensor:
+        """B A in `base_weight`'s layout (unscaled)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_magnitude(self, base: nn.Module) -> None:
+        """m = ‖W + s B A‖ per output feature, so DoRA starts equal to LoRA (PEFT's init)."""
+        w = self.base_weight(base).float() + self.scaling * self.lora_weight().float()
+        norm = w.norm(p=2, dim=tuple(range(1, w.dim())))
+        self.lora_magnitude_vector.copy_(norm.view_as(self.lora_magnitude_vector))
+
+    # -- saved names ---------------------------------------------------------------------
+
+    def peft_state(self) -> dict[str, Tensor]:
+        return {(_BIAS_KEY if k == "base_bias" else k): v for k, v in self.state_dict().items()}
+
+    def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
+        super().load_peft_state(
+            {("base_bias" if k == _BIAS_KEY else k): v for k, v in state.items()}, where
+        )
+
+
+def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
+    """c = m / ‖W + s · BA‖ per output feature (`splice.delta.folded.dora_factor`)."""
+    return dora_factor(magnitude, weight, scaling * lora_weight.detach())
+
+
+class LoraLayerPair(LoraModule):
+    """LoRA / DoRA whose A and B are layers (``lora_A``, ``lora_B``): Linear / Conv1D and
+    Conv2d share the constructor and the forward; subclasses give the layers' shapes."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scaling: float,
+        dropout: float,
+        *,
+        lora_bias: bool = False,
+        use_dora: bool = False,
+        train_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lora_A, self.lora_B = self._make_layers(base, r, lora_bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = scaling
+        self.use_dora = use_dora
+        self._setup_bias(base, train_bias)
+        ones = torch.ones(self._magnitude_shape(base))
+        self.lora_magnitude_vector = nn.Parameter(ones) if use_dora else None
+
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
         raise NotImplementedError
 
     def _per_channel(self, t: Tensor) -> Tensor:
@@ -121,58 +155,23 @@ class LoraModule(AdapterModule):
         update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
         return result + update
 
-    # -- saved names ---------------------------------------------------------------------
 
-    def peft_state(self) -> dict[str, Tensor]:
-        return {(_BIAS_KEY if k == "base_bias" else k): v for k, v in self.state_dict().items()}
+class LoraLinear(LoraLayerPair):
+    """LoRA / DoRA on nn.Linear or GPT-2 Conv1D (weight stored in×out: ``transpose``, PEFT's
+    fan_in_fan_out, which PEFT forces True on Conv1D and False on Linear)."""
 
-    def load_peft_state(self, state: dict[str, Tensor], where: str) -> None:
-        super().load_peft_state(
-            {("base_bias" if k == _BIAS_KEY else k): v for k, v in state.items()}, where
-        )
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
+        in_f, out_f, self.transpose = linear_features(base)
+        return nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=lora_bias)
 
-
-def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
-    """c = m / ‖W + s · BA‖ per output feature (`splice.delta.folded.dora_factor`)."""
-    return dora_factor(magnitude, weight, scaling * lora_weight.detach())
-
-
-class LoraLinear(LoraModule):
-    """LoRA / DoRA on nn.Linear or GPT-2 Conv1D (weight stored in×out: ``transpose``)."""
-
-    def __init__(
-        self,
-        base: nn.Module,
-        in_features: int,
-        out_features: int,
-        r: int,
-        scaling: float,
-        dropout: float,
-        transpose: bool,
-        *,
-        lora_bias: bool = False,
-        use_dora: bool = False,
-        train_bias: bool = False,
-    ) -> None:
-        super().__init__()
-        lora_a = nn.Linear(in_features, r, bias=False)
-        lora_b = nn.Linear(r, out_features, bias=lora_bias)
-        self._setup(lora_a, lora_b, base, scaling, dropout, use_dora, train_bias, (out_features,))
-        self.transpose = transpose
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (self.lora_B.out_features,)
 
     def base_weight(self, base: nn.Module) -> Tensor:
-        """W in out×in layout."""
         return base.weight.T if self.transpose else base.weight
 
     def lora_weight(self) -> Tensor:
         return self.lora_B.weight @ self.lora_A.weight
-
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        """m = ‖W + s B A‖_row, so DoRA starts equal to LoRA (PEFT's init)."""
-        w = self.base_weight(base).float()
-        d = self.lora_weight().float()
-        self.lora_magnitude_vector.copy_((w + self.scaling * d).norm(p=2, dim=1))
 
     def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
         return F.linear(x, weight)
@@ -246,12 +245,8 @@ class LoraEmbedding(LoraModule):
         """B A: dim × num_embeddings (ΔW = s · this, transposed)."""
         return self.lora_embedding_B @ self.lora_embedding_A
 
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        w = base.weight.T.float()
-        self.lora_magnitude_vector.copy_(
-            (w + self.scaling * self.lora_weight().float()).norm(dim=1)
-        )
+    def base_weight(self, base: nn.Module) -> Tensor:
+        return base.weight.T
 
     def _embed(self, x: Tensor, weight: Tensor, base: nn.Embedding) -> Tensor:
         return F.embedding(
@@ -273,9 +268,8 @@ class LoraEmbedding(LoraModule):
             update = update * embed_scale.to(update.dtype)
         if not self.use_dora:
             return result + update
-        c = _dora_factor(
-            self.lora_magnitude_vector, base.weight.T, self.lora_weight(), self.scaling
-        )
+        weight = self.base_weight(base)
+        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
         return c * result + c * update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
@@ -293,48 +287,27 @@ class LoraEmbedding(LoraModule):
         state = dict(state)
         saved = state.pop("base_layer.weight", None)
         base = self._base()
-        if saved is not None and base is not None:
-            if tuple(saved.shape) != tuple(base.weight.shape):
-                raise AdapterStateError(
-                    f"{where}.base_layer.weight: saved shape {tuple(saved.shape)} != "
-                    f"{tuple(base.weight.shape)}"
-                )
-            with torch.no_grad():
-                base.weight.copy_(saved.to(base.weight.dtype))
         super().load_peft_state(state, where)
+        if saved is not None and base is not None:
+            copy_saved([(f"{where}.base_layer.weight", base.weight, saved)])
 
 
-class LoraConv2d(LoraModule):
+class LoraConv2d(LoraLayerPair):
     """LoRA / DoRA on nn.Conv2d (PEFT's conv LoRA): A = Conv2d(in, r, the base's kernel,
     stride, padding), B = 1×1 Conv2d(r, out); ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l]."""
 
-    def __init__(
-        self,
-        base: nn.Conv2d,
-        r: int,
-        scaling: float,
-        dropout: float,
-        *,
-        lora_bias: bool = False,
-        use_dora: bool = False,
-        train_bias: bool = False,
-    ) -> None:
-        super().__init__()
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
         lora_a = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False
         )
-        lora_b = nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
-        magnitude_shape = (1, base.out_channels, 1, 1)  # PEFT's saved shape
-        self._setup(lora_a, lora_b, base, scaling, dropout, use_dora, train_bias, magnitude_shape)
+        return lora_a, nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
+
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (1, base.out_channels, 1, 1)  # PEFT's saved shape
 
     def lora_weight(self) -> Tensor:
         """Σ_r B[o,r] A[r,i,k,l]: out × in × kh × kw."""
         return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight)
-
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        w = base.weight.float() + self.scaling * self.lora_weight().float()
-        self.lora_magnitude_vector.copy_(w.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1))
 
     def _per_channel(self, t: Tensor) -> Tensor:
         return t.view(1, -1, 1, 1)
