@@ -78,3 +78,35 @@ def test_vit_with_patch_embedding_matches_peft_both_ways(dora, tmp_path):
     torch.testing.assert_close(_logits(pm2), want2, atol=1e-5, rtol=0)
     am2.fold("default")  # the folded patch embedding gives the same logits
     torch.testing.assert_close(_logits(am2), want2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["hra", "oft"])
+def test_several_input_transforms_forward_equals_fold_and_peft_merge(method, tmp_path):
+    """Two active input transforms on one layer: W M_1 M_2 in the forward, as folding one
+    after the other gives, and as PEFT's merge (and PEFT's HRA forward) computes."""
+    from tiny import FACTORIES, logits
+
+    from splice.adapters import load_adapter
+
+    def config():
+        if method == "hra":
+            return peft.HRAConfig(r=4, target_modules=["q_proj"], init_weights=False)
+        return peft.OFTConfig(r=4, oft_block_size=0, target_modules=["q_proj"], init_weights=False)
+
+    pm = peft.get_peft_model(FACTORIES["llama"](0), config())
+    pm.add_adapter("other", config())
+    randomize([p for n, p in pm.named_parameters() if "oft_R" in n or "hra_u" in n], scale=0.3)
+    pm.base_model.set_adapter(["default", "other"])
+    peft_forward = logits(pm.eval())
+    pm.save_pretrained(tmp_path)
+    peft_merged = logits(pm.merge_and_unload())
+    am = load_adapter_model(FACTORIES["llama"](0), tmp_path)
+    load_adapter(am, tmp_path / "other", "other")
+    am.set_active(["default", "other"])
+    forward = logits(am.eval())
+    assert (forward - logits(FACTORIES["llama"](0))).abs().max() > 1e-3
+    torch.testing.assert_close(forward, peft_merged, atol=1e-5, rtol=0)
+    if method == "hra":
+        torch.testing.assert_close(forward, peft_forward, atol=1e-5, rtol=0)
+    am.fold()
+    torch.testing.assert_close(logits(am), forward, atol=1e-5, rtol=0)

@@ -4,10 +4,15 @@ An `AdaptedLayer` replaces a target module in the model. It keeps the original m
 ``base_layer`` (frozen) and the named adapters in ``adapters`` (a ModuleDict). Its forward,
 with the active adapters a_1..a_k (in activation order) that are not folded:
 
-    x'     = a_k.transform_input(... a_1.transform_input(x))      (e.g. OFT rotates inputs)
+    x'     = a_1.transform_input(... a_k.transform_input(x))      (e.g. OFT rotates inputs)
     y      = a.base_forward(x', base)   for the last a with replaces_base (LN tuning,
-             modules_to_save), else base(x')
+             modules_to_save, HRA), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
+
+Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
+W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
+forward equals the folded model (PEFT's HRA forward and its OFT merge take this order; its
+OFT forward takes the other, and so disagrees with its own merge for several adapters).
 
 Dtypes (PEFT's rule, peft 0.21): adapter parameters stay in their own dtype (float32 unless
 the caller casts them; PEFT's ``autocast_adapter_dtype`` upcasts bf16/fp16 adapters to
@@ -16,6 +21,7 @@ chain is rounded to the base layer's dtype once per side: the transformed input 
 the input's dtype before the base layer, and the output (base result plus every update,
 accumulated in the promoted dtype) is cast to the base result's dtype at the end. So with a
 bf16 base, y = round_bf16(base(x) + s · B A x) — the update is not rounded on its own.
+HRA, as PEFT, runs the base layer itself in the adapter's dtype (its ``base_forward``).
 
 The wrapper stands in for the base layer: attributes it does not have itself (``weight``,
 ``bias``, ``in_features``, ``kernel_size``, ``num_embeddings``, ...) are the base layer's,
@@ -143,7 +149,7 @@ class AdaptedLayer(nn.Module):
         if not running:
             return self.base_layer(x, *args, **kwargs)
         x_in = x
-        for a in running:
+        for a in reversed(running):
             x = a.transform_input(x, self.base_layer)
         replacing = [a for a in running if a.replaces_base]
         if replacing:
