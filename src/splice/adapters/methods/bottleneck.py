@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
+from splice.adapters.targeting import linear_features
 
 # Module-name regexes (matched against the path's tail) for each placement, by family.
 _SITES: dict[str, dict[str, list[str]]] = {
@@ -158,12 +158,10 @@ class BottleneckAdapter(AdapterModule):
 
 @adapter_method(BottleneckConfig, name="bottleneck", folds=False)
 def build_bottleneck(base: nn.Module, config: BottleneckConfig, path: str) -> AdapterModule | None:
-    if isinstance(base, nn.Linear):
-        hidden = base.out_features
-    elif is_conv1d(base):
-        hidden = base.weight.shape[1]
-    else:
+    features = linear_features(base)
+    if features is None:
         return None
+    hidden = features[1]  # the output size
     if config.bottleneck_size is not None and config.bottleneck_size > hidden:
         raise AdapterConfigError(
             f"bottleneck: '{path}': bottleneck_size {config.bottleneck_size} exceeds the "

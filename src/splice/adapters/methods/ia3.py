@@ -44,7 +44,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.default_targets import IA3_FEEDFORWARD
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
+from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Folded
 
 # PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), main families.
@@ -136,10 +136,10 @@ class IA3(AdapterModule):
 @adapter_method(IA3Config, name="ia3", peft_type="IA3")
 def build_ia3(base: nn.Module, config: IA3Config, path: str) -> AdapterModule | None:
     ff = config.is_feedforward(path)
-    if isinstance(base, nn.Linear):
-        kind, n_in, n_out = "linear", base.in_features, base.out_features
-    elif is_conv1d(base):
-        kind, (n_in, n_out) = "conv1d", base.weight.shape
+    features = linear_features(base)
+    if features is not None:
+        n_in, n_out, conv1d = features
+        kind = "conv1d" if conv1d else "linear"
     elif isinstance(base, (nn.Conv2d, nn.Conv3d)):
         kind, n_in, n_out = "conv", base.in_channels, base.out_channels
         if ff and base.groups != 1:

@@ -43,7 +43,7 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods.lora_init import initialise, niter_of
 from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d, pattern_value
+from splice.adapters.targeting import is_linear, pattern_value
 
 # target_modules when unset, by HF model_type: PEFT 0.21's defaults
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
@@ -106,7 +106,7 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
     rewrites_base = isinstance(init, str) and init != "gaussian"
     module: AdapterModule
     flags = {"lora_bias": config.lora_bias, "use_dora": config.use_dora, "train_bias": train_bias}
-    if isinstance(base, nn.Linear) or is_conv1d(base):
+    if is_linear(base):
         module = LoraLinear(base, r, s, config.lora_dropout, **flags)
     elif isinstance(base, nn.Embedding):
         if config.lora_bias or rewrites_base:

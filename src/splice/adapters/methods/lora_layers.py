@@ -58,11 +58,6 @@ class LoraModule(AdapterModule):
             return None
         return self.base_bias - base.bias.detach()
 
-    def _effective_bias(self, base: nn.Module) -> Tensor | None:
-        if self.base_bias is not None:
-            return self.base_bias
-        return getattr(base, "bias", None)
-
     def base_weight(self, base: nn.Module) -> Tensor:
         """W with the output features first (out × in [× kernel])."""
         return base.weight
@@ -78,6 +73,11 @@ class LoraModule(AdapterModule):
         norm = w.norm(p=2, dim=tuple(range(1, w.dim())))
         self.lora_magnitude_vector.copy_(norm.view_as(self.lora_magnitude_vector))
 
+    def dora_scale(self, weight: Tensor) -> Tensor:
+        """DoRA's c = m / ‖W + s · B A‖ per output feature (`splice.delta.folded.dora_factor`)."""
+        lora = self.scaling * self.lora_weight().detach()
+        return dora_factor(self.lora_magnitude_vector, weight, lora)
+
     # -- saved names ---------------------------------------------------------------------
 
     def peft_state(self) -> dict[str, Tensor]:
@@ -87,11 +87,6 @@ class LoraModule(AdapterModule):
         super().load_peft_state(
             {("base_bias" if k == _BIAS_KEY else k): v for k, v in state.items()}, where
         )
-
-
-def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
-    """c = m / ‖W + s · BA‖ per output feature (`splice.delta.folded.dora_factor`)."""
-    return dora_factor(magnitude, weight, scaling * lora_weight.detach())
 
 
 class LoraLayerPair(LoraModule):
@@ -142,11 +137,10 @@ class LoraLayerPair(LoraModule):
         if not self.use_dora:
             return result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         weight = self.base_weight(base).to(x.dtype)
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
-        c = self._per_channel(c)
+        c = self._per_channel(self.dora_scale(weight))
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_result = result
-            bias = self._effective_bias(base)
+            bias = self.base_bias if self.base_bias is not None else getattr(base, "bias", None)
             if bias is not None:
                 base_result = base_result - self._per_channel(bias)
         else:
@@ -268,8 +262,7 @@ class LoraEmbedding(LoraModule):
             update = update * embed_scale.to(update.dtype)
         if not self.use_dora:
             return result + update
-        weight = self.base_weight(base)
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
+        c = self.dora_scale(self.base_weight(base))
         return c * result + c * update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
