@@ -7,28 +7,17 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny import randomize
+from tiny import FACTORIES, logits, randomize
 from torch import nn
 
-from splice.adapters import AdapterModel, load_adapter_model, make_config, save_adapter
-
-
-def tiny_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        num_labels=3,
-    )
-    return ViTForImageClassification(config).eval()
-
+from splice.adapters import (
+    AdapterModel,
+    load_adapter,
+    load_adapter_model,
+    make_config,
+    save_adapter,
+)
+from tiny_hf import tiny_vit
 
 PIXELS = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 TARGETS = ["projection", "q_proj", "v_proj"]
@@ -84,9 +73,6 @@ def test_vit_with_patch_embedding_matches_peft_both_ways(dora, tmp_path):
 def test_several_input_transforms_forward_equals_fold_and_peft_merge(method, tmp_path):
     """Two active input transforms on one layer: W M_1 M_2 in the forward, as folding one
     after the other gives, and as PEFT's merge (and PEFT's HRA forward) computes."""
-    from tiny import FACTORIES, logits
-
-    from splice.adapters import load_adapter
 
     def config():
         if method == "hra":
