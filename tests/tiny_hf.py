@@ -26,3 +26,14 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides))
+
+
+def tiny_vit(seed: int = 0):
+    """A 1-layer ViT image classifier (8×8 RGB images, 4×4 patches: a Conv2d patch embedding,
+    hidden 16, 3 labels), in eval mode."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    sizes = {"image_size": 8, "patch_size": 4, "hidden_size": 16, "intermediate_size": 24}
+    config = ViTConfig(**sizes, num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+    return ViTForImageClassification(config).eval()

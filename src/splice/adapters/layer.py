@@ -4,10 +4,28 @@ An `AdaptedLayer` replaces a target module in the model. It keeps the original m
 ``base_layer`` (frozen) and the named adapters in ``adapters`` (a ModuleDict). Its forward,
 with the active adapters a_1..a_k (in activation order) that are not folded:
 
-    x'     = a_k.transform_input(... a_1.transform_input(x))      (e.g. OFT rotates inputs)
+    x'     = a_1.transform_input(... a_k.transform_input(x))      (e.g. OFT rotates inputs)
     y      = a.base_forward(x', base)   for the last a with replaces_base (LN tuning,
-             modules_to_save), else base(x')
+             modules_to_save, HRA), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
+
+Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
+W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
+forward equals the folded model (PEFT's HRA forward and its OFT merge take this order; its
+OFT forward takes the other, and so disagrees with its own merge for several adapters).
+
+Dtypes (PEFT's rule, peft 0.21): adapter parameters stay in their own dtype (float32 unless
+the caller casts them; PEFT's ``autocast_adapter_dtype`` upcasts bf16/fp16 adapters to
+float32 by default), each adapter computes in its parameters' dtype (x cast to it), and the
+chain is rounded to the base layer's dtype once per side: the transformed input is cast to
+the input's dtype before the base layer, and the output (base result plus every update,
+accumulated in the promoted dtype) is cast to the base result's dtype at the end. So with a
+bf16 base, y = round_bf16(base(x) + s · B A x) — the update is not rounded on its own.
+HRA, as PEFT, runs the base layer itself in the adapter's dtype (its ``base_forward``).
+
+The wrapper stands in for the base layer: attributes it does not have itself (``weight``,
+``bias``, ``in_features``, ``kernel_size``, ``num_embeddings``, ...) are the base layer's,
+as PEFT's layers expose them (model code reads e.g. ``patch_embeddings.projection.weight``).
 
 A weight-space adapter also exposes its delta, ``delta(base) -> {param name: Delta}``, typed
 `splice.delta` values in the base parameter's shape (every adaptation is a delta on named
@@ -33,6 +51,19 @@ class AdapterStateError(SpliceError):
     """An adapter operation is not possible in the current state (fold, unfold, load)."""
 
 
+def copy_saved(pairs: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Load saved tensors: for each (where, own, saved), check the shape (all first, so a
+    mismatch changes nothing), then copy ``saved`` into ``own`` cast to its dtype."""
+    for where, own, saved in pairs:
+        if tuple(saved.shape) != tuple(own.shape):
+            raise AdapterStateError(
+                f"{where}: saved shape {tuple(saved.shape)} != expected {tuple(own.shape)}"
+            )
+    with torch.no_grad():
+        for _, own, saved in pairs:
+            own.copy_(saved.to(own.dtype))
+
+
 class AdapterModule(nn.Module):
     """One named adapter on one base layer. Subclasses override what they need."""
 
@@ -40,12 +71,15 @@ class AdapterModule(nn.Module):
     replaces_base: ClassVar[bool] = False
 
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
+        """The input the base layer sees, in the adapter's dtype (the layer casts it back)."""
         return x
 
     def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         raise NotImplementedError
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        """The output with this adapter's update, in the promoted dtype of ``result`` and
+        the update (the layer casts the final output to the base result's dtype once)."""
         return result
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
@@ -74,14 +108,7 @@ class AdapterModule(nn.Module):
                 f"{where}: adapter tensors do not match: missing {missing[:4]}, "
                 f"unexpected {extra[:4]}"
             )
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise AdapterStateError(
-                    f"{where}.{k}: saved shape {tuple(v.shape)} != expected {tuple(own[k].shape)}"
-                )
-        with torch.no_grad():
-            for k, v in state.items():
-                own[k].copy_(v.to(own[k].dtype))
+        copy_saved([(f"{where}.{k}", own[k], v) for k, v in state.items()])
 
 
 class AdaptedLayer(nn.Module):
@@ -107,21 +134,32 @@ class AdaptedLayer(nn.Module):
             self.adapters[n] for n in self.active if n in self.adapters and n not in self._folded
         ]
 
+    def __getattr__(self, name: str) -> Any:
+        """The base layer's attribute when the wrapper has none of that name."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         running = self.running()
         if not running:
             return self.base_layer(x, *args, **kwargs)
         x_in = x
-        for a in running:
+        for a in reversed(running):
             x = a.transform_input(x, self.base_layer)
         replacing = [a for a in running if a.replaces_base]
         if replacing:
             result = replacing[-1].base_forward(x, self.base_layer)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self.base_layer(x.to(x_in.dtype), *args, **kwargs)
+        out_dtype = result.dtype
         for a in running:
             result = a.transform_output(x_in, result, self.base_layer)
-        return result
+        return result.to(out_dtype)
 
     # -- folding -------------------------------------------------------------------------
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
 from splice.adapters.config import AdapterConfigError
 from splice.io.peft_adapter import module_matches, pattern_key
 
-__all__ = ["find_targets", "matches", "pattern_key"]
+__all__ = ["find_targets", "matches", "pattern_key", "pattern_value"]
 
 ALL_LINEAR = "all-linear"
 
@@ -27,6 +28,24 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in, out, transposed) of an nn.Linear or a GPT-2 Conv1D (weight stored in×out:
+    transposed); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return n_in, n_out, True
+    return None
+
+
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern: the value of the first pattern that matches
+    ``path`` (`pattern_key`), else ``default``."""
+    key = pattern_key(patterns, path)
+    return patterns[key] if key is not None else default
 
 
 # PEFT's rules: a string is a full-match regex; a list matches ``name == t`` or

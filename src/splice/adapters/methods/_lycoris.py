@@ -13,6 +13,8 @@ Training-time only, as PEFT:
   rescales the kept rows by 1/mean(mask), LoKr only with ``rank_dropout_scale`` (PEFT's
   choices; a mask of all zeros drops ΔW instead of PEFT's 0/0).
 In eval mode neither applies, and ``delta()`` never applies them.
+Dtypes as PEFT (`splice.adapters.layer`): ΔW and x·ΔW in the factors' dtype (float32 on a
+bf16 base), added to the base output and rounded once.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
-from splice.adapters.targeting import pattern_key
+from splice.adapters.targeting import pattern_value
 from splice.delta import Delta, Dense
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
@@ -42,12 +44,10 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
     def rank_for(self, path: str) -> int:
-        key = pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
-        key = pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.alpha
+        return pattern_value(self.alpha_pattern, path, self.alpha)
 
 
 def kaiming_(t: Tensor) -> None:
@@ -100,10 +100,21 @@ class LycorisModule(AdapterModule):
         x = x.to(w.dtype)
         # Conv2d: the base's own convolution (stride, padding, dilation, groups, padding_mode)
         update = F.linear(x, w) if isinstance(base, nn.Linear) else base._conv_forward(x, w, None)
-        return (result + update).to(result.dtype)
+        return result + update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         return {"weight": Dense(self._weight(base).float())}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}"
+
+
+def build_lycoris(
+    module_type: type[LycorisModule], base: nn.Module, config: LycorisConfig, path: str
+) -> LycorisModule | None:
+    """``module_type(config, path, out, in, kernel)`` for a supported base layer (None for
+    another layer type), on the base's device."""
+    shape = conv_shape(base)
+    if shape is None:
+        return None
+    return module_type(config, path, *shape).to(device=base.weight.device)

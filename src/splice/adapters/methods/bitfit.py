@@ -80,7 +80,7 @@ class BitFitBias(AdapterModule):
         d = self.bitfit_bias
         if self.channel_axis == 1 and result.dim() > 2:
             d = d.reshape(-1, *([1] * (result.dim() - 2)))
-        return result + d.to(result.dtype)
+        return result + d
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         return {"bias": Dense(self.bitfit_bias.float())}

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
+from splice.adapters.targeting import linear_features
 
 # Module-name regexes (matched against the path's tail) for each placement, by family.
 _SITES: dict[str, dict[str, list[str]]] = {
@@ -153,17 +153,15 @@ class BottleneckAdapter(AdapterModule):
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         h = result.to(self.adapter_down.weight.dtype)
         update = self.dropout(self.adapter_up(self.act(self.adapter_down(h)))) * self.scaling
-        return result + update.to(result.dtype)
+        return result + update
 
 
 @adapter_method(BottleneckConfig, name="bottleneck", folds=False)
 def build_bottleneck(base: nn.Module, config: BottleneckConfig, path: str) -> AdapterModule | None:
-    if isinstance(base, nn.Linear):
-        hidden = base.out_features
-    elif is_conv1d(base):
-        hidden = base.weight.shape[1]
-    else:
+    features = linear_features(base)
+    if features is None:
         return None
+    hidden = features[1]  # the output size
     if config.bottleneck_size is not None and config.bottleneck_size > hidden:
         raise AdapterConfigError(
             f"bottleneck: '{path}': bottleneck_size {config.bottleneck_size} exceeds the "

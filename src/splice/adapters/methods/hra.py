@@ -14,6 +14,8 @@ directions; PEFT's formula).
 Computation: y = W' x + b = W (H x) + b, so splice reflects the *input* — Hᵀ applied to a
 row vector x is x H_r H_{r−1} ⋯ H_1 (each H_i symmetric): r rank-one updates, O(r·in) per
 token, never the in×in matrix. PEFT builds W H densely; the two agree to float rounding.
+Dtypes as PEFT: the whole layer runs in the adapter's dtype (x, W and b cast to it, float32
+on a bf16 base) and its output is rounded once to the base's dtype.
 
 Init (PEFT's, init_weights=True): r/2 kaiming-uniform vectors, each repeated twice
 (u_1 = u_2, u_3 = u_4, …), so H_1 H_2 = I and the adapted model starts equal to the base.
@@ -36,9 +38,8 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
+from splice.adapters.methods._input_transform import InputTransform, build_on_linear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
-from splice.delta import Delta, Folded
 
 # PEFT's HRA defaults by HF model_type (the architectures splice tests).
 
@@ -93,13 +94,14 @@ def reflect_rows(x: Tensor, u: Tensor, apply_gs: bool) -> Tensor:
 # -- the layer ------------------------------------------------------------------------------
 
 
-class HRALinear(AdapterModule):
+class HRALinear(InputTransform):
     """HRA on nn.Linear / Conv1D (see the module docstring)."""
 
+    replaces_base = True  # the base layer runs in the adapter's dtype (base_forward)
+
     def __init__(self, in_features: int, r: int, apply_gs: bool, init: bool, conv1d: bool):
-        super().__init__()
+        super().__init__(in_features, conv1d)
         self.apply_gs = apply_gs
-        self.conv1d = conv1d
         self.hra_u = nn.Parameter(torch.empty(in_features, r))
         self.reset(init)
 
@@ -121,23 +123,21 @@ class HRALinear(AdapterModule):
 
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
         u = self.hra_u
-        return reflect_rows(x.to(u.dtype), u, self.apply_gs).to(x.dtype)
+        return reflect_rows(x.to(u.dtype), u, self.apply_gs)
 
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        h = householder_product(self.hra_u.float(), self.apply_gs)
-        size = tuple(base.weight.shape)
-        if self.conv1d:  # W stored in×out: y = x Hᵀ W  ->  W' = Hᵀ W
-            return {"weight": Folded("matmul_left", {"matrix": h.T}, size)}
-        return {"weight": Folded("matmul_right", {"matrix": h}, size)}
+    def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
+        """The base layer on the reflected x with W and b cast to the adapter's dtype, the
+        result rounded once to the base's dtype (PEFT computes the whole HRA layer so)."""
+        params = {n: p.to(x.dtype) for n, p in base.named_parameters(recurse=False)}
+        return torch.func.functional_call(base, params, (x,)).to(base.weight.dtype)
+
+    def input_matrix(self) -> Tensor:
+        return householder_product(self.hra_u.float(), self.apply_gs)
 
 
 @adapter_method(HRAConfig, name="hra", peft_type="HRA")
 def build_hra(base: nn.Module, config: HRAConfig, path: str) -> AdapterModule | None:
-    if isinstance(base, nn.Linear):
-        in_features, conv1d = base.in_features, False
-    elif is_conv1d(base):
-        in_features, conv1d = base.weight.shape[0], True
-    else:
-        return None
-    module = HRALinear(in_features, config.r, config.apply_GS, config.init_weights, conv1d)
-    return module.to(device=base.weight.device)
+    def make(in_features: int, conv1d: bool) -> HRALinear:
+        return HRALinear(in_features, config.r, config.apply_GS, config.init_weights, conv1d)
+
+    return build_on_linear(base, make)

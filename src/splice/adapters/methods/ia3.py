@@ -25,6 +25,8 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
 - Several active (IA)³ adapters on one layer multiply (PEFT's product of the vectors).
 - The delta depends on the base weights it scales: ``deltas()`` uses the current base (with
   any adapter folded before it).
+- Dtypes as PEFT: l stays float32 on a bf16 base; x ⊙ l (rounded to x's dtype before the
+  base layer) or (W x + b) ⊙ l are computed in float32 and rounded once.
 - Conv layers: input scaling is supported only for ``groups == 1`` (PEFT broadcasts a
   grouped layout; not needed for the models splice targets).
 """
@@ -42,7 +44,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.default_targets import IA3_FEEDFORWARD
 from splice.adapters.layer import AdapterModule
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
+from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Folded
 
 # PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_*_MAPPING), main families.
@@ -104,12 +106,12 @@ class IA3(AdapterModule):
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
         if not self.feedforward:
             return x
-        return (x.to(self.ia3_l.dtype) * self._act_scale()).to(base.weight.dtype)
+        return x.to(self.ia3_l.dtype) * self._act_scale()
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         if self.feedforward:
             return result
-        return (result * self._act_scale()).to(result.dtype)
+        return result * self._act_scale()
 
     def weight_scale(self) -> Tensor:
         """l shaped to broadcast against the base weight."""
@@ -134,10 +136,10 @@ class IA3(AdapterModule):
 @adapter_method(IA3Config, name="ia3", peft_type="IA3")
 def build_ia3(base: nn.Module, config: IA3Config, path: str) -> AdapterModule | None:
     ff = config.is_feedforward(path)
-    if isinstance(base, nn.Linear):
-        kind, n_in, n_out = "linear", base.in_features, base.out_features
-    elif is_conv1d(base):
-        kind, (n_in, n_out) = "conv1d", base.weight.shape
+    features = linear_features(base)
+    if features is not None:
+        n_in, n_out, conv1d = features
+        kind = "conv1d" if conv1d else "linear"
     elif isinstance(base, (nn.Conv2d, nn.Conv3d)):
         kind, n_in, n_out = "conv", base.in_channels, base.out_channels
         if ff and base.groups != 1:

@@ -33,7 +33,7 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods._lycoris import (
     LycorisConfig,
     LycorisModule,
-    conv_shape,
+    build_lycoris,
     cp_factor,
     kaiming_,
 )
@@ -93,8 +93,4 @@ class LoHa(LycorisModule):
 
 @adapter_method(LoHaConfig, name="loha", peft_type="LOHA")
 def build_loha(base: nn.Module, config: LoHaConfig, path: str) -> AdapterModule | None:
-    shape = conv_shape(base)
-    if shape is None:
-        return None
-    out_f, in_f, kernel = shape
-    return LoHa(config, path, out_f, in_f, kernel).to(device=base.weight.device)
+    return build_lycoris(LoHa, base, config, path)

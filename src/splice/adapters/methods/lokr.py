@@ -39,7 +39,7 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods._lycoris import (
     LycorisConfig,
     LycorisModule,
-    conv_shape,
+    build_lycoris,
     cp_factor,
     kaiming_,
 )
@@ -137,8 +137,4 @@ class LoKr(LycorisModule):
 
 @adapter_method(LoKrConfig, name="lokr", peft_type="LOKR")
 def build_lokr(base: nn.Module, config: LoKrConfig, path: str) -> AdapterModule | None:
-    shape = conv_shape(base)
-    if shape is None:
-        return None
-    out_f, in_f, kernel = shape
-    return LoKr(config, path, out_f, in_f, kernel).to(device=base.weight.device)
+    return build_lycoris(LoKr, base, config, path)

@@ -23,8 +23,9 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
   ``<path>.base_layer.bias``); "all" (every bias of the model) is refused for now: it needs
   adapters on non-targeted modules, which the builder cannot reach.
 - ``lora_bias``: a bias on lora_B (not with DoRA nor PiSSA/OLoRA, as PEFT).
-- The adapter computes in its own dtype (float32 by default): x is cast to A's dtype and
-  the update cast back to the output's dtype, as PEFT does.
+- Dtypes (PEFT's rule, `splice.adapters.layer`): A, B and m stay float32 on a bf16/fp16
+  base; x is cast to A's dtype, the float32 update is added to the base output and the sum
+  rounded once to the base output's dtype (not the update first: that rounds twice).
 - Initialisations: see `lora_init.py` (default, "gaussian", "pissa", "pissa_niter_K",
   "olora"; the last three rewrite the base weight to W − s·B A).
 """
@@ -42,7 +43,7 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods.lora_init import initialise, niter_of
 from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d, pattern_key
+from splice.adapters.targeting import is_linear, pattern_value
 
 # target_modules when unset, by HF model_type: PEFT 0.21's defaults
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
@@ -87,12 +88,10 @@ class LoraConfig(AdapterConfig):
         return self
 
     def rank_for(self, path: str) -> int:
-        key = pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
-        key = pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
     def scaling_for(self, path: str) -> float:
         r, alpha = self.rank_for(path), self.alpha_for(path)
@@ -106,17 +105,9 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
     train_bias = config.bias != "none"
     rewrites_base = isinstance(init, str) and init != "gaussian"
     module: AdapterModule
-    if isinstance(base, nn.Linear) or is_conv1d(base):
-        in_f, out_f = (
-            (base.in_features, base.out_features)
-            if isinstance(base, nn.Linear)
-            else (base.weight.shape)
-        )
-        module = LoraLinear(
-            base, in_f, out_f, r, s, config.lora_dropout,
-            is_conv1d(base),  # PEFT forces fan_in_fan_out: True on Conv1D, False on Linear
-            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
-        )  # fmt: skip
+    flags = {"lora_bias": config.lora_bias, "use_dora": config.use_dora, "train_bias": train_bias}
+    if is_linear(base):
+        module = LoraLinear(base, r, s, config.lora_dropout, **flags)
     elif isinstance(base, nn.Embedding):
         if config.lora_bias or rewrites_base:
             what = "lora_bias" if config.lora_bias else f"init_lora_weights={init!r}"
@@ -129,10 +120,7 @@ def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> Adapter
                 f"'gaussian' init (groups={base.groups}, dilation={base.dilation}, "
                 f"init_lora_weights={init!r})"
             )
-        module = LoraConv2d(
-            base, r, s, config.lora_dropout,
-            lora_bias=config.lora_bias, use_dora=config.use_dora, train_bias=train_bias,
-        )  # fmt: skip
+        module = LoraConv2d(base, r, s, config.lora_dropout, **flags)
     else:
         return None
     module.to(device=base.weight.device)

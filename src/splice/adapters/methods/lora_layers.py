@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from splice.adapters.layer import AdapterModule, AdapterStateError
+from splice.adapters.layer import AdapterModule, AdapterStateError, copy_saved
+from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Dense, Folded, LowRank
 from splice.delta.folded import dora_factor
 
@@ -38,10 +39,12 @@ _BIAS_KEY = "base_layer.bias"
 
 
 class LoraModule(AdapterModule):
-    """What the three layer kinds share: scaling, dropout, DoRA magnitude, bias copies."""
+    """What the three layer kinds share: scaling, the DoRA magnitude and its init, bias
+    copies, the saved names."""
 
     use_dora: bool
     scaling: float
+    lora_magnitude_vector: nn.Parameter | None
 
     def _setup_bias(self, base: nn.Module, train_bias: bool) -> None:
         bias = getattr(base, "bias", None)
@@ -55,10 +58,25 @@ class LoraModule(AdapterModule):
             return None
         return self.base_bias - base.bias.detach()
 
-    def _effective_bias(self, base: nn.Module) -> Tensor | None:
-        if self.base_bias is not None:
-            return self.base_bias
-        return getattr(base, "bias", None)
+    def base_weight(self, base: nn.Module) -> Tensor:
+        """W with the output features first (out × in [× kernel])."""
+        return base.weight
+
+    def lora_weight(self) -> Tensor:
+        """B A in `base_weight`'s layout (unscaled)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_magnitude(self, base: nn.Module) -> None:
+        """m = ‖W + s B A‖ per output feature, so DoRA starts equal to LoRA (PEFT's init)."""
+        w = self.base_weight(base).float() + self.scaling * self.lora_weight().float()
+        norm = w.norm(p=2, dim=tuple(range(1, w.dim())))
+        self.lora_magnitude_vector.copy_(norm.view_as(self.lora_magnitude_vector))
+
+    def dora_scale(self, weight: Tensor) -> Tensor:
+        """DoRA's c = m / ‖W + s · B A‖ per output feature (`splice.delta.folded.dora_factor`)."""
+        lora = self.scaling * self.lora_weight().detach()
+        return dora_factor(self.lora_magnitude_vector, weight, lora)
 
     # -- saved names ---------------------------------------------------------------------
 
@@ -71,73 +89,86 @@ class LoraModule(AdapterModule):
         )
 
 
-def _dora_factor(magnitude: Tensor, weight: Tensor, lora_weight: Tensor, scaling: float) -> Tensor:
-    """c = m / ‖W + s · BA‖ per output feature (`splice.delta.folded.dora_factor`)."""
-    return dora_factor(magnitude, weight, scaling * lora_weight.detach())
-
-
-class LoraLinear(LoraModule):
-    """LoRA / DoRA on nn.Linear or GPT-2 Conv1D (weight stored in×out: ``transpose``)."""
+class LoraLayerPair(LoraModule):
+    """LoRA / DoRA whose A and B are layers (``lora_A``, ``lora_B``): Linear / Conv1D and
+    Conv2d share the constructor and the forward; subclasses give the layers' shapes."""
 
     def __init__(
         self,
         base: nn.Module,
-        in_features: int,
-        out_features: int,
         r: int,
         scaling: float,
         dropout: float,
-        transpose: bool,
         *,
         lora_bias: bool = False,
         use_dora: bool = False,
         train_bias: bool = False,
     ) -> None:
         super().__init__()
-        self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=lora_bias)
+        self.lora_A, self.lora_B = self._make_layers(base, r, lora_bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
-        self.transpose = transpose
         self.use_dora = use_dora
         self._setup_bias(base, train_bias)
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features)) if use_dora else None
+        ones = torch.ones(self._magnitude_shape(base))
+        self.lora_magnitude_vector = nn.Parameter(ones) if use_dora else None
+
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def _per_channel(self, t: Tensor) -> Tensor:
+        """A per-output-feature vector shaped to broadcast against the output (last axis)."""
+        return t
+
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        """The base layer's operation with ``weight`` and no bias."""
+        raise NotImplementedError
+
+    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
+        """LoRA / DoRA (module docstring) in the adapter's dtype: x is cast to A's dtype and
+        the update added unrounded (`AdaptedLayer` rounds the output once, as PEFT)."""
+        shift = self._bias_shift(base)
+        if shift is not None:
+            result = result + self._per_channel(shift).to(result.dtype)
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            return result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        weight = self.base_weight(base).to(x.dtype)
+        c = self._per_channel(self.dora_scale(weight))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result
+            bias = self.base_bias if self.base_bias is not None else getattr(base, "bias", None)
+            if bias is not None:
+                base_result = base_result - self._per_channel(bias)
+        else:
+            x = self.dropout(x)
+            base_result = self._base_op(x, weight, base)
+        update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
+        return result + update
+
+
+class LoraLinear(LoraLayerPair):
+    """LoRA / DoRA on nn.Linear or GPT-2 Conv1D (weight stored in×out: ``transpose``, PEFT's
+    fan_in_fan_out, which PEFT forces True on Conv1D and False on Linear)."""
+
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
+        in_f, out_f, self.transpose = linear_features(base)
+        return nn.Linear(in_f, r, bias=False), nn.Linear(r, out_f, bias=lora_bias)
+
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (self.lora_B.out_features,)
 
     def base_weight(self, base: nn.Module) -> Tensor:
-        """W in out×in layout."""
         return base.weight.T if self.transpose else base.weight
 
     def lora_weight(self) -> Tensor:
         return self.lora_B.weight @ self.lora_A.weight
 
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        """m = ‖W + s B A‖_row, so DoRA starts equal to LoRA (PEFT's init)."""
-        w = self.base_weight(base).float()
-        d = self.lora_weight().float()
-        self.lora_magnitude_vector.copy_((w + self.scaling * d).norm(p=2, dim=1))
-
-    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
-        shift = self._bias_shift(base)
-        if shift is not None:
-            result = result + shift.to(result.dtype)
-        x = x.to(self.lora_A.weight.dtype)
-        if not self.use_dora:
-            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
-        weight = self.base_weight(base).to(x.dtype)
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_result = result
-            bias = self._effective_bias(base)
-            if bias is not None:
-                base_result = base_result - bias
-        else:
-            x = self.dropout(x)
-            base_result = F.linear(x, weight)
-        lora_result = self.lora_B(self.lora_A(x))
-        update = (c - 1) * base_result + c * lora_result * self.scaling
-        return (result + update).to(out_dtype)
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        return F.linear(x, weight)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         b, a = self.lora_B.weight, self.lora_A.weight
@@ -208,12 +239,8 @@ class LoraEmbedding(LoraModule):
         """B A: dim × num_embeddings (ΔW = s · this, transposed)."""
         return self.lora_embedding_B @ self.lora_embedding_A
 
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        w = base.weight.T.float()
-        self.lora_magnitude_vector.copy_(
-            (w + self.scaling * self.lora_weight().float()).norm(dim=1)
-        )
+    def base_weight(self, base: nn.Module) -> Tensor:
+        return base.weight.T
 
     def _embed(self, x: Tensor, weight: Tensor, base: nn.Embedding) -> Tensor:
         return F.embedding(
@@ -227,7 +254,6 @@ class LoraEmbedding(LoraModule):
         )
 
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
         update = (self._embed(x, self.lora_embedding_A.T, base) @ self.lora_embedding_B.T) * (
             self.scaling
         )
@@ -235,11 +261,9 @@ class LoraEmbedding(LoraModule):
         if embed_scale is not None:
             update = update * embed_scale.to(update.dtype)
         if not self.use_dora:
-            return (result + update).to(out_dtype)
-        c = _dora_factor(
-            self.lora_magnitude_vector, base.weight.T, self.lora_weight(), self.scaling
-        )
-        return (c * result + c * update).to(out_dtype)
+            return result + update
+        c = self.dora_scale(self.base_weight(base))
+        return c * result + c * update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         b, a = self.lora_embedding_B, self.lora_embedding_A  # ΔW = s · (B A)ᵀ
@@ -256,76 +280,33 @@ class LoraEmbedding(LoraModule):
         state = dict(state)
         saved = state.pop("base_layer.weight", None)
         base = self._base()
-        if saved is not None and base is not None:
-            if tuple(saved.shape) != tuple(base.weight.shape):
-                raise AdapterStateError(
-                    f"{where}.base_layer.weight: saved shape {tuple(saved.shape)} != "
-                    f"{tuple(base.weight.shape)}"
-                )
-            with torch.no_grad():
-                base.weight.copy_(saved.to(base.weight.dtype))
         super().load_peft_state(state, where)
+        if saved is not None and base is not None:
+            copy_saved([(f"{where}.base_layer.weight", base.weight, saved)])
 
 
-class LoraConv2d(LoraModule):
+class LoraConv2d(LoraLayerPair):
     """LoRA / DoRA on nn.Conv2d (PEFT's conv LoRA): A = Conv2d(in, r, the base's kernel,
     stride, padding), B = 1×1 Conv2d(r, out); ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l]."""
 
-    def __init__(
-        self,
-        base: nn.Conv2d,
-        r: int,
-        scaling: float,
-        dropout: float,
-        *,
-        lora_bias: bool = False,
-        use_dora: bool = False,
-        train_bias: bool = False,
-    ) -> None:
-        super().__init__()
-        self.lora_A = nn.Conv2d(
+    def _make_layers(self, base: nn.Module, r: int, lora_bias: bool) -> tuple[nn.Module, ...]:
+        lora_a = nn.Conv2d(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False
         )
-        self.lora_B = nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = scaling
-        self.use_dora = use_dora
-        self._setup_bias(base, train_bias)
-        mag = torch.ones(1, base.out_channels, 1, 1)  # PEFT's saved shape
-        self.lora_magnitude_vector = nn.Parameter(mag) if use_dora else None
+        return lora_a, nn.Conv2d(r, base.out_channels, 1, 1, bias=lora_bias)
+
+    def _magnitude_shape(self, base: nn.Module) -> tuple[int, ...]:
+        return (1, base.out_channels, 1, 1)  # PEFT's saved shape
 
     def lora_weight(self) -> Tensor:
         """Σ_r B[o,r] A[r,i,k,l]: out × in × kh × kw."""
         return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight)
 
-    @torch.no_grad()
-    def init_magnitude(self, base: nn.Module) -> None:
-        w = base.weight.float() + self.scaling * self.lora_weight().float()
-        self.lora_magnitude_vector.copy_(w.norm(p=2, dim=(1, 2, 3)).view(1, -1, 1, 1))
+    def _per_channel(self, t: Tensor) -> Tensor:
+        return t.view(1, -1, 1, 1)
 
-    def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
-        out_dtype = result.dtype
-        shift = self._bias_shift(base)
-        if shift is not None:
-            result = result + shift.view(1, -1, 1, 1).to(result.dtype)
-        x = x.to(self.lora_A.weight.dtype)
-        if not self.use_dora:
-            return result + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(out_dtype)
-        weight = base.weight
-        c = _dora_factor(self.lora_magnitude_vector, weight, self.lora_weight(), self.scaling)
-        c = c.view(1, -1, 1, 1)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            base_result = result
-            bias = self._effective_bias(base)
-            if bias is not None:
-                base_result = base_result - bias.view(1, -1, 1, 1)
-        else:
-            x = self.dropout(x)
-            base_result = F.conv2d(
-                x, weight, None, base.stride, base.padding, base.dilation, base.groups
-            )
-        update = (c - 1) * base_result + c * self.lora_B(self.lora_A(x)) * self.scaling
-        return (result + update).to(out_dtype)
+    def _base_op(self, x: Tensor, weight: Tensor, base: nn.Module) -> Tensor:
+        return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         shape = tuple(base.weight.shape)

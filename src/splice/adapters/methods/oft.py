@@ -31,6 +31,9 @@ Linear forward; splice applies it (training only, so inference parity is unaffec
 ``init_weights=True``: Q = 0, so R = I and the adapted model starts equal to the base;
 False: N(0, 0.1²) (tests).
 
+Dtypes as PEFT: x is rotated in the adapter's dtype (float32 on a bf16 base) and rounded
+to its own dtype before the base layer.
+
 Supports nn.Linear (as PEFT) and GPT-2 Conv1D (splice only: W stored in×out, so
 ΔW = (R_bd − I) W there; PEFT cannot load such an adapter). ``fan_in_fan_out`` is accepted
 for PEFT's config but has no effect: splice recognises Conv1D by its type (PEFT resets the
@@ -49,9 +52,8 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterModule
+from splice.adapters.methods._input_transform import InputTransform, build_on_linear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
-from splice.delta import Delta, Folded
 
 # PEFT's OFT defaults by HF model_type (the architectures splice tests).
 
@@ -182,14 +184,13 @@ class OFTRotation(nn.Module):
         self.weight = nn.Parameter(torch.zeros(rows, n_elements))
 
 
-class OFTLinear(AdapterModule):
+class OFTLinear(InputTransform):
     """OFT on nn.Linear / Conv1D: rotates the input by the block-diagonal R (docstring above)."""
 
     def __init__(
         self, in_features: int, blocks: int, block_size: int, config: OFTConfig, conv1d: bool
     ) -> None:
-        super().__init__()
-        self.in_features = in_features
+        super().__init__(in_features, conv1d)
         self.blocks = blocks
         self.block_size = block_size
         self.block_share = config.block_share
@@ -198,7 +199,6 @@ class OFTLinear(AdapterModule):
         self.neumann = config.use_cayley_neumann
         self.terms = config.num_cayley_neumann_terms
         self.dropout_p = config.module_dropout
-        self.conv1d = conv1d
         n_elements = block_size * (block_size - 1) // 2
         self.oft_R = OFTRotation(1 if self.block_share else blocks, n_elements)
         if not config.init_weights:
@@ -225,29 +225,22 @@ class OFTLinear(AdapterModule):
             blocks = multiplicative_dropout(blocks, self.dropout_p)
         xr = x.to(blocks.dtype).reshape(*x.shape[:-1], self.blocks, self.block_size)
         out = torch.einsum("...rk,rkc->...rc", xr, blocks)
-        return out.reshape(x.shape).to(x.dtype)
+        return out.reshape(x.shape)
 
-    def delta(self, base: nn.Module) -> dict[str, Delta]:
-        r = self.rotation().float()
-        size = tuple(base.weight.shape)
-        if self.conv1d:  # W stored in×out: y = x R W  ->  W' = R W
-            return {"weight": Folded("matmul_left", {"matrix": r}, size)}
-        return {"weight": Folded("matmul_right", {"matrix": r.T}, size)}
+    def input_matrix(self) -> Tensor:
+        """R_bdᵀ: the input is rotated as a row vector, x R_bd (module docstring)."""
+        return self.rotation().float().T
 
 
 @adapter_method(OFTConfig, name="oft", peft_type="OFT")
 def build_oft(base: nn.Module, config: OFTConfig, path: str) -> AdapterModule | None:
-    if isinstance(base, nn.Linear):
-        in_features, conv1d = base.in_features, False
-    elif is_conv1d(base):
-        in_features, conv1d = base.weight.shape[0], True
-    else:
-        return None
-    blocks, size = block_layout(in_features, config.r, config.oft_block_size, path)
-    if size < 2:
-        raise AdapterConfigError(
-            f"oft: '{path}': block size {size} (in_features {in_features}, r {blocks}) "
-            "leaves nothing to rotate; use fewer, larger blocks"
-        )
-    module = OFTLinear(in_features, blocks, size, config, conv1d)
-    return module.to(device=base.weight.device)
+    def make(in_features: int, conv1d: bool) -> OFTLinear:
+        blocks, size = block_layout(in_features, config.r, config.oft_block_size, path)
+        if size < 2:
+            raise AdapterConfigError(
+                f"oft: '{path}': block size {size} (in_features {in_features}, r {blocks}) "
+                "leaves nothing to rotate; use fewer, larger blocks"
+            )
+        return OFTLinear(in_features, blocks, size, config, conv1d)
+
+    return build_on_linear(base, make)

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import model_validator
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.adapters.layer import AdapterStateError
+from splice.adapters.layer import AdapterStateError, copy_saved
 from splice.adapters.methods._prompt_learning import (
     Kwargs,
     PromptLearningAdapter,
@@ -179,14 +178,9 @@ class PrefixEncoder(PromptLearningAdapter):
                 f"{where}: a saved prefix is the MLP's output; it cannot be loaded into the MLP "
                 "(load the folder with load_adapter, which keeps the prefix itself)"
             )
-        t = state["prompt_embeddings"]
-        own = self.embedding.weight
-        if tuple(t.shape) != tuple(own.shape):
-            raise AdapterStateError(
-                f"{where}: prompt_embeddings shape {tuple(t.shape)} != expected {tuple(own.shape)}"
-            )
-        with torch.no_grad():
-            own.copy_(t.to(own.dtype))
+        copy_saved(
+            [(f"{where}.prompt_embeddings", self.embedding.weight, state["prompt_embeddings"])]
+        )
 
 
 @adapter_method(PrefixTuningConfig, name="prefix_tuning", peft_type="PREFIX_TUNING", kind="model")

@@ -34,7 +34,7 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.adapters.layer import AdapterStateError
+from splice.adapters.layer import AdapterStateError, copy_saved
 from splice.adapters.methods._prompt_learning import (
     Kwargs,
     PromptLearningAdapter,
@@ -153,14 +153,9 @@ class PromptEmbedding(PromptLearningAdapter):
             raise AdapterStateError(
                 f"{where}: expected the one tensor 'prompt_embeddings', got {sorted(state)[:4]}"
             )
-        t = state["prompt_embeddings"]
-        if tuple(t.shape) != tuple(self.prompt_embeddings.shape):
-            raise AdapterStateError(
-                f"{where}: prompt_embeddings shape {tuple(t.shape)} != expected "
-                f"{tuple(self.prompt_embeddings.shape)}"
-            )
-        with torch.no_grad():
-            self.prompt_embeddings.copy_(t.to(self.prompt_embeddings.dtype))
+        copy_saved(
+            [(f"{where}.prompt_embeddings", self.prompt_embeddings, state["prompt_embeddings"])]
+        )
 
 
 @adapter_method(PromptTuningConfig, name="prompt_tuning", peft_type="PROMPT_TUNING", kind="model")

@@ -24,6 +24,7 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
   targets). PEFT reuses the first adapter's buffers for later ones; a saved folder holds
   one adapter, so the files are the same.
 - ``bias`` other than "none" is not supported.
+- Dtypes as LoRA's (`splice.adapters.layer`): float32 update, output rounded once.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from pydantic import Field, PrivateAttr
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
-from splice.adapters.layer import AdapterModule, AdapterStateError
+from splice.adapters.layer import AdapterModule, AdapterStateError, copy_saved
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_conv1d
+from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Dense
 
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -83,7 +84,7 @@ class VeraConfig(AdapterConfig):
     _projections: VeraProjections | None = PrivateAttr(None)
 
     def for_targets(self, model: Any, targets: list[tuple[str, Any]]) -> VeraConfig:
-        dims = [_features(base) for _, base in targets]
+        dims = [linear_features(base) for _, base in targets]
         dims = [d for d in dims if d is not None]
         if not dims:  # the builder reports the unsupported layers
             return self
@@ -129,7 +130,7 @@ class VeraLinear(AdapterModule):
         x = x.to(self.vera_lambda_d.dtype)
         h = self.vera_lambda_d * F.linear(self.dropout(x), a.to(x.dtype))
         update = self.vera_lambda_b * F.linear(h, b.to(x.dtype))
-        return (result + update).to(result.dtype)
+        return result + update
 
     def delta(self, base: nn.Module) -> dict[str, Delta]:
         a, b = self.sliced()
@@ -152,30 +153,13 @@ class VeraLinear(AdapterModule):
                 f"{where}: save_projection is true but {missing} are missing from the weights"
             )
         own = self.shared_state()
-        for k in SHARED_KEYS:
-            if tuple(state[k].shape) != tuple(own[k].shape):
-                raise AdapterStateError(
-                    f"{where}: {k} has shape {tuple(state[k].shape)}, but these targets need "
-                    f"{tuple(own[k].shape)} (r, largest in/out)"
-                )
-        with torch.no_grad():
-            for k in SHARED_KEYS:
-                own[k].copy_(state[k].to(own[k].dtype))
-
-
-def _features(base: nn.Module) -> tuple[int, int, bool] | None:
-    """(in, out, transpose) of a linear-like base layer."""
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features, False
-    if is_conv1d(base):
-        in_f, out_f = base.weight.shape
-        return in_f, out_f, True
-    return None
+        need = "(r × the targets' largest in, largest out × r)"
+        copy_saved([(f"{where}: {k} {need}", own[k], state[k]) for k in SHARED_KEYS])
 
 
 @adapter_method(VeraConfig, name="vera", peft_type="VERA")
 def build_vera(base: nn.Module, config: VeraConfig, path: str) -> AdapterModule | None:
-    feats = _features(base)
+    feats = linear_features(base)
     if feats is None:
         return None
     if config._projections is None:
