@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.io.peft_adapter import module_matches, pattern_key
+from splice.peft.lora_config import module_matches, pattern_key
 
 __all__ = ["find_targets", "matches", "pattern_key"]
 

@@ -36,7 +36,7 @@ from splice.delta import LowRank
 from splice.errors import MergeValidationError
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
-from splice.lora_merge.peft_writer import write_adapter_files
+from splice.peft import write_adapter_files
 from splice.reference import open_checkpoint
 
 DEFAULT_EXCLUDE = (
