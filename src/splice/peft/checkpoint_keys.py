@@ -126,16 +126,22 @@ def meta_model(
     `auto_class` (e.g. "AutoModelForCausalLM") that class, else the config's first
     architecture, else AutoModel; `num_labels` overrides the config's."""
     import transformers
+    from transformers.utils import logging as hf_logging
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    if num_labels:
-        config.num_labels = num_labels
-    auto = getattr(transformers, auto_class or "", None)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    with torch.device("meta"):
-        if auto is not None:
-            return auto.from_config(config)
-        if cls is None:
-            return transformers.AutoModel.from_config(config)
-        return cls._from_config(config)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config checks warn about fields the weights don't need
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        if num_labels:
+            config.num_labels = num_labels
+        auto = getattr(transformers, auto_class or "", None)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        with torch.device("meta"):
+            if auto is not None:
+                return auto.from_config(config)
+            if cls is None:
+                return transformers.AutoModel.from_config(config)
+            return cls._from_config(config)
+    finally:
+        hf_logging.set_verbosity(level)
