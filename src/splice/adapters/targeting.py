@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from torch import nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.peft.lora_config import module_matches, pattern_key
+from splice.peft.lora_config import module_matches
 
-__all__ = ["find_targets", "matches", "pattern_key"]
+__all__ = ["find_targets", "matches"]
 
 ALL_LINEAR = "all-linear"
 
@@ -30,7 +30,7 @@ def is_linear(module: nn.Module) -> bool:
 
 
 # PEFT's rules: a string is a full-match regex; a list matches ``name == t`` or
-# ``name.endswith('.' + t)``. pattern_key: the rank_pattern / alpha_pattern entry for a name.
+# ``name.endswith('.' + t)`` (`splice.peft.lora_config`, with rank_pattern / alpha_pattern).
 matches = module_matches
 
 

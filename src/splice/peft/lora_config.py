@@ -61,18 +61,15 @@ class LoraAdapterConfig:
 
     def rank_for(self, key: str) -> int:
         """r of module `key`: its rank_pattern entry, else r."""
-        pattern = pattern_key(self.rank_pattern, key)
-        return self.rank_pattern[pattern] if pattern is not None else self.r
+        return pattern_value(self.rank_pattern, key, self.r)
 
     def alpha_for(self, key: str) -> float:
         """lora_alpha of module `key`: its alpha_pattern entry, else lora_alpha."""
-        pattern = pattern_key(self.alpha_pattern, key)
-        return self.alpha_pattern[pattern] if pattern is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, key, self.lora_alpha)
 
     def scale_for(self, key: str) -> float:
-        """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with use_rslora."""
-        r, alpha = self.rank_for(key), self.alpha_for(key)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """PEFT's `scaling` of module `key` (`lora_scaling`)."""
+        return lora_scaling(self.rank_for(key), self.alpha_for(key), self.use_rslora)
 
     def targets(self, key: str) -> bool:
         """Whether PEFT would put a LoRA layer on module `key`."""
@@ -94,6 +91,17 @@ def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return pattern
     return None
+
+
+def pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """The value of the first pattern matching module `key` (`pattern_key`), else `default`."""
+    pattern = pattern_key(patterns, key)
+    return patterns[pattern] if pattern is not None else default
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's LoRA `scaling`: alpha / r, or alpha / sqrt(r) with use_rslora (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def load_lora_config(adapter_dir: Path) -> tuple[LoraAdapterConfig, dict[str, Any]]:

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
-from splice.adapters.targeting import pattern_key
 from splice.delta import Delta, Dense
+from splice.peft.lora_config import pattern_value
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
 
@@ -42,12 +42,10 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
     def rank_for(self, path: str) -> int:
-        key = pattern_key(self.rank_pattern, path)
-        return self.rank_pattern[key] if key is not None else self.r
+        return pattern_value(self.rank_pattern, path, self.r)
 
     def alpha_for(self, path: str) -> float:
-        key = pattern_key(self.alpha_pattern, path)
-        return self.alpha_pattern[key] if key is not None else self.alpha
+        return pattern_value(self.alpha_pattern, path, self.alpha)
 
 
 def kaiming_(t: Tensor) -> None:
