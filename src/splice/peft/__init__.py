@@ -13,42 +13,18 @@ Layered above `splice.io` and `splice.delta`, below `splice.adapters`, `splice.l
     fold             BASE+ADAPTER for LoRA / DoRA: PEFT's merge_and_unload, tensor by tensor
 """
 
-from splice.peft.files import (
-    CONFIG_NAME,
-    SAVED_PREFIX,
-    WEIGHTS_NAME,
-    open_weights,
-    read_config,
-    read_weights,
-    saved_key,
-    write_adapter_folder_files,
-)
+from splice.peft.files import read_config
 from splice.peft.fold import LoraFoldedReader
-from splice.peft.lora_config import LoraAdapterConfig, load_lora_config
-from splice.peft.lora_reader import (
-    LoadedAdapter,
-    LoraFolder,
-    read_lora_adapter,
-    read_lora_adapters,
-)
+from splice.peft.lora_reader import LoadedAdapter, LoraFolder, read_lora_adapter, read_lora_adapters
 from splice.peft.lora_writer import write_adapter_files, write_lora_adapter
 
 __all__ = [
-    "CONFIG_NAME",
-    "SAVED_PREFIX",
-    "WEIGHTS_NAME",
     "LoadedAdapter",
-    "LoraAdapterConfig",
     "LoraFoldedReader",
     "LoraFolder",
-    "load_lora_config",
-    "open_weights",
     "read_config",
     "read_lora_adapter",
     "read_lora_adapters",
-    "read_weights",
-    "saved_key",
     "write_adapter_files",
-    "write_adapter_folder_files",
     "write_lora_adapter",
 ]
