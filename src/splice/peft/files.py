@@ -6,8 +6,8 @@
                                   "base_model.model.<module path>.<suffix>", PEFT's names
                                   with the adapter name removed, e.g.
                                   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight;
-                                  tensors shared by all layers under their own key (VeRA's
-                                  ``base_model.vera_A``), model-level adapters' too
+                                  tensors shared by all layers under `shared_key` (VeRA's
+                                  ``base_model.vera_A``), model-level adapters' their own
                                   (``prompt_embeddings``)
 
 Reading goes through `splice.io.safe_paths` (only regular files inside the folder's allowed
@@ -45,6 +45,11 @@ SAVED_PREFIX = "base_model.model."
 def saved_key(module: str, suffix: str) -> str:
     """The saved key of tensor `suffix` of the adapter layer at module path `module`."""
     return f"{SAVED_PREFIX}{module}.{suffix}"
+
+
+def shared_key(name: str) -> str:
+    """The saved key of a tensor shared by all adapted layers (VeRA's ``vera_A``)."""
+    return f"base_model.{name}"
 
 
 def read_config(adapter_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
