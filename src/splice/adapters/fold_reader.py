@@ -98,7 +98,7 @@ class AdapterFoldedReader:
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot rebuild the adapted model: {e}") from None
         self._weights = weights
-        keys_of = CheckpointKeys.of(self.base.names(), model_dir)
+        keys_of = CheckpointKeys.of(self.base.names(), model_dir, skeleton)
         # checkpoint tensor name -> (layer path, parameter name in the layer)
         self._targets: dict[str, tuple[str, str]] = {}
         # layer path -> {parameter name: checkpoint tensor name}

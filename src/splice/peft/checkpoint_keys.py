@@ -42,10 +42,14 @@ class CheckpointKeys:
     by_module_name: dict[str, str]  # module tensor name -> checkpoint key ("" when converted)
 
     @classmethod
-    def of(cls, names: list[str], model_dir: Path | None) -> CheckpointKeys:
-        """Rename `names` (the base's keys) as loading the model in `model_dir` would."""
+    def of(
+        cls, names: list[str], model_dir: Path | None, model: torch.nn.Module | None = None
+    ) -> CheckpointKeys:
+        """Rename `names` (the base's keys) as loading the model in `model_dir` would;
+        `model`: that model already built (on the meta device), else it is built here."""
         by_module: dict[str, str] = {}
-        for key, (module_name, converted) in zip(names, _load_time_names(names, model_dir)):
+        renamed = _load_time_names(names, model_dir, model)
+        for key, (module_name, converted) in zip(names, renamed):
             # a converted tensor, or two keys landing on one name: no one-to-one key ("")
             by_module[module_name] = "" if converted or module_name in by_module else key
         return cls(by_module)
@@ -80,14 +84,17 @@ def _lookup(wanted: str, names: dict[str, str]) -> str | None:
     return "" if longer else None
 
 
-def _load_time_names(names: list[str], model_dir: Path | None) -> list[tuple[str, bool]]:
+def _load_time_names(
+    names: list[str], model_dir: Path | None, model: torch.nn.Module | None
+) -> list[tuple[str, bool]]:
     """(module tensor name, converted?) for each checkpoint key, as `from_pretrained` renames."""
-    if model_dir is None or member(model_dir, "config.json") is None:
-        return [(n, False) for n in names]
-    try:
-        model = meta_model(model_dir)
-    except Exception:  # an unknown or custom architecture: names are taken as they are
-        return [(n, False) for n in names]
+    if model is None:
+        if model_dir is None or member(model_dir, "config.json") is None:
+            return [(n, False) for n in names]
+        try:
+            model = meta_model(model_dir)
+        except Exception:  # an unknown or custom architecture: names are taken as they are
+            return [(n, False) for n in names]
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
