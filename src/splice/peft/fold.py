@@ -108,18 +108,8 @@ class LoraFoldedReader:
                     f"target_modules {self.config.target_modules!r} do not select; PEFT would "
                     "ignore them, so the adapter is inconsistent"
                 )
+            self.adapter.check_factors(module)
             a, b = weights.info(keys.a), weights.info(keys.b)
-            r = self.config.rank_for(module)
-            if len(a.shape) != 2 or len(b.shape) != 2:
-                raise CheckpointError(
-                    f"{where}: module '{module}': LoRA factors of shapes {list(a.shape)} and "
-                    f"{list(b.shape)}; only linear and embedding LoRA (2-D factors) fold yet"
-                )
-            if a.shape[0] != r or b.shape[1] != r:
-                raise CheckpointError(
-                    f"{where}: module '{module}': LoRA shapes A {list(a.shape)}, B "
-                    f"{list(b.shape)} do not have the configured rank r={r}"
-                )
             transpose = self.adapter.transposed(module)
             out_shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
             weight = resolve(module + ".weight", keys.a, folded_by)

@@ -75,6 +75,25 @@ class LoraFolder:
         """Whether the base weight receives (B A)ᵀ: embeddings and fan_in_fan_out."""
         return self.modules[module].embedding or self.config.fan_in_fan_out
 
+    def check_factors(self, module: str) -> None:
+        """CheckpointError unless the module's A and B (shapes only, no data read) are 2-D
+        (linear or embedding LoRA) with the rank the config gives it."""
+        keys = self.modules[module]
+        assert keys.a is not None and keys.b is not None
+        a, b = self.weights.info(keys.a).shape, self.weights.info(keys.b).shape
+        where = f"{self.weights.path}: module '{module}'"
+        if len(a) != 2 or len(b) != 2:
+            raise CheckpointError(
+                f"{where}: LoRA factors of shapes {list(a)} and {list(b)}; only linear and "
+                "embedding LoRA (2-D factors) are supported yet"
+            )
+        r = self.config.rank_for(module)
+        if a[0] != r or b[1] != r:
+            raise CheckpointError(
+                f"{where}: LoRA shapes A {list(a)}, B {list(b)} do not have the configured "
+                f"rank r={r}"
+            )
+
     def delta(self, module: str) -> LowRank | Folded:
         """The module's ΔW: LowRank, or Folded "dora" when it saves a magnitude."""
         keys = self.modules[module]
@@ -134,19 +153,7 @@ def read_lora_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False)
                 raise MergeValidationError(
                     f"{path}: module '{module}' has a lora_B bias (lora_bias); not supported here"
                 )
-            assert keys.a is not None and keys.b is not None
-            a, b = folder.weights.info(keys.a), folder.weights.info(keys.b)
-            if len(a.shape) != 2 or len(b.shape) != 2:
-                raise MergeValidationError(
-                    f"{path}: module '{module}': factors of shapes {list(b.shape)}, "
-                    f"{list(a.shape)}; only linear and embedding LoRA (2-D factors)"
-                )
-            r = folder.config.rank_for(module)
-            if a.shape[0] != r or b.shape[1] != r:
-                raise CheckpointError(
-                    f"{path}: module '{module}': A {list(a.shape)}, B {list(b.shape)} do not "
-                    f"have the configured rank r={r}"
-                )
+            folder.check_factors(module)
             delta = folder.delta(module)
             if isinstance(delta, Folded):
                 raise MergeValidationError(
