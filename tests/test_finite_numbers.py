@@ -248,7 +248,7 @@ def test_splice_adapter_config_from_peft_refuses_non_finite():
 
 def test_peft_lora_config_refuses_non_finite(tmp_path):
     """JSON's NaN / Infinity in a PEFT adapter_config.json (Python's json accepts them)."""
-    from splice.io.peft_adapter import load_lora_config
+    from splice.peft.lora_config import load_lora_config
 
     good = {"peft_type": "LORA", "r": 4, "lora_alpha": 8}
     for change, match in [
@@ -264,7 +264,7 @@ def test_peft_lora_config_refuses_non_finite(tmp_path):
         with pytest.raises(CheckpointError, match=match):
             load_lora_config(d)
     (d / "adapter_config.json").write_text(json.dumps({**good, "rank_pattern": {"q": 2.0}}))
-    assert load_lora_config(d).rank_for("q") == 2
+    assert load_lora_config(d)[0].rank_for("q") == 2
 
 
 # -- other inputs -----------------------------------------------------------------------

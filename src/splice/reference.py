@@ -3,7 +3,7 @@
 This sits above `splice.io` and `splice.adapters` (it may import both): a plain path opens
 with `splice.io.open.open_path`; `BASE+ADAPTER` (split by `splice.io.open.split_reference`,
 rules there) folds the adapter into the base tensor by tensor: a PEFT LoRA / DoRA adapter with
-`splice.io.lora_fold.LoraFoldedReader` (PEFT's `merge_and_unload`, bit for bit), any other
+`splice.peft.fold.LoraFoldedReader` (PEFT's `merge_and_unload`, bit for bit), any other
 weight-space adapter, PEFT's or splice's, through its own delta
 (`splice.adapters.fold_reader.AdapterFoldedReader`).
 """
@@ -13,13 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from splice.errors import CheckpointError, SpliceError
+from splice.errors import SpliceError
 from splice.io.base import CheckpointReader
 from splice.io.finite import FiniteReader
-from splice.io.lora_fold import LoraFoldedReader
 from splice.io.open import model_dir_of, open_path, split_reference
-from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
-from splice.io.safe_paths import member
+from splice.peft import LoraFoldedReader, read_config
 
 
 def open_checkpoint(ref: str | os.PathLike[str], *, check_finite: bool = False) -> CheckpointReader:
@@ -41,7 +39,7 @@ def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
         return reader
     try:
         if _peft_type(Path(adapter)) == "LORA":
-            return LoraFoldedReader(reader, adapter)
+            return LoraFoldedReader(reader, adapter, model_dir_of(base))
         # imported on use: most references name no adapter
         from splice.adapters.fold_reader import AdapterFoldedReader
 
@@ -53,11 +51,7 @@ def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
 
 def _peft_type(adapter_dir: Path) -> str:
     """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
-    from splice.io.textfile import load_json_object
-
     try:
-        path = member(adapter_dir, ADAPTER_CONFIG)
-        raw = load_json_object(path, CheckpointError) if path is not None else {}
-        return str(raw.get("peft_type", "LORA"))
+        return str(read_config(adapter_dir)[1]["peft_type"])
     except SpliceError:
         return "LORA"

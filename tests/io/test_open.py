@@ -7,13 +7,13 @@ from io_test_util import write_tensors
 
 from splice.errors import CheckpointError
 from splice.io import (
-    LoraFoldedReader,
     SafetensorsReader,
     ShardedReader,
     TorchReader,
     model_dir_of,
 )
 from splice.io.open import split_reference
+from splice.peft import LoraFoldedReader
 from splice.reference import open_checkpoint
 
 

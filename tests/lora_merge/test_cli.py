@@ -4,7 +4,7 @@ import torch
 from lora_test_util import make_adapter, tiny_llama
 
 from splice.cli import main
-from splice.lora_merge import load_adapters
+from splice.peft import read_lora_adapters
 
 
 def test_lora_merge_cli(tmp_path, capsys):
@@ -27,7 +27,7 @@ def test_lora_merge_cli(tmp_path, capsys):
         ]
     )
     assert code == 0 and "ranks: 2" in capsys.readouterr().out
-    got = load_adapters([out])[0]
+    got = read_lora_adapters([out])[0]
     assert {f.rank for f in got.modules.values()} == {2}
     # a bad option is one line on stderr and exit code 1, nothing written
     code = main(
@@ -86,7 +86,7 @@ def test_lora_extract_rmm_compeft_cli(tmp_path, capsys):
         )
         == 0
     )
-    rec, orig = load_adapters([tmp_path / "r", a2])
+    rec, orig = read_lora_adapters([tmp_path / "r", a2])
     for k, f in orig.modules.items():
         torch.testing.assert_close(rec.modules[k].to_dense(), f.to_dense(), atol=1e-5, rtol=0)
     assert main(["lora", "compeft", str(a1), "--density", "0.1", "--out", str(tmp_path / "c")]) == 0

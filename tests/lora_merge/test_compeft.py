@@ -13,7 +13,7 @@ from splice.compress.compeft import (
     relative_error,
 )
 from splice.errors import MergeValidationError
-from splice.lora_merge import load_adapters
+from splice.peft import read_lora_adapters
 
 
 def test_compress_hand_computed():
@@ -51,7 +51,7 @@ def test_compeft_adapter_loads_in_peft(tmp_path):
     assert all(e.nnz == round(0.25 * e.numel) for e in entries)
     assert all(e.bits["entropy"] < e.bits["dense"] / 10 for e in entries)
     assert all(0 < err < 1.5 for err in errors.values())
-    out = load_adapters([tmp_path / "c"])[0]
+    out = read_lora_adapters([tmp_path / "c"])[0]
     for f in out.modules.values():
         b_vals = set(f.b.unique().abs().tolist())
         assert len(b_vals - {0.0}) == 1  # ternary B (scale folded in): one magnitude

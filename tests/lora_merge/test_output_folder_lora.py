@@ -10,10 +10,10 @@ import pytest
 import torch
 from lora_test_util import make_adapter
 
-import splice.lora_merge.peft_writer as peft_writer
+import splice.peft.files as peft_files
 from splice.cli import main
 from splice.io.output_folder import MARKER_NAME, OutputFolder, lock_file_of, partial_dir_of
-from splice.lora_merge import load_adapters
+from splice.peft import read_lora_adapters
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_overwrite_rule(adapters, tmp_path, capsys):
     assert lora_merge(adapters, out, "--overwrite") == 0  # its own previous output
     assert lora_merge(adapters, adapters[0], "--overwrite") == 1  # an input
     assert "holds an input of this run" in capsys.readouterr().err
-    assert load_adapters([adapters[0]])  # untouched
+    assert read_lora_adapters([adapters[0]])  # untouched
 
 
 def test_locked_output_is_refused(adapters, tmp_path, capsys):
@@ -67,14 +67,14 @@ def test_private_adapters_give_private_output(adapters, tmp_path):
 
 
 def test_full_disk_while_writing_the_adapter(adapters, tmp_path, monkeypatch, capsys):
-    real = peft_writer.write_bytes
+    real = peft_files.write_bytes
 
     def full(path, data):
         if path.name == "adapter_config.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, data)
 
-    monkeypatch.setattr(peft_writer, "write_bytes", full)
+    monkeypatch.setattr(peft_files, "write_bytes", full)
     out = tmp_path / "m"
     assert lora_merge(adapters, out) == 1
     err = capsys.readouterr().err
@@ -105,7 +105,7 @@ def test_rmm_store_and_recovered_adapter_are_splice_outputs(adapters, tmp_path):
     assert main(["lora", "rmm", *map(str, adapters), "--k", "2", "--out", str(store)]) == 0
     assert main(["lora", "rmm-recover", str(store), "--task", "1", "--out", str(rec)]) == 0
     assert (store / MARKER_NAME).is_file() and (rec / MARKER_NAME).is_file()
-    got, want = load_adapters([rec])[0], load_adapters([adapters[1]])[0]
+    got, want = read_lora_adapters([rec])[0], read_lora_adapters([adapters[1]])[0]
     for m, f in want.modules.items():
         torch.testing.assert_close(got.modules[m].to_dense(), f.to_dense(), atol=1e-5, rtol=0)
     # the recovered adapter sits inside no input; the store is an input of rmm-recover

@@ -9,7 +9,8 @@ from lora_test_util import base_weights, load_peft, make_adapter, merged_weights
 from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.lora_merge import LoraMergeOptions, load_adapters, merge_adapters
+from splice.lora_merge import LoraMergeOptions, merge_adapters
+from splice.peft import read_lora_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -34,7 +35,7 @@ def adapters(tmp_path_factory):
 def _expected(adapter_dirs, weights):
     """base + Σ w_i s_i B_i A_i, from the factors as PEFT reads them (delta in compute layout)."""
     want = base_weights()
-    for ad, w in zip(load_adapters(adapter_dirs), weights):
+    for ad, w in zip(read_lora_adapters(adapter_dirs), weights):
         for module, f in ad.modules.items():
             want[module + ".weight"] = want[module + ".weight"] + w * f.to_dense()
     return want
@@ -68,7 +69,7 @@ def test_svd_and_knots_load_in_peft(adapters, tmp_path):
     for method, opts in (("svd", LoraMergeOptions(rank=3)), ("knots", LoraMergeOptions())):
         out = tmp_path / method
         report = merge_adapters(list(adapters), method, out, opts=opts)
-        written = load_adapters([out])[0]
+        written = read_lora_adapters([out])[0]
         want = base_weights()
         for module, f in written.modules.items():
             assert f.rank == report.ranks[module]
@@ -102,7 +103,7 @@ def test_parity_with_peft_add_weighted_adapter(adapters, tmp_path, combination, 
     kw = {"svd_rank": 3} if combination == "svd" else {}
     peer = _peft_weighted(list(adapters), weights, combination, **kw)
     out = merge_adapters(list(adapters), method, tmp_path / method, weights=weights, opts=opts)
-    ours = load_adapters([out.out_dir])[0]
+    ours = read_lora_adapters([out.out_dir])[0]
     assert set(peer) == set(ours.modules)
     for module, delta in peer.items():
         torch.testing.assert_close(ours.modules[module].to_dense(), delta, atol=2e-6, rtol=0)

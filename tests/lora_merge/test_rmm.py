@@ -6,8 +6,8 @@ from lora_test_util import make_adapter
 
 from splice.delta import LowRank
 from splice.errors import MergeValidationError
-from splice.lora_merge import load_adapters
 from splice.lora_merge.rmm import build_rmm, fit_factor, fit_module, recover_adapter, recover_module
+from splice.peft import read_lora_adapters
 
 
 def test_fit_factor_hand_computed():
@@ -52,10 +52,10 @@ def test_fit_module_recovers_mixed_ranks_exactly_with_k_equal_n():
 def test_store_and_recover_adapters(tmp_path):
     dirs = [make_adapter(tmp_path / f"t{i}", seed=i) for i in range(3)]
     store = build_rmm(dirs, 3, tmp_path / "store")
-    originals = load_adapters(dirs)
+    originals = read_lora_adapters(dirs)
     for i, orig in enumerate(originals):
         out = recover_adapter(store, i, tmp_path / f"rec{i}")
-        rec = load_adapters([out])[0]
+        rec = read_lora_adapters([out])[0]
         for module, f in orig.modules.items():
             torch.testing.assert_close(
                 rec.modules[module].to_dense(), f.to_dense(), atol=1e-5, rtol=0

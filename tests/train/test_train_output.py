@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-import splice.adapters.peft_format as peft_format
+import splice.peft.files as peft_files
 import splice.train.models as train_models
 from splice.errors import CheckpointError
 from splice.io.output_folder import MARKER_NAME, OutputFolder, lock_file_of, partial_dir_of
@@ -76,7 +76,7 @@ def test_full_disk_while_saving_the_adapter(tiny_bert_dir, fruit_csv, tmp_path, 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(peft_format, "write_bytes", full)
+    monkeypatch.setattr(peft_files, "write_bytes", full)
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match=r"cannot write the output .*No space left"):
         run_training(_cfg(tiny_bert_dir, fruit_csv), out, progress=False)

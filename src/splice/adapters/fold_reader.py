@@ -2,7 +2,7 @@
 base tensors with the adapter's delta added (DESIGN.md: adapters are deltas, so the merge
 engine merges adapters and full fine-tunes alike).
 
-PEFT LoRA / DoRA adapters are folded by `splice.io.lora_fold` (pure tensor arithmetic, bit
+PEFT LoRA / DoRA adapters are folded by `splice.peft.fold` (pure tensor arithmetic, bit
 for bit PEFT's ``merge_and_unload``). Every other type (IA3, VeRA, LoHa, LoKr, OFT, HRA,
 LN tuning, BitFit, and LoRA too if asked) goes through the adapter's own ``delta`` here:
 
@@ -11,8 +11,9 @@ LN tuning, BitFit, and LoRA too if asked) goes through the adapter's own ``delta
    causal LM, sequence classification, ...), and the adapter is injected into it, so
    targets resolve exactly as at training time.
 2. Reading a tensor the adapter changes materializes only that layer: the base layer's
-   tensors from the checkpoint and the adapter's from the adapter file, then
-   ``base + delta`` in float32, cast to the base dtype.
+   tensors from the checkpoint (found by `splice.peft.checkpoint_keys`, as transformers
+   renames them at load) and the adapter's from the adapter file, then ``base + delta``
+   (`splice.delta.apply_delta`, float32), cast to the base dtype.
 
 Activation-space adapters (bottleneck, prompt / prefix tuning) have no weight delta: they
 are refused with a clear error.
@@ -26,9 +27,12 @@ from pathlib import Path
 
 import torch
 
+from splice.delta import apply_delta
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.safe_paths import member
+from splice.peft.checkpoint_keys import CheckpointKeys, meta_model
+from splice.peft.files import SAVED_PREFIX, read_weights, saved_key
 
 _TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -41,24 +45,6 @@ _TASK_CLASSES = {
 _NAME = "fold"
 
 
-def _skeleton(model_dir: Path, task_type: str | None, num_labels: int | None) -> torch.nn.Module:
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    if num_labels:
-        config.num_labels = num_labels
-    auto = getattr(transformers, _TASK_CLASSES.get(task_type or "", ""), None)
-    with torch.device("meta"):
-        if auto is not None:
-            return auto.from_config(config)
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            return transformers.AutoModel.from_config(config)
-        return cls._from_config(config)
-
-
 class AdapterFoldedReader:
     """``base_reader`` with the adapter at ``adapter_dir`` folded in, lazily."""
 
@@ -69,8 +55,7 @@ class AdapterFoldedReader:
         model_dir: Path | None,
     ) -> None:
         from splice.adapters.model import AdapterModel
-        from splice.adapters.peft_format import PREFIX, read_adapter_config, read_adapter_weights
-        from splice.io.lora_fold import resolve_tensor_name
+        from splice.adapters.peft_format import read_adapter_config
 
         self.base = base_reader
         self.adapter_dir = Path(adapter_dir)
@@ -93,18 +78,19 @@ class AdapterFoldedReader:
                 f"{self.path}: folding a {method.name} adapter needs the base model's "
                 "config.json next to its weights"
             )
-        weights = read_adapter_weights(self.adapter_dir)
+        weights = read_weights(self.adapter_dir)
         num_labels = None
         for name in config.modules_to_save or []:  # a classification head's saved size
             for k, v in weights.items():
                 if (
-                    k.startswith(f"{PREFIX}")
-                    and f".{name}." in f".{k[len(PREFIX) :]}"
+                    k.startswith(SAVED_PREFIX)
+                    and f".{name}." in f".{k.removeprefix(SAVED_PREFIX)}"
                     and v.ndim == 2
                 ):
                     num_labels = v.shape[0]
         try:
-            skeleton = _skeleton(model_dir, raw.get("task_type"), num_labels)
+            task = _TASK_CLASSES.get(raw.get("task_type") or "")
+            skeleton = meta_model(model_dir, task, num_labels)
             self._am = AdapterModel(skeleton)
             self._am.add_adapter(_NAME, config)
         except CheckpointError:
@@ -112,8 +98,7 @@ class AdapterFoldedReader:
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot rebuild the adapted model: {e}") from None
         self._weights = weights
-        base_names = self.base.names()
-        base_set = set(base_names)
+        keys_of = CheckpointKeys.of(self.base.names(), model_dir, skeleton)
         # checkpoint tensor name -> (layer path, parameter name in the layer)
         self._targets: dict[str, tuple[str, str]] = {}
         # layer path -> {parameter name: checkpoint tensor name}
@@ -127,10 +112,10 @@ class AdapterFoldedReader:
                     "has no weight delta to fold"
                 )
             for key in module.peft_state():
-                expected.add(f"{PREFIX}{path}.{key}")
+                expected.add(saved_key(path, key))
             expected.update(module.shared_state())
             for pname, _ in layer.base_layer.named_parameters():
-                name = resolve_tensor_name(f"{path}.{pname}", base_set, base_names)
+                name = keys_of.resolve(f"{path}.{pname}")
                 if not name:
                     raise CheckpointError(
                         f"{self.path}: the base has no tensor for '{path}.{pname}'"
@@ -156,8 +141,6 @@ class AdapterFoldedReader:
         return name in self._targets
 
     def read(self, name: str) -> torch.Tensor:
-        from splice.adapters.peft_format import PREFIX
-
         weight = self.base.read(name)
         target = self._targets.get(name)
         if target is None:
@@ -171,7 +154,7 @@ class AdapterFoldedReader:
                 params[p].copy_(self.base.read(tensor_name).to(params[p].dtype))
         # the adapter's structure from the skeleton; every tensor comes from the file
         adapter = copy.deepcopy(layer.adapters[_NAME]).to_empty(device="cpu")
-        prefix = f"{PREFIX}{path}."
+        prefix = saved_key(path, "")
         own = set(adapter.peft_state())
         state = {k[len(prefix) :]: v for k, v in self._weights.items() if k.startswith(prefix)}
         adapter.load_peft_state({k: v for k, v in state.items() if k in own}, str(self.adapter_dir))
@@ -184,7 +167,7 @@ class AdapterFoldedReader:
             delta = adapter.delta(base).get(pname)
         if delta is None:  # the adapter leaves this parameter of the layer alone
             return weight
-        return (weight.float() + delta.to_dense(params[pname].detach())).to(weight.dtype)
+        return apply_delta(weight, delta)
 
     def close(self) -> None:
         self.base.close()

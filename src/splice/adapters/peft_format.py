@@ -1,12 +1,9 @@
-"""Save and load adapters in PEFT's folder format.
+"""Save and load an `AdapterModel`'s adapters as PEFT adapter folders.
 
-    adapter_config.json          {"peft_type": "LORA", "r": 8, ...}   (splice-only methods:
-                                  "peft_type": "SPLICE_<NAME>", same layout)
-    adapter_model.safetensors    keys "base_model.model.<module path>.<suffix>", the adapter
-                                  name removed (PEFT's naming), e.g.
-                                  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-
-Model-level adapters (prompt / prefix tuning) save their tensors under their own keys
+The folder format (files, key names, the one writer) is `splice.peft.files`; this module maps
+an adapter's layers to and from it: each adapted layer's ``peft_state`` under
+`saved_key(path, suffix)`, tensors shared by all layers (VeRA's ``base_model.vera_A``) once
+under their own keys, model-level adapters' (prompt / prefix tuning) under theirs
 (``prompt_embeddings``), as PEFT does. Folders are written through
 `splice.io.output_folder.OutputFolder` (locked, built aside, renamed into place; `overwrite`
 1 replaces a previous splice output, 2 any folder). Loading reads only regular files inside
@@ -17,26 +14,24 @@ unexpected one.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
-from splice.adapters.config import AdapterConfigError
+from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterStateError
 from splice.adapters.model import AdapterModel
 from splice.adapters.registry import method_for_config, method_for_peft_type
-from splice.errors import CheckpointError
-from splice.io.output_folder import OutputFolder, write_bytes
-from splice.io.safe_paths import allowed_root, member
-from splice.io.textfile import load_json
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+from splice.io.output_folder import OutputFolder
+from splice.peft.files import (
+    CONFIG_NAME,
+    read_config,
+    read_weights,
+    saved_key,
+    write_adapter_folder_files,
+)
 
 
 def _task_type(model: torch.nn.Module) -> str | None:
@@ -60,7 +55,7 @@ def adapter_state(am: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path, module in am.named_adapter_modules(name):
         for suffix, t in module.peft_state().items():
-            state[f"{PREFIX}{path}.{suffix}"] = t
+            state[saved_key(path, suffix)] = t
         state.update(module.shared_state())  # tensors shared across layers (VeRA), once
     if name in am.model_adapters:
         state.update(am.model_adapters[name].peft_state())
@@ -80,7 +75,7 @@ def save_adapter(
     folder = OutputFolder(out_dir, overwrite=overwrite).check()
     am._check(name)
     with folder as tmp:
-        write_adapter_files(
+        save_adapter_files(
             am,
             tmp,
             name,
@@ -90,19 +85,19 @@ def save_adapter(
     return Path(out_dir)
 
 
-def write_adapter_files(
+def save_adapter_files(
     am: AdapterModel,
     folder: Path,
     name: str = "default",
     *,
     base_model_name_or_path: str | None = None,
     extra_config: dict[str, Any] | None = None,
+    saved: tuple[AdapterConfig, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write adapter ``name``'s PEFT files into ``folder`` (an `OutputFolder`'s partial one)."""
-    config = am.configs.get(name)
-    if config is None:
-        am._check(name)
-    assert config is not None
+    """Write adapter ``name``'s PEFT files into ``folder`` (an `OutputFolder`'s partial one);
+    ``saved`` replaces its (config, tensors), e.g. PiSSA converted to LoRA."""
+    am._check(name)
+    config, state = saved if saved is not None else (am.configs[name], adapter_state(am, name))
     cfg: dict[str, Any] = config.to_peft()
     cfg["task_type"] = _task_type(am.model)
     cfg["base_model_name_or_path"] = base_model_name_or_path or getattr(
@@ -110,38 +105,13 @@ def write_adapter_files(
     )
     cfg["inference_mode"] = True
     cfg.update(extra_config or {})
-    state = {k: v.detach().contiguous().cpu().clone() for k, v in adapter_state(am, name).items()}
-    write_bytes(folder / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-    write_bytes(folder / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    write_adapter_folder_files(folder, cfg, state)
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     """(method, raw config dict) of a PEFT/splice adapter folder; clear errors otherwise."""
-    d = Path(adapter_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: not an adapter folder (no such directory)")
-    cfg_path = member(d, CONFIG_NAME)
-    if cfg_path is None:
-        raise CheckpointError(f"{d}: not an adapter folder (no {CONFIG_NAME})")
-    raw = load_json(cfg_path, CheckpointError)
-    if not isinstance(raw, dict) or "peft_type" not in raw:
-        raise CheckpointError(f"{cfg_path}: no 'peft_type'")
+    _, raw = read_config(adapter_dir)
     return method_for_peft_type(str(raw["peft_type"])), raw
-
-
-def read_adapter_weights(adapter_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    from splice.io.open import open_path
-
-    d = Path(adapter_dir)
-    root = allowed_root(d)
-    for fname in (WEIGHTS_NAME, "adapter_model.bin"):
-        if (path := member(d, fname, root)) is not None:
-            reader = open_path(path)
-            try:
-                return {n: reader.read(n) for n in reader.names()}
-            finally:
-                reader.close()
-    raise CheckpointError(f"{d}: no {WEIGHTS_NAME} (or adapter_model.bin)")
 
 
 def load_adapter(
@@ -155,7 +125,7 @@ def load_adapter(
     """Add the adapter saved at ``adapter_dir`` to ``am`` under ``name``."""
     method, raw = read_adapter_config(adapter_dir)
     config = method.config_cls.from_peft(raw, where=f"{adapter_dir}/{CONFIG_NAME}")
-    weights = read_adapter_weights(adapter_dir)
+    weights = read_weights(adapter_dir)
     am.add_adapter(name, config, activate=activate)
     try:
         _load_state(am, name, weights, str(adapter_dir))
@@ -175,7 +145,7 @@ def _load_state(am: AdapterModel, name: str, weights: dict[str, torch.Tensor], w
             f"{unexpected[0]!r} (was it saved for another model?)"
         )
     for path, module in am.named_adapter_modules(name):
-        prefix = f"{PREFIX}{path}."
+        prefix = saved_key(path, "")
         sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         # keys of nested paths (a.b and a.b.c) share a prefix: keep only this module's own
         own = set(module.peft_state())

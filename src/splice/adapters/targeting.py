@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 from torch import nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.io.peft_adapter import module_matches, pattern_key
+from splice.peft.lora_config import module_matches
 
-__all__ = ["find_targets", "matches", "pattern_key", "pattern_value"]
+__all__ = ["find_targets", "linear_features", "matches"]
 
 ALL_LINEAR = "all-linear"
 
@@ -41,15 +40,8 @@ def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern: the value of the first pattern that matches
-    ``path`` (`pattern_key`), else ``default``."""
-    key = pattern_key(patterns, path)
-    return patterns[key] if key is not None else default
-
-
 # PEFT's rules: a string is a full-match regex; a list matches ``name == t`` or
-# ``name.endswith('.' + t)``. pattern_key: the rank_pattern / alpha_pattern entry for a name.
+# ``name.endswith('.' + t)`` (`splice.peft.lora_config`, with rank_pattern / alpha_pattern).
 matches = module_matches
 
 

@@ -101,13 +101,12 @@ def compeft_adapter(
     """
     from splice.delta import LowRank
     from splice.io.output_folder import OutputFolder
-    from splice.lora_merge.adapters import load_adapter
-    from splice.lora_merge.peft_writer import write_adapter_files
+    from splice.peft import read_lora_adapter, write_adapter_files
 
     check_number(density, "density", ge=0, le=1)
     check_number(alpha, "alpha", gt=0)
     folder = OutputFolder(out_dir, overwrite=overwrite, inputs=[adapter_dir]).check()
-    adapter = load_adapter(adapter_dir, allow_nonfinite=allow_nonfinite)
+    adapter = read_lora_adapter(adapter_dir, allow_nonfinite=allow_nonfinite)
     entries: list[CompeftEntry] = []
     module_errors: dict[str, float] = {}
     out: dict[str, LowRank] = {}

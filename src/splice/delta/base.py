@@ -100,9 +100,16 @@ def check_shape(shape: tuple[int, ...], other: Delta) -> None:
         raise DeltaError(f"cannot add deltas of shapes {list(shape)} and {list(other.shape)}")
 
 
-def apply_delta(base: Tensor, delta: Delta) -> Tensor:
-    """W + ΔW in the base's dtype (arithmetic in float32)."""
-    return (base.float() + delta.to_dense(base)).to(base.dtype)
+def apply_delta(base: Tensor, delta: Delta, dtype: torch.dtype = torch.float32) -> Tensor:
+    """W + ΔW rounded once to the base's dtype: ΔW computed in ``dtype``, the sum in the wider
+    of ``dtype`` and the base's (a float64 base or adapter stays float64; PEFT's in-place
+    merge). A delta with ``applied(base, dtype)`` (`Folded` DoRA) gives W' itself, computed
+    as PEFT merges it, not as W + (W' − W), which can differ in the last bit."""
+    applied = getattr(delta, "applied", None)
+    if applied is not None:
+        return applied(base, dtype).to(base.dtype)
+    wide = torch.promote_types(base.dtype, dtype)
+    return (base.to(wide) + delta.to_dense(base, dtype)).to(base.dtype)
 
 
 def to_tensors(name: str, delta: Delta) -> tuple[dict[str, Tensor], str]:

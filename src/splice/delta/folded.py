@@ -77,6 +77,26 @@ def _dora(w: Tensor, p: dict[str, Tensor], opts: dict[str, Any]) -> Tensor:
     return d.T if transposed else d
 
 
+def _dora_weight(
+    w: Tensor, p: dict[str, Tensor], opts: dict[str, Any], dtype: torch.dtype
+) -> Tensor:
+    """DoRA's W' = c ⊙ (W + s·B A) directly, W in its stored layout and the float dtype
+    that PEFT's merge uses (factors in ``dtype``, W promoted to it): bit for bit
+    ``merge_and_unload``."""
+    transposed = bool(opts.get("transposed", False))
+    product = p["b"].to(dtype) @ p["a"].to(dtype)
+    lora = (product.T if transposed else product.reshape(w.shape)) * float(opts["lora_scale"])
+    magnitude = p["magnitude"].to(dtype)
+    merged = w + lora
+    if transposed:
+        return dora_factor(magnitude, w.T, lora.T).view(1, -1) * merged
+    return dora_factor(magnitude, w, lora).reshape(-1, *([1] * (w.dim() - 1))) * merged
+
+
+# W' = f(W) directly, for transforms whose W + ΔW would round differently from PEFT's merge
+_WEIGHTS = {"dora": _dora_weight}
+
+
 @delta_type("folded")
 @dataclass(frozen=True)
 class Folded(DeltaOps):
@@ -113,6 +133,15 @@ class Folded(DeltaOps):
         w = base.float()
         d = _TRANSFORMS[self.transform](w, self.params, self.options)
         return (d * self.factor).to(dtype)
+
+    def applied(self, base: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W' = W + ΔW in the wider of ``dtype`` and the base's (see `apply_delta`); the
+        transform's own W' when it has one (DoRA) and ``factor`` is 1."""
+        wide = torch.promote_types(base.dtype, dtype)
+        weight = _WEIGHTS.get(self.transform)
+        if weight is not None and self.factor == 1.0:
+            return weight(base.to(wide), self.params, self.options, dtype)
+        return base.to(wide) + self.to_dense(base, dtype)
 
     def scale(self, factor: float) -> Folded:
         return Folded(

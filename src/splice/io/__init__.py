@@ -1,8 +1,8 @@
-"""Checkpoint input and output: lazy readers, LoRA folding, a streaming sharded writer."""
+"""Checkpoint input and output: lazy readers, a streaming sharded writer (LoRA folding:
+`splice.peft`)."""
 
 from splice.io.base import CheckpointReader, TensorInfo
 from splice.io.gguf_reader import GgufReader
-from splice.io.lora_fold import LoraFoldedReader
 from splice.io.open import model_dir_of, open_path
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.shard_plan import ShardPlan, plan_shards
@@ -14,7 +14,6 @@ from splice.io.writer import ShardedWriter
 __all__ = [
     "CheckpointReader",
     "GgufReader",
-    "LoraFoldedReader",
     "SafetensorsReader",
     "ShardPlan",
     "ShardedReader",

@@ -31,7 +31,6 @@ from pathlib import Path
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader
 from splice.io.gguf_reader import GgufReader
-from splice.io.peft_adapter import CONFIG_NAME as ADAPTER_CONFIG
 from splice.io.safe_paths import allowed_root, member, side_files
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.sharded_reader import BIN_INDEX, SAFETENSORS_INDEX, ShardedReader
@@ -139,7 +138,7 @@ def _open_folder(folder: Path) -> CheckpointReader:
         return ShardedReader(path)
     if (path := member(folder, "pytorch_model.bin", root)) is not None:
         return TorchReader(path)
-    if (folder / ADAPTER_CONFIG).is_file():
+    if (folder / "adapter_config.json").is_file():  # splice.peft.CONFIG_NAME (a layer above)
         raise CheckpointError(
             f"{folder} is a PEFT adapter folder, not a model; fold it into its base with "
             f"BASE+{folder}"

@@ -38,7 +38,7 @@ from splice.engine.driver import Sources, passes
 from splice.errors import MergeValidationError
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
-from splice.lora_merge.peft_writer import write_adapter_files
+from splice.peft import write_adapter_files
 
 DEFAULT_EXCLUDE = (
     r"(^|\.)(embed_tokens|wte|wpe|embed_positions|word_embeddings|position_embeddings)$"

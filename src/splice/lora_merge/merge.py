@@ -1,10 +1,11 @@
 """Merge N PEFT LoRA adapter folders into one, module by module, with a registered method.
 
-Thin I/O around the pure methods: load and cross-check the adapters (`adapters.py`), check
-the options before any arithmetic, run the method on each module's factors with a
-`MergeContext(tensor_name=module, seed=seed)`, and write a PEFT adapter folder atomically
-(`peft_writer.py`) from the first adapter's config. Holds all adapters' factors in memory
-(adapters are small); the dense methods form one module's out×in delta at a time.
+Thin I/O around the pure methods: load and cross-check the adapters
+(`splice.peft.lora_reader`), check the options before any arithmetic, run the method on each
+module's factors with a `MergeContext(tensor_name=module, seed=seed)`, and write a PEFT adapter
+folder atomically (`splice.peft.lora_writer`) from the first adapter's config. Holds all
+adapters' factors in memory (adapters are small); the dense methods form one module's out×in
+delta at a time.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import torch
 from splice.delta import LowRank
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
-from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.peft_writer import write_adapter_files
 from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
 from splice.merge.registry import MergeContext
+from splice.peft import read_lora_adapters, write_adapter_files
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def merge_adapters(
     weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
     m.validate(opts, len(adapter_dirs), weights)
     folder = OutputFolder(out_dir, overwrite=overwrite, inputs=adapter_dirs).check()
-    adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
+    adapters = read_lora_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     first = adapters[0]
     merged: dict[str, LowRank] = {}
     for module in sorted(first.modules):

@@ -42,8 +42,7 @@ from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.textfile import load_json_object
-from splice.lora_merge.adapters import load_adapters
-from splice.lora_merge.peft_writer import write_lora_adapter
+from splice.peft import read_lora_adapters, write_lora_adapter
 
 STORE_WEIGHTS = "rmm.safetensors"
 STORE_INFO = "rmm.json"
@@ -107,7 +106,7 @@ def build_rmm(
         )
     out = Path(out_dir)
     folder = OutputFolder(out, overwrite=overwrite, inputs=adapter_dirs).check()
-    adapters = load_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
+    adapters = read_lora_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(adapters[0].modules):
         with numerical_errors(f"module '{module}'"):

@@ -39,7 +39,7 @@ def run_training(
     """Train, evaluate and write the output folder (``overwrite``: 1 replaces a previous
     splice output, 2 any folder)."""
     from splice.adapters import AdapterModel, make_config
-    from splice.adapters.peft_format import write_adapter_files
+    from splice.adapters.peft_format import save_adapter_files
     from splice.train import data as D
     from splice.train.loop import evaluate_classification, evaluate_lm, fit
     from splice.train.models import head_names, load_for_task
@@ -128,7 +128,7 @@ def run_training(
             log({"final": results["after"]})
         if label_names:
             results["label_names"] = label_names
-        write_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
+        save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
         (partial / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfig
 from splice.adapters.layer import AdapterModule
-from splice.adapters.targeting import pattern_value
 from splice.delta import Delta, Dense
+from splice.peft.lora_config import pattern_value
 
 # PEFT: LoHa / LoKr default targets are LoRA's.
 

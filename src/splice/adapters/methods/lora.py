@@ -32,7 +32,6 @@ Choices, as PEFT (peft 0.21) so adapters move between the two unchanged:
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -43,7 +42,8 @@ from splice.adapters.layer import AdapterModule
 from splice.adapters.methods.lora_init import initialise, niter_of
 from splice.adapters.methods.lora_layers import LoraConv2d, LoraEmbedding, LoraLinear
 from splice.adapters.registry import adapter_method
-from splice.adapters.targeting import is_linear, pattern_value
+from splice.adapters.targeting import is_linear
+from splice.peft.lora_config import lora_scaling, pattern_value
 
 # target_modules when unset, by HF model_type: PEFT 0.21's defaults
 # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING) for the architectures splice meets;
@@ -94,8 +94,7 @@ class LoraConfig(AdapterConfig):
         return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
     def scaling_for(self, path: str) -> float:
-        r, alpha = self.rank_for(path), self.alpha_for(path)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(self.rank_for(path), self.alpha_for(path), self.use_rslora)
 
 
 def build_lora_module(base: nn.Module, config: LoraConfig, path: str) -> AdapterModule | None:

@@ -27,18 +27,17 @@ LoRA does (and stacks with other adapters). A₀, B₀ are kept (not saved) for 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import Tensor, nn
 
 from splice.adapters.config import AdapterConfigError
-from splice.io.output_folder import OutputFolder, write_bytes
+from splice.io.output_folder import OutputFolder
+from splice.peft.files import saved_key
 
 
 def pissa_factors(
@@ -134,11 +133,10 @@ def converted_lora(am: Any, name: str) -> tuple[Any, dict[str, Tensor]]:
                 f"adapter '{name}': module '{path}' has no PiSSA/OLoRA initial factors (it was "
                 "not initialised with init_lora_weights='pissa'/'olora' in this session)"
             )
-        key = f"base_model.model.{path}."
-        a = state[key + "lora_A.weight"].detach()
-        b = state[key + "lora_B.weight"].detach()
-        state[key + "lora_A.weight"] = torch.cat([a, a0.to(a.dtype)], dim=0)
-        state[key + "lora_B.weight"] = torch.cat([b, -module.lora_B_init.to(b.dtype)], dim=1)
+        a_key, b_key = saved_key(path, "lora_A.weight"), saved_key(path, "lora_B.weight")
+        a, b = state[a_key].detach(), state[b_key].detach()
+        state[a_key] = torch.cat([a, a0.to(a.dtype)], dim=0)
+        state[b_key] = torch.cat([b, -module.lora_B_init.to(b.dtype)], dim=1)
     alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
     new = config.model_copy(
         update={
@@ -161,19 +159,9 @@ def save_as_lora(
 ) -> Path:
     """Write adapter ``name`` (PiSSA / OLoRA) as the equivalent plain LoRA of rank 2r for
     the *original* base (PEFT's ``path_initial_model_for_weight_conversion`` output)."""
-    from splice.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, _task_type
+    from splice.adapters.peft_format import save_adapter_files
 
-    config, state = converted_lora(am, name)
-    folder = OutputFolder(out_dir, overwrite=overwrite).check()
-    cfg = config.to_peft()
-    cfg["task_type"] = _task_type(am.model)
-    cfg["base_model_name_or_path"] = getattr(
-        getattr(am.model, "config", None), "_name_or_path", None
-    )
-    cfg["inference_mode"] = True
-    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-    with folder as tmp:
-        write_bytes(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-        text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-        write_bytes(tmp / CONFIG_NAME, text.encode())
+    saved = converted_lora(am, name)
+    with OutputFolder(out_dir, overwrite=overwrite).check() as tmp:
+        save_adapter_files(am, tmp, name, saved=saved)
     return Path(out_dir)

@@ -42,8 +42,9 @@ from splice.adapters.layer import AdapterModule, AdapterStateError, copy_saved
 from splice.adapters.registry import adapter_method
 from splice.adapters.targeting import linear_features
 from splice.delta import Delta, Dense
+from splice.peft.files import shared_key
 
-SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
+SHARED_KEYS = (shared_key("vera_A"), shared_key("vera_B"))
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:

@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
-from io_test_util import write_tensors
 from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError
-from splice.io import LoraFoldedReader, SafetensorsReader
+from splice.io import SafetensorsReader
+from splice.peft import LoraFoldedReader
 from splice.reference import open_checkpoint
 from tiny_hf import tiny_llama
 
@@ -185,7 +185,7 @@ def test_base_without_model_prefix(tmp_path):
     full = SafetensorsReader(base_dir / "model.safetensors")
     stripped = {n.removeprefix("model."): full.read(n) for n in full.names()}
     bare = tmp_path / "bare.safetensors"
-    write_tensors(bare, stripped)
+    save_file(stripped, bare)
     reader = open_checkpoint(f"{bare}+{ad_dir}")
     ref = _reference(base_dir, ad_dir, transformers.LlamaForCausalLM)
     prefixed = {n for n in full.names() if n.startswith("model.")}
@@ -201,9 +201,7 @@ def test_base_without_model_prefix(tmp_path):
 
 def _tiny_base(tmp_path, **tensors):
     base = tmp_path / "base.safetensors"
-    write_tensors(
-        base, tensors or {"m.q.weight": torch.zeros(3, 2), "m.k.weight": torch.zeros(3, 2)}
-    )
+    save_file(tensors or {"m.q.weight": torch.zeros(3, 2), "m.k.weight": torch.zeros(3, 2)}, base)
     return SafetensorsReader(base)
 
 
@@ -218,7 +216,7 @@ def _adapter(tmp_path, config=None, tensors=None):
             "base_model.model.m.q.lora_A.weight": torch.ones(1, 2),
             "base_model.model.m.q.lora_B.weight": torch.ones(3, 1),
         }
-    write_tensors(ad / "adapter_model.safetensors", tensors)
+    save_file(tensors, ad / "adapter_model.safetensors")
     return ad
 
 

@@ -1,6 +1,5 @@
-"""PEFT LoRA adapter folders: `adapter_config.json` plus `adapter_model.safetensors` (or `.bin`).
+"""A PEFT LoRA `adapter_config.json`: the fields that decide the adapter's deltas.
 
-This module reads the config and classifies the saved keys; `lora_fold` does the arithmetic.
 The matching rules follow PEFT (peft 0.21, `peft/tuners/tuners_utils.py` and
 `peft/utils/other.py`), where a module key is the module's dotted path in the wrapped model,
 e.g. `model.layers.0.self_attn.q_proj`:
@@ -13,12 +12,7 @@ e.g. `model.layers.0.self_attn.q_proj`:
   `re.match(rf"(.*\\.)?({pattern})$", key)` succeeds gives that module's r / lora_alpha.
 - scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
 
-Saved keys carry the prefix `base_model.model.` and no adapter name:
-`<key>.lora_A.weight`, `<key>.lora_B.weight`, `<key>.lora_B.bias` (lora_bias),
-`<key>.lora_embedding_A`, `<key>.lora_embedding_B` (embeddings), `<key>.lora_magnitude_vector`
-(DoRA, with use_dora); any other key is a full
-tensor (modules_to_save, trained biases, an embedding's `base_layer.weight` saved for resized
-vocabularies) that replaces the base tensor of the same name once `.base_layer` is removed.
+The saved key names are in `lora_keys`, the files in `files`.
 """
 
 from __future__ import annotations
@@ -30,16 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from splice.errors import CheckpointError
-from splice.io.base import CheckpointReader
-from splice.io.safe_paths import allowed_root, member, shown
-from splice.io.safetensors_reader import SafetensorsReader
-from splice.io.textfile import load_json_object
-from splice.io.torch_reader import TorchReader
+from splice.io.safe_paths import shown
 from splice.numbers import check_number, is_finite_number
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-SAVED_PREFIX = "base_model.model."
+from splice.peft.files import read_config
 
 # Config fields that select a LoRA variant whose merge is not base + scale * B @ A, or that
 # change which parameters are adapted; an adapter using any of them is refused.
@@ -74,18 +61,15 @@ class LoraAdapterConfig:
 
     def rank_for(self, key: str) -> int:
         """r of module `key`: its rank_pattern entry, else r."""
-        pattern = pattern_key(self.rank_pattern, key)
-        return self.rank_pattern[pattern] if pattern is not None else self.r
+        return pattern_value(self.rank_pattern, key, self.r)
 
     def alpha_for(self, key: str) -> float:
         """lora_alpha of module `key`: its alpha_pattern entry, else lora_alpha."""
-        pattern = pattern_key(self.alpha_pattern, key)
-        return self.alpha_pattern[pattern] if pattern is not None else self.lora_alpha
+        return pattern_value(self.alpha_pattern, key, self.lora_alpha)
 
     def scale_for(self, key: str) -> float:
-        """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with use_rslora."""
-        r, alpha = self.rank_for(key), self.alpha_for(key)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """PEFT's `scaling` of module `key` (`lora_scaling`)."""
+        return lora_scaling(self.rank_for(key), self.alpha_for(key), self.use_rslora)
 
     def targets(self, key: str) -> bool:
         """Whether PEFT would put a LoRA layer on module `key`."""
@@ -109,20 +93,20 @@ def pattern_key(patterns: dict[str, Any], key: str) -> str | None:
     return None
 
 
-def read_lora_config_json(adapter_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """(path, raw dict) of the folder's `adapter_config.json`, read through `safe_paths`."""
-    if not adapter_dir.is_dir():
-        raise CheckpointError(f"adapter folder {adapter_dir} does not exist")
-    path = member(adapter_dir, CONFIG_NAME)
-    if path is None:
-        raise CheckpointError(f"{adapter_dir}: no {CONFIG_NAME}; not a PEFT adapter folder")
-    raw = load_json_object(path, CheckpointError)
-    return path, raw
+def pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """The value of the first pattern matching module `key` (`pattern_key`), else `default`."""
+    pattern = pattern_key(patterns, key)
+    return patterns[pattern] if pattern is not None else default
 
 
-def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
-    """Read and check `adapter_config.json`; CheckpointError for anything not foldable."""
-    path, raw = read_lora_config_json(adapter_dir)
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """PEFT's LoRA `scaling`: alpha / r, or alpha / sqrt(r) with use_rslora (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def load_lora_config(adapter_dir: Path) -> tuple[LoraAdapterConfig, dict[str, Any]]:
+    """(parsed, raw) `adapter_config.json`; CheckpointError for anything not foldable."""
+    path, raw = read_config(adapter_dir)
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(
@@ -159,7 +143,7 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
                 raise CheckpointError(f"{path}: {name}[{shown(k)}] = {shown(v)} must be an integer")
     target = need("target_modules", (list, str))
     exclude = need("exclude_modules", (list, str))
-    return LoraAdapterConfig(
+    config = LoraAdapterConfig(
         r=r,
         lora_alpha=alpha,
         use_rslora=bool(raw.get("use_rslora", False)),
@@ -171,85 +155,4 @@ def load_lora_config(adapter_dir: Path) -> LoraAdapterConfig:
         modules_to_save=list(need("modules_to_save", (list,), [])),
         use_dora=bool(raw.get("use_dora", False)),
     )
-
-
-def open_adapter_weights(adapter_dir: Path) -> CheckpointReader:
-    """Open `adapter_model.safetensors`, else `adapter_model.bin` (weights only).
-
-    Either must lie inside the folder's allowed root and be a regular file (`safe_paths`).
-    """
-    root = allowed_root(adapter_dir)
-    for name in WEIGHT_NAMES:
-        path = member(adapter_dir, name, root)
-        if path is not None:
-            if name.endswith(".safetensors"):
-                return SafetensorsReader(path)
-            return TorchReader(path)
-    raise CheckpointError(f"{adapter_dir}: no {' or '.join(WEIGHT_NAMES)}")
-
-
-@dataclass
-class LoraModuleKeys:
-    """The saved keys of one LoRA-adapted module."""
-
-    module: str
-    embedding: bool = False
-    a: str | None = None
-    b: str | None = None
-    b_bias: str | None = None
-    magnitude: str | None = None  # DoRA's lora_magnitude_vector
-
-
-_LORA_SUFFIXES = {
-    ".lora_A.weight": ("a", False),
-    ".lora_B.weight": ("b", False),
-    ".lora_B.bias": ("b_bias", False),
-    ".lora_embedding_A": ("a", True),
-    ".lora_embedding_B": ("b", True),
-}
-_MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA: linear or embedding, told by its A/B keys
-
-
-def classify_keys(path: str, keys: list[str]) -> tuple[dict[str, LoraModuleKeys], dict[str, str]]:
-    """Split saved keys into LoRA modules and full tensors.
-
-    Returns ({module key: its LoRA keys}, {base tensor name: saved key}) with the
-    `base_model.model.` prefix removed and `.base_layer` dropped from full-tensor names.
-    """
-    modules: dict[str, LoraModuleKeys] = {}
-    full: dict[str, str] = {}
-    magnitudes: dict[str, str] = {}
-    for key in keys:
-        rel = key.removeprefix(SAVED_PREFIX)
-        if rel.endswith(_MAGNITUDE_SUFFIX):
-            magnitudes[rel[: -len(_MAGNITUDE_SUFFIX)]] = key
-            continue
-        for suffix, (slot, embedding) in _LORA_SUFFIXES.items():
-            if rel.endswith(suffix):
-                module = rel[: -len(suffix)]
-                entry = modules.setdefault(module, LoraModuleKeys(module, embedding))
-                if entry.embedding != embedding:
-                    raise CheckpointError(
-                        f"{path}: module '{module}' mixes linear and embedding LoRA keys"
-                    )
-                setattr(entry, slot, key)
-                break
-        else:
-            if "lora_" in rel:
-                raise CheckpointError(
-                    f"{path}: key '{key}' is not a plain LoRA key (lora_A/lora_B weights or "
-                    "lora_embedding_A/B); this adapter type is not supported yet"
-                )
-            name = rel.replace(".base_layer.", ".")
-            if name in full:
-                raise CheckpointError(f"{path}: keys '{full[name]}' and '{key}' both save '{name}'")
-            full[name] = key
-    for module, key in magnitudes.items():
-        if module not in modules:
-            raise CheckpointError(f"{path}: DoRA magnitude '{key}' has no lora_A/lora_B weights")
-        modules[module].magnitude = key
-    for entry in modules.values():
-        if entry.a is None or entry.b is None:
-            half = "lora_A" if entry.a is None else "lora_B"
-            raise CheckpointError(f"{path}: module '{entry.module}' has no {half} weight")
-    return modules, full
+    return config, raw

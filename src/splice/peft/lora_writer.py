@@ -15,12 +15,11 @@ template config, with modules_to_save and lora_bias cleared.
 Atomicity: `write_lora_adapter` writes through `splice.io.output_folder.OutputFolder` (lock,
 `<out>.splice-partial/`, overwrite rule, permissions, rename into place); commands that do
 heavy work first open the `OutputFolder` themselves, before that work, and call
-`write_adapter_files` into its partial folder.
+`write_adapter_files` into its partial folder (the files themselves: `files`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -29,14 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
 
 from splice.delta import LowRank
-from splice.io.finite import check_output
-from splice.io.output_folder import OutputFolder, write_bytes
-from splice.io.peft_adapter import CONFIG_NAME, SAVED_PREFIX
-
-WEIGHTS_NAME = "adapter_model.safetensors"
+from splice.io.output_folder import OutputFolder
+from splice.peft.files import write_adapter_folder_files
+from splice.peft.lora_keys import factor_keys
 
 
 def adapter_tensors(
@@ -45,14 +41,9 @@ def adapter_tensors(
     """PEFT's saved tensors for the factors (scale folded into B)."""
     out: dict[str, torch.Tensor] = {}
     for module, f in sorted(modules.items()):
-        b = (f.b * f.scaling).to(dtype).contiguous()
-        a = f.a.to(dtype).contiguous()
-        if embedding.get(module, False):
-            out[f"{SAVED_PREFIX}{module}.lora_embedding_A"] = a
-            out[f"{SAVED_PREFIX}{module}.lora_embedding_B"] = b
-        else:
-            out[f"{SAVED_PREFIX}{module}.lora_A.weight"] = a
-            out[f"{SAVED_PREFIX}{module}.lora_B.weight"] = b
+        a_key, b_key = factor_keys(module, embedding.get(module, False))
+        out[a_key] = f.a.to(dtype).contiguous()
+        out[b_key] = (f.b * f.scaling).to(dtype).contiguous()
     return out
 
 
@@ -98,17 +89,14 @@ def write_adapter_files(
         else LowRank(f.b.new_zeros(f.b.shape[0], 1), f.a.new_zeros(1, f.a.shape[1]))
         for m, f in modules.items()
     }
-    tensors = adapter_tensors(fixed, embedding, dtype)
-    if not allow_nonfinite:
-        for name, t in tensors.items():
-            check_output(t, name)
-    write_bytes(folder / WEIGHTS_NAME, save(tensors, metadata={"format": "pt", **(metadata or {})}))
-    config = adapter_config(template, ranks)
-    write_bytes(
-        folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    write_adapter_folder_files(
+        folder,
+        adapter_config(template, ranks),
+        adapter_tensors(fixed, embedding, dtype),
+        metadata=metadata,
+        extra_files=extra_files,
+        allow_nonfinite=allow_nonfinite,
     )
-    for name, data in (extra_files or {}).items():
-        write_bytes(folder / name, data)
 
 
 def write_lora_adapter(
