@@ -1,4 +1,6 @@
-"""`splice bench CONFIG`: experts, merges, evaluation, table + JSON + plots."""
+"""`splice bench CONFIG`: train (or reuse, cached by content hash) one expert per task and kind,
+merge their backbones with every applicable method (defaults and a validation sweep), evaluate on
+every task's test split; write a table, JSON and plots."""
 
 from __future__ import annotations
 
@@ -27,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="fine-tune experts on real tasks, merge them with every method, evaluate",
-        description="Train (or reuse, cached by content hash) one expert per task and kind, "
-        "merge their backbones with every applicable method (defaults and a validation "
-        "sweep), evaluate on every task's test split; write a table, JSON and plots.",
+        description=__doc__,
     )
     p.add_argument("config", help="bench config YAML (see splice.bench.config)")
     p.add_argument("--out", default="splice-bench", help="output folder (splice-bench)")

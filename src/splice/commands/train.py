@@ -73,13 +73,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train an adapter (LoRA, DoRA, IA3, ...) from a YAML config or flags",
-        description="Train an adapter. A YAML config (see `splice.train.config`) and/or "
-        "flags; flags override the config.",
+    p = sub.add_parser("train", help="train an adapter (LoRA, DoRA, IA3, ...) from YAML or flags")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="training config YAML (see splice.train.config); flags override it",
     )
-    p.add_argument("config", nargs="?", help="training config YAML")
     p.add_argument("--out", required=True, help="output folder (a PEFT adapter folder + logs)")
     p.add_argument("--model", help="minilm, smollm2, an HF folder or a .gguf file")
     p.add_argument("--task", choices=["seq_cls", "causal_lm"])
