@@ -29,9 +29,14 @@ def polar(x: Tensor) -> Tensor:
     return p @ qh
 
 
-def mean_(deltas: Sequence[Tensor]) -> Tensor:
-    """Σ δ_i / N, in place in the first task vector."""
+def sum_(deltas: Sequence[Tensor]) -> Tensor:
+    """Σ δ_i, in order, in place in the first task vector."""
     out = deltas[0]
     for d in deltas[1:]:
         out.add_(d)
-    return out.div_(len(deltas))
+    return out
+
+
+def mean_(deltas: Sequence[Tensor]) -> Tensor:
+    """Σ δ_i / N, in place in the first task vector."""
+    return sum_(deltas).div_(len(deltas))
