@@ -9,19 +9,12 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     from splice.bench import load_bench_config, run_bench
-    from splice.bench.report import render_tables
+    from splice.bench.report import print_results
 
     cfg = load_bench_config(args.config)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
-    results = run_bench(cfg, args.out, progress=not args.quiet)
-    print()
-    print(render_tables(results))
-    t = results["timing"]
-    print(
-        f"total {t['total_s']:.0f} s (training {t['train_s']:.0f} s); "
-        f"results in {args.out}/ (results.json, results.md, *.png)"
-    )
+    print_results(run_bench(cfg, args.out, progress=not args.quiet), args.out)
     return 0
 
 
