@@ -171,10 +171,7 @@ def train_model(
         "kind": kind,
         "tasks": [x.name for x in tasks],
         "train_examples": n_train,
-        "steps": summary["steps"],
-        "train_loss": summary["loss"],
-        "train_seconds": round(summary["seconds"], 2),
-        "steps_per_second": round(summary["steps"] / max(summary["seconds"], 1e-9), 3),
+        **summary.record(),
     }
     return backbone, head_states, model.config, meta
 

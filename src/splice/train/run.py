@@ -52,13 +52,10 @@ def run_training(
     adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
     if cfg.task == "seq_cls":
         cls = D.classification_splits(cfg)
-        parts = cls["parts"]
-        label_names = list(cls["dataset"].label_names)
-        n_train = len(parts["train"])
+        parts, label_names = cls["parts"], list(cls["dataset"].label_names)
     else:
-        lm_parts = D.lm_splits(cfg)
-        label_names = []
-        n_train = len(lm_parts["train"])
+        cls, parts, label_names = None, D.lm_splits(cfg), []
+    n_train = len(parts["train"])
     with folder as partial:
         torch.manual_seed(cfg.seed)
         model, tok, model_folder = load_for_task(
@@ -70,21 +67,16 @@ def run_training(
         am.add_adapter("default", adapter_cfg)
         trainable, total = am.trainable_parameters()
 
-        if cfg.task == "seq_cls":
+        score = evaluate_classification if cls is not None else evaluate_lm
 
-            def batches(split: str, seed: int | None = None):
-                p = parts[split]
-                return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
+        def batches(split: str, seed: int | None = None):
+            if cls is None:
+                return D.lm_batches(parts[split], tok, cfg.batch_size, cfg.max_length, seed)
+            p = parts[split]
+            return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
 
-            def evaluate(split: str) -> dict[str, float]:
-                return evaluate_classification(am, batches(split))
-        else:
-
-            def batches(split: str, seed: int | None = None):
-                return D.lm_batches(lm_parts[split], tok, cfg.batch_size, cfg.max_length, seed)
-
-            def evaluate(split: str) -> dict[str, float]:
-                return evaluate_lm(am, batches(split))
+        def evaluate(split: str) -> dict[str, float]:
+            return score(am, batches(split))
 
         steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
@@ -121,9 +113,7 @@ def run_training(
                 eval_every=cfg.eval_every,
                 progress=progress,
             )
-            results["train_loss"] = summary["loss"]
-            results["train_seconds"] = round(summary["seconds"], 2)
-            results["steps_per_second"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 3)
+            results.update(summary.record())
             results["after"] = {"validation": evaluate("validation"), "test": evaluate("test")}
             log({"final": results["after"]})
         if label_names:
@@ -133,6 +123,6 @@ def run_training(
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         )
-        if cfg.task == "seq_cls":
+        if cls is not None:
             cls["splits"].save(partial / "splits.json", cls["dataset"])
     return results
