@@ -38,9 +38,10 @@ from splice.bench.backbone import (
     save_heads,
     split_state,
 )
-from splice.bench.cache import atomic_folder, bench_root, content_key
+from splice.bench.cache import bench_root, content_key
 from splice.bench.config import BenchConfig
 from splice.bench.tasks import TaskData
+from splice.io.output_folder import cache_folder
 
 
 @dataclass
@@ -197,7 +198,7 @@ def get_expert(
     meta["kind"] = kind
     meta["key"] = key
     meta["seconds_total"] = round(time.perf_counter() - start, 2)
-    with atomic_folder(folder) as tmp:
+    with cache_folder(folder) as tmp:
         save_backbone(tmp, backbone, config)
         save_heads(tmp / "heads.safetensors", heads)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
