@@ -56,19 +56,18 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, overrides)
     else:
         cfg = parse_train_config(merge_overrides({}, overrides), where="flags")
-    results = run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    after = results["after"]
-    print(f"trainable params: {results['trainable_params']:,} of {results['total_params']:,}")
-    if cfg.task == "seq_cls":
-        t = after["test"]
-        acc, f1, n = t["accuracy"], t["macro_f1"], t["examples"]
+    result = run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"trainable params: {result.trainable_params:,} of {result.total_params:,}")
+    test = result.after["test"]
+    if result.task == "seq_cls":
+        acc, f1, n = test["accuracy"], test["macro_f1"], test["examples"]
         print(f"test accuracy {acc:.4f}  macro-F1 {f1:.4f}  ({n} examples)")
     else:
-        before = results["before"]["test"]["loss"]
-        print(f"held-out loss {before:.4f} -> {after['test']['loss']:.4f} (base -> adapted)")
+        before = result.before["test"]["loss"]
+        print(f"held-out loss {before:.4f} -> {test['loss']:.4f} (base -> adapted)")
     print(f"adapter written to {args.out}")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     return 0
 
 
