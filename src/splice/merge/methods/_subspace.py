@@ -8,7 +8,7 @@ The reference code also skips CLIP's ``text_projection``; splice does not specia
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,18 @@ def polar(x: Tensor) -> Tensor:
     """
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
     return p @ qh
+
+
+def top_triplets(mats: Iterable[Tensor], k: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The top-``k`` singular triplets of each matrix (thin SVD): lists of U[:, :k], Σ[:k]
+    and Vᵀ[:k], in the order of ``mats``."""
+    us, ss, vhs = [], [], []
+    for m in mats:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    return us, ss, vhs
 
 
 def sum_(deltas: Sequence[Tensor]) -> Tensor:
