@@ -1,15 +1,19 @@
 """One readable line for a pydantic error of a strict (``extra="forbid"``) config: the key's
 dotted path, and for an unknown key the closest valid key at that level.
 
-Shared by the YAML configs (`splice train`, `splice bench`)."""
+Shared by the YAML configs (`splice train`, `splice bench`): `StrictConfig` and
+`parse_config`."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from splice.errors import SpliceError
+from splice.numbers import FINITE
 
 
 def model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
@@ -51,3 +55,39 @@ def unknown_key_message(root: type[BaseModel], loc: tuple[Any, ...], list_valid:
     if list_valid:
         msg += f"; valid keys here: {', '.join(fields)}"
     return msg
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class StrictConfig(BaseModel):
+    """A frozen config section; unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or
+    flags) are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
+
+
+def parse_config(
+    cls: type[ConfigT],
+    data: Any,
+    where: str,
+    error: type[SpliceError],
+    *,
+    list_valid: bool,
+    messages: dict[str, str] | None = None,
+) -> ConfigT:
+    """``cls(**data)``, or ``error("WHERE: 'dotted.key': message")`` for the first problem:
+    an unknown key names the closest valid one (``list_valid``: and all valid keys there);
+    ``messages`` replaces pydantic's message for the keys it names."""
+    if not isinstance(data, dict):
+        raise error(f"{where}: expected a mapping at the top level")
+    try:
+        return cls(**data)
+    except ValidationError as e:
+        loc, err = first_error(e)
+        path = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            msg = unknown_key_message(cls, loc, list_valid=list_valid)
+        else:
+            msg = (messages or {}).get(path, err["msg"])
+        raise error(f"{where}: '{path}': {msg}") from None

@@ -81,17 +81,10 @@ BENCH_DEMO: dict[str, Any] = {
 def run_bench_demo(out: str | Path = "splice-demo", progress: bool = True) -> dict[str, Any]:
     """Run `BENCH_DEMO` into ``out``; print the table. Returns the results."""
     from splice.bench import parse_bench_config, run_bench
-    from splice.bench.report import render_tables
+    from splice.bench.report import print_results
 
-    cfg = parse_bench_config(BENCH_DEMO, where="splice demo")
-    results = run_bench(cfg, out, progress=progress)
-    print()
-    print(render_tables(results))
-    t = results["timing"]
-    print(
-        f"{t['total_s']:.0f} s in all (training {t['train_s']:.0f} s; experts are cached "
-        f"for the next run); table, results.json and plots in {out}/"
-    )
+    results = run_bench(parse_bench_config(BENCH_DEMO, where="splice demo"), out, progress=progress)
+    print_results(results, out)
     return results
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from splice.bench.backbone import Base
-from splice.bench.cache import atomic_folder, content_key, model_identity
+from splice.bench.cache import content_key, model_identity
 from splice.bench.config import parse_bench_config
 from splice.bench.experts import expert_key
 from splice.bench.tasks import per_class_caps, prepare_task
+from splice.io.output_folder import cache_folder
 
 
 def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -103,18 +104,18 @@ def test_per_class_caps():
     assert per_class_caps(cfg.data, 26) == {"train": 47, "validation": 8, "test": 20}
 
 
-def test_atomic_folder(tmp_path):
+def test_cache_folder(tmp_path):
     final = tmp_path / "x" / "done"
-    with atomic_folder(final) as tmp:
+    with cache_folder(final) as tmp:
         (tmp / "f").write_text("1")
         assert not final.exists()
     assert (final / "f").read_text() == "1"
-    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "y") as tmp:
+    with pytest.raises(RuntimeError), cache_folder(tmp_path / "y") as tmp:
         raise RuntimeError("boom")
     assert not (tmp_path / "y").exists()
     assert [p.name for p in (tmp_path).iterdir() if p.name.startswith(".")] == []
     # a finished folder of the same key is kept
-    with atomic_folder(final) as tmp:
+    with cache_folder(final) as tmp:
         (tmp / "f").write_text("2")
     assert (final / "f").read_text() == "1"
     assert json.dumps(sorted(p.name for p in final.parent.iterdir())) == '["done"]'

@@ -63,7 +63,7 @@ def test_seq_cls_lora_learns_and_loads_in_peft(tiny_bert_dir, fruit_csv, tmp_pat
     )
     out = tmp_path / "run"
     res = run_training(cfg, out, progress=False)
-    assert res["after"]["test"]["accuracy"] == 1.0  # separable by word identity
+    assert res.after["test"]["accuracy"] == 1.0  # separable by word identity
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(
         [
@@ -99,8 +99,8 @@ def test_seq_cls_lora_learns_and_loads_in_peft(tiny_bert_dir, fruit_csv, tmp_pat
         s = load_adapter_model(base(), out).eval()(**enc).logits
     torch.testing.assert_close(s, p, atol=1e-5, rtol=0)
     assert p.argmax(-1).tolist() == [
-        res["label_names"].index("fruit"),
-        res["label_names"].index("animal"),
+        res.label_names.index("fruit"),
+        res.label_names.index("animal"),
     ]
 
 

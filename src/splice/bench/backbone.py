@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from splice.bench.cache import atomic_folder, bench_root, content_key, model_identity
+from splice.bench.cache import bench_root, content_key, model_identity
 from splice.bench.tasks import TaskData
 from splice.errors import SpliceError
+from splice.io.output_folder import cache_folder
 
 State = dict[str, torch.Tensor]
 
@@ -122,7 +123,7 @@ def prepare_base(ref: str, seed: int) -> Base:
         if not names:
             raise SpliceError(f"{ref}: no classification head found (classifier / score)")
         backbone, _ = split_state(model, names[0])
-        with atomic_folder(out) as tmp:
+        with cache_folder(out) as tmp:
             save_backbone(tmp, backbone, model.config)
             (tmp / "base.json").write_text(json.dumps({"head_name": names[0], "ref": ref}))
     head_name = json.loads((out / "base.json").read_text())["head_name"]

@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from splice.io.output_folder import cache_folder as atomic_folder
 from splice.train.models import cache_root
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -61,6 +60,3 @@ def content_key(payload: Any) -> str:
     """SHA-256 hex of the canonical JSON of ``payload``."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-__all__ = ["atomic_folder", "bench_root", "content_key", "file_sha256", "model_identity"]

@@ -52,28 +52,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import Field, ValidationInfo, field_validator
 
-from splice.config_errors import first_error, unknown_key_message
+from splice.config_errors import StrictConfig as _Strict
+from splice.config_errors import parse_config
 from splice.errors import SpliceError
 from splice.io.textfile import load_yaml
-from splice.numbers import FINITE, first_nonfinite
+from splice.numbers import first_nonfinite
 
 
 class BenchConfigError(SpliceError):
     """A bench config is invalid."""
-
-
-class _Strict(BaseModel):
-    # Unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or flags) are errors.
-    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
 
 
 class DataSizes(_Strict):
@@ -176,19 +165,14 @@ class BenchConfig(_Strict):
 
 def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:
     """Validate ``data`` (a mapping); errors name the key's path and the closest valid key."""
-    if not isinstance(data, dict):
-        raise BenchConfigError(f"{where}: expected a mapping at the top level")
-    try:
-        return BenchConfig(**data)
-    except ValidationError as e:
-        loc, err = first_error(e)
-        path = ".".join(str(p) for p in loc)
-        msg = err["msg"]
-        if path == "merge.methods":
-            msg = "expected 'core', 'all' or a list of method names"
-        if err["type"] == "extra_forbidden":
-            msg = unknown_key_message(BenchConfig, loc, list_valid=True)
-        raise BenchConfigError(f"{where}: '{path}': {msg}") from None
+    return parse_config(
+        BenchConfig,
+        data,
+        where,
+        BenchConfigError,
+        list_valid=True,
+        messages={"merge.methods": "expected 'core', 'all' or a list of method names"},
+    )
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:

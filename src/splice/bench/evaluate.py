@@ -26,6 +26,7 @@ from splice.bench.precision import autocast
 from splice.bench.tasks import TaskData
 from splice.data import accuracy
 from splice.errors import SpliceError
+from splice.train.data import tokenize_batch
 
 Features = list[torch.Tensor]  # one tensor per batch
 
@@ -44,19 +45,10 @@ def encode_split(
         return EncodedSplit([], [])
     ids = tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), i))
-    batches = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        enc = tok(
-            [texts[i] for i in idx],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        batches.append(
-            {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        )
+    batches = [
+        tokenize_batch(tok, [texts[i] for i in order[s : s + batch_size]], max_length)
+        for s in range(0, len(order), batch_size)
+    ]
     return EncodedSplit(batches, [labels[i] for i in order])
 
 

@@ -38,9 +38,10 @@ from splice.bench.backbone import (
     save_heads,
     split_state,
 )
-from splice.bench.cache import atomic_folder, bench_root, content_key
+from splice.bench.cache import bench_root, content_key
 from splice.bench.config import BenchConfig
 from splice.bench.tasks import TaskData
+from splice.io.output_folder import cache_folder
 
 
 @dataclass
@@ -171,10 +172,7 @@ def train_model(
         "kind": kind,
         "tasks": [x.name for x in tasks],
         "train_examples": n_train,
-        "steps": summary["steps"],
-        "train_loss": summary["loss"],
-        "train_seconds": round(summary["seconds"], 2),
-        "steps_per_second": round(summary["steps"] / max(summary["seconds"], 1e-9), 3),
+        **summary.record(),
     }
     return backbone, head_states, model.config, meta
 
@@ -200,7 +198,7 @@ def get_expert(
     meta["kind"] = kind
     meta["key"] = key
     meta["seconds_total"] = round(time.perf_counter() - start, 2)
-    with atomic_folder(folder) as tmp:
+    with cache_folder(folder) as tmp:
         save_backbone(tmp, backbone, config)
         save_heads(tmp / "heads.safetensors", heads)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

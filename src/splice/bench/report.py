@@ -92,6 +92,16 @@ def render_tables(results: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def print_results(results: Mapping[str, Any], out: str | Path) -> None:
+    """The tables and the time taken, as `splice bench` and `splice demo` end."""
+    t = results["timing"]
+    print(f"\n{render_tables(results)}")
+    print(
+        f"total {t['total_s']:.0f} s (training {t['train_s']:.0f} s; experts are cached for "
+        f"the next run); results in {out}/ (results.json, results.md, *.png)"
+    )
+
+
 def write_json(path: Path, results: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 

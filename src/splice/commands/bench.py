@@ -1,4 +1,6 @@
-"""`splice bench CONFIG`: experts, merges, evaluation, table + JSON + plots."""
+"""`splice bench CONFIG`: train (or reuse, cached by content hash) one expert per task and kind,
+merge their backbones with every applicable method (defaults and a validation sweep), evaluate on
+every task's test split; write a table, JSON and plots."""
 
 from __future__ import annotations
 
@@ -7,19 +9,12 @@ import argparse
 
 def _run(args: argparse.Namespace) -> int:
     from splice.bench import load_bench_config, run_bench
-    from splice.bench.report import render_tables
+    from splice.bench.report import print_results
 
     cfg = load_bench_config(args.config)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
-    results = run_bench(cfg, args.out, progress=not args.quiet)
-    print()
-    print(render_tables(results))
-    t = results["timing"]
-    print(
-        f"total {t['total_s']:.0f} s (training {t['train_s']:.0f} s); "
-        f"results in {args.out}/ (results.json, results.md, *.png)"
-    )
+    print_results(run_bench(cfg, args.out, progress=not args.quiet), args.out)
     return 0
 
 
@@ -27,9 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="fine-tune experts on real tasks, merge them with every method, evaluate",
-        description="Train (or reuse, cached by content hash) one expert per task and kind, "
-        "merge their backbones with every applicable method (defaults and a validation "
-        "sweep), evaluate on every task's test split; write a table, JSON and plots.",
+        description=__doc__,
     )
     p.add_argument("config", help="bench config YAML (see splice.bench.config)")
     p.add_argument("--out", default="splice-bench", help="output folder (splice-bench)")

@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import argparse
 
-from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
+from splice.commands._flags import add_output_flags, output_options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the pre-trained checkpoint")
     p.add_argument("--models", nargs="+", required=True, help="fine-tuned checkpoints (>= 2)")
-    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--names", nargs="+", default=None, help="task names (default: file stems)")
-    p.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    add_overwrite_argument(p)
-    add_allow_nonfinite(p)
+    add_output_flags(p, shard_size=True)
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from splice.compress import compress_emr, compress_tall
-    from splice.io import parse_size
 
-    common = dict(
-        names=args.names,
-        shard_bytes=parse_size(args.shard_size),
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-    )
+    common = dict(names=args.names, **output_options(args))
     if args.method == "tall":
         lam = args.lambda_[0] if len(args.lambda_) == 1 else args.lambda_
         report = compress_tall(args.base, args.models, args.out, lambdas=lam, **common)
@@ -44,17 +35,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     from splice.compress import restore
-    from splice.io import parse_size
 
-    out = restore(
-        args.folder,
-        args.task,
-        args.out,
-        base_ref=args.base,
-        shard_bytes=parse_size(args.shard_size),
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-    )
+    out = restore(args.folder, args.task, args.out, base_ref=args.base, **output_options(args))
     print(f"restored task '{args.task}' into {out}")
     return 0
 
@@ -79,9 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("restore", help="rebuild one task's model from a compressed folder")
     r.add_argument("folder", help="a folder written by 'splice compress'")
     r.add_argument("--task", required=True, help="task name or 0-based index")
-    r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--base", default=None, help="the base checkpoint (default: as recorded)")
-    r.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
-    add_overwrite_argument(r)
-    add_allow_nonfinite(r)
+    add_output_flags(r, shard_size=True)
     r.set_defaults(fn=_cmd_restore)

@@ -106,40 +106,41 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache_dir(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where downloaded sources live ($SPLICE_DATA or ~/.cache/splice/data)",
+    )
+
+
+def _add_task(q: argparse.ArgumentParser) -> None:
+    q.add_argument("name", help="built-in task name, or a .csv/.tsv/.jsonl file")
+    q.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="loader option, e.g. min_confidence=0.6, with_lemmas=true, dedupe=false",
+    )
+    _add_cache_dir(q)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="labeled text tasks: list, show, split")
     dsub = p.add_subparsers(dest="data_command", required=True)
-
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument(
-            "--cache-dir",
-            default=None,
-            help="where downloaded sources live ($SPLICE_DATA or ~/.cache/splice/data)",
-        )
-
-    def task_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("name", help="built-in task name, or a .csv/.tsv/.jsonl file")
-        q.add_argument(
-            "-o",
-            "--option",
-            action="append",
-            metavar="KEY=VALUE",
-            help="loader option, e.g. min_confidence=0.6, with_lemmas=true, dedupe=false",
-        )
-        common(q)
-
     lst = dsub.add_parser("list", help="each built-in task: installed?, size, classes")
-    common(lst)
+    _add_cache_dir(lst)
     lst.set_defaults(fn=_cmd_list)
 
     show = dsub.add_parser("show", help="counts per class and a few examples")
-    task_args(show)
+    _add_task(show)
     show.add_argument("--examples", type=int, default=3, help="examples to print (3)")
     show.add_argument("--seed", type=int, default=0, help="which examples (0)")
     show.set_defaults(fn=_cmd_show)
 
     split = dsub.add_parser("split", help="save a seeded stratified train/validation/test split")
-    task_args(split)
+    _add_task(split)
     split.add_argument("--out", required=True, help="split file to write (JSON)")
     split.add_argument("--seed", type=int, default=0, help="seed (0)")
     split.add_argument("--sizes", default="0.8,0.1,0.1", help="fractions (0.8,0.1,0.1)")

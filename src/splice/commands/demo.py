@@ -6,14 +6,9 @@ import argparse
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.synthetic:
-        from splice.demo import run_demo
+    from splice.demo import run_bench_demo, run_demo
 
-        run_demo(args.out, progress=not args.quiet)
-    else:
-        from splice.demo import run_bench_demo
-
-        run_bench_demo(args.out, progress=not args.quiet)
+    (run_demo if args.synthetic else run_bench_demo)(args.out, progress=not args.quiet)
     return 0
 
 
@@ -23,12 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a short real benchmark: MiniLM experts on 3 tasks, merged with the core "
         "methods, accuracy table and plots (--synthetic: the synthetic Llama merge demo)",
     )
-    d.add_argument("--out", default="splice-demo", help="work folder (splice-demo)")
     d.add_argument(
         "--synthetic",
         action="store_true",
-        help="the synthetic demo: a small Llama-shaped model and three structured "
-        "fine-tunes, merged with every core method (no data, no model download)",
+        help="instead: a small Llama-shaped model and 3 fine-tunes (no data, no download)",
     )
+    d.add_argument("--out", default="splice-demo", help="work folder (splice-demo)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(fn=_cmd_demo)

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
+from splice.commands._flags import (
+    add_allow_nonfinite,
+    add_output_flags,
+    add_overwrite_argument,
+    output_options,
+)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -56,8 +61,7 @@ def _extract(args: argparse.Namespace) -> int:
         oversample=args.oversample,
         niter=args.niter,
         seed=args.seed,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
+        **output_options(args),
     )
     for t in report.tensors:
         print(f"{t.name}\trank {t.rank}\trelative error {t.rel_error:.4g}")
@@ -75,13 +79,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _rmm(args: argparse.Namespace) -> int:
     from splice.lora_merge.rmm import build_rmm
 
-    out = build_rmm(
-        args.adapters,
-        args.k,
-        args.out,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-    )
+    out = build_rmm(args.adapters, args.k, args.out, **output_options(args))
     print(f"stored {len(args.adapters)} adapters as {args.k} basis models in {out}")
     return 0
 
@@ -89,13 +87,7 @@ def _rmm(args: argparse.Namespace) -> int:
 def _rmm_recover(args: argparse.Namespace) -> int:
     from splice.lora_merge.rmm import recover_adapter
 
-    out = recover_adapter(
-        args.store,
-        args.task,
-        args.out,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
-    )
+    out = recover_adapter(args.store, args.task, args.out, **output_options(args))
     print(f"recovered task {args.task} into {out}")
     return 0
 
@@ -109,8 +101,7 @@ def _compeft(args: argparse.Namespace) -> int:
         density=args.density,
         alpha=args.alpha,
         std_of=args.std_of,
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
+        **output_options(args),
     )
     dense = sum(e.bits["dense"] for e in entries)
     entropy = sum(e.bits["entropy"] for e in entries)
@@ -170,25 +161,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--oversample", type=int, default=10, help="randomized SVD oversampling")
     e.add_argument("--niter", type=int, default=2, help="randomized SVD power iterations")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", required=True, help="output adapter folder")
-    add_overwrite_argument(e)
-    add_allow_nonfinite(e)
+    add_output_flags(e, "output adapter folder")
     e.set_defaults(fn=_extract)
 
     r = lsub.add_parser("rmm", help="store adapters as k basis models + per-task coefficients")
     r.add_argument("adapters", nargs="+")
     r.add_argument("--k", type=int, required=True, help="number of basis models")
-    r.add_argument("--out", required=True, help="output store folder")
-    add_overwrite_argument(r)
-    add_allow_nonfinite(r)
+    add_output_flags(r, "output store folder")
     r.set_defaults(fn=_rmm)
 
     rr = lsub.add_parser("rmm-recover", help="recover one task's adapter from an RMM store")
     rr.add_argument("store")
     rr.add_argument("--task", type=int, required=True, help="task index (order given to rmm)")
-    rr.add_argument("--out", required=True)
-    add_overwrite_argument(rr)
-    add_allow_nonfinite(rr)
+    add_output_flags(rr, "output adapter folder")
     rr.set_defaults(fn=_rmm_recover)
 
     c = lsub.add_parser("compeft", help="ComPEFT: sparse ternary compression of an adapter")
@@ -196,9 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--density", type=float, required=True, help="fraction of entries kept")
     c.add_argument("--alpha", type=float, default=1.0, help="scale multiplier α (default 1)")
     c.add_argument("--std-of", choices=["original", "sparse"], default="original")
-    c.add_argument("--out", required=True)
-    add_overwrite_argument(c)
-    add_allow_nonfinite(c)
+    add_output_flags(c, "output adapter folder")
     c.set_defaults(fn=_compeft)
 
     ls = lsub.add_parser("methods", help="list the LoRA merge methods")

@@ -56,30 +56,28 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, overrides)
     else:
         cfg = parse_train_config(merge_overrides({}, overrides), where="flags")
-    results = run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    after = results["after"]
-    print(f"trainable params: {results['trainable_params']:,} of {results['total_params']:,}")
-    if cfg.task == "seq_cls":
-        t = after["test"]
-        acc, f1, n = t["accuracy"], t["macro_f1"], t["examples"]
+    result = run_training(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"trainable params: {result.trainable_params:,} of {result.total_params:,}")
+    test = result.after["test"]
+    if result.task == "seq_cls":
+        acc, f1, n = test["accuracy"], test["macro_f1"], test["examples"]
         print(f"test accuracy {acc:.4f}  macro-F1 {f1:.4f}  ({n} examples)")
     else:
-        before = results["before"]["test"]["loss"]
-        print(f"held-out loss {before:.4f} -> {after['test']['loss']:.4f} (base -> adapted)")
+        before = result.before["test"]["loss"]
+        print(f"held-out loss {before:.4f} -> {test['loss']:.4f} (base -> adapted)")
     print(f"adapter written to {args.out}")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(result.to_json(), indent=2))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train an adapter (LoRA, DoRA, IA3, ...) from a YAML config or flags",
-        description="Train an adapter. A YAML config (see `splice.train.config`) and/or "
-        "flags; flags override the config.",
+    p = sub.add_parser("train", help="train an adapter (LoRA, DoRA, IA3, ...) from YAML or flags")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="training config YAML (see splice.train.config); flags override it",
     )
-    p.add_argument("config", nargs="?", help="training config YAML")
     p.add_argument("--out", required=True, help="output folder (a PEFT adapter folder + logs)")
     p.add_argument("--model", help="minilm, smollm2, an HF folder or a .gguf file")
     p.add_argument("--task", choices=["seq_cls", "causal_lm"])

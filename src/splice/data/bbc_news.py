@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from splice.data.dataset import (
-    SourceMissingError,
     TextClassificationDataset,
     from_pairs,
+    installed_source,
     package_dir,
 )
 from splice.errors import DataError
@@ -36,13 +36,8 @@ DATA_PATH = ("bbcnews", "data")
 def find_source(root: str | Path | None = None) -> Path:
     """The folder of class folders inside the package (or inside ``root``)."""
     base = Path(root) if root is not None else package_dir(PACKAGE)
-    path = base.joinpath(*DATA_PATH) if base is not None else None
-    if path is None or not path.is_dir():
-        where = f" (looked for {path})" if path is not None else ""
-        raise SourceMissingError(
-            f"{NAME}: PyPI package '{PACKAGE}' is not installed{where}; install it with: {INSTALL}"
-        )
-    return path
+    missing = f"{NAME}: PyPI package '{PACKAGE}' is not installed"
+    return installed_source(base, DATA_PATH, missing, INSTALL)
 
 
 def read_text(path: Path) -> str:

@@ -165,3 +165,13 @@ def package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def installed_source(base: Path | None, parts: tuple[str, ...], missing: str, install: str) -> Path:
+    """``base / parts`` when it exists, else `SourceMissingError`: ``missing``, where it looked,
+    and the ``install`` command."""
+    path = base.joinpath(*parts) if base is not None else None
+    if path is None or not path.exists():
+        where = f" (looked for {path})" if path is not None else ""
+        raise SourceMissingError(f"{missing}{where}; install it with: {install}")
+    return path

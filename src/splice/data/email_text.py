@@ -58,16 +58,15 @@ class _HtmlText(HTMLParser):
         self.skip = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP_TAGS:
-            self.skip += 1
-        elif tag in _BLOCK_TAGS:
-            self.parts.append("\n")
-        elif tag in ("td", "th"):
-            self.parts.append(" ")
+        self._tag(tag, 1)
 
     def handle_endtag(self, tag: str) -> None:
+        self._tag(tag, -1)
+
+    def _tag(self, tag: str, step: int) -> None:
+        """Opening (+1) or closing (-1) tag: skipped blocks nest; blocks and cells break."""
         if tag in _SKIP_TAGS:
-            self.skip = max(0, self.skip - 1)
+            self.skip = max(0, self.skip + step)
         elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
         elif tag in ("td", "th"):

@@ -56,17 +56,18 @@ _KEYS = {
 
 @dataclass(frozen=True)
 class Splits:
-    """Index lists of the three splits of one dataset, and how they were made."""
+    """Index lists of the three splits of one dataset, and how they were made (the fields in
+    the saved file's order)."""
 
+    source: str
+    n_examples: int
+    data_hash: str
+    label_names: tuple[str, ...]
+    seed: int
+    sizes: dict[str, float]
     train: tuple[int, ...]
     validation: tuple[int, ...]
     test: tuple[int, ...]
-    seed: int
-    sizes: dict[str, float]
-    data_hash: str
-    n_examples: int
-    label_names: tuple[str, ...]
-    source: str
     max_per_class: dict[str, int] = field(default_factory=dict)
 
     def indices(self, name: str) -> tuple[int, ...]:

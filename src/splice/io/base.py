@@ -48,3 +48,26 @@ class CheckpointReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class InMemoryReader:
+    """The `CheckpointReader` methods over ``self._tensors``, a name → tensor dict in file
+    order that a subclass fills when it opens its file (loaded, or mapped from disk)."""
+
+    path: str
+    _tensors: dict[str, torch.Tensor]
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        return TensorInfo(name=name, shape=tuple(t.shape), dtype=t.dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh contiguous copy (tensors sharing storage are copied apart)."""
+        return self._tensors[name].clone(memory_format=torch.contiguous_format)
+
+    def close(self) -> None:
+        """Drop the tensors (a file mapping goes with the last reference)."""
+        self._tensors = {}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.io.base import CheckpointReader, TensorInfo
+from splice.io.base import CheckpointReader
 
 OPT_IN = "pass --allow-nonfinite to"
 
@@ -99,29 +99,17 @@ def numerical_errors(what: str) -> Iterator[None]:
 class FiniteReader:
     """A `CheckpointReader` whose `read` refuses tensors with NaN / ±inf values.
 
-    Every other attribute is the wrapped reader's (``path``, ``config`` of a LoRA fold, ...).
-    ``source`` is the model reference named in errors (as the user wrote it).
+    Every other attribute is the wrapped reader's (``path``, ``names``, ``info``, ``close``,
+    ``config`` of a LoRA fold, ...). ``source`` is the model reference named in errors (as the
+    user wrote it).
     """
 
     def __init__(self, inner: CheckpointReader, source: str) -> None:
         self.inner = inner
         self.source = source
 
-    @property
-    def path(self) -> str:
-        return self.inner.path
-
-    def names(self) -> list[str]:
-        return self.inner.names()
-
-    def info(self, name: str) -> TensorInfo:
-        return self.inner.info(name)
-
     def read(self, name: str) -> torch.Tensor:
         return check_input(self.inner.read(name), name, self.source)
-
-    def close(self) -> None:
-        self.inner.close()
 
     def __getattr__(self, attr: str) -> Any:
         if attr == "inner":  # not yet set: no recursion

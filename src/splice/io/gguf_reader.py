@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from splice.errors import CheckpointError
-from splice.io.base import TensorInfo
+from splice.io.base import InMemoryReader
 from splice.io.safe_paths import require_regular
 
 _MISSING_DEPS = (
@@ -30,7 +30,7 @@ _MISSING_DEPS = (
 )
 
 
-class GgufReader:
+class GgufReader(InMemoryReader):
     """All tensors of a GGUF file, dequantized at open (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -59,23 +59,6 @@ class GgufReader:
         self._tensors: dict[str, torch.Tensor] = dict(parsed["tensors"])
         if not self._tensors:
             raise CheckpointError(f"{self.path}: no tensor of this GGUF maps to a model parameter")
-
-    def names(self) -> list[str]:
-        """Tensor names (Hugging Face names) in the GGUF's tensor order."""
-        return list(self._tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        """Shape and dtype of the dequantized tensor; KeyError for unknown names."""
-        t = self._tensors[name]
-        return TensorInfo(name=name, shape=tuple(t.shape), dtype=t.dtype)
-
-    def read(self, name: str) -> torch.Tensor:
-        """A copy of the dequantized tensor."""
-        return self._tensors[name].clone()
-
-    def close(self) -> None:
-        """Release the dequantized tensors."""
-        self._tensors = {}
 
 
 def _meta_model(transformers: Any, config: dict[str, Any]) -> torch.nn.Module:

@@ -255,12 +255,16 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def remove(path: Path) -> None:
@@ -281,11 +285,7 @@ def _narrow_and_sync(root: Path, mask: int) -> None:
             mode = f.stat().st_mode & 0o777
             if mode & ~mask:
                 os.chmod(f, mode & mask)
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(f)
         mode = Path(dirpath).stat().st_mode & 0o777
         if mode & ~dmask:
             os.chmod(dirpath, mode & dmask)

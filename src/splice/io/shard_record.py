@@ -18,13 +18,13 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from splice.io.output_folder import remove
 from splice.io.shard_plan import ShardPlan
 
 _CHUNK = 1 << 24
@@ -90,10 +90,7 @@ def resume_record(
         reason = check_shard_file(path, header, size, regions, record)
     if reason is None:
         return record, None
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+    remove(path)
     remove_quietly(rec_path)
     return None, reason
 

@@ -86,10 +86,6 @@ class ShardedReader:
         """Read one tensor from its shard."""
         return self._shards[self._where[name]].read(name)
 
-    def shard_of(self, name: str) -> str:
-        """The shard file name holding `name`."""
-        return self._where[name]
-
     def close(self) -> None:
         """Close every shard."""
         for reader in self._shards.values():

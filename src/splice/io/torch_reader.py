@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from splice.errors import CheckpointError
-from splice.io.base import TensorInfo
+from splice.io.base import InMemoryReader
 from splice.io.safe_paths import require_regular, shown
 
 
-class TorchReader:
+class TorchReader(InMemoryReader):
     """Tensors of a weights-only pickled state dict, mapped from disk."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -36,23 +36,6 @@ class TorchReader:
         require_regular(self.path)  # torch opens it: refuse a FIFO or device before that
         obj = _safe_load(self.path)
         self._tensors = _state_dict_of(self.path, obj)
-
-    def names(self) -> list[str]:
-        """Tensor names in the order the pickle stored them."""
-        return list(self._tensors)
-
-    def info(self, name: str) -> TensorInfo:
-        """Shape and dtype; KeyError for unknown names."""
-        t = self._tensors[name]
-        return TensorInfo(name=name, shape=tuple(t.shape), dtype=t.dtype)
-
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh contiguous copy of the tensor (tensors sharing storage are copied apart)."""
-        return self._tensors[name].clone(memory_format=torch.contiguous_format)
-
-    def close(self) -> None:
-        """Drop the mapped tensors (the mapping goes with the last reference)."""
-        self._tensors = {}
 
 
 def _safe_load(path: str) -> Any:

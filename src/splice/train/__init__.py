@@ -5,11 +5,12 @@ from splice.train import TrainConfig, run_training, fit
 
 from splice.train.config import TrainConfig, TrainConfigError, load_train_config, parse_train_config
 from splice.train.loop import evaluate_classification, evaluate_lm, fit
-from splice.train.run import run_training
+from splice.train.run import TrainResult, run_training
 
 __all__ = [
     "TrainConfig",
     "TrainConfigError",
+    "TrainResult",
     "evaluate_classification",
     "evaluate_lm",
     "fit",

@@ -37,21 +37,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from splice.config_errors import first_error, unknown_key_message
+from splice.config_errors import StrictConfig as _Strict
+from splice.config_errors import parse_config
 from splice.errors import SpliceError
 from splice.io.textfile import load_yaml
-from splice.numbers import FINITE
 
 
 class TrainConfigError(SpliceError):
     """A training config is invalid."""
-
-
-class _Strict(BaseModel):
-    # Unknown keys and NaN / ±inf numbers (YAML .nan / .inf, or flags) are errors.
-    model_config = ConfigDict(extra="forbid", frozen=True, **FINITE)
 
 
 class DataConfig(_Strict):
@@ -89,17 +84,7 @@ class TrainConfig(_Strict):
 
 
 def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{where}: expected a mapping at the top level")
-    try:
-        cfg = TrainConfig(**data)
-    except ValidationError as e:
-        path, err = first_error(e)
-        loc = ".".join(str(p) for p in path)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = unknown_key_message(TrainConfig, path, list_valid=False)
-        raise TrainConfigError(f"{where}: '{loc}': {msg}") from None
+    cfg = parse_config(TrainConfig, data, where, TrainConfigError, list_valid=False)
     from splice.adapters import make_config
 
     make_config(cfg.method, cfg.adapter_params, where=f"{where}: adapter")  # validate early

@@ -160,6 +160,26 @@ def lm_splits(cfg: TrainConfig) -> dict[str, list[LMExample]]:
     return parts
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def tokenize_batch(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """A classifier's inputs for a batch of texts: truncated, padded to the longest."""
+    enc = tokenizer(
+        texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    return {k: v for k, v in enc.items() if k in MODEL_INPUTS}
+
+
+def batch_indices(n: int, batch_size: int, shuffle_seed: int | None) -> Iterator[list[int]]:
+    """``range(n)`` in batches, shuffled by ``shuffle_seed`` (in order when None)."""
+    order = list(range(n))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
 def cls_batches(
     texts: list[str] | tuple[str, ...],
     labels: list[int] | tuple[int, ...],
@@ -168,21 +188,8 @@ def cls_batches(
     max_length: int,
     shuffle_seed: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    order = list(range(len(texts)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [texts[i] for i in idx],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        enc = {
-            k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-        }
+    for idx in batch_indices(len(texts), batch_size, shuffle_seed):
+        enc = tokenize_batch(tokenizer, [texts[i] for i in idx], max_length)
         enc["labels"] = torch.tensor([labels[i] for i in idx], dtype=torch.long)
         yield enc
 
@@ -208,14 +215,9 @@ def lm_batches(
     max_length: int,
     shuffle_seed: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    order = list(range(len(examples)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        encoded = [
-            lm_encode(examples[i], tokenizer, max_length) for i in order[start : start + batch_size]
-        ]
+    for idx in batch_indices(len(examples), batch_size, shuffle_seed):
+        encoded = [lm_encode(examples[i], tokenizer, max_length) for i in idx]
         width = max(len(ids) for ids, _ in encoded)
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         labels = torch.full((len(encoded), width), -100, dtype=torch.long)

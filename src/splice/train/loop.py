@@ -13,12 +13,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What `fit` did: optimizer steps, the last running loss (EMA, 0.9), wall seconds."""
+
+    steps: int
+    loss: float
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """The fields of a training record (eval.json, a bench expert's meta.json)."""
+        return {
+            "steps": self.steps,
+            "train_loss": self.loss,
+            "train_seconds": round(self.seconds, 2),
+            "steps_per_second": round(self.steps / max(self.seconds, 1e-9), 3),
+        }
 
 
 def linear_schedule(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -46,10 +65,9 @@ def fit(
     evaluate: Callable[[], dict[str, float]] | None = None,
     eval_every: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> FitResult:
     """Train for ``total_steps`` optimizer steps. ``batches(epoch)`` yields the batches of
-    one pass (called again for the next epoch). Returns the last running loss, steps and
-    seconds."""
+    one pass (called again for the next epoch)."""
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if not any(len(list(g["params"])) for g in groups):
         raise ValueError("no trainable parameters")
@@ -108,7 +126,7 @@ def fit(
                 log({"step": step, "eval": metrics})
     bar.close()
     model.eval()
-    return {"steps": step, "loss": running, "seconds": time.perf_counter() - start}
+    return FitResult(step, running, time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,48 @@ import yaml
 
 from splice.io.output_folder import OutputFolder
 from splice.train.config import TrainConfig
+from splice.train.loop import FitResult
+
+Metrics = dict[str, dict[str, float]]  # split -> metric -> value
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One training run: what was trained, how, and its metrics (``before``: the base model's,
+    causal LM only; ``label_names``: classification only)."""
+
+    model: str
+    model_folder: str
+    task: str
+    method: str
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    fit: FitResult
+    after: Metrics
+    before: Metrics | None = None
+    label_names: list[str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """eval.json's content."""
+        fit = self.fit.record()
+        out: dict[str, Any] = {
+            "model": self.model,
+            "model_folder": self.model_folder,
+            "task": self.task,
+            "method": self.method,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "train_examples": self.train_examples,
+            "steps": fit.pop("steps"),
+        }
+        if self.before is not None:
+            out["before"] = self.before
+        out.update(fit)
+        out["after"] = self.after
+        if self.label_names:
+            out["label_names"] = self.label_names
+        return out
 
 
 def run_training(
@@ -35,7 +78,7 @@ def run_training(
     *,
     overwrite: int | bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train, evaluate and write the output folder (``overwrite``: 1 replaces a previous
     splice output, 2 any folder)."""
     from splice.adapters import AdapterModel, make_config
@@ -52,13 +95,10 @@ def run_training(
     adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
     if cfg.task == "seq_cls":
         cls = D.classification_splits(cfg)
-        parts = cls["parts"]
-        label_names = list(cls["dataset"].label_names)
-        n_train = len(parts["train"])
+        parts, label_names = cls["parts"], list(cls["dataset"].label_names)
     else:
-        lm_parts = D.lm_splits(cfg)
-        label_names = []
-        n_train = len(lm_parts["train"])
+        cls, parts, label_names = None, D.lm_splits(cfg), []
+    n_train = len(parts["train"])
     with folder as partial:
         torch.manual_seed(cfg.seed)
         model, tok, model_folder = load_for_task(
@@ -70,37 +110,23 @@ def run_training(
         am.add_adapter("default", adapter_cfg)
         trainable, total = am.trainable_parameters()
 
-        if cfg.task == "seq_cls":
+        score = evaluate_classification if cls is not None else evaluate_lm
 
-            def batches(split: str, seed: int | None = None):
-                p = parts[split]
-                return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
+        def batches(split: str, seed: int | None = None):
+            if cls is None:
+                return D.lm_batches(parts[split], tok, cfg.batch_size, cfg.max_length, seed)
+            p = parts[split]
+            return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
 
-            def evaluate(split: str) -> dict[str, float]:
-                return evaluate_classification(am, batches(split))
-        else:
-
-            def batches(split: str, seed: int | None = None):
-                return D.lm_batches(lm_parts[split], tok, cfg.batch_size, cfg.max_length, seed)
-
-            def evaluate(split: str) -> dict[str, float]:
-                return evaluate_lm(am, batches(split))
+        def evaluate(split: str) -> dict[str, float]:
+            return score(am, batches(split))
 
         steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
-        results: dict[str, Any] = {
-            "model": cfg.model,
-            "model_folder": str(model_folder),
-            "task": cfg.task,
-            "method": cfg.method,
-            "trainable_params": trainable,
-            "total_params": total,
-            "train_examples": n_train,
-            "steps": total_steps,
-        }
+        before = None
         if cfg.task == "causal_lm":
             with am.disabled():
-                results["before"] = {"test": evaluate("test")}
+                before = {"test": evaluate("test")}
         log_path = partial / "train_log.jsonl"
         with open(log_path, "w") as log_file:
 
@@ -121,18 +147,26 @@ def run_training(
                 eval_every=cfg.eval_every,
                 progress=progress,
             )
-            results["train_loss"] = summary["loss"]
-            results["train_seconds"] = round(summary["seconds"], 2)
-            results["steps_per_second"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 3)
-            results["after"] = {"validation": evaluate("validation"), "test": evaluate("test")}
-            log({"final": results["after"]})
-        if label_names:
-            results["label_names"] = label_names
+            after = {"validation": evaluate("validation"), "test": evaluate("test")}
+            log({"final": after})
+        result = TrainResult(
+            cfg.model,
+            str(model_folder),
+            cfg.task,
+            cfg.method,
+            trainable,
+            total,
+            n_train,
+            summary,
+            after,
+            before,
+            label_names or None,
+        )
         save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
-        (partial / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        (partial / "eval.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
         )
-        if cfg.task == "seq_cls":
+        if cls is not None:
             cls["splits"].save(partial / "splits.json", cls["dataset"])
-    return results
+    return result

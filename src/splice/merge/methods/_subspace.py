@@ -8,7 +8,7 @@ The reference code also skips CLIP's ``text_projection``; splice does not specia
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -29,9 +29,26 @@ def polar(x: Tensor) -> Tensor:
     return p @ qh
 
 
-def mean_(deltas: Sequence[Tensor]) -> Tensor:
-    """Σ δ_i / N, in place in the first task vector."""
+def top_triplets(mats: Iterable[Tensor], k: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The top-``k`` singular triplets of each matrix (thin SVD): lists of U[:, :k], Σ[:k]
+    and Vᵀ[:k], in the order of ``mats``."""
+    us, ss, vhs = [], [], []
+    for m in mats:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    return us, ss, vhs
+
+
+def sum_(deltas: Sequence[Tensor]) -> Tensor:
+    """Σ δ_i, in order, in place in the first task vector."""
     out = deltas[0]
     for d in deltas[1:]:
         out.add_(d)
-    return out.div_(len(deltas))
+    return out
+
+
+def mean_(deltas: Sequence[Tensor]) -> Tensor:
+    """Σ δ_i / N, in place in the first task vector."""
+    return sum_(deltas).div_(len(deltas))

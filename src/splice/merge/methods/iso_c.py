@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from splice.merge.methods._common import deltas_
-from splice.merge.methods._subspace import is_matrix, mean_
+from splice.merge.methods._subspace import is_matrix, mean_, sum_
 from splice.merge.registry import merge_method
 
 
@@ -30,19 +30,8 @@ def isotropic(matrix: Tensor) -> Tensor:
 
 
 @merge_method("iso_c", needs_base=True)
-def iso_c(
-    base: Tensor,
-    tensors: Sequence[Tensor],
-    *,
-    lambda_: float = 1.0,
-) -> Tensor:
+def iso_c(base: Tensor, tensors: Sequence[Tensor], *, lambda_: float = 1.0) -> Tensor:
     """Isotropic merge in the common subspace: sum of task vectors, flat spectrum."""
     deltas = deltas_(base, tensors)
-    if is_matrix(base):
-        total = deltas[0]
-        for d in deltas[1:]:
-            total.add_(d)
-        merged = isotropic(total)
-    else:
-        merged = mean_(deltas)
+    merged = isotropic(sum_(deltas)) if is_matrix(base) else mean_(deltas)
     return base.add_(merged, alpha=lambda_)

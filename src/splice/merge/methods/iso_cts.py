@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.methods._common import deltas_
-from splice.merge.methods._subspace import is_matrix, mean_, polar
+from splice.merge.methods._subspace import is_matrix, mean_, polar, top_triplets
 from splice.merge.registry import merge_method
 
 
@@ -50,14 +50,8 @@ def iso_cts_matrix(deltas: Sequence[Tensor], common_space_fraction: float) -> Te
     total = torch.stack(list(deltas)).sum(0)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     u_c, s_c, vh_c = u[:, :c], s[:c], vh[:c]
-    us, ss, vhs = [], [], []
-    if per_task > 0:
-        for d in deltas:
-            specific = d - u_c @ (u_c.T @ d)
-            ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
-            us.append(ut[:, :per_task])
-            ss.append(st[:per_task])
-            vhs.append(vht[:per_task])
+    specific = (d - u_c @ (u_c.T @ d) for d in deltas) if per_task > 0 else ()
+    us, ss, vhs = top_triplets(specific, per_task)
     u_all = polar(torch.cat([*us, u_c], dim=1))
     vh_all = polar(torch.cat([*vhs, vh_c], dim=0))
     sigma = torch.cat([*ss, s_c]).mean()

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.methods._common import deltas_
-from splice.merge.methods._subspace import is_matrix, mean_, polar
+from splice.merge.methods._subspace import is_matrix, mean_, polar, top_triplets
 from splice.merge.registry import merge_method
 
 
@@ -43,12 +43,7 @@ def tsv_merge_matrix(deltas: Sequence[Tensor], sv_reduction: float | None = None
     r = min(deltas[0].shape)
     k = max(1, int(r * (sv_reduction if sv_reduction is not None else 1 / len(deltas))))
     k = min(k, r)
-    us, ss, vhs = [], [], []
-    for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
+    us, ss, vhs = top_triplets(deltas, k)
     u_orth = polar(torch.cat(us, dim=1))
     vh_orth = polar(torch.cat(vhs, dim=0))
     return (u_orth * torch.cat(ss)) @ vh_orth
