@@ -176,9 +176,7 @@ def select_methods(
             if p.default is inspect.Parameter.empty and p.name not in chosen
         ]
         if missing:
-            skipped.append(
-                SkippedMethod(name, f"needs {', '.join(missing)} (no default)")
-            )
+            skipped.append(SkippedMethod(name, f"needs {', '.join(missing)} (no default)"))
             continue
         grid = spec.sweep
         if name in grids:

@@ -35,6 +35,7 @@ from splice.reference import open_checkpoint
 
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
 
+
 @dataclass(frozen=True)
 class Source:
     ref: str  # model reference as written in the recipe
@@ -118,8 +119,7 @@ class _Planner:
         if not m.accepts(n):
             extra = " besides the base" if m.needs_base else ""
             raise MergeValidationError(
-                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; "
-                f"{where} has {n}"
+                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; {where} has {n}"
             )
         return _Group(
             base=base,

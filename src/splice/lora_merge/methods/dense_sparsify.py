@@ -6,7 +6,7 @@
 
 M is `splice.merge.get_method(...)` with base 0 (so the task vectors are the ΔW_i):
 - `ties`: TIES (trim each ΔW_i to its top `density` fraction by magnitude, elect a sign per
-  entry, disjoint mean); density defaults to 1 (sign election only).
+  entry, disjoint mean); density defaults to 1 (sign election only), as the dense `ties`.
 - `dare`: DARE with task arithmetic (`dare_linear`: drop with prob 1 − density, rescale by
   1/density, weighted sum); density required.
 - `dare_ties`: DARE drop-and-rescale, then TIES election and disjoint mean; density required.
@@ -21,55 +21,88 @@ splice divides by the sum of their weights: the same for unit weights) and the g
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_dense
-from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
-from splice.merge.registry import MergeContext, get_method
+from splice.lora_merge.methods._common import Density, Rank, default_rank
+from splice.merge.registry import MergeContext, PerModel, get_method, merge_method
 
 
 def merge_dense(
     method: str,
-    loras: list[LowRank],
-    weights: list[float],
-    opts: LoraMergeOptions,
+    tensors: Sequence[torch.Tensor],
+    weight: list[float],
+    density: list[float] | None,
+    lambda_: float,
     ctx: MergeContext,
 ) -> torch.Tensor:
-    """The merged dense ΔW of one module with splice's registered `method` (base = 0)."""
-    deltas = [f.to_dense() for f in loras]
-    params: dict[str, object] = {"weight": list(weights), "lambda": opts.lambda_}
-    if opts.density is not None:
-        params["density"] = opts.density
+    """Dense `method` (splice's registered one) on ``tensors`` with base 0, trimming per tensor."""
+    params: dict[str, object] = {"weight": list(weight), "lambda": lambda_}
+    if density is not None:
+        params["density"] = list(density)
     if method == "ties":
         params["scope"] = "tensor"
-    return get_method(method)(torch.zeros_like(deltas[0]), deltas, ctx=ctx, **params)
+    return get_method(method)(torch.zeros_like(tensors[0]), list(tensors), ctx=ctx, **params)
 
 
-def _refactor(delta: torch.Tensor, loras: list[LowRank], opts: LoraMergeOptions) -> LowRank:
-    b, a = truncate_dense(delta, default_rank(loras, opts))
+def _sparsify_refactor(
+    method: str,
+    loras: Sequence[LowRank],
+    weight: list[float],
+    density: list[float],
+    rank: int | None,
+    lambda_: float,
+    ctx: MergeContext,
+) -> LowRank:
+    """Dense ΔW_i of this module, dense `method`, truncated SVD to rank r (S into B)."""
+    delta = merge_dense(method, [f.to_dense() for f in loras], weight, density, lambda_, ctx)
+    b, a = truncate_dense(delta, default_rank(list(loras), rank))
     return LowRank(b, a, 1.0)
 
 
-@lora_merge_method("ties", uses_rank=True, uses_density=True, dense=True)
+@merge_method("ties", needs_base=False, representation="low_rank")
 def ties(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density] = 1.0,
+    rank: Rank | None = None,
+    lambda_: float = 1.0,
+    ctx: MergeContext,
 ) -> LowRank:
     """TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r."""
-    return _refactor(merge_dense("ties", loras, weights, opts, ctx), loras, opts)
+    return _sparsify_refactor("ties", tensors, weight, density, rank, lambda_, ctx)
 
 
-@lora_merge_method("dare", uses_rank=True, uses_density=True, needs_density=True, dense=True)
+@merge_method("dare", needs_base=False, random=True, representation="low_rank")
 def dare(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density],
+    rank: Rank | None = None,
+    lambda_: float = 1.0,
+    ctx: MergeContext,
 ) -> LowRank:
     """DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r."""
-    return _refactor(merge_dense("dare_linear", loras, weights, opts, ctx), loras, opts)
+    return _sparsify_refactor("dare_linear", tensors, weight, density, rank, lambda_, ctx)
 
 
-@lora_merge_method("dare_ties", uses_rank=True, uses_density=True, needs_density=True, dense=True)
+@merge_method("dare_ties", needs_base=False, random=True, representation="low_rank")
 def dare_ties(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    density: PerModel[Density],
+    rank: Rank | None = None,
+    lambda_: float = 1.0,
+    ctx: MergeContext,
 ) -> LowRank:
     """DARE + TIES on the dense ΔW_i, then truncated SVD to rank r."""
-    return _refactor(merge_dense("dare_ties", loras, weights, opts, ctx), loras, opts)
+    return _sparsify_refactor("dare_ties", tensors, weight, density, rank, lambda_, ctx)
