@@ -35,7 +35,6 @@ from splice.reference import open_checkpoint
 
 _PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings")
 
-
 @dataclass(frozen=True)
 class Source:
     ref: str  # model reference as written in the recipe
@@ -119,7 +118,8 @@ class _Planner:
         if not m.accepts(n):
             extra = " besides the base" if m.needs_base else ""
             raise MergeValidationError(
-                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; {where} has {n}"
+                f"method '{m.name}' takes {m.model_count()} input model(s){extra}; "
+                f"{where} has {n}"
             )
         return _Group(
             base=base,
