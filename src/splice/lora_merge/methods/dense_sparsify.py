@@ -23,86 +23,48 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_dense
-from splice.lora_merge.methods._common import Density, Rank, default_rank
-from splice.merge.registry import MergeContext, PerModel, get_method, merge_method
-
-
-def merge_dense(
-    method: str,
-    tensors: Sequence[torch.Tensor],
-    weight: list[float],
-    density: list[float] | None,
-    lambda_: float,
-    ctx: MergeContext,
-) -> torch.Tensor:
-    """Dense `method` (splice's registered one) on ``tensors`` with base 0, trimming per tensor."""
-    params: dict[str, object] = {"weight": list(weight), "lambda": lambda_}
-    if density is not None:
-        params["density"] = list(density)
-    if method == "ties":
-        params["scope"] = "tensor"
-    return get_method(method)(torch.zeros_like(tensors[0]), list(tensors), ctx=ctx, **params)
+from splice.lora_merge.methods._common import (
+    REQUIRED,
+    SparsifyParams,
+    default_rank,
+    merge_dense,
+    sparsifying_method,
+)
+from splice.merge.registry import MergeContext
 
 
 def _sparsify_refactor(
-    method: str,
-    loras: Sequence[LowRank],
-    weight: list[float],
-    density: list[float],
-    rank: int | None,
-    lambda_: float,
-    ctx: MergeContext,
+    dense: str, loras: Sequence[LowRank], p: SparsifyParams, ctx: MergeContext
 ) -> LowRank:
-    """Dense ΔW_i of this module, dense `method`, truncated SVD to rank r (S into B)."""
-    delta = merge_dense(method, [f.to_dense() for f in loras], weight, density, lambda_, ctx)
-    b, a = truncate_dense(delta, default_rank(list(loras), rank))
+    """Dense ΔW_i of this module, the dense method, truncated SVD to rank r (S into B)."""
+    delta = merge_dense(dense, [f.to_dense() for f in loras], p, ctx)
+    b, a = truncate_dense(delta, default_rank(list(loras), p.rank))
     return LowRank(b, a, 1.0)
 
 
-@merge_method("ties", needs_base=False, representation="low_rank")
-def ties(
-    base: None,
-    tensors: Sequence[LowRank],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[Density] = 1.0,
-    rank: Rank | None = None,
-    lambda_: float = 1.0,
-    ctx: MergeContext,
-) -> LowRank:
-    """TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r."""
-    return _sparsify_refactor("ties", tensors, weight, density, rank, lambda_, ctx)
-
-
-@merge_method("dare", needs_base=False, random=True, representation="low_rank")
-def dare(
-    base: None,
-    tensors: Sequence[LowRank],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[Density],
-    rank: Rank | None = None,
-    lambda_: float = 1.0,
-    ctx: MergeContext,
-) -> LowRank:
-    """DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r."""
-    return _sparsify_refactor("dare_linear", tensors, weight, density, rank, lambda_, ctx)
-
-
-@merge_method("dare_ties", needs_base=False, random=True, representation="low_rank")
-def dare_ties(
-    base: None,
-    tensors: Sequence[LowRank],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[Density],
-    rank: Rank | None = None,
-    lambda_: float = 1.0,
-    ctx: MergeContext,
-) -> LowRank:
-    """DARE + TIES on the dense ΔW_i, then truncated SVD to rank r."""
-    return _sparsify_refactor("dare_ties", tensors, weight, density, rank, lambda_, ctx)
+ties = sparsifying_method(
+    "ties",
+    "ties",
+    _sparsify_refactor,
+    "TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r.",
+    density_default=1.0,
+    random=False,
+)
+dare = sparsifying_method(
+    "dare",
+    "dare_linear",
+    _sparsify_refactor,
+    "DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r.",
+    density_default=REQUIRED,
+    random=True,
+)
+dare_ties = sparsifying_method(
+    "dare_ties",
+    "dare_ties",
+    _sparsify_refactor,
+    "DARE + TIES on the dense ΔW_i, then truncated SVD to rank r.",
+    density_default=REQUIRED,
+    random=True,
+)

@@ -27,9 +27,13 @@ import torch
 
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_factors
-from splice.lora_merge.methods._common import Density, Rank
-from splice.lora_merge.methods.dense_sparsify import merge_dense
-from splice.merge.registry import MergeContext, PerModel, merge_method
+from splice.lora_merge.methods._common import (
+    REQUIRED,
+    SparsifyParams,
+    merge_dense,
+    sparsifying_method,
+)
+from splice.merge.registry import MergeContext
 
 SIGMA_EPS = 1e-5
 
@@ -51,50 +55,30 @@ def knots_basis(loras: Sequence[LowRank]) -> tuple[torch.Tensor, list[torch.Tens
     return basis, [c.contiguous() for c in torch.split(coeffs, width, dim=1)]
 
 
-def _knots(
-    method: str,
-    loras: Sequence[LowRank],
-    weight: list[float],
-    density: list[float],
-    rank: int | None,
-    lambda_: float,
-    ctx: MergeContext,
-) -> LowRank:
+def _knots(dense: str, loras: Sequence[LowRank], p: SparsifyParams, ctx: MergeContext) -> LowRank:
     basis, coeffs = knots_basis(loras)
     if basis.shape[1] == 0:
         return LowRank(basis, coeffs[0], 1.0)
-    merged = merge_dense(method, coeffs, weight, density, lambda_, ctx)
-    if rank is not None:
-        b, a = truncate_factors(basis, merged, rank)
+    merged = merge_dense(dense, coeffs, p, ctx)
+    if p.rank is not None:
+        b, a = truncate_factors(basis, merged, p.rank)
         return LowRank(b, a, 1.0)
     return LowRank(basis, merged, 1.0)
 
 
-@merge_method("knots", needs_base=False, representation="low_rank")
-def knots(
-    base: None,
-    tensors: Sequence[LowRank],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[Density] = 1.0,
-    rank: Rank | None = None,
-    lambda_: float = 1.0,
-    ctx: MergeContext,
-) -> LowRank:
-    """KnOTS-TIES: joint SVD basis, TIES on the per-task coefficients, reconstruct."""
-    return _knots("ties", tensors, weight, density, rank, lambda_, ctx)
-
-
-@merge_method("knots_dare", needs_base=False, random=True, representation="low_rank")
-def knots_dare(
-    base: None,
-    tensors: Sequence[LowRank],
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[Density],
-    rank: Rank | None = None,
-    lambda_: float = 1.0,
-    ctx: MergeContext,
-) -> LowRank:
-    """KnOTS-DARE: joint SVD basis, DARE + TIES on the per-task coefficients, reconstruct."""
-    return _knots("dare_ties", tensors, weight, density, rank, lambda_, ctx)
+knots = sparsifying_method(
+    "knots",
+    "ties",
+    _knots,
+    "KnOTS-TIES: joint SVD basis, TIES on the per-task coefficients, reconstruct.",
+    density_default=1.0,
+    random=False,
+)
+knots_dare = sparsifying_method(
+    "knots_dare",
+    "dare_ties",
+    _knots,
+    "KnOTS-DARE: joint SVD basis, DARE + TIES on the per-task coefficients, reconstruct.",
+    density_default=REQUIRED,
+    random=True,
+)
