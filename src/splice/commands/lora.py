@@ -2,6 +2,7 @@
 
 splice lora merge --method M ADAPTER1 ADAPTER2 ... [--weights ..] [--rank R]
                   [--density D] [--lambda L] [--seed S] --out DIR
+                  (= `splice merge` of the recipe `method: lora:M` over the adapters)
 splice lora extract --base B --model FT (--rank R | --energy E) --out DIR
 splice lora rmm ADAPTER1 ... --k K --out STORE
 splice lora rmm-recover STORE --task I --out DIR

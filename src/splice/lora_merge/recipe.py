@@ -56,12 +56,8 @@ class RoutedRecipe:
     folded: list[str] = field(default_factory=list)  # adapters folded into a base
 
 
-def _has_low_rank(name: str) -> bool:
-    return name in {m.name for m in all_methods("low_rank")}
-
-
-def _low_rank_names() -> str:
-    return ", ".join(m.name for m in all_methods("low_rank"))
+def _low_rank_names() -> list[str]:
+    return [m.name for m in all_methods("low_rank")]
 
 
 def route(recipe: Recipe) -> RoutedRecipe:
@@ -73,7 +69,9 @@ def route(recipe: Recipe) -> RoutedRecipe:
     kinds = {ref: adapter_type(ref) for ref in refs}
     low_rank_only = plain not in {m.name for m in all_methods()}
     all_lora = bool(recipe.models) and all(kinds[r] == "LORA" for r in refs)
-    if name.startswith(LOW_RANK_PREFIX) or (_has_low_rank(plain) and (low_rank_only or all_lora)):
+    if name.startswith(LOW_RANK_PREFIX) or (
+        plain in _low_rank_names() and (low_rank_only or all_lora)
+    ):
         get_method(plain, "low_rank")  # unknown: an error listing the low-rank methods
         if recipe.slices:
             raise MergeValidationError(f"method '{name}' takes `models`, not `slices`")
@@ -99,7 +97,7 @@ def _fold(recipe: Recipe, kinds: dict[str, str | None]) -> RoutedRecipe:
         if base is None:
             raise MergeValidationError(
                 f"{where}: {model} is a PEFT adapter folder; folding it needs a base_model "
-                f"(or merge adapters only, with a low-rank method: {_low_rank_names()})"
+                f"(or merge adapters only, with a low-rank method: {', '.join(_low_rank_names())})"
             )
         folded.append(model)
         return f"{base}+{model}"
@@ -118,18 +116,13 @@ def _fold(recipe: Recipe, kinds: dict[str, str | None]) -> RoutedRecipe:
 
 
 def _refuse_checkpoint_keys(recipe: Recipe, method: MergeMethod) -> None:
-    unsupported = {
-        "slices": recipe.slices is not None,
-        "lines": recipe.lines is not None,
-        "tokenizer_source": recipe.tokenizer_source is not None,
-        "on_missing": recipe.on_missing != "error",
-    }
-    for key, given in unsupported.items():
-        if given:
-            raise MergeValidationError(
-                f"'{key}' applies to checkpoint merges; method '{method.label}' merges LoRA "
-                "adapters module by module (every adapter must adapt the same modules)"
-            )
+    given = [k for k in ("slices", "lines", "tokenizer_source") if getattr(recipe, k) is not None]
+    given += ["on_missing"] if recipe.on_missing != "error" else []
+    if given:
+        raise MergeValidationError(
+            f"'{given[0]}' applies to checkpoint merges; method '{method.label}' merges LoRA "
+            "adapters module by module (every adapter must adapt the same modules)"
+        )
 
 
 def _is_gradient(setting: Any) -> bool:
@@ -208,17 +201,8 @@ def merge_low_rank_recipe(
                 out[p.name] = p.validate(_value(p, method, [recipe.parameters], name), where)
         return out
 
-    adapters = [e.model for e in recipe.models]
-    info = {
-        "method": method.label,
-        "adapters": adapters,
-        "parameters": recipe.model_dump(mode="json", include={"parameters", "models"}),
-        "seed": recipe.seed,
-        "base_model": recipe.base_model,
-        "name": recipe.name,
-    }
     return merge_adapters(
-        adapters,
+        [e.model for e in recipe.models],
         method,
         out_dir,
         params_for,
@@ -226,5 +210,5 @@ def merge_low_rank_recipe(
         dtype=DTYPE_BY_NAME[recipe.out_dtype or recipe.dtype or "float32"],
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
-        info=info,
+        info=recipe.model_dump(mode="json", exclude_none=True),  # the recipe that ran
     )
