@@ -179,3 +179,22 @@ def test_filters_give_modules_their_own_values(three, tmp_path, capsys):
         w0 = 2.0 if module.endswith("q_proj") else 0.0
         want = w0 * a0[module].to_dense() + a1[module].to_dense()
         torch.testing.assert_close(f.to_dense(), want, atol=1e-6, rtol=0)
+
+
+def test_resume_is_refused_for_a_lora_output(three, tmp_path, capsys):
+    _, adapters = three
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"method": "concat", "models": [{"model": adapters[0]}]}))
+    assert main(["merge", str(path), "--out", str(tmp_path / "o"), "--resume"]) == 1
+    assert "--resume applies to checkpoint merges" in capsys.readouterr().err
+
+
+def test_methods_lists_both_representations(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    dense, low = out.split("Low-rank (LoRA-native) methods")
+    assert "- `ties`: Trim each task vector" in dense and "lora:" not in dense
+    assert "- `lora:ties`: TIES on the dense ΔW_i" in low and "- `lora:svd`" in low
+    assert "| `svd` | no | ≥1 | `weight` | model | float | `1.0` |" in low
+    assert main(["lora", "methods"]) == 0
+    assert capsys.readouterr().out.strip() == "Low-rank (LoRA-native) methods" + low.rstrip()
