@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from splice.errors import SpliceError
 from splice.io.base import CheckpointReader
 from splice.io.finite import FiniteReader
 from splice.io.open import model_dir_of, open_path, split_reference
-from splice.peft import LoraFoldedReader, read_config
+from splice.peft import LoraFoldedReader
+from splice.peft.files import peft_type
 
 
 def open_checkpoint(ref: str | os.PathLike[str], *, check_finite: bool = False) -> CheckpointReader:
@@ -38,7 +38,7 @@ def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
     if adapter is None:
         return reader
     try:
-        if _peft_type(Path(adapter)) == "LORA":
+        if peft_type(adapter) in ("LORA", None):
             return LoraFoldedReader(reader, adapter, model_dir_of(base))
         # imported on use: most references name no adapter
         from splice.adapters.fold_reader import AdapterFoldedReader
@@ -47,11 +47,3 @@ def _open_reference(ref: str | os.PathLike[str]) -> CheckpointReader:
     except BaseException:
         reader.close()
         raise
-
-
-def _peft_type(adapter_dir: Path) -> str:
-    """The adapter's `peft_type` ("LORA" when unreadable: the LoRA path reports why)."""
-    try:
-        return str(read_config(adapter_dir)[1]["peft_type"])
-    except SpliceError:
-        return "LORA"

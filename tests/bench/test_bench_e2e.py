@@ -115,3 +115,41 @@ def test_second_run_reuses_the_experts(run, tmp_path):
             assert e["cached"]
             assert e["test"] == first["experts"][kind][task]["test"]
     assert again["experts"]["multitask"]["cached"]
+
+
+def test_lora_native_methods_are_rows_of_the_lora_table(run, tmp_path):
+    """LoRA experts kept low-rank: `lora:concat` merges their saved PEFT adapters (exact:
+    base + Σ ΔW_i, the same backbone as Task Arithmetic on the folded experts), and LoRA-native
+    methods run as rows of the LoRA table only, measured like the others."""
+    from pathlib import Path
+
+    from splice.bench.backbone import prepare_base
+    from splice.bench.experts import ADAPTER_DIR
+    from splice.bench.merging import merge_backbones
+
+    cfg, _, res = run
+    experts = [Path(e["folder"]) for e in res["experts"]["lora"].values()]
+    assert all((f / ADAPTER_DIR / "adapter_config.json").is_file() for f in experts)
+    base = prepare_base(cfg.model, cfg.training.seed).folder
+    low_rank, _ = merge_backbones("lora:concat", {}, base, experts)
+    dense, _ = merge_backbones("task_arithmetic", {}, base, experts)
+    assert set(low_rank) == set(dense)
+    moved = [
+        k for k in dense if not torch.equal(dense[k], load_file(base / "model.safetensors")[k])
+    ]
+    assert any("query" in k for k in moved)  # the LoRA targets moved
+    for k in dense:
+        torch.testing.assert_close(low_rank[k], dense[k], atol=1e-5, rtol=0, msg=k)
+    lora_only = {
+        **cfg.model_dump(),
+        "kinds": ["lora"],
+        "baselines": {"probe": False, "multitask": False},
+    }
+    lora_only["merge"] = {"methods": ["lora:svd", "lora:ties"], "sweep": False}
+    again = run_bench(parse_bench_config(lora_only), tmp_path / "out", progress=False)
+    rows = {r["method"]: r for r in again["tables"]["lora"] if r["group"] == "merged"}
+    assert set(rows) == {"lora:svd", "lora:ties"} and "full" not in again["tables"]
+    assert rows["lora:ties"]["params"] == {"density": 0.2}
+    assert all(m["lora_experts_only"] for m in again["methods"])
+    for r in rows.values():
+        assert set(r["test"]) == {"sentiment", "topic"} and r["merge_seconds"] >= 0

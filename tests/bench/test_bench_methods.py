@@ -22,7 +22,16 @@ def test_all_on_four_experts():
     assert "metric" in reasons["metrics_weighted"]
     names = _by_name(planned)
     # every registered method is either planned or skipped, none twice
-    assert set(names) | set(reasons) == {m.name for m in all_methods()}
+    assert set(names) | set(reasons) == {
+        *(m.name for m in all_methods()),
+        *(m.label for m in all_methods("low_rank")),
+    }
+    # LoRA-native methods are rows too (of the LoRA experts' table), each runnable as is
+    low_rank = {n for n, p in names.items() if p.low_rank}
+    assert low_rank == {f"lora:{m.name}" for m in all_methods("low_rank")}
+    assert names["lora:dare"].params == {"density": 0.5} and names["lora:dare"].random
+    assert names["lora:svd"].sweep == ("lambda", [0.3, 0.5, 0.7, 1.0])
+    assert not names["ties"].low_rank and names["lora:lego"].sweep is None
     assert names["ties"].params == {"density": 0.2}
     assert names["ties"].sweep == ("lambda", [0.6, 1.0, 1.4, 1.8])
     assert names["task_arithmetic"].sweep == ("lambda", [0.3, 0.5, 0.7, 1.0])

@@ -78,12 +78,16 @@ def write_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
             tensors = base
         else:
             # every entry changes, by different amounts per model
-            tensors = {n: w + torch.randn(w.shape, generator=gen) * 0.01 * w.std()
-                       for n, w in base.items()}
+            tensors = {
+                n: w + torch.randn(w.shape, generator=gen) * 0.01 * w.std() for n, w in base.items()
+            }
         d = root / name
         d.mkdir()
-        save_file({n: t.to(dtype).contiguous() for n, t in tensors.items()},
-                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {n: t.to(dtype).contiguous() for n, t in tensors.items()},
+            str(d / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         cfg = {**CONFIG, "torch_dtype": str(dtype).removeprefix("torch.")}
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         paths[name] = d
@@ -117,14 +121,15 @@ def run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
     mk_out, sp_out = tmp_path / "mergekit", tmp_path / "splice"
     config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
     mergekit_run_merge(
-        config, str(mk_out),
+        config,
+        str(mk_out),
         options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
-        config_source=path.read_text())
+        config_source=path.read_text(),
+    )
     parsed, text = load_recipe(path)
     plan = plan_merge(parsed)
     try:
-        run_merge(plan, sp_out, shard_bytes=10_000_000, threads=2, progress=False,
-                  recipe_text=text)
+        run_merge(plan, sp_out, shard_bytes=10_000_000, threads=2, progress=False, recipe_text=text)
     finally:
         plan.close()
     return mk_out, sp_out
@@ -133,7 +138,8 @@ def run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
 def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
     mk, sp = load_dir(mk_out), load_dir(sp_out)
     assert sorted(sp) == sorted(mk), (
-        f"only mergekit: {sorted(set(mk) - set(sp))}, only splice: {sorted(set(sp) - set(mk))}")
+        f"only mergekit: {sorted(set(mk) - set(sp))}, only splice: {sorted(set(sp) - set(mk))}"
+    )
     bad = []
     for name in sorted(mk):
         a, b = mk[name], sp[name]
@@ -148,9 +154,15 @@ def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
     assert sp_cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
 
 
-def models_recipe(m: dict[str, Path], method: str, per_model: list[dict] | None,
-                  params: dict | None = None, base: bool = True, n: int = 3,
-                  dtype: str | None = "float32") -> dict:
+def models_recipe(
+    m: dict[str, Path],
+    method: str,
+    per_model: list[dict] | None,
+    params: dict | None = None,
+    base: bool = True,
+    n: int = 3,
+    dtype: str | None = "float32",
+) -> dict:
     recipe: dict = {"merge_method": method}
     if base:
         recipe["base_model"] = str(m["base"])
@@ -169,85 +181,164 @@ def models_recipe(m: dict[str, Path], method: str, per_model: list[dict] | None,
 
 
 W3 = [{"weight": 1.0}, {"weight": 0.8}, {"weight": 0.6}]
-TIES3 = [{"weight": 1.0, "density": 0.2}, {"weight": 0.8, "density": 0.3},
-         {"weight": 0.6, "density": 0.5}]
+TIES3 = [
+    {"weight": 1.0, "density": 0.2},
+    {"weight": 0.8, "density": 0.3},
+    {"weight": 0.6, "density": 0.5},
+]
 
 CASES = {
     "linear": lambda m: models_recipe(m, "linear", W3, base=False),
-    "linear_no_normalize": lambda m: models_recipe(m, "linear", W3, {"normalize": False},
-                                                   base=False),
+    "linear_no_normalize": lambda m: models_recipe(
+        m, "linear", W3, {"normalize": False}, base=False
+    ),
     "task_arithmetic": lambda m: models_recipe(m, "task_arithmetic", W3),
     "task_arithmetic_bf16_out": lambda m: {
-        **models_recipe(m, "task_arithmetic", W3), "out_dtype": "bfloat16"},
+        **models_recipe(m, "task_arithmetic", W3),
+        "out_dtype": "bfloat16",
+    },
     "linear_bf16_out": lambda m: {
-        **models_recipe(m, "linear", W3, base=False), "out_dtype": "bfloat16"},
+        **models_recipe(m, "linear", W3, base=False),
+        "out_dtype": "bfloat16",
+    },
     "task_arithmetic_lambda": lambda m: models_recipe(
-        m, "task_arithmetic", W3, {"normalize": True, "lambda": 0.7}),
+        m, "task_arithmetic", W3, {"normalize": True, "lambda": 0.7}
+    ),
     "ties": lambda m: models_recipe(m, "ties", TIES3, {"normalize": True}),
     "ties_bf16_out": lambda m: {
-        **models_recipe(m, "ties", TIES3, {"normalize": True}), "out_dtype": "bfloat16"},
+        **models_recipe(m, "ties", TIES3, {"normalize": True}),
+        "out_dtype": "bfloat16",
+    },
     "ties_rescale": lambda m: models_recipe(
-        m, "ties", TIES3, {"normalize": False, "rescale": True}),
+        m, "ties", TIES3, {"normalize": False, "rescale": True}
+    ),
     "breadcrumbs": lambda m: models_recipe(
-        m, "breadcrumbs", [{"weight": 1.0, "density": 0.5, "gamma": 0.05},
-                           {"weight": 0.8, "density": 0.7, "gamma": 0.1},
-                           {"weight": 0.6, "density": 0.9, "gamma": 0.01}]),
+        m,
+        "breadcrumbs",
+        [
+            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
+            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
+            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
+        ],
+    ),
     "breadcrumbs_ties": lambda m: models_recipe(
-        m, "breadcrumbs_ties", [{"weight": 1.0, "density": 0.5, "gamma": 0.05},
-                                {"weight": 0.8, "density": 0.7, "gamma": 0.1},
-                                {"weight": 0.6, "density": 0.9, "gamma": 0.01}],
-        {"normalize": True}),
+        m,
+        "breadcrumbs_ties",
+        [
+            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
+            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
+            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
+        ],
+        {"normalize": True},
+    ),
     "slerp": lambda m: {
-        "merge_method": "slerp", "base_model": str(m["base"]),
+        "merge_method": "slerp",
+        "base_model": str(m["base"]),
         "models": [{"model": str(m["base"])}, {"model": str(m["ft0"])}],
-        "parameters": {"t": 0.3}, "dtype": "float32"},
+        "parameters": {"t": 0.3},
+        "dtype": "float32",
+    },
     "slerp_gradient_filter": lambda m: {
-        "merge_method": "slerp", "base_model": str(m["base"]),
+        "merge_method": "slerp",
+        "base_model": str(m["base"]),
         "models": [{"model": str(m["base"])}, {"model": str(m["ft0"])}],
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                             {"value": 0.5}]},
-        "dtype": "float32"},
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+        "dtype": "float32",
+    },
     "model_stock": lambda m: models_recipe(m, "model_stock", None),
     "model_stock_filter_wise": lambda m: models_recipe(
-        m, "model_stock", None, {"filter_wise": True}),
+        m, "model_stock", None, {"filter_wise": True}
+    ),
     "ties_gradient_filter": lambda m: models_recipe(
-        m, "ties",
-        [{"weight": 1.0, "density": [0.1, 0.9]},
-         {"weight": [0.2, 0.8], "density": [{"filter": "mlp", "value": 0.3},
-                                            {"value": [0.9, 0.4, 0.6]}]},
-         {"weight": 0.6, "density": 0.5}],
-        {"normalize": True, "lambda": [{"filter": "self_attn", "value": 0.9},
-                                       {"value": 1.1}]}),
+        m,
+        "ties",
+        [
+            {"weight": 1.0, "density": [0.1, 0.9]},
+            {
+                "weight": [0.2, 0.8],
+                "density": [{"filter": "mlp", "value": 0.3}, {"value": [0.9, 0.4, 0.6]}],
+            },
+            {"weight": 0.6, "density": 0.5},
+        ],
+        {"normalize": True, "lambda": [{"filter": "self_attn", "value": 0.9}, {"value": 1.1}]},
+    ),
     "task_arithmetic_gradient_filter": lambda m: models_recipe(
-        m, "task_arithmetic",
-        [{"weight": [0.1, 0.9]},
-         {"weight": [{"filter": "layernorm", "value": 0.0}, {"value": [1.0, 0.5, 0.0]}]},
-         {"weight": 0.6}]),
+        m,
+        "task_arithmetic",
+        [
+            {"weight": [0.1, 0.9]},
+            {"weight": [{"filter": "layernorm", "value": 0.0}, {"value": [1.0, 0.5, 0.0]}]},
+            {"weight": 0.6},
+        ],
+    ),
     "passthrough_slices": lambda m: {
-        "merge_method": "passthrough", "dtype": "float32",
-        "slices": [{"sources": [{"model": str(m["ft0"]), "layer_range": [0, 2]}]},
-                   {"sources": [{"model": str(m["ft1"]), "layer_range": [1, 3]}]}]},
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": str(m["ft0"]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(m["ft1"]), "layer_range": [1, 3]}]},
+        ],
+    },
     "passthrough_slices_scale": lambda m: {
-        "merge_method": "passthrough", "dtype": "float32",
-        "slices": [{"sources": [{"model": str(m["ft0"]), "layer_range": [0, 3]}]},
-                   {"sources": [{"model": str(m["ft1"]), "layer_range": [2, 3],
-                                 "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
-                                                          {"value": 1.0}]}}]}]},
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": str(m["ft0"]), "layer_range": [0, 3]}]},
+            {
+                "sources": [
+                    {
+                        "model": str(m["ft1"]),
+                        "layer_range": [2, 3],
+                        "parameters": {
+                            "scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]
+                        },
+                    }
+                ]
+            },
+        ],
+    },
     "slerp_slices": lambda m: {
-        "merge_method": "slerp", "base_model": str(m["ft0"]), "dtype": "float32",
+        "merge_method": "slerp",
+        "base_model": str(m["ft0"]),
+        "dtype": "float32",
         "parameters": {"t": [0.0, 0.5, 1.0]},
-        "slices": [{"sources": [{"model": str(m["ft0"]), "layer_range": [0, 3]},
-                                {"model": str(m["ft1"]), "layer_range": [0, 3]}]}]},
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(m["ft0"]), "layer_range": [0, 3]},
+                    {"model": str(m["ft1"]), "layer_range": [0, 3]},
+                ]
+            }
+        ],
+    },
     "ties_slices": lambda m: {
-        "merge_method": "ties", "base_model": str(m["base"]), "dtype": "float32",
+        "merge_method": "ties",
+        "base_model": str(m["base"]),
+        "dtype": "float32",
         "parameters": {"density": [0.2, 0.8], "weight": 0.5, "normalize": True},
-        "slices": [{"sources": [{"model": str(m["base"]), "layer_range": [0, 2]},
-                                {"model": str(m["ft0"]), "layer_range": [0, 2]},
-                                {"model": str(m["ft1"]), "layer_range": [0, 2]}]},
-                   {"sources": [{"model": str(m["base"]), "layer_range": [1, 3]},
-                                {"model": str(m["ft1"]), "layer_range": [1, 3]},
-                                {"model": str(m["ft2"]), "layer_range": [1, 3]}]}]},
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(m["base"]), "layer_range": [0, 2]},
+                    {"model": str(m["ft0"]), "layer_range": [0, 2]},
+                    {"model": str(m["ft1"]), "layer_range": [0, 2]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": str(m["base"]), "layer_range": [1, 3]},
+                    {"model": str(m["ft1"]), "layer_range": [1, 3]},
+                    {"model": str(m["ft2"]), "layer_range": [1, 3]},
+                ]
+            },
+        ],
+    },
 }
 
 
@@ -263,13 +354,22 @@ def test_same_tensors_as_mergekit(case: str, models: dict[str, Path], tmp_path: 
     assert cfg["num_hidden_layers"] == LAYERS_OUT.get(case, LAYERS)
 
 
-BF16_CASES = ["ties", "ties_bf16_out", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic",
-              "task_arithmetic_bf16_out", "linear_bf16_out", "model_stock"]
+BF16_CASES = [
+    "ties",
+    "ties_bf16_out",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "task_arithmetic",
+    "task_arithmetic_bf16_out",
+    "linear_bf16_out",
+    "model_stock",
+]
 
 
 @pytest.mark.parametrize("case", BF16_CASES)
-def test_same_tensors_as_mergekit_bf16_inputs(case: str, bf16_models: dict[str, Path],
-                                              tmp_path: Path) -> None:
+def test_same_tensors_as_mergekit_bf16_inputs(
+    case: str, bf16_models: dict[str, Path], tmp_path: Path
+) -> None:
     mk_out, sp_out = run_both(CASES[case](bf16_models), tmp_path)
     assert_same(mk_out, sp_out)
 
@@ -277,8 +377,18 @@ def test_same_tensors_as_mergekit_bf16_inputs(case: str, bf16_models: dict[str, 
 def test_comparison_notices_a_difference(models: dict[str, Path], tmp_path: Path) -> None:
     """The check itself is not vacuous: other densities give other tensors."""
     mk_out, _ = run_both(CASES["ties"](models), tmp_path / "a")
-    _, sp_out = run_both(models_recipe(models, "ties", [
-        {"weight": 1.0, "density": 0.25}, {"weight": 0.8, "density": 0.3},
-        {"weight": 0.6, "density": 0.5}], {"normalize": True}), tmp_path / "b")
+    _, sp_out = run_both(
+        models_recipe(
+            models,
+            "ties",
+            [
+                {"weight": 1.0, "density": 0.25},
+                {"weight": 0.8, "density": 0.3},
+                {"weight": 0.6, "density": 0.5},
+            ],
+            {"normalize": True},
+        ),
+        tmp_path / "b",
+    )
     with pytest.raises(AssertionError, match="tensors differ"):
         assert_same(mk_out, sp_out)

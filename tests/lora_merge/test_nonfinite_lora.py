@@ -56,8 +56,14 @@ def adapters(tmp_path):
         (["--method", "svd", "--lambda=-inf"], "lambda = -inf must be a finite number"),
         (["--method", "ties", "--lambda", "nan"], "lambda = nan must be a finite number"),
         (["--method", "ties", "--density", "nan"], "density = nan must be a finite number"),
-        (["--method", "ties", "--density", "1.5"], "density = 1.5 must be in [0, 1]"),
-        (["--method", "svd", "--rank", "0"], "rank = 0 must be at least 1"),
+        (
+            ["--method", "ties", "--density", "1.5"],
+            "'density' = [1.5] is invalid: Input should be less than or equal to 1",
+        ),
+        (
+            ["--method", "svd", "--rank", "0"],
+            "'rank' = 0 is invalid: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_lora_merge_flags(flags, expected, adapters, tmp_path, capsys):
@@ -98,7 +104,7 @@ def test_lora_merge_refuses_nonfinite_factors_unless_allowed(tmp_path, capsys):
     # an SVD-based method cannot work on them: one error naming the module, no traceback
     argv = ["lora", "merge", "--method", "svd", a1, a2, "--out", str(tmp_path / "s")]
     assert main([*argv, "--allow-nonfinite"]) == 1
-    assert f"module '{MODULES[1]}': method 'svd'" in _err(capsys)
+    assert f"module '{MODULES[1]}': method 'lora:svd'" in _err(capsys)
 
 
 def test_compeft_and_rmm_refuse(tmp_path, capsys):

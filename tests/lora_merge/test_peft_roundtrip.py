@@ -9,8 +9,9 @@ from lora_test_util import base_weights, load_peft, make_adapter, merged_weights
 from safetensors.torch import load_file, save_file
 
 from splice.errors import CheckpointError, MergeValidationError
-from splice.lora_merge import LoraMergeOptions, merge_adapters
+from splice.lora_merge import merge_low_rank_recipe
 from splice.peft import read_lora_adapters
+from splice.recipe.schema import parse_recipe
 
 peft = pytest.importorskip("peft")
 
@@ -30,6 +31,14 @@ def adapters(tmp_path_factory):
         alpha_pattern={"v_proj": 6},
     )
     return a1, a2
+
+
+def merge_adapters(adapter_dirs, method, out, weights=None, **params):
+    """`splice lora merge` as a library call: the recipe of lora:METHOD over the adapters."""
+    weights = weights or [1.0] * len(adapter_dirs)
+    models = [{"model": str(a), "parameters": {"weight": w}} for a, w in zip(adapter_dirs, weights)]
+    recipe = {"method": f"lora:{method}", "models": models, "parameters": params}
+    return merge_low_rank_recipe(parse_recipe(recipe), out)
 
 
 def _expected(adapter_dirs, weights):
@@ -66,9 +75,9 @@ def test_concat_loads_in_peft_with_exact_delta(adapters, tmp_path):
 
 
 def test_svd_and_knots_load_in_peft(adapters, tmp_path):
-    for method, opts in (("svd", LoraMergeOptions(rank=3)), ("knots", LoraMergeOptions())):
+    for method, params in (("svd", {"rank": 3}), ("knots", {})):
         out = tmp_path / method
-        report = merge_adapters(list(adapters), method, out, opts=opts)
+        report = merge_adapters(list(adapters), method, out, **params)
         written = read_lora_adapters([out])[0]
         want = base_weights()
         for module, f in written.modules.items():
@@ -92,17 +101,14 @@ def _peft_weighted(adapter_dirs, weights, combination, **kw):
 
 
 @pytest.mark.parametrize(
-    "combination,method,opts",
-    [
-        ("cat", "concat", LoraMergeOptions()),
-        ("svd", "svd", LoraMergeOptions(rank=3)),
-    ],
+    "combination,method,params",
+    [("cat", "concat", {}), ("svd", "svd", {"rank": 3})],
 )
-def test_parity_with_peft_add_weighted_adapter(adapters, tmp_path, combination, method, opts):
+def test_parity_with_peft_add_weighted_adapter(adapters, tmp_path, combination, method, params):
     weights = [0.7, -1.3]
     kw = {"svd_rank": 3} if combination == "svd" else {}
     peer = _peft_weighted(list(adapters), weights, combination, **kw)
-    out = merge_adapters(list(adapters), method, tmp_path / method, weights=weights, opts=opts)
+    out = merge_adapters(list(adapters), method, tmp_path / method, weights=weights, **params)
     ours = read_lora_adapters([out.out_dir])[0]
     assert set(peer) == set(ours.modules)
     for module, delta in peer.items():
@@ -131,6 +137,6 @@ def test_bad_inputs(adapters, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
         merge_adapters([a1, a1], "concat", tmp_path / "taken")
-    with pytest.raises(MergeValidationError, match="needs a density"):
+    with pytest.raises(MergeValidationError, match="needs parameter 'density'"):
         merge_adapters([a1, a1], "dare", tmp_path / "w")
     assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists()

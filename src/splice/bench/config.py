@@ -33,7 +33,7 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       probe: true                 # frozen pretrained backbone, head trained (linear probe)
       multitask: true             # one backbone fine-tuned on the union, one head per task
     merge:
-      methods: core               # core | all | a list of registered method names
+      methods: core               # core | all (incl. lora:NAME) | a list of method names
       sweep: true                 # validation sweep of each method's main coefficient
       params: {}                  # per-method parameter overrides: {ties: {density: 0.3}}
       grids: {}                   # per-method sweep overrides: {ties: {lambda: [0.8, 1.0]}}

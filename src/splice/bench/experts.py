@@ -2,8 +2,9 @@
 
 - ``full``: every backbone weight and the head train (AdamW; backbone at ``full.lr``).
 - ``lora``: LoRA (splice.adapters) on ``lora.target_modules`` (MiniLM/BERT: query, value,
-  PEFT's default for BERT) plus the head; after training the LoRA is folded into the
-  weights, so the expert's backbone is a full checkpoint whose task vector is low-rank.
+  PEFT's default for BERT) plus the head; after training the LoRA is saved as a PEFT
+  adapter folder (``adapter/``, what the LoRA-native merge methods read) and folded into
+  the weights, so the expert's backbone is a full checkpoint whose task vector is low-rank.
 - ``multitask``: one backbone fine-tuned fully on the union of the tasks' training data,
   one head per task; each batch comes from one task, batches of all tasks shuffled
   together (seeded), so every task's data is seen ``epochs`` times as for its expert.
@@ -11,8 +12,8 @@
 Heads train at ``training.head_lr`` (they start from scratch, so the backbone's small
 rate would leave them underfit in a few hundred steps); warm-up then linear decay, as
 `splice train`. An expert is one cache folder (`splice.bench.cache`): model.safetensors +
-config.json (its backbone, what the merge engine reads), heads.safetensors and meta.json
-(training time, steps, final loss).
+config.json (its backbone, what the merge engine reads), heads.safetensors, meta.json
+(training time, steps, final loss) and, for a LoRA expert, adapter/.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from splice.bench.config import BenchConfig
 from splice.bench.tasks import TaskData
 from splice.io.output_folder import cache_folder
 
+ADAPTER_DIR = "adapter"  # a LoRA expert's PEFT adapter folder, inside its cache folder
+
 
 @dataclass
 class Expert:
@@ -64,6 +67,7 @@ def training_settings(cfg: BenchConfig, kind: str) -> dict[str, Any]:
     out["precision"] = resolve_precision(cfg.precision)
     if kind == "lora":
         out["lora"] = cfg.lora.model_dump(mode="json")
+        out["saves"] = ADAPTER_DIR  # experts cached before adapters were kept are retrained
     else:
         out["full"] = cfg.full.model_dump(mode="json")
     return out
@@ -101,9 +105,15 @@ def _mixed_batches(tasks: list[TaskData], tok: Any, cfg: BenchConfig, epoch: int
 
 
 def train_model(
-    base: Base, tasks: list[TaskData], kind: str, cfg: BenchConfig, progress: bool = True
+    base: Base,
+    tasks: list[TaskData],
+    kind: str,
+    cfg: BenchConfig,
+    progress: bool = True,
+    adapter_dir: Path | None = None,
 ) -> tuple[State, dict[str, State], Any, dict[str, Any]]:
-    """Train one model of ``kind`` on ``tasks``: (backbone, heads, config, meta)."""
+    """Train one model of ``kind`` on ``tasks``: (backbone, heads, config, meta). A LoRA
+    model's adapter is also written as a PEFT adapter folder at ``adapter_dir``."""
     from splice.train.loop import fit
 
     t = cfg.training
@@ -162,6 +172,10 @@ def train_model(
         progress=progress,
     )
     if kind == "lora":
+        if adapter_dir is not None:
+            from splice.adapters import save_adapter
+
+            save_adapter(wrapped, adapter_dir, "bench", base_model_name_or_path=base.ref)
         wrapped.merge_and_unload()
     backbone, _ = split_state(model, base.head_name)
     head_states = {
@@ -194,11 +208,13 @@ def get_expert(
         heads = load_heads(folder / "heads.safetensors")
         return Expert(kind, [x.name for x in tasks], folder, heads, meta, cached=True)
     start = time.perf_counter()
-    backbone, heads, config, meta = train_model(base, tasks, train_kind, cfg, progress)
-    meta["kind"] = kind
-    meta["key"] = key
-    meta["seconds_total"] = round(time.perf_counter() - start, 2)
     with cache_folder(folder) as tmp:
+        backbone, heads, config, meta = train_model(
+            base, tasks, train_kind, cfg, progress, adapter_dir=tmp / ADAPTER_DIR
+        )
+        meta["kind"] = kind
+        meta["key"] = key
+        meta["seconds_total"] = round(time.perf_counter() - start, 2)
         save_backbone(tmp, backbone, config)
         save_heads(tmp / "heads.safetensors", heads)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

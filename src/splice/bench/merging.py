@@ -5,6 +5,11 @@ defaults) over the cached backbone folders, computed in float32, planned and run
 `splice.engine` into a temporary folder (a single shard), read back into memory and
 deleted. MiniLM's backbone is ~90 MB, so the disk round trip costs well under a second
 and the bench exercises exactly what ``splice merge`` does.
+
+A low-rank method (``lora:NAME``) takes the LoRA experts' adapter folders instead and runs
+the recipe path `splice merge` takes for adapters (`splice.lora_merge.merge_low_rank_recipe`):
+the merged LoRA adapter is written, then read back folded into the base (`BASE+ADAPTER`),
+so its merge time includes the fold, as a dense method's includes its read-back.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 import torch
 
 from splice.bench.backbone import State
+from splice.bench.experts import ADAPTER_DIR
 from splice.engine import plan_merge, run_merge
+from splice.lora_merge import merge_low_rank_recipe
 from splice.merge import get_method
 from splice.recipe.schema import parse_recipe
 from splice.reference import open_checkpoint
@@ -27,10 +34,12 @@ from splice.reference import open_checkpoint
 def make_recipe(
     method: str, params: dict[str, Any], base: Path, experts: list[Path], seed: int
 ) -> dict[str, Any]:
-    """The native recipe: the base (for methods that take one), the experts in task order."""
+    """The native recipe: the base (for methods that take one), the experts in task order
+    (a low-rank method: their adapter folders)."""
+    low_rank = get_method(method).representation == "low_rank"
     recipe: dict[str, Any] = {
         "method": method,
-        "models": [{"model": str(p)} for p in experts],
+        "models": [{"model": str(p / ADAPTER_DIR if low_rank else p)} for p in experts],
         "parameters": dict(params),
         "dtype": "float32",
         "seed": seed,
@@ -54,12 +63,18 @@ def merge_backbones(
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="splice-bench-merge-", dir=work_dir))
     try:
-        plan = plan_merge(parse_recipe(recipe, f"bench:{method}"))
-        try:
-            run_merge(plan, tmp / "merged", shard_bytes=1 << 40, progress=False)
-        finally:
-            plan.close()
-        reader = open_checkpoint(str(tmp / "merged"))
+        parsed = parse_recipe(recipe, f"bench:{method}")
+        merged = str(tmp / "merged")
+        if get_method(method).representation == "low_rank":
+            merge_low_rank_recipe(parsed, tmp / "adapter")
+            merged = f"{base}+{tmp / 'adapter'}"
+        else:
+            plan = plan_merge(parsed)
+            try:
+                run_merge(plan, tmp / "merged", shard_bytes=1 << 40, progress=False)
+            finally:
+                plan.close()
+        reader = open_checkpoint(merged)
         try:
             state = {n: reader.read(n).clone() for n in reader.names()}
         finally:

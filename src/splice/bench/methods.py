@@ -10,6 +10,11 @@ defaults and no sweep; one that cannot run on N experts is skipped with the reas
 - it needs a parameter that has no default (lines: alpha, beta; metrics_weighted: each
   model's metric, i.e. data); a config's ``merge.params`` can supply it.
 
+LoRA-native (low-rank) methods are rows of the LoRA experts' table only, named by their
+label (`lora:svd`, `lora:ties`): they merge the experts' PEFT adapters (saved beside each
+LoRA expert) into one LoRA, which is folded into the base for evaluation. ``all`` includes
+them; a selection may name them.
+
 Grids share their points across methods (0.3 / 0.5 / 0.7 / 1.0 for task-vector sums, 0.6 /
 1.0 / 1.4 / 1.8 for disjoint means) so the plot compares like with like; four points per
 method keeps the 4-task run inside its time budget.
@@ -21,6 +26,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+import splice.lora_merge  # noqa: F401  (registers the low-rank methods: lora:NAME)
 from splice.config_errors import did_you_mean
 from splice.errors import SpliceError
 from splice.merge import all_methods, get_method
@@ -77,6 +83,18 @@ TABLE: dict[str, MethodSpec] = {
     "magnitude_prune": MethodSpec({"density": 0.2}, ("lambda", SUM_GRID)),
     # Multi-SLERP: equal weights (the barycentre), no coefficient.
     "multislerp": MethodSpec({"weight": 1.0}),
+    # LoRA-native rows (LoRA experts only). concat is Task Arithmetic kept in factor form
+    # (exact, rank Σ r_i) and svd its best rank-r approximation (r = the experts' rank):
+    # λ tuned as TA. ties / dare / dare_ties: the dense twins' settings above, so the rows
+    # differ only in the re-factorization to rank r. KnOTS (Stoica et al. 2025): TIES / DARE
+    # in the joint SVD basis with the same density as those twins; λ tuned as TIES.
+    "lora:concat": MethodSpec(sweep=("lambda", SUM_GRID)),
+    "lora:svd": MethodSpec(sweep=("lambda", SUM_GRID)),
+    "lora:ties": MethodSpec({"density": 0.2}, ("lambda", MEAN_GRID)),
+    "lora:dare": MethodSpec({"density": 0.5}, ("lambda", SUM_GRID)),
+    "lora:dare_ties": MethodSpec({"density": 0.5}, ("lambda", MEAN_GRID)),
+    "lora:knots": MethodSpec({"density": 0.2}, ("lambda", MEAN_GRID)),
+    "lora:knots_dare": MethodSpec({"density": 0.5}, ("lambda", MEAN_GRID)),
 }
 
 # The quick, widely compared methods: the 4-task run and the demo use these.
@@ -101,10 +119,11 @@ CORE = [
 class PlannedMethod:
     """A method to run: the parameters of its default row and its sweep, if any."""
 
-    name: str
+    name: str  # the method's label: `ties`, `lora:ties`
     params: dict[str, Any]
     sweep: tuple[str, list[Any]] | None
     random: bool
+    low_rank: bool = False  # merges the LoRA experts' adapters (LoRA experts only)
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,7 @@ class SkippedMethod:
 
 
 def _names(selection: str | list[str]) -> list[str]:
-    known = [m.name for m in all_methods()]
+    known = [m.label for m in [*all_methods(), *all_methods("low_rank")]]
     if selection == "all":
         return known
     if selection == "core":
@@ -181,5 +200,6 @@ def select_methods(
         grid = spec.sweep
         if name in grids:
             grid = next(iter(grids[name].items()))
-        planned.append(PlannedMethod(name, chosen, grid if sweep else None, m.random))
+        low_rank = m.representation == "low_rank"
+        planned.append(PlannedMethod(name, chosen, grid if sweep else None, m.random, low_rank))
     return planned, skipped

@@ -49,10 +49,17 @@ def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def _units(planned: list[PlannedMethod], kinds: int, n_tasks: int, cfg: BenchConfig) -> int:
-    merges = sum((len(p.sweep[1]) + 2) if p.sweep else 1 for p in planned) * kinds
-    train = n_tasks * kinds + int(cfg.baselines.multitask)
-    return merges + train + 2 + kinds  # + probe, multitask eval, per-kind baselines
+def _applies(p: PlannedMethod, kind: str) -> bool:
+    """Low-rank methods merge the LoRA experts' adapters: rows of the LoRA table only."""
+    return kind == "lora" or not p.low_rank
+
+
+def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: BenchConfig) -> int:
+    merges = sum(
+        (len(p.sweep[1]) + 2) if p.sweep else 1 for k in kinds for p in planned if _applies(p, k)
+    )
+    train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
+    return merges + train + 2 + len(kinds)  # + probe, multitask eval, per-kind baselines
 
 
 def _cpu_name() -> str:
@@ -268,7 +275,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
     precision = resolve_precision(cfg.precision)
     prepare_work_folder(out)  # a clear error before any heavy work
     runner = _Runner(cfg, progress)
-    total = _units(planned, len(cfg.kinds), n_models, cfg)
+    total = _units(planned, cfg.kinds, n_models, cfg)
     with tqdm(
         total=total, desc="bench", unit="step", disable=not progress, dynamic_ncols=True
     ) as bar:
@@ -297,7 +304,8 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         for kind in cfg.kinds:
             pool = [experts[kind][t.name] for t in tasks]
             for p in planned:
-                runner.merge_method(kind, p, ev, base.folder, pool)
+                if _applies(p, kind):
+                    runner.merge_method(kind, p, ev, base.folder, pool)
     names = [t.name for t in tasks]
     tables = {}
     for kind in cfg.kinds:
@@ -319,7 +327,10 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         "experts": info,
         "tables": tables,
         "sweeps": runner.sweeps,
-        "methods": [{"name": p.name, "params": p.params, "sweep": p.sweep} for p in planned],
+        "methods": [
+            {"name": p.name, "params": p.params, "sweep": p.sweep, "lora_experts_only": p.low_rank}
+            for p in planned
+        ],
         "skipped": [{"method": s.name, "reason": s.reason} for s in skipped],
         "failed": runner.failed,
         "timing": {

@@ -2,6 +2,7 @@
 
 splice lora merge --method M ADAPTER1 ADAPTER2 ... [--weights ..] [--rank R]
                   [--density D] [--lambda L] [--seed S] --out DIR
+                  (= `splice merge` of the recipe `method: lora:M` over the adapters)
 splice lora extract --base B --model FT (--rank R | --energy E) --out DIR
 splice lora rmm ADAPTER1 ... --k K --out STORE
 splice lora rmm-recover STORE --task I --out DIR
@@ -12,6 +13,7 @@ splice lora methods
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from splice.commands._flags import (
     add_allow_nonfinite,
@@ -20,29 +22,53 @@ from splice.commands._flags import (
     output_options,
 )
 
+if TYPE_CHECKING:
+    from splice.lora_merge import LoraMergeReport
+
 
 def _merge(args: argparse.Namespace) -> int:
-    from splice.lora_merge import LoraMergeOptions, merge_adapters
+    """A thin alias of `splice merge` over adapters: the recipe `lora:METHOD` of the adapters,
+    each with its weight, and the given global parameters."""
+    from splice.errors import MergeValidationError
+    from splice.lora_merge import merge_low_rank_recipe
+    from splice.numbers import check_number, check_numbers
+    from splice.recipe.schema import parse_recipe
 
-    opts = LoraMergeOptions(
-        rank=args.rank, density=args.density, lambda_=args.lambda_, seed=args.seed
-    )
-    report = merge_adapters(
-        args.adapters,
-        args.method,
+    weights = check_numbers(args.weights or [1.0] * len(args.adapters), "weights")
+    if len(weights) != len(args.adapters):
+        raise MergeValidationError(
+            f"{len(weights)} weights for {len(args.adapters)} adapters; give one weight per adapter"
+        )
+    given = {"rank": args.rank, "density": args.density, "lambda": args.lambda_}
+    for key, value in given.items():  # finite here (one line); ranges: the method's schema
+        if value is not None:
+            check_number(value, key)
+    recipe = {
+        "method": f"lora:{args.method}",
+        "models": [
+            {"model": a, "parameters": {"weight": w}} for a, w in zip(args.adapters, weights)
+        ],
+        "parameters": {k: v for k, v in given.items() if v is not None},
+        "seed": args.seed,
+    }
+    report = merge_low_rank_recipe(
+        parse_recipe(recipe, "splice lora merge"),
         args.out,
-        weights=args.weights,
-        opts=opts,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
     )
+    print(low_rank_summary(len(args.adapters), report))
+    return 0
+
+
+def low_rank_summary(n: int, report: LoraMergeReport) -> str:
+    """The line saying what a low-rank merge wrote (`splice lora merge`, `splice merge`)."""
     ranks = sorted(set(report.ranks.values()))
     shown = ", ".join(map(str, ranks[:6])) + (" ..." if len(ranks) > 6 else "")
-    print(
-        f"merged {len(args.adapters)} adapters ({report.modules} modules) with "
-        f"'{report.method}' into {report.out_dir} (ranks: {shown})"
+    return (
+        f"merged {n} adapters ({report.modules} modules) with '{report.method}' into "
+        f"{report.out_dir}: a PEFT LoRA adapter (ranks: {shown})"
     )
-    return 0
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -116,11 +142,9 @@ def _compeft(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from splice.lora_merge import all_lora_methods
+    from splice.commands.methods import low_rank_section
 
-    for m in all_lora_methods():
-        flags = [f for f, on in (("rank", m.uses_rank), ("density", m.uses_density)) if on]
-        print(f"{m.name:12s} {m.summary}  [{', '.join(flags) or 'exact'}]")
+    print(low_rank_section())
     return 0
 
 
@@ -135,13 +159,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     lora = sub.add_parser("lora", help="merge, extract, compress PEFT LoRA adapters")
     lsub = lora.add_subparsers(dest="lora_cmd", required=True)
 
-    m = lsub.add_parser("merge", help="merge PEFT LoRA adapters into one adapter")
+    m = lsub.add_parser(
+        "merge", help="merge PEFT LoRA adapters into one adapter (a recipe of lora:METHOD)"
+    )
     m.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders of the same base")
     m.add_argument("--method", required=True, help="concat, svd, ties, dare, dare_ties, knots, ...")
     m.add_argument("--weights", type=_floats, help="one weight per adapter (default 1 each)")
     m.add_argument("--rank", type=int, help="output rank (default: max input rank)")
     m.add_argument("--density", type=float, help="fraction kept by ties/dare/knots")
-    m.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="global scale")
+    m.add_argument("--lambda", dest="lambda_", type=float, help="global scale (default 1)")
     m.add_argument("--seed", type=int, default=0, help="seed for DARE masks and k-means")
     m.add_argument("--out", required=True, help="output adapter folder")
     add_overwrite_argument(m)

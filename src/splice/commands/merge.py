@@ -1,15 +1,24 @@
-"""`splice merge RECIPE --out DIR` (and `--continual`, OPCM): the streaming merge engine."""
+"""`splice merge RECIPE --out DIR` (and `--continual`, OPCM): the streaming merge engine.
+
+A recipe over PEFT LoRA adapter folders with a method that has a low-rank form writes a PEFT
+LoRA adapter (`splice.lora_merge.recipe`); adapters among checkpoints are folded into the
+base. The last line says which representation the output has."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
+
+if TYPE_CHECKING:
+    from splice.recipe.schema import Recipe
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from splice.engine import plan_merge, run_merge
     from splice.io import parse_size
+    from splice.lora_merge import route
     from splice.recipe.schema import load_recipe
 
     if args.continual is not None or args.recipe is None:
@@ -23,6 +32,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if update:
         recipe = recipe.model_copy(update=update)
         text = None  # the stored recipe must be the one that ran
+    routed = route(recipe)  # adapters only: a LoRA output; adapters among checkpoints: folded
+    if routed.representation == "low_rank":
+        return _cmd_merge_low_rank(args, routed.recipe)
+    if routed.folded:
+        recipe, text = routed.recipe, None
     shard = parse_size(args.shard_size)
     budget = parse_size(args.memory)
     plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite)
@@ -41,11 +55,28 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     finally:
         plan.close()
     resumed = f", {report.skipped} already done" if report.skipped else ""
+    folded = f"; LoRA adapters folded into the base: {', '.join(routed.folded)}"
     print(
         f"merged {report.tensors} tensors{resumed} with '{recipe.method_name}' into "
         f"{report.out_dir} in {report.seconds:.1f} s "
-        f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB)"
+        f"(read {report.bytes_read / 1e6:.0f} MB, wrote {report.bytes_written / 1e6:.0f} MB): "
+        f"a dense checkpoint{folded if routed.folded else ''}"
     )
+    return 0
+
+
+def _cmd_merge_low_rank(args: argparse.Namespace, recipe: Recipe) -> int:
+    """A recipe over PEFT LoRA adapter folders with a low-rank method: a LoRA adapter out."""
+    from splice.commands.lora import low_rank_summary
+    from splice.errors import MergeValidationError
+    from splice.lora_merge import merge_low_rank_recipe
+
+    if args.resume:
+        raise MergeValidationError("--resume applies to checkpoint merges, not LoRA outputs")
+    report = merge_low_rank_recipe(
+        recipe, args.out, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite
+    )
+    print(low_rank_summary(len(recipe.models or []), report))
     return 0
 
 

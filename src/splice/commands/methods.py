@@ -1,16 +1,38 @@
-"""`splice methods`: every merge method with its parameters and defaults."""
+"""`splice methods`: every merge method with its parameters and defaults, dense and low-rank."""
 
 from __future__ import annotations
 
 import argparse
 
+LOW_RANK_INTRO = """\
+Low-rank (LoRA-native) methods: inputs are PEFT LoRA adapter folders, the output is one.
+A recipe whose models are all LoRA adapter folders runs the low-rank method of its name (so
+`ties` there is the low-rank `ties`); `lora:NAME` asks for it explicitly. A recipe that mixes
+adapters and checkpoints, or names a method without a low-rank form, folds each adapter into
+its base_model (BASE+ADAPTER) and merges dense checkpoints."""
+
+
+def low_rank_section() -> str:
+    """The low-rank methods: what they take, one summary line each, their parameter table."""
+    from splice.lora_merge import route  # noqa: F401  (registers the low-rank methods)
+    from splice.merge import all_methods
+    from splice.merge.reference import method_table
+
+    methods = all_methods("low_rank")
+    lines = [LOW_RANK_INTRO, ""]
+    lines += [f"- `{m.label}`: {m.summary}" for m in methods]
+    return "\n".join([*lines, "", method_table(methods)])
+
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from splice.merge.reference import method_summaries, method_table
 
+    print("Dense methods: inputs are checkpoints (or BASE+ADAPTER), the output is one.\n")
     print(method_summaries())
     print()
     print(method_table())
+    print()
+    print(low_rank_section())
     return 0
 
 

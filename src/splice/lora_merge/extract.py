@@ -2,7 +2,7 @@
 
 Per 2-D `*.weight` tensor present in both checkpoints, streamed one tensor at a time through
 the streaming driver's reader loop (`splice.engine.driver`; only one ΔW in memory), the
-factors written as a PEFT folder (`peft_writer`):
+factors written as a PEFT folder (`splice.peft.lora_writer`):
 
     ΔW ≈ U_k S_k V_kᵀ,   B = U_k S_k (out×k),   A = V_kᵀ (k×in),   written with alpha = k
 

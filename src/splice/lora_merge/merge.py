@@ -1,26 +1,30 @@
-"""Merge N PEFT LoRA adapter folders into one, module by module, with a registered method.
+"""The low-rank merge driver: N PEFT LoRA adapter folders in, one PEFT LoRA adapter folder out.
 
-Thin I/O around the pure methods: load and cross-check the adapters
-(`splice.peft.lora_reader`), check the options before any arithmetic, run the method on each
-module's factors with a `MergeContext(tensor_name=module, seed=seed)`, and write a PEFT adapter
-folder atomically (`splice.peft.lora_writer`) from the first adapter's config. Holds all
-adapters' factors in memory (adapters are small); the dense methods form one module's out×in
-delta at a time.
+Thin I/O around a registered low-rank method (`splice.lora_merge.methods`): check the output
+folder, load and cross-check the adapters (`splice.peft.lora_reader`), resolve every module's
+parameters before any arithmetic, run the method on each module's factors with a
+`MergeContext(tensor_name=module, seed=seed)`, and write a PEFT adapter folder atomically from
+the first adapter's config. Holds all adapters' factors in memory (adapters are small); the
+methods that sparsify form one module's out×in delta at a time.
+
+Reading and writing the folders: `splice.peft`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from splice.delta import LowRank
 from splice.io.finite import numerical_errors
 from splice.io.output_folder import OutputFolder
-from splice.lora_merge.registry import LoraMergeOptions, get_lora_method
-from splice.merge.registry import MergeContext
+from splice.merge.registry import MergeContext, MergeMethod
 from splice.peft import read_lora_adapters, write_adapter_files
 
 
@@ -33,40 +37,32 @@ class LoraMergeReport:
 
 
 def merge_adapters(
-    adapter_dirs: list[str | Path],
-    method: str,
-    out_dir: str | Path,
+    adapter_dirs: list[str],
+    method: MergeMethod,
+    out_dir: str | os.PathLike[str],
+    params_for: Callable[[str], dict[str, Any]],
     *,
-    weights: list[float] | None = None,
-    opts: LoraMergeOptions | None = None,
-    overwrite: int | bool = False,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    overwrite: int | bool = False,
     allow_nonfinite: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> LoraMergeReport:
-    """Merge the adapters with `method` and write the result to `out_dir`. NaN / ±inf in
-    an adapter's factors or in the result is a NonFiniteError unless ``allow_nonfinite``."""
-    opts = opts or LoraMergeOptions()
-    m = get_lora_method(method)
-    weights = [1.0] * len(adapter_dirs) if weights is None else list(weights)
-    m.validate(opts, len(adapter_dirs), weights)
+    """Merge the adapters with the low-rank ``method`` into a PEFT adapter folder at
+    ``out_dir``. ``params_for(module)`` gives a module's parameters (recipe names, validated,
+    per-model ones as lists). NaN / ±inf in an adapter's factors or in the result is a
+    NonFiniteError unless ``allow_nonfinite``; ``info`` is stored in the weights' metadata."""
+    assert method.representation == "low_rank", method.label
     folder = OutputFolder(out_dir, overwrite=overwrite, inputs=adapter_dirs).check()
     adapters = read_lora_adapters(adapter_dirs, allow_nonfinite=allow_nonfinite)
     first = adapters[0]
+    params = {module: params_for(module) for module in sorted(first.modules)}
     merged: dict[str, LowRank] = {}
-    for module in sorted(first.modules):
+    for module, values in params.items():
         loras = [ad.modules[module] for ad in adapters]
-        ctx = MergeContext(tensor_name=module, seed=opts.seed)
-        with numerical_errors(f"module '{module}': method '{method}'"):
-            merged[module] = m.fn(loras, weights, opts, ctx)
-    info = {
-        "method": method,
-        "adapters": [str(ad.path) for ad in adapters],
-        "weights": weights,
-        "rank": opts.rank,
-        "density": opts.density,
-        "lambda": opts.lambda_,
-        "seed": opts.seed,
-    }
+        ctx = MergeContext(tensor_name=module, seed=seed)
+        with numerical_errors(f"module '{module}': method '{method.label}'"):
+            merged[module] = method(None, loras, ctx, **values)
     with folder as tmp:
         write_adapter_files(
             tmp,
@@ -74,8 +70,8 @@ def merge_adapters(
             first.embedding,
             first.raw_config,
             dtype=dtype,
-            metadata={"splice_lora_merge": json.dumps(info)},
+            metadata={"splice_lora_merge": json.dumps(info or {})},
             allow_nonfinite=allow_nonfinite,
         )
-    out = Path(out_dir)
-    return LoraMergeReport(out, method, len(merged), {k: max(f.rank, 1) for k, f in merged.items()})
+    ranks = {k: max(f.rank, 1) for k, f in merged.items()}
+    return LoraMergeReport(Path(out_dir), method.label, len(merged), ranks)

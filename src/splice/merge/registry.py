@@ -26,6 +26,13 @@ Conventions
 - ``ctx: MergeContext`` (if declared) is injected by the engine and is not a parameter.
 - The return value is the merged tensor, same shape as the inputs, any float dtype; the
   engine casts to the output dtype.
+- ``representation`` says what a method takes and returns: "dense" (tensors, the default)
+  or "low_rank" (`splice.delta.LowRank` factors of one module in, one merged `LowRank` out;
+  ``base`` is None). Names are unique per representation: dense `ties` and low-rank `ties`
+  are two methods, and a recipe picks by its inputs (all PEFT LoRA adapter folders: the
+  low-rank one; `splice.lora_merge.recipe`). ``lora:NAME`` always names the low-rank one.
+  Low-rank methods live in `splice.lora_merge.methods` and register when `splice.lora_merge`
+  is imported.
 
 Methods never open files, know about YAML or print.
 """
@@ -47,6 +54,8 @@ from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
 from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
+Representation = Literal["dense", "low_rank"]
+LOW_RANK_PREFIX = "lora:"  # "lora:ties" names the low-rank ties
 
 
 class _PerModelMarker:
@@ -160,6 +169,13 @@ class MergeMethod:
     # Parameters mergekit accepts for this method but that change nothing (e.g. int8_mask):
     # accepted and ignored in the mergekit dialect so existing recipes run unchanged.
     mergekit_ignored: frozenset[str] = frozenset()
+    # What the method takes and returns: tensors ("dense") or LowRank factors ("low_rank").
+    representation: Representation = "dense"
+
+    @property
+    def label(self) -> str:
+        """The name that says the representation: `ties` (dense), `lora:ties` (low-rank)."""
+        return self.name if self.representation == "dense" else LOW_RANK_PREFIX + self.name
 
     def accepts(self, n: int) -> bool:
         """Whether the method takes ``n`` input models (besides the base, if it needs one)."""
@@ -210,13 +226,18 @@ class MergeMethod:
                 raise MergeValidationError(f"method '{self.name}' needs parameter '{p.name}'")
             if p.per_model and not isinstance(value, (list, tuple)):
                 value = [value] * len(tensors)
+            if p.per_model and len(value) != len(tensors):
+                raise MergeValidationError(
+                    f"method '{self.name}': {len(value)} values of '{p.name}' for "
+                    f"{len(tensors)} models; give one per model"
+                )
             kwargs[p.arg] = p.validate(value, f"method '{self.name}'")
         if self.wants_ctx:
             kwargs["ctx"] = ctx
         return self.fn(base, list(tensors), **kwargs)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+_REGISTRY: dict[tuple[Representation, str], MergeMethod] = {}
 
 
 def _param_specs(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
@@ -265,12 +286,14 @@ def merge_method(
     mergekit_defaults: Mapping[str, Any] | None = None,
     model_stats: Callable[[Mapping[str, Any]], list[StatRequest]] | None = None,
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
+    representation: Representation = "dense",
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
-    """Register a merge method under ``name`` (one registry; duplicate names are errors)."""
+    """Register a merge method under ``name`` (one registry; a name taken twice in one
+    representation is an error)."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> MergeMethod:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method '{name}' is already registered")
+        if (representation, name) in _REGISTRY:
+            raise ValueError(f"{representation} merge method '{name}' is already registered")
         params, wants_ctx = _param_specs(fn)
         known = {p.name for p in params}
         for key in mergekit_defaults or {}:
@@ -290,27 +313,33 @@ def merge_method(
             mergekit_defaults=dict(mergekit_defaults or {}),
             model_stats=model_stats,
             mergekit_ignored=frozenset(mergekit_ignored),
+            representation=representation,
         )
-        _REGISTRY[name] = method
+        _REGISTRY[(representation, name)] = method
         return method
 
     return wrap
 
 
-def get_method(name: str) -> MergeMethod:
+def get_method(name: str, representation: Representation = "dense") -> MergeMethod:
+    """The method ``name`` of ``representation``; ``lora:NAME`` is the low-rank NAME."""
     _load_builtin_methods()
+    if name.startswith(LOW_RANK_PREFIX):
+        name, representation = name.removeprefix(LOW_RANK_PREFIX), "low_rank"
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[(representation, name)]
     except KeyError:
-        hint = did_you_mean(name, _REGISTRY)
+        names = [n for r, n in _REGISTRY if r == representation]
+        hint = did_you_mean(name, names)
+        kind = "merge method" if representation == "dense" else "low-rank (LoRA) merge method"
         raise MergeValidationError(
-            f"unknown merge method '{name}'{hint}; available: {', '.join(sorted(_REGISTRY))}"
+            f"unknown {kind} '{name}'{hint}; available: {', '.join(sorted(names))}"
         ) from None
 
 
-def all_methods() -> list[MergeMethod]:
+def all_methods(representation: Representation = "dense") -> list[MergeMethod]:
     _load_builtin_methods()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [_REGISTRY[k] for k in sorted(_REGISTRY) if k[0] == representation]
 
 
 def _load_builtin_methods() -> None:

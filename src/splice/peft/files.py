@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from splice.errors import CheckpointError
+from splice.errors import CheckpointError, SpliceError
 from splice.io.base import CheckpointReader
 from splice.io.finite import check_output
 from splice.io.output_folder import write_bytes
@@ -64,6 +64,19 @@ def read_config(adapter_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, An
     if "peft_type" not in raw:
         raise CheckpointError(f"{path}: no 'peft_type'")
     return path, raw
+
+
+def peft_type(folder: str | os.PathLike[str]) -> str | None:
+    """The `peft_type` of a PEFT adapter folder; None when ``folder`` is not a folder holding
+    an adapter_config.json (a checkpoint, a `BASE+ADAPTER` reference). A config that cannot be
+    read or names no peft_type reads as "LORA": the LoRA reader then says what is wrong."""
+    d = Path(folder)
+    if not d.is_dir() or not (d / CONFIG_NAME).exists():
+        return None
+    try:
+        return str(read_config(d)[1]["peft_type"])
+    except SpliceError:
+        return "LORA"
 
 
 def open_weights(adapter_dir: str | os.PathLike[str]) -> CheckpointReader:

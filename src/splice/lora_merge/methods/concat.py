@@ -9,24 +9,29 @@ combination_type="cat")` puts w_i s_i on A_i instead of B_i; the product is the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from splice.delta import LowRank
-from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
-from splice.merge.registry import MergeContext
+from splice.merge.registry import PerModel, merge_method
 
 
-def concat_factors(loras: list[LowRank], weights: list[float]) -> LowRank:
+def concat_factors(loras: Sequence[LowRank], weights: Sequence[float]) -> LowRank:
     """[w_1 s_1 B_1 | …] and [A_1; …] (the exact weighted sum in factor form)."""
     b = torch.cat([f.b * (w * f.scaling) for f, w in zip(loras, weights, strict=True)], dim=1)
     a = torch.cat([f.a for f in loras], dim=0)
     return LowRank(b, a, 1.0)
 
 
-@lora_merge_method("concat", uses_rank=False)
+@merge_method("concat", needs_base=False, representation="low_rank")
 def concat(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    lambda_: float = 1.0,
 ) -> LowRank:
     """Exact: stack the weighted factors into one LoRA of rank Σ r_i."""
-    merged = concat_factors(loras, weights)
-    return LowRank(merged.b * opts.lambda_, merged.a, 1.0)
+    merged = concat_factors(list(tensors), weight)
+    return LowRank(merged.b * lambda_, merged.a, 1.0)

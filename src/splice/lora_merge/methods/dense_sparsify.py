@@ -6,7 +6,7 @@
 
 M is `splice.merge.get_method(...)` with base 0 (so the task vectors are the ΔW_i):
 - `ties`: TIES (trim each ΔW_i to its top `density` fraction by magnitude, elect a sign per
-  entry, disjoint mean); density defaults to 1 (sign election only).
+  entry, disjoint mean); density defaults to 1 (sign election only), as the dense `ties`.
 - `dare`: DARE with task arithmetic (`dare_linear`: drop with prob 1 − density, rescale by
   1/density, weighted sum); density required.
 - `dare_ties`: DARE drop-and-rescale, then TIES election and disjoint mean; density required.
@@ -21,55 +21,50 @@ splice divides by the sum of their weights: the same for unit weights) and the g
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_dense
-from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
-from splice.merge.registry import MergeContext, get_method
+from splice.lora_merge.methods._common import (
+    REQUIRED,
+    SparsifyParams,
+    default_rank,
+    merge_dense,
+    sparsifying_method,
+)
+from splice.merge.registry import MergeContext
 
 
-def merge_dense(
-    method: str,
-    loras: list[LowRank],
-    weights: list[float],
-    opts: LoraMergeOptions,
-    ctx: MergeContext,
-) -> torch.Tensor:
-    """The merged dense ΔW of one module with splice's registered `method` (base = 0)."""
-    deltas = [f.to_dense() for f in loras]
-    params: dict[str, object] = {"weight": list(weights), "lambda": opts.lambda_}
-    if opts.density is not None:
-        params["density"] = opts.density
-    if method == "ties":
-        params["scope"] = "tensor"
-    return get_method(method)(torch.zeros_like(deltas[0]), deltas, ctx=ctx, **params)
-
-
-def _refactor(delta: torch.Tensor, loras: list[LowRank], opts: LoraMergeOptions) -> LowRank:
-    b, a = truncate_dense(delta, default_rank(loras, opts))
+def _sparsify_refactor(
+    dense: str, loras: Sequence[LowRank], p: SparsifyParams, ctx: MergeContext
+) -> LowRank:
+    """Dense ΔW_i of this module, the dense method, truncated SVD to rank r (S into B)."""
+    delta = merge_dense(dense, [f.to_dense() for f in loras], p, ctx)
+    b, a = truncate_dense(delta, default_rank(list(loras), p.rank))
     return LowRank(b, a, 1.0)
 
 
-@lora_merge_method("ties", uses_rank=True, uses_density=True, dense=True)
-def ties(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LowRank:
-    """TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r."""
-    return _refactor(merge_dense("ties", loras, weights, opts, ctx), loras, opts)
-
-
-@lora_merge_method("dare", uses_rank=True, uses_density=True, needs_density=True, dense=True)
-def dare(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LowRank:
-    """DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r."""
-    return _refactor(merge_dense("dare_linear", loras, weights, opts, ctx), loras, opts)
-
-
-@lora_merge_method("dare_ties", uses_rank=True, uses_density=True, needs_density=True, dense=True)
-def dare_ties(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LowRank:
-    """DARE + TIES on the dense ΔW_i, then truncated SVD to rank r."""
-    return _refactor(merge_dense("dare_ties", loras, weights, opts, ctx), loras, opts)
+ties = sparsifying_method(
+    "ties",
+    "ties",
+    _sparsify_refactor,
+    "TIES on the dense ΔW_i (one module at a time), then truncated SVD to rank r.",
+    density_default=1.0,
+    random=False,
+)
+dare = sparsifying_method(
+    "dare",
+    "dare_linear",
+    _sparsify_refactor,
+    "DARE + task arithmetic on the dense ΔW_i, then truncated SVD to rank r.",
+    density_default=REQUIRED,
+    random=True,
+)
+dare_ties = sparsifying_method(
+    "dare_ties",
+    "dare_ties",
+    _sparsify_refactor,
+    "DARE + TIES on the dense ΔW_i, then truncated SVD to rank r.",
+    density_default=REQUIRED,
+    random=True,
+)

@@ -21,17 +21,24 @@ With --rank r the result is further truncated to rank r (default: keep all k ≤
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_factors
-from splice.lora_merge.registry import LoraMergeOptions, lora_merge_method
-from splice.merge.registry import MergeContext, get_method
+from splice.lora_merge.methods._common import (
+    REQUIRED,
+    SparsifyParams,
+    merge_dense,
+    sparsifying_method,
+)
+from splice.merge.registry import MergeContext
 
 SIGMA_EPS = 1e-5
 
 
-def knots_basis(loras: list[LowRank]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def knots_basis(loras: Sequence[LowRank]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(U: out×k, [C_i: k×in]) with [ΔW_1 | … | ΔW_n] = U [C_1 | … | C_n], C_i = S V_iᵀ."""
     dtype = torch.float64 if any(f.b.dtype == torch.float64 for f in loras) else torch.float32
     b_cat = torch.cat([f.b.double() * f.scaling for f in loras], dim=1)
@@ -48,39 +55,30 @@ def knots_basis(loras: list[LowRank]) -> tuple[torch.Tensor, list[torch.Tensor]]
     return basis, [c.contiguous() for c in torch.split(coeffs, width, dim=1)]
 
 
-def _knots(
-    method: str,
-    loras: list[LowRank],
-    weights: list[float],
-    opts: LoraMergeOptions,
-    ctx: MergeContext,
-) -> LowRank:
+def _knots(dense: str, loras: Sequence[LowRank], p: SparsifyParams, ctx: MergeContext) -> LowRank:
     basis, coeffs = knots_basis(loras)
     if basis.shape[1] == 0:
         return LowRank(basis, coeffs[0], 1.0)
-    params: dict[str, object] = {"weight": list(weights), "lambda": opts.lambda_}
-    if opts.density is not None:
-        params["density"] = opts.density
-    if method == "ties":
-        params["scope"] = "tensor"
-    merged = get_method(method)(torch.zeros_like(coeffs[0]), coeffs, ctx=ctx, **params)
-    if opts.rank is not None:
-        b, a = truncate_factors(basis, merged, opts.rank)
+    merged = merge_dense(dense, coeffs, p, ctx)
+    if p.rank is not None:
+        b, a = truncate_factors(basis, merged, p.rank)
         return LowRank(b, a, 1.0)
     return LowRank(basis, merged, 1.0)
 
 
-@lora_merge_method("knots", uses_rank=True, uses_density=True)
-def knots(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LowRank:
-    """KnOTS-TIES: joint SVD basis, TIES on the per-task coefficients, reconstruct."""
-    return _knots("ties", loras, weights, opts, ctx)
-
-
-@lora_merge_method("knots_dare", uses_rank=True, uses_density=True, needs_density=True)
-def knots_dare(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
-) -> LowRank:
-    """KnOTS-DARE: joint SVD basis, DARE + TIES on the per-task coefficients, reconstruct."""
-    return _knots("dare_ties", loras, weights, opts, ctx)
+knots = sparsifying_method(
+    "knots",
+    "ties",
+    _knots,
+    "KnOTS-TIES: joint SVD basis, TIES on the per-task coefficients, reconstruct.",
+    density_default=1.0,
+    random=False,
+)
+knots_dare = sparsifying_method(
+    "knots_dare",
+    "dare_ties",
+    _knots,
+    "KnOTS-DARE: joint SVD basis, DARE + TIES on the per-task coefficients, reconstruct.",
+    density_default=REQUIRED,
+    random=True,
+)

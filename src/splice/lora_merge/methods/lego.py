@@ -22,16 +22,17 @@ MSUs are not sign-canonicalized: (b, a) and (−b, −a) are the same unit but l
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from splice.delta import LowRank
 from splice.lora_merge.kmeans import kmeans
-from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
-from splice.merge.registry import MergeContext
+from splice.lora_merge.methods._common import Rank, default_rank
+from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
-def msus(loras: list[LowRank], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def msus(loras: Sequence[LowRank], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(A-halves: N×in, B-halves: N×out) of all MSUs, weight and scale split evenly."""
     a_rows, b_rows = [], []
     for f, w in zip(loras, weights, strict=True):
@@ -48,13 +49,20 @@ def _rescale(centre: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return centre * (target / norm) if norm > 0 else centre
 
 
-@lora_merge_method("lego", uses_rank=True)
+@merge_method("lego", needs_base=False, random=True, representation="low_rank")
 def lego(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    rank: Rank | None = None,
+    lambda_: float = 1.0,
+    ctx: MergeContext,
 ) -> LowRank:
     """Cluster rank-1 units (k-means on [a; b]), average each cluster, rescale norms."""
-    a, b = msus(loras, weights)
-    k = min(default_rank(loras, opts), a.shape[0])
+    loras = list(tensors)
+    a, b = msus(loras, weight)
+    k = min(default_rank(loras, rank), a.shape[0])
     labels, _ = kmeans(torch.cat([a, b], dim=1), k, ctx.generator(0))
     out_a, out_b = [], []
     for j in range(k):
@@ -62,5 +70,5 @@ def lego(
         out_a.append(_rescale(a[sel].mean(0), a[sel]))
         out_b.append(_rescale(b[sel].mean(0), b[sel]))
     dtype = torch.float64 if loras[0].a.dtype == torch.float64 else torch.float32
-    merged_b = (torch.stack(out_b, dim=1) * opts.lambda_).to(dtype)
+    merged_b = (torch.stack(out_b, dim=1) * lambda_).to(dtype)
     return LowRank(merged_b, torch.stack(out_a).to(dtype), 1.0)

@@ -12,18 +12,26 @@ SVD (optionally clamping entries at a quantile, `svd_clamp`, not done here).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from splice.delta import LowRank
 from splice.delta.low_rank import truncate_factors
+from splice.lora_merge.methods._common import Rank, default_rank
 from splice.lora_merge.methods.concat import concat_factors
-from splice.lora_merge.registry import LoraMergeOptions, default_rank, lora_merge_method
-from splice.merge.registry import MergeContext
+from splice.merge.registry import PerModel, merge_method
 
 
-@lora_merge_method("svd", uses_rank=True)
+@merge_method("svd", needs_base=False, representation="low_rank")
 def svd(
-    loras: list[LowRank], weights: list[float], opts: LoraMergeOptions, ctx: MergeContext
+    base: None,
+    tensors: Sequence[LowRank],
+    *,
+    weight: PerModel[float] = 1.0,
+    rank: Rank | None = None,
+    lambda_: float = 1.0,
 ) -> LowRank:
     """Weighted sum truncated to rank r via QR + SVD of the small core (no dense ΔW)."""
-    cat = concat_factors(loras, weights)
-    b, a = truncate_factors(cat.b, cat.a, default_rank(loras, opts))
-    return LowRank(b * opts.lambda_, a, 1.0)
+    loras = list(tensors)
+    cat = concat_factors(loras, weight)
+    b, a = truncate_factors(cat.b, cat.a, default_rank(loras, rank))
+    return LowRank(b * lambda_, a, 1.0)
