@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from splice.commands._flags import add_allow_nonfinite, add_overwrite_argument
+from splice.commands._flags import add_output_flags, output_options
 
 if TYPE_CHECKING:
     from splice.recipe.schema import Recipe
@@ -84,7 +84,6 @@ def _cmd_merge_continual(args: argparse.Namespace) -> int:
     """`splice merge --continual STATE|none --base B --add MODEL --out DIR` (OPCM)."""
     from splice.engine.continual import opcm_add
     from splice.errors import MergeValidationError
-    from splice.io import parse_size
 
     if args.continual is None:
         raise MergeValidationError("splice merge needs a recipe, or --continual STATE|none")
@@ -99,9 +98,7 @@ def _cmd_merge_continual(args: argparse.Namespace) -> int:
         args.add,
         args.out,
         alpha=args.alpha,
-        shard_bytes=parse_size(args.shard_size),
-        overwrite=args.overwrite,
-        allow_nonfinite=args.allow_nonfinite,
+        **output_options(args),
     )
     print(
         f"merged model {report.models_merged} into {report.out_dir} with OPCM "
@@ -113,13 +110,12 @@ def _cmd_merge_continual(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="merge checkpoints with a recipe (mergekit YAML accepted)")
     m.add_argument("recipe", nargs="?", default=None, help="recipe YAML file")
-    m.add_argument(
-        "--out",
-        required=True,
-        help="output folder (HF layout), written aside and renamed into place when complete; "
+    add_output_flags(
+        m,
+        "output folder (HF layout), written aside and renamed into place when complete; "
         "a second run into the same --out is refused while one is running",
+        shard_size=True,
     )
-    m.add_argument("--shard-size", default="2GB", help="max bytes per output shard (2GB)")
     m.add_argument(
         "--dtype",
         choices=["float32", "float16", "bfloat16", "float64"],
@@ -133,7 +129,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "when their bytes and the inputs they were made from are unchanged (checked by "
         "content: one read of those inputs and shards)",
     )
-    add_overwrite_argument(m)
     m.add_argument("--seed", type=int, default=None, help="seed for random methods")
     m.add_argument(
         "--memory",
@@ -157,5 +152,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --continual: OPCM's subspace threshold (the state's, 0.5 at first)",
     )
-    add_allow_nonfinite(m)
     m.set_defaults(fn=_cmd_merge)
