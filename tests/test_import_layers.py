@@ -52,3 +52,36 @@ def test_no_import_cycle_between_subpackages():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+# The README's layer table ("Development"), lowest first: a subpackage imports only from its
+# own row or the rows before it. Top-level modules not listed (demo, inspect_ckpt,
+# readme_blocks) are helpers of the CLI and the README test.
+LAYERS = [
+    {"errors", "numbers", "config_errors"},
+    {"io"},
+    {"delta"},
+    {"peft"},
+    {"recipe", "merge"},
+    {"adapters"},
+    {"reference"},
+    {"engine"},
+    {"lora_merge", "compress"},
+    {"train", "data", "bench"},
+    {"commands", "cli", "demo"},
+]
+
+
+def test_subpackages_import_only_their_layer_or_lower():
+    rank = {f"splice.{m}": i for i, row in enumerate(LAYERS) for m in row}
+    upward = [
+        (a, b)
+        for a, targets in _package_graph().items()
+        for b in targets
+        if a in rank and b in rank and rank[b] > rank[a]
+    ]
+    assert upward == []
+    listed = {m for row in LAYERS for m in row}
+    root = Path(splice.__file__).parent
+    packages = {p.name for p in root.iterdir() if (p / "__init__.py").exists()}
+    assert packages <= listed, packages - listed

@@ -30,9 +30,6 @@ from splice.adapters.registry import adapter_method
 
 PREFIX = "ln_tuning_layers."
 
-# PEFT 0.21's TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING (text models), plus
-# BERT / RoBERTa (splice's addition).
-
 
 class LNTuningConfig(AdapterConfig):
     """Only the targeting fields (PEFT's LNTuningConfig has no other option)."""
