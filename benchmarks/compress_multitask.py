@@ -3,10 +3,10 @@
 Builds N synthetic "fine-tuned" variants of a real model (all-MiniLM-L6-v2, 22.7M
 parameters, float32): task t perturbs a random 20% of each tensor's entries by
 N(0, (0.01 · std of the tensor)²), the tasks' supports overlapping at random. Compresses
-them with `compress_tall` and `compress_emr`, restores every task, and prints the size of
-the compressed folder against the N checkpoints, and how close each restored model is to
-its fine-tuned one: ‖θ̂_t − θ_t‖ / ‖θ_t − θ_0‖ (0 = exact, 1 = as far as the base) and the
-cosine between θ̂_t − θ_0 and τ_t.
+them with `compress("tall", ...)` and `compress("emr", ...)`, restores every task, and
+prints the size of the compressed folder against the N checkpoints, and how close each
+restored model is to its fine-tuned one: ‖θ̂_t − θ_t‖ / ‖θ_t − θ_0‖ (0 = exact, 1 = as
+far as the base) and the cosine between θ̂_t − θ_0 and τ_t.
 
     python benchmarks/compress_multitask.py --tasks 4 --work /tmp/splice-compress
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from splice.compress import compress_emr, compress_tall, restore
+from splice.compress import compress, restore
 
 
 def folder_bytes(path: Path) -> int:
@@ -68,10 +68,8 @@ def main() -> None:
     for method in ("tall", "emr"):
         out = work / method
         start = time.perf_counter()
-        if method == "tall":
-            compress_tall(str(work / "base.safetensors"), models, out, lambdas=args.lam)
-        else:
-            compress_emr(str(work / "base.safetensors"), models, out)
+        params = {"lambda": args.lam} if method == "tall" else {}
+        compress(method, str(work / "base.safetensors"), models, out, params=params)
         took = time.perf_counter() - start
         size = folder_bytes(out)
         print(

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from splice.cli import main
-from splice.compress import Manifest, compress_emr, compress_tall, restore
+from splice.compress import Manifest, compress, restore
 from splice.errors import CheckpointError, MergeValidationError
 
 
@@ -33,7 +33,7 @@ def restored(folder, task, out):
 
 def test_tall_masks_and_restore(ckpts, tmp_path):
     base, models = ckpts
-    report = compress_tall(base, models, tmp_path / "c", lambdas=0.5)
+    report = compress("tall", base, models, tmp_path / "c", params={"lambda": 0.5})
     # w: tau_MTL [2,.5,1,.5]; masks (see test_consensus) m1 [TTTT], m2 [TTFT], m3 [FFFT]
     # b: tau_MTL [1,2]; m_t = |tau_t| > .5 |tau_MTL - tau_t|:
     #    m1: [1,1] > .5*[0,1] -> [T,T];  m2 the same;  m3: [1,0] > .5*[2,2] -> [F,F]
@@ -58,7 +58,7 @@ def test_tall_masks_and_restore(ckpts, tmp_path):
 
 def test_tall_per_model_lambda(ckpts, tmp_path):
     base, models = ckpts
-    compress_tall(base, models, tmp_path / "c", lambdas=[0.5, 0.5, 0.0])
+    compress("tall", base, models, tmp_path / "c", params={"lambda": [0.5, 0.5, 0.0]})
     # lambda 0: m3 = |tau_3| > 0 -> w [F,T,T,T], b [T,F]
     t3 = restored(tmp_path / "c", "t3", tmp_path / "r")
     torch.testing.assert_close(t3["w"], torch.tensor([0.0, 0.5, 1.0, 0.5]))
@@ -67,7 +67,7 @@ def test_tall_per_model_lambda(ckpts, tmp_path):
 
 def test_emr_whole_model_rescalers(ckpts, tmp_path):
     base, models = ckpts
-    compress_emr(base, models, tmp_path / "c")
+    compress("emr", base, models, tmp_path / "c")
     # w: tau_uni [2,.5,3,1]?  sums [2,.5,1,.5] -> all +; agreeing maxima [1, .2, 3, 1]
     #    M1 [T,T,T,F], M2 [T,T,F,T], M3 [F,T,F,T] -> tau_uni = [1, .2, 3, 1]
     # b: sums [1,2] -> +; M1 [T,T], M2 [T,T], M3 [F,F]; tau_uni = [1, 1]
@@ -91,19 +91,19 @@ def test_emr_whole_model_rescalers(ckpts, tmp_path):
 def test_bad_inputs(ckpts, tmp_path):
     base, models = ckpts
     with pytest.raises(MergeValidationError, match="at least 2"):
-        compress_tall(base, models[:1], tmp_path / "c")
-    with pytest.raises(MergeValidationError, match="2 TALL lambdas for 3 models"):
-        compress_tall(base, models, tmp_path / "c", lambdas=[0.1, 0.2])
+        compress("tall", base, models[:1], tmp_path / "c")
+    with pytest.raises(MergeValidationError, match="2 values of 'lambda' for 3 models"):
+        compress("tall", base, models, tmp_path / "c", params={"lambda": [0.1, 0.2]})
     odd = tmp_path / "odd.safetensors"
     save_file({"w": torch.zeros(4), "b": torch.zeros(3), "ids": torch.arange(3)}, str(odd))
     with pytest.raises(MergeValidationError, match="'b' has shape"):
-        compress_emr(base, [*models, str(odd)], tmp_path / "c")
+        compress("emr", base, [*models, str(odd)], tmp_path / "c")
     assert not (tmp_path / "c").exists()
-    compress_tall(base, models, tmp_path / "c")
+    compress("tall", base, models, tmp_path / "c")
     with pytest.raises(CheckpointError, match="no task 'x'"):
         restore(tmp_path / "c", "x", tmp_path / "r")
     with pytest.raises(CheckpointError, match="exists"):
-        compress_tall(base, models, tmp_path / "c")
+        compress("tall", base, models, tmp_path / "c")
 
 
 def test_cli_round_trip_on_a_tiny_hf_model(tmp_path, capsys):

@@ -194,6 +194,8 @@ def test_methods_lists_both_representations(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     dense, low = out.split("Low-rank (LoRA-native) methods")
+    low, compression = low.split("Compression methods")
+    assert "- `tall`: TALL masks" in compression
     assert "- `ties`: Trim each task vector" in dense and "lora:" not in dense
     assert "- `lora:ties`: TIES on the dense ΔW_i" in low and "- `lora:svd`" in low
     assert "| `svd` | no | ≥1 | `weight` | model | float | `1.0` |" in low

@@ -1,4 +1,5 @@
-"""`splice methods`: every merge method with its parameters and defaults, dense and low-rank."""
+"""`splice methods`: every merge method with its parameters and defaults, dense and low-rank,
+and the compression methods."""
 
 from __future__ import annotations
 
@@ -24,6 +25,34 @@ def low_rank_section() -> str:
     return "\n".join([*lines, "", method_table(methods)])
 
 
+def compression_section() -> str:
+    """The compression methods (`splice compress METHOD`): one summary line each and their
+    parameter table, in the shape of the merge methods' listing."""
+    from splice.compress import all_compression_methods
+
+    methods = all_compression_methods()
+    lines = [
+        "Compression methods (`splice compress METHOD`): N fine-tunes of one base in, one",
+        "folder out (a shared vector + per-task masks; `splice restore` rebuilds any task).",
+        "",
+        *(f"- `{m.name}`: {m.summary}" for m in methods),
+        "",
+        "| method | parameter | per | type | default |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        if not m.params:
+            lines.append(f"| `{m.name}` | – | | | |")
+        for i, p in enumerate(m.params):
+            per = "model" if p.per_model else "global"
+            default = "required" if p.required else f"`{p.default!r}`"
+            lines.append(
+                f"| {f'`{m.name}`' if i == 0 else ''} | `{p.name}` | {per} | "
+                f"{p.describe_type()} | {default} |"
+            )
+    return "\n".join(lines)
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from splice.merge.reference import method_summaries, method_table
 
@@ -33,9 +62,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     print(method_table())
     print()
     print(low_rank_section())
+    print()
+    print(compression_section())
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    r = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
+    r = sub.add_parser(
+        "methods", help="list merge and compression methods with their parameters and defaults"
+    )
     r.set_defaults(fn=_cmd_methods)

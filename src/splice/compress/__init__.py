@@ -1,9 +1,16 @@
 """Multi-task compression: N fine-tuned checkpoints stored as one shared task vector plus
-bit-packed per-task masks (TALL masks, EMR-Merging), and restoring any task's model."""
+bit-packed per-task masks (TALL masks, EMR-Merging: methods of `splice.compress.registry`),
+and restoring any task's model."""
 
-from splice.compress.emr import compress_emr
 from splice.compress.packed import Manifest
+from splice.compress.registry import all_compression_methods, compress, get_compression_method
 from splice.compress.stream import CompressReport, restore
-from splice.compress.tall import compress_tall
 
-__all__ = ["CompressReport", "Manifest", "compress_emr", "compress_tall", "restore"]
+__all__ = [
+    "CompressReport",
+    "Manifest",
+    "all_compression_methods",
+    "compress",
+    "get_compression_method",
+    "restore",
+]

@@ -13,11 +13,10 @@ gets λ_t = 1 (0/0 in the official code).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from torch import Tensor
 
-from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, compress
+from splice.compress.registry import compression_method
 from splice.merge.methods.emr import agree_masks, elect_sign, unified_vector
 
 
@@ -49,26 +48,7 @@ class EmrKernel:
         return [b / a if a > 0 else 1.0 for b, a in zip(before, after, strict=True)]
 
 
-def compress_emr(
-    base: str,
-    models: Sequence[str],
-    out_dir: str | Path,
-    *,
-    names: Sequence[str] | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: int | bool = False,
-    allow_nonfinite: bool = False,
-) -> CompressReport:
-    """Compress fine-tuned ``models`` of ``base`` into τ_uni, per-task masks and rescalers."""
-    return compress(
-        base,
-        models,
-        out_dir,
-        EmrKernel(),
-        method="emr",
-        params={},
-        names=names,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-    )
+@compression_method("emr")
+def emr() -> EmrKernel:
+    """EMR-Merging: unified vector, masks and rescalers."""
+    return EmrKernel()

@@ -29,7 +29,7 @@ from splice.compress.packed import (
     unpack_mask,
 )
 from splice.engine.driver import Output, Sources, Stream, side_files, write_stream
-from splice.errors import MergeValidationError
+from splice.errors import CheckpointError, MergeValidationError
 from splice.io.base import TensorInfo
 
 DEFAULT_SHARD_BYTES = 2_000_000_000
@@ -65,7 +65,7 @@ def task_names(refs: Sequence[str]) -> list[str]:
     return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
 
 
-def compress(
+def write_compressed(
     base_ref: str,
     model_refs: Sequence[str],
     out_dir: str | Path,
@@ -148,7 +148,13 @@ def restore(
     """Write task ``task`` (name or index) of a compressed folder as a checkpoint folder:
     θ_t = base + s_t · (m_t ⊙ v), in the base's dtypes, with the base's config and
     tokenizer files. NaN / ±inf (inputs, output) are refused unless ``allow_nonfinite``."""
+    from splice.compress.registry import get_compression_method
+
     manifest = Manifest.load(folder)
+    try:
+        get_compression_method(manifest.method)  # the stored method must be one we know
+    except MergeValidationError as e:
+        raise CheckpointError(f"{folder}: written by an {e}") from None
     t = manifest.task_index(task)
     scale = manifest.scales[t]
     base_ref = base_ref or manifest.base

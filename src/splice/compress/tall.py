@@ -15,14 +15,14 @@ The mask is per entry, so tensor-by-tensor streaming is exact.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Annotated
 
+from pydantic import Field
 from torch import Tensor
 
-from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, compress
-from splice.errors import MergeValidationError
+from splice.compress.registry import compression_method
 from splice.merge.methods.consensus import tall_masks, task_sum
-from splice.numbers import check_numbers
+from splice.merge.registry import PerModel
 
 DEFAULT_LAMBDA = 0.4
 
@@ -41,31 +41,12 @@ class TallKernel:
         return [1.0] * len(self.lambdas)
 
 
-def compress_tall(
-    base: str,
-    models: Sequence[str],
-    out_dir: str | Path,
+@compression_method("tall")
+def tall(
     *,
-    lambdas: float | Sequence[float] = DEFAULT_LAMBDA,
-    names: Sequence[str] | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    overwrite: int | bool = False,
-    allow_nonfinite: bool = False,
-) -> CompressReport:
-    """Compress fine-tuned ``models`` of ``base`` into τ_MTL plus per-task TALL masks."""
-    lam = [float(lambdas)] * len(models) if isinstance(lambdas, (int, float)) else list(lambdas)
-    if len(lam) != len(models):
-        raise MergeValidationError(f"{len(lam)} TALL lambdas for {len(models)} models")
-    check_numbers(lam, "lambda", ge=0)  # finite and >= 0, before any tensor is read
-    return compress(
-        base,
-        models,
-        out_dir,
-        TallKernel(lam),
-        method="tall",
-        params={"lambda": lam},
-        names=names,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-    )
+    lambda_: PerModel[
+        Annotated[float, Field(ge=0, description="TALL mask lambda: one value, or one per model")]
+    ] = DEFAULT_LAMBDA,
+) -> TallKernel:
+    """TALL masks over the task-arithmetic vector."""
+    return TallKernel(lambda_)

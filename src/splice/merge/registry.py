@@ -242,12 +242,19 @@ _REGISTRY: dict[tuple[Representation, str], MergeMethod] = {}
 
 def _param_specs(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
     sig = inspect.signature(fn)
-    hints = get_type_hints(fn, include_extras=True)
     positional = [
         p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if [p.name for p in positional] != ["base", "tensors"]:
         raise TypeError(f"{fn.__name__}: positional arguments must be (base, tensors)")
+    return keyword_params(fn)
+
+
+def keyword_params(fn: Callable[..., Any]) -> tuple[tuple[ParamSpec, ...], bool]:
+    """The schema of ``fn``'s keyword-only parameters (``ctx`` excluded), and whether it
+    declares ``ctx``: the signature-as-schema rule, shared by every registry."""
+    sig = inspect.signature(fn)
+    hints = get_type_hints(fn, include_extras=True)
     specs = []
     wants_ctx = False
     for p in sig.parameters.values():

@@ -1,0 +1,154 @@
+"""The one registry of multi-task compression methods, in the merge registry's shape.
+
+A compression method is registered by name with its *signature as its parameter schema*
+(the rule of `splice.merge.registry`, with the same `ParamSpec`s, pydantic checks and
+``PerModel`` marker; NaN and ±inf are never valid). The function takes only keyword
+parameters and returns the method's per-tensor kernel (`splice.compress.stream.Kernel`):
+
+    @compression_method("tall")
+    def tall(*, lambda_: PerModel[Annotated[float, Field(ge=0, description="...")]] = 0.4):
+        '''TALL masks over the task-arithmetic vector.'''
+        return TallKernel(lambda_)
+
+The first docstring line is the method's summary (`splice compress --help`, `splice
+methods`); a ``Field(description=...)`` is its flag's help. `splice compress METHOD` has one
+flag per parameter (``--lambda``), `compress` validates every parameter before any tensor is
+read, and the manifest records the method and its resolved parameters, by which `restore`
+finds the method again.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+
+from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, Kernel, write_compressed
+from splice.config_errors import did_you_mean
+from splice.errors import MergeValidationError
+from splice.merge.registry import ParamSpec, keyword_params
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    name: str
+    make_kernel: Callable[..., Kernel]
+    params: tuple[ParamSpec, ...]
+    summary: str
+
+    def resolve(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
+        """Every parameter validated, by its recipe name; defaults filled in and a single
+        value of a per-model parameter broadcast to the ``n_models`` models."""
+        where = f"compression method '{self.name}'"
+        names = [p.name for p in self.params]
+        for key in params:
+            if key not in names:
+                raise MergeValidationError(
+                    f"{where} has no parameter '{key}'{did_you_mean(key, names)}; it takes {names}"
+                )
+        values: dict[str, Any] = {}
+        for p in self.params:
+            value = params.get(p.name, p.default)
+            if value is inspect.Parameter.empty:
+                raise MergeValidationError(f"{where} needs parameter '{p.name}'")
+            if p.per_model and not isinstance(value, (list, tuple)):
+                value = [value] * n_models
+            if p.per_model and len(value) != n_models:
+                raise MergeValidationError(
+                    f"{where}: {len(value)} values of '{p.name}' for {n_models} models; "
+                    "give one, or one per model"
+                )
+            values[p.name] = p.validate(value, where)
+        return values
+
+    def kernel(self, values: Mapping[str, Any]) -> Kernel:
+        """The kernel for resolved parameters (`resolve`)."""
+        return self.make_kernel(**{p.arg: values[p.name] for p in self.params})
+
+
+_REGISTRY: dict[str, CompressionMethod] = {}
+
+
+def compression_method(name: str) -> Callable[[Callable[..., Kernel]], CompressionMethod]:
+    """Register a compression method under ``name`` (a name taken twice is an error)."""
+
+    def wrap(fn: Callable[..., Kernel]) -> CompressionMethod:
+        if name in _REGISTRY:
+            raise ValueError(f"compression method '{name}' is already registered")
+        if any(p.kind != p.KEYWORD_ONLY for p in inspect.signature(fn).parameters.values()):
+            raise TypeError(f"{fn.__name__}: a compression method takes keyword parameters only")
+        params, wants_ctx = keyword_params(fn)
+        if wants_ctx:
+            raise TypeError(f"{fn.__name__}: a compression method has no ctx")
+        doc = inspect.getdoc(fn) or ""
+        method = CompressionMethod(name, fn, params, doc.splitlines()[0] if doc else "")
+        _REGISTRY[name] = method
+        return method
+
+    return wrap
+
+
+def get_compression_method(name: str) -> CompressionMethod:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MergeValidationError(
+            f"unknown compression method '{name}'{did_you_mean(name, _REGISTRY)}; "
+            f"available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def all_compression_methods() -> list[CompressionMethod]:
+    _load_builtin_methods()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def param_help(p: ParamSpec) -> str:
+    """A parameter's description (its ``Field(description=...)``), or its type."""
+    t = p.value_type
+    while get_origin(t) is Annotated:
+        for meta in get_args(t)[1:]:
+            if getattr(meta, "description", None):
+                return meta.description
+        t = get_args(t)[0]
+    return p.describe_type()
+
+
+def compress(
+    method: str,
+    base: str,
+    models: Sequence[str],
+    out_dir: str | Path,
+    *,
+    params: Mapping[str, Any] | None = None,
+    names: Sequence[str] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: int | bool = False,
+    allow_nonfinite: bool = False,
+) -> CompressReport:
+    """Compress fine-tuned ``models`` of ``base`` into ``out_dir`` with ``method`` and its
+    recipe-named ``params`` (e.g. ``{"lambda": 0.5}``), all checked before any tensor is
+    read. See `splice.compress.stream.write_compressed` for the rest."""
+    m = get_compression_method(method)
+    values = m.resolve(params or {}, len(models))
+    return write_compressed(
+        base,
+        models,
+        out_dir,
+        m.kernel(values),
+        method=m.name,
+        params=values,
+        names=names,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+    )
+
+
+def _load_builtin_methods() -> None:
+    # Importing the method files registers them.
+    import splice.compress.emr
+    import splice.compress.tall  # noqa: F401
