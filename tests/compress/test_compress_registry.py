@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from splice.cli import main
+from splice.cli import build_parser, main
 from splice.commands.compress import method_parser
 from splice.compress import compress, get_compression_method, restore
 from splice.compress import registry as reg
@@ -121,6 +121,9 @@ def test_the_listing_matches_the_registry(capsys):
     assert "- `tall`: TALL masks over the task-arithmetic vector." in listing
     assert "| `tall` | `lambda` | model | float | `0.4` |" in listing
     assert "| `emr` | – | | | |" in listing
+    assert "| `compeft` | `density` | global | float | required |" in listing
+    assert "| | `alpha` | global | float | `1.0` |" in listing
+    assert "- `compeft`: ComPEFT: top-k" in listing and "(`splice lora compeft`)" in listing
     assert main(["methods"]) == 0
     assert listing.strip() in capsys.readouterr().out
     assert get_compression_method("tall").params[0].default == 0.4
@@ -144,3 +147,18 @@ def test_registration_rules(probe):
         reg.compression_method("other")(lambda x=1.0: None)
     with pytest.raises(TypeError, match="needs a type annotation"):
         reg.compression_method("other")(lambda *, x=1.0: None)
+
+
+def test_compeft_is_registered_for_lora_adapters(ckpts, tmp_path, capsys):
+    base, models = ckpts
+    with pytest.raises(MergeValidationError, match="'compeft' runs as `splice lora compeft`"):
+        compress("compeft", base, models, tmp_path / "c", params={"density": 0.5})
+    assert main(["compress", "compeft", "--base", base, "--models", *models, "--out", "x"]) == 1
+    assert "runs as `splice lora compeft`" in capsys.readouterr().err
+    # `splice lora compeft` has one flag per parameter, with the registry's defaults
+    args = build_parser().parse_args(["lora", "compeft", "a", "--density", "0.5", "--out", "o"])
+    method = get_compression_method("compeft", "lora_adapter")
+    assert {p.arg: getattr(args, p.arg) for p in method.params} == {
+        "density": 0.5,
+        **{p.arg: p.default for p in method.params if not p.required},
+    }

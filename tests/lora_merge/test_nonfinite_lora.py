@@ -111,9 +111,9 @@ def test_compeft_and_rmm_refuse(tmp_path, capsys):
     good, bad = _adapter(tmp_path / "a1", 1), _adapter(tmp_path / "a2", 2, poison=-INF)
     out = tmp_path / "c"
     for flags, expected in [
-        (["--density", "0.5", "--alpha", "nan"], "alpha = nan must be a finite number"),
-        (["--density", "0.5", "--alpha", "inf"], "alpha = inf must be a finite number"),
-        (["--density", "nan"], "density = nan must be a finite number"),
+        (["--density", "0.5", "--alpha", "nan"], "'alpha' = nan is invalid: Input should be a fin"),
+        (["--density", "0.5", "--alpha", "inf"], "'alpha' = inf is invalid: Input should be a fin"),
+        (["--density", "nan"], "'density' = nan is invalid: Input should be a finite number"),
     ]:
         assert main(["lora", "compeft", good, *flags, "--out", str(out)]) == 1
         assert expected in _err(capsys)

@@ -47,7 +47,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.list or args.method is None:
         print(compression_section())
         return 0
-    method = get_compression_method(args.method)  # unknown: an error with "did you mean"
+    method = get_compression_method(args.method, "checkpoints")  # unknown: "did you mean"
     opts = method_parser(method).parse_args(args.flags)
     params = {}
     for spec in method.params:

@@ -29,13 +29,19 @@ def compression_section() -> str:
     """The compression methods (`splice compress METHOD`): one summary line each and their
     parameter table, in the shape of the merge methods' listing."""
     from splice.compress import all_compression_methods
+    from splice.compress.registry import COMMANDS
 
     methods = all_compression_methods()
     lines = [
-        "Compression methods (`splice compress METHOD`): N fine-tunes of one base in, one",
-        "folder out (a shared vector + per-task masks; `splice restore` rebuilds any task).",
+        "Compression methods: `splice compress METHOD` takes N fine-tunes of one base and writes",
+        "a shared vector + per-task masks (`splice restore` rebuilds any task); methods marked",
+        "`splice lora METHOD` compress one PEFT LoRA adapter into another.",
         "",
-        *(f"- `{m.name}`: {m.summary}" for m in methods),
+        *(
+            f"- `{m.name}`: {m.summary}"
+            + ("" if m.inputs == "checkpoints" else f" (`{COMMANDS[m.inputs]} {m.name}`)")
+            for m in methods
+        ),
         "",
         "| method | parameter | per | type | default |",
         "|---|---|---|---|---|",
@@ -47,7 +53,7 @@ def compression_section() -> str:
             per = "model" if p.per_model else "global"
             default = "required" if p.required else f"`{p.default!r}`"
             lines.append(
-                f"| {f'`{m.name}`' if i == 0 else ''} | `{p.name}` | {per} | "
+                f"|{f' `{m.name}`' if i == 0 else ''} | `{p.name}` | {per} | "
                 f"{p.describe_type()} | {default} |"
             )
     return "\n".join(lines)

@@ -27,15 +27,18 @@ on-disk format is not written.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from splice.compress.registry import compression_method, get_compression_method
 from splice.delta import Dense, Ternary, ternarize
 from splice.errors import MergeValidationError
-from splice.numbers import check_number
 
 StdOf = Literal["original", "sparse"]
 
@@ -63,6 +66,17 @@ def compeft_compress(
         raise MergeValidationError(f"alpha = {alpha} must be a positive number")
     rule = "std" if std_of == "original" else "std_kept"
     return ternarize(Dense(delta.detach().float()), density, rule, alpha)
+
+
+@compression_method("compeft", inputs="lora_adapter")
+def compeft(
+    *,
+    density: Annotated[float, Field(ge=0, le=1, description="fraction of entries kept")],
+    alpha: Annotated[float, Field(gt=0, description="scale multiplier α")] = 1.0,
+    std_of: StdOf = "original",
+) -> Callable[[torch.Tensor], Ternary]:
+    """ComPEFT: top-k sparsification + ternary signs with one scale per tensor."""
+    return partial(compeft_compress, density=density, alpha=alpha, std_of=std_of)
 
 
 def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
@@ -103,8 +117,8 @@ def compeft_adapter(
     from splice.io.output_folder import OutputFolder
     from splice.peft import read_lora_adapter, write_adapter_files
 
-    check_number(density, "density", ge=0, le=1)
-    check_number(alpha, "alpha", gt=0)
+    method = get_compression_method("compeft")
+    kernel = method.kernel(method.resolve(dict(density=density, alpha=alpha, std_of=std_of), 1))
     folder = OutputFolder(out_dir, overwrite=overwrite, inputs=[adapter_dir]).check()
     adapter = read_lora_adapter(adapter_dir, allow_nonfinite=allow_nonfinite)
     entries: list[CompeftEntry] = []
@@ -113,7 +127,7 @@ def compeft_adapter(
     for module, f in sorted(adapter.modules.items()):
         parts = []
         for part, t in (("lora_B", f.b), ("lora_A", f.a)):
-            c = compeft_compress(t, density, alpha, std_of)
+            c = kernel(t)
             approx = c.to_dense()
             source_bits = torch.finfo(t.dtype).bits if t.dtype.is_floating_point else 32
             nnz = int(c.signs.count_nonzero())

@@ -10,6 +10,9 @@ parameters and returns the method's per-tensor kernel (`splice.compress.stream.K
         '''TALL masks over the task-arithmetic vector.'''
         return TallKernel(lambda_)
 
+A method that compresses one PEFT LoRA adapter (``inputs="lora_adapter"``, ComPEFT) returns
+a function of one tensor instead, and runs as `splice lora NAME`.
+
 The first docstring line is the method's summary (`splice compress --help`, `splice
 methods`); a ``Field(description=...)`` is its flag's help. `splice compress METHOD` has one
 flag per parameter (``--lambda``), `compress` validates every parameter before any tensor is
@@ -23,20 +26,27 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, Kernel, write_compressed
+from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, write_compressed
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
 from splice.merge.registry import ParamSpec, keyword_params
+
+# What a method compresses, and the command that runs it: N fine-tuned checkpoints of one
+# base (a kernel, `splice.compress.stream.Kernel`), or one PEFT LoRA adapter (a function of
+# one tensor, `splice.compress.compeft`).
+Inputs = Literal["checkpoints", "lora_adapter"]
+COMMANDS: dict[Inputs, str] = {"checkpoints": "splice compress", "lora_adapter": "splice lora"}
 
 
 @dataclass(frozen=True)
 class CompressionMethod:
     name: str
-    make_kernel: Callable[..., Kernel]
+    make_kernel: Callable[..., Any]
     params: tuple[ParamSpec, ...]
     summary: str
+    inputs: Inputs = "checkpoints"
 
     def resolve(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
         """Every parameter validated, by its recipe name; defaults filled in and a single
@@ -63,7 +73,7 @@ class CompressionMethod:
             values[p.name] = p.validate(value, where)
         return values
 
-    def kernel(self, values: Mapping[str, Any]) -> Kernel:
+    def kernel(self, values: Mapping[str, Any]) -> Any:
         """The kernel for resolved parameters (`resolve`)."""
         return self.make_kernel(**{p.arg: values[p.name] for p in self.params})
 
@@ -71,10 +81,12 @@ class CompressionMethod:
 _REGISTRY: dict[str, CompressionMethod] = {}
 
 
-def compression_method(name: str) -> Callable[[Callable[..., Kernel]], CompressionMethod]:
+def compression_method(
+    name: str, inputs: Inputs = "checkpoints"
+) -> Callable[[Callable[..., Any]], CompressionMethod]:
     """Register a compression method under ``name`` (a name taken twice is an error)."""
 
-    def wrap(fn: Callable[..., Kernel]) -> CompressionMethod:
+    def wrap(fn: Callable[..., Any]) -> CompressionMethod:
         if name in _REGISTRY:
             raise ValueError(f"compression method '{name}' is already registered")
         if any(p.kind != p.KEYWORD_ONLY for p in inspect.signature(fn).parameters.values()):
@@ -83,22 +95,26 @@ def compression_method(name: str) -> Callable[[Callable[..., Kernel]], Compressi
         if wants_ctx:
             raise TypeError(f"{fn.__name__}: a compression method has no ctx")
         doc = inspect.getdoc(fn) or ""
-        method = CompressionMethod(name, fn, params, doc.splitlines()[0] if doc else "")
+        method = CompressionMethod(name, fn, params, doc.splitlines()[0] if doc else "", inputs)
         _REGISTRY[name] = method
         return method
 
     return wrap
 
 
-def get_compression_method(name: str) -> CompressionMethod:
+def get_compression_method(name: str, inputs: Inputs | None = None) -> CompressionMethod:
+    """The method ``name``; with ``inputs``, one that compresses those inputs."""
     _load_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    names = [n for n, m in _REGISTRY.items() if inputs in (None, m.inputs)]
+    if name not in names:
+        if name in _REGISTRY:
+            command = COMMANDS[_REGISTRY[name].inputs]
+            raise MergeValidationError(f"compression method '{name}' runs as `{command} {name}`")
         raise MergeValidationError(
-            f"unknown compression method '{name}'{did_you_mean(name, _REGISTRY)}; "
-            f"available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+            f"unknown compression method '{name}'{did_you_mean(name, names)}; "
+            f"available: {', '.join(sorted(names))}"
+        )
+    return _REGISTRY[name]
 
 
 def all_compression_methods() -> list[CompressionMethod]:
@@ -132,7 +148,7 @@ def compress(
     """Compress fine-tuned ``models`` of ``base`` into ``out_dir`` with ``method`` and its
     recipe-named ``params`` (e.g. ``{"lambda": 0.5}``), all checked before any tensor is
     read. See `splice.compress.stream.write_compressed` for the rest."""
-    m = get_compression_method(method)
+    m = get_compression_method(method, "checkpoints")
     values = m.resolve(params or {}, len(models))
     return write_compressed(
         base,
@@ -150,5 +166,6 @@ def compress(
 
 def _load_builtin_methods() -> None:
     # Importing the method files registers them.
+    import splice.compress.compeft
     import splice.compress.emr
     import splice.compress.tall  # noqa: F401

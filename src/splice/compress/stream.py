@@ -152,7 +152,7 @@ def restore(
 
     manifest = Manifest.load(folder)
     try:
-        get_compression_method(manifest.method)  # the stored method must be one we know
+        get_compression_method(manifest.method, "checkpoints")  # a method we know
     except MergeValidationError as e:
         raise CheckpointError(f"{folder}: written by an {e}") from None
     t = manifest.task_index(task)
