@@ -12,6 +12,7 @@ from splice.compress.compeft import (
     compeft_compress,
     relative_error,
 )
+from splice.compress.registry import get_compression_method
 from splice.errors import MergeValidationError
 from splice.peft import read_lora_adapters
 
@@ -38,11 +39,15 @@ def test_compress_hand_computed():
     assert relative_error(d, c.to_dense()) == pytest.approx(want, rel=1e-6)
 
 
-def test_bad_parameters():
-    with pytest.raises(MergeValidationError, match="density"):
-        compeft_compress(torch.ones(3), 1.5)
-    with pytest.raises(MergeValidationError, match="alpha"):
-        compeft_compress(torch.ones(3), 0.5, alpha=0)
+def test_bad_parameters(tmp_path):
+    method = get_compression_method("compeft")
+    with pytest.raises(MergeValidationError, match=r"'density' = 1\.5 is invalid: Input should be"):
+        method.resolve({"density": 1.5}, 1)
+    with pytest.raises(MergeValidationError, match="'alpha' = 0 is invalid: Input should be gre"):
+        method.resolve({"density": 0.5, "alpha": 0}, 1)
+    with pytest.raises(MergeValidationError, match="'std_of' = 'dense' is invalid"):
+        compeft_adapter(tmp_path / "missing", tmp_path / "o", density=0.5, std_of="dense")
+    assert not (tmp_path / "o").exists()
 
 
 def test_compeft_adapter_loads_in_peft(tmp_path):

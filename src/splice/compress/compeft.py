@@ -38,7 +38,6 @@ from pydantic import Field
 
 from splice.compress.registry import compression_method, get_compression_method
 from splice.delta import Dense, Ternary, ternarize
-from splice.errors import MergeValidationError
 
 StdOf = Literal["original", "sparse"]
 
@@ -59,11 +58,8 @@ def compeft_bits(t: Ternary, source_bits: int) -> dict[str, float]:
 def compeft_compress(
     delta: torch.Tensor, density: float, alpha: float = 1.0, std_of: StdOf = "original"
 ) -> Ternary:
-    """Keep the top `density` fraction of |Δ|, ternarize to sign × α · σ."""
-    if not 0 <= density <= 1:
-        raise MergeValidationError(f"density = {density} must be in [0, 1]")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise MergeValidationError(f"alpha = {alpha} must be a positive number")
+    """Keep the top `density` fraction of |Δ|, ternarize to sign × α · σ. The parameters are
+    checked by the registered method's schema (`compeft` below)."""
     rule = "std" if std_of == "original" else "std_kept"
     return ternarize(Dense(delta.detach().float()), density, rule, alpha)
 
