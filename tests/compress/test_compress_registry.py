@@ -63,8 +63,8 @@ def test_unknown_method_says_did_you_mean(ckpts, tmp_path, capsys):
         ({"lambda": float("nan")}, "parameter 'lambda' = [nan, nan] is invalid: Input should be a"),
         ({"lambda": "inf"}, "is invalid: Input should be a finite number"),
         ({"lambda": [0.1, 0.2, 0.3]}, "3 values of 'lambda' for 2 models"),
-        ({"lamda": 0.1}, "no parameter 'lamda' (did you mean 'lambda'?); it takes ['lambda']"),
-        ({"lambda": 0.1, "x": 1}, "no parameter 'x'; it takes ['lambda']"),
+        ({"lamda": 0.1}, "parameter(s) ['lamda'] (did you mean 'lambda'?); it takes ['lambda']"),
+        ({"lambda": 0.1, "x": 1}, "no parameter(s) ['x']; it takes ['lambda']"),
     ],
 )
 def test_bad_parameters_are_refused_before_any_output(ckpts, tmp_path, params, message):

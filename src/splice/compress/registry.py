@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from splice.compress.stream import DEFAULT_SHARD_BYTES, CompressReport, write_compressed
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
-from splice.merge.registry import ParamSpec, keyword_params
+from splice.merge.registry import ParamSpec, keyword_params, resolve_params
 
 # What a method compresses, and the command that runs it: N fine-tuned checkpoints of one
 # base (a kernel, `splice.compress.stream.Kernel`), or one PEFT LoRA adapter (a function of
@@ -49,29 +49,8 @@ class CompressionMethod:
     inputs: Inputs = "checkpoints"
 
     def resolve(self, params: Mapping[str, Any], n_models: int) -> dict[str, Any]:
-        """Every parameter validated, by its recipe name; defaults filled in and a single
-        value of a per-model parameter broadcast to the ``n_models`` models."""
-        where = f"compression method '{self.name}'"
-        names = [p.name for p in self.params]
-        for key in params:
-            if key not in names:
-                raise MergeValidationError(
-                    f"{where} has no parameter '{key}'{did_you_mean(key, names)}; it takes {names}"
-                )
-        values: dict[str, Any] = {}
-        for p in self.params:
-            value = params.get(p.name, p.default)
-            if value is inspect.Parameter.empty:
-                raise MergeValidationError(f"{where} needs parameter '{p.name}'")
-            if p.per_model and not isinstance(value, (list, tuple)):
-                value = [value] * n_models
-            if p.per_model and len(value) != n_models:
-                raise MergeValidationError(
-                    f"{where}: {len(value)} values of '{p.name}' for {n_models} models; "
-                    "give one, or one per model"
-                )
-            values[p.name] = p.validate(value, where)
-        return values
+        """Every parameter validated, by its recipe name (`resolve_params`)."""
+        return resolve_params(self.params, params, n_models, f"compression method '{self.name}'")
 
     def kernel(self, values: Mapping[str, Any]) -> Any:
         """The kernel for resolved parameters (`resolve`)."""

@@ -213,28 +213,46 @@ class MergeMethod:
         validates parameters itself and calls the same path.
         """
         ctx = ctx or MergeContext()
-        kwargs: dict[str, Any] = {}
-        unknown = set(params) - {p.name for p in self.params}
-        if unknown:
-            raise MergeValidationError(
-                f"method '{self.name}' has no parameter(s) {sorted(unknown)}; "
-                f"it takes {[p.name for p in self.params]}"
-            )
-        for p in self.params:
-            value = params.get(p.name, self.default(p, ctx.dialect))
-            if value is inspect.Parameter.empty:
-                raise MergeValidationError(f"method '{self.name}' needs parameter '{p.name}'")
-            if p.per_model and not isinstance(value, (list, tuple)):
-                value = [value] * len(tensors)
-            if p.per_model and len(value) != len(tensors):
-                raise MergeValidationError(
-                    f"method '{self.name}': {len(value)} values of '{p.name}' for "
-                    f"{len(tensors)} models; give one per model"
-                )
-            kwargs[p.arg] = p.validate(value, f"method '{self.name}'")
+        where, dialect = f"method '{self.name}'", ctx.dialect
+        values = resolve_params(
+            self.params, params, len(tensors), where, lambda p: self.default(p, dialect)
+        )
+        kwargs: dict[str, Any] = {p.arg: values[p.name] for p in self.params}
         if self.wants_ctx:
             kwargs["ctx"] = ctx
         return self.fn(base, list(tensors), **kwargs)
+
+
+def resolve_params(
+    specs: Sequence[ParamSpec],
+    given: Mapping[str, Any],
+    n_models: int,
+    where: str,
+    default: Callable[[ParamSpec], Any] = lambda p: p.default,
+) -> dict[str, Any]:
+    """Every parameter of ``specs`` validated, by its recipe name: missing ones take
+    ``default(p)``, a single value of a per-model parameter applies to all ``n_models``."""
+    names = [p.name for p in specs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise MergeValidationError(
+            f"{where} has no parameter(s) {unknown}{did_you_mean(unknown[0], names)}; "
+            f"it takes {names}"
+        )
+    values: dict[str, Any] = {}
+    for p in specs:
+        value = given.get(p.name, default(p))
+        if value is inspect.Parameter.empty:
+            raise MergeValidationError(f"{where} needs parameter '{p.name}'")
+        if p.per_model and not isinstance(value, (list, tuple)):
+            value = [value] * n_models
+        if p.per_model and len(value) != n_models:
+            raise MergeValidationError(
+                f"{where}: {len(value)} values of '{p.name}' for {n_models} models; "
+                "give one per model"
+            )
+        values[p.name] = p.validate(value, where)
+    return values
 
 
 _REGISTRY: dict[tuple[Representation, str], MergeMethod] = {}
