@@ -1,4 +1,4 @@
-"""The one registry of multi-task compression methods, in the merge registry's shape.
+"""The one registry of compression methods, in the merge registry's shape.
 
 A compression method is registered by name with its *signature as its parameter schema*
 (the rule of `splice.merge.registry`, with the same `ParamSpec`s, pydantic checks and
@@ -13,7 +13,7 @@ parameters and returns the method's per-tensor kernel (`splice.compress.stream.K
 A method that compresses one PEFT LoRA adapter (``inputs="lora_adapter"``, ComPEFT) returns
 a function of one tensor instead, and runs as `splice lora NAME`.
 
-The first docstring line is the method's summary (`splice compress --help`, `splice
+The first docstring line is the method's summary (`splice compress --list`, `splice
 methods`); a ``Field(description=...)`` is its flag's help. `splice compress METHOD` has one
 flag per parameter (``--lambda``), `compress` validates every parameter before any tensor is
 read, and the manifest records the method and its resolved parameters, by which `restore`
