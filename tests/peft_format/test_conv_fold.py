@@ -1,4 +1,4 @@
-"""`BASE+ADAPTER` with a PEFT LoRA / DoRA on Conv2d layers (3×3 and 1×1 kernels) against
+"""`BASE+ADAPTER` with a PEFT LoRA / DoRA on Conv2d (3×3 and 1×1 kernels) and Conv1d against
 PEFT's own ``merge_and_unload``, and the reader's typed delta for a conv module."""
 
 import warnings
@@ -22,10 +22,12 @@ class TinyConvNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.point = nn.Conv2d(4, 5, 1)
-        self.head = nn.Linear(5, 2)
+        self.line = nn.Conv1d(5, 3, 2)
+        self.head = nn.Linear(3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.point(self.conv(x).relu()).mean((2, 3)))
+        h = self.point(self.conv(x).relu()).mean(3)
+        return self.head(self.line(h).mean(2))
 
 
 def _build(tmp_path, use_dora=False):
@@ -34,7 +36,9 @@ def _build(tmp_path, use_dora=False):
     model = TinyConvNet()
     base = tmp_path / "base.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base)
-    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["conv", "point"], use_dora=use_dora)
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=6, target_modules=["conv", "point", "line"], use_dora=use_dora
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(model, cfg)
@@ -53,7 +57,7 @@ def test_conv2d_lora_fold_matches_peft(tmp_path, use_dora):
     base, ad, want = _build(tmp_path, use_dora)
     reader = LoraFoldedReader(SafetensorsReader(base), ad)
     changed = [n for n in reader.names() if reader.is_modified(n)]
-    assert sorted(changed) == ["conv.weight", "point.weight"]
+    assert sorted(changed) == ["conv.weight", "line.weight", "point.weight"]
     before = SafetensorsReader(base)
     for name in reader.names():
         got = reader.read(name)
@@ -92,7 +96,7 @@ def test_conv2d_dora_reader_delta(tmp_path):
 
 def test_conv2d_lora_is_refused_by_the_lora_native_merges(tmp_path):
     _, ad, _ = _build(tmp_path)
-    with pytest.raises(MergeValidationError, match="'conv' is a Conv2d LoRA"):
+    with pytest.raises(MergeValidationError, match="'conv' is a convolution LoRA"):
         read_lora_adapter(ad)
 
 

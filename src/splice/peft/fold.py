@@ -121,11 +121,16 @@ class LoraFoldedReader:
                     )
                 features = out_shape[1] if transpose else out_shape[0]
                 m_shape = tuple(weights.info(keys.magnitude).shape)
-                conv = len(out_shape) == 4  # PEFT saves a Conv2d's magnitude as 1×out×1×1
-                if m_shape != ((1, features, 1, 1) if conv else (features,)):
+                # PEFT saves a convolution's magnitude as 1×out×1×… (Conv2d: 1×out×1×1)
+                want = (
+                    (1, features, *[1] * (len(out_shape) - 2))
+                    if len(out_shape) > 2
+                    else (features,)
+                )
+                if m_shape != want:
                     raise CheckpointError(
                         f"{where}: module '{module}': DoRA magnitude of shape {list(m_shape)}, "
-                        f"expected {[1, features, 1, 1] if conv else [features]}"
+                        f"expected {list(want)}"
                     )
             elif self.config.use_dora:
                 raise CheckpointError(

@@ -7,7 +7,8 @@
   alpha/√r (rsLoRA, rank_pattern / alpha_pattern), ``transposed`` for embeddings and
   fan_in_fan_out (GPT-2's Conv1D). A Conv2d LoRA (PEFT's lora_B out×r×1×1, lora_A
   r×in×kh×kw) is read as B out×r, A r×(in·kh·kw) with ``weight_shape`` (out, in, kh, kw):
-  ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l], PEFT's `Conv2d.get_delta_weight` (ungrouped).
+  ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l], PEFT's `Conv2d.get_delta_weight` (ungrouped;
+  Conv1d and Conv3d alike, one kernel dimension fewer or more).
   DoRA: `Folded("dora", {b, a, magnitude})`, whose W' is m ⊙ (W + ΔW) / ‖W + ΔW‖ per output
   feature (`splice.delta.folded`).
 - `bias_delta(module)`: lora_bias's `Dense(scale · lora_B.bias)`, None without one.
@@ -81,7 +82,7 @@ class LoraFolder:
     def delta_shape(self, module: str) -> tuple[int, ...]:
         """The shape of the module's base weight the factors fit (no data read); a
         CheckpointError unless A and B are 2-D (linear, embedding) or a Conv2d pair (B
-        out×r×1×1, A r×in×kh×kw) with the rank the config gives it."""
+        out×r×1×1, A r×in×kh×kw; Conv1d / Conv3d alike) with the rank the config gives it."""
         self.check_factors(module)
         keys = self.modules[module]
         assert keys.a is not None and keys.b is not None
@@ -96,11 +97,11 @@ class LoraFolder:
         assert keys.a is not None and keys.b is not None
         a, b = self.weights.info(keys.a).shape, self.weights.info(keys.b).shape
         where = f"{self.weights.path}: module '{module}'"
-        conv = len(a) == 4 and len(b) == 4 and tuple(b[2:]) == (1, 1)
+        conv = len(a) == len(b) >= 3 and all(k == 1 for k in b[2:])
         if not conv and (len(a) != 2 or len(b) != 2):
             raise CheckpointError(
                 f"{where}: LoRA factors of shapes {list(a)} and {list(b)}; only linear, "
-                "embedding (2-D factors) and Conv2d LoRA are supported yet"
+                "embedding (2-D factors) and convolution LoRA are supported"
             )
         r = self.config.rank_for(module)
         if a[0] != r or b[1] != r:
@@ -116,7 +117,7 @@ class LoraFolder:
         a, b = self.weights.read(keys.a), self.weights.read(keys.b)
         dtype = compute_dtype(a, b)
         shape = (b.shape[0], *a.shape[1:])
-        conv = a.dim() == 4  # B out×r×1×1, A r×in×kh×kw: the product reshaped
+        conv = a.dim() > 2  # B out×r×1×1, A r×in×kh×kw: the product reshaped
         a, b = a.to(dtype).flatten(1), b.to(dtype).flatten(1)
         scale, transposed = self.config.scale_for(module), self.transposed(module)
         if keys.magnitude is None:
@@ -179,7 +180,7 @@ def read_lora_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False)
                 )
             if delta.weight_shape is not None:
                 raise MergeValidationError(
-                    f"{path}: module '{module}' is a Conv2d LoRA; only linear and embedding "
+                    f"{path}: module '{module}' is a convolution LoRA; only linear and embedding "
                     "LoRA factors can be merged"
                 )
             out.modules[module] = dataclasses.replace(delta, transposed=False)
