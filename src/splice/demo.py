@@ -31,7 +31,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -41,6 +41,9 @@ from splice.io import ShardedWriter, TensorInfo, plan_shards
 from splice.io.out_location import prepare_work_folder
 from splice.recipe.schema import parse_recipe
 from splice.reference import open_checkpoint
+
+if TYPE_CHECKING:
+    from splice.bench.results import BenchResults
 
 # The real demo's bench config (see splice.bench.config): three tasks whose data sources
 # scripts/install_data.sh installs without root; smaller splits than the 4-task benchmark
@@ -78,7 +81,7 @@ BENCH_DEMO: dict[str, Any] = {
 }
 
 
-def run_bench_demo(out: str | Path = "splice-demo", progress: bool = True) -> dict[str, Any]:
+def run_bench_demo(out: str | Path = "splice-demo", progress: bool = True) -> BenchResults:
     """Run `BENCH_DEMO` into ``out``; print the table. Returns the results."""
     from splice.bench import parse_bench_config, run_bench
     from splice.bench.report import print_results

@@ -38,43 +38,45 @@ def test_outputs_and_experts(run):
     assert saved["tasks"]["topic"]["classes"] == 3
     for kind in ("full", "lora"):
         for task in ("sentiment", "topic"):
-            e = res["experts"][kind][task]
-            assert e["test"] >= 0.9, (kind, task, e)  # keyword tasks: clearly learned
-            assert e["margin_over_chance"] == pytest.approx(e["test"] - e["chance"])
-            assert not e["cached"]
-    assert res["skipped"] == []
+            e = res.experts[kind][task]
+            assert e.test >= 0.9, (kind, task, e)  # keyword tasks: clearly learned
+            assert e.margin_over_chance == pytest.approx(e.test - e.chance)
+            assert not e.cached
+            assert saved["experts"][kind][task] == e.to_json()
+    assert res.skipped == []
+    assert saved == json.loads(json.dumps(res.to_json(), default=str))
 
 
 def test_table_values(run):
     _, _, res = run
-    for kind, rows in res["tables"].items():
-        experts = {t: res["experts"][kind][t]["test"] for t in ("sentiment", "topic")}
-        names = [r["method"] for r in rows]
+    for kind, rows in res.tables.items():
+        experts = {t: res.experts[kind][t].test for t in ("sentiment", "topic")}
+        names = [r.method for r in rows]
         assert names[:2] == ["experts", "pretrained + expert heads"]
         assert {"linear probe", "multi-task"} <= set(names)
         for r in rows:
-            acc = r["test"]
-            assert r["avg"] == pytest.approx((acc["sentiment"] + acc["topic"]) / 2)
+            acc = r.test
+            assert r.score.avg == pytest.approx((acc["sentiment"] + acc["topic"]) / 2)
             want = (acc["sentiment"] / experts["sentiment"] + acc["topic"] / experts["topic"]) / 2
-            assert r["avg_normalized"] == pytest.approx(want)
-        assert rows[0]["avg_normalized"] == pytest.approx(1.0)
-        merged = [r["avg_normalized"] for r in rows if r["group"] == "merged"]
+            assert r.score.avg_normalized == pytest.approx(want)
+        assert rows[0].score.avg_normalized == pytest.approx(1.0)
+        merged = [r.score.avg_normalized for r in rows if r.group == "merged"]
         assert merged == sorted(merged, reverse=True)
         assert len(merged) == 5  # linear + (default, tuned) for the two swept methods
 
 
 def test_sweep_picks_best_validation_point(run):
     _, _, res = run
-    sweeps = {(s["kind"], s["method"]): s for s in res["sweeps"]}
+    sweeps = {(s.kind, s.method): s for s in res.sweeps}
     assert set(sweeps) == {(k, m) for k in ("full", "lora") for m in ("task_arithmetic", "ties")}
     for s in sweeps.values():
-        assert [p["value"] for p in s["points"]] == (
-            [0.5, 1.0] if s["method"] == "task_arithmetic" else [0.6, 1.0]
+        assert [p.value for p in s.points] == (
+            [0.5, 1.0] if s.method == "task_arithmetic" else [0.6, 1.0]
         )
-        best = max(s["points"], key=lambda p: p["avg"])
-        assert s["best"] == best["value"]
-        assert s["at_grid_edge"]  # two points: the best is always an end
-        assert s["default"] == 1.0
+        best = max(s.points, key=lambda p: p.avg)
+        assert s.best == best.value
+        assert s.at_grid_edge  # two points: the best is always an end
+        assert s.default == 1.0
 
 
 def test_linear_row_is_the_average_backbone(run, tiny_bert, tiny_tasks):
@@ -93,7 +95,7 @@ def test_linear_row_is_the_average_backbone(run, tiny_bert, tiny_tasks):
 
     from splice.bench.backbone import load_heads
 
-    experts = [Path(res["experts"]["full"][t.name]["folder"]) for t in tasks]
+    experts = [Path(res.experts["full"][t.name].folder) for t in tasks]
     states = [load_file(str(f / "model.safetensors")) for f in experts]
     avg = {
         k: torch.stack([s[k] for s in states]).mean(0)
@@ -103,18 +105,18 @@ def test_linear_row_is_the_average_backbone(run, tiny_bert, tiny_tasks):
     }
     heads = {t.name: load_heads(f / "heads.safetensors")[t.name] for t, f in zip(tasks, experts)}
     want = ev.evaluate(avg, heads, "test")
-    row = next(r for r in res["tables"]["full"] if r["method"] == "linear")
-    assert row["test"] == pytest.approx(want, abs=1e-9)
+    row = next(r for r in res.tables["full"] if r.method == "linear")
+    assert row.test == pytest.approx(want, abs=1e-9)
 
 
 def test_second_run_reuses_the_experts(run, tmp_path):
     cfg, _, first = run
     again = run_bench(cfg, tmp_path / "out2", progress=False)
     for kind in ("full", "lora"):
-        for task, e in again["experts"][kind].items():
-            assert e["cached"]
-            assert e["test"] == first["experts"][kind][task]["test"]
-    assert again["experts"]["multitask"]["cached"]
+        for task, e in again.experts[kind].items():
+            assert e.cached
+            assert e.test == first.experts[kind][task].test
+    assert again.multitask.cached
 
 
 def test_lora_native_methods_are_rows_of_the_lora_table(run, tmp_path):
@@ -128,7 +130,7 @@ def test_lora_native_methods_are_rows_of_the_lora_table(run, tmp_path):
     from splice.bench.merging import merge_backbones
 
     cfg, _, res = run
-    experts = [Path(e["folder"]) for e in res["experts"]["lora"].values()]
+    experts = [Path(e.folder) for e in res.experts["lora"].values()]
     assert all((f / ADAPTER_DIR / "adapter_config.json").is_file() for f in experts)
     base = prepare_base(cfg.model, cfg.training.seed).folder
     low_rank, _ = merge_backbones("lora:concat", {}, base, experts)
@@ -147,9 +149,9 @@ def test_lora_native_methods_are_rows_of_the_lora_table(run, tmp_path):
     }
     lora_only["merge"] = {"methods": ["lora:svd", "lora:ties"], "sweep": False}
     again = run_bench(parse_bench_config(lora_only), tmp_path / "out", progress=False)
-    rows = {r["method"]: r for r in again["tables"]["lora"] if r["group"] == "merged"}
-    assert set(rows) == {"lora:svd", "lora:ties"} and "full" not in again["tables"]
-    assert rows["lora:ties"]["params"] == {"density": 0.2}
-    assert all(m["lora_experts_only"] for m in again["methods"])
+    rows = {r.method: r for r in again.tables["lora"] if r.group == "merged"}
+    assert set(rows) == {"lora:svd", "lora:ties"} and "full" not in again.tables
+    assert rows["lora:ties"].params == {"density": 0.2}
+    assert all(m.low_rank for m in again.methods)
     for r in rows.values():
-        assert set(r["test"]) == {"sentiment", "topic"} and r["merge_seconds"] >= 0
+        assert set(r.test) == {"sentiment", "topic"} and r.merge_seconds >= 0

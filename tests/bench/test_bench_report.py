@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from splice.bench.methods import SkippedMethod
 from splice.bench.report import markdown_table, render_tables, score_row, section_rows
+from splice.bench.results import BenchResults, Failure, Row, Sweep, SweepPoint, TaskSummary
 from splice.errors import DataError
 
 EXPERTS = {"a": 0.8, "b": 0.5}
@@ -12,11 +16,11 @@ EXPERTS = {"a": 0.8, "b": 0.5}
 
 def test_score_row_values():
     s = score_row({"a": 0.4, "b": 0.5}, EXPERTS)
-    assert s["avg"] == pytest.approx(0.45)
-    assert s["normalized"] == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
-    assert s["avg_normalized"] == pytest.approx(0.75)
+    assert s.avg == pytest.approx(0.45)
+    assert s.normalized == {"a": pytest.approx(0.5), "b": pytest.approx(1.0)}
+    assert s.avg_normalized == pytest.approx(0.75)
     # above the expert is allowed (a merge can help a task)
-    assert score_row({"a": 0.8, "b": 0.6}, EXPERTS)["avg_normalized"] == pytest.approx(1.1)
+    assert score_row({"a": 0.8, "b": 0.6}, EXPERTS).avg_normalized == pytest.approx(1.1)
 
 
 def test_score_row_rejects_a_zero_expert():
@@ -26,41 +30,22 @@ def test_score_row_rejects_a_zero_expert():
 
 def _rows():
     return [
-        {"kind": "full", "group": "baseline", "method": "experts", "test": dict(EXPERTS)},
-        {
-            "kind": "shared",
-            "group": "baseline",
-            "method": "multi-task",
-            "test": {"a": 0.7, "b": 0.6},
-        },
-        {
-            "kind": "full",
-            "group": "merged",
-            "method": "x",
-            "variant": "default",
-            "params": {"lambda": 1.0},
-            "test": {"a": 0.4, "b": 0.25},
-        },
-        {
-            "kind": "full",
-            "group": "merged",
-            "method": "y",
-            "variant": "tuned",
-            "params": {"lambda": 0.5},
-            "test": {"a": 0.8, "b": 0.25},
-        },
-        {"kind": "lora", "group": "merged", "method": "z", "test": {"a": 0.1, "b": 0.1}},
+        Row("full", "baseline", "experts", dict(EXPERTS)),
+        Row("shared", "baseline", "multi-task", {"a": 0.7, "b": 0.6}),
+        Row("full", "merged", "x", {"a": 0.4, "b": 0.25}, {"lambda": 1.0}, "default"),
+        Row("full", "merged", "y", {"a": 0.8, "b": 0.25}, {"lambda": 0.5}, "tuned"),
+        Row("lora", "merged", "z", {"a": 0.1, "b": 0.1}),
     ]
 
 
 def test_section_rows_rank_and_filter():
     rows = section_rows(_rows(), "full", EXPERTS)
-    assert [r["method"] for r in rows] == ["experts", "multi-task", "y", "x"]
-    assert [round(r["avg_normalized"], 4) for r in rows] == [1.0, 1.0375, 0.75, 0.5]
-    assert rows[1]["normalized"] == {"a": pytest.approx(0.875), "b": pytest.approx(1.2)}
+    assert [r.method for r in rows] == ["experts", "multi-task", "y", "x"]
+    assert [round(r.score.avg_normalized, 4) for r in rows] == [1.0, 1.0375, 0.75, 0.5]
+    assert rows[1].score.normalized == {"a": pytest.approx(0.875), "b": pytest.approx(1.2)}
     lora = section_rows(_rows(), "lora", {"a": 0.5, "b": 0.5})
-    assert [r["method"] for r in lora] == ["multi-task", "z"]  # shared rows in every section
-    assert lora[1]["avg_normalized"] == pytest.approx(0.2)
+    assert [r.method for r in lora] == ["multi-task", "z"]  # shared rows in every section
+    assert lora[1].score.avg_normalized == pytest.approx(0.2)
 
 
 def test_markdown_table_cells():
@@ -72,29 +57,45 @@ def test_markdown_table_cells():
     assert lines[5] == "| x | default: lambda=1.0 | 40.0 | 25.0 | 32.5 | 50.0 |"
 
 
+TASKS = {"a": TaskSummary(2, {}, []), "b": TaskSummary(4, {}, [])}
+
+
 def test_render_tables_has_sections_and_chance():
-    results = {
-        "tasks": {"a": {"classes": 2}, "b": {"classes": 4}},
-        "tables": {"full": section_rows(_rows(), "full", EXPERTS)},
-    }
+    results = BenchResults(TASKS, {"full": section_rows(_rows(), "full", EXPERTS)})
     text = render_tables(results)
     assert "### full experts" in text
     assert "chance (balanced test sets): a 50.0, b 25.0" in text
     assert "end of its grid" not in text
-    results["sweeps"] = [
-        {"kind": "full", "method": "x", "param": "lambda", "best": 3.0, "at_grid_edge": True},
-        {"kind": "full", "method": "y", "param": "lambda", "best": 0.5, "at_grid_edge": False},
+    point = SweepPoint(3.0, 0.5, {}, 0.0)
+    results.sweeps = [
+        Sweep("full", "x", "lambda", 1.0, 3.0, [SweepPoint(1.0, 0.4, {}, 0.0), point]),
+        Sweep("full", "y", "lambda", 1.0, 0.5, [point, SweepPoint(0.5, 0.6, {}, 0.0), point]),
     ]
     assert "outside): full x (lambda=3.0)." in render_tables(results)
 
 
 def test_render_tables_lists_skipped_and_failed():
-    results = {
-        "tasks": {"a": {"classes": 2}, "b": {"classes": 4}},
-        "tables": {"full": section_rows(_rows(), "full", EXPERTS)},
-        "skipped": [{"method": "slerp", "reason": "takes exactly 1 model(s), the pool has 2"}],
-        "failed": [{"kind": "lora", "method": "m", "error": "SpliceError: boom"}],
-    }
+    results = BenchResults(
+        TASKS,
+        {"full": section_rows(_rows(), "full", EXPERTS)},
+        skipped=[SkippedMethod("slerp", "takes exactly 1 model(s), the pool has 2")],
+        failed=[Failure("lora", "m", "SpliceError: boom")],
+    )
     text = render_tables(results)
     assert "Not applicable: slerp (takes exactly 1 model(s), the pool has 2)." in text
     assert "Failed on the lora experts, no row: m (SpliceError: boom)." in text
+
+
+def test_row_json_keeps_the_keys_set_in_order():
+    (row,) = section_rows([_rows()[2]], "full", EXPERTS)
+    tuned = dataclasses.replace(row, variant="tuned", same_as_default=True)
+    assert list(tuned.to_json()) == [
+        "kind", "group", "method", "test", "params", "variant", "same_as_default",
+        "avg", "normalized", "avg_normalized",
+    ]  # fmt: skip
+    assert _rows()[0].to_json() == {
+        "kind": "full",
+        "group": "baseline",
+        "method": "experts",
+        "test": EXPERTS,
+    }

@@ -11,6 +11,7 @@ import splice.bench.run as run_mod
 from splice.bench.config import parse_bench_config
 from splice.bench.experts import Expert
 from splice.bench.methods import PlannedMethod
+from splice.bench.results import Failure
 from splice.errors import SpliceError
 
 
@@ -37,11 +38,11 @@ def test_sweep_rows_and_units(monkeypatch):
     r.merge_method("full", p, _Eval(), Path("base"), POOL)
     assert r.units == 5 and not r.failed
     default, tuned = r.rows
-    assert default["params"] == {"lambda": 1.0} and default["test"] == {"a": 0.5, "b": 0.5}
-    assert tuned["params"] == {"lambda": 1.2} and tuned["test"] == {"a": 0.6, "b": 0.6}
+    assert default.params == {"lambda": 1.0} and default.test == {"a": 0.5, "b": 0.5}
+    assert tuned.params == {"lambda": 1.2} and tuned.test == {"a": 0.6, "b": 0.6}
     (sweep,) = r.sweeps
-    assert sweep["best"] == 1.2 and not sweep["at_grid_edge"]
-    assert [x["value"] for x in sweep["points"]] == [0.5, 1.2, 0.8]
+    assert sweep.best == 1.2 and not sweep.at_grid_edge
+    assert [x.value for x in sweep.points] == [0.5, 1.2, 0.8]
 
 
 @pytest.mark.parametrize("fail_at", [1, 2, 4])
@@ -60,10 +61,6 @@ def test_a_failing_method_is_recorded(monkeypatch, fail_at):
     r.merge_method("lora", p, _Eval(), Path("base"), POOL)
     assert r.rows == [] and r.sweeps == []  # nothing partial
     assert r.failed == [
-        {
-            "kind": "lora",
-            "method": "task_arithmetic",
-            "error": "SpliceError: the weighted mean direction is zero",
-        }
+        Failure("lora", "task_arithmetic", "SpliceError: the weighted mean direction is zero")
     ]
     assert r.units == 5  # the bar still advances by the method's share

@@ -4,8 +4,9 @@
 `PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()` would hold:
 
 - a LoRA-adapted weight W becomes W + scale · B @ A (transposed when the config says
-  fan_in_fan_out, as for GPT-2's Conv1D); an embedding becomes W + scale · (B @ A)ᵀ from
-  lora_embedding_A/B; with lora_bias the bias gains scale · lora_B.bias;
+  fan_in_fan_out, as for GPT-2's Conv1D; reshaped to out×in×kh×kw for a Conv2d); an
+  embedding becomes W + scale · (B @ A)ᵀ from lora_embedding_A/B; with lora_bias the bias
+  gains scale · lora_B.bias;
 - a DoRA-adapted weight (use_dora, a saved ``lora_magnitude_vector`` m) becomes
   W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (the norm over the input dimension: rows
   of W for a linear layer, columns of an embedding, rows of Wᵀ for a Conv1D), ΔW as above —
@@ -108,10 +109,8 @@ class LoraFoldedReader:
                     f"target_modules {self.config.target_modules!r} do not select; PEFT would "
                     "ignore them, so the adapter is inconsistent"
                 )
-            self.adapter.check_factors(module)
-            a, b = weights.info(keys.a), weights.info(keys.b)
+            out_shape = self.adapter.delta_shape(module)
             transpose = self.adapter.transposed(module)
-            out_shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
             weight = resolve(module + ".weight", keys.a, folded_by)
             self._check_shape(keys.a, out_shape, weight, delta=True)
             if keys.magnitude is not None:
@@ -122,10 +121,16 @@ class LoraFoldedReader:
                     )
                 features = out_shape[1] if transpose else out_shape[0]
                 m_shape = tuple(weights.info(keys.magnitude).shape)
-                if m_shape != (features,):
+                # PEFT saves a convolution's magnitude as 1×out×1×… (Conv2d: 1×out×1×1)
+                want = (
+                    (1, features, *[1] * (len(out_shape) - 2))
+                    if len(out_shape) > 2
+                    else (features,)
+                )
+                if m_shape != want:
                     raise CheckpointError(
                         f"{where}: module '{module}': DoRA magnitude of shape {list(m_shape)}, "
-                        f"expected [{features}]"
+                        f"expected {list(want)}"
                     )
             elif self.config.use_dora:
                 raise CheckpointError(

@@ -5,8 +5,12 @@
 
 - `delta(module)`: the module's ΔW. LoRA: `LowRank(B, A, scale)` with scale = alpha/r or
   alpha/√r (rsLoRA, rank_pattern / alpha_pattern), ``transposed`` for embeddings and
-  fan_in_fan_out (GPT-2's Conv1D). DoRA: `Folded("dora", {b, a, magnitude})`, whose W' is
-  m ⊙ (W + ΔW) / ‖W + ΔW‖ per output feature (`splice.delta.folded`).
+  fan_in_fan_out (GPT-2's Conv1D). A Conv2d LoRA (PEFT's lora_B out×r×1×1, lora_A
+  r×in×kh×kw) is read as B out×r, A r×(in·kh·kw) with ``weight_shape`` (out, in, kh, kw):
+  ΔW[o,i,k,l] = s · Σ_r B[o,r] A[r,i,k,l], PEFT's `Conv2d.get_delta_weight` (ungrouped;
+  Conv1d and Conv3d alike, one kernel dimension fewer or more).
+  DoRA: `Folded("dora", {b, a, magnitude})`, whose W' is m ⊙ (W + ΔW) / ‖W + ΔW‖ per output
+  feature (`splice.delta.folded`).
 - `bias_delta(module)`: lora_bias's `Dense(scale · lora_B.bias)`, None without one.
 - `full`: tensors the adapter saves whole (modules_to_save, trained biases), by base name.
 
@@ -75,17 +79,29 @@ class LoraFolder:
         """Whether the base weight receives (B A)ᵀ: embeddings and fan_in_fan_out."""
         return self.modules[module].embedding or self.config.fan_in_fan_out
 
+    def delta_shape(self, module: str) -> tuple[int, ...]:
+        """The shape of the module's base weight the factors fit (no data read); a
+        CheckpointError unless A and B are 2-D (linear, embedding) or a Conv2d pair (B
+        out×r×1×1, A r×in×kh×kw; Conv1d / Conv3d alike) with the rank the config gives it."""
+        self.check_factors(module)
+        keys = self.modules[module]
+        assert keys.a is not None and keys.b is not None
+        a, b = self.weights.info(keys.a).shape, self.weights.info(keys.b).shape
+        if self.transposed(module):
+            return (a[1], b[0])
+        return (b[0], *a[1:])
+
     def check_factors(self, module: str) -> None:
-        """CheckpointError unless the module's A and B (shapes only, no data read) are 2-D
-        (linear or embedding LoRA) with the rank the config gives it."""
+        """See `delta_shape`."""
         keys = self.modules[module]
         assert keys.a is not None and keys.b is not None
         a, b = self.weights.info(keys.a).shape, self.weights.info(keys.b).shape
         where = f"{self.weights.path}: module '{module}'"
-        if len(a) != 2 or len(b) != 2:
+        conv = len(a) == len(b) >= 3 and all(k == 1 for k in b[2:])
+        if not conv and (len(a) != 2 or len(b) != 2):
             raise CheckpointError(
-                f"{where}: LoRA factors of shapes {list(a)} and {list(b)}; only linear and "
-                "embedding LoRA (2-D factors) are supported yet"
+                f"{where}: LoRA factors of shapes {list(a)} and {list(b)}; only linear, "
+                "embedding (2-D factors) and convolution LoRA are supported"
             )
         r = self.config.rank_for(module)
         if a[0] != r or b[1] != r:
@@ -100,15 +116,17 @@ class LoraFolder:
         assert keys.a is not None and keys.b is not None
         a, b = self.weights.read(keys.a), self.weights.read(keys.b)
         dtype = compute_dtype(a, b)
-        a, b = a.to(dtype), b.to(dtype)
+        shape = (b.shape[0], *a.shape[1:])
+        conv = a.dim() > 2  # B out×r×1×1, A r×in×kh×kw: the product reshaped
+        a, b = a.to(dtype).flatten(1), b.to(dtype).flatten(1)
         scale, transposed = self.config.scale_for(module), self.transposed(module)
         if keys.magnitude is None:
-            return LowRank(b, a, scale, transposed)
+            return LowRank(b, a, scale, transposed, shape if conv else None)
         out, inn = b.shape[0], a.shape[1]
         return Folded(
             "dora",
             {"b": b, "a": a, "magnitude": self.weights.read(keys.magnitude).to(dtype)},
-            (inn, out) if transposed else (out, inn),
+            shape if conv else (inn, out) if transposed else (out, inn),
             {"transposed": transposed, "lora_scale": scale},
         )
 
@@ -158,6 +176,11 @@ def read_lora_adapter(adapter_dir: str | Path, *, allow_nonfinite: bool = False)
             if isinstance(delta, Folded):
                 raise MergeValidationError(
                     f"{path}: module '{module}' is DoRA (lora_magnitude_vector); only plain "
+                    "LoRA factors can be merged"
+                )
+            if delta.weight_shape is not None:
+                raise MergeValidationError(
+                    f"{path}: module '{module}' is a convolution LoRA; only linear and embedding "
                     "LoRA factors can be merged"
                 )
             out.modules[module] = dataclasses.replace(delta, transposed=False)
