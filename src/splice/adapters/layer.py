@@ -9,6 +9,9 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
              modules_to_save, HRA), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
 
+During a mixed-adapter batch (``mixed_plan`` set, `splice.adapters.mixed_batch`) the
+forward follows the plan instead: each row's own adapters, whatever is active.
+
 Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
 W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
 forward equals the folded model (PEFT's HRA forward and its OFT merge take this order; its

@@ -6,6 +6,7 @@
     with am.disabled(): ...                         # the base model's outputs
     am.fold("sst"); am.unfold("sst")                # into the weights and back, exactly
     am.deltas("sst")                                # {param name: ΔW} (DESIGN.md deltas)
+    am(input_ids, adapter_names=["sst", "__base__", {"sst": 0.5, "style": 0.5}])  # per row
     plain = am.merge_and_unload()                   # fold for good, drop the wrappers
 
 Adding an adapter freezes every base parameter; the new adapter's parameters are trainable.
