@@ -9,6 +9,9 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
              modules_to_save, HRA), else base(x')
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
 
+During a mixed-adapter batch (``mixed_plan`` set, `splice.adapters.mixed_batch`) the
+forward follows the plan instead: each row's own adapters, whatever is active.
+
 Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
 W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
 forward equals the folded model (PEFT's HRA forward and its OFT merge take this order; its
@@ -77,6 +80,11 @@ class AdapterModule(nn.Module):
     def base_forward(self, x: Tensor, base: nn.Module) -> Tensor:
         raise NotImplementedError
 
+    def changes_base_input(self) -> bool:
+        """True when the adapter changes what the base layer computes (an input transform or
+        a replacement), so its forward cannot reuse the base layer's result (mixed batches)."""
+        return self.replaces_base or type(self).transform_input is not AdapterModule.transform_input
+
     def transform_output(self, x: Tensor, result: Tensor, base: nn.Module) -> Tensor:
         """The output with this adapter's update, in the promoted dtype of ``result`` and
         the update (the layer casts the final output to the base result's dtype once)."""
@@ -120,6 +128,8 @@ class AdaptedLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+        # a mixed batch's row plan during one forward (`splice.adapters.mixed_batch`)
+        self.mixed_plan: Any = None
         # name -> original base tensors, for exact unfolding; insertion order = fold order.
         self._folded: dict[str, dict[str, Tensor]] = {}
 
@@ -145,7 +155,22 @@ class AdaptedLayer(nn.Module):
             return getattr(base, name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        running = self.running()
+        if self.mixed_plan is not None:
+            return self.mixed_plan.forward(self, x, args, kwargs)
+        return self._forward_with(self.running(), x, args, kwargs)
+
+    def forward_alone(
+        self, adapter: AdapterModule, x: Tensor, args: tuple, kwargs: dict, base_result: Tensor
+    ) -> Tensor:
+        """The forward with ``adapter`` alone, given ``base_result`` = base(x): reused unless
+        the adapter changes the base layer's input or replaces it."""
+        if adapter.changes_base_input():
+            return self._forward_with([adapter], x, args, kwargs)
+        return adapter.transform_output(x, base_result, self.base_layer).to(base_result.dtype)
+
+    def _forward_with(
+        self, running: list[AdapterModule], x: Tensor, args: tuple, kwargs: dict
+    ) -> Tensor:
         if not running:
             return self.base_layer(x, *args, **kwargs)
         x_in = x

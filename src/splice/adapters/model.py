@@ -6,6 +6,7 @@
     with am.disabled(): ...                         # the base model's outputs
     am.fold("sst"); am.unfold("sst")                # into the weights and back, exactly
     am.deltas("sst")                                # {param name: ΔW} (DESIGN.md deltas)
+    am(input_ids, adapter_names=["sst", "__base__", {"sst": 0.5, "style": 0.5}])  # per row
     plain = am.merge_and_unload()                   # fold for good, drop the wrappers
 
 Adding an adapter freezes every base parameter; the new adapter's parameters are trainable.
@@ -28,6 +29,7 @@ from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.default_targets import DEFAULT_TARGETS, default_targets
 from splice.adapters.full_copy import FullCopy
 from splice.adapters.layer import AdaptedLayer, AdapterModule, AdapterStateError
+from splice.adapters.mixed_batch import BASE_NAME, mixed_forward, plan_rows
 from splice.adapters.model_adapter import ModelAdapter
 from splice.adapters.registry import method_for_config
 from splice.adapters.targeting import (
@@ -40,6 +42,16 @@ from splice.adapters.targeting import (
 )
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward's inputs: the first axis of ``input_ids`` /
+    ``inputs_embeds`` / ``pixel_values``, else of the first positional tensor."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if isinstance(kwargs.get(key), Tensor):
+            return int(kwargs[key].shape[0])
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else None
 
 
 class AdapterModel(nn.Module):
@@ -62,12 +74,21 @@ class AdapterModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward with the active adapters; ``adapter_names`` (one entry
+        per row: a name, "__base__", or a weighted set) runs a mixed-adapter batch instead
+        (`splice.adapters.mixed_batch`)."""
+        if adapter_names is not None:
+            plan = plan_rows(self, adapter_names, _batch_size(args, kwargs))
+            with mixed_forward(self, plan):
+                return self.model(*args, **kwargs)
         for name in self._running_model_adapters():
             args, kwargs = self.model_adapters[name].prepare(self.model, args, kwargs)
         return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if "adapter_names" in kwargs:
+            raise AdapterStateError("generate() with adapter_names is not supported yet")
         running = self._running_model_adapters()
         if len(running) > 1:
             raise AdapterStateError(
@@ -97,6 +118,8 @@ class AdapterModel(nn.Module):
         """Inject adapter ``name``. ``activate`` defaults to True for the first adapter."""
         if not _NAME_RE.fullmatch(name):
             raise AdapterConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
+        if name == BASE_NAME:
+            raise AdapterConfigError(f"{BASE_NAME!r} names the base model in adapter_names")
         if name in self.configs:
             raise AdapterConfigError(f"an adapter named '{name}' already exists")
         method = method_for_config(config)

@@ -103,6 +103,9 @@ class IA3(AdapterModule):
         # linear: a flat vector on the last axis; conv: (1, C, 1, ...) on the channel axis
         return self.ia3_l if self.kind == "conv" else self.ia3_l.flatten()
 
+    def changes_base_input(self) -> bool:
+        return self.feedforward
+
     def transform_input(self, x: Tensor, base: nn.Module) -> Tensor:
         if not self.feedforward:
             return x

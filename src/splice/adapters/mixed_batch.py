@@ -1,0 +1,220 @@
+"""Mixed-adapter batches: each row of one forward pass names its own adapter(s).
+
+    am(input_ids, adapter_names=["sst", "__base__", {"sst": 0.5, "style": 0.5}, ["a", "b"]])
+
+One entry per row (PEFT's keyword and semantics, plus weighted sets):
+
+- an adapter name: that adapter alone for the row; ``"__base__"`` (PEFT's name): no adapter;
+- a dict ``{name: weight}`` or a list of names (weight 1 each): a *weighted set*.
+
+The currently active adapters play no part in such a forward (as PEFT): a row runs exactly
+what it names. With f_a a layer's forward with adapter a alone and f its base forward, a
+row with the set {a_i: w_i} gets, at each adapted layer,
+
+    y = f(x) + Σ_i w_i · (f_{a_i}(x) − f(x)).
+
+For every weight-space adapter the layer is affine in its parameters, so f_a(x) − f(x) = ΔW_a x
+(+ Δb_a) with ΔW_a the adapter's delta (`AdapterModule.delta`), and the set's row is exactly
+the layer with W + Σ w_i ΔW_i: the forward of the weighted sum of their updates (LoRA: Σ w_i
+s_i B_i A_i x; DoRA: its own ‖W + s B A‖ scale per adapter inside its ΔW; OFT / HRA / IA3:
+W (M_i − I)). Bottleneck adapters (not weight deltas) get the weighted sum of their residuals
+h + Σ w_i r_i(h). A single name is the set {name: 1}, and its rows equal the forward with that
+adapter alone active (the layer's output for those rows is replaced by f_a's, not summed).
+
+Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set): the base layer
+runs once for the whole batch; then per *segment* (the rows sharing one set) the segment's
+rows are gathered once (``index_select``), each adapter of the set runs on them, and the
+result is written back (``index_copy``). Additive adapters (LoRA, DoRA, VeRA, LoHa, LoKr,
+IA3 output scaling, BitFit, bottleneck) reuse the base result of those rows; input transforms
+and replacements (OFT, HRA, IA3 input scaling, LN tuning, modules_to_save) run the base
+layer on their segment's rows. Rows naming "__base__" cost nothing beyond the base.
+
+Not supported yet: model-level adapters (prompt / prefix tuning) in a mixed batch, folded
+adapters, `generate()` with per-row adapters; each is refused before any compute.
+
+The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
+forward (`mixed_forward`), so no keyword travels through the wrapped model's code. One mixed
+forward at a time per model: a second one started while a plan is set is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from splice.adapters.layer import AdaptedLayer, AdapterStateError
+from splice.config_errors import did_you_mean
+
+if TYPE_CHECKING:
+    from splice.adapters.model import AdapterModel
+
+BASE_NAME = "__base__"  # PEFT's row name for "no adapter"
+
+RowAdapters = str | Sequence[str] | Mapping[str, float]
+
+_SETTING = threading.Lock()  # guards the check-and-set of a model's plan
+
+
+@dataclass
+class Segment:
+    """The rows (batch indices, ascending) that share one weighted set of adapters."""
+
+    weights: tuple[tuple[str, float], ...]  # (adapter, weight), in the row's order
+    rows: list[int]
+    _index: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+
+    def index(self, device: torch.device) -> Tensor:
+        """The rows as an index tensor on ``device`` (made once per device)."""
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
+        return self._index[device]
+
+    @property
+    def single(self) -> bool:
+        """One adapter with weight 1: the rows are exactly that adapter's forward."""
+        return len(self.weights) == 1 and self.weights[0][1] == 1.0
+
+
+@dataclass
+class MixedBatchPlan:
+    """Rows → segments for one forward. ``rows``: the batch size."""
+
+    rows: int
+    segments: list[Segment]
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """``layer``'s forward under this plan (module docstring)."""
+        return layer_forward(self, layer, x, args, kwargs)
+
+
+def _row_set(entry: Any, row: int) -> tuple[tuple[str, float], ...]:
+    """One row's entry as ((adapter, weight), ...); () for the base."""
+    if isinstance(entry, str):
+        return () if entry == BASE_NAME else ((entry, 1.0),)
+    if isinstance(entry, Mapping):
+        items = list(entry.items())
+    elif isinstance(entry, Sequence):
+        names = list(entry)
+        dup = sorted({n for n in names if names.count(n) > 1}, key=str)
+        if dup:
+            raise AdapterStateError(f"adapter_names row {row}: adapter {dup[0]!r} named twice")
+        items = [(n, 1.0) for n in names]
+    else:
+        raise AdapterStateError(
+            f"adapter_names row {row}: expected an adapter name, a list of names or a "
+            f"{{name: weight}} dict, got {type(entry).__name__}"
+        )
+    if not items:
+        raise AdapterStateError(
+            f"adapter_names row {row}: an empty adapter set; use {BASE_NAME!r} for no adapter"
+        )
+    out = []
+    for name, w in items:
+        if not isinstance(name, str) or name == BASE_NAME:
+            raise AdapterStateError(
+                f"adapter_names row {row}: {name!r} in a weighted set; name adapters only "
+                f"({BASE_NAME!r} stands alone)"
+            )
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise AdapterStateError(
+                f"adapter_names row {row}: weight of {name!r} must be a finite number, got {w!r}"
+            )
+        out.append((name, float(w)))
+    return tuple(out)
+
+
+def plan_rows(am: AdapterModel, adapter_names: Any, batch_size: int | None) -> MixedBatchPlan:
+    """Check ``adapter_names`` against the model (no compute) and group its rows."""
+    if isinstance(adapter_names, str | Mapping) or not isinstance(adapter_names, Sequence):
+        raise AdapterStateError(
+            "adapter_names: expected one entry per row of the batch (a list), got "
+            f"{type(adapter_names).__name__}"
+        )
+    if batch_size is not None and len(adapter_names) != batch_size:
+        raise AdapterStateError(
+            f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows"
+        )
+    groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
+    for row, entry in enumerate(adapter_names):
+        weights = _row_set(entry, row)
+        for name, _ in weights:
+            _check_usable(am, name, row)
+        if weights:
+            groups.setdefault(weights, []).append(row)
+    return MixedBatchPlan(len(adapter_names), [Segment(w, r) for w, r in groups.items()])
+
+
+def _check_usable(am: AdapterModel, name: str, row: int) -> None:
+    if name not in am.configs:
+        known = ", ".join([BASE_NAME, *am.configs])
+        raise AdapterStateError(
+            f"adapter_names row {row}: no adapter named {name!r}"
+            f"{did_you_mean(name, am.configs)}; adapters: {known}"
+        )
+    if name in am.model_adapters:
+        raise AdapterStateError(
+            f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
+            "model-level adapter: not supported in mixed batches yet"
+        )
+    for path, layer in am.adapted_layers():
+        if name in layer.folded:
+            raise AdapterStateError(
+                f"adapter_names row {row}: adapter {name!r} is folded into '{path}'; "
+                "unfold it for a mixed batch"
+            )
+
+
+@contextmanager
+def mixed_forward(am: AdapterModel, plan: MixedBatchPlan) -> Iterator[None]:
+    """Set ``plan`` on every adapted layer for the body (one forward), then clear it."""
+    if getattr(am, "_disabled", False):
+        raise AdapterStateError("adapter_names inside disabled(): the adapters are disabled")
+    layers = [layer for _, layer in am.adapted_layers()]
+    with _SETTING:
+        if any(layer.mixed_plan is not None for layer in layers):
+            raise AdapterStateError("a mixed-batch forward is already running on this model")
+        for layer in layers:
+            layer.mixed_plan = plan
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.mixed_plan = None
+
+
+def layer_forward(
+    plan: MixedBatchPlan, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict
+) -> Tensor:
+    """The adapted layer's forward under ``plan`` (module docstring)."""
+    if x.dim() == 0 or x.shape[0] != plan.rows:
+        raise AdapterStateError(
+            f"mixed batch of {plan.rows} rows: an adapted layer got an input of shape "
+            f"{tuple(x.shape)} (mixed batches need the batch on the first axis)"
+        )
+    base_out = layer.base_layer(x, *args, **kwargs)
+    out = base_out
+    for seg in plan.segments:
+        present = [(layer.adapters[n], w) for n, w in seg.weights if n in layer.adapters]
+        if not present:
+            continue
+        idx = seg.index(x.device)
+        x_s = x.index_select(0, idx)
+        base_s = base_out.index_select(0, idx)
+        if seg.single and len(present) == 1:
+            y_s = layer.forward_alone(present[0][0], x_s, args, kwargs, base_s)
+        else:
+            y_s = base_s
+            for adapter, w in present:
+                f_s = layer.forward_alone(adapter, x_s, args, kwargs, base_s)
+                y_s = y_s + w * (f_s - base_s)
+        if out is base_out:
+            out = base_out.clone()
+        out.index_copy_(0, idx, y_s.to(out.dtype))
+    return out
