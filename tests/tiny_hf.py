@@ -28,6 +28,16 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
+def tiny_qwen2(seed: int = 0):
+    """A 2-layer Qwen2 causal LM (hidden 32, vocab 64, q/k/v biases), from ``manual_seed(seed)``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "vocab_size": 64}
+    config = Qwen2Config(**sizes, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
 def tiny_vit(seed: int = 0):
     """A 1-layer ViT image classifier (8×8 RGB images, 4×4 patches: a Conv2d patch embedding,
     hidden 16, 3 labels), in eval mode."""

@@ -250,11 +250,6 @@ def test_model_level_adapter_refused() -> None:
         am(**inputs(batch=2), adapter_names=["a", "p"])
 
 
-def test_generate_with_adapter_names_is_not_swallowed(two_loras) -> None:
-    with pytest.raises(AdapterStateError, match="generate\\(\\) with adapter_names"):
-        two_loras.generate(**inputs(batch=2), adapter_names=["sst", "style"])
-
-
 def test_base_name_is_reserved() -> None:
     am = AdapterModel(FACTORIES["llama"](0))
     with pytest.raises(AdapterConfigError, match="__base__"):

@@ -29,12 +29,19 @@ IA3 output scaling, BitFit, bottleneck) reuse the base result of those rows; inp
 and replacements (OFT, HRA, IA3 input scaling, LN tuning, modules_to_save) run the base
 layer on their segment's rows. Rows naming "__base__" cost nothing beyond the base.
 
+Generation (`AdapterModel.generate(..., adapter_names=[...])`): one entry per input sequence;
+the plan is set for the whole ``generate`` call, so every decoding step (KV cache on) runs it.
+HF expands each input row into ``max(num_beams, num_return_sequences)`` consecutive rows
+(``repeat_interleave``) and beam search reorders beams only within a row's own block, so the
+plan's rows are repeated the same way (`MixedBatchPlan.repeat_rows`; PEFT repeats
+adapter_names for num_beams likewise).
+
 Not supported yet: model-level adapters (prompt / prefix tuning) in a mixed batch, folded
-adapters, `generate()` with per-row adapters; each is refused before any compute.
+adapters; each is refused before any compute.
 
 The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
-forward (`mixed_forward`), so no keyword travels through the wrapped model's code. One mixed
-forward at a time per model: a second one started while a plan is set is refused.
+forward or generate call (`mixed_forward`), so no keyword travels through the wrapped model's
+code. One mixed call at a time per model: a second one started while a plan is set is refused.
 """
 
 from __future__ import annotations
@@ -88,6 +95,17 @@ class MixedBatchPlan:
 
     rows: int
     segments: list[Segment]
+
+    def repeat_rows(self, times: int) -> MixedBatchPlan:
+        """The plan for the batch with each row repeated ``times`` times in place (row r →
+        rows r·times … r·times + times − 1, as ``repeat_interleave``)."""
+        if times == 1:
+            return self
+        segments = [
+            Segment(s.weights, [r * times + j for r in s.rows for j in range(times)])
+            for s in self.segments
+        ]
+        return MixedBatchPlan(self.rows * times, segments)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """``layer``'s forward under this plan (module docstring)."""

@@ -54,6 +54,18 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return int(first.shape[0]) if first is not None and first.dim() else None
 
 
+def _rows_per_sequence(model: nn.Module, kwargs: dict) -> int:
+    """How many rows HF ``generate`` decodes per input sequence:
+    max(num_beams, num_return_sequences), keywords over the generation config."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    counts = []
+    for key in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(key)
+        value = getattr(config, key, None) if value is None else value
+        counts.append(value if isinstance(value, int) and value > 0 else 1)
+    return max(counts)
+
+
 class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -86,9 +98,16 @@ class AdapterModel(nn.Module):
             args, kwargs = self.model_adapters[name].prepare(self.model, args, kwargs)
         return self.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if "adapter_names" in kwargs:
-            raise AdapterStateError("generate() with adapter_names is not supported yet")
+    def generate(self, *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate`` with the active adapters; ``adapter_names`` (one
+        entry per input sequence, as in `forward`) holds each sequence's adapters for every
+        decoding step (`splice.adapters.mixed_batch`)."""
+        if adapter_names is not None:
+            size = _batch_size(args, {"input_ids": kwargs.get("inputs"), **kwargs})
+            plan = plan_rows(self, adapter_names, size)
+            plan = plan.repeat_rows(_rows_per_sequence(self.model, kwargs))
+            with mixed_forward(self, plan):
+                return self.model.generate(*args, **kwargs)
         running = self._running_model_adapters()
         if len(running) > 1:
             raise AdapterStateError(
