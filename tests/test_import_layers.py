@@ -66,8 +66,8 @@ LAYERS = [
     {"adapters"},
     {"reference"},
     {"engine"},
-    {"lora_merge", "compress"},
-    {"train", "data", "bench"},
+    {"lora_merge", "compress", "compose"},
+    {"train", "data", "bench", "serve"},
     {"commands", "cli", "demo"},
 ]
 

@@ -47,3 +47,42 @@ def tiny_vit(seed: int = 0):
     sizes = {"image_size": 8, "patch_size": 4, "hidden_size": 16, "intermediate_size": 24}
     config = ViTConfig(**sizes, num_hidden_layers=1, num_attention_heads=2, num_labels=3)
     return ViTForImageClassification(config).eval()
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with exactly 64 ids (tiny_llama's vocab): 4 specials
+    (<pad> 0, <s> 1, </s> 2 = EOS, <unk> 3), lowercase letters, digits, punctuation, space,
+    newline and A-N; a plain "role: content" chat template. Built in code, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,!?'-:;\nABCDEFGHIJKLMN")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    assert len(vocab) == 64
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def save_tiny_llama_folder(path, seed: int = 0):
+    """An HF model folder (config, safetensors weights, tokenizer) holding `tiny_llama(seed)`
+    with `tiny_tokenizer()` (eos/pad ids set in the config), for commands that load a BASE."""
+    model = tiny_llama(seed, eos_token_id=2, pad_token_id=0, bos_token_id=1).eval()
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
