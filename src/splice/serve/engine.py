@@ -14,10 +14,11 @@ Scheduling. One loop on one thread owns the model. Each iteration:
    never during a forward);
 2. ends the running requests that were cancelled ("abort") or whose adapter is gone
    ("error");
-3. admits waiting requests first come, first served while fewer than ``max_batch`` run: each
-   is prefilled alone (one forward over its prompt, with its adapter, batch of one; the same
-   computation as ``am.generate`` for that prompt), its first token is sampled from the
-   prefill's last logits, and its KV cache joins the running batch;
+3. admits waiting requests first come, first served while fewer than ``max_batch`` run, and
+   prefills them: one forward over their prompts, left-padded to the longest (each row with
+   its adapter and its own positions 0 … n−1; groups are split so that rows × longest prompt
+   stays within ``prefill_tokens``); each first token is sampled from its row's last logits,
+   and the prefilled caches join the running batch;
 4. runs ONE decoding step for all running requests together: a mixed-adapter forward
    (``adapter_names`` = each row's adapter, `splice.adapters.mixed_batch`) of one token per
    row over the batch's KV cache, then samples each row's next token (`splice.serve.sampling`).
@@ -46,6 +47,9 @@ failed decoding step ends every row of that step, as the batch's cache is then u
 Text is streamed per token (`splice.serve.detokenize`): incomplete UTF-8 characters and text
 that may be the start of a stop string are held back (`splice.serve.stop_strings`).
 
+While the loop runs, it alone runs the model: anything else that touches the model (adding
+or deleting an adapter, a forward of one's own) goes through `run_between_steps` (a mixed
+forward started from another thread meanwhile is refused, and fails a step).
 Everything runs under ``torch.inference_mode`` except the ``run_between_steps`` functions
 (so adapters added there have ordinary, trainable parameters). The model is put in eval mode.
 """
@@ -128,6 +132,7 @@ class BatchingEngine:
         max_batch: int = 16,
         max_queue: int = 256,
         max_prompt_tokens: int | None = None,
+        prefill_tokens: int = 4096,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise EngineError(
@@ -141,6 +146,7 @@ class BatchingEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens or self.max_positions
         self.vocab_size: int = int(am.model.get_input_embeddings().weight.shape[0])
@@ -322,38 +328,75 @@ class BatchingEngine:
         self._keep(keep)
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch:
+        """Take waiting requests (FIFO) into the free rows; prefill them in groups."""
+        admitted: list[_Sequence] = []
+        while len(self._running) + len(admitted) < self.max_batch:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 handle = self._waiting.popleft()
             seq = _Sequence(handle, self.tokenizer, self.device)
             if handle.cancelled:
                 self._finish(seq, None, "", "abort")
                 continue
             try:
-                batch, token = self._prefill(seq)
-            except Exception as e:
+                self._check_adapter(seq.request.adapter, seq.request.request_id)
+            except EngineError as e:  # deleted since submit
                 self._finish(seq, None, "", "error", _message(e))
                 continue
-            if not self._emit(seq, token):
-                self._running.append(seq)
-                self._batch.join(batch)
+            admitted.append(seq)
+        for group in _prefill_groups(admitted, self.prefill_tokens):
+            self._prefill_group(group)
 
-    def _prefill(self, seq: _Sequence) -> tuple[KVBatch, int]:
-        """Forward the prompt alone; (its cache as a batch of one, its first token)."""
-        self._check_adapter(seq.request.adapter, seq.request.request_id)
-        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """Prefill ``group``, emit each first token, add the unfinished rows to the batch. A
+        failed group is retried one request at a time, so an error ends only its request."""
+        try:
+            batch, tokens = self._prefill(group)
+        except Exception as e:
+            if len(group) > 1:
+                for seq in group:
+                    self._prefill_group([seq])
+            else:
+                self._finish(group[0], None, "", "error", _message(e))
+            return
+        keep = []
+        for row, (seq, token) in enumerate(zip(group, tokens, strict=True)):
+            try:
+                finished = self._emit(seq, token)
+            except Exception as e:
+                self._finish(seq, None, "", "error", _message(e))
+                finished = True
+            if not finished:
+                keep.append(row)
+                self._running.append(seq)
+        batch.keep(keep)
+        self._batch.join(batch)
+
+    def _prefill(self, group: list[_Sequence]) -> tuple[KVBatch, list[int]]:
+        """One forward over the group's prompts, left-padded to the longest (each row with
+        its own adapter and positions 0 … n−1); (their caches as a batch, first tokens)."""
+        prompts = [s.request.prompt_ids for s in group]
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.am.model.config)
         out = self.am(
             input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            adapter_names=[seq.row_adapter],
+            adapter_names=[s.row_adapter for s in group],
         )
-        (token,) = next_tokens(out.logits[:, -1, :].float(), [seq.params], [seq.generator])
-        return KVBatch.of_prefill(cache, torch.ones_like(ids)), token
+        logits = out.logits[:, -1, :].float()
+        tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
+        return KVBatch.of_prefill(cache, mask), tokens
 
     def _decode_step(self) -> None:
         running = self._running
@@ -456,6 +499,22 @@ class BatchingEngine:
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineError("the engine stopped before running this"))
+
+
+def _prefill_groups(seqs: list[_Sequence], budget: int) -> list[list[_Sequence]]:
+    """Consecutive groups whose padded prompt block (rows × longest prompt) stays within
+    ``budget`` tokens (a longer prompt is a group of its own)."""
+    groups: list[list[_Sequence]] = []
+    longest = 0
+    for seq in seqs:
+        n = len(seq.request.prompt_ids)
+        if groups and max(longest, n) * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(seq)
+            longest = max(longest, n)
+        else:
+            groups.append([seq])
+            longest = n
+    return groups
 
 
 def _message(e: BaseException) -> str:

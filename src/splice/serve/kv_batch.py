@@ -59,7 +59,14 @@ class KVBatch:
 
     @staticmethod
     def of_prefill(cache: DynamicCache, mask: Tensor) -> KVBatch:
-        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T)."""
+        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T). The
+        padding columns are zeroed (whatever the model computed there never reaches a real
+        token through the mask, but a NaN would: 0 · NaN in the attention's sum)."""
+        padding = (mask == 0)[:, None, :, None]
+        if bool(padding.any()):
+            for layer in cache.layers:
+                layer.keys = layer.keys.masked_fill(padding.to(layer.keys.device), 0)
+                layer.values = layer.values.masked_fill(padding.to(layer.values.device), 0)
         batch = KVBatch()
         batch.cache, batch.mask = cache, mask.long()
         batch.lengths = batch.mask.sum(dim=1)
