@@ -247,19 +247,36 @@ def test_adapter_added_between_steps_while_requests_run() -> None:
     assert tokens(got_first) == generate_alone(am, prompt(5, 1), "lora", 20)
 
 
-def test_deleted_adapter_ends_its_running_requests() -> None:
+def test_deleted_adapter_ends_its_running_and_waiting_requests() -> None:
     am = model_with_adapters()
-    engine = BatchingEngine(am, tiny_tokenizer())
+    engine = BatchingEngine(am, tiny_tokenizer(), max_batch=2)
     doomed = engine.submit(request("d", prompt(5, 1), "ia3", max_tokens=20))
     other = engine.submit(request("o", prompt(5, 2), "lora", max_tokens=5))
+    waiting = engine.submit(request("w", prompt(5, 3), "ia3", max_tokens=5))
     engine.step()
     engine.run_between_steps(lambda: am.delete_adapter("ia3"))
     engine.step()
-    last = drain_events(doomed)[-1]
-    assert (last.finish_reason, last.error) == ("error", "adapter 'ia3' was deleted")
+    for handle in (doomed, waiting):
+        last = drain_events(handle)[-1]
+        assert (last.finish_reason, last.error) == ("error", "adapter 'ia3' was deleted")
     events = {"o": drain_events(other)}
     run_steps(engine, {"o": other}, events)
     assert tokens(events["o"]) == generate_alone(am, prompt(5, 2), "lora", 5)
+    with pytest.raises(EngineError, match="no adapter named 'ia3'"):
+        engine.submit(request("late", prompt(5, 3), "ia3"))
+
+
+def test_folded_adapter_is_refused_in_the_batch() -> None:
+    am = model_with_adapters()
+    engine = BatchingEngine(am, tiny_tokenizer())
+    running = engine.submit(request("r", prompt(5, 1), "lora", max_tokens=20))
+    engine.step()
+    engine.run_between_steps(lambda: am.fold("lora"))
+    engine.step()
+    last = drain_events(running)[-1]
+    assert last.finish_reason == "error" and "folded" in last.error
+    with pytest.raises(EngineError, match="adapter 'lora' is folded"):
+        engine.submit(request("late", prompt(5, 3), "lora"))
 
 
 def test_stop_drain_finishes_in_flight_requests_and_refuses_new_ones() -> None:

@@ -68,7 +68,13 @@ import torch
 from transformers import DynamicCache
 
 from splice.adapters.layer import AdapterStateError
-from splice.adapters.mixed_batch import BASE_NAME, plan_rows
+from splice.adapters.mixed_batch import (
+    BASE_NAME,
+    MixedBatchPlan,
+    Segment,
+    mixed_forward,
+    plan_rows,
+)
 from splice.adapters.model import AdapterModel
 from splice.serve.detokenize import IncrementalDetokenizer
 from splice.serve.kv_batch import KVBatch, check_supported
@@ -158,6 +164,7 @@ class BatchingEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._running: list[_Sequence] = []
+        self._usable: set[str] = set()  # adapters checked usable since the last call
         self._batch = KVBatch()
         self._thread: threading.Thread | None = None
         self._draining = False
@@ -224,7 +231,8 @@ class BatchingEngine:
     def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Refuse new requests; with ``drain`` finish the running and waiting ones first,
         without it end them all with "abort". Returns whether the loop has ended (within
-        ``timeout`` seconds). An engine never started aborts its waiting requests."""
+        ``timeout`` seconds; False at once when called on the engine's own thread, which
+        ends after the current call). An engine never started aborts its waiting requests."""
         with self._lock:
             self._draining = True
             self._aborting = self._aborting or not drain
@@ -233,6 +241,8 @@ class BatchingEngine:
         if thread is None:
             self._shutdown()
             return True
+        if thread is threading.current_thread():  # called from run_between_steps
+            return False
         thread.join(timeout)
         return not thread.is_alive()
 
@@ -303,6 +313,7 @@ class BatchingEngine:
                 continue
             try:
                 with self._adapters_lock:
+                    self._usable.clear()  # fn may change adapters: check them again
                     result = fn()
             except BaseException as e:  # handed to the caller
                 future.set_exception(e)
@@ -316,16 +327,32 @@ class BatchingEngine:
             self._decode_step()
 
     def _drop_ended(self) -> None:
-        """End cancelled rows ("abort") and rows whose adapter was deleted ("error")."""
+        """End cancelled rows ("abort") and rows whose adapter is gone or no longer usable
+        in a mixed batch ("error"; checked once per adapter after each `run_between_steps`
+        call)."""
         keep = []
         for row, seq in enumerate(self._running):
             if seq.handle.cancelled:
                 self._finish(seq, None, "", "abort")
-            elif seq.row_adapter != BASE_NAME and seq.row_adapter not in self.am.configs:
-                self._finish(seq, None, "", "error", f"adapter {seq.row_adapter!r} was deleted")
+                continue
+            problem = self._adapter_problem(seq.row_adapter)
+            if problem:
+                self._finish(seq, None, "", "error", problem)
             else:
                 keep.append(row)
         self._keep(keep)
+
+    def _adapter_problem(self, name: str) -> str | None:
+        if name == BASE_NAME or name in self._usable:
+            return None
+        if name not in self.am.configs:
+            return f"adapter {name!r} was deleted"
+        try:
+            plan_rows(self.am, [name], 1)
+        except AdapterStateError as e:
+            return str(e).removeprefix("adapter_names row 0: ")
+        self._usable.add(name)
+        return None
 
     def _admit(self) -> None:
         """Take waiting requests (FIFO) into the free rows; prefill them in groups."""
@@ -339,10 +366,9 @@ class BatchingEngine:
             if handle.cancelled:
                 self._finish(seq, None, "", "abort")
                 continue
-            try:
-                self._check_adapter(seq.request.adapter, seq.request.request_id)
-            except EngineError as e:  # deleted since submit
-                self._finish(seq, None, "", "error", _message(e))
+            problem = self._adapter_problem(seq.row_adapter)  # changed since submit?
+            if problem:
+                self._finish(seq, None, "", "error", problem)
                 continue
             admitted.append(seq)
         for group in _prefill_groups(admitted, self.prefill_tokens):
@@ -385,18 +411,30 @@ class BatchingEngine:
             mask[row, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.am.model.config)
-        out = self.am(
+        out = self._forward(
+            group,
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            adapter_names=[s.row_adapter for s in group],
         )
         logits = out.logits[:, -1, :].float()
         tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
         return KVBatch.of_prefill(cache, mask), tokens
+
+    def _forward(self, rows: list[_Sequence], **inputs: Any) -> Any:
+        """The model's forward with each row's adapter: ``am(..., adapter_names=...)`` with
+        the plan built here from adapters already checked (`_check_rows`), which saves the
+        per-row checks of `plan_rows` at every step."""
+        segments: dict[str, list[int]] = {}
+        for row, seq in enumerate(rows):
+            if seq.row_adapter != BASE_NAME:
+                segments.setdefault(seq.row_adapter, []).append(row)
+        plan = MixedBatchPlan(len(rows), [Segment(((n, 1.0),), r) for n, r in segments.items()])
+        with mixed_forward(self.am, plan):
+            return self.am.model(**inputs)
 
     def _decode_step(self) -> None:
         running = self._running
@@ -405,13 +443,13 @@ class BatchingEngine:
         mask, positions = batch.step_inputs()
         ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long, device=self.device)
         try:
-            out = self.am(
+            out = self._forward(
+                running,
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=batch.cache,
                 use_cache=True,
-                adapter_names=[s.row_adapter for s in running],
             )
             batch.advance()
             logits = out.logits[:, -1, :].float()
