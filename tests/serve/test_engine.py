@@ -175,10 +175,20 @@ def test_requests_refused_with_clear_messages() -> None:
     engine.submit(request("e", prompt(3, 0)))
     with pytest.raises(EngineError, match="queue is full"):
         engine.submit(request("f", prompt(3, 0)))
+    assert engine.accepting
     assert engine.stop()
+    assert not engine.accepting
     with pytest.raises(EngineError, match="stopped"):
         engine.submit(request("g", prompt(3, 0)))
     assert engine.stats.requests_finished == 1  # "e", aborted: the engine never ran
+
+
+def test_engine_settings_are_checked() -> None:
+    am = model_with_adapters()
+    with pytest.raises(EngineError, match="max_batch must be a positive integer, got 0"):
+        BatchingEngine(am, tiny_tokenizer(), max_batch=0)
+    with pytest.raises(EngineError, match="max_prompt_tokens 65 exceeds the model's 64"):
+        BatchingEngine(am, tiny_tokenizer(), max_prompt_tokens=65)
 
 
 def test_default_prompt_limit_is_the_models_positions() -> None:

@@ -140,11 +140,17 @@ class BatchingEngine:
         max_prompt_tokens: int | None = None,
         prefill_tokens: int = 4096,
     ) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise EngineError(
-                f"max_batch must be >= 1, max_queue >= 0 (got {max_batch}, {max_queue})"
-            )
         config = am.model.config
+        max_positions = getattr(config, "max_position_embeddings", None)
+        limits = {"max_batch": max_batch, "max_queue": max_queue, "prefill_tokens": prefill_tokens}
+        for name, value in [*limits.items(), ("max_prompt_tokens", max_prompt_tokens)]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+        if max_prompt_tokens and max_positions and max_prompt_tokens > max_positions:
+            raise EngineError(
+                f"max_prompt_tokens {max_prompt_tokens} exceeds the model's {max_positions} "
+                "positions"
+            )
         reason = check_supported(DynamicCache(config=config))
         if reason:
             raise EngineError(f"the engine cannot batch this model: {reason}")
@@ -153,7 +159,7 @@ class BatchingEngine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
-        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.max_positions: int | None = max_positions
         self.max_prompt_tokens = max_prompt_tokens or self.max_positions
         self.vocab_size: int = int(am.model.get_input_embeddings().weight.shape[0])
         self.device = next(am.parameters()).device
@@ -180,6 +186,12 @@ class BatchingEngine:
             return EngineStats(
                 len(self._running), len(self._waiting), self._steps, self._tokens, self._finished
             )
+
+    @property
+    def accepting(self) -> bool:
+        """Whether `submit` takes requests now (not stopped, not shutting down)."""
+        with self._lock:
+            return not (self._stopped or self._draining)
 
     def start(self) -> None:
         with self._lock:
