@@ -28,14 +28,15 @@ at the next iteration: a long request never holds up a short one, and a new requ
 most one step plus the prefills ahead of it. Waiting requests are served in submission order
 (no priorities, no preemption: a running request keeps its row until it finishes).
 
-KV cache (`splice.serve.kv_batch`). The running rows share one left-padded `DynamicCache`
-(rows × heads × T × head dim per layer, T = the longest row; shorter rows padded on the left
-and masked out by the attention mask; each row keeps its own position ids). Costs, per layer:
-a join copies the batch's cache once (to add the new rows), a leave copies the kept rows once
-(and trims columns no row uses), and every step concatenates one column, which copies the
-layer's cache (as every Hugging Face decoding loop does). Padding costs attention compute:
-rows × (longest row) instead of the sum of the rows' lengths; it shrinks when the longest
-row leaves. No paged memory: the cache grows with the batch.
+KV cache (`splice.serve.kv_batch`). The running rows share one left-padded cache (per layer
+rows × kv heads × T × head dim, T = the longest row; shorter rows padded on the left and
+masked out by the attention mask; each row keeps its own position ids). Costs, per layer: a
+join copies the batch's cache and the new rows once, a leave copies the kept rows once (and
+trims the columns no row uses), and a step writes its one new column in place (the layers
+keep spare columns, growing by half when full: no per-step copy of the cache, unlike a
+plain `DynamicCache`). Padding costs attention compute and memory: rows × (longest row)
+instead of the sum of the rows' lengths; it shrinks when the longest row leaves. No paged
+memory: the cache grows with the batch.
 
 A request ends with "stop" at an EOS id (the tokenizer's, the model config's and generation
 config's) or at a stop string (its text ends before the stop string); "length" at
