@@ -164,22 +164,28 @@ def test_cancel_ends_the_request_at_the_next_step() -> None:
 def test_requests_refused_with_clear_messages() -> None:
     am = model_with_adapters()
     engine = BatchingEngine(am, tiny_tokenizer(), max_queue=1, max_prompt_tokens=8)
-    with pytest.raises(EngineError, match=r"no adapter named 'lorra'.*did you mean 'lora'"):
-        engine.submit(request("a", prompt(3, 0), "lorra"))
-    with pytest.raises(EngineError, match="prompt has 9 tokens; this server takes at most 8"):
-        engine.submit(request("b", prompt(9, 0)))
-    with pytest.raises(EngineError, match="the prompt is empty"):
-        engine.submit(request("c", []))
-    with pytest.raises(EngineError, match="token id 64 is not in the vocabulary"):
-        engine.submit(request("d", [5, 64]))
+
+    def refused(req, match: str, reason: str) -> None:
+        with pytest.raises(EngineError, match=match) as e:
+            engine.submit(req)
+        assert e.value.reason == reason
+
+    refused(
+        request("a", prompt(3, 0), "lorra"),
+        r"request 'a': no adapter named 'lorra'.*did you mean 'lora'",
+        "unknown_adapter",
+    )
+    refused(
+        request("b", prompt(9, 0)), "prompt has 9 tokens; this server takes at most 8", "invalid"
+    )
+    refused(request("c", []), "the prompt is empty", "invalid")
+    refused(request("d", [5, 64]), "token id 64 is not in the vocabulary", "invalid")
     engine.submit(request("e", prompt(3, 0)))
-    with pytest.raises(EngineError, match="queue is full"):
-        engine.submit(request("f", prompt(3, 0)))
+    refused(request("f", prompt(3, 0)), "queue is full", "queue_full")
     assert engine.accepting
     assert engine.stop()
     assert not engine.accepting
-    with pytest.raises(EngineError, match="stopped"):
-        engine.submit(request("g", prompt(3, 0)))
+    refused(request("g", prompt(3, 0), "lorra"), "stopped", "stopped")
     assert engine.stats.requests_finished == 1  # "e", aborted: the engine never ran
 
 

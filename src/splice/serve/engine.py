@@ -83,6 +83,8 @@ from splice.serve.requests import EngineError, GenerationRequest, RequestHandle,
 from splice.serve.sampling import next_tokens, request_generator
 from splice.serve.stop_strings import StopStringFilter
 
+STOPPED = "the engine is stopped or shutting down: no new requests"
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -197,7 +199,7 @@ class BatchingEngine:
     def start(self) -> None:
         with self._lock:
             if self._stopped or self._draining:
-                raise EngineError("the engine is stopped: make a new one")
+                raise EngineError("the engine is stopped: make a new one", "stopped")
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._loop, name="splice-engine", daemon=True)
@@ -217,14 +219,17 @@ class BatchingEngine:
     ) -> RequestHandle:
         """Queue ``request``; its events arrive on the returned handle (thread-safe).
         Raises `EngineError` before any compute when the request cannot be taken."""
+        if not self.accepting:
+            raise EngineError(STOPPED, "stopped")
         self._check_request(request)
         handle = RequestHandle(request, loop)
         with self._lock:
             if self._stopped or self._draining:
-                raise EngineError("the engine is stopped or shutting down: no new requests")
+                raise EngineError(STOPPED, "stopped")
             if len(self._waiting) >= self.max_queue:
                 raise EngineError(
-                    f"the queue is full ({self.max_queue} requests waiting): retry later"
+                    f"the queue is full ({self.max_queue} requests waiting): retry later",
+                    "queue_full",
                 )
             self._waiting.append(handle)
             self._lock.notify_all()
@@ -236,7 +241,7 @@ class BatchingEngine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._stopped:
-                raise EngineError("the engine is stopped")
+                raise EngineError("the engine is stopped", "stopped")
             self._calls.append((fn, future))
             self._lock.notify_all()
         return future
@@ -285,13 +290,15 @@ class BatchingEngine:
         if adapter is None or adapter == BASE_NAME:
             return
         if not isinstance(adapter, str):
-            raise EngineError(f"request {request_id!r}: adapter must be a name or None")
+            raise EngineError(
+                f"request {request_id!r}: adapter must be a name or None", "unknown_adapter"
+            )
         with self._adapters_lock:
             try:
                 plan_rows(self.am, [adapter], 1)
             except AdapterStateError as e:
                 message = str(e).removeprefix("adapter_names row 0: ")
-                raise EngineError(f"request {request_id!r}: {message}") from None
+                raise EngineError(f"request {request_id!r}: {message}", "unknown_adapter") from None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -549,7 +556,9 @@ class BatchingEngine:
                 self._finished += 1
         for _, future in calls:
             if future.set_running_or_notify_cancel():
-                future.set_exception(EngineError("the engine stopped before running this"))
+                future.set_exception(
+                    EngineError("the engine stopped before running this", "stopped")
+                )
 
 
 def _prefill_groups(seqs: list[_Sequence], budget: int) -> list[list[_Sequence]]:
