@@ -32,7 +32,7 @@ def test_temperature_divides_the_logits() -> None:
 def test_greedy_rows_and_seeded_rows() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g)
-    greedy = SamplingParams(temperature=0.0)
+    greedy = SamplingParams(temperature=1e-30)  # the limit of T -> 0: greedy, no overflow
     hot = SamplingParams(temperature=1.5, top_p=0.95, seed=3)
     gens = [None, request_generator(hot, torch.device("cpu")), None]
     assert request_generator(greedy, torch.device("cpu")) is None
