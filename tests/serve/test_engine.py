@@ -377,3 +377,22 @@ def test_greedy_on_the_packaged_smollm2() -> None:
         want = generate_alone(am, tok(p).input_ids, a, 8)
         assert tokens(events[rid]) == want, rid
         assert text(events[rid]) == tok.decode(want, skip_special_tokens=True)
+
+
+def test_prefill_groups_keep_within_the_token_budget() -> None:
+    """Admitted requests are prefilled in groups of at most ``prefill_tokens`` padded tokens
+    (a longer prompt alone); outputs are the same however they are grouped."""
+    from splice.serve.engine import _prefill_groups
+
+    am = model_with_adapters()
+    engine = BatchingEngine(am, tiny_tokenizer(), prefill_tokens=12)
+    specs = [(prompt(n, n), a) for n, a in [(5, "lora"), (6, None), (4, "ia3"), (13, "dora")]]
+    handles = {f"p{i}": engine.submit(request(f"p{i}", ids, a, max_tokens=4))
+               for i, (ids, a) in enumerate(specs)}  # fmt: skip
+    seqs = [type("S", (), {"request": h.request})() for h in handles.values()]
+    groups = _prefill_groups(seqs, 12)
+    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[5, 6], [4], [13]]
+    events: dict = {}
+    run_steps(engine, handles, events)
+    for (ids, a), rid in zip(specs, handles, strict=True):
+        assert tokens(events[rid]) == generate_alone(am, ids, a, 4), rid
