@@ -396,3 +396,17 @@ def test_prefill_groups_keep_within_the_token_budget() -> None:
     run_steps(engine, handles, events)
     for (ids, a), rid in zip(specs, handles, strict=True):
         assert tokens(events[rid]) == generate_alone(am, ids, a, 4), rid
+
+
+def test_a_cancelled_waiting_request_frees_its_place_in_the_queue() -> None:
+    engine = BatchingEngine(model_with_adapters(), tiny_tokenizer(), max_batch=1, max_queue=1)
+    running = engine.submit(request("r", prompt(4, 1), max_tokens=30))
+    engine.step()
+    waiting = engine.submit(request("w", prompt(4, 2)))
+    with pytest.raises(EngineError, match="queue is full"):
+        engine.submit(request("x", prompt(4, 3)))
+    waiting.cancel()
+    engine.step()
+    assert drain_events(waiting)[-1].finish_reason == "abort"
+    engine.submit(request("x", prompt(4, 3)))
+    assert engine.stats.waiting == 1 and not drain_events(running)[-1].finished

@@ -347,9 +347,9 @@ class BatchingEngine:
             self._decode_step()
 
     def _drop_ended(self) -> None:
-        """End cancelled rows ("abort") and rows whose adapter is gone or no longer usable
-        in a mixed batch ("error"; checked once per adapter after each `run_between_steps`
-        call)."""
+        """End cancelled requests, running or waiting ("abort"), and rows whose adapter is
+        gone or no longer usable in a mixed batch ("error"; checked once per adapter after
+        each `run_between_steps` call)."""
         keep = []
         for row, seq in enumerate(self._running):
             if seq.handle.cancelled:
@@ -361,6 +361,17 @@ class BatchingEngine:
             else:
                 keep.append(row)
         self._keep(keep)
+        with self._lock:  # cancelled while waiting: end now, free their places in the queue
+            cancelled = [h for h in self._waiting if h.cancelled]
+            if cancelled:
+                self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for handle in cancelled:
+            self._abort_waiting(handle)
+
+    def _abort_waiting(self, handle: RequestHandle) -> None:
+        handle.push(TokenEvent(handle.request.request_id, None, "", "abort"))
+        with self._lock:
+            self._finished += 1
 
     def _adapter_problem(self, name: str) -> str | None:
         if name == BASE_NAME or name in self._usable:
@@ -382,10 +393,10 @@ class BatchingEngine:
                 if not self._waiting:
                     break
                 handle = self._waiting.popleft()
-            seq = _Sequence(handle, self.tokenizer, self.device)
             if handle.cancelled:
-                self._finish(seq, None, "", "abort")
+                self._abort_waiting(handle)
                 continue
+            seq = _Sequence(handle, self.tokenizer, self.device)
             problem = self._adapter_problem(seq.row_adapter)  # changed since submit?
             if problem:
                 self._finish(seq, None, "", "error", problem)
@@ -551,9 +562,7 @@ class BatchingEngine:
             self._finish(seq, None, "", "abort")
         self._running, self._batch = [], KVBatch()
         for handle in waiting:
-            handle.push(TokenEvent(handle.request.request_id, None, "", "abort"))
-            with self._lock:
-                self._finished += 1
+            self._abort_waiting(handle)
         for _, future in calls:
             if future.set_running_or_notify_cancel():
                 future.set_exception(
