@@ -73,7 +73,8 @@ class Block:
             elif isinstance(c, Block):
                 if c.kind not in self.allowed:
                     raise CompositionError(
-                        f"{self.kind} cannot hold a {c.kind} (it holds adapter names"
+                        f"{self.kind} cannot hold {_article(c.kind)} {c.kind} (it holds "
+                        "adapter names"
                         f"{''.join(', ' + a for a in self.allowed)})"
                     )
                 if isinstance(c, Stack) and any(isinstance(g, Block) for g in c.children):
@@ -192,7 +193,7 @@ class Average(Block):
         self.weights = tuple(w)
 
     def to_dict(self) -> dict[str, Any]:
-        if self.names_only():
+        if self.names_only() and sum(self.weights) == 1.0:  # reads back unchanged
             return {"average": dict(zip(self.children, self.weights, strict=True))}
         kids = super().to_dict()["average"]
         weights = list(self.weights)
@@ -254,3 +255,7 @@ BLOCKS: dict[str, type[Block]] = {
     "average": Average,
     "fuse": Fuse,
 }
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
