@@ -232,3 +232,14 @@ def test_stack_with_an_input_transform_is_the_several_active_forward(block):
     lora(am, "l", 2)
     expected = run(am, list(block.children))
     torch.testing.assert_close(run(am, Average(block)), expected)  # the layer-level path
+
+
+def test_parallel_inside_a_stack_runs_the_shared_adapter_on_every_copy():
+    am = model()
+    for i, n in enumerate("abc"):
+        bottleneck(am, n, i + 1)
+    outs = run(am, Stack("a", Parallel("b", "c")))
+    h = base_out(am)
+    h1 = h + r(am, "a", h)
+    torch.testing.assert_close(outs[0], h1 + r(am, "b", h1))
+    torch.testing.assert_close(outs[1], h1 + r(am, "c", h1))
