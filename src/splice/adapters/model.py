@@ -7,6 +7,8 @@
     am.fold("sst"); am.unfold("sst")                # into the weights and back, exactly
     am.deltas("sst")                                # {param name: ΔW} (DESIGN.md deltas)
     am(input_ids, adapter_names=["sst", "__base__", {"sst": 0.5, "style": 0.5}])  # per row
+    am.set_active(Stack("lang", "sst"))             # a composition block (splice.compose)
+    am.add_fusion(Fuse("sst", "style", name="f"))   # AdapterFusion's trained parameters
     plain = am.merge_and_unload()                   # fold for good, drop the wrappers
 
 Adding an adapter freezes every base parameter; the new adapter's parameters are trainable.
@@ -75,6 +77,10 @@ class AdapterModel(nn.Module):
         self.model_adapters = nn.ModuleDict()
         self.configs: dict[str, AdapterConfig] = {}
         self.active: list[str] = []
+        # the active composition block's runner (`splice.compose.blocks_activate`), or None
+        self.composition: Any = None
+        # AdapterFusion layers by fusion name (`splice.compose.fusion`)
+        self.fusions = nn.ModuleDict()
 
     # -- wrapped model passthrough --------------------------------------------------------
 
@@ -94,6 +100,8 @@ class AdapterModel(nn.Module):
             plan = plan_rows(self, adapter_names, _batch_size(args, kwargs))
             with mixed_forward(self, plan):
                 return self.model(*args, **kwargs)
+        if self.composition is not None and not getattr(self, "_disabled", False):
+            return self.composition.forward(self, args, kwargs)
         for name in self._running_model_adapters():
             args, kwargs = self.model_adapters[name].prepare(self.model, args, kwargs)
         return self.model(*args, **kwargs)
@@ -108,6 +116,8 @@ class AdapterModel(nn.Module):
             plan = plan.repeat_rows(_rows_per_sequence(self.model, kwargs))
             with mixed_forward(self, plan):
                 return self.model.generate(*args, **kwargs)
+        if self.composition is not None and not getattr(self, "_disabled", False):
+            return self.composition.generate(self, args, kwargs)
         running = self._running_model_adapters()
         if len(running) > 1:
             raise AdapterStateError(
@@ -248,13 +258,25 @@ class AdapterModel(nn.Module):
 
     # -- activation ------------------------------------------------------------------------
 
-    def set_active(self, names: str | list[str]) -> None:
+    def set_active(self, names: Any) -> None:
+        """Activate a name, a list of names (applied together), or a composition block
+        (`splice.compose`: Stack, Parallel, Average, Fuse), which checks and activates itself."""
+        if hasattr(names, "activate"):
+            names.activate(self)
+            return
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             self._check(n)
         self.active = names
+        self.composition = None
         for _, layer in self.adapted_layers():
             layer.active = [n for n in names if n in layer.adapters]
+            layer.composition = None
+
+    def add_fusion(self, fuse: Any, config: Any = None) -> None:
+        """Add the trainable fusion layers of a `splice.compose.Fuse` block (AdapterFusion)
+        over its adapters; ``config``: a `splice.compose.FusionConfig` or its dict."""
+        fuse.add_to(self, config)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:

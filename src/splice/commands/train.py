@@ -39,6 +39,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.steps is not None and args.epochs is None:
         out["epochs"] = None
+    for item in args.fuse or []:  # AdapterFusion over frozen adapters (splice.train.fusion)
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise TrainConfigError(f"--fuse {item!r}: expected NAME=ADAPTER_FOLDER")
+        out[f"adapter.adapters.{name}"] = folder
+        out.setdefault("adapter.method", "fusion")
     for item in args.param or []:
         if "=" not in item:
             raise TrainConfigError(f"--param {item!r}: expected KEY=VALUE (e.g. r=8)")
@@ -65,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         before = result.before["test"]["loss"]
         print(f"held-out loss {before:.4f} -> {test['loss']:.4f} (base -> adapted)")
-    print(f"adapter written to {args.out}")
+    print(f"{'fusion' if cfg.method == 'fusion' else 'adapter'} written to {args.out}")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     return 0
@@ -85,9 +91,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--validation", help="validation file (default: a split of --data)")
     p.add_argument("--test", help="test file (default: a split of --data)")
     p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--method", help="adapter method (lora, dora via lora use_dora=true, ia3, ...)")
+    p.add_argument(
+        "--method",
+        help="adapter method (lora, dora via lora use_dora=true, ia3, ...; fusion: AdapterFusion)",
+    )
     p.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="adapter parameter, repeatable"
+    )
+    p.add_argument(
+        "--fuse",
+        action="append",
+        metavar="NAME=ADAPTER_FOLDER",
+        help="train AdapterFusion over this frozen adapter (repeatable; implies --method fusion)",
     )
     p.add_argument("--epochs", type=float)
     p.add_argument("--steps", type=int)

@@ -9,8 +9,8 @@ NaN / inf numbers and values outside a field's range, e.g. epochs or lr <= 0).
       test: null                  # a file; default: the seeded split of `train`
       max_train_examples: 2000    # cap (stratified for classification); null: all
       max_eval_examples: 500
-    adapter:                      # the adapter method and its parameters (splice adapters)
-      method: lora
+    adapter:                      # the adapter method and its parameters (splice adapters;
+      method: lora                #   method fusion: AdapterFusion, see splice.train.fusion)
       r: 8
       lora_alpha: 16
       target_modules: [query, value]
@@ -85,6 +85,13 @@ class TrainConfig(_Strict):
 
 def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
     cfg = parse_config(TrainConfig, data, where, TrainConfigError, list_valid=False)
+    if cfg.method == "fusion":  # AdapterFusion over frozen adapters (splice.train.fusion)
+        from splice.train.fusion import fusion_settings
+
+        if cfg.task != "causal_lm":
+            raise TrainConfigError(f"{where}: method fusion: task causal_lm only (for now)")
+        fusion_settings(cfg.adapter, where=f"{where}: adapter")
+        return cfg
     from splice.adapters import make_config
 
     make_config(cfg.method, cfg.adapter_params, where=f"{where}: adapter")  # validate early

@@ -1,7 +1,8 @@
 """`splice train`: load model and data, inject the adapter, train, evaluate, save.
 
 The output folder is a PEFT adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``, loadable by PEFT and by splice) plus:
+``adapter_model.safetensors``, loadable by PEFT and by splice) — in fusion mode a fusion
+folder (`splice.train.fusion`, `splice.compose.fusion_io`) — plus:
 
     train_log.jsonl      one JSON record per step (loss, lr, elapsed) and per evaluation
     eval.json            metrics before and after training, on validation and test
@@ -89,10 +90,18 @@ def run_training(
 
     out = Path(out)
     sources = [cfg.model, cfg.data.train, cfg.data.validation, cfg.data.test]
+    fusion_mode = cfg.method == "fusion"  # AdapterFusion over frozen adapters
+    if fusion_mode:
+        from splice.compose.fusion_io import write_fusion_files
+        from splice.train.fusion import RegularizedFusion, fusion_settings, setup_fusion
+
+        fusion_cfg = fusion_settings(cfg.adapter)  # before heavy work
+        sources.extend(fusion_cfg.adapters.values())
+    else:
+        adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")
     folder = OutputFolder(out, overwrite=overwrite, inputs=[s for s in sources if s]).check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
     if cfg.task == "seq_cls":
         cls = D.classification_splits(cfg)
         parts, label_names = cls["parts"], list(cls["dataset"].label_names)
@@ -104,10 +113,13 @@ def run_training(
         model, tok, model_folder = load_for_task(
             cfg.model, cfg.task, len(label_names) or None, label_names or None
         )
-        if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
-            adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
         am = AdapterModel(model)
-        am.add_adapter("default", adapter_cfg)
+        if fusion_mode:
+            fusion = setup_fusion(am, fusion_cfg)
+        else:
+            if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
+                adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
+            am.add_adapter("default", adapter_cfg)
         trainable, total = am.trainable_parameters()
 
         score = evaluate_classification if cls is not None else evaluate_lm
@@ -135,7 +147,7 @@ def run_training(
                 log_file.flush()
 
             summary = fit(
-                am,
+                RegularizedFusion(am, fusion) if fusion_mode else am,
                 lambda epoch: batches("train", cfg.seed + epoch),
                 total_steps,
                 lr=cfg.lr,
@@ -162,7 +174,11 @@ def run_training(
             before,
             label_names or None,
         )
-        save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
+        if fusion_mode:
+            name = fusion_cfg.block().name
+            write_fusion_files(am, name, partial, base_model_name_or_path=str(model_folder))
+        else:
+            save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
         (partial / "eval.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
