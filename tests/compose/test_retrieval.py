@@ -180,3 +180,13 @@ def test_an_adapter_for_another_base_is_named(tmp_path, library_dirs):
     with pytest.raises(RetrievalError, match="library adapter 'gpt2' does not fit this model"):
         load_library(am, library)
     assert list(am.configs) == []  # the adapter loaded before it was removed again
+
+
+def test_the_cli_defaults_are_the_apis():
+    from splice.commands import retrieve
+    from splice.compose import retrieval
+
+    assert (retrieve.DEFAULT_K, retrieve.DEFAULT_TEMPERATURE) == (
+        retrieval.DEFAULT_K,
+        retrieval.DEFAULT_TEMPERATURE,
+    )
