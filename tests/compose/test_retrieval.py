@@ -190,3 +190,19 @@ def test_the_cli_defaults_are_the_apis():
         retrieval.DEFAULT_K,
         retrieval.DEFAULT_TEMPERATURE,
     )
+
+
+def test_the_base_model_as_embedder_ignores_its_adapters(embedder):
+    from tiny_hf import tiny_llama, tiny_tokenizer
+
+    plain = MeanPoolEmbedder(tiny_llama().eval(), tiny_tokenizer(), "base")
+    am = AdapterModel(tiny_llama().eval())
+    am.add_adapter("a", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    through_adapters = MeanPoolEmbedder(am, tiny_tokenizer(), "base")
+    texts = ["abc", "hello there"]
+    torch.testing.assert_close(through_adapters.embed(texts), plain.embed(texts))
+    with torch.no_grad():  # while the adapter itself does change the hidden states
+        ids = torch.tensor([[5, 6, 7]])
+        changed = am(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        base = plain.model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert not torch.allclose(changed, base)

@@ -8,7 +8,9 @@ hidden states h_1..h_T,
 the pooling all-MiniLM-L6-v2 was trained with (sentence-transformers: mean pooling, then
 normalisation). The default embedder of splice's retrieval is that packaged MiniLM (an encoder
 made for this; ``splice.train.models.resolve_model("minilm")`` finds it offline); any HF model
-folder works, including the base model itself (its hidden states without adapters).
+folder works, including the base model itself: given an `AdapterModel`, the embedder runs it
+with its adapters disabled (`AdapterModel.disabled`), so a query's embedding does not depend
+on which adapters happen to be active.
 
 ``embedder_id`` names the embedder in the centroid files (`splice.compose.library`): a packaged
 name ("minilm"), a folder path, or ``base:<path>``; centroids and queries must come from the
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from splice.adapters import AdapterModel
 from splice.errors import SpliceError
 
 
@@ -74,6 +77,12 @@ class MeanPoolEmbedder:
         """(len(texts), dim) float32 unit vectors, on the CPU."""
         if not texts:
             raise EmbedderError("nothing to embed: no texts")
+        if isinstance(self.model, AdapterModel):
+            with self.model.disabled():
+                return self._embed(texts)
+        return self._embed(texts)
+
+    def _embed(self, texts: Sequence[str]) -> Tensor:
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(texts), self.batch_size):
