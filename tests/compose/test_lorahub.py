@@ -237,3 +237,16 @@ def test_errors(tmp_path):
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(SpliceError, match="matched no module"):  # an MLP adapter on a Llama
         lorahub_search(tiny_llama(), a, [{"input_ids": ids, "labels": ids}], budget=2)
+
+
+def test_an_adapter_of_another_width_is_a_clear_error(tmp_path):
+    from tiny_hf import tiny_llama
+
+    am = AdapterModel(tiny_llama())
+    am.add_adapter("default", LoraConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(am, tmp_path / "narrow")
+    ids = torch.tensor([[1, 2, 3]])
+    wide = tiny_llama(hidden_size=48, intermediate_size=64)
+    with pytest.raises(SpliceError, match=r"q_proj.*shape|shape.*q_proj"):
+        lorahub_search(wide, [tmp_path / "narrow"], [{"input_ids": ids, "labels": ids}], budget=2)
+    assert not any("lorahub" in n for n, _ in wide.named_modules())

@@ -197,43 +197,43 @@ class LoraHubObjective:
             raise LoraHubError("LoraHub needs at least one example")
         if not (math.isfinite(l1) and l1 >= 0):
             raise LoraHubError(f"the L1 coefficient must be finite and >= 0 (got {l1})")
-        self.am, self.experts, self.batches, self.l1, self.loss_fn = (
-            am,
-            experts,
-            batches,
-            l1,
-            loss_fn,
-        )
+        self.am, self.experts, self.batches = am, experts, batches
+        self.l1, self.loss_fn = l1, loss_fn
         raw = experts.config()
         config = method_for_peft_type("LORA").config_cls.from_peft(raw, where="composed LoRA")
         self.previous_active = list(am.active)
         am.add_adapter(SEARCH_ADAPTER, config, activate=False)
         try:
             self.modules = dict(am.named_adapter_modules(SEARCH_ADAPTER))
-            self.set_weights([0.0] * len(experts.adapters))  # checks every tensor fits
+            self._check_fits()
+            self.set_weights([0.0] * len(experts.adapters))  # and every shape fits
         except BaseException:
             self.remove()
             raise
         am.set_active([SEARCH_ADAPTER])
 
-    def set_weights(self, weights: Sequence[float]) -> None:
-        """Load the composition with ``weights`` into the search adapter."""
+    def _check_fits(self) -> None:
+        """The experts' saved keys are exactly the search adapter's (same modules)."""
         first = self.experts.adapters[0]
-        state = adapter_tensors(self.experts.compose(weights), first.embedding, torch.float32)
-        prefixes = [saved_key(p, "") for p in self.modules]
-        unknown = sorted(k for k in state if not any(k.startswith(p) for p in prefixes))
+        state = adapter_tensors(first.modules, first.embedding, torch.float32)
+        wanted = {saved_key(p, s) for p, m in self.modules.items() for s in m.peft_state()}
+        unknown, missing = sorted(set(state) - wanted), sorted(wanted - set(state))
         if unknown:
             raise LoraHubError(
                 f"{first.path}: tensor {unknown[0]!r} matches no module of the model "
                 "(was the adapter trained for another base?)"
             )
+        if missing:
+            raise LoraHubError(
+                f"{first.path}: the adapter has no {missing[0]!r}, which its target_modules "
+                "select on this model"
+            )
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Load the composition with ``weights`` into the search adapter."""
+        first = self.experts.adapters[0]
+        state = adapter_tensors(self.experts.compose(weights), first.embedding, torch.float32)
         for path, module in self.modules.items():
-            missing = [s for s in module.peft_state() if saved_key(path, s) not in state]
-            if missing:
-                raise LoraHubError(
-                    f"{first.path}: the adapter has no '{missing[0]}' for module '{path}', "
-                    "which its target_modules select on this model"
-                )
             own = {s: state[saved_key(path, s)] for s in module.peft_state()}
             module.load_peft_state(own, f"{first.path}: {path}")
 
