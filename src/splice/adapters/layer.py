@@ -10,7 +10,8 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
     y      = a_k.transform_output(x, ... a_1.transform_output(x, y))  (LoRA adds s·B A x)
 
 During a mixed-adapter batch (``mixed_plan`` set, `splice.adapters.mixed_batch`) the
-forward follows the plan instead: each row's own adapters, whatever is active.
+forward follows the plan instead: each row's own adapters, whatever is active. While a routed
+mixture runs (``router`` set, `splice.compose.mixture`) the router computes the forward.
 
 Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
 W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
@@ -130,6 +131,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         # a mixed batch's row plan during one forward (`splice.adapters.mixed_batch`)
         self.mixed_plan: Any = None
+        # a routed mixture's router during one forward (`splice.compose.mixture`)
+        self.router: Any = None
         # name -> original base tensors, for exact unfolding; insertion order = fold order.
         self._folded: dict[str, dict[str, Tensor]] = {}
 
@@ -157,6 +160,8 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.mixed_plan is not None:
             return self.mixed_plan.forward(self, x, args, kwargs)
+        if self.router is not None:
+            return self.router.forward(self, x, args, kwargs)
         return self._forward_with(self.running(), x, args, kwargs)
 
     def forward_alone(
