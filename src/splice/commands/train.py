@@ -39,6 +39,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.steps is not None and args.epochs is None:
         out["epochs"] = None
+    for item in getattr(args, "expert", None) or []:  # --method mixture
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or "." in name:
+            raise TrainConfigError(f"--expert {item!r}: expected NAME=PATH (an adapter folder)")
+        out[f"adapter.experts.{name}"] = path
     for item in args.param or []:
         if "=" not in item:
             raise TrainConfigError(f"--param {item!r}: expected KEY=VALUE (e.g. r=8)")
@@ -65,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         before = result.before["test"]["loss"]
         print(f"held-out loss {before:.4f} -> {test['loss']:.4f} (base -> adapted)")
-    print(f"adapter written to {args.out}")
+    print(f"{'mixture' if result.method == 'mixture' else 'adapter'} written to {args.out}")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     return 0
@@ -85,7 +90,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--validation", help="validation file (default: a split of --data)")
     p.add_argument("--test", help="test file (default: a split of --data)")
     p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--method", help="adapter method (lora, dora via lora use_dora=true, ia3, ...)")
+    p.add_argument(
+        "--method",
+        help="adapter method (lora, dora via lora use_dora=true, ia3, ...), or mixture: a "
+        "trained gate over frozen --expert adapters (--param gate=token|sequence, top_k=2, "
+        "balance_coef=0.01)",
+    )
+    p.add_argument(
+        "--expert",
+        action="append",
+        metavar="NAME=PATH",
+        help="--method mixture: an expert adapter folder under a name, repeatable",
+    )
     p.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="adapter parameter, repeatable"
     )

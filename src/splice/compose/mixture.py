@@ -199,6 +199,12 @@ class Mixture(nn.Module):
     def gate_parameters(self) -> list[nn.Parameter]:
         return list(self.gates.parameters())
 
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts: the gate's, and the gate's plus the model's."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        return sum(p.numel() for p in params.values() if p.requires_grad), total
+
     def train(self, mode: bool = True) -> Mixture:
         """Only the gates change mode: the frozen base and experts stay in eval mode (no
         dropout in them while the gate trains)."""
@@ -316,6 +322,8 @@ class Mixture(nn.Module):
     def forward(self, *args: Any, sequence_features: Tensor | None = None, **kwargs: Any) -> Any:
         """The model's forward through the mixture; in training mode with ``balance_coef``
         > 0, ``out.loss`` includes ``balance_coef · balance_loss()``."""
+        if getattr(self.am, "_disabled", False):  # am.disabled(): the base model's forward
+            return self.am(*args, **kwargs)
         weights = self._start(args, kwargs, sequence_features)
         with self.attached(weights, kwargs.get("attention_mask")):
             out = self.am(*args, **kwargs)

@@ -43,4 +43,10 @@ def parse_mixture_config(data: Any, where: str) -> MixtureConfig:
     """`MixtureConfig` from a mapping, or a one-line `MixtureError` naming the key."""
     if isinstance(data, dict) and not data.get("experts"):
         raise MixtureError(f"{where}: name the experts (--expert NAME=PATH, at least two)")
-    return parse_config(MixtureConfig, data, where, MixtureError, list_valid=True)
+    config = parse_config(MixtureConfig, data, where, MixtureError, list_valid=True)
+    n = len(config.experts)
+    if n < 2:
+        raise MixtureError(f"{where}: a mixture needs at least two experts, got {n}")
+    if config.top_k is not None and config.top_k > n:
+        raise MixtureError(f"{where}: top_k={config.top_k} but the mixture has {n} experts")
+    return config

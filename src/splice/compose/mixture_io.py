@@ -18,20 +18,22 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save
 
 from splice.adapters import AdapterModel, load_adapter
 from splice.compose.mixture import SEQUENCE_GATE, Mixture, gate_key
-from splice.compose.mixture_config import MixtureConfig, MixtureError
+from splice.compose.mixture_config import MixtureConfig, MixtureError, parse_mixture_config
 from splice.config_errors import parse_config
 from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.safe_paths import allowed_root, member
 from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.textfile import load_json_object
+from splice.peft.files import CONFIG_NAME as ADAPTER_CONFIG
 
+MIXTURE_METHOD = "mixture"  # splice train's method name
 FORMAT = "splice-mixture"
 CONFIG_FILE = "mixture_config.json"
 GATE_FILE = "gate.safetensors"
@@ -44,6 +46,20 @@ class SavedMixture(MixtureConfig):
     version: Literal[1]
     layers: list[str]
     hidden_size: int | None = None
+
+
+def mixture_config_of(
+    method: str, params: dict[str, Any], where: str = "adapter"
+) -> MixtureConfig | None:
+    """The mixture config of a ``splice train`` adapter section (``method: mixture``), checked
+    (every expert folder holds an adapter config); None for any other method."""
+    if method != MIXTURE_METHOD:
+        return None
+    config = parse_mixture_config(params, where)
+    for name, path in config.experts.items():
+        if not path or not (Path(path) / ADAPTER_CONFIG).is_file():
+            raise MixtureError(f"{where}: expert '{name}': {path} is not an adapter folder")
+    return config
 
 
 def gate_state(mixture: Mixture) -> dict[str, torch.Tensor]:

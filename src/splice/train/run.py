@@ -1,7 +1,8 @@
 """`splice train`: load model and data, inject the adapter, train, evaluate, save.
 
 The output folder is a PEFT adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``, loadable by PEFT and by splice) plus:
+``adapter_model.safetensors``, loadable by PEFT and by splice), or for ``method: mixture`` a
+mixture folder (`splice.compose.mixture_io`: the trained gate over frozen experts), plus:
 
     train_log.jsonl      one JSON record per step (loss, lr, elapsed) and per evaluation
     eval.json            metrics before and after training, on validation and test
@@ -83,16 +84,21 @@ def run_training(
     splice output, 2 any folder)."""
     from splice.adapters import AdapterModel, make_config
     from splice.adapters.peft_format import save_adapter_files
+    from splice.compose.mixture_io import build_mixture, mixture_config_of, write_mixture_files
     from splice.train import data as D
     from splice.train.loop import evaluate_classification, evaluate_lm, fit
     from splice.train.models import head_names, load_for_task
 
     out = Path(out)
+    mixture_cfg = mixture_config_of(
+        cfg.method, cfg.adapter_params
+    )  # a routed mixture of frozen experts, or None
     sources = [cfg.model, cfg.data.train, cfg.data.validation, cfg.data.test]
+    sources += list(mixture_cfg.experts.values()) if mixture_cfg else []
     folder = OutputFolder(out, overwrite=overwrite, inputs=[s for s in sources if s]).check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")  # before heavy work
+    adapter_cfg = None if mixture_cfg else make_config(cfg.method, cfg.adapter_params, "adapter")
     if cfg.task == "seq_cls":
         cls = D.classification_splits(cfg)
         parts, label_names = cls["parts"], list(cls["dataset"].label_names)
@@ -104,11 +110,15 @@ def run_training(
         model, tok, model_folder = load_for_task(
             cfg.model, cfg.task, len(label_names) or None, label_names or None
         )
-        if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
+        if cfg.task == "seq_cls" and adapter_cfg and not adapter_cfg.modules_to_save:
             adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
         am = AdapterModel(model)
-        am.add_adapter("default", adapter_cfg)
-        trainable, total = am.trainable_parameters()
+        trained: torch.nn.Module = am
+        if mixture_cfg:
+            trained = build_mixture(am, mixture_cfg)  # loads the experts; only the gate trains
+        else:
+            am.add_adapter("default", adapter_cfg)
+        trainable, total = trained.trainable_parameters()
 
         score = evaluate_classification if cls is not None else evaluate_lm
 
@@ -119,7 +129,7 @@ def run_training(
             return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
 
         def evaluate(split: str) -> dict[str, float]:
-            return score(am, batches(split))
+            return score(trained, batches(split))
 
         steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
@@ -135,7 +145,7 @@ def run_training(
                 log_file.flush()
 
             summary = fit(
-                am,
+                trained,
                 lambda epoch: batches("train", cfg.seed + epoch),
                 total_steps,
                 lr=cfg.lr,
@@ -162,7 +172,10 @@ def run_training(
             before,
             label_names or None,
         )
-        save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
+        if mixture_cfg:
+            write_mixture_files(trained, partial, mixture_cfg.experts)
+        else:
+            save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
         (partial / "eval.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         (partial / "splice_train.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
