@@ -197,3 +197,21 @@ def test_cli_errors_are_one_line_before_loading(tmp_path, capsys, extra, message
     err = capsys.readouterr().err
     assert err.startswith("splice: error:") and message in err, err
     assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("gate", "top_k"), [("token", 1), ("sequence", None)])
+def test_generate_equals_greedy_steps_through_the_mixture(experts, gate, top_k):
+    am, _ = experts
+    torch.manual_seed(5)
+    mix = Mixture(am, list(TASKS), gate=gate, top_k=top_k, renormalize=False).eval()
+    for p in mix.gate_parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    prompt = both(1, 9)["input_ids"][:, :4]
+    feats = mix.sequence_features((), {"input_ids": prompt}) if gate == "sequence" else None
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(4):  # no cache: the whole sequence each step
+            logits = mix(input_ids=ids, sequence_features=feats).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        out = mix.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(out, ids)
