@@ -90,9 +90,8 @@ def run_training(
     from splice.train.models import head_names, load_for_task
 
     out = Path(out)
-    mixture_cfg = mixture_config_of(
-        cfg.method, cfg.adapter_params
-    )  # a routed mixture of frozen experts, or None
+    # method "mixture": a trained gate over frozen experts (splice.compose); else None
+    mixture_cfg = mixture_config_of(cfg.method, cfg.adapter_params)
     sources = [cfg.model, cfg.data.train, cfg.data.validation, cfg.data.test]
     sources += list(mixture_cfg.experts.values()) if mixture_cfg else []
     folder = OutputFolder(out, overwrite=overwrite, inputs=[s for s in sources if s]).check()
@@ -113,7 +112,7 @@ def run_training(
         if cfg.task == "seq_cls" and adapter_cfg and not adapter_cfg.modules_to_save:
             adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
         am = AdapterModel(model)
-        trained: torch.nn.Module = am
+        trained: Any = am  # what trains: the AdapterModel, or a Mixture over it
         if mixture_cfg:
             trained = build_mixture(am, mixture_cfg)  # loads the experts; only the gate trains
         else:
