@@ -250,3 +250,32 @@ def test_folded_expert_refused_and_model_unchanged_after_forward():
     am.fold("one")
     with pytest.raises(MixtureError, match="expert 'one' is folded"):
         mix(X)
+
+
+def test_any_layer_adapter_is_an_expert_its_forward_minus_the_base():
+    am = AdapterModel(OneLinear())
+    am.add_adapter("lora", make_config("lora", {"r": 1, "target_modules": ["proj"]}))
+    am.add_adapter(
+        "ia3", make_config("ia3", {"target_modules": ["proj"], "feedforward_modules": []})
+    )
+    am.add_adapter(
+        "dora", make_config("lora", {"r": 1, "use_dora": True, "target_modules": ["proj"]})
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in am.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+    names = ["lora", "ia3", "dora"]
+    mix = Mixture(am, names)
+    with torch.no_grad():
+        mix.gates["proj"].weight.copy_(torch.randn(3, 3, generator=g))
+        out = mix(X)
+        weights = mix.last_routing["proj"].weights
+        with am.disabled():
+            base = am(X)
+        want = base.clone()
+        for i, name in enumerate(names):
+            am.set_active([name])
+            want += weights[..., i : i + 1] * (am(X) - base)
+    torch.testing.assert_close(out, want)

@@ -215,3 +215,16 @@ def test_generate_equals_greedy_steps_through_the_mixture(experts, gate, top_k):
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         out = mix.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(out, ids)
+
+
+def test_sequence_features_mean_over_unpadded_tokens_of_the_base_model(experts):
+    am, _ = experts
+    mix = Mixture(am, list(TASKS), gate="sequence")
+    ids = both(1, 2)["input_ids"]
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
+    feats = mix.sequence_features((), {"input_ids": ids, "attention_mask": mask})
+    with am.disabled(), torch.no_grad():
+        h = am.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        h = h.hidden_states[-1]
+    torch.testing.assert_close(feats[0], h[0].mean(0))
+    torch.testing.assert_close(feats[1], h[1, :6].mean(0))
