@@ -36,7 +36,8 @@ def test_fusion_training_lowers_the_loss_and_loads_back(
     out = tmp_path / "fusion"
     args = ["train", "--model", str(tiny_llama_dir), "--task", "causal_lm"]
     args += ["--data", str(lm_jsonl), "--steps", "20", "--lr", "2e-2", "--batch-size", "8"]
-    args += ["--fuse", f"a={two_adapters['a']}", "--fuse", f"b={two_adapters['b']}"]
+    args += ["--method", "fusion", "--expert", f"a={two_adapters['a']}"]
+    args += ["--expert", f"b={two_adapters['b']}"]
     assert main([*args, "--out", str(out), "--quiet"]) == 0
     assert "fusion written to" in capsys.readouterr().out
     res = json.loads((out / "eval.json").read_text())
@@ -76,14 +77,14 @@ def _saved_config(out):
 
 def test_fusion_config_errors(two_adapters):
     base = {"model": "m", "task": "causal_lm", "data": {"train": "x.jsonl"}}
-    fusion = {"method": "fusion", "adapters": {k: str(v) for k, v in two_adapters.items()}}
+    fusion = {"method": "fusion", "experts": {k: str(v) for k, v in two_adapters.items()}}
     parse_train_config({**base, "adapter": fusion})
     parse_train_config({**base, "adapter": {**fusion, "composition": {"fuse": ["b", "a"]}}})
     with pytest.raises(TrainConfigError, match="task causal_lm only"):
         parse_train_config({**base, "task": "seq_cls", "adapter": fusion})
     with pytest.raises(TrainConfigError, match=r"'regularisation': unknown key \(did you mean"):
         parse_train_config({**base, "adapter": {**fusion, "regularisation": 0}})
-    with pytest.raises(TrainConfigError, match="adapter: 'adapters': Field required"):
+    with pytest.raises(TrainConfigError, match="adapter: 'experts': Field required"):
         parse_train_config({**base, "adapter": {"method": "fusion"}})
     bad = {**fusion, "composition": {"fuse": ["a", "c"]}}
     with pytest.raises(TrainConfigError, match="must be the same adapters"):
@@ -98,6 +99,6 @@ def test_fusion_config_errors(two_adapters):
 
 def test_fuse_flag_errors(tmp_path, capsys):
     args = ["train", "--model", "m", "--task", "causal_lm", "--data", "x.jsonl"]
-    rc = main([*args, "--fuse", "nofolder", "--out", str(tmp_path / "o")])
+    rc = main([*args, "--method", "fusion", "--expert", "nofolder", "--out", str(tmp_path / "o")])
     assert rc != 0
-    assert "--fuse 'nofolder': expected NAME=ADAPTER_FOLDER" in capsys.readouterr().err
+    assert "--expert 'nofolder': expected NAME=PATH" in capsys.readouterr().err

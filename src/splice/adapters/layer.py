@@ -11,8 +11,8 @@ with the active adapters a_1..a_k (in activation order) that are not folded:
 
 During a mixed-adapter batch (``mixed_plan`` set, `splice.adapters.mixed_batch`) the
 forward follows the plan instead: each row's own adapters, whatever is active. While a
-composition block is active (``composition`` set, `splice.compose`) the forward is the
-block's.
+composition is set (``composition``: an active block, `splice.compose.blocks`, or a routed
+mixture during its call, `splice.compose.mixture`) the forward is the composition's.
 
 Input transforms apply last adapter first: with x' = M_1 ⋯ M_k x the adapted weight is
 W M_1 ⋯ M_k, which is what folding a_1, then a_2, ... gives (W ← W M_i in turn), so the
@@ -132,7 +132,8 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         # a mixed batch's row plan during one forward (`splice.adapters.mixed_batch`)
         self.mixed_plan: Any = None
-        # the active composition block's forward at this layer (`splice.compose`), or None
+        # the forward of the active composition at this layer (`splice.compose`: a block's,
+        # or a routed mixture's during its call), or None
         self.composition: Any = None
         # name -> original base tensors, for exact unfolding; insertion order = fold order.
         self._folded: dict[str, dict[str, Tensor]] = {}

@@ -39,12 +39,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.steps is not None and args.epochs is None:
         out["epochs"] = None
-    for item in args.fuse or []:  # AdapterFusion over frozen adapters (splice.train.fusion)
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise TrainConfigError(f"--fuse {item!r}: expected NAME=ADAPTER_FOLDER")
-        out[f"adapter.adapters.{name}"] = folder
-        out.setdefault("adapter.method", "fusion")
+    for item in args.expert or []:  # frozen adapters of --method mixture / fusion
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or "." in name:
+            raise TrainConfigError(f"--expert {item!r}: expected NAME=PATH (an adapter folder)")
+        out[f"adapter.experts.{name}"] = path
     for item in args.param or []:
         if "=" not in item:
             raise TrainConfigError(f"--param {item!r}: expected KEY=VALUE (e.g. r=8)")
@@ -71,7 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         before = result.before["test"]["loss"]
         print(f"held-out loss {before:.4f} -> {test['loss']:.4f} (base -> adapted)")
-    print(f"{'fusion' if cfg.method == 'fusion' else 'adapter'} written to {args.out}")
+    kind = cfg.method if cfg.method in ("mixture", "fusion") else "adapter"
+    print(f"{kind} written to {args.out}")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     return 0
@@ -93,16 +93,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train-examples", type=int)
     p.add_argument(
         "--method",
-        help="adapter method (lora, dora via lora use_dora=true, ia3, ...; fusion: AdapterFusion)",
+        help="adapter method (lora, dora via lora use_dora=true, ia3, ...); over frozen --expert "
+        "adapters: mixture (a trained gate; --param gate=token|sequence, top_k=2, "
+        "balance_coef=0.01) or fusion (AdapterFusion)",
+    )
+    p.add_argument(
+        "--expert",
+        action="append",
+        metavar="NAME=PATH",
+        help="--method mixture / fusion: a frozen adapter folder under a name, repeatable",
     )
     p.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="adapter parameter, repeatable"
-    )
-    p.add_argument(
-        "--fuse",
-        action="append",
-        metavar="NAME=ADAPTER_FOLDER",
-        help="train AdapterFusion over this frozen adapter (repeatable; implies --method fusion)",
     )
     p.add_argument("--epochs", type=float)
     p.add_argument("--steps", type=int)

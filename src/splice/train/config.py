@@ -14,6 +14,8 @@ NaN / inf numbers and values outside a field's range, e.g. epochs or lr <= 0).
       r: 8
       lora_alpha: 16
       target_modules: [query, value]
+    # or a trained gate over frozen experts (splice.compose.mixture_config):
+    #   adapter: {method: mixture, experts: {a: out/a, b: out/b}, gate: token, top_k: 2}
     epochs: 1                     # or steps: N (steps wins when both are set)
     lr: 5.0e-4
     batch_size: 16
@@ -93,8 +95,10 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
         fusion_settings(cfg.adapter, where=f"{where}: adapter")
         return cfg
     from splice.adapters import make_config
+    from splice.compose.mixture_io import mixture_config_of
 
-    make_config(cfg.method, cfg.adapter_params, where=f"{where}: adapter")  # validate early
+    if not mixture_config_of(cfg.method, cfg.adapter_params, f"{where}: adapter"):
+        make_config(cfg.method, cfg.adapter_params, where=f"{where}: adapter")  # validate early
     return cfg
 
 

@@ -2,13 +2,14 @@
 
     adapter:
       method: fusion
-      adapters: {sst: out/sst, style: out/style}   # adapter folders, loaded frozen
+      experts: {sst: out/sst, style: out/style}    # adapter folders, loaded frozen
       name: fusion                                  # the fusion's name (default "fusion")
       composition: {fuse: [sst, style]}             # optional (splice.compose.parse form);
                                                     # default: a Fuse over `adapters` in order
       regularization: 0.01                          # and the other FusionConfig options
 
-or with flags: ``splice train --method fusion --fuse sst=out/sst --fuse style=out/style ...``.
+or with flags: ``splice train --method fusion --expert sst=out/sst --expert style=out/style ...``
+(``experts`` and ``--expert`` as in the mixture mode, `splice.compose.mixture_io`).
 
 Only the fusion's parameters train (the base model and the fused adapters are frozen); the
 loss is the task's plus ``regularization`` · Σ ‖I − V‖²_F (AdapterHub's fusion
@@ -34,7 +35,7 @@ class FusionTrainSettings(FusionConfig):
     """The ``adapter:`` section in fusion mode (the FusionConfig options plus these)."""
 
     method: str = "fusion"
-    adapters: dict[str, str] = Field(min_length=1)
+    experts: dict[str, str] = Field(min_length=1)
     name: str = "fusion"
     composition: Any = None
 
@@ -43,7 +44,7 @@ class FusionTrainSettings(FusionConfig):
 
     def block(self) -> Fuse:
         """The Fuse to train, checked against ``adapters`` (before any loading)."""
-        names = list(self.adapters)
+        names = list(self.experts)
         data = self.composition
         if data is None:
             data = {"fuse": {"name": self.name, "adapters": names}}
@@ -60,7 +61,7 @@ class FusionTrainSettings(FusionConfig):
             block = Fuse(*block.children, name=self.name)
         if set(block.names()) != set(names):
             raise TrainConfigError(
-                f"adapter.composition names {block.names()}, adapter.adapters {names}: "
+                f"adapter.composition names {block.names()}, adapter.experts {names}: "
                 "they must be the same adapters"
             )
         return block
@@ -78,7 +79,7 @@ def setup_fusion(am: Any, settings: FusionTrainSettings) -> nn.Module:
     from splice.adapters import load_adapter
 
     block = settings.block()
-    for name, folder in settings.adapters.items():
+    for name, folder in settings.experts.items():
         load_adapter(am, folder, name, trainable=False, activate=False)
     am.add_fusion(block, settings.fusion_config())
     am.set_active(block)

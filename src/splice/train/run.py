@@ -1,8 +1,9 @@
 """`splice train`: load model and data, inject the adapter, train, evaluate, save.
 
 The output folder is a PEFT adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``, loadable by PEFT and by splice) — in fusion mode a fusion
-folder (`splice.train.fusion`, `splice.compose.fusion_io`) — plus:
+``adapter_model.safetensors``, loadable by PEFT and by splice); over frozen experts, for
+``method: mixture`` a mixture folder (`splice.compose.mixture_io`: the trained gate) and for
+``method: fusion`` a fusion folder (`splice.train.fusion`, `splice.compose.fusion_io`); plus:
 
     train_log.jsonl      one JSON record per step (loss, lr, elapsed) and per evaluation
     eval.json            metrics before and after training, on validation and test
@@ -84,21 +85,23 @@ def run_training(
     splice output, 2 any folder)."""
     from splice.adapters import AdapterModel, make_config
     from splice.adapters.peft_format import save_adapter_files
+    from splice.compose.fusion_io import write_fusion_files
+    from splice.compose.mixture_io import build_mixture, mixture_config_of, write_mixture_files
     from splice.train import data as D
+    from splice.train.fusion import RegularizedFusion, fusion_settings, setup_fusion
     from splice.train.loop import evaluate_classification, evaluate_lm, fit
     from splice.train.models import head_names, load_for_task
 
     out = Path(out)
     sources = [cfg.model, cfg.data.train, cfg.data.validation, cfg.data.test]
-    fusion_mode = cfg.method == "fusion"  # AdapterFusion over frozen adapters
-    if fusion_mode:
-        from splice.compose.fusion_io import write_fusion_files
-        from splice.train.fusion import RegularizedFusion, fusion_settings, setup_fusion
-
-        fusion_cfg = fusion_settings(cfg.adapter)  # before heavy work
-        sources.extend(fusion_cfg.adapters.values())
-    else:
+    # over frozen experts (splice.compose): "mixture" trains a gate, "fusion" AdapterFusion
+    mixture_cfg = mixture_config_of(cfg.method, cfg.adapter_params)
+    fusion_cfg = fusion_settings(cfg.adapter) if cfg.method == "fusion" else None
+    adapter_cfg = None
+    if mixture_cfg is None and fusion_cfg is None:
         adapter_cfg = make_config(cfg.method, cfg.adapter_params, where="adapter")
+    experts = (mixture_cfg or fusion_cfg).experts if (mixture_cfg or fusion_cfg) else {}
+    sources += list(experts.values())
     folder = OutputFolder(out, overwrite=overwrite, inputs=[s for s in sources if s]).check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -113,14 +116,20 @@ def run_training(
         model, tok, model_folder = load_for_task(
             cfg.model, cfg.task, len(label_names) or None, label_names or None
         )
+        if cfg.task == "seq_cls" and adapter_cfg and not adapter_cfg.modules_to_save:
+            adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
         am = AdapterModel(model)
-        if fusion_mode:
-            fusion = setup_fusion(am, fusion_cfg)
+        # trained: what the optimizer steps through; evaluated: what the metrics run
+        trained: Any = am
+        if mixture_cfg:
+            trained = build_mixture(am, mixture_cfg)  # loads the experts; only the gate trains
+        elif fusion_cfg:
+            fusion = setup_fusion(am, fusion_cfg)  # loads the adapters; only the fusion trains
+            trained = RegularizedFusion(am, fusion)
         else:
-            if cfg.task == "seq_cls" and not adapter_cfg.modules_to_save:
-                adapter_cfg = adapter_cfg.model_copy(update={"modules_to_save": head_names(model)})
             am.add_adapter("default", adapter_cfg)
-        trainable, total = am.trainable_parameters()
+        evaluated = am if fusion_cfg else trained
+        trainable, total = evaluated.trainable_parameters()
 
         score = evaluate_classification if cls is not None else evaluate_lm
 
@@ -131,7 +140,7 @@ def run_training(
             return D.cls_batches(p.texts, p.labels, tok, cfg.batch_size, cfg.max_length, seed)
 
         def evaluate(split: str) -> dict[str, float]:
-            return score(am, batches(split))
+            return score(evaluated, batches(split))
 
         steps_per_epoch = math.ceil(n_train / cfg.batch_size)
         total_steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * steps_per_epoch))
@@ -147,7 +156,7 @@ def run_training(
                 log_file.flush()
 
             summary = fit(
-                RegularizedFusion(am, fusion) if fusion_mode else am,
+                trained,
                 lambda epoch: batches("train", cfg.seed + epoch),
                 total_steps,
                 lr=cfg.lr,
@@ -174,7 +183,9 @@ def run_training(
             before,
             label_names or None,
         )
-        if fusion_mode:
+        if mixture_cfg:
+            write_mixture_files(trained, partial, mixture_cfg.experts)
+        elif fusion_cfg:
             name = fusion_cfg.block().name
             write_fusion_files(am, name, partial, base_model_name_or_path=str(model_folder))
         else:
