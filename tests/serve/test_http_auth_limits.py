@@ -87,11 +87,11 @@ def test_request_limits(tiny_base, adapter_root):
             with pytest.raises(openai.BadRequestError, match=message):
                 client.completions.create(**args)
     context = 2048  # the tiny Llama's max_position_embeddings
-    with serve(tiny_base, max_tokens=4096) as server:
-        with pytest.raises(openai.BadRequestError, match="maximum context length is 2048"):
-            server.client().completions.create(
-                model="tiny-llama", prompt="abc", max_tokens=context - 2
-            )
+    with (
+        serve(tiny_base, max_tokens=4096) as server,
+        pytest.raises(openai.BadRequestError, match="maximum context length is 2048"),
+    ):
+        server.client().completions.create(model="tiny-llama", prompt="abc", max_tokens=context - 2)
 
 
 def test_full_queue_is_429(tiny_base):

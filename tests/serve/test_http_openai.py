@@ -5,8 +5,6 @@ alone or batched with requests for other adapters."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -183,16 +181,3 @@ def test_health_and_metrics(served):
         assert name in text, name
     loaded = [line for line in text.splitlines() if line.startswith("splice_adapters_loaded ")]
     assert float(loaded[0].split()[1]) == len(served.state.cache.loaded) >= 1
-
-
-@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
-def test_curl_as_in_the_docs(served, reference):
-    body = {"model": "lora", "prompt": "hello", "max_tokens": 5, "temperature": 0}
-    out = subprocess.run(
-        ["curl", "-s", f"{served.url}/v1/completions", "-H", "Content-Type: application/json",
-         "-d", json.dumps(body)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    assert json.loads(out.stdout)["choices"][0]["text"] == reference_text(
-        reference, "hello", "lora", 5
-    )
