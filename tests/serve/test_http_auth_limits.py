@@ -41,6 +41,7 @@ def _error(reply, status):
 def test_keys(guarded, reference):
     body = {"model": "lora", "prompt": "abc", "max_tokens": 4, "temperature": 0}
     assert _error(guarded.post("/v1/completions", body), 401)["code"] == "invalid_api_key"
+    assert _error(guarded.post("/v1/completions", {"bogus": 1}), 401)  # the key comes first
     assert "incorrect" in _error(guarded.post("/v1/completions", body, key="wrong"), 401)["message"]
     with pytest.raises(openai.AuthenticationError):
         guarded.client("wrong").models.list()
