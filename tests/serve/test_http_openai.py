@@ -181,3 +181,25 @@ def test_health_and_metrics(served):
         assert name in text, name
     loaded = [line for line in text.splitlines() if line.startswith("splice_adapters_loaded ")]
     assert float(loaded[0].split()[1]) == len(served.state.cache.loaded) >= 1
+
+
+def test_a_client_leaving_a_stream_frees_its_sequence_and_adapter(served):
+    import http.client
+    import time
+
+    host, port = served.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    before = served.state.engine.stats.tokens_generated
+    body = {"model": "dora", "prompt": "abc", "max_tokens": 1000, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    cache, engine = served.state.cache, served.state.engine
+    assert cache.loaded["dora"].users == 1
+    conn.sock.shutdown(2)  # leave mid-stream
+    conn.close()
+    deadline = time.monotonic() + 30
+    while cache.loaded["dora"].users or engine.stats.running or engine.stats.waiting:
+        assert time.monotonic() < deadline, (cache.loaded["dora"].users, engine.stats)
+        time.sleep(0.02)
+    assert engine.stats.tokens_generated - before < 1000  # cut short (no EOS in 300 greedy)
