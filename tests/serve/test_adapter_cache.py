@@ -134,3 +134,35 @@ def test_malformed_folders_fail_their_load_only(adapter_root, tmp_path):
         asyncio.run(cache.acquire("absent"))
     asyncio.run(cache.acquire("lora"))  # still serving
     assert list(cache.loaded) == ["lora"]
+
+
+def test_reloading_an_adapter_being_evicted_waits_for_its_deletion(adapter_root):
+    """Between-steps calls run late (a slow decode step): an adapter evicted a moment ago is
+    still in the model when a request asks for it again; the new load waits for the
+    deletion instead of failing with "already exists"."""
+    import time
+
+    cache = _cache(adapter_root, max_loaded=2)
+
+    def slow(fn):
+        def late():
+            time.sleep(0.2)
+            return fn()
+
+        return POOL.submit(late)
+
+    async def go():
+        for name in ("lora", "dora"):
+            await cache.acquire(name)
+            cache.release(name)
+        cache.run_between_steps = slow
+        evicting = asyncio.ensure_future(cache.acquire("ia3"))  # evicts lora, late
+        while "lora" in cache.loaded:
+            await asyncio.sleep(0.005)
+        assert "lora" in cache.am.configs  # its deletion is queued, not run
+        await cache.acquire("lora")
+        await evicting
+        assert sorted(cache.loaded) == ["ia3", "lora"]
+        assert sorted(cache.am.configs) == ["ia3", "lora"]
+
+    asyncio.run(go())

@@ -32,6 +32,7 @@ from splice.adapters import AdapterModel
 from splice.adapters.peft_format import build_adapter, read_adapter
 from splice.errors import SpliceError, expected_failure
 from splice.serve.adapter_sources import AdapterSources
+from splice.serve.requests import EngineError
 
 RunBetweenSteps = Callable[[Callable[[], Any]], "concurrent.futures.Future[Any]"]
 
@@ -76,6 +77,8 @@ class AdapterCache:
         self._loading: dict[str, asyncio.Future[LoadedAdapter]] = {}
         self._waiting: dict[str, int] = {}  # requests waiting for a load, per name
         self._reserved = [0, 0]  # count, bytes of loads between reading and attaching
+        # evicted names whose deletion from the model is queued: a new load of one waits
+        self._deleting: dict[str, asyncio.Future[Any]] = {}
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="splice-adapter-load"
         )
@@ -130,8 +133,15 @@ class AdapterCache:
         if entry.users:
             raise AdapterBusyError(f"adapter '{name}' is in use by {entry.users} request(s)")
         del self.loaded[name]
-        await asyncio.wrap_future(self.run_between_steps(lambda: self.am.delete_adapter(name)))
+        done = asyncio.wrap_future(self.run_between_steps(lambda: self.am.delete_adapter(name)))
+        self._track_deletion([name], done)
+        await done
         self.evictions += 1
+
+    def _track_deletion(self, names: list[str], done: asyncio.Future[Any]) -> None:
+        for name in names:
+            self._deleting[name] = done
+        done.add_done_callback(lambda _: [self._deleting.pop(n, None) for n in names])
 
     # -- loading -------------------------------------------------------------------------
 
@@ -145,6 +155,9 @@ class AdapterCache:
     async def _load(self, name: str, path: Path) -> LoadedAdapter:
         loop = asyncio.get_running_loop()
         try:
+            deleting = self._deleting.get(name)
+            if deleting is not None:  # evicted a moment ago: its deletion runs first
+                await asyncio.wait([deleting])
             try:
                 prepared, nbytes = await loop.run_in_executor(
                     self._executor, self._read_and_build, name, path
@@ -166,7 +179,11 @@ class AdapterCache:
                         p.requires_grad_(False)
 
                 try:
-                    await asyncio.wrap_future(self.run_between_steps(attach))
+                    done = asyncio.wrap_future(self.run_between_steps(attach))
+                    self._track_deletion(victims, done)
+                    await done
+                except EngineError:  # the engine is stopping
+                    raise
                 except Exception as e:
                     raise AdapterLoadError(f"adapter '{name}': {_message(e)}") from None
                 finally:

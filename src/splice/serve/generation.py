@@ -50,6 +50,8 @@ def engine_error(e: EngineError) -> ApiError:
 
 
 def adapter_error(e: Exception, model: str) -> ApiError:
+    if isinstance(e, EngineError):
+        return engine_error(e)
     if isinstance(e, UnknownAdapterError):
         return ApiError(
             404, f"The model '{model}' does not exist", code="model_not_found", param="model"
@@ -95,6 +97,7 @@ class Generation:
     _unsubmitted_holds: int = 0
     _pumps: list[asyncio.Future[None]] = field(default_factory=list)
     _queue: asyncio.Queue[tuple[int, TokenEvent]] = field(default_factory=asyncio.Queue)
+    _closed: bool = False
 
     async def start(self) -> None:
         """Hold the adapter and submit every prompt; an `ApiError` when refused (the caller's
@@ -150,7 +153,11 @@ class Generation:
             yield index, event
 
     async def close(self) -> None:
-        """Cancel the unfinished sequences; release the adapter once the engine let go."""
+        """Cancel the unfinished sequences; release the adapter once the engine let go
+        (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         for pump in self._pumps:
             pump.cancel()
         for _ in range(self._unsubmitted_holds):
