@@ -135,7 +135,7 @@ def run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
     return mk_out, sp_out
 
 
-def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
+def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6, exact: bool = False) -> None:
     mk, sp = load_dir(mk_out), load_dir(sp_out)
     assert sorted(sp) == sorted(mk), (
         f"only mergekit: {sorted(set(mk) - set(sp))}, only splice: {sorted(set(sp) - set(mk))}"
@@ -145,6 +145,11 @@ def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
         a, b = mk[name], sp[name]
         assert b.shape == a.shape, f"{name}: shape {list(b.shape)} vs mergekit {list(a.shape)}"
         assert b.dtype == a.dtype, f"{name}: dtype {b.dtype} vs mergekit {a.dtype}"
+        if exact:
+            if not torch.equal(a, b):
+                n = (a != b).sum().item()
+                bad.append(f"{name}: {n} of {a.numel()} entries differ")
+            continue
         diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
         if not diff <= atol:
             bad.append(f"{name}: max |diff| {diff:.3g}")
@@ -372,6 +377,25 @@ def test_same_tensors_as_mergekit_bf16_inputs(
 ) -> None:
     mk_out, sp_out = run_both(CASES[case](bf16_models), tmp_path)
     assert_same(mk_out, sp_out)
+
+
+# Random methods (dare_*) aside, every case: with ``dtype: bfloat16`` / ``float16`` mergekit
+# does its arithmetic in that dtype (linear and slerp upcast to float32 inside), and the
+# mergekit dialect must give the same bits.
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def with_dtype(recipe: dict, dtype: str) -> dict:
+    return {**recipe, "dtype": dtype}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_bits_as_mergekit_in_low_precision(
+    case: str, dtype: str, bf16_models: dict[str, Path], tmp_path: Path
+) -> None:
+    mk_out, sp_out = run_both(with_dtype(CASES[case](bf16_models), dtype), tmp_path)
+    assert_same(mk_out, sp_out, exact=True)
 
 
 def test_comparison_notices_a_difference(models: dict[str, Path], tmp_path: Path) -> None:
