@@ -398,6 +398,18 @@ def test_same_bits_as_mergekit_in_low_precision(
     assert_same(mk_out, sp_out, exact=True)
 
 
+@pytest.mark.parametrize("case", ["ties", "task_arithmetic", "model_stock", "linear", "slerp"])
+def test_same_bits_as_mergekit_without_dtype(
+    case: str, bf16_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """No ``dtype``: mergekit merges bfloat16 models in bfloat16 (their promoted dtype), and
+    so does the mergekit dialect."""
+    recipe = CASES[case](bf16_models)
+    del recipe["dtype"]
+    mk_out, sp_out = run_both(recipe, tmp_path)
+    assert_same(mk_out, sp_out, exact=True)
+
+
 def test_comparison_notices_a_difference(models: dict[str, Path], tmp_path: Path) -> None:
     """The check itself is not vacuous: other densities give other tensors."""
     mk_out, _ = run_both(CASES["ties"](models), tmp_path / "a")
