@@ -14,7 +14,7 @@ one: the same torch ops on the same dtypes, in the same order.
   ``sign(Σ v) >= 0`` with the agreeing mask ``sign(v_i) == s`` and the divisor
   ``Σ w_i·mask_i`` in the compute dtype (0 -> 1); without consensus the divisor is
   ``Σ w_i`` (|.| < 1e-8 -> 1). Then ``/ divisor`` (normalize), ``* λ`` (λ ≠ 1), ``base +``.
-  Peak memory: one stacked copy of the n deltas, as in mergekit.
+  Peak memory: one stacked copy of the n deltas (as in mergekit) on top of the inputs.
 - linear and SLERP: mergekit upcasts to float32 inside the kernel and rounds the result
   once, so these do the same (float32 weights and ``addcmul_``; SLERP's norms over chunks of
   2^20 entries, the dot of the normalised vectors, ``coef_a·a + coef_b·b``).
@@ -65,13 +65,16 @@ def gta_combine(
     weights = weights.reshape(-1, *([1] * base.dim()))
     stacked.mul_(weights)
     if consensus is not None:
-        sign = stacked.sign()
-        votes = stacked.sum(dim=0) if consensus == "sum" else sign.sum(dim=0)
+        votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
         majority = (votes >= 0).to(dtype) * 2 - 1
         del votes
-        agree = sign == majority
-        del sign, majority
-        mixed = (stacked * agree).sum(dim=0)
+        # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
+        # without a stacked copy of the signs)
+        agree = torch.empty(stacked.shape, dtype=torch.bool, device=base.device)
+        for v, a in zip(stacked, agree, strict=True):
+            torch.eq(v.sign(), majority, out=a)
+        del majority
+        mixed = stacked.mul_(agree).sum(dim=0)  # in place: the same products
         divisor = (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
