@@ -215,6 +215,24 @@ def test_della_deterministic_same_bits(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_karcher_same_bits(shape, dtype):
+    # mergekit iterates in the inputs' dtype (norms in float32): every step rounds
+    _, tensors = inputs(shape, 3, seed=7, spread=0.05)
+    check_bits("karcher", None, [t.to(dtype) for t in tensors], {})
+    check_bits("karcher", None, [t.to(dtype) for t in tensors], {"max_iter": 3, "tol": 1e-3})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_same_bits(shape, with_base, dtype):
+    base, tensors = inputs(shape, 3, seed=8, spread=0.05)
+    b = base.to(dtype) if with_base else None
+    check_bits("multislerp", b, [t.to(dtype) for t in tensors], {"weight": [1.0, 0.5, 0.8]})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_passthrough_same_bits(dtype):
     _, (t,) = inputs((5, 7), 1, seed=4)
     check_bits("passthrough", None, [t.to(dtype)], {"scale": [0.25]})

@@ -170,3 +170,47 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
         total = total + w
     average = total / n
     return (t * average + (1 - t) * w0).reshape(base.shape)
+
+
+def karcher_in_dtype(
+    tensors: Sequence[Tensor], alphas: Sequence[float], max_iter: int, tol: float
+) -> Tensor:
+    """mergekit's Karcher mean with the inputs in float16 / bfloat16: the norms in float32
+    (0-dim tensors), the unit vectors, the mean, the tangent and every per-step scalar (dot,
+    angle, θ / sin θ) in the inputs' dtype, each update rounded to that dtype."""
+    f32 = torch.float32
+    norms = [torch.linalg.vector_norm(t.to(f32)) for t in tensors]
+    units = [
+        torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    valid_sum = sum(alphas[i] for i in valid)
+    va = [alphas[i] / valid_sum for i in valid]
+    vu = [units[i] for i in valid]
+    mean = torch.zeros_like(vu[0])
+    for a, u in zip(va, vu, strict=True):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean.to(f32))
+    mean = vu[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(va, vu, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        g = torch.linalg.vector_norm(tangent.to(f32))
+        if g.item() < tol:
+            break
+        mean = (torch.cos(g) * mean + torch.sin(g) * (tangent / g)).to(mean.dtype)
+        n = torch.linalg.vector_norm(mean.to(f32))
+        if n.item() > tol:
+            mean = (mean / n).to(mean.dtype)
+    scale = norms[0] * alphas[0]
+    for a, n in zip(alphas[1:], norms[1:], strict=True):
+        scale = scale + a * n
+    return scale * mean
