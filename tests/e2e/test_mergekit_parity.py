@@ -257,6 +257,8 @@ CASES = {
         "dtype": "float32",
     },
     "model_stock": lambda m: models_recipe(m, "model_stock", None),
+    "karcher": lambda m: models_recipe(m, "karcher", None, base=False),
+    "multislerp": lambda m: models_recipe(m, "multislerp", W3, base=False),
     "model_stock_filter_wise": lambda m: models_recipe(
         m, "model_stock", None, {"filter_wise": True}
     ),
