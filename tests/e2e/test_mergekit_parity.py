@@ -9,9 +9,11 @@ the config.json layer count (which slices change).
 
 float32 fine-tunes differ from the base by continuous noise, so no two magnitudes are
 equal; the bfloat16 ones differ by a few units in the last place, so many magnitudes are
-equal at the keep boundary and mergekit's tie order (its CPU sort) has to be matched too,
-and bfloat16 outputs show one-ulp rounding differences of the float32 arithmetic. Random
-methods (dare_*) draw from different generators and are not compared here.
+equal at the keep boundary and mergekit's tie order (its CPU sort) has to be matched too.
+With ``dtype: bfloat16`` / ``float16`` (and without ``dtype``, where mergekit computes in the
+inputs' dtype) every case is compared bit for bit (torch.equal): mergekit's arithmetic in
+that dtype decides roundings and TIES sign elections. Random methods (dare_*) draw from
+different generators and are not compared here.
 """
 
 from __future__ import annotations
