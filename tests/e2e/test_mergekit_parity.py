@@ -9,9 +9,11 @@ the config.json layer count (which slices change).
 
 float32 fine-tunes differ from the base by continuous noise, so no two magnitudes are
 equal; the bfloat16 ones differ by a few units in the last place, so many magnitudes are
-equal at the keep boundary and mergekit's tie order (its CPU sort) has to be matched too,
-and bfloat16 outputs show one-ulp rounding differences of the float32 arithmetic. Random
-methods (dare_*) draw from different generators and are not compared here.
+equal at the keep boundary and mergekit's tie order (its CPU sort) has to be matched too.
+With ``dtype: bfloat16`` / ``float16`` (and without ``dtype``, where mergekit computes in the
+inputs' dtype) every case is compared bit for bit (torch.equal): mergekit's arithmetic in
+that dtype decides roundings and TIES sign elections. Random methods (dare_*) draw from
+different generators and are not compared here.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
     return mk_out, sp_out
 
 
-def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
+def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6, exact: bool = False) -> None:
     mk, sp = load_dir(mk_out), load_dir(sp_out)
     assert sorted(sp) == sorted(mk), (
         f"only mergekit: {sorted(set(mk) - set(sp))}, only splice: {sorted(set(sp) - set(mk))}"
@@ -145,6 +147,11 @@ def assert_same(mk_out: Path, sp_out: Path, atol: float = 1e-6) -> None:
         a, b = mk[name], sp[name]
         assert b.shape == a.shape, f"{name}: shape {list(b.shape)} vs mergekit {list(a.shape)}"
         assert b.dtype == a.dtype, f"{name}: dtype {b.dtype} vs mergekit {a.dtype}"
+        if exact:
+            if not torch.equal(a, b):
+                n = (a != b).sum().item()
+                bad.append(f"{name}: {n} of {a.numel()} entries differ")
+            continue
         diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
         if not diff <= atol:
             bad.append(f"{name}: max |diff| {diff:.3g}")
@@ -252,6 +259,8 @@ CASES = {
         "dtype": "float32",
     },
     "model_stock": lambda m: models_recipe(m, "model_stock", None),
+    "karcher": lambda m: models_recipe(m, "karcher", None, base=False),
+    "multislerp": lambda m: models_recipe(m, "multislerp", W3, base=False),
     "model_stock_filter_wise": lambda m: models_recipe(
         m, "model_stock", None, {"filter_wise": True}
     ),
@@ -372,6 +381,37 @@ def test_same_tensors_as_mergekit_bf16_inputs(
 ) -> None:
     mk_out, sp_out = run_both(CASES[case](bf16_models), tmp_path)
     assert_same(mk_out, sp_out)
+
+
+# Random methods (dare_*) aside, every case: with ``dtype: bfloat16`` / ``float16`` mergekit
+# does its arithmetic in that dtype (linear and slerp upcast to float32 inside), and the
+# mergekit dialect must give the same bits.
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def with_dtype(recipe: dict, dtype: str) -> dict:
+    return {**recipe, "dtype": dtype}
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_bits_as_mergekit_in_low_precision(
+    case: str, dtype: str, bf16_models: dict[str, Path], tmp_path: Path
+) -> None:
+    mk_out, sp_out = run_both(with_dtype(CASES[case](bf16_models), dtype), tmp_path)
+    assert_same(mk_out, sp_out, exact=True)
+
+
+@pytest.mark.parametrize("case", ["ties", "task_arithmetic", "model_stock", "linear", "slerp"])
+def test_same_bits_as_mergekit_without_dtype(
+    case: str, bf16_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """No ``dtype``: mergekit merges bfloat16 models in bfloat16 (their promoted dtype), and
+    so does the mergekit dialect."""
+    recipe = CASES[case](bf16_models)
+    del recipe["dtype"]
+    mk_out, sp_out = run_both(recipe, tmp_path)
+    assert_same(mk_out, sp_out, exact=True)
 
 
 def test_comparison_notices_a_difference(models: dict[str, Path], tmp_path: Path) -> None:

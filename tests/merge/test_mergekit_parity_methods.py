@@ -143,3 +143,108 @@ def test_passthrough():
     _, (t,) = inputs((5, 7), 1, seed=4)
     check("passthrough", None, [t], {})
     check("passthrough", None, [t], {"scale": [0.25]})
+
+
+# float16 / bfloat16: mergekit does its arithmetic in the inputs' dtype (linear and SLERP in
+# float32 inside, rounded once), so every rounding and every sign election counts; the
+# mergekit dialect must give the same bits.
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def check_bits(name, base, tensors, params):
+    expected = mergekit_merge(name, base, tensors, params)
+    actual = splice_merge(name, base, tensors, params)
+    assert actual.dtype == expected.dtype
+    differ = (actual != expected).sum().item()
+    assert torch.equal(actual, expected), f"{differ} of {expected.numel()} entries differ"
+
+
+def low(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [(name, p) for name, cases in GTA_CASES.items() for p in cases] + TIED_CASES,
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_task_vector_methods_same_bits(name, params, shape, dtype):
+    # unit-scale weights with small task vectors: in bf16 the deltas take a few values
+    # (many equal magnitudes at the keep boundary) and the weighted sums round
+    base, tensors = inputs(shape, 3, seed=zlib.crc32(f"{name}{shape}low".encode()))
+    check_bits(name, low(base, dtype), [low(t, dtype) for t in tensors], params)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_same_bits(normalize, dtype):
+    _, tensors = inputs((24, 40), 3, seed=1, spread=0.5)
+    params = {"weight": [0.3, 0.5, 0.9], "normalize": normalize}
+    check_bits("linear", None, [low(t, dtype) for t in tensors], params)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_same_bits(shape, t, dtype):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    check_bits("slerp", a, [b], {"t": t})
+    check_bits("slerp", a, [(a.float() * 1.5).to(dtype)], {"t": t})  # parallel: linear
+    check_bits("slerp", torch.zeros_like(a), [b], {"t": t})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_same_bits(shape, filter_wise, dtype):
+    base, tensors = inputs(shape, 3, seed=3, scale=0.05, spread=0.02)
+    tensors = [low(t + 0.01 * (base - 0.03), dtype) for t in tensors]
+    check_bits("model_stock", low(base, dtype), tensors, {"filter_wise": filter_wise})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_deterministic_same_bits(name, dtype):
+    # density 1 (mergekit's default): no draw, only the combine's arithmetic
+    base, tensors = inputs((24, 40), 3, seed=12)
+    params = {"weight": [1.0, -0.5, 0.8], "normalize": True, "lambda": 0.7}
+    check_bits(name, low(base, dtype), [low(t, dtype) for t in tensors], params)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_karcher_same_bits(shape, dtype):
+    # mergekit iterates in the inputs' dtype (norms in float32): every step rounds
+    _, tensors = inputs(shape, 3, seed=7, spread=0.05)
+    check_bits("karcher", None, [t.to(dtype) for t in tensors], {})
+    check_bits("karcher", None, [t.to(dtype) for t in tensors], {"max_iter": 3, "tol": 1e-3})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp_same_bits(shape, with_base, dtype):
+    base, tensors = inputs(shape, 3, seed=8, spread=0.05)
+    b = base.to(dtype) if with_base else None
+    check_bits("multislerp", b, [t.to(dtype) for t in tensors], {"weight": [1.0, 0.5, 0.8]})
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_passthrough_same_bits(dtype):
+    _, (t,) = inputs((5, 7), 1, seed=4)
+    check_bits("passthrough", None, [t.to(dtype)], {"scale": [0.25]})
+
+
+def test_float32_kernel_differs_in_bfloat16():
+    """The check is not vacuous: splice's float32-style kernel (the splice dialect) differs
+    from mergekit's bf16 arithmetic on these inputs."""
+    base, tensors = inputs((24, 40), 3, seed=zlib.crc32(b"ties(24, 40)low"))
+    base, tensors = base.bfloat16(), [t.bfloat16() for t in tensors]
+    params = {"weight": [1.0, 0.5, 0.8], "density": [0.29, 0.63, 0.87], "scope": "tensor"}
+    expected = mergekit_merge("ties", base, tensors, {k: params[k] for k in ("weight", "density")})
+    ctx = MergeContext(dialect="splice", tensor_name="w")
+    actual = get_method("ties")(base.clone(), [t.clone() for t in tensors], ctx, **params)
+    assert not torch.equal(actual, expected)

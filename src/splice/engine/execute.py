@@ -122,7 +122,7 @@ class _Runner:
         if job.kind == "copy":
             out = self.sources.read(job.inputs[0].ref, job.inputs[0].name, seen)
         else:
-            cd = self.plan.compute_dtype
+            cd = self.plan.job_compute_dtype(job)
             base = self.sources.read(job.base.ref, job.base.name, seen).to(cd) if job.base else None
             tensors = [self.sources.read(s.ref, s.name, seen).to(cd) for s in job.inputs]
             if self.rules.get(index):
@@ -151,10 +151,10 @@ def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
     requests = plan.stat_requests
     if not requests:
         return {}
-    cd = plan.compute_dtype
 
     def magnitudes(i: int) -> list[torch.Tensor]:
         job = plan.jobs[i]
+        cd = plan.job_compute_dtype(job)
         base = plan.readers[job.base.ref].read(job.base.name).to(cd) if job.base else None
         out = []
         for r in requests:
@@ -249,5 +249,5 @@ def job_cost(plan: MergePlan, index: int) -> int:
     Measured: a TIES job over 3 models peaks near 42 bytes per entry in float32; this
     estimate gives (4 + 6) x 4 = 40."""
     job = plan.jobs[index]
-    size = torch.empty((), dtype=plan.compute_dtype).element_size()
+    size = torch.empty((), dtype=plan.job_compute_dtype(job)).element_size()
     return job.out.numel * size * (len(job.sources) + 6)

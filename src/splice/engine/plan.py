@@ -67,6 +67,14 @@ class MergePlan:
     stat_requests: list[TopKThreshold] = field(default_factory=list)  # whole-model top-k
     allow_nonfinite: bool = False  # NaN / ±inf may pass in the inputs and the output
 
+    def job_compute_dtype(self, job: TensorJob) -> torch.dtype:
+        """The dtype a job's arithmetic runs in: the recipe's ``dtype``; without one, float32
+        (splice dialect) or, as mergekit does, the promoted dtype of the job's inputs
+        (mergekit dialect: bfloat16 models merge in bfloat16)."""
+        if self.recipe.dtype is not None or self.recipe.dialect != "mergekit":
+            return self.compute_dtype
+        return promoted_dtype([self.readers[s.ref].info(s.name).dtype for s in job.sources])
+
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
@@ -78,6 +86,14 @@ class MergePlan:
     @property
     def output_bytes(self) -> int:
         return sum(j.out.nbytes for j in self.jobs)
+
+
+def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """torch's type promotion over ``dtypes`` (mergekit's dtype for a group of inputs)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 @dataclass
@@ -225,6 +241,9 @@ class _Planner:
             )
             return
         params = self.resolve_params(g, out_name, [in_names[r] for r in g.inputs], t)
+        if self.dialect == "mergekit" and self.out_dtype is None:
+            # mergekit writes what it computed: the inputs' promoted dtype
+            first = TensorInfo(first.name, first.shape, promoted_dtype([i.dtype for i in infos]))
         jobs.append(
             TensorJob(
                 out=self._out_info(out_name, first),

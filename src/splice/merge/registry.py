@@ -17,7 +17,11 @@ parameter schema*:
 Conventions
 - Positional arguments: ``base`` (a Tensor, or None when the method does not need one) and
   ``tensors`` (the non-base inputs, in recipe order). All arrive in the compute dtype
-  (float32 unless the recipe says otherwise) and may be modified in place by the method.
+  (the recipe's ``dtype``; without one float32, or in the mergekit dialect the inputs'
+  promoted dtype, as mergekit) and may be modified in place by the method. In the splice
+  dialect methods run their own kernels in that dtype (selections and statistics in
+  float32); in the mergekit dialect with float16 / bfloat16 they repeat mergekit's
+  arithmetic op for op (`splice.merge.methods._mergekit_precision`).
 - Keyword-only arguments are parameters. ``PerModel[T]`` marks a per-model parameter: the
   method receives a ``list[T]`` aligned with ``tensors``. Anything else is global. Types may
   carry pydantic constraints (``Annotated[float, Field(ge=0, le=1)]``); ``Literal`` lists

@@ -14,8 +14,11 @@ Keys (both dialects unless marked):
     slices                  list of {sources: [{model, layer_range, parameters}],
                             base_model, parameters}  (layer stacking / per-slice merges)
     parameters              global parameter settings
-    dtype                   compute dtype (default float32)
-    out_dtype               output dtype (default: dtype if given, else each input's dtype)
+    dtype                   compute dtype (default float32; mergekit dialect: the inputs'
+                            promoted dtype, as mergekit; float16/bfloat16 there use mergekit's
+                            arithmetic in that dtype, see merge.methods._mergekit_precision)
+    out_dtype               output dtype (default: dtype if given, else each input's dtype;
+                            mergekit dialect: the inputs' promoted dtype)
     tokenizer_source        "base" or a model reference to copy tokenizer files from
     seed                    (splice) seed of random methods, default 0
     on_missing              (splice) a tensor of the reference model that some input lacks:

@@ -74,12 +74,18 @@ def magnitude_trim_(
     else:
         ties = "torch_sort" if ctx.dialect == "mergekit" else "flat"
         mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), ties)
-    l1 = mag.sum() if rescale else None
+    l1 = l1_norm(delta, mag, ctx.dialect) if rescale else None
     del mag
     delta.mul_(mask)
     if l1 is not None:
         rescale_l1(l1, delta)
     return delta
+
+
+def l1_norm(delta: Tensor, mag: Tensor, dialect: str) -> Tensor:
+    """|δ|_1 for the L1 rescale: from the float32 magnitudes ``mag``, or in δ's own dtype in
+    the mergekit dialect (mergekit sums |δ| in the compute dtype; the same in float32)."""
+    return delta.abs().sum() if dialect == "mergekit" else mag.sum()
 
 
 def linear_combine_(

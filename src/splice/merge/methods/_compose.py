@@ -14,6 +14,11 @@ pydantic constraints, defaults): a sparsifier is ``f(deltas, *, <params>, ctx)``
 combiner ``f(base, deltas, <params>)``. `compose` joins the two parameter lists, in the
 order of `ORDER`, into the signature of one method registered with `merge_method`, so the
 registry, recipe validation and ``splice methods`` see an ordinary method.
+
+In the mergekit dialect with a float16 / bfloat16 compute dtype, the two combiners are
+replaced by mergekit's own arithmetic in that dtype (`_mergekit_precision.gta_combine`), so
+the roundings and the sign election match mergekit bit for bit; everywhere else (the splice
+dialect, float32) the combiners above run unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any, get_type_hints
 
 from torch import Tensor
 
-from splice.merge.methods._common import deltas_
+from splice.merge.methods._common import deltas_, linear_combine_, ties_combine_
+from splice.merge.methods._mergekit_precision import gta_combine, mergekit_low_precision
 from splice.merge.registry import MergeContext, MergeMethod, merge_method
 
 # Parameter order of a composed method (as the methods' signatures had it before they were
@@ -85,6 +91,10 @@ def compose(
         deltas = deltas_(base, tensors)
         if sparsify is not None:
             sparsify(deltas, ctx=ctx, **{k: kw[k] for k in sparse_names})
+        if mergekit_low_precision(ctx, base.dtype):
+            merged = _mergekit_combine(combine, base, deltas, kw)
+            if merged is not None:
+                return merged
         return combine(base, deltas, **{k: kw[k] for k in combine_names})
 
     positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -100,3 +110,32 @@ def compose(
     method.__name__ = method.__qualname__ = name
     method.__doc__ = summary
     return merge_method(name, needs_base=True, **registration)(method)
+
+
+def _mergekit_combine(
+    combine: Callable[..., Tensor], base: Tensor, deltas: list[Tensor], kw: Mapping[str, Any]
+) -> Tensor | None:
+    """``combine`` done with mergekit's low-precision arithmetic; None when mergekit has no
+    such combination (disjoint="max", or a combiner other than the two above)."""
+    if combine is linear_combine_:
+        return gta_combine(
+            base,
+            deltas,
+            kw["weight"],
+            consensus=None,
+            normalize=kw["normalize"],
+            lambda_=kw["lambda_"],
+        )
+    if combine is ties_combine_:
+        disjoint = kw["disjoint"] or ("mean" if kw["normalize"] else "sum")
+        if disjoint == "max":
+            return None
+        return gta_combine(
+            base,
+            deltas,
+            kw["weight"],
+            consensus=kw["majority"],
+            normalize=disjoint == "mean",
+            lambda_=kw["lambda_"],
+        )
+    return None

@@ -34,7 +34,7 @@ from typing import Literal
 from torch import Tensor
 
 from splice.delta.topk import band_mask_rows, magnitude
-from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
+from splice.merge.methods._common import UnitFloat, l1_norm, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
 from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import drop_, rows_view
@@ -64,7 +64,7 @@ def breadcrumbs_mask_(
     skip, keep = breadcrumbs_counts(rows.shape[1], density, gamma, dialect)
     ties = "torch_sort" if dialect == "mergekit" else "flat"
     mask = band_mask_rows(rows, skip, keep, ties).reshape(delta.shape)
-    l1 = mag.sum() if rescale else None
+    l1 = l1_norm(delta, mag, dialect) if rescale else None
     del mag, rows
     return drop_(delta, mask, rescale, l1=l1)
 

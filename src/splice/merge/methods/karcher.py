@@ -19,6 +19,9 @@ and defaults as mergekit (max_iter 10, tol 1e-5). Works on the models themselves
 ``base_model``, if the recipe names one, is not used (list it under ``models`` to include it).
 ``weight`` is a splice extension (mergekit's method has none); the default 1 for every
 model gives mergekit's a_i = 1/N.
+In the mergekit dialect with float16 / bfloat16 inputs the iteration runs in that dtype as
+mergekit's does (norms in float32), for the same bits (`_mergekit_precision`); otherwise it
+runs in the compute dtype with the scalars as Python floats.
 """
 
 import math
@@ -29,7 +32,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.merge.registry import PerModel, merge_method
+from splice.merge.methods._mergekit_precision import karcher_in_dtype, mergekit_low_precision
+from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
 def karcher_mean(
@@ -78,6 +82,10 @@ def karcher(
     weight: PerModel[Annotated[float, Field(gt=0)]] = 1.0,
     max_iter: Annotated[int, Field(ge=0)] = 10,
     tol: Annotated[float, Field(gt=0)] = 1e-5,
+    ctx: MergeContext,
 ) -> Tensor:
     """Riemannian (Karcher) mean of the models on the hypersphere, times their mean norm."""
+    if len(tensors) > 1 and mergekit_low_precision(ctx, tensors[0].dtype):
+        total = sum(weight)
+        return karcher_in_dtype(tensors, [w / total for w in weight], max_iter, tol)
     return karcher_mean(tensors, weight, max_iter=max_iter, tol=tol)

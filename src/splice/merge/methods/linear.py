@@ -13,6 +13,7 @@ from torch import Tensor
 
 from splice.errors import MergeValidationError
 from splice.merge.methods._common import own_inputs
+from splice.merge.methods._mergekit_precision import linear_float32, mergekit_low_precision
 from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
@@ -32,6 +33,8 @@ def linear(
             f"tensor '{ctx.tensor_name}': linear weights {list(weight)} sum to 0, so "
             "normalize cannot divide by their sum; set normalize: false or change the weights"
         )
+    if mergekit_low_precision(ctx, tensors[0].dtype):
+        return linear_float32(tensors, weight, normalize)
     inputs = own_inputs(None, tensors)
     merged = inputs[0].mul_(weight[0])
     for t, w in zip(inputs[1:], weight[1:], strict=True):

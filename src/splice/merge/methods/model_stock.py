@@ -17,6 +17,9 @@ Choices:
   weight; a 1-D tensor is one row), mergekit's ``filter_wise: true``.
 - ``filter_wise`` is accepted under mergekit's name; when given (true/false) it decides
   and ``scope`` is ignored.
+- mergekit dialect in float16 / bfloat16: mergekit's form t · mean_i(θ_i) + (1 − t) · base,
+  in that dtype (the two forms round differently); float32 and the splice dialect use
+  base + t · mean_i(δ_i).
 - Needs the base plus at least 2 models (mergekit: at least 3 inputs including the base).
 """
 
@@ -27,7 +30,11 @@ import torch
 from torch import Tensor
 
 from splice.merge.methods._common import deltas_
-from splice.merge.registry import merge_method
+from splice.merge.methods._mergekit_precision import (
+    mergekit_low_precision,
+    model_stock_in_dtype,
+)
+from splice.merge.registry import MergeContext, merge_method
 from splice.merge.sparsify import rows_view
 
 
@@ -54,10 +61,13 @@ def model_stock(
     *,
     scope: Literal["tensor", "row"] = "tensor",
     filter_wise: bool | None = None,
+    ctx: MergeContext,
 ) -> Tensor:
     """Move from the base towards the average by the ratio t from the task-vector angle."""
     if filter_wise is not None:
         scope = "row" if filter_wise else "tensor"
+    if mergekit_low_precision(ctx, base.dtype):
+        return model_stock_in_dtype(base, tensors, filter_wise=scope == "row")
     deltas = deltas_(base, tensors)
     rows = [rows_view(d) if scope == "row" else d.reshape(1, -1) for d in deltas]
     ratio = model_stock_ratio(rows)

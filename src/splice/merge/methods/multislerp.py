@@ -24,6 +24,9 @@ Same as mergekit, including its choices:
 - ``weight`` is per model and required (mergekit has no default); ε = ``eps`` = 1e-8.
 - A base model is optional; list it only as ``base_model`` (an input equal to the base is a
   zero task vector and still counts in the mean, as in mergekit when it is listed twice).
+- Arithmetic in the compute dtype. In the mergekit dialect with float16 / bfloat16 the dots
+  u_i · μ are mergekit's elementwise product then sum (each product rounded to the dtype),
+  not a matrix-vector product, for the same bits.
 """
 
 from collections.abc import Sequence
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from splice.errors import MergeValidationError
+from splice.merge.methods._mergekit_precision import mergekit_low_precision
 from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
@@ -71,7 +75,9 @@ def multislerp(
             "(antipodal inputs whose weights cancel); use different weights"
         )
     mean = mean / mean_norm
-    dots = units @ mean
+    # mergekit in float16 / bfloat16 rounds each product to the dtype before the sum
+    low = mergekit_low_precision(ctx, x.dtype)
+    dots = (units * mean).sum(-1) if low else units @ mean
     tangent = ((units - dots[:, None] * mean) * w[:, None]).sum(0)
     tnorm = torch.linalg.vector_norm(tangent) + eps
     result = mean * torch.cos(tnorm) + tangent * (torch.sin(tnorm) / tnorm)

@@ -1,0 +1,216 @@
+"""mergekit 0.1.5's arithmetic in float16 / bfloat16 (mergekit dialect only).
+
+With ``dtype: bfloat16`` or ``float16`` mergekit casts every input to that dtype and does
+the merge arithmetic there, so every intermediate rounding (and, through the rounded sums,
+which sign wins an election) is part of its result. The mergekit dialect promises
+mergekit's tensors, so for those two dtypes the methods below repeat its operations one for
+one: the same torch ops on the same dtypes, in the same order.
+
+- Task-vector combine (task arithmetic, TIES, breadcrumbs, DARE, DELLA after their
+  sparsifiers): the deltas are stacked into one tensor [n, ...]; the weights become a tensor
+  *of the compute dtype* (so 0.8 is bf16's 0.80078125); ``v = deltas * w``; sums are
+  ``sum(dim=0)`` over the stack (torch accumulates a reduced-precision sum in float32 and
+  rounds once, which a chain of in-place adds would not); the TIES election is
+  ``sign(Σ v) >= 0`` with the agreeing mask ``sign(v_i) == s`` and the divisor
+  ``Σ w_i·mask_i`` in the compute dtype (0 -> 1); without consensus the divisor is
+  ``Σ w_i`` (|.| < 1e-8 -> 1). Then ``/ divisor`` (normalize), ``* λ`` (λ ≠ 1), ``base +``.
+  Peak memory: one stacked copy of the n deltas (as in mergekit) on top of the inputs.
+- linear and SLERP: mergekit upcasts to float32 inside the kernel and rounds the result
+  once, so these do the same (float32 weights and ``addcmul_``; SLERP's norms over chunks of
+  2^20 entries, the dot of the normalised vectors, ``coef_a·a + coef_b·b``).
+- Model Stock: ``t·mean(θ_i) + (1 − t)·θ_0`` in the compute dtype, with the mean as
+  ``(θ_1 + θ_2 + …) / n`` — mergekit's form, not splice's ``θ_0 + t·mean(δ_i)`` (equal in
+  exact arithmetic, not in bf16).
+
+float32 and float64 keep splice's own kernels (bit-identical to mergekit in float32 for
+the task-vector methods; within 1e-6 for the others), so their pinned outputs do not move.
+The splice dialect always uses its own kernels, whatever the dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from splice.merge.registry import MergeContext
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+SLERP_CHUNK = 1024 * 1024  # entries per chunk of mergekit's SLERP statistics
+Consensus = Literal["sum", "count"]
+
+
+def mergekit_low_precision(ctx: MergeContext, dtype: torch.dtype) -> bool:
+    """True when the mergekit dialect computes in float16 / bfloat16: mergekit's arithmetic."""
+    return ctx.dialect == "mergekit" and dtype in LOW_PRECISION
+
+
+def gta_combine(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weight: Sequence[float],
+    *,
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+) -> Tensor:
+    """mergekit's generalized task arithmetic after sparsification, in ``base.dtype``."""
+    if not deltas:
+        return base
+    dtype = base.dtype
+    stacked = torch.stack(list(deltas))
+    weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    stacked.mul_(weights)
+    if consensus is not None:
+        votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
+        majority = (votes >= 0).to(dtype) * 2 - 1
+        del votes
+        # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
+        # without a stacked copy of the signs)
+        agree = torch.empty(stacked.shape, dtype=torch.bool, device=base.device)
+        for v, a in zip(stacked, agree, strict=True):
+            torch.eq(v.sign(), majority, out=a)
+        del majority
+        mixed = stacked.mul_(agree).sum(dim=0)  # in place: the same products
+        divisor = (weights * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = stacked.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del stacked
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return (base + mixed).to(dtype)
+
+
+def linear_float32(tensors: Sequence[Tensor], weight: Sequence[float], normalize: bool) -> Tensor:
+    """mergekit's linear kernel: Σ w_i θ_i [/ Σ w_i] accumulated in float32 with
+    ``addcmul_``, rounded once to the inputs' dtype."""
+    first = tensors[0]
+    w = torch.tensor(list(weight), dtype=torch.float32, device=first.device)
+    shape = (1,) * first.dim()
+    result = torch.zeros_like(first, dtype=torch.float32)
+    for t, c in zip(tensors, w.unbind(0), strict=True):
+        result.addcmul_(t, c.reshape(shape))
+    if normalize:
+        result.div_(w.sum().reshape(shape))
+    return result.to(first.dtype)
+
+
+def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> Tensor:
+    """mergekit's SLERP kernel for one tensor: float32 statistics over chunks, rounded once.
+
+    |a| is the norm of the chunk norms; the dot is taken between a/|a| and b/|b| (norms
+    <= eps count as 1), summed per chunk then over chunks, clamped to [-1, 1]; |dot| >
+    0.9995 interpolates linearly.
+    """
+    f32 = torch.float32
+    a, b = base.reshape(1, -1), other.reshape(1, -1)
+    tt = torch.tensor([[t]], dtype=f32, device=base.device)
+    if a.shape[1] == 0:
+        return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
+    starts = range(0, a.shape[1], SLERP_CHUNK)
+
+    def chunk(x: Tensor, s: int) -> Tensor:
+        return x[:, s : s + SLERP_CHUNK].to(f32)
+
+    norm_a = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in starts]),
+        dim=0,
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in starts]),
+        dim=0,
+    )
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dots = [
+        ((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True) for s in starts
+    ]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for s in starts:
+        out[:, s : s + SLERP_CHUNK] = coef_a * chunk(a, s) + coef_b * chunk(b, s)
+    return out.reshape(base.shape)
+
+
+def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool) -> Tensor:
+    """mergekit's Model Stock in the inputs' dtype: t·mean(θ_i) + (1 − t)·θ_0, with t from
+    the mean pairwise cosine of the task vectors (per row when ``filter_wise``)."""
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
+    else:
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, da in enumerate(offsets):
+        for db in offsets[i + 1 :]:
+            norm_product = torch.norm(da, dim=-1) * torch.norm(db, dim=-1)
+            cosines.append(((da * db).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+    total = ws[0]
+    for w in ws[1:]:
+        total = total + w
+    average = total / n
+    return (t * average + (1 - t) * w0).reshape(base.shape)
+
+
+def karcher_in_dtype(
+    tensors: Sequence[Tensor], alphas: Sequence[float], max_iter: int, tol: float
+) -> Tensor:
+    """mergekit's Karcher mean with the inputs in float16 / bfloat16: the norms in float32
+    (0-dim tensors), the unit vectors, the mean, the tangent and every per-step scalar (dot,
+    angle, θ / sin θ) in the inputs' dtype, each update rounded to that dtype."""
+    f32 = torch.float32
+    norms = [torch.linalg.vector_norm(t.to(f32)) for t in tensors]
+    units = [
+        torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype)
+        for t, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    valid_sum = sum(alphas[i] for i in valid)
+    va = [alphas[i] / valid_sum for i in valid]
+    vu = [units[i] for i in valid]
+    mean = torch.zeros_like(vu[0])
+    for a, u in zip(va, vu, strict=True):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean.to(f32))
+    mean = vu[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(va, vu, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        g = torch.linalg.vector_norm(tangent.to(f32))
+        if g.item() < tol:
+            break
+        mean = (torch.cos(g) * mean + torch.sin(g) * (tangent / g)).to(mean.dtype)
+        n = torch.linalg.vector_norm(mean.to(f32))
+        if n.item() > tol:
+            mean = (mean / n).to(mean.dtype)
+    scale = norms[0] * alphas[0]
+    for a, n in zip(alphas[1:], norms[1:], strict=True):
+        scale = scale + a * n
+    return scale * mean
