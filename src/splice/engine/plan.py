@@ -383,6 +383,7 @@ def plan_merge(
             dup = next(n for n in names if names.count(n) > 1)
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
         requests = topk_requests(planner.method, jobs)
+        _refuse_data_statistics(planner.method, jobs)
     except BaseException:
         for r in opened.values():
             r.close()
@@ -398,3 +399,13 @@ def plan_merge(
         stat_requests=requests,
         allow_nonfinite=allow_nonfinite,
     )
+
+
+def _refuse_data_statistics(method: MergeMethod, jobs: list[TensorJob]) -> None:
+    """Data-aware methods (fisher, regmean) need statistics the engine does not collect yet:
+    refused before any tensor is read."""
+    if method.needs_data and any(j.kind == "merge" for j in jobs):
+        raise MergeValidationError(
+            f"method '{method.name}' needs statistics collected on data; recipes cannot "
+            "give them yet: use splice.merge.data_merge.merge_with_statistics"
+        )

@@ -18,12 +18,14 @@ def _fmt(value: object) -> str:
 
 
 def method_table(methods: list[MergeMethod] | None = None) -> str:
-    """A markdown table: one row per parameter of every method."""
+    """A markdown table: one row per parameter of every method a recipe can name (the
+    data-aware methods, `MergeMethod.needs_data`, are documented in docs/data-aware-merging.md
+    until recipes can give statistics)."""
     rows = [
         "| method | base | inputs | parameter | per | type | default | mergekit-dialect default |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for m in methods or all_methods():
+    for m in methods or [m for m in all_methods() if not m.needs_data]:
         n = (
             f"{m.min_models}"
             if m.max_models == m.min_models
@@ -44,7 +46,7 @@ def method_table(methods: list[MergeMethod] | None = None) -> str:
 
 
 def method_summaries() -> str:
-    return "\n".join(f"- `{m.name}`: {m.summary}" for m in all_methods())
+    return "\n".join(f"- `{m.name}`: {m.summary}" for m in all_methods() if not m.needs_data)
 
 
 def update_readme(path: str = "README.md") -> None:

@@ -50,7 +50,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
-from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
+from splice.merge.stats import DataStatistic, DepthScale, StatRequest
 from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
@@ -84,7 +84,8 @@ class MergeContext:
     seed: int = 0
     dialect: Dialect = "splice"
     # The engine's answers to the method's whole-model requests, for this tensor.
-    model_stats: Mapping[TopKThreshold, KeepRule] = field(default_factory=dict)
+    # (`KeepRule` per `TopKThreshold`, `DataStats` per `DataStatistic`).
+    model_stats: Mapping[StatRequest, Any] = field(default_factory=dict)
     # Layer position of this tensor (from its name, e.g. ``model.layers.3.mlp...`` -> 3) and
     # the model's layer count; None for tensors outside layers / models without layers.
     layer_index: int | None = None
@@ -94,6 +95,12 @@ class MergeContext:
         """The answer to a declared statistic request (`splice.merge.stats`)."""
         if isinstance(request, DepthScale):
             return request.at(self.layer_index, self.num_layers)
+        if request not in self.model_stats and isinstance(request, DataStatistic):
+            raise MergeValidationError(
+                f"tensor '{self.tensor_name}': this method needs {request.kind} statistics "
+                "collected on data (splice.merge.data_stats); merge with "
+                "splice.merge.data_merge.merge_with_statistics"
+            )
         if request not in self.model_stats:
             raise MergeValidationError(
                 f"tensor '{self.tensor_name}': the engine did not answer {request} "
@@ -176,6 +183,14 @@ class MergeMethod:
     def label(self) -> str:
         """The name that says the representation: `ties` (dense), `lora:ties` (low-rank)."""
         return self.name if self.representation == "dense" else LOW_RANK_PREFIX + self.name
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs statistics collected on data (`DataStatistic`)."""
+        if self.model_stats is None:
+            return False
+        defaults = {p.name: p.default for p in self.params}
+        return any(isinstance(r, DataStatistic) for r in self.model_stats(defaults))
 
     def accepts(self, n: int) -> bool:
         """Whether the method takes ``n`` input models (besides the base, if it needs one)."""

@@ -1,0 +1,124 @@
+"""Merging with data statistics: the Python entry point of the data-aware methods.
+
+    merged = merge_with_statistics("regmean", [sd_a, sd_b], [gram_a, gram_b], alpha=0.9)
+
+``models`` are state dicts (``model.state_dict()``) with the same names and shapes;
+``statistics`` holds one dict (or safetensors path, `splice.merge.data_stats`) per model.
+Every statistic is checked before any tensor is merged: it must name a tensor of the models,
+have the shape its kind requires (Fisher: the tensor's shape; Gram: d_in x d_in for a 2-D
+weight of shape d_out x d_in) and be finite. Then each tensor is merged by the registered
+method exactly as the streaming engine would (`MergeContext` with the method's
+`DataStatistic` answered), so the per-tensor method stays the one implementation.
+Non-floating tensors (integer buffers) are copied from the first model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from splice.errors import MergeValidationError
+from splice.merge.data_stats import load_statistics
+from splice.merge.registry import MergeContext, get_method, resolve_params
+from splice.merge.stats import DataStatistic, DataStats
+
+Statistics = Mapping[str, Tensor] | str | Path
+
+
+def merge_with_statistics(
+    method: str,
+    models: Sequence[Mapping[str, Tensor]],
+    statistics: Sequence[Statistics],
+    *,
+    seed: int = 0,
+    **params: Any,
+) -> dict[str, Tensor]:
+    """Merge ``models`` with ``method`` (a data-aware dense method such as ``fisher`` or
+    ``regmean``), given each model's statistics; returns the merged state dict."""
+    m = get_method(method)
+    if m.needs_base:
+        raise MergeValidationError(f"method '{method}' needs a base model; not supported here")
+    if not m.accepts(len(models)):
+        raise MergeValidationError(f"method '{method}' takes {m.model_count()} models")
+    # Parameters checked before any statistic is read.
+    resolve_params(m.params, params, len(models), f"method '{method}'")
+    requests = m.model_stats(params) if m.model_stats else []
+    data_requests = [r for r in requests if isinstance(r, DataStatistic)]
+    if not data_requests:
+        raise MergeValidationError(f"method '{method}' does not use data statistics")
+    if len(statistics) != len(models):
+        raise MergeValidationError(
+            f"{len(statistics)} statistics for {len(models)} models; give one per model"
+        )
+    names = _common_names(models)
+    stats = [load_statistics(s) if isinstance(s, (str, Path)) else dict(s) for s in statistics]
+    floats = [n for n in names if models[0][n].is_floating_point()]
+    norms = {
+        r: tuple(_check(r.kind, s, models[0], floats, i) for i, s in enumerate(stats))
+        for r in data_requests
+    }
+    out: dict[str, Tensor] = {}
+    for name in names:
+        first = models[0][name]
+        if name not in floats:
+            out[name] = first.clone()
+            continue
+        model_stats = {r: DataStats(tuple(s.get(name) for s in stats), n) for r, n in norms.items()}
+        ctx = MergeContext(tensor_name=name, seed=seed, model_stats=model_stats)
+        tensors = [sd[name].detach().float().clone() for sd in models]
+        out[name] = m(None, tensors, ctx, **params).to(first.dtype)
+    return out
+
+
+def _common_names(models: Sequence[Mapping[str, Tensor]]) -> list[str]:
+    names = list(models[0])
+    for i, sd in enumerate(models[1:], start=1):
+        if set(sd) != set(names):
+            diff = sorted(set(sd) ^ set(names))
+            raise MergeValidationError(f"model {i} and model 0 differ in tensors: {diff[:5]}")
+        for n in names:
+            if sd[n].shape != models[0][n].shape:
+                raise MergeValidationError(
+                    f"tensor '{n}': model {i} has shape {tuple(sd[n].shape)}, model 0 "
+                    f"{tuple(models[0][n].shape)}"
+                )
+    return names
+
+
+def _check(
+    kind: str, stats: Mapping[str, Tensor], model: Mapping[str, Tensor], floats: list[str], i: int
+) -> float:
+    """Validate model ``i``'s statistics; return their L2 norm over the merged tensors."""
+    if not stats:
+        raise MergeValidationError(f"model {i}: the {kind} statistics are empty")
+    merged = set(floats)
+    total = 0.0
+    for name, s in stats.items():
+        if name not in merged:
+            raise MergeValidationError(
+                f"model {i}: {kind} statistic '{name}' names no floating tensor of the models"
+            )
+        shape = tuple(model[name].shape)
+        if kind == "fisher":
+            want = shape
+        elif len(shape) != 2:
+            raise MergeValidationError(
+                f"model {i}: gram statistic '{name}' is for a tensor of shape {shape}; "
+                "Gram matrices belong to 2-D linear weights"
+            )
+        else:
+            want = (shape[1], shape[1])
+        if tuple(s.shape) != want:
+            raise MergeValidationError(
+                f"model {i}: {kind} statistic '{name}' has shape {tuple(s.shape)}, expected {want}"
+            )
+        if not bool(torch.isfinite(s).all()):
+            raise MergeValidationError(f"model {i}: {kind} statistic '{name}' is not finite")
+        if kind == "fisher" and bool((s < 0).any()):
+            raise MergeValidationError(f"model {i}: fisher statistic '{name}' is negative")
+        total += float(s.double().square().sum())
+    return total**0.5
