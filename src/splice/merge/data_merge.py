@@ -46,8 +46,7 @@ def merge_with_statistics(
         raise MergeValidationError(f"method '{method}' takes {m.model_count()} models")
     # Parameters checked before any statistic is read.
     resolve_params(m.params, params, len(models), f"method '{method}'")
-    requests = m.model_stats(params) if m.model_stats else []
-    data_requests = [r for r in requests if isinstance(r, DataStatistic)]
+    data_requests = [DataStatistic(kind) for kind in m.data_statistics]
     if not data_requests:
         raise MergeValidationError(f"method '{method}' does not use data statistics")
     if len(statistics) != len(models):

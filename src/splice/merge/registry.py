@@ -34,6 +34,10 @@ Conventions
   Low-rank methods live in `splice.lora_merge.methods` and register when `splice.lora_merge`
   is imported.
 
+- ``data_statistics`` names the statistics collected on data that a data-aware method reads
+  per tensor (``["fisher"]``, ``["gram"]``; `splice.merge.data_stats`), answered in
+  ``ctx.model_stats`` under `DataStatistic(kind)`; `splice.merge.data_merge` supplies them.
+
 Methods never open files, know about YAML or print.
 """
 
@@ -50,7 +54,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
-from splice.merge.stats import DataStatistic, DepthScale, StatRequest
+from splice.merge.stats import DataKind, DataStatistic, DepthScale, StatRequest
 from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
@@ -178,6 +182,9 @@ class MergeMethod:
     mergekit_ignored: frozenset[str] = frozenset()
     # What the method takes and returns: tensors ("dense") or LowRank factors ("low_rank").
     representation: Representation = "dense"
+    # Statistics collected on data that every tensor's merge reads (`DataStatistic(kind)` in
+    # `MergeContext.model_stats`): "fisher", "gram". Empty for data-free methods.
+    data_statistics: tuple[DataKind, ...] = ()
 
     @property
     def label(self) -> str:
@@ -187,10 +194,7 @@ class MergeMethod:
     @property
     def needs_data(self) -> bool:
         """Whether the method needs statistics collected on data (`DataStatistic`)."""
-        if self.model_stats is None:
-            return False
-        defaults = {p.name: p.default for p in self.params}
-        return any(isinstance(r, DataStatistic) for r in self.model_stats(defaults))
+        return bool(self.data_statistics)
 
     def accepts(self, n: int) -> bool:
         """Whether the method takes ``n`` input models (besides the base, if it needs one)."""
@@ -327,6 +331,7 @@ def merge_method(
     model_stats: Callable[[Mapping[str, Any]], list[StatRequest]] | None = None,
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
     representation: Representation = "dense",
+    data_statistics: Sequence[DataKind] = (),
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; a name taken twice in one
     representation is an error)."""
@@ -354,6 +359,7 @@ def merge_method(
             model_stats=model_stats,
             mergekit_ignored=frozenset(mergekit_ignored),
             representation=representation,
+            data_statistics=tuple(data_statistics),
         )
         _REGISTRY[(representation, name)] = method
         return method

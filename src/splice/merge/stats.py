@@ -68,11 +68,15 @@ class DepthScale:
         return self.alpha + self.beta * layer / (num_layers - 1)
 
 
+DataKind = Literal["fisher", "gram"]
+
+
 @dataclass(frozen=True)
 class DataStatistic:
-    """Request: each input model's data statistic for the tensor being merged."""
+    """Request: each input model's data statistic for the tensor being merged (declared
+    with `merge_method(..., data_statistics=[kind])`)."""
 
-    kind: Literal["fisher", "gram"]
+    kind: DataKind
 
 
 @dataclass(frozen=True, eq=False)

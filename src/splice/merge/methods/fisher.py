@@ -32,7 +32,7 @@ from splice.merge.stats import DataStatistic
 FISHER = DataStatistic("fisher")
 
 
-@merge_method("fisher", needs_base=False, model_stats=lambda p: [FISHER])
+@merge_method("fisher", needs_base=False, data_statistics=["fisher"])
 def fisher(
     base: Tensor | None,
     tensors: Sequence[Tensor],

@@ -39,7 +39,7 @@ from splice.merge.stats import DataStatistic
 GRAM = DataStatistic("gram")
 
 
-@merge_method("regmean", needs_base=False, model_stats=lambda p: [GRAM])
+@merge_method("regmean", needs_base=False, data_statistics=["gram"])
 def regmean(
     base: Tensor | None,
     tensors: Sequence[Tensor],
