@@ -140,14 +140,17 @@ def test_hf_causal_lm_fisher_and_merge():
         nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         return nll.mean(dim=1)  # one loss per sequence
 
-    models = [tiny_llama(seed=s) for s in (0, 1)]
+    # tied embeddings: named_parameters lists the shared weight once, the state dict twice
+    models = [tiny_llama(seed=s, tie_word_embeddings=True) for s in (0, 1)]
     batches = [{"input_ids": torch.randint(0, 64, (2, 5))}]
     fishers = [collect_fisher(m, batches, sequence_nll) for m in models]
     assert set(fishers[0]) == {n for n, _ in models[0].named_parameters()}
+    assert "lm_head.weight" not in fishers[0] and "lm_head.weight" in models[0].state_dict()
     assert all(bool((f >= 0).all()) for f in fishers[0].values())
     assert float(fishers[0]["model.layers.0.mlp.up_proj.weight"].sum()) > 0
     sds = [m.state_dict() for m in models]
     merged = merge_with_statistics("fisher", sds, fishers)
+    assert torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])
     models[0].load_state_dict(merged)
 
 
@@ -169,7 +172,7 @@ def test_bad_statistics_are_clear_errors(fishers, fragment):
 
 
 def test_missing_fisher_and_other_errors():
-    sds = [{"t": t, "u": t} for t in THETAS]
+    sds = [{"t": t, "u": t.clone()} for t in THETAS]
     with pytest.raises(MergeValidationError, match="model 0 has no Fisher for it"):
         merge_with_statistics("fisher", sds, [{"t": f} for f in FISHERS])
     with pytest.raises(MergeValidationError, match="needs fisher statistics"):

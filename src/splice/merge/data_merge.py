@@ -46,9 +46,11 @@ def merge_with_statistics(
         raise MergeValidationError(f"method '{method}' takes {m.model_count()} models")
     # Parameters checked before any statistic is read.
     resolve_params(m.params, params, len(models), f"method '{method}'")
-    data_requests = [DataStatistic(kind) for kind in m.data_statistics]
-    if not data_requests:
+    if not m.data_statistics:
         raise MergeValidationError(f"method '{method}' does not use data statistics")
+    if len(m.data_statistics) > 1:
+        raise MergeValidationError(f"method '{method}' needs several statistics: unsupported")
+    request = DataStatistic(m.data_statistics[0])
     if len(statistics) != len(models):
         raise MergeValidationError(
             f"{len(statistics)} statistics for {len(models)} models; give one per model"
@@ -56,18 +58,18 @@ def merge_with_statistics(
     names = _common_names(models)
     stats = [load_statistics(s) if isinstance(s, (str, Path)) else dict(s) for s in statistics]
     floats = [n for n in names if models[0][n].is_floating_point()]
-    norms = {
-        r: tuple(_check(r.kind, s, models[0], floats, i) for i, s in enumerate(stats))
-        for r in data_requests
-    }
+    norms = tuple(
+        check_statistics(request.kind, s, models[0], floats, i) for i, s in enumerate(stats)
+    )
+    stats = [_with_tied_names(s, sd) for s, sd in zip(stats, models, strict=True)]
     out: dict[str, Tensor] = {}
     for name in names:
         first = models[0][name]
         if name not in floats:
             out[name] = first.clone()
             continue
-        model_stats = {r: DataStats(tuple(s.get(name) for s in stats), n) for r, n in norms.items()}
-        ctx = MergeContext(tensor_name=name, seed=seed, model_stats=model_stats)
+        answer = DataStats(tuple(s.get(name) for s in stats), norms)
+        ctx = MergeContext(tensor_name=name, seed=seed, model_stats={request: answer})
         tensors = [sd[name].detach().float().clone() for sd in models]
         out[name] = m(None, tensors, ctx, **params).to(first.dtype)
     return out
@@ -88,10 +90,26 @@ def _common_names(models: Sequence[Mapping[str, Tensor]]) -> list[str]:
     return names
 
 
-def _check(
+def _with_tied_names(stats: dict[str, Tensor], model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``stats`` with tied tensors (one storage under two names in the state dict, e.g. tied
+    input and output embeddings; `nn.Module.named_parameters` lists only the first) sharing
+    their statistic."""
+    by_storage = {
+        (t.data_ptr(), tuple(t.shape)): name for name, t in model.items() if name in stats
+    }
+    out = dict(stats)
+    for name, t in model.items():
+        twin = by_storage.get((t.data_ptr(), tuple(t.shape)))
+        if name not in out and twin is not None and t.numel() > 0:
+            out[name] = stats[twin]
+    return out
+
+
+def check_statistics(
     kind: str, stats: Mapping[str, Tensor], model: Mapping[str, Tensor], floats: list[str], i: int
 ) -> float:
-    """Validate model ``i``'s statistics; return their L2 norm over the merged tensors."""
+    """Validate model ``i``'s statistics of ``kind`` against ``model``'s floating tensors
+    ``floats`` (names, shapes, finite, Fisher non-negative); return their L2 norm."""
     if not stats:
         raise MergeValidationError(f"model {i}: the {kind} statistics are empty")
     merged = set(floats)

@@ -62,7 +62,7 @@ def regmean(
     rhs = None
     for w, g in zip(tensors, grams, strict=True):
         assert g is not None
-        g = g.double()
+        g = g.to(w.device, torch.float64)
         g_tilde = g * alpha + torch.diag(torch.diagonal(g)) * (1 - alpha)
         term = g_tilde @ w.double().T
         gram_sum = g_tilde if gram_sum is None else gram_sum + g_tilde
