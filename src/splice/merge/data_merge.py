@@ -58,9 +58,8 @@ def merge_with_statistics(
     names = _common_names(models)
     stats = [load_statistics(s) if isinstance(s, (str, Path)) else dict(s) for s in statistics]
     floats = [n for n in names if models[0][n].is_floating_point()]
-    norms = tuple(
-        check_statistics(request.kind, s, models[0], floats, i) for i, s in enumerate(stats)
-    )
+    shapes = {n: tuple(models[0][n].shape) for n in floats}
+    norms = tuple(check_statistics(request.kind, s, shapes, i) for i, s in enumerate(stats))
     stats = [_with_tied_names(s, sd) for s, sd in zip(stats, models, strict=True)]
     out: dict[str, Tensor] = {}
     for name in names:
@@ -106,20 +105,19 @@ def _with_tied_names(stats: dict[str, Tensor], model: Mapping[str, Tensor]) -> d
 
 
 def check_statistics(
-    kind: str, stats: Mapping[str, Tensor], model: Mapping[str, Tensor], floats: list[str], i: int
+    kind: str, stats: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], i: int
 ) -> float:
-    """Validate model ``i``'s statistics of ``kind`` against ``model``'s floating tensors
-    ``floats`` (names, shapes, finite, Fisher non-negative); return their L2 norm."""
+    """Validate model ``i``'s statistics of ``kind`` against the shapes of the floating
+    tensors to merge (names, shapes, finite, Fisher non-negative); return their L2 norm."""
     if not stats:
         raise MergeValidationError(f"model {i}: the {kind} statistics are empty")
-    merged = set(floats)
     total = 0.0
     for name, s in stats.items():
-        if name not in merged:
+        if name not in shapes:
             raise MergeValidationError(
                 f"model {i}: {kind} statistic '{name}' names no floating tensor of the models"
             )
-        shape = tuple(model[name].shape)
+        shape = shapes[name]
         if kind == "fisher":
             want = shape
         elif len(shape) != 2:

@@ -18,9 +18,9 @@ def _fmt(value: object) -> str:
 
 
 def method_table(methods: list[MergeMethod] | None = None) -> str:
-    """A markdown table: one row per parameter of every method a recipe can name (the
-    data-aware methods, `MergeMethod.needs_data`, are documented in docs/data-aware-merging.md
-    until recipes can give statistics)."""
+    """A markdown table: one row per parameter of every data-free method (the data-aware
+    ones, `MergeMethod.needs_data`, need statistics collected in Python first and are
+    documented in docs/data-aware-merging.md)."""
     rows = [
         "| method | base | inputs | parameter | per | type | default | mergekit-dialect default |",
         "|---|---|---|---|---|---|---|---|",

@@ -36,7 +36,8 @@ Conventions
 
 - ``data_statistics`` names the statistics collected on data that a data-aware method reads
   per tensor (``["fisher"]``, ``["gram"]``; `splice.merge.data_stats`), answered in
-  ``ctx.model_stats`` under `DataStatistic(kind)`; `splice.merge.data_merge` supplies them.
+  ``ctx.model_stats`` under `DataStatistic(kind)`; the engine (recipe ``statistics:``) and
+  `splice.merge.data_merge` supply them.
 
 Methods never open files, know about YAML or print.
 """
@@ -102,8 +103,8 @@ class MergeContext:
         if request not in self.model_stats and isinstance(request, DataStatistic):
             raise MergeValidationError(
                 f"tensor '{self.tensor_name}': this method needs {request.kind} statistics "
-                "collected on data (splice.merge.data_stats); merge with "
-                "splice.merge.data_merge.merge_with_statistics"
+                "collected on data (splice.merge.data_stats); give them per model (recipe "
+                "`statistics:`, or splice.merge.data_merge.merge_with_statistics)"
             )
         if request not in self.model_stats:
             raise MergeValidationError(

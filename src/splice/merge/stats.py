@@ -16,9 +16,9 @@ engine imports no method.
   engine applies it generically as the recipe's ``lines:`` post-step.
 - `DataStatistic(kind)`: per-model statistics collected by running each model on data
   (`splice.merge.data_stats`): the diagonal Fisher of each parameter ("fisher") or the Gram
-  matrix of each linear layer's inputs ("gram"). Answered per tensor with `DataStats`. The
-  streaming engine does not collect data yet; `splice.merge.data_merge.merge_with_statistics`
-  answers it from statistics dicts (or safetensors files).
+  matrix of each linear layer's inputs ("gram"). Answered per tensor with `DataStats`: by the
+  engine from the recipe's per-model ``statistics:`` files (`splice.engine.data_inputs`), and
+  by `splice.merge.data_merge.merge_with_statistics` from dicts or files.
 """
 
 from __future__ import annotations
