@@ -16,7 +16,15 @@ def _by_name(planned):
 def test_all_on_four_experts():
     planned, skipped = select_methods("all", 4)
     reasons = {s.name: s.reason for s in skipped}
-    assert set(reasons) == {"slerp", "passthrough", "lines", "metrics_weighted"}
+    assert set(reasons) == {
+        "slerp",
+        "passthrough",
+        "lines",
+        "metrics_weighted",
+        "fisher",
+        "regmean",
+    }
+    assert "data" in reasons["fisher"] and "data" in reasons["regmean"]
     assert "exactly 1" in reasons["slerp"] and "exactly 1" in reasons["passthrough"]
     assert "alpha, beta" in reasons["lines"]
     assert "metric" in reasons["metrics_weighted"]

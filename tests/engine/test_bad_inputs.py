@@ -144,6 +144,10 @@ CASES = {
         _recipe(parameters={"density": [0.1, 0.9], "scope": "model"}),
         "same density",
     ),
+    "data-aware method without statistics": (
+        _recipe(method="regmean", base_model=None),
+        "needs `statistics:` on every model",
+    ),
     "layer range beyond the model": (
         lambda m, p: {
             "merge_method": "passthrough",

@@ -187,6 +187,9 @@ def select_methods(
                 SkippedMethod(name, f"takes {m.model_count()} model(s), the pool has {n_models}")
             )
             continue
+        if m.needs_data:
+            skipped.append(SkippedMethod(name, "needs statistics collected on data"))
+            continue
         spec = TABLE.get(name, MethodSpec())
         chosen = {**spec.defaults, **params.get(name, {})}
         missing = [

@@ -68,7 +68,8 @@ def fingerprint(plan: MergePlan, shard_bytes: int) -> str:
             layout,
             shard_bytes,
             splice.__version__,
-        ],
+        ]
+        + ([plan.data.digest] if plan.data is not None else []),
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -127,11 +128,15 @@ class _Runner:
             tensors = [self.sources.read(s.ref, s.name, seen).to(cd) for s in job.inputs]
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
+            model_stats: dict = dict(self.rules.get(index, {}))
+            if self.plan.data is not None:
+                data = self.plan.data
+                model_stats[data.request] = data.answer([s.name for s in job.inputs])
             ctx = MergeContext(
                 tensor_name=job.out.name,
                 seed=self.plan.recipe.seed,
                 dialect=self.plan.recipe.dialect,
-                model_stats=self.rules.get(index, {}),
+                model_stats=model_stats,
                 layer_index=layer_index(job.out.name),
                 num_layers=self.num_layers,
             )
@@ -250,4 +255,7 @@ def job_cost(plan: MergePlan, index: int) -> int:
     estimate gives (4 + 6) x 4 = 40."""
     job = plan.jobs[index]
     size = torch.empty((), dtype=plan.job_compute_dtype(job)).element_size()
-    return job.out.numel * size * (len(job.sources) + 6)
+    cost = job.out.numel * size * (len(job.sources) + 6)
+    if plan.data is not None:  # the statistics, in float64 at most (RegMean's solve)
+        cost += 8 * plan.data.numel([s.name for s in job.inputs])
+    return cost

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from splice.config_errors import did_you_mean
+from splice.engine.data_inputs import DataInputs, load_data_inputs
 from splice.engine.layers import layer_index, rename_layer
 from splice.engine.topk import topk_requests
 from splice.errors import MergeValidationError
@@ -66,6 +67,7 @@ class MergePlan:
     num_layers_out: int | None  # set for slices: the output's layer count
     stat_requests: list[TopKThreshold] = field(default_factory=list)  # whole-model top-k
     allow_nonfinite: bool = False  # NaN / ±inf may pass in the inputs and the output
+    data: DataInputs | None = None  # the statistics of a data-aware method
 
     def job_compute_dtype(self, job: TensorJob) -> torch.dtype:
         """The dtype a job's arithmetic runs in: the recipe's ``dtype``; without one, float32
@@ -402,6 +404,8 @@ def plan_merge(
             dup = next(n for n in names if names.count(n) > 1)
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
         requests = topk_requests(planner.method, jobs)
+        merged = {j.out.name: j.out.shape for j in jobs if j.kind == "merge"}
+        data = load_data_inputs(recipe, planner.method, merged)
     except BaseException:
         for r in opened.values():
             r.close()
@@ -416,4 +420,5 @@ def plan_merge(
         num_layers_out=layers,
         stat_requests=requests,
         allow_nonfinite=allow_nonfinite,
+        data=data,
     )

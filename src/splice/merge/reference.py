@@ -18,12 +18,14 @@ def _fmt(value: object) -> str:
 
 
 def method_table(methods: list[MergeMethod] | None = None) -> str:
-    """A markdown table: one row per parameter of every method."""
+    """A markdown table: one row per parameter of every data-free method (the data-aware
+    ones, `MergeMethod.needs_data`, need statistics collected in Python first and are
+    documented in docs/data-aware-merging.md)."""
     rows = [
         "| method | base | inputs | parameter | per | type | default | mergekit-dialect default |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for m in methods or all_methods():
+    for m in methods or [m for m in all_methods() if not m.needs_data]:
         n = (
             f"{m.min_models}"
             if m.max_models == m.min_models
@@ -44,7 +46,7 @@ def method_table(methods: list[MergeMethod] | None = None) -> str:
 
 
 def method_summaries() -> str:
-    return "\n".join(f"- `{m.name}`: {m.summary}" for m in all_methods())
+    return "\n".join(f"- `{m.name}`: {m.summary}" for m in all_methods() if not m.needs_data)
 
 
 def update_readme(path: str = "README.md") -> None:

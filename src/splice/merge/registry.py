@@ -38,6 +38,11 @@ Conventions
   Low-rank methods live in `splice.lora_merge.methods` and register when `splice.lora_merge`
   is imported.
 
+- ``data_statistics`` names the statistics collected on data that a data-aware method reads
+  per tensor (``["fisher"]``, ``["gram"]``; `splice.merge.data_stats`), answered in
+  ``ctx.model_stats`` under `DataStatistic(kind)`; the engine (recipe ``statistics:``) and
+  `splice.merge.data_merge` supply them.
+
 Methods never open files, know about YAML or print.
 """
 
@@ -54,7 +59,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from splice.config_errors import did_you_mean
 from splice.errors import MergeValidationError
-from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
+from splice.merge.stats import DataKind, DataStatistic, DepthScale, StatRequest
 from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
@@ -88,7 +93,8 @@ class MergeContext:
     seed: int = 0
     dialect: Dialect = "splice"
     # The engine's answers to the method's whole-model requests, for this tensor.
-    model_stats: Mapping[TopKThreshold, KeepRule] = field(default_factory=dict)
+    # (`KeepRule` per `TopKThreshold`, `DataStats` per `DataStatistic`).
+    model_stats: Mapping[StatRequest, Any] = field(default_factory=dict)
     # Layer position of this tensor (from its name, e.g. ``model.layers.3.mlp...`` -> 3) and
     # the model's layer count; None for tensors outside layers / models without layers.
     layer_index: int | None = None
@@ -98,6 +104,12 @@ class MergeContext:
         """The answer to a declared statistic request (`splice.merge.stats`)."""
         if isinstance(request, DepthScale):
             return request.at(self.layer_index, self.num_layers)
+        if request not in self.model_stats and isinstance(request, DataStatistic):
+            raise MergeValidationError(
+                f"tensor '{self.tensor_name}': this method needs {request.kind} statistics "
+                "collected on data (splice.merge.data_stats); give them per model (recipe "
+                "`statistics:`, or splice.merge.data_merge.merge_with_statistics)"
+            )
         if request not in self.model_stats:
             raise MergeValidationError(
                 f"tensor '{self.tensor_name}': the engine did not answer {request} "
@@ -175,11 +187,19 @@ class MergeMethod:
     mergekit_ignored: frozenset[str] = frozenset()
     # What the method takes and returns: tensors ("dense") or LowRank factors ("low_rank").
     representation: Representation = "dense"
+    # Statistics collected on data that every tensor's merge reads (`DataStatistic(kind)` in
+    # `MergeContext.model_stats`): "fisher", "gram". Empty for data-free methods.
+    data_statistics: tuple[DataKind, ...] = ()
 
     @property
     def label(self) -> str:
         """The name that says the representation: `ties` (dense), `lora:ties` (low-rank)."""
         return self.name if self.representation == "dense" else LOW_RANK_PREFIX + self.name
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the method needs statistics collected on data (`DataStatistic`)."""
+        return bool(self.data_statistics)
 
     def accepts(self, n: int) -> bool:
         """Whether the method takes ``n`` input models (besides the base, if it needs one)."""
@@ -316,6 +336,7 @@ def merge_method(
     model_stats: Callable[[Mapping[str, Any]], list[StatRequest]] | None = None,
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
     representation: Representation = "dense",
+    data_statistics: Sequence[DataKind] = (),
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; a name taken twice in one
     representation is an error)."""
@@ -343,6 +364,7 @@ def merge_method(
             model_stats=model_stats,
             mergekit_ignored=frozenset(mergekit_ignored),
             representation=representation,
+            data_statistics=tuple(data_statistics),
         )
         _REGISTRY[(representation, name)] = method
         return method

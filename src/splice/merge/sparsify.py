@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.registry import KeepRule
+from splice.merge.stats import KeepRule
 
 L1_EPS = 1e-7  # mergekit's tolerance: no L1 rescale when either norm is below it
 

@@ -14,11 +14,19 @@ engine imports no method.
   layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
   which the engine puts in every context, so `MergeContext.stat` answers it directly; the
   engine applies it generically as the recipe's ``lines:`` post-step.
+- `DataStatistic(kind)`: per-model statistics collected by running each model on data
+  (`splice.merge.data_stats`): the diagonal Fisher of each parameter ("fisher") or the Gram
+  matrix of each linear layer's inputs ("gram"). Answered per tensor with `DataStats`: by the
+  engine from the recipe's per-model ``statistics:`` files (`splice.engine.data_inputs`), and
+  by `splice.merge.data_merge.merge_with_statistics` from dicts or files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -60,4 +68,29 @@ class DepthScale:
         return self.alpha + self.beta * layer / (num_layers - 1)
 
 
-StatRequest = TopKThreshold | DepthScale
+DataKind = Literal["fisher", "gram"]
+
+
+@dataclass(frozen=True)
+class DataStatistic:
+    """Request: each input model's data statistic for the tensor being merged (declared
+    with `merge_method(..., data_statistics=[kind])`)."""
+
+    kind: DataKind
+
+
+@dataclass(frozen=True, eq=False)
+class DataStats:
+    """Answer to a `DataStatistic` for one tensor.
+
+    ``per_model[i]``: model i's statistic for this tensor (the Fisher diagonal, same shape as
+    the tensor; or the d_in x d_in Gram of the linear layer whose weight this is), None when
+    the model has none for it. ``model_norms[i]``: the L2 norm of model i's whole statistic
+    over every merged tensor (Fisher merging's per-model normalization).
+    """
+
+    per_model: tuple[Tensor | None, ...]
+    model_norms: tuple[float, ...]
+
+
+StatRequest = TopKThreshold | DepthScale | DataStatistic

@@ -90,6 +90,9 @@ class ModelEntry(BaseModel):
     model_config = _STRICT
     model: str
     parameters: Parameters | None = None
+    # This model's data statistics (a safetensors file from
+    # `splice.merge.data_stats.save_statistics`), for the data-aware methods.
+    statistics: str | None = None
 
     _ref = field_validator("model", mode="before")(_check_ref)
 
