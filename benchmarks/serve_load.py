@@ -68,6 +68,15 @@ HARD_MAX_SECONDS = 3600.0
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def http_client_module():
+    """httpx's API: ``httpx2`` (what the installed openai client uses), else ``httpx``."""
+    try:
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    return httpx
+
+
 class LoadTestError(Exception):
     """A bad argument or a server that did not start (printed as one line)."""
 
@@ -137,8 +146,7 @@ class ServerProcess:
         return self.proc.pid
 
     def wait_ready(self, timeout: float) -> None:
-        import httpx
-
+        httpx = http_client_module()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -305,8 +313,7 @@ async def one_request(client, spec: LoadSpec, model: str, max_tokens: int) -> Ou
 async def run_load(spec: LoadSpec, rss: RssSampler | None = None) -> dict:
     """N client tasks share a request counter; each sends its next request as soon as its
     previous one is answered, until --requests are sent or --max-seconds have passed."""
-    import httpx
-
+    httpx = http_client_module()
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     limits = httpx.Limits(max_connections=spec.concurrency + 4)
     outcomes: list[Outcome] = []
@@ -369,8 +376,7 @@ def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float
 
 async def warm_up(spec: LoadSpec) -> None:
     """One 1-token request per adapter (loads each adapter; not timed)."""
-    import httpx
-
+    httpx = http_client_module()
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     async with httpx.AsyncClient(headers=headers, timeout=spec.timeout_s) as client:
         for model in spec.models:
