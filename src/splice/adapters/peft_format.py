@@ -123,12 +123,38 @@ def load_adapter(
     activate: bool | None = None,
 ) -> None:
     """Add the adapter saved at ``adapter_dir`` to ``am`` under ``name``."""
+    config, weights = read_adapter(adapter_dir)
+    attach_adapter(
+        am, name, config, weights, str(adapter_dir), trainable=trainable, activate=activate
+    )
+
+
+def read_adapter(
+    adapter_dir: str | os.PathLike[str],
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The first half of `load_adapter`, which touches no model: the folder's validated
+    config and its tensors (a server runs it in a worker thread, off its decode loop)."""
     method, raw = read_adapter_config(adapter_dir)
     config = method.config_cls.from_peft(raw, where=f"{adapter_dir}/{CONFIG_NAME}")
-    weights = read_weights(adapter_dir)
+    return config, read_weights(adapter_dir)
+
+
+def attach_adapter(
+    am: AdapterModel,
+    name: str,
+    config: AdapterConfig,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    *,
+    trainable: bool = False,
+    activate: bool | None = None,
+) -> None:
+    """The second half of `load_adapter`: inject ``name`` and load ``weights`` into it
+    (every expected tensor with its shape, no unexpected one); on an error the model is left
+    as it was."""
     am.add_adapter(name, config, activate=activate)
     try:
-        _load_state(am, name, weights, str(adapter_dir))
+        _load_state(am, name, weights, where)
     except BaseException:
         am.delete_adapter(name)
         raise
