@@ -374,15 +374,21 @@ def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float
     }
 
 
-async def warm_up(spec: LoadSpec) -> None:
-    """One 1-token request per adapter (loads each adapter; not timed)."""
+async def warm_up(spec: LoadSpec, concurrency: int = 16) -> None:
+    """One 1-token request per adapter, ``concurrency`` at a time (loads every adapter; not
+    timed)."""
     httpx = http_client_module()
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=spec.timeout_s) as client:
-        for model in spec.models:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(client, model: str) -> None:
+        async with gate:
             out = await one_request(client, spec, model, 1)
-            if not out.ok:
-                raise LoadTestError(f"warm-up request for model {model!r} failed: {out.error}")
+        if not out.ok:
+            raise LoadTestError(f"warm-up request for model {model!r} failed: {out.error}")
+
+    async with httpx.AsyncClient(headers=headers, timeout=spec.timeout_s) as client:
+        await asyncio.gather(*(one(client, m) for m in spec.models))
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -476,6 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the server is stopped too
     try:
         a = parse_args(argv)
         return asyncio.run(_main(a))
