@@ -140,3 +140,21 @@ def test_builder_arguments_are_strict(tiny_base, adapter_root):
         parse_ray_args({"base": str(tiny_base), "replicas": "0"})
     with pytest.raises(ServeConfigError, match="max_loaded"):
         parse_ray_args({"base": str(tiny_base), "max_loadd": "2"})
+
+
+def test_ray_flags():
+    import argparse
+
+    from splice.commands._serve_ray import LOCAL, add_ray_flags, ray_options
+    from splice.serve.config import ServeConfigError
+
+    p = argparse.ArgumentParser()
+    add_ray_flags(p)
+    assert p.parse_args([]).ray is None  # not on Ray
+    assert p.parse_args(["--ray"]).ray == LOCAL
+    args = p.parse_args(["--ray", "ray://10.0.0.1:10001", "--replicas", "4"])
+    assert args.ray == "ray://10.0.0.1:10001"
+    assert ray_options(args).replicas == 4
+    assert ray_options(p.parse_args(["--ray"])).replicas == 1
+    with pytest.raises(ServeConfigError, match="replica_cpus"):
+        ray_options(p.parse_args(["--ray", "--replica-cpus", "-1"]))
