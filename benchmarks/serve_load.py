@@ -131,7 +131,9 @@ def free_port() -> int:
 class ServerProcess:
     """`splice serve` as a child process on 127.0.0.1 (started, waited for, stopped)."""
 
-    def __init__(self, base: str, adapter_root: Path, max_loaded: int, extra: list[str]):
+    def __init__(
+        self, base: str, adapter_root: Path, max_loaded: int, extra: list[str], env: list[str]
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "splice.cli", "serve", base, "--adapter-root",
@@ -139,7 +141,8 @@ class ServerProcess:
                "--max-loaded", str(max_loaded), *extra]  # fmt: skip
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         print("server:", " ".join(cmd), flush=True)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        environ = {**os.environ, **dict(item.split("=", 1) for item in env)}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=environ)
 
     @property
     def pid(self) -> int:
@@ -466,6 +469,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rss-every", type=float, default=1.0, help="RSS sampling period, seconds")
     ap.add_argument("--api-key", default=os.environ.get("SPLICE_API_KEY"))
     ap.add_argument("--server-arg", action="append", default=[], help="extra `splice serve` arg")
+    ap.add_argument(
+        "--server-env", action="append", default=[], metavar="KEY=VALUE",
+        help="environment of the started server, e.g. OMP_NUM_THREADS=1",
+    )  # fmt: skip
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--out", default=".bench/serve_load.json")
     a = ap.parse_args(argv)
@@ -474,6 +481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, value in (("--max-seconds", a.max_seconds), ("--soak", a.soak)):
         if value is not None and not 0 < value <= HARD_MAX_SECONDS:
             raise LoadTestError(f"{flag} must be in (0, {HARD_MAX_SECONDS:.0f}] seconds")
+    if any("=" not in item for item in a.server_env):
+        raise LoadTestError("--server-env takes KEY=VALUE")
     if a.url:
         a.url = check_loopback(a.url)
         if not a.models:
@@ -508,7 +517,9 @@ async def _main(a: argparse.Namespace) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="serve_load_")
             print(f"writing {max(counts)} LoRA adapters to {tmp.name} ...", flush=True)
             all_names = make_lora_adapters(base, Path(tmp.name), max(counts))
-            server = ServerProcess(str(base), Path(tmp.name), max(counts), a.server_arg)
+            server = ServerProcess(
+                str(base), Path(tmp.name), max(counts), a.server_arg, a.server_env
+            )
             server.wait_ready(a.startup_timeout)
             url, pid = server.url, server.pid
             grid_models = [(m, all_names[:m]) for m in counts]
