@@ -43,9 +43,23 @@ class RemoteStats:
 
 
 class RemoteHandle(RequestHandle):
-    """A `RequestHandle` whose `cancel` also cancels the task reading the remote stream."""
+    """A `RequestHandle` whose `cancel` also cancels the task reading the remote stream, and
+    that always gets a final event (one `Generation.close` waits for)."""
 
     task: asyncio.Task | None = None
+    ended = False
+
+    def push(self, event: TokenEvent) -> None:
+        if self.ended:
+            return
+        self.ended = event.finished
+        super().push(event)
+
+    def end(self, task: asyncio.Task) -> None:
+        """The reading task's done callback: "abort" if it ended (cancelled before it ran,
+        even) without a final event."""
+        if not self.ended:
+            self.push(TokenEvent(self.request.request_id, None, "", "abort"))
 
     def cancel(self) -> None:
         super().cancel()
@@ -89,6 +103,7 @@ class RemoteEngine:
         handle = RemoteHandle(request, loop)
         task = loop.create_task(self._pump(handle))
         handle.task = task
+        task.add_done_callback(handle.end)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
         return handle
