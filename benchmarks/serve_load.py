@@ -443,6 +443,13 @@ def machine() -> dict:
             "platform": platform.platform(), "python": sys.version.split()[0]}  # fmt: skip
 
 
+def write_report(a: argparse.Namespace, url: str, rows: list[dict]) -> None:
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    report = {"args": vars(a), "machine": machine(), "url": url, "rows": rows,
+              "ratios": ratios(rows)}  # fmt: skip
+    Path(a.out).write_text(json.dumps(report, indent=2, default=str))
+
+
 def int_list(text: str) -> list[int]:
     values = [int(x) for x in text.split(",") if x.strip()]
     if not values or min(values) < 1:
@@ -541,16 +548,14 @@ async def _main(a: argparse.Namespace) -> int:
                 result = await run_load(spec, RssSampler(pid, a.rss_every) if pid else None)
                 rows.append({"adapters": m, "clients": n, **result})
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+                write_report(a, url, rows)  # after each row: a cut-short run keeps its rows
         info = machine()
         print(f"\nprompt {a.prompt_tokens} tokens, max_tokens {a.max_tokens}, greedy; "
               f"load average {info['load_avg_1m']} on {info['cpus']} CPUs")  # fmt: skip
         print(markdown(rows))
         for line in ratios(rows):
             print(line)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        report = {"args": vars(a), "machine": info, "url": url, "rows": rows,
-                  "ratios": ratios(rows)}  # fmt: skip
-        Path(a.out).write_text(json.dumps(report, indent=2, default=str))
+        write_report(a, url, rows)
         print(f"report: {a.out}")
         return 1 if any(r["errors"] for r in rows) else 0
     finally:
