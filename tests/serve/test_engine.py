@@ -164,21 +164,37 @@ def test_cancel_ends_the_request_at_the_next_step() -> None:
 def test_requests_refused_with_clear_messages() -> None:
     am = model_with_adapters()
     engine = BatchingEngine(am, tiny_tokenizer(), max_queue=1, max_prompt_tokens=8)
-    with pytest.raises(EngineError, match=r"no adapter named 'lorra'.*did you mean 'lora'"):
-        engine.submit(request("a", prompt(3, 0), "lorra"))
-    with pytest.raises(EngineError, match="prompt has 9 tokens; this server takes at most 8"):
-        engine.submit(request("b", prompt(9, 0)))
-    with pytest.raises(EngineError, match="the prompt is empty"):
-        engine.submit(request("c", []))
-    with pytest.raises(EngineError, match="token id 64 is not in the vocabulary"):
-        engine.submit(request("d", [5, 64]))
+
+    def refused(req, match: str, reason: str) -> None:
+        with pytest.raises(EngineError, match=match) as e:
+            engine.submit(req)
+        assert e.value.reason == reason
+
+    refused(
+        request("a", prompt(3, 0), "lorra"),
+        r"request 'a': no adapter named 'lorra'.*did you mean 'lora'",
+        "unknown_adapter",
+    )
+    refused(
+        request("b", prompt(9, 0)), "prompt has 9 tokens; this server takes at most 8", "invalid"
+    )
+    refused(request("c", []), "the prompt is empty", "invalid")
+    refused(request("d", [5, 64]), "token id 64 is not in the vocabulary", "invalid")
     engine.submit(request("e", prompt(3, 0)))
-    with pytest.raises(EngineError, match="queue is full"):
-        engine.submit(request("f", prompt(3, 0)))
+    refused(request("f", prompt(3, 0)), "queue is full", "queue_full")
+    assert engine.accepting
     assert engine.stop()
-    with pytest.raises(EngineError, match="stopped"):
-        engine.submit(request("g", prompt(3, 0)))
+    assert not engine.accepting
+    refused(request("g", prompt(3, 0), "lorra"), "stopped", "stopped")
     assert engine.stats.requests_finished == 1  # "e", aborted: the engine never ran
+
+
+def test_engine_settings_are_checked() -> None:
+    am = model_with_adapters()
+    with pytest.raises(EngineError, match="max_batch must be a positive integer, got 0"):
+        BatchingEngine(am, tiny_tokenizer(), max_batch=0)
+    with pytest.raises(EngineError, match="max_prompt_tokens 65 exceeds the model's 64"):
+        BatchingEngine(am, tiny_tokenizer(), max_prompt_tokens=65)
 
 
 def test_default_prompt_limit_is_the_models_positions() -> None:
@@ -247,19 +263,36 @@ def test_adapter_added_between_steps_while_requests_run() -> None:
     assert tokens(got_first) == generate_alone(am, prompt(5, 1), "lora", 20)
 
 
-def test_deleted_adapter_ends_its_running_requests() -> None:
+def test_deleted_adapter_ends_its_running_and_waiting_requests() -> None:
     am = model_with_adapters()
-    engine = BatchingEngine(am, tiny_tokenizer())
+    engine = BatchingEngine(am, tiny_tokenizer(), max_batch=2)
     doomed = engine.submit(request("d", prompt(5, 1), "ia3", max_tokens=20))
     other = engine.submit(request("o", prompt(5, 2), "lora", max_tokens=5))
+    waiting = engine.submit(request("w", prompt(5, 3), "ia3", max_tokens=5))
     engine.step()
     engine.run_between_steps(lambda: am.delete_adapter("ia3"))
     engine.step()
-    last = drain_events(doomed)[-1]
-    assert (last.finish_reason, last.error) == ("error", "adapter 'ia3' was deleted")
+    for handle in (doomed, waiting):
+        last = drain_events(handle)[-1]
+        assert (last.finish_reason, last.error) == ("error", "adapter 'ia3' was deleted")
     events = {"o": drain_events(other)}
     run_steps(engine, {"o": other}, events)
     assert tokens(events["o"]) == generate_alone(am, prompt(5, 2), "lora", 5)
+    with pytest.raises(EngineError, match="no adapter named 'ia3'"):
+        engine.submit(request("late", prompt(5, 3), "ia3"))
+
+
+def test_folded_adapter_is_refused_in_the_batch() -> None:
+    am = model_with_adapters()
+    engine = BatchingEngine(am, tiny_tokenizer())
+    running = engine.submit(request("r", prompt(5, 1), "lora", max_tokens=20))
+    engine.step()
+    engine.run_between_steps(lambda: am.fold("lora"))
+    engine.step()
+    last = drain_events(running)[-1]
+    assert last.finish_reason == "error" and "folded" in last.error
+    with pytest.raises(EngineError, match="adapter 'lora' is folded"):
+        engine.submit(request("late", prompt(5, 3), "lora"))
 
 
 def test_stop_drain_finishes_in_flight_requests_and_refuses_new_ones() -> None:
@@ -344,3 +377,36 @@ def test_greedy_on_the_packaged_smollm2() -> None:
         want = generate_alone(am, tok(p).input_ids, a, 8)
         assert tokens(events[rid]) == want, rid
         assert text(events[rid]) == tok.decode(want, skip_special_tokens=True)
+
+
+def test_prefill_groups_keep_within_the_token_budget() -> None:
+    """Admitted requests are prefilled in groups of at most ``prefill_tokens`` padded tokens
+    (a longer prompt alone); outputs are the same however they are grouped."""
+    from splice.serve.engine import _prefill_groups
+
+    am = model_with_adapters()
+    engine = BatchingEngine(am, tiny_tokenizer(), prefill_tokens=12)
+    specs = [(prompt(n, n), a) for n, a in [(5, "lora"), (6, None), (4, "ia3"), (13, "dora")]]
+    handles = {f"p{i}": engine.submit(request(f"p{i}", ids, a, max_tokens=4))
+               for i, (ids, a) in enumerate(specs)}  # fmt: skip
+    seqs = [type("S", (), {"request": h.request})() for h in handles.values()]
+    groups = _prefill_groups(seqs, 12)
+    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[5, 6], [4], [13]]
+    events: dict = {}
+    run_steps(engine, handles, events)
+    for (ids, a), rid in zip(specs, handles, strict=True):
+        assert tokens(events[rid]) == generate_alone(am, ids, a, 4), rid
+
+
+def test_a_cancelled_waiting_request_frees_its_place_in_the_queue() -> None:
+    engine = BatchingEngine(model_with_adapters(), tiny_tokenizer(), max_batch=1, max_queue=1)
+    running = engine.submit(request("r", prompt(4, 1), max_tokens=30))
+    engine.step()
+    waiting = engine.submit(request("w", prompt(4, 2)))
+    with pytest.raises(EngineError, match="queue is full"):
+        engine.submit(request("x", prompt(4, 3)))
+    waiting.cancel()
+    engine.step()
+    assert drain_events(waiting)[-1].finish_reason == "abort"
+    engine.submit(request("x", prompt(4, 3)))
+    assert engine.stats.waiting == 1 and not drain_events(running)[-1].finished

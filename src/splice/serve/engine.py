@@ -14,10 +14,11 @@ Scheduling. One loop on one thread owns the model. Each iteration:
    never during a forward);
 2. ends the running requests that were cancelled ("abort") or whose adapter is gone
    ("error");
-3. admits waiting requests first come, first served while fewer than ``max_batch`` run: each
-   is prefilled alone (one forward over its prompt, with its adapter, batch of one; the same
-   computation as ``am.generate`` for that prompt), its first token is sampled from the
-   prefill's last logits, and its KV cache joins the running batch;
+3. admits waiting requests first come, first served while fewer than ``max_batch`` run, and
+   prefills them: one forward over their prompts, left-padded to the longest (each row with
+   its adapter and its own positions 0 … n−1; groups are split so that rows × longest prompt
+   stays within ``prefill_tokens``); each first token is sampled from its row's last logits,
+   and the prefilled caches join the running batch;
 4. runs ONE decoding step for all running requests together: a mixed-adapter forward
    (``adapter_names`` = each row's adapter, `splice.adapters.mixed_batch`) of one token per
    row over the batch's KV cache, then samples each row's next token (`splice.serve.sampling`).
@@ -27,14 +28,15 @@ at the next iteration: a long request never holds up a short one, and a new requ
 most one step plus the prefills ahead of it. Waiting requests are served in submission order
 (no priorities, no preemption: a running request keeps its row until it finishes).
 
-KV cache (`splice.serve.kv_batch`). The running rows share one left-padded `DynamicCache`
-(rows × heads × T × head dim per layer, T = the longest row; shorter rows padded on the left
-and masked out by the attention mask; each row keeps its own position ids). Costs, per layer:
-a join copies the batch's cache once (to add the new rows), a leave copies the kept rows once
-(and trims columns no row uses), and every step concatenates one column, which copies the
-layer's cache (as every Hugging Face decoding loop does). Padding costs attention compute:
-rows × (longest row) instead of the sum of the rows' lengths; it shrinks when the longest
-row leaves. No paged memory: the cache grows with the batch.
+KV cache (`splice.serve.kv_batch`). The running rows share one left-padded cache (per layer
+rows × kv heads × T × head dim, T = the longest row; shorter rows padded on the left and
+masked out by the attention mask; each row keeps its own position ids). Costs, per layer: a
+join copies the batch's cache and the new rows once, a leave copies the kept rows once (and
+trims the columns no row uses), and a step writes its one new column in place (the layers
+keep spare columns, growing by half when full: no per-step copy of the cache, unlike a
+plain `DynamicCache`). Padding costs attention compute and memory: rows × (longest row)
+instead of the sum of the rows' lengths; it shrinks when the longest row leaves. No paged
+memory: the cache grows with the batch.
 
 A request ends with "stop" at an EOS id (the tokenizer's, the model config's and generation
 config's) or at a stop string (its text ends before the stop string); "length" at
@@ -46,6 +48,9 @@ failed decoding step ends every row of that step, as the batch's cache is then u
 Text is streamed per token (`splice.serve.detokenize`): incomplete UTF-8 characters and text
 that may be the start of a stop string are held back (`splice.serve.stop_strings`).
 
+While the loop runs, it alone runs the model: anything else that touches the model (adding
+or deleting an adapter, a forward of one's own) goes through `run_between_steps` (a mixed
+forward started from another thread meanwhile is refused, and fails a step).
 Everything runs under ``torch.inference_mode`` except the ``run_between_steps`` functions
 (so adapters added there have ordinary, trainable parameters). The model is put in eval mode.
 """
@@ -64,13 +69,21 @@ import torch
 from transformers import DynamicCache
 
 from splice.adapters.layer import AdapterStateError
-from splice.adapters.mixed_batch import BASE_NAME, plan_rows
+from splice.adapters.mixed_batch import (
+    BASE_NAME,
+    MixedBatchPlan,
+    Segment,
+    mixed_forward,
+    plan_rows,
+)
 from splice.adapters.model import AdapterModel
 from splice.serve.detokenize import IncrementalDetokenizer
 from splice.serve.kv_batch import KVBatch, check_supported
 from splice.serve.requests import EngineError, GenerationRequest, RequestHandle, TokenEvent
 from splice.serve.sampling import next_tokens, request_generator
 from splice.serve.stop_strings import StopStringFilter
+
+STOPPED = "the engine is stopped or shutting down: no new requests"
 
 
 @dataclass(frozen=True)
@@ -128,12 +141,19 @@ class BatchingEngine:
         max_batch: int = 16,
         max_queue: int = 256,
         max_prompt_tokens: int | None = None,
+        prefill_tokens: int = 4096,
     ) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise EngineError(
-                f"max_batch must be >= 1, max_queue >= 0 (got {max_batch}, {max_queue})"
-            )
         config = am.model.config
+        max_positions = getattr(config, "max_position_embeddings", None)
+        limits = {"max_batch": max_batch, "max_queue": max_queue, "prefill_tokens": prefill_tokens}
+        for name, value in [*limits.items(), ("max_prompt_tokens", max_prompt_tokens)]:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+        if max_prompt_tokens and max_positions and max_prompt_tokens > max_positions:
+            raise EngineError(
+                f"max_prompt_tokens {max_prompt_tokens} exceeds the model's {max_positions} "
+                "positions"
+            )
         reason = check_supported(DynamicCache(config=config))
         if reason:
             raise EngineError(f"the engine cannot batch this model: {reason}")
@@ -141,7 +161,8 @@ class BatchingEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.prefill_tokens = prefill_tokens
+        self.max_positions: int | None = max_positions
         self.max_prompt_tokens = max_prompt_tokens or self.max_positions
         self.vocab_size: int = int(am.model.get_input_embeddings().weight.shape[0])
         self.device = next(am.parameters()).device
@@ -152,6 +173,7 @@ class BatchingEngine:
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
         self._running: list[_Sequence] = []
+        self._usable: set[str] = set()  # adapters checked usable since the last call
         self._batch = KVBatch()
         self._thread: threading.Thread | None = None
         self._draining = False
@@ -168,10 +190,16 @@ class BatchingEngine:
                 len(self._running), len(self._waiting), self._steps, self._tokens, self._finished
             )
 
+    @property
+    def accepting(self) -> bool:
+        """Whether `submit` takes requests now (not stopped, not shutting down)."""
+        with self._lock:
+            return not (self._stopped or self._draining)
+
     def start(self) -> None:
         with self._lock:
             if self._stopped or self._draining:
-                raise EngineError("the engine is stopped: make a new one")
+                raise EngineError("the engine is stopped: make a new one", "stopped")
             if self._thread is not None:
                 return
             self._thread = threading.Thread(target=self._loop, name="splice-engine", daemon=True)
@@ -191,14 +219,17 @@ class BatchingEngine:
     ) -> RequestHandle:
         """Queue ``request``; its events arrive on the returned handle (thread-safe).
         Raises `EngineError` before any compute when the request cannot be taken."""
+        if not self.accepting:
+            raise EngineError(STOPPED, "stopped")
         self._check_request(request)
         handle = RequestHandle(request, loop)
         with self._lock:
             if self._stopped or self._draining:
-                raise EngineError("the engine is stopped or shutting down: no new requests")
+                raise EngineError(STOPPED, "stopped")
             if len(self._waiting) >= self.max_queue:
                 raise EngineError(
-                    f"the queue is full ({self.max_queue} requests waiting): retry later"
+                    f"the queue is full ({self.max_queue} requests waiting): retry later",
+                    "queue_full",
                 )
             self._waiting.append(handle)
             self._lock.notify_all()
@@ -210,7 +241,7 @@ class BatchingEngine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._stopped:
-                raise EngineError("the engine is stopped")
+                raise EngineError("the engine is stopped", "stopped")
             self._calls.append((fn, future))
             self._lock.notify_all()
         return future
@@ -218,7 +249,8 @@ class BatchingEngine:
     def stop(self, drain: bool = True, timeout: float | None = None) -> bool:
         """Refuse new requests; with ``drain`` finish the running and waiting ones first,
         without it end them all with "abort". Returns whether the loop has ended (within
-        ``timeout`` seconds). An engine never started aborts its waiting requests."""
+        ``timeout`` seconds; False at once when called on the engine's own thread, which
+        ends after the current call). An engine never started aborts its waiting requests."""
         with self._lock:
             self._draining = True
             self._aborting = self._aborting or not drain
@@ -227,6 +259,8 @@ class BatchingEngine:
         if thread is None:
             self._shutdown()
             return True
+        if thread is threading.current_thread():  # called from run_between_steps
+            return False
         thread.join(timeout)
         return not thread.is_alive()
 
@@ -256,13 +290,15 @@ class BatchingEngine:
         if adapter is None or adapter == BASE_NAME:
             return
         if not isinstance(adapter, str):
-            raise EngineError(f"request {request_id!r}: adapter must be a name or None")
+            raise EngineError(
+                f"request {request_id!r}: adapter must be a name or None", "unknown_adapter"
+            )
         with self._adapters_lock:
             try:
                 plan_rows(self.am, [adapter], 1)
             except AdapterStateError as e:
                 message = str(e).removeprefix("adapter_names row 0: ")
-                raise EngineError(f"request {request_id!r}: {message}") from None
+                raise EngineError(f"request {request_id!r}: {message}", "unknown_adapter") from None
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -297,6 +333,7 @@ class BatchingEngine:
                 continue
             try:
                 with self._adapters_lock:
+                    self._usable.clear()  # fn may change adapters: check them again
                     result = fn()
             except BaseException as e:  # handed to the caller
                 future.set_exception(e)
@@ -310,50 +347,125 @@ class BatchingEngine:
             self._decode_step()
 
     def _drop_ended(self) -> None:
-        """End cancelled rows ("abort") and rows whose adapter was deleted ("error")."""
+        """End cancelled requests, running or waiting ("abort"), and rows whose adapter is
+        gone or no longer usable in a mixed batch ("error"; checked once per adapter after
+        each `run_between_steps` call)."""
         keep = []
         for row, seq in enumerate(self._running):
             if seq.handle.cancelled:
                 self._finish(seq, None, "", "abort")
-            elif seq.row_adapter != BASE_NAME and seq.row_adapter not in self.am.configs:
-                self._finish(seq, None, "", "error", f"adapter {seq.row_adapter!r} was deleted")
+                continue
+            problem = self._adapter_problem(seq.row_adapter)
+            if problem:
+                self._finish(seq, None, "", "error", problem)
             else:
                 keep.append(row)
         self._keep(keep)
+        with self._lock:  # cancelled while waiting: end now, free their places in the queue
+            cancelled = [h for h in self._waiting if h.cancelled]
+            if cancelled:
+                self._waiting = deque(h for h in self._waiting if not h.cancelled)
+        for handle in cancelled:
+            self._abort_waiting(handle)
+
+    def _abort_waiting(self, handle: RequestHandle) -> None:
+        handle.push(TokenEvent(handle.request.request_id, None, "", "abort"))
+        with self._lock:
+            self._finished += 1
+
+    def _adapter_problem(self, name: str) -> str | None:
+        if name == BASE_NAME or name in self._usable:
+            return None
+        if name not in self.am.configs:
+            return f"adapter {name!r} was deleted"
+        try:
+            plan_rows(self.am, [name], 1)
+        except AdapterStateError as e:
+            return str(e).removeprefix("adapter_names row 0: ")
+        self._usable.add(name)
+        return None
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch:
+        """Take waiting requests (FIFO) into the free rows; prefill them in groups."""
+        admitted: list[_Sequence] = []
+        while len(self._running) + len(admitted) < self.max_batch:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 handle = self._waiting.popleft()
-            seq = _Sequence(handle, self.tokenizer, self.device)
             if handle.cancelled:
-                self._finish(seq, None, "", "abort")
+                self._abort_waiting(handle)
                 continue
+            seq = _Sequence(handle, self.tokenizer, self.device)
+            problem = self._adapter_problem(seq.row_adapter)  # changed since submit?
+            if problem:
+                self._finish(seq, None, "", "error", problem)
+                continue
+            admitted.append(seq)
+        for group in _prefill_groups(admitted, self.prefill_tokens):
+            self._prefill_group(group)
+
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """Prefill ``group``, emit each first token, add the unfinished rows to the batch. A
+        failed group is retried one request at a time, so an error ends only its request."""
+        try:
+            batch, tokens = self._prefill(group)
+        except Exception as e:
+            if len(group) > 1:
+                for seq in group:
+                    self._prefill_group([seq])
+            else:
+                self._finish(group[0], None, "", "error", _message(e))
+            return
+        keep = []
+        for row, (seq, token) in enumerate(zip(group, tokens, strict=True)):
             try:
-                batch, token = self._prefill(seq)
+                finished = self._emit(seq, token)
             except Exception as e:
                 self._finish(seq, None, "", "error", _message(e))
-                continue
-            if not self._emit(seq, token):
+                finished = True
+            if not finished:
+                keep.append(row)
                 self._running.append(seq)
-                self._batch.join(batch)
+        batch.keep(keep)
+        self._batch.join(batch)
 
-    def _prefill(self, seq: _Sequence) -> tuple[KVBatch, int]:
-        """Forward the prompt alone; (its cache as a batch of one, its first token)."""
-        self._check_adapter(seq.request.adapter, seq.request.request_id)
-        ids = torch.tensor([seq.request.prompt_ids], dtype=torch.long, device=self.device)
+    def _prefill(self, group: list[_Sequence]) -> tuple[KVBatch, list[int]]:
+        """One forward over the group's prompts, left-padded to the longest (each row with
+        its own adapter and positions 0 … n−1); (their caches as a batch, first tokens)."""
+        prompts = [s.request.prompt_ids for s in group]
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.am.model.config)
-        out = self.am(
+        out = self._forward(
+            group,
             input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
-            adapter_names=[seq.row_adapter],
         )
-        (token,) = next_tokens(out.logits[:, -1, :].float(), [seq.params], [seq.generator])
-        return KVBatch.of_prefill(cache, torch.ones_like(ids)), token
+        logits = out.logits[:, -1, :].float()
+        tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
+        return KVBatch.of_prefill(cache, mask), tokens
+
+    def _forward(self, rows: list[_Sequence], **inputs: Any) -> Any:
+        """The model's forward with each row's adapter: ``am(..., adapter_names=...)`` with
+        the plan built here from adapters already checked (`_check_rows`), which saves the
+        per-row checks of `plan_rows` at every step."""
+        segments: dict[str, list[int]] = {}
+        for row, seq in enumerate(rows):
+            if seq.row_adapter != BASE_NAME:
+                segments.setdefault(seq.row_adapter, []).append(row)
+        plan = MixedBatchPlan(len(rows), [Segment(((n, 1.0),), r) for n, r in segments.items()])
+        with mixed_forward(self.am, plan):
+            return self.am.model(**inputs)
 
     def _decode_step(self) -> None:
         running = self._running
@@ -362,13 +474,13 @@ class BatchingEngine:
         mask, positions = batch.step_inputs()
         ids = torch.tensor([[s.last_token] for s in running], dtype=torch.long, device=self.device)
         try:
-            out = self.am(
+            out = self._forward(
+                running,
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=batch.cache,
                 use_cache=True,
-                adapter_names=[s.row_adapter for s in running],
             )
             batch.advance()
             logits = out.logits[:, -1, :].float()
@@ -450,12 +562,28 @@ class BatchingEngine:
             self._finish(seq, None, "", "abort")
         self._running, self._batch = [], KVBatch()
         for handle in waiting:
-            handle.push(TokenEvent(handle.request.request_id, None, "", "abort"))
-            with self._lock:
-                self._finished += 1
+            self._abort_waiting(handle)
         for _, future in calls:
             if future.set_running_or_notify_cancel():
-                future.set_exception(EngineError("the engine stopped before running this"))
+                future.set_exception(
+                    EngineError("the engine stopped before running this", "stopped")
+                )
+
+
+def _prefill_groups(seqs: list[_Sequence], budget: int) -> list[list[_Sequence]]:
+    """Consecutive groups whose padded prompt block (rows × longest prompt) stays within
+    ``budget`` tokens (a longer prompt is a group of its own)."""
+    groups: list[list[_Sequence]] = []
+    longest = 0
+    for seq in seqs:
+        n = len(seq.request.prompt_ids)
+        if groups and max(longest, n) * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(seq)
+            longest = max(longest, n)
+        else:
+            groups.append([seq])
+            longest = n
+    return groups
 
 
 def _message(e: BaseException) -> str:

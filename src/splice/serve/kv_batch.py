@@ -7,12 +7,16 @@ every row: the model gets ``attention_mask = [mask, 1]`` (so no row attends to p
 ``position_ids = lengths`` (each row's own next position, as if it ran alone), exactly what
 Hugging Face ``generate`` does for a left-padded batch.
 
+The layers are `SpareColumnsLayer`s: keys and values are views of the first T columns of
+buffers with spare columns, so a decoding step writes its new column in place instead of
+concatenating (a plain `DynamicLayer` copies the layer's whole cache at every step). When
+the spare columns run out the buffer grows by half (at least 64 columns): an amortised
+O(1) copy per column.
+
 - `join` puts other rows (a prefilled request, T' columns) under the batch: the shorter side
-  is left-padded to max(T, T'). Cost: one copy of both caches.
+  is left-padded to max(T, T'). Cost: one copy of both caches into a new buffer.
 - `keep` drops rows (finished requests), then the leading columns that are padding in every
   remaining row. Cost: one copy of the kept rows.
-- a decoding step: `DynamicLayer.update` concatenates the new column, which copies the layer's
-  cache (rows × T) once per step, the same as any Hugging Face decoding loop.
 
 Only full-attention layers (`DynamicLayer`) are handled: sliding-window and linear-attention
 layers keep another layout (`check_supported` refuses them).
@@ -21,10 +25,11 @@ layers keep another layout (`check_supported` refuses them).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+MIN_SPARE = 64  # columns added at least when a buffer grows
 
 
 def check_supported(cache: DynamicCache) -> str | None:
@@ -36,9 +41,59 @@ def check_supported(cache: DynamicCache) -> str | None:
     return None
 
 
-def _pad_left(x: Tensor, width: int) -> Tensor:
-    """Left-pad the sequence axis (-2) of (rows, heads, T, dim) with zeros to ``width``."""
-    return x if x.shape[-2] == width else F.pad(x, (0, 0, width - x.shape[-2], 0))
+def _spare(width: int) -> int:
+    return max(MIN_SPARE, width // 2)
+
+
+def _buffer(like: Tensor, rows: int, width: int) -> Tensor:
+    """Zeros of shape (rows, heads, width + spare, dim)."""
+    return like.new_zeros(rows, like.shape[1], width + _spare(width), like.shape[3])
+
+
+class SpareColumnsLayer(DynamicLayer):
+    """A full-attention cache layer whose keys / values are the first T columns of buffers
+    with spare columns (module docstring); otherwise a `DynamicLayer`."""
+
+    def __init__(self, keys_buffer: Tensor, values_buffer: Tensor, width: int) -> None:
+        super().__init__()
+        self._set(keys_buffer, values_buffer, width)
+
+    def _set(self, keys_buffer: Tensor, values_buffer: Tensor, width: int) -> None:
+        self.keys_buffer, self.values_buffer = keys_buffer, values_buffer
+        self.keys = keys_buffer[:, :, :width]
+        self.values = values_buffer[:, :, :width]
+        self.device = keys_buffer.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+    ) -> tuple[Tensor, Tensor]:
+        width, new = self.keys.shape[-2], key_states.shape[-2]
+        if width + new > self.keys_buffer.shape[-2]:
+            keys = _buffer(self.keys, self.keys.shape[0], width + new)
+            values = _buffer(self.values, self.values.shape[0], width + new)
+            keys[:, :, :width] = self.keys
+            values[:, :, :width] = self.values
+            self.keys_buffer, self.values_buffer = keys, values
+        self.keys_buffer[:, :, width : width + new] = key_states
+        self.values_buffer[:, :, width : width + new] = value_states
+        self._set(self.keys_buffer, self.values_buffer, width + new)
+        return self.keys, self.values
+
+
+def _joined(parts: list[tuple[Tensor, Tensor]], width: int) -> SpareColumnsLayer:
+    """One layer holding the (keys, values) ``parts`` one under the other, each right-aligned
+    in ``width`` columns."""
+    rows = sum(k.shape[0] for k, _ in parts)
+    keys = _buffer(parts[0][0], rows, width)
+    values = _buffer(parts[0][1], rows, width)
+    row = 0
+    for k, v in parts:
+        n, t = k.shape[0], k.shape[-2]
+        keys[row : row + n, :, width - t : width] = k
+        values[row : row + n, :, width - t : width] = v
+        row += n
+    return SpareColumnsLayer(keys, values, width)
 
 
 class KVBatch:
@@ -59,7 +114,14 @@ class KVBatch:
 
     @staticmethod
     def of_prefill(cache: DynamicCache, mask: Tensor) -> KVBatch:
-        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T)."""
+        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T). The
+        padding columns are zeroed (whatever the model computed there never reaches a real
+        token through the mask, but a NaN would: 0 · NaN in the attention's sum)."""
+        padding = (mask == 0)[:, None, :, None]
+        if bool(padding.any()):
+            for layer in cache.layers:
+                layer.keys = layer.keys.masked_fill(padding.to(layer.keys.device), 0)
+                layer.values = layer.values.masked_fill(padding.to(layer.values.device), 0)
         batch = KVBatch()
         batch.cache, batch.mask = cache, mask.long()
         batch.lengths = batch.mask.sum(dim=1)
@@ -69,21 +131,19 @@ class KVBatch:
         """Append ``other``'s rows after this batch's rows (left-padding the shorter)."""
         if other.rows == 0:
             return
-        if self.rows == 0:
-            self.cache, self.mask, self.lengths = other.cache, other.mask, other.lengths
-            return
-        assert self.cache is not None and other.cache is not None
-        assert self.mask is not None and other.mask is not None
+        assert other.cache is not None and other.mask is not None and other.lengths is not None
+        mine = self.cache.layers if self.cache is not None else [None] * len(other.cache.layers)
         width = max(self.width, other.width)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
-            )
-        self.mask = torch.cat(
-            [F.pad(self.mask, (width - self.width, 0)), F.pad(other.mask, (width - other.width, 0))]
-        )
-        self.lengths = torch.cat([self.lengths, other.lengths])
+        layers = []
+        for a, b in zip(mine, other.cache.layers, strict=True):
+            parts = [(a.keys, a.values)] if a is not None else []
+            layers.append(_joined([*parts, (b.keys, b.values)], width))
+        masks = [other.mask] if self.mask is None else [self.mask, other.mask]
+        self.mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
+        lengths = [other.lengths] if self.lengths is None else [self.lengths, other.lengths]
+        self.lengths = torch.cat(lengths)
+        self.cache = DynamicCache()
+        self.cache.layers = layers
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order); drop the columns no kept row uses."""
@@ -94,15 +154,22 @@ class KVBatch:
             return
         assert self.cache is not None and self.mask is not None and self.lengths is not None
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
         lengths = self.lengths.index_select(0, index)
         first = self.width - int(lengths.max())  # leading columns that are all padding
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[..., first:, :]
-            layer.values = layer.values.index_select(0, index.to(layer.values.device))[
-                ..., first:, :
-            ]
-        self.mask, self.lengths = mask[:, first:], lengths
+        self.cache.layers = [
+            _joined(
+                [
+                    (
+                        layer.keys.index_select(0, index.to(layer.keys.device))[:, :, first:],
+                        layer.values.index_select(0, index.to(layer.values.device))[:, :, first:],
+                    )
+                ],
+                self.width - first,
+            )
+            for layer in self.cache.layers
+        ]
+        self.mask = self.mask.index_select(0, index)[:, first:]
+        self.lengths = lengths
 
     def step_inputs(self) -> tuple[Tensor, Tensor]:
         """(attention_mask rows × (T+1), position_ids rows × 1) for one new token per row."""

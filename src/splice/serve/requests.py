@@ -24,7 +24,16 @@ from splice.errors import SpliceError
 
 
 class EngineError(SpliceError):
-    """A request the engine cannot take (queue full, prompt too long, engine stopped)."""
+    """A request the engine cannot take (queue full, prompt too long, engine stopped).
+
+    ``reason`` says which kind, for a server's status code: "invalid" (the request itself:
+    prompt, sampling parameters), "unknown_adapter" (no such adapter, or one that cannot
+    serve a mixed batch), "queue_full" (retry later), "stopped" (the engine is stopped or
+    shutting down)."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ draws from a per-request seeded generator.
 
 For logits z (one row, float32) and `SamplingParams` (T = temperature, p = top_p):
 
-- T = 0: the argmax of z (greedy; the first index on ties, as ``torch.argmax``);
+- T = 0: the argmax of z (greedy; the first index on ties, as ``torch.argmax``); so is any
+  T below 1e-5 (its limit, and z / T would overflow float32);
 - otherwise q = softmax(z / T); with p < 1 the *nucleus* is the smallest set of tokens, taken
   by decreasing q, whose total probability reaches p (token i of the sorted order is kept
   when the mass of the tokens before it is below p, so the most likely token always stays);
@@ -24,10 +25,16 @@ from torch import Tensor
 
 from splice.serve.requests import SamplingParams
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
 
 def request_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The request's generator (None for greedy requests, which draw nothing)."""
-    if params.temperature == 0:
+    if is_greedy(params):
         return None
     seed = params.seed if params.seed is not None else secrets.randbits(63)
     return torch.Generator(device=device).manual_seed(seed)
@@ -54,7 +61,7 @@ def next_tokens(
     device-to-host copy for the whole batch."""
     chosen = torch.argmax(logits, dim=-1)
     for row, (p, g) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature == 0:
+        if is_greedy(p):
             continue
         probs = nucleus_probs(logits[row], p.temperature, p.top_p)
         chosen[row] = torch.multinomial(probs, 1, generator=g)[0]
