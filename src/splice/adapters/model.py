@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +43,18 @@ from splice.adapters.targeting import (
 )
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter built against a model but not attached to it (`AdapterModel.prepare_adapter`):
+    its completed config, its modules by layer path (adapted layers and full copies) and its
+    model-level module (prompt / prefix tuning), if any."""
+
+    name: str
+    config: AdapterConfig
+    modules: list[tuple[str, AdapterModule]] = field(default_factory=list)
+    model_adapter: ModelAdapter | None = None
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -135,34 +148,58 @@ class AdapterModel(nn.Module):
         self, name: str, config: AdapterConfig, *, activate: bool | None = None
     ) -> None:
         """Inject adapter ``name``. ``activate`` defaults to True for the first adapter."""
-        if not _NAME_RE.fullmatch(name):
-            raise AdapterConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
-        if name == BASE_NAME:
-            raise AdapterConfigError(f"{BASE_NAME!r} names the base model in adapter_names")
-        if name in self.configs:
-            raise AdapterConfigError(f"an adapter named '{name}' already exists")
+        self.attach_adapter(self.prepare_adapter(name, config), activate=activate)
+
+    def prepare_adapter(self, name: str, config: AdapterConfig) -> PreparedAdapter:
+        """Build adapter ``name``'s modules against the model without changing the model
+        (`attach_adapter` injects them): the config is checked and completed, every module is
+        built, so that nothing is half-injected when one fails. Building only reads the model,
+        so a server builds while its decode thread runs the model and attaches between two
+        steps."""
+        self._check_new_name(name)
         method = method_for_config(config)
+        modules: list[tuple[str, AdapterModule]] = []
+        model_adapter = None
         if method.kind == "model":
             config = config.for_targets(self.model, [])  # e.g. model dimensions filled in
-            self.model_adapters[name] = method.build(self.model, config)
+            model_adapter = method.build(self.model, config)
         else:
             config = self._with_default_targets(config, method)
-            config = self._inject_layers(name, config, method)
+            config, modules = self._build_layers(name, config, method)
         if config.modules_to_save:
-            self._inject_full_copies(name, config.modules_to_save)
-        self.configs[name] = config
+            modules += self._build_full_copies(name, config.modules_to_save)
         # New modules start in train mode (nn.Module's default); follow the model's mode, so
         # an adapter added to a model in eval mode has no active dropout.
         mode = self.model.training
-        for _, module in self.named_adapter_modules(name):
+        for _, module in modules:
             module.train(mode)
-        if name in self.model_adapters:
-            self.model_adapters[name].train(mode)
+        if model_adapter is not None:
+            model_adapter.train(mode)
+        return PreparedAdapter(name, config, modules, model_adapter)
+
+    def attach_adapter(self, prepared: PreparedAdapter, *, activate: bool | None = None) -> None:
+        """Inject a `prepare_adapter` result: its parameters become trainable, every other
+        parameter is frozen. ``activate`` defaults to True for the first adapter."""
+        name = prepared.name
+        self._check_new_name(name)
+        if prepared.model_adapter is not None:
+            self.model_adapters[name] = prepared.model_adapter
+        for path, module in prepared.modules:
+            self._wrap(path).adapters[name] = module
+        self.configs[name] = prepared.config
         self._freeze_base()
         for p in self.adapter_parameters(name):
             p.requires_grad_(True)
         if activate or (activate is None and not self.active):
             self.set_active([*self.active, name] if activate and self.active else [name])
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise AdapterConfigError(f"adapter name {name!r}: use letters, digits, '_' or '-'")
+        if name == BASE_NAME:
+            raise AdapterConfigError(f"{BASE_NAME!r} names the base model in adapter_names")
+        if name in self.configs:
+            raise AdapterConfigError(f"an adapter named '{name}' already exists")
 
     def _with_default_targets(self, config: AdapterConfig, method: Any) -> AdapterConfig:
         if config.target_modules is not None or method.name not in DEFAULT_TARGETS:
@@ -176,7 +213,9 @@ class AdapterModel(nn.Module):
             )
         return config.model_copy(update={"target_modules": targets})
 
-    def _inject_layers(self, name: str, config: AdapterConfig, method: Any) -> AdapterConfig:
+    def _build_layers(
+        self, name: str, config: AdapterConfig, method: Any
+    ) -> tuple[AdapterConfig, list[tuple[str, AdapterModule]]]:
         paths = find_targets(self.model, config.target_modules, config.exclude_modules)
         if config.modules_to_save:
             paths = [p for p in paths if not matches(config.modules_to_save, p)]
@@ -196,11 +235,11 @@ class AdapterModel(nn.Module):
                     f"{type(base).__name__}, which {method.name} does not support"
                 )
             built.append((path, module))
-        for path, module in built:  # all built before any is attached: no half-injected model
-            self._wrap(path).adapters[name] = module
-        return config
+        return config, built
 
-    def _inject_full_copies(self, name: str, modules_to_save: list[str]) -> None:
+    def _build_full_copies(
+        self, name: str, modules_to_save: list[str]
+    ) -> list[tuple[str, AdapterModule]]:
         paths = [p for p, _ in named_base_modules(self.model) if p and matches(modules_to_save, p)]
         # the outermost matches only (a head, not also its sublayers)
         paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
@@ -208,8 +247,7 @@ class AdapterModel(nn.Module):
             raise AdapterConfigError(
                 f"adapter '{name}': modules_to_save {modules_to_save!r} matched no module"
             )
-        for path in paths:
-            self._wrap(path).adapters[name] = FullCopy(self._base_of(path))
+        return [(path, FullCopy(self._base_of(path))) for path in paths]
 
     def _base_of(self, path: str) -> nn.Module:
         module = get_submodule(self.model, path)

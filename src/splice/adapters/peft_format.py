@@ -22,7 +22,7 @@ import torch
 
 from splice.adapters.config import AdapterConfig, AdapterConfigError
 from splice.adapters.layer import AdapterStateError
-from splice.adapters.model import AdapterModel
+from splice.adapters.model import AdapterModel, PreparedAdapter
 from splice.adapters.registry import method_for_config, method_for_peft_type
 from splice.io.output_folder import OutputFolder
 from splice.peft.files import (
@@ -52,13 +52,18 @@ def _task_type(model: torch.nn.Module) -> str | None:
 def adapter_state(am: AdapterModel, name: str) -> dict[str, torch.Tensor]:
     """The tensors of adapter ``name`` under PEFT's saved key names."""
     am._check(name)
+    model_adapter = dict(am.model_adapters.items()).get(name)  # ModuleDict has no get
+    return _state(list(am.named_adapter_modules(name)), model_adapter)
+
+
+def _state(modules: list[tuple[str, Any]], model_adapter: Any) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path, module in am.named_adapter_modules(name):
+    for path, module in modules:
         for suffix, t in module.peft_state().items():
             state[saved_key(path, suffix)] = t
         state.update(module.shared_state())  # tensors shared across layers (VeRA), once
-    if name in am.model_adapters:
-        state.update(am.model_adapters[name].peft_state())
+    if model_adapter is not None:
+        state.update(model_adapter.peft_state())
     return state
 
 
@@ -122,55 +127,49 @@ def load_adapter(
     trainable: bool = False,
     activate: bool | None = None,
 ) -> None:
-    """Add the adapter saved at ``adapter_dir`` to ``am`` under ``name``."""
+    """Add the adapter saved at ``adapter_dir`` to ``am`` under ``name``: `read_adapter`,
+    `build_adapter`, then ``am.attach_adapter``."""
     config, weights = read_adapter(adapter_dir)
-    attach_adapter(
-        am, name, config, weights, str(adapter_dir), trainable=trainable, activate=activate
-    )
+    prepared = build_adapter(am, name, config, weights, str(adapter_dir))
+    am.attach_adapter(prepared, activate=activate)
+    for p in am.adapter_parameters(name):
+        p.requires_grad_(trainable)
 
 
 def read_adapter(
     adapter_dir: str | os.PathLike[str],
 ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The first half of `load_adapter`, which touches no model: the folder's validated
-    config and its tensors (a server runs it in a worker thread, off its decode loop)."""
+    """The folder's validated config and its tensors; touches no model."""
     method, raw = read_adapter_config(adapter_dir)
     config = method.config_cls.from_peft(raw, where=f"{adapter_dir}/{CONFIG_NAME}")
     return config, read_weights(adapter_dir)
 
 
-def attach_adapter(
+def build_adapter(
     am: AdapterModel,
     name: str,
     config: AdapterConfig,
     weights: dict[str, torch.Tensor],
     where: str,
-    *,
-    trainable: bool = False,
-    activate: bool | None = None,
-) -> None:
-    """The second half of `load_adapter`: inject ``name`` and load ``weights`` into it
-    (every expected tensor with its shape, no unexpected one); on an error the model is left
-    as it was."""
-    am.add_adapter(name, config, activate=activate)
-    try:
-        _load_state(am, name, weights, where)
-    except BaseException:
-        am.delete_adapter(name)
-        raise
-    for p in am.adapter_parameters(name):
-        p.requires_grad_(trainable)
+) -> PreparedAdapter:
+    """Adapter ``name`` built against ``am`` (`AdapterModel.prepare_adapter`: the model is
+    only read, not changed) with ``weights`` loaded: every expected tensor with its shape,
+    no unexpected one. ``am.attach_adapter`` then injects it. A server does this and
+    `read_adapter` in a worker thread while its decode loop runs the model."""
+    prepared = am.prepare_adapter(name, config)
+    _load_state(prepared, weights, where)
+    return prepared
 
 
-def _load_state(am: AdapterModel, name: str, weights: dict[str, torch.Tensor], where: str) -> None:
-    expected = set(adapter_state(am, name))
+def _load_state(prepared: PreparedAdapter, weights: dict[str, torch.Tensor], where: str) -> None:
+    expected = set(_state(prepared.modules, prepared.model_adapter))
     unexpected = sorted(set(weights) - expected)
     if unexpected:
         raise AdapterStateError(
             f"{where}: {len(unexpected)} saved tensor(s) match no adapted module, e.g. "
             f"{unexpected[0]!r} (was it saved for another model?)"
         )
-    for path, module in am.named_adapter_modules(name):
+    for path, module in prepared.modules:
         prefix = saved_key(path, "")
         sub = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         # keys of nested paths (a.b and a.b.c) share a prefix: keep only this module's own
@@ -179,8 +178,8 @@ def _load_state(am: AdapterModel, name: str, weights: dict[str, torch.Tensor], w
         shared = set(module.shared_state())
         if shared:
             module.load_shared_state({k: v for k, v in weights.items() if k in shared}, where)
-    if name in am.model_adapters:
-        madapter = am.model_adapters[name]
+    if prepared.model_adapter is not None:
+        madapter = prepared.model_adapter
         own = set(madapter.peft_state())
         madapter.load_peft_state({k: v for k, v in weights.items() if k in own}, where)
 

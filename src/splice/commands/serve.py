@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -56,10 +60,28 @@ def _run(args: argparse.Namespace) -> int:
     )
     server = uvicorn_server(state, config, log_level="warning")
     try:
-        server.run(sockets=[sock])
+        with _quiet_stop_signals():
+            server.run(sockets=[sock])
     finally:
         sock.close()
+    print("splice serve: stopped", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_stop_signals() -> Iterator[None]:
+    """SIGINT / SIGTERM stop the server gracefully (uvicorn's handlers); uvicorn then raises
+    the signal again for the handlers it found, so these make that a clean exit (0)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: None) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _key(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
 """The served adapters held in memory: loaded on first use, least recently used evicted.
 
-An adapter is loaded in two halves (`splice.adapters.peft_format`): `read_adapter` (file
-reads, config validation, tensors) runs in a worker thread, so the decode loop keeps
-stepping meanwhile; `attach_adapter` (module injection, tensor copy: short) and the deletion
-of evicted adapters run on the decode thread between two steps
+An adapter is loaded in two halves. `read_adapter` (file reads, config validation) and
+`build_adapter` (its modules built against the model, which is only read, and its tensors
+loaded into them) run in a worker thread, so the decode loop keeps stepping meanwhile;
+``AdapterModel.attach_adapter`` (hooking the built modules into the model: no compute) and
+the deletion of evicted adapters run on the decode thread between two steps
 (``engine.run_between_steps``), never during a forward pass.
 
 Limits: at most ``max_loaded`` adapters and ``max_bytes`` bytes of adapter tensors. Before a
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from splice.adapters import AdapterModel
-from splice.adapters.peft_format import attach_adapter, read_adapter
+from splice.adapters.peft_format import build_adapter, read_adapter
 from splice.errors import SpliceError, expected_failure
 from splice.serve.adapter_sources import AdapterSources
 
@@ -145,10 +146,11 @@ class AdapterCache:
         loop = asyncio.get_running_loop()
         try:
             try:
-                config, weights = await loop.run_in_executor(self._executor, read_adapter, path)
+                prepared, nbytes = await loop.run_in_executor(
+                    self._executor, self._read_and_build, name, path
+                )
             except Exception as e:  # a malformed folder fails this load, not the server
                 raise AdapterLoadError(f"adapter '{name}': {_message(e)}") from None
-            nbytes = sum(t.numel() * t.element_size() for t in weights.values())
             victims = self._make_room(name, nbytes)
             self._reserved[0] += 1
             self._reserved[1] += nbytes
@@ -159,7 +161,9 @@ class AdapterCache:
                 def attach() -> None:
                     for victim in victims:
                         self.am.delete_adapter(victim)
-                    attach_adapter(self.am, name, config, weights, str(path), activate=False)
+                    self.am.attach_adapter(prepared, activate=False)
+                    for p in self.am.adapter_parameters(name):  # served, not trained
+                        p.requires_grad_(False)
 
                 try:
                     await asyncio.wrap_future(self.run_between_steps(attach))
@@ -176,6 +180,12 @@ class AdapterCache:
             return entry
         finally:
             self._waiting.pop(name, None)
+
+    def _read_and_build(self, name: str, path: Path) -> tuple[Any, int]:
+        """(the built adapter, its tensors' bytes): the worker thread's half of a load."""
+        config, weights = read_adapter(path)
+        prepared = build_adapter(self.am, name, config, weights, str(path))
+        return prepared, sum(t.numel() * t.element_size() for t in weights.values())
 
     def _make_room(self, name: str, nbytes: int) -> list[str]:
         """The least recently used idle adapters to evict so that ``name`` fits."""

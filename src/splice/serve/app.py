@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,6 +80,14 @@ def authorize(state: ServerState, request: Request) -> KeyEntry | None:
     return entry
 
 
+def _caller(request: Request) -> KeyEntry | None:
+    return authorize(request.app.state.splice, request)
+
+
+# The caller's key, as a dependency: checked before the body is validated.
+Key = Annotated[KeyEntry | None, Depends(_caller)]
+
+
 def _check_model(state: ServerState, key: KeyEntry | None, model: str) -> str | None:
     """The adapter ``model`` names (None: the base); 403 when the key may not use it."""
     if key is not None and not key.allows(model, state.base_id):
@@ -106,10 +114,9 @@ def _require_admin(key: KeyEntry | None) -> None:
 
 
 async def _complete(
-    state: ServerState, request: Request, body: CompletionRequest | ChatCompletionRequest
+    state: ServerState, key: KeyEntry | None, body: CompletionRequest | ChatCompletionRequest
 ) -> Response:
-    arrival_key = authorize(state, request)
-    adapter = _check_model(state, arrival_key, body.model)
+    adapter = _check_model(state, key, body.model)
     chat = isinstance(body, ChatCompletionRequest)
     if chat:
         prompts = [chat_prompt(state, body)]
@@ -212,16 +219,15 @@ def build_app(state: ServerState, *, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(_CountRequests, state=state)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _complete(state, request, body)
+    async def completions(body: CompletionRequest, key: Key) -> Response:
+        return await _complete(state, key, body)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _complete(state, request, body)
+    async def chat_completions(body: ChatCompletionRequest, key: Key) -> Response:
+        return await _complete(state, key, body)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        key = authorize(state, request)
+    async def models(key: Key) -> JSONResponse:
         card = {"object": "model", "created": state.created, "owned_by": "splice"}
         data = [{"id": state.base_id, **card, "root": state.base_id, "parent": None}]
         names = sorted(set(state.sources.available()) | set(state.cache.loaded))
@@ -231,8 +237,7 @@ def build_app(state: ServerState, *, manage_lifecycle: bool = True) -> FastAPI:
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> Response:
-        key = authorize(state, request)
+    async def load_lora_adapter(body: LoadLoraRequest, key: Key) -> Response:
         _require_admin(key)
         _check_model(state, key, body.lora_name)
         if body.lora_name == state.base_id:
@@ -260,8 +265,7 @@ def build_app(state: ServerState, *, manage_lifecycle: bool = True) -> FastAPI:
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Response:
-        key = authorize(state, request)
+    async def unload_lora_adapter(body: UnloadLoraRequest, key: Key) -> Response:
         _require_admin(key)
         name = body.lora_name
         _check_model(state, key, name)
