@@ -99,7 +99,7 @@ class RemoteEngine:
         if loop is None:
             raise EngineError("the Ray Serve front end streams to asyncio: submit with loop=")
         if self._stopping:
-            raise EngineError("the engine is stopped or shutting down: no new requests")
+            raise EngineError("the engine is stopped or shutting down: no new requests", "stopped")
         handle = RemoteHandle(request, loop)
         task = loop.create_task(self._pump(handle))
         handle.task = task
