@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (the 'ray' extra)")
 
-from serve.conftest import reference_text
+from http_setup import reference_text
 
 APP = "splice-ray-test"
 PROMPT = "hello world"
