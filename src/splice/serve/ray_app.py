@@ -160,6 +160,12 @@ class SpliceReplica:
         finally:
             await generation.close()
 
+    def __del__(self) -> None:
+        """Serve's replica shutdown (after its in-flight requests ended): stop the engine,
+        letting anything it still holds finish."""
+        with contextlib.suppress(Exception):
+            self.state.stop(drain=True, timeout=self.config.shutdown_timeout)
+
     def adapter_report(self) -> dict[str, Any]:
         """This replica's id, the adapters its cache holds, and its multiplexing log."""
         return {
