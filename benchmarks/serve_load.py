@@ -348,6 +348,19 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
+    """The least-squares slope of (seconds, MiB) samples, in MiB per minute (flat RSS: ~0)."""
+    if len(samples) < 3:
+        return None
+    n = len(samples)
+    mt = sum(t for t, _ in samples) / n
+    mm = sum(m for _, m in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    if var == 0:
+        return None
+    return round(60 * sum((t - mt) * (m - mm) for t, m in samples) / var, 2)
+
+
 def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float]]) -> dict:
     good = [o for o in outcomes if o.ok]
     tokens = sum(o.tokens for o in good)
@@ -373,6 +386,7 @@ def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float
         "rss_first_mib": mib[0] if mib else None,
         "rss_last_mib": mib[-1] if mib else None,
         "rss_max_mib": max(mib) if mib else None,
+        "rss_slope_mib_per_min": slope_per_minute(rss),
         "rss_samples": rss,
     }
 
@@ -555,6 +569,11 @@ async def _main(a: argparse.Namespace) -> int:
         print(markdown(rows))
         for line in ratios(rows):
             print(line)
+        for r in rows:
+            slope = r["rss_slope_mib_per_min"]
+            if slope is not None:
+                print(f"{r['adapters']} adapter(s), {r['clients']} client(s): server RSS slope "
+                      f"{slope:+.2f} MiB/min over {r['wall_s']:.0f} s")  # fmt: skip
         write_report(a, url, rows)
         print(f"report: {a.out}")
         return 1 if any(r["errors"] for r in rows) else 0
