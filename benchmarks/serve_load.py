@@ -20,7 +20,8 @@ streamed (SSE) so the time to the first token is seen. Per configuration: throug
 (generated tokens / wall seconds, wall from the first send to the last answer), latency
 p50 / p99 (send to last byte), time-to-first-token p50 / p99, errors (non-2xx, broken
 streams, timeouts), mean generated tokens per request, and the server's resident set size
-(psutil on the server pid plus its children) sampled every --rss-every seconds.
+(psutil on the server pid plus its children) sampled every --rss-every seconds, with its
+slope over the second half of the run (MiB/min; the first half holds the warm-up growth).
 
 Output lengths: the OpenAI API has no "ignore EOS"; the prompt is a long comma-separated count
 ("1, 2, 3, ...") that a language model continues rather than ends, and the table reports the
@@ -349,7 +350,10 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
-    """The least-squares slope of (seconds, MiB) samples, in MiB per minute (flat RSS: ~0)."""
+    """The least-squares slope of the second half of (seconds, MiB) samples, in MiB per
+    minute (flat RSS: ~0). The first half is left out: it holds the warm-up growth (the KV
+    cache reaching its largest batch, the allocator's pools), which is not a leak."""
+    samples = samples[len(samples) // 2 :]
     if len(samples) < 3:
         return None
     n = len(samples)
