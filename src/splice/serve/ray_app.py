@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -269,13 +270,23 @@ def app_builder(args: dict[str, Any]) -> Any:
 def run_on_ray(config: ServeConfig, options: RayOptions, address: str | None) -> int:
     """`splice serve --ray [ADDRESS]`: connect to the Ray cluster at ``address`` (None: the
     one RAY_ADDRESS names, else a new local instance), serve on ``config.host:port`` until
-    Ctrl-C, then delete the application."""
+    Ctrl-C or SIGTERM, then delete the application (Serve drains its replicas)."""
+    import signal
+
     import ray
 
     from splice.serve.server import preflight
 
     preflight(config)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
     ray.init(address=address or None)
+    # after ray.init, which installs its own SIGTERM handler (a crash report, no clean-up)
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
+        signal.signal(signal.SIGINT, interrupt)
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         serve.run(build_ray_app(config, options), name="splice", route_prefix="/")
@@ -285,7 +296,8 @@ def run_on_ray(config: ServeConfig, options: RayOptions, address: str | None) ->
             flush=True,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+            while True:
+                time.sleep(3600)
     finally:
         with contextlib.suppress(Exception):
             serve.delete("splice")
