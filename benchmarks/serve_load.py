@@ -575,7 +575,7 @@ async def _main(a: argparse.Namespace) -> int:
             print(line)
         for r in rows:
             slope = r["rss_slope_mib_per_min"]
-            if slope is not None:
+            if slope is not None and r["wall_s"] >= 60:  # shorter: mostly warm-up
                 print(f"{r['adapters']} adapter(s), {r['clients']} client(s): server RSS slope "
                       f"{slope:+.2f} MiB/min over {r['wall_s']:.0f} s")  # fmt: skip
         write_report(a, url, rows)
