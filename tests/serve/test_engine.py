@@ -410,3 +410,15 @@ def test_a_cancelled_waiting_request_frees_its_place_in_the_queue() -> None:
     assert drain_events(waiting)[-1].finish_reason == "abort"
     engine.submit(request("x", prompt(4, 3)))
     assert engine.stats.waiting == 1 and not drain_events(running)[-1].finished
+
+
+def test_a_request_whose_event_loop_closed_is_aborted() -> None:
+    """A client gone with its event loop: the engine stops generating for it."""
+    engine = BatchingEngine(model_with_adapters(), tiny_tokenizer())
+    loop = asyncio.new_event_loop()
+    handle = engine.submit(request("gone", prompt(4, 1), max_tokens=30), loop=loop)
+    loop.close()
+    engine.step()  # prefill and one step: the events find the loop closed
+    assert handle.cancelled and engine.stats.running == 1
+    engine.step()
+    assert engine.stats.running == 0 and engine.stats.requests_finished == 1

@@ -38,12 +38,13 @@ plain `DynamicCache`). Padding costs attention compute and memory: rows × (long
 instead of the sum of the rows' lengths; it shrinks when the longest row leaves. No paged
 memory: the cache grows with the batch.
 
-A request ends with "stop" at an EOS id (the tokenizer's, the model config's and generation
-config's) or at a stop string (its text ends before the stop string); "length" at
-``max_tokens`` or when prompt + completion reach the model's max positions; "abort" when
-cancelled or on ``stop(drain=False)``; "error" when its prefill, its step or its sampling
-raised: the message is in the event, and the engine goes on serving the other requests (a
-failed decoding step ends every row of that step, as the batch's cache is then unknown).
+A request ends (`splice.serve.sequence`) with "stop" at an EOS id (the tokenizer's, the
+model config's and generation config's) or at a stop string (its text ends before the stop
+string); "length" at ``max_tokens`` or when prompt + completion reach the model's max
+positions; "abort" when cancelled or on ``stop(drain=False)``; "error" when its prefill, its
+step or its sampling raised: the message is in the event, and the engine goes on serving
+the other requests (a failed decoding step ends every row of that step, as the batch's cache
+is then unknown).
 
 Text is streamed per token (`splice.serve.detokenize`): incomplete UTF-8 characters and text
 that may be the start of a stop string are held back (`splice.serve.stop_strings`).
@@ -51,6 +52,7 @@ that may be the start of a stop string are held back (`splice.serve.stop_strings
 While the loop runs, it alone runs the model: anything else that touches the model (adding
 or deleting an adapter, a forward of one's own) goes through `run_between_steps` (a mixed
 forward started from another thread meanwhile is refused, and fails a step).
+
 Everything runs under ``torch.inference_mode`` except the ``run_between_steps`` functions
 (so adapters added there have ordinary, trainable parameters). The model is put in eval mode.
 """
@@ -77,11 +79,10 @@ from splice.adapters.mixed_batch import (
     plan_rows,
 )
 from splice.adapters.model import AdapterModel
-from splice.serve.detokenize import IncrementalDetokenizer
 from splice.serve.kv_batch import KVBatch, check_supported
 from splice.serve.requests import EngineError, GenerationRequest, RequestHandle, TokenEvent
-from splice.serve.sampling import next_tokens, request_generator
-from splice.serve.stop_strings import StopStringFilter
+from splice.serve.sampling import next_tokens
+from splice.serve.sequence import RunningRequest
 
 STOPPED = "the engine is stopped or shutting down: no new requests"
 
@@ -93,25 +94,6 @@ class EngineStats:
     steps: int  # decoding steps run
     tokens_generated: int  # tokens sampled (prefill first tokens included)
     requests_finished: int
-
-
-class _Sequence:
-    """A running request: its handle, sampling state and text state."""
-
-    def __init__(self, handle: RequestHandle, tokenizer: Any, device: torch.device) -> None:
-        request = handle.request
-        self.handle = handle
-        self.request = request
-        self.params = request.params
-        self.row_adapter = BASE_NAME if request.adapter in (None, BASE_NAME) else request.adapter
-        self.generator = request_generator(request.params, device)
-        self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_ids)
-        self.stops = StopStringFilter(request.params.stop)
-        self.generated = 0
-        self.last_token = -1  # the token the next step feeds
-
-    def event(self, token: int | None, text: str, finish: str | None = None, error=None) -> None:
-        self.handle.push(TokenEvent(self.request.request_id, token, text, finish, error))
 
 
 def _eos_ids(am: AdapterModel, tokenizer: Any) -> frozenset[int]:
@@ -172,7 +154,7 @@ class BatchingEngine:
         self._adapters_lock = threading.RLock()  # adapter changes vs. submit's adapter check
         self._waiting: deque[RequestHandle] = deque()
         self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._running: list[_Sequence] = []
+        self._running: list[RunningRequest] = []
         self._usable: set[str] = set()  # adapters checked usable since the last call
         self._batch = KVBatch()
         self._thread: threading.Thread | None = None
@@ -387,7 +369,7 @@ class BatchingEngine:
 
     def _admit(self) -> None:
         """Take waiting requests (FIFO) into the free rows; prefill them in groups."""
-        admitted: list[_Sequence] = []
+        admitted: list[RunningRequest] = []
         while len(self._running) + len(admitted) < self.max_batch:
             with self._lock:
                 if not self._waiting:
@@ -396,7 +378,9 @@ class BatchingEngine:
             if handle.cancelled:
                 self._abort_waiting(handle)
                 continue
-            seq = _Sequence(handle, self.tokenizer, self.device)
+            seq = RunningRequest(
+                handle, self.tokenizer, self.device, self.eos_ids, self.max_positions
+            )
             problem = self._adapter_problem(seq.row_adapter)  # changed since submit?
             if problem:
                 self._finish(seq, None, "", "error", problem)
@@ -405,7 +389,7 @@ class BatchingEngine:
         for group in _prefill_groups(admitted, self.prefill_tokens):
             self._prefill_group(group)
 
-    def _prefill_group(self, group: list[_Sequence]) -> None:
+    def _prefill_group(self, group: list[RunningRequest]) -> None:
         """Prefill ``group``, emit each first token, add the unfinished rows to the batch. A
         failed group is retried one request at a time, so an error ends only its request."""
         try:
@@ -430,7 +414,7 @@ class BatchingEngine:
         batch.keep(keep)
         self._batch.join(batch)
 
-    def _prefill(self, group: list[_Sequence]) -> tuple[KVBatch, list[int]]:
+    def _prefill(self, group: list[RunningRequest]) -> tuple[KVBatch, list[int]]:
         """One forward over the group's prompts, left-padded to the longest (each row with
         its own adapter and positions 0 … n−1); (their caches as a batch, first tokens)."""
         prompts = [s.request.prompt_ids for s in group]
@@ -455,9 +439,9 @@ class BatchingEngine:
         tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
         return KVBatch.of_prefill(cache, mask), tokens
 
-    def _forward(self, rows: list[_Sequence], **inputs: Any) -> Any:
+    def _forward(self, rows: list[RunningRequest], **inputs: Any) -> Any:
         """The model's forward with each row's adapter: ``am(..., adapter_names=...)`` with
-        the plan built here from adapters already checked (`_check_rows`), which saves the
+        the plan built here from adapters already checked (`_adapter_problem`), which saves the
         per-row checks of `plan_rows` at every step."""
         segments: dict[str, list[int]] = {}
         for row, seq in enumerate(rows):
@@ -503,42 +487,26 @@ class BatchingEngine:
                 keep.append(row)
         self._keep(keep)
 
-    def _emit(self, seq: _Sequence, token: int) -> bool:
+    def _emit(self, seq: RunningRequest, token: int) -> bool:
         """Send ``token``'s event; True when it finished the request."""
-        seq.generated += 1
-        seq.last_token = token
+        text, reason = seq.add(token)
         with self._lock:
             self._tokens += 1
-        if token in self.eos_ids:
-            self._finish(seq, token, *self._final_text(seq, "stop"))
+        if reason is not None:
+            self._finish(seq, token, text, reason)
             return True
-        text = seq.stops.push(seq.detokenizer.add(token))
-        if seq.stops.stopped:
-            self._finish(seq, token, text, "stop")
-            return True
-        total = len(seq.request.prompt_ids) + seq.generated
-        if seq.generated >= seq.params.max_tokens or (
-            self.max_positions is not None and total >= self.max_positions
-        ):
-            final, reason = self._final_text(seq, "length")
-            self._finish(seq, token, text + final, reason)
-            return True
-        seq.event(token, text)
+        seq.send(token, text)
         return False
 
-    @staticmethod
-    def _final_text(seq: _Sequence, reason: str) -> tuple[str, str]:
-        """The held text at the end (incomplete characters, a partial stop string) and the
-        finish reason ("stop" if the held text completes a stop string)."""
-        text = seq.stops.push(seq.detokenizer.flush())
-        if seq.stops.stopped:
-            return text, "stop"
-        return text + seq.stops.flush(), reason
-
     def _finish(
-        self, seq: _Sequence, token: int | None, text: str, reason: str, error: str | None = None
+        self,
+        seq: RunningRequest,
+        token: int | None,
+        text: str,
+        reason: str,
+        error: str | None = None,
     ) -> None:
-        seq.event(token, text, reason, error)
+        seq.send(token, text, reason, error)
         with self._lock:
             self._finished += 1
 
@@ -570,10 +538,10 @@ class BatchingEngine:
                 )
 
 
-def _prefill_groups(seqs: list[_Sequence], budget: int) -> list[list[_Sequence]]:
+def _prefill_groups(seqs: list[RunningRequest], budget: int) -> list[list[RunningRequest]]:
     """Consecutive groups whose padded prompt block (rows × longest prompt) stays within
     ``budget`` tokens (a longer prompt is a group of its own)."""
-    groups: list[list[_Sequence]] = []
+    groups: list[list[RunningRequest]] = []
     longest = 0
     for seq in seqs:
         n = len(seq.request.prompt_ids)
