@@ -3,6 +3,7 @@ graceful shutdown that finishes the requests in flight."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -95,10 +96,27 @@ def test_request_limits(tiny_base, adapter_root):
         server.client().completions.create(model="tiny-llama", prompt="abc", max_tokens=context - 2)
 
 
-def test_full_queue_is_429(tiny_base):
-    with serve(tiny_base, max_queue=0) as server:
+def test_full_queue_is_429(tiny_base, adapter_root):
+    """One sequence decoding (max_batch 1), one waiting (max_queue 1): a third is refused."""
+    import http.client
+
+    with serve(tiny_base, adapter_roots=[str(adapter_root)], max_batch=1, max_queue=1) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = {"model": "dora", "prompt": "abc", "max_tokens": 1000, "temperature": 0}
+        engine, streams = server.state.engine, []
+        for running, waiting in [(1, 0), (1, 1)]:  # greedy dora loops without EOS
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            data = json.dumps({**body, "stream": True})
+            conn.request("POST", "/v1/completions", data, {"Content-Type": "application/json"})
+            streams.append(conn)
+            deadline = time.monotonic() + 60
+            while (engine.stats.running, engine.stats.waiting) != (running, waiting):
+                assert time.monotonic() < deadline, engine.stats
+                time.sleep(0.01)
         reply = server.post("/v1/completions", {"model": "tiny-llama", "prompt": "a"})
         assert _error(reply, 429)["code"] == "queue_full"
+        for conn in streams:
+            conn.close()
 
 
 def test_shutdown_drains_requests_in_flight(tiny_base, adapter_root, reference):

@@ -49,7 +49,7 @@ class ServeConfig(StrictConfig):
     port: int = Field(8000, ge=0, le=65535)
     api_keys: str | None = None
     max_batch: int = Field(16, ge=1, le=4096)
-    max_queue: int = Field(256, ge=0)
+    max_queue: int = Field(256, ge=1)
     max_loaded: int = Field(8, ge=1)
     max_loaded_bytes: int | str | None = None
     max_prompt_tokens: int | None = Field(None, ge=1)

@@ -37,12 +37,15 @@ from splice.serve.state import ServerState
 
 
 def engine_error(e: EngineError) -> ApiError:
-    """The HTTP answer to a request the engine refused (429 queue full, 503 stopping)."""
-    message = str(e)
-    if "queue is full" in message:
+    """The HTTP answer to a request the engine refused, by ``e.reason``: 429 queue full,
+    503 stopping, else 400 (a bad prompt, or an adapter the engine cannot batch)."""
+    reason, message = getattr(e, "reason", "invalid"), str(e)
+    if reason == "queue_full":
         return ApiError(429, message, code="queue_full")
-    if "stopped" in message or "shutting down" in message:
+    if reason == "stopped":
         return ApiError(503, message, code="server_shutting_down")
+    if reason == "unknown_adapter":
+        return ApiError(400, message, code="invalid_adapter", param="model")
     return ApiError(400, message)
 
 
