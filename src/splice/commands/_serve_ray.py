@@ -27,19 +27,31 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replica-cpus", type=float, help="with --ray: CPUs per replica (1)")
 
 
+def _ray_app() -> Any:
+    """`splice.serve.ray_app`, or a one-line error when Ray Serve is not installed."""
+    import importlib.util
+
+    from splice.serve.config import ServeConfigError
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ServeConfigError("--ray needs Ray Serve: pip install 'splice[ray]'")
+    import splice.serve.ray_app as ray_app
+
+    return ray_app
+
+
 def ray_options(args: argparse.Namespace) -> Any:
     """The `RayOptions` the flags give (strict: replicas >= 1, CPUs >= 0)."""
     from splice.config_errors import parse_config
     from splice.serve.config import ServeConfigError
-    from splice.serve.ray_app import RayOptions
+
+    options_cls = _ray_app().RayOptions
 
     given = {"replicas": args.replicas, "replica_cpus": args.replica_cpus}
     values = {k: v for k, v in given.items() if v is not None}
-    return parse_config(RayOptions, values, "flags", ServeConfigError, list_valid=False)
+    return parse_config(options_cls, values, "flags", ServeConfigError, list_valid=False)
 
 
 def run_ray(args: argparse.Namespace, config: Any) -> int:
-    from splice.serve.ray_app import run_on_ray
-
     options = ray_options(args)
-    return run_on_ray(config, options, None if args.ray == LOCAL else args.ray)
+    return _ray_app().run_on_ray(config, options, None if args.ray == LOCAL else args.ray)
