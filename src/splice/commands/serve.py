@@ -39,6 +39,10 @@ def _run(args: argparse.Namespace) -> int:
     from splice.serve.server import bound_socket, build_state, preflight, uvicorn_server
 
     config = load_serve_config(args.config, _flags(args))
+    if args.ray is not None:
+        from splice.commands._serve_ray import run_ray
+
+        return run_ray(args, config)
     checked = preflight(config)
     sock = bound_socket(config.host, config.port)  # a port in use fails before loading
     try:
@@ -133,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt (the model's context)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens of a request (1024)")
     p.add_argument("--served-name", help="the base model's id in the API (BASE's name)")
+    from splice.commands._serve_ray import add_ray_flags
+
+    add_ray_flags(p)
     p.set_defaults(fn=_run)
 
     k = sub.add_parser(
