@@ -12,8 +12,9 @@ Order of work, one progress bar over all of it:
    on test as the "tuned" row (ties go to the smaller value; the same as the default:
    the row is a copy, marked ``same_as_default``);
 6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
-   unmerged and routed per example (oracle: task id given; retrieval: by centroid
-   similarity), each with its measured inference cost relative to the pretrained model;
+   unmerged and chosen per example (oracle: task id given; retrieval: by centroid
+   similarity; lorahub: one searched composition per task), each with its measured
+   inference cost relative to the pretrained model;
 7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
@@ -310,7 +311,7 @@ class _Runner:
         reference = base_forward_seconds(ev, base_state)
         results: dict[str, tuple[Any, dict[str, Any] | None]] = {}
         for what in which:
-            self.step(f"lora {what} routing")
+            self.step(f"lora {what}")
             if what == "oracle":
                 results[what] = (routed.oracle(heads), None)
             elif what == "retrieval":
