@@ -86,3 +86,30 @@ def test_example_configs_are_valid():
     assert cfg.merge.methods == "core"
     demo = parse_bench_config(BENCH_DEMO)
     assert set(demo.kinds) == {"full", "lora"} and len(demo.tasks) == 3
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"compose": ["oracle"], "kinds": ["full"]}, "'compose': .*add lora to kinds"),
+        ({"compose": ["gate"]}, "'compose.0': Input should be 'oracle', 'retrieval' or 'lorahub'"),
+        ({"compose": ["oracle", "oracle"]}, "compose must be distinct"),
+        ({"retrieval": {"k": 0}}, "'retrieval.k'"),
+        ({"retrieval": {"temperature": 0}}, "'retrieval.temperature'"),
+        ({"retrieval": {"temperature": float("inf")}}, "'retrieval.temperature'"),
+        ({"retrieval": {"top_k": 2}}, "'retrieval.top_k'"),
+    ],
+)
+def test_compose_config_errors(over, match):
+    with pytest.raises(BenchConfigError, match=match):
+        parse_bench_config({"tasks": ["a.csv", "b.csv"], **over})
+
+
+def test_compose_defaults():
+    base = {"tasks": ["a.csv", "b.csv"]}
+    assert parse_bench_config(base).compose_rows == ["oracle", "retrieval"]
+    assert parse_bench_config({**base, "kinds": ["full"]}).compose_rows == []
+    assert parse_bench_config({**base, "compose": []}).compose_rows == []
+    assert parse_bench_config({**base, "compose": None}).compose_rows == ["oracle", "retrieval"]
+    cfg = parse_bench_config({**base, "compose": ["retrieval"], "retrieval": {"k": 1}})
+    assert cfg.compose_rows == ["retrieval"] and cfg.retrieval.k == 1

@@ -155,3 +155,133 @@ def test_lora_native_methods_are_rows_of_the_lora_table(run, tmp_path):
     assert all(m.low_rank for m in again.methods)
     for r in rows.values():
         assert set(r.test) == {"sentiment", "topic"} and r.merge_seconds >= 0
+
+
+COMPOSE_TASKS = ("sentiment", "topic")
+
+
+def _rows(res):
+    return {r.method: r for r in res.tables["lora"]}
+
+
+def test_composition_rows_oracle_equals_the_experts(run):
+    """Default composition rows on the LoRA experts: oracle routing (each example with its
+    own task's adapter) scores exactly each expert on its own task."""
+    cfg, out, res = run
+    assert cfg.compose is None and cfg.compose_rows == ["oracle", "retrieval"]
+    rows = _rows(res)
+    assert [r.group for r in res.tables["lora"]][-2:] == ["composed", "composed"]
+    oracle = rows["oracle routing"]
+    for task in COMPOSE_TASKS:  # the expert's backbone is its adapter folded into the base
+        assert oracle.test[task] == res.experts["lora"][task].test
+    assert oracle.score.avg_normalized == pytest.approx(1.0)
+    retrieval = rows["retrieval routing"]
+    assert retrieval.params == {"k": 2, "temperature": 0.1}
+    assert set(retrieval.routing) == set(COMPOSE_TASKS)
+    assert all(0 <= v <= 1 for v in retrieval.routing.values())
+    for r in (oracle, retrieval):
+        assert r.inference_cost > 0
+    assert rows["linear"].inference_cost is None
+    assert "oracle routing" not in {r.method for r in res.tables["full"]}
+    text = (out / "results.md").read_text()
+    assert "| rel. cost |" in text
+    assert "share of test examples whose top-1 expert" in text
+
+
+def test_uniform_retrieval_is_the_linear_merge(run, tmp_path):
+    """Both experts at weight 1/2 in every row: y = f(x) + ½ΔW₁x + ½ΔW₂x, the forward of
+    the backbone W + mean ΔW, which is the linear merge of the folded LoRA experts."""
+    cfg, _, _ = run
+    data = {**cfg.model_dump(), "kinds": ["lora"], "compose": ["retrieval"]}
+    data["baselines"] = {"probe": False, "multitask": False}
+    data["merge"] = {"methods": ["linear"], "sweep": False}
+    data["retrieval"] = {"k": 2, "temperature": 1e9}
+    again = run_bench(parse_bench_config(data), tmp_path / "out", progress=False)
+    rows = _rows(again)
+    assert rows["retrieval routing"].test == rows["linear"].test
+    assert "oracle routing" not in rows
+
+
+def test_separated_centroids_route_like_the_oracle(run, monkeypatch):
+    """Embeddings that name each example's task and one-hot centroids: the top-1 expert is
+    always the example's own, so k=1 retrieval is the oracle, task for task."""
+    from splice.bench.backbone import prepare_base
+    from splice.bench.evaluate import Evaluator
+    from splice.bench.experts import get_expert
+    from splice.bench.routing import RoutedModel
+    from splice.bench.tasks import prepare_task
+
+    cfg, _, res = run
+    tasks = [prepare_task(t, cfg.data) for t in cfg.tasks]
+    base = prepare_base(cfg.model, cfg.training.seed)
+    pool = {t.name: get_expert(base, [t], "lora", cfg, progress=False) for t in tasks}
+    assert all(e.cached for e in pool.values())
+    ev = Evaluator(base, tasks, cfg.training.max_length, cfg.eval_batch_size)
+    routed = RoutedModel(ev, pool)
+    heads = {name: e.heads[name] for name, e in pool.items()}
+    oracle = routed.oracle(heads)
+    for i, task in enumerate(heads):
+
+        def names_the_task(self, batch, i=i):
+            return torch.eye(2)[[i] * batch["input_ids"].shape[0]]
+
+        monkeypatch.setattr(RoutedModel, "embed", names_the_task)
+        got = routed.retrieval({task: heads[task]}, torch.eye(2), k=1, temperature=0.1)
+        assert got.routing == {task: 1.0}
+        assert got.test[task] == oracle.test[task] == res.experts["lora"][task].test
+
+
+def test_lorahub_with_own_expert_weights_is_the_oracle(run, tmp_path, monkeypatch):
+    """LoraHub's composition with weight 1 on the task's own expert and 0 elsewhere is that
+    expert's LoRA (A = A_own, B = s_own B_own at scale 1): its row equals the oracle's."""
+    import types
+
+    import splice.bench.routing as routing
+
+    cfg, _, _ = run
+    seen = []
+
+    def own_expert(am, experts, batches, *, budget, seed):
+        (batch,) = batches
+        seen.append((len(batch["labels"]), budget))
+        head = am.model.classifier  # the task's head is in place: find which by its size
+        weights = [0.0, 0.0]
+        weights[0 if head.out_features == 2 else 1] = 1.0
+        return types.SimpleNamespace(weights=weights)
+
+    monkeypatch.setattr(routing, "lorahub_search", own_expert)
+    data = {**cfg.model_dump(), "kinds": ["lora"], "compose": ["oracle", "lorahub"]}
+    data["baselines"] = {"probe": False, "multitask": False}
+    data["merge"] = {"methods": ["linear"], "sweep": False}
+    data["lorahub"] = {"examples": 8, "budget": 3}
+    again = run_bench(parse_bench_config(data), tmp_path / "out", progress=False)
+    rows = _rows(again)
+    assert seen == [(8, 3), (8, 3)]
+    assert rows["lorahub"].test == rows["oracle routing"].test
+    assert rows["lorahub"].weights == {
+        "sentiment": {"sentiment": 1.0, "topic": 0.0},
+        "topic": {"sentiment": 0.0, "topic": 1.0},
+    }
+    assert rows["lorahub"].params == {"examples": 8, "budget": 3}
+
+
+def test_lorahub_search_runs_on_the_classifier(run):
+    """The real search (a tiny budget) on each task's validation sample with its head."""
+    from splice.bench.backbone import prepare_base
+    from splice.bench.evaluate import Evaluator
+    from splice.bench.experts import get_expert
+    from splice.bench.routing import RoutedModel
+    from splice.bench.tasks import prepare_task
+
+    cfg, _, _ = run
+    tasks = [prepare_task(t, cfg.data) for t in cfg.tasks]
+    base = prepare_base(cfg.model, cfg.training.seed)
+    pool = {t.name: get_expert(base, [t], "lora", cfg, progress=False) for t in tasks}
+    ev = Evaluator(base, tasks, cfg.training.max_length, cfg.eval_batch_size)
+    routed = RoutedModel(ev, pool)
+    got = routed.lorahub({n: e.heads[n] for n, e in pool.items()}, examples=4, budget=2, seed=0)
+    assert set(got.weights) == set(COMPOSE_TASKS)
+    for w in got.weights.values():
+        assert set(w) == set(COMPOSE_TASKS) and all(-1.5 <= v <= 1.5 for v in w.values())
+    assert all(0 <= a <= 1 for a in got.test.values()) and got.seconds > 0
+    assert "lorahub_search" not in routed.am.configs  # the composed adapter was removed

@@ -57,6 +57,31 @@ def test_markdown_table_cells():
     assert lines[5] == "| x | default: lambda=1.0 | 40.0 | 25.0 | 32.5 | 50.0 |"
 
 
+def test_composition_rows_last_with_their_cost():
+    """Composed rows follow the merges (ranked among themselves); the cost column appears
+    with them: measured for a composed row, 1.00 for a merge, empty for a baseline."""
+    rows = [
+        *_rows(),
+        Row("full", "composed", "retrieval routing", {"a": 0.4, "b": 0.5}, inference_cost=2.5),
+        Row("full", "composed", "oracle routing", {"a": 0.8, "b": 0.5}, inference_cost=1.25),
+    ]
+    section = section_rows(rows, "full", EXPERTS)
+    assert [r.method for r in section] == [
+        "experts",
+        "multi-task",
+        "y",
+        "x",
+        "oracle routing",
+        "retrieval routing",
+    ]
+    lines = markdown_table(section, ["a", "b"]).splitlines()
+    assert lines[0] == "| model | setting | a | b | avg acc | norm. acc | rel. cost |"
+    assert lines[2] == "| experts |  | 80.0 | 50.0 | 65.0 | 100.0 |  |"
+    assert lines[4] == "| y | tuned: lambda=0.5 | 80.0 | 25.0 | 52.5 | 75.0 | 1.00 |"
+    assert lines[6] == "| oracle routing |  | 80.0 | 50.0 | 65.0 | 100.0 | 1.25 |"
+    assert lines[7] == "| retrieval routing |  | 40.0 | 50.0 | 45.0 | 75.0 | 2.50 |"
+
+
 TASKS = {"a": TaskSummary(2, {}, []), "b": TaskSummary(4, {}, [])}
 
 

@@ -38,6 +38,15 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       params: {}                  # per-method parameter overrides: {ties: {density: 0.3}}
       grids: {}                   # per-method sweep overrides: {ties: {lambda: [0.8, 1.0]}}
       seed: 0                     # seed of random methods (DARE, DELLA)
+    compose: [oracle, retrieval]  # composition rows on the LoRA experts (null: these two when
+                                  #   lora is a kind, none otherwise; []: none); see bench.routing
+    retrieval:
+      k: 2                        # adapters per example, softmax(cos / temperature) over them
+      temperature: 0.1
+    lorahub:                      # compose: [..., lorahub] (not a default: a search per task)
+      examples: 16                # validation examples per task (a seeded sample)
+      budget: 40                  # CMA-ES objective evaluations per task
+      seed: 0
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -139,6 +148,21 @@ class MergeSettings(_Strict):
         return v
 
 
+ComposeRow = Literal["oracle", "retrieval", "lorahub"]
+DEFAULT_COMPOSE: list[str] = ["oracle", "retrieval"]  # the rows that need no extra training
+
+
+class RetrievalSettings(_Strict):
+    k: int = Field(2, gt=0)
+    temperature: float = Field(0.1, gt=0)
+
+
+class LoraHubSettings(_Strict):
+    examples: int = Field(16, gt=0)
+    budget: int = Field(40, gt=0)
+    seed: int = 0
+
+
 class BenchConfig(_Strict):
     model: str = "minilm"
     tasks: list[str] = Field(min_length=2)
@@ -151,16 +175,36 @@ class BenchConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     baselines: Baselines = Field(default_factory=Baselines)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    compose: list[ComposeRow] | None = None
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)
 
-    @field_validator("tasks", "kinds")
+    @field_validator("tasks", "kinds", "compose")
     @classmethod
-    def _distinct(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        if len(set(v)) != len(v):
+    def _distinct(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
             raise ValueError(f"{info.field_name} must be distinct, got {v}")
         return v
+
+    @field_validator("compose")
+    @classmethod
+    def _compose_needs_lora(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v and "lora" not in info.data.get("kinds", ["lora"]):
+            raise ValueError(
+                f"{v} route between the LoRA experts; add lora to kinds (or set compose: [])"
+            )
+        return v
+
+    @property
+    def compose_rows(self) -> list[str]:
+        """The composition rows to run: ``compose``, or by default the rows that need no
+        extra training when there are LoRA experts."""
+        if self.compose is None:
+            return list(DEFAULT_COMPOSE) if "lora" in self.kinds else []
+        return list(self.compose)
 
 
 def parse_bench_config(data: Any, where: str = "bench config") -> BenchConfig:

@@ -34,17 +34,18 @@ def score_row(test: Mapping[str, float], experts: Mapping[str, float]) -> Score:
 
 def section_rows(rows: Sequence[Row], kind: str, experts: Mapping[str, float]) -> list[Row]:
     """The rows of ``kind``'s section, scored against its experts: baselines in order,
-    then merges by normalized accuracy (best first)."""
+    then merges, then composition rows, each group by normalized accuracy (best first)."""
     out = [
         dataclasses.replace(r, score=score_row(r.test, experts))
         for r in rows
         if r.kind in (kind, "shared")
     ]
     base = [r for r in out if r.group == "baseline"]
-    merged = sorted(
-        (r for r in out if r.group == "merged"), key=lambda r: -_score(r).avg_normalized
-    )
-    return base + merged
+    ranked = [
+        sorted((r for r in out if r.group == g), key=lambda r: -_score(r).avg_normalized)
+        for g in ("merged", "composed")
+    ]
+    return base + ranked[0] + ranked[1]
 
 
 def _score(r: Row) -> Score:
@@ -60,13 +61,19 @@ def row_label(r: Row) -> tuple[str, str]:
 
 
 def markdown_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    head = ["model", "setting", *tasks, "avg acc", "norm. acc"]
+    """The section's table; with composition rows, a ``rel. cost`` column: their measured
+    forward time relative to the pretrained model's, 1.00 for a merge (the same model)."""
+    with_cost = any(r.inference_cost is not None for r in rows)
+    head = ["model", "setting", *tasks, "avg acc", "norm. acc"] + ["rel. cost"] * with_cost
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         name, setting = row_label(r)
         cells = [name, setting]
         cells += [f"{100 * r.test[t]:.1f}" for t in tasks]
         cells += [f"{100 * _score(r).avg:.1f}", f"{100 * _score(r).avg_normalized:.1f}"]
+        if with_cost:
+            cost = 1.0 if r.group == "merged" else r.inference_cost
+            cells.append("" if cost is None else f"{cost:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -81,6 +88,14 @@ def render_tables(results: BenchResults) -> str:
         parts.append("")
     chance = ", ".join(f"{t} {100 / results.tasks[t].classes:.1f}" for t in tasks)
     parts.append(f"Test accuracy in %; chance (balanced test sets): {chance}.")
+    for kind, section in results.tables.items():
+        for r in section:
+            if r.routing is not None:
+                share = ", ".join(f"{t} {100 * r.routing[t]:.1f}" for t in tasks)
+                parts.append(
+                    f"{r.method} ({kind}): share of test examples whose top-1 expert is "
+                    f"their own task's, in %: {share}; rows use the true task's head."
+                )
     edges = [f"{s.kind} {s.method} ({s.param}={s.best})" for s in results.sweeps if s.at_grid_edge]
     if edges:
         parts.append(

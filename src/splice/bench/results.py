@@ -30,7 +30,7 @@ class Row:
     """One model of a table: its test accuracy per task and how it was made."""
 
     kind: str  # an expert kind, or "shared" (a baseline shown in every section)
-    group: str  # "baseline" or "merged"
+    group: str  # "baseline", "merged" or "composed" (experts kept apart, routed per example)
     method: str
     test: dict[str, float]
     params: dict[str, Any] | None = None
@@ -39,6 +39,10 @@ class Row:
     validation: dict[str, float] | None = None
     same_as_default: bool = False  # a tuned row whose best grid point is the default
     score: Score | None = None  # set by `report.section_rows`
+    # forward time relative to the pretrained (= merged) model's, measured (bench.routing)
+    inference_cost: float | None = None
+    routing: dict[str, float] | None = None  # per task: share routed top-1 to its own expert
+    weights: dict[str, dict[str, float]] | None = None  # LoraHub: per task, each expert's
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -47,7 +51,15 @@ class Row:
             "method": self.method,
             "test": self.test,
         }
-        for key in ("params", "variant", "merge_seconds", "validation"):
+        for key in (
+            "params",
+            "variant",
+            "merge_seconds",
+            "validation",
+            "inference_cost",
+            "routing",
+            "weights",
+        ):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.same_as_default:

@@ -11,7 +11,11 @@ Order of work, one progress bar over all of it:
    to the default is also scored on test), the default on test, and the best grid point
    on test as the "tuned" row (ties go to the smaller value; the same as the default:
    the row is a copy, marked ``same_as_default``);
-6. the tables scored against each kind's experts, written with the sweeps, the skipped and
+6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
+   unmerged and chosen per example (oracle: task id given; retrieval: by centroid
+   similarity; lorahub: one searched composition per task), each with its measured
+   inference cost relative to the pretrained model;
+7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
 Selection uses the average validation accuracy over tasks; test data never informs a
@@ -93,7 +97,9 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
             for p in planned:
                 if _applies(p, kind):
                     runner.merge_method(kind, p, ev, base.folder, pool)
-    results = BenchResults(  # 6. outputs
+        if cfg.compose_rows:  # 6. composition rows
+            runner.compose(ev, experts["lora"])
+    results = BenchResults(  # 7. outputs
         config=cfg.model_dump(mode="json"),
         machine=machine(),
         precision=precision,
@@ -281,6 +287,59 @@ class _Runner:
         sweep = Sweep(kind, p.name, param, default_value, value, points)
         return [default_row, tuned], sweep
 
+    # -- composition ----------------------------------------------------------------------
+    def compose(self, ev: Evaluator, pool: dict[str, Expert]) -> None:
+        """The composition rows on the LoRA experts (`splice.bench.routing`); a failure is
+        recorded as a merge's is, and the run goes on."""
+        rows = self.cfg.compose_rows
+        before = self.units
+        try:
+            self._compose(ev, pool, rows)
+        except (SpliceError, RuntimeError, ValueError) as e:
+            msg = f"{type(e).__name__}: {e}"
+            tqdm.write(f"splice bench: lora composition rows failed, skipped: {msg}")
+            self.failed.append(Failure("lora", "+".join(rows), msg))
+            self.done(len(rows) - (self.units - before))
+
+    def _compose(self, ev: Evaluator, pool: dict[str, Expert], which: list[str]) -> None:
+        from splice.bench.routing import RoutedModel, base_forward_seconds
+
+        self.step("lora composition: load the adapters")
+        heads = {name: e.heads[name] for name, e in pool.items()}
+        base_state = ev.base.backbone_state()
+        routed = RoutedModel(ev, pool)
+        reference = base_forward_seconds(ev, base_state)
+        results: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        for what in which:
+            self.step(f"lora {what}")
+            if what == "oracle":
+                results[what] = (routed.oracle(heads), None)
+            elif what == "retrieval":
+                r = self.cfg.retrieval
+                centroids = routed.centroids()
+                params = {"k": r.k, "temperature": r.temperature}
+                results[what] = (routed.retrieval(heads, centroids, r.k, r.temperature), params)
+            else:
+                h = self.cfg.lorahub
+                found = routed.lorahub(heads, h.examples, h.budget, h.seed)
+                results[what] = (found, {"examples": h.examples, "budget": h.budget})
+            self.done()
+        reference = (reference + base_forward_seconds(ev, base_state)) / 2
+        for what, (res, params) in results.items():
+            cost = round(res.seconds / reference, 2)
+            self.rows.append(
+                Row(
+                    "lora",
+                    "composed",
+                    what if what == "lorahub" else f"{what} routing",
+                    res.test,
+                    params,
+                    inference_cost=cost,
+                    routing=res.routing,
+                    weights=res.weights,
+                )
+            )
+
 
 def _load(e: Expert) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -302,7 +361,8 @@ def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: Be
         (len(p.sweep[1]) + 2) if p.sweep else 1 for k in kinds for p in planned if _applies(p, k)
     )
     train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
-    return merges + train + 2 + len(kinds)  # + probe, multitask eval, per-kind baselines
+    # + probe, multitask eval, per-kind baselines, composition rows
+    return merges + train + 2 + len(kinds) + len(cfg.compose_rows)
 
 
 def _cpu_name() -> str:
