@@ -57,6 +57,16 @@ import torch
 from torch import Tensor
 
 from splice.adapters.layer import AdaptedLayer, AdapterStateError
+from splice.adapters.mixed_kernels import (
+    LayerKernels,
+    RowSlots,
+    add_lora,
+    add_vera,
+    layer_kernels,
+    row_slots,
+    scale_input,
+    scale_output,
+)
 from splice.config_errors import did_you_mean
 
 if TYPE_CHECKING:
@@ -95,6 +105,21 @@ class MixedBatchPlan:
 
     rows: int
     segments: list[Segment]
+    # per call: each layer's kernels (checked once per call, not per decoding step) and the
+    # rows' slots per stack (shared by the layers with the same adapters)
+    _kernels: dict[int, LayerKernels | None] = field(default_factory=dict, repr=False)
+    _slots: dict[tuple, RowSlots | None] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # each row's adapter when it is one name with weight 1 (None: base or weighted set)
+        self.row_single: list[str | None] = [None] * self.rows
+        for seg in self.segments:
+            if seg.single:
+                for r in seg.rows:
+                    self.row_single[r] = seg.weights[0][0]
+        only = {self.row_single[r] for r in range(self.rows)}
+        # every row the same single adapter: the plain forward with it (no gather / scatter)
+        self.only = only.pop() if len(only) == 1 and self.rows else None
 
     def repeat_rows(self, times: int) -> MixedBatchPlan:
         """The plan for the batch with each row repeated ``times`` times in place (row r →
@@ -110,6 +135,21 @@ class MixedBatchPlan:
     def forward(self, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """``layer``'s forward under this plan (module docstring)."""
         return layer_forward(self, layer, x, args, kwargs)
+
+    def kernels(self, layer: AdaptedLayer) -> LayerKernels | None:
+        """The layer's batched kernels, None when gradients must flow to its adapters."""
+        if id(layer) not in self._kernels:
+            needs_grad = torch.is_grad_enabled() and any(
+                p.requires_grad for p in layer.adapters.parameters()
+            )
+            self._kernels[id(layer)] = None if needs_grad else layer_kernels(layer)
+        return self._kernels[id(layer)]
+
+    def slots(self, stack_slots: dict[str, int], device: torch.device) -> RowSlots | None:
+        key = (tuple(stack_slots), device)
+        if key not in self._slots:
+            self._slots[key] = row_slots(stack_slots, self.row_single, device)
+        return self._slots[key]
 
 
 def _row_set(entry: Any, row: int) -> tuple[tuple[str, float], ...]:
@@ -216,9 +256,36 @@ def layer_forward(
             f"mixed batch of {plan.rows} rows: an adapted layer got an input of shape "
             f"{tuple(x.shape)} (mixed batches need the batch on the first axis)"
         )
-    base_out = layer.base_layer(x, *args, **kwargs)
+    if plan.only is not None:  # every row the same adapter: its plain forward
+        running = [layer.adapters[plan.only]] if plan.only in layer.adapters else []
+        return layer._forward_with(running, x, args, kwargs)
+    kernels = plan.kernels(layer) if plan.segments else None
+    kinds = kernels.kinds if kernels is not None else {}
+    x_base = x
+    if kernels is not None and kernels.ia3_in is not None:
+        rs = plan.slots(kernels.ia3_in.slots, x.device)
+        if rs is not None:
+            x_base = scale_input(x, kernels.ia3_in, rs)
+    base_out = layer.base_layer(x_base, *args, **kwargs)
     out = base_out
+    if kernels is not None:
+        if kernels.ia3_out is not None:
+            rs = plan.slots(kernels.ia3_out.slots, x.device)
+            if rs is not None:
+                out = scale_output(out, kernels.ia3_out, rs)
+        bias = getattr(layer.base_layer, "bias", None)
+        for stack in kernels.lora:
+            rs = plan.slots(stack.slots, x.device)
+            if rs is not None:
+                out = add_lora(out, x, base_out, bias, stack, rs)
+        for group in kernels.vera:
+            rs = plan.slots(group.slots, x.device)
+            if rs is not None:
+                out = add_vera(out, x, group, rs)
+        out = out.to(base_out.dtype)
     for seg in plan.segments:
+        if seg.single and (seg.weights[0][0] in kinds or seg.weights[0][0] not in layer.adapters):
+            continue  # done by a kernel above, or nothing to do in this layer
         present = [(layer.adapters[n], w) for n, w in seg.weights if n in layer.adapters]
         if not present:
             continue

@@ -1,0 +1,325 @@
+"""Batched mixed-batch kernels: one computation per adapted layer for all rows whose adapter
+is LoRA / DoRA, IA3 or VeRA, whatever the number of distinct adapters
+(`splice.adapters.mixed_batch` calls them; the other adapter kinds run per segment).
+
+Each row r has at most one of these adapters a(r) with weight 1 (weighted sets run per
+segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
+
+- LoRA / DoRA, for rank bucket R (the next power of two ≥ r, at least 8): the layer's
+  adapters of that bucket are stacked, padded with zero ranks (exact: the extra products are
+  0), plus one all-zero slot for rows without such an adapter:
+
+      Aᵀ_stack: (n+1) × in × R        B_stack: (n+1) × R × out,  B_i = (c_i ⊙ s_i B_i)ᵀ
+      y_r = base_r + (c_a(r) − 1) ⊙ (base_r − b) + (x_r Aᵀ_a(r)) B_a(r)
+
+  as two ``bmm`` over the rows with the factors gathered per row (``index_select`` of the
+  stack by the row's slot: one r×(in+out) block per row, never per token; for L positions
+  that is 1/L of the row's own activation). LoRA: c = 1, so y = base + s B A x. DoRA: c =
+  m / ‖W + s B A‖_row (PEFT's form: base(x) + (c − 1)(base(x) − b) + c s B A x, the bias not
+  rescaled). Different s (rsLoRA, alpha / rank patterns) are folded into each B, so every
+  adapter keeps its own scaling and rank exactly.
+- IA3 output scaling: y_r = l_a(r) ⊙ base_r, one (rows × out) vector gather (1 for others);
+  input scaling: the base layer runs once on x_r ⊙ l_a(r) for all rows (x unchanged for
+  the others: ×1 is exact).
+- VeRA: adapters whose shared projections A', B' are equal (by value, checked when the cache
+  is built; the usual case: one ``projection_prng_key``) form one group: y_r = base_r +
+  λ_b,a(r) ⊙ B'(λ_d,a(r) ⊙ A' x_r), with A' x computed once for the group's rows and the
+  per-row vectors gathered (λ = 0 for other rows).
+
+When under half the batch has rows for a kernel, its rows are gathered first (and the result
+added back with ``index_add_``); otherwise the kernel runs on every row (the zero slot costs
+r/in of the base layer, less than moving the rows).
+
+Cache: per layer, the stacks are built at the first mixed forward that needs them and kept
+(`_CACHE`, weakly keyed by the layer) with a key of every stacked tensor's (data_ptr,
+_version) and the base weight's: an in-place change (optimizer step, ``copy_``, loading)
+bumps ``_version`` and a replaced tensor has another data_ptr, so the next mixed forward
+rebuilds; writes through ``.data`` are not tracked by torch (call `clear_cache`). The key is
+checked once per layer per mixed call (a plan), not per decoding step. Memory: the stacks hold
+a copy of the factors (padded to the bucket) and DoRA's c, i.e. factor bytes, never a dense
+ΔW; IA3 / VeRA: the vectors. With gradients enabled on adapter parameters (training through
+a mixed batch) the kernels are not used (the cached factors are detached); the per-segment
+path runs and gradients flow.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splice.adapters.layer import AdaptedLayer, AdapterModule
+from splice.adapters.methods.ia3 import IA3
+from splice.adapters.methods.lora_layers import LoraLinear
+from splice.adapters.methods.vera import VeraLinear
+
+_CACHE: weakref.WeakKeyDictionary[AdaptedLayer, LayerKernels] = weakref.WeakKeyDictionary()
+
+
+def rank_bucket(r: int) -> int:
+    """The padded rank of a LoRA of rank r: the next power of two, at least 8."""
+    return max(8, 1 << (r - 1).bit_length())
+
+
+def _dropout_off(module: AdapterModule) -> bool:
+    drop = getattr(module, "dropout", None)
+    return drop is None or isinstance(drop, nn.Identity) or not module.training
+
+
+def kernel_kind(module: AdapterModule) -> str | None:
+    """Which batched kernel runs ``module`` in a mixed batch (None: the per-segment path)."""
+    if isinstance(module, LoraLinear):
+        plain = module.lora_B.bias is None and module.base_bias is None
+        return "lora" if plain and _dropout_off(module) else None
+    if isinstance(module, IA3) and module.kind in ("linear", "conv1d"):
+        return "ia3_in" if module.feedforward else "ia3_out"
+    if isinstance(module, VeraLinear) and _dropout_off(module):
+        return "vera"
+    return None
+
+
+def _versions(tensors: list[Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+@dataclass
+class LoraStack:
+    """The LoRA / DoRA adapters of one rank bucket of one layer (module docstring)."""
+
+    slots: dict[str, int]  # adapter name -> slot; slot len(slots) is the zero slot
+    a: Tensor  # (n+1) × in × R
+    b: Tensor  # (n+1) × R × out, c ⊙ s B, transposed
+    c_minus_1: Tensor | None  # (n+1) × out, DoRA's c − 1 (0 for LoRA); None: no DoRA
+
+
+@dataclass
+class VectorStack:
+    """Per-adapter vectors of one kind (IA3 l; VeRA λ_d, λ_b), one slot per adapter plus the
+    neutral slot (IA3: 1, VeRA: 0) at index len(slots)."""
+
+    slots: dict[str, int]
+    vectors: list[Tensor]  # each (n+1) × features
+    projections: tuple[Tensor, Tensor] | None = None  # VeRA's A' (r × in), B' (out × r)
+
+
+@dataclass
+class LayerKernels:
+    key: tuple
+    kinds: dict[str, str]  # adapter name -> kernel kind
+    lora: list[LoraStack] = field(default_factory=list)
+    ia3_in: VectorStack | None = None
+    ia3_out: VectorStack | None = None
+    vera: list[VectorStack] = field(default_factory=list)
+
+
+def clear_cache(layer: AdaptedLayer | None = None) -> None:
+    """Drop the cached stacks of ``layer`` (None: of every layer)."""
+    if layer is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(layer, None)
+
+
+def _cache_key(layer: AdaptedLayer) -> tuple:
+    parts: list[Any] = [_versions([p for p in layer.base_layer.parameters()])]
+    for name, module in layer.adapters.items():
+        kind = kernel_kind(module)
+        tensors = list(module.parameters()) + list(module.buffers()) if kind else []
+        parts.append((name, id(module), kind, _versions(tensors)))
+    return tuple(parts)
+
+
+def layer_kernels(layer: AdaptedLayer) -> LayerKernels:
+    """The layer's stacks, rebuilt when an adapter or the base weight changed."""
+    key = _cache_key(layer)
+    cached = _CACHE.get(layer)
+    if cached is not None and cached.key == key:
+        return cached
+    kinds = {n: k for n, m in layer.adapters.items() if (k := kernel_kind(m)) is not None}
+    built = LayerKernels(key, kinds)
+    with torch.no_grad():
+        _build_lora(layer, built)
+        built.ia3_in = _build_ia3(layer, kinds, "ia3_in")
+        built.ia3_out = _build_ia3(layer, kinds, "ia3_out")
+        _build_vera(layer, built)
+    _CACHE[layer] = built
+    return built
+
+
+def _one_dtype(modules: dict[str, AdapterModule], kinds: dict[str, str]) -> bool:
+    """Stacking needs one dtype and device; otherwise the kind runs per segment."""
+    seen = {(p.dtype, p.device) for m in modules.values() for p in m.parameters()}
+    if len(seen) > 1:
+        for n in modules:
+            kinds.pop(n)
+        return False
+    return True
+
+
+def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
+    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k == "lora"}
+    if not modules or not _one_dtype(modules, built.kinds):
+        return
+    buckets: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        buckets.setdefault(rank_bucket(m.lora_A.weight.shape[0]), []).append(n)
+    for rank, names in sorted(buckets.items()):
+        first = modules[names[0]]
+        dtype, device = first.lora_A.weight.dtype, first.lora_A.weight.device
+        in_f, out_f = first.lora_A.weight.shape[1], first.lora_B.weight.shape[0]
+        a = torch.zeros(len(names) + 1, in_f, rank, dtype=dtype, device=device)
+        b = torch.zeros(len(names) + 1, rank, out_f, dtype=dtype, device=device)
+        any_dora = any(modules[n].use_dora for n in names)
+        cm1 = torch.zeros(len(names) + 1, out_f, dtype=dtype, device=device) if any_dora else None
+        for i, n in enumerate(names):
+            m = modules[n]
+            r = m.lora_A.weight.shape[0]
+            scaled_b = m.lora_B.weight * m.scaling  # out × r
+            if m.use_dora:
+                c = m.dora_scale(m.base_weight(layer.base_layer).to(dtype)).to(dtype)
+                scaled_b = c[:, None] * scaled_b
+                assert cm1 is not None
+                cm1[i] = c - 1
+            a[i, :, :r] = m.lora_A.weight.T
+            b[i, :r, :] = scaled_b.T
+        built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cm1))
+
+
+def _build_ia3(layer: AdaptedLayer, kinds: dict[str, str], kind: str) -> VectorStack | None:
+    modules = {n: layer.adapters[n] for n, k in kinds.items() if k == kind}
+    if not modules or not _one_dtype(modules, kinds):
+        return None
+    vecs = [m.ia3_l.flatten() for m in modules.values()]
+    vecs.append(torch.ones_like(vecs[0]))
+    return VectorStack({n: i for i, n in enumerate(modules)}, [torch.stack(vecs)])
+
+
+def _build_vera(layer: AdaptedLayer, built: LayerKernels) -> None:
+    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k == "vera"}
+    if not modules or not _one_dtype(modules, built.kinds):
+        return
+    groups: list[tuple[tuple[Tensor, Tensor], list[str]]] = []
+    for n, m in modules.items():
+        a, b = m.sliced()
+        for (ga, gb), names in groups:
+            if ga.shape == a.shape and gb.shape == b.shape and torch.equal(ga, a) and (
+                torch.equal(gb, b)
+            ):
+                names.append(n)
+                break
+        else:
+            groups.append(((a, b), [n]))
+    for (a, b), names in groups:
+        ld = [modules[n].vera_lambda_d for n in names]
+        lb = [modules[n].vera_lambda_b for n in names]
+        ld.append(torch.zeros_like(ld[0]))
+        lb.append(torch.zeros_like(lb[0]))
+        dtype = ld[0].dtype
+        slots = {n: i for i, n in enumerate(names)}
+        proj = (a.to(dtype).clone(), b.to(dtype).clone())
+        built.vera.append(VectorStack(slots, [torch.stack(ld), torch.stack(lb)], proj))
+
+
+# -- applying the kernels ----------------------------------------------------------------------
+
+
+@dataclass
+class RowSlots:
+    """For one stack: each row's slot (the neutral slot for rows it does not cover), and the
+    covered rows when they are under half the batch (then only those rows are computed)."""
+
+    slots: Tensor  # (rows,) or (k,) when ``rows`` is set
+    rows: Tensor | None  # the covered rows, ascending; None: all rows
+
+
+def row_slots(stack_slots: dict[str, int], row_names: list[str | None], device: torch.device) -> (
+    RowSlots | None
+):
+    """Each row's slot in a stack from the row's kernel adapter name (None: none); None when
+    the stack covers no row."""
+    neutral = len(stack_slots)
+    slots = [stack_slots.get(n, neutral) if n is not None else neutral for n in row_names]
+    covered = [i for i, s in enumerate(slots) if s != neutral]
+    if not covered:
+        return None
+    if 2 * len(covered) >= len(slots):
+        return RowSlots(torch.tensor(slots, dtype=torch.long, device=device), None)
+    return RowSlots(
+        torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
+        torch.tensor(covered, dtype=torch.long, device=device),
+    )
+
+
+def _rows3(t: Tensor) -> Tensor:
+    """(rows, positions, features) view of a (rows, ..., features) tensor."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def scale_input(x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
+    """IA3 input scaling: x ⊙ l_a(r) per row, rounded back to x's dtype (the base's input)."""
+    vec = stack.vectors[0]
+    if rs.rows is None:
+        scale = vec.index_select(0, rs.slots)
+        return (_rows3(x.to(vec.dtype)) * scale[:, None, :]).reshape(x.shape).to(x.dtype)
+    out = x.clone()
+    sub = _rows3(x.index_select(0, rs.rows).to(vec.dtype)) * vec.index_select(0, rs.slots)[
+        :, None, :
+    ]
+    out.index_copy_(0, rs.rows, sub.reshape((-1, *x.shape[1:])).to(x.dtype))
+    return out
+
+
+def scale_output(y: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
+    """IA3 output scaling: l_a(r) ⊙ y per row (promoted dtype)."""
+    vec = stack.vectors[0]
+    dtype = torch.promote_types(y.dtype, vec.dtype)
+    if rs.rows is None:
+        scale = vec.index_select(0, rs.slots)
+        return (_rows3(y).to(dtype) * scale[:, None, :].to(dtype)).reshape(y.shape)
+    out = y.to(dtype).clone()
+    sub = _rows3(out.index_select(0, rs.rows)) * vec.index_select(0, rs.slots)[:, None, :]
+    out.index_copy_(0, rs.rows, sub.reshape((-1, *y.shape[1:])))
+    return out
+
+
+def add_lora(y: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: LoraStack,
+             rs: RowSlots) -> Tensor:  # fmt: skip
+    """y + (c − 1)(base − b) + x Aᵀ B per row (module docstring), in the promoted dtype of
+    y and the factors. ``base``: the base layer's output (DoRA's rescaled part)."""
+    dtype = torch.promote_types(y.dtype, stack.a.dtype)
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+        base = base.index_select(0, rs.rows)
+    x3 = _rows3(x.to(stack.a.dtype))
+    upd = torch.bmm(torch.bmm(x3, stack.a.index_select(0, rs.slots)),
+                    stack.b.index_select(0, rs.slots))  # fmt: skip
+    if stack.c_minus_1 is not None:
+        base3 = _rows3(base).to(stack.a.dtype)
+        if bias is not None:
+            base3 = base3 - bias.to(stack.a.dtype)
+        upd = torch.addcmul(upd, stack.c_minus_1.index_select(0, rs.slots)[:, None, :], base3)
+    return _add_rows(y, upd, rs, dtype)
+
+
+def add_vera(y: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
+    """y + λ_b ⊙ B'(λ_d ⊙ A' x) per row, the projections shared by the group."""
+    assert stack.projections is not None
+    a, b = stack.projections
+    ld, lb = stack.vectors
+    dtype = torch.promote_types(y.dtype, ld.dtype)
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+    h = _rows3(x.to(ld.dtype)) @ a.T * ld.index_select(0, rs.slots)[:, None, :]
+    upd = (h @ b.T) * lb.index_select(0, rs.slots)[:, None, :]
+    return _add_rows(y, upd, rs, dtype)
+
+
+def _add_rows(y: Tensor, upd3: Tensor, rs: RowSlots, dtype: torch.dtype) -> Tensor:
+    if rs.rows is None:
+        return (_rows3(y).to(dtype) + upd3.to(dtype)).reshape(y.shape)
+    out = y.to(dtype).clone() if y.dtype != dtype else y.clone()
+    out.index_add_(0, rs.rows, upd3.reshape((-1, *y.shape[1:])).to(dtype))
+    return out
