@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,12 +61,12 @@ from splice.adapters.layer import AdaptedLayer, AdapterStateError
 from splice.adapters.mixed_kernels import (
     LayerKernels,
     RowSlots,
-    add_lora,
-    add_vera,
+    add_lora_,
+    add_vera_,
     layer_kernels,
     row_slots,
     scale_input,
-    scale_output,
+    scale_output_,
 )
 from splice.config_errors import did_you_mean
 
@@ -267,22 +268,9 @@ def layer_forward(
         if rs is not None:
             x_base = scale_input(x, kernels.ia3_in, rs)
     base_out = layer.base_layer(x_base, *args, **kwargs)
-    out = base_out
+    out, owned = base_out, False
     if kernels is not None:
-        if kernels.ia3_out is not None:
-            rs = plan.slots(kernels.ia3_out.slots, x.device)
-            if rs is not None:
-                out = scale_output(out, kernels.ia3_out, rs)
-        bias = getattr(layer.base_layer, "bias", None)
-        for stack in kernels.lora:
-            rs = plan.slots(stack.slots, x.device)
-            if rs is not None:
-                out = add_lora(out, x, base_out, bias, stack, rs)
-        for group in kernels.vera:
-            rs = plan.slots(group.slots, x.device)
-            if rs is not None:
-                out = add_vera(out, x, group, rs)
-        out = out.to(base_out.dtype)
+        out, owned = _run_kernels(plan, kernels, layer, x, base_out)
     for seg in plan.segments:
         if seg.single and (seg.weights[0][0] in kinds or seg.weights[0][0] not in layer.adapters):
             continue  # done by a kernel above, or nothing to do in this layer
@@ -299,7 +287,39 @@ def layer_forward(
             for adapter, w in present:
                 f_s = layer.forward_alone(adapter, x_s, args, kwargs, base_s)
                 y_s = y_s + w * (f_s - base_s)
-        if out is base_out:
-            out = base_out.clone()
+        if not owned:
+            out, owned = base_out.clone(), True
         out.index_copy_(0, idx, y_s.to(out.dtype))
     return out
+
+
+def _run_kernels(
+    plan: MixedBatchPlan, kernels: LayerKernels, layer: AdaptedLayer, x: Tensor, base_out: Tensor
+) -> tuple[Tensor, bool]:
+    """The batched kernels' rows (`splice.adapters.mixed_kernels`) on the base result: the
+    result and whether it is a tensor the caller may write (False: ``base_out`` untouched).
+
+    The base layer's fresh output is updated in place when its dtype is the compute dtype
+    (no copy); with lower-precision base outputs (bf16 base, float32 adapters) a float32 copy
+    is updated and rounded once at the end, as a row alone is."""
+    bias = getattr(layer.base_layer, "bias", None)
+    work: list[Callable[[Tensor], None]] = []
+    if kernels.ia3_out is not None:
+        rs = plan.slots(kernels.ia3_out.slots, x.device)
+        if rs is not None:
+            work.append(partial(scale_output_, stack=kernels.ia3_out, rs=rs))
+    for lora in kernels.lora:
+        rs = plan.slots(lora.slots, x.device)
+        if rs is not None:
+            work.append(partial(add_lora_, x=x, base=base_out, bias=bias, stack=lora, rs=rs))
+    for vera in kernels.vera:
+        rs = plan.slots(vera.slots, x.device)
+        if rs is not None:
+            work.append(partial(add_vera_, x=x, stack=vera, rs=rs))
+    if not work:
+        return base_out, False
+    dtype = torch.promote_types(base_out.dtype, kernels.dtype)
+    out = base_out.contiguous() if dtype == base_out.dtype else base_out.to(dtype)
+    for step in work:
+        step(out)
+    return out.to(base_out.dtype), True

@@ -114,6 +114,17 @@ class LayerKernels:
     ia3_out: VectorStack | None = None
     vera: list[VectorStack] = field(default_factory=list)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The promoted dtype of every stacked tensor (the kernels' compute dtype)."""
+        dtype = torch.bool
+        for stack in self.lora:
+            dtype = torch.promote_types(dtype, stack.a.dtype)
+        for vs in [self.ia3_out, self.ia3_in, *self.vera]:
+            if vs is not None:
+                dtype = torch.promote_types(dtype, vs.vectors[0].dtype)
+        return dtype
+
 
 def clear_cache(layer: AdaptedLayer | None = None) -> None:
     """Drop the cached stacks of ``layer`` (None: of every layer)."""
@@ -205,8 +216,11 @@ def _build_vera(layer: AdaptedLayer, built: LayerKernels) -> None:
     for n, m in modules.items():
         a, b = m.sliced()
         for (ga, gb), names in groups:
-            if ga.shape == a.shape and gb.shape == b.shape and torch.equal(ga, a) and (
-                torch.equal(gb, b)
+            if (
+                ga.shape == a.shape
+                and gb.shape == b.shape
+                and torch.equal(ga, a)
+                and torch.equal(gb, b)
             ):
                 names.append(n)
                 break
@@ -235,9 +249,9 @@ class RowSlots:
     rows: Tensor | None  # the covered rows, ascending; None: all rows
 
 
-def row_slots(stack_slots: dict[str, int], row_names: list[str | None], device: torch.device) -> (
-    RowSlots | None
-):
+def row_slots(
+    stack_slots: dict[str, int], row_names: list[str | None], device: torch.device
+) -> RowSlots | None:
     """Each row's slot in a stack from the row's kernel adapter name (None: none); None when
     the stack covers no row."""
     neutral = len(stack_slots)
@@ -254,72 +268,77 @@ def row_slots(stack_slots: dict[str, int], row_names: list[str | None], device: 
 
 
 def _rows3(t: Tensor) -> Tensor:
-    """(rows, positions, features) view of a (rows, ..., features) tensor."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    """(rows, positions, features) view of a contiguous (rows, ..., features) tensor."""
+    return t.view(t.shape[0], -1, t.shape[-1])
 
 
 def scale_input(x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
     """IA3 input scaling: x ⊙ l_a(r) per row, rounded back to x's dtype (the base's input)."""
     vec = stack.vectors[0]
+    x = x.contiguous()
     if rs.rows is None:
-        scale = vec.index_select(0, rs.slots)
-        return (_rows3(x.to(vec.dtype)) * scale[:, None, :]).reshape(x.shape).to(x.dtype)
+        scale = vec.index_select(0, rs.slots)[:, None, :]
+        return (_rows3(x.to(vec.dtype)) * scale).view(x.shape).to(x.dtype)
     out = x.clone()
-    sub = _rows3(x.index_select(0, rs.rows).to(vec.dtype)) * vec.index_select(0, rs.slots)[
-        :, None, :
-    ]
-    out.index_copy_(0, rs.rows, sub.reshape((-1, *x.shape[1:])).to(x.dtype))
+    sub = x.index_select(0, rs.rows).to(vec.dtype)
+    sub = _rows3(sub) * vec.index_select(0, rs.slots)[:, None, :]
+    out.index_copy_(0, rs.rows, sub.view((-1, *x.shape[1:])).to(x.dtype))
     return out
 
 
-def scale_output(y: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
-    """IA3 output scaling: l_a(r) ⊙ y per row (promoted dtype)."""
-    vec = stack.vectors[0]
-    dtype = torch.promote_types(y.dtype, vec.dtype)
+# The functions below update ``out`` in place: a contiguous tensor owned by the caller, in the
+# promoted dtype of the base result and the adapters. Each row has at most one kernel adapter,
+# so a kernel run on every row leaves the rows of the others exactly as they were (× 1, + 0):
+# the base result's rows that other adapters read are unchanged.
+
+
+def scale_output_(out: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """IA3 output scaling: out ← l_a(r) ⊙ out per row."""
+    vec = stack.vectors[0].to(out.dtype)
     if rs.rows is None:
-        scale = vec.index_select(0, rs.slots)
-        return (_rows3(y).to(dtype) * scale[:, None, :].to(dtype)).reshape(y.shape)
-    out = y.to(dtype).clone()
+        _rows3(out).mul_(vec.index_select(0, rs.slots)[:, None, :])
+        return
     sub = _rows3(out.index_select(0, rs.rows)) * vec.index_select(0, rs.slots)[:, None, :]
-    out.index_copy_(0, rs.rows, sub.reshape((-1, *y.shape[1:])))
-    return out
+    out.index_copy_(0, rs.rows, sub.view((-1, *out.shape[1:])))
 
 
-def add_lora(y: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: LoraStack,
-             rs: RowSlots) -> Tensor:  # fmt: skip
-    """y + (c − 1)(base − b) + x Aᵀ B per row (module docstring), in the promoted dtype of
-    y and the factors. ``base``: the base layer's output (DoRA's rescaled part)."""
-    dtype = torch.promote_types(y.dtype, stack.a.dtype)
+def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: LoraStack,
+              rs: RowSlots) -> None:  # fmt: skip
+    """out ← out + (c − 1)(base − b) + x Aᵀ B per row (module docstring). ``base``: the base
+    layer's output (DoRA's rescaled part)."""
+    dtype = stack.a.dtype
     if rs.rows is not None:
         x = x.index_select(0, rs.rows)
-        base = base.index_select(0, rs.rows)
-    x3 = _rows3(x.to(stack.a.dtype))
-    upd = torch.bmm(torch.bmm(x3, stack.a.index_select(0, rs.slots)),
-                    stack.b.index_select(0, rs.slots))  # fmt: skip
+    h = torch.bmm(_rows3(x.contiguous().to(dtype)), stack.a.index_select(0, rs.slots))
+    b = stack.b.index_select(0, rs.slots)
+    if rs.rows is None and stack.c_minus_1 is None and out.dtype == dtype:
+        _rows3(out).baddbmm_(h, b)
+        return
+    upd = torch.bmm(h, b)
     if stack.c_minus_1 is not None:
-        base3 = _rows3(base).to(stack.a.dtype)
+        base = base if rs.rows is None else base.index_select(0, rs.rows)
+        base3 = _rows3(base.contiguous()).to(dtype)
         if bias is not None:
-            base3 = base3 - bias.to(stack.a.dtype)
-        upd = torch.addcmul(upd, stack.c_minus_1.index_select(0, rs.slots)[:, None, :], base3)
-    return _add_rows(y, upd, rs, dtype)
+            base3 = base3 - bias.to(dtype)
+        upd.addcmul_(stack.c_minus_1.index_select(0, rs.slots)[:, None, :], base3)
+    _add_rows_(out, upd, rs)
 
 
-def add_vera(y: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
-    """y + λ_b ⊙ B'(λ_d ⊙ A' x) per row, the projections shared by the group."""
+def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """out ← out + λ_b ⊙ B'(λ_d ⊙ A' x) per row, the projections shared by the group."""
     assert stack.projections is not None
     a, b = stack.projections
     ld, lb = stack.vectors
-    dtype = torch.promote_types(y.dtype, ld.dtype)
     if rs.rows is not None:
         x = x.index_select(0, rs.rows)
-    h = _rows3(x.to(ld.dtype)) @ a.T * ld.index_select(0, rs.slots)[:, None, :]
-    upd = (h @ b.T) * lb.index_select(0, rs.slots)[:, None, :]
-    return _add_rows(y, upd, rs, dtype)
+    h = _rows3(x.contiguous().to(ld.dtype)) @ a.T
+    h.mul_(ld.index_select(0, rs.slots)[:, None, :])
+    upd = (h @ b.T).mul_(lb.index_select(0, rs.slots)[:, None, :])
+    _add_rows_(out, upd, rs)
 
 
-def _add_rows(y: Tensor, upd3: Tensor, rs: RowSlots, dtype: torch.dtype) -> Tensor:
+def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:
     if rs.rows is None:
-        return (_rows3(y).to(dtype) + upd3.to(dtype)).reshape(y.shape)
-    out = y.to(dtype).clone() if y.dtype != dtype else y.clone()
-    out.index_add_(0, rs.rows, upd3.reshape((-1, *y.shape[1:])).to(dtype))
-    return out
+        _rows3(out).add_(upd3)
+    else:
+        out.index_add_(0, rs.rows, upd3.view((-1, *out.shape[1:])).to(out.dtype))
