@@ -36,7 +36,10 @@ HF expands each input row into ``max(num_beams, num_return_sequences)`` consecut
 plan's rows are repeated the same way (`MixedBatchPlan.repeat_rows`; PEFT repeats
 adapter_names for num_beams likewise).
 
-Not supported yet: model-level adapters (prompt / prefix tuning) in a mixed batch, folded
+Prompt and prefix tuning rows (a row naming one such adapter alone): each row gets its own
+virtual tokens or prefix, other rows masked padding (`splice.adapters.mixed_prompts`).
+
+Not supported yet: model-level adapters in a weighted set or in ``generate``, folded
 adapters; each is refused before any compute.
 
 The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
@@ -204,23 +207,23 @@ def plan_rows(am: AdapterModel, adapter_names: Any, batch_size: int | None) -> M
     for row, entry in enumerate(adapter_names):
         weights = _row_set(entry, row)
         for name, _ in weights:
-            _check_usable(am, name, row)
+            _check_usable(am, name, row, alone=weights == ((name, 1.0),))
         if weights:
             groups.setdefault(weights, []).append(row)
     return MixedBatchPlan(len(adapter_names), [Segment(w, r) for w, r in groups.items()])
 
 
-def _check_usable(am: AdapterModel, name: str, row: int) -> None:
+def _check_usable(am: AdapterModel, name: str, row: int, *, alone: bool) -> None:
     if name not in am.configs:
         known = ", ".join([BASE_NAME, *am.configs])
         raise AdapterStateError(
             f"adapter_names row {row}: no adapter named {name!r}"
             f"{did_you_mean(name, am.configs)}; adapters: {known}"
         )
-    if name in am.model_adapters:
+    if name in am.model_adapters and not alone:
         raise AdapterStateError(
             f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
-            "model-level adapter: not supported in mixed batches yet"
+            "model-level adapter: it can only stand alone in a row, not in a weighted set"
         )
     for path, layer in am.adapted_layers():
         if name in layer.folded:
