@@ -21,13 +21,26 @@ W (M_i − I)). Bottleneck adapters (not weight deltas) get the weighted sum of 
 h + Σ w_i r_i(h). A single name is the set {name: 1}, and its rows equal the forward with that
 adapter alone active (the layer's output for those rows is replaced by f_a's, not summed).
 
-Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set): the base layer
-runs once for the whole batch; then per *segment* (the rows sharing one set) the segment's
-rows are gathered once (``index_select``), each adapter of the set runs on them, and the
-result is written back (``index_copy``). Additive adapters (LoRA, DoRA, VeRA, LoHa, LoKr,
-IA3 output scaling, BitFit, bottleneck) reuse the base result of those rows; input transforms
-and replacements (OFT, HRA, IA3 input scaling, LN tuning, modules_to_save) run the base
-layer on their segment's rows. Rows naming "__base__" cost nothing beyond the base.
+Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
+
+- every row the same single adapter: the plain forward with that adapter (no gather, no
+  scatter, no copy);
+- otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
+  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA (linear), IA3 or VeRA
+  are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
+  factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
+  vectors gathered per row; whatever the number of distinct adapters), updating the base
+  result in place;
+- the remaining segments (the rows sharing one weighted set, or one adapter of another
+  kind) run per segment: the segment's rows are gathered once (``index_select``), each
+  adapter of the set runs on them, and the result is written back (``index_copy``). Additive
+  adapters (LoRA, DoRA, VeRA, LoHa, LoKr, IA3 output scaling, BitFit, bottleneck) reuse the
+  base result of those rows; input transforms and replacements (OFT, HRA, IA3 input scaling,
+  LN tuning, modules_to_save) run the base layer on their segment's rows.
+
+Rows naming "__base__" cost nothing beyond the base (and the kernels' zero slot). With
+gradients enabled on adapter parameters the kernels are skipped (their cached factors are
+detached) and every segment runs the per-segment path.
 
 Generation (`AdapterModel.generate(..., adapter_names=[...])`): one entry per input sequence;
 the plan is set for the whole ``generate`` call, so every decoding step (KV cache on) runs it.
