@@ -121,21 +121,28 @@ def test_cache_follows_in_place_changes(what: str) -> None:
 
 
 def test_single_adapter_fast_path_runs_the_plain_forward(monkeypatch) -> None:
-    """All rows one adapter: no stacks are built, no rows gathered."""
-    setups = {"a": ("lora", {"r": 4, "use_dora": True, "target_modules": ["q_proj"]})}
+    """All rows one (LoRA) adapter: no stacks are built, no rows gathered. All rows one DoRA
+    adapter: the kernel with its cached scale (equal to the plain forward)."""
+    setups = {
+        "a": ("lora", {"r": 4, "target_modules": ["q_proj"]}),
+        "d": ("lora", {"r": 4, "use_dora": True, "target_modules": ["q_proj"]}),
+    }
     am = model_with("llama", setups)
     mixed_kernels.clear_cache()
-    monkeypatch.setattr(
-        torch.Tensor, "index_select", lambda *a, **k: pytest.fail("rows were gathered")
-    )
-    with torch.no_grad():
-        out = am(**inputs(batch=3), adapter_names=["a"] * 3).logits
-    monkeypatch.undo()
-    am.set_active("a")
-    with torch.no_grad():
-        want = am(**inputs(batch=3)).logits
-    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("rows gathered"))
+        with torch.no_grad():
+            out = am(**inputs(batch=3), adapter_names=["a"] * 3).logits
     assert not any(layer in mixed_kernels._CACHE for _, layer in am.adapted_layers())
+    with torch.no_grad():
+        dora = am(**inputs(batch=3), adapter_names=["d"] * 3).logits
+    assert all(layer in mixed_kernels._CACHE for _, layer in am.adapted_layers())
+    for name, got in (("a", out), ("d", dora)):
+        am.set_active(name)
+        with torch.no_grad():
+            want = am(**inputs(batch=3)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (out - dora).abs().max() > 1e-3
 
 
 def test_gradients_flow_through_a_mixed_batch() -> None:

@@ -79,6 +79,7 @@ from splice.adapters.mixed_kernels import (
     RowSlots,
     add_lora_,
     add_vera_,
+    kernel_kind,
     layer_kernels,
     row_slots,
     scale_input,
@@ -273,7 +274,9 @@ def layer_forward(
             f"mixed batch of {plan.rows} rows: an adapted layer got an input of shape "
             f"{tuple(x.shape)} (mixed batches need the batch on the first axis)"
         )
-    if plan.only is not None:  # every row the same adapter: its plain forward
+    if plan.only is not None and not _dora(layer, plan.only):
+        # every row the same adapter: its plain forward (DoRA: the kernel, with its cached
+        # scale, rather than ‖W + s B A‖ recomputed by the plain forward)
         running = [layer.adapters[plan.only]] if plan.only in layer.adapters else []
         return layer._forward_with(running, x, args, kwargs)
     kernels = plan.kernels(layer) if plan.segments else None
@@ -307,6 +310,13 @@ def layer_forward(
             out, owned = base_out.clone(), True
         out.index_copy_(0, idx, y_s.to(out.dtype))
     return out
+
+
+def _dora(layer: AdaptedLayer, name: str) -> bool:
+    if name not in layer.adapters:
+        return False
+    module = layer.adapters[name]
+    return bool(getattr(module, "use_dora", False)) and kernel_kind(module) == "lora"
 
 
 def _run_kernels(

@@ -92,7 +92,7 @@ class LoraStack:
     slots: dict[str, int]  # adapter name -> slot; slot len(slots) is the zero slot
     a: Tensor  # (n+1) × R × in: A
     b: Tensor  # (n+1) × out × R: c ⊙ s B
-    c_minus_1: Tensor | None  # (n+1) × out, DoRA's c − 1 (0 for LoRA); None: no DoRA
+    c: Tensor | None  # (n+1) × out, DoRA's c (1 for LoRA and the zero slot); None: no DoRA
 
 
 @dataclass
@@ -184,7 +184,7 @@ def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
         a = torch.zeros(len(names) + 1, rank, in_f, dtype=dtype, device=device)
         b = torch.zeros(len(names) + 1, out_f, rank, dtype=dtype, device=device)
         any_dora = any(modules[n].use_dora for n in names)
-        cm1 = torch.zeros(len(names) + 1, out_f, dtype=dtype, device=device) if any_dora else None
+        cs = torch.ones(len(names) + 1, out_f, dtype=dtype, device=device) if any_dora else None
         for i, n in enumerate(names):
             m = modules[n]
             r = m.lora_A.weight.shape[0]
@@ -192,11 +192,11 @@ def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
             if m.use_dora:
                 c = m.dora_scale(m.base_weight(layer.base_layer).to(dtype)).to(dtype)
                 scaled_b = c[:, None] * scaled_b
-                assert cm1 is not None
-                cm1[i] = c - 1
+                assert cs is not None
+                cs[i] = c
             a[i, :r] = m.lora_A.weight
             b[i, :, :r] = scaled_b
-        built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cm1))
+        built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cs))
 
 
 def _build_ia3(layer: AdaptedLayer, kinds: dict[str, str], kind: str) -> VectorStack | None:
@@ -314,16 +314,22 @@ def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: 
     x3 = _rows3(x.contiguous().to(dtype))
     h = torch.bmm(stack.a.index_select(0, rs.slots), x3.transpose(1, 2)).transpose(1, 2)
     b = stack.b.index_select(0, rs.slots).transpose(1, 2)
-    if rs.rows is None and stack.c_minus_1 is None and out.dtype == dtype:
-        _rows3(out).baddbmm_(h, b)
+    if rs.rows is None and out.dtype == dtype:
+        out3 = _rows3(out)
+        if stack.c is not None:  # out's rows are the base's here: c ⊙ base + (1 − c) ⊙ b
+            c = stack.c.index_select(0, rs.slots)
+            out3.mul_(c[:, None, :])
+            if bias is not None:
+                out3.add_(((1 - c) * bias.to(dtype))[:, None, :])
+        out3.baddbmm_(h, b)
         return
     upd = torch.bmm(h, b)
-    if stack.c_minus_1 is not None:
+    if stack.c is not None:
         base = base if rs.rows is None else base.index_select(0, rs.rows)
         base3 = _rows3(base.contiguous()).to(dtype)
         if bias is not None:
             base3 = base3 - bias.to(dtype)
-        upd.addcmul_(stack.c_minus_1.index_select(0, rs.slots)[:, None, :], base3)
+        upd.addcmul_(stack.c.index_select(0, rs.slots)[:, None, :] - 1, base3)
     _add_rows_(out, upd, rs)
 
 
