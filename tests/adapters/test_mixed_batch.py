@@ -243,11 +243,12 @@ def test_folded_and_disabled_are_refused(two_loras) -> None:
         two_loras(**inputs(batch=2), adapter_names=["sst", "style"])
 
 
-def test_model_level_adapter_refused() -> None:
+def test_model_level_adapter_in_a_weighted_set_refused() -> None:
+    """Prompt / prefix tuning rows stand alone (tests/adapters/test_mixed_prompts.py)."""
     am = model_with("llama", {"a": configs("llama")["lora"]})
     am.add_adapter("p", make_config("prompt_tuning", {"num_virtual_tokens": 3}))
-    with pytest.raises(AdapterStateError, match=r"row 1: adapter 'p' .* not supported in mixed"):
-        am(**inputs(batch=2), adapter_names=["a", "p"])
+    with pytest.raises(AdapterStateError, match=r"row 1: adapter 'p' .* not in a weighted set"):
+        am(**inputs(batch=2), adapter_names=["a", ["a", "p"]])
 
 
 def test_base_name_is_reserved() -> None:

@@ -21,13 +21,26 @@ W (M_i − I)). Bottleneck adapters (not weight deltas) get the weighted sum of 
 h + Σ w_i r_i(h). A single name is the set {name: 1}, and its rows equal the forward with that
 adapter alone active (the layer's output for those rows is replaced by f_a's, not summed).
 
-Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set): the base layer
-runs once for the whole batch; then per *segment* (the rows sharing one set) the segment's
-rows are gathered once (``index_select``), each adapter of the set runs on them, and the
-result is written back (``index_copy``). Additive adapters (LoRA, DoRA, VeRA, LoHa, LoKr,
-IA3 output scaling, BitFit, bottleneck) reuse the base result of those rows; input transforms
-and replacements (OFT, HRA, IA3 input scaling, LN tuning, modules_to_save) run the base
-layer on their segment's rows. Rows naming "__base__" cost nothing beyond the base.
+Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
+
+- every row the same single adapter: the plain forward with that adapter (no gather, no
+  scatter, no copy);
+- otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
+  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA (linear), IA3 or VeRA
+  are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
+  factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
+  vectors gathered per row; whatever the number of distinct adapters), updating the base
+  result in place;
+- the remaining segments (the rows sharing one weighted set, or one adapter of another
+  kind) run per segment: the segment's rows are gathered once (``index_select``), each
+  adapter of the set runs on them, and the result is written back (``index_copy``). Additive
+  adapters (LoRA, DoRA, VeRA, LoHa, LoKr, IA3 output scaling, BitFit, bottleneck) reuse the
+  base result of those rows; input transforms and replacements (OFT, HRA, IA3 input scaling,
+  LN tuning, modules_to_save) run the base layer on their segment's rows.
+
+Rows naming "__base__" cost nothing beyond the base (and the kernels' zero slot). With
+gradients enabled on adapter parameters the kernels are skipped (their cached factors are
+detached) and every segment runs the per-segment path.
 
 Generation (`AdapterModel.generate(..., adapter_names=[...])`): one entry per input sequence;
 the plan is set for the whole ``generate`` call, so every decoding step (KV cache on) runs it.
@@ -36,7 +49,10 @@ HF expands each input row into ``max(num_beams, num_return_sequences)`` consecut
 plan's rows are repeated the same way (`MixedBatchPlan.repeat_rows`; PEFT repeats
 adapter_names for num_beams likewise).
 
-Not supported yet: model-level adapters (prompt / prefix tuning) in a mixed batch, folded
+Prompt and prefix tuning rows (a row naming one such adapter alone): each row gets its own
+virtual tokens or prefix, other rows masked padding (`splice.adapters.mixed_prompts`).
+
+Not supported yet: model-level adapters in a weighted set or in ``generate``, folded
 adapters; each is refused before any compute.
 
 The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
@@ -48,15 +64,27 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from splice.adapters.layer import AdaptedLayer, AdapterStateError
+from splice.adapters.mixed_kernels import (
+    LayerKernels,
+    RowSlots,
+    add_lora_,
+    add_vera_,
+    kernel_kind,
+    layer_kernels,
+    row_slots,
+    scale_input,
+    scale_output_,
+)
 from splice.config_errors import did_you_mean
 
 if TYPE_CHECKING:
@@ -95,6 +123,21 @@ class MixedBatchPlan:
 
     rows: int
     segments: list[Segment]
+    # per call: each layer's kernels (checked once per call, not per decoding step) and the
+    # rows' slots per stack (shared by the layers with the same adapters)
+    _kernels: dict[int, LayerKernels | None] = field(default_factory=dict, repr=False)
+    _slots: dict[tuple, RowSlots | None] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # each row's adapter when it is one name with weight 1 (None: base or weighted set)
+        self.row_single: list[str | None] = [None] * self.rows
+        for seg in self.segments:
+            if seg.single:
+                for r in seg.rows:
+                    self.row_single[r] = seg.weights[0][0]
+        only = {self.row_single[r] for r in range(self.rows)}
+        # every row the same single adapter: the plain forward with it (no gather / scatter)
+        self.only = only.pop() if len(only) == 1 and self.rows else None
 
     def repeat_rows(self, times: int) -> MixedBatchPlan:
         """The plan for the batch with each row repeated ``times`` times in place (row r →
@@ -110,6 +153,21 @@ class MixedBatchPlan:
     def forward(self, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """``layer``'s forward under this plan (module docstring)."""
         return layer_forward(self, layer, x, args, kwargs)
+
+    def kernels(self, layer: AdaptedLayer) -> LayerKernels | None:
+        """The layer's batched kernels, None when gradients must flow to its adapters."""
+        if id(layer) not in self._kernels:
+            needs_grad = torch.is_grad_enabled() and any(
+                p.requires_grad for p in layer.adapters.parameters()
+            )
+            self._kernels[id(layer)] = None if needs_grad else layer_kernels(layer)
+        return self._kernels[id(layer)]
+
+    def slots(self, stack_slots: dict[str, int], device: torch.device) -> RowSlots | None:
+        key = (tuple(stack_slots), device)
+        if key not in self._slots:
+            self._slots[key] = row_slots(stack_slots, self.row_single, device)
+        return self._slots[key]
 
 
 def _row_set(entry: Any, row: int) -> tuple[tuple[str, float], ...]:
@@ -163,23 +221,23 @@ def plan_rows(am: AdapterModel, adapter_names: Any, batch_size: int | None) -> M
     for row, entry in enumerate(adapter_names):
         weights = _row_set(entry, row)
         for name, _ in weights:
-            _check_usable(am, name, row)
+            _check_usable(am, name, row, alone=weights == ((name, 1.0),))
         if weights:
             groups.setdefault(weights, []).append(row)
     return MixedBatchPlan(len(adapter_names), [Segment(w, r) for w, r in groups.items()])
 
 
-def _check_usable(am: AdapterModel, name: str, row: int) -> None:
+def _check_usable(am: AdapterModel, name: str, row: int, *, alone: bool) -> None:
     if name not in am.configs:
         known = ", ".join([BASE_NAME, *am.configs])
         raise AdapterStateError(
             f"adapter_names row {row}: no adapter named {name!r}"
             f"{did_you_mean(name, am.configs)}; adapters: {known}"
         )
-    if name in am.model_adapters:
+    if name in am.model_adapters and not alone:
         raise AdapterStateError(
             f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
-            "model-level adapter: not supported in mixed batches yet"
+            "model-level adapter: it can only stand alone in a row, not in a weighted set"
         )
     for path, layer in am.adapted_layers():
         if name in layer.folded:
@@ -216,9 +274,25 @@ def layer_forward(
             f"mixed batch of {plan.rows} rows: an adapted layer got an input of shape "
             f"{tuple(x.shape)} (mixed batches need the batch on the first axis)"
         )
-    base_out = layer.base_layer(x, *args, **kwargs)
-    out = base_out
+    if plan.only is not None and not _dora(layer, plan.only):
+        # every row the same adapter: its plain forward (DoRA: the kernel, with its cached
+        # scale, rather than ‖W + s B A‖ recomputed by the plain forward)
+        running = [layer.adapters[plan.only]] if plan.only in layer.adapters else []
+        return layer._forward_with(running, x, args, kwargs)
+    kernels = plan.kernels(layer) if plan.segments else None
+    kinds = kernels.kinds if kernels is not None else {}
+    x_base = x
+    if kernels is not None and kernels.ia3_in is not None:
+        rs = plan.slots(kernels.ia3_in.slots, x.device)
+        if rs is not None:
+            x_base = scale_input(x, kernels.ia3_in, rs)
+    base_out = layer.base_layer(x_base, *args, **kwargs)
+    out, owned = base_out, False
+    if kernels is not None:
+        out, owned = _run_kernels(plan, kernels, layer, x, base_out)
     for seg in plan.segments:
+        if seg.single and (seg.weights[0][0] in kinds or seg.weights[0][0] not in layer.adapters):
+            continue  # done by a kernel above, or nothing to do in this layer
         present = [(layer.adapters[n], w) for n, w in seg.weights if n in layer.adapters]
         if not present:
             continue
@@ -232,7 +306,46 @@ def layer_forward(
             for adapter, w in present:
                 f_s = layer.forward_alone(adapter, x_s, args, kwargs, base_s)
                 y_s = y_s + w * (f_s - base_s)
-        if out is base_out:
-            out = base_out.clone()
+        if not owned:
+            out, owned = base_out.clone(), True
         out.index_copy_(0, idx, y_s.to(out.dtype))
     return out
+
+
+def _dora(layer: AdaptedLayer, name: str) -> bool:
+    if name not in layer.adapters:
+        return False
+    module = layer.adapters[name]
+    return bool(getattr(module, "use_dora", False)) and kernel_kind(module) == "lora"
+
+
+def _run_kernels(
+    plan: MixedBatchPlan, kernels: LayerKernels, layer: AdaptedLayer, x: Tensor, base_out: Tensor
+) -> tuple[Tensor, bool]:
+    """The batched kernels' rows (`splice.adapters.mixed_kernels`) on the base result: the
+    result and whether it is a tensor the caller may write (False: ``base_out`` untouched).
+
+    The base layer's fresh output is updated in place when its dtype is the compute dtype
+    (no copy); with lower-precision base outputs (bf16 base, float32 adapters) a float32 copy
+    is updated and rounded once at the end, as a row alone is."""
+    bias = getattr(layer.base_layer, "bias", None)
+    work: list[Callable[[Tensor], None]] = []
+    if kernels.ia3_out is not None:
+        rs = plan.slots(kernels.ia3_out.slots, x.device)
+        if rs is not None:
+            work.append(partial(scale_output_, stack=kernels.ia3_out, rs=rs))
+    for lora in kernels.lora:
+        rs = plan.slots(lora.slots, x.device)
+        if rs is not None:
+            work.append(partial(add_lora_, x=x, base=base_out, bias=bias, stack=lora, rs=rs))
+    for vera in kernels.vera:
+        rs = plan.slots(vera.slots, x.device)
+        if rs is not None:
+            work.append(partial(add_vera_, x=x, stack=vera, rs=rs))
+    if not work:
+        return base_out, False
+    dtype = torch.promote_types(base_out.dtype, kernels.dtype)
+    out = base_out.contiguous() if dtype == base_out.dtype else base_out.to(dtype)
+    for step in work:
+        step(out)
+    return out.to(base_out.dtype), True

@@ -33,6 +33,7 @@ from splice.adapters.default_targets import DEFAULT_TARGETS, default_targets
 from splice.adapters.full_copy import FullCopy
 from splice.adapters.layer import AdaptedLayer, AdapterModule, AdapterStateError
 from splice.adapters.mixed_batch import BASE_NAME, mixed_forward, plan_rows
+from splice.adapters.mixed_prompts import model_level_rows, prepare_mixed_call
 from splice.adapters.model_adapter import ModelAdapter
 from splice.adapters.registry import method_for_config
 from splice.adapters.targeting import (
@@ -111,6 +112,7 @@ class AdapterModel(nn.Module):
         (`splice.adapters.mixed_batch`)."""
         if adapter_names is not None:
             plan = plan_rows(self, adapter_names, _batch_size(args, kwargs))
+            args, kwargs = prepare_mixed_call(self, plan, args, kwargs)  # prompt / prefix rows
             with mixed_forward(self, plan):
                 return self.model(*args, **kwargs)
         if self.composition is not None and not getattr(self, "_disabled", False):
@@ -126,6 +128,11 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             size = _batch_size(args, {"input_ids": kwargs.get("inputs"), **kwargs})
             plan = plan_rows(self, adapter_names, size)
+            if model_level_rows(self, plan):
+                raise AdapterStateError(
+                    "generate() with prompt / prefix tuning rows in adapter_names is not "
+                    "supported yet"
+                )
             plan = plan.repeat_rows(_rows_per_sequence(self.model, kwargs))
             with mixed_forward(self, plan):
                 return self.model.generate(*args, **kwargs)

@@ -1,0 +1,353 @@
+"""Batched mixed-batch kernels: one computation per adapted layer for all rows whose adapter
+is LoRA / DoRA, IA3 or VeRA, whatever the number of distinct adapters
+(`splice.adapters.mixed_batch` calls them; the other adapter kinds run per segment).
+
+Each row r has at most one of these adapters a(r) with weight 1 (weighted sets run per
+segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
+
+- LoRA / DoRA, for rank bucket R (the next power of two ≥ r, at least 8): the layer's
+  adapters of that bucket are stacked, padded with zero ranks (exact: the extra products are
+  0), plus one all-zero slot for rows without such an adapter:
+
+      A_stack: (n+1) × R × in        B_stack: (n+1) × out × R,  B_i ← c_i ⊙ s_i B_i
+      y_r = base_r + (c_a(r) − 1) ⊙ (base_r − b) + B_a(r) A_a(r) x_r
+
+  as two ``bmm`` over the rows with the factors gathered per row (``index_select`` of the
+  stack by the row's slot: one r×(in+out) block per row, never per token; for L positions
+  that is 1/L of the row's own activation). LoRA: c = 1, so y = base + s B A x. DoRA: c =
+  m / ‖W + s B A‖_row (PEFT's form: base(x) + (c − 1)(base(x) − b) + c s B A x, the bias not
+  rescaled). Different s (rsLoRA, alpha / rank patterns) are folded into each B, so every
+  adapter keeps its own scaling and rank exactly.
+- IA3 output scaling: y_r = l_a(r) ⊙ base_r, one (rows × out) vector gather (1 for others);
+  input scaling: the base layer runs once on x_r ⊙ l_a(r) for all rows (x unchanged for
+  the others: ×1 is exact).
+- VeRA: adapters whose shared projections A', B' are equal (by value, checked when the cache
+  is built; the usual case: one ``projection_prng_key``) form one group: y_r = base_r +
+  λ_b,a(r) ⊙ B'(λ_d,a(r) ⊙ A' x_r), with A' x computed once for the group's rows and the
+  per-row vectors gathered (λ = 0 for other rows).
+
+When under half the batch has rows for a kernel, its rows are gathered first (and the result
+added back with ``index_add_``); otherwise the kernel runs on every row (the zero slot costs
+r/in of the base layer, less than moving the rows).
+
+Cache: per layer, the stacks are built at the first mixed forward that needs them and kept
+(`_CACHE`, weakly keyed by the layer) with a key of every stacked tensor's (data_ptr,
+_version) and the base weight's: an in-place change (optimizer step, ``copy_``, loading)
+bumps ``_version`` and a replaced tensor has another data_ptr, so the next mixed forward
+rebuilds; writes through ``.data`` are not tracked by torch (call `clear_cache`). The key is
+checked once per layer per mixed call (a plan), not per decoding step. Memory: the stacks hold
+a copy of the factors (padded to the bucket) and DoRA's c, i.e. factor bytes, never a dense
+ΔW; IA3 / VeRA: the vectors. With gradients enabled on adapter parameters (training through
+a mixed batch) the kernels are not used (the cached factors are detached); the per-segment
+path runs and gradients flow.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from splice.adapters.layer import AdaptedLayer, AdapterModule
+from splice.adapters.methods.ia3 import IA3
+from splice.adapters.methods.lora_layers import LoraLinear
+from splice.adapters.methods.vera import VeraLinear
+
+_CACHE: weakref.WeakKeyDictionary[AdaptedLayer, LayerKernels] = weakref.WeakKeyDictionary()
+
+
+def rank_bucket(r: int) -> int:
+    """The padded rank of a LoRA of rank r: the next power of two, at least 8."""
+    return max(8, 1 << (r - 1).bit_length())
+
+
+def _dropout_off(module: AdapterModule) -> bool:
+    drop = getattr(module, "dropout", None)
+    return drop is None or isinstance(drop, nn.Identity) or not module.training
+
+
+def kernel_kind(module: AdapterModule) -> str | None:
+    """Which batched kernel runs ``module`` in a mixed batch (None: the per-segment path)."""
+    if isinstance(module, LoraLinear):
+        plain = module.lora_B.bias is None and module.base_bias is None
+        return "lora" if plain and _dropout_off(module) else None
+    if isinstance(module, IA3) and module.kind in ("linear", "conv1d"):
+        return "ia3_in" if module.feedforward else "ia3_out"
+    if isinstance(module, VeraLinear) and _dropout_off(module):
+        return "vera"
+    return None
+
+
+def _versions(tensors: list[Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+@dataclass
+class LoraStack:
+    """The LoRA / DoRA adapters of one rank bucket of one layer (module docstring)."""
+
+    slots: dict[str, int]  # adapter name -> slot; slot len(slots) is the zero slot
+    a: Tensor  # (n+1) × R × in: A
+    b: Tensor  # (n+1) × out × R: c ⊙ s B
+    c: Tensor | None  # (n+1) × out, DoRA's c (1 for LoRA and the zero slot); None: no DoRA
+
+
+@dataclass
+class VectorStack:
+    """Per-adapter vectors of one kind (IA3 l; VeRA λ_d, λ_b), one slot per adapter plus the
+    neutral slot (IA3: 1, VeRA: 0) at index len(slots)."""
+
+    slots: dict[str, int]
+    vectors: list[Tensor]  # each (n+1) × features
+    projections: tuple[Tensor, Tensor] | None = None  # VeRA's A' (r × in), B' (out × r)
+
+
+@dataclass
+class LayerKernels:
+    key: tuple
+    kinds: dict[str, str]  # adapter name -> kernel kind
+    lora: list[LoraStack] = field(default_factory=list)
+    ia3_in: VectorStack | None = None
+    ia3_out: VectorStack | None = None
+    vera: list[VectorStack] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The promoted dtype of every stacked tensor (the kernels' compute dtype)."""
+        dtype = torch.bool
+        for stack in self.lora:
+            dtype = torch.promote_types(dtype, stack.a.dtype)
+        for vs in [self.ia3_out, self.ia3_in, *self.vera]:
+            if vs is not None:
+                dtype = torch.promote_types(dtype, vs.vectors[0].dtype)
+        return dtype
+
+
+def clear_cache(layer: AdaptedLayer | None = None) -> None:
+    """Drop the cached stacks of ``layer`` (None: of every layer)."""
+    if layer is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(layer, None)
+
+
+def _cache_key(layer: AdaptedLayer) -> tuple:
+    parts: list[Any] = [_versions([p for p in layer.base_layer.parameters()])]
+    for name, module in layer.adapters.items():
+        kind = kernel_kind(module)
+        tensors = list(module.parameters()) + list(module.buffers()) if kind else []
+        parts.append((name, id(module), kind, _versions(tensors)))
+    return tuple(parts)
+
+
+def layer_kernels(layer: AdaptedLayer) -> LayerKernels:
+    """The layer's stacks, rebuilt when an adapter or the base weight changed."""
+    key = _cache_key(layer)
+    cached = _CACHE.get(layer)
+    if cached is not None and cached.key == key:
+        return cached
+    kinds = {n: k for n, m in layer.adapters.items() if (k := kernel_kind(m)) is not None}
+    built = LayerKernels(key, kinds)
+    with torch.no_grad():
+        _build_lora(layer, built)
+        built.ia3_in = _build_ia3(layer, kinds, "ia3_in")
+        built.ia3_out = _build_ia3(layer, kinds, "ia3_out")
+        _build_vera(layer, built)
+    _CACHE[layer] = built
+    return built
+
+
+def _one_dtype(modules: dict[str, AdapterModule], kinds: dict[str, str]) -> bool:
+    """Stacking needs one dtype and device; otherwise the kind runs per segment."""
+    seen = {(p.dtype, p.device) for m in modules.values() for p in m.parameters()}
+    if len(seen) > 1:
+        for n in modules:
+            kinds.pop(n)
+        return False
+    return True
+
+
+def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
+    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k == "lora"}
+    if not modules or not _one_dtype(modules, built.kinds):
+        return
+    buckets: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        buckets.setdefault(rank_bucket(m.lora_A.weight.shape[0]), []).append(n)
+    for rank, names in sorted(buckets.items()):
+        first = modules[names[0]]
+        dtype, device = first.lora_A.weight.dtype, first.lora_A.weight.device
+        in_f, out_f = first.lora_A.weight.shape[1], first.lora_B.weight.shape[0]
+        a = torch.zeros(len(names) + 1, rank, in_f, dtype=dtype, device=device)
+        b = torch.zeros(len(names) + 1, out_f, rank, dtype=dtype, device=device)
+        any_dora = any(modules[n].use_dora for n in names)
+        cs = torch.ones(len(names) + 1, out_f, dtype=dtype, device=device) if any_dora else None
+        for i, n in enumerate(names):
+            m = modules[n]
+            r = m.lora_A.weight.shape[0]
+            scaled_b = m.lora_B.weight * m.scaling  # out × r
+            if m.use_dora:
+                c = m.dora_scale(m.base_weight(layer.base_layer).to(dtype)).to(dtype)
+                scaled_b = c[:, None] * scaled_b
+                assert cs is not None
+                cs[i] = c
+            a[i, :r] = m.lora_A.weight
+            b[i, :, :r] = scaled_b
+        built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cs))
+
+
+def _build_ia3(layer: AdaptedLayer, kinds: dict[str, str], kind: str) -> VectorStack | None:
+    modules = {n: layer.adapters[n] for n, k in kinds.items() if k == kind}
+    if not modules or not _one_dtype(modules, kinds):
+        return None
+    vecs = [m.ia3_l.flatten() for m in modules.values()]
+    vecs.append(torch.ones_like(vecs[0]))
+    return VectorStack({n: i for i, n in enumerate(modules)}, [torch.stack(vecs)])
+
+
+def _build_vera(layer: AdaptedLayer, built: LayerKernels) -> None:
+    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k == "vera"}
+    if not modules or not _one_dtype(modules, built.kinds):
+        return
+    groups: list[tuple[tuple[Tensor, Tensor], list[str]]] = []
+    for n, m in modules.items():
+        a, b = m.sliced()
+        for (ga, gb), names in groups:
+            if (
+                ga.shape == a.shape
+                and gb.shape == b.shape
+                and torch.equal(ga, a)
+                and torch.equal(gb, b)
+            ):
+                names.append(n)
+                break
+        else:
+            groups.append(((a, b), [n]))
+    for (a, b), names in groups:
+        ld = [modules[n].vera_lambda_d for n in names]
+        lb = [modules[n].vera_lambda_b for n in names]
+        ld.append(torch.zeros_like(ld[0]))
+        lb.append(torch.zeros_like(lb[0]))
+        dtype = ld[0].dtype
+        slots = {n: i for i, n in enumerate(names)}
+        proj = (a.to(dtype).clone(), b.to(dtype).clone())
+        built.vera.append(VectorStack(slots, [torch.stack(ld), torch.stack(lb)], proj))
+
+
+# -- applying the kernels ----------------------------------------------------------------------
+
+
+@dataclass
+class RowSlots:
+    """For one stack: each row's slot (the neutral slot for rows it does not cover), and the
+    covered rows when they are under half the batch (then only those rows are computed)."""
+
+    slots: Tensor  # (rows,) or (k,) when ``rows`` is set
+    rows: Tensor | None  # the covered rows, ascending; None: all rows
+
+
+def row_slots(
+    stack_slots: dict[str, int], row_names: list[str | None], device: torch.device
+) -> RowSlots | None:
+    """Each row's slot in a stack from the row's kernel adapter name (None: none); None when
+    the stack covers no row."""
+    neutral = len(stack_slots)
+    slots = [stack_slots.get(n, neutral) if n is not None else neutral for n in row_names]
+    covered = [i for i, s in enumerate(slots) if s != neutral]
+    if not covered:
+        return None
+    if 2 * len(covered) >= len(slots):
+        return RowSlots(torch.tensor(slots, dtype=torch.long, device=device), None)
+    return RowSlots(
+        torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
+        torch.tensor(covered, dtype=torch.long, device=device),
+    )
+
+
+def _rows3(t: Tensor) -> Tensor:
+    """(rows, positions, features) view of a contiguous (rows, ..., features) tensor."""
+    return t.view(t.shape[0], -1, t.shape[-1])
+
+
+def scale_input(x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
+    """IA3 input scaling: x ⊙ l_a(r) per row, rounded back to x's dtype (the base's input)."""
+    vec = stack.vectors[0]
+    x = x.contiguous()
+    if rs.rows is None:
+        scale = vec.index_select(0, rs.slots)[:, None, :]
+        return (_rows3(x.to(vec.dtype)) * scale).view(x.shape).to(x.dtype)
+    out = x.clone()
+    sub = x.index_select(0, rs.rows).to(vec.dtype)
+    sub = _rows3(sub) * vec.index_select(0, rs.slots)[:, None, :]
+    out.index_copy_(0, rs.rows, sub.view((-1, *x.shape[1:])).to(x.dtype))
+    return out
+
+
+# The functions below update ``out`` in place: a contiguous tensor owned by the caller, in the
+# promoted dtype of the base result and the adapters. Each row has at most one kernel adapter,
+# so a kernel run on every row leaves the rows of the others exactly as they were (× 1, + 0):
+# the base result's rows that other adapters read are unchanged.
+
+
+def scale_output_(out: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """IA3 output scaling: out ← l_a(r) ⊙ out per row."""
+    vec = stack.vectors[0].to(out.dtype)
+    if rs.rows is None:
+        _rows3(out).mul_(vec.index_select(0, rs.slots)[:, None, :])
+        return
+    sub = _rows3(out.index_select(0, rs.rows)) * vec.index_select(0, rs.slots)[:, None, :]
+    out.index_copy_(0, rs.rows, sub.view((-1, *out.shape[1:])))
+
+
+def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: LoraStack,
+              rs: RowSlots) -> None:  # fmt: skip
+    """out ← out + (c − 1)(base − b) + B A x per row (module docstring). ``base``: the base
+    layer's output (DoRA's rescaled part)."""
+    dtype = stack.a.dtype
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+    # (A x)ᵀ = A xᵀ per row, then y += (A x)ᵀᵀ Bᵀ: the factors in their own layout (the
+    # fastest order of the small per-row products measured on CPU)
+    x3 = _rows3(x.contiguous().to(dtype))
+    h = torch.bmm(stack.a.index_select(0, rs.slots), x3.transpose(1, 2)).transpose(1, 2)
+    b = stack.b.index_select(0, rs.slots).transpose(1, 2)
+    if rs.rows is None and out.dtype == dtype:
+        out3 = _rows3(out)
+        if stack.c is not None:  # out's rows are the base's here: c ⊙ base + (1 − c) ⊙ b
+            c = stack.c.index_select(0, rs.slots)
+            out3.mul_(c[:, None, :])
+            if bias is not None:
+                out3.add_(((1 - c) * bias.to(dtype))[:, None, :])
+        out3.baddbmm_(h, b)
+        return
+    upd = torch.bmm(h, b)
+    if stack.c is not None:
+        base = base if rs.rows is None else base.index_select(0, rs.rows)
+        base3 = _rows3(base.contiguous()).to(dtype)
+        if bias is not None:
+            base3 = base3 - bias.to(dtype)
+        upd.addcmul_(stack.c.index_select(0, rs.slots)[:, None, :] - 1, base3)
+    _add_rows_(out, upd, rs)
+
+
+def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """out ← out + λ_b ⊙ B'(λ_d ⊙ A' x) per row, the projections shared by the group."""
+    assert stack.projections is not None
+    a, b = stack.projections
+    ld, lb = stack.vectors
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+    h = _rows3(x.contiguous().to(ld.dtype)) @ a.T
+    h.mul_(ld.index_select(0, rs.slots)[:, None, :])
+    upd = (h @ b.T).mul_(lb.index_select(0, rs.slots)[:, None, :])
+    _add_rows_(out, upd, rs)
+
+
+def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:
+    if rs.rows is None:
+        _rows3(out).add_(upd3)
+    else:
+        out.index_add_(0, rs.rows, upd3.view((-1, *out.shape[1:])).to(out.dtype))

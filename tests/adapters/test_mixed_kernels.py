@@ -1,0 +1,163 @@
+"""The batched mixed-batch kernels (`splice.adapters.mixed_kernels`): many LoRA / DoRA / IA3 /
+VeRA adapters of mixed ranks and scalings in one batch, each row equal to the row run alone;
+the kernels really run (no per-segment forward); the cache follows in-place changes of the
+adapters and of the base weight; the single-adapter fast path."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_mixed_batch import check_rows, model_with
+from tiny import inputs
+
+from splice.adapters import mixed_kernels
+from splice.adapters.layer import AdaptedLayer
+from splice.adapters.mixed_kernels import rank_bucket
+
+ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+FF = {"llama": ["down_proj"], "gpt2": ["c_fc"]}
+
+
+def many_adapters(kind: str, count: int, seed: int) -> dict[str, tuple[str, dict]]:
+    """``count`` adapters of random kernel types, ranks (2..20: several rank buckets),
+    alphas, rsLoRA on or off, rank patterns."""
+    rng = random.Random(seed)
+    attn, ff = ATTN[kind], FF[kind]
+    out = {}
+    for i in range(count):
+        kind_of = rng.choice(["lora", "lora", "lora", "dora", "ia3", "vera"])
+        r = rng.randint(2, 20)
+        if kind_of in ("lora", "dora"):
+            params = {
+                "r": r,
+                "lora_alpha": rng.choice([1, 8, 16, 32]),
+                "use_rslora": rng.random() < 0.5,
+                "use_dora": kind_of == "dora",
+                "target_modules": attn + ff,
+            }
+            if rng.random() < 0.3:
+                params["rank_pattern"] = {attn[0]: rng.randint(1, 12)}
+            out[f"{kind_of}{i}"] = ("lora", params)
+        elif kind_of == "ia3":
+            out[f"ia3{i}"] = ("ia3", {"target_modules": attn + ff, "feedforward_modules": ff})
+        else:  # one projection key: the VeRA adapters share A', B' (one group)
+            out[f"vera{i}"] = ("vera", {"r": 4, "target_modules": attn})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_random_assignments_of_many_adapters(kind: str, monkeypatch) -> None:
+    """Property: random rows ← adapters (12 of mixed types and ranks, or the base); every
+    row equals the row alone; no row goes through the per-segment path."""
+    setups = many_adapters(kind, 12, seed=7)
+    am = model_with(kind, setups)
+    names = list(setups)
+
+    def no_segment_path(*_a, **_k):
+        raise AssertionError("a kernel adapter ran per segment")
+
+    rng = random.Random(3)
+    for trial in range(4):
+        rows = rng.randint(2, 9)
+        row_names = [rng.choice([*names, "__base__"]) for _ in range(rows)]
+        if len(set(row_names)) == 1:
+            row_names.append("__base__")
+        with monkeypatch.context() as m:
+            m.setattr(AdaptedLayer, "forward_alone", no_segment_path)
+            batch = inputs(seed=trial, batch=len(row_names))
+            with torch.no_grad():
+                am(**batch, adapter_names=row_names)
+        check_rows(am, row_names, seed=trial)
+
+
+def test_ranks_bucketed_and_stacks_hold_factor_bytes() -> None:
+    setups = {
+        "r2": ("lora", {"r": 2, "target_modules": ["q_proj"]}),
+        "r8": ("lora", {"r": 8, "target_modules": ["q_proj"]}),
+        "r9": ("lora", {"r": 9, "target_modules": ["q_proj"]}),
+    }
+    am = model_with("llama", setups)
+    check_rows(am, ["r2", "r9", "r8", "__base__"])
+    layer = next(layer for _, layer in am.adapted_layers())
+    stacks = mixed_kernels.layer_kernels(layer).lora
+    assert [tuple(s.slots) for s in stacks] == [("r2", "r8"), ("r9",)]
+    assert [s.a.shape[1] for s in stacks] == [8, 16]
+    assert (rank_bucket(1), rank_bucket(8), rank_bucket(9), rank_bucket(64)) == (8, 8, 16, 64)
+    # the factors of r2 sit in the first 2 ranks, the rest is zero padding; slot 2 is zero
+    a2 = layer.adapters["r2"].lora_A.weight
+    assert torch.equal(stacks[0].a[0, :2], a2)
+    assert stacks[0].a[0, 2:].abs().max() == 0 and stacks[0].a[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("what", ["lora_B", "magnitude", "base_weight", "ia3", "vera"])
+def test_cache_follows_in_place_changes(what: str) -> None:
+    """Changing an adapter (or the base weight) in place after a mixed forward: the next
+    mixed forward uses the new values (rows equal alone again)."""
+    setups = {
+        "lora": ("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]}),
+        "dora": ("lora", {"r": 4, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
+        "ia3": ("ia3", {"target_modules": ["q_proj", "v_proj"], "feedforward_modules": []}),
+        "vera": ("vera", {"r": 4, "target_modules": ["q_proj", "v_proj"]}),
+    }
+    am = model_with("llama", setups)
+    names = ["dora", "lora", "ia3", "vera", "__base__"]
+    before = check_rows(am, names)[0]
+    layer = next(layer for path, layer in am.adapted_layers() if path.endswith("v_proj"))
+    with torch.no_grad():
+        if what == "lora_B":
+            layer.adapters["lora"].lora_B.weight.mul_(3)
+        elif what == "magnitude":
+            layer.adapters["dora"].lora_magnitude_vector.mul_(1.5)
+        elif what == "base_weight":
+            layer.base_layer.weight.add_(0.3)
+        elif what == "ia3":
+            layer.adapters["ia3"].ia3_l.mul_(2)
+        else:
+            layer.adapters["vera"].vera_lambda_b.mul_(3)
+    after = check_rows(am, names)[0]
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_single_adapter_fast_path_runs_the_plain_forward(monkeypatch) -> None:
+    """All rows one (LoRA) adapter: no stacks are built, no rows gathered. All rows one DoRA
+    adapter: the kernel with its cached scale (equal to the plain forward)."""
+    setups = {
+        "a": ("lora", {"r": 4, "target_modules": ["q_proj"]}),
+        "d": ("lora", {"r": 4, "use_dora": True, "target_modules": ["q_proj"]}),
+    }
+    am = model_with("llama", setups)
+    mixed_kernels.clear_cache()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "index_select", lambda *a, **k: pytest.fail("rows gathered"))
+        with torch.no_grad():
+            out = am(**inputs(batch=3), adapter_names=["a"] * 3).logits
+    assert not any(layer in mixed_kernels._CACHE for _, layer in am.adapted_layers())
+    with torch.no_grad():
+        dora = am(**inputs(batch=3), adapter_names=["d"] * 3).logits
+    assert all(layer in mixed_kernels._CACHE for _, layer in am.adapted_layers())
+    for name, got in (("a", out), ("d", dora)):
+        am.set_active(name)
+        with torch.no_grad():
+            want = am(**inputs(batch=3)).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (out - dora).abs().max() > 1e-3
+
+
+def test_gradients_flow_through_a_mixed_batch() -> None:
+    """With gradients on (the newest adapter is trainable), the per-segment path runs: the
+    gradient of a row's output equals the gradient of that row run alone."""
+    lora = ("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    am = model_with("llama", {"a": lora, "b": lora})
+    batch = inputs(batch=3)
+    am(**batch, adapter_names=["b", "__base__", "a"]).logits[0].sum().backward()
+    params = am.adapter_parameters("b")
+    mixed = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    am.set_active("b")
+    am(**{k: v[:1] for k, v in batch.items()}).logits[0].sum().backward()
+    assert max(g.abs().max() for g in mixed) > 1e-3
+    for got, p in zip(mixed, params, strict=True):
+        torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=0)
