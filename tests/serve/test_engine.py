@@ -22,6 +22,7 @@ from engine_setup import (
     tokens,
 )
 
+from splice.adapters import make_config
 from splice.serve.engine import BatchingEngine
 from splice.serve.requests import EngineError
 from tiny_hf import tiny_tokenizer
@@ -422,3 +423,17 @@ def test_a_request_whose_event_loop_closed_is_aborted() -> None:
     assert handle.cancelled and engine.stats.running == 1
     engine.step()
     assert engine.stats.running == 0 and engine.stats.requests_finished == 1
+
+
+def test_prompt_tuning_adapters_are_refused_not_served_without_their_tokens() -> None:
+    """A model-level adapter (prompt / prefix tuning) rewrites the model's inputs; the engine's
+    decode steps do not apply it, so serving it would silently answer as the base model."""
+    am = model_with_adapters()
+    am.add_adapter("pt", make_config("prompt_tuning", {"num_virtual_tokens": 3}))
+    engine = BatchingEngine(am, tiny_tokenizer())
+    with pytest.raises(EngineError, match=r"adapter 'pt' .*prompt and prefix tuning") as e:
+        engine.submit(request("a", prompt(3, 0), "pt"))
+    assert e.value.reason == "invalid"
+    assert (
+        engine._adapter_problem("pt") == "adapter 'pt' (prompt / prefix tuning) is not served yet"
+    )

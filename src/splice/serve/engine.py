@@ -281,6 +281,13 @@ class BatchingEngine:
             except AdapterStateError as e:
                 message = str(e).removeprefix("adapter_names row 0: ")
                 raise EngineError(f"request {request_id!r}: {message}", "unknown_adapter") from None
+            if adapter in self.am.model_adapters:
+                raise EngineError(
+                    f"request {request_id!r}: adapter {adapter!r} "
+                    f"({self.am.configs[adapter].method}) rewrites the model's inputs: prompt and "
+                    "prefix tuning are not served yet",
+                    "invalid",
+                )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -364,6 +371,8 @@ class BatchingEngine:
             plan_rows(self.am, [name], 1)
         except AdapterStateError as e:
             return str(e).removeprefix("adapter_names row 0: ")
+        if name in self.am.model_adapters:
+            return f"adapter {name!r} (prompt / prefix tuning) is not served yet"
         self._usable.add(name)
         return None
 
@@ -401,16 +410,8 @@ class BatchingEngine:
             else:
                 self._finish(group[0], None, "", "error", _message(e))
             return
-        keep = []
-        for row, (seq, token) in enumerate(zip(group, tokens, strict=True)):
-            try:
-                finished = self._emit(seq, token)
-            except Exception as e:
-                self._finish(seq, None, "", "error", _message(e))
-                finished = True
-            if not finished:
-                keep.append(row)
-                self._running.append(seq)
+        keep = self._emit_rows(group, tokens)
+        self._running.extend(group[row] for row in keep)
         batch.keep(keep)
         self._batch.join(batch)
 
@@ -476,8 +477,13 @@ class BatchingEngine:
             return
         with self._lock:
             self._steps += 1
+        self._keep(self._emit_rows(running, tokens))
+
+    def _emit_rows(self, seqs: list[RunningRequest], tokens: list[int]) -> list[int]:
+        """Emit each row's new token; the rows (indices) that go on. A row whose emit fails
+        ends with "error" alone."""
         keep = []
-        for row, (seq, token) in enumerate(zip(running, tokens, strict=True)):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             try:
                 finished = self._emit(seq, token)
             except Exception as e:
@@ -485,7 +491,7 @@ class BatchingEngine:
                 finished = True
             if not finished:
                 keep.append(row)
-        self._keep(keep)
+        return keep
 
     def _emit(self, seq: RunningRequest, token: int) -> bool:
         """Send ``token``'s event; True when it finished the request."""
