@@ -220,7 +220,7 @@ def main() -> None:
             results.append(row)
         del am, pm
         gc.collect()
-    memory = memory_of_loras(base, a.memory_adapters)
+    memory = memory_of_loras(base, a.memory_adapters) if a.memory_adapters > 0 else None
     head = ["type", "adapters", "base ms", "splice ms", "splice/base", "PEFT ms", "PEFT/base",
             "splice/PEFT"]  # fmt: skip
     print(f"\n{a.rows} rows x {a.tokens} tokens, median of {a.reps}; load {info['load_avg_1m']}")
@@ -231,11 +231,12 @@ def main() -> None:
         cells = [r["type"], str(r["adapters"]), f"{b * 1e3:.0f}", f"{s * 1e3:.0f}", f"{s / b:.2f}×"]
         cells += [f"{p * 1e3:.0f}", f"{p / b:.2f}×", f"{s / p:.2f}×"] if p else ["—"] * 3
         print("| " + " | ".join(cells) + " |")
-    print(
-        f"\n{memory['adapters']} LoRA r8 (q, v, o) adapters: {memory['factor_mb']:.1f} MB of "
-        f"factors (dense dW would be {memory['dense_dw_mb']:.0f} MB); resident growth "
-        f"{memory['rss_growth_mb']:.1f} MB"
-    )
+    if memory:
+        print(
+            f"\n{memory['adapters']} LoRA r8 (q, v, o) adapters: {memory['factor_mb']:.1f} MB "
+            f"of factors (dense dW would be {memory['dense_dw_mb']:.0f} MB); resident growth "
+            f"{memory['rss_growth_mb']:.1f} MB"
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     report = {"args": vars(a), "machine": info, "lora_parity": parity, "results": results,
               "memory": memory}  # fmt: skip
