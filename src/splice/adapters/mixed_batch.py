@@ -218,12 +218,15 @@ def plan_rows(am: AdapterModel, adapter_names: Any, batch_size: int | None) -> M
             f"adapter_names has {len(adapter_names)} entries for a batch of {batch_size} rows"
         )
     groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
+    first_row: dict[str, int] = {}  # each name's first row (for the folded check below)
     for row, entry in enumerate(adapter_names):
         weights = _row_set(entry, row)
         for name, _ in weights:
             _check_usable(am, name, row, alone=weights == ((name, 1.0),))
+            first_row.setdefault(name, row)
         if weights:
             groups.setdefault(weights, []).append(row)
+    _check_not_folded(am, first_row)
     return MixedBatchPlan(len(adapter_names), [Segment(w, r) for w, r in groups.items()])
 
 
@@ -239,11 +242,17 @@ def _check_usable(am: AdapterModel, name: str, row: int, *, alone: bool) -> None
             f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
             "model-level adapter: it can only stand alone in a row, not in a weighted set"
         )
+
+
+def _check_not_folded(am: AdapterModel, first_row: dict[str, int]) -> None:
+    """One walk over the adapted layers for all the batch's names (not one per name)."""
     for path, layer in am.adapted_layers():
-        if name in layer.folded:
+        folded = [n for n in layer.folded if n in first_row]
+        if folded:
+            name = min(folded, key=first_row.__getitem__)
             raise AdapterStateError(
-                f"adapter_names row {row}: adapter {name!r} is folded into '{path}'; "
-                "unfold it for a mixed batch"
+                f"adapter_names row {first_row[name]}: adapter {name!r} is folded into "
+                f"'{path}'; unfold it for a mixed batch"
             )
 
 

@@ -150,9 +150,24 @@ class AdapterModel(nn.Module):
     # -- layers -----------------------------------------------------------------------------
 
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
-        for name, module in self.model.named_modules():
+        """(path, layer) of every adapted layer, in ``named_modules`` order. The walk does not
+        descend into the adapters' own modules (their factors, vectors, ...; a `FullCopy` is
+        still walked, as it copies base modules): with many adapters loaded those are most of
+        the module tree, and this runs at every mixed-batch forward."""
+        seen: set[int] = set()
+        stack: list[tuple[str, nn.Module]] = [("", self.model)]
+        while stack:
+            path, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             if isinstance(module, AdaptedLayer):
-                yield name, module
+                yield path, module
+            elif isinstance(module, AdapterModule) and not isinstance(module, FullCopy):
+                continue
+            children = [(n, c) for n, c in module._modules.items() if c is not None]
+            for name, child in reversed(children):
+                stack.append((f"{path}.{name}" if path else name, child))
 
     def _running_model_adapters(self) -> list[str]:
         if getattr(self, "_disabled", False):
