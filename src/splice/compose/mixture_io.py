@@ -25,7 +25,12 @@ from safetensors.torch import save
 
 from splice.adapters import AdapterModel, load_adapter
 from splice.compose.mixture import SEQUENCE_GATE, Mixture, gate_key
-from splice.compose.mixture_config import MixtureConfig, MixtureError, parse_mixture_config
+from splice.compose.mixture_config import (
+    MixtureConfig,
+    MixtureError,
+    MixtureOptions,
+    parse_mixture_config,
+)
 from splice.config_errors import parse_config
 from splice.io.output_folder import OutputFolder, write_bytes
 from splice.io.safe_paths import allowed_root, member
@@ -131,19 +136,17 @@ def load_experts(
         load_adapter(am, p, name, activate=False)
 
 
+def _options(config: MixtureOptions) -> dict[str, Any]:
+    """The routing options of a config (or a saved mixture) as `Mixture` keywords."""
+    return config.model_dump(include=set(MixtureOptions.model_fields))
+
+
 def build_mixture(
     am: AdapterModel, config: MixtureConfig, *, base_dir: Path | None = None
 ) -> Mixture:
     """Load the experts ``config`` names (`load_experts`) and build a fresh gate over them."""
     load_experts(am, config.experts, base_dir)
-    return Mixture(
-        am,
-        list(config.experts),
-        gate=config.gate,
-        top_k=config.top_k,
-        renormalize=config.renormalize,
-        balance_coef=config.balance_coef,
-    )
+    return Mixture(am, list(config.experts), **_options(config))
 
 
 def load_mixture(am: AdapterModel, folder: str | os.PathLike[str]) -> Mixture:
@@ -158,15 +161,7 @@ def load_mixture(am: AdapterModel, folder: str | os.PathLike[str]) -> Mixture:
     raw = load_json_object(config_path, MixtureError)
     saved = parse_config(SavedMixture, raw, str(config_path), MixtureError, list_valid=True)
     load_experts(am, saved.experts, d)
-    mixture = Mixture(
-        am,
-        list(saved.experts),
-        gate=saved.gate,
-        top_k=saved.top_k,
-        renormalize=saved.renormalize,
-        balance_coef=saved.balance_coef,
-        hidden_size=saved.hidden_size,
-    )
+    mixture = Mixture(am, list(saved.experts), **_options(saved), hidden_size=saved.hidden_size)
     if mixture.layer_paths != saved.layers:
         raise MixtureError(
             f"{folder}: the experts adapt {len(mixture.layer_paths)} layers here, the saved "
