@@ -91,3 +91,17 @@ def parse_config(
         else:
             msg = (messages or {}).get(path, err["msg"])
         raise error(f"{where}: '{path}': {msg}") from None
+
+
+def named_paths(items: Iterable[str], flag: str, error: type[SpliceError]) -> dict[str, str]:
+    """Repeated ``FLAG NAME=PATH`` values as {name: path} (the first ``=`` splits, so a path may
+    hold one); a missing part or a repeated name is a one-line ``error``."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise error(f"{flag} {item!r}: expected NAME=PATH")
+        if name in out:
+            raise error(f"{flag} {name!r} given twice")
+        out[name] = path
+    return out

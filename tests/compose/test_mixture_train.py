@@ -184,6 +184,8 @@ def test_cli_train_mixture_writes_a_loadable_folder(experts, tmp_path, capsys):
         (["--expert", "up=X"], "at least two experts, got 1"),
         (["--expert", "up=X", "--expert", "skip=Y"], "expert 'up': X is not an adapter folder"),
         (["--expert", "up"], "--expert 'up': expected NAME=PATH"),
+        (["--expert", "a=U", "--expert", "a=S"], "--expert 'a' given twice"),
+        (["--expert", "a.b=U", "--expert", "c=S"], "--expert 'a.b': a name without '.'"),
         (["--expert", "a=U", "--expert", "b=S", "--param", "top_k=3"], "top_k=3 but"),
         (["--expert", "a=U", "--expert", "b=S", "--param", "gate=layer"], "'gate'"),
         (["--expert", "a=U", "--expert", "b=S", "--param", "topk=1"], "did you mean 'top_k'"),

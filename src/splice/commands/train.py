@@ -29,6 +29,7 @@ FLAG_KEYS = {
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags as dotted config keys. A ``--param KEY=VALUE`` value is YAML; a value that does
     not parse is an error naming the parameter."""
+    from splice.config_errors import named_paths
     from splice.io.textfile import parse_yaml
     from splice.train import TrainConfigError
 
@@ -39,10 +40,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = value
     if args.steps is not None and args.epochs is None:
         out["epochs"] = None
-    for item in args.expert or []:  # frozen adapters of --method mixture / fusion
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path or "." in name:
-            raise TrainConfigError(f"--expert {item!r}: expected NAME=PATH (an adapter folder)")
+    # frozen adapters of --method mixture / fusion
+    for name, path in named_paths(args.expert or [], "--expert", TrainConfigError).items():
+        if "." in name:  # the name becomes a dotted config key
+            raise TrainConfigError(f"--expert {name!r}: a name without '.'")
         out[f"adapter.experts.{name}"] = path
     for item in args.param or []:
         if "=" not in item:

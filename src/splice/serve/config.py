@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from splice.config_errors import StrictConfig, parse_config
+from splice.config_errors import StrictConfig, named_paths, parse_config
 from splice.errors import SpliceError
 from splice.io.sizes import parse_size
 from splice.io.textfile import load_yaml
@@ -90,15 +90,7 @@ class ServeConfig(StrictConfig):
 
 def parse_adapter_flags(items: list[str]) -> dict[str, str]:
     """``--adapter NAME=PATH`` values as a mapping (a repeated name is an error)."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ServeConfigError(f"--adapter {item!r}: expected NAME=PATH")
-        if name in out:
-            raise ServeConfigError(f"--adapter {name!r} given twice")
-        out[name] = path
-    return out
+    return named_paths(items, "--adapter", ServeConfigError)
 
 
 def load_serve_config(path: str | None, flags: dict[str, Any]) -> ServeConfig:
