@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 import splice
+from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
 from splice.io.finite import check_input
 from splice.io.open import TOKENIZER_FILES, model_dir_of, model_side_files, open_path
@@ -42,6 +43,8 @@ RECORD_NAME = "splice_alignment.json"
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Every tensor of a checkpoint (file or folder), in the reader's order."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
     reader = open_path(Path(path))
     try:
         return {name: reader.read(name) for name in reader.names()}
@@ -51,12 +54,14 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
 
 def head_counts(path: str | os.PathLike[str]) -> tuple[int | None, int | None]:
     """(num_attention_heads, num_key_value_heads) from the model folder's config.json, or
-    (None, None) without one (then attention heads are not permuted)."""
+    (None, None) without one or without those keys (then attention heads are not permuted)."""
     folder = model_dir_of(path)
     config_path = member(folder, "config.json") if folder is not None else None
     if config_path is None:
         return None, None
     config = load_json_object(config_path, AlignmentError)
+    if "num_attention_heads" not in config:
+        return None, None
     heads = config.get("num_attention_heads")
     kv = config.get("num_key_value_heads", heads)
     for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv)):
