@@ -51,16 +51,18 @@ def test_align_recovers_a_permuted_mlp(tmp_path, capsys):
     assert record["objective_after"] > record["objective_before"]
 
 
-def test_align_llama_folder_keeps_the_function(tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["llama", "llama-residual"])
+def test_align_llama_folder_keeps_the_function(tmp_path, spec):
     from transformers import LlamaForCausalLM
 
     ref = save_tiny_llama_folder(tmp_path / "a", seed=0)
     model = save_tiny_llama_folder(tmp_path / "b", seed=1)
     out = tmp_path / "out"
     argv = ["align", "--reference", str(ref), "--model", str(model), "--out", str(out)]
-    assert main([*argv, "--spec", "llama"]) == 0
+    assert main([*argv, "--spec", spec]) == 0
     record = json.loads((out / "splice_alignment.json").read_text())
-    assert record["units"] == {"mlp_0": 64, "heads_0": 2, "mlp_1": 64, "heads_1": 2}
+    units = {"mlp_0": 64, "heads_0": 2, "mlp_1": 64, "heads_1": 2}
+    assert record["units"] == (units if spec == "llama" else {**units, "residual": 32})
     assert (out / "tokenizer.json").is_file()
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
@@ -78,7 +80,7 @@ def test_align_llama_folder_keeps_the_function(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("unknown spec", "unknown spec 'resnet' (known: mlp, llama)"),
+        ("unknown spec", "unknown spec 'resnet' (known: mlp, llama, llama-residual)"),
         ("shape mismatch", "tensor 'net.0.bias' has shape [6] in the reference and [7] in the"),
         ("llama spec on an mlp", "no '*.layers.N.mlp.down_proj.weight' tensor"),
         ("mlp spec on a llama", "is not a linear layer's 2-D weight"),

@@ -85,25 +85,28 @@ def test_aligned_mlp_computes_the_same_function():
     torch.testing.assert_close(mlp_forward(out, x), mlp_forward(b, x), atol=1e-6, rtol=0)
 
 
-def llama_heads_spec(model):
+def llama_heads_spec(model, residual=False):
     state = model.state_dict()
-    config = model.config
-    return state, llama_spec(shapes(state), config.num_attention_heads, config.num_key_value_heads)
+    heads = (model.config.num_attention_heads, model.config.num_key_value_heads)
+    return state, llama_spec(shapes(state), *heads, residual=residual)
 
 
 def gqa_llama(seed):
     return tiny_llama(seed, num_attention_heads=8, num_key_value_heads=4)  # head_dim 4
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["units", "units+residual"])
 @pytest.mark.parametrize("build", [gqa_llama, tiny_qwen2], ids=["llama-gqa", "qwen2-bias"])
-def test_aligned_decoder_computes_the_same_logits(build):
+def test_aligned_decoder_computes_the_same_logits(build, residual):
     ref, other = build(0).eval(), build(1).eval()
-    a, spec = llama_heads_spec(ref)
+    a, spec = llama_heads_spec(ref, residual)
     b = other.state_dict()
-    assert set(spec.perms) == {"mlp_0", "heads_0", "mlp_1", "heads_1"}
+    units = {"mlp_0", "heads_0", "mlp_1", "heads_1"}
+    assert set(spec.perms) == (units | {"residual"} if residual else units)
     result = weight_matching(spec, a, b)
     moved = {p for p, v in result.perms.items() if (v != torch.arange(len(v))).any()}
     assert {"mlp_0", "mlp_1"} <= moved and moved & {"heads_0", "heads_1"}
+    assert ("residual" in moved) == residual
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
         before = other(ids).logits
@@ -113,14 +116,19 @@ def test_aligned_decoder_computes_the_same_logits(build):
 
 
 def test_llama_permuted_by_known_heads_and_units_is_recovered():
-    a, spec = llama_heads_spec(tiny_llama(0))
+    a, spec = llama_heads_spec(tiny_llama(0), residual=True)
     counts = spec.unit_counts(shapes(a))
-    assert counts == {"mlp_0": 64, "heads_0": 2, "mlp_1": 64, "heads_1": 2}
+    assert counts == {"mlp_0": 64, "heads_0": 2, "mlp_1": 64, "heads_1": 2, "residual": 32}
+    residual = {(r.tensor, r.axis) for r in spec.perms["residual"]}
+    # embedding, final norm, lm_head; per layer 2 norms, q/k/v/gate/up inputs, o/down outputs
+    assert len(residual) == 3 + 2 * 9 and ("model.norm.weight", 0) in residual
+    assert ("model.layers.1.post_attention_layernorm.weight", 0) in residual
     hidden = {p: torch.arange(n).flip(0) for p, n in counts.items()}
     b = apply_permutation(spec, hidden, a)
-    # kv head 0 of layer 0 moved to position 1: k rows 0..7 are b's rows 8..15
+    # kv head 0 of layer 0 moved to position 1: k rows 0..7 are b's rows 8..15, q rows 0..15
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
-    assert torch.equal(b[k][8:], a[k][:8]) and torch.equal(b[q][16:], a[q][:16])
+    # (columns: the residual stream, reversed too)
+    assert torch.equal(b[k][8:], a[k][:8].flip(1)) and torch.equal(b[q][16:], a[q][:16].flip(1))
     out = align(a, b, spec)
     for name in a:
         assert torch.equal(out[name], a[name]), name

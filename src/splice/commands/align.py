@@ -1,6 +1,6 @@
-"""`splice align --reference DIR --model DIR --out DIR [--spec mlp|llama]`: permute a model's
-hidden units to match a reference by weight matching (Git Re-Basin), e.g. before averaging
-two models trained from different starts. See docs/alignment.md."""
+"""`splice align --reference DIR --model DIR --out DIR [--spec SPEC]`: permute a model's hidden
+units to match a reference by weight matching (Git Re-Basin), e.g. before averaging two models
+trained from different starts. SPEC: mlp, llama or llama-residual. See docs/alignment.md."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--spec",
         default="mlp",
-        help="which units to permute: mlp (a chain of linear layers) or llama (decoder blocks: "
-        "MLP intermediate units and attention heads); default mlp",
+        help="which units to permute: mlp (a chain of linear layers), llama (decoder blocks: "
+        "MLP intermediate units and attention heads) or llama-residual (also the residual "
+        "stream); default mlp",
     )
     p.add_argument("--max-iter", type=int, default=100, help="coordinate-descent sweeps (100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep order (0)")

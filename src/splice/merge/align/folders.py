@@ -37,7 +37,7 @@ from splice.merge.align.spec import (
 )
 from splice.merge.align.weight_matching import MatchResult, check_pair, weight_matching
 
-SPECS = ("mlp", "llama")
+SPECS = ("mlp", "llama", "llama-residual")
 RECORD_NAME = "splice_alignment.json"
 
 
@@ -77,8 +77,8 @@ def build_spec(
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if name == "mlp":
         return mlp_spec(shapes)
-    if name == "llama":
-        return llama_spec(shapes, *head_counts(model))
+    if name in ("llama", "llama-residual"):
+        return llama_spec(shapes, *head_counts(model), residual=name == "llama-residual")
     raise AlignmentError(f"unknown spec '{name}' (known: {', '.join(SPECS)})")
 
 

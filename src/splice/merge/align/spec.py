@@ -26,8 +26,10 @@ Specs provided:
   that share each kv head: rows of q and columns of o in blocks of group·head_dim). Whole
   heads commute with RoPE (every head rotates the same dimensions by the same angles), so
   head permutations keep the function exactly. Not permuted: the residual stream (embedding,
-  norms, lm_head, the inputs of q/k/v/gate/up, the outputs of o/down), the dimensions inside
-  a head (RoPE pairs them), the order of query heads inside one kv group.
+  norms, lm_head, the inputs of q/k/v/gate/up, the outputs of o/down) unless
+  ``residual=True`` (`residual_refs`: one permutation of the hidden dimensions shared by all
+  layers, exact for RMSNorm models), the dimensions inside a head (RoPE pairs them), the
+  order of query heads inside one kv group.
 """
 
 from __future__ import annotations
@@ -190,11 +192,16 @@ _LAYER = re.compile(r"^(.*\.layers\.(\d+))\.mlp\.down_proj\.weight$")
 
 
 def llama_spec(
-    shapes: Mapping[str, tuple[int, ...]], num_heads: int | None, num_kv_heads: int | None
+    shapes: Mapping[str, tuple[int, ...]],
+    num_heads: int | None,
+    num_kv_heads: int | None,
+    *,
+    residual: bool = False,
 ) -> PermutationSpec:
     """Per decoder layer i: ``mlp_i`` (intermediate units) and, when the head counts are
     given, ``heads_i`` (kv heads with their query groups). Biases of the permuted rows
-    (q/k/v/gate/up, as Qwen2 has) move with them."""
+    (q/k/v/gate/up, as Qwen2 has) move with them. With ``residual``, also one permutation
+    ``residual`` of the hidden dimensions shared by every layer (`residual_refs`)."""
     layers = sorted((m.group(1) for name in shapes if (m := _LAYER.match(name))), key=natural_key)
     if not layers:
         raise AlignmentError("llama spec: no '*.layers.N.mlp.down_proj.weight' tensor")
@@ -241,4 +248,40 @@ def llama_spec(
             ]
         refs.append(AxisRef(f"{attn}.o_proj.weight", 1, group))
         perms[f"heads_{i}"] = tuple(refs)
+    if residual:
+        perms["residual"] = residual_refs(shapes, layers)
     return PermutationSpec(perms)
+
+
+def residual_refs(shapes: Mapping[str, tuple[int, ...]], layers: list[str]) -> tuple[AxisRef, ...]:
+    """The axes of the residual stream: columns of the token embedding and of lm_head, every
+    RMSNorm weight on it (``*layernorm.weight`` of each layer and the final ``norm.weight``;
+    RMSNorm is permutation-equivariant: RMS(Px) = RMS(x), (w ⊙ Px) = P(P⁻¹w ⊙ x)), the input
+    columns of q/k/v/gate/up, the output rows (and biases) of o_proj and down_proj. A tensor
+    named here but absent (a tied lm_head) is skipped. Every other tensor must not touch the
+    residual stream: LayerNorm biases or learned position embeddings are not handled."""
+    root = layers[0].rsplit(".layers.", 1)[0]
+    refs = [AxisRef(f"{root}.embed_tokens.weight", 1)]
+    if f"{root}.norm.weight" in shapes:
+        refs.append(AxisRef(f"{root}.norm.weight", 0))
+    if "lm_head.weight" in shapes:
+        refs.append(AxisRef("lm_head.weight", 1))
+    for prefix in layers:
+        refs += [
+            AxisRef(name, 0)
+            for name in sorted(shapes)
+            if name.startswith(prefix + ".")
+            and name.count(".") == prefix.count(".") + 2
+            and name.endswith("layernorm.weight")
+        ]
+        for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            refs.append(AxisRef(f"{prefix}.{module}.weight", 1))
+        for module in ("mlp.gate_proj", "mlp.up_proj"):
+            refs.append(AxisRef(f"{prefix}.{module}.weight", 1))
+        for module in ("self_attn.o_proj", "mlp.down_proj"):
+            refs += [
+                AxisRef(f"{prefix}.{module}.{kind}", 0)
+                for kind in ("weight", "bias")
+                if f"{prefix}.{module}.{kind}" in shapes
+            ]
+    return tuple(refs)
