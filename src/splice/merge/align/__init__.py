@@ -1,6 +1,7 @@
 """Permutation alignment of models that do not share a starting point: permutation specs,
 weight matching (Git Re-Basin) and PLeaS (partial matching + least squares)."""
 
+from splice.merge.align.pleas import pleas_merge
 from splice.merge.align.spec import (
     AlignmentError,
     AxisRef,
@@ -20,5 +21,6 @@ __all__ = [
     "apply_permutation",
     "llama_spec",
     "mlp_spec",
+    "pleas_merge",
     "weight_matching",
 ]
