@@ -87,6 +87,7 @@ def test_align_llama_folder_keeps_the_function(tmp_path, spec):
         ("nan", "tensor 'net.0.bias' has 6 non-finite values"),
         ("missing model", "does not exist"),
         ("max iter", "--max-iter must be at least 1"),
+        ("seed", "--seed must be >= 0"),
     ],
 )
 def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys, case, message):
@@ -107,6 +108,7 @@ def test_errors_are_one_line_and_leave_no_output(tmp_path, capsys, case, message
         "unknown spec": ["--spec", "resnet"],
         "llama spec on an mlp": ["--spec", "llama"],
         "max iter": ["--max-iter", "0"],
+        "seed": ["--seed", "-1"],
     }.get(case, [])
     err = fails_cleanly(argv, capsys)
     assert message in err, err

@@ -108,6 +108,8 @@ def align_folders(
         raise AlignmentError(f"unknown spec '{spec_name}' (known: {', '.join(SPECS)})")
     if max_iter < 1:
         raise AlignmentError(f"--max-iter must be at least 1, got {max_iter}")
+    if seed < 0:
+        raise AlignmentError(f"--seed must be >= 0, got {seed}")
     OutputFolder(out, overwrite=overwrite, inputs=[reference, model]).check()
     side = model_side_files(model, ("config.json", *TOKENIZER_FILES))
     ref_state, other = read_state(reference), read_state(model)

@@ -126,6 +126,8 @@ def weight_matching(
     """Coordinate descent over the permutations of `spec` (module docstring)."""
     if max_iter < 1:
         raise AlignmentError(f"max_iter must be at least 1, got {max_iter}")
+    if seed < 0:
+        raise AlignmentError(f"seed must be >= 0, got {seed}")
     counts = check_pair(spec, reference, other)
     perms = {p: torch.arange(n) for p, n in counts.items()}
     before = objective(spec, reference, other, perms)
