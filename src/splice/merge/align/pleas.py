@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from splice.merge.align.spec import AlignmentError, apply_permutation, linear_chain, mlp_spec
@@ -84,8 +85,9 @@ def _gather(values: list[Tensor], groups: list[_Group], axis: int) -> Tensor:
 
 
 def _init_layer(
-    w: list[Tensor], b: list[Tensor | None], outs: list[_Group], ins: list[_Group]
+    w: list[Tensor], b: list[Tensor] | None, outs: list[_Group], ins: list[_Group]
 ) -> tuple[Tensor, Tensor | None]:
+    """Step 3's weights (module docstring) of one layer: output groups `outs`, input `ins`."""
     rows = []
     for go in outs:
         cols = []
@@ -96,8 +98,7 @@ def _init_layer(
                 block = block + w[m][go.index][:, gi.index]
             cols.append(block / len(go.models))
         rows.append(torch.cat(cols, 1))
-    bias = None if b[0] is None else _gather([b[0], b[1]], outs, 0)  # type: ignore[list-item]
-    return torch.cat(rows, 0), bias
+    return torch.cat(rows, 0), None if b is None else _gather(b, outs, 0)
 
 
 def _solve_layer(
@@ -142,7 +143,7 @@ def _solve_layer(
         w[rows.start : rows.stop, cols] = solution[:, : len(cols)]
         if b is not None:
             b[rows] = solution[:, -1]
-    return w.to(w_init.dtype), None if b is None else b.to(b_init.dtype)  # type: ignore[union-attr]
+    return w.to(w_init.dtype), None if b is None or b_init is None else b.to(b_init.dtype)
 
 
 def pleas_merge(
@@ -172,6 +173,8 @@ def pleas_merge(
             f"inputs {list(inputs.shape)} are not a batch of "
             f"{shapes[layers[0] + '.weight'][1]}-feature rows"
         )
+    if not inputs.is_floating_point() or not bool(torch.isfinite(inputs).all()):
+        raise AlignmentError("inputs must be finite floating-point values")
     match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed)
     b_aligned = apply_permutation(spec, match.perms, state_b)
     identity = {p: torch.arange(len(v)) for p, v in match.perms.items()}
@@ -187,10 +190,14 @@ def pleas_merge(
     x = [inputs, inputs]  # the original models' inputs to the current layer
     for k, layer in enumerate(layers):
         w = [state_a[layer + ".weight"], b_aligned[layer + ".weight"]]
-        bias = [state_a.get(layer + ".bias"), b_aligned.get(layer + ".bias")]
+        has_bias = layer + ".bias" in state_a
+        bias = [state_a[layer + ".bias"], b_aligned[layer + ".bias"]] if has_bias else None
         w_init, b_init = _init_layer(w, bias, widths[k + 1], widths[k])
         with torch.no_grad():
-            y = [torch.nn.functional.linear(x[m].to(w[m].dtype), w[m], bias[m]) for m in (0, 1)]
+            y = [
+                F.linear(x[m].to(w[m].dtype), w[m], None if bias is None else bias[m])
+                for m in (0, 1)
+            ]
             if least_squares:
                 z = _gather(x, widths[k], 1)
                 target = _gather(y, widths[k + 1], 1)
