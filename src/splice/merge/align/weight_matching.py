@@ -1,4 +1,4 @@
-"""Weight matching (Git Re-Basin, Ainsworth, Hayase & Srinivasa, ICLR 2023, Algorithm 2).
+"""Weight matching (Git Re-Basin: Ainsworth, Hayase & Srinivasa, ICLR 2023).
 
 Find permutations π of model B's hidden units that bring its weights closest to model A's:
 
