@@ -91,12 +91,17 @@ class CoefficientSpace:
     def dims(self) -> int:
         return len(self.models) * self.per_model
 
+    def parts(self) -> list[str]:
+        """What each of a model's values covers: ``weight``, or ``layers a-b`` ... ``other``."""
+        if not self.blocks:
+            return ["weight"]
+        return [f"layers {b[0]}-{b[-1]}" for b in self.blocks] + ["other"]
+
     def labels(self) -> list[str]:
         """One name per coefficient: ``model`` or ``model[layers a-b]`` / ``model[other]``."""
         if not self.blocks:
             return list(self.models)
-        parts = [f"layers {b[0]}-{b[-1]}" for b in self.blocks] + ["other"]
-        return [f"{m}[{p}]" for m in self.models for p in parts]
+        return [f"{m}[{p}]" for m in self.models for p in self.parts()]
 
     def setting(self, values: list[float]) -> Any:
         """One model's parameter setting from its ``per_model`` values."""
@@ -134,6 +139,7 @@ class CoefficientSearchResult:
     generations: int
     stopped: str  # "budget" or "patience"
     seconds: float  # wall time of the whole search
+    space: CoefficientSpace | None = None  # what was searched
     history: list[tuple[list[float], float]] = field(default_factory=list)
     state: State | None = None  # the best merged model (keep_state=True)
 
@@ -295,13 +301,14 @@ def search_coefficients(
     x0 = _start(parsed, raw, space, (float(bounds[0]), float(bounds[1])))
     start = time.perf_counter()
     readers: dict[str, Any] = {}
+    rules_cache: dict[Any, Any] = {}  # whole-model trim thresholds: independent of weights
     best: dict[str, Any] = {"value": math.inf, "state": None}
 
     def evaluate(x: list[float]) -> float:
         candidate = parse_recipe(space.apply(raw, x), "candidate recipe")
         plan = plan_merge(candidate, readers)
         readers.update(plan.readers)  # opened once, shared by every candidate
-        state = merge_to_memory(plan)
+        state = merge_to_memory(plan, rules_cache)
         value = float(objective(state))
         if keep_state and math.isfinite(value) and value < best["value"]:
             best["value"], best["state"] = value, state
@@ -332,6 +339,7 @@ def search_coefficients(
         generations=found.generations,
         stopped=found.stopped,
         seconds=time.perf_counter() - start,
+        space=space,
         history=found.evaluations,
         state=best["state"],
     )

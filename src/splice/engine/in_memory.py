@@ -14,12 +14,14 @@ are refused unless the plan allows them, as the writer does.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
 from splice.engine.driver import Sources
 from splice.engine.execute import _model_stat_rules, _Runner
 from splice.engine.plan import MergePlan
+from splice.engine.resume_check import Rules
 from splice.errors import MergeValidationError
 
 
@@ -32,11 +34,27 @@ class _Unrecorded(Sources):
         return super().read(ref, name, None)
 
 
-def merge_to_memory(plan: MergePlan) -> dict[str, torch.Tensor]:
+def merge_to_memory(
+    plan: MergePlan, rules_cache: dict[Any, Rules] | None = None
+) -> dict[str, torch.Tensor]:
     """The merged model of ``plan`` as {output tensor name: tensor}, in the plan's order.
-    The plan's readers stay open (the caller closes the plan)."""
+    The plan's readers stay open (the caller closes the plan).
+
+    ``rules_cache`` keeps the whole-model top-k thresholds (TIES / magnitude trims with
+    ``scope: model``) between calls on the same inputs: they depend only on the requests
+    (model, density), the planned tensors and the input tensors, not on weights or λ, so a
+    search that changes only those computes them once."""
     runner = _Runner(plan, _Unrecorded(plan.readers), {})
-    runner.rules = _model_stat_rules(plan, threads=1, progress=False)
+    key = (
+        tuple(plan.stat_requests),
+        tuple((j.out.name, tuple((s.ref, s.name) for s in j.sources)) for j in plan.jobs),
+    )
+    if rules_cache is not None and key in rules_cache:
+        runner.rules = rules_cache[key]
+    else:
+        runner.rules = _model_stat_rules(plan, threads=1, progress=False)
+        if rules_cache is not None:
+            rules_cache[key] = runner.rules
     state: dict[str, torch.Tensor] = {}
     for index in range(len(plan.jobs)):
         for out in runner(index):
