@@ -10,7 +10,8 @@ Order of work, one progress bar over all of it:
 5. per kind and method: the sweep grid merged and scored on validation (the point equal
    to the default is also scored on test), the default on test, and the best grid point
    on test as the "tuned" row (ties go to the smaller value; the same as the default:
-   the row is a copy, marked ``same_as_default``);
+   the row is a copy, marked ``same_as_default``); then the coefficient searches
+   (config ``search``, `bench.search`): "METHOD+search" rows;
 6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
    unmerged and chosen per example (oracle: task id given; retrieval: by centroid
    similarity; lorahub: one searched composition per task), each with its measured
