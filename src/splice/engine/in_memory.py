@@ -7,8 +7,10 @@ bit for bit those `run_merge` writes for the same plan (tested), and a search th
 many candidate merges (`splice.engine.coefficient_search`) never writes one to disk.
 
 Jobs run one after the other in the calling thread (a search holds the whole merged model
-anyway); input digests, which only ``--resume`` needs, are not computed. Non-finite outputs
-are refused unless the plan allows them, as the writer does.
+anyway), with torch's intra-op thread count set as `splice merge` sets it by default (so a
+reduction whose rounding could depend on it rounds the same); input digests, which only
+``--resume`` needs, are not computed. Non-finite outputs are refused unless the plan allows
+them, as the writer does.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from typing import Any
 import torch
 
 from splice.engine.driver import Sources
-from splice.engine.execute import _model_stat_rules, _Runner
+from splice.engine.execute import (
+    _model_stat_rules,
+    _Runner,
+    default_job_threads,
+    torch_threads_per_job,
+)
 from splice.engine.plan import MergePlan
 from splice.engine.resume_check import Rules
 from splice.errors import MergeValidationError
@@ -44,6 +51,15 @@ def merge_to_memory(
     ``scope: model``) between calls on the same inputs: they depend only on the requests
     (model, density), the planned tensors and the input tensors, not on weights or λ, so a
     search that changes only those computes them once."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads_per_job(default_job_threads()))
+    try:
+        return _merge(plan, rules_cache)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _merge(plan: MergePlan, rules_cache: dict[Any, Rules] | None) -> dict[str, torch.Tensor]:
     runner = _Runner(plan, _Unrecorded(plan.readers), {})
     key = (
         tuple(plan.stat_requests),
