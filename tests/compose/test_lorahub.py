@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from splice.adapters import AdapterModel, LoraConfig, save_adapter
-from splice.compose.cma_search import SearchError, cma_minimize
 from splice.compose.lorahub import (
     LoraExperts,
     LoraHubError,
@@ -20,6 +19,7 @@ from splice.compose.lorahub import (
     lorahub_search,
 )
 from splice.delta import LowRank
+from splice.engine.cma_search import SearchError, cma_minimize
 from splice.errors import SpliceError
 
 

@@ -38,6 +38,14 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       params: {}                  # per-method parameter overrides: {ties: {density: 0.3}}
       grids: {}                   # per-method sweep overrides: {ties: {lambda: [0.8, 1.0]}}
       seed: 0                     # seed of random methods (DARE, DELLA)
+    search:                       # coefficient-search rows "METHOD+search" (bench.search)
+      methods: []                 # e.g. [task_arithmetic, ties]; [] = none
+      budget: 30                  # merges per (kind, method)
+      patience: null              # early stop: generations without improvement
+      seed: 0
+      layer_groups: 0             # 0: a weight per expert; G: per block of layers + rest
+      bounds: [0.0, 1.0]
+      objective: accuracy         # accuracy | loss (validation, mean over tasks)
     compose: [oracle, retrieval]  # composition rows on the LoRA experts (null: these two when
                                   #   lora is a kind, none otherwise; []: none); see bench.routing
     retrieval:
@@ -58,6 +66,7 @@ training or in the sweep (which uses validation only).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +157,32 @@ class MergeSettings(_Strict):
         return v
 
 
+class SearchSettings(_Strict):
+    """Coefficient-search rows ("ties+search"): see `splice.bench.search`."""
+
+    methods: list[str] = Field(default_factory=list)
+    budget: int = Field(30, gt=0)
+    patience: int | None = Field(None, gt=0)
+    seed: int = 0
+    layer_groups: int = Field(0, ge=0)
+    bounds: tuple[float, float] = (0.0, 1.0)
+    objective: Literal["accuracy", "loss"] = "accuracy"
+
+    @field_validator("bounds")
+    @classmethod
+    def _box(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1]):
+            raise ValueError(f"bounds must be finite with lower < upper, got {list(v)}")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods must be distinct, got {v}")
+        return v
+
+
 ComposeRow = Literal["oracle", "retrieval", "lorahub"]
 DEFAULT_COMPOSE: list[str] = ["oracle", "retrieval"]  # the rows that need no extra training
 
@@ -175,6 +210,7 @@ class BenchConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     baselines: Baselines = Field(default_factory=Baselines)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)  # bench.search
     compose: list[ComposeRow] | None = None
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)

@@ -10,7 +10,8 @@ Order of work, one progress bar over all of it:
 5. per kind and method: the sweep grid merged and scored on validation (the point equal
    to the default is also scored on test), the default on test, and the best grid point
    on test as the "tuned" row (ties go to the smaller value; the same as the default:
-   the row is a copy, marked ``same_as_default``);
+   the row is a copy, marked ``same_as_default``); then the coefficient searches
+   (config ``search``, `bench.search`): "METHOD+search" rows;
 6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
    unmerged and chosen per example (oracle: task id given; retrieval: by centroid
    similarity; lorahub: one searched composition per task), each with its measured
@@ -55,6 +56,7 @@ from splice.bench.results import (
     TaskSummary,
     Timing,
 )
+from splice.bench.search import check_validation_data, plan_searches, run_searches
 from splice.bench.tasks import TaskData, prepare_task
 from splice.errors import SpliceError
 from splice.io.out_location import prepare_work_folder
@@ -71,6 +73,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
     planned, skipped = select_methods(
         cfg.merge.methods, len(cfg.tasks), cfg.merge.params, cfg.merge.grids, cfg.merge.sweep
     )
+    searched = plan_searches(cfg.search, len(cfg.tasks), cfg.merge.params)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
@@ -83,6 +86,8 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         runner.bar = bar
         runner.step("load data")  # 2. data, the pretrained backbone, the evaluator
         tasks: list[TaskData] = [prepare_task(t, cfg.data) for t in cfg.tasks]
+        if searched:
+            check_validation_data(tasks)
         base = prepare_base(cfg.model, cfg.training.seed)
         ev = Evaluator(
             base, tasks, cfg.training.max_length, cfg.eval_batch_size, precision=precision
@@ -97,6 +102,9 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
             for p in planned:
                 if _applies(p, kind):
                     runner.merge_method(kind, p, ev, base.folder, pool)
+        run_searches(  # 5b. coefficient searches ("ties+search", bench.search)
+            runner, cfg.kinds, searched, cfg.search, ev, base.folder, experts, cfg.merge.seed, out
+        )
         if cfg.compose_rows:  # 6. composition rows
             runner.compose(ev, experts["lora"])
     results = BenchResults(  # 7. outputs
@@ -362,7 +370,8 @@ def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: Be
     )
     train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
     # + probe, multitask eval, per-kind baselines, composition rows
-    return merges + train + 2 + len(kinds) + len(cfg.compose_rows)
+    searches = len(cfg.search.methods) * len(kinds)
+    return merges + searches + train + 2 + len(kinds) + len(cfg.compose_rows)
 
 
 def _cpu_name() -> str:

@@ -29,7 +29,7 @@ examples, which weakens the loss against the L1 term as examples are added.
 Search: the official code runs nevergrad's ``NGOpt`` (a meta-optimiser that picks an
 algorithm from the dimension and budget; the paper describes CMA-ES) with budget
 ``max_inference_step`` = 40. splice runs CMA-ES itself through the `cma` package
-(`splice.compose.cma_search`): the same box, start at 0, σ0 = 0.5 (a sixth of the box),
+(`splice.engine.cma_search`): the same box, start at 0, σ0 = 0.5 (a sixth of the box),
 its default population, seeded, ``budget`` objective evaluations (default 40), and returns
 the best weights evaluated. Each evaluation loads the composed factors into one LoRA adapter
 of an `AdapterModel` (no re-reading of files) and runs the examples once, without gradients.
@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from splice.adapters import AdapterModel
 from splice.adapters.registry import method_for_peft_type
-from splice.compose.cma_search import SearchResult, cma_minimize
 from splice.delta import LowRank
+from splice.engine.cma_search import SearchResult, cma_minimize
 from splice.errors import MergeValidationError, SpliceError
 from splice.io.output_folder import OutputFolder
 from splice.peft import read_lora_adapters, write_adapter_files

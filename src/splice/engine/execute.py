@@ -200,7 +200,7 @@ def run_merge(
     a single job larger than it still runs, alone. ``overwrite``: 0 refuses an existing
     ``out_dir``, 1 replaces a previous splice output holding no input, 2 any folder.
     """
-    threads = threads or min(4, os.cpu_count() or 1)
+    threads = threads or default_job_threads()
     recipe_yaml = recipe_text or yaml.safe_dump(
         plan.recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False
     )
@@ -239,13 +239,23 @@ def run_merge(
         runner.rules = rules() if pending else {}
 
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+    torch.set_num_threads(torch_threads_per_job(threads))
     try:
         return write_stream(
             out_dir, spec, runner.sources, runner, before=before, extra_files=lambda: extra
         )
     finally:
         torch.set_num_threads(old_threads)
+
+
+def default_job_threads() -> int:
+    """Jobs run at once by default (``--threads``): up to 4."""
+    return min(4, os.cpu_count() or 1)
+
+
+def torch_threads_per_job(threads: int) -> int:
+    """torch's intra-op threads while ``threads`` jobs run: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // threads)
 
 
 def job_cost(plan: MergePlan, index: int) -> int:

@@ -10,6 +10,11 @@ the strategy while the budget allows, and a last partial generation is evaluated
 candidates count for the best point) without being told. The answer is the best candidate
 evaluated (lowest value; ties: the earliest), not the strategy's mean.
 
+Early stopping: with ``patience = N``, the search stops after N whole generations in a row
+that did not lower the best value (``stopped = "patience"``); otherwise it runs until the
+budget is spent (``stopped = "budget"``). A lower value counts as an improvement only when
+it is lower by more than ``min_delta`` (default 0: any strict improvement).
+
 Bounds: pycma's ``bounds`` option (its BoundTransform: candidates are mapped into the box
 before evaluation, so every evaluated x is inside it).
 
@@ -40,6 +45,8 @@ class SearchResult:
     best_x: list[float]
     best_value: float
     evaluations: list[tuple[list[float], float]] = field(default_factory=list)
+    generations: int = 0  # generations evaluated (a last partial one included)
+    stopped: str = "budget"  # "budget" or "patience" (early stop)
 
 
 def cma_minimize(
@@ -52,11 +59,18 @@ def cma_minimize(
     x0: list[float] | None = None,
     sigma0: float | None = None,
     on_evaluation: Callable[[int, float, float], None] | None = None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    include_x0: bool = False,
 ) -> SearchResult:
     """Minimise ``objective`` over ``dims`` values in ``bounds`` with at most ``budget``
     evaluations. ``x0`` defaults to zeros (clipped into the bounds), ``sigma0`` to a sixth
     of the bounds' width (most of a N(x0, σ0²) sample then lies inside the box).
-    ``on_evaluation(index, value, best so far)`` is called after each evaluation."""
+    ``on_evaluation(index, value, best so far)`` is called after each evaluation.
+    ``patience``: stop after that many generations without improvement (None: never).
+    ``include_x0``: evaluate the start point first (it counts against the budget and for
+    the best point, so the answer is never worse than the start; it is not told to the
+    strategy)."""
     lower, upper = float(bounds[0]), float(bounds[1])
     if dims < 1:
         raise SearchError("nothing to search: no dimensions")
@@ -70,6 +84,10 @@ def cma_minimize(
     sigma = (upper - lower) / 6 if sigma0 is None else float(sigma0)
     if not (math.isfinite(sigma) and sigma > 0):
         raise SearchError(f"sigma0 must be positive and finite (got {sigma0})")
+    if patience is not None and patience < 1:
+        raise SearchError(f"patience must be at least 1 generation (got {patience})")
+    if not (math.isfinite(min_delta) and min_delta >= 0):
+        raise SearchError(f"min_delta must be finite and >= 0 (got {min_delta})")
 
     import cma
 
@@ -89,19 +107,33 @@ def cma_minimize(
             warnings.simplefilter("ignore")  # pycma's notes (e.g. on dimension 1)
             es = cma.CMAEvolutionStrategy(start, sigma, options)
             result = SearchResult([], math.inf)
+            stale = 0  # generations in a row without improvement
+
+            def evaluate(x: list[float]) -> float:
+                point = [float(v) for v in x]
+                value = float(objective(point))
+                result.evaluations.append((point, value))
+                if math.isfinite(value) and value < result.best_value:
+                    result.best_x, result.best_value = point, value
+                if on_evaluation is not None:
+                    on_evaluation(len(result.evaluations), value, result.best_value)
+                return value if math.isfinite(value) else 1e300  # worst, not NaN
+
+            if include_x0:
+                evaluate([min(max(v, lower), upper) for v in start])
             while len(result.evaluations) < budget:
+                if patience is not None and stale >= patience:
+                    result.stopped = "patience"
+                    break
+                best_before = result.best_value
                 candidates = es.ask()
                 left = budget - len(result.evaluations)
-                values = []
-                for x in candidates[:left]:
-                    point = [float(v) for v in x]
-                    value = float(objective(point))
-                    values.append(value if math.isfinite(value) else 1e300)  # worst, not NaN
-                    result.evaluations.append((point, value))
-                    if math.isfinite(value) and value < result.best_value:
-                        result.best_x, result.best_value = point, value
-                    if on_evaluation is not None:
-                        on_evaluation(len(result.evaluations), value, result.best_value)
+                values = [evaluate(x) for x in candidates[:left]]
+                result.generations += 1
+                improved = result.best_value < best_before - min_delta or (
+                    math.isinf(best_before) and math.isfinite(result.best_value)
+                )
+                stale = 0 if improved else stale + 1
                 if len(values) == len(candidates):
                     es.tell(candidates, values)
     finally:
