@@ -18,8 +18,10 @@ Order of work, one progress bar over all of it:
 7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
-Selection uses the average validation accuracy over tasks; test data never informs a
-choice. Outputs: results.json, results.md, accuracy_by_method.png,
+Selection uses the average validation accuracy over tasks; test labels never inform a
+choice. The one use of test data: AdaMerging rows (``adamerging``, ``adamerging++``,
+`splice.bench.adamerging`) learn their coefficients on the test *inputs* without labels,
+the paper's test-time protocol, said in each such row's note. Outputs: results.json, results.md, accuracy_by_method.png,
 accuracy_vs_coefficient.png under ``out``.
 """
 
