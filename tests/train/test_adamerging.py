@@ -173,6 +173,7 @@ def _never(params, task, batch):
         ({"batches": [[X], []]}, "task 1 has no unlabeled batches"),
         ({"batches": [[X], [torch.zeros(0, 1)]]}, "task 1: batch 0 is empty"),
         ({"batches": [[X], [{"input_ids": torch.zeros(0, 3, dtype=torch.long)}]]}, "empty"),
+        ({"batches": [[X], [{"text": []}]]}, "task 1: batch 0 is empty"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"steps": -3}, "steps must be a positive integer"),
         ({"batches_per_step": 0}, "batches_per_step must be positive"),

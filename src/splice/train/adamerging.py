@@ -309,13 +309,15 @@ def _check_batches(batches: Sequence[Sequence[Any]], n_experts: int) -> None:
 
 def _rows(batch: Any) -> int | None:
     """The number of examples of a batch: a tensor's first axis, a mapping's first tensor
-    value's, a list's length; None when unknown."""
+    (or list) value's, a list's length; None when unknown."""
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.dim() else None
     if isinstance(batch, Mapping):
         for v in batch.values():
             if isinstance(v, Tensor) and v.dim():
                 return v.shape[0]
+            if isinstance(v, (list, tuple)):
+                return len(v)
         return 0 if not batch else None
     if isinstance(batch, (list, tuple)):
         return len(batch)
