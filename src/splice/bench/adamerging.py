@@ -18,7 +18,7 @@ steps 30, lr 0.02 and one batch per task per step instead of the paper's 500 ste
 1e-3 with two batches: the paper's schedule costs about 4000 forward and backward passes
 over a four-task pool, some 25 times one bench expert's training (about 150 steps of 16
 examples), while 30 steps cost about 120 passes (under one expert's training) and at lr
-0.02 Adam can still move λ by up to 0.6, the range over which the paper's λ travel;
+0.02 Adam can still move λ by up to 0.6 (the paper's schedule: 500 · 1e-3 = 0.5);
 ``density`` 0.2 (the paper's TIES K = 20) for ``adamerging++`` only.
 """
 
