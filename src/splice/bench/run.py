@@ -21,8 +21,8 @@ Order of work, one progress bar over all of it:
 Selection uses the average validation accuracy over tasks; test labels never inform a
 choice. The one use of test data: AdaMerging rows (``adamerging``, ``adamerging++``,
 `splice.bench.adamerging`) learn their coefficients on the test *inputs* without labels,
-the paper's test-time protocol, said in each such row's note. Outputs: results.json, results.md, accuracy_by_method.png,
-accuracy_vs_coefficient.png under ``out``.
+the paper's test-time protocol, said in each such row's note. Outputs: results.json,
+results.md, accuracy_by_method.png, accuracy_vs_coefficient.png under ``out``.
 """
 
 from __future__ import annotations
