@@ -10,6 +10,10 @@ defaults and no sweep; one that cannot run on N experts is skipped with the reas
 - it needs a parameter that has no default (lines: alpha, beta; metrics_weighted: each
   model's metric, i.e. data); a config's ``merge.params`` can supply it.
 
+AdaMerging (``adamerging``, ``adamerging++``; `splice.bench.adamerging`) is not a
+registered per-tensor method: it learns its coefficients on the unlabeled test inputs,
+runs only when named in a list, and its ``merge.params`` entry holds its settings.
+
 LoRA-native (low-rank) methods are rows of the LoRA experts' table only, named by their
 label (`lora:svd`, `lora:ties`): they merge the experts' PEFT adapters (saved beside each
 LoRA expert) into one LoRA, which is folded into the base for evaluation. ``all`` includes
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import splice.lora_merge  # noqa: F401  (registers the low-rank methods: lora:NAME)
+from splice.bench.adamerging import DATA_AWARE, parse_settings
 from splice.config_errors import did_you_mean
 from splice.errors import SpliceError
 from splice.merge import all_methods, get_method
@@ -124,6 +129,9 @@ class PlannedMethod:
     sweep: tuple[str, list[Any]] | None
     random: bool
     low_rank: bool = False  # merges the LoRA experts' adapters (LoRA experts only)
+    # learns its coefficients on the unlabeled test inputs (`bench.adamerging`): ``params``
+    # are its settings, one row per granularity
+    data_aware: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,8 @@ def _names(selection: str | list[str]) -> list[str]:
     if selection == "core":
         return list(CORE)
     for name in selection:
-        get_method(name)  # unknown: an error naming the closest
+        if name not in DATA_AWARE:
+            get_method(name)  # unknown: an error naming the closest
     return list(selection)
 
 
@@ -151,6 +160,14 @@ def check_overrides(
     found here, before any expert is trained, not at merge time."""
     for where, table in (("merge.params", params), ("merge.grids", grids)):
         for method, values in table.items():
+            if method in DATA_AWARE:
+                if where == "merge.grids":
+                    raise SpliceError(
+                        f"merge.grids.{method}: {method} learns its coefficients; it has "
+                        "no sweep (set its settings in merge.params)"
+                    )
+                parse_settings(method, values)
+                continue
             m = get_method(method)
             names = [p.name for p in m.params]
             for key, value in values.items():
@@ -181,6 +198,10 @@ def select_methods(
     planned: list[PlannedMethod] = []
     skipped: list[SkippedMethod] = []
     for name in _names(selection):
+        if name in DATA_AWARE:
+            settings = parse_settings(name, params.get(name, {}))
+            planned.append(PlannedMethod(name, settings.model_dump(), None, False, data_aware=True))
+            continue
         m = get_method(name)
         if not m.accepts(n_models):
             skipped.append(

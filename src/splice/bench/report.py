@@ -96,6 +96,11 @@ def render_tables(results: BenchResults) -> str:
                     f"{r.method} ({kind}): share of test examples whose top-1 expert is "
                     f"their own task's, in %: {share}; rows use the true task's head."
                 )
+    for kind, section in results.tables.items():
+        for r in section:
+            if r.note is not None:
+                setting = row_label(r)[1]
+                parts.append(f"{r.method} ({kind}; {setting}): {r.note}.")
     edges = [f"{s.kind} {s.method} ({s.param}={s.best})" for s in results.sweeps if s.at_grid_edge]
     if edges:
         parts.append(

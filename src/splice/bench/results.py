@@ -43,6 +43,7 @@ class Row:
     inference_cost: float | None = None
     routing: dict[str, float] | None = None  # per task: share routed top-1 to its own expert
     weights: dict[str, dict[str, float]] | None = None  # LoraHub: per task, each expert's
+    note: str | None = None  # how the row was made, in words (AdaMerging: protocol, time)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -59,6 +60,7 @@ class Row:
             "inference_cost",
             "routing",
             "weights",
+            "note",
         ):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

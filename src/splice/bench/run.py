@@ -19,9 +19,11 @@ Order of work, one progress bar over all of it:
 7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
-Selection uses the average validation accuracy over tasks; test data never informs a
-choice. Outputs: results.json, results.md, accuracy_by_method.png,
-accuracy_vs_coefficient.png under ``out``.
+Selection uses the average validation accuracy over tasks; test labels never inform a
+choice. The one use of test data: AdaMerging rows (``adamerging``, ``adamerging++``,
+`splice.bench.adamerging`) learn their coefficients on the test *inputs* without labels,
+the paper's test-time protocol, said in each such row's note. Outputs: results.json,
+results.md, accuracy_by_method.png, accuracy_vs_coefficient.png under ``out``.
 """
 
 from __future__ import annotations
@@ -229,10 +231,13 @@ class _Runner:
         """Run one method (its sweep, default and tuned rows). A method that fails on this
         pool (a merge error, a numerical failure) is recorded in ``failed`` with its message
         and the run goes on; its rows are kept only if all of them succeeded."""
-        expected = (len(p.sweep[1]) + 2) if p.sweep else 1
+        expected = _method_units(p)
         before = self.units
         try:
-            rows, sweep = self._merge_method(kind, p, ev, base_folder, pool)
+            if p.data_aware:
+                rows, sweep = self._adamerging(kind, p, ev, base_folder, pool), None
+            else:
+                rows, sweep = self._merge_method(kind, p, ev, base_folder, pool)
         except (SpliceError, RuntimeError, ValueError) as e:
             msg = f"{type(e).__name__}: {e}"
             tqdm.write(f"splice bench: {kind} {p.name} failed, skipped: {msg}")
@@ -294,6 +299,34 @@ class _Runner:
         self.done()
         sweep = Sweep(kind, p.name, param, default_value, value, points)
         return [default_row, tuned], sweep
+
+    def _adamerging(
+        self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
+    ) -> list[Row]:
+        """AdaMerging's rows (`splice.bench.adamerging`): one per granularity, each learned
+        on the unlabeled test inputs and scored on the test split."""
+        from safetensors.torch import load_file
+
+        from splice.bench.adamerging import AdaMergingSettings, learn_merge, row_note, row_params
+
+        settings = AdaMergingSettings(**p.params)  # checked by select_methods
+        tasks = [e.tasks[0] for e in pool]
+        heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
+        base = load_file(str(base_folder / "model.safetensors"))
+        states = [_load(e) for e in pool]
+        seconds = [e.meta.get("train_seconds") for e in pool]
+        rows = []
+        for g in settings.granularity:
+            self.step(f"{kind} {p.name} {g}-wise")
+            res = learn_merge(ev, p.name, settings, g, base, states, heads, tasks)
+            test = ev.evaluate(res.state, heads, "test")
+            params = row_params(p.name, settings, g)
+            note = row_note(res, tasks, seconds)
+            rows.append(
+                Row(kind, "merged", p.name, test, params, None, round(res.seconds, 2), note=note)
+            )
+            self.done()
+        return rows
 
     # -- composition ----------------------------------------------------------------------
     def compose(self, ev: Evaluator, pool: dict[str, Expert]) -> None:
@@ -364,10 +397,16 @@ def _applies(p: PlannedMethod, kind: str) -> bool:
     return kind == "lora" or not p.low_rank
 
 
+def _method_units(p: PlannedMethod) -> int:
+    """Progress units of one method on one kind: its sweep, default and tuned merges;
+    AdaMerging's rows."""
+    if p.data_aware:
+        return len(p.params["granularity"])
+    return (len(p.sweep[1]) + 2) if p.sweep else 1
+
+
 def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: BenchConfig) -> int:
-    merges = sum(
-        (len(p.sweep[1]) + 2) if p.sweep else 1 for k in kinds for p in planned if _applies(p, k)
-    )
+    merges = sum(_method_units(p) for k in kinds for p in planned if _applies(p, k))
     train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
     # + probe, multitask eval, per-kind baselines, composition rows
     searches = len(cfg.search.methods) * len(kinds)

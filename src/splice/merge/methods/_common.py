@@ -138,10 +138,7 @@ def ties_combine_(
         disjoint = "mean" if normalize else "sum"
     for d, w in zip(deltas, weight, strict=True):
         d.mul_(w)
-    sign = torch.zeros_like(base)
-    for d in deltas:
-        sign.add_(d if majority == "sum" else d.sign())
-    sign.ge_(0).mul_(2).sub_(1)  # s = ±1
+    sign = elect_sign(deltas, majority)
     # |v_i| where v_i has the elected sign, 0 elsewhere: clamp(v_i · s, min=0)
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base) if disjoint == "mean" else None
@@ -159,6 +156,15 @@ def ties_combine_(
         divisor.masked_fill_(divisor == 0, 1)
         merged.div_(divisor)
     return add_scaled_(base, merged, lambda_)
+
+
+def elect_sign(deltas: Sequence[Tensor], majority: Majority = "sum") -> Tensor:
+    """TIES's elected sign per entry, ±1: s = sign⁺(Σ_i δ_i) (majority="sum") or
+    sign⁺(Σ_i sign(δ_i)) ("count"), where sign⁺(x) = +1 for x >= 0 and −1 otherwise."""
+    sign = torch.zeros_like(deltas[0])
+    for d in deltas:
+        sign.add_(d if majority == "sum" else d.sign())
+    return sign.ge_(0).mul_(2).sub_(1)
 
 
 def add_scaled_(base: Tensor, merged: Tensor, lambda_: float) -> Tensor:
