@@ -208,3 +208,29 @@ def test_bad_input_fails_before_the_model_runs(
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".*splice-partial"))
+
+
+def test_a_built_in_task_uses_its_seeded_train_split(folders, tmp_path, monkeypatch):
+    """A built-in task name (here bbc_news, replaced by a small dataset with the head's
+    classes): the default split is the train part of `splice train`'s seeded split."""
+    import splice.data
+    from splice.data import make_splits
+    from splice.data.dataset import TextClassificationDataset
+
+    ds = TextClassificationDataset(
+        texts=[f"text number {i}" for i in range(20)],
+        labels=[i % 2 for i in range(20)],
+        label_names=("pos", "neg"),  # the head's order is (neg, pos): mapped by name
+        source="fake",
+    )
+    monkeypatch.setattr(splice.data, "load_task", lambda *a, **k: ds)
+    out = tmp_path / "g.safetensors"
+    assert _stats("gram", folders["cls"], "bbc_news", out, "--seed", "3") == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    train = make_splits(ds, seed=3).apply(ds)["train"]
+    assert meta["split"] == "train" and meta["examples"] == str(len(train)) and len(train) < 20
+    out2 = tmp_path / "g2.safetensors"
+    assert _stats("gram", folders["cls"], "bbc_news", out2, "--split", "all") == 0
+    with safe_open(str(out2), "pt") as f:
+        assert f.metadata()["examples"] == "20"
