@@ -86,3 +86,22 @@ def save_tiny_llama_folder(path, seed: int = 0):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def save_tiny_llama_classifier_folder(path, seed: int = 0, labels=("neg", "pos")):
+    """An HF folder holding a 2-layer Llama sequence classifier (`tiny_llama_config`, a
+    ``score`` head over ``labels``, id2label set) with `tiny_tokenizer()`."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
+    LlamaForSequenceClassification(config).eval().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -22,6 +22,7 @@ def test_all_on_four_experts():
         "lines",
         "metrics_weighted",
         "fisher",
+        "fisher_graft",
         "regmean",
     }
     assert "data" in reasons["fisher"] and "data" in reasons["regmean"]
