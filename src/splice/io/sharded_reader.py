@@ -15,6 +15,8 @@ too.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
+from splice.io.mapped import stored_view
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
 from splice.io.textfile import load_json
@@ -85,6 +88,11 @@ class ShardedReader:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from its shard."""
         return self._shards[self._where[name]].read(name)
+
+    def view(self, name: str) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """A mapped view of one tensor in its shard (`SafetensorsReader.view`; a plain read for
+        a shard that cannot be mapped)."""
+        return stored_view(self._shards[self._where[name]], name)
 
     def close(self) -> None:
         """Close every shard."""
