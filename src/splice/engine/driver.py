@@ -42,12 +42,12 @@ import torch
 from tqdm import tqdm
 
 import splice
+from splice.engine.prefetch import Prefetcher, Read, Result
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
-from splice.io.open import TOKENIZER_FILES, model_side_files
-from splice.engine.prefetch import Prefetcher, Read, Result
 from splice.io.mapped import read_as
+from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.reference import open_checkpoint
 
 T = TypeVar("T")

@@ -16,7 +16,6 @@ too.
 from __future__ import annotations
 
 import contextlib
-
 import os
 from collections.abc import Callable
 from pathlib import Path
