@@ -46,7 +46,7 @@ from splice.engine.prefetch import Prefetcher, Read, Result
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
-from splice.io.mapped import read_as
+from splice.io.mapped import read_as, read_rows
 from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.reference import open_checkpoint
 
@@ -75,11 +75,16 @@ def source_key(ref: str, name: str) -> str:
 
 @dataclass
 class Output:
-    """One planned output tensor of a step, with the digests of what it was made from."""
+    """One planned output tensor of a step, with the digests of what it was made from.
+
+    A large tensor may come as ``rows`` instead of ``tensor``: an iterable of its row chunks
+    in order, computed as the driver writes them (`ShardedWriter.write_rows`), so only one
+    chunk is held at a time; ``record`` is read once the last chunk is written."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     record: Mapping[str, str] = field(default_factory=dict)
+    rows: Iterable[torch.Tensor] | None = None
 
 
 class Sources:
@@ -129,6 +134,13 @@ class Sources:
         if record is not None:
             assert sha is not None
             record[source_key(key, name)] = sha
+        return t
+
+    def read_rows(self, ref: str, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` of ``ref``, stored dtype (`io.mapped`)."""
+        t = read_rows(self.readers[ref], name, start, stop)
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
         return t
 
     def read_now(
@@ -274,10 +286,23 @@ def write_stream(
         def run(i: int) -> int:
             written = 0
             for o in step(i):
-                writer.write(
-                    o.name, o.tensor, inputs=o.record, allow_nonfinite=spec.allow_nonfinite
-                )
-                written += o.tensor.numel() * o.tensor.element_size()
+                if o.rows is None:
+                    assert o.tensor is not None
+                    writer.write(
+                        o.name, o.tensor, inputs=o.record, allow_nonfinite=spec.allow_nonfinite
+                    )
+                    written += o.tensor.numel() * o.tensor.element_size()
+                    continue
+                rows = writer.write_rows(o.name, allow_nonfinite=spec.allow_nonfinite)
+                try:
+                    for chunk in o.rows:
+                        rows.write(chunk)
+                        written += chunk.numel() * chunk.element_size()
+                        del chunk
+                    rows.close(inputs=o.record)
+                except BaseException:
+                    rows.abandon()
+                    raise
             return written
 
         total = {o.name: o.nbytes for o in spec.outputs}

@@ -23,13 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
 import splice
+from splice.engine.chunks import merged_rows, rows_per_chunk
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
@@ -112,6 +113,7 @@ class _Runner:
     plan: MergePlan
     sources: Sources
     rules: Rules
+    chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
 
     def __post_init__(self) -> None:
         lines = self.plan.recipe.lines
@@ -122,8 +124,11 @@ class _Runner:
 
     def reads(self, index: int) -> list[Read]:
         """What job ``index`` reads, in order: (reference, tensor, dtype to convert to) of
-        the copied tensor, or of the base and each input in the compute dtype."""
+        the copied tensor, or of the base and each input in the compute dtype; nothing for a
+        job merged in row chunks (it reads its rows itself)."""
         job = self.plan.jobs[index]
+        if index in self.chunks:
+            return []
         if job.kind == "copy":
             return [(job.inputs[0].ref, job.inputs[0].name, None)]
         cd = self.plan.job_compute_dtype(job)
@@ -132,36 +137,52 @@ class _Runner:
     def __call__(self, index: int) -> list[Output]:
         job = self.plan.jobs[index]
         seen: dict[str, str] = {}
+        if index in self.chunks:
+            if self.rules.get(index):
+                seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
+
+            def combine(parts: list[torch.Tensor]) -> torch.Tensor:
+                return parts[0] if job.kind == "copy" else self._merge(index, parts)
+
+            rows = merged_rows(self.sources, self.plan, index, self.chunks[index], combine, seen)
+            return [Output(job.out.name, None, seen, rows=rows)]
         read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
         if job.kind == "copy":
             out = read[0]
         else:
-            cd = self.plan.job_compute_dtype(job)
-            base = read.pop(0) if job.base else None
-            tensors = read
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
-            model_stats: dict = dict(self.rules.get(index, {}))
-            if self.plan.data is not None:
-                data = self.plan.data
-                model_stats[data.request] = data.answer([s.name for s in job.inputs])
-            ctx = MergeContext(
-                tensor_name=job.out.name,
-                seed=self.plan.recipe.seed,
-                dialect=self.plan.recipe.dialect,
-                model_stats=model_stats,
-                layer_index=layer_index(job.out.name),
-                num_layers=self.num_layers,
-            )
-            # Methods may modify their inputs in place: the post-step keeps its own base.
-            kept = base.clone() if self.post is not None and base is not None else None
-            with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
-                out = self.plan.method(base, tensors, ctx, **job.params)
-            if kept is not None:
-                assert self.post is not None
-                out = kept.add_(out.to(cd).sub_(kept), alpha=ctx.stat(self.post))
-            del base, tensors, kept, read
+            out = self._merge(index, read)
+        del read
         return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
+
+    def _merge(self, index: int, read: list[torch.Tensor]) -> torch.Tensor:
+        """The method on the job's inputs (the base first, when it has one) in the compute
+        dtype, then the LiNeS post-step; ``read`` is consumed."""
+        job = self.plan.jobs[index]
+        cd = self.plan.job_compute_dtype(job)
+        base = read.pop(0) if job.base else None
+        tensors = read
+        model_stats: dict = dict(self.rules.get(index, {}))
+        if self.plan.data is not None:
+            data = self.plan.data
+            model_stats[data.request] = data.answer([s.name for s in job.inputs])
+        ctx = MergeContext(
+            tensor_name=job.out.name,
+            seed=self.plan.recipe.seed,
+            dialect=self.plan.recipe.dialect,
+            model_stats=model_stats,
+            layer_index=layer_index(job.out.name),
+            num_layers=self.num_layers,
+        )
+        # Methods may modify their inputs in place: the post-step keeps its own base.
+        kept = base.clone() if self.post is not None and base is not None else None
+        with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
+            out = self.plan.method(base, tensors, ctx, **job.params)
+        if kept is not None:
+            assert self.post is not None
+            out = kept.add_(out.to(cd).sub_(kept), alpha=ctx.stat(self.post))
+        return out
 
 
 def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
@@ -231,6 +252,16 @@ def run_merge(
             memo.append(_model_stat_rules(plan, threads, progress))
         return memo[0]
 
+    # A job costing more than its share of the budget (the jobs that may run at once) is
+    # merged in row chunks where its method allows (`splice.engine.chunks`).
+    share = memory_budget // (threads + max(read_ahead, 1))
+    costs = [job_cost(plan, i) for i in range(len(plan.jobs))]
+    chunks: dict[int, int] = {}
+    for i, cost in enumerate(costs):
+        rows = rows_per_chunk(plan, i, cost, share)
+        if rows is not None:
+            chunks[i] = rows
+            costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
     spec = Stream(
         outputs=[j.out for j in plan.jobs],
         metadata={
@@ -245,13 +276,13 @@ def run_merge(
         input_check=InputCheck(plan, rules),
         threads=threads,
         memory_budget=memory_budget,
-        cost=lambda i: job_cost(plan, i),
+        cost=lambda i: costs[i],
         reads=None if read_ahead <= 0 else lambda i: runner.reads(i),
         read_ahead=max(read_ahead, 1),
         progress=progress,
         label="merging",
     )
-    runner = _Runner(plan, Sources(plan.readers), {})
+    runner = _Runner(plan, Sources(plan.readers), {}, chunks)
 
     def before(pending: list[int]) -> None:
         runner.rules = rules() if pending else {}

@@ -30,6 +30,7 @@ import torch
 
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.base import CheckpointReader
+from splice.io.mapped import read_rows
 
 OPT_IN = "pass --allow-nonfinite to"
 
@@ -110,6 +111,10 @@ class FiniteReader:
 
     def read(self, name: str) -> torch.Tensor:
         return check_input(self.inner.read(name), name, self.source)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, checked (`splice.io.mapped.read_rows`)."""
+        return check_input(read_rows(self.inner, name, start, stop), name, self.source)
 
     @property
     def view(self) -> Callable[[str], AbstractContextManager[torch.Tensor]]:

@@ -9,6 +9,10 @@ and writes the fresh tensor in the wanted dtype, and the mapping is dropped at o
 conversion is needed the caller gets a plain `read`: methods modify their inputs in place,
 and a private mapping would copy every written page anyway, one page fault at a time.
 
+`read_rows` reads rows [start, stop) of a tensor (its first dimension), for callers that
+stream one large tensor in row chunks (`splice.engine.chunks`): only those bytes are read
+where the reader can (``reader.read_rows``), else the whole tensor is read and sliced.
+
 The digest (`input_digest`, for `--resume`) and the NaN / ±inf check (a `FiniteReader`) see
 the tensor as stored, before the conversion, exactly as with a plain read.
 """
@@ -49,3 +53,11 @@ def read_as(
         out = stored.to(dtype)
         del stored
     return out, sha
+
+
+def read_rows(reader: CheckpointReader, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor ``name`` as a fresh tensor of its stored dtype."""
+    rows = getattr(reader, "read_rows", None)
+    if rows is not None:
+        return rows(name, start, stop)
+    return reader.read(name)[start:stop].clone()

@@ -168,6 +168,22 @@ class SafetensorsReader:
         flat = torch.frombuffer(buf, dtype=torch.uint8)
         return flat.view(info.dtype).reshape(info.shape)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` (its first dimension) into a fresh tensor:
+        only those bytes are read."""
+        info = self._infos[name]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: read('{name}') after close()")
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        shape = (stop - start, *info.shape[1:])
+        if row == 0 or start == stop:
+            return torch.empty(shape, dtype=info.dtype)
+        buf = bytearray(row * (stop - start))
+        read_exact(self._fd, buf, self._ranges[name][0] + row * start, self.path)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(shape)
+
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[torch.Tensor]:
         """Tensor ``name`` over a private mapping of its pages, valid inside the block only:

@@ -24,7 +24,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
-from splice.io.mapped import stored_view
+from splice.io.mapped import read_rows, stored_view
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
 from splice.io.textfile import load_json
@@ -87,6 +87,10 @@ class ShardedReader:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from its shard."""
         return self._shards[self._where[name]].read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor from its shard (`splice.io.mapped.read_rows`)."""
+        return read_rows(self._shards[self._where[name]], name, start, stop)
 
     def view(self, name: str) -> contextlib.AbstractContextManager[torch.Tensor]:
         """A mapped view of one tensor in its shard (`SafetensorsReader.view`; a plain read for
