@@ -148,3 +148,28 @@ def test_only_elementwise_methods_and_copies_are_chunked(tmp_path):
             assert rows_per_chunk(plan, ids, cost=1000, share=1000) is None
         finally:
             plan.close()
+
+
+class _WholeTensorReader:
+    """A reader that can only read whole tensors (like a pickled .bin checkpoint)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def info(self, name):
+        return self.inner.info(name)
+
+
+def test_inputs_that_cannot_read_rows_alone_are_not_chunked(tmp_path):
+    paths = _models(tmp_path, torch.float32)
+    recipe = _recipes(paths)["task_arithmetic+lines"]
+    plan = plan_merge(parse_recipe(recipe))
+    try:
+        emb = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
+        assert chunkable(plan, emb)
+        ref = plan.jobs[emb].inputs[1].ref
+        plan.readers[ref] = _WholeTensorReader(plan.readers[ref])  # type: ignore[assignment]
+        assert not chunkable(plan, emb)  # each chunk would read the whole tensor again
+    finally:
+        plan.readers[ref] = plan.readers[ref].inner  # type: ignore[attr-defined]
+        plan.close()

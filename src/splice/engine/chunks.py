@@ -10,7 +10,8 @@ A job whose estimated cost exceeds its share of the budget (``memory_budget`` ov
 that may run at once) is split along its first dimension into chunks of rows, each within
 the share, when the job's result at an entry depends only on the inputs at that entry and
 on per-tensor values known before the first chunk (weights, λ, the LiNeS depth scale, the
-output dtype): copies, and the methods in `ELEMENTWISE_METHODS`. Each chunk reads only its
+output dtype): copies, and the methods in `ELEMENTWISE_METHODS`, when every input is read
+from safetensors files (which read a chunk's rows alone). Each chunk reads only its
 rows of every input (`splice.io.mapped.read_rows`), merges them with the same method, casts
 them and hands them to the writer, which stores them in order (`ShardedWriter.write_rows`),
 so the output is bit for bit the unchunked one, and the input digests for ``--resume``
@@ -44,6 +45,9 @@ def chunkable(plan: MergePlan, index: int) -> bool:
     if len(job.out.shape) < 1 or job.out.shape[0] < 2:
         return False
     if any(plan.readers[s.ref].info(s.name).shape != job.out.shape for s in job.sources):
+        return False
+    # only readers that read a chunk's rows alone (safetensors), not the whole tensor per chunk
+    if not all(getattr(plan.readers[s.ref], "rows_direct", False) for s in job.sources):
         return False
     if job.kind == "copy":
         return True

@@ -11,7 +11,8 @@ and a private mapping would copy every written page anyway, one page fault at a 
 
 `read_rows` reads rows [start, stop) of a tensor (its first dimension), for callers that
 stream one large tensor in row chunks (`splice.engine.chunks`): only those bytes are read
-where the reader can (``reader.read_rows``), else the whole tensor is read and sliced.
+where the reader can (``reader.read_rows``; ``reader.rows_direct`` says so), else the whole
+tensor is read and sliced.
 
 The digest (`input_digest`, for `--resume`) and the NaN / ±inf check (a `FiniteReader`) see
 the tensor as stored, before the conversion, exactly as with a plain read.

@@ -168,6 +168,8 @@ class SafetensorsReader:
         flat = torch.frombuffer(buf, dtype=torch.uint8)
         return flat.view(info.dtype).reshape(info.shape)
 
+    rows_direct = True  # `read_rows` reads only the rows' bytes
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor ``name`` (its first dimension) into a fresh tensor:
         only those bytes are read."""

@@ -88,6 +88,11 @@ class ShardedReader:
         """Read one tensor from its shard."""
         return self._shards[self._where[name]].read(name)
 
+    @property
+    def rows_direct(self) -> bool:
+        """Whether `read_rows` reads only the rows' bytes (every shard can)."""
+        return all(getattr(r, "rows_direct", False) for r in self._shards.values())
+
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one tensor from its shard (`splice.io.mapped.read_rows`)."""
         return read_rows(self._shards[self._where[name]], name, start, stop)
