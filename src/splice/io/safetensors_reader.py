@@ -202,7 +202,11 @@ class SafetensorsReader:
             raise CheckpointError(
                 f"{self.path}: file ended before byte {end} of tensor '{name}' (truncated?)"
             )
-        mapped = mmap.mmap(self._fd, end - start, access=mmap.ACCESS_COPY, offset=start)
+        try:
+            mapped = mmap.mmap(self._fd, end - start, access=mmap.ACCESS_COPY, offset=start)
+        except OSError:  # a file system that cannot map files: a plain read
+            yield self.read(name)
+            return
         try:
             flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start)
             t = flat.view(info.dtype).reshape(info.shape)
