@@ -4,7 +4,9 @@
 Run by hand (not in CI), from the repository root with the dev environment active:
 
     python benchmarks/merge_speed.py                 # full size (~0.37B parameters, bf16)
+    python benchmarks/merge_speed.py --size small    # ~0.1B parameters
     python benchmarks/merge_speed.py --quick         # 6 layers, a fast check of the script
+    python benchmarks/merge_speed.py --recipes ties,slerp --dtypes bfloat16 --runs 3
 
 What it does:
 
@@ -14,12 +16,16 @@ What it does:
    sharded at 500 MB with model.safetensors.index.json, and three fine-tunes (base plus
    small random deltas, a different seed and scale per model). Tensors are generated and
    written one at a time, so building needs memory for a few tensors only.
-2. Writes mergekit-format recipes (the same file goes to both tools): TIES (density
-   0.2/0.3/0.5, weight 1/0.8/0.6, normalize true) and task_arithmetic (weight
-   1/0.8/0.6), both with dtype float32 and out_dtype bfloat16, so both tools compute in
-   float32 and the outputs can be compared exactly.
+2. Writes mergekit-format recipes (the same file goes to both tools), each in two compute
+   dtypes (--dtypes): `dtype: float32` with `out_dtype: bfloat16`, and `dtype: bfloat16`
+   (mergekit's arithmetic in bf16, which splice's mergekit dialect repeats). Recipes:
+   TIES and DARE-TIES (density 0.2/0.3/0.5, weight 1/0.8/0.6, normalize true),
+   task_arithmetic (weight 1/0.8/0.6), SLERP (base and ft0, t 0.5) and Model Stock (base
+   and the three fine-tunes). DARE-TIES draws random masks: the two tools' generators
+   differ, so its outputs are compared but not expected to be identical.
 3. Times each tool as a subprocess (the whole process: start-up, imports, merge, writing),
-   at least --runs times per recipe, and reports min and median wall time. Before every
+   --runs times per recipe (at least 2), interleaved (run 1 of splice and of every mergekit
+   configuration, then run 2, ...), and reports min and median wall time. Before every
    run the inputs are read once (page cache warm, the same state for every run) and
    `sync` flushes earlier runs' dirty pages, so no run pays for another's writes.
    mergekit-yaml is run in several configurations (defaults, -j 2, --async-write, both);
@@ -62,9 +68,34 @@ from safetensors import safe_open
 
 from splice.io import ShardedWriter, TensorInfo, plan_shards
 
-FULL = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "vocab_size": 32000}
+FULL = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "vocab_size": 32000,
+}
 QUICK = {**FULL, "num_hidden_layers": 6}
+SIZES = {
+    "small": {
+        "hidden_size": 768,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 12,
+        "vocab_size": 32000,
+    },  # 0.106B parameters
+    "quick": QUICK,  # 0.147B
+    "full": FULL,  # 0.374B
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 5632,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+    },  # 0.954B
+}
+DTYPES = ("float32", "bfloat16")
+RECIPES = ("ties", "dare_ties", "task_arithmetic", "slerp", "model_stock")
 SHARD_BYTES = 500_000_000
 MODELS = ("base", "ft0", "ft1", "ft2")
 DELTA_SCALE = (0.0, 0.002, 0.0025, 0.003)  # std of each model's random delta
@@ -104,12 +135,16 @@ def llama_layout(shape: dict[str, int]) -> list[tuple[str, tuple[int, ...], floa
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out += [(p + "input_layernorm.weight", (h,), 0.0)]
-        out += [(p + f"self_attn.{n}.weight", (h, h), h**-0.5)
-                for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [
+            (p + f"self_attn.{n}.weight", (h, h), h**-0.5)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        ]
         out += [(p + "post_attention_layernorm.weight", (h,), 0.0)]
-        out += [(p + "mlp.gate_proj.weight", (f, h), h**-0.5),
-                (p + "mlp.up_proj.weight", (f, h), h**-0.5),
-                (p + "mlp.down_proj.weight", (h, f), f**-0.5)]
+        out += [
+            (p + "mlp.gate_proj.weight", (f, h), h**-0.5),
+            (p + "mlp.up_proj.weight", (f, h), h**-0.5),
+            (p + "mlp.down_proj.weight", (h, f), f**-0.5),
+        ]
     out += [("model.norm.weight", (h,), 0.0), ("lm_head.weight", (v, h), 0.02)]
     return out
 
@@ -130,16 +165,22 @@ def build_models(root: Path, shape: dict[str, int]) -> dict[str, Path]:
     layout = llama_layout(shape)
     infos = [TensorInfo(n, s, torch.bfloat16) for n, s, _ in layout]
     cfg = (json.dumps(llama_config(shape), indent=2) + "\n").encode()
-    writers = {m: ShardedWriter(dirs[m], plan_shards(infos, SHARD_BYTES), {"format": "pt"})
-               for m in MODELS}
+    writers = {
+        m: ShardedWriter(dirs[m], plan_shards(infos, SHARD_BYTES), {"format": "pt"}) for m in MODELS
+    }
     t0 = time.perf_counter()
-    print(f"building {sum(i.numel for i in infos) / 1e9:.3f}B-parameter models under {root} ...",
-          flush=True)
+    print(
+        f"building {sum(i.numel for i in infos) / 1e9:.3f}B-parameter models under {root} ...",
+        flush=True,
+    )
     for name, s, std in layout:
-        base = (torch.ones(s) if std == 0 else torch.randn(s, generator=_gen("base", name)) * std)
+        base = torch.ones(s) if std == 0 else torch.randn(s, generator=_gen("base", name)) * std
         for mi, m in enumerate(MODELS):
-            t = base if mi == 0 else base + torch.randn(
-                s, generator=_gen(m, name)) * DELTA_SCALE[mi]
+            t = (
+                base
+                if mi == 0
+                else base + torch.randn(s, generator=_gen(m, name)) * DELTA_SCALE[mi]
+            )
             writers[m].write(name, t.to(torch.bfloat16))
             del t
     for w in writers.values():
@@ -149,27 +190,63 @@ def build_models(root: Path, shape: dict[str, int]) -> dict[str, Path]:
     return dirs
 
 
-def recipes(work: Path, dirs: dict[str, Path]) -> dict[str, Path]:
+def recipe_doc(method: str, dirs: dict[str, Path], dtype: str) -> dict[str, object]:
+    """The mergekit-format recipe of ``method`` computing in ``dtype``."""
+    base = str(dirs["base"].resolve())
     fts = [str(dirs[f"ft{i}"].resolve()) for i in range(3)]
     weights, densities = [1.0, 0.8, 0.6], [0.2, 0.3, 0.5]
-    common = {"dtype": "float32", "out_dtype": "bfloat16"}
-    docs = {
-        "ties": {
-            "merge_method": "ties", "base_model": str(dirs["base"].resolve()),
-            "models": [{"model": m, "parameters": {"weight": w, "density": d}}
-                       for m, w, d in zip(fts, weights, densities)],
-            "parameters": {"normalize": True}, **common},
-        "task_arithmetic": {
-            "merge_method": "task_arithmetic", "base_model": str(dirs["base"].resolve()),
-            "models": [{"model": m, "parameters": {"weight": w}}
-                       for m, w in zip(fts, weights)], **common},
-    }
+    common: dict[str, object] = {"dtype": dtype, "out_dtype": "bfloat16"}
+    if method in ("ties", "dare_ties"):
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": [
+                {"model": m, "parameters": {"weight": w, "density": d}}
+                for m, w, d in zip(fts, weights, densities)
+            ],
+            "parameters": {"normalize": True},
+            **common,
+        }
+    if method == "task_arithmetic":
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, weights)],
+            **common,
+        }
+    if method == "slerp":
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": base}, {"model": fts[0]}],
+            "parameters": {"t": 0.5},
+            **common,
+        }
+    if method == "model_stock":
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": [{"model": m} for m in fts],
+            **common,
+        }
+    raise SystemExit(f"unknown recipe '{method}' (known: {', '.join(RECIPES)})")
+
+
+def recipes(
+    work: Path,
+    dirs: dict[str, Path],
+    methods: list[str] | tuple[str, ...] = RECIPES,
+    dtypes: list[str] | tuple[str, ...] = DTYPES,
+) -> dict[str, Path]:
+    """Recipe files named '<method>@<dtype>' (the dtype the tools compute in)."""
     out = {}
     (work / "recipes").mkdir(parents=True, exist_ok=True)
-    for name, doc in docs.items():
-        p = work / "recipes" / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(doc, sort_keys=False))
-        out[name] = p
+    for method in methods:
+        for dtype in dtypes:
+            name = f"{method}@{dtype}"
+            p = work / "recipes" / f"{name}.yaml"
+            p.write_text(yaml.safe_dump(recipe_doc(method, dirs, dtype), sort_keys=False))
+            out[name] = p
     return out
 
 
@@ -184,8 +261,9 @@ def splice_version() -> str:
     repo = Path(splice.__file__).resolve().parents[2]
 
     def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *a], capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         head, tree = git("rev-parse", "--short", "HEAD"), git("rev-parse", "--short", "HEAD:src")
@@ -229,8 +307,14 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> dict[str, floa
         os.fsync(fh.fileno())
         t_fsync = time.perf_counter() - t1
     target.unlink()
-    return {"read_bytes": nread, "read_s": t_read, "write_bytes": out_bytes,
-            "write_s": t_write, "floor_s": t_read + t_write, "fsync_s": t_fsync}
+    return {
+        "read_bytes": nread,
+        "read_s": t_read,
+        "write_bytes": out_bytes,
+        "write_s": t_write,
+        "floor_s": t_read + t_write,
+        "fsync_s": t_fsync,
+    }
 
 
 def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
@@ -246,8 +330,12 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, fl
     rss_file = log.with_name(log.name + ".maxrss")
     with open(log, "wb") as lf:
         t0 = time.perf_counter()
-        p = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss_file), *cmd], stdout=lf,
-                             stderr=subprocess.STDOUT, env=env)
+        p = subprocess.Popen(
+            [TIME, "-f", "%M", "-o", str(rss_file), *cmd],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
         def poll() -> None:
             nonlocal peak_tree
@@ -295,25 +383,64 @@ def tool_cmd(tool: str, extra: list[str], recipe: Path, out: Path) -> list[str]:
     return [executable("mergekit-yaml"), str(recipe), str(out), "--quiet", *extra]
 
 
-def bench_tool(tool: str, cfg: str, extra: list[str], recipe: Path, out: Path,
-               files: list[Path], runs: int, env: dict[str, str]) -> dict[str, object]:
-    results = []
-    for r in range(runs):
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-        read_all(files)
-        res = run_measured(tool_cmd(tool, extra, recipe, out), env,
-                           out.with_name(out.name + ".log"))
-        results.append(res)
-        print(f"  {tool:8} {cfg:9} {recipe.stem:16} run {r + 1}: {res['wall_s']:7.2f} s, "
-              f"maxrss {res['maxrss_mb']:7.0f} MB, tree {res['tree_rss_mb']:7.0f} MB", flush=True)
+def bench_run(
+    tool: str,
+    cfg: str,
+    extra: list[str],
+    recipe: Path,
+    out: Path,
+    files: list[Path],
+    env: dict[str, str],
+    r: int,
+) -> dict[str, float]:
+    """One timed run of one tool (page cache warm, earlier writes flushed)."""
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    read_all(files)
+    res = run_measured(tool_cmd(tool, extra, recipe, out), env, out.with_name(out.name + ".log"))
+    print(
+        f"  {tool:8} {cfg:9} {recipe.stem:24} run {r + 1}: {res['wall_s']:7.2f} s, "
+        f"maxrss {res['maxrss_mb']:7.0f} MB, tree {res['tree_rss_mb']:7.0f} MB",
+        flush=True,
+    )
+    return res
+
+
+def bench_row(
+    tool: str, cfg: str, extra: list[str], recipe: Path, out: Path, results: list[dict[str, float]]
+) -> dict[str, object]:
     walls = [r["wall_s"] for r in results]
     return {
-        "tool": tool, "config": cfg, "args": extra, "recipe": recipe.stem, "runs": results,
-        "wall_min_s": min(walls), "wall_median_s": statistics.median(walls),
+        "tool": tool,
+        "config": cfg,
+        "args": extra,
+        "recipe": recipe.stem,
+        "runs": results,
+        "wall_min_s": min(walls),
+        "wall_median_s": statistics.median(walls),
         "peak_rss_mb": max(max(r["maxrss_mb"], r["tree_rss_mb"]) for r in results),
         "out": str(out),
     }
+
+
+def bench_interleaved(
+    tools: list[tuple[str, str, list[str]]],
+    recipe: Path,
+    outs: Path,
+    files: list[Path],
+    runs: int,
+    env: dict[str, str],
+) -> list[dict[str, object]]:
+    """Every (tool, config, args) ``runs`` times, interleaved: run r of each before run r+1."""
+    results: list[list[dict[str, float]]] = [[] for _ in tools]
+    paths = [outs / f"{tool}-{cfg.replace(' ', '_')}-{recipe.stem}" for tool, cfg, _ in tools]
+    for r in range(runs):
+        for k, (tool, cfg, extra) in enumerate(tools):
+            results[k].append(bench_run(tool, cfg, extra, recipe, paths[k], files, env, r))
+    return [
+        bench_row(tool, cfg, extra, recipe, paths[k], results[k])
+        for k, (tool, cfg, extra) in enumerate(tools)
+    ]
 
 
 # -- comparing ------------------------------------------------------------------------
@@ -334,9 +461,16 @@ def _tensor_files(d: Path) -> dict[str, Path]:
 def compare_outputs(a: Path, b: Path) -> dict[str, object]:
     fa, fb = _tensor_files(a), _tensor_files(b)
     res: dict[str, object] = {
-        "only_a": sorted(set(fa) - set(fb)), "only_b": sorted(set(fb) - set(fa)),
-        "tensors": 0, "entries": 0, "differing_entries": 0, "differing_tensors": 0,
-        "max_abs_diff": 0.0, "mismatched_meta": [], "worst": None}
+        "only_a": sorted(set(fa) - set(fb)),
+        "only_b": sorted(set(fb) - set(fa)),
+        "tensors": 0,
+        "entries": 0,
+        "differing_entries": 0,
+        "differing_tensors": 0,
+        "max_abs_diff": 0.0,
+        "mismatched_meta": [],
+        "worst": None,
+    }
     handles: dict[Path, object] = {}
 
     def get(f: Path, n: str) -> torch.Tensor:
@@ -349,7 +483,8 @@ def compare_outputs(a: Path, b: Path) -> dict[str, object]:
         res["tensors"] += 1
         if x.shape != y.shape or x.dtype != y.dtype:
             res["mismatched_meta"].append(
-                f"{n}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}")
+                f"{n}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
+            )
             continue
         res["entries"] += x.numel()
         ne = x != y
@@ -360,8 +495,12 @@ def compare_outputs(a: Path, b: Path) -> dict[str, object]:
             res["differing_tensors"] += 1
             if d > res["max_abs_diff"]:
                 res["max_abs_diff"], res["worst"] = d, n
-    res["identical"] = (not res["only_a"] and not res["only_b"] and not res["mismatched_meta"]
-                        and res["differing_entries"] == 0)
+    res["identical"] = (
+        not res["only_a"]
+        and not res["only_b"]
+        and not res["mismatched_meta"]
+        and res["differing_entries"] == 0
+    )
     return res
 
 
@@ -371,46 +510,78 @@ def compare_outputs(a: Path, b: Path) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path(".bench"), help="cache and output folder")
-    ap.add_argument("--quick", action="store_true", help="6 layers instead of 24")
+    ap.add_argument("--quick", action="store_true", help="6 layers instead of 24 (--size quick)")
+    ap.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="full",
+        help="synthetic model size: small 0.1B, quick 0.15B, full 0.37B, 1b 0.95B",
+    )
     ap.add_argument("--runs", type=int, default=2, help="timed runs per tool and recipe (>= 2)")
-    ap.add_argument("--recipes", default="ties,task_arithmetic")
-    ap.add_argument("--mergekit-configs", default=",".join(MERGEKIT_CONFIGS),
-                    help=f"comma list of {list(MERGEKIT_CONFIGS)}")
-    ap.add_argument("--splice-args", default="",
-                    help="extra flags for splice merge, e.g. '--threads 2'")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {RECIPES}")
+    ap.add_argument(
+        "--dtypes",
+        default=",".join(DTYPES),
+        help="comma list of compute dtypes (the recipes' `dtype:`)",
+    )
+    ap.add_argument(
+        "--mergekit-configs",
+        default=",".join(MERGEKIT_CONFIGS),
+        help=f"comma list of {list(MERGEKIT_CONFIGS)}",
+    )
+    ap.add_argument(
+        "--splice-args", default="", help="extra flags for splice merge, e.g. '--threads 2'"
+    )
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--keep-outputs", action="store_true")
     args = ap.parse_args(argv)
 
     if not Path(TIME).is_file():
         ap.error(f"needs GNU time at {TIME} for peak RSS (apt-get install time)")
+    if args.runs < 2:
+        ap.error("--runs must be at least 2 (the table reports medians)")
     work = args.work.resolve()
-    shape = QUICK if args.quick else FULL
-    tag = "quick" if args.quick else "full"
+    tag = "quick" if args.quick else args.size
+    shape = SIZES[tag]
     dirs = build_models(work / f"models-{tag}", shape)
-    recipe_paths = recipes(work / tag, dirs)
-    wanted = [r for r in args.recipes.split(",") if r]
+    methods = [r for r in args.recipes.split(",") if r]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    recipe_paths = recipes(work / tag, dirs, methods, dtypes)
+    wanted = list(recipe_paths)
     mk_cfgs = [] if args.skip_mergekit else [c for c in args.mergekit_configs.split(",") if c]
     files = input_files(dirs, list(MODELS))
     in_bytes = sum(f.stat().st_size for f in files)
     out_bytes = in_bytes // len(MODELS)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
-    machine = {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-               "platform": platform.platform(), "python": sys.version.split()[0],
-               "torch": torch.__version__}
+    machine = {
+        "cpus": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
     with contextlib.suppress(PackageNotFoundError):
         machine["mergekit"] = version("mergekit")
     machine["splice"] = splice_version()
     print(f"machine: {machine}", flush=True)
-    print(f"inputs: {len(files)} files, {in_bytes / 1e9:.2f} GB; one output ≈ "
-          f"{out_bytes / 1e9:.2f} GB", flush=True)
+    print(
+        f"inputs: {len(files)} files, {in_bytes / 1e9:.2f} GB; one output ≈ "
+        f"{out_bytes / 1e9:.2f} GB",
+        flush=True,
+    )
 
     floor = io_floor(files, out_bytes, work / tag / "scratch")
-    print(f"I/O floor: read {floor['read_s']:.2f} s + write {floor['write_s']:.2f} s = "
-          f"{floor['floor_s']:.2f} s (fsync of the written bytes: {floor['fsync_s']:.2f} s)",
-          flush=True)
+    print(
+        f"I/O floor: read {floor['read_s']:.2f} s + write {floor['write_s']:.2f} s = "
+        f"{floor['floor_s']:.2f} s (fsync of the written bytes: {floor['fsync_s']:.2f} s)",
+        flush=True,
+    )
 
     rows: list[dict[str, object]] = []
     checks: dict[str, object] = {}
@@ -419,14 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_paths[rname]
         outs = work / tag / "out"
         outs.mkdir(parents=True, exist_ok=True)
-        sp = bench_tool("splice", "default" if not splice_extra else " ".join(splice_extra),
-                        splice_extra, recipe, outs / f"splice-{rname}", files, args.runs, env)
-        rows.append(sp)
-        mk_rows = []
-        for cfg in mk_cfgs:
-            mk_rows.append(bench_tool("mergekit", cfg, MERGEKIT_CONFIGS[cfg], recipe,
-                                      outs / f"mergekit-{cfg}-{rname}", files, args.runs, env))
-        rows += mk_rows
+        tools = [
+            ("splice", "default" if not splice_extra else " ".join(splice_extra), splice_extra)
+        ]
+        tools += [("mergekit", cfg, MERGEKIT_CONFIGS[cfg]) for cfg in mk_cfgs]
+        sp, *mk_rows = bench_interleaved(tools, recipe, outs, files, args.runs, env)
+        rows += [sp, *mk_rows]
         if mk_rows:
             best = min(mk_rows, key=lambda r: r["wall_median_s"])
             for r in [sp, *mk_rows]:
@@ -434,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                 r["speedup_vs_mergekit_min"] = best["wall_min_s"] / r["wall_min_s"]
                 r["memory_vs_mergekit"] = r["peak_rss_mb"] / best["peak_rss_mb"]
             print(f"  comparing splice and mergekit ({best['config']}) outputs ...", flush=True)
-            checks[rname] = {"mergekit_config": best["config"],
-                             **compare_outputs(Path(best["out"]), Path(sp["out"]))}
+            checks[rname] = {
+                "mergekit_config": best["config"],
+                **compare_outputs(Path(best["out"]), Path(sp["out"])),
+            }
             print(f"  {rname}: {summary(checks[rname])}", flush=True)
         if not args.keep_outputs:
             for r in [sp, *mk_rows]:
@@ -443,12 +614,21 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(rows, floor, checks, tag)
     if splice_version().split(" src ")[-1] != machine["splice"].split(" src ")[-1]:
-        print(f"WARNING: splice changed during the run ({machine['splice']} -> "
-              f"{splice_version()}); the splice rows may mix versions")
+        print(
+            f"WARNING: splice changed during the run ({machine['splice']} -> "
+            f"{splice_version()}); the splice rows may mix versions"
+        )
         machine["splice_at_end"] = splice_version()
-    results = {"size": tag, "shape": shape, "machine": machine, "inputs_bytes": in_bytes,
-               "io_floor": floor, "rows": rows, "checks": checks,
-               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
+    results = {
+        "size": tag,
+        "shape": shape,
+        "machine": machine,
+        "inputs_bytes": in_bytes,
+        "io_floor": floor,
+        "rows": rows,
+        "checks": checks,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nresults: {work / 'results.json'}")
     return 0
@@ -459,37 +639,49 @@ def summary(c: dict[str, object]) -> str:
         return f"identical ({c['tensors']} tensors, {c['entries']:,} entries, bit for bit)"
     parts = []
     if c["only_a"] or c["only_b"]:
-        parts.append(f"names differ (only mergekit: {c['only_a'][:3]}, only splice: "
-                     f"{c['only_b'][:3]})")
+        parts.append(
+            f"names differ (only mergekit: {c['only_a'][:3]}, only splice: {c['only_b'][:3]})"
+        )
     if c["mismatched_meta"]:
         parts.append(f"shape/dtype differ: {c['mismatched_meta'][:3]}")
     if c["differing_entries"]:
-        parts.append(f"{c['differing_entries']:,} of {c['entries']:,} entries differ "
-                     f"({c['differing_entries'] / c['entries']:.3%}) in "
-                     f"{c['differing_tensors']}/{c['tensors']} tensors, max |diff| "
-                     f"{c['max_abs_diff']:.3g} (in {c['worst']})")
+        parts.append(
+            f"{c['differing_entries']:,} of {c['entries']:,} entries differ "
+            f"({c['differing_entries'] / c['entries']:.3%}) in "
+            f"{c['differing_tensors']}/{c['tensors']} tensors, max |diff| "
+            f"{c['max_abs_diff']:.3g} (in {c['worst']})"
+        )
     return "; ".join(parts)
 
 
-def print_table(rows: list[dict[str, object]], floor: dict[str, float],
-                checks: dict[str, object], tag: str) -> None:
+def print_table(
+    rows: list[dict[str, object]], floor: dict[str, float], checks: dict[str, object], tag: str
+) -> None:
     print(f"\n== merge speed ({tag}; wall = whole process; RSS = peak of the process tree) ==")
-    head = (f"{'tool':9} {'config':9} {'recipe':16} {'wall min':>9} {'median':>8} "
-            f"{'peak RSS MB':>11} {'speedup':>8} {'mem ratio':>9} {'vs floor':>8}")
+    head = (
+        f"{'tool':9} {'config':9} {'recipe':24} {'wall min':>9} {'median':>8} "
+        f"{'peak RSS MB':>11} {'speedup':>8} {'mem ratio':>9} {'vs floor':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         sp = r.get("speedup_vs_mergekit_median")
         mem = r.get("memory_vs_mergekit")
-        print(f"{r['tool']:9} {r['config']:9} {r['recipe']:16} {r['wall_min_s']:>8.2f}s "
-              f"{r['wall_median_s']:>7.2f}s {r['peak_rss_mb']:>11.0f} "
-              f"{(f'{sp:.2f}x' if sp else '-'):>8} {(f'{mem:.2f}' if mem else '-'):>9} "
-              f"{r['wall_median_s'] / floor['floor_s']:>7.1f}x")
-    print(f"\nI/O floor: read {floor['read_bytes'] / 1e9:.2f} GB in {floor['read_s']:.2f} s + "
-          f"write {floor['write_bytes'] / 1e9:.2f} GB in {floor['write_s']:.2f} s = "
-          f"{floor['floor_s']:.2f} s (+ fsync {floor['fsync_s']:.2f} s)")
-    print("speedup = mergekit's best median wall / this median wall; mem ratio = this peak "
-          "RSS / mergekit's best config's peak RSS")
+        print(
+            f"{r['tool']:9} {r['config']:9} {r['recipe']:24} {r['wall_min_s']:>8.2f}s "
+            f"{r['wall_median_s']:>7.2f}s {r['peak_rss_mb']:>11.0f} "
+            f"{(f'{sp:.2f}x' if sp else '-'):>8} {(f'{mem:.2f}' if mem else '-'):>9} "
+            f"{r['wall_median_s'] / floor['floor_s']:>7.1f}x"
+        )
+    print(
+        f"\nI/O floor: read {floor['read_bytes'] / 1e9:.2f} GB in {floor['read_s']:.2f} s + "
+        f"write {floor['write_bytes'] / 1e9:.2f} GB in {floor['write_s']:.2f} s = "
+        f"{floor['floor_s']:.2f} s (+ fsync {floor['fsync_s']:.2f} s)"
+    )
+    print(
+        "speedup = mergekit's best median wall / this median wall; mem ratio = this peak "
+        "RSS / mergekit's best config's peak RSS"
+    )
     for name, c in checks.items():
         print(f"outputs, {name} (splice vs mergekit {c['mergekit_config']}): {summary(c)}")
 

@@ -13,12 +13,16 @@ planning plus a per-step function on this driver:
   runs the pending steps, each returning its `Output` tensors, and finalizes with the
   extra files and the side files copied from one list (`io.open.model_side_files`).
 
-Steps run on ``threads`` workers, in step order, with at most ``threads + 1`` in flight
-and at most ``memory_budget`` bytes of estimated step memory (`cost`; a step larger than
-the budget runs alone), so peak memory is about max(budget, the largest step) plus the
-interpreter, independent of model size. Reading (pread), computing (torch) and writing
-(pwrite) release the GIL, so they overlap. With one thread, steps run one after another in
-step order.
+Steps run on ``threads`` workers, in step order, with at most ``threads + read_ahead`` in
+flight and at most ``memory_budget`` bytes of estimated step memory (`cost`; a step larger
+than the budget runs alone), so peak memory is about max(budget, the largest step) plus the
+interpreter, independent of model size. A spec that lists each step's reads (`Stream.reads`)
+gets them read ahead on one reader thread (`splice.engine.prefetch`): read, converted to the
+step's dtype, hashed and checked while the workers compute and write earlier steps, inside
+the same budget (a step's reads start only once the step is admitted). Reading (pread /
+mapped pages), computing (torch) and writing (pwrite) release the GIL, so they overlap.
+Every step's outputs are the same whatever the threads and read-ahead: a step gets fresh
+tensors of the same bytes either way.
 """
 
 from __future__ import annotations
@@ -38,14 +42,17 @@ import torch
 from tqdm import tqdm
 
 import splice
+from splice.engine.prefetch import Prefetcher, Read, Result
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
+from splice.io.mapped import read_as, read_rows
 from splice.io.open import TOKENIZER_FILES, model_side_files
-from splice.io.shard_record import input_digest
 from splice.reference import open_checkpoint
 
 T = TypeVar("T")
+
+_current = threading.local()  # .step: the step a worker thread is running (prefetch lookups)
 
 # The side files a written model takes from its model folder (a merge writes its own
 # config.json and copies only the tokenizer's).
@@ -68,11 +75,16 @@ def source_key(ref: str, name: str) -> str:
 
 @dataclass
 class Output:
-    """One planned output tensor of a step, with the digests of what it was made from."""
+    """One planned output tensor of a step, with the digests of what it was made from.
+
+    A large tensor may come as ``rows`` instead of ``tensor``: an iterable of its row chunks
+    in order, computed as the driver writes them (`ShardedWriter.write_rows`), so only one
+    chunk is held at a time; ``record`` is read once the last chunk is written."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None
     record: Mapping[str, str] = field(default_factory=dict)
+    rows: Iterable[torch.Tensor] | None = None
 
 
 class Sources:
@@ -82,6 +94,7 @@ class Sources:
         self.readers = dict(readers)
         self.bytes_read = 0
         self._lock = threading.Lock()
+        self.prefetcher: Prefetcher | None = None  # set by `write_stream` while it runs
 
     @classmethod
     def open(cls, refs: Iterable[str | os.PathLike[str]], *, allow_nonfinite: bool) -> Sources:
@@ -102,16 +115,43 @@ class Sources:
         return self.readers[os.fspath(ref)]
 
     def read(
-        self, ref: str | os.PathLike[str], name: str, record: dict[str, str] | None = None
+        self,
+        ref: str | os.PathLike[str],
+        name: str,
+        record: dict[str, str] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Tensor ``name`` of ``ref``; its digest goes into ``record`` when one is given."""
+        """Tensor ``name`` of ``ref``, a fresh tensor of ``dtype`` (None: as stored; the
+        conversion reads mapped pages, `splice.io.mapped`); the digest of its stored bytes
+        goes into ``record`` when one is given. Taken from the read-ahead when the running
+        step scheduled this read."""
         key = os.fspath(ref)
-        t = self.readers[key].read(name)
+        step = getattr(_current, "step", None)
+        got = None
+        if self.prefetcher is not None and step is not None:
+            got = self.prefetcher.take(step, key, name, dtype)
+        t, sha = got if got is not None else self.read_now(key, name, dtype, record is not None)
         if record is not None:
-            record[source_key(key, name)] = input_digest(t)
+            assert sha is not None
+            record[source_key(key, name)] = sha
+        return t
+
+    def read_rows(self, ref: str, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` of ``ref``, stored dtype (`io.mapped`)."""
+        t = read_rows(self.readers[ref], name, start, stop)
         with self._lock:
             self.bytes_read += t.numel() * t.element_size()
         return t
+
+    def read_now(
+        self, ref: str, name: str, dtype: torch.dtype | None, digest: bool = True
+    ) -> Result:
+        """Read (and convert, hash) one tensor on this thread; counts the bytes read."""
+        reader = self.readers[ref]
+        t, sha = read_as(reader, name, dtype, digest=digest)
+        with self._lock:
+            self.bytes_read += reader.info(name).nbytes
+        return t, sha
 
     def check_same_tensors(self, base: str, other: str, what: str) -> None:
         """``other`` has exactly the tensor names and shapes of ``base``."""
@@ -203,6 +243,9 @@ class Stream:
     threads: int = 1
     memory_budget: int = 1_000_000_000
     cost: Callable[[int], int] = lambda i: 0  # estimated bytes of a step at its peak
+    # The reads of a step, in its order (for the read-ahead); None: steps read for themselves.
+    reads: Callable[[int], list[Read]] | None = None
+    read_ahead: int = 1  # steps admitted beyond the busy workers (their reads start at once)
     progress: bool = False
     label: str = "writing"
 
@@ -243,15 +286,35 @@ def write_stream(
         def run(i: int) -> int:
             written = 0
             for o in step(i):
-                writer.write(
-                    o.name, o.tensor, inputs=o.record, allow_nonfinite=spec.allow_nonfinite
-                )
-                written += o.tensor.numel() * o.tensor.element_size()
+                if o.rows is None:
+                    assert o.tensor is not None
+                    writer.write(
+                        o.name, o.tensor, inputs=o.record, allow_nonfinite=spec.allow_nonfinite
+                    )
+                    written += o.tensor.numel() * o.tensor.element_size()
+                    continue
+                rows = writer.write_rows(o.name, allow_nonfinite=spec.allow_nonfinite)
+                try:
+                    for chunk in o.rows:
+                        rows.write(chunk)
+                        written += chunk.numel() * chunk.element_size()
+                        del chunk
+                    rows.close(inputs=o.record)
+                except BaseException:
+                    rows.abandon()
+                    raise
             return written
 
         total = {o.name: o.nbytes for o in spec.outputs}
         planned = sum(total[n] for i in pending for n in steps[i])
-        written = _run_steps(run, pending, spec, sources, planned)
+        if spec.reads is not None:
+            sources.prefetcher = Prefetcher(lambda ref, name, dt: sources.read_now(ref, name, dt))
+        try:
+            written = _run_steps(run, pending, spec, sources, planned)
+        finally:
+            if sources.prefetcher is not None:
+                sources.prefetcher.close()
+                sources.prefetcher = None
         writer.finalize(
             extra_files=dict(extra_files() if extra_files else {}), copy_files=spec.side_files
         )
@@ -271,23 +334,38 @@ def write_stream(
 def _run_steps(
     run: Callable[[int], int], pending: list[int], spec: Stream, sources: Sources, total: int
 ) -> int:
-    """Run steps in order: at most threads + 1 in flight, and no more than the memory budget
-    of estimated step memory (a step larger than the budget runs alone)."""
+    """Run steps in order: at most threads + read_ahead in flight, and no more than the
+    memory budget of estimated step memory (a step larger than the budget runs alone). A
+    step's reads are scheduled on the read-ahead when it is admitted."""
     threads = spec.threads
+    prefetcher = sources.prefetcher
     written = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(pending), desc=spec.label, unit="tensor", disable=not spec.progress)
     in_flight: dict[Future[int], int] = {}
     queue = deque(pending)
+
+    def run_step(i: int) -> int:
+        _current.step = i
+        try:
+            return run(i)
+        finally:
+            _current.step = None
+            if prefetcher is not None:
+                prefetcher.drop(i)
+
     try:
         with ThreadPoolExecutor(max_workers=threads) as pool:
 
             def top_up() -> None:
-                while queue and len(in_flight) <= threads:
+                while queue and len(in_flight) < threads + max(spec.read_ahead, 0):
                     cost = spec.cost(queue[0])
                     if in_flight and sum(in_flight.values()) + cost > spec.memory_budget:
                         return
-                    in_flight[pool.submit(run, queue.popleft())] = cost
+                    i = queue.popleft()
+                    if prefetcher is not None and spec.reads is not None:
+                        prefetcher.schedule(i, spec.reads(i))
+                    in_flight[pool.submit(run_step, i)] = cost
 
             top_up()
             while in_flight:

@@ -23,16 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
 import splice
+from splice.engine.chunks import merged_rows, rows_per_chunk
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
+from splice.engine.prefetch import Read
 from splice.engine.resume_check import InputCheck, Rules, rules_digest, stats_key
 from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
@@ -43,6 +45,8 @@ from splice.io.safe_paths import member
 from splice.io.textfile import load_json_object
 from splice.merge import DepthScale, MergeContext
 
+# Compute dtypes in which the mergekit dialect repeats mergekit's own arithmetic (stacked).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 MergeReport = StreamReport
@@ -109,6 +113,7 @@ class _Runner:
     plan: MergePlan
     sources: Sources
     rules: Rules
+    chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
 
     def __post_init__(self) -> None:
         lines = self.plan.recipe.lines
@@ -117,38 +122,67 @@ class _Runner:
         indices = [i for i in (layer_index(j.out.name) for j in self.plan.jobs) if i is not None]
         self.num_layers = self.plan.num_layers_out or (1 + max(indices) if indices else None)
 
+    def reads(self, index: int) -> list[Read]:
+        """What job ``index`` reads, in order: (reference, tensor, dtype to convert to) of
+        the copied tensor, or of the base and each input in the compute dtype; nothing for a
+        job merged in row chunks (it reads its rows itself)."""
+        job = self.plan.jobs[index]
+        if index in self.chunks:
+            return []
+        if job.kind == "copy":
+            return [(job.inputs[0].ref, job.inputs[0].name, None)]
+        cd = self.plan.job_compute_dtype(job)
+        return [(s.ref, s.name, cd) for s in job.sources]
+
     def __call__(self, index: int) -> list[Output]:
         job = self.plan.jobs[index]
         seen: dict[str, str] = {}
-        if job.kind == "copy":
-            out = self.sources.read(job.inputs[0].ref, job.inputs[0].name, seen)
-        else:
-            cd = self.plan.job_compute_dtype(job)
-            base = self.sources.read(job.base.ref, job.base.name, seen).to(cd) if job.base else None
-            tensors = [self.sources.read(s.ref, s.name, seen).to(cd) for s in job.inputs]
+        if index in self.chunks:
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
-            model_stats: dict = dict(self.rules.get(index, {}))
-            if self.plan.data is not None:
-                data = self.plan.data
-                model_stats[data.request] = data.answer([s.name for s in job.inputs])
-            ctx = MergeContext(
-                tensor_name=job.out.name,
-                seed=self.plan.recipe.seed,
-                dialect=self.plan.recipe.dialect,
-                model_stats=model_stats,
-                layer_index=layer_index(job.out.name),
-                num_layers=self.num_layers,
-            )
-            # Methods may modify their inputs in place: the post-step keeps its own base.
-            kept = base.clone() if self.post is not None and base is not None else None
-            with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
-                out = self.plan.method(base, tensors, ctx, **job.params)
-            if kept is not None:
-                assert self.post is not None
-                out = kept.add_(out.to(cd).sub_(kept), alpha=ctx.stat(self.post))
-            del base, tensors, kept
+
+            def combine(parts: list[torch.Tensor]) -> torch.Tensor:
+                return parts[0] if job.kind == "copy" else self._merge(index, parts)
+
+            rows = merged_rows(self.sources, self.plan, index, self.chunks[index], combine, seen)
+            return [Output(job.out.name, None, seen, rows=rows)]
+        read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
+        if job.kind == "copy":
+            out = read[0]
+        else:
+            if self.rules.get(index):
+                seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
+            out = self._merge(index, read)
+        del read
         return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
+
+    def _merge(self, index: int, read: list[torch.Tensor]) -> torch.Tensor:
+        """The method on the job's inputs (the base first, when it has one) in the compute
+        dtype, then the LiNeS post-step; ``read`` is consumed."""
+        job = self.plan.jobs[index]
+        cd = self.plan.job_compute_dtype(job)
+        base = read.pop(0) if job.base else None
+        tensors = read
+        model_stats: dict = dict(self.rules.get(index, {}))
+        if self.plan.data is not None:
+            data = self.plan.data
+            model_stats[data.request] = data.answer([s.name for s in job.inputs])
+        ctx = MergeContext(
+            tensor_name=job.out.name,
+            seed=self.plan.recipe.seed,
+            dialect=self.plan.recipe.dialect,
+            model_stats=model_stats,
+            layer_index=layer_index(job.out.name),
+            num_layers=self.num_layers,
+        )
+        # Methods may modify their inputs in place: the post-step keeps its own base.
+        kept = base.clone() if self.post is not None and base is not None else None
+        with numerical_errors(f"tensor '{job.out.name}': method '{self.plan.method.name}'"):
+            out = self.plan.method(base, tensors, ctx, **job.params)
+        if kept is not None:
+            assert self.post is not None
+            out = kept.add_(out.to(cd).sub_(kept), alpha=ctx.stat(self.post))
+        return out
 
 
 def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
@@ -193,11 +227,14 @@ def run_merge(
     recipe_text: str | None = None,
     progress: bool = True,
     memory_budget: int = 1_000_000_000,
+    read_ahead: int = 2,
 ) -> MergeReport:
     """Run a planned merge into ``out_dir`` (HF folder: shards, index, config, tokenizer).
 
     ``memory_budget`` caps the estimated memory of the jobs in flight (see `job_cost`);
-    a single job larger than it still runs, alone. ``overwrite``: 0 refuses an existing
+    a single job larger than it still runs, alone. ``read_ahead``: jobs admitted beyond the
+    busy workers, whose inputs the reader thread reads meanwhile (0: no reader thread, each
+    job reads its own inputs). ``overwrite``: 0 refuses an existing
     ``out_dir``, 1 replaces a previous splice output holding no input, 2 any folder.
     """
     threads = threads or default_job_threads()
@@ -215,6 +252,16 @@ def run_merge(
             memo.append(_model_stat_rules(plan, threads, progress))
         return memo[0]
 
+    # A job costing more than its share of the budget (the jobs that may run at once) is
+    # merged in row chunks where its method allows (`splice.engine.chunks`).
+    share = memory_budget // (threads + max(read_ahead, 1))
+    costs = [job_cost(plan, i) for i in range(len(plan.jobs))]
+    chunks: dict[int, int] = {}
+    for i, cost in enumerate(costs):
+        rows = rows_per_chunk(plan, i, cost, share)
+        if rows is not None:
+            chunks[i] = rows
+            costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
     spec = Stream(
         outputs=[j.out for j in plan.jobs],
         metadata={
@@ -229,11 +276,13 @@ def run_merge(
         input_check=InputCheck(plan, rules),
         threads=threads,
         memory_budget=memory_budget,
-        cost=lambda i: job_cost(plan, i),
+        cost=lambda i: costs[i],
+        reads=None if read_ahead <= 0 else lambda i: runner.reads(i),
+        read_ahead=max(read_ahead, 1),
         progress=progress,
         label="merging",
     )
-    runner = _Runner(plan, Sources(plan.readers), {})
+    runner = _Runner(plan, Sources(plan.readers), {}, chunks)
 
     def before(pending: list[int]) -> None:
         runner.rules = rules() if pending else {}
@@ -259,13 +308,33 @@ def torch_threads_per_job(threads: int) -> int:
 
 
 def job_cost(plan: MergePlan, index: int) -> int:
-    """Approximate bytes a job holds at its peak: its inputs in the compute dtype plus six
-    tensors' worth of scratch (magnitudes, bit patterns, masks, sign, divisor, result).
+    """Approximate bytes a job holds at its peak, for the driver's memory budget.
+
+    - Each input: its converted copy in the compute dtype, or its bytes as read when the file
+      dtype is wider (the read buffer and its conversion coexist for one input at a time:
+      one more input's file bytes).
+    - Scratch: six tensors' worth (magnitudes, bit patterns, masks, sign, divisor, result),
+      at least float32-wide per entry: the magnitude selection works on float32 magnitudes
+      whatever the compute dtype.
+    - mergekit dialect in float16 / bfloat16 (`_mergekit_precision`): the task-vector combine
+      stacks the n deltas into one more tensor [n, ...] and keeps a bool agreement mask of
+      the same length, on top of the inputs (mergekit's own arithmetic, bit for bit).
+
     Measured: a TIES job over 3 models peaks near 42 bytes per entry in float32; this
-    estimate gives (4 + 6) x 4 = 40."""
+    estimate gives (4 + 6) x 4 = 40. A copy job holds its input only.
+    """
     job = plan.jobs[index]
-    size = torch.empty((), dtype=plan.job_compute_dtype(job)).element_size()
-    cost = job.out.numel * size * (len(job.sources) + 6)
+    if job.kind == "copy":
+        return plan.readers[job.inputs[0].ref].info(job.inputs[0].name).nbytes
+    cd = plan.job_compute_dtype(job)
+    size = torch.empty((), dtype=cd).element_size()
+    numel = job.out.numel
+    file_sizes = [plan.readers[s.ref].info(s.name).nbytes // max(numel, 1) for s in job.sources]
+    cost = numel * sum(max(size, f) for f in file_sizes)
+    cost += numel * max(file_sizes, default=0)  # one read buffer beside its conversion
+    cost += numel * max(size, 4) * 6
+    if plan.recipe.dialect == "mergekit" and cd in _LOW_PRECISION and plan.method.needs_base:
+        cost += numel * (size + 1) * len(job.inputs)  # the stacked deltas and agreement mask
     if plan.data is not None:  # the statistics, in float64 at most (RegMean's solve)
         cost += 8 * plan.data.numel([s.name for s in job.inputs])
     return cost

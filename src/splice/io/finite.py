@@ -22,14 +22,15 @@ mask); only a tensor that fails it is counted in detail.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
 from splice.errors import CheckpointError, MergeValidationError
 from splice.io.base import CheckpointReader
+from splice.io.mapped import read_rows
 
 OPT_IN = "pass --allow-nonfinite to"
 
@@ -110,6 +111,22 @@ class FiniteReader:
 
     def read(self, name: str) -> torch.Tensor:
         return check_input(self.inner.read(name), name, self.source)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, checked (`splice.io.mapped.read_rows`)."""
+        return check_input(read_rows(self.inner, name, start, stop), name, self.source)
+
+    @property
+    def view(self) -> Callable[[str], AbstractContextManager[torch.Tensor]]:
+        """The wrapped reader's mapped view, checked (AttributeError when it has none)."""
+        inner_view = self.inner.view
+
+        @contextmanager
+        def checked(name: str) -> Iterator[torch.Tensor]:
+            with inner_view(name) as t:
+                yield check_input(t, name, self.source)
+
+        return checked
 
     def __getattr__(self, attr: str) -> Any:
         if attr == "inner":  # not yet set: no recursion

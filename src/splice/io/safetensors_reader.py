@@ -14,16 +14,22 @@ The file is opened only if it is a regular file (`safe_paths.open_regular`: a FI
 named `*.safetensors` is an error, not a hang), and errors never quote its bytes.
 
 `read(name)` reads that tensor's bytes, and nothing else, with `os.preadv` into a fresh
-buffer: no mmap, so the resident memory is the tensors the caller holds, not the file's pages.
+buffer: no long-lived mmap, so the resident memory is the tensors the caller holds, not the
+file's pages. `view(name)` maps just that tensor's pages (privately, copy-on-write) for the
+length of a `with` block, for callers that only read them once (a conversion to another dtype,
+`splice.io.mapped`): no copy out of the page cache, and the mapping is gone after the block.
 The file descriptor stays open until `close()`; reads from several threads are safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import mmap
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -162,6 +168,55 @@ class SafetensorsReader:
         flat = torch.frombuffer(buf, dtype=torch.uint8)
         return flat.view(info.dtype).reshape(info.shape)
 
+    rows_direct = True  # `read_rows` reads only the rows' bytes
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` (its first dimension) into a fresh tensor:
+        only those bytes are read."""
+        info = self._infos[name]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: read('{name}') after close()")
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        shape = (stop - start, *info.shape[1:])
+        if row == 0 or start == stop:
+            return torch.empty(shape, dtype=info.dtype)
+        buf = bytearray(row * (stop - start))
+        read_exact(self._fd, buf, self._ranges[name][0] + row * start, self.path)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(shape)
+
+    @contextlib.contextmanager
+    def view(self, name: str) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` over a private mapping of its pages, valid inside the block only:
+        read it, do not keep it (writes would copy pages, never reach the file)."""
+        info = self._infos[name]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: view('{name}') after close()")
+        begin, end = self._ranges[name]
+        if begin == end:
+            yield torch.empty(info.shape, dtype=info.dtype)
+            return
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        if os.fstat(self._fd).st_size < end:  # mapping past the end would SIGBUS on access
+            raise CheckpointError(
+                f"{self.path}: file ended before byte {end} of tensor '{name}' (truncated?)"
+            )
+        try:
+            mapped = mmap.mmap(self._fd, end - start, access=mmap.ACCESS_COPY, offset=start)
+        except OSError:  # a file system that cannot map files: a plain read
+            yield self.read(name)
+            return
+        try:
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start)
+            t = flat.view(info.dtype).reshape(info.shape)
+            del flat
+            yield t
+            del t
+        finally:
+            with contextlib.suppress(BufferError):  # a view the caller kept: freed with it
+                mapped.close()
+
     def close(self) -> None:
         """Close the file descriptor; further reads fail."""
         if self._fd >= 0:
@@ -174,10 +229,10 @@ class SafetensorsReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Any = os.close) -> None:
         fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
+        if fd >= 0:  # os.close bound at definition: the os module may be gone at exit
+            _close(fd)
 
 
 def _check_metadata(path: str, metadata: Any) -> dict[str, str]:

@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,9 +42,15 @@ def digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def input_hasher(dtype: torch.dtype, shape: tuple[int, ...] | list[int]) -> Any:
+    """A SHA-256 of an input tensor's dtype and shape, to update with its bytes in order (a
+    tensor read in row chunks hashes to its `input_digest`)."""
+    return hashlib.sha256(f"{dtype}{list(shape)}".encode())
+
+
 def input_digest(t: torch.Tensor) -> str:
     """Digest of an input tensor as read: dtype, shape and bytes."""
-    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
+    h = input_hasher(t.dtype, tuple(t.shape))
     h.update(raw_bytes(t))
     return h.hexdigest()
 

@@ -15,6 +15,7 @@ too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
+from splice.io.mapped import read_rows, stored_view
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
 from splice.io.textfile import load_json
@@ -85,6 +87,20 @@ class ShardedReader:
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor from its shard."""
         return self._shards[self._where[name]].read(name)
+
+    @property
+    def rows_direct(self) -> bool:
+        """Whether `read_rows` reads only the rows' bytes (every shard can)."""
+        return all(getattr(r, "rows_direct", False) for r in self._shards.values())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor from its shard (`splice.io.mapped.read_rows`)."""
+        return read_rows(self._shards[self._where[name]], name, start, stop)
+
+    def view(self, name: str) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """A mapped view of one tensor in its shard (`SafetensorsReader.view`; a plain read for
+        a shard that cannot be mapped)."""
+        return stored_view(self._shards[self._where[name]], name)
 
     def close(self) -> None:
         """Close every shard."""

@@ -30,6 +30,7 @@ before every tensor was written) raise ValueError / RuntimeError, not SpliceErro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -234,10 +235,7 @@ class ShardedWriter:
         (e.g. float16 overflow in the cast to the output dtype) is a `NonFiniteError` naming
         it, unless ``allow_nonfinite``.
         """
-        try:
-            state, info, offset = self._where[name]
-        except KeyError:
-            raise ValueError(f"tensor '{name}' is not in the output plan") from None
+        state, info, offset = self._planned(name)
         if tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
             raise ValueError(
                 f"tensor '{name}': planned {info.dtype} {list(info.shape)}, got "
@@ -245,6 +243,34 @@ class ShardedWriter:
             )
         if not allow_nonfinite:
             check_output(tensor, name)
+        state, fd, path = self._begin(name)
+        try:
+            data = raw_bytes(tensor) if info.numel else memoryview(b"")
+            pwrite_all(fd, data, offset, path)
+            sha = digest(data)
+        except BaseException:
+            self._abandon(state, name)
+            raise
+        self._end(state, name, sha, inputs)
+
+    def write_rows(self, name: str, *, allow_nonfinite: bool = False) -> RowWriter:
+        """A `RowWriter` storing planned tensor ``name`` in row chunks, in order (for a tensor
+        merged a chunk at a time); thread-safe like `write`, with the same checks per chunk."""
+        _, info, offset = self._planned(name)
+        if not info.shape:
+            raise ValueError(f"tensor '{name}' has no rows (a 0-d tensor): use write()")
+        begun = self._begin(name)
+        return RowWriter(self, name, info, offset, begun, allow_nonfinite)
+
+    def _planned(self, name: str) -> tuple[_ShardState, TensorInfo, int]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise ValueError(f"tensor '{name}' is not in the output plan") from None
+
+    def _begin(self, name: str) -> tuple[_ShardState, int, Path]:
+        """Mark ``name`` in flight; the open file descriptor of its shard."""
+        state = self._where[name][0]
         path = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
         with self._lock:
             if self._finished:
@@ -257,15 +283,16 @@ class ShardedWriter:
                 except OSError as e:
                     raise CheckpointError(f"{path}: cannot open for writing: {e.strerror}") from e
             state.in_flight.add(name)
-            fd = state.fd
-        try:
-            data = raw_bytes(tensor) if info.numel else memoryview(b"")
-            pwrite_all(fd, data, offset, path)
-            sha = digest(data)
-        except BaseException:
-            with self._lock:
-                state.in_flight.discard(name)
-            raise
+            return state, state.fd, path
+
+    def _abandon(self, state: _ShardState, name: str) -> None:
+        with self._lock:
+            state.in_flight.discard(name)
+
+    def _end(
+        self, state: _ShardState, name: str, sha: str, inputs: Mapping[str, str] | None
+    ) -> None:
+        """Record ``name`` written; complete its shard when it was the last."""
         with self._lock:
             state.in_flight.discard(name)
             state.written.add(name)
@@ -394,3 +421,59 @@ def _size(state: _ShardState) -> int:
 def _regions(state: _ShardState) -> list[tuple[str, int, int]]:
     h = len(state.header)
     return [(t.name, h + b, h + e) for t, (b, e) in zip(state.plan.tensors, state.plan.offsets)]
+
+
+class RowWriter:
+    """One planned tensor written in row chunks (`ShardedWriter.write_rows`): each chunk is
+    checked (dtype, trailing shape, NaN / ±inf), written at its place and hashed in order, so
+    the shard's record is the same as for a whole-tensor `write`. `close(inputs)` after the
+    last row completes the tensor (and its shard, when it was the last); `abandon()` after a
+    failure."""
+
+    def __init__(
+        self,
+        writer: ShardedWriter,
+        name: str,
+        info: TensorInfo,
+        offset: int,
+        begun: tuple[_ShardState, int, Path],
+        allow_nonfinite: bool,
+    ) -> None:
+        self.writer, self.name, self.info = writer, name, info
+        self.state, self.fd, self.path = begun
+        self.allow_nonfinite = allow_nonfinite
+        self.row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        self.offset = offset
+        self.rows = 0
+        self.sha = hashlib.sha256()
+
+    def write(self, chunk: torch.Tensor) -> None:
+        """Store the next rows."""
+        info = self.info
+        if (
+            chunk.dtype != info.dtype
+            or tuple(chunk.shape[1:]) != info.shape[1:]
+            or (self.rows + chunk.shape[0] > info.shape[0])
+        ):
+            raise ValueError(
+                f"tensor '{self.name}': planned {info.dtype} {list(info.shape)}, got rows "
+                f"{self.rows}..{self.rows + chunk.shape[0]} of {chunk.dtype} "
+                f"{list(chunk.shape)} (the writer casts nothing)"
+            )
+        if not self.allow_nonfinite:
+            check_output(chunk, self.name)
+        data = raw_bytes(chunk) if chunk.numel() else memoryview(b"")
+        pwrite_all(self.fd, data, self.offset + self.rows * self.row_bytes, self.path)
+        self.sha.update(data)
+        self.rows += chunk.shape[0]
+
+    def close(self, inputs: Mapping[str, str] | None = None) -> None:
+        """The tensor is complete: every planned row was written."""
+        if self.rows != self.info.shape[0]:
+            raise RuntimeError(
+                f"tensor '{self.name}': {self.rows} of {self.info.shape[0]} rows written"
+            )
+        self.writer._end(self.state, self.name, self.sha.hexdigest(), inputs)
+
+    def abandon(self) -> None:
+        self.writer._abandon(self.state, self.name)

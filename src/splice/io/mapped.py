@@ -1,0 +1,64 @@
+"""Reading a tensor straight into another dtype, without a copy of its file bytes.
+
+A plain `read` gives a fresh tensor of the file's dtype: the kernel copies the bytes from the
+page cache into a new buffer (pread), and a merge computing in another dtype then converts
+that buffer, a second pass over the same bytes. `read_as` skips the first pass where the
+reader can map the file: `SafetensorsReader.view` maps the tensor's pages privately
+(copy-on-write, so nothing can reach the file), the conversion reads them from the page cache
+and writes the fresh tensor in the wanted dtype, and the mapping is dropped at once. Where no
+conversion is needed the caller gets a plain `read`: methods modify their inputs in place,
+and a private mapping would copy every written page anyway, one page fault at a time.
+
+`read_rows` reads rows [start, stop) of a tensor (its first dimension), for callers that
+stream one large tensor in row chunks (`splice.engine.chunks`): only those bytes are read
+where the reader can (``reader.read_rows``; ``reader.rows_direct`` says so), else the whole
+tensor is read and sliced.
+
+The digest (`input_digest`, for `--resume`) and the NaN / ±inf check (a `FiniteReader`) see
+the tensor as stored, before the conversion, exactly as with a plain read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from splice.io.base import CheckpointReader
+from splice.io.shard_record import input_digest
+
+
+@contextlib.contextmanager
+def _plain(reader: CheckpointReader, name: str) -> Iterator[torch.Tensor]:
+    yield reader.read(name)
+
+
+def stored_view(reader: CheckpointReader, name: str) -> contextlib.AbstractContextManager:
+    """A context giving tensor ``name`` as stored, to read only and not keep: a mapped view
+    where the reader has one (``reader.view``), else a plain read."""
+    view = getattr(reader, "view", None)
+    return view(name) if view is not None else _plain(reader, name)
+
+
+def read_as(
+    reader: CheckpointReader, name: str, dtype: torch.dtype | None, *, digest: bool
+) -> tuple[torch.Tensor, str | None]:
+    """Tensor ``name`` as a fresh tensor of ``dtype`` (None: the stored dtype), and the
+    `input_digest` of its stored bytes when ``digest``."""
+    if dtype is None or reader.info(name).dtype == dtype:
+        t = reader.read(name)
+        return t, input_digest(t) if digest else None
+    with stored_view(reader, name) as stored:
+        sha = input_digest(stored) if digest else None
+        out = stored.to(dtype)
+        del stored
+    return out, sha
+
+
+def read_rows(reader: CheckpointReader, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor ``name`` as a fresh tensor of its stored dtype."""
+    rows = getattr(reader, "read_rows", None)
+    if rows is not None:
+        return rows(name, start, stop)
+    return reader.read(name)[start:stop].clone()

@@ -1,0 +1,175 @@
+"""Row chunks (`splice.engine.chunks`): a job over its budget share merged a slice of rows at
+a time gives the unchunked files bit for bit (tensors, shard records, resume), and only the
+elementwise methods and copies are chunked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_tensors, write_folder
+
+from splice.engine import execute as execute_mod
+from splice.engine import plan_merge, run_merge
+from splice.engine.chunks import chunkable, rows_per_chunk
+from splice.io.writer import ShardedWriter
+from splice.recipe.schema import parse_recipe
+
+
+def _models(tmp_path, dtype: torch.dtype) -> dict[str, str]:
+    base = tiny_tensors(0)
+    base["model.position_ids"] = torch.arange(20)  # an integer buffer: a copy job
+    paths = {"base": write_folder(tmp_path / "base", {n: _cast(t, dtype) for n, t in base.items()})}
+    for i in range(3):
+        d = tiny_tensors(100 + i, scale=0.1)
+        ft = {n: _cast(t + d[n], dtype) if n in d else t for n, t in base.items()}
+        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=600)
+    return paths
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _recipes(paths: dict[str, str]) -> dict[str, dict]:
+    models = [
+        {"model": paths[f"ft{i}"], "parameters": {"weight": w}}
+        for i, w in enumerate((0.7, 0.8, 0.6))
+    ]
+    return {
+        "task_arithmetic+lines": {
+            "method": "task_arithmetic",
+            "base_model": paths["base"],
+            "models": models,
+            "parameters": {"lambda": 0.9},
+            "lines": {"alpha": 0.5, "beta": 0.5},
+        },
+        "mergekit task_arithmetic bf16": {
+            "merge_method": "task_arithmetic",
+            "base_model": paths["base"],
+            "models": models,
+            "dtype": "bfloat16",
+        },
+        "mergekit linear fp16 out": {
+            "merge_method": "linear",
+            "models": models,
+            "dtype": "float32",
+            "out_dtype": "float16",
+        },
+    }
+
+
+def _merge(recipe: dict, out, monkeypatch, **kw) -> list[int]:
+    """Run the merge; the row counts of every chunked write, in order."""
+    chunked: list[int] = []
+    real = ShardedWriter.write_rows
+
+    def spy(self, name, **k):
+        rows = real(self, name, **k)
+        write = rows.write
+        rows.write = lambda c: (chunked.append(c.shape[0]), write(c))[1]
+        return rows
+
+    monkeypatch.setattr(ShardedWriter, "write_rows", spy)
+    plan = plan_merge(parse_recipe(recipe))
+    try:
+        run_merge(plan, out, progress=False, shard_bytes=700, **kw)
+    finally:
+        plan.close()
+        monkeypatch.undo()
+    return chunked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "which", ["task_arithmetic+lines", "mergekit task_arithmetic bf16", "mergekit linear fp16 out"]
+)
+def test_chunked_merges_equal_unchunked_bit_for_bit(tmp_path, monkeypatch, dtype, which):
+    recipe = _recipes(_models(tmp_path, dtype))[which]
+    whole = _merge(recipe, tmp_path / "whole", monkeypatch)
+    # 3 jobs at once (1 worker + 2 ahead): a 2 kB budget gives shares of ~680 bytes, below
+    # the 16 x 8 embedding and lm_head jobs and the copied position ids
+    chunked = _merge(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
+    assert whole == [] and len(chunked) > 6 and max(chunked) < 16
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "chunked").iterdir())
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (
+            tmp_path / "chunked" / name
+        ).read_bytes()
+
+
+def test_a_chunked_run_resumes_unchunked_to_the_same_files(tmp_path, monkeypatch):
+    """The shard records of chunked tensors (output and input digests hashed chunk by chunk)
+    are what an unchunked run re-checks on --resume: the finished shards are kept."""
+    recipe = _recipes(_models(tmp_path, torch.float32))["task_arithmetic+lines"]
+    _merge(recipe, tmp_path / "ref", monkeypatch)
+    real = execute_mod._Runner.__call__
+    calls = {"n": 0}
+
+    def crashing(self, index):
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise KeyboardInterrupt  # Ctrl-C midway
+        return real(self, index)
+
+    monkeypatch.setattr(execute_mod._Runner, "__call__", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _merge(recipe, tmp_path / "out", monkeypatch, threads=1, memory_budget=2048)
+    kept = [p.name for p in (tmp_path / "out.splice-partial").glob("*.safetensors")]
+    assert kept  # the first shard holds the chunked embedding
+    plan = plan_merge(parse_recipe(recipe))
+    try:
+        report = run_merge(plan, tmp_path / "out", progress=False, shard_bytes=700, resume=True)
+    finally:
+        plan.close()
+    assert report.skipped > 0
+    for f in sorted((tmp_path / "ref").glob("*.safetensors")):
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_only_elementwise_methods_and_copies_are_chunked(tmp_path):
+    paths = _models(tmp_path, torch.float32)
+    models = [
+        {"model": paths[f"ft{i}"], "parameters": {"weight": 1.0, "density": 0.5}} for i in range(3)
+    ]
+    cases = {"ties": False, "dare_ties": False, "task_arithmetic": True}
+    for method, elementwise in cases.items():
+        plan = plan_merge(
+            parse_recipe({"merge_method": method, "base_model": paths["base"], "models": models})
+        )
+        try:
+            by_name = {j.out.name: i for i, j in enumerate(plan.jobs)}
+            emb, ids = by_name["model.embed_tokens.weight"], by_name["model.position_ids"]
+            assert chunkable(plan, emb) is elementwise
+            assert chunkable(plan, ids)  # a copy
+            assert not chunkable(plan, by_name["model.norm.weight"]) or elementwise
+            rows = rows_per_chunk(plan, ids, cost=1000, share=250)
+            assert rows == 5  # 20 rows x 250 / 1000
+            assert rows_per_chunk(plan, ids, cost=1000, share=1000) is None
+        finally:
+            plan.close()
+
+
+class _WholeTensorReader:
+    """A reader that can only read whole tensors (like a pickled .bin checkpoint)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def info(self, name):
+        return self.inner.info(name)
+
+
+def test_inputs_that_cannot_read_rows_alone_are_not_chunked(tmp_path):
+    paths = _models(tmp_path, torch.float32)
+    recipe = _recipes(paths)["task_arithmetic+lines"]
+    plan = plan_merge(parse_recipe(recipe))
+    try:
+        emb = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
+        assert chunkable(plan, emb)
+        ref = plan.jobs[emb].inputs[1].ref
+        plan.readers[ref] = _WholeTensorReader(plan.readers[ref])  # type: ignore[assignment]
+        assert not chunkable(plan, emb)  # each chunk would read the whole tensor again
+    finally:
+        plan.readers[ref] = plan.readers[ref].inner  # type: ignore[attr-defined]
+        plan.close()
