@@ -138,10 +138,7 @@ def ties_combine_(
         disjoint = "mean" if normalize else "sum"
     for d, w in zip(deltas, weight, strict=True):
         d.mul_(w)
-    sign = torch.zeros_like(base)
-    for d in deltas:
-        sign.add_(d if majority == "sum" else d.sign())
-    sign.ge_(0).mul_(2).sub_(1)  # s = ±1
+    sign = elect_signs(deltas, majority)
     # |v_i| where v_i has the elected sign, 0 elsewhere: clamp(v_i · s, min=0)
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base) if disjoint == "mean" else None
@@ -159,6 +156,15 @@ def ties_combine_(
         divisor.masked_fill_(divisor == 0, 1)
         merged.div_(divisor)
     return add_scaled_(base, merged, lambda_)
+
+
+def elect_signs(votes: Sequence[Tensor], majority: Majority = "sum") -> Tensor:
+    """The elected sign s = sign⁺(Σ v_i) ("sum") or sign⁺(Σ sign(v_i)) ("count"), as ±1 in
+    the votes' dtype (sign⁺(x) = +1 for x >= 0, −1 otherwise)."""
+    sign = torch.zeros_like(votes[0])
+    for v in votes:
+        sign.add_(v if majority == "sum" else v.sign())
+    return sign.ge_(0).mul_(2).sub_(1)
 
 
 def add_scaled_(base: Tensor, merged: Tensor, lambda_: float) -> Tensor:

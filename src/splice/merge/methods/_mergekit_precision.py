@@ -65,15 +65,7 @@ def gta_combine(
     weights = weights.reshape(-1, *([1] * base.dim()))
     stacked.mul_(weights)
     if consensus is not None:
-        votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
-        majority = (votes >= 0).to(dtype) * 2 - 1
-        del votes
-        # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
-        # without a stacked copy of the signs)
-        agree = torch.empty(stacked.shape, dtype=torch.bool, device=base.device)
-        for v, a in zip(stacked, agree, strict=True):
-            torch.eq(v.sign(), majority, out=a)
-        del majority
+        agree = gta_agreement(stacked, consensus)
         mixed = stacked.mul_(agree).sum(dim=0)  # in place: the same products
         divisor = (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -87,6 +79,21 @@ def gta_combine(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(dtype)
+
+
+def gta_agreement(stacked: Tensor, consensus: Consensus) -> Tensor:
+    """mergekit's sign election over the stacked weighted deltas: s = sign(Σ v_i) >= 0 (or
+    of Σ sign(v_i)) as ±1 in their dtype; returns the bool mask sign(v_i) == s [n, ...]."""
+    dtype = stacked.dtype
+    votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
+    majority = (votes >= 0).to(dtype) * 2 - 1
+    del votes
+    # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
+    # without a stacked copy of the signs)
+    agree = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
+    for v, a in zip(stacked, agree, strict=True):
+        torch.eq(v.sign(), majority, out=a)
+    return agree
 
 
 def linear_float32(tensors: Sequence[Tensor], weight: Sequence[float], normalize: bool) -> Tensor:
