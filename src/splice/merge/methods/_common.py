@@ -20,6 +20,11 @@ from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
 from splice.merge.stats import TopKThreshold
 
+try:
+    from splice.merge.methods import _ties_kernel
+except ImportError:  # built without a C compiler: the torch ops below
+    _ties_kernel = None
+
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 Majority = Literal["sum", "count"]
 Disjoint = Literal["mean", "sum", "max"]
@@ -131,11 +136,26 @@ def ties_combine_(
     "sum": Σ_agree v_i;  "max": s · max_agree |v_i|. ``disjoint``, when given, wins;
     otherwise mergekit's ``normalize`` picks "mean" (true) or "sum" (false).
     Result: base + λ · merged.
+
+    float32 on the CPU with disjoint "mean" or "sum" runs as one fused compiled pass
+    (`_ties_kernel`, the same float32 operations in the same order, so the same bits) when
+    the extension is built; otherwise, and for other dtypes, the torch ops below.
     """
     if not deltas:
         return base
     if disjoint is None:
         disjoint = "mean" if normalize else "sum"
+    if fused_ties_applies(base, deltas, disjoint):
+        assert _ties_kernel is not None
+        _ties_kernel.combine(
+            base.numpy(),
+            [d.numpy() for d in deltas],
+            [float(w) for w in weight],
+            majority == "count",
+            disjoint == "mean",
+            lambda_,
+        )
+        return base
     for d, w in zip(deltas, weight, strict=True):
         d.mul_(w)
     sign = elect_signs(deltas, majority)
@@ -156,6 +176,23 @@ def ties_combine_(
         divisor.masked_fill_(divisor == 0, 1)
         merged.div_(divisor)
     return add_scaled_(base, merged, lambda_)
+
+
+def fused_ties_applies(base: Tensor, deltas: Sequence[Tensor], disjoint: str) -> bool:
+    """Whether `ties_combine_` can use the compiled float32 kernel for these tensors."""
+    return (
+        _ties_kernel is not None
+        and disjoint in ("mean", "sum")
+        and len(deltas) <= 64
+        and all(
+            t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.requires_grad
+            and t.shape == base.shape
+            for t in (base, *deltas)
+        )
+    )
 
 
 def elect_signs(votes: Sequence[Tensor], majority: Majority = "sum") -> Tensor:
