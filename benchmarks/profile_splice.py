@@ -62,6 +62,7 @@ STEPS: list[tuple[str, str, str, int, str | None]] = [
     ("splice.delta.topk", "topk_mask", "top-k mask", 3, None),
     ("splice.delta.topk", "kth_largest", "radix selection (2 bincounts)", 4, None),
     ("splice.delta.argsort_select", "argsort_topk_mask", "torch-sort tie order", 4, None),
+    ("splice.delta.argsort_select", "trim_like_argsort_", "compiled torch-order trim", 3, None),
     ("splice.merge.sparsify", "keep_rule_mask", "whole-model keep rule mask", 3, None),
     ("splice.merge.methods.dare", "dare_", "DARE drop + rescale (per model)", 2, "selection"),
     ("splice.merge.methods._common", "elect_signs", "sign election", 2, "election"),

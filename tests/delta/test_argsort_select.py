@@ -121,3 +121,26 @@ def test_without_the_extension_the_numpy_path_is_used(monkeypatch):
         assert torch.equal(argsort_topk_mask(x, 13), _reference(x, 13))
     finally:
         argsort_select.selection_path.cache_clear()
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trim_in_place_equals_delta_times_mask(dtype):
+    """The fused trim zeroes what ``delta * mask`` zeroes (signed zeros included), the
+    mask being torch's argsort top-k of |delta| in float32."""
+    g = torch.Generator().manual_seed(3)
+    for n, density in ((5000, 0.2), (20000, 0.3), (777, 0.5)):
+        delta = (torch.randn(n, generator=g) * 0.003).to(dtype)
+        delta[:50] = 0.0
+        k = int(density * n)
+        want = delta * _reference(delta.float().abs(), k).to(dtype)
+        got = delta.clone()
+        assert argsort_select.trim_like_argsort_(got, k)
+        assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
+
+
+def test_trim_declines_what_it_cannot_do():
+    x = torch.tensor([1.0, float("nan"), 2.0, 3.0] * 8)
+    assert not argsort_select.trim_like_argsort_(x.clone(), 5)  # NaN: the mask path
+    assert not argsort_select.trim_like_argsort_(x.half(), 5)  # float16: the mask path
+    assert not argsort_select.trim_like_argsort_(torch.ones(8), 8)  # k = n: nothing to trim

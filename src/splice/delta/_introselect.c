@@ -12,12 +12,19 @@
  *   values: C-contiguous float32 buffer without NaN (the caller checks); mask: writable
  *   byte buffer of the same length, zeroed by the caller; 0 < k < n.
  *
+ * torch_sort_trim(delta, k, itemsize) -> bool
+ *   The same selection on |delta| (float32, itemsize 4, or bfloat16, itemsize 2), applied in
+ *   place: every entry not selected becomes a zero with its sign (what delta * mask gives).
+ *   False (delta untouched) on the depth limit.
+ *
  * Both functions release the GIL while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define THRESHOLD 16 /* libstdc++ _S_threshold */
 
@@ -38,24 +45,17 @@ typedef struct {
         (b) = t_;     \
     } while (0)
 
-/* One body for 32- and 64-bit indices. Returns 1 when done, 0 on the depth limit. */
+/* One body for 32- and 64-bit indices: a[0..n) holds (value, position) pairs in order;
+ * afterwards a[0..k) holds the entries torch's sort puts first. Returns 1 when done, 0 on
+ * the depth limit (heapsort). */
 #define DEFINE_SELECT(NAME, PAIR)                                                       \
-    static int NAME(const float *src, Py_ssize_t n, Py_ssize_t k, uint8_t *mask) {      \
-        PAIR *a = (PAIR *)malloc(sizeof(PAIR) * (size_t)n);                              \
-        if (a == NULL) return -1;                                                        \
-        for (Py_ssize_t j = 0; j < n; j++) {                                             \
-            a[j].v = src[j];                                                             \
-            a[j].i = (uint64_t)j;                                                        \
-        }                                                                                \
+    static int NAME(PAIR *a, Py_ssize_t n, Py_ssize_t k) {                              \
         Py_ssize_t first = 0, last = n;                                                  \
         int depth = 0;                                                                   \
         for (Py_ssize_t m = n; m > 1; m >>= 1) depth++;                                  \
         depth *= 2; /* 2 * floor(log2 n) */                                              \
         while (last - first > THRESHOLD) {                                               \
-            if (depth == 0) {                                                            \
-                free(a);                                                                 \
-                return 0;                                                                \
-            }                                                                            \
+            if (depth == 0) return 0;                                                    \
             depth--;                                                                     \
             /* __move_median_to_first(first, first + 1, mid, last - 1) */                \
             Py_ssize_t x = first + 1, y = first + (last - first) / 2, z = last - 1, med; \
@@ -80,10 +80,7 @@ typedef struct {
                 lo++;                                                                    \
             }                                                                            \
             /* introsort sorts [lo, last) and [first, lo) separately: follow k's side */ \
-            if (k == lo) {                                                               \
-                first = last = lo;                                                       \
-                break;                                                                   \
-            }                                                                            \
+            if (k == lo) return 1;                                                       \
             if (k > lo) first = lo;                                                      \
             else last = lo;                                                              \
         }                                                                                \
@@ -97,13 +94,51 @@ typedef struct {
             }                                                                            \
             a[q] = cur;                                                                  \
         }                                                                                \
-        for (Py_ssize_t p = 0; p < k; p++) mask[a[p].i] = 1;                             \
-        free(a);                                                                         \
         return 1;                                                                        \
     }
 
 DEFINE_SELECT(select32, pair32)
 DEFINE_SELECT(select64, pair64)
+
+/* |x| as float32 of entry j of a float32 (itemsize 4) or bfloat16 (itemsize 2) buffer. */
+static inline float magnitude_at(const void *buf, int itemsize, Py_ssize_t j) {
+    if (itemsize == 4) return fabsf(((const float *)buf)[j]);
+    uint32_t bits = (uint32_t)(((const uint16_t *)buf)[j] & 0x7fffu) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Mark in keep[] (n bytes, zeroed) the k entries torch.argsort(|x|, descending=True)[:k]
+ * selects. Returns 1, 0 on the depth limit, -1 out of memory. */
+static int mark_torch_sort(const void *buf, int itemsize, Py_ssize_t n, Py_ssize_t k,
+                           uint8_t *keep) {
+    int rc;
+    if (n <= (Py_ssize_t)UINT32_MAX) {
+        pair32 *a = (pair32 *)malloc(sizeof(pair32) * (size_t)n);
+        if (a == NULL) return -1;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            a[j].v = magnitude_at(buf, itemsize, j);
+            a[j].i = (uint32_t)j;
+        }
+        rc = select32(a, n, k);
+        if (rc == 1)
+            for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
+        free(a);
+    } else {
+        pair64 *a = (pair64 *)malloc(sizeof(pair64) * (size_t)n);
+        if (a == NULL) return -1;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            a[j].v = magnitude_at(buf, itemsize, j);
+            a[j].i = (int64_t)j;
+        }
+        rc = select64(a, n, k);
+        if (rc == 1)
+            for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
+        free(a);
+    }
+    return rc;
+}
 
 static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
     PyObject *values_obj, *mask_obj;
@@ -125,10 +160,7 @@ static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS;
-    if (n <= (Py_ssize_t)UINT32_MAX)
-        rc = select32((const float *)values.buf, n, k, (uint8_t *)mask.buf);
-    else
-        rc = select64((const float *)values.buf, n, k, (uint8_t *)mask.buf);
+    rc = mark_torch_sort(values.buf, 4, n, k, (uint8_t *)mask.buf);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&values);
     PyBuffer_Release(&mask);
@@ -136,7 +168,47 @@ static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
     return PyBool_FromLong(rc);
 }
 
+static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
+    PyObject *delta_obj;
+    Py_ssize_t k;
+    int itemsize;
+    if (!PyArg_ParseTuple(args, "Oni", &delta_obj, &k, &itemsize)) return NULL;
+    Py_buffer delta;
+    if (PyObject_GetBuffer(delta_obj, &delta, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_ssize_t n = delta.len / (itemsize > 0 ? itemsize : 1);
+    if ((itemsize != 4 && itemsize != 2) || delta.len % itemsize != 0 || k <= 0 || k >= n) {
+        PyBuffer_Release(&delta);
+        PyErr_SetString(PyExc_ValueError, "torch_sort_trim: float32 / bfloat16, 0 < k < n");
+        return NULL;
+    }
+    int rc = -1;
+    Py_BEGIN_ALLOW_THREADS;
+    uint8_t *keep = (uint8_t *)calloc((size_t)n, 1);
+    if (keep != NULL) {
+        rc = mark_torch_sort(delta.buf, itemsize, n, k, keep);
+        if (rc == 1 && itemsize == 4) {
+            uint32_t *bits = (uint32_t *)delta.buf;
+            for (Py_ssize_t j = 0; j < n; j++)
+                if (!keep[j]) bits[j] &= 0x80000000u; /* δ · 0: a zero with δ's sign */
+        } else if (rc == 1) {
+            uint16_t *bits = (uint16_t *)delta.buf;
+            for (Py_ssize_t j = 0; j < n; j++)
+                if (!keep[j]) bits[j] &= 0x8000u;
+        }
+        free(keep);
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&delta);
+    if (rc < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(rc);
+}
+
 static PyMethodDef methods[] = {
+    {"torch_sort_trim", torch_sort_trim, METH_VARARGS,
+     "torch_sort_trim(delta, k, itemsize) -> bool: zero (keeping the sign) all entries of a "
+     "float32 / bfloat16 buffer but the k that torch.argsort(|delta|, descending=True)[:k] "
+     "selects, in place; False (delta untouched) where introsort would use heapsort."},
     {"torch_sort_topk", torch_sort_topk, METH_VARARGS,
      "torch_sort_topk(values, k, mask) -> bool: mark torch.argsort(values, descending=True)"
      "[:k] in mask without sorting; False where introsort would switch to heapsort."},

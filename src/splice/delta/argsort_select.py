@@ -182,6 +182,27 @@ def _self_check() -> bool:
     return selection_path() != "sort"
 
 
+def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
+    """In place: zero every entry of ``delta`` but the ``k`` that
+    ``torch.argsort(|delta|, descending=True)[:k]`` selects (the zeros keep δ's sign, as
+    ``delta * mask`` gives). Done in one compiled call for a contiguous float32 / bfloat16
+    CPU tensor without NaN when the compiled path passed its self-check; returns False
+    (``delta`` untouched) otherwise, and the caller masks with `argsort_topk_mask`."""
+    n = delta.numel()
+    if (
+        _introselect is None
+        or not 0 < k < n
+        or delta.device.type != "cpu"
+        or delta.dtype not in (torch.float32, torch.bfloat16)
+        or not delta.is_contiguous()
+        or selection_path() != "compiled"
+        or bool(torch.isnan(delta).any())
+    ):
+        return False
+    buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
+    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+
+
 def argsort_topk_mask(x: torch.Tensor, k: int, path: Path | None = None) -> torch.Tensor:
     """Bool mask of the positions ``torch.argsort(x, descending=True)[:k]`` selects, for a
     1-D float32 CPU tensor; O(n) expected where the self-check passes, else the real sort.

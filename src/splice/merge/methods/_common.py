@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from splice.delta.argsort_select import trim_like_argsort_
 from splice.delta.topk import keep_count, magnitude, topk_mask
 from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
@@ -73,6 +74,13 @@ def magnitude_trim_(
         return delta
     if density <= 0:
         return delta.zero_()
+    if scope == "tensor" and ctx.dialect == "mergekit":
+        # One compiled pass (selection and masking) where the extension is built.
+        l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
+        if trim_like_argsort_(delta, keep_count(delta.numel(), density, ctx.dialect)):
+            if l1 is not None:
+                rescale_l1(l1, delta)
+            return delta
     mag = magnitude(delta)
     if scope == "model":
         mask = keep_rule_mask(mag, ctx.stat(TopKThreshold(index, density)))
