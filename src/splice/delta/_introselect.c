@@ -45,6 +45,48 @@ typedef struct {
         (b) = t_;     \
     } while (0)
 
+/* The first swaps of the Hoare partition, found in blocks of BLOCK entries without branches
+ * (as BlockQuicksort): the scalar loop swaps the t-th entry <= pivot from the left with the
+ * t-th entry >= pivot from the right for as long as they have not crossed. Left blocks are
+ * scanned from the left end, right blocks from the right end, never overlapping, so every
+ * pair found is a pair the scalar loop swaps, in the same order. When the unscanned middle
+ * is too small for a block, lo and hi are set to the scalar loop's state after the last
+ * pair and the scalar loop finishes (re-scanning the unpaired stops, which are unchanged). */
+#define BLOCK 128
+#define BLOCK_PHASE(PAIR)                                                                \
+    {                                                                                    \
+        Py_ssize_t lbuf[BLOCK], rbuf[BLOCK], ls = lo, rs = hi;                           \
+        int ln = 0, li = 0, rn = 0, ri = 0;                                              \
+        for (;;) {                                                                       \
+            if (li == ln) {                                                              \
+                if (rs - ls < BLOCK) break;                                              \
+                ln = li = 0;                                                             \
+                for (int t = 0; t < BLOCK; t++) {                                        \
+                    lbuf[ln] = ls + t;                                                   \
+                    ln += !(a[ls + t].v > pivot);                                        \
+                }                                                                        \
+                ls += BLOCK;                                                             \
+            }                                                                            \
+            if (ri == rn) {                                                              \
+                if (rs - ls < BLOCK) break;                                              \
+                rn = ri = 0;                                                             \
+                for (int t = 0; t < BLOCK; t++) {                                        \
+                    rbuf[rn] = rs - 1 - t;                                               \
+                    rn += !(pivot > a[rs - 1 - t].v);                                    \
+                }                                                                        \
+                rs -= BLOCK;                                                             \
+            }                                                                            \
+            int m = ln - li < rn - ri ? ln - li : rn - ri;                               \
+            for (int q = 0; q < m; q++) SWAP(PAIR, a[lbuf[li + q]], a[rbuf[ri + q]]);    \
+            if (m > 0) {                                                                 \
+                lo = lbuf[li + m - 1] + 1;                                               \
+                hi = rbuf[ri + m - 1];                                                   \
+            }                                                                            \
+            li += m;                                                                     \
+            ri += m;                                                                     \
+        }                                                                                \
+    }
+
 /* One body for 32- and 64-bit indices: a[0..n) holds (value, position) pairs in order;
  * afterwards a[0..k) holds the entries torch's sort puts first. Returns 1 when done, 0 on
  * the depth limit (heapsort). */
@@ -71,6 +113,7 @@ typedef struct {
             /* __unguarded_partition(first + 1, last, first) */                          \
             const float pivot = a[first].v;                                              \
             Py_ssize_t lo = first + 1, hi = last;                                        \
+            BLOCK_PHASE(PAIR)                                                            \
             for (;;) {                                                                   \
                 while (a[lo].v > pivot) lo++;                                            \
                 hi--;                                                                    \
