@@ -123,22 +123,25 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     if a.shape[1] == 0:
         return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
     starts = range(0, a.shape[1], SLERP_CHUNK)
+    # Each input cast to float32 once (the same values mergekit's per-chunk casts give).
+    a32, b32 = a.to(f32, copy=True), b.to(f32, copy=True)
 
     def chunk(x: Tensor, s: int) -> Tensor:
-        return x[:, s : s + SLERP_CHUNK].to(f32)
+        return x[:, s : s + SLERP_CHUNK]
 
     norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in starts]),
+        torch.stack([torch.linalg.vector_norm(chunk(a32, s), dim=1, keepdim=True) for s in starts]),
         dim=0,
     )
     norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in starts]),
+        torch.stack([torch.linalg.vector_norm(chunk(b32, s), dim=1, keepdim=True) for s in starts]),
         dim=0,
     )
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     dots = [
-        ((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True) for s in starts
+        ((chunk(a32, s) / norm_a) * (chunk(b32, s) / norm_b)).sum(dim=1, keepdim=True)
+        for s in starts
     ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > 0.9995
@@ -146,9 +149,8 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty_like(a)
-    for s in starts:
-        out[:, s : s + SLERP_CHUNK] = coef_a * chunk(a, s) + coef_b * chunk(b, s)
+    # Elementwise, so one pass over the whole tensor gives the chunked loop's values.
+    out = a32.mul_(coef_a).add_(b32.mul_(coef_b)).to(a.dtype)
     return out.reshape(base.shape)
 
 
