@@ -71,3 +71,22 @@ def test_other_dtypes_and_max_use_torch_ops():
     assert not _common.fused_ties_applies(base.bfloat16(), [d.bfloat16() for d in deltas], "mean")
     assert not _common.fused_ties_applies(base, deltas, "max")
     assert _common.fused_ties_applies(base, deltas, "mean")
+
+
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_bf16_gta_gives_the_same_bits(monkeypatch, consensus, normalize):
+    """mergekit's bf16 arithmetic, compiled, against the torch ops (stack, sum(dim=0), ...)."""
+    from splice.merge.methods import _mergekit_precision as mp
+
+    base, deltas = _inputs(11, 3)
+    base, deltas = base.bfloat16(), [d.bfloat16() for d in deltas]
+    for lam in (1.0, 0.7):
+        kw = dict(consensus=consensus, normalize=normalize, lambda_=lam)
+        fused = mp.gta_combine(base.clone(), [d.clone() for d in deltas], [1.0, 0.8, -0.6], **kw)
+        with monkeypatch.context() as m:
+            m.setattr(mp, "_ties_kernel", None)
+            plain = mp.gta_combine(
+                base.clone(), [d.clone() for d in deltas], [1.0, 0.8, -0.6], **kw
+            )
+        assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))

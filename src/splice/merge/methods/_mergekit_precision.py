@@ -15,6 +15,9 @@ one: the same torch ops on the same dtypes, in the same order.
   ``Σ w_i·mask_i`` in the compute dtype (0 -> 1); without consensus the divisor is
   ``Σ w_i`` (|.| < 1e-8 -> 1). Then ``/ divisor`` (normalize), ``* λ`` (λ ≠ 1), ``base +``.
   Peak memory: one stacked copy of the n deltas (as in mergekit) on top of the inputs.
+  In bfloat16 on the CPU with the compiled extension built, the same roundings are done
+  entry by entry in one pass, in place in the base, without the stacked copy
+  (`_ties_kernel.gta_bf16`); float16 and the fallback use the torch ops.
 - linear and SLERP: mergekit upcasts to float32 inside the kernel and rounds the result
   once, so these do the same (float32 weights and ``addcmul_``; SLERP's norms over chunks of
   2^20 entries, the dot of the normalised vectors, ``coef_a·a + coef_b·b``).
@@ -36,6 +39,11 @@ import torch
 from torch import Tensor
 
 from splice.merge.registry import MergeContext
+
+try:
+    from splice.merge.methods import _ties_kernel
+except ImportError:  # built without a C compiler: the torch ops
+    _ties_kernel = None
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SLERP_CHUNK = 1024 * 1024  # entries per chunk of mergekit's SLERP statistics
@@ -60,6 +68,19 @@ def gta_combine(
     if not deltas:
         return base
     dtype = base.dtype
+    if _fused_bf16_applies(base, deltas):
+        assert _ties_kernel is not None
+        codes = {None: 0, "sum": 1, "count": 2}
+        rounded = torch.tensor(list(weight), dtype=dtype).float().tolist()
+        _ties_kernel.gta_bf16(
+            base.view(torch.int16).numpy(),
+            [d.view(torch.int16).numpy() for d in deltas],
+            rounded,
+            codes[consensus],
+            normalize,
+            lambda_,
+        )
+        return base
     stacked = torch.stack(list(deltas))
     weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
@@ -79,6 +100,26 @@ def gta_combine(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(dtype)
+
+
+FUSED_MAX_MODELS = 8  # torch's dim-0 sum of a few rows adds them in order; kept small
+
+
+def _fused_bf16_applies(base: Tensor, deltas: Sequence[Tensor]) -> bool:
+    """Whether `gta_combine` can run as the compiled bfloat16 kernel (`_ties_kernel`): the
+    same roundings, entry by entry, in one pass and without the stacked copy."""
+    return (
+        _ties_kernel is not None
+        and len(deltas) <= FUSED_MAX_MODELS
+        and all(
+            t.dtype == torch.bfloat16
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.requires_grad
+            and t.shape == base.shape
+            for t in (base, *deltas)
+        )
+    )
 
 
 def gta_agreement(stacked: Tensor, consensus: Consensus) -> Tensor:
