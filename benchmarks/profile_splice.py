@@ -193,11 +193,17 @@ def phases(sec: dict[str, float], wall: float) -> dict[str, float]:
     return out
 
 
-def profile(recipe_path: Path, threads: int, out: Path) -> dict[str, Any]:
+def profile(recipe_path: Path, threads: int, out: Path, torch_threads: int = 1) -> dict[str, Any]:
     import splice.merge.methods  # noqa: F401  (register the methods before patching)
 
     timers = Timers()
     undo = install(timers)
+    # One torch intra-op thread, kept (run_merge would set its own): CPU seconds are then the
+    # work done, not OpenMP workers spin-waiting, which on a loaded machine counts as CPU.
+    set_threads = torch.set_num_threads
+    set_threads(torch_threads)
+    torch.set_num_threads = lambda n: None  # type: ignore[assignment]
+    undo.append((torch, "set_num_threads", set_threads))
     recipe, text = load_recipe(recipe_path)
     t0 = time.perf_counter()
     plan = plan_merge(recipe)
@@ -295,6 +301,7 @@ def phase_table(args: argparse.Namespace) -> int:
             path = rdir / f"{method}-{variant}.yaml"
             path.write_text(yaml.safe_dump(recipe_doc(models, method, variant), sort_keys=False))
             cmd = [sys.executable, __file__, str(path), "--threads", str(args.threads), "--json"]
+            cmd += ["--torch-threads", str(args.torch_threads)]
             cmd += ["--out", str(args.out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -330,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("recipe", type=Path, nargs="?")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(".bench/profile-out"))
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", action="store_true", help="print one JSON line (for --models)")
     ap.add_argument("--models", type=Path, help="folder with base, ft0, ft1, ft2")
     ap.add_argument("--methods", default="ties,dare_ties,task_arithmetic,slerp,model_stock")
@@ -340,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return phase_table(args)
     if args.recipe is None:
         ap.error("give a recipe or --models")
-    res = profile(args.recipe, args.threads, args.out)
+    res = profile(args.recipe, args.threads, args.out, args.torch_threads)
     if args.json:
         print(json.dumps(res))
     else:
