@@ -23,33 +23,45 @@
 
 #define MAX_MODELS 64
 
-static void combine_block(float *base, const float **d, const float *w, int n, Py_ssize_t lo,
-                          Py_ssize_t hi, int count, int normalize, float lam) {
-    float v[MAX_MODELS];
-    for (Py_ssize_t j = lo; j < hi; j++) {
-        float vote = 0.0f;
+#define CHUNK 512 /* entries per block: the block's v_i stay in L1 */
+
+/* The float32 combine over entries [0, len), block by block; every loop over a block is a
+ * plain loop over entries without branches, which the compiler vectorizes. */
+static void combine_block(float *base, const float **d, const float *w, int n, Py_ssize_t len,
+                          int count, int normalize, float lam) {
+    static _Thread_local float v[MAX_MODELS][CHUNK];
+    float vote[CHUNK], s[CHUNK], m[CHUNK], div[CHUNK];
+    for (Py_ssize_t lo = 0; lo < len; lo += CHUNK) {
+        const int c = (int)(len - lo < CHUNK ? len - lo : CHUNK);
+        for (int j = 0; j < c; j++) vote[j] = 0.0f, m[j] = 0.0f, div[j] = 0.0f;
         for (int i = 0; i < n; i++) {
-            v[i] = d[i][j] * w[i];
+            const float *di = d[i] + lo;
+            float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) vi[j] = di[j] * wi;
             if (count)
-                vote += (float)((v[i] > 0.0f) - (v[i] < 0.0f));
+                for (int j = 0; j < c; j++)
+                    vote[j] += (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
             else
-                vote += v[i];
+                for (int j = 0; j < c; j++) vote[j] += vi[j];
         }
-        const float s = vote >= 0.0f ? 1.0f : -1.0f;
-        float m = 0.0f, div = 0.0f;
+        for (int j = 0; j < c; j++) s[j] = vote[j] >= 0.0f ? 1.0f : -1.0f;
         for (int i = 0; i < n; i++) {
-            const float a = v[i] * s;
-            if (a > 0.0f) {
-                m += a;
-                div += w[i];
-            } else if (a != a) {
-                m += a;
+            const float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) {
+                const float a = vi[j] * s[j];
+                m[j] += (a > 0.0f || a != a) ? a : 0.0f; /* max(a, 0), NaN kept */
+                div[j] += a > 0.0f ? wi : 0.0f;
             }
         }
-        float r = m * s;
-        if (normalize) r = r / (div == 0.0f ? 1.0f : div);
-        if (lam != 1.0f) r = r * lam;
-        base[j] = base[j] + r;
+        float *b = base + lo;
+        for (int j = 0; j < c; j++) {
+            float r = m[j] * s[j];
+            if (normalize) r = r / (div[j] == 0.0f ? 1.0f : div[j]);
+            if (lam != 1.0f) r = r * lam;
+            b[j] = b[j] + r;
+        }
     }
 }
 
@@ -99,8 +111,7 @@ static PyObject *combine(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS;
-    combine_block((float *)base.buf, d, w, (int)n, 0, base.len / 4, count, normalize,
-                  (float)lam);
+    combine_block((float *)base.buf, d, w, (int)n, base.len / 4, count, normalize, (float)lam);
     Py_END_ALLOW_THREADS;
     ok = 1;
 done:
@@ -131,39 +142,61 @@ static inline uint16_t f2bf(float f) {
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round to a bf16 value */
 
-/* mergekit's generalized task arithmetic in bfloat16, one entry at a time (see gta_bf16). */
+/* mergekit's generalized task arithmetic in bfloat16 (see gta_bf16), block by block with
+ * branch-free loops over entries, as combine_block. */
 static void gta_bf16_block(uint16_t *base, const uint16_t **d, const float *w, int n,
                            Py_ssize_t len, int consensus, int normalize, float lam,
                            float weight_sum) {
-    float v[MAX_MODELS];
-    for (Py_ssize_t j = 0; j < len; j++) {
-        for (int i = 0; i < n; i++) v[i] = rbf(bf2f(d[i][j]) * w[i]);
-        float mixed = 0.0f, div = 0.0f;
+    static _Thread_local float v[MAX_MODELS][CHUNK];
+    float votes[CHUNK], s[CHUNK], mixed[CHUNK], div[CHUNK];
+    for (Py_ssize_t lo = 0; lo < len; lo += CHUNK) {
+        const int c = (int)(len - lo < CHUNK ? len - lo : CHUNK);
+        for (int j = 0; j < c; j++) votes[j] = 0.0f, mixed[j] = 0.0f, div[j] = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const uint16_t *di = d[i] + lo;
+            float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) vi[j] = rbf(bf2f(di[j]) * wi);
+        }
         if (consensus) {
-            float votes = 0.0f;
-            for (int i = 0; i < n; i++)
-                votes += consensus == 1 ? v[i] : (float)((v[i] > 0.0f) - (v[i] < 0.0f));
-            votes = rbf(votes);
-            const float s = votes >= 0.0f ? 1.0f : -1.0f;
             for (int i = 0; i < n; i++) {
-                const float sg = (float)((v[i] > 0.0f) - (v[i] < 0.0f));
-                if (sg == s) {
-                    mixed += v[i];
-                    div += w[i];
-                } else {
-                    mixed += v[i] * 0.0f; /* v · false: a signed zero (NaN stays NaN) */
+                const float *vi = v[i];
+                if (consensus == 1)
+                    for (int j = 0; j < c; j++) votes[j] += vi[j];
+                else
+                    for (int j = 0; j < c; j++)
+                        votes[j] += (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
+            }
+            for (int j = 0; j < c; j++) s[j] = rbf(votes[j]) >= 0.0f ? 1.0f : -1.0f;
+            for (int i = 0; i < n; i++) {
+                const float *vi = v[i];
+                const float wi = w[i];
+                for (int j = 0; j < c; j++) {
+                    const float sg = (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
+                    const int agree = sg == s[j];
+                    /* v · agree: v itself, or a signed zero (NaN stays NaN) */
+                    mixed[j] += agree ? vi[j] : vi[j] * 0.0f;
+                    div[j] += agree ? wi : 0.0f;
                 }
             }
-            div = rbf(div);
-            if (div == 0.0f) div = 1.0f;
+            for (int j = 0; j < c; j++) {
+                const float dv = rbf(div[j]);
+                div[j] = dv == 0.0f ? 1.0f : dv;
+            }
         } else {
-            for (int i = 0; i < n; i++) mixed += v[i];
-            div = weight_sum;
+            for (int i = 0; i < n; i++) {
+                const float *vi = v[i];
+                for (int j = 0; j < c; j++) mixed[j] += vi[j];
+            }
+            for (int j = 0; j < c; j++) div[j] = weight_sum;
         }
-        mixed = rbf(mixed);
-        if (normalize) mixed = rbf(mixed / div);
-        if (lam != 1.0f) mixed = rbf(mixed * lam);
-        base[j] = f2bf(bf2f(base[j]) + mixed);
+        uint16_t *b = base + lo;
+        for (int j = 0; j < c; j++) {
+            float r = rbf(mixed[j]);
+            if (normalize) r = rbf(r / div[j]);
+            if (lam != 1.0f) r = rbf(r * lam);
+            b[j] = f2bf(bf2f(b[j]) + r);
+        }
     }
 }
 
