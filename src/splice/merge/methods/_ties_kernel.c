@@ -1,4 +1,6 @@
-/* Fused float32 TIES combine for splice.merge.methods._common (optional extension).
+/* Fused TIES combines (optional extension): float32 `combine` for
+ * splice.merge.methods._common.ties_combine_, and `gta_bf16` for mergekit's bfloat16
+ * arithmetic in splice.merge.methods._mergekit_precision.gta_combine (described there).
  *
  * combine(base, deltas, weights, majority_count, normalize, lam) -> None
  *   One pass over the entries, in place in base, with exactly the float32 operations of
