@@ -42,3 +42,105 @@ def test_keeps_exactly_k_and_the_largest():
 def test_nan_falls_back_to_the_real_sort():
     x = torch.tensor([1.0, float("nan"), 2.0] * 10)
     assert torch.equal(argsort_topk_mask(x, 7), _reference(x, 7))
+
+
+# -- the compiled extension and the numpy fallback ---------------------------------------
+
+compiled = pytest.mark.skipif(
+    argsort_select._introselect is None, reason="C extension not built (no compiler)"
+)
+
+
+def _adversarial(seed: int) -> list[tuple[torch.Tensor, int]]:
+    """Tie-heavy inputs: bf16-rounded magnitudes (as a bf16 task vector gives), a handful
+    of distinct values, all equal, sorted runs, exact zeros; k anywhere, also next to the
+    ends and inside the last 16-entry partition."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for trial in range(15):
+        n = int(torch.randint(17, 20000, (1,), generator=g))
+        kind = trial % 5
+        if kind == 0:
+            x = (torch.randn(n, generator=g) * 0.002).bfloat16().abs().float()
+        elif kind == 1:
+            x = torch.randint(0, 3, (n,), generator=g).float()
+        elif kind == 2:
+            x = torch.full((n,), 0.5)
+        elif kind == 3:  # sorted blocks of bf16 values, ascending then descending
+            x = (torch.randn(n, generator=g) * 0.01).bfloat16().abs().float().sort().values
+            x[n // 2 :] = x[n // 2 :].flip(0)
+        else:  # mostly zeros (a sparse task vector) with bf16 values
+            x = (torch.randn(n, generator=g) * 0.002).bfloat16().abs().float()
+            x[torch.rand(n, generator=g) < 0.7] = 0
+        for k in (1, n - 1, int(torch.randint(1, n, (1,), generator=g)), n // 2 + 3):
+            cases.append((x, k))
+    return cases
+
+
+@compiled
+def test_compiled_passes_its_self_check():
+    assert argsort_select.selection_path() == "compiled"
+
+
+@compiled
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_and_python_select_what_argsort_selects(seed):
+    for x, k in _adversarial(seed):
+        want = _reference(x, k)
+        got_c = argsort_topk_mask(x, k, path="compiled")
+        got_py = argsort_topk_mask(x, k, path="python")
+        assert torch.equal(got_c, got_py), (x.numel(), k)
+        assert torch.equal(got_c, want), (x.numel(), k)
+
+
+@compiled
+def test_compiled_on_a_bf16_weight_sized_delta():
+    """A 256 x 1024 bf16 task vector, trimmed to densities 0.2 / 0.3 / 0.5 (mergekit's
+    keep count): the compiled selection is torch's."""
+    g = torch.Generator().manual_seed(7)
+    d = (
+        (
+            (torch.randn(256, 1024, generator=g) * 0.02).bfloat16()
+            - (torch.randn(256, 1024, generator=g) * 0.02).bfloat16()
+        )
+        .abs()
+        .float()
+        .reshape(-1)
+    )
+    for density in (0.2, 0.3, 0.5):
+        k = int(density * d.numel())
+        assert torch.equal(argsort_topk_mask(d, k, path="compiled"), _reference(d, k))
+
+
+def test_without_the_extension_the_numpy_path_is_used(monkeypatch):
+    monkeypatch.setattr(argsort_select, "_introselect", None)
+    argsort_select.selection_path.cache_clear()
+    try:
+        assert argsort_select.selection_path() == "python"
+        x = torch.tensor([2.0, 1.0, 2.0, 2.0] * 10)
+        assert torch.equal(argsort_topk_mask(x, 13), _reference(x, 13))
+    finally:
+        argsort_select.selection_path.cache_clear()
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trim_in_place_equals_delta_times_mask(dtype):
+    """The fused trim zeroes what ``delta * mask`` zeroes (signed zeros included), the
+    mask being torch's argsort top-k of |delta| in float32."""
+    g = torch.Generator().manual_seed(3)
+    for n, density in ((5000, 0.2), (20000, 0.3), (777, 0.5)):
+        delta = (torch.randn(n, generator=g) * 0.003).to(dtype)
+        delta[:50] = 0.0
+        k = int(density * n)
+        want = delta * _reference(delta.float().abs(), k).to(dtype)
+        got = delta.clone()
+        assert argsort_select.trim_like_argsort_(got, k)
+        assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
+
+
+def test_trim_declines_what_it_cannot_do():
+    x = torch.tensor([1.0, float("nan"), 2.0, 3.0] * 8)
+    assert not argsort_select.trim_like_argsort_(x.clone(), 5)  # NaN: the mask path
+    assert not argsort_select.trim_like_argsort_(x.half(), 5)  # float16: the mask path
+    assert not argsort_select.trim_like_argsort_(torch.ones(8), 8)  # k = n: nothing to trim

@@ -23,15 +23,28 @@ This mirrors an implementation detail of torch's CPU build, so it is verified ag
 real ``torch.argsort`` once per process on tie-heavy random inputs (`_self_check`); on any
 mismatch splice falls back to the real sort for good. Shown exact on 600 random cases and
 on all 657 trims of the 0.37B-parameter benchmark (benchmarks/merge_speed.py).
+
+Two implementations of the same steps: the compiled extension `splice.delta._introselect`
+(built at install time from ``_introselect.c``; it runs libstdc++'s partition loop itself, in
+place on a copy of (value, index) pairs) and the vectorized numpy loop below, used when the
+extension is absent (no C compiler at install time). Each is self-checked before first use;
+the compiled one is preferred when it passes.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import numpy as np
 import torch
 
+try:
+    from splice.delta import _introselect
+except ImportError:  # built without a C compiler: the numpy path below
+    _introselect = None
+
+Path = Literal["compiled", "python", "sort"]
 _THRESHOLD = 16  # libstdc++ _S_threshold: partitions this small are left to insertion sort
 
 
@@ -116,27 +129,84 @@ def _introselect_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-@functools.cache
-def _self_check() -> bool:
-    """True when the quickselect reproduces this torch build's argsort on tie-heavy inputs."""
+def _compiled_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The compiled selection (0 < k < n); the real argsort where introsort would switch to
+    heapsort."""
+    out = torch.zeros(x.numel(), dtype=torch.bool)
+    if _introselect is None or not _introselect.torch_sort_topk(x.numpy(), k, out.numpy()):
+        return _argsort_mask(x, k)
+    return out
+
+
+def _select(x: torch.Tensor, k: int, path: Path) -> torch.Tensor:
+    n = x.numel()
+    if k <= 0 or k >= n:
+        return torch.full((n,), k >= n and n > 0, dtype=torch.bool)
+    if path == "sort" or bool(torch.isnan(x).any()):
+        return _argsort_mask(x, k)
+    if path == "compiled":
+        return _compiled_mask(x, k)
+    return _introselect_mask(x, k)
+
+
+def _check_cases() -> list[tuple[torch.Tensor, int]]:
+    """Tie-heavy random inputs (bf16-rounded magnitudes, a few distinct values)."""
     g = torch.Generator().manual_seed(1234)
+    cases = []
     for trial in range(60):
         n = int(torch.randint(17, 4000, (1,), generator=g))
         if trial % 2:
             x = (torch.randn(n, generator=g) * 0.002).bfloat16().float().abs()
         else:
             x = torch.randint(0, 4, (n,), generator=g).float()
-        k = int(torch.randint(1, n, (1,), generator=g))
-        if not torch.equal(_introselect_mask(x, k), _argsort_mask(x, k)):
-            return False
-    return True
+        cases.append((x, int(torch.randint(1, n, (1,), generator=g))))
+    return cases
 
 
-def argsort_topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+@functools.cache
+def selection_path() -> Path:
+    """The implementation `argsort_topk_mask` uses in this process: "compiled" (the C
+    extension) or "python" (numpy) when it reproduces this torch build's argsort on
+    tie-heavy inputs, the compiled one first; else "sort" (the real argsort)."""
+    cases = _check_cases()
+    for path in ("compiled", "python"):
+        if path == "compiled" and _introselect is None:
+            continue
+        if all(torch.equal(_select(x, k, path), _argsort_mask(x, k)) for x, k in cases):
+            return path
+    return "sort"
+
+
+def _self_check() -> bool:
+    """True when a quickselect reproduces this torch build's argsort (see `selection_path`)."""
+    return selection_path() != "sort"
+
+
+def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
+    """In place: zero every entry of ``delta`` but the ``k`` that
+    ``torch.argsort(|delta|, descending=True)[:k]`` selects (the zeros keep δ's sign, as
+    ``delta * mask`` gives). Done in one compiled call for a contiguous float32 / bfloat16
+    CPU tensor without NaN when the compiled path passed its self-check; returns False
+    (``delta`` untouched) otherwise, and the caller masks with `argsort_topk_mask`."""
+    n = delta.numel()
+    if (
+        _introselect is None
+        or not 0 < k < n
+        or delta.device.type != "cpu"
+        or delta.dtype not in (torch.float32, torch.bfloat16)
+        or not delta.is_contiguous()
+        or selection_path() != "compiled"
+        or bool(torch.isnan(delta).any())
+    ):
+        return False
+    buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
+    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+
+
+def argsort_topk_mask(x: torch.Tensor, k: int, path: Path | None = None) -> torch.Tensor:
     """Bool mask of the positions ``torch.argsort(x, descending=True)[:k]`` selects, for a
-    1-D float32 CPU tensor; O(n) expected where the self-check passes, else the real sort."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _self_check():
+    1-D float32 CPU tensor; O(n) expected where the self-check passes, else the real sort.
+    ``path`` forces an implementation (tests); by default the self-checked one."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return _argsort_mask(x.cpu().float(), k).to(x.device)
-    if bool(torch.isnan(x).any()):
-        return _argsort_mask(x, k)
-    return _introselect_mask(x.contiguous(), k)
+    return _select(x.contiguous(), k, path or selection_path())

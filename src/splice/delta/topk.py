@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.delta.argsort_select import argsort_topk_mask
+from splice.delta.argsort_select import argsort_topk_mask, selection_path
 
 # How ties at a keep boundary are broken:
 # - "flat": the first equal entries in flat row-major order (splice's rule, deterministic
@@ -64,6 +64,9 @@ def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
     flat = mag.reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
+    if ties == "torch_sort" and flat.device.type == "cpu" and selection_path() == "compiled":
+        # One compiled pass selects torch's order whether or not there are ties.
+        return argsort_topk_mask(flat, k).reshape(mag.shape)
     mask, tied = _topk_flat(flat, k)
     if tied and ties == "torch_sort":
         mask = argsort_topk_mask(flat, k)

@@ -16,7 +16,7 @@ AdaMerging++ is the same on the TIES-processed task vectors (``ties_density``): 
 trimmed to its top-k magnitudes over the whole model, a sign elected per entry from the
 trimmed vectors' sum, and the entries that disagree with it dropped (`ties_task_vectors`;
 the trim and the election are splice's TIES code: `splice.engine.topk.keep_rules`,
-`magnitude_trim_` and `elect_sign` of `splice.merge.methods._common`).
+`magnitude_trim_` and `elect_signs` of `splice.merge.methods._common`).
 
 Choices, from the paper's released code (EnnengYang/AdaMerging, ``main_*_adamerging*.py``),
 checked against FusionBench (tanganke/fusion_bench, ``method/adamerging``):
@@ -117,7 +117,7 @@ def ties_task_vectors(
     """
     from splice.engine.topk import keep_rules
     from splice.merge import MergeContext, TopKThreshold
-    from splice.merge.methods._common import elect_sign, magnitude_trim_
+    from splice.merge.methods._common import elect_signs, magnitude_trim_
 
     if not 0 < density <= 1:
         raise MergeValidationError(f"ties density must be in (0, 1], got {density}")
@@ -134,7 +134,7 @@ def ties_task_vectors(
         ctx = MergeContext(tensor_name=name, model_stats=rules[j])
         for k, v in enumerate(trimmed):
             magnitude_trim_(v[name], density, k, scope="model", ctx=ctx, rescale=False)
-        sign = elect_sign([v[name] for v in trimmed], "sum")
+        sign = elect_signs([v[name] for v in trimmed], "sum")
         for v in trimmed:
             v[name].mul_(sign).clamp_(min=0).mul_(sign)  # keep the entries of sign s
     return trimmed

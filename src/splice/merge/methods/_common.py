@@ -15,10 +15,16 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from splice.delta.argsort_select import trim_like_argsort_
 from splice.delta.topk import keep_count, magnitude, topk_mask
 from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
 from splice.merge.stats import TopKThreshold
+
+try:
+    from splice.merge.methods import _ties_kernel
+except ImportError:  # built without a C compiler: the torch ops below
+    _ties_kernel = None
 
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
 Majority = Literal["sum", "count"]
@@ -68,6 +74,13 @@ def magnitude_trim_(
         return delta
     if density <= 0:
         return delta.zero_()
+    if scope == "tensor" and ctx.dialect == "mergekit":
+        # One compiled pass (selection and masking) where the extension is built.
+        l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
+        if trim_like_argsort_(delta, keep_count(delta.numel(), density, ctx.dialect)):
+            if l1 is not None:
+                rescale_l1(l1, delta)
+            return delta
     mag = magnitude(delta)
     if scope == "model":
         mask = keep_rule_mask(mag, ctx.stat(TopKThreshold(index, density)))
@@ -131,14 +144,29 @@ def ties_combine_(
     "sum": Σ_agree v_i;  "max": s · max_agree |v_i|. ``disjoint``, when given, wins;
     otherwise mergekit's ``normalize`` picks "mean" (true) or "sum" (false).
     Result: base + λ · merged.
+
+    float32 on the CPU with disjoint "mean" or "sum" runs as one fused compiled pass
+    (`_ties_kernel`, the same float32 operations in the same order, so the same bits) when
+    the extension is built; otherwise, and for other dtypes, the torch ops below.
     """
     if not deltas:
         return base
     if disjoint is None:
         disjoint = "mean" if normalize else "sum"
+    if fused_ties_applies(base, deltas, disjoint):
+        assert _ties_kernel is not None
+        _ties_kernel.combine(
+            base.numpy(),
+            [d.numpy() for d in deltas],
+            [float(w) for w in weight],
+            majority == "count",
+            disjoint == "mean",
+            lambda_,
+        )
+        return base
     for d, w in zip(deltas, weight, strict=True):
         d.mul_(w)
-    sign = elect_sign(deltas, majority)
+    sign = elect_signs(deltas, majority)
     # |v_i| where v_i has the elected sign, 0 elsewhere: clamp(v_i · s, min=0)
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base) if disjoint == "mean" else None
@@ -158,12 +186,29 @@ def ties_combine_(
     return add_scaled_(base, merged, lambda_)
 
 
-def elect_sign(deltas: Sequence[Tensor], majority: Majority = "sum") -> Tensor:
-    """TIES's elected sign per entry, ±1: s = sign⁺(Σ_i δ_i) (majority="sum") or
-    sign⁺(Σ_i sign(δ_i)) ("count"), where sign⁺(x) = +1 for x >= 0 and −1 otherwise."""
-    sign = torch.zeros_like(deltas[0])
-    for d in deltas:
-        sign.add_(d if majority == "sum" else d.sign())
+def fused_ties_applies(base: Tensor, deltas: Sequence[Tensor], disjoint: str) -> bool:
+    """Whether `ties_combine_` can use the compiled float32 kernel for these tensors."""
+    return (
+        _ties_kernel is not None
+        and disjoint in ("mean", "sum")
+        and len(deltas) <= 64
+        and all(
+            t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.requires_grad
+            and t.shape == base.shape
+            for t in (base, *deltas)
+        )
+    )
+
+
+def elect_signs(votes: Sequence[Tensor], majority: Majority = "sum") -> Tensor:
+    """The elected sign s = sign⁺(Σ v_i) ("sum") or sign⁺(Σ sign(v_i)) ("count"), as ±1 in
+    the votes' dtype (sign⁺(x) = +1 for x >= 0, −1 otherwise)."""
+    sign = torch.zeros_like(votes[0])
+    for v in votes:
+        sign.add_(v if majority == "sum" else v.sign())
     return sign.ge_(0).mul_(2).sub_(1)
 
 

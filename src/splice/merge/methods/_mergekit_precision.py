@@ -15,6 +15,9 @@ one: the same torch ops on the same dtypes, in the same order.
   ``Σ w_i·mask_i`` in the compute dtype (0 -> 1); without consensus the divisor is
   ``Σ w_i`` (|.| < 1e-8 -> 1). Then ``/ divisor`` (normalize), ``* λ`` (λ ≠ 1), ``base +``.
   Peak memory: one stacked copy of the n deltas (as in mergekit) on top of the inputs.
+  In bfloat16 on the CPU with the compiled extension built, the same roundings are done
+  entry by entry in one pass, in place in the base, without the stacked copy
+  (`_ties_kernel.gta_bf16`); float16 and the fallback use the torch ops.
 - linear and SLERP: mergekit upcasts to float32 inside the kernel and rounds the result
   once, so these do the same (float32 weights and ``addcmul_``; SLERP's norms over chunks of
   2^20 entries, the dot of the normalised vectors, ``coef_a·a + coef_b·b``).
@@ -36,6 +39,11 @@ import torch
 from torch import Tensor
 
 from splice.merge.registry import MergeContext
+
+try:
+    from splice.merge.methods import _ties_kernel
+except ImportError:  # built without a C compiler: the torch ops
+    _ties_kernel = None
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SLERP_CHUNK = 1024 * 1024  # entries per chunk of mergekit's SLERP statistics
@@ -60,20 +68,25 @@ def gta_combine(
     if not deltas:
         return base
     dtype = base.dtype
+    if _fused_bf16_applies(base, deltas):
+        assert _ties_kernel is not None
+        codes = {None: 0, "sum": 1, "count": 2}
+        rounded = torch.tensor(list(weight), dtype=dtype).float().tolist()
+        _ties_kernel.gta_bf16(
+            base.view(torch.int16).numpy(),
+            [d.view(torch.int16).numpy() for d in deltas],
+            rounded,
+            codes[consensus],
+            normalize,
+            lambda_,
+        )
+        return base
     stacked = torch.stack(list(deltas))
     weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
     stacked.mul_(weights)
     if consensus is not None:
-        votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
-        majority = (votes >= 0).to(dtype) * 2 - 1
-        del votes
-        # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
-        # without a stacked copy of the signs)
-        agree = torch.empty(stacked.shape, dtype=torch.bool, device=base.device)
-        for v, a in zip(stacked, agree, strict=True):
-            torch.eq(v.sign(), majority, out=a)
-        del majority
+        agree = gta_agreement(stacked, consensus)
         mixed = stacked.mul_(agree).sum(dim=0)  # in place: the same products
         divisor = (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -87,6 +100,41 @@ def gta_combine(
     if lambda_ != 1:
         mixed *= lambda_
     return (base + mixed).to(dtype)
+
+
+FUSED_MAX_MODELS = 8  # torch's dim-0 sum of a few rows adds them in order; kept small
+
+
+def _fused_bf16_applies(base: Tensor, deltas: Sequence[Tensor]) -> bool:
+    """Whether `gta_combine` can run as the compiled bfloat16 kernel (`_ties_kernel`): the
+    same roundings, entry by entry, in one pass and without the stacked copy."""
+    return (
+        _ties_kernel is not None
+        and len(deltas) <= FUSED_MAX_MODELS
+        and all(
+            t.dtype == torch.bfloat16
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.requires_grad
+            and t.shape == base.shape
+            for t in (base, *deltas)
+        )
+    )
+
+
+def gta_agreement(stacked: Tensor, consensus: Consensus) -> Tensor:
+    """mergekit's sign election over the stacked weighted deltas: s = sign(Σ v_i) >= 0 (or
+    of Σ sign(v_i)) as ±1 in their dtype; returns the bool mask sign(v_i) == s [n, ...]."""
+    dtype = stacked.dtype
+    votes = stacked.sum(dim=0) if consensus == "sum" else stacked.sign().sum(dim=0)
+    majority = (votes >= 0).to(dtype) * 2 - 1
+    del votes
+    # sign(v_i) == s, one model at a time (the same mask as mergekit's stacked compare,
+    # without a stacked copy of the signs)
+    agree = torch.empty(stacked.shape, dtype=torch.bool, device=stacked.device)
+    for v, a in zip(stacked, agree, strict=True):
+        torch.eq(v.sign(), majority, out=a)
+    return agree
 
 
 def linear_float32(tensors: Sequence[Tensor], weight: Sequence[float], normalize: bool) -> Tensor:
@@ -116,22 +164,25 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     if a.shape[1] == 0:
         return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
     starts = range(0, a.shape[1], SLERP_CHUNK)
+    # Each input cast to float32 once (the same values mergekit's per-chunk casts give).
+    a32, b32 = a.to(f32, copy=True), b.to(f32, copy=True)
 
     def chunk(x: Tensor, s: int) -> Tensor:
-        return x[:, s : s + SLERP_CHUNK].to(f32)
+        return x[:, s : s + SLERP_CHUNK]
 
     norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(a, s), dim=1, keepdim=True) for s in starts]),
+        torch.stack([torch.linalg.vector_norm(chunk(a32, s), dim=1, keepdim=True) for s in starts]),
         dim=0,
     )
     norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(b, s), dim=1, keepdim=True) for s in starts]),
+        torch.stack([torch.linalg.vector_norm(chunk(b32, s), dim=1, keepdim=True) for s in starts]),
         dim=0,
     )
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     dots = [
-        ((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b)).sum(dim=1, keepdim=True) for s in starts
+        ((chunk(a32, s) / norm_a) * (chunk(b32, s) / norm_b)).sum(dim=1, keepdim=True)
+        for s in starts
     ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > 0.9995
@@ -139,9 +190,8 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty_like(a)
-    for s in starts:
-        out[:, s : s + SLERP_CHUNK] = coef_a * chunk(a, s) + coef_b * chunk(b, s)
+    # Elementwise, so one pass over the whole tensor gives the chunked loop's values.
+    out = a32.mul_(coef_a).add_(b32.mul_(coef_b)).to(a.dtype)
     return out.reshape(base.shape)
 
 

@@ -1,0 +1,32 @@
+"""Build hook for splice's optional C extensions (everything else is in pyproject.toml).
+
+- ``splice.delta._introselect``: the mergekit dialect's torch-sort-order top-k selection
+  (`splice.delta.argsort_select`);
+- ``splice.merge.methods._ties_kernel``: the float32 TIES sign election and disjoint merge
+  in one pass (`splice.merge.methods._common.ties_combine_`).
+
+Both are optional: when no C compiler is available the build goes on without them and
+splice uses its pure-Python paths, which give the same tensors, more slowly. No fused
+multiply-add (-ffp-contract=off): every operation rounds once, as torch's do.
+"""
+
+from setuptools import Extension, setup
+
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "splice.delta._introselect",
+            ["src/splice/delta/_introselect.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "splice.merge.methods._ties_kernel",
+            ["src/splice/merge/methods/_ties_kernel.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+    ]
+)

@@ -1,0 +1,266 @@
+/* Compiled top-k selection for splice.delta.argsort_select (optional extension).
+ *
+ * torch_sort_topk(values, k, mask) -> bool
+ *   Sets mask[i] = 1 for the k positions that torch.argsort(values, descending=True)[:k]
+ *   selects on the CPU, i.e. the first k positions of libstdc++'s std::sort (introsort)
+ *   over (value, index) pairs with comp(a, b) = a.value > b.value. It follows introsort's
+ *   own steps on the one path that holds position k: median of three moved to the front,
+ *   unguarded Hoare partition; once the partition holding k has <= 16 entries, the final
+ *   insertion sort (stable, never moving an entry past an equal one) decides, so those
+ *   entries are ordered stably here. Returns False (mask untouched) where introsort would
+ *   switch to heapsort (depth limit reached): the caller then sorts for real.
+ *   values: C-contiguous float32 buffer without NaN (the caller checks); mask: writable
+ *   byte buffer of the same length, zeroed by the caller; 0 < k < n.
+ *
+ * torch_sort_trim(delta, k, itemsize) -> bool
+ *   The same selection on |delta| (float32, itemsize 4, or bfloat16, itemsize 2), applied in
+ *   place: every entry not selected becomes a zero with its sign (what delta * mask gives).
+ *   False (delta untouched) on the depth limit.
+ *
+ * Both functions release the GIL while they run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define THRESHOLD 16 /* libstdc++ _S_threshold */
+
+typedef struct {
+    float v;
+    uint32_t i;
+} pair32;
+
+typedef struct {
+    float v;
+    int64_t i;
+} pair64;
+
+#define SWAP(T, a, b) \
+    do {              \
+        T t_ = (a);   \
+        (a) = (b);    \
+        (b) = t_;     \
+    } while (0)
+
+/* The first swaps of the Hoare partition, found in blocks of BLOCK entries without branches
+ * (as BlockQuicksort): the scalar loop swaps the t-th entry <= pivot from the left with the
+ * t-th entry >= pivot from the right for as long as they have not crossed. Left blocks are
+ * scanned from the left end, right blocks from the right end, never overlapping, so every
+ * pair found is a pair the scalar loop swaps, in the same order. When the unscanned middle
+ * is too small for a block, lo and hi are set to the scalar loop's state after the last
+ * pair and the scalar loop finishes (re-scanning the unpaired stops, which are unchanged). */
+#define BLOCK 128
+#define BLOCK_PHASE(PAIR)                                                                \
+    {                                                                                    \
+        Py_ssize_t lbuf[BLOCK], rbuf[BLOCK], ls = lo, rs = hi;                           \
+        int ln = 0, li = 0, rn = 0, ri = 0;                                              \
+        for (;;) {                                                                       \
+            if (li == ln) {                                                              \
+                if (rs - ls < BLOCK) break;                                              \
+                ln = li = 0;                                                             \
+                for (int t = 0; t < BLOCK; t++) {                                        \
+                    lbuf[ln] = ls + t;                                                   \
+                    ln += !(a[ls + t].v > pivot);                                        \
+                }                                                                        \
+                ls += BLOCK;                                                             \
+            }                                                                            \
+            if (ri == rn) {                                                              \
+                if (rs - ls < BLOCK) break;                                              \
+                rn = ri = 0;                                                             \
+                for (int t = 0; t < BLOCK; t++) {                                        \
+                    rbuf[rn] = rs - 1 - t;                                               \
+                    rn += !(pivot > a[rs - 1 - t].v);                                    \
+                }                                                                        \
+                rs -= BLOCK;                                                             \
+            }                                                                            \
+            int m = ln - li < rn - ri ? ln - li : rn - ri;                               \
+            for (int q = 0; q < m; q++) SWAP(PAIR, a[lbuf[li + q]], a[rbuf[ri + q]]);    \
+            if (m > 0) {                                                                 \
+                lo = lbuf[li + m - 1] + 1;                                               \
+                hi = rbuf[ri + m - 1];                                                   \
+            }                                                                            \
+            li += m;                                                                     \
+            ri += m;                                                                     \
+        }                                                                                \
+    }
+
+/* One body for 32- and 64-bit indices: a[0..n) holds (value, position) pairs in order;
+ * afterwards a[0..k) holds the entries torch's sort puts first. Returns 1 when done, 0 on
+ * the depth limit (heapsort). */
+#define DEFINE_SELECT(NAME, PAIR)                                                       \
+    static int NAME(PAIR *a, Py_ssize_t n, Py_ssize_t k) {                              \
+        Py_ssize_t first = 0, last = n;                                                  \
+        int depth = 0;                                                                   \
+        for (Py_ssize_t m = n; m > 1; m >>= 1) depth++;                                  \
+        depth *= 2; /* 2 * floor(log2 n) */                                              \
+        while (last - first > THRESHOLD) {                                               \
+            if (depth == 0) return 0;                                                    \
+            depth--;                                                                     \
+            /* __move_median_to_first(first, first + 1, mid, last - 1) */                \
+            Py_ssize_t x = first + 1, y = first + (last - first) / 2, z = last - 1, med; \
+            float vx = a[x].v, vy = a[y].v, vz = a[z].v;                                 \
+            if (vx > vy) {                                                               \
+                if (vy > vz) med = y;                                                    \
+                else if (vx > vz) med = z;                                               \
+                else med = x;                                                            \
+            } else if (vx > vz) med = x;                                                 \
+            else if (vy > vz) med = z;                                                   \
+            else med = y;                                                                \
+            SWAP(PAIR, a[first], a[med]);                                                \
+            /* __unguarded_partition(first + 1, last, first) */                          \
+            const float pivot = a[first].v;                                              \
+            Py_ssize_t lo = first + 1, hi = last;                                        \
+            BLOCK_PHASE(PAIR)                                                            \
+            for (;;) {                                                                   \
+                while (a[lo].v > pivot) lo++;                                            \
+                hi--;                                                                    \
+                while (pivot > a[hi].v) hi--;                                            \
+                if (!(lo < hi)) break;                                                   \
+                SWAP(PAIR, a[lo], a[hi]);                                                \
+                lo++;                                                                    \
+            }                                                                            \
+            /* introsort sorts [lo, last) and [first, lo) separately: follow k's side */ \
+            if (k == lo) return 1;                                                       \
+            if (k > lo) first = lo;                                                      \
+            else last = lo;                                                              \
+        }                                                                                \
+        /* the final insertion sort of [first, last): stable, by value descending */     \
+        for (Py_ssize_t p = first + 1; p < last; p++) {                                  \
+            PAIR cur = a[p];                                                             \
+            Py_ssize_t q = p;                                                            \
+            while (q > first && cur.v > a[q - 1].v) {                                    \
+                a[q] = a[q - 1];                                                         \
+                q--;                                                                     \
+            }                                                                            \
+            a[q] = cur;                                                                  \
+        }                                                                                \
+        return 1;                                                                        \
+    }
+
+DEFINE_SELECT(select32, pair32)
+DEFINE_SELECT(select64, pair64)
+
+/* |x| as float32 of entry j of a float32 (itemsize 4) or bfloat16 (itemsize 2) buffer. */
+static inline float magnitude_at(const void *buf, int itemsize, Py_ssize_t j) {
+    if (itemsize == 4) return fabsf(((const float *)buf)[j]);
+    uint32_t bits = (uint32_t)(((const uint16_t *)buf)[j] & 0x7fffu) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Mark in keep[] (n bytes, zeroed) the k entries torch.argsort(|x|, descending=True)[:k]
+ * selects. Returns 1, 0 on the depth limit, -1 out of memory. */
+static int mark_torch_sort(const void *buf, int itemsize, Py_ssize_t n, Py_ssize_t k,
+                           uint8_t *keep) {
+    int rc;
+    if (n <= (Py_ssize_t)UINT32_MAX) {
+        pair32 *a = (pair32 *)malloc(sizeof(pair32) * (size_t)n);
+        if (a == NULL) return -1;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            a[j].v = magnitude_at(buf, itemsize, j);
+            a[j].i = (uint32_t)j;
+        }
+        rc = select32(a, n, k);
+        if (rc == 1)
+            for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
+        free(a);
+    } else {
+        pair64 *a = (pair64 *)malloc(sizeof(pair64) * (size_t)n);
+        if (a == NULL) return -1;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            a[j].v = magnitude_at(buf, itemsize, j);
+            a[j].i = (int64_t)j;
+        }
+        rc = select64(a, n, k);
+        if (rc == 1)
+            for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
+        free(a);
+    }
+    return rc;
+}
+
+static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
+    PyObject *values_obj, *mask_obj;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OnO", &values_obj, &k, &mask_obj)) return NULL;
+    Py_buffer values, mask;
+    if (PyObject_GetBuffer(values_obj, &values, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(mask_obj, &mask, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&values);
+        return NULL;
+    }
+    Py_ssize_t n = values.len / 4;
+    int rc;
+    if (values.len % 4 != 0 || mask.len != n || k <= 0 || k >= n) {
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&mask);
+        PyErr_SetString(PyExc_ValueError, "torch_sort_topk: need n float32 values, n mask "
+                                          "bytes and 0 < k < n");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    rc = mark_torch_sort(values.buf, 4, n, k, (uint8_t *)mask.buf);
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&values);
+    PyBuffer_Release(&mask);
+    if (rc < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
+    PyObject *delta_obj;
+    Py_ssize_t k;
+    int itemsize;
+    if (!PyArg_ParseTuple(args, "Oni", &delta_obj, &k, &itemsize)) return NULL;
+    Py_buffer delta;
+    if (PyObject_GetBuffer(delta_obj, &delta, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_ssize_t n = delta.len / (itemsize > 0 ? itemsize : 1);
+    if ((itemsize != 4 && itemsize != 2) || delta.len % itemsize != 0 || k <= 0 || k >= n) {
+        PyBuffer_Release(&delta);
+        PyErr_SetString(PyExc_ValueError, "torch_sort_trim: float32 / bfloat16, 0 < k < n");
+        return NULL;
+    }
+    int rc = -1;
+    Py_BEGIN_ALLOW_THREADS;
+    uint8_t *keep = (uint8_t *)calloc((size_t)n, 1);
+    if (keep != NULL) {
+        rc = mark_torch_sort(delta.buf, itemsize, n, k, keep);
+        if (rc == 1 && itemsize == 4) {
+            uint32_t *bits = (uint32_t *)delta.buf;
+            for (Py_ssize_t j = 0; j < n; j++)
+                if (!keep[j]) bits[j] &= 0x80000000u; /* δ · 0: a zero with δ's sign */
+        } else if (rc == 1) {
+            uint16_t *bits = (uint16_t *)delta.buf;
+            for (Py_ssize_t j = 0; j < n; j++)
+                if (!keep[j]) bits[j] &= 0x8000u;
+        }
+        free(keep);
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&delta);
+    if (rc < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(rc);
+}
+
+static PyMethodDef methods[] = {
+    {"torch_sort_trim", torch_sort_trim, METH_VARARGS,
+     "torch_sort_trim(delta, k, itemsize) -> bool: zero (keeping the sign) all entries of a "
+     "float32 / bfloat16 buffer but the k that torch.argsort(|delta|, descending=True)[:k] "
+     "selects, in place; False (delta untouched) where introsort would use heapsort."},
+    {"torch_sort_topk", torch_sort_topk, METH_VARARGS,
+     "torch_sort_topk(values, k, mask) -> bool: mark torch.argsort(values, descending=True)"
+     "[:k] in mask without sorting; False where introsort would switch to heapsort."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_introselect", "Compiled top-k selections (see the C source).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__introselect(void) { return PyModule_Create(&module); }

@@ -1,0 +1,285 @@
+/* Fused TIES combines (optional extension): float32 `combine` for
+ * splice.merge.methods._common.ties_combine_, and `gta_bf16` for mergekit's bfloat16
+ * arithmetic in splice.merge.methods._mergekit_precision.gta_combine (described there).
+ *
+ * combine(base, deltas, weights, majority_count, normalize, lam) -> None
+ *   One pass over the entries, in place in base, with exactly the float32 operations of
+ *   ties_combine_ (so the same bits, and mergekit's in float32):
+ *     v_i = δ_i · w_i                         (w_i rounded to float32)
+ *     S   = ((0 + v_1) + v_2) + …             majority "sum";  Σ sign(v_i) for "count"
+ *     s   = +1 if S >= 0 else −1              (NaN: −1)
+ *     a_i = max(v_i · s, 0)                   the agreeing magnitudes (NaN kept)
+ *     m   = (0 + a_1) + a_2 + …;  d = Σ_{a_i > 0} w_i   (in order, from +0)
+ *     r   = m · s;  normalize: r / (d if d != 0 else 1);  λ != 1: r · λ
+ *     base = base + r
+ *   base: writable C-contiguous float32 buffer; deltas: a sequence of n float32 buffers of
+ *   the same length (read only); weights: n floats. Compiled with -ffp-contract=off so no
+ *   multiply-add is fused (each operation rounds once, as torch's).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_MODELS 64
+
+#define CHUNK 512 /* entries per block: the block's v_i stay in L1 */
+
+/* The float32 combine over entries [0, len), block by block; every loop over a block is a
+ * plain loop over entries without branches, which the compiler vectorizes. */
+static void combine_block(float *base, const float **d, const float *w, int n, Py_ssize_t len,
+                          int count, int normalize, float lam) {
+    static _Thread_local float v[MAX_MODELS][CHUNK];
+    float vote[CHUNK], s[CHUNK], m[CHUNK], div[CHUNK];
+    for (Py_ssize_t lo = 0; lo < len; lo += CHUNK) {
+        const int c = (int)(len - lo < CHUNK ? len - lo : CHUNK);
+        for (int j = 0; j < c; j++) vote[j] = 0.0f, m[j] = 0.0f, div[j] = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const float *di = d[i] + lo;
+            float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) vi[j] = di[j] * wi;
+            if (count)
+                for (int j = 0; j < c; j++)
+                    vote[j] += (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
+            else
+                for (int j = 0; j < c; j++) vote[j] += vi[j];
+        }
+        for (int j = 0; j < c; j++) s[j] = vote[j] >= 0.0f ? 1.0f : -1.0f;
+        for (int i = 0; i < n; i++) {
+            const float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) {
+                const float a = vi[j] * s[j];
+                m[j] += (a > 0.0f || a != a) ? a : 0.0f; /* max(a, 0), NaN kept */
+                div[j] += a > 0.0f ? wi : 0.0f;
+            }
+        }
+        float *b = base + lo;
+        for (int j = 0; j < c; j++) {
+            float r = m[j] * s[j];
+            if (normalize) r = r / (div[j] == 0.0f ? 1.0f : div[j]);
+            if (lam != 1.0f) r = r * lam;
+            b[j] = b[j] + r;
+        }
+    }
+}
+
+static PyObject *combine(PyObject *self, PyObject *args) {
+    PyObject *base_obj, *deltas_obj, *weights_obj;
+    int count, normalize;
+    double lam;
+    if (!PyArg_ParseTuple(args, "OOOppd", &base_obj, &deltas_obj, &weights_obj, &count,
+                          &normalize, &lam))
+        return NULL;
+    PyObject *deltas = PySequence_Fast(deltas_obj, "deltas must be a sequence");
+    if (deltas == NULL) return NULL;
+    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
+    if (weights == NULL) {
+        Py_DECREF(deltas);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(deltas);
+    Py_buffer base, views[MAX_MODELS];
+    const float *d[MAX_MODELS];
+    float w[MAX_MODELS];
+    int got = 0, ok = 0;
+    if (n < 1 || n > MAX_MODELS || PySequence_Fast_GET_SIZE(weights) != n) {
+        PyErr_SetString(PyExc_ValueError, "combine: 1..64 deltas, one weight each");
+        goto done_lists;
+    }
+    if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done_lists;
+    for (; got < n; got++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(deltas, got);
+        if (PyObject_GetBuffer(item, &views[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (views[got].len != base.len) {
+            got++;
+            PyErr_SetString(PyExc_ValueError, "combine: deltas and base differ in size");
+            goto done;
+        }
+        d[got] = (const float *)views[got].buf;
+        double wi = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, got));
+        if (wi == -1.0 && PyErr_Occurred()) {
+            got++;
+            goto done;
+        }
+        w[got] = (float)wi;
+    }
+    if (base.len % 4 != 0) {
+        PyErr_SetString(PyExc_ValueError, "combine: float32 buffers expected");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    combine_block((float *)base.buf, d, w, (int)n, base.len / 4, count, normalize, (float)lam);
+    Py_END_ALLOW_THREADS;
+    ok = 1;
+done:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&base);
+done_lists:
+    Py_DECREF(deltas);
+    Py_DECREF(weights);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* bfloat16 <-> float32, as torch's c10::BFloat16 (round to nearest even; NaN -> 0x7fc0). */
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round to a bf16 value */
+
+/* mergekit's generalized task arithmetic in bfloat16 (see gta_bf16), block by block with
+ * branch-free loops over entries, as combine_block. */
+static void gta_bf16_block(uint16_t *base, const uint16_t **d, const float *w, int n,
+                           Py_ssize_t len, int consensus, int normalize, float lam,
+                           float weight_sum) {
+    static _Thread_local float v[MAX_MODELS][CHUNK];
+    float votes[CHUNK], s[CHUNK], mixed[CHUNK], div[CHUNK];
+    for (Py_ssize_t lo = 0; lo < len; lo += CHUNK) {
+        const int c = (int)(len - lo < CHUNK ? len - lo : CHUNK);
+        for (int j = 0; j < c; j++) votes[j] = 0.0f, mixed[j] = 0.0f, div[j] = 0.0f;
+        for (int i = 0; i < n; i++) {
+            const uint16_t *di = d[i] + lo;
+            float *vi = v[i];
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) vi[j] = rbf(bf2f(di[j]) * wi);
+        }
+        if (consensus) {
+            for (int i = 0; i < n; i++) {
+                const float *vi = v[i];
+                if (consensus == 1)
+                    for (int j = 0; j < c; j++) votes[j] += vi[j];
+                else
+                    for (int j = 0; j < c; j++)
+                        votes[j] += (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
+            }
+            for (int j = 0; j < c; j++) s[j] = rbf(votes[j]) >= 0.0f ? 1.0f : -1.0f;
+            for (int i = 0; i < n; i++) {
+                const float *vi = v[i];
+                const float wi = w[i];
+                for (int j = 0; j < c; j++) {
+                    const float sg = (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
+                    const int agree = sg == s[j];
+                    /* v · agree: v itself, or a signed zero (NaN stays NaN) */
+                    mixed[j] += agree ? vi[j] : vi[j] * 0.0f;
+                    div[j] += agree ? wi : 0.0f;
+                }
+            }
+            for (int j = 0; j < c; j++) {
+                const float dv = rbf(div[j]);
+                div[j] = dv == 0.0f ? 1.0f : dv;
+            }
+        } else {
+            for (int i = 0; i < n; i++) {
+                const float *vi = v[i];
+                for (int j = 0; j < c; j++) mixed[j] += vi[j];
+            }
+            for (int j = 0; j < c; j++) div[j] = weight_sum;
+        }
+        uint16_t *b = base + lo;
+        for (int j = 0; j < c; j++) {
+            float r = rbf(mixed[j]);
+            if (normalize) r = rbf(r / div[j]);
+            if (lam != 1.0f) r = rbf(r * lam);
+            b[j] = f2bf(bf2f(b[j]) + r);
+        }
+    }
+}
+
+static PyObject *gta_bf16(PyObject *self, PyObject *args) {
+    PyObject *base_obj, *deltas_obj, *weights_obj;
+    int consensus, normalize;
+    double lam;
+    if (!PyArg_ParseTuple(args, "OOOipd", &base_obj, &deltas_obj, &weights_obj, &consensus,
+                          &normalize, &lam))
+        return NULL;
+    PyObject *deltas = PySequence_Fast(deltas_obj, "deltas must be a sequence");
+    if (deltas == NULL) return NULL;
+    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
+    if (weights == NULL) {
+        Py_DECREF(deltas);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(deltas);
+    Py_buffer base, views[MAX_MODELS];
+    const uint16_t *d[MAX_MODELS];
+    float w[MAX_MODELS];
+    int got = 0, ok = 0;
+    if (n < 1 || n > MAX_MODELS || PySequence_Fast_GET_SIZE(weights) != n || consensus < 0 ||
+        consensus > 2) {
+        PyErr_SetString(PyExc_ValueError, "gta_bf16: 1..64 deltas, one weight each");
+        goto done_lists;
+    }
+    if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto done_lists;
+    float weight_sum = 0.0f;
+    for (; got < n; got++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(deltas, got);
+        if (PyObject_GetBuffer(item, &views[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (views[got].len != base.len) {
+            got++;
+            PyErr_SetString(PyExc_ValueError, "gta_bf16: deltas and base differ in size");
+            goto done;
+        }
+        d[got] = (const uint16_t *)views[got].buf;
+        double wi = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, got));
+        if (wi == -1.0 && PyErr_Occurred()) {
+            got++;
+            goto done;
+        }
+        w[got] = (float)wi;
+        weight_sum += w[got];
+    }
+    weight_sum = rbf(weight_sum);
+    if (fabsf(weight_sum) < 1e-8f) weight_sum = 1.0f;
+    if (base.len % 2 != 0) {
+        PyErr_SetString(PyExc_ValueError, "gta_bf16: bfloat16 buffers expected");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    gta_bf16_block((uint16_t *)base.buf, d, w, (int)n, base.len / 2, consensus, normalize,
+                   (float)lam, weight_sum);
+    Py_END_ALLOW_THREADS;
+    ok = 1;
+done:
+    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyBuffer_Release(&base);
+done_lists:
+    Py_DECREF(deltas);
+    Py_DECREF(weights);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"gta_bf16", gta_bf16, METH_VARARGS,
+     "gta_bf16(base, deltas, weights, consensus, normalize, lam): mergekit's generalized "
+     "task arithmetic in bfloat16 (consensus 0 none, 1 sum, 2 count), in place in base."},
+    {"combine", combine, METH_VARARGS,
+     "combine(base, deltas, weights, majority_count, normalize, lam): fused float32 TIES "
+     "sign election and disjoint merge, in place in base."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ties_kernel", "Fused float32 TIES combine (see the C source).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__ties_kernel(void) { return PyModule_Create(&module); }
