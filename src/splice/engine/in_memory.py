@@ -36,9 +36,13 @@ class _Unrecorded(Sources):
     """Inputs read without the per-tensor digests (a resume record has no use here)."""
 
     def read(
-        self, ref: str | os.PathLike[str], name: str, record: dict[str, str] | None = None
+        self,
+        ref: str | os.PathLike[str],
+        name: str,
+        record: dict[str, str] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        return super().read(ref, name, None)
+        return super().read(ref, name, None, dtype)
 
 
 def merge_to_memory(
