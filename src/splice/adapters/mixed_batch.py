@@ -104,17 +104,17 @@ class Segment:
     weights: tuple[tuple[str, float], ...]  # (adapter, weight), in the row's order
     rows: list[int]
     _index: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    # one adapter with weight 1: the rows are exactly that adapter's forward
+    single: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.single = len(self.weights) == 1 and self.weights[0][1] == 1.0
 
     def index(self, device: torch.device) -> Tensor:
         """The rows as an index tensor on ``device`` (made once per device)."""
         if device not in self._index:
             self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
         return self._index[device]
-
-    @property
-    def single(self) -> bool:
-        """One adapter with weight 1: the rows are exactly that adapter's forward."""
-        return len(self.weights) == 1 and self.weights[0][1] == 1.0
 
 
 @dataclass

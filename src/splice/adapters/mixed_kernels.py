@@ -44,6 +44,7 @@ path runs and gradients flow.
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from collections.abc import Collection
@@ -91,7 +92,6 @@ def kernel_kind(module: AdapterModule, base: nn.Module) -> str | None:
 
 
 _VERSION = operator.attrgetter("_version")
-_TRAINING = operator.attrgetter("training")
 
 
 @dataclass
@@ -136,8 +136,11 @@ class VectorStack:
 
 @dataclass
 class LayerKernels:
-    structure: tuple  # ((name, module), ...) of the layer's adapters when built
-    training: tuple  # their ``training`` flags (dropout makes LoRA / VeRA per segment)
+    names: list[str]  # the layer's adapter names when built, in order
+    modules: list[AdapterModule]  # their modules (identity compared)
+    # the modules whose kernel kind depends on their mode (they have dropout), with the
+    # ``training`` flag at the build
+    mode_sensitive: list[tuple[AdapterModule, bool]]
     base: Stamp  # the base layer's parameters (DoRA's c depends on W)
     watched: dict[str, Stamp]  # kernel adapter name -> its parameters and buffers
     kinds: dict[str, str]  # adapter name -> kernel kind
@@ -146,7 +149,7 @@ class LayerKernels:
     ia3_out: VectorStack | None = None
     vera: list[VectorStack] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         """The promoted dtype of every stacked tensor (the kernels' compute dtype)."""
         dtype = torch.bool
@@ -166,16 +169,24 @@ def clear_cache(layer: AdaptedLayer | None = None) -> None:
         _CACHE.pop(layer, None)
 
 
-def _structure(layer: AdaptedLayer) -> tuple[tuple, tuple]:
-    modules = layer.adapters._modules
-    return tuple(modules.items()), tuple(map(_TRAINING, modules.values()))
+def _mode_sensitive(module: AdapterModule) -> bool:
+    """Whether ``kernel_kind`` of ``module`` can change with its train / eval mode."""
+    drop = getattr(module, "dropout", None)
+    return (drop is not None and not isinstance(drop, nn.Identity)) or bool(
+        getattr(module, "rank_dropout", 0) or getattr(module, "module_dropout", 0)
+    )
 
 
 def is_fresh(built: LayerKernels, layer: AdaptedLayer, names: Collection[str] | None) -> bool:
     """Whether ``built`` still holds the layer's adapters: the same adapter modules (by
     identity) in the same modes, the base weight and the adapters ``names`` (None: every
     kernel adapter) unchanged since the build."""
-    if _structure(layer) != (built.structure, built.training) or not built.base.fresh():
+    modules = layer.adapters._modules
+    # lists of pointers compared by identity first (no per-adapter objects made: this runs
+    # for every adapted layer at every mixed forward)
+    if list(modules.values()) != built.modules or list(modules) != built.names:
+        return False
+    if any(m.training != mode for m, mode in built.mode_sensitive) or not built.base.fresh():
         return False
     watched = built.watched
     for name in watched if names is None else names:
@@ -198,7 +209,11 @@ def layer_kernels(layer: AdaptedLayer, names: Collection[str] | None = None) -> 
     watched = {
         n: Stamp.of([*layer.adapters[n].parameters(), *layer.adapters[n].buffers()]) for n in kinds
     }
-    built = LayerKernels(*_structure(layer), Stamp.of(list(base.parameters())), watched, kinds)
+    modules = list(layer.adapters.values())
+    sensitive = [(m, m.training) for m in modules if _mode_sensitive(m)]
+    built = LayerKernels(
+        list(layer.adapters), modules, sensitive, Stamp.of(list(base.parameters())), watched, kinds
+    )
     with torch.no_grad():
         _build_lora(layer, built)
         built.ia3_in = _build_ia3(layer, kinds, "ia3_in")
