@@ -26,7 +26,7 @@ Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
 - every row the same single adapter: the plain forward with that adapter (no gather, no
   scatter, no copy);
 - otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
-  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA (linear), IA3 or VeRA
+  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA / LoHa (linear), IA3 or VeRA
   are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
   factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
   vectors gathered per row; whatever the number of distinct adapters), updating the base

@@ -1,5 +1,5 @@
 """Batched mixed-batch kernels: one computation per adapted layer for all rows whose adapter
-is LoRA / DoRA, IA3 or VeRA, whatever the number of distinct adapters
+is LoRA / DoRA, LoHa (linear), IA3 or VeRA, whatever the number of distinct adapters
 (`splice.adapters.mixed_batch` calls them; the other adapter kinds run per segment).
 
 Each row r has at most one of these adapters a(r) with weight 1 (weighted sets run per
@@ -18,6 +18,11 @@ segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
   m / ‖W + s B A‖_row (PEFT's form: base(x) + (c − 1)(base(x) − b) + c s B A x, the bias not
   rescaled). Different s (rsLoRA, alpha / rank patterns) are folded into each B, so every
   adapter keeps its own scaling and rank exactly.
+- LoHa on nn.Linear joins the stacks as the LoRA of rank r² it is: ΔW = s (W1a W1b) ⊙
+  (W2a W2b) = s U V, U (out × r²) the row-wise outer products of W1a and W2a, V (r² × in)
+  those of the columns of W1b and W2b (`_lora_form`); only when r² (in + out) < in · out
+  (cheaper per token than the dense ΔW the per-segment path rebuilds at every call).
+- When every row has the same slot, two flat matmuls replace the per-row gather.
 - IA3 output scaling: y_r = l_a(r) ⊙ base_r, one (rows × out) vector gather (1 for others);
   input scaling: the base layer runs once on x_r ⊙ l_a(r) for all rows (x unchanged for
   the others: ×1 is exact).
@@ -31,11 +36,17 @@ added back with ``index_add_``); otherwise the kernel runs on every row (the zer
 r/in of the base layer, less than moving the rows).
 
 Cache: per layer, the stacks are built at the first mixed forward that needs them and kept
-(`_CACHE`, weakly keyed by the layer) with a key of every stacked tensor's (data_ptr,
-_version) and the base weight's: an in-place change (optimizer step, ``copy_``, loading)
-bumps ``_version`` and a replaced tensor has another data_ptr, so the next mixed forward
-rebuilds; writes through ``.data`` are not tracked by torch (call `clear_cache`). The key is
-checked once per layer per mixed call (a plan), not per decoding step. Memory: the stacks hold
+(`_CACHE`, weakly keyed by the layer) with what they were built from: the layer's adapter
+names and module objects, the mode of those whose kernel depends on it (dropout), and a
+`Stamp` (data_ptr, _version) of the base weight and of each kernel adapter's tensors. A
+mixed forward compares the module lists by identity and the stamps of the base weight and
+of the adapters its batch names (C loops; nothing enumerates ``parameters()`` per forward):
+an added, removed or replaced adapter module, an in-place change (optimizer step,
+``copy_``, loading: ``_version``) or moved storage (data_ptr) rebuilds the layer's stacks.
+An adapter changed while no batch names it is found when one does (no row reads its slot
+before). Not tracked: writes through ``.data`` and a parameter object replaced by
+assignment (call `clear_cache`). Checked once per layer per mixed call (a plan).
+Memory: the stacks hold
 a copy of the factors (padded to the bucket) and DoRA's c, i.e. factor bytes, never a dense
 ΔW; IA3 / VeRA: the vectors. With gradients enabled on adapter parameters (training through
 a mixed batch) the kernels are not used (the cached factors are detached); the per-segment
