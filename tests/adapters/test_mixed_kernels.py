@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 from test_mixed_batch import check_rows, model_with
-from tiny import inputs
+from tiny import inputs, randomize
 
-from splice.adapters import mixed_kernels
+from splice.adapters import make_config, mixed_kernels
 from splice.adapters.layer import AdaptedLayer
 from splice.adapters.mixed_kernels import rank_bucket
 
@@ -161,3 +161,56 @@ def test_gradients_flow_through_a_mixed_batch() -> None:
     assert max(g.abs().max() for g in mixed) > 1e-3
     for got, p in zip(mixed, params, strict=True):
         torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=0)
+
+
+def test_loha_runs_as_a_lora_of_rank_r_squared(monkeypatch) -> None:
+    """LoHa (linear base) joins the LoRA stacks in its exact LoRA form ΔW = s U V (rank r²):
+    rows equal alone, no per-segment forward, and the stacked factors multiply to the dense
+    ΔW the adapter itself computes."""
+    setups = {
+        "h1": ("loha", {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}),
+        "h2": ("loha", {"r": 3, "alpha": 2, "target_modules": ["q_proj", "v_proj"]}),
+        "l": ("lora", {"r": 4, "target_modules": ["q_proj"]}),
+    }
+    am = model_with("llama", setups)
+    names = ["h2", "__base__", "h1", "l", "h1"]
+    with monkeypatch.context() as m:
+        m.setattr(AdaptedLayer, "forward_alone", lambda *a, **k: pytest.fail("per segment"))
+        with torch.no_grad():
+            am(**inputs(seed=1, batch=len(names)), adapter_names=names)
+    check_rows(am, names)
+    check_rows(am, ["h2"] * 3)  # one adapter on every row: the kernel's flat path
+    layer = next(layer for path, layer in am.adapted_layers() if path.endswith("q_proj"))
+    kernels = mixed_kernels.layer_kernels(layer)
+    assert kernels.kinds == {"h1": "loha", "h2": "loha", "l": "lora"}
+    stack = next(s for s in kernels.lora if "h2" in s.slots)
+    slot = stack.slots["h2"]
+    dense = layer.adapters["h2"].raw_delta()
+    torch.testing.assert_close(stack.b[slot] @ stack.a[slot], dense, atol=1e-6, rtol=0)
+    assert stack.a.shape[1] == rank_bucket(9)
+
+
+def test_loha_too_large_for_its_lora_form_runs_per_segment() -> None:
+    """r² (in + out) ≥ in · out: the LoRA form would cost more than the dense ΔW, so the
+    adapter runs per segment (and its rows are still right)."""
+    am = model_with("llama", {"big": ("loha", {"r": 16, "target_modules": ["q_proj"]})})
+    layer = next(layer for _, layer in am.adapted_layers())
+    assert mixed_kernels.kernel_kind(layer.adapters["big"], layer.base_layer) is None
+    check_rows(am, ["big", "__base__"])
+
+
+def test_cache_checks_the_batch_adapters_and_the_layer_structure() -> None:
+    """An adapter changed while outside the batch is found when a batch names it; an adapter
+    deleted and re-added under the same name (new modules) rebuilds the stacks."""
+    lora = ("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    am = model_with("llama", {"a": lora, "b": lora, "c": lora})
+    check_rows(am, ["a", "b", "__base__"])
+    with torch.no_grad():
+        for p in am.adapter_parameters("c"):
+            p.mul_(2)
+    check_rows(am, ["a", "b"])  # c not read: its slot may be stale
+    check_rows(am, ["c", "a"])  # now it is read: rebuilt
+    am.delete_adapter("b")
+    am.add_adapter("b", make_config(*lora))
+    randomize(am.adapter_parameters("b"), seed=99, scale=0.2)
+    check_rows(am, ["b", "a", "c"])

@@ -26,7 +26,7 @@ Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
 - every row the same single adapter: the plain forward with that adapter (no gather, no
   scatter, no copy);
 - otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
-  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA (linear), IA3 or VeRA
+  inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA / LoHa (linear), IA3 or VeRA
   are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
   factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
   vectors gathered per row; whatever the number of distinct adapters), updating the base
@@ -104,17 +104,17 @@ class Segment:
     weights: tuple[tuple[str, float], ...]  # (adapter, weight), in the row's order
     rows: list[int]
     _index: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    # one adapter with weight 1: the rows are exactly that adapter's forward
+    single: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.single = len(self.weights) == 1 and self.weights[0][1] == 1.0
 
     def index(self, device: torch.device) -> Tensor:
         """The rows as an index tensor on ``device`` (made once per device)."""
         if device not in self._index:
             self._index[device] = torch.tensor(self.rows, dtype=torch.long, device=device)
         return self._index[device]
-
-    @property
-    def single(self) -> bool:
-        """One adapter with weight 1: the rows are exactly that adapter's forward."""
-        return len(self.weights) == 1 and self.weights[0][1] == 1.0
 
 
 @dataclass
@@ -135,6 +135,8 @@ class MixedBatchPlan:
             if seg.single:
                 for r in seg.rows:
                     self.row_single[r] = seg.weights[0][0]
+        # the adapters whose cached kernel state this batch reads (`layer_kernels`)
+        self.kernel_names = {n for n in self.row_single if n is not None}
         only = {self.row_single[r] for r in range(self.rows)}
         # every row the same single adapter: the plain forward with it (no gather / scatter)
         self.only = only.pop() if len(only) == 1 and self.rows else None
@@ -160,7 +162,8 @@ class MixedBatchPlan:
             needs_grad = torch.is_grad_enabled() and any(
                 p.requires_grad for p in layer.adapters.parameters()
             )
-            self._kernels[id(layer)] = None if needs_grad else layer_kernels(layer)
+            names = self.kernel_names
+            self._kernels[id(layer)] = None if needs_grad else layer_kernels(layer, names)
         return self._kernels[id(layer)]
 
     def slots(self, stack_slots: dict[str, int], device: torch.device) -> RowSlots | None:
@@ -283,10 +286,13 @@ def layer_forward(
             f"mixed batch of {plan.rows} rows: an adapted layer got an input of shape "
             f"{tuple(x.shape)} (mixed batches need the batch on the first axis)"
         )
-    if plan.only is not None and not _dora(layer, plan.only):
-        # every row the same adapter: its plain forward (DoRA: the kernel, with its cached
-        # scale, rather than ‖W + s B A‖ recomputed by the plain forward)
+    if plan.only is not None and not _kernel_first(layer, plan.only):
+        # every row the same adapter: its plain forward (DoRA, LoHa: the kernel, with the
+        # cached scale or LoRA form, rather than ‖W + s B A‖ or the dense ΔW recomputed by
+        # the plain forward)
         running = [layer.adapters[plan.only]] if plan.only in layer.adapters else []
+        if len(running) == 1 and kernel_kind(running[0], layer.base_layer) == "lora":
+            return _one_lora(layer, running[0], x, args, kwargs)
         return layer._forward_with(running, x, args, kwargs)
     kernels = plan.kernels(layer) if plan.segments else None
     kinds = kernels.kinds if kernels is not None else {}
@@ -321,11 +327,28 @@ def layer_forward(
     return out
 
 
-def _dora(layer: AdaptedLayer, name: str) -> bool:
+def _kernel_first(layer: AdaptedLayer, name: str) -> bool:
+    """Whether rows of adapter ``name`` alone run faster through the cached kernel than
+    through the adapter's plain forward: DoRA (cached scale) and LoHa (cached LoRA form)."""
     if name not in layer.adapters:
         return False
     module = layer.adapters[name]
-    return bool(getattr(module, "use_dora", False)) and kernel_kind(module) == "lora"
+    kind = kernel_kind(module, layer.base_layer)
+    return kind == "loha" or (kind == "lora" and bool(getattr(module, "use_dora", False)))
+
+
+def _one_lora(layer: AdaptedLayer, module: Any, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+    """A plain LoRA (kernel kind "lora", not DoRA) on every row: the base result plus s B A x
+    accumulated in place (one ``addmm_``, no full-size temporaries); the plain forward when
+    the adapter's dtype differs from the base result's."""
+    base_out = layer.base_layer(x, *args, **kwargs)
+    a, b = module.lora_A.weight, module.lora_B.weight
+    if base_out.dtype != a.dtype:
+        return module.transform_output(x, base_out, layer.base_layer).to(base_out.dtype)
+    out = base_out.contiguous()
+    h = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.T
+    out.view(-1, out.shape[-1]).addmm_(h, b.T, alpha=module.scaling)
+    return out
 
 
 def _run_kernels(

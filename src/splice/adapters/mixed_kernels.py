@@ -1,5 +1,5 @@
 """Batched mixed-batch kernels: one computation per adapted layer for all rows whose adapter
-is LoRA / DoRA, IA3 or VeRA, whatever the number of distinct adapters
+is LoRA / DoRA, LoHa (linear), IA3 or VeRA, whatever the number of distinct adapters
 (`splice.adapters.mixed_batch` calls them; the other adapter kinds run per segment).
 
 Each row r has at most one of these adapters a(r) with weight 1 (weighted sets run per
@@ -18,6 +18,11 @@ segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
   m / ‖W + s B A‖_row (PEFT's form: base(x) + (c − 1)(base(x) − b) + c s B A x, the bias not
   rescaled). Different s (rsLoRA, alpha / rank patterns) are folded into each B, so every
   adapter keeps its own scaling and rank exactly.
+- LoHa on nn.Linear joins the stacks as the LoRA of rank r² it is: ΔW = s (W1a W1b) ⊙
+  (W2a W2b) = s U V, U (out × r²) the row-wise outer products of W1a and W2a, V (r² × in)
+  those of the columns of W1b and W2b (`_lora_form`); only when r² (in + out) < in · out
+  (cheaper per token than the dense ΔW the per-segment path rebuilds at every call).
+- When every row has the same slot, two flat matmuls replace the per-row gather.
 - IA3 output scaling: y_r = l_a(r) ⊙ base_r, one (rows × out) vector gather (1 for others);
   input scaling: the base layer runs once on x_r ⊙ l_a(r) for all rows (x unchanged for
   the others: ×1 is exact).
@@ -31,11 +36,17 @@ added back with ``index_add_``); otherwise the kernel runs on every row (the zer
 r/in of the base layer, less than moving the rows).
 
 Cache: per layer, the stacks are built at the first mixed forward that needs them and kept
-(`_CACHE`, weakly keyed by the layer) with a key of every stacked tensor's (data_ptr,
-_version) and the base weight's: an in-place change (optimizer step, ``copy_``, loading)
-bumps ``_version`` and a replaced tensor has another data_ptr, so the next mixed forward
-rebuilds; writes through ``.data`` are not tracked by torch (call `clear_cache`). The key is
-checked once per layer per mixed call (a plan), not per decoding step. Memory: the stacks hold
+(`_CACHE`, weakly keyed by the layer) with what they were built from: the layer's adapter
+names and module objects, the mode of those whose kernel depends on it (dropout), and a
+`Stamp` (data_ptr, _version) of the base weight and of each kernel adapter's tensors. A
+mixed forward compares the module lists by identity and the stamps of the base weight and
+of the adapters its batch names (C loops; nothing enumerates ``parameters()`` per forward):
+an added, removed or replaced adapter module, an in-place change (optimizer step,
+``copy_``, loading: ``_version``) or moved storage (data_ptr) rebuilds the layer's stacks.
+An adapter changed while no batch names it is found when one does (no row reads its slot
+before). Not tracked: writes through ``.data`` and a parameter object replaced by
+assignment (call `clear_cache`). Checked once per layer per mixed call (a plan).
+Memory: the stacks hold
 a copy of the factors (padded to the bucket) and DoRA's c, i.e. factor bytes, never a dense
 ΔW; IA3 / VeRA: the vectors. With gradients enabled on adapter parameters (training through
 a mixed batch) the kernels are not used (the cached factors are detached); the per-segment
@@ -44,15 +55,18 @@ path runs and gradients flow.
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from splice.adapters.layer import AdaptedLayer, AdapterModule
 from splice.adapters.methods.ia3 import IA3
+from splice.adapters.methods.loha import LoHa
 from splice.adapters.methods.lora_layers import LoraLinear
 from splice.adapters.methods.vera import VeraLinear
 
@@ -69,8 +83,9 @@ def _dropout_off(module: AdapterModule) -> bool:
     return drop is None or isinstance(drop, nn.Identity) or not module.training
 
 
-def kernel_kind(module: AdapterModule) -> str | None:
-    """Which batched kernel runs ``module`` in a mixed batch (None: the per-segment path)."""
+def kernel_kind(module: AdapterModule, base: nn.Module) -> str | None:
+    """Which batched kernel runs ``module`` (on base layer ``base``) in a mixed batch (None:
+    the per-segment path)."""
     if isinstance(module, LoraLinear):
         plain = module.lora_B.bias is None and module.base_bias is None
         return "lora" if plain and _dropout_off(module) else None
@@ -78,11 +93,36 @@ def kernel_kind(module: AdapterModule) -> str | None:
         return "ia3_in" if module.feedforward else "ia3_out"
     if isinstance(module, VeraLinear) and _dropout_off(module):
         return "vera"
+    if isinstance(module, LoHa) and isinstance(base, nn.Linear) and not module.effective:
+        no_dropout = not module.training or not (module.rank_dropout or module.module_dropout)
+        out_f, in_f = base.weight.shape
+        # the LoRA form (rank r²) when it costs less than the dense ΔW per token
+        if no_dropout and module.r**2 * (in_f + out_f) < in_f * out_f:
+            return "loha"
     return None
 
 
-def _versions(tensors: list[Tensor]) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+_VERSION = operator.attrgetter("_version")
+
+
+@dataclass
+class Stamp:
+    """The (data_ptr, _version) of some tensors when the stacks were built (module
+    docstring); compared in C loops (``map``), as this runs at every mixed forward."""
+
+    tensors: list[Tensor]
+    ptrs: list[int]
+    versions: list[int]
+
+    @classmethod
+    def of(cls, tensors: list[Tensor]) -> Stamp:
+        return cls(tensors, list(map(Tensor.data_ptr, tensors)), list(map(_VERSION, tensors)))
+
+    def fresh(self) -> bool:
+        return (
+            list(map(_VERSION, self.tensors)) == self.versions
+            and list(map(Tensor.data_ptr, self.tensors)) == self.ptrs
+        )
 
 
 @dataclass
@@ -107,14 +147,20 @@ class VectorStack:
 
 @dataclass
 class LayerKernels:
-    key: tuple
+    names: list[str]  # the layer's adapter names when built, in order
+    modules: list[AdapterModule]  # their modules (identity compared)
+    # the modules whose kernel kind depends on their mode (they have dropout), with the
+    # ``training`` flag at the build
+    mode_sensitive: list[tuple[AdapterModule, bool]]
+    base: Stamp  # the base layer's parameters (DoRA's c depends on W)
+    watched: dict[str, Stamp]  # kernel adapter name -> its parameters and buffers
     kinds: dict[str, str]  # adapter name -> kernel kind
     lora: list[LoraStack] = field(default_factory=list)
     ia3_in: VectorStack | None = None
     ia3_out: VectorStack | None = None
     vera: list[VectorStack] = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def dtype(self) -> torch.dtype:
         """The promoted dtype of every stacked tensor (the kernels' compute dtype)."""
         dtype = torch.bool
@@ -134,23 +180,51 @@ def clear_cache(layer: AdaptedLayer | None = None) -> None:
         _CACHE.pop(layer, None)
 
 
-def _cache_key(layer: AdaptedLayer) -> tuple:
-    parts: list[Any] = [_versions([p for p in layer.base_layer.parameters()])]
-    for name, module in layer.adapters.items():
-        kind = kernel_kind(module)
-        tensors = list(module.parameters()) + list(module.buffers()) if kind else []
-        parts.append((name, id(module), kind, _versions(tensors)))
-    return tuple(parts)
+def _mode_sensitive(module: AdapterModule) -> bool:
+    """Whether ``kernel_kind`` of ``module`` can change with its train / eval mode."""
+    drop = getattr(module, "dropout", None)
+    return (drop is not None and not isinstance(drop, nn.Identity)) or bool(
+        getattr(module, "rank_dropout", 0) or getattr(module, "module_dropout", 0)
+    )
 
 
-def layer_kernels(layer: AdaptedLayer) -> LayerKernels:
-    """The layer's stacks, rebuilt when an adapter or the base weight changed."""
-    key = _cache_key(layer)
+def is_fresh(built: LayerKernels, layer: AdaptedLayer, names: Collection[str] | None) -> bool:
+    """Whether ``built`` still holds the layer's adapters: the same adapter modules (by
+    identity) in the same modes, the base weight and the adapters ``names`` (None: every
+    kernel adapter) unchanged since the build."""
+    modules = layer.adapters._modules
+    # lists of pointers compared by identity first (no per-adapter objects made: this runs
+    # for every adapted layer at every mixed forward)
+    if list(modules.values()) != built.modules or list(modules) != built.names:
+        return False
+    if any(m.training != mode for m, mode in built.mode_sensitive) or not built.base.fresh():
+        return False
+    watched = built.watched
+    for name in watched if names is None else names:
+        stamp = watched.get(name)
+        if stamp is not None and not stamp.fresh():
+            return False
+    return True
+
+
+def layer_kernels(layer: AdaptedLayer, names: Collection[str] | None = None) -> LayerKernels:
+    """The layer's stacks, rebuilt when an adapter module was added, removed or replaced, the
+    base weight changed, or one of the adapters ``names`` (the batch's; None: all) changed.
+    An adapter outside the batch that changed is found when a batch names it (its stale slot
+    is read by no row before that)."""
     cached = _CACHE.get(layer)
-    if cached is not None and cached.key == key:
+    if cached is not None and is_fresh(cached, layer, names):
         return cached
-    kinds = {n: k for n, m in layer.adapters.items() if (k := kernel_kind(m)) is not None}
-    built = LayerKernels(key, kinds)
+    base = layer.base_layer
+    kinds = {n: k for n, m in layer.adapters.items() if (k := kernel_kind(m, base)) is not None}
+    watched = {
+        n: Stamp.of([*layer.adapters[n].parameters(), *layer.adapters[n].buffers()]) for n in kinds
+    }
+    modules = list(layer.adapters.values())
+    sensitive = [(m, m.training) for m in modules if _mode_sensitive(m)]
+    built = LayerKernels(
+        list(layer.adapters), modules, sensitive, Stamp.of(list(base.parameters())), watched, kinds
+    )
     with torch.no_grad():
         _build_lora(layer, built)
         built.ia3_in = _build_ia3(layer, kinds, "ia3_in")
@@ -170,32 +244,47 @@ def _one_dtype(modules: dict[str, AdapterModule], kinds: dict[str, str]) -> bool
     return True
 
 
+def _lora_form(layer: AdaptedLayer, module: AdapterModule) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A: r × in, B: out × r with the scaling (and DoRA's c) folded in, DoRA's c or None).
+
+    LoHa: ΔW = s (W1a W1b) ⊙ (W2a W2b) has entries s Σ_jk W1a[o,j] W2a[o,k] · W1b[j,i]
+    W2b[k,i], i.e. ΔW = s U V with U = the row-wise outer products of W1a, W2a (out × r²)
+    and V those of the columns of W1b, W2b (r² × in): a LoRA of rank r²."""
+    if isinstance(module, LoHa):
+        u = (module.hada_w1_a[:, :, None] * module.hada_w2_a[:, None, :]).flatten(1)
+        v = (module.hada_w1_b[:, None, :] * module.hada_w2_b[None, :, :]).flatten(0, 1)
+        return v, u * module.scaling, None
+    assert isinstance(module, LoraLinear)
+    a, b = module.lora_A.weight, module.lora_B.weight * module.scaling
+    if not module.use_dora:
+        return a, b, None
+    c = module.dora_scale(module.base_weight(layer.base_layer).to(a.dtype)).to(a.dtype)
+    return a, c[:, None] * b, c
+
+
 def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
-    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k == "lora"}
+    modules = {n: layer.adapters[n] for n, k in built.kinds.items() if k in ("lora", "loha")}
     if not modules or not _one_dtype(modules, built.kinds):
         return
+    forms = {n: _lora_form(layer, m) for n, m in modules.items()}
     buckets: dict[int, list[str]] = {}
-    for n, m in modules.items():
-        buckets.setdefault(rank_bucket(m.lora_A.weight.shape[0]), []).append(n)
+    for n, (a, _, _) in forms.items():
+        buckets.setdefault(rank_bucket(a.shape[0]), []).append(n)
     for rank, names in sorted(buckets.items()):
-        first = modules[names[0]]
-        dtype, device = first.lora_A.weight.dtype, first.lora_A.weight.device
-        in_f, out_f = first.lora_A.weight.shape[1], first.lora_B.weight.shape[0]
+        a0, b0, _ = forms[names[0]]
+        dtype, device = a0.dtype, a0.device
+        in_f, out_f = a0.shape[1], b0.shape[0]
         a = torch.zeros(len(names) + 1, rank, in_f, dtype=dtype, device=device)
         b = torch.zeros(len(names) + 1, out_f, rank, dtype=dtype, device=device)
-        any_dora = any(modules[n].use_dora for n in names)
+        any_dora = any(forms[n][2] is not None for n in names)
         cs = torch.ones(len(names) + 1, out_f, dtype=dtype, device=device) if any_dora else None
         for i, n in enumerate(names):
-            m = modules[n]
-            r = m.lora_A.weight.shape[0]
-            scaled_b = m.lora_B.weight * m.scaling  # out × r
-            if m.use_dora:
-                c = m.dora_scale(m.base_weight(layer.base_layer).to(dtype)).to(dtype)
-                scaled_b = c[:, None] * scaled_b
+            a_n, b_n, c_n = forms[n]
+            a[i, : a_n.shape[0]] = a_n
+            b[i, :, : a_n.shape[0]] = b_n
+            if c_n is not None:
                 assert cs is not None
-                cs[i] = c
-            a[i, :r] = m.lora_A.weight
-            b[i, :, :r] = scaled_b
+                cs[i] = c_n
         built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cs))
 
 
@@ -247,6 +336,7 @@ class RowSlots:
 
     slots: Tensor  # (rows,) or (k,) when ``rows`` is set
     rows: Tensor | None  # the covered rows, ascending; None: all rows
+    uniform: int | None = None  # the slot of every row, when all rows have the same one
 
 
 def row_slots(
@@ -260,7 +350,8 @@ def row_slots(
     if not covered:
         return None
     if 2 * len(covered) >= len(slots):
-        return RowSlots(torch.tensor(slots, dtype=torch.long, device=device), None)
+        uniform = slots[0] if len(covered) == len(slots) and len(set(slots)) == 1 else None
+        return RowSlots(torch.tensor(slots, dtype=torch.long, device=device), None, uniform)
     return RowSlots(
         torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
         torch.tensor(covered, dtype=torch.long, device=device),
@@ -307,6 +398,9 @@ def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: 
     """out ← out + (c − 1)(base − b) + B A x per row (module docstring). ``base``: the base
     layer's output (DoRA's rescaled part)."""
     dtype = stack.a.dtype
+    if rs.uniform is not None and out.dtype == dtype:
+        _add_one_lora_(out, x, bias, stack, rs.uniform)
+        return
     if rs.rows is not None:
         x = x.index_select(0, rs.rows)
     # (A x)ᵀ = A xᵀ per row, then y += (A x)ᵀᵀ Bᵀ: the factors in their own layout (the
@@ -333,6 +427,21 @@ def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: 
     _add_rows_(out, upd, rs)
 
 
+def _add_one_lora_(
+    out: Tensor, x: Tensor, bias: Tensor | None, stack: LoraStack, slot: int
+) -> None:
+    """`add_lora_` when every row has the adapter in ``slot``: two flat matmuls (no gather),
+    the update accumulated into ``out`` in place."""
+    out2 = out.view(-1, out.shape[-1])
+    if stack.c is not None:  # c ⊙ base + (1 − c) ⊙ b, as in add_lora_
+        c = stack.c[slot]
+        out2.mul_(c)
+        if bias is not None:
+            out2.add_((1 - c) * bias.to(c.dtype))
+    h = x.reshape(-1, x.shape[-1]).to(stack.a.dtype) @ stack.a[slot].T
+    out2.addmm_(h, stack.b[slot].T)
+
+
 def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
     """out ← out + λ_b ⊙ B'(λ_d ⊙ A' x) per row, the projections shared by the group."""
     assert stack.projections is not None
@@ -342,8 +451,11 @@ def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
         x = x.index_select(0, rs.rows)
     h = _rows3(x.contiguous().to(ld.dtype)) @ a.T
     h.mul_(ld.index_select(0, rs.slots)[:, None, :])
-    upd = (h @ b.T).mul_(lb.index_select(0, rs.slots)[:, None, :])
-    _add_rows_(out, upd, rs)
+    lb_rows = lb.index_select(0, rs.slots)[:, None, :]
+    if rs.rows is None and out.dtype == ld.dtype:
+        _rows3(out).addcmul_(h @ b.T, lb_rows)
+        return
+    _add_rows_(out, (h @ b.T).mul_(lb_rows), rs)
 
 
 def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:

@@ -165,7 +165,18 @@ class AdapterModel(nn.Module):
                 yield path, module
             elif isinstance(module, AdapterModule) and not isinstance(module, FullCopy):
                 continue
-            children = [(n, c) for n, c in module._modules.items() if c is not None]
+            children: list[tuple[str, nn.Module]] = []
+            for name, child in module._modules.items():
+                if name == "adapters" and isinstance(module, AdaptedLayer):
+                    # of the adapters only the full copies: pushing every adapter module to
+                    # skip it when popped was most of the walk with many adapters loaded
+                    children += [
+                        (f"adapters.{n}", c)
+                        for n, c in child._modules.items()
+                        if isinstance(c, FullCopy)
+                    ]
+                elif child is not None:
+                    children.append((name, child))
             for name, child in reversed(children):
                 stack.append((f"{path}.{name}" if path else name, child))
 
