@@ -1,6 +1,11 @@
 """One HTTP request's trip through the engine: hold the adapter, submit each prompt, merge
 the token streams, record the metrics, and clean up however the request ends.
 
+A remote engine (the Ray Serve ingress's) accepts every request at once and refuses it later,
+with a final "error" event carrying the HTTP status (`error_event`); its handles have
+``first_event``, which `start` awaits, so such a refusal is an `ApiError` from `start` (a 4xx
+before any response byte, streams included), as when a local engine refuses in ``submit``.
+
 The adapter is held (`AdapterCache.acquire`) once per prompt from before submission until
 that prompt's final event, so the cache never evicts an adapter a queued or running
 sequence uses. When the client goes away early (a closed stream, a cancelled task), the
@@ -63,6 +68,21 @@ def adapter_error(e: Exception, model: str) -> ApiError:
     raise e
 
 
+def error_event(request_id: str, e: ApiError) -> TokenEvent:
+    """A final "error" event carrying ``e``'s HTTP answer (a replica's refusal, relayed)."""
+    return TokenEvent(request_id, None, "", "error", e.message, e.status, e.code, e.param)
+
+
+def event_error(event: TokenEvent) -> ApiError:
+    """The HTTP answer to a final "error" event: the refusal it carries (`error_event`), else
+    500 "generation failed" (the model or engine failed mid-generation)."""
+    if event.error_status is not None:
+        return ApiError(
+            event.error_status, event.error or "", code=event.error_code, param=event.error_param
+        )
+    return ApiError(500, f"generation failed: {event.error}")
+
+
 _BACKGROUND: set[asyncio.Future[None]] = set()
 
 
@@ -120,6 +140,11 @@ class Generation:
                 self._unsubmitted_holds -= 1
             self.handles.append(handle)
             self._pumps.append(asyncio.ensure_future(self._pump(index, handle)))
+            first_event = getattr(handle, "first_event", None)
+            if first_event is not None:  # a remote engine refuses through its first event
+                event = await first_event()
+                if event.finish_reason == "error" and event.error_status is not None:
+                    raise event_error(event)
         self.usage.prompt_tokens = sum(len(p) for p in self.prompts)
         self.state.metrics.prompt_tokens.inc(self.usage.prompt_tokens)
 
