@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import openai
 import pytest
@@ -137,3 +138,29 @@ def test_prompt_and_prefix_tuning_adapters_are_served(tiny_base, tmp_path):
 
         with ThreadPoolExecutor(len(models)) as pool:
             assert list(pool.map(complete, models)) == want
+
+
+def test_a_named_composition_is_served_as_its_weighted_set(tiny_base, adapter_root, reference):
+    """compositions: {mix: {average: {lora: 3, ia3: 1}}} answers as the mixed batch's
+    weighted set {lora: 0.75, ia3: 0.25}, in one batch with its own adapters and the base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mix = {"lora": 0.75, "ia3": 0.25}
+    models = ["mix", "lora", "tiny-llama", "mix", "ia3"]
+    offline = {"mix": mix, "tiny-llama": None}
+    want = [reference_text(reference, "hello world", offline.get(m, m), 8) for m in models]
+    assert want[0] not in (want[1], want[2])  # the composition answers unlike lora and the base
+    compositions = {"mix": {"average": {"lora": 3, "ia3": 1}}}
+    with serve(tiny_base, adapter_roots=[str(adapter_root)], compositions=compositions) as running:
+        assert "mix" in {m.id for m in running.client().models.list().data}
+
+        def complete(model):
+            answer = running.client().completions.create(
+                model=model, prompt="hello world", max_tokens=8, temperature=0
+            )
+            return answer.choices[0].text
+
+        with ThreadPoolExecutor(len(models)) as pool:
+            assert list(pool.map(complete, models)) == want
+        time.sleep(0.2)  # holds end with the requests' final events
+        assert {n: e.users for n, e in running.state.cache.loaded.items()} == {"lora": 0, "ia3": 0}

@@ -231,3 +231,12 @@ def test_replica_refusals_keep_their_status_and_runtime_loads_reach_the_replicas
     r = http.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": "ia3"})
     assert r.status == 200, r.text
     assert complete(ray_url, "rt") == reference_text(reference, PROMPT, "ia3", 8)
+
+
+def test_compositions_are_refused_under_ray(tiny_base):
+    from splice.serve.config import ServeConfig, ServeConfigError
+    from splice.serve.ray_app import RayOptions, build_ray_app
+
+    config = ServeConfig(base=str(tiny_base), compositions={"mix": {"average": ["a", "b"]}})
+    with pytest.raises(ServeConfigError, match="not served under Ray Serve yet"):
+        build_ray_app(config, RayOptions())

@@ -153,6 +153,8 @@ class BatchingEngine:
         self.vocab_size: int = int(am.model.get_input_embeddings().weight.shape[0])
         self.device = next(am.parameters()).device
         self.eos_ids = _eos_ids(am, tokenizer)
+        # named compositions: a request's adapter name -> the weighted set its row runs with
+        self.compositions: dict[str, tuple[tuple[str, float], ...]] = {}
 
         self._lock = threading.Condition()  # guards the queues and flags below
         self._adapters_lock = threading.RLock()  # adapter changes vs. submit's adapter check
@@ -281,7 +283,7 @@ class BatchingEngine:
             )
         with self._adapters_lock:
             try:
-                plan_rows(self.am, [adapter], 1)
+                plan_rows(self.am, [self._row_entry(adapter)], 1)
             except AdapterStateError as e:
                 message = str(e).removeprefix("adapter_names row 0: ")
                 raise EngineError(f"request {request_id!r}: {message}", "unknown_adapter") from None
@@ -362,10 +364,13 @@ class BatchingEngine:
     def _adapter_problem(self, name: str) -> str | None:
         if name == BASE_NAME or name in self._usable:
             return None
-        if name not in self.am.configs:
-            return f"adapter {name!r} was deleted"
+        gone = [
+            a for a, _ in self.compositions.get(name, ((name, 1.0),)) if a not in self.am.configs
+        ]
+        if gone:
+            return f"adapter {gone[0]!r} was deleted"
         try:
-            plan_rows(self.am, [name], 1)
+            plan_rows(self.am, [self._row_entry(name)], 1)
         except AdapterStateError as e:
             return str(e).removeprefix("adapter_names row 0: ")
         self._usable.add(name)
@@ -445,13 +450,19 @@ class BatchingEngine:
         (`_adapter_problem`), which saves the per-row checks of `plan_rows` at every step.
         Without ``model_level``, prompt / prefix tuning rows are base rows (they act through
         the prefill only)."""
-        segments: dict[str, list[int]] = {}
+        segments: dict[tuple[tuple[str, float], ...], list[int]] = {}
         for row, seq in enumerate(rows):
             name = seq.row_adapter
             if name == BASE_NAME or (not model_level and name in self.am.model_adapters):
                 continue
-            segments.setdefault(name, []).append(row)
-        return MixedBatchPlan(len(rows), [Segment(((n, 1.0),), r) for n, r in segments.items()])
+            weights = self.compositions.get(name, ((name, 1.0),))
+            segments.setdefault(weights, []).append(row)
+        return MixedBatchPlan(len(rows), [Segment(w, r) for w, r in segments.items()])
+
+    def _row_entry(self, name: str) -> str | dict[str, float]:
+        """``name``'s ``adapter_names`` entry: the name, or a composition's weighted set."""
+        weights = self.compositions.get(name)
+        return name if weights is None else dict(weights)
 
     def _forward(self, rows: list[RunningRequest], **inputs: Any) -> Any:
         """A decoding step's forward with each row's adapter (``am(..., adapter_names=...)``

@@ -6,11 +6,12 @@ with a final "error" event carrying the HTTP status (`error_event`); its handles
 ``first_event``, which `start` awaits, so such a refusal is an `ApiError` from `start` (a 4xx
 before any response byte, streams included), as when a local engine refuses in ``submit``.
 
-The adapter is held (`AdapterCache.acquire`) once per prompt from before submission until
-that prompt's final event, so the cache never evicts an adapter a queued or running
-sequence uses. When the client goes away early (a closed stream, a cancelled task), the
-unfinished sequences are cancelled and a background task waits for their final "abort"
-events before releasing the adapter: the engine may still hold them for one more step.
+The adapter (each adapter of a named composition) is held (`AdapterCache.acquire`) once per
+prompt from before submission until that prompt's final event, so the cache never evicts
+an adapter a queued or running sequence uses. When the client goes away early (a closed
+stream, a cancelled task), the unfinished sequences are cancelled and a background task
+waits for their final "abort" events before releasing the adapter: the engine may still hold
+them for one more step.
 
 Metrics: time to first token is measured from the request's arrival (before tokenizing)
 to its first token event; time per output token is the gap between consecutive token
@@ -125,11 +126,16 @@ class Generation:
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex
         for index, ids in enumerate(self.prompts):
-            if self.adapter is not None:
+            held: list[str] = []
+            for name in self.state.adapters_of(self.adapter):
                 try:
-                    await self.state.cache.acquire(self.adapter)
+                    await self.state.cache.acquire(name)
                 except Exception as e:
-                    raise adapter_error(e, self.model) from None
+                    for done in held:
+                        self.state.cache.release(done)
+                    raise adapter_error(e, name if name != self.adapter else self.model) from None
+                held.append(name)
+            if self.adapter is not None:
                 self._unsubmitted_holds += 1
             request = GenerationRequest(f"{request_id}-{index}", ids, self.adapter, self.params)
             try:
@@ -156,8 +162,8 @@ class Generation:
             self._queue.put_nowait((index, event))
 
     def _release(self) -> None:
-        if self.adapter is not None:
-            self.state.cache.release(self.adapter)
+        for name in self.state.adapters_of(self.adapter):
+            self.state.cache.release(name)
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(prompt index, event) as they come, every sequence's to its final event."""

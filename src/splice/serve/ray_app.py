@@ -297,8 +297,18 @@ class SpliceIngress:
         return build_app(self.state)
 
 
+def check_ray_config(config: ServeConfig) -> None:
+    """What `splice serve` serves and Ray Serve does not yet: named compositions."""
+    if config.compositions:
+        raise ServeConfigError(
+            "named compositions are not served under Ray Serve yet: serve them with "
+            "`splice serve` (no --ray)"
+        )
+
+
 def build_ray_app(config: ServeConfig, options: RayOptions) -> Any:
     """The Serve application (ingress bound to the replica deployment) for ``config``."""
+    check_ray_config(config)
     data = config.model_dump(mode="json")
     replica = SpliceReplica.options(
         num_replicas=options.replicas,
@@ -355,6 +365,7 @@ def run_on_ray(config: ServeConfig, options: RayOptions, address: str | None) ->
     from splice.serve.server import preflight
 
     preflight(config)
+    check_ray_config(config)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
