@@ -10,8 +10,9 @@ Run by hand (not in CI), from the repository root with the dev environment activ
     # against a server that is already running (its pid for the RSS column):
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --models a0,a1 --server-pid PID
 
-    # a soak: 16 clients for 10 minutes, RSS sampled every 5 s
-    python benchmarks/serve_load.py --start smollm2 --adapters 8 --concurrency 16 --soak 600
+    # a soak: 16 clients over 8 adapters for 10 minutes, RSS sampled every 5 s
+    python benchmarks/serve_load.py --start smollm2 --adapters 8 --concurrency 16 \
+        --soak 600 --rss-every 5
 
 What it measures, per (adapters M, concurrent clients N): N client tasks (asyncio + httpx)
 send `/v1/completions` requests, request i naming adapter i mod M (`model`), each a fixed
@@ -21,7 +22,16 @@ streamed (SSE) so the time to the first token is seen. Per configuration: throug
 p50 / p99 (send to last byte), time-to-first-token p50 / p99, errors (non-2xx, broken
 streams, timeouts), mean generated tokens per request, and the server's resident set size
 (psutil on the server pid plus its children) sampled every --rss-every seconds, with its
-slope over the second half of the run (MiB/min; the first half holds the warm-up growth).
+least-squares slope over the last two thirds of the run (MiB/min; the first third holds the
+warm-up growth: the KV cache reaching its largest batch, the allocator's pools).
+
+Soak (--soak SECONDS): each adapter count at the largest client count, run for
+that long instead of the request cap; the requests still in flight at the end are cancelled
+(reported as "cut", not as errors), so a slow server does not stretch the run. It adds
+tokens/s and errors per --soak-window seconds
+(by the time each request finished) and a verdict line, PASS when there were 0 errors and the
+RSS slope is within +-(--rss-flat) MiB/min (default 1.0: at most ~10 MiB of drift over a
+10-minute soak, against a ~1 GiB SmolLM2 server), FAIL otherwise; the exit status is 1 on FAIL.
 
 Output lengths: the OpenAI API has no "ignore EOS"; the prompt is a long comma-separated count
 ("1, 2, 3, ...") that a language model continues rather than ends, and the table reports the
@@ -235,6 +245,7 @@ class Outcome:
     ttft_s: float | None
     tokens: int
     error: str | None = None
+    done_s: float = 0.0  # when it finished, seconds since the load started (set by run_load)
 
 
 @dataclass
@@ -251,6 +262,7 @@ class LoadSpec:
     api_key: str | None = None
     timeout_s: float = 300.0
     extra: dict = field(default_factory=dict)
+    cut_at_deadline: bool = False  # soak: cancel the requests still in flight at max_seconds
 
 
 def counting_prompt(tokenizer, n_tokens: int) -> str:
@@ -330,15 +342,26 @@ async def run_load(spec: LoadSpec, rss: RssSampler | None = None) -> dict:
         while sent < spec.requests and time.perf_counter() < deadline:
             model = spec.models[sent % len(spec.models)]
             sent += 1
-            outcomes.append(await one_request(client, spec, model, spec.max_tokens))
+            outcome = await one_request(client, spec, model, spec.max_tokens)
+            outcome.done_s = time.perf_counter() - start
+            outcomes.append(outcome)
 
+    cut = 0
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=spec.timeout_s) as client:
         if rss is not None:
             rss.start()
-        await asyncio.gather(*(client_task(client) for _ in range(spec.concurrency)))
+        tasks = [asyncio.ensure_future(client_task(client)) for _ in range(spec.concurrency)]
+        if spec.cut_at_deadline:
+            _, pending = await asyncio.wait(tasks, timeout=spec.max_seconds)
+            for task in pending:  # a request in flight at the deadline: cut, not counted
+                task.cancel()
+            cut = len(pending)
+        await asyncio.gather(*tasks, return_exceptions=True)
     wall = time.perf_counter() - start
+    if spec.cut_at_deadline:
+        wall = min(wall, spec.max_seconds)
     samples = await rss.stop() if rss is not None else []
-    return summarize(outcomes, wall, samples)
+    return {**summarize(outcomes, wall, samples), "cut_at_deadline": cut}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -350,10 +373,10 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
-    """The least-squares slope of the second half of (seconds, MiB) samples, in MiB per
-    minute (flat RSS: ~0). The first half is left out: it holds the warm-up growth (the KV
+    """The least-squares slope of the last two thirds of (seconds, MiB) samples, in MiB per
+    minute (flat RSS: ~0). The first third is left out: it holds the warm-up growth (the KV
     cache reaching its largest batch, the allocator's pools), which is not a leak."""
-    samples = samples[len(samples) // 2 :]
+    samples = samples[len(samples) // 3 :]
     if len(samples) < 3:
         return None
     n = len(samples)
@@ -363,6 +386,38 @@ def slope_per_minute(samples: list[tuple[float, float]]) -> float | None:
     if var == 0:
         return None
     return round(60 * sum((t - mt) * (m - mm) for t, m in samples) / var, 2)
+
+
+def windows(outcomes: list[Outcome], wall: float, width: float) -> list[dict]:
+    """Requests, errors and generated tokens/s per ``width``-second window of the run, each
+    request counted in the window where it finished (the last window may be shorter)."""
+    out = []
+    for k in range(max(1, math.ceil(wall / width))):
+        lo, hi = k * width, min((k + 1) * width, wall)
+        inside = [o for o in outcomes if lo <= o.done_s < hi or (hi == wall and o.done_s >= hi)]
+        tokens = sum(o.tokens for o in inside if o.ok)
+        out.append({"start_s": round(lo), "end_s": round(hi), "requests": len(inside),
+                    "errors": sum(not o.ok for o in inside),
+                    "tokens_per_s": round(tokens / (hi - lo), 2) if hi > lo else None})  # fmt: skip
+    return out
+
+
+def soak_verdict(row: dict, flat: float) -> str:
+    """PASS when the soak had 0 errors and its RSS slope is within +-``flat`` MiB/min."""
+    slope = row["rss_slope_mib_per_min"]
+    problems = []
+    if row["errors"]:
+        problems.append(f"{row['errors']} error(s) {row['error_kinds']}")
+    if slope is None:
+        problems.append("no RSS slope (no server pid, or too few samples)")
+    elif abs(slope) > flat:
+        problems.append(f"RSS slope {slope:+.2f} MiB/min beyond +-{flat} MiB/min")
+    verdict = "FAIL: " + "; ".join(problems) if problems else "PASS"
+    return (f"soak {row['wall_s']:.0f} s, {row['adapters']} adapter(s), {row['clients']} "
+            f"client(s): {row['requests']} requests ({row['cut_at_deadline']} more cut at the "
+            f"end), {row['errors']} errors, RSS slope "
+            f"{fmt(slope, 1, 2)} MiB/min over the last 2/3 (flat: within +-{flat}): "
+            f"{verdict}")  # fmt: skip
 
 
 def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float]]) -> dict:
@@ -392,6 +447,7 @@ def summarize(outcomes: list[Outcome], wall: float, rss: list[tuple[float, float
         "rss_max_mib": max(mib) if mib else None,
         "rss_slope_mib_per_min": slope_per_minute(rss),
         "rss_samples": rss,
+        "_outcomes": outcomes,  # dropped before the report is written (windows use them)
     }
 
 
@@ -492,6 +548,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-stream", action="store_true", help="no SSE (no TTFT column)")
     ap.add_argument("--soak", type=float, metavar="SECONDS", help="one long run of this length")
     ap.add_argument("--rss-every", type=float, default=1.0, help="RSS sampling period, seconds")
+    ap.add_argument("--soak-window", type=float, default=60.0, help="soak: window, seconds")
+    ap.add_argument("--rss-flat", type=float, default=1.0,
+                    help="soak: the largest |RSS slope| (MiB/min) that passes")  # fmt: skip
     ap.add_argument("--api-key", default=os.environ.get("SPLICE_API_KEY"))
     ap.add_argument("--server-arg", action="append", default=[], help="extra `splice serve` arg")
     ap.add_argument(
@@ -562,8 +621,12 @@ async def _main(a: argparse.Namespace) -> int:
                 spec.concurrency = n
                 if a.soak:
                     spec.requests, spec.max_seconds = HARD_MAX_REQUESTS, a.soak
+                    spec.cut_at_deadline = True
                 print(f"-- {m} adapter(s), {n} client(s) ...", flush=True)
                 result = await run_load(spec, RssSampler(pid, a.rss_every) if pid else None)
+                outcomes = result.pop("_outcomes")
+                if a.soak:
+                    result["windows"] = windows(outcomes, result["wall_s"], a.soak_window)
                 rows.append({"adapters": m, "clients": n, **result})
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 write_report(a, url, rows)  # after each row: a cut-short run keeps its rows
@@ -578,9 +641,20 @@ async def _main(a: argparse.Namespace) -> int:
             if slope is not None and r["wall_s"] >= 60:  # shorter: mostly warm-up
                 print(f"{r['adapters']} adapter(s), {r['clients']} client(s): server RSS slope "
                       f"{slope:+.2f} MiB/min over {r['wall_s']:.0f} s")  # fmt: skip
+        verdicts = []
+        if a.soak:
+            for r in rows:
+                print("\n| window s | requests | errors | tok/s |\n|---|---|---|---|")
+                for w in r["windows"]:
+                    print(f"| {w['start_s']}-{w['end_s']} | {w['requests']} | {w['errors']} | "
+                          f"{fmt(w['tokens_per_s'], 1, 1)} |")  # fmt: skip
+                verdicts.append(soak_verdict(r, a.rss_flat))
+                r["verdict"] = verdicts[-1]
+                print(verdicts[-1])
         write_report(a, url, rows)
         print(f"report: {a.out}")
-        return 1 if any(r["errors"] for r in rows) else 0
+        failed = any(r["errors"] for r in rows) or any("FAIL" in v for v in verdicts)
+        return 1 if failed else 0
     finally:
         if server is not None:
             server.stop()

@@ -17,6 +17,7 @@ from engine_setup import (
     generate_alone,
     model_with_adapters,
     prompt,
+    randomize,
     request,
     text,
     tokens,
@@ -425,15 +426,31 @@ def test_a_request_whose_event_loop_closed_is_aborted() -> None:
     assert engine.stats.running == 0 and engine.stats.requests_finished == 1
 
 
-def test_prompt_tuning_adapters_are_refused_not_served_without_their_tokens() -> None:
-    """A model-level adapter (prompt / prefix tuning) rewrites the model's inputs; the engine's
-    decode steps do not apply it, so serving it would silently answer as the base model."""
-    am = model_with_adapters()
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_and_prefix_tuning_rows_decode_as_alone(arch: str) -> None:
+    """Prompt tuning (virtual tokens) and prefix tuning (key-values) rows next to LoRA and
+    base rows, at most 3 at a time so rows join a running batch mid-decode: each request
+    gets the greedy tokens of generating it alone with its adapter."""
+    am = model_with_adapters(arch)
     am.add_adapter("pt", make_config("prompt_tuning", {"num_virtual_tokens": 3}))
-    engine = BatchingEngine(am, tiny_tokenizer())
-    with pytest.raises(EngineError, match=r"adapter 'pt' .*prompt and prefix tuning") as e:
-        engine.submit(request("a", prompt(3, 0), "pt"))
-    assert e.value.reason == "invalid"
-    assert (
-        engine._adapter_problem("pt") == "adapter 'pt' (prompt / prefix tuning) is not served yet"
-    )
+    am.add_adapter("pf", make_config("prefix_tuning", {"num_virtual_tokens": 2}))
+    randomize(am.adapter_parameters("pt"), seed=31, scale=1.0)
+    randomize(am.adapter_parameters("pf"), seed=32, scale=1.0)
+    specs = {  # rid -> (prompt, adapter, max_tokens)
+        "r0": (prompt(5, 0), "pt", 8),
+        "r1": (prompt(7, 1), "pf", 9),
+        "r2": (prompt(4, 2), "lora", 6),
+        "r3": (prompt(6, 3), None, 7),
+        "r4": (prompt(9, 4), "pt", 8),
+        "r5": (prompt(3, 5), "pf", 8),
+    }
+    want = {rid: generate_alone(am, ids, a, n) for rid, (ids, a, n) in specs.items()}
+    for rid in ("r0", "r1", "r4", "r5"):  # the adapters change what is generated
+        ids, _, n = specs[rid]
+        assert want[rid] != generate_alone(am, ids, None, n), rid
+    engine = BatchingEngine(am, tiny_tokenizer(), max_batch=3)
+    handles = {rid: engine.submit(request(rid, *specs[rid][:2], max_tokens=specs[rid][2]))
+               for rid in specs}  # fmt: skip
+    events: dict = {}
+    run_steps(engine, handles, events)
+    assert {rid: tokens(evs) for rid, evs in events.items()} == want

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import openai
 import pytest
@@ -106,3 +107,60 @@ def test_a_malformed_root_adapter_fails_its_request(served):
         served.client().completions.create(model="broken", prompt="a", max_tokens=2)
     assert e.value.body["code"] == "invalid_adapter"
     assert served.client().completions.create(model="lora", prompt="a", max_tokens=2).choices
+
+
+def test_prompt_and_prefix_tuning_adapters_are_served(tiny_base, tmp_path):
+    """Prompt tuning and prefix tuning folders, served next to each other and the base in
+    one batch (concurrent requests): each answer equals offline generation with it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from http_setup import load_base, write_adapter
+
+    from splice.adapters import AdapterModel, load_adapter
+
+    root = tmp_path / "adapters"
+    write_adapter(tiny_base, root / "pt", "prompt_tuning", {"num_virtual_tokens": 3}, 21)
+    write_adapter(tiny_base, root / "pf", "prefix_tuning", {"num_virtual_tokens": 2}, 22)
+    am = AdapterModel(load_base(tiny_base))
+    for name in ("pt", "pf"):
+        load_adapter(am, root / name, name, activate=False)
+    am.eval()
+    models = ["pt", "pf", "tiny-llama", "pt", "pf"]
+    want = [reference_text(am, "hello world", None if m == "tiny-llama" else m, 8) for m in models]
+    assert len(set(want)) == 3  # the adapters change the answer
+    with serve(tiny_base, adapter_roots=[str(root)]) as running:
+
+        def complete(model):
+            answer = running.client().completions.create(
+                model=model, prompt="hello world", max_tokens=8, temperature=0
+            )
+            return answer.choices[0].text
+
+        with ThreadPoolExecutor(len(models)) as pool:
+            assert list(pool.map(complete, models)) == want
+
+
+def test_a_named_composition_is_served_as_its_weighted_set(tiny_base, adapter_root, reference):
+    """compositions: {mix: {average: {lora: 3, ia3: 1}}} answers as the mixed batch's
+    weighted set {lora: 0.75, ia3: 0.25}, in one batch with its own adapters and the base."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mix = {"lora": 0.75, "ia3": 0.25}
+    models = ["mix", "lora", "tiny-llama", "mix", "ia3"]
+    offline = {"mix": mix, "tiny-llama": None}
+    want = [reference_text(reference, "hello world", offline.get(m, m), 8) for m in models]
+    assert want[0] not in (want[1], want[2])  # the composition answers unlike lora and the base
+    compositions = {"mix": {"average": {"lora": 3, "ia3": 1}}}
+    with serve(tiny_base, adapter_roots=[str(adapter_root)], compositions=compositions) as running:
+        assert "mix" in {m.id for m in running.client().models.list().data}
+
+        def complete(model):
+            answer = running.client().completions.create(
+                model=model, prompt="hello world", max_tokens=8, temperature=0
+            )
+            return answer.choices[0].text
+
+        with ThreadPoolExecutor(len(models)) as pool:
+            assert list(pool.map(complete, models)) == want
+        time.sleep(0.2)  # holds end with the requests' final events
+        assert {n: e.users for n, e in running.state.cache.loaded.items()} == {"lora": 0, "ia3": 0}

@@ -71,3 +71,19 @@ def test_join_step_keep() -> None:
         assert torch.equal(layer.keys, f[[1, 0], :, 1:])
     batch.keep([])
     assert batch.rows == 0 and batch.cache is None
+
+
+def test_prefill_with_scattered_real_columns_is_right_aligned() -> None:
+    """Prompt / prefix tuning rows: a prefix slot, a virtual-token slot and input slots, each
+    left-padded, leave real columns apart; they move to the row's end, in order."""
+    cache = prefill_cache(2, 5, seed=3)
+    keys = [layer.keys.clone() for layer in cache.layers]
+    mask = torch.tensor([[1, 0, 0, 1, 1], [0, 1, 0, 0, 1]])
+    batch = KVBatch.of_prefill(cache, mask)
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert batch.lengths.tolist() == [3, 2]
+    for layer, before in zip(cache.layers, keys, strict=True):
+        torch.testing.assert_close(layer.keys[0, :, 2:], before[0, :, [0, 3, 4]])
+        torch.testing.assert_close(layer.keys[1, :, 3:], before[1, :, [1, 4]])
+        torch.testing.assert_close(layer.values, layer.keys + 100 * (batch.mask[:, None, :, None]))
+        assert bool((layer.keys[0, :, :2] == 0).all()) and bool((layer.keys[1, :, :3] == 0).all())

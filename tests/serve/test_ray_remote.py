@@ -45,15 +45,18 @@ class FakeReplicas:
         self.make_stream = make_stream
         self.calls: list[dict] = []
         self.streams: list[FakeStream] = []
+        self.registries: list = []
         self._options: dict = {}
 
     def options(self, **kw):
         twin = FakeReplicas(self.make_stream)
         twin.calls, twin.streams, twin._options = self.calls, self.streams, {**self._options, **kw}
+        twin.registries = self.registries
         return twin
 
-    def remote(self, request):
+    def remote(self, request, registry=None):
         self.calls.append({**self._options, "request_id": request.request_id})
+        self.registries.append(registry)
         stream = self.make_stream(request)
         self.streams.append(stream)
         return stream
@@ -164,14 +167,96 @@ def test_submit_needs_a_loop_and_a_running_engine():
 def test_adapter_names_are_resolved_at_the_ingress(tmp_path):
     root = tmp_path / "adapters"
     (root / "lora").mkdir(parents=True)
-    cache = RemoteAdapterCache(AdapterSources({}, [str(root)]))
-    run(cache.acquire("lora"))  # exists: nothing else happens here
+    cache = RemoteAdapterCache(AdapterSources({}, [str(root)]), RemoteEngine(None))
+    run(cache.acquire("lora"))  # exists: counted as in flight, nothing else happens here
     with pytest.raises(UnknownAdapterError):
         run(cache.acquire("other"))
     with pytest.raises(AdapterPathError, match="no paths"):
         run(cache.acquire("../lora"))
-    with pytest.raises(AdapterLoadError, match="adapter root"):
-        run(cache.load("x", root / "lora"))
-    with pytest.raises(AdapterBusyError, match="least recently used"):
+    with pytest.raises(AdapterBusyError, match="in use by 1 request"):
         run(cache.unload("lora"))
-    assert cache.loaded == {}
+    cache.release("lora")
+    assert cache.holds == {} and cache.loaded == {}
+
+
+class FakeCall:
+    """``handle.options(...).remote(...)`` of the replicas' ``load_runtime``: records the
+    call, answers ``answer`` (None: loaded; a TokenEvent: refused)."""
+
+    def __init__(self, answer):
+        self.answer, self.calls, self._options = answer, [], {}
+
+    def options(self, **kw):
+        self._options = kw
+        return self
+
+    def remote(self, name, registry):
+        self.calls.append((self._options, name, registry))
+
+        async def answer():
+            return self.answer
+
+        return answer()
+
+
+def test_runtime_load_registers_then_one_replica_loads_and_refusals_roll_back(tmp_path):
+    from splice.serve.api_errors import ApiError
+
+    root = tmp_path / "adapters"
+    (root / "x").mkdir(parents=True)
+    refusal = TokenEvent("load", None, "", "error", "bad folder", 400, "invalid_adapter", "model")
+    replicas = FakeCall(refusal)
+    engine = RemoteEngine(replicas)
+    cache = RemoteAdapterCache(AdapterSources({}, [str(root)]), engine)
+    with pytest.raises(ApiError, match="bad folder") as refused:
+        run(cache.load("y", root / "x"))
+    assert (refused.value.status, refused.value.code) == (400, "invalid_adapter")
+    options, name, registry = replicas.calls[0]
+    assert options == {"method_name": "load_runtime", "multiplexed_model_id": "y"}
+    assert (name, registry) == ("y", {"y": (str(root / "x"), 1)})
+    assert cache.registry.entries == {"y": (None, 2)}  # withdrawn: a tombstone, new version
+
+    replicas.answer = None
+    assert run(cache.load("y", root / "x"))
+    assert cache.registry.entries == {"y": (str(root / "x"), 3)}
+    with pytest.raises(AdapterLoadError, match="already loaded"):
+        run(cache.load("y", root / "x"))
+    run(cache.unload("y"))
+    assert cache.registry.entries == {"y": (None, 4)}
+    with pytest.raises(KeyError):  # neither registered nor in a root: the app's 404
+        run(cache.unload("y"))
+    run(cache.unload("x"))  # a root adapter: every replica drops its loaded copy
+    assert cache.registry.entries["x"] == (None, 5)
+
+
+def test_a_replica_refusal_is_an_api_error_from_generation_start(tmp_path):
+    from splice.serve.api_errors import ApiError
+    from splice.serve.generation import Generation
+    from splice.serve.requests import SamplingParams
+    from splice.serve.state import ServerState
+
+    root = tmp_path / "adapters"
+    (root / "lora").mkdir(parents=True)
+
+    def refuse(request):
+        event = TokenEvent(request.request_id, None, "", "error", "prompt too long", 400, None, "p")
+        return FakeStream([event])
+
+    engine = RemoteEngine(FakeReplicas(refuse))
+    cache = RemoteAdapterCache(AdapterSources({}, [str(root)]), engine)
+    state = ServerState(engine=engine, tokenizer=None, cache=cache, base_id="base")
+    engine.registry.set("z", "/somewhere")
+
+    async def main():
+        generation = Generation(state, "lora", "lora", [[1, 2]], SamplingParams())
+        try:
+            await generation.start()
+        finally:
+            await generation.close()
+            await asyncio.sleep(0.05)  # the hold is released by a background task
+
+    with pytest.raises(ApiError, match="prompt too long") as refused:
+        run(main())
+    assert (refused.value.status, refused.value.param) == (400, "p")
+    assert cache.holds == {}  # the hold ended with the request
+    assert engine.replicas.registries == [{"z": ("/somewhere", 1)}]  # sent with the call

@@ -158,3 +158,85 @@ def test_ray_flags():
     assert ray_options(p.parse_args(["--ray"])).replicas == 1
     with pytest.raises(ServeConfigError, match="replica_cpus"):
         ray_options(p.parse_args(["--ray", "--replica-cpus", "-1"]))
+
+
+class FakeCache:
+    """An adapter cache double: ``loaded`` names, ``busy`` ones refuse to unload."""
+
+    def __init__(self, loaded, busy=()):
+        self.loaded = dict.fromkeys(loaded)
+        self.busy = set(busy)
+
+    async def unload(self, name):
+        from splice.serve.adapter_cache import AdapterBusyError
+
+        if name in self.busy:
+            raise AdapterBusyError(name)
+        del self.loaded[name]
+
+
+def test_a_replica_applies_registry_versions_once_and_retries_busy_drops(adapter_root):
+    import asyncio
+    from types import SimpleNamespace
+
+    from splice.serve.adapter_sources import AdapterSources
+    from splice.serve.ray_app import SpliceReplica
+
+    replica = object.__new__(SpliceReplica.func_or_class)  # no model: the registry part only
+    sources = AdapterSources({}, [str(adapter_root)])
+    cache = FakeCache(["lora", "x"], busy={"x"})
+    replica.state = SimpleNamespace(sources=sources, cache=cache)
+    replica.applied, replica.registry_errors = {}, {}
+    apply = replica._apply_registry
+    registry = {"lora": (None, 1), "x": (str(adapter_root / "dora"), 2),
+                "y": (str(adapter_root / "ia3"), 3), "z": ("/etc", 4)}  # fmt: skip
+    asyncio.run(apply(registry))
+    assert list(cache.loaded) == ["x"]  # lora dropped (tombstone); x busy: kept, unapplied
+    assert replica.applied == {"lora": 1, "y": 3, "z": 4}
+    assert sources.runtime == {"y": adapter_root / "ia3"}
+    assert replica.registry_errors["z"].status == 400  # outside the roots here
+    cache.busy.clear()
+    asyncio.run(apply(registry))
+    assert cache.loaded == {} and replica.applied["x"] == 2
+    assert sources.resolve("x") == adapter_root / "dora"
+
+
+def test_replica_refusals_keep_their_status_and_runtime_loads_reach_the_replicas(
+    ray_url, reference
+):
+    import openai
+    from http_setup import RunningServer
+
+    http = RunningServer(ray_url, None, None, None)
+    # a malformed adapter folder fails in the replica: 400 invalid_adapter, as `splice serve`
+    with pytest.raises(openai.BadRequestError, match="broken") as refused:
+        complete(ray_url, "broken")
+    assert refused.value.code == "invalid_adapter"
+    with pytest.raises(openai.BadRequestError, match="broken"):  # streamed: before any byte
+        client(ray_url).completions.create(model="broken", prompt=PROMPT, stream=True)
+
+    r = http.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": "dora"})
+    assert r.status == 200, r.text
+    assert complete(ray_url, "rt") == reference_text(reference, PROMPT, "dora", 8)
+    assert "rt" in [m["id"] for m in http.get("/v1/models").json()["data"]]
+    assert http.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": "ia3"}).status == 400
+    r = http.post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": "broken"})
+    assert (r.status, r.json()["error"]["code"]) == (400, "invalid_adapter")
+    r = http.post("/v1/load_lora_adapter", {"lora_name": "up", "lora_path": "../x"})
+    assert r.status == 400
+    assert http.post("/v1/unload_lora_adapter", {"lora_name": "rt"}).status == 200
+    with pytest.raises(openai.NotFoundError):
+        complete(ray_url, "rt")
+    # registered again, to another folder: the replica drops its old copy first
+    r = http.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": "ia3"})
+    assert r.status == 200, r.text
+    assert complete(ray_url, "rt") == reference_text(reference, PROMPT, "ia3", 8)
+
+
+def test_compositions_are_refused_under_ray(tiny_base):
+    from splice.serve.config import ServeConfig, ServeConfigError
+    from splice.serve.ray_app import RayOptions, build_ray_app
+
+    config = ServeConfig(base=str(tiny_base), compositions={"mix": {"average": ["a", "b"]}})
+    with pytest.raises(ServeConfigError, match="not served under Ray Serve yet"):
+        build_ray_app(config, RayOptions())

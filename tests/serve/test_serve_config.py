@@ -101,3 +101,28 @@ def test_serve_key_prints_a_matching_hash(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("my-key\n"))
     assert main(["serve-key", "--stdin"]) == 0
     assert f"sha256: {hash_key('my-key')}" in capsys.readouterr().out
+
+
+def test_compositions_are_averages_of_adapter_names(tmp_path):
+    f = tmp_path / "serve.yaml"
+    f.write_text(
+        "base: b\ncompositions:\n  mix: {average: {a: 3, b: 1}}\n  even: {average: [a, c]}\n"
+    )
+    cfg = load_serve_config(str(f), {})
+    assert cfg.composition_sets() == {
+        "mix": (("a", 0.75), ("b", 0.25)),
+        "even": (("a", 0.5), ("c", 0.5)),
+    }
+    bad = {
+        "{stack: [a, b]}": "only an average of adapter names",
+        "{average: [a, {stack: [b, c]}]}": "only an average of adapter names",
+        "{averag: [a, b]}": "unknown block 'averag'",
+        "{average: ['../a', b]}": "not a plain name",
+    }
+    for block, message in bad.items():
+        f.write_text(f"base: b\ncompositions: {{mix: {block}}}\n")
+        with pytest.raises(ServeConfigError, match=message):
+            load_serve_config(str(f), {})
+    f.write_text("base: b\nadapters: {mix: ./m}\ncompositions: {mix: {average: [a, b]}}\n")
+    with pytest.raises(ServeConfigError, match="composition name 'mix' is also"):
+        load_serve_config(str(f), {})

@@ -23,13 +23,24 @@ positions (prompt tuning; what the adapter alone returns) or its last T (other r
 padding keys get the weight exp(−inf) = 0, so each row equals the row alone up to float
 rounding (tested to 1e-5).
 
+Generation (`prefill_call`, `generate_mixed`): the rewrite above is the prefill of a
+left-padded batch, with positions taken from the whole rewritten mask instead
+(``cumsum(mask) − 1``): each row's real slots — its prefix (m_r), its virtual tokens (n_r),
+its input tokens (t_r) — are numbered as that row alone numbers them, so a left-padded row
+(whose input tokens are not the last t columns of a fixed width) also equals the row alone:
+prompt rows 0 … n_r − 1 then n_r …, prefix rows m_r … (the positions after the cache), others
+0 …. The cache the prefill leaves holds M + N + T columns per row, of which row r uses
+m_r + n_r + t_r; each later step feeds one token per row with the rewritten mask (its M + N
+leading slots kept) extended by one column, at position (real slots so far), and runs the
+model-level rows as base rows (prompt and prefix tuning act only through the prefill).
+
 Limits (clear errors): model-level adapters only as a row's single name (not in a weighted
-set); no ``past_key_values`` with content, ``token_type_ids`` or 4-D masks with them; not in
-``generate`` yet.
+set); no ``past_key_values`` with content, ``token_type_ids`` or 4-D masks with them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -172,3 +183,76 @@ def _prefix_cache(
             v_all[idx, :, width - n :] = v
     assert layers is not None
     return DynamicCache(layers)
+
+
+def prefill_call(
+    am: AdapterModel, plan: MixedBatchPlan, input_ids: Tensor, attention_mask: Tensor
+) -> dict[str, Any]:
+    """The forward keywords of the prefill of a left-padded batch with prompt / prefix rows
+    (module docstring): ``inputs_embeds`` or ``input_ids``, the rewritten ``attention_mask``
+    (M + N + T columns), ``position_ids`` (N + T columns, each row numbered as alone) and,
+    with prefix rows, ``past_key_values`` (their prefixes)."""
+    _, kw = prepare_mixed_call(
+        am, plan, (), {"input_ids": input_ids, "attention_mask": attention_mask}
+    )
+    mask = kw["attention_mask"]
+    first = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else kw["input_ids"]
+    width = first.shape[1]
+    kw["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, mask.shape[1] - width :]
+    return kw
+
+
+def generate_mixed(am: AdapterModel, plan: MixedBatchPlan, args: tuple, kwargs: dict) -> Any:
+    """``model.generate`` of a batch with prompt / prefix rows (module docstring): each step's
+    inputs are rewritten in ``prepare_inputs_for_generation`` — the first step by
+    `prefill_call` (its prefix cache replaces the empty one ``generate`` made; HF takes the
+    cache back from the outputs), later steps get the newest token only, the M + N leading
+    mask slots and their own positions. ``plan`` has one row per decoded row."""
+    model = am.model
+    base_prepare = model.prepare_inputs_for_generation
+    had_own = "prepare_inputs_for_generation" in vars(model)
+    full_mask: list[Tensor] = []  # the rewritten mask so far (M + N + T + steps columns)
+
+    @functools.wraps(base_prepare)
+    def prepare(*a: Any, **k: Any) -> dict[str, Any]:
+        step = base_prepare(*a, **k)
+        cache_key = "cache" if "cache" in step else "past_key_values"
+        ids = step.get("input_ids")
+        if ids is None:
+            raise AdapterStateError(
+                "generate() with prompt / prefix tuning rows needs input_ids (not inputs_embeds)"
+            )
+        step.pop("cache_position", None)
+        if not full_mask:
+            if cache_length(step.get(cache_key)):
+                raise AdapterStateError(
+                    "generate() with prompt / prefix tuning rows: past_key_values with content "
+                    "is not supported"
+                )
+            mask = step.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(ids)
+            kw = prefill_call(am, plan, ids, mask)
+            full_mask.append(kw["attention_mask"])
+            prefix = kw.pop("past_key_values", None)
+            if prefix is not None:
+                step[cache_key] = prefix
+            step.update(kw)
+            return step
+        # one new token per row (HF generate without assistants): extend the mask by one
+        full = full_mask[0]
+        full = torch.cat([full, torch.ones_like(full[:, :1])], dim=1)
+        full_mask[0] = full
+        step["input_ids"] = ids[:, -1:]
+        step["attention_mask"] = full
+        step["position_ids"] = (full.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        return step
+
+    model.prepare_inputs_for_generation = prepare
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        if had_own:
+            model.prepare_inputs_for_generation = base_prepare
+        else:
+            del model.prepare_inputs_for_generation

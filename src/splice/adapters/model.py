@@ -33,7 +33,7 @@ from splice.adapters.default_targets import DEFAULT_TARGETS, default_targets
 from splice.adapters.full_copy import FullCopy
 from splice.adapters.layer import AdaptedLayer, AdapterModule, AdapterStateError
 from splice.adapters.mixed_batch import BASE_NAME, mixed_forward, plan_rows
-from splice.adapters.mixed_prompts import model_level_rows, prepare_mixed_call
+from splice.adapters.mixed_prompts import generate_mixed, model_level_rows, prepare_mixed_call
 from splice.adapters.model_adapter import ModelAdapter
 from splice.adapters.registry import method_for_config
 from splice.adapters.targeting import (
@@ -128,13 +128,10 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             size = _batch_size(args, {"input_ids": kwargs.get("inputs"), **kwargs})
             plan = plan_rows(self, adapter_names, size)
-            if model_level_rows(self, plan):
-                raise AdapterStateError(
-                    "generate() with prompt / prefix tuning rows in adapter_names is not "
-                    "supported yet"
-                )
             plan = plan.repeat_rows(_rows_per_sequence(self.model, kwargs))
             with mixed_forward(self, plan):
+                if model_level_rows(self, plan):  # prompt / prefix rows: per-row prefill
+                    return generate_mixed(self, plan, args, kwargs)
                 return self.model.generate(*args, **kwargs)
         if self.composition is not None and not getattr(self, "_disabled", False):
             return self.composition.generate(self, args, kwargs)

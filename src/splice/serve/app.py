@@ -99,6 +99,8 @@ def _check_model(state: ServerState, key: KeyEntry | None, model: str) -> str | 
         )
     if model == state.base_id:
         return None
+    if model in state.compositions:
+        return model
     try:
         state.sources.check_name(model)
     except AdapterPathError as e:
@@ -230,7 +232,9 @@ def build_app(state: ServerState, *, manage_lifecycle: bool = True) -> FastAPI:
     async def models(key: Key) -> JSONResponse:
         card = {"object": "model", "created": state.created, "owned_by": "splice"}
         data = [{"id": state.base_id, **card, "root": state.base_id, "parent": None}]
-        names = sorted(set(state.sources.available()) | set(state.cache.loaded))
+        names = sorted(
+            set(state.sources.available()) | set(state.cache.loaded) | set(state.compositions)
+        )
         for name in names:
             if key is None or key.allows(name, state.base_id):
                 data.append({"id": name, **card, "root": name, "parent": state.base_id})

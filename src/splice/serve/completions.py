@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from splice.serve.api_errors import ApiError
-from splice.serve.generation import Generation
+from splice.serve.generation import Generation, event_error
 from splice.serve.openai_schema import ChatCompletionRequest, CompletionRequest, _Sampling
 from splice.serve.requests import EngineError, SamplingParams
 from splice.serve.state import ServerState
@@ -162,7 +162,7 @@ class Completion:
             texts[index] += event.text
             if event.finished:
                 if event.finish_reason == "error":
-                    raise ApiError(500, f"generation failed: {event.error}")
+                    raise event_error(event)
                 reasons[index] = event.finish_reason
         if self.chat:
             choices = [
@@ -191,8 +191,7 @@ class Completion:
                     yield _sse(self._envelope([choice], True))
             async for index, event in self.generation.events():
                 if event.finish_reason == "error":
-                    error = {"message": f"generation failed: {event.error}", "type": "server_error"}
-                    yield _sse({"error": {**error, "param": None, "code": None}})
+                    yield _sse(event_error(event).body())
                     continue
                 if not event.text and not event.finished:
                     continue

@@ -14,6 +14,8 @@
     max_tokens: 1024              # the largest max_tokens a request may ask for
     served_name: null             # the base model's id in the API (default: BASE's name)
     shutdown_timeout: 30          # seconds a shutdown waits for in-flight requests
+    compositions:                 # named compositions, served as model ids (`compositions`)
+      support_mix: {average: {support: 0.7, billing: 0.3}}
 
 Unknown keys are errors naming the closest valid one; numbers must be finite. Flags given on
 the command line replace the file's values (``adapters`` are merged, ``adapter_roots``
@@ -56,6 +58,20 @@ class ServeConfig(StrictConfig):
     max_tokens: int = Field(1024, ge=1)
     served_name: str | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
+    compositions: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("compositions")
+    @classmethod
+    def _compositions(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, data in value.items():
+            if not ADAPTER_NAME_RE.fullmatch(name):
+                raise ValueError(f"composition name {name!r}: use letters, digits, '_' or '-'")
+            composition_weights(name, data)  # a ValueError (pydantic's message) if malformed
+        return value
+
+    def composition_sets(self) -> dict[str, tuple[tuple[str, float], ...]]:
+        """Each named composition as the weighted set its rows run with."""
+        return {name: composition_weights(name, data) for name, data in self.compositions.items()}
 
     @field_validator("adapters")
     @classmethod
@@ -86,6 +102,29 @@ class ServeConfig(StrictConfig):
         if self.served_name:
             return self.served_name
         return Path(os.path.normpath(self.base)).name or self.base
+
+
+def composition_weights(name: str, data: Any) -> tuple[tuple[str, float], ...]:
+    """A named composition (`splice.compose.parse` form) as ((adapter, weight), ...): only an
+    Average of adapter names can be served, as it is exactly a mixed batch's weighted set
+    (y = f(x) + Σ w_i (f_{a_i}(x) − f(x)), `splice.compose.blocks_forward`); any other block
+    (Stack, Parallel, Fuse, nesting) is refused."""
+    from splice.compose.blocks import Average, CompositionError
+    from splice.compose.parse import parse_composition
+
+    try:
+        block = parse_composition(data, f"composition {name!r}")
+    except CompositionError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(block, Average) or not block.names_only():
+        raise ValueError(
+            f"composition {name!r}: only an average of adapter names can be served "
+            "(e.g. {average: {a: 0.5, b: 0.5}}): it runs as a weighted set in the decode batch"
+        )
+    for child in block.children:
+        if not ADAPTER_NAME_RE.fullmatch(child):
+            raise ValueError(f"composition {name!r}: adapter name {child!r} is not a plain name")
+    return tuple(zip(block.children, (float(w) for w in block.weights), strict=True))
 
 
 def parse_adapter_flags(items: list[str]) -> dict[str, str]:
@@ -125,4 +164,9 @@ def load_serve_config(path: str | None, flags: dict[str, Any]) -> ServeConfig:
     config = parse_config(ServeConfig, data, where, ServeConfigError, list_valid=True)
     if config.base_id() in config.adapters:
         raise ServeConfigError(f"adapter name {config.base_id()!r} is the base model's id")
+    clash = sorted(set(config.compositions) & (set(config.adapters) | {config.base_id()}))
+    if clash:
+        raise ServeConfigError(
+            f"composition name {clash[0]!r} is also an adapter's or the base model's id"
+        )
     return config

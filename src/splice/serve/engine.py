@@ -18,7 +18,10 @@ Scheduling. One loop on one thread owns the model. Each iteration:
    prefills them: one forward over their prompts, left-padded to the longest (each row with
    its adapter and its own positions 0 … n−1; groups are split so that rows × longest prompt
    stays within ``prefill_tokens``); each first token is sampled from its row's last logits,
-   and the prefilled caches join the running batch;
+   and the prefilled caches join the running batch. Prompt tuning and prefix tuning rows get
+   their virtual tokens / prefix key-values here (`splice.adapters.mixed_prompts.prefill_call`:
+   each row numbered as alone); their cache columns stay in the batch's cache, so later steps
+   run them as base rows;
 4. runs ONE decoding step for all running requests together: a mixed-adapter forward
    (``adapter_names`` = each row's adapter, `splice.adapters.mixed_batch`) of one token per
    row over the batch's KV cache, then samples each row's next token (`splice.serve.sampling`).
@@ -78,6 +81,7 @@ from splice.adapters.mixed_batch import (
     mixed_forward,
     plan_rows,
 )
+from splice.adapters.mixed_prompts import prefill_call
 from splice.adapters.model import AdapterModel
 from splice.serve.kv_batch import KVBatch, check_supported
 from splice.serve.requests import EngineError, GenerationRequest, RequestHandle, TokenEvent
@@ -149,6 +153,8 @@ class BatchingEngine:
         self.vocab_size: int = int(am.model.get_input_embeddings().weight.shape[0])
         self.device = next(am.parameters()).device
         self.eos_ids = _eos_ids(am, tokenizer)
+        # named compositions: a request's adapter name -> the weighted set its row runs with
+        self.compositions: dict[str, tuple[tuple[str, float], ...]] = {}
 
         self._lock = threading.Condition()  # guards the queues and flags below
         self._adapters_lock = threading.RLock()  # adapter changes vs. submit's adapter check
@@ -277,17 +283,10 @@ class BatchingEngine:
             )
         with self._adapters_lock:
             try:
-                plan_rows(self.am, [adapter], 1)
+                plan_rows(self.am, [self._row_entry(adapter)], 1)
             except AdapterStateError as e:
                 message = str(e).removeprefix("adapter_names row 0: ")
                 raise EngineError(f"request {request_id!r}: {message}", "unknown_adapter") from None
-            if adapter in self.am.model_adapters:
-                raise EngineError(
-                    f"request {request_id!r}: adapter {adapter!r} "
-                    f"({self.am.configs[adapter].method}) rewrites the model's inputs: prompt and "
-                    "prefix tuning are not served yet",
-                    "invalid",
-                )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -365,14 +364,15 @@ class BatchingEngine:
     def _adapter_problem(self, name: str) -> str | None:
         if name == BASE_NAME or name in self._usable:
             return None
-        if name not in self.am.configs:
-            return f"adapter {name!r} was deleted"
+        gone = [
+            a for a, _ in self.compositions.get(name, ((name, 1.0),)) if a not in self.am.configs
+        ]
+        if gone:
+            return f"adapter {gone[0]!r} was deleted"
         try:
-            plan_rows(self.am, [name], 1)
+            plan_rows(self.am, [self._row_entry(name)], 1)
         except AdapterStateError as e:
             return str(e).removeprefix("adapter_names row 0: ")
-        if name in self.am.model_adapters:
-            return f"adapter {name!r} (prompt / prefix tuning) is not served yet"
         self._usable.add(name)
         return None
 
@@ -426,30 +426,48 @@ class BatchingEngine:
             ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[row, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        inputs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0),
+        }
         cache = DynamicCache(config=self.am.model.config)
-        out = self._forward(
-            group,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        plan = self._plan(group, model_level=True)
+        if any(s.row_adapter in self.am.model_adapters for s in group):
+            # prompt / prefix tuning rows: their virtual tokens and prefixes enter here
+            inputs = prefill_call(self.am, plan, ids, mask)
+            prefix = inputs.pop("past_key_values", None)
+            cache = cache if prefix is None else prefix
+            mask = inputs["attention_mask"]
+        with mixed_forward(self.am, plan):
+            out = self.am.model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
         tokens = next_tokens(logits, [s.params for s in group], [s.generator for s in group])
         return KVBatch.of_prefill(cache, mask), tokens
 
-    def _forward(self, rows: list[RunningRequest], **inputs: Any) -> Any:
-        """The model's forward with each row's adapter: ``am(..., adapter_names=...)`` with
-        the plan built here from adapters already checked (`_adapter_problem`), which saves the
-        per-row checks of `plan_rows` at every step."""
-        segments: dict[str, list[int]] = {}
+    def _plan(self, rows: list[RunningRequest], model_level: bool) -> MixedBatchPlan:
+        """Each row's adapter as a mixed-batch plan, built here from adapters already checked
+        (`_adapter_problem`), which saves the per-row checks of `plan_rows` at every step.
+        Without ``model_level``, prompt / prefix tuning rows are base rows (they act through
+        the prefill only)."""
+        segments: dict[tuple[tuple[str, float], ...], list[int]] = {}
         for row, seq in enumerate(rows):
-            if seq.row_adapter != BASE_NAME:
-                segments.setdefault(seq.row_adapter, []).append(row)
-        plan = MixedBatchPlan(len(rows), [Segment(((n, 1.0),), r) for n, r in segments.items()])
-        with mixed_forward(self.am, plan):
+            name = seq.row_adapter
+            if name == BASE_NAME or (not model_level and name in self.am.model_adapters):
+                continue
+            weights = self.compositions.get(name, ((name, 1.0),))
+            segments.setdefault(weights, []).append(row)
+        return MixedBatchPlan(len(rows), [Segment(w, r) for w, r in segments.items()])
+
+    def _row_entry(self, name: str) -> str | dict[str, float]:
+        """``name``'s ``adapter_names`` entry: the name, or a composition's weighted set."""
+        weights = self.compositions.get(name)
+        return name if weights is None else dict(weights)
+
+    def _forward(self, rows: list[RunningRequest], **inputs: Any) -> Any:
+        """A decoding step's forward with each row's adapter (``am(..., adapter_names=...)``
+        with the plan of `_plan`)."""
+        with mixed_forward(self.am, self._plan(rows, model_level=False)):
             return self.am.model(**inputs)
 
     def _decode_step(self) -> None:

@@ -1,11 +1,17 @@
 """One HTTP request's trip through the engine: hold the adapter, submit each prompt, merge
 the token streams, record the metrics, and clean up however the request ends.
 
-The adapter is held (`AdapterCache.acquire`) once per prompt from before submission until
-that prompt's final event, so the cache never evicts an adapter a queued or running
-sequence uses. When the client goes away early (a closed stream, a cancelled task), the
-unfinished sequences are cancelled and a background task waits for their final "abort"
-events before releasing the adapter: the engine may still hold them for one more step.
+A remote engine (the Ray Serve ingress's) accepts every request at once and refuses it later,
+with a final "error" event carrying the HTTP status (`error_event`); its handles have
+``first_event``, which `start` awaits, so such a refusal is an `ApiError` from `start` (a 4xx
+before any response byte, streams included), as when a local engine refuses in ``submit``.
+
+The adapter (each adapter of a named composition) is held (`AdapterCache.acquire`) once per
+prompt from before submission until that prompt's final event, so the cache never evicts
+an adapter a queued or running sequence uses. When the client goes away early (a closed
+stream, a cancelled task), the unfinished sequences are cancelled and a background task
+waits for their final "abort" events before releasing the adapter: the engine may still hold
+them for one more step.
 
 Metrics: time to first token is measured from the request's arrival (before tokenizing)
 to its first token event; time per output token is the gap between consecutive token
@@ -63,6 +69,21 @@ def adapter_error(e: Exception, model: str) -> ApiError:
     raise e
 
 
+def error_event(request_id: str, e: ApiError) -> TokenEvent:
+    """A final "error" event carrying ``e``'s HTTP answer (a replica's refusal, relayed)."""
+    return TokenEvent(request_id, None, "", "error", e.message, e.status, e.code, e.param)
+
+
+def event_error(event: TokenEvent) -> ApiError:
+    """The HTTP answer to a final "error" event: the refusal it carries (`error_event`), else
+    500 "generation failed" (the model or engine failed mid-generation)."""
+    if event.error_status is not None:
+        return ApiError(
+            event.error_status, event.error or "", code=event.error_code, param=event.error_param
+        )
+    return ApiError(500, f"generation failed: {event.error}")
+
+
 _BACKGROUND: set[asyncio.Future[None]] = set()
 
 
@@ -105,11 +126,16 @@ class Generation:
         loop = asyncio.get_running_loop()
         request_id = uuid.uuid4().hex
         for index, ids in enumerate(self.prompts):
-            if self.adapter is not None:
+            held: list[str] = []
+            for name in self.state.adapters_of(self.adapter):
                 try:
-                    await self.state.cache.acquire(self.adapter)
+                    await self.state.cache.acquire(name)
                 except Exception as e:
-                    raise adapter_error(e, self.model) from None
+                    for done in held:
+                        self.state.cache.release(done)
+                    raise adapter_error(e, name if name != self.adapter else self.model) from None
+                held.append(name)
+            if self.adapter is not None:
                 self._unsubmitted_holds += 1
             request = GenerationRequest(f"{request_id}-{index}", ids, self.adapter, self.params)
             try:
@@ -120,6 +146,11 @@ class Generation:
                 self._unsubmitted_holds -= 1
             self.handles.append(handle)
             self._pumps.append(asyncio.ensure_future(self._pump(index, handle)))
+            first_event = getattr(handle, "first_event", None)
+            if first_event is not None:  # a remote engine refuses through its first event
+                event = await first_event()
+                if event.finish_reason == "error" and event.error_status is not None:
+                    raise event_error(event)
         self.usage.prompt_tokens = sum(len(p) for p in self.prompts)
         self.state.metrics.prompt_tokens.inc(self.usage.prompt_tokens)
 
@@ -131,8 +162,8 @@ class Generation:
             self._queue.put_nowait((index, event))
 
     def _release(self) -> None:
-        if self.adapter is not None:
-            self.state.cache.release(self.adapter)
+        for name in self.state.adapters_of(self.adapter):
+            self.state.cache.release(name)
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(prompt index, event) as they come, every sequence's to its final event."""

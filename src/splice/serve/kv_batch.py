@@ -114,7 +114,8 @@ class KVBatch:
 
     @staticmethod
     def of_prefill(cache: DynamicCache, mask: Tensor) -> KVBatch:
-        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T). The
+        """The batch of a prefill forward's ``cache`` (its inputs' ``mask``: rows × T; a row's
+        real columns need not be contiguous: they are moved to the row's end). The
         padding columns are zeroed (whatever the model computed there never reaches a real
         token through the mask, but a NaN would: 0 · NaN in the attention's sum)."""
         padding = (mask == 0)[:, None, :, None]
@@ -122,6 +123,19 @@ class KVBatch:
             for layer in cache.layers:
                 layer.keys = layer.keys.masked_fill(padding.to(layer.keys.device), 0)
                 layer.values = layer.values.masked_fill(padding.to(layer.values.device), 0)
+        lengths = mask.long().sum(dim=1, keepdim=True)
+        slots = torch.arange(mask.shape[1], device=mask.device)
+        if not bool((mask.long() == (slots >= mask.shape[1] - lengths).long()).all()):
+            # real columns not all at the end (prompt / prefix tuning rows: prefix, virtual
+            # tokens and input slots each left-padded): move each row's real columns to its
+            # end, in order. Attention is a sum over key columns, the positions are in the
+            # keys already: the order of the columns changes nothing.
+            order = torch.argsort(mask.long(), dim=1, stable=True)  # padding first
+            for layer in cache.layers:
+                index = order[:, None, :, None].to(layer.keys.device)
+                layer.keys = layer.keys.gather(2, index.expand_as(layer.keys))
+                layer.values = layer.values.gather(2, index.expand_as(layer.values))
+            mask = mask.gather(1, order)
         batch = KVBatch()
         batch.cache, batch.mask = cache, mask.long()
         batch.lengths = batch.mask.sum(dim=1)

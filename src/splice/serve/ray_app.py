@@ -29,10 +29,20 @@ Two deployments (docs/ray.md):
 Requests for different adapters that land on one replica share its decode batch, as in
 `splice serve`. The base model's id routes with no model id (any replica).
 
+Errors: a request a replica refuses reaches the client with the status and OpenAI error body
+`splice serve` would give (the refusal travels as an "error" `TokenEvent` carrying its HTTP
+status; `splice.serve.ray_remote`).
+
+Runtime loading (``/v1/load_lora_adapter`` / ``unload``): the ingress checks the path (the
+adapter roots' rules) and records name -> folder in its registry; every call to a replica
+carries the registry, which the replica applies first (`SpliceReplica._apply_registry`:
+register the folder in its sources, drop a stale loaded copy), so any replica can load a
+runtime adapter on demand through the multiplexed loader, and an unloaded one is dropped by
+each replica at its next call.
+
 Every node that may host a replica needs BASE and the adapter folders at the same paths
 (a shared file system, or the same copies), as the ingress and replicas resolve them there.
-Keys' rate limits are counted per ingress replica. Runtime loading (``/v1/load_lora_adapter``)
-is refused under Ray: put adapters in an adapter root.
+Keys' rate limits are counted per ingress replica.
 """
 
 from __future__ import annotations
@@ -50,8 +60,11 @@ from ray import serve
 
 from splice.config_errors import StrictConfig, parse_config
 from splice.serve.adapter_cache import AdapterBusyError
+from splice.serve.adapter_sources import AdapterPathError
 from splice.serve.api_errors import ApiError
 from splice.serve.config import ServeConfig, ServeConfigError, load_serve_config
+from splice.serve.generation import adapter_error, error_event
+from splice.serve.ray_remote import Registration
 from splice.serve.requests import GenerationRequest, TokenEvent
 
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: let the replicas' queues push back
@@ -99,6 +112,8 @@ class SpliceReplica:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: int | None = None
         self.multiplex_log: list[tuple[str, str]] = []  # ("load" | "evict", adapter)
+        self.applied: dict[str, int] = {}  # registry versions applied, per adapter
+        self.registry_errors: dict[str, ApiError] = {}  # registrations this replica refused
 
         async def load(name: str) -> ReplicaAdapter:
             return await self._load(name)
@@ -132,8 +147,67 @@ class SpliceReplica:
         with contextlib.suppress(KeyError, AdapterBusyError):
             await self.state.cache.unload(name)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """The request's token events, as `splice serve` produces them (streamed)."""
+    async def _apply_registry(self, registry: dict[str, Registration]) -> None:
+        """Apply the ingress's runtime registrations this replica has not seen: drop the
+        loaded copy of the adapter (skipped while requests here use it: retried at the next
+        call, the version staying unapplied), then register its folder (checked against this
+        replica's roots) or, for a tombstone, forget it."""
+        sources, cache = self.state.sources, self.state.cache
+        for name, (folder, version) in registry.items():
+            if self.applied.get(name) == version:
+                continue
+            if name in cache.loaded:
+                try:
+                    await cache.unload(name)
+                except KeyError:
+                    pass
+                except AdapterBusyError:
+                    continue
+            self.registry_errors.pop(name, None)
+            sources.runtime.pop(name, None)
+            if folder is not None:
+                try:
+                    sources.runtime[name] = sources.resolve_path(folder)
+                except AdapterPathError as e:
+                    self.registry_errors[name] = ApiError(
+                        400, str(e), code="invalid_adapter", param="lora_path"
+                    )
+            self.applied[name] = version
+
+    async def _ready(self, adapter: str, registry: dict[str, Registration]) -> None:
+        """Registry applied and ``adapter`` loaded here (Serve's multiplexed loader), or the
+        `ApiError` `splice serve` would answer."""
+        await self._apply_registry(registry)
+        if adapter in self.registry_errors:
+            raise self.registry_errors[adapter]
+        version = registry.get(adapter, (None, None))[1]
+        if version is not None and self.applied.get(adapter) != version:
+            raise ApiError(
+                503, f"adapter '{adapter}' is being replaced on this replica; retry", code="busy"
+            )
+        try:
+            await self.load_adapter(adapter)
+        except Exception as e:
+            try:
+                api = adapter_error(e, adapter)
+            except Exception:
+                api = ApiError(500, f"adapter '{adapter}': {_one_line(e)}")
+            raise api from None
+
+    async def load_runtime(self, name: str, registry: dict[str, Registration]) -> TokenEvent | None:
+        """``/v1/load_lora_adapter`` at the ingress: apply the registry and load ``name``
+        here; None, or the refusal as an "error" event (its HTTP status)."""
+        try:
+            await self._ready(name, registry)
+        except ApiError as e:
+            return error_event("load", e)
+        return None
+
+    async def generate(
+        self, request: GenerationRequest, registry: dict[str, Registration] | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """The request's token events, as `splice serve` produces them (streamed); a
+        refusal is one "error" event carrying its HTTP status (`error_event`)."""
         from splice.serve.generation import Generation
 
         rid = request.request_id
@@ -145,10 +219,12 @@ class SpliceReplica:
                 yield TokenEvent(rid, None, "", "error", error)
                 return
             try:
-                await self.load_adapter(adapter)
-            except Exception as e:
-                yield TokenEvent(rid, None, "", "error", f"adapter '{adapter}': {_one_line(e)}")
+                await self._ready(adapter, registry or {})
+            except ApiError as e:
+                yield error_event(rid, e)
                 return
+        elif registry:
+            await self._apply_registry(registry)
         model = adapter or self.state.base_id
         prompts = [list(request.prompt_ids)]
         generation = Generation(self.state, model, adapter, prompts, request.params)
@@ -157,7 +233,7 @@ class SpliceReplica:
             async for _, event in generation.events():
                 yield dataclasses.replace(event, request_id=rid)
         except ApiError as e:
-            yield TokenEvent(rid, None, "", "error", e.message)
+            yield error_event(rid, e)
         finally:
             await generation.close()
 
@@ -186,6 +262,7 @@ def ingress_state(config: ServeConfig, replicas: Any) -> Any:
     from splice.serve.state import ServeLimits, ServerState
 
     checked = preflight(config)
+    engine = RemoteEngine(replicas)
     tokenizer = AutoTokenizer.from_pretrained(checked.base_folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -197,9 +274,9 @@ def ingress_state(config: ServeConfig, replicas: Any) -> Any:
         context_length=context if isinstance(context, int) and context > 0 else None,
     )
     return ServerState(
-        engine=RemoteEngine(replicas),
+        engine=engine,
         tokenizer=tokenizer,
-        cache=RemoteAdapterCache(checked.sources),
+        cache=RemoteAdapterCache(checked.sources, engine),
         base_id=config.base_id(),
         keys=checked.keys,
         limits=limits,
@@ -220,8 +297,18 @@ class SpliceIngress:
         return build_app(self.state)
 
 
+def check_ray_config(config: ServeConfig) -> None:
+    """What `splice serve` serves and Ray Serve does not yet: named compositions."""
+    if config.compositions:
+        raise ServeConfigError(
+            "named compositions are not served under Ray Serve yet: serve them with "
+            "`splice serve` (no --ray)"
+        )
+
+
 def build_ray_app(config: ServeConfig, options: RayOptions) -> Any:
     """The Serve application (ingress bound to the replica deployment) for ``config``."""
+    check_ray_config(config)
     data = config.model_dump(mode="json")
     replica = SpliceReplica.options(
         num_replicas=options.replicas,
@@ -278,6 +365,7 @@ def run_on_ray(config: ServeConfig, options: RayOptions, address: str | None) ->
     from splice.serve.server import preflight
 
     preflight(config)
+    check_ray_config(config)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -80,6 +80,12 @@ class TokenEvent:
     text: str  # the text this event adds to the completion (may be "")
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None
     error: str | None = None
+    # On an "error" event relayed from another process (a Ray Serve replica): the HTTP answer
+    # the replica's server would have given (status, OpenAI ``code`` and ``param``), so the
+    # front end answers the same; None: a failure while generating (HTTP 500).
+    error_status: int | None = None
+    error_code: str | None = None
+    error_param: str | None = None
 
     @property
     def finished(self) -> bool:

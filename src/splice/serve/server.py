@@ -90,6 +90,7 @@ def build_state(
         max_prompts=config.max_batch,
         context_length=context if isinstance(context, int) else None,
     )
+    engine.compositions = config.composition_sets()
     return ServerState(
         engine=engine,
         tokenizer=tokenizer,
@@ -97,6 +98,7 @@ def build_state(
         base_id=config.base_id(),
         keys=keys,
         limits=limits,
+        compositions=engine.compositions,
     )
 
 

@@ -38,11 +38,20 @@ class ServerState:
     limits: ServeLimits = field(default_factory=ServeLimits)
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    # named compositions (served model ids): name -> the weighted set of adapters they run
+    compositions: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
     started: bool = False
 
     @property
     def sources(self) -> AdapterSources:
         return self.cache.sources
+
+    def adapters_of(self, model: str | None) -> tuple[str, ...]:
+        """The adapters a request for ``model`` uses (none for the base)."""
+        if model is None:
+            return ()
+        weights = self.compositions.get(model)
+        return (model,) if weights is None else tuple(a for a, _ in weights)
 
     def start(self) -> None:
         if self.started:
