@@ -47,7 +47,12 @@ import torch
 from torch import Tensor
 
 from splice.adapters.layer import AdapterStateError
-from splice.adapters.methods._prompt_learning import base_dtype, bind_call, cache_length
+from splice.adapters.methods._prompt_learning import (
+    base_dtype,
+    bind_call,
+    cache_length,
+    generate_with_prepare,
+)
 from splice.adapters.methods.prefix_tuning import PrefixEncoder, prefix_key_values
 from splice.adapters.methods.prompt_tuning import PromptEmbedding
 
@@ -210,7 +215,6 @@ def generate_mixed(am: AdapterModel, plan: MixedBatchPlan, args: tuple, kwargs: 
     mask slots and their own positions. ``plan`` has one row per decoded row."""
     model = am.model
     base_prepare = model.prepare_inputs_for_generation
-    had_own = "prepare_inputs_for_generation" in vars(model)
     full_mask: list[Tensor] = []  # the rewritten mask so far (M + N + T + steps columns)
 
     @functools.wraps(base_prepare)
@@ -248,11 +252,4 @@ def generate_mixed(am: AdapterModel, plan: MixedBatchPlan, args: tuple, kwargs: 
         step["position_ids"] = (full.sum(dim=1, keepdim=True) - 1).clamp(min=0)
         return step
 
-    model.prepare_inputs_for_generation = prepare
-    try:
-        return model.generate(*args, **kwargs)
-    finally:
-        if had_own:
-            model.prepare_inputs_for_generation = base_prepare
-        else:
-            del model.prepare_inputs_for_generation
+    return generate_with_prepare(model, prepare, args, kwargs)

@@ -221,7 +221,6 @@ class PromptLearningAdapter(ModelAdapter):
         ``prepare_inputs_for_generation``): the virtual tokens enter at the first step, later
         steps extend the mask over them."""
         base_prepare = model.prepare_inputs_for_generation
-        had_own = "prepare_inputs_for_generation" in vars(model)
 
         @functools.wraps(base_prepare)
         def prepare(*a: Any, **k: Any) -> Kwargs:
@@ -238,14 +237,7 @@ class PromptLearningAdapter(ModelAdapter):
                     step["cache_position"] = step["cache_position"] + self.num_virtual_tokens
             return step
 
-        model.prepare_inputs_for_generation = prepare
-        try:
-            return model.generate(*args, **kwargs)
-        finally:
-            if had_own:
-                model.prepare_inputs_for_generation = base_prepare
-            else:
-                del model.prepare_inputs_for_generation
+        return generate_with_prepare(model, prepare, args, kwargs)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
@@ -253,3 +245,21 @@ def base_dtype(model: nn.Module) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     return model.get_input_embeddings().weight.dtype
+
+
+def generate_with_prepare(
+    model: nn.Module, prepare: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``model.generate(*args, **kwargs)`` with ``prepare`` as the model's
+    ``prepare_inputs_for_generation`` for this call only (the model's own attribute, or the
+    class method, is restored afterwards, also on error)."""
+    base_prepare = model.prepare_inputs_for_generation
+    had_own = "prepare_inputs_for_generation" in vars(model)
+    model.prepare_inputs_for_generation = prepare
+    try:
+        return model.generate(*args, **kwargs)
+    finally:
+        if had_own:
+            model.prepare_inputs_for_generation = base_prepare
+        else:
+            del model.prepare_inputs_for_generation
