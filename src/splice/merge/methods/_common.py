@@ -188,12 +188,20 @@ def ties_combine_(
 
 def fused_ties_applies(base: Tensor, deltas: Sequence[Tensor], disjoint: str) -> bool:
     """Whether `ties_combine_` can use the compiled float32 kernel for these tensors."""
+    return disjoint in ("mean", "sum") and kernel_accepts(base, deltas, torch.float32, 64)
+
+
+def kernel_accepts(
+    base: Tensor, deltas: Sequence[Tensor], dtype: torch.dtype, max_models: int
+) -> bool:
+    """Whether the compiled `_ties_kernel` is built and can take these tensors: at most
+    ``max_models`` deltas, all of ``dtype`` on the CPU, contiguous, without autograd, and of
+    the base's shape."""
     return (
         _ties_kernel is not None
-        and disjoint in ("mean", "sum")
-        and len(deltas) <= 64
+        and len(deltas) <= max_models
         and all(
-            t.dtype == torch.float32
+            t.dtype == dtype
             and t.device.type == "cpu"
             and t.is_contiguous()
             and not t.requires_grad

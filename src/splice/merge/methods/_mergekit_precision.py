@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from splice.merge.methods._common import kernel_accepts
 from splice.merge.registry import MergeContext
 
 try:
@@ -108,17 +109,8 @@ FUSED_MAX_MODELS = 8  # torch's dim-0 sum of a few rows adds them in order; kept
 def _fused_bf16_applies(base: Tensor, deltas: Sequence[Tensor]) -> bool:
     """Whether `gta_combine` can run as the compiled bfloat16 kernel (`_ties_kernel`): the
     same roundings, entry by entry, in one pass and without the stacked copy."""
-    return (
-        _ties_kernel is not None
-        and len(deltas) <= FUSED_MAX_MODELS
-        and all(
-            t.dtype == torch.bfloat16
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and not t.requires_grad
-            and t.shape == base.shape
-            for t in (base, *deltas)
-        )
+    return _ties_kernel is not None and kernel_accepts(
+        base, deltas, torch.bfloat16, FUSED_MAX_MODELS
     )
 
 
