@@ -129,8 +129,8 @@ GREEDY = {"do_sample": False, "max_new_tokens": 5, "pad_token_id": 0}
 @torch.no_grad()
 def greedy_alone(am: AdapterModel, ids: torch.Tensor, name: str, steps: int) -> torch.Tensor:
     """``ids`` (1 × t, no padding) continued greedily by full forwards (no cache) with
-    ``name`` active: the reference for a row of a mixed `generate` (HF ``generate`` with one
-    prefix-tuning adapter active is not used: under transformers 5.24 it drops the prefix)."""
+    ``name`` active: the reference for a row of a mixed `generate`, independent of how
+    ``generate`` hands its cache around."""
     for _ in range(steps):
         if name == "__base__":
             with am.disabled():

@@ -225,11 +225,18 @@ class PromptLearningAdapter(ModelAdapter):
         @functools.wraps(base_prepare)
         def prepare(*a: Any, **k: Any) -> Kwargs:
             step = base_prepare(*a, **k)
+            # transformers >= 5 names the generation cache `cache`; older ones past_key_values
+            cache_key = "cache" if "cache" in step else "past_key_values"
             ids = step.get("input_ids")
-            seen = cache_length(step.get("past_key_values"))
+            seen = cache_length(step.get(cache_key))
             if seen and ids is not None and seen >= ids.shape[1]:
                 step["input_ids"] = ids[:, -1:]  # PEFT: only the newest token after the cache
+            if cache_key == "cache":
+                # `_rewrite` reads and (prefix tuning) writes past_key_values
+                step["past_key_values"] = step.pop("cache")
             injected = self._rewrite(model, step)
+            if cache_key == "cache":
+                step["cache"] = step.pop("past_key_values")
             if step.get("cache_position") is not None:  # older transformers only
                 if self.drops_position_ids:
                     step.pop("cache_position")
