@@ -67,62 +67,82 @@ static void combine_block(float *base, const float **d, const float *w, int n, P
     }
 }
 
+/* The arguments both entry points share, held while a kernel runs: the base buffer
+ * (writable), one read-only buffer per delta of the base's length, and the weights as floats.
+ * `take_inputs` fills it (1 on success; on failure a Python error is set and everything taken
+ * so far is released); `release_inputs` gives everything back. */
+typedef struct {
+    PyObject *deltas, *weights;
+    Py_buffer base, views[MAX_MODELS];
+    const void *d[MAX_MODELS];
+    float w[MAX_MODELS];
+    Py_ssize_t n;
+    int got, have_base;
+} Inputs;
+
+static void release_inputs(Inputs *in) {
+    for (int i = 0; i < in->got; i++) PyBuffer_Release(&in->views[i]);
+    if (in->have_base) PyBuffer_Release(&in->base);
+    Py_XDECREF(in->deltas);
+    Py_XDECREF(in->weights);
+}
+
+static int take_inputs(Inputs *in, PyObject *base_obj, PyObject *deltas_obj,
+                       PyObject *weights_obj, const char *name, Py_ssize_t item_size,
+                       const char *size_error) {
+    memset(in, 0, sizeof *in);
+    in->deltas = PySequence_Fast(deltas_obj, "deltas must be a sequence");
+    if (in->deltas == NULL) return 0;
+    in->weights = PySequence_Fast(weights_obj, "weights must be a sequence");
+    if (in->weights == NULL) goto fail;
+    in->n = PySequence_Fast_GET_SIZE(in->deltas);
+    if (in->n < 1 || in->n > MAX_MODELS || PySequence_Fast_GET_SIZE(in->weights) != in->n) {
+        PyErr_Format(PyExc_ValueError, "%s: 1..64 deltas, one weight each", name);
+        goto fail;
+    }
+    if (PyObject_GetBuffer(base_obj, &in->base, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        goto fail;
+    in->have_base = 1;
+    while (in->got < in->n) {
+        int i = in->got;
+        PyObject *item = PySequence_Fast_GET_ITEM(in->deltas, i);
+        if (PyObject_GetBuffer(item, &in->views[i], PyBUF_C_CONTIGUOUS) < 0) goto fail;
+        in->got = i + 1; /* view i is held (released on failure) */
+        if (in->views[i].len != in->base.len) {
+            PyErr_Format(PyExc_ValueError, "%s: deltas and base differ in size", name);
+            goto fail;
+        }
+        in->d[i] = in->views[i].buf;
+        double wi = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(in->weights, i));
+        if (wi == -1.0 && PyErr_Occurred()) goto fail;
+        in->w[i] = (float)wi;
+    }
+    if (in->base.len % item_size != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", name, size_error);
+        goto fail;
+    }
+    return 1;
+fail:
+    release_inputs(in);
+    return 0;
+}
+
 static PyObject *combine(PyObject *self, PyObject *args) {
     PyObject *base_obj, *deltas_obj, *weights_obj;
     int count, normalize;
     double lam;
+    Inputs in;
     if (!PyArg_ParseTuple(args, "OOOppd", &base_obj, &deltas_obj, &weights_obj, &count,
                           &normalize, &lam))
         return NULL;
-    PyObject *deltas = PySequence_Fast(deltas_obj, "deltas must be a sequence");
-    if (deltas == NULL) return NULL;
-    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
-    if (weights == NULL) {
-        Py_DECREF(deltas);
+    if (!take_inputs(&in, base_obj, deltas_obj, weights_obj, "combine", 4,
+                     "float32 buffers expected"))
         return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(deltas);
-    Py_buffer base, views[MAX_MODELS];
-    const float *d[MAX_MODELS];
-    float w[MAX_MODELS];
-    int got = 0, ok = 0;
-    if (n < 1 || n > MAX_MODELS || PySequence_Fast_GET_SIZE(weights) != n) {
-        PyErr_SetString(PyExc_ValueError, "combine: 1..64 deltas, one weight each");
-        goto done_lists;
-    }
-    if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
-        goto done_lists;
-    for (; got < n; got++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(deltas, got);
-        if (PyObject_GetBuffer(item, &views[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        if (views[got].len != base.len) {
-            got++;
-            PyErr_SetString(PyExc_ValueError, "combine: deltas and base differ in size");
-            goto done;
-        }
-        d[got] = (const float *)views[got].buf;
-        double wi = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, got));
-        if (wi == -1.0 && PyErr_Occurred()) {
-            got++;
-            goto done;
-        }
-        w[got] = (float)wi;
-    }
-    if (base.len % 4 != 0) {
-        PyErr_SetString(PyExc_ValueError, "combine: float32 buffers expected");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS;
-    combine_block((float *)base.buf, d, w, (int)n, base.len / 4, count, normalize, (float)lam);
+    combine_block((float *)in.base.buf, (const float **)in.d, in.w, (int)in.n, in.base.len / 4,
+                  count, normalize, (float)lam);
     Py_END_ALLOW_THREADS;
-    ok = 1;
-done:
-    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
-    PyBuffer_Release(&base);
-done_lists:
-    Py_DECREF(deltas);
-    Py_DECREF(weights);
-    if (!ok) return NULL;
+    release_inputs(&in);
     Py_RETURN_NONE;
 }
 
@@ -206,64 +226,26 @@ static PyObject *gta_bf16(PyObject *self, PyObject *args) {
     PyObject *base_obj, *deltas_obj, *weights_obj;
     int consensus, normalize;
     double lam;
+    Inputs in;
     if (!PyArg_ParseTuple(args, "OOOipd", &base_obj, &deltas_obj, &weights_obj, &consensus,
                           &normalize, &lam))
         return NULL;
-    PyObject *deltas = PySequence_Fast(deltas_obj, "deltas must be a sequence");
-    if (deltas == NULL) return NULL;
-    PyObject *weights = PySequence_Fast(weights_obj, "weights must be a sequence");
-    if (weights == NULL) {
-        Py_DECREF(deltas);
+    if (consensus < 0 || consensus > 2) {
+        PyErr_SetString(PyExc_ValueError, "gta_bf16: consensus must be 0, 1 or 2");
         return NULL;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(deltas);
-    Py_buffer base, views[MAX_MODELS];
-    const uint16_t *d[MAX_MODELS];
-    float w[MAX_MODELS];
-    int got = 0, ok = 0;
-    if (n < 1 || n > MAX_MODELS || PySequence_Fast_GET_SIZE(weights) != n || consensus < 0 ||
-        consensus > 2) {
-        PyErr_SetString(PyExc_ValueError, "gta_bf16: 1..64 deltas, one weight each");
-        goto done_lists;
-    }
-    if (PyObject_GetBuffer(base_obj, &base, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
-        goto done_lists;
+    if (!take_inputs(&in, base_obj, deltas_obj, weights_obj, "gta_bf16", 2,
+                     "bfloat16 buffers expected"))
+        return NULL;
     float weight_sum = 0.0f;
-    for (; got < n; got++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(deltas, got);
-        if (PyObject_GetBuffer(item, &views[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        if (views[got].len != base.len) {
-            got++;
-            PyErr_SetString(PyExc_ValueError, "gta_bf16: deltas and base differ in size");
-            goto done;
-        }
-        d[got] = (const uint16_t *)views[got].buf;
-        double wi = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(weights, got));
-        if (wi == -1.0 && PyErr_Occurred()) {
-            got++;
-            goto done;
-        }
-        w[got] = (float)wi;
-        weight_sum += w[got];
-    }
+    for (Py_ssize_t i = 0; i < in.n; i++) weight_sum += in.w[i];
     weight_sum = rbf(weight_sum);
     if (fabsf(weight_sum) < 1e-8f) weight_sum = 1.0f;
-    if (base.len % 2 != 0) {
-        PyErr_SetString(PyExc_ValueError, "gta_bf16: bfloat16 buffers expected");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS;
-    gta_bf16_block((uint16_t *)base.buf, d, w, (int)n, base.len / 2, consensus, normalize,
-                   (float)lam, weight_sum);
+    gta_bf16_block((uint16_t *)in.base.buf, (const uint16_t **)in.d, in.w, (int)in.n,
+                   in.base.len / 2, consensus, normalize, (float)lam, weight_sum);
     Py_END_ALLOW_THREADS;
-    ok = 1;
-done:
-    for (int i = 0; i < got; i++) PyBuffer_Release(&views[i]);
-    PyBuffer_Release(&base);
-done_lists:
-    Py_DECREF(deltas);
-    Py_DECREF(weights);
-    if (!ok) return NULL;
+    release_inputs(&in);
     Py_RETURN_NONE;
 }
 
