@@ -37,6 +37,7 @@ from typing import Any
 
 from splice.data.dataset import TextClassificationDataset
 from splice.errors import DataError
+from splice.io.out_location import existing_ancestor
 
 SPLIT_NAMES = ("train", "validation", "test")
 FORMAT = "splice-splits/1"
@@ -118,9 +119,7 @@ class Splits:
         path = Path(path)
         if path.is_dir():
             raise DataError(f"{path} is a folder; give a file name for the split (split.json)")
-        above = path.parent
-        while not above.exists() and above != above.parent:
-            above = above.parent
+        above = existing_ancestor(path)
         if not above.is_dir():
             raise DataError(f"cannot write the split file {path}: {above} is a file, not a folder")
         text = json.dumps(self.to_json(dataset), separators=(",", ":")) + "\n"

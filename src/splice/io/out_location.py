@@ -61,11 +61,18 @@ def check_out_location(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _check_creatable(path: Path, text: str) -> None:
-    """The nearest existing ancestor of `path` must be a folder this process may write in."""
+def existing_ancestor(path: Path) -> Path:
+    """The nearest ancestor of ``path`` that exists (the filesystem root at the latest): where
+    creating ``path`` would start; a file there means ``path`` cannot be created."""
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
+    return ancestor
+
+
+def _check_creatable(path: Path, text: str) -> None:
+    """The nearest existing ancestor of `path` must be a folder this process may write in."""
+    ancestor = existing_ancestor(path)
     if not ancestor.is_dir():
         raise CheckpointError(
             f"cannot create the output {text}: {ancestor} is a file, not a folder"

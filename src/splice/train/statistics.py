@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.errors import DataError, SpliceError
+from splice.io.out_location import existing_ancestor
 
 Kind = Literal["fisher", "gram"]
 TASK_SUFFIXES = {"ForSequenceClassification": "seq_cls", "ForCausalLM": "causal_lm"}
@@ -184,9 +185,7 @@ def _check_out(out: Path, overwrite: bool) -> Path:
         raise StatsError(f"--out {out} is a folder; give a .safetensors file name")
     if out.exists() and not overwrite:
         raise StatsError(f"--out {out} exists; pass --overwrite to replace it")
-    above = out.parent
-    while not above.exists() and above != above.parent:
-        above = above.parent
+    above = existing_ancestor(out)
     if not above.is_dir():
         raise StatsError(f"--out {out}: {above} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
