@@ -38,7 +38,6 @@ def _bounds(text: str) -> tuple[float, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from tqdm.auto import tqdm
@@ -48,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         coefficient_space,
         search_coefficients,
     )
+    from splice.io.output_folder import write_file_atomically
     from splice.numbers import check_number
     from splice.train.lm_objective import LMLossObjective
 
@@ -98,9 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    tmp = out.with_name(out.name + ".splice-tmp")
-    tmp.write_text(found.recipe_yaml(), encoding="utf-8")
-    os.replace(tmp, out)
+    write_file_atomically(out, found.recipe_yaml().encode("utf-8"))
     for label, value in found.coefficients.items():
         print(f"{value:.4f}  {label}")
     stop = " (early stop)" if found.stopped == "patience" else ""

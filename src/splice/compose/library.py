@@ -30,7 +30,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from splice.errors import SpliceError
-from splice.io.output_folder import fsync_dir, write_bytes
+from splice.io.output_folder import write_file_atomically
 from splice.io.safe_paths import member, read_limited
 
 CENTROID_FILE = "splice_centroid.safetensors"
@@ -76,10 +76,7 @@ def write_centroid(
         raise RetrievalError(f"{target}: a centroid must be a finite 1-D vector")
     metadata = {"embedder": embedder, "examples": str(int(examples)), "format": CENTROID_FORMAT}
     data = save({"centroid": v}, metadata=metadata)
-    tmp = target.with_name(f".{target.name}.splice-partial")
-    write_bytes(tmp, data)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    write_file_atomically(target, data)
     return target
 
 

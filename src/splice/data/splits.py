@@ -24,12 +24,9 @@ different loader option).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +35,7 @@ from typing import Any
 from splice.data.dataset import TextClassificationDataset
 from splice.errors import DataError
 from splice.io.out_location import existing_ancestor
+from splice.io.output_folder import write_file_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
 FORMAT = "splice-splits/1"
@@ -123,19 +121,11 @@ class Splits:
         if not above.is_dir():
             raise DataError(f"cannot write the split file {path}: {above} is a file, not a folder")
         text = json.dumps(self.to_json(dataset), separators=(",", ":")) + "\n"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobber; umask applies
-                f.write(text)
-            os.replace(tmp, path)
+            write_file_atomically(path, text.encode("utf-8"))
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DataError(f"cannot write the split file {path}: {e.strerror or e}") from e
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
 
 

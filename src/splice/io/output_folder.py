@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -253,6 +254,22 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Replace (or create) the single file ``path`` with ``data`` so that a crash never leaves
+    a half-written file: the bytes go to a uniquely named hidden temporary file beside it
+    (fsynced; the umask applies), which is renamed onto ``path``; the folder is fsynced after
+    the rename. The temporary file is removed on any failure. OSError on failure (the caller
+    words it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.splice-partial")
+    try:
+        write_bytes(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:

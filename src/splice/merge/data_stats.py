@@ -163,26 +163,15 @@ def save_statistics(
     temporary file beside ``path`` (fsynced), which is then renamed onto ``path``, so a
     crash never leaves a half-written statistics file. ``metadata`` (strings) goes into the
     file's header (e.g. the kind, the model and the data it was collected on)."""
-    import os
-    import uuid
-
     from safetensors.torch import save
 
-    from splice.io.output_folder import fsync_dir, write_bytes
+    from splice.io.output_folder import write_file_atomically
 
-    path = Path(path)
     data = save(
         {k: v.detach().contiguous().cpu() for k, v in stats.items()},
         metadata=dict(metadata) if metadata else None,
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.splice-partial")
-    try:
-        write_bytes(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_file_atomically(Path(path), data)
 
 
 def load_statistics(path: str | Path) -> dict[str, Tensor]:
