@@ -6,7 +6,9 @@ Checked: greedy answers for two adapters and the base equal offline ``am.generat
 that adapter (alone, one at a time, and concurrently, so in one decode batch); the replica
 receives each request with the adapter as its multiplexed model id (it refuses any other),
 and Serve's LRU (``max_num_models_per_replica`` = max_loaded) drives the replica's loads and
-evictions; an unknown adapter is a 404; Ray's arguments are parsed strictly.
+evictions; an unknown adapter is a 404; Ray's arguments are parsed strictly; a named
+composition is one model id whose members the replica loads, and unloads (those no other id
+uses) when Serve evicts it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from http_setup import reference_text
 
 APP = "splice-ray-test"
 PROMPT = "hello world"
+COMPOSITIONS = {"mix": {"average": {"lora": 3, "ia3": 1}}, "bad_mix": {"average": ["lora", "nope"]}}
+MIX = {"lora": 0.75, "ia3": 0.25}  # "mix" as the mixed batch's weighted set
 
 
 def free_port() -> int:
@@ -51,7 +55,11 @@ def ray_url(tiny_base: Path, adapter_root: Path):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServeConfig(
-            base=str(tiny_base), adapter_roots=[str(adapter_root)], max_loaded=2, max_batch=4
+            base=str(tiny_base),
+            adapter_roots=[str(adapter_root)],
+            max_loaded=2,
+            max_batch=4,
+            compositions=COMPOSITIONS,
         )
         serve.run(build_ray_app(config, RayOptions(replicas=1)), name=APP, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -201,6 +209,26 @@ def test_a_replica_applies_registry_versions_once_and_retries_busy_drops(adapter
     assert sources.resolve("x") == adapter_root / "dora"
 
 
+def test_an_evicted_id_drops_the_adapters_no_other_id_uses():
+    from splice.serve.ray_app import SpliceReplica
+    from splice.serve.state import ServerState
+
+    replica = object.__new__(SpliceReplica.func_or_class)  # no model: the bookkeeping only
+    compositions = {"mix": (("a", 0.5), ("b", 0.5)), "mix2": (("b", 0.5), ("c", 0.5))}
+    replica.state = ServerState(None, None, None, "base", compositions=compositions)
+    replica.live, replica.loading = {"mix", "mix2", "a", "d"}, {"e": 1}
+    assert replica._forget("mix") == []  # a: the id "a"; b: mix2
+    assert replica.live == {"mix2", "a", "d"}
+    assert replica._forget("mix2") == ["b", "c"]
+    assert replica._forget("d") == ["d"]
+    replica.loading["mix"] = 1  # a request here is loading mix: its members stay
+    assert replica._forget("a") == []
+    assert replica._forget("e") == []  # being loaded again
+    del replica.loading["mix"]
+    replica.live = {"mix"}
+    assert replica._forget("mix") == ["a", "b"]
+
+
 def test_replica_refusals_keep_their_status_and_runtime_loads_reach_the_replicas(
     ray_url, reference
 ):
@@ -233,10 +261,30 @@ def test_replica_refusals_keep_their_status_and_runtime_loads_reach_the_replicas
     assert complete(ray_url, "rt") == reference_text(reference, PROMPT, "ia3", 8)
 
 
-def test_compositions_are_refused_under_ray(tiny_base):
-    from splice.serve.config import ServeConfig, ServeConfigError
-    from splice.serve.ray_app import RayOptions, build_ray_app
+def test_a_named_composition_is_served_and_its_members_evicted_with_it(ray_url, reference):
+    """ "mix" (an Average of lora and ia3) is one multiplexed model id: the replica loads both
+    members and answers as offline generate with the weighted set. When Serve's LRU evicts
+    "mix", the replica unloads ia3 but keeps lora, which the id "lora" (held by Serve) uses."""
+    import openai
 
-    config = ServeConfig(base=str(tiny_base), compositions={"mix": {"average": ["a", "b"]}})
-    with pytest.raises(ServeConfigError, match="not served under Ray Serve yet"):
-        build_ray_app(config, RayOptions())
+    want = reference_text(reference, PROMPT, MIX, 8)
+    assert want not in (reference_text(reference, PROMPT, m, 8) for m in ("lora", "ia3", None))
+    assert "mix" in {m.id for m in client(ray_url).models.list().data}
+    complete(ray_url, "dora", 2)
+    complete(ray_url, "lora", 2)  # Serve holds [dora, lora]
+    assert complete(ray_url, "mix") == want  # evicts dora; loads lora (there) and ia3
+    report = replica_report()
+    assert report["loaded"] == ["ia3", "lora"]
+    assert report["multiplex_log"][-2:] == [("evict", "dora"), ("load", "mix")]
+    stream = client(ray_url).completions.create(
+        model="mix", prompt=PROMPT, max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want
+    complete(ray_url, "lora", 2)  # Serve holds [mix, lora], mix least recently used
+    complete(ray_url, "dora", 2)  # evicts mix: ia3 unloaded, lora kept (the id "lora" uses it)
+    report = replica_report()
+    assert report["loaded"] == ["dora", "lora"]
+    assert report["multiplex_log"][-2:] == [("evict", "mix"), ("load", "dora")]
+    assert complete(ray_url, "mix") == want  # loaded again
+    with pytest.raises(openai.NotFoundError, match="'nope' does not exist"):
+        complete(ray_url, "bad_mix")  # an unknown member: 404 at the ingress, naming it

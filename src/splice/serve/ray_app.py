@@ -29,6 +29,16 @@ Two deployments (docs/ray.md):
 Requests for different adapters that land on one replica share its decode batch, as in
 `splice serve`. The base model's id routes with no model id (any replica).
 
+Named compositions (``compositions:`` in the config, an Average of adapter names served as a
+model id): the composition's name is the multiplexed model id. The ingress resolves and holds
+each member (an unknown member is a 404 naming it, before any remote call); the replica's
+loader loads every member into its cache (`SpliceReplica._load`), and the rows run as the
+weighted set, as in `splice serve`. In Serve's LRU a composition counts as one model id; its
+members take their own places in the replica's adapter cache (``max_loaded`` adapters, which
+drops idle ones LRU-first when it needs room). When Serve evicts an id, the replica unloads
+the adapters of that id that no other id it holds (or is loading) uses: evicting a
+composition keeps a member that is also served alone, or by another composition.
+
 Errors: a request a replica refuses reaches the client with the status and OpenAI error body
 `splice serve` would give (the refusal travels as an "error" `TokenEvent` carrying its HTTP
 status; `splice.serve.ray_remote`).
@@ -111,7 +121,9 @@ class SpliceReplica:
         self.state.start()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: int | None = None
-        self.multiplex_log: list[tuple[str, str]] = []  # ("load" | "evict", adapter)
+        self.multiplex_log: list[tuple[str, str]] = []  # ("load" | "evict", model id)
+        self.live: set[str] = set()  # the model ids Serve's LRU holds here
+        self.loading: dict[str, int] = {}  # model ids being readied for requests here
         self.applied: dict[str, int] = {}  # registry versions applied, per adapter
         self.registry_errors: dict[str, ApiError] = {}  # registrations this replica refused
 
@@ -123,29 +135,59 @@ class SpliceReplica:
         )
 
     async def _load(self, name: str) -> ReplicaAdapter:
+        """Load ``name``'s adapters into the cache: the adapter, or every member of the named
+        composition ``name`` (all held until the last is loaded, so loading one cannot evict
+        another; a member that fails is the `ApiError` naming it)."""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
-        await self.state.cache.acquire(name)  # read off the decode loop, attached between steps
-        self.state.cache.release(name)
+        cache = self.state.cache
+        held: list[str] = []
+        try:
+            for member in self.state.adapters_of(name):
+                try:
+                    await cache.acquire(member)  # read off the decode loop, attached between steps
+                except Exception as e:
+                    if member == name:
+                        raise
+                    raise adapter_error(e, member) from None
+                held.append(member)
+        finally:
+            for member in held:
+                cache.release(member)
+        self.live.add(name)
         self.multiplex_log.append(("load", name))
         return ReplicaAdapter(self, name)
 
     def evict(self, name: str) -> None:
-        """Unload ``name`` unless requests use it; from Serve's worker thread, wait for it
-        (so the next load finds the room), from the loop's own thread, schedule it."""
+        """Serve's LRU dropped the model id ``name`` (an adapter or a named composition): unload
+        its adapters that no other id Serve still holds here, or that a request here is loading,
+        uses (a composition's member also served alone or by another composition stays; an id
+        is evicted to make room for the one being loaded), each unless requests use it
+        (then the cache's own LRU drops it later). From Serve's worker thread, wait for it (so
+        the next load finds the room), from the loop's own thread, schedule it."""
         self.multiplex_log.append(("evict", name))
+        drop = self._forget(name)
         loop = self.loop
-        if loop is None or loop.is_closed():
+        if not drop or loop is None or loop.is_closed():
             return
         if self.loop_thread == threading.get_ident():
-            loop.create_task(self._unload_idle(name))
+            loop.create_task(self._unload_idle(drop))
             return
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._unload_idle(name), loop).result(timeout=120)
+            asyncio.run_coroutine_threadsafe(self._unload_idle(drop), loop).result(timeout=120)
 
-    async def _unload_idle(self, name: str) -> None:
-        with contextlib.suppress(KeyError, AdapterBusyError):
-            await self.state.cache.unload(name)
+    def _forget(self, name: str) -> list[str]:
+        """Drop the id ``name`` from those Serve holds here; its adapters no other held or
+        loading id uses (the id being loaded, which caused the eviction, included)."""
+        self.live.discard(name)
+        users = self.live | set(self.loading)
+        kept = {a for other in users for a in self.state.adapters_of(other)}
+        return [a for a in self.state.adapters_of(name) if a not in kept]
+
+    async def _unload_idle(self, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(KeyError, AdapterBusyError):
+                await self.state.cache.unload(name)
 
     async def _apply_registry(self, registry: dict[str, Registration]) -> None:
         """Apply the ingress's runtime registrations this replica has not seen: drop the
@@ -176,23 +218,34 @@ class SpliceReplica:
 
     async def _ready(self, adapter: str, registry: dict[str, Registration]) -> None:
         """Registry applied and ``adapter`` loaded here (Serve's multiplexed loader), or the
-        `ApiError` `splice serve` would answer."""
+        `ApiError` `splice serve` would answer. ``adapter`` may name a composition: its
+        members are checked and loaded (`_load`)."""
         await self._apply_registry(registry)
-        if adapter in self.registry_errors:
-            raise self.registry_errors[adapter]
-        version = registry.get(adapter, (None, None))[1]
-        if version is not None and self.applied.get(adapter) != version:
-            raise ApiError(
-                503, f"adapter '{adapter}' is being replaced on this replica; retry", code="busy"
-            )
+        for name in self.state.adapters_of(adapter):  # a composition: each member
+            if name in self.registry_errors:
+                raise self.registry_errors[name]
+            version = registry.get(name, (None, None))[1]
+            if version is not None and self.applied.get(name) != version:
+                raise ApiError(
+                    503, f"adapter '{name}' is being replaced on this replica; retry", code="busy"
+                )
+        self.loading[adapter] = self.loading.get(adapter, 0) + 1
         try:
             await self.load_adapter(adapter)
+        except ApiError:
+            raise
         except Exception as e:
             try:
                 api = adapter_error(e, adapter)
             except Exception:
                 api = ApiError(500, f"adapter '{adapter}': {_one_line(e)}")
             raise api from None
+        finally:
+            left = self.loading[adapter] - 1
+            if left:
+                self.loading[adapter] = left
+            else:
+                del self.loading[adapter]
 
     async def load_runtime(self, name: str, registry: dict[str, Registration]) -> TokenEvent | None:
         """``/v1/load_lora_adapter`` at the ingress: apply the registry and load ``name``
@@ -280,6 +333,7 @@ def ingress_state(config: ServeConfig, replicas: Any) -> Any:
         base_id=config.base_id(),
         keys=checked.keys,
         limits=limits,
+        compositions=config.composition_sets(),
     )
 
 
@@ -297,18 +351,8 @@ class SpliceIngress:
         return build_app(self.state)
 
 
-def check_ray_config(config: ServeConfig) -> None:
-    """What `splice serve` serves and Ray Serve does not yet: named compositions."""
-    if config.compositions:
-        raise ServeConfigError(
-            "named compositions are not served under Ray Serve yet: serve them with "
-            "`splice serve` (no --ray)"
-        )
-
-
 def build_ray_app(config: ServeConfig, options: RayOptions) -> Any:
     """The Serve application (ingress bound to the replica deployment) for ``config``."""
-    check_ray_config(config)
     data = config.model_dump(mode="json")
     replica = SpliceReplica.options(
         num_replicas=options.replicas,
@@ -365,7 +409,6 @@ def run_on_ray(config: ServeConfig, options: RayOptions, address: str | None) ->
     from splice.serve.server import preflight
 
     preflight(config)
-    check_ray_config(config)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
