@@ -37,6 +37,8 @@ in BERT, before the sub-layer's dropout and LayerNorm). Relation to AdapterHub (
   after). splice's "pfeiffer" is that *placement* (one adapter per block, after the FFN)
   with the Houlsby form h + f(h): not numerically AdapterHub's seq_bn, so weights do not
   transfer between the two (splice does not read AdapterHub folders in any case).
+The Houlsby equality is tested against AdapterHub's outputs on a tiny Llama and BERT
+(tests/compose/test_adapterhub_parity.py, docs/composition.md "Parity with AdapterHub").
 
 Splice-only (PEFT has no bottleneck adapter): saved as ``SPLICE_BOTTLENECK`` in the same
 folder layout, keys ``<module path>.adapter_down.weight|bias``, ``adapter_up.weight|bias``.
