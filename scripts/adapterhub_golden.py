@@ -11,11 +11,13 @@ environment. This script runs by hand in a side venv:
 For a tiny random Llama causal LM and a tiny random BERT encoder (eager attention, eval mode,
 float32) it adds three Houlsby bottleneck adapters ``a``, ``b``, ``c`` (AdapterHub's
 ``DoubleSeqBnConfig``: after the attention block and after the FFN, swish, bottleneck 4)
-and the "dynamic" fusions ``a,b`` and ``b,c``, all with random weights, runs AdapterHub's
-forward for each composition in CASES, and saves one safetensors file per model holding:
+and the "dynamic" fusions ``a,b`` and ``b,c``, all with random weights, and runs AdapterHub's
+forward for each composition in ``cases``; and for the Llama with three LoRAs instead
+(``LoRAConfig``: r 4, alpha 8, q and v; ``lora_cases``). It saves one safetensors file per
+model and adapter type (llama, bert, llama_lora) holding:
 
     base.<name>                                   the base model's state dict
-    adapter.<adapter>.<splice module path>.adapter_down|adapter_up.weight|bias
+    adapter.<adapter>.<splice module path>.adapter_down|adapter_up.weight|bias  (lora_A|B.weight)
     fusion.<fusion>.<splice module path>.query|key|value.weight(|bias)
     input_ids                                     the inputs (2 rows, no padding)
     out.<case>                                    AdapterHub's output (Llama: logits; BERT:
@@ -119,12 +121,33 @@ def differing():
     return [("average_abc", Average("a", "b", "c", weights=W3))]  # the 1/N: splice's Average(w)
 
 
-def splice_path(family: str, key: str) -> tuple[str, str]:
-    """(splice module path, the rest of the key after AdapterHub's layer prefix)."""
+def lora_cases():
+    """LoRA (``LoRAConfig``, q and v projections): what AdapterHub composes for LoRA and
+    splice computes the same way. A Stack of LoRAs differs by design (AdapterHub chains the
+    updates, which needs in = out features; splice sums them) and is not stored."""
+    from adapters.composition import Average, Parallel, Stack
+
+    return [
+        ("base", None, None),
+        ("single_a", Stack("a"), "a"),
+        (
+            "average_abc",
+            Average("a", "b", "c", weights=[3 * w for w in W3], normalize_weights=False),
+            {"average": dict(zip("abc", W3, strict=True))},
+        ),
+        ("parallel_ab", Parallel("a", "b"), {"parallel": ["a", "b"]}),
+        ("parallel_abc", Parallel("a", "b", "c"), {"parallel": ["a", "b", "c"]}),
+    ]
+
+
+def splice_path(family: str, key: str) -> str:
+    """The splice module path of AdapterHub's adapter or fusion key ``key``."""
+    if family == "llama_lora":  # LoRA wraps the projection itself: "<path>.loras.<name>..."
+        return key.split(".loras.", 1)[0]
     for pattern, repl in TO_SPLICE[family]:
         m = re.match(pattern, key)
         if m:
-            return m.expand(repl), key[m.end() :]
+            return m.expand(repl)
     raise KeyError(key)
 
 
@@ -132,73 +155,94 @@ def build(family: str):
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    if family == "llama":
-        config = LlamaConfig(**LLAMA, attn_implementation="eager")
-        model = LlamaForCausalLM(config)
-    else:
+    if family == "bert":
         config = BertConfig(**BERT, attn_implementation="eager")
-        model = BertModel(config, add_pooling_layer=False)
-    return model.eval()
+        return BertModel(config, add_pooling_layer=False).eval()
+    config = LlamaConfig(**LLAMA, attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
 
 
-@torch.no_grad()
-def generate(family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    import transformers
+def add_adapters(model, family: str) -> dict:
+    """Adapters a, b, c (and, for bottlenecks, the fusions); splice's config of them."""
     from adapters.composition import Fuse
 
-    import adapters
-    from adapters import DoubleSeqBnConfig
+    from adapters import DoubleSeqBnConfig, LoRAConfig
 
-    model = build(family)
-    tensors = {f"base.{k}": v.clone().contiguous() for k, v in model.state_dict().items()}
-    adapters.init(model)
-    g = torch.Generator().manual_seed(SEED + 1)
+    if family == "llama_lora":
+        for name in "abc":
+            model.add_adapter(name, config=LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"]))
+        return {"method": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     for name in "abc":
         model.add_adapter(name, config=DoubleSeqBnConfig(reduction_factor=HIDDEN // BOTTLENECK))
     for fusion in (Fuse("a", "b"), Fuse("b", "c")):
         model.add_adapter_fusion(fusion)
+    return {
+        "method": "bottleneck",
+        "placement": "houlsby",
+        "bottleneck_size": BOTTLENECK,
+        "non_linearity": "swish",
+    }
+
+
+@torch.no_grad()
+def randomize(model, family: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random adapter and fusion weights (not near zero: every adapter changes the output),
+    returned under splice's names."""
+    tensors = {}
     for key, p in model.named_parameters():
-        if ".adapters." in key:  # random, not near zero: every adapter changes the output
+        if ".adapters." in key or ".loras." in key:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            rest = key.split(".adapters.", 1)[1]  # "<name>.adapter_down.0.weight"
-            name, param = rest.split(".", 1)
-            path, _ = splice_path(family, key)
+            sep = ".loras." if ".loras." in key else ".adapters."
+            name, param = key.split(sep, 1)[1].split(".", 1)  # "a", "adapter_down.0.weight"
             param = param.replace("adapter_down.0.", "adapter_down.")
-            tensors[f"adapter.{name}.{path}.{param}"] = p.detach().clone()
+            if param in ("lora_A", "lora_B"):  # bare parameters in AdapterHub, Linears in splice
+                param += ".weight"
+            tensors[f"adapter.{name}.{splice_path(family, key)}.{param}"] = p.detach().clone()
         elif ".adapter_fusion_layer." in key:
-            rest = key.split(".adapter_fusion_layer.", 1)[1]  # "a,b.query.weight"
-            fusion, param = rest.split(".", 1)
+            fusion, param = key.split(".adapter_fusion_layer.", 1)[1].split(".", 1)
             noise = torch.randn(p.shape, generator=g)
             if param == "value.weight":
                 p.copy_(torch.eye(p.shape[0]) + 0.1 * noise)
             else:
                 p.copy_(0.15 * noise)
-            path, _ = splice_path(family, key)
-            tensors[f"fusion.{fusion}.{path}.{param}"] = p.detach().clone()
+            tensors[f"fusion.{fusion}.{splice_path(family, key)}.{param}"] = p.detach().clone()
+    return tensors
+
+
+@torch.no_grad()
+def generate(family: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    import transformers
+
+    import adapters
+
+    model = build(family)
+    tensors = {f"base.{k}": v.clone().contiguous() for k, v in model.state_dict().items()}
+    adapters.init(model)
+    adapter_config = add_adapters(model, family)
+    g = torch.Generator().manual_seed(SEED + 1)
+    tensors.update(randomize(model, family, g))
     ids = torch.randint(4, 64, (2, 6), generator=g)
     tensors["input_ids"] = ids
-    meta_cases = {}
-    for case, block, splice_block in cases():
+
+    def forward(block) -> torch.Tensor:
         model.set_active_adapters(block)
         out = model(input_ids=ids)
-        value = out.logits if family == "llama" else out.last_hidden_state
-        tensors[f"out.{case}"] = value.detach().clone().contiguous()
+        value = out.last_hidden_state if family == "bert" else out.logits
+        return value.detach().clone().contiguous()
+
+    meta_cases = {}
+    for case, block, splice_block in lora_cases() if family == "llama_lora" else cases():
+        tensors[f"out.{case}"] = forward(block)
         meta_cases[case] = {"adapterhub": repr(block), "splice": splice_block}
     for case, block in differing():
-        model.set_active_adapters(block)
-        out = model(input_ids=ids)
-        value = out.logits if family == "llama" else out.last_hidden_state
-        tensors[f"differs.{case}"] = value.detach().clone().contiguous()
-    config = LLAMA if family == "llama" else BERT
+        tensors[f"differs.{case}"] = forward(block)
     meta = {
         "adapters": adapters.__version__,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "family": family,
-        "config": json.dumps(config),
-        "bottleneck": json.dumps(
-            {"placement": "houlsby", "bottleneck_size": BOTTLENECK, "non_linearity": "swish"}
-        ),
+        "config": json.dumps(BERT if family == "bert" else LLAMA),
+        "adapter_config": json.dumps(adapter_config),
         "cases": json.dumps(meta_cases),
     }
     return tensors, meta
@@ -209,7 +253,7 @@ def main(out: str) -> None:
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    for family in ("llama", "bert"):
+    for family in ("llama", "bert", "llama_lora"):
         tensors, meta = generate(family)
         path = folder / f"{family}_golden.safetensors"
         save_file(tensors, str(path), metadata=meta)
