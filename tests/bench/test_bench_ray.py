@@ -202,3 +202,16 @@ def test_ray_missing_is_a_one_line_error_with_the_install_hint(monkeypatch, tmp_
     hint = r"--ray needs Ray.*pip install 'splice\[ray\]'"
     with pytest.raises(SpliceError, match=hint), ray_session(None):
         pass
+
+
+def test_a_units_splice_error_reaches_the_driver_as_itself(local_ray):
+    """A unit's `SpliceError` is raised on the driver as that error (one line for the CLI),
+    not wrapped in Ray's error with the worker's traceback."""
+    from splice.engine.ray_pool import RayPool, evaluate_candidate
+    from splice.errors import RecipeError
+
+    pool = RayPool(1)
+    with pytest.raises(RecipeError) as info:
+        pool.map(evaluate_candidate, [(dict, "bad-recipe", {"method": "no_such_method"})])
+    assert type(info.value) is RecipeError and "no_such_method" in str(info.value)
+    assert "Traceback" not in str(info.value)

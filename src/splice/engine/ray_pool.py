@@ -135,18 +135,24 @@ class RayPool:
         return self.gather([self.submit(fn, *a) for a in arglists], on_done)
 
     def gather(self, refs: list[Any], on_done: Callable[[int], None] | None = None) -> list[Any]:
-        """The results of ``refs`` in their order (a unit's exception is raised here)."""
+        """The results of ``refs`` in their order. A unit's exception is raised here: a
+        `SpliceError` as itself (its one-line message), anything else as Ray's error."""
         import ray
 
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                ray.get(ref)  # raise a failed unit's error now
-                if on_done is not None:
-                    on_done(index[ref])
-        return ray.get(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    ray.get(ref)  # raise a failed unit's error now
+                    if on_done is not None:
+                        on_done(index[ref])
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:  # a unit's own one-line error, as locally
+            if isinstance(e.cause, SpliceError):
+                raise e.cause from None
+            raise
 
 
 # -- candidate evaluation of a coefficient search ------------------------------------------
