@@ -24,6 +24,9 @@ choice. The one use of test data: AdaMerging rows (``adamerging``, ``adamerging+
 `splice.bench.adamerging`) learn their coefficients on the test *inputs* without labels,
 the paper's test-time protocol, said in each such row's note. Outputs: results.json,
 results.md, accuracy_by_method.png, accuracy_vs_coefficient.png under ``out``.
+
+With ``ray`` (`splice bench --ray`) the training (3), the merges (5) and the searches'
+candidates run as Ray tasks (`splice.bench.ray_run`); the rows are the same.
 """
 
 from __future__ import annotations
