@@ -8,8 +8,9 @@ Modules, one concept each: `config` (the strict YAML), `tasks` (data and splits)
 `cache` (content-hash keys, atomic folders), `backbone` (backbone/head split, the base),
 `experts` (training, cached), `evaluate` (features once, heads per task), `methods` (the
 method table: defaults, sweep grids, what applies), `merging` (the engine round trip),
-`search` (coefficient-search rows), `run` (the orchestration), `results` (the typed
-results, results.json), `report` (table, plots, the output files).
+`search` (coefficient-search rows), `run` (the orchestration), `ray_run` (its units as
+Ray tasks, ``--ray``), `results` (the typed results, results.json), `report` (table,
+plots, the output files).
 """
 
 from splice.bench.config import BenchConfig, BenchConfigError, load_bench_config, parse_bench_config

@@ -191,6 +191,13 @@ def train_model(
     return backbone, head_states, model.config, meta
 
 
+def expert_folder(base: Base, tasks: list[TaskData], kind: str, cfg: BenchConfig) -> Path:
+    """Where the model of ``kind`` on ``tasks`` is cached (complete once meta.json exists)."""
+    key = expert_key(base, tasks, kind, cfg)
+    label = "+".join(x.name for x in tasks) if len(tasks) <= 2 else f"{len(tasks)}tasks"
+    return bench_root() / "experts" / f"{kind}-{label}-{key[:16]}"
+
+
 def get_expert(
     base: Base, tasks: list[TaskData], kind: str, cfg: BenchConfig, progress: bool = True
 ) -> Expert:
@@ -198,8 +205,7 @@ def get_expert(
     multi-task model), training it on a cache miss."""
     train_kind = "full" if kind == "multitask" else kind
     key = expert_key(base, tasks, kind, cfg)
-    label = "+".join(x.name for x in tasks) if len(tasks) <= 2 else f"{len(tasks)}tasks"
-    folder = bench_root() / "experts" / f"{kind}-{label}-{key[:16]}"
+    folder = expert_folder(base, tasks, kind, cfg)
     for task in tasks:  # the evaluator needs a head template per task
         if task.name not in base.head_templates:
             base.fresh_model(task)

@@ -24,6 +24,9 @@ choice. The one use of test data: AdaMerging rows (``adamerging``, ``adamerging+
 `splice.bench.adamerging`) learn their coefficients on the test *inputs* without labels,
 the paper's test-time protocol, said in each such row's note. Outputs: results.json,
 results.md, accuracy_by_method.png, accuracy_vs_coefficient.png under ``out``.
+
+With ``ray`` (`splice bench --ray`) the training (3), the merges (5) and the searches'
+candidates run as Ray tasks (`splice.bench.ray_run`); the rows are the same.
 """
 
 from __future__ import annotations
@@ -67,9 +70,26 @@ from splice.merge import get_method
 WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
 
 
-def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = True) -> BenchResults:
+def run_bench(
+    cfg: BenchConfig,
+    out: str | os.PathLike[str],
+    progress: bool = True,
+    ray: str | None = None,
+) -> BenchResults:
     """Run the whole benchmark (see the module docstring); returns its results, also written
-    under ``out``."""
+    under ``out``. ``ray``: run the training and merge units as Ray tasks on the cluster at
+    that address (``"local"``: a local instance; `splice.bench.ray_run`), same results."""
+    if ray is None:
+        return _run_bench(cfg, out, progress, False)
+    from splice.engine.ray_pool import ray_session
+
+    with ray_session(ray):  # the connection checked before any work
+        return _run_bench(cfg, out, progress, True)
+
+
+def _run_bench(
+    cfg: BenchConfig, out: str | os.PathLike[str], progress: bool, on_ray: bool
+) -> BenchResults:
     start = time.perf_counter()
     out = Path(out)  # 1. the methods, the output folder
     planned, skipped = select_methods(
@@ -80,7 +100,12 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     prepare_work_folder(out)  # a clear error before any heavy work
-    runner = _Runner(cfg, progress)
+    if on_ray:
+        from splice.bench.ray_run import RayRunner
+
+        runner: _Runner = RayRunner(cfg, progress)
+    else:
+        runner = _Runner(cfg, progress)
     total = _units(planned, cfg.kinds, len(cfg.tasks), cfg)
     with tqdm(
         total=total, desc="bench", unit="step", disable=not progress, dynamic_ncols=True
@@ -99,11 +124,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = Tr
         t_train = time.perf_counter() - start - t_prep
         expert_results = runner.baselines(ev, experts)  # 4. baselines
         multitask = runner.multitask_baseline(ev, mt)
-        for kind in cfg.kinds:  # 5. merges
-            pool = [experts[kind][t.name] for t in tasks]
-            for p in planned:
-                if _applies(p, kind):
-                    runner.merge_method(kind, p, ev, base.folder, pool)
+        runner.merge_all(planned, ev, base.folder, experts)  # 5. merges
         run_searches(  # 5b. coefficient searches ("ties+search", bench.search)
             runner, cfg.kinds, searched, cfg.search, ev, base.folder, experts, cfg.merge.seed, out
         )
@@ -225,6 +246,24 @@ class _Runner:
         return result
 
     # -- merges ---------------------------------------------------------------------------
+    def merge_all(
+        self,
+        planned: list[PlannedMethod],
+        ev: Evaluator,
+        base_folder: Path,
+        experts: dict[str, dict[str, Expert]],
+    ) -> None:
+        """Every kind's merge rows, method by method."""
+        for kind in self.cfg.kinds:
+            pool = [experts[kind][t] for t in ev.tasks]
+            for p in planned:
+                if _applies(p, kind):
+                    self.merge_method(kind, p, ev, base_folder, pool)
+
+    def search_evaluator(self, kind: str, method: str, objective: str) -> Any:
+        """Where a search's candidates are evaluated: None, here (`bench.ray_run` overrides)."""
+        return None
+
     def merge_method(
         self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
     ) -> None:

@@ -109,6 +109,18 @@ def _validation_loss(ev: Evaluator, state: dict, heads: dict[str, dict]) -> dict
     return out
 
 
+def objective_value(
+    ev: Evaluator, state: dict, heads: dict[str, dict], objective: str
+) -> tuple[float, dict[str, float]]:
+    """(the value minimised, the per-task numbers): −mean validation accuracy, or the mean
+    validation cross-entropy (``objective = "loss"``)."""
+    if objective == "loss":
+        per_task = _validation_loss(ev, state, heads)
+        return sum(per_task.values()) / len(per_task), per_task
+    per_task = ev.evaluate(state, heads, "validation")
+    return -sum(per_task.values()) / len(per_task), per_task
+
+
 def search_row(
     kind: str,
     p: PlannedMethod,
@@ -118,8 +130,11 @@ def search_row(
     pool: list[Expert],
     merge_seed: int,
     out: Path,
+    evaluate_many: Any = None,
 ) -> Row:
-    """Search one method's weights on one kind's experts; the row of the best candidate."""
+    """Search one method's weights on one kind's experts; the row of the best candidate.
+    ``evaluate_many``: the candidates evaluated elsewhere (Ray, `bench.ray_run`), the same
+    objective."""
     from splice.bench.results import Row
 
     names = [e.tasks[0] for e in pool]
@@ -129,12 +144,7 @@ def search_row(
     validation: dict[float, dict[str, float]] = {}
 
     def objective(state: dict) -> float:
-        if settings.objective == "loss":
-            per_task = _validation_loss(ev, state, heads)
-            value = sum(per_task.values()) / len(per_task)
-        else:
-            per_task = ev.evaluate(state, heads, "validation")
-            value = -sum(per_task.values()) / len(per_task)
+        value, per_task = objective_value(ev, state, heads, settings.objective)
         validation.setdefault(value, per_task)
         return value
 
@@ -146,6 +156,7 @@ def search_row(
         bounds=settings.bounds,
         layer_groups=settings.layer_groups,
         patience=settings.patience,
+        evaluate_many=evaluate_many,
     )
     assert found.state is not None
     test = ev.evaluate(found.state, heads, "test")
@@ -166,7 +177,7 @@ def search_row(
     if found.stopped != "budget":
         params["stopped"] = found.stopped
     val = validation.get(found.value)
-    if settings.objective == "loss":  # the row's validation column is accuracy, as others'
+    if settings.objective == "loss" or val is None:  # accuracy, as other rows'; not seen here
         val = ev.evaluate(found.state, heads, "validation")
     return Row(
         kind,
@@ -201,8 +212,9 @@ def run_searches(
         for p in planned:
             runner.step(f"{kind} {p.name}{SUFFIX}")
             try:
+                remote = runner.search_evaluator(kind, p.name, settings.objective)
                 runner.rows.append(
-                    search_row(kind, p, settings, ev, base_folder, pool, merge_seed, out)
+                    search_row(kind, p, settings, ev, base_folder, pool, merge_seed, out, remote)
                 )
             except (SpliceError, RuntimeError, ValueError) as e:
                 msg = f"{type(e).__name__}: {e}"

@@ -48,3 +48,17 @@ def output_options(args: argparse.Namespace) -> dict[str, Any]:
 
         options["shard_bytes"] = parse_size(args.shard_size)
     return options
+
+
+def add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``: run ``what`` as Ray tasks (`splice.engine.ray_pool`); alone, the
+    value is ``local`` (RAY_ADDRESS if set, else a new local Ray instance)."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"run {what} as Ray tasks: ADDRESS of a running cluster (HOST:6379, "
+        "'ray://HOST:10001', 'auto'); alone: RAY_ADDRESS, else a new local instance "
+        "(docs/ray.md)",
+    )

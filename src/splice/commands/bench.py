@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from splice.commands._flags import add_ray_flag
+
 
 def _run(args: argparse.Namespace) -> int:
     from splice.bench import load_bench_config, run_bench
@@ -14,7 +16,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_bench_config(args.config)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
-    print_results(run_bench(cfg, args.out, progress=not args.quiet), args.out)
+    results = run_bench(cfg, args.out, progress=not args.quiet, ray=args.ray)
+    print_results(results, args.out)
     return 0
 
 
@@ -26,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="bench config YAML (see splice.bench.config)")
     p.add_argument("--out", default="splice-bench", help="output folder (splice-bench)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (overrides the config)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (overrides the config; with --ray: per task)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ray_flag(p, "the expert training and the merges")
     p.set_defaults(fn=_run)

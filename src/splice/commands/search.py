@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
+from typing import Any
+
+from splice.commands._flags import add_ray_flag
 
 OBJECTIVES = ("lm-loss",)
 
@@ -38,18 +42,21 @@ def _bounds(text: str) -> tuple[float, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.ray is None:
+        return _search(args)
+    from splice.engine.ray_pool import ray_session
+
+    _checks(args)  # the flags, --out and the recipe, before connecting
+    with ray_session(args.ray):  # the address checked before the model is loaded
+        return _search(args)
+
+
+def _checks(args: argparse.Namespace) -> tuple[tuple[float, float], Any]:
+    """The flags, --out and the recipe: (bounds, the parsed recipe)."""
     from pathlib import Path
 
-    from tqdm.auto import tqdm
-
-    from splice.engine.coefficient_search import (
-        CoefficientSearchError,
-        coefficient_space,
-        search_coefficients,
-    )
-    from splice.io.output_folder import write_file_atomically
+    from splice.engine.coefficient_search import CoefficientSearchError, coefficient_space
     from splice.numbers import check_number
-    from splice.train.lm_objective import LMLossObjective
 
     for flag in ("budget", "max_examples", "max_length", "batch_size", "threads", "patience"):
         value = getattr(args, flag)
@@ -65,18 +72,41 @@ def _run(args: argparse.Namespace) -> int:
     _, parsed, _ = coefficient_space(  # the recipe checked before the model is loaded
         args.recipe, parameter=args.parameter, layer_groups=args.layer_groups, bounds=bounds
     )
+    return bounds, parsed
+
+
+def _search(args: argparse.Namespace) -> int:
+    from functools import partial
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from splice.engine.coefficient_search import search_coefficients
+    from splice.io.output_folder import write_file_atomically
+    from splice.train.lm_objective import LMLossObjective
+
+    bounds, parsed = _checks(args)
+    out = Path(args.out)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     model_ref = args.model or parsed.base_model or parsed.models[0].model  # type: ignore[index]
-    objective = LMLossObjective.from_file(
+    factory = partial(
+        LMLossObjective.from_file,
         model_ref,
         args.data,
         max_examples=args.max_examples,
         max_length=args.max_length,
         batch_size=args.batch_size,
     )
+    objective = factory()  # also on the driver under --ray: its errors before any merge
+    evaluate_many = None
+    if args.ray is not None:  # each generation's candidates as parallel Ray tasks
+        from splice.engine.ray_pool import RayPool, candidate_evaluator
+
+        pool = RayPool(args.threads or 1)
+        evaluate_many = candidate_evaluator(pool, factory, f"search-{uuid.uuid4().hex}")
     bar = tqdm(total=args.budget, desc="search", unit="merge", disable=args.quiet, leave=False)
 
     def tick(_: int, __: float, best: float) -> None:
@@ -95,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             patience=args.patience,
             keep_state=False,
             on_evaluation=tick,
+            evaluate_many=evaluate_many,
         )
     finally:
         bar.close()
@@ -150,7 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-examples", type=int, help="use the first N rows of --data")
     p.add_argument("--max-length", type=int, default=512, help="tokens per example (512)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (8)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="torch CPU threads (with --ray: per task)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_ray_flag(p, "each CMA-ES generation's candidate merges")
     p.set_defaults(fn=_run)

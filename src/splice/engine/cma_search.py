@@ -62,6 +62,7 @@ def cma_minimize(
     patience: int | None = None,
     min_delta: float = 0.0,
     include_x0: bool = False,
+    objective_many: Callable[[list[list[float]]], list[float]] | None = None,
 ) -> SearchResult:
     """Minimise ``objective`` over ``dims`` values in ``bounds`` with at most ``budget``
     evaluations. ``x0`` defaults to zeros (clipped into the bounds), ``sigma0`` to a sixth
@@ -70,7 +71,9 @@ def cma_minimize(
     ``patience``: stop after that many generations without improvement (None: never).
     ``include_x0``: evaluate the start point first (it counts against the budget and for
     the best point, so the answer is never worse than the start; it is not told to the
-    strategy)."""
+    strategy). ``objective_many``: evaluates a list of points at once (one generation's
+    candidates, e.g. as parallel Ray tasks) in place of ``objective``; it returns the values
+    in order, so the search is the same."""
     lower, upper = float(bounds[0]), float(bounds[1])
     if dims < 1:
         raise SearchError("nothing to search: no dimensions")
@@ -109,9 +112,15 @@ def cma_minimize(
             result = SearchResult([], math.inf)
             stale = 0  # generations in a row without improvement
 
-            def evaluate(x: list[float]) -> float:
-                point = [float(v) for v in x]
-                value = float(objective(point))
+            def evaluate_all(xs: list) -> list[float]:
+                points = [[float(v) for v in x] for x in xs]
+                if objective_many is None:
+                    return [record(p, objective(p)) for p in points]
+                values = objective_many(points)
+                return [record(p, v) for p, v in zip(points, values, strict=True)]
+
+            def record(point: list[float], value: float) -> float:
+                value = float(value)
                 result.evaluations.append((point, value))
                 if math.isfinite(value) and value < result.best_value:
                     result.best_x, result.best_value = point, value
@@ -120,7 +129,7 @@ def cma_minimize(
                 return value if math.isfinite(value) else 1e300  # worst, not NaN
 
             if include_x0:
-                evaluate([min(max(v, lower), upper) for v in start])
+                evaluate_all([[min(max(v, lower), upper) for v in start]])
             while len(result.evaluations) < budget:
                 if patience is not None and stale >= patience:
                     result.stopped = "patience"
@@ -128,7 +137,7 @@ def cma_minimize(
                 best_before = result.best_value
                 candidates = es.ask()
                 left = budget - len(result.evaluations)
-                values = [evaluate(x) for x in candidates[:left]]
+                values = evaluate_all(candidates[:left])
                 result.generations += 1
                 improved = result.best_value < best_before - min_delta or (
                     math.isinf(best_before) and math.isfinite(result.best_value)

@@ -287,10 +287,17 @@ def search_coefficients(
     sigma0: float | None = None,
     keep_state: bool = True,
     on_evaluation: Callable[[int, float, float], None] | None = None,
+    evaluate_many: Callable[[list[dict[str, Any]]], list[float]] | None = None,
 ) -> CoefficientSearchResult:
     """Minimise ``objective(merged state)`` over the recipe's ``parameter`` values (see the
     module docstring). ``budget`` counts merges; the first candidate is the start point, so
-    the answer is never worse than the recipe's own values (clipped into the bounds)."""
+    the answer is never worse than the recipe's own values (clipped into the bounds).
+
+    ``evaluate_many`` (e.g. `splice.engine.ray_pool.candidate_evaluator`): merges and scores
+    one generation's candidate recipes elsewhere (``objective`` is then not called here);
+    it must give the values ``objective`` would, in order. The best state (``keep_state``)
+    is then merged here once, from the best recipe: the same tensors, as merging is
+    deterministic."""
     if budget < 1:
         raise CoefficientSearchError(f"budget must be at least 1 merge (got {budget})")
     if patience is not None and patience < 1:
@@ -314,6 +321,10 @@ def search_coefficients(
             best["value"], best["state"] = value, state
         return value
 
+    def evaluate_all(xs: list[list[float]]) -> list[float]:
+        assert evaluate_many is not None
+        return [float(v) for v in evaluate_many([space.apply(raw, x) for x in xs])]
+
     try:
         found = cma_minimize(
             evaluate,
@@ -326,7 +337,12 @@ def search_coefficients(
             on_evaluation=on_evaluation,
             patience=patience,
             include_x0=True,
+            objective_many=None if evaluate_many is None else evaluate_all,
         )
+        if evaluate_many is not None and keep_state:
+            plan = plan_merge(parse_recipe(space.apply(raw, found.best_x), "best recipe"), readers)
+            readers.update(plan.readers)
+            best["state"] = merge_to_memory(plan, rules_cache)
     finally:
         for r in readers.values():
             r.close()

@@ -1,0 +1,278 @@
+"""`splice bench --ray [ADDRESS]`: the bench's units of work as Ray tasks (docs/ray.md).
+
+Units: **train** one expert (kind, task) or the multi-task model; **merge + evaluate** one
+(kind, method, setting): a sweep's grid point (merged, scored on validation and test), the
+default setting when the grid does not hold it, a method without a sweep. Everything else
+(data, the pretrained backbone, the baselines, AdaMerging, the composition rows, the
+tables) runs on the driver as in a local run, and a coefficient search sends each CMA-ES
+generation's candidates out as parallel tasks (`splice.engine.ray_pool`).
+
+Workers read their inputs from the bench cache (`splice.bench.cache`): the driver writes
+the pretrained backbone, a training unit writes its expert folder there atomically (the
+same `cache_folder` as a local run, the same key), a merge unit reads the experts back.
+So a rerun, under Ray or not, trains nothing that either mode finished. The driver passes
+its cache path to every unit: on a cluster that path must be a shared file system mounted
+at the same place on every node (as must the model and the task files).
+
+Same results as a local run: each unit runs the very functions the local run does
+(`get_expert`, `merge_backbones`, `Evaluator.evaluate`) on the same seeded inputs, and the
+driver assembles the rows in the local run's order with its rules (the best grid point by
+mean validation accuracy, ties to the earlier value; a default on the grid is that point).
+One difference in work, not in results: a grid point's unit also scores test, since which
+point will be chosen is not known when it runs (a local run keeps the best state instead);
+test scores of points not chosen are dropped, so test data still informs no choice.
+Merge units return their scores to the driver (a few numbers); only experts are cached.
+
+A worker builds the run's tasks, base and evaluator once (remembered per run in the worker
+process) and runs with ``threads`` (the config's, else 1) CPUs reserved and torch threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from splice.bench.backbone import Base, prepare_base
+from splice.bench.cache import content_key
+from splice.bench.config import BenchConfig, parse_bench_config
+from splice.bench.evaluate import Evaluator
+from splice.bench.experts import Expert, expert_folder, get_expert
+from splice.bench.merging import merge_backbones
+from splice.bench.methods import PlannedMethod
+from splice.bench.precision import resolve_precision
+from splice.bench.results import Failure, Row, Sweep, SweepPoint
+from splice.bench.run import _applies, _mean, _method_units, _Runner
+from splice.bench.tasks import TaskData, prepare_task
+from splice.engine.ray_pool import RayPool, candidate_evaluator
+from splice.errors import SpliceError
+from splice.train.models import cache_root
+
+Spec = dict[str, Any]  # what a unit needs to rebuild the run in a worker (JSON-like)
+
+
+class RayRunner(_Runner):
+    """`_Runner` with the training and merge units sent to Ray."""
+
+    def __init__(self, cfg: BenchConfig, progress: bool):
+        super().__init__(cfg, progress)
+        self.pool = RayPool(cfg.threads or 1)
+        config = cfg.model_dump(mode="json")
+        cache = str(cache_root().resolve())
+        self.spec: Spec = {"config": config, "cache": cache, "run": uuid.uuid4().hex}
+        self.spec["key"] = content_key(self.spec)  # this run, in the workers
+
+    # -- experts --------------------------------------------------------------------------
+    def train_experts(
+        self, base: Base, tasks: list[TaskData]
+    ) -> tuple[dict[str, dict[str, Expert]], Expert | None]:
+        """The cache misses trained as parallel units; then every model read from the cache
+        (those trained now are marked ``cached = False``, as a local run marks them)."""
+        jobs = [(kind, [t]) for kind in self.cfg.kinds for t in tasks]
+        if self.cfg.baselines.multitask:
+            jobs.append(("multitask", tasks))
+        missing = [
+            (kind, ts)
+            for kind, ts in jobs
+            if not (expert_folder(base, ts, kind, self.cfg) / "meta.json").is_file()
+        ]
+        self.done(len(jobs) - len(missing))
+        self.step(f"train {len(missing)} model(s) on Ray")
+        units = [(self.spec, kind, [t.name for t in ts]) for kind, ts in missing]
+        self.pool.map(train_unit, units, on_done=lambda _: self.done())
+        trained = {(kind, tuple(t.name for t in ts)) for kind, ts in missing}
+
+        def load(kind: str, ts: list[TaskData]) -> Expert:
+            e = get_expert(base, ts, kind, self.cfg, progress=False)  # a cache hit now
+            e.cached = (kind, tuple(t.name for t in ts)) not in trained
+            return e
+
+        experts = {kind: {t.name: load(kind, [t]) for t in tasks} for kind in self.cfg.kinds}
+        mt = load("multitask", tasks) if self.cfg.baselines.multitask else None
+        return experts, mt
+
+    # -- merges ---------------------------------------------------------------------------
+    def merge_all(
+        self,
+        planned: list[PlannedMethod],
+        ev: Evaluator,
+        base_folder: Path,
+        experts: dict[str, dict[str, Expert]],
+    ) -> None:
+        """Every merge unit submitted at once; then, method by method in the local order,
+        its rows assembled (AdaMerging runs here on the driver meanwhile)."""
+        jobs = []
+        for kind in self.cfg.kinds:
+            for p in planned:
+                if not _applies(p, kind):
+                    continue
+                units = [] if p.data_aware else merge_units(p)
+                refs = [
+                    self.pool.submit(merge_unit, self.spec, kind, p.name, params, splits)
+                    for _, params, splits in units
+                ]
+                jobs.append((kind, p, units, refs))
+        for kind, p, units, refs in jobs:
+            if p.data_aware:
+                pool = [experts[kind][t] for t in ev.tasks]
+                self.merge_method(kind, p, ev, base_folder, pool)
+                continue
+            self.step(f"{kind} {p.name}")
+            results = self.pool.gather(refs, on_done=lambda _: self.done())
+            self.done(_method_units(p) - len(units))
+            error = next((r["error"] for r in results if "error" in r), None)
+            if error is not None:
+                tqdm.write(f"splice bench: {kind} {p.name} failed, skipped: {error}")
+                self.failed.append(Failure(kind, p.name, error))
+                continue
+            rows, sweep = assemble(kind, p, units, results)
+            self.rows.extend(rows)
+            if sweep is not None:
+                self.sweeps.append(sweep)
+
+    # -- searches -------------------------------------------------------------------------
+    def search_evaluator(self, kind: str, method: str, objective: str) -> Any:
+        factory = partial(search_objective, self.spec, kind, objective)
+        return candidate_evaluator(self.pool, factory, f"{self.spec['key']}/{kind}/{method}")
+
+
+# -- units: what a method needs merged, and the rows made of their results -----------------
+Unit = tuple[Any, dict[str, Any], tuple[str, ...]]  # (grid value | None, params, splits)
+
+
+def default_setting(p: PlannedMethod) -> tuple[str, Any, dict[str, Any]]:
+    """(swept parameter, its default value, the default parameters) of a swept method."""
+    from splice.merge import get_method
+
+    assert p.sweep is not None
+    param = p.sweep[0]
+    value = p.params.get(param, get_method(p.name).param(param).default)
+    return param, value, {**p.params, param: value}
+
+
+def merge_units(p: PlannedMethod) -> list[Unit]:
+    """A method's merges: each grid point (validation and test), then the default when the
+    grid lacks it (test); a method without a sweep: its default (test)."""
+    if p.sweep is None:
+        return [(None, p.params, ("test",))]
+    param, default_value, default_params = default_setting(p)
+    units: list[Unit] = [(v, {**p.params, param: v}, ("validation", "test")) for v in p.sweep[1]]
+    if default_value not in p.sweep[1]:
+        units.append((None, default_params, ("test",)))
+    return units
+
+
+def assemble(
+    kind: str, p: PlannedMethod, units: list[Unit], results: list[dict[str, Any]]
+) -> tuple[list[Row], Sweep | None]:
+    """The rows (and sweep) a local run makes from the same merges (`_Runner._merge_method`)."""
+
+    def row(r: dict[str, Any], params: dict[str, Any], variant: str, val=None) -> Row:
+        secs = round(r["seconds"], 2)
+        return Row(kind, "merged", p.name, r["test"], params, variant, secs, val)
+
+    if p.sweep is None:
+        return [row(results[0], p.params, "default")], None
+    param, default_value, default_params = default_setting(p)
+    points, best, default_row = [], None, None
+    for (value, _, splits), r in zip(units, results):
+        if "validation" not in splits:  # the default, off the grid
+            default_row = row(r, default_params, "default")
+            continue
+        val = r["validation"]
+        points.append(SweepPoint(value, _mean(val), val, r["seconds"]))
+        if value == default_value:
+            default_row = row(r, default_params, "default", val)
+        if best is None or _mean(val) > best[0]:
+            best = (_mean(val), value, r)
+    assert best is not None and default_row is not None
+    _, value, r = best
+    if value == default_value:
+        tuned = dataclasses.replace(default_row, variant="tuned", same_as_default=True)
+    else:
+        tuned = row(r, {**p.params, param: value}, "tuned", r["validation"])
+    return [default_row, tuned], Sweep(kind, p.name, param, default_value, value, points)
+
+
+# -- in the worker --------------------------------------------------------------------------
+@dataclass
+class _Context:
+    """One run's data, base, evaluator and experts, built once per worker process."""
+
+    cfg: BenchConfig
+    tasks: list[TaskData]
+    base: Base
+    evaluator: Evaluator | None = None
+    pools: dict[str, list[Expert]] = field(default_factory=dict)
+
+    def ev(self) -> Evaluator:
+        if self.evaluator is None:
+            cfg = self.cfg
+            self.evaluator = Evaluator(
+                self.base,
+                self.tasks,
+                cfg.training.max_length,
+                cfg.eval_batch_size,
+                precision=resolve_precision(cfg.precision),
+            )
+        return self.evaluator
+
+    def pool(self, kind: str) -> list[Expert]:
+        """The experts of ``kind`` in task order (read from the cache)."""
+        if kind not in self.pools:
+            self.pools[kind] = [
+                get_expert(self.base, [t], kind, self.cfg, progress=False) for t in self.tasks
+            ]
+        return self.pools[kind]
+
+
+_CONTEXTS: dict[str, _Context] = {}  # the current run of this worker process
+
+
+def _context(spec: Spec) -> _Context:
+    os.environ["SPLICE_CACHE"] = spec["cache"]  # the driver's cache (shared on a cluster)
+    if spec["key"] not in _CONTEXTS:  # a new run: the previous one's context dropped
+        _CONTEXTS.clear()
+        cfg = parse_bench_config(spec["config"])
+        tasks = [prepare_task(t, cfg.data) for t in cfg.tasks]
+        _CONTEXTS[spec["key"]] = _Context(cfg, tasks, prepare_base(cfg.model, cfg.training.seed))
+    return _CONTEXTS[spec["key"]]
+
+
+def train_unit(spec: Spec, kind: str, names: list[str]) -> None:
+    """Train the model of ``kind`` on the tasks ``names`` into the cache (a hit: nothing)."""
+    ctx = _context(spec)
+    get_expert(ctx.base, [t for t in ctx.tasks if t.name in names], kind, ctx.cfg, False)
+
+
+def merge_unit(
+    spec: Spec, kind: str, method: str, params: dict[str, Any], splits: tuple[str, ...]
+) -> dict[str, Any]:
+    """Merge the experts of ``kind`` with ``method``; its accuracy per task on ``splits``
+    and the merge's seconds, or ``{"error": ...}`` for a failure a local run records."""
+    ctx = _context(spec)
+    pool = ctx.pool(kind)
+    heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
+    try:
+        state, secs = merge_backbones(
+            method, params, ctx.base.folder, [e.folder for e in pool], seed=ctx.cfg.merge.seed
+        )
+        return {"seconds": secs, **{s: ctx.ev().evaluate(state, heads, s) for s in splits}}
+    except (SpliceError, RuntimeError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def search_objective(spec: Spec, kind: str, objective: str) -> Any:
+    """The coefficient-search objective of ``kind``'s experts, built in the worker."""
+    from splice.bench.search import objective_value
+
+    ctx = _context(spec)
+    heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in ctx.pool(kind)}
+    ev = ctx.ev()
+    return lambda state: objective_value(ev, state, heads, objective)[0]
