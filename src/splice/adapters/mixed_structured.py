@@ -85,7 +85,7 @@ def kron_cost(a: int, c: int, b: int, d: int) -> tuple[int, bool]:
 
 
 def structured_kind(module: AdapterModule, base: nn.Module) -> str | None:
-    """"lokr" / "oft" / "hra" when ``module`` runs through these kernels (module docstring)."""
+    """The kernel kind (lokr, oft, hra) of ``module``, None: per segment (module docstring)."""
     if isinstance(module, LoKr):
         if not isinstance(base, nn.Linear) or module.effective or _training_dropout(module):
             return None
