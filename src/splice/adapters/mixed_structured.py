@@ -32,9 +32,9 @@ dropout in training; adapters of different block sizes get one stack each.
 HRA (`splice.adapters.methods.hra`): x' = x Hᵀ with H = H_1 ⋯ H_r, H_i = I − 2 v_i v_iᵀ
 (v_i = u_i / ‖u_i‖). In compact WY form H = I − V T Vᵀ, T upper triangular from the recursion
 T_1 = [2], T_{k+1} = [[T_k, −2 T_k V_kᵀ v_{k+1}], [0, 2]] (checked against the product of the
-reflections in the tests); with Gram–Schmidt H = I − 2 Q Qᵀ. So
+reflections in the tests); with Gram–Schmidt H = I − 2 Q Qᵀ. So, with H = I − B Aᵀ,
 
-    x' = x − (x A) Bᵀ,      A = V, B = V T   (GS: A = Q, B = 2 Q)
+    x' = x Hᵀ = x − (x A) Bᵀ,      A = V, B = V T   (GS: A = Q, B = 2 Q)
 
 an input-side low-rank update (2·r·in multiply-adds per token instead of r rank-one passes),
 stacked per rank bucket like LoRA (zero padding; the neutral slot is zero). HRA runs the base
@@ -164,7 +164,7 @@ def build_blocks(modules: dict[str, OFTLinear]) -> list[BlockStack]:
 
 
 def reflection_form(u: Tensor, apply_gs: bool) -> tuple[Tensor, Tensor]:
-    """(A, B), in×r each, with H_1 ⋯ H_r = I − A Bᵀ (module docstring), computed in float64."""
+    """(A, B), in×r each, with H_1 ⋯ H_r = I − B Aᵀ (module docstring), in float64."""
     u = u.double()
     if apply_gs:
         q = gram_schmidt(u)
