@@ -39,16 +39,28 @@ def structured_adapters(kind: str, count: int, seed: int) -> dict[str, tuple[str
     for i in range(count):
         t = rng.choice(types)
         if t == "lokr":
-            params = {"r": rng.choice([1, 2, 4]), "alpha": rng.choice([1, 4, 8]),
-                      "decompose_both": rng.random() < 0.5,
-                      "decompose_factor": rng.choice([-1, 2, 4]), "target_modules": attn + ff}  # fmt: skip
+            params = {
+                "r": rng.choice([1, 2, 4]),
+                "alpha": rng.choice([1, 4, 8]),
+                "decompose_both": rng.random() < 0.5,
+                "decompose_factor": rng.choice([-1, 2, 4]),
+                "target_modules": attn + ff,
+            }
         elif t == "oft":
             size = rng.choice([2, 4, 8])
-            params = {"r": 0, "oft_block_size": size, "block_share": rng.random() < 0.3,
-                      "use_cayley_neumann": rng.random() < 0.5, "target_modules": attn + ff}  # fmt: skip
+            params = {
+                "r": 0,
+                "oft_block_size": size,
+                "block_share": rng.random() < 0.3,
+                "use_cayley_neumann": rng.random() < 0.5,
+                "target_modules": attn + ff,
+            }
         elif t == "hra":
-            params = {"r": rng.choice([2, 3, 4, 10]), "apply_GS": rng.random() < 0.5,
-                      "target_modules": attn + ff}  # fmt: skip
+            params = {
+                "r": rng.choice([2, 3, 4, 10]),
+                "apply_GS": rng.random() < 0.5,
+                "target_modules": attn + ff,
+            }
         elif t == "lora":
             params = {"r": rng.randint(2, 6), "target_modules": attn}
         else:
@@ -121,8 +133,9 @@ def test_reflection_form_is_the_householder_product() -> None:
     """H = H_1 ⋯ H_r = I − B Aᵀ, so x Hᵀ = x − (x A) Bᵀ (compact WY; Gram–Schmidt:
     I − 2 Q Qᵀ). By hand: u = 2 e_1 gives diag(−1, 1); u_1 = u_2 gives I (a pair cancels)."""
     a, b = reflection_form(torch.tensor([[2.0], [0.0]]), apply_gs=False)
-    torch.testing.assert_close(torch.eye(2, dtype=a.dtype) - b @ a.T,
-                               torch.diag(torch.tensor([-1.0, 1.0], dtype=a.dtype)))  # fmt: skip
+    torch.testing.assert_close(
+        torch.eye(2, dtype=a.dtype) - b @ a.T, torch.diag(torch.tensor([-1.0, 1.0], dtype=a.dtype))
+    )
     pair = torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]])
     a, b = reflection_form(pair, apply_gs=False)
     torch.testing.assert_close(b @ a.T, torch.zeros(3, 3, dtype=a.dtype), atol=1e-12, rtol=0)
@@ -141,8 +154,10 @@ def test_kinds_that_run_per_segment() -> None:
     attn = ["q_proj", "v_proj"]
     setups = {
         "coft": ("oft", {"r": 0, "oft_block_size": 4, "coft": True, "target_modules": attn}),
-        "drop": ("oft", {"r": 0, "oft_block_size": 4, "module_dropout": 0.5,
-                         "target_modules": attn}),  # fmt: skip
+        "drop": (
+            "oft",
+            {"r": 0, "oft_block_size": 4, "module_dropout": 0.5, "target_modules": attn},
+        ),
         "h64": ("hra", {"r": 2, "target_modules": attn}),
         "big": ("lokr", {"r": 2, "decompose_factor": 1, "target_modules": attn}),
         "ok": ("oft", {"r": 0, "oft_block_size": 4, "target_modules": attn}),
