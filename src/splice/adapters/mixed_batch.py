@@ -52,8 +52,11 @@ adapter_names for num_beams likewise).
 Prompt and prefix tuning rows (a row naming one such adapter alone): each row gets its own
 virtual tokens or prefix, other rows masked padding (`splice.adapters.mixed_prompts`).
 
-Not supported yet: model-level adapters in a weighted set or in ``generate``, folded
-adapters; each is refused before any compute.
+Model-level adapters (prompt / prefix tuning) stand alone in a row with weight 1: a weighted
+set containing one (``{"prompt": 0.5, "lora": 0.5}``, or ``{"prompt": 0.5}`` alone) is refused
+naming the row and the adapter — virtual tokens are not a weight delta and neither PEFT nor
+AdapterHub defines a weighted mix of them. Folded adapters are refused too; both before any
+compute.
 
 The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
 forward or generate call (`mixed_forward`), so no keyword travels through the wrapped model's
@@ -243,9 +246,12 @@ def _check_usable(am: AdapterModel, name: str, row: int, *, alone: bool) -> None
             f"{did_you_mean(name, am.configs)}; adapters: {known}"
         )
     if name in am.model_adapters and not alone:
+        # virtual tokens / a prefix are not a weight delta: a weighted set of them has no
+        # defined meaning (PEFT and AdapterHub define none), so it is refused, not guessed
         raise AdapterStateError(
             f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
-            "model-level adapter: it can only stand alone in a row, not in a weighted set"
+            "model-level adapter (virtual tokens, not a weight delta): it can only stand alone "
+            "in a row with weight 1, not in a weighted set"
         )
 
 
