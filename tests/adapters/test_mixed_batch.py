@@ -108,7 +108,7 @@ MIXED_TYPES = ["lora", "dora", "ia3", "vera", "loha", "lokr", "oft", "hra", "bit
                "ln_tuning", "bottleneck", "lora_rslora_pattern"]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_random_assignments_of_mixed_types(kind: str) -> None:
     """Property: for random assignments of adapters of different types (and the base) to
     rows, every row equals that row run alone with its adapter."""
