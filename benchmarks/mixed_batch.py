@@ -12,7 +12,8 @@ Setup: SmolLM2-135M-Instruct (float32, from the packaged GGUF, converted once to
 by `splice.train.models`, as `splice train` loads it), a batch of --rows rows x --tokens
 random token ids; row r names adapter r mod n for n = 1 / 4 / 16 / 32 distinct adapters.
 Adapter types, all on q_proj, v_proj and o_proj: LoRA r8 (alpha 16), DoRA r8, IA3, VeRA
-(r 256), LoHa r8, and "mix" (adapters cycling through those five types). Adapters are made
+(r 256), LoHa r8, LoKr r8 (alpha 16), OFT (block size 32), HRA r8, and "mix" (adapters
+cycling through LoRA, DoRA, IA3, VeRA, LoHa). Adapters are made
 with splice's `AdapterModel.add_adapter` and given random non-zero weights (every parameter
 plus N(0, 0.02^2) noise: LoRA's B leaves zero, IA3's vectors stay near one). PEFT gets the
 same LoRA adapters (written with `save_adapter`, read with `PeftModel.load_adapter`); PEFT's
@@ -55,6 +56,9 @@ TYPES = {  # label -> (splice method, params)
     "ia3": ("ia3", {"target_modules": TARGETS, "feedforward_modules": []}),
     "vera": ("vera", {"r": 256, "target_modules": TARGETS}),
     "loha": ("loha", {"r": 8, "alpha": 16, "target_modules": TARGETS}),
+    "lokr": ("lokr", {"r": 8, "alpha": 16, "target_modules": TARGETS}),
+    "oft": ("oft", {"oft_block_size": 32, "target_modules": TARGETS}),
+    "hra": ("hra", {"r": 8, "target_modules": TARGETS}),
 }
 MIX = ["lora", "dora", "ia3", "vera", "loha"]
 
@@ -177,7 +181,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--counts", default="1,4,16,32", help="distinct adapters per batch")
-    ap.add_argument("--types", default="lora,dora,ia3,vera,loha,mix")
+    ap.add_argument("--types", default="lora,dora,ia3,vera,loha,lokr,oft,hra,mix")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--memory-adapters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=os.cpu_count())

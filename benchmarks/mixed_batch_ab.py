@@ -86,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref", default="main")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="lora,dora,ia3,vera,loha,mix")
+    ap.add_argument("--types", default="lora,dora,ia3,vera,loha,lokr,oft,hra,mix")
     ap.add_argument("--counts", default="1,32")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)

@@ -108,7 +108,7 @@ MIXED_TYPES = ["lora", "dora", "ia3", "vera", "loha", "lokr", "oft", "hra", "bit
                "ln_tuning", "bottleneck", "lora_rslora_pattern"]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_random_assignments_of_mixed_types(kind: str) -> None:
     """Property: for random assignments of adapters of different types (and the base) to
     rows, every row equals that row run alone with its adapter."""
@@ -243,12 +243,26 @@ def test_folded_and_disabled_are_refused(two_loras) -> None:
         two_loras(**inputs(batch=2), adapter_names=["sst", "style"])
 
 
-def test_model_level_adapter_in_a_weighted_set_refused() -> None:
-    """Prompt / prefix tuning rows stand alone (tests/adapters/test_mixed_prompts.py)."""
+@pytest.mark.parametrize(
+    ("method", "entry"),
+    [
+        ("prompt_tuning", ["a", "p"]),
+        ("prompt_tuning", {"p": 0.5}),  # alone, but weighted
+        ("prefix_tuning", {"a": 0.5, "p": 0.5}),
+    ],
+)
+def test_model_level_adapter_in_a_weighted_set_refused(method: str, entry) -> None:
+    """Prompt / prefix tuning rows stand alone with weight 1 (tests/adapters/
+    test_mixed_prompts.py); in a weighted set: one clear error naming the row and the
+    adapter, before any compute."""
     am = model_with("llama", {"a": configs("llama")["lora"]})
-    am.add_adapter("p", make_config("prompt_tuning", {"num_virtual_tokens": 3}))
-    with pytest.raises(AdapterStateError, match=r"row 1: adapter 'p' .* not in a weighted set"):
-        am(**inputs(batch=2), adapter_names=["a", ["a", "p"]])
+    am.add_adapter("p", make_config(method, {"num_virtual_tokens": 3}))
+    am.model.register_forward_pre_hook(lambda *_: pytest.fail("the model ran"))
+    with pytest.raises(
+        AdapterStateError,
+        match=rf"row 1: adapter 'p' \({method}\) is a model-level adapter .* not in a weighted set",
+    ):
+        am(**inputs(batch=2), adapter_names=["a", entry])
 
 
 def test_base_name_is_reserved() -> None:

@@ -52,8 +52,11 @@ adapter_names for num_beams likewise).
 Prompt and prefix tuning rows (a row naming one such adapter alone): each row gets its own
 virtual tokens or prefix, other rows masked padding (`splice.adapters.mixed_prompts`).
 
-Not supported yet: model-level adapters in a weighted set or in ``generate``, folded
-adapters; each is refused before any compute.
+Model-level adapters (prompt / prefix tuning) stand alone in a row with weight 1: a weighted
+set containing one (``{"prompt": 0.5, "lora": 0.5}``, or ``{"prompt": 0.5}`` alone) is refused
+naming the row and the adapter — virtual tokens are not a weight delta and neither PEFT nor
+AdapterHub defines a weighted mix of them. Folded adapters are refused too; both before any
+compute.
 
 The plan lives on the adapted layers (``AdaptedLayer.mixed_plan``) for the duration of one
 forward or generate call (`mixed_forward`), so no keyword travels through the wrapped model's
@@ -77,6 +80,7 @@ from splice.adapters.layer import AdaptedLayer, AdapterStateError
 from splice.adapters.mixed_kernels import (
     LayerKernels,
     RowSlots,
+    add_kron_,
     add_lora_,
     add_vera_,
     kernel_kind,
@@ -85,6 +89,7 @@ from splice.adapters.mixed_kernels import (
     scale_input,
     scale_output_,
 )
+from splice.adapters.mixed_structured import reflect_input, rotate_input
 from splice.config_errors import did_you_mean
 
 if TYPE_CHECKING:
@@ -241,9 +246,12 @@ def _check_usable(am: AdapterModel, name: str, row: int, *, alone: bool) -> None
             f"{did_you_mean(name, am.configs)}; adapters: {known}"
         )
     if name in am.model_adapters and not alone:
+        # virtual tokens / a prefix are not a weight delta: a weighted set of them has no
+        # defined meaning (PEFT and AdapterHub define none), so it is refused, not guessed
         raise AdapterStateError(
             f"adapter_names row {row}: adapter {name!r} ({am.configs[name].method}) is a "
-            "model-level adapter: it can only stand alone in a row, not in a weighted set"
+            "model-level adapter (virtual tokens, not a weight delta): it can only stand alone "
+            "in a row with weight 1, not in a weighted set"
         )
 
 
@@ -296,11 +304,7 @@ def layer_forward(
         return layer._forward_with(running, x, args, kwargs)
     kernels = plan.kernels(layer) if plan.segments else None
     kinds = kernels.kinds if kernels is not None else {}
-    x_base = x
-    if kernels is not None and kernels.ia3_in is not None:
-        rs = plan.slots(kernels.ia3_in.slots, x.device)
-        if rs is not None:
-            x_base = scale_input(x, kernels.ia3_in, rs)
+    x_base = x if kernels is None else _transform_input(plan, kernels, x)
     base_out = layer.base_layer(x_base, *args, **kwargs)
     out, owned = base_out, False
     if kernels is not None:
@@ -329,12 +333,29 @@ def layer_forward(
 
 def _kernel_first(layer: AdaptedLayer, name: str) -> bool:
     """Whether rows of adapter ``name`` alone run faster through the cached kernel than
-    through the adapter's plain forward: DoRA (cached scale) and LoHa (cached LoRA form)."""
+    through the adapter's plain forward: DoRA (cached scale), LoHa (cached LoRA form), LoKr
+    (cached factors, no dense ΔW) and HRA (its reflections as one low-rank update)."""
     if name not in layer.adapters:
         return False
     module = layer.adapters[name]
     kind = kernel_kind(module, layer.base_layer)
-    return kind == "loha" or (kind == "lora" and bool(getattr(module, "use_dora", False)))
+    return kind in ("loha", "lokr", "hra") or (
+        kind == "lora" and bool(getattr(module, "use_dora", False))
+    )
+
+
+def _transform_input(plan: MixedBatchPlan, kernels: LayerKernels, x: Tensor) -> Tensor:
+    """The base layer's input for all rows: x with each kernel row's input transform (IA3
+    input scaling, OFT, HRA) on its rows; other rows unchanged (each row has at most one)."""
+    steps: list[tuple[Any, Callable]] = [(s, rotate_input) for s in kernels.blocks]
+    steps += [(s, reflect_input) for s in kernels.reflect]
+    if kernels.ia3_in is not None:
+        steps.append((kernels.ia3_in, scale_input))
+    for stack, apply in steps:
+        rs = plan.slots(stack.slots, x.device)
+        if rs is not None:
+            x = apply(x, stack, rs)
+    return x
 
 
 def _one_lora(layer: AdaptedLayer, module: Any, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
@@ -374,6 +395,10 @@ def _run_kernels(
         rs = plan.slots(vera.slots, x.device)
         if rs is not None:
             work.append(partial(add_vera_, x=x, stack=vera, rs=rs))
+    for kron in kernels.kron:
+        rs = plan.slots(kron.slots, x.device)
+        if rs is not None:
+            work.append(partial(add_kron_, x=x, stack=kron, rs=rs))
     if not work:
         return base_out, False
     dtype = torch.promote_types(base_out.dtype, kernels.dtype)

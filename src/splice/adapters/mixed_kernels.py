@@ -58,7 +58,7 @@ from __future__ import annotations
 import functools
 import operator
 import weakref
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +69,16 @@ from splice.adapters.methods.ia3 import IA3
 from splice.adapters.methods.loha import LoHa
 from splice.adapters.methods.lora_layers import LoraLinear
 from splice.adapters.methods.vera import VeraLinear
+from splice.adapters.mixed_structured import (
+    BlockStack,
+    KronStack,
+    ReflectStack,
+    build_blocks,
+    build_kron,
+    build_reflect,
+    kron_update,
+    structured_kind,
+)
 
 _CACHE: weakref.WeakKeyDictionary[AdaptedLayer, LayerKernels] = weakref.WeakKeyDictionary()
 
@@ -99,7 +109,7 @@ def kernel_kind(module: AdapterModule, base: nn.Module) -> str | None:
         # the LoRA form (rank r²) when it costs less than the dense ΔW per token
         if no_dropout and module.r**2 * (in_f + out_f) < in_f * out_f:
             return "loha"
-    return None
+    return structured_kind(module, base)
 
 
 _VERSION = operator.attrgetter("_version")
@@ -159,6 +169,10 @@ class LayerKernels:
     ia3_in: VectorStack | None = None
     ia3_out: VectorStack | None = None
     vera: list[VectorStack] = field(default_factory=list)
+    # `splice.adapters.mixed_structured`: LoKr (output side), OFT and HRA (input side)
+    kron: list[KronStack] = field(default_factory=list)
+    blocks: list[BlockStack] = field(default_factory=list)
+    reflect: list[ReflectStack] = field(default_factory=list)
 
     @functools.cached_property
     def dtype(self) -> torch.dtype:
@@ -166,6 +180,8 @@ class LayerKernels:
         dtype = torch.bool
         for stack in self.lora:
             dtype = torch.promote_types(dtype, stack.a.dtype)
+        for kron in self.kron:
+            dtype = torch.promote_types(dtype, kron.w1.dtype)
         for vs in [self.ia3_out, self.ia3_in, *self.vera]:
             if vs is not None:
                 dtype = torch.promote_types(dtype, vs.vectors[0].dtype)
@@ -184,7 +200,9 @@ def _mode_sensitive(module: AdapterModule) -> bool:
     """Whether ``kernel_kind`` of ``module`` can change with its train / eval mode."""
     drop = getattr(module, "dropout", None)
     return (drop is not None and not isinstance(drop, nn.Identity)) or bool(
-        getattr(module, "rank_dropout", 0) or getattr(module, "module_dropout", 0)
+        getattr(module, "rank_dropout", 0)
+        or getattr(module, "module_dropout", 0)
+        or getattr(module, "dropout_p", 0)  # OFT's module dropout
     )
 
 
@@ -230,6 +248,11 @@ def layer_kernels(layer: AdaptedLayer, names: Collection[str] | None = None) -> 
         built.ia3_in = _build_ia3(layer, kinds, "ia3_in")
         built.ia3_out = _build_ia3(layer, kinds, "ia3_out")
         _build_vera(layer, built)
+        built.kron = _build_of(layer, built.kinds, "lokr", build_kron)
+        built.blocks = _build_of(layer, built.kinds, "oft", build_blocks)
+        built.reflect = _build_of(
+            layer, built.kinds, "hra", functools.partial(build_reflect, rank_bucket=rank_bucket)
+        )
     _CACHE[layer] = built
     return built
 
@@ -286,6 +309,14 @@ def _build_lora(layer: AdaptedLayer, built: LayerKernels) -> None:
                 assert cs is not None
                 cs[i] = c_n
         built.lora.append(LoraStack({n: i for i, n in enumerate(names)}, a, b, cs))
+
+
+def _build_of(layer: AdaptedLayer, kinds: dict[str, str], kind: str, build: Callable) -> list:
+    """``build({name: module})`` for the layer's adapters of ``kind`` (one dtype and device)."""
+    modules = {n: layer.adapters[n] for n, k in kinds.items() if k == kind}
+    if not modules or not _one_dtype(modules, kinds):
+        return []
+    return build(modules)
 
 
 def _build_ia3(layer: AdaptedLayer, kinds: dict[str, str], kind: str) -> VectorStack | None:
@@ -456,6 +487,11 @@ def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
         _rows3(out).addcmul_(h @ b.T, lb_rows)
         return
     _add_rows_(out, (h @ b.T).mul_(lb_rows), rs)
+
+
+def add_kron_(out: Tensor, x: Tensor, stack: KronStack, rs: RowSlots) -> None:
+    """out ← out + s W1 X W2ᵀ per row (`splice.adapters.mixed_structured`)."""
+    _add_rows_(out, kron_update(x, stack, rs), rs)
 
 
 def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:

@@ -1,0 +1,258 @@
+"""Batched mixed-batch kernels for the structured adapters: LoKr (Kronecker ΔW), OFT (block-
+diagonal rotation of the input) and HRA (Householder reflections of the input). The stacks are
+built and cached by `splice.adapters.mixed_kernels` (same cache, same freshness checks) and
+applied by `splice.adapters.mixed_batch`; each row has at most one kernel adapter, with weight
+1 (weighted sets run per segment), and rows without one of a stack's adapters read its
+neutral slot (zero / identity: exact, x·1 + Σ 0 and x − 0 change no bit).
+
+LoKr on nn.Linear (out = a·b, in = c·d): ΔW = s W1 ⊗ W2, W1: a×c, W2: b×d (each possibly the
+product of its low-rank factors, multiplied once when the stack is built). For one token x
+viewed as the c×d matrix X (X[m, n] = x[m·d + n]),
+
+    (ΔW x)[i·b + j] = s Σ_mn W1[i, m] W2[j, n] X[m, n] = s (W1 X W2ᵀ)[i, j]
+
+so the row's update is two small batched products over its positions, with the row's W1, W2
+gathered from the stack (s folded into W1): per token min(b·c·(a + d), a·d·(b + c))
+multiply-adds instead of out·in for the dense ΔW (which the per-segment path rebuilds at
+every call). Chosen over a cached dense ΔW per adapter (one ``bmm`` over gathered out×in
+blocks): that would keep out·in floats per adapter and layer (the size of the base weight,
+for every adapter loaded) and gather out·in per row; the Kronecker factors are a few hundred
+floats. Used when that cost is under the dense out·in (as LoHa's LoRA form; a degenerate
+factorization, e.g. a prime dimension, runs per segment), without rank / module dropout in
+training.
+
+OFT (`splice.adapters.methods.oft`): x' = x R_bd as row vectors, block j: x'_j = x_j R_j
+(k×k blocks, in = nb·k). The stack holds every adapter's blocks, (n+1) × nb × k × k, the last
+slot the identity; per row x'_r = x_r R_a(r) with the row's blocks gathered (nb·k² = in·k
+floats per row), then the base layer once on all rows. Caching W R_a per adapter instead
+would hold a copy of the base weight per adapter (out·in floats): refused for the same reason
+as dense LoKr. Not with ``coft`` (it rewrites its parameter at every forward) or module
+dropout in training; adapters of different block sizes get one stack each.
+
+HRA (`splice.adapters.methods.hra`): x' = x Hᵀ with H = H_1 ⋯ H_r, H_i = I − 2 v_i v_iᵀ
+(v_i = u_i / ‖u_i‖). In compact WY form H = I − V T Vᵀ, T upper triangular from the recursion
+T_1 = [2], T_{k+1} = [[T_k, −2 T_k V_kᵀ v_{k+1}], [0, 2]] (checked against the product of the
+reflections in the tests); with Gram–Schmidt H = I − 2 Q Qᵀ. So, with H = I − B Aᵀ,
+
+    x' = x Hᵀ = x − (x A) Bᵀ,      A = V, B = V T   (GS: A = Q, B = 2 Q)
+
+an input-side low-rank update (2·r·in multiply-adds per token instead of r rank-one passes),
+stacked per rank bucket like LoRA (zero padding; the neutral slot is zero). HRA runs the base
+layer in the adapter's dtype; the kernel is used when that is the base weight's dtype (then
+the base layer's own forward computes the same), per segment otherwise.
+
+Memory: LoKr a·c + b·d floats per adapter (the dense factors), OFT in·k, HRA 2·in·R; never a
+dense in×in or out×in matrix per adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from splice.adapters.layer import AdapterModule
+from splice.adapters.methods.hra import HRALinear, gram_schmidt
+from splice.adapters.methods.lokr import LoKr
+from splice.adapters.methods.oft import OFTLinear
+
+if TYPE_CHECKING:
+    from splice.adapters.mixed_kernels import RowSlots
+
+
+def _training_dropout(module: AdapterModule) -> bool:
+    return module.training and bool(
+        getattr(module, "rank_dropout", 0) or getattr(module, "module_dropout", 0)
+    )
+
+
+def _kron_shapes(module: LoKr) -> tuple[int, int, int, int]:
+    """(a, c, b, d): W1 is a×c, W2 is b×d."""
+    w1 = (module.lokr_w1.shape if module.use_w1 else
+          (module.lokr_w1_a.shape[0], module.lokr_w1_b.shape[1]))  # fmt: skip
+    w2 = (module.lokr_w2.shape if module.use_w2 else
+          (module.lokr_w2_a.shape[0], module.lokr_w2_b.shape[1]))  # fmt: skip
+    return w1[0], w1[1], w2[0], w2[1]
+
+
+def kron_cost(a: int, c: int, b: int, d: int) -> tuple[int, bool]:
+    """Multiply-adds per token of W1 X W2ᵀ, and whether W1 goes first (the cheaper order)."""
+    w2_first, w1_first = b * c * (d + a), a * d * (c + b)
+    return min(w2_first, w1_first), w1_first < w2_first
+
+
+def structured_kind(module: AdapterModule, base: nn.Module) -> str | None:
+    """The kernel kind (lokr, oft, hra) of ``module``, None: per segment (module docstring)."""
+    if isinstance(module, LoKr):
+        if not isinstance(base, nn.Linear) or module.effective or _training_dropout(module):
+            return None
+        a, c, b, d = _kron_shapes(module)
+        cost, _ = kron_cost(a, c, b, d)
+        return "lokr" if cost < base.in_features * base.out_features else None
+    if isinstance(module, OFTLinear):
+        dropout = module.training and module.dropout_p > 0
+        return None if module.coft or dropout else "oft"
+    if isinstance(module, HRALinear):
+        return "hra" if module.hra_u.dtype == base.weight.dtype else None
+    return None
+
+
+@dataclass
+class KronStack:
+    """LoKr adapters of one factor shape: W1 (n+1) × a × c (s folded in), W2 (n+1) × b × d;
+    the last slot is zero."""
+
+    slots: dict[str, int]
+    w1: Tensor
+    w2: Tensor
+    w1_first: bool
+
+
+@dataclass
+class BlockStack:
+    """OFT adapters of one block size: (n+1) × nb × k × k, the last slot the identity."""
+
+    slots: dict[str, int]
+    blocks: Tensor
+
+
+@dataclass
+class ReflectStack:
+    """HRA adapters of one rank bucket: x' = x − (x A) Bᵀ, A and B (n+1) × in × R (zero
+    padded; the last slot zero)."""
+
+    slots: dict[str, int]
+    a: Tensor
+    b: Tensor
+
+
+def _slots(names: list[str]) -> dict[str, int]:
+    return {n: i for i, n in enumerate(names)}
+
+
+def build_kron(modules: dict[str, LoKr]) -> list[KronStack]:
+    groups: dict[tuple[int, int, int, int], list[str]] = {}
+    for n, m in modules.items():
+        groups.setdefault(_kron_shapes(m), []).append(n)
+    stacks = []
+    for (a, c, b, d), names in groups.items():
+        pairs = [modules[n].factors() for n in names]
+        w1 = [w1 * modules[n].scaling for n, (w1, _) in zip(names, pairs, strict=True)]
+        w2 = [w2 for _, w2 in pairs]
+        w1.append(torch.zeros_like(w1[0]))
+        w2.append(torch.zeros_like(w2[0]))
+        stacks.append(
+            KronStack(_slots(names), torch.stack(w1), torch.stack(w2), kron_cost(a, c, b, d)[1])
+        )
+    return stacks
+
+
+def build_blocks(modules: dict[str, OFTLinear]) -> list[BlockStack]:
+    groups: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        groups.setdefault(m.block_size, []).append(n)
+    stacks = []
+    for _, names in sorted(groups.items()):
+        blocks = [modules[n].rotation_blocks() for n in names]
+        eye = torch.eye(blocks[0].shape[-1], dtype=blocks[0].dtype, device=blocks[0].device)
+        blocks.append(eye.expand_as(blocks[0]))
+        stacks.append(BlockStack(_slots(names), torch.stack(blocks).contiguous()))
+    return stacks
+
+
+def reflection_form(u: Tensor, apply_gs: bool) -> tuple[Tensor, Tensor]:
+    """(A, B), in×r each, with H_1 ⋯ H_r = I − B Aᵀ (module docstring), in float64."""
+    u = u.double()
+    if apply_gs:
+        q = gram_schmidt(u)
+        return q, 2 * q
+    v = u / u.norm(dim=0)
+    r = v.shape[1]
+    t = torch.zeros(r, r, dtype=v.dtype, device=v.device)
+    for k in range(r):
+        t[:k, k] = -2 * t[:k, :k] @ (v[:, :k].T @ v[:, k])
+        t[k, k] = 2
+    return v, v @ t
+
+
+def build_reflect(
+    modules: dict[str, HRALinear], rank_bucket: Callable[[int], int]
+) -> list[ReflectStack]:
+    """One stack per ``rank_bucket(r)`` (LoRA's buckets)."""
+    groups: dict[int, list[str]] = {}
+    for n, m in modules.items():
+        groups.setdefault(rank_bucket(m.hra_u.shape[1]), []).append(n)
+    stacks = []
+    for rank, names in sorted(groups.items()):
+        u0 = modules[names[0]].hra_u
+        a = u0.new_zeros(len(names) + 1, u0.shape[0], rank)
+        b = torch.zeros_like(a)
+        for i, n in enumerate(names):
+            m = modules[n]
+            a_n, b_n = reflection_form(m.hra_u, m.apply_gs)
+            a[i, :, : a_n.shape[1]] = a_n
+            b[i, :, : b_n.shape[1]] = b_n
+        stacks.append(ReflectStack(_slots(names), a, b))
+    return stacks
+
+
+# -- applying ----------------------------------------------------------------------------------
+
+
+def kron_update(x: Tensor, stack: KronStack, rs: RowSlots) -> Tensor:
+    """(rows, positions, out): s W1 X W2ᵀ per token of the covered rows (all rows when
+    ``rs.rows`` is None), the row's factors gathered."""
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+    w1, w2 = stack.w1.index_select(0, rs.slots), stack.w2.index_select(0, rs.slots)
+    rows, (a, c), (b, d) = w1.shape[0], w1.shape[1:], w2.shape[1:]
+    x4 = x.contiguous().to(w1.dtype).view(rows, -1, c, d)
+    if stack.w1_first:  # (W1 X) W2ᵀ: a×d per token, then one bmm
+        z = torch.einsum("rac,rlcd->rlad", w1, x4)
+        return torch.bmm(z.reshape(rows, -1, d), w2.transpose(1, 2)).view(rows, -1, a * b)
+    t = torch.bmm(x4.view(rows, -1, d), w2.transpose(1, 2)).view(rows, -1, c, b)
+    return torch.einsum("rac,rlcb->rlab", w1, t).reshape(rows, -1, a * b)
+
+
+def _transform_rows(x: Tensor, rs: RowSlots, fn) -> Tensor:
+    """``x`` with ``fn(rows of x, slots)`` on the covered rows, in x's dtype."""
+    if rs.rows is None:
+        return fn(x, rs.slots, rs.uniform).to(x.dtype)
+    out = x.clone()
+    out.index_copy_(0, rs.rows, fn(x.index_select(0, rs.rows), rs.slots, None).to(x.dtype))
+    return out
+
+
+def rotate_input(x: Tensor, stack: BlockStack, rs: RowSlots) -> Tensor:
+    """OFT: x_r R_a(r) per row, block by block (the base layer's input, in x's dtype)."""
+
+    def rotate(xs: Tensor, slots: Tensor, uniform: int | None) -> Tensor:
+        blocks = stack.blocks
+        nb, k = blocks.shape[1], blocks.shape[2]
+        x4 = xs.contiguous().to(blocks.dtype).view(xs.shape[0], -1, nb, k)
+        if uniform is not None:
+            y = torch.einsum("blrk,rkc->blrc", x4, blocks[uniform])
+        else:
+            y = torch.einsum("blrk,brkc->blrc", x4, blocks.index_select(0, slots))
+        return y.reshape(xs.shape)
+
+    return _transform_rows(x, rs, rotate)
+
+
+def reflect_input(x: Tensor, stack: ReflectStack, rs: RowSlots) -> Tensor:
+    """HRA: x_r − (x_r A) Bᵀ per row (the base layer's input, in x's dtype)."""
+
+    def reflect(xs: Tensor, slots: Tensor, uniform: int | None) -> Tensor:
+        x3 = xs.to(stack.a.dtype).reshape(xs.shape[0], -1, xs.shape[-1])
+        if uniform is not None:
+            a, b = stack.a[uniform], stack.b[uniform]
+            y = torch.addmm(x3.view(-1, x3.shape[-1]), x3.view(-1, x3.shape[-1]) @ a, b.T,
+                            alpha=-1)  # fmt: skip
+            return y.view(xs.shape)
+        a, b = stack.a.index_select(0, slots), stack.b.index_select(0, slots)
+        return torch.baddbmm(x3, torch.bmm(x3, a), b.transpose(1, 2), alpha=-1).view(xs.shape)
+
+    return _transform_rows(x, rs, reflect)

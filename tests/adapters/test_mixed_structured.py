@@ -1,0 +1,194 @@
+"""The structured mixed-batch kernels (`splice.adapters.mixed_structured`): LoKr (Kronecker
+factors), OFT (stacked rotation blocks) and HRA (reflections as a low-rank input update).
+Rows of many such adapters (several ranks, block sizes, options) equal each row alone with
+no per-segment forward; the forms equal the adapters' own matrices on hand-computed inputs;
+the kinds that cannot be batched run per segment; the cache follows in-place changes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_mixed_batch import check_rows, model_with
+from tiny import inputs
+
+from splice.adapters import mixed_kernels
+from splice.adapters.layer import AdaptedLayer
+from splice.adapters.methods.hra import householder_product
+from splice.adapters.mixed_kernels import RowSlots
+from splice.adapters.mixed_structured import (
+    KronStack,
+    kron_cost,
+    kron_update,
+    reflection_form,
+    structured_kind,
+)
+
+ATTN = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+FF = {"llama": ["down_proj"], "gpt2": ["c_fc"], "bert": ["intermediate.dense"]}
+
+
+def structured_adapters(kind: str, count: int, seed: int) -> dict[str, tuple[str, dict]]:
+    """``count`` adapters: LoKr (not on GPT-2's Conv1D), OFT, HRA with random options, and a
+    few LoRA / IA3 (so the new kernels run next to the others in one layer)."""
+    rng = random.Random(seed)
+    attn, ff = ATTN[kind], FF[kind]
+    types = ["oft", "hra", "lora", "ia3"] + ([] if kind == "gpt2" else ["lokr", "lokr"])
+    out: dict[str, tuple[str, dict]] = {}
+    for i in range(count):
+        t = rng.choice(types)
+        if t == "lokr":
+            params = {
+                "r": rng.choice([1, 2, 4]),
+                "alpha": rng.choice([1, 4, 8]),
+                "decompose_both": rng.random() < 0.5,
+                "decompose_factor": rng.choice([-1, 2, 4]),
+                "target_modules": attn + ff,
+            }
+        elif t == "oft":
+            size = rng.choice([2, 4, 8])
+            params = {
+                "r": 0,
+                "oft_block_size": size,
+                "block_share": rng.random() < 0.3,
+                "use_cayley_neumann": rng.random() < 0.5,
+                "target_modules": attn + ff,
+            }
+        elif t == "hra":
+            params = {
+                "r": rng.choice([2, 3, 4, 10]),
+                "apply_GS": rng.random() < 0.5,
+                "target_modules": attn + ff,
+            }
+        elif t == "lora":
+            params = {"r": rng.randint(2, 6), "target_modules": attn}
+        else:
+            params = {"target_modules": attn + ff, "feedforward_modules": ff}
+        out[f"{t}{i}"] = (t, params)
+    return out
+
+
+def no_segment_path(*_a, **_k):
+    raise AssertionError("a kernel adapter ran per segment")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_random_assignments_of_structured_adapters(kind: str, monkeypatch) -> None:
+    """Property: random rows ← adapters (10 of LoKr / OFT / HRA with random options, some
+    LoRA / IA3, or the base); every row equals the row alone; no row runs per segment."""
+    setups = structured_adapters(kind, 10, seed=5)
+    am = model_with(kind, setups)
+    for _, layer in am.adapted_layers():  # every adapter of these options has a kernel
+        for name, module in layer.adapters.items():
+            assert mixed_kernels.kernel_kind(module, layer.base_layer) is not None, name
+    names = list(setups)
+    rng = random.Random(4)
+    for trial in range(5):
+        rows = rng.randint(2, 9)
+        row_names = [rng.choice([*names, "__base__"]) for _ in range(rows)]
+        if len(set(row_names)) == 1:
+            row_names.append("__base__")
+        with monkeypatch.context() as m:
+            m.setattr(AdaptedLayer, "forward_alone", no_segment_path)
+            with torch.no_grad():
+                am(**inputs(seed=trial, batch=len(row_names)), adapter_names=row_names)
+        check_rows(am, row_names, seed=trial)
+
+
+PAIRS = {  # two adapters of one type, different options
+    "lokr": [{"r": 2, "alpha": 4}, {"r": 1, "decompose_both": True, "decompose_factor": 2}],
+    "oft": [{"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 8, "block_share": True}],
+    "hra": [{"r": 4}, {"r": 3, "apply_GS": True}],
+}
+
+
+@pytest.mark.parametrize("label", ["lokr", "oft", "hra"])
+def test_one_adapter_on_every_row_and_on_few_rows(label: str) -> None:
+    """All rows one adapter (the uniform path), and one row of many (the gathered subset)."""
+    targets = {"target_modules": ["q_proj", "v_proj", "down_proj"]}
+    setups = {f"{label}{i}": (label, {**p, **targets}) for i, p in enumerate(PAIRS[label])}
+    am = model_with("llama", setups)
+    first, second = setups
+    check_rows(am, [first] * 3)
+    check_rows(am, [first, "__base__", "__base__", "__base__", second])
+
+
+def test_kron_update_hand_computed() -> None:
+    """W1 = [[1, 2]] (1×2), W2 = [[1], [3]] (2×1), s = 0.5: ΔW = 0.5 [[1, 2], [3, 6]]; for
+    x = (1, 1): ΔW x = (1.5, 4.5); the zero slot gives 0. Both product orders."""
+    w1 = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]]]) * 0.5
+    w2 = torch.tensor([[[1.0], [3.0]], [[0.0], [0.0]]])
+    x = torch.tensor([[[1.0, 1.0]], [[1.0, 1.0]]])  # 2 rows, 1 position, in = 2
+    rs = RowSlots(torch.tensor([0, 1]), None)
+    for w1_first in (True, False):
+        got = kron_update(x, KronStack({"k": 0}, w1, w2, w1_first), rs)
+        torch.testing.assert_close(got, torch.tensor([[[1.5, 4.5]], [[0.0, 0.0]]]))
+    # per token: W2 first costs b·c·(d + a), W1 first a·d·(c + b)
+    assert kron_cost(4, 8, 2, 2) == (4 * 2 * 10, True)  # W2 first: 2·8·6 = 96
+    assert kron_cost(8, 4, 2, 2) == (2 * 4 * 10, False)  # W1 first: 8·2·6 = 96
+
+
+def test_reflection_form_is_the_householder_product() -> None:
+    """H = H_1 ⋯ H_r = I − B Aᵀ, so x Hᵀ = x − (x A) Bᵀ (compact WY; Gram–Schmidt:
+    I − 2 Q Qᵀ). By hand: u = 2 e_1 gives diag(−1, 1); u_1 = u_2 gives I (a pair cancels)."""
+    a, b = reflection_form(torch.tensor([[2.0], [0.0]]), apply_gs=False)
+    torch.testing.assert_close(
+        torch.eye(2, dtype=a.dtype) - b @ a.T, torch.diag(torch.tensor([-1.0, 1.0], dtype=a.dtype))
+    )
+    pair = torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]])
+    a, b = reflection_form(pair, apply_gs=False)
+    torch.testing.assert_close(b @ a.T, torch.zeros(3, 3, dtype=a.dtype), atol=1e-12, rtol=0)
+    u = torch.randn(7, 4, generator=torch.Generator().manual_seed(0))
+    for gs in (False, True):
+        a, b = reflection_form(u, gs)
+        want = householder_product(u.double(), gs)
+        torch.testing.assert_close(torch.eye(7, dtype=a.dtype) - b @ a.T, want)
+        assert (b @ a.T - a @ b.T).abs().max() > 1e-3 or gs  # H is not symmetric (no GS)
+
+
+def test_kinds_that_run_per_segment() -> None:
+    """COFT (rewrites its parameter at every forward), OFT dropout in training, HRA in
+    another dtype than the base, a LoKr costing more than the dense ΔW: no kernel; their
+    rows are still right."""
+    attn = ["q_proj", "v_proj"]
+    setups = {
+        "coft": ("oft", {"r": 0, "oft_block_size": 4, "coft": True, "target_modules": attn}),
+        "drop": (
+            "oft",
+            {"r": 0, "oft_block_size": 4, "module_dropout": 0.5, "target_modules": attn},
+        ),
+        "h64": ("hra", {"r": 2, "target_modules": attn}),
+        "big": ("lokr", {"r": 2, "decompose_factor": 1, "target_modules": attn}),
+        "ok": ("oft", {"r": 0, "oft_block_size": 4, "target_modules": attn}),
+    }
+    am = model_with("llama", setups)
+    layer = next(layer for _, layer in am.adapted_layers())
+    layer.adapters["h64"].double()
+    kinds = {n: structured_kind(m, layer.base_layer) for n, m in layer.adapters.items()}
+    assert kinds == {"coft": None, "drop": "oft", "h64": None, "big": None, "ok": "oft"}
+    layer.adapters["drop"].train()
+    assert structured_kind(layer.adapters["drop"], layer.base_layer) is None
+    layer.adapters["drop"].eval()
+    check_rows(am, ["coft", "drop", "ok", "__base__", "big", "h64"])
+
+
+@pytest.mark.parametrize("what", ["lokr", "oft", "hra", "base_weight"])
+def test_cache_follows_in_place_changes(what: str) -> None:
+    attn = ["q_proj", "v_proj"]
+    setups = {
+        "lokr": ("lokr", {"r": 2, "alpha": 4, "target_modules": attn}),
+        "oft": ("oft", {"r": 0, "oft_block_size": 4, "target_modules": attn}),
+        "hra": ("hra", {"r": 2, "target_modules": attn}),
+    }
+    am = model_with("llama", setups)
+    names = ["hra", "lokr", "oft", "__base__"]
+    before = check_rows(am, names)[0]
+    layer = next(layer for path, layer in am.adapted_layers() if path.endswith("v_proj"))
+    with torch.no_grad():
+        if what == "base_weight":
+            layer.base_layer.weight.add_(0.3)
+        else:
+            next(iter(layer.adapters[what].parameters())).add_(0.3)  # HRA: not a rescaling
+    after = check_rows(am, names)[0]
+    assert (after - before).abs().max() > 1e-4
