@@ -56,6 +56,16 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       examples: 16                # validation examples per task (a seeded sample)
       budget: 40                  # CMA-ES objective evaluations per task
       seed: 0
+    twin:                         # compose: [..., twin_merging] (every kind; bench.twin)
+      shared: task_arithmetic     # the merge holding the shared knowledge
+      shared_params: {lambda: 0.3}  # its parameters (the paper: TA, λ = 0.29)
+      fraction: 0.1               # exclusive rank per matrix: ⌊min(m, n) · fraction⌋
+      rank: null                  # or a fixed rank (instead of fraction)
+      epochs: 50                  # router MLP on the validation splits (AdamW, lr, batch)
+      lr: 5.0e-4
+      batch_size: 64
+      seed: 0
+      top_k: null                 # null: dense softmax weights (the paper); k: top-k renormalized
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -184,7 +194,8 @@ class SearchSettings(_Strict):
         return v
 
 
-ComposeRow = Literal["oracle", "retrieval", "lorahub"]
+ComposeRow = Literal["oracle", "retrieval", "lorahub", "twin_merging"]
+TWIN_ROW = "twin_merging"  # a row of every kind's table; the others route LoRA adapters
 DEFAULT_COMPOSE: list[str] = ["oracle", "retrieval"]  # the rows that need no extra training
 
 
@@ -197,6 +208,28 @@ class LoraHubSettings(_Strict):
     examples: int = Field(16, gt=0)
     budget: int = Field(40, gt=0)
     seed: int = 0
+
+
+class TwinSettings(_Strict):
+    """The ``twin_merging`` rows (`splice.bench.twin`)."""
+
+    shared: str = "task_arithmetic"
+    shared_params: dict[str, Any] = Field(default_factory=lambda: {"lambda": 0.3})
+    fraction: float | None = Field(0.1, gt=0, le=1)
+    rank: int | None = Field(None, gt=0)
+    epochs: int = Field(50, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(64, gt=1)
+    seed: int = 0
+    top_k: int | None = Field(None, gt=0)
+
+    @field_validator("shared_params")
+    @classmethod
+    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
+        found = first_nonfinite(v)
+        if found:
+            raise ValueError(f"{found[0]} = {found[1]!r} must be a finite number")
+        return v
 
 
 class BenchConfig(_Strict):
@@ -215,6 +248,7 @@ class BenchConfig(_Strict):
     compose: list[ComposeRow] | None = None
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)
+    twin: TwinSettings = Field(default_factory=TwinSettings)
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)
@@ -229,9 +263,11 @@ class BenchConfig(_Strict):
     @field_validator("compose")
     @classmethod
     def _compose_needs_lora(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if v and "lora" not in info.data.get("kinds", ["lora"]):
+        lora_rows = [r for r in v or [] if r != TWIN_ROW]
+        if lora_rows and "lora" not in info.data.get("kinds", ["lora"]):
             raise ValueError(
-                f"{v} route between the LoRA experts; add lora to kinds (or set compose: [])"
+                f"{lora_rows} route between the LoRA experts; add lora to kinds (or drop them "
+                "from compose)"
             )
         return v
 

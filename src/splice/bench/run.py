@@ -15,7 +15,8 @@ Order of work, one progress bar over all of it:
 6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
    unmerged and chosen per example (oracle: task id given; retrieval: by centroid
    similarity; lorahub: one searched composition per task), each with its measured
-   inference cost relative to the pretrained model;
+   inference cost relative to the pretrained model; ``twin_merging`` (`bench.twin`) is a
+   composition row of every kind: shared merge + routed per-task exclusive knowledge;
 7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 import splice
 from splice.bench import report
 from splice.bench.backbone import Base, prepare_base
-from splice.bench.config import BenchConfig
+from splice.bench.config import TWIN_ROW, BenchConfig
 from splice.bench.evaluate import Evaluator, train_probe_heads
 from splice.bench.experts import Expert, get_expert
 from splice.bench.merging import merge_backbones
@@ -128,8 +129,11 @@ def _run_bench(
         run_searches(  # 5b. coefficient searches ("ties+search", bench.search)
             runner, cfg.kinds, searched, cfg.search, ev, base.folder, experts, cfg.merge.seed, out
         )
-        if cfg.compose_rows:  # 6. composition rows
+        if [r for r in cfg.compose_rows if r != TWIN_ROW]:  # 6. composition rows
             runner.compose(ev, experts["lora"])
+        if TWIN_ROW in cfg.compose_rows:  # 6b. Twin-Merging, every kind (bench.twin)
+            for kind in cfg.kinds:
+                runner.twin(ev, kind, base.folder, experts[kind])
     results = BenchResults(  # 7. outputs
         config=cfg.model_dump(mode="json"),
         machine=machine(),
@@ -371,7 +375,7 @@ class _Runner:
     def compose(self, ev: Evaluator, pool: dict[str, Expert]) -> None:
         """The composition rows on the LoRA experts (`splice.bench.routing`); a failure is
         recorded as a merge's is, and the run goes on."""
-        rows = self.cfg.compose_rows
+        rows = [r for r in self.cfg.compose_rows if r != TWIN_ROW]
         before = self.units
         try:
             self._compose(ev, pool, rows)
@@ -380,6 +384,41 @@ class _Runner:
             tqdm.write(f"splice bench: lora composition rows failed, skipped: {msg}")
             self.failed.append(Failure("lora", "+".join(rows), msg))
             self.done(len(rows) - (self.units - before))
+
+    def twin(self, ev: Evaluator, kind: str, base_folder: Path, pool: dict[str, Expert]) -> None:
+        """The ``twin_merging`` row of ``kind`` (`splice.bench.twin`); a failure is recorded
+        as a merge's is, and the run goes on."""
+        from splice.bench.routing import base_forward_seconds
+        from splice.bench.twin import run_twin, twin_note
+
+        self.step(f"{kind} twin_merging")
+        s = self.cfg.twin
+        try:
+            heads = {name: e.heads[name] for name, e in pool.items()}
+            base_state = ev.base.backbone_state()
+            reference = base_forward_seconds(ev, base_state)
+            res = run_twin(ev, base_folder, pool, s, heads, self.cfg.merge.seed)
+            reference = (reference + base_forward_seconds(ev, base_state)) / 2
+        except (SpliceError, RuntimeError, ValueError) as e:
+            msg = f"{type(e).__name__}: {e}"
+            tqdm.write(f"splice bench: {kind} twin_merging failed, skipped: {msg}")
+            self.failed.append(Failure(kind, TWIN_ROW, msg))
+        else:
+            size = {"rank": s.rank} if s.rank else {"fraction": s.fraction}
+            params = {"shared": s.shared, **size, **({"top_k": s.top_k} if s.top_k else {})}
+            self.rows.append(
+                Row(
+                    kind,
+                    "composed",
+                    TWIN_ROW,
+                    res.test,
+                    params,
+                    inference_cost=round(res.seconds / reference, 2),
+                    routing=res.routing,
+                    note=twin_note(res, s),
+                )
+            )
+        self.done()
 
     def _compose(self, ev: Evaluator, pool: dict[str, Expert], which: list[str]) -> None:
         from splice.bench.routing import RoutedModel, base_forward_seconds
@@ -390,7 +429,7 @@ class _Runner:
         routed = RoutedModel(ev, pool)
         reference = base_forward_seconds(ev, base_state)
         results: dict[str, tuple[Any, dict[str, Any] | None]] = {}
-        for what in which:
+        for what in [w for w in which if w != TWIN_ROW]:
             self.step(f"lora {what}")
             if what == "oracle":
                 results[what] = (routed.oracle(heads), None)
@@ -449,7 +488,9 @@ def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: Be
     train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
     # + probe, multitask eval, per-kind baselines, composition rows
     searches = len(cfg.search.methods) * len(kinds)
-    return merges + searches + train + 2 + len(kinds) + len(cfg.compose_rows)
+    twin = len(kinds) if TWIN_ROW in cfg.compose_rows else 0
+    lora_rows = len(cfg.compose_rows) - (TWIN_ROW in cfg.compose_rows)
+    return merges + searches + train + 2 + len(kinds) + lora_rows + twin
 
 
 def _cpu_name() -> str:
