@@ -56,6 +56,17 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       examples: 16                # validation examples per task (a seeded sample)
       budget: 40                  # CMA-ES objective evaluations per task
       seed: 0
+    gate:                         # compose: [..., gate]: a trained gate over the frozen LoRA
+      levels: [sequence]          #   experts (bench.gating); a row per level: sequence | token
+      top_k: 2                    # experts kept per routing position (null: dense)
+      balance_coef: 0.01          # load-balancing loss weight
+      lr: null                    # null: training.head_lr
+      epochs: null                # null: training.epochs
+    fusion:                       # compose: [..., fusion]: AdapterFusion per task (bench.fusing)
+      lr: 5.0e-5                  # the fusion layers' learning rate
+      head_lr: null               # the task head's (null: training.head_lr)
+      epochs: null                # null: training.epochs
+      regularization: 0.01        # weight of sum ||I - V||^2 in the loss
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -184,7 +195,7 @@ class SearchSettings(_Strict):
         return v
 
 
-ComposeRow = Literal["oracle", "retrieval", "lorahub"]
+ComposeRow = Literal["oracle", "retrieval", "lorahub", "gate", "fusion"]
 DEFAULT_COMPOSE: list[str] = ["oracle", "retrieval"]  # the rows that need no extra training
 
 
@@ -197,6 +208,39 @@ class LoraHubSettings(_Strict):
     examples: int = Field(16, gt=0)
     budget: int = Field(40, gt=0)
     seed: int = 0
+
+
+class GateSettings(_Strict):
+    """The ``gate`` row (`splice.bench.gating`). Defaults: top-2 and a 0.01 balance loss are
+    MixLoRA's router defaults (TUDB-Labs/MixLoRA: top_k 2, router_aux_loss_coef 0.01);
+    ``sequence`` and the head's learning rate are the bench's choice (a task is a property
+    of the whole example; the gate, like a head, starts from scratch)."""
+
+    levels: list[Literal["sequence", "token"]] = Field(
+        default_factory=lambda: ["sequence"], min_length=1
+    )
+    top_k: int | None = Field(2, ge=1)
+    balance_coef: float = Field(0.01, ge=0)
+    lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"levels must be distinct, got {v}")
+        return v
+
+
+class FusionSettings(_Strict):
+    """The ``fusion`` rows (`splice.bench.fusing`). Defaults: learning rate 5e-5 and the
+    0.01 ‖I − V‖² regularization are Pfeiffer et al. 2021's (§4.2) / AdapterHub's "dynamic"
+    fusion; the head's learning rate and the epochs are the bench's, as for the experts."""
+
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    regularization: float = Field(0.01, ge=0)
 
 
 class BenchConfig(_Strict):
@@ -215,6 +259,8 @@ class BenchConfig(_Strict):
     compose: list[ComposeRow] | None = None
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)  # bench.gating
+    fusion: FusionSettings = Field(default_factory=FusionSettings)  # bench.fusing
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)
@@ -231,8 +277,17 @@ class BenchConfig(_Strict):
     def _compose_needs_lora(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if v and "lora" not in info.data.get("kinds", ["lora"]):
             raise ValueError(
-                f"{v} route between the LoRA experts; add lora to kinds (or set compose: [])"
+                f"{v} compose the LoRA experts and there are none; add lora to kinds (or set "
+                "compose: [])"
             )
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_top_k(cls, v: GateSettings, info: ValidationInfo) -> GateSettings:
+        n = len(info.data.get("tasks") or [])
+        if "gate" in (info.data.get("compose") or []) and v.top_k is not None and v.top_k > n:
+            raise ValueError(f"top_k={v.top_k} but there are {n} LoRA experts (one per task)")
         return v
 
     @property

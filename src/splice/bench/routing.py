@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,12 @@ class RoutedModel:
     ) -> torch.Tensor:
         """The head's input for one batch, row r running ``sets[r]`` (None: the active
         adapters for every row)."""
+        return self.capture(lambda: self.am(**batch, adapter_names=sets))
+
+    @torch.no_grad()
+    def capture(self, forward: Callable[[], Any]) -> torch.Tensor:
+        """The head's input during ``forward()`` (a forward of this model; the trained rows
+        run it through a gate or a fusion)."""
         captured: list[torch.Tensor] = []
 
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
@@ -101,10 +108,10 @@ class RoutedModel:
         handle = head_of(self.model, self.ev.base.head_name).register_forward_pre_hook(hook)
         try:
             with autocast(self.ev.precision):
-                self.am(**batch, adapter_names=sets)
+                forward()
         finally:
             handle.remove()
-        return captured[0]
+        return captured[-1]
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
