@@ -21,8 +21,8 @@ uniform mixed-adapter average (the tests check this against the routed model's f
 
 Cached as the experts are (`splice.bench.cache`): one folder per task, keyed as the gate's
 (`splice.bench.gating.composition_key`) plus the target task and the fusion settings, holding
-the fusion folder (`splice.compose.fusion_io`), ``heads.safetensors`` (the task's trained head)
-and ``meta.json``.
+the fusion folder (`splice.compose.fusion_io`, the task's trained head included: what ``splice
+train --method fusion`` writes for a classifier) and ``meta.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from splice.bench.backbone import State, TaskHeads, load_heads, save_heads
+from splice.bench.backbone import State, TaskHeads, head_of
 from splice.bench.cache import bench_root
 from splice.bench.config import BenchConfig
 from splice.bench.experts import Expert, _mixed_batches
@@ -73,9 +73,11 @@ def get_fusion(
     folder = bench_root() / "fusions" / f"fusion-{task}-{key[:16]}"
     block = fusion_block(routed, task)
     if (folder / "meta.json").is_file():
+        # a template of the task's head in place, which load_fusion fills with the saved one
+        setattr(routed.model, routed.ev.base.head_name, routed.ev.head_module(task, heads[task]))
         load_fusion(routed.am, folder, load_adapters=False, activate=False)
         meta = json.loads((folder / "meta.json").read_text())
-        return block, load_heads(folder / "heads.safetensors")[task], {**meta, "cached": True}
+        return block, _head_state(routed), {**meta, "cached": True}
     from splice.train.loop import fit
 
     torch.manual_seed(t.seed)
@@ -109,9 +111,9 @@ def get_fusion(
                 ],
                 progress=progress,
             )
-            write_fusion_files(routed.am, block.name, tmp)
-            head_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            save_heads(tmp / "heads.safetensors", {task: head_state})
+            head_name = routed.ev.base.head_name  # TaskHeads put the task's head there
+            write_fusion_files(routed.am, block.name, tmp, head=head_name)
+            head_state = _head_state(routed)
             meta = {"key": key, **settings, **summary.record()}
             meta["seconds_total"] = round(time.perf_counter() - start, 2)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -119,6 +121,11 @@ def get_fusion(
         routed.am.set_active([])
         routed.am.eval()
     return block, head_state, {**meta, "cached": False}
+
+
+def _head_state(routed: RoutedModel) -> State:
+    head = head_of(routed.model, routed.ev.base.head_name)
+    return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
 def fusion_result(routed: RoutedModel, fused: dict[str, tuple[Fuse, State]]) -> RoutedResult:
