@@ -35,7 +35,9 @@ pass is included; the centroids and LoraHub's search are done once, offline, and
 LoraHub's composed adapter is timed as it runs here, unfolded (folded, it would cost 1). A
 merged backbone has the base's architecture, so the merge rows' cost is 1 by construction.
 Nothing here trains a parameter, so nothing is cached: the adapters are the cached LoRA
-experts', and a LoraHub search is ``budget`` forward passes over a few examples per task.
+experts', and a LoraHub search is ``budget`` forward passes over a few examples per task. The
+rows that train over these adapters, cached, are `splice.bench.gating` (a trained gate) and
+`splice.bench.fusing` (AdapterFusion).
 """
 
 from __future__ import annotations
