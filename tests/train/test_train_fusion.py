@@ -120,6 +120,20 @@ def test_seq_cls_fusion_trains_the_head_and_loads_back(tiny_bert_dir, fruit_csv,
     assert again["loss"] == pytest.approx(res.after["test"]["loss"], rel=1e-5)
     assert again["accuracy"] == res.after["test"]["accuracy"]
 
+    # a head of another size is refused, and the model is left as it was
+    from splice.adapters import AdapterStateError
+    from splice.compose import CompositionError
+
+    other, _, _ = load_for_task(str(tiny_bert_dir), "seq_cls", 3, ["a", "b", "c"])
+    am3 = AdapterModel(other)
+    with pytest.raises(AdapterStateError, match=r"classifier.weight: saved shape \(2, 32\)"):
+        load_fusion(am3, out)
+    assert not am3.fusions and not am3.configs
+    meta = json.loads((out / "fusion_config.json").read_text())
+    (out / "fusion_config.json").write_text(json.dumps({**meta, "head": "nohead"}))
+    with pytest.raises(CompositionError, match="the saved head 'nohead' is not a module"):
+        load_fusion(AdapterModel(load_for_task(str(tiny_bert_dir), "seq_cls", 2)[0]), out)
+
 
 def _saved_config(out):
     import yaml
