@@ -394,14 +394,16 @@ class _Runner:
         if what == "gate":
             g, out = self.cfg.gate, {}
             for level in g.levels:
-                mixture, meta = gating.get_gate(routed, pool, heads, self.cfg, level, False)
+                mixture, meta = gating.get_gate(routed, pool, heads, self.cfg, level, self.progress)
                 params = {"top_k": g.top_k, "balance_coef": g.balance_coef}
                 res = gating.gate_result(routed, mixture, heads)
                 out[f"gate ({level})"] = (res, params, gating.gate_note(meta))
             return out
         fused, metas = {}, []
         for task in heads:
-            block, head, meta = fusing.get_fusion(routed, pool, heads, self.cfg, task, False)
+            block, head, meta = fusing.get_fusion(
+                routed, pool, heads, self.cfg, task, self.progress
+            )
             fused[task] = (block, head)
             metas.append(meta)
         res = fusing.fusion_result(routed, fused)
