@@ -92,10 +92,7 @@ def test_example_configs_are_valid():
     "over, match",
     [
         ({"compose": ["oracle"], "kinds": ["full"]}, "'compose': .*add lora to kinds"),
-        (
-            {"compose": ["gate"]},
-            "'compose.0': Input should be 'oracle', 'retrieval', 'lorahub' or 'twin_merging'",
-        ),
+        ({"compose": ["mixture"]}, "'compose.0': Input should be 'oracle', 'retrieval', "),
         ({"compose": ["oracle", "oracle"]}, "compose must be distinct"),
         ({"retrieval": {"k": 0}}, "'retrieval.k'"),
         ({"retrieval": {"temperature": 0}}, "'retrieval.temperature'"),

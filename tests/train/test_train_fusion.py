@@ -69,6 +69,72 @@ def test_fusion_training_lowers_the_loss_and_loads_back(
     assert again["loss"] == pytest.approx(res["after"]["test"]["loss"], rel=1e-5)
 
 
+def test_seq_cls_fusion_trains_the_head_and_loads_back(tiny_bert_dir, fruit_csv, tmp_path):
+    """On a sequence classifier the new head trains with the fusion and is saved with it:
+    the folder loaded into a fresh classifier (another random head) gives the same test
+    loss as at the end of training."""
+    from transformers import AutoModelForSequenceClassification
+
+    from splice.adapters import AdapterModel, make_config, save_adapter
+    from splice.compose import load_fusion
+    from splice.train import data as D
+    from splice.train.loop import evaluate_classification
+    from splice.train.models import load_for_task
+    from splice.train.run import run_training
+
+    am = AdapterModel(AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir))
+    folders = {}
+    for i, name in enumerate(["a", "b"]):
+        lora = {"r": 2, "lora_alpha": 4, "target_modules": ["query", "value"]}
+        am.add_adapter(name, make_config("lora", lora))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in am.adapter_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        folders[name] = str(save_adapter(am, tmp_path / name, name))
+    cfg = parse_train_config(
+        {
+            "model": str(tiny_bert_dir),
+            "task": "seq_cls",
+            "data": {"train": str(fruit_csv)},
+            "adapter": {"method": "fusion", "experts": folders},
+            "steps": 30,
+            "lr": 1e-2,
+            "batch_size": 8,
+        }
+    )
+    out = tmp_path / "fusion"
+    res = run_training(cfg, out, progress=False)
+    # the fusion (2 layers x query, value: Q, K 32x32 + 32, V 32x32) and the head (32x2 + 2)
+    assert res.trainable_params == 4 * (3 * 32 * 32 + 2 * 32) + (32 * 2 + 2)
+    assert (out / "head.safetensors").is_file()
+    assert json.loads((out / "fusion_config.json").read_text())["head"] == "classifier"
+
+    torch.manual_seed(123)  # another fresh head than training's
+    model, tok, _ = load_for_task(str(tiny_bert_dir), "seq_cls", 2, ["animal", "fruit"])
+    fresh = AdapterModel(model.eval())
+    load_fusion(fresh, out)
+    parts = D.classification_splits(cfg)["parts"]
+    p = parts["test"]
+    again = evaluate_classification(fresh, D.cls_batches(p.texts, p.labels, tok, 8, 64, None))
+    assert again["loss"] == pytest.approx(res.after["test"]["loss"], rel=1e-5)
+    assert again["accuracy"] == res.after["test"]["accuracy"]
+
+    # a head of another size is refused, and the model is left as it was
+    from splice.adapters import AdapterStateError
+    from splice.compose import CompositionError
+
+    other, _, _ = load_for_task(str(tiny_bert_dir), "seq_cls", 3, ["a", "b", "c"])
+    am3 = AdapterModel(other)
+    with pytest.raises(AdapterStateError, match=r"classifier.weight: saved shape \(2, 32\)"):
+        load_fusion(am3, out)
+    assert not am3.fusions and not am3.configs
+    meta = json.loads((out / "fusion_config.json").read_text())
+    (out / "fusion_config.json").write_text(json.dumps({**meta, "head": "nohead"}))
+    with pytest.raises(CompositionError, match="the saved head 'nohead' is not a module"):
+        load_fusion(AdapterModel(load_for_task(str(tiny_bert_dir), "seq_cls", 2)[0]), out)
+
+
 def _saved_config(out):
     import yaml
 
@@ -80,8 +146,7 @@ def test_fusion_config_errors(two_adapters):
     fusion = {"method": "fusion", "experts": {k: str(v) for k, v in two_adapters.items()}}
     parse_train_config({**base, "adapter": fusion})
     parse_train_config({**base, "adapter": {**fusion, "composition": {"fuse": ["b", "a"]}}})
-    with pytest.raises(TrainConfigError, match="task causal_lm only"):
-        parse_train_config({**base, "task": "seq_cls", "adapter": fusion})
+    parse_train_config({**base, "task": "seq_cls", "adapter": fusion})  # with a head
     with pytest.raises(TrainConfigError, match=r"'regularisation': unknown key \(did you mean"):
         parse_train_config({**base, "adapter": {**fusion, "regularisation": 0}})
     with pytest.raises(TrainConfigError, match="adapter: 'experts': Field required"):

@@ -66,6 +66,17 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       batch_size: 64
       seed: 0
       top_k: null                 # null: dense softmax weights (the paper); k: top-k renormalized
+    gate:                         # compose: [..., gate]: a trained gate over the frozen LoRA
+      levels: [sequence]          #   experts (bench.gating); a row per level: sequence | token
+      top_k: 2                    # experts kept per routing position (null: dense)
+      balance_coef: 0.01          # load-balancing loss weight
+      lr: null                    # null: training.head_lr
+      epochs: null                # null: training.epochs
+    fusion:                       # compose: [..., fusion]: AdapterFusion per task (bench.fusing)
+      lr: 5.0e-5                  # the fusion layers' learning rate
+      head_lr: null               # the task head's (null: training.head_lr)
+      epochs: null                # null: training.epochs
+      regularization: 0.01        # weight of sum ||I - V||^2 in the loss
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -194,7 +205,7 @@ class SearchSettings(_Strict):
         return v
 
 
-ComposeRow = Literal["oracle", "retrieval", "lorahub", "twin_merging"]
+ComposeRow = Literal["oracle", "retrieval", "lorahub", "gate", "fusion", "twin_merging"]
 TWIN_ROW = "twin_merging"  # a row of every kind's table; the others route LoRA adapters
 DEFAULT_COMPOSE: list[str] = ["oracle", "retrieval"]  # the rows that need no extra training
 
@@ -232,6 +243,39 @@ class TwinSettings(_Strict):
         return v
 
 
+class GateSettings(_Strict):
+    """The ``gate`` row (`splice.bench.gating`). Defaults: top-2 and a 0.01 balance loss are
+    MixLoRA's router defaults (TUDB-Labs/MixLoRA: top_k 2, router_aux_loss_coef 0.01);
+    ``sequence`` and the head's learning rate are the bench's choice (a task is a property
+    of the whole example; the gate, like a head, starts from scratch)."""
+
+    levels: list[Literal["sequence", "token"]] = Field(
+        default_factory=lambda: ["sequence"], min_length=1
+    )
+    top_k: int | None = Field(2, ge=1)
+    balance_coef: float = Field(0.01, ge=0)
+    lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"levels must be distinct, got {v}")
+        return v
+
+
+class FusionSettings(_Strict):
+    """The ``fusion`` rows (`splice.bench.fusing`). Defaults: learning rate 5e-5 and the
+    0.01 ‖I − V‖² regularization are Pfeiffer et al. 2021's (§4.2) / AdapterHub's "dynamic"
+    fusion; the head's learning rate and the epochs are the bench's, as for the experts."""
+
+    lr: float = Field(5e-5, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    regularization: float = Field(0.01, ge=0)
+
+
 class BenchConfig(_Strict):
     model: str = "minilm"
     tasks: list[str] = Field(min_length=2)
@@ -249,6 +293,8 @@ class BenchConfig(_Strict):
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)
     twin: TwinSettings = Field(default_factory=TwinSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)  # bench.gating
+    fusion: FusionSettings = Field(default_factory=FusionSettings)  # bench.fusing
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)
@@ -266,9 +312,17 @@ class BenchConfig(_Strict):
         lora_rows = [r for r in v or [] if r != TWIN_ROW]
         if lora_rows and "lora" not in info.data.get("kinds", ["lora"]):
             raise ValueError(
-                f"{lora_rows} route between the LoRA experts; add lora to kinds (or drop them "
-                "from compose)"
+                f"{lora_rows} compose the LoRA experts and there are none; add lora to kinds "
+                "(or drop them from compose)"
             )
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_top_k(cls, v: GateSettings, info: ValidationInfo) -> GateSettings:
+        n = len(info.data.get("tasks") or [])
+        if "gate" in (info.data.get("compose") or []) and v.top_k is not None and v.top_k > n:
+            raise ValueError(f"top_k={v.top_k} but there are {n} LoRA experts (one per task)")
         return v
 
     @property

@@ -35,13 +35,16 @@ pass is included; the centroids and LoraHub's search are done once, offline, and
 LoraHub's composed adapter is timed as it runs here, unfolded (folded, it would cost 1). A
 merged backbone has the base's architecture, so the merge rows' cost is 1 by construction.
 Nothing here trains a parameter, so nothing is cached: the adapters are the cached LoRA
-experts', and a LoraHub search is ``budget`` forward passes over a few examples per task.
+experts', and a LoraHub search is ``budget`` forward passes over a few examples per task. The
+rows that train over these adapters, cached, are `splice.bench.gating` (a trained gate) and
+`splice.bench.fusing` (AdapterFusion).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +96,12 @@ class RoutedModel:
     ) -> torch.Tensor:
         """The head's input for one batch, row r running ``sets[r]`` (None: the active
         adapters for every row)."""
+        return self.capture(lambda: self.am(**batch, adapter_names=sets))
+
+    @torch.no_grad()
+    def capture(self, forward: Callable[[], Any]) -> torch.Tensor:
+        """The head's input during ``forward()`` (a forward of this model; the trained rows
+        run it through a gate or a fusion)."""
         captured: list[torch.Tensor] = []
 
         def hook(_module: Any, args: tuple[Any, ...]) -> None:
@@ -101,10 +110,10 @@ class RoutedModel:
         handle = head_of(self.model, self.ev.base.head_name).register_forward_pre_hook(hook)
         try:
             with autocast(self.ev.precision):
-                self.am(**batch, adapter_names=sets)
+                forward()
         finally:
             handle.remove()
-        return captured[0]
+        return captured[-1]
 
     @torch.no_grad()
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

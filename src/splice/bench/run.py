@@ -14,9 +14,11 @@ Order of work, one progress bar over all of it:
    (config ``search``, `bench.search`): "METHOD+search" rows;
 6. the composition rows (`bench.routing`, config ``compose``): the LoRA experts kept
    unmerged and chosen per example (oracle: task id given; retrieval: by centroid
-   similarity; lorahub: one searched composition per task), each with its measured
-   inference cost relative to the pretrained model; ``twin_merging`` (`bench.twin`) is a
-   composition row of every kind: shared merge + routed per-task exclusive knowledge;
+   similarity; lorahub: one searched composition per task; gate: a trained gate,
+   `bench.gating`; fusion: AdapterFusion per task, `bench.fusing`; both cached), each with
+   its measured inference cost relative to the pretrained model; ``twin_merging``
+   (`bench.twin`) is a composition row of every kind: shared merge + routed per-task
+   exclusive knowledge;
 7. the tables scored against each kind's experts, written with the sweeps, the skipped and
    failed methods and the timing (`results.BenchResults`, `report.write_outputs`).
 
@@ -428,7 +430,7 @@ class _Runner:
         base_state = ev.base.backbone_state()
         routed = RoutedModel(ev, pool)
         reference = base_forward_seconds(ev, base_state)
-        results: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        results: dict[str, tuple[Any, ...]] = {}
         for what in [w for w in which if w != TWIN_ROW]:
             self.step(f"lora {what}")
             if what == "oracle":
@@ -438,26 +440,53 @@ class _Runner:
                 centroids = routed.centroids()
                 params = {"k": r.k, "temperature": r.temperature}
                 results[what] = (routed.retrieval(heads, centroids, r.k, r.temperature), params)
-            else:
+            elif what == "lorahub":
                 h = self.cfg.lorahub
                 found = routed.lorahub(heads, h.examples, h.budget, h.seed)
                 results[what] = (found, {"examples": h.examples, "budget": h.budget})
+            else:  # trained over the experts, cached: bench.gating, bench.fusing
+                results.update(self._trained(what, routed, pool, heads))
             self.done()
         reference = (reference + base_forward_seconds(ev, base_state)) / 2
-        for what, (res, params) in results.items():
+        for what, (res, params, *note) in results.items():
             cost = round(res.seconds / reference, 2)
+            name = f"{what} routing" if what in ("oracle", "retrieval") else what
             self.rows.append(
                 Row(
                     "lora",
                     "composed",
-                    what if what == "lorahub" else f"{what} routing",
+                    name,
                     res.test,
                     params,
                     inference_cost=cost,
                     routing=res.routing,
                     weights=res.weights,
+                    note=note[0] if note else None,
                 )
             )
+
+    def _trained(self, what: str, routed: Any, pool: dict[str, Expert], heads: dict) -> dict:
+        """The gate rows (one per level) or the fusion row: row name -> (result, params,
+        note)."""
+        from splice.bench import fusing, gating
+
+        if what == "gate":
+            g, out = self.cfg.gate, {}
+            for level in g.levels:
+                mixture, meta = gating.get_gate(routed, pool, heads, self.cfg, level, self.progress)
+                params = {"top_k": g.top_k, "balance_coef": g.balance_coef}
+                res = gating.gate_result(routed, mixture, heads)
+                out[f"gate ({level})"] = (res, params, gating.gate_note(meta))
+            return out
+        fused, metas = {}, []
+        for task in heads:
+            block, head, meta = fusing.get_fusion(
+                routed, pool, heads, self.cfg, task, self.progress
+            )
+            fused[task] = (block, head)
+            metas.append(meta)
+        res = fusing.fusion_result(routed, fused)
+        return {"fusion": (res, {"lr": self.cfg.fusion.lr}, fusing.fusion_note(metas))}
 
 
 def _load(e: Expert) -> dict[str, torch.Tensor]:

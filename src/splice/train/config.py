@@ -90,8 +90,6 @@ def parse_train_config(data: Any, where: str = "train config") -> TrainConfig:
     if cfg.method == "fusion":  # AdapterFusion over frozen adapters (splice.train.fusion)
         from splice.train.fusion import fusion_settings
 
-        if cfg.task != "causal_lm":
-            raise TrainConfigError(f"{where}: method fusion: task causal_lm only (for now)")
         fusion_settings(cfg.adapter, where=f"{where}: adapter")
         return cfg
     from splice.adapters import make_config

@@ -15,8 +15,10 @@ Only the fusion's parameters train (the base model and the fused adapters are fr
 loss is the task's plus ``regularization`` · Σ ‖I − V‖²_F (AdapterHub's fusion
 regularization). The output folder is a fusion folder (`splice.compose.fusion_io`: the fusion's
 safetensors and JSON config, the fused adapters copied in) plus the usual training logs;
-``splice.compose.load_fusion(am, folder)`` loads it back. Task: causal_lm (a classification
-fusion would also need a new head trained and saved: not yet).
+``splice.compose.load_fusion(am, folder)`` loads it back. Tasks: causal_lm (the LM head stays
+frozen) and seq_cls: there the classifier's new head trains with the fusion (Pfeiffer et al.
+2021, the target task's head; same learning rate) and is saved in the fusion folder
+(``head.safetensors``), which `load_fusion` restores.
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ def fusion_settings(adapter: dict[str, Any], where: str = "adapter") -> FusionTr
     return settings
 
 
-def setup_fusion(am: Any, settings: FusionTrainSettings) -> nn.Module:
-    """Load the adapters frozen into ``am``, add the fusion, activate it. Returns the
-    `AdapterFusion` (its parameters are the only trainable ones)."""
+def setup_fusion(am: Any, settings: FusionTrainSettings, head: str | None = None) -> nn.Module:
+    """Load the adapters frozen into ``am``, add the fusion, activate it; ``head``: the
+    model's head module, trained with the fusion (a classifier's new head). Returns the
+    `AdapterFusion` (its parameters, and the head's, are the only trainable ones)."""
     from splice.adapters import load_adapter
 
     block = settings.block()
@@ -83,6 +86,9 @@ def setup_fusion(am: Any, settings: FusionTrainSettings) -> nn.Module:
         load_adapter(am, folder, name, trainable=False, activate=False)
     am.add_fusion(block, settings.fusion_config())
     am.set_active(block)
+    if head is not None:
+        for p in am.model.get_submodule(head).parameters():
+            p.requires_grad_(True)
     return am.fusions[block.name]
 
 

@@ -121,10 +121,13 @@ def run_training(
         am = AdapterModel(model)
         # trained: what the optimizer steps through; evaluated: what the metrics run
         trained: Any = am
+        head = None  # a classifier's head trained with a fusion
         if mixture_cfg:
             trained = build_mixture(am, mixture_cfg)  # loads the experts; only the gate trains
         elif fusion_cfg:
-            fusion = setup_fusion(am, fusion_cfg)  # loads the adapters; only the fusion trains
+            # loads the adapters; only the fusion trains (and a classifier's new head)
+            head = head_names(model)[0] if cls is not None and head_names(model) else None
+            fusion = setup_fusion(am, fusion_cfg, head)
             trained = RegularizedFusion(am, fusion)
         else:
             am.add_adapter("default", adapter_cfg)
@@ -187,7 +190,9 @@ def run_training(
             write_mixture_files(trained, partial, mixture_cfg.experts)
         elif fusion_cfg:
             name = fusion_cfg.block().name
-            write_fusion_files(am, name, partial, base_model_name_or_path=str(model_folder))
+            write_fusion_files(
+                am, name, partial, base_model_name_or_path=str(model_folder), head=head
+            )
         else:
             save_adapter_files(am, partial, base_model_name_or_path=str(model_folder))
         (partial / "eval.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
