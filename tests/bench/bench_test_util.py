@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The tiny tasks' vocabulary: label keywords per class of each task, filler words, specials.
+FILLERS = ["the", "movie", "was", "film", "plot", "very", "quite", "and", "really", "a"]
+TASKS = {
+    "sentiment": {"pos": ["good", "great", "nice"], "neg": ["bad", "awful", "poor"]},
+    "topic": {
+        "sport": ["goal", "match", "team"],
+        "food": ["bread", "soup", "cheese"],
+        "tech": ["code", "chip", "robot"],
+    },
+}
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
 
 def tiny_config(model: Path, tasks: list[Path], **over) -> dict:
     cfg = {

@@ -9,17 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-FILLERS = ["the", "movie", "was", "film", "plot", "very", "quite", "and", "really", "a"]
-TASKS = {
-    "sentiment": {"pos": ["good", "great", "nice"], "neg": ["bad", "awful", "poor"]},
-    "topic": {
-        "sport": ["goal", "match", "team"],
-        "food": ["bread", "soup", "cheese"],
-        "tech": ["code", "chip", "robot"],
-    },
-}
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from bench_test_util import FILLERS, SPECIAL, TASKS
 
 
 def _vocab() -> list[str]:

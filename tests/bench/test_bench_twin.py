@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_test_util import tiny_config
+from bench_test_util import FILLERS, SPECIAL, TASKS, tiny_config
 
-from conftest import FILLERS, SPECIAL, TASKS
 from splice.bench import parse_bench_config, run_bench
 from splice.bench.config import BenchConfigError
 from splice.compose.twin_merging import TwinMerging
