@@ -56,6 +56,8 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       examples: 16                # validation examples per task (a seeded sample)
       budget: 40                  # CMA-ES objective evaluations per task
       seed: 0
+    lm:                           # causal-LM pools only (model: smollm2; bench.lm_run)
+      max_new_tokens: 8           # greedy tokens generated per exact-match prompt
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -199,6 +201,12 @@ class LoraHubSettings(_Strict):
     seed: int = 0
 
 
+class LMSettings(_Strict):
+    """A causal-LM pool's settings (`splice.bench.lm_run`; docs/bench-lm.md)."""
+
+    max_new_tokens: int = Field(8, gt=0)
+
+
 class BenchConfig(_Strict):
     model: str = "minilm"
     tasks: list[str] = Field(min_length=2)
@@ -215,6 +223,7 @@ class BenchConfig(_Strict):
     compose: list[ComposeRow] | None = None
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     lorahub: LoraHubSettings = Field(default_factory=LoraHubSettings)
+    lm: LMSettings = Field(default_factory=LMSettings)  # causal-LM pools (bench.lm_run)
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)

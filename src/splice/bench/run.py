@@ -69,7 +69,11 @@ WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
 
 def run_bench(cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = True) -> BenchResults:
     """Run the whole benchmark (see the module docstring); returns its results, also written
-    under ``out``."""
+    under ``out``. A causal-LM ``model`` runs the LM pool instead (`bench.lm_run`)."""
+    from splice.bench.lm_run import is_causal_lm, run_lm_bench
+
+    if is_causal_lm(cfg.model):
+        return run_lm_bench(cfg, out, progress)  # type: ignore[return-value]
     start = time.perf_counter()
     out = Path(out)  # 1. the methods, the output folder
     planned, skipped = select_methods(

@@ -5,6 +5,7 @@ every task's test split; write a table, JSON and plots."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -14,7 +15,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_bench_config(args.config)
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
-    print_results(run_bench(cfg, args.out, progress=not args.quiet), args.out)
+    results = run_bench(cfg, args.out, progress=not args.quiet)
+    if hasattr(results, "timing"):
+        print_results(results, args.out)
+    else:  # a causal-LM pool (splice.bench.lm_run)
+        print(f"\n{(Path(args.out) / 'results.md').read_text()}results in {args.out}/")
     return 0
 
 
