@@ -43,7 +43,7 @@ def _cfg(model, tasks, **over):
         "full": {"lr": 3e-3},
         "lora": {"lr": 1e-2, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "merge": {
-            "methods": ["task_arithmetic", "linear"],
+            "methods": ["task_arithmetic", "linear", "lora:svd"],
             "params": {"task_arithmetic": {"lambda": 0.0}},
             "grids": {"task_arithmetic": {"lambda": [0.0, 0.5]}},
         },
@@ -97,6 +97,7 @@ def test_lm_pool_end_to_end(lm_pool, bench_cache, tmp_path):
             want = normalized_loss(pre[n]["loss"], lin.test[n]["loss"], experts.test[n]["loss"])
             assert lin.normalized[n] == pytest.approx(want)
         assert ("task_arithmetic", "tuned") in rows
+        assert (("lora:svd", "default") in rows) == (kind == "lora")  # LoRA experts only
     # the second run reuses every expert
     again = run_bench(_cfg(model, tasks), tmp_path / "out2")
     assert all(e["cached"] for k in again.experts.values() for e in k.values())

@@ -151,8 +151,6 @@ def run_lm_bench(
     )
     skipped += not_applicable(cfg, planned)
     planned = [p for p in planned if not p.data_aware]
-    if "lora" not in cfg.kinds:
-        planned = [p for p in planned if not p.low_rank]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prepare_work_folder(out)
@@ -202,6 +200,8 @@ def run_lm_bench(
         rows.append(row("baseline", "experts", ex_test))
         folders = [experts[kind][t.name].folder for t in tasks]
         for p in planned:
+            if p.low_rank and kind != "lora":
+                continue  # lora:NAME merges the LoRA experts' adapters
             log(f"{kind} {p.name}")
             try:
                 rows.extend(
