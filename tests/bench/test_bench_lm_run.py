@@ -114,3 +114,18 @@ def test_unknown_lm_task_is_a_clear_error(lm_pool, bench_cache, tmp_path):
     model, tasks = lm_pool
     with pytest.raises(SpliceError, match=r"wordnet_glosses"):
         run_bench(_cfg(model, [tasks[0], "wordnet_gloss"]), tmp_path / "o")
+
+
+def test_cli_prints_the_lm_table(lm_pool, bench_cache, tmp_path, capsys):
+    import yaml
+
+    from splice.cli import main
+
+    model, tasks = lm_pool
+    cfg = _cfg(model, tasks[:2], kinds=["lora"]).model_dump(mode="json")
+    cfg["merge"] = {"methods": ["linear"]}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["bench", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "causal-LM pool" in printed and "| linear (default) |" in printed

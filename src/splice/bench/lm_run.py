@@ -154,6 +154,9 @@ def run_lm_bench(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     prepare_work_folder(out)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per weight load is noise
     tasks: list[LMTaskData] = [prepare_lm_task(t, cfg.data) for t in cfg.tasks]
     folder = resolve_model(cfg.model)
     model, tok, _ = load_for_task(str(folder), "causal_lm")
