@@ -77,6 +77,8 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       head_lr: null               # the task head's (null: training.head_lr)
       epochs: null                # null: training.epochs
       regularization: 0.01        # weight of sum ||I - V||^2 in the loss
+    lm:                           # causal-LM pools only (model: smollm2; bench.lm_run)
+      max_new_tokens: 8           # greedy tokens generated per exact-match prompt
     eval_batch_size: 64
     precision: auto               # auto | float32 | bfloat16 (autocast; see bench.precision)
     threads: null                 # torch CPU threads (null: torch's default)
@@ -276,6 +278,12 @@ class FusionSettings(_Strict):
     regularization: float = Field(0.01, ge=0)
 
 
+class LMSettings(_Strict):
+    """A causal-LM pool's settings (`splice.bench.lm_run`; docs/bench-lm.md)."""
+
+    max_new_tokens: int = Field(8, gt=0)
+
+
 class BenchConfig(_Strict):
     model: str = "minilm"
     tasks: list[str] = Field(min_length=2)
@@ -295,6 +303,7 @@ class BenchConfig(_Strict):
     twin: TwinSettings = Field(default_factory=TwinSettings)
     gate: GateSettings = Field(default_factory=GateSettings)  # bench.gating
     fusion: FusionSettings = Field(default_factory=FusionSettings)  # bench.fusing
+    lm: LMSettings = Field(default_factory=LMSettings)  # causal-LM pools (bench.lm_run)
     eval_batch_size: int = Field(64, gt=0)
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     threads: int | None = Field(None, gt=0)

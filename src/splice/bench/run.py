@@ -81,7 +81,14 @@ def run_bench(
 ) -> BenchResults:
     """Run the whole benchmark (see the module docstring); returns its results, also written
     under ``out``. ``ray``: run the training and merge units as Ray tasks on the cluster at
-    that address (``"local"``: a local instance; `splice.bench.ray_run`), same results."""
+    that address (``"local"``: a local instance; `splice.bench.ray_run`), same results. A
+    causal-LM ``model`` runs the LM pool instead (`bench.lm_run`; not on Ray yet)."""
+    from splice.bench.lm_run import is_causal_lm, run_lm_bench
+
+    if is_causal_lm(cfg.model):
+        if ray is not None:
+            raise SpliceError("--ray does not run causal-LM pools yet; run them without --ray")
+        return run_lm_bench(cfg, out, progress)  # type: ignore[return-value]
     if ray is None:
         return _run_bench(cfg, out, progress, False)
     from splice.engine.ray_pool import ray_session

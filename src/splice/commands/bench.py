@@ -5,6 +5,7 @@ every task's test split; write a table, JSON and plots."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from splice.commands._flags import add_ray_flag
 
@@ -17,7 +18,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads:
         cfg = cfg.model_copy(update={"threads": args.threads})
     results = run_bench(cfg, args.out, progress=not args.quiet, ray=args.ray)
-    print_results(results, args.out)
+    if hasattr(results, "timing"):
+        print_results(results, args.out)
+    else:  # a causal-LM pool (splice.bench.lm_run)
+        print(f"\n{(Path(args.out) / 'results.md').read_text()}results in {args.out}/")
     return 0
 
 

@@ -1,0 +1,318 @@
+"""`splice bench` on a causal-LM pool: experts per text domain, merged, scored by held-out
+loss / perplexity and greedy exact match (docs/bench-lm.md).
+
+A config whose ``model`` resolves to a causal LM (config.json ``architectures`` ending in
+``ForCausalLM``: ``model: smollm2``, an HF causal-LM folder) runs here instead of the
+classifier bench (`bench.run.run_bench` dispatches). Order of work:
+
+1. the methods (`bench.methods.select_methods`, the same rows as the classifier bench) and
+   what does not apply to an LM pool, each with its reason (the linear probe, the
+   multi-task model, composition rows, coefficient searches, AdaMerging: they need
+   classifier heads or the classifier evaluator); the output folder;
+2. the tasks (`bench.lm_tasks`), the model, its validation / test parts prepared once;
+3. the experts of each kind (`bench.lm_experts`, cached);
+4. baselines on test: the pretrained model on every task, each expert on its own task;
+5. per kind and method: the sweep grid merged (`bench.merging.merge_backbones`, the real
+   engine on the experts' HF folders) and scored on validation, the default and the best
+   grid point ("tuned") on test. The selection score is the mean over tasks of the
+   *normalized* validation score (`bench.lm_evaluate`: the loss gain share, exact match
+   over the expert's), so loss and exact-match tasks weigh alike; tasks whose expert did
+   not beat the pretrained model are left out of it. Test data never informs a choice.
+6. results.json and results.md under ``out``.
+
+Evaluation is in float32 (``precision`` applies to the classifier bench).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from splice.bench.config import BenchConfig
+from splice.bench.experts import Expert
+from splice.bench.lm_evaluate import (
+    LMEvaluator,
+    Metrics,
+    normalized_exact_match,
+    normalized_loss,
+)
+from splice.bench.lm_tasks import LMTaskData, prepare_lm_task
+from splice.bench.methods import PlannedMethod, SkippedMethod, select_methods
+from splice.errors import SpliceError
+
+Scores = dict[str, Metrics]  # task -> metrics
+
+
+def is_causal_lm(ref: str) -> bool:
+    """Whether ``ref`` resolves to a causal LM (its config.json's architectures)."""
+    from splice.train.models import ModelNotFoundError, resolve_model
+
+    try:
+        folder = resolve_model(ref)
+    except ModelNotFoundError:
+        return False  # the classifier bench reports it, after the config's own checks
+    config = json.loads((folder / "config.json").read_text())
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+@dataclass
+class LMRow:
+    kind: str
+    group: str  # baseline | merged
+    method: str
+    test: Scores
+    normalized: dict[str, float | None] = field(default_factory=dict)
+    avg_normalized: float | None = None
+    params: dict[str, Any] | None = None
+    variant: str | None = None
+    merge_seconds: float | None = None
+    validation_score: float | None = None
+
+
+@dataclass
+class LMBenchResults:
+    config: dict[str, Any]
+    tasks: dict[str, dict[str, Any]]
+    pretrained: Scores
+    experts: dict[str, dict[str, dict[str, Any]]]
+    rows: list[LMRow]
+    skipped: list[SkippedMethod]
+    failed: list[dict[str, str]]
+    seconds: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["skipped"] = [asdict(s) for s in self.skipped]
+        return out
+
+
+def not_applicable(cfg: BenchConfig, planned: list[PlannedMethod]) -> list[SkippedMethod]:
+    """What a config asks for that an LM pool does not run, each with its reason."""
+    out = []
+    if cfg.baselines.probe:
+        out.append(SkippedMethod("linear probe", "classification only (a head on features)"))
+    if cfg.baselines.multitask:
+        out.append(SkippedMethod("multi-task", "not implemented for LM pools"))
+    for row in cfg.compose or []:
+        out.append(SkippedMethod(row, "composition rows route classifier experts' heads"))
+    for m in cfg.search.methods:
+        out.append(SkippedMethod(f"{m}+search", "coefficient search uses the classifier evaluator"))
+    for p in planned:
+        if p.data_aware:
+            out.append(SkippedMethod(p.name, "AdaMerging's entropy objective needs a classifier"))
+    return out
+
+
+def score(test: Scores, experts: Scores, pretrained: Scores) -> dict[str, float | None]:
+    """Normalized score per task (`bench.lm_evaluate`)."""
+    out: dict[str, float | None] = {}
+    for name, m in test.items():
+        if "exact_match" in m:
+            out[name] = normalized_exact_match(m["exact_match"], experts[name]["exact_match"])
+        else:
+            out[name] = normalized_loss(pretrained[name]["loss"], m["loss"], experts[name]["loss"])
+    return out
+
+
+def make_row(
+    kind: str, experts: Scores, pretrained: Scores, group: str, method: str, test: Scores, **kw: Any
+) -> LMRow:
+    """A row of ``kind``'s table, scored against its experts."""
+    norm = score(test, experts, pretrained)
+    return LMRow(kind, group, method, test, norm, mean_defined(norm), **kw)
+
+
+def mean_defined(values: dict[str, float | None]) -> float | None:
+    got = [v for v in values.values() if v is not None and math.isfinite(v)]
+    return sum(got) / len(got) if got else None
+
+
+def run_lm_bench(
+    cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = True
+) -> LMBenchResults:
+    from splice.bench.cache import model_identity
+    from splice.bench.lm_experts import check_target_modules, get_lm_expert
+    from splice.io.out_location import prepare_work_folder
+    from splice.train.models import load_for_task, resolve_model
+
+    start = time.perf_counter()
+    out = Path(out)
+    planned, skipped = select_methods(
+        cfg.merge.methods, len(cfg.tasks), cfg.merge.params, cfg.merge.grids, cfg.merge.sweep
+    )
+    skipped += not_applicable(cfg, planned)
+    planned = [p for p in planned if not p.data_aware]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prepare_work_folder(out)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per weight load is noise
+    tasks: list[LMTaskData] = [prepare_lm_task(t, cfg.data) for t in cfg.tasks]
+    folder = resolve_model(cfg.model)
+    model, tok, _ = load_for_task(str(folder), "causal_lm")
+    if "lora" in cfg.kinds:
+        check_target_modules(model, list(cfg.lora.target_modules))
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ev = LMEvaluator(
+        model, tok, tasks, cfg.training.max_length, cfg.eval_batch_size, cfg.lm.max_new_tokens
+    )
+    log = (lambda s: tqdm.write(f"splice bench: {s}")) if progress else (lambda s: None)
+    pretrained = {"test": ev.evaluate(base_state, "test"), "val": ev.evaluate(None, "validation")}
+    t_prep = time.perf_counter() - start
+    identity = model_identity(folder)
+    experts: dict[str, dict[str, Expert]] = {}
+    for kind in cfg.kinds:
+        experts[kind] = {}
+        for t in tasks:
+            log(f"{kind} expert {t.name}")
+            experts[kind][t.name] = get_lm_expert(folder, identity, t, kind, cfg, progress)
+    t_train = time.perf_counter() - start - t_prep
+    rows: list[LMRow] = []
+    failed: list[dict[str, str]] = []
+    expert_info: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind in cfg.kinds:
+        ex_test: Scores = {}
+        ex_val: Scores = {}
+        for name, e in experts[kind].items():
+            state = _load(e.folder)
+            ex_test[name] = ev.evaluate(state, "test", [name])[name]
+            ex_val[name] = ev.evaluate(None, "validation", [name])[name]
+        expert_info[kind] = {
+            n: {
+                "test": ex_test[n],
+                "validation": ex_val[n],
+                "folder": str(e.folder),
+                "cached": e.cached,
+                **{k: e.meta.get(k) for k in ("steps", "train_seconds")},
+            }
+            for n, e in experts[kind].items()
+        }
+
+        row = partial(make_row, kind, ex_test, pretrained["test"])
+        rows.append(row("baseline", "pretrained", pretrained["test"]))
+        rows.append(row("baseline", "experts", ex_test))
+        folders = [experts[kind][t.name].folder for t in tasks]
+        for p in planned:
+            if p.low_rank and kind != "lora":
+                continue  # lora:NAME merges the LoRA experts' adapters
+            log(f"{kind} {p.name}")
+            try:
+                rows.extend(
+                    _method_rows(p, kind, cfg, ev, folder, folders, row, ex_val, pretrained["val"])
+                )
+            except (SpliceError, RuntimeError, ValueError) as e:
+                msg = f"{type(e).__name__}: {e}"
+                log(f"{kind} {p.name} failed, skipped: {msg}")
+                failed.append({"kind": kind, "method": p.name, "error": msg})
+    results = LMBenchResults(
+        config=cfg.model_dump(mode="json"),
+        tasks={t.name: {"kind": t.kind, "sizes": t.sizes()} for t in tasks},
+        pretrained=pretrained["test"],
+        experts=expert_info,
+        rows=rows,
+        skipped=skipped,
+        failed=failed,
+        seconds={
+            "total": round(time.perf_counter() - start, 1),
+            "prepare": round(t_prep, 1),
+            "train": round(t_train, 1),
+        },
+    )
+    from splice.bench.lm_report import render_markdown
+
+    (out / "results.json").write_text(json.dumps(results.to_json(), indent=2, default=str) + "\n")
+    (out / "results.md").write_text(render_markdown(results))
+    return results
+
+
+def _method_rows(p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val) -> list[LMRow]:
+    """One method's default and tuned rows (tuned: best mean normalized validation score)."""
+    from splice.bench.merging import merge_backbones
+    from splice.merge import get_method
+
+    def merge(params):
+        return merge_backbones(p.name, params, base_folder, folders, seed=cfg.merge.seed)
+
+    if p.sweep is None:
+        state, secs = merge(p.params)
+        test = ev.evaluate(state, "test")
+        return [
+            row(
+                "merged",
+                p.name,
+                test,
+                params=p.params,
+                variant="default",
+                merge_seconds=round(secs, 2),
+            )
+        ]
+    param, grid = p.sweep
+    default_value = p.params.get(param, get_method(p.name).param(param).default)
+    best = None
+    rows = []
+    for value in grid:
+        params = {**p.params, param: value}
+        state, secs = merge(params)
+        val = mean_defined(score(ev.evaluate(state, "validation"), ex_val, pre_val))
+        if value == default_value:
+            rows.append(
+                row(
+                    "merged",
+                    p.name,
+                    ev.evaluate(None, "test"),
+                    params=params,
+                    variant="default",
+                    merge_seconds=round(secs, 2),
+                    validation_score=val,
+                )
+            )
+        if val is not None and (best is None or val > best[0]):
+            best = (val, value, state, secs)
+    if not rows:
+        params = {**p.params, param: default_value}
+        state, secs = merge(params)
+        rows.append(
+            row(
+                "merged",
+                p.name,
+                ev.evaluate(state, "test"),
+                params=params,
+                variant="default",
+                merge_seconds=round(secs, 2),
+            )
+        )
+    if best is not None:
+        val, value, state, secs = best
+        rows.append(
+            row(
+                "merged",
+                p.name,
+                ev.evaluate(state, "test"),
+                params={**p.params, param: value},
+                variant="tuned",
+                merge_seconds=round(secs, 2),
+                validation_score=val,
+            )
+        )
+    return rows
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    from splice.reference import open_checkpoint
+
+    reader = open_checkpoint(str(folder))
+    try:
+        state = {n: reader.read(n).clone() for n in reader.names()}
+    finally:
+        reader.close()
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
