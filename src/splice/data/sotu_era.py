@@ -8,12 +8,13 @@ Source: ``package/data/<year>_<president>_<party>.json`` (233 addresses, 1790-20
 Choices:
 - Passages: each address is split into sentences (at whitespace after ``.``, ``!`` or
   ``?``, optionally followed by a closing quote or bracket) and consecutive sentences are
-  joined until a passage has at least ``min_words`` words (default 40, about 60 words on
-  average, within MiniLM's 64-token window mostly); a shorter tail is dropped. About 30,000
-  passages.
+  joined with one space until a passage has at least ``min_words`` words (default 40, about
+  60 on average; MiniLM's 64 tokens see roughly the first 45); a shorter tail is dropped. A
+  split after an abbreviation ("Mr.") only moves a passage boundary, since sentences are
+  joined again. 30,312 passages with the defaults.
 - Labels: the address's year in one of six 40-year eras (the last one 32 years):
-  1790-1829 ... 1990-2021. Passages per era (min_words 40): 2,310 / 6,920 / 8,258 /
-  4,621 / 4,409 / 3,775. Files are read in sorted name order.
+  1790-1829 ... 1990-2021. Passages per era (min_words 40): 2,310 / 6,912 / 8,239 /
+  4,629 / 4,445 / 3,777. Files are read in sorted name order.
 - Passages of one address are all in the same era, and a random split puts passages of an
   address on both sides: the test measures era recognition with the addresses seen, as
   for the other tasks' random splits.
