@@ -84,6 +84,10 @@ def test_example_configs_are_valid():
     cfg = load_bench_config(root / "benchmarks" / "bench_4tasks.yaml")
     assert cfg.tasks == ["tweet_sentiment", "bbc_news", "spam", "wordnet_supersense"]
     assert cfg.merge.methods == "core"
+    cfg8 = load_bench_config(root / "benchmarks" / "bench_8tasks.yaml")
+    assert cfg8.tasks[:4] == cfg.tasks and len(set(cfg8.tasks)) == 8
+    assert cfg8.data == cfg.data and cfg8.training == cfg.training
+    assert len(cfg8.merge.methods) == 10 and cfg8.merge.sweep
     demo = parse_bench_config(BENCH_DEMO)
     assert set(demo.kinds) == {"full", "lora"} and len(demo.tasks) == 3
 

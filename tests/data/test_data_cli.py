@@ -15,9 +15,16 @@ def test_list_shows_installed_and_missing(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"\nbbc_news +yes +6  3: business, sports, tech\n", out)
     assert re.search(r"\nwordnet_supersense +yes +3  26: noun\.Tops, noun\.act", out)
+    assert re.search(r"\nwordnet_verb_supersense +yes +2  15: verb\.body, verb\.change", out)
+    assert re.search(r"\nfortune_topic +yes +11  10: art, computers, education,", out)
+    assert re.search(r"\nfortune_language +yes +19  8: cs, de, en, eo, es, it, pl, pt\n", out)
+    assert re.search(r"\nsotu_era +yes +0  6: 1790-1829, 1830-1869, ", out)
     assert main(["data", "list", "--cache-dir", str(tmp_path / "empty")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\nspam +no +- +-\n", out)
+    assert re.search(
+        r"\nsotu_era +no +- +-\n +install: bash scripts/install_data\.sh sotu_era", out
+    )
     assert "install: bash scripts/install_data.sh" in out
 
 

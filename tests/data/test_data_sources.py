@@ -181,3 +181,39 @@ def test_wordnet_rejects_non_noun_lines_and_missing_file(tmp_path):
         load_wordnet_supersense(tmp_path)
     with pytest.raises(SourceMissingError, match="apt-get install -y wordnet-base"):
         load_wordnet_supersense(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- WordNet verbs
+# data.verb fixture: the real license header (lines starting with two spaces), breathe (29,
+# with frame fields "02 + 02 00 + 08 00" before the "|"), rain (43), and two synsets (30, a
+# 10-word "0a" synset; 41) sharing the gloss "change shape": a conflict, both dropped
+
+
+def test_wordnet_verb_labels_share_the_noun_parser():
+    from splice.data.wordnet_verb_supersense import VERB_LEXNAMES, load_wordnet_verb_supersense
+
+    assert len(VERB_LEXNAMES) == 15
+    assert VERB_LEXNAMES[0] == "verb.body" and VERB_LEXNAMES[-1] == "verb.weather"
+    ds = load_wordnet_verb_supersense(FIXTURES / "wordnet")
+    assert ds.label_names == VERB_LEXNAMES
+    assert ds.labels == (0, 14)  # lex file - 29: 29 -> 0 (verb.body), 43 -> 14 (verb.weather)
+    assert (
+        ds.texts[1] == 'precipitate as rain; "If it rains much more, we can expect some flooding"'
+    )
+    assert ds.info["conflicting_dropped"] == 2
+    full = load_wordnet_verb_supersense(FIXTURES / "wordnet", with_lemmas=True, dedupe=False)
+    assert full.labels == (0, 14, 1, 12)  # 30 -> verb.change, 41 -> verb.social
+    assert full.texts[0].startswith("breathe, take a breath, respire, suspire: draw air into")
+
+
+def test_wordnet_verb_rejects_noun_lines_and_missing_file(tmp_path):
+    from splice.data.wordnet_verb_supersense import load_wordnet_verb_supersense
+
+    (tmp_path / "data.verb").write_text("02084071 05 n 01 dog 0 000 | a dog\n")
+    with pytest.raises(DataError, match=r"line 1: lexicographer file 05 is not a verb file \(29"):
+        load_wordnet_verb_supersense(tmp_path)
+    (tmp_path / "data.verb").write_text("02000001 30 n 01 run 0 000 | move fast\n")
+    with pytest.raises(DataError, match="synset type 'n' is not 'v'"):
+        load_wordnet_verb_supersense(tmp_path)
+    with pytest.raises(SourceMissingError, match=r"wordnet_verb_supersense: .*wordnet-base"):
+        load_wordnet_verb_supersense(tmp_path / "nowhere")

