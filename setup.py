@@ -3,9 +3,11 @@
 - ``splice.delta._introselect``: the mergekit dialect's torch-sort-order top-k selection
   (`splice.delta.argsort_select`);
 - ``splice.merge.methods._ties_kernel``: the float32 TIES sign election and disjoint merge
-  in one pass (`splice.merge.methods._common.ties_combine_`).
+  in one pass (`splice.merge.methods._common.ties_combine_`);
+- ``splice.merge.methods._dare_kernel``: DARE's random drop with torch's own Bernoulli
+  draws (`splice.merge.methods.dare`).
 
-Both are optional: when no C compiler is available the build goes on without them and
+All are optional: when no C compiler is available the build goes on without them and
 splice uses its pure-Python paths, which give the same tensors, more slowly. No fused
 multiply-add (-ffp-contract=off): every operation rounds once, as torch's do.
 """
@@ -25,6 +27,12 @@ setup(
         Extension(
             "splice.merge.methods._ties_kernel",
             ["src/splice/merge/methods/_ties_kernel.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "splice.merge.methods._dare_kernel",
+            ["src/splice/merge/methods/_dare_kernel.c"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -25,7 +25,9 @@ What it does:
    differ, so its outputs are compared but not expected to be identical.
 3. Times each tool as a subprocess (the whole process: start-up, imports, merge, writing),
    --runs times per recipe (at least 2), interleaved (run 1 of splice and of every mergekit
-   configuration, then run 2, ...), and reports min and median wall time. Before every
+   configuration, then run 2, ...), and reports min and median wall time, and the median
+   CPU time (user + sys of the process tree, from GNU time: on a machine shared with other
+   jobs, the figure that still compares between tools and runs). Before every
    run the inputs are read once (page cache warm, the same state for every run) and
    `sync` flushes earlier runs' dirty pages, so no run pays for another's writes.
    mergekit-yaml is run in several configurations (defaults, -j 2, --async-write, both);
@@ -331,7 +333,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, fl
     with open(log, "wb") as lf:
         t0 = time.perf_counter()
         p = subprocess.Popen(
-            [TIME, "-f", "%M", "-o", str(rss_file), *cmd],
+            [TIME, "-f", "%U %S %M", "-o", str(rss_file), *cmd],
             stdout=lf,
             stderr=subprocess.STDOUT,
             env=env,
@@ -364,8 +366,13 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, fl
     if p.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} failed with {p.returncode}:\n{tail}")
-    maxrss_kb = int(rss_file.read_text().split()[-1])
-    return {"wall_s": wall, "maxrss_mb": maxrss_kb / 1024, "tree_rss_mb": peak_tree / 2**20}
+    user, system, maxrss_kb = rss_file.read_text().split()[-3:]
+    return {
+        "wall_s": wall,
+        "cpu_s": float(user) + float(system),
+        "maxrss_mb": int(maxrss_kb) / 1024,
+        "tree_rss_mb": peak_tree / 2**20,
+    }
 
 
 def executable(name: str) -> str:
@@ -399,7 +406,8 @@ def bench_run(
     read_all(files)
     res = run_measured(tool_cmd(tool, extra, recipe, out), env, out.with_name(out.name + ".log"))
     print(
-        f"  {tool:8} {cfg:9} {recipe.stem:24} run {r + 1}: {res['wall_s']:7.2f} s, "
+        f"  {tool:8} {cfg:9} {recipe.stem:24} run {r + 1}: {res['wall_s']:7.2f} s "
+        f"(CPU {res['cpu_s']:7.2f} s, load {os.getloadavg()[0]:5.1f}), "
         f"maxrss {res['maxrss_mb']:7.0f} MB, tree {res['tree_rss_mb']:7.0f} MB",
         flush=True,
     )
@@ -418,6 +426,7 @@ def bench_row(
         "runs": results,
         "wall_min_s": min(walls),
         "wall_median_s": statistics.median(walls),
+        "cpu_median_s": statistics.median(r["cpu_s"] for r in results),
         "peak_rss_mb": max(max(r["maxrss_mb"], r["tree_rss_mb"]) for r in results),
         "out": str(out),
     }
@@ -601,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in [sp, *mk_rows]:
                 r["speedup_vs_mergekit_median"] = best["wall_median_s"] / r["wall_median_s"]
                 r["speedup_vs_mergekit_min"] = best["wall_min_s"] / r["wall_min_s"]
+                r["cpu_speedup_vs_mergekit"] = best["cpu_median_s"] / r["cpu_median_s"]
                 r["memory_vs_mergekit"] = r["peak_rss_mb"] / best["peak_rss_mb"]
             print(f"  comparing splice and mergekit ({best['config']}) outputs ...", flush=True)
             checks[rname] = {
@@ -660,18 +670,21 @@ def print_table(
     print(f"\n== merge speed ({tag}; wall = whole process; RSS = peak of the process tree) ==")
     head = (
         f"{'tool':9} {'config':9} {'recipe':24} {'wall min':>9} {'median':>8} "
-        f"{'peak RSS MB':>11} {'speedup':>8} {'mem ratio':>9} {'vs floor':>8}"
+        f"{'peak RSS MB':>11} {'speedup':>8} {'mem ratio':>9} {'vs floor':>8} "
+        f"{'CPU median':>10} {'CPU speedup':>11}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         sp = r.get("speedup_vs_mergekit_median")
+        cs = r.get("cpu_speedup_vs_mergekit")
         mem = r.get("memory_vs_mergekit")
         print(
             f"{r['tool']:9} {r['config']:9} {r['recipe']:24} {r['wall_min_s']:>8.2f}s "
             f"{r['wall_median_s']:>7.2f}s {r['peak_rss_mb']:>11.0f} "
             f"{(f'{sp:.2f}x' if sp else '-'):>8} {(f'{mem:.2f}' if mem else '-'):>9} "
-            f"{r['wall_median_s'] / floor['floor_s']:>7.1f}x"
+            f"{r['wall_median_s'] / floor['floor_s']:>7.1f}x "
+            f"{r['cpu_median_s']:>9.2f}s {(f'{cs:.2f}x' if cs else '-'):>11}"
         )
     print(
         f"\nI/O floor: read {floor['read_bytes'] / 1e9:.2f} GB in {floor['read_s']:.2f} s + "
@@ -680,7 +693,8 @@ def print_table(
     )
     print(
         "speedup = mergekit's best median wall / this median wall; mem ratio = this peak "
-        "RSS / mergekit's best config's peak RSS"
+        "RSS / mergekit's best config's peak RSS; CPU = user + sys seconds of the process "
+        "tree (GNU time), the comparable figure on a machine shared with other jobs"
     )
     for name, c in checks.items():
         print(f"outputs, {name} (splice vs mergekit {c['mergekit_config']}): {summary(c)}")

@@ -64,8 +64,9 @@ STEPS: list[tuple[str, str, str, int, str | None]] = [
     ("splice.delta.argsort_select", "argsort_topk_mask", "torch-sort tie order", 4, None),
     ("splice.delta.argsort_select", "trim_like_argsort_", "compiled torch-order trim", 3, None),
     ("splice.merge.sparsify", "keep_rule_mask", "whole-model keep rule mask", 3, None),
-    ("splice.merge.methods.dare", "dare_mask", "DARE Bernoulli keep mask", 2, "selection"),
-    ("splice.merge.methods.dare", "dare_apply_", "DARE drop + rescale", 2, "selection"),
+    ("splice.merge.methods.dare", "dare_drop_", "DARE drop + rescale", 2, "selection"),
+    ("splice.merge.methods.dare", "dare_mask", "DARE Bernoulli keep mask (torch)", 3, None),
+    ("splice.merge.methods.dare", "dare_apply_", "DARE mask product + rescale", 3, None),
     ("splice.merge.methods._common", "elect_signs", "sign election", 2, "election"),
     (
         "splice.merge.methods._mergekit_precision",

@@ -26,6 +26,7 @@ def fixed_masks(monkeypatch):
     def use(*masks):
         queue = [torch.tensor(m) for m in masks]
         monkeypatch.setattr(dare_module, "dare_mask", lambda shape, density, gen: queue.pop(0))
+        monkeypatch.setattr(dare_module, "_dare_kernel", None)  # the draw goes through dare_mask
 
     return use
 
@@ -138,3 +139,53 @@ def test_inverse_rescale_preserves_expected_value():
     torch.testing.assert_close(mean_of_draws("inverse"), delta, atol=0.4, rtol=0)
     # without rescale the expectation shrinks to density * delta (std of mean <= 0.03)
     torch.testing.assert_close(mean_of_draws("none"), 0.3 * delta, atol=0.12, rtol=0)
+
+
+needs_kernel = pytest.mark.skipif(
+    dare_module._dare_kernel is None, reason="the _dare_kernel extension is not built"
+)
+
+
+def _torch_drop(delta, density, seed):
+    return delta * dare_module.dare_mask(delta.shape, density, dare_module.seeded_generator(seed))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("n", "density"),
+    [(1, 0.5), (312, 0.0), (313, 1.0), (624, 1e-9), (1000, 0.999999), (31337, 0.3)],
+)
+def test_compiled_drop_is_torchs_draw(dtype, n, density):
+    g = torch.Generator().manual_seed(n)
+    for seed in (0, 1, 2**32 - 1, 2**32 + 5, 2**63 - 1):
+        delta = (torch.randn(n, generator=g) * 1e-3).to(dtype)
+        delta[::7] = -delta[::7].abs()  # negative entries: dropped ones keep their sign (-0.0)
+        want = _torch_drop(delta, density, seed)
+        got = delta.clone()
+        buf = got.view(torch.int16) if dtype == torch.bfloat16 else got
+        assert dare_module._dare_kernel.drop(buf.numpy(), got.element_size(), seed, density)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_kernel
+def test_compiled_drop_leaves_non_finite_deltas_to_torch():
+    delta = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    assert not dare_module._dare_kernel.drop(delta.numpy(), 4, 7, 0.5)
+    assert torch.equal(delta[[0, 2]], torch.tensor([1.0, 2.0]))  # untouched
+    got = dare_module.dare_drop_(delta.clone(), 0.5, 7, "none")
+    want = _torch_drop(delta, 0.5, 7)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none", True, False])
+def test_dare_drop_compiled_equals_torch_path(monkeypatch, dtype, rescale):
+    delta = (torch.randn(64, 48, generator=torch.Generator().manual_seed(3)) * 0.01).to(dtype)
+    fast = dare_module.dare_drop_(delta.clone(), 0.3, 12345, rescale)
+    monkeypatch.setattr(dare_module, "_dare_kernel", None)
+    slow = dare_module.dare_drop_(delta.clone(), 0.3, 12345, rescale)
+    assert fast.count_nonzero() < delta.numel() * 0.5  # something was dropped
+    assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))

@@ -149,6 +149,9 @@ def test_passthrough():
 # float32 inside, rounded once), so every rounding and every sign election counts; the
 # mergekit dialect must give the same bits.
 LOW_PRECISION = [torch.bfloat16, torch.float16]
+# methods whose float32 statistics mergekit computes its own way (chunked SLERP norms,
+# float32 coefficients, Model Stock's / Karcher's operation order): same bits in float32 too
+WITH_FLOAT32 = [torch.float32, *LOW_PRECISION]
 
 
 def check_bits(name, base, tensors, params):
@@ -185,7 +188,7 @@ def test_linear_same_bits(normalize, dtype):
     check_bits("linear", None, [low(t, dtype) for t in tensors], params)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
 def test_slerp_same_bits(shape, t, dtype):
@@ -196,7 +199,16 @@ def test_slerp_same_bits(shape, t, dtype):
     check_bits("slerp", torch.zeros_like(a), [b], {"t": t})
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
+def test_slerp_same_bits_over_several_chunks(dtype):
+    # more entries than one of mergekit's 2^20-entry chunks: norms of chunk norms, chunked dot
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(1100, 1000, generator=g)
+    b = (a * 0.3 + torch.randn(1100, 1000, generator=g)).to(dtype)
+    check_bits("slerp", a.to(dtype), [b], {"t": 0.4})
+
+
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_same_bits(shape, filter_wise, dtype):
@@ -214,7 +226,7 @@ def test_della_deterministic_same_bits(name, dtype):
     check_bits(name, low(base, dtype), [low(t, dtype) for t in tensors], params)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_karcher_same_bits(shape, dtype):
     # mergekit iterates in the inputs' dtype (norms in float32): every step rounds

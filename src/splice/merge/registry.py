@@ -117,12 +117,16 @@ class MergeContext:
             )
         return self.model_stats[request]
 
+    def generator_seed(self, index: int) -> int:
+        """The seed of `generator(index)`: from (seed, tensor name, index), below 2^63."""
+        digest = hashlib.sha256(f"{self.seed}:{self.tensor_name}:{index}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
     def generator(self, index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, tensor name, index): deterministic and
         independent of execution order and threads."""
-        digest = hashlib.sha256(f"{self.seed}:{self.tensor_name}:{index}".encode()).digest()
         g = torch.Generator(device="cpu")
-        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        g.manual_seed(self.generator_seed(index))
         return g
 
 

@@ -69,15 +69,30 @@ def drop_(
     of δ's shape), used by "inverse". ``l1``: |δ|_1 when the caller has measured it (else
     it is measured here, in δ's dtype).
     """
-    mode = "l1" if rescale is True else "none" if rescale is False else rescale
+    mode = rescale_mode(rescale)
     if mode == "l1" and l1 is None:
         l1 = delta.abs().sum()
     delta.mul_(keep.to(delta.device))
+    return rescale_kept_(delta, mode, keep_prob, l1)
+
+
+def rescale_mode(rescale: Rescale) -> Literal["inverse", "l1", "none"]:
+    """The rescale rule's name (a boolean has mergekit's meaning: true "l1", false "none")."""
+    return "l1" if rescale is True else "none" if rescale is False else rescale
+
+
+def rescale_kept_(
+    delta: Tensor, rescale: Rescale, keep_prob: Tensor | float = 1.0, l1: Tensor | None = None
+) -> Tensor:
+    """The rescale half of `drop_`, in place, on a δ whose dropped entries are already zero
+    (``l1``: |δ|_1 before the drop, required for "l1")."""
+    mode = rescale_mode(rescale)
     if mode == "inverse":
         if isinstance(keep_prob, Tensor):
             return delta.div_(keep_prob.to(delta.device, delta.dtype))
         return rescale_inverse(delta, keep_prob)
     if mode == "l1":
+        assert l1 is not None
         rescale_l1(l1, delta)
     return delta
 

@@ -56,6 +56,14 @@ def mergekit_low_precision(ctx: MergeContext, dtype: torch.dtype) -> bool:
     return ctx.dialect == "mergekit" and dtype in LOW_PRECISION
 
 
+def mergekit_arithmetic(ctx: MergeContext, dtype: torch.dtype) -> bool:
+    """True when the mergekit dialect computes in float16, bfloat16 or float32: the methods
+    whose float32 statistics mergekit takes its own way (SLERP's chunked norms and float32
+    coefficients, Model Stock's and Karcher's operation order) repeat mergekit's ops then
+    too, so that float32 recipes give mergekit's bits as well."""
+    return ctx.dialect == "mergekit" and dtype in (*LOW_PRECISION, torch.float32)
+
+
 def gta_combine(
     base: Tensor,
     deltas: Sequence[Tensor],

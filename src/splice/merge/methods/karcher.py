@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.merge.methods._mergekit_precision import karcher_in_dtype, mergekit_low_precision
+from splice.merge.methods._mergekit_precision import karcher_in_dtype, mergekit_arithmetic
 from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
@@ -85,7 +85,7 @@ def karcher(
     ctx: MergeContext,
 ) -> Tensor:
     """Riemannian (Karcher) mean of the models on the hypersphere, times their mean norm."""
-    if len(tensors) > 1 and mergekit_low_precision(ctx, tensors[0].dtype):
+    if len(tensors) > 1 and mergekit_arithmetic(ctx, tensors[0].dtype):
         total = sum(weight)
         return karcher_in_dtype(tensors, [w / total for w in weight], max_iter, tol)
     return karcher_mean(tensors, weight, max_iter=max_iter, tol=tol)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from splice.merge.methods._common import deltas_
 from splice.merge.methods._mergekit_precision import (
-    mergekit_low_precision,
+    mergekit_arithmetic,
     model_stock_in_dtype,
 )
 from splice.merge.registry import MergeContext, merge_method
@@ -66,7 +66,7 @@ def model_stock(
     """Move from the base towards the average by the ratio t from the task-vector angle."""
     if filter_wise is not None:
         scope = "row" if filter_wise else "tensor"
-    if mergekit_low_precision(ctx, base.dtype):
+    if mergekit_arithmetic(ctx, base.dtype):
         return model_stock_in_dtype(base, tensors, filter_wise=scope == "row")
     deltas = deltas_(base, tensors)
     rows = [rows_view(d) if scope == "row" else d.reshape(1, -1) for d in deltas]

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.merge.methods._common import own_inputs
-from splice.merge.methods._mergekit_precision import mergekit_low_precision, slerp_float32
+from splice.merge.methods._mergekit_precision import mergekit_arithmetic, slerp_float32
 from splice.merge.registry import MergeContext, merge_method
 
 DOT_THRESHOLD = 0.9995
@@ -63,7 +63,7 @@ def slerp(
 ) -> Tensor:
     """Spherical interpolation from the base (t = 0) to the other model (t = 1)."""
     (other,) = own_inputs(base, tensors)
-    if mergekit_low_precision(ctx, base.dtype):
+    if mergekit_arithmetic(ctx, base.dtype):
         return slerp_float32(base, other, t)
     a, b = base.reshape(-1), other.reshape(-1)
     norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float32))
