@@ -5,10 +5,11 @@
 the same expert backbones as the data-free rows, on both kinds (a LoRA expert is folded into
 its base, so its backbone is a full state dict and the same methods apply). The data:
 expert k's own task's *train* split (never validation or test), a seeded sample of
-``examples`` examples (default 256, FusionBench's ``num_fisher_examples`` /
-``num_regmean_examples`` default; the RegMean paper uses up to 1000 training examples per
-task: 256 keeps the statistics under a quarter of the 4-task run's smallest train split and
-its cost small next to training), run through expert k (its backbone and its own head).
+``examples`` examples (default 256: FusionBench's ``num_fisher_examples`` /
+``num_regmean_examples`` default; the RegMean paper is recalled to use about 1000 training
+examples per task, not re-checked here; 256 is a proper subset of every train split of
+benchmarks/bench_4tasks.yaml, the smallest being spam's 400, and costs seconds per expert),
+run through expert k (its backbone and its own head).
 
 - ``fisher`` (Matena & Raffel 2022): the diagonal empirical Fisher of each expert
   (`collect_fisher`, per-example squared gradients of the cross-entropy of the true label),
