@@ -65,3 +65,18 @@ def test_constant_fisher_is_magnitude_pruning():
 def test_missing_fisher_is_an_error():
     with pytest.raises(MergeValidationError, match="no Fisher"):
         _graft(torch.zeros(2), [torch.ones(2)], [None], density=0.5)
+
+
+def test_merge_with_statistics_takes_the_base():
+    """The state-dict entry point (`merge_with_statistics(..., base=)`, what `splice bench`
+    uses) gives the hand-computed graft; without a base it is an error."""
+    from splice.merge.data_merge import merge_with_statistics
+
+    base = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "n": torch.tensor([3])}
+    theta = {"w": base["w"] + torch.tensor([1.0, 2.0, -3.0, 4.0]), "n": torch.tensor([3])}
+    fisher = {"w": torch.tensor([16.0, 1.0, 1.0, 0.01])}
+    out = merge_with_statistics("fisher_graft", [theta], [fisher], base=base, density=0.5)
+    assert torch.equal(out["w"], torch.tensor([2.0, 1.0, -2.0, 1.0]))
+    assert torch.equal(out["n"], torch.tensor([3]))
+    with pytest.raises(MergeValidationError, match="needs a base model"):
+        merge_with_statistics("fisher_graft", [theta], [fisher], density=0.5)

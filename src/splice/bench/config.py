@@ -34,7 +34,9 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       multitask: true             # one backbone fine-tuned on the union, one head per task
     merge:
       methods: core               # core | all (incl. lora:NAME) | a list of method names
-                                  #   (a list may name adamerging, adamerging++: bench.adamerging)
+                                  #   (a list may name adamerging, adamerging++: bench.adamerging;
+                                  #   fisher, regmean, regmean++, fisher_graft, fw_merging:
+                                  #   bench.stat_merging)
       sweep: true                 # validation sweep of each method's main coefficient
       params: {}                  # per-method parameter overrides: {ties: {density: 0.3}}
       grids: {}                   # per-method sweep overrides: {ties: {lambda: [0.8, 1.0]}}

@@ -12,7 +12,9 @@ defaults and no sweep; one that cannot run on N experts is skipped with the reas
 
 AdaMerging (``adamerging``, ``adamerging++``; `splice.bench.adamerging`) is not a
 registered per-tensor method: it learns its coefficients on the unlabeled test inputs,
-runs only when named in a list, and its ``merge.params`` entry holds its settings.
+runs only when named in a list, and its ``merge.params`` entry holds its settings. The
+methods that run each expert on its training data (``fisher``, ``regmean``, ``regmean++``,
+``fisher_graft``, ``fw_merging``; `splice.bench.stat_merging`) likewise run only when named.
 
 LoRA-native (low-rank) methods are rows of the LoRA experts' table only, named by their
 label (`lora:svd`, `lora:ties`): they merge the experts' PEFT adapters (saved beside each
@@ -32,6 +34,7 @@ from typing import Any
 
 import splice.lora_merge  # noqa: F401  (registers the low-rank methods: lora:NAME)
 from splice.bench.adamerging import DATA_AWARE, parse_settings
+from splice.bench.stat_merging import STAT_METHODS, plan_stat_method
 from splice.config_errors import did_you_mean
 from splice.errors import SpliceError
 from splice.merge import all_methods, get_method
@@ -132,6 +135,8 @@ class PlannedMethod:
     # learns its coefficients on the unlabeled test inputs (`bench.adamerging`): ``params``
     # are its settings, one row per granularity
     data_aware: bool = False
+    # runs the experts on their train data (`bench.stat_merging`): the data settings
+    statistics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ def _names(selection: str | list[str]) -> list[str]:
     if selection == "core":
         return list(CORE)
     for name in selection:
-        if name not in DATA_AWARE:
+        if name not in DATA_AWARE and name not in STAT_METHODS:
             get_method(name)  # unknown: an error naming the closest
     return list(selection)
 
@@ -167,6 +172,9 @@ def check_overrides(
                         "no sweep (set its settings in merge.params)"
                     )
                 parse_settings(method, values)
+                continue
+            if method in STAT_METHODS:  # its settings and sweep (bench.stat_merging)
+                plan_stat_method(method, params.get(method, {}), grids.get(method), True)
                 continue
             m = get_method(method)
             names = [p.name for p in m.params]
@@ -202,6 +210,9 @@ def select_methods(
             settings = parse_settings(name, params.get(name, {}))
             planned.append(PlannedMethod(name, settings.model_dump(), None, False, data_aware=True))
             continue
+        if name in STAT_METHODS and isinstance(selection, list):
+            planned.append(plan_stat_method(name, params.get(name, {}), grids.get(name), sweep))
+            continue
         m = get_method(name)
         if not m.accepts(n_models):
             skipped.append(
@@ -209,7 +220,9 @@ def select_methods(
             )
             continue
         if m.needs_data:
-            skipped.append(SkippedMethod(name, "needs statistics collected on data"))
+            skipped.append(
+                SkippedMethod(name, "needs statistics collected on data: name it in the list")
+            )
             continue
         spec = TABLE.get(name, MethodSpec())
         chosen = {**spec.defaults, **params.get(name, {})}

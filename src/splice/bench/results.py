@@ -44,6 +44,7 @@ class Row:
     routing: dict[str, float] | None = None  # per task: share routed top-1 to its own expert
     weights: dict[str, dict[str, float]] | None = None  # LoraHub: per task, each expert's
     note: str | None = None  # how the row was made, in words (AdaMerging: protocol, time)
+    peak_memory_mb: float | None = None  # the merge's peak RSS growth (bench.memory)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -61,6 +62,7 @@ class Row:
             "routing",
             "weights",
             "note",
+            "peak_memory_mb",
         ):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)

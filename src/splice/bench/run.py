@@ -65,6 +65,7 @@ from splice.bench.results import (
     Timing,
 )
 from splice.bench.search import check_validation_data, plan_searches, run_searches
+from splice.bench.stat_merging import check_stat_data, stat_units
 from splice.bench.tasks import TaskData, prepare_task
 from splice.errors import SpliceError
 from splice.io.out_location import prepare_work_folder
@@ -125,6 +126,7 @@ def _run_bench(
         tasks: list[TaskData] = [prepare_task(t, cfg.data) for t in cfg.tasks]
         if searched:
             check_validation_data(tasks)
+        check_stat_data(planned, tasks)  # data-aware rows need train data (bench.stat_merging)
         base = prepare_base(cfg.model, cfg.training.seed)
         ev = Evaluator(
             base, tasks, cfg.training.max_length, cfg.eval_batch_size, precision=precision
@@ -286,7 +288,9 @@ class _Runner:
         expected = _method_units(p)
         before = self.units
         try:
-            if p.data_aware:
+            if p.statistics is not None:
+                rows, sweep = self._stat_merge(kind, p, ev, base_folder, pool)
+            elif p.data_aware:
                 rows, sweep = self._adamerging(kind, p, ev, base_folder, pool), None
             else:
                 rows, sweep = self._merge_method(kind, p, ev, base_folder, pool)
@@ -301,13 +305,23 @@ class _Runner:
             self.sweeps.append(sweep)
 
     def _merge_method(
-        self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
+        self,
+        kind: str,
+        p: PlannedMethod,
+        ev: Evaluator,
+        base_folder: Path,
+        pool: list[Expert],
+        merger: Any = None,
     ) -> tuple[list[Row], Sweep | None]:
+        """The sweep, default and tuned rows; ``merger(params) -> (state, seconds)`` replaces
+        the engine merge (the data-aware methods)."""
         folders = [e.folder for e in pool]
         heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
         seed = self.cfg.merge.seed
 
         def merge(params: dict[str, Any]) -> tuple[dict, float]:
+            if merger is not None:
+                return merger(params)
             return merge_backbones(p.name, params, base_folder, folders, seed=seed)
 
         def test_row(state: dict, params: dict[str, Any], variant: str, secs: float, val=None):
@@ -321,8 +335,10 @@ class _Runner:
             self.done()
             return [test_row(state, p.params, "default", secs)], None
         param, grid = p.sweep
-        method = get_method(p.name)
-        default_value = p.params.get(param, method.param(param).default)
+        if param in p.params:
+            default_value = p.params[param]
+        else:
+            default_value = get_method(p.name).param(param).default
         default_params = {**p.params, param: default_value}
         points: list[SweepPoint] = []
         best, default_row = None, None
@@ -351,6 +367,25 @@ class _Runner:
         self.done()
         sweep = Sweep(kind, p.name, param, default_value, value, points)
         return [default_row, tuned], sweep
+
+    def _stat_merge(
+        self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
+    ) -> tuple[list[Row], Sweep | None]:
+        """A method run on the experts' train data (`splice.bench.stat_merging`): the
+        statistics (cached), then its sweep / default / tuned rows or FW's variant rows."""
+        from splice.bench.stat_merging import StatMerger
+
+        self.step(f"{kind} {p.name}: statistics")
+        sm = StatMerger(ev, p, pool, base_folder)
+        if p.name == "fw_merging":
+            rows = []
+            for variant in p.params["variant"]:
+                self.step(f"{kind} {p.name} {variant}")
+                rows.append(sm.fw_row(kind, variant))
+                self.done()
+            return rows, None
+        rows, sweep = self._merge_method(kind, p, ev, base_folder, pool, sm.merge)
+        return sm.annotate(rows), sweep
 
     def _adamerging(
         self, kind: str, p: PlannedMethod, ev: Evaluator, base_folder: Path, pool: list[Expert]
@@ -514,6 +549,8 @@ def _applies(p: PlannedMethod, kind: str) -> bool:
 def _method_units(p: PlannedMethod) -> int:
     """Progress units of one method on one kind: its sweep, default and tuned merges;
     AdaMerging's rows."""
+    if p.statistics is not None:
+        return stat_units(p)
     if p.data_aware:
         return len(p.params["granularity"])
     return (len(p.sweep[1]) + 2) if p.sweep else 1

@@ -1,6 +1,8 @@
 """Merging with data statistics: the Python entry point of the data-aware methods.
 
     merged = merge_with_statistics("regmean", [sd_a, sd_b], [gram_a, gram_b], alpha=0.9)
+    grafted = merge_with_statistics("fisher_graft", [sd_a, sd_b], [f_a, f_b], base=sd_0,
+                                    density=0.2)
 
 ``models`` are state dicts (``model.state_dict()``) with the same names and shapes;
 ``statistics`` holds one dict (or safetensors path, `splice.merge.data_stats`) per model.
@@ -9,7 +11,8 @@ have the shape its kind requires (Fisher: the tensor's shape; Gram: d_in x d_in 
 weight of shape d_out x d_in) and be finite. Then each tensor is merged by the registered
 method exactly as the streaming engine would (`MergeContext` with the method's
 `DataStatistic` answered), so the per-tensor method stays the one implementation.
-Non-floating tensors (integer buffers) are copied from the first model.
+Non-floating tensors (integer buffers) are copied from the first model. A method that needs
+a base model (``fisher_graft``) takes it as ``base``, a state dict with the models' tensors.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ def merge_with_statistics(
     statistics: Sequence[Statistics],
     *,
     seed: int = 0,
+    base: Mapping[str, Tensor] | None = None,
     **params: Any,
 ) -> dict[str, Tensor]:
     """Merge ``models`` with ``method`` (a data-aware dense method such as ``fisher`` or
     ``regmean``), given each model's statistics; returns the merged state dict."""
     m = get_method(method)
-    if m.needs_base:
-        raise MergeValidationError(f"method '{method}' needs a base model; not supported here")
+    if m.needs_base and base is None:
+        raise MergeValidationError(f"method '{method}' needs a base model: pass base=")
     if not m.accepts(len(models)):
         raise MergeValidationError(f"method '{method}' takes {m.model_count()} models")
     # Parameters checked before any statistic is read.
@@ -55,7 +59,7 @@ def merge_with_statistics(
         raise MergeValidationError(
             f"{len(statistics)} statistics for {len(models)} models; give one per model"
         )
-    names = _common_names(models)
+    names = _common_names(models if base is None or not m.needs_base else [*models, base])
     stats = [load_statistics(s) if isinstance(s, (str, Path)) else dict(s) for s in statistics]
     floats = [n for n in names if models[0][n].is_floating_point()]
     shapes = {n: tuple(models[0][n].shape) for n in floats}
@@ -70,7 +74,8 @@ def merge_with_statistics(
         answer = DataStats(tuple(s.get(name) for s in stats), norms)
         ctx = MergeContext(tensor_name=name, seed=seed, model_stats={request: answer})
         tensors = [sd[name].detach().float().clone() for sd in models]
-        out[name] = m(None, tensors, ctx, **params).to(first.dtype)
+        b = base[name].detach().float().clone() if m.needs_base and base is not None else None
+        out[name] = m(b, tensors, ctx, **params).to(first.dtype)
     return out
 
 
