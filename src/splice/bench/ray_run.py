@@ -106,20 +106,22 @@ class RayRunner(_Runner):
         experts: dict[str, dict[str, Expert]],
     ) -> None:
         """Every merge unit submitted at once; then, method by method in the local order,
-        its rows assembled (AdaMerging runs here on the driver meanwhile)."""
+        its rows assembled (AdaMerging and the statistics-based methods run here on the driver
+        meanwhile)."""
         jobs = []
         for kind in self.cfg.kinds:
             for p in planned:
                 if not _applies(p, kind):
                     continue
-                units = [] if p.data_aware else merge_units(p)
+                on_driver = p.data_aware or p.statistics is not None
+                units = [] if on_driver else merge_units(p)
                 refs = [
                     self.pool.submit(merge_unit, self.spec, kind, p.name, params, splits)
                     for _, params, splits in units
                 ]
                 jobs.append((kind, p, units, refs))
         for kind, p, units, refs in jobs:
-            if p.data_aware:
+            if p.data_aware or p.statistics is not None:
                 pool = [experts[kind][t] for t in ev.tasks]
                 self.merge_method(kind, p, ev, base_folder, pool)
                 continue
