@@ -105,6 +105,14 @@ from splice.io.textfile import load_yaml
 from splice.numbers import first_nonfinite
 
 
+def _finite_values(cls: type, v: dict[str, Any]) -> dict[str, Any]:
+    """A validator of a mapping of numbers typed ``Any``: every value finite."""
+    found = first_nonfinite(v)
+    if found:
+        raise ValueError(f"{found[0]} = {found[1]!r} must be a finite number")
+    return v
+
+
 class BenchConfigError(SpliceError):
     """A bench config is invalid."""
 
@@ -161,15 +169,9 @@ class MergeSettings(_Strict):
             raise ValueError("an empty method list (use core, all, or name methods)")
         return v
 
-    @field_validator("params", "grids")
-    @classmethod
-    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # Values are typed Any (each method declares its own), so pydantic's allow_inf_nan
-        # does not reach them; the method's own ranges are checked when the bench starts.
-        found = first_nonfinite(v)
-        if found:
-            raise ValueError(f"{found[0]} = {found[1]!r} must be a finite number")
-        return v
+    # Values are typed Any (each method declares its own), so pydantic's allow_inf_nan does
+    # not reach them; the method's own ranges are checked when the bench starts.
+    _finite = field_validator("params", "grids")(classmethod(_finite_values))
 
     @field_validator("grids")
     @classmethod
@@ -238,13 +240,7 @@ class TwinSettings(_Strict):
     seed: int = 0
     top_k: int | None = Field(None, gt=0)
 
-    @field_validator("shared_params")
-    @classmethod
-    def _finite(cls, v: dict[str, Any]) -> dict[str, Any]:
-        found = first_nonfinite(v)
-        if found:
-            raise ValueError(f"{found[0]} = {found[1]!r} must be a finite number")
-        return v
+    _finite = field_validator("shared_params")(classmethod(_finite_values))
 
 
 class GateSettings(_Strict):
