@@ -87,7 +87,14 @@ def test_example_configs_are_valid():
     cfg8 = load_bench_config(root / "benchmarks" / "bench_8tasks.yaml")
     assert cfg8.tasks[:4] == cfg.tasks and len(set(cfg8.tasks)) == 8
     assert cfg8.data == cfg.data and cfg8.training == cfg.training
-    assert len(cfg8.merge.methods) == 10 and cfg8.merge.sweep
+    assert len(cfg8.merge.methods) == 5 and cfg8.merge.sweep
+    assert cfg8.compose_rows == ["oracle", "retrieval", "gate", "fusion", "twin_merging"]
+    compose4 = load_bench_config(root / "benchmarks" / "bench_compose4.yaml")
+    assert compose4.tasks == cfg.tasks and compose4.kinds == ["lora"]
+    assert compose4.data == cfg.data and compose4.training == cfg.training
+    assert compose4.lora == cfg.lora  # the same LoRA experts (one cache serves both)
+    for other in sorted((root / "benchmarks").glob("bench_*.yaml")):
+        load_bench_config(other)  # every shipped bench config is valid
     demo = parse_bench_config(BENCH_DEMO)
     assert set(demo.kinds) == {"full", "lora"} and len(demo.tasks) == 3
 
