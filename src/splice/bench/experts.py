@@ -97,7 +97,7 @@ def _task_batches(task: TaskData, tok: Any, cfg: BenchConfig, seed: int) -> list
     return out
 
 
-def _mixed_batches(tasks: list[TaskData], tok: Any, cfg: BenchConfig, epoch: int) -> Iterator:
+def mixed_batches(tasks: list[TaskData], tok: Any, cfg: BenchConfig, epoch: int) -> Iterator:
     seed = cfg.training.seed + epoch
     batches = [b for t in tasks for b in _task_batches(t, tok, cfg, seed)]
     random.Random(seed).shuffle(batches)
@@ -162,7 +162,7 @@ def train_model(
     torch.manual_seed(t.seed)
     summary = fit(
         net,
-        lambda epoch: _mixed_batches(tasks, base.tokenizer, cfg, epoch),
+        lambda epoch: mixed_batches(tasks, base.tokenizer, cfg, epoch),
         total,
         lr=lr,
         weight_decay=t.weight_decay,

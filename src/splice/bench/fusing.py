@@ -36,7 +36,7 @@ import torch
 from splice.bench.backbone import State, TaskHeads, head_of
 from splice.bench.cache import bench_root
 from splice.bench.config import BenchConfig
-from splice.bench.experts import Expert, _mixed_batches
+from splice.bench.experts import Expert, mixed_batches
 from splice.bench.gating import _WithAuxLoss, composition_key, train_steps
 from splice.bench.routing import RoutedModel, RoutedResult
 from splice.compose.blocks import Fuse
@@ -99,7 +99,7 @@ def get_fusion(
         with cache_folder(folder) as tmp:
             summary = fit(
                 _WithAuxLoss(net, penalty),
-                lambda epoch: _mixed_batches(data, routed.ev.base.tokenizer, cfg, epoch),
+                lambda epoch: mixed_batches(data, routed.ev.base.tokenizer, cfg, epoch),
                 train_steps(data, t.batch_size, settings["epochs"]),
                 lr=f.lr,
                 weight_decay=t.weight_decay,

@@ -41,7 +41,7 @@ from splice.bench.backbone import TaskHeads
 from splice.bench.cache import bench_root, content_key
 from splice.bench.config import BenchConfig
 from splice.bench.evaluate import Features
-from splice.bench.experts import Expert, _mixed_batches
+from splice.bench.experts import Expert, mixed_batches
 from splice.bench.routing import RoutedModel, RoutedResult
 from splice.bench.tasks import TaskData
 from splice.compose.mixture import SEQUENCE_GATE, Mixture
@@ -141,7 +141,7 @@ def get_gate(
     with cache_folder(folder) as tmp:
         summary = fit(
             _WithAuxLoss(net, balance),
-            lambda epoch: _mixed_batches(tasks, routed.ev.base.tokenizer, cfg, epoch),
+            lambda epoch: mixed_batches(tasks, routed.ev.base.tokenizer, cfg, epoch),
             train_steps(tasks, t.batch_size, settings["epochs"]),
             lr=settings["lr"],
             weight_decay=t.weight_decay,

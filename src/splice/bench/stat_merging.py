@@ -392,7 +392,7 @@ def expert_statistics(
         load_statistics,
         save_statistics,
     )
-    from splice.train.statistics import _classification_losses, _forward_inputs
+    from splice.train.statistics import classification_losses, forward_inputs
 
     path = stats_path(ev, e, kind, data)
     if path.is_file():
@@ -407,12 +407,12 @@ def expert_statistics(
         if kind == "fisher":
             per_example = bool(data.get("per_example", True))
             batches = sample_batches(ev, task, data, 1 if per_example else None)
-            stats = collect_fisher(model, batches, _classification_losses, per_example=per_example)
+            stats = collect_fisher(model, batches, classification_losses, per_example=per_example)
             stats = {n: f for n, f in stats.items() if not n.startswith(head + ".")}
         else:
             batches = sample_batches(ev, task, data)
             stats = collect_gram(
-                model, batches, forward=_forward_inputs, exclude=[rf"^{head}(\.|$)"]
+                model, batches, forward=forward_inputs, exclude=[rf"^{head}(\.|$)"]
             )
         secs = time.perf_counter() - start
     meta = {

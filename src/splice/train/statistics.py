@@ -131,7 +131,7 @@ def collect_statistics(req: StatsRequest) -> StatsResult:
         from splice.train.data import cls_batches
 
         batches = cls_batches(texts, labels, tok, req.batch_size, req.max_length)
-        loss_fn = _classification_losses
+        loss_fn = classification_losses
     else:
         from splice.train.data import lm_batches, lm_encode
 
@@ -158,7 +158,7 @@ def collect_statistics(req: StatsRequest) -> StatsResult:
         stats = collect_fisher(model, bar, loss_fn, per_example=req.per_example)
     else:
         stats = collect_gram(
-            model, bar, forward=_forward_inputs, reduction=req.reduction, exclude=req.exclude
+            model, bar, forward=forward_inputs, reduction=req.reduction, exclude=req.exclude
         )
     metadata = {
         "format": "splice-statistics",
@@ -283,11 +283,11 @@ def _inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-def _forward_inputs(model: nn.Module, batch: dict[str, Tensor]) -> Any:
+def forward_inputs(model: nn.Module, batch: dict[str, Tensor]) -> Any:
     return model(**_inputs(batch))
 
 
-def _classification_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def classification_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     logits = model(**_inputs(batch)).logits
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
