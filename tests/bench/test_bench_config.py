@@ -87,7 +87,10 @@ def test_example_configs_are_valid():
     cfg8 = load_bench_config(root / "benchmarks" / "bench_8tasks.yaml")
     assert cfg8.tasks[:4] == cfg.tasks and len(set(cfg8.tasks)) == 8
     assert cfg8.data == cfg.data and cfg8.training == cfg.training
-    assert len(cfg8.merge.methods) == 5 and cfg8.merge.sweep
+    data_free = ["linear", "task_arithmetic", "ties", "tsv", "iso_c"]
+    data_aware = ["fisher", "regmean", "regmean++", "fisher_graft", "fw_merging"]
+    assert cfg8.merge.methods == [*data_free, *data_aware, "adamerging", "adamerging++"]
+    assert cfg8.merge.sweep and cfg8.gate.levels == ["sequence", "token"]
     assert cfg8.compose_rows == ["oracle", "retrieval", "gate", "fusion", "twin_merging"]
     compose4 = load_bench_config(root / "benchmarks" / "bench_compose4.yaml")
     assert compose4.tasks == cfg.tasks and compose4.kinds == ["lora"]
