@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splice.bench.methods import CORE, TABLE, select_methods
+from splice.bench.methods import CORE, TABLE, best_point, select_methods
 from splice.errors import SpliceError
 from splice.merge import all_methods, get_method
 
@@ -99,3 +99,19 @@ def test_errors(kw, match):
     selection = kw.pop("selection", "core")
     with pytest.raises(SpliceError, match=match):
         select_methods(selection, 4, **kw)
+
+
+def test_best_point_first_maximum_skipping_unscored():
+    assert best_point([0.5, 0.7, 0.7, 0.6]) == 1  # a tie keeps the first (grid order)
+    assert best_point([None, 0.2, None, 0.1]) == 1
+    assert best_point([0.9, None, 0.95]) == 2
+    assert best_point([None, None]) is None and best_point([]) is None
+
+
+def test_default_setting_configured_value_or_registered_default():
+    (ties,), _ = select_methods(["ties"], 2)
+    param, value, params = ties.default_setting()
+    assert param == ties.sweep[0] and value == get_method("ties").param(param).default
+    assert params == {**ties.params, param: value}
+    (ties,), _ = select_methods(["ties"], 2, {"ties": {param: 0.7}})
+    assert ties.default_setting()[1] == 0.7

@@ -238,7 +238,7 @@ def run_lm_bench(
 def _method_rows(p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val) -> list[LMRow]:
     """One method's default and tuned rows (tuned: best mean normalized validation score)."""
     from splice.bench.merging import merge_backbones
-    from splice.merge import get_method
+    from splice.bench.methods import best_point
 
     def merge(params):
         return merge_backbones(p.name, params, base_folder, folders, seed=cfg.merge.seed)
@@ -256,14 +256,15 @@ def _method_rows(p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val) -
                 merge_seconds=round(secs, 2),
             )
         ]
-    param, grid = p.sweep
-    default_value = p.params.get(param, get_method(p.name).param(param).default)
+    param, default_value, _ = p.default_setting()
     best = None
-    rows = []
-    for value in grid:
+    rows: list[LMRow] = []
+    scores: list[float | None] = []
+    for value in p.sweep[1]:
         params = {**p.params, param: value}
         state, secs = merge(params)
         val = mean_defined(score(ev.evaluate(state, "validation"), ex_val, pre_val))
+        scores.append(val)
         if value == default_value:
             rows.append(
                 row(
@@ -276,7 +277,7 @@ def _method_rows(p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val) -
                     validation_score=val,
                 )
             )
-        if val is not None and (best is None or val > best[0]):
+        if best_point(scores) == len(scores) - 1:  # keep only the best state
             best = (val, value, state, secs)
     if not rows:
         params = {**p.params, param: default_value}

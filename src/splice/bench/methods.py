@@ -138,6 +138,26 @@ class PlannedMethod:
     # runs the experts on their train data (`bench.stat_merging`): the data settings
     statistics: dict[str, Any] | None = None
 
+    def default_setting(self) -> tuple[str, Any, dict[str, Any]]:
+        """(swept parameter, its default value, the default row's parameters) of a swept
+        method: the configured value when ``params`` names the parameter, else the method's
+        registered default."""
+        assert self.sweep is not None
+        param = self.sweep[0]
+        value = self.params.get(param, get_method(self.name).param(param).default)
+        return param, value, {**self.params, param: value}
+
+
+def best_point(scores: list[float | None]) -> int | None:
+    """The sweep's rule for the tuned row: the index of the highest validation score, the
+    first one on a tie (grid order), points without a score skipped; None when none has one.
+    Every runner (local, Ray, causal-LM) picks with this."""
+    best: int | None = None
+    for i, s in enumerate(scores):
+        if s is not None and (best is None or s > scores[best]):  # type: ignore[operator]
+            best = i
+    return best
+
 
 @dataclass(frozen=True)
 class SkippedMethod:

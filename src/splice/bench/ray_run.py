@@ -45,7 +45,7 @@ from splice.bench.config import BenchConfig, parse_bench_config
 from splice.bench.evaluate import Evaluator
 from splice.bench.experts import Expert, expert_folder, get_expert
 from splice.bench.merging import merge_backbones
-from splice.bench.methods import PlannedMethod
+from splice.bench.methods import PlannedMethod, best_point
 from splice.bench.precision import resolve_precision
 from splice.bench.results import Failure, Row, Sweep, SweepPoint
 from splice.bench.run import _applies, _mean, _method_units, _Runner
@@ -148,22 +148,12 @@ class RayRunner(_Runner):
 Unit = tuple[Any, dict[str, Any], tuple[str, ...]]  # (grid value | None, params, splits)
 
 
-def default_setting(p: PlannedMethod) -> tuple[str, Any, dict[str, Any]]:
-    """(swept parameter, its default value, the default parameters) of a swept method."""
-    from splice.merge import get_method
-
-    assert p.sweep is not None
-    param = p.sweep[0]
-    value = p.params.get(param, get_method(p.name).param(param).default)
-    return param, value, {**p.params, param: value}
-
-
 def merge_units(p: PlannedMethod) -> list[Unit]:
     """A method's merges: each grid point (validation and test), then the default when the
     grid lacks it (test); a method without a sweep: its default (test)."""
     if p.sweep is None:
         return [(None, p.params, ("test",))]
-    param, default_value, default_params = default_setting(p)
+    param, default_value, default_params = p.default_setting()
     units: list[Unit] = [(v, {**p.params, param: v}, ("validation", "test")) for v in p.sweep[1]]
     if default_value not in p.sweep[1]:
         units.append((None, default_params, ("test",)))
@@ -181,20 +171,20 @@ def assemble(
 
     if p.sweep is None:
         return [row(results[0], p.params, "default")], None
-    param, default_value, default_params = default_setting(p)
-    points, best, default_row = [], None, None
+    param, default_value, default_params = p.default_setting()
+    points, on_grid, default_row = [], [], None
     for (value, _, splits), r in zip(units, results):
         if "validation" not in splits:  # the default, off the grid
             default_row = row(r, default_params, "default")
             continue
         val = r["validation"]
         points.append(SweepPoint(value, _mean(val), val, r["seconds"]))
+        on_grid.append(r)
         if value == default_value:
             default_row = row(r, default_params, "default", val)
-        if best is None or _mean(val) > best[0]:
-            best = (_mean(val), value, r)
+    best = best_point([q.avg for q in points])
     assert best is not None and default_row is not None
-    _, value, r = best
+    value, r = points[best].value, on_grid[best]
     if value == default_value:
         tuned = dataclasses.replace(default_row, variant="tuned", same_as_default=True)
     else:

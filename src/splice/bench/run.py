@@ -51,7 +51,7 @@ from splice.bench.config import TWIN_ROW, BenchConfig
 from splice.bench.evaluate import Evaluator, train_probe_heads
 from splice.bench.experts import Expert, get_expert
 from splice.bench.merging import merge_backbones
-from splice.bench.methods import PlannedMethod, select_methods
+from splice.bench.methods import PlannedMethod, best_point, select_methods
 from splice.bench.precision import resolve_precision
 from splice.bench.results import (
     BenchResults,
@@ -69,7 +69,6 @@ from splice.bench.stat_merging import check_stat_data, stat_units
 from splice.bench.tasks import TaskData, prepare_task
 from splice.errors import SpliceError
 from splice.io.out_location import prepare_work_folder
-from splice.merge import get_method
 
 WEAK_MARGIN = 0.1  # an expert this close to chance accuracy is flagged
 
@@ -334,23 +333,18 @@ class _Runner:
             state, secs = merge(p.params)
             self.done()
             return [test_row(state, p.params, "default", secs)], None
-        param, grid = p.sweep
-        if param in p.params:
-            default_value = p.params[param]
-        else:
-            default_value = get_method(p.name).param(param).default
-        default_params = {**p.params, param: default_value}
+        param, default_value, default_params = p.default_setting()
         points: list[SweepPoint] = []
         best, default_row = None, None
-        for value in grid:
+        for value in p.sweep[1]:
             self.step(f"{kind} {p.name} {param}={value}")
             state, secs = merge({**p.params, param: value})
             val = ev.evaluate(state, heads, "validation")
             points.append(SweepPoint(value, _mean(val), val, secs))
             if value == default_value:
                 default_row = test_row(state, default_params, "default", secs, val)
-            if best is None or _mean(val) > best[0]:
-                best = (_mean(val), value, state, secs, val)
+            if best_point([q.avg for q in points]) == len(points) - 1:  # keep only the best
+                best = (value, state, secs, val)
             self.done()
         self.step(f"{kind} {p.name} default")
         if default_row is None:
@@ -358,7 +352,7 @@ class _Runner:
             default_row = test_row(state, default_params, "default", secs)
         self.done()
         assert best is not None
-        _, value, state, secs, val = best
+        value, state, secs, val = best
         if value == default_value:
             tuned = dataclasses.replace(default_row, variant="tuned", same_as_default=True)
         else:
