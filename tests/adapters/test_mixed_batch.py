@@ -93,6 +93,30 @@ def check_rows(am: AdapterModel, names: list, seed: int = 1) -> tuple[torch.Tens
     return mixed
 
 
+def check_random_assignments(
+    am: AdapterModel, names: list[str], seed: int, trials: int, mp
+) -> None:
+    """Property check: ``trials`` batches of 2..9 rows, each row a random adapter of ``names``
+    or the base (never all one name); every row equals the row alone, and no adapter runs on
+    the per-segment path (``AdaptedLayer.forward_alone`` patched to fail through ``mp``, a
+    pytest ``monkeypatch``)."""
+    from splice.adapters.layer import AdaptedLayer
+
+    def no_segment_path(*_a, **_k):
+        raise AssertionError("a kernel adapter ran per segment")
+
+    rng = random.Random(seed)
+    for trial in range(trials):
+        row_names = [rng.choice([*names, "__base__"]) for _ in range(rng.randint(2, 9))]
+        if len(set(row_names)) == 1:
+            row_names.append("__base__")
+        with mp.context() as m:
+            m.setattr(AdaptedLayer, "forward_alone", no_segment_path)
+            with torch.no_grad():
+                am(**inputs(seed=trial, batch=len(row_names)), adapter_names=row_names)
+        check_rows(am, row_names, seed=trial)
+
+
 @pytest.mark.parametrize(("kind", "label"), cases())
 def test_rows_equal_each_row_alone(kind: str, label: str) -> None:
     setup = configs(kind)[label]

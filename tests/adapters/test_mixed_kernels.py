@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from test_mixed_batch import check_rows, model_with
+from test_mixed_batch import check_random_assignments, check_rows, model_with
 from tiny import inputs, randomize
 
 from splice.adapters import make_config, mixed_kernels
@@ -53,23 +53,7 @@ def test_random_assignments_of_many_adapters(kind: str, monkeypatch) -> None:
     row equals the row alone; no row goes through the per-segment path."""
     setups = many_adapters(kind, 12, seed=7)
     am = model_with(kind, setups)
-    names = list(setups)
-
-    def no_segment_path(*_a, **_k):
-        raise AssertionError("a kernel adapter ran per segment")
-
-    rng = random.Random(3)
-    for trial in range(4):
-        rows = rng.randint(2, 9)
-        row_names = [rng.choice([*names, "__base__"]) for _ in range(rows)]
-        if len(set(row_names)) == 1:
-            row_names.append("__base__")
-        with monkeypatch.context() as m:
-            m.setattr(AdaptedLayer, "forward_alone", no_segment_path)
-            batch = inputs(seed=trial, batch=len(row_names))
-            with torch.no_grad():
-                am(**batch, adapter_names=row_names)
-        check_rows(am, row_names, seed=trial)
+    check_random_assignments(am, list(setups), seed=3, trials=4, mp=monkeypatch)
 
 
 def test_ranks_bucketed_and_stacks_hold_factor_bytes() -> None:

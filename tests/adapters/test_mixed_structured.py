@@ -10,11 +10,9 @@ import random
 
 import pytest
 import torch
-from test_mixed_batch import check_rows, model_with
-from tiny import inputs
+from test_mixed_batch import check_random_assignments, check_rows, model_with
 
 from splice.adapters import mixed_kernels
-from splice.adapters.layer import AdaptedLayer
 from splice.adapters.methods.hra import householder_product
 from splice.adapters.mixed_kernels import RowSlots
 from splice.adapters.mixed_structured import (
@@ -69,10 +67,6 @@ def structured_adapters(kind: str, count: int, seed: int) -> dict[str, tuple[str
     return out
 
 
-def no_segment_path(*_a, **_k):
-    raise AssertionError("a kernel adapter ran per segment")
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_random_assignments_of_structured_adapters(kind: str, monkeypatch) -> None:
     """Property: random rows ← adapters (10 of LoKr / OFT / HRA with random options, some
@@ -82,18 +76,7 @@ def test_random_assignments_of_structured_adapters(kind: str, monkeypatch) -> No
     for _, layer in am.adapted_layers():  # every adapter of these options has a kernel
         for name, module in layer.adapters.items():
             assert mixed_kernels.kernel_kind(module, layer.base_layer) is not None, name
-    names = list(setups)
-    rng = random.Random(4)
-    for trial in range(5):
-        rows = rng.randint(2, 9)
-        row_names = [rng.choice([*names, "__base__"]) for _ in range(rows)]
-        if len(set(row_names)) == 1:
-            row_names.append("__base__")
-        with monkeypatch.context() as m:
-            m.setattr(AdaptedLayer, "forward_alone", no_segment_path)
-            with torch.no_grad():
-                am(**inputs(seed=trial, batch=len(row_names)), adapter_names=row_names)
-        check_rows(am, row_names, seed=trial)
+    check_random_assignments(am, list(setups), seed=4, trials=5, mp=monkeypatch)
 
 
 PAIRS = {  # two adapters of one type, different options
