@@ -186,6 +186,12 @@ def test_errors_before_any_merge(models: Models, change, kw, message):
         search_coefficients(recipe, _never, **{"budget": 5, **kw})
 
 
+def test_data_entries_are_refused(models: Models):
+    entries = [{"model": models[n], "data": "texts.jsonl"} for n in ("ft0", "ft1")]
+    with pytest.raises(CoefficientSearchError, match=r"models\[0\]\.data: .*splice stats"):
+        search_coefficients({"method": "fisher", "models": entries}, _never, budget=5)
+
+
 def test_a_slices_recipe_is_refused(models: Models):
     recipe = {
         "method": "linear",

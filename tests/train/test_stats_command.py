@@ -147,6 +147,99 @@ def test_gram_files_feed_a_regmean_recipe(folders, tmp_path):
         x.close()
 
 
+def test_recipe_data_entries_collect_what_splice_stats_writes(folders, tmp_path):
+    """`data:` in a recipe: the merge collects each model's statistics as `splice stats`
+    with the same options would, so the output equals the merge of the written files."""
+    from splice.reference import open_checkpoint
+
+    data = str(folders["root"] / "lm.jsonl")
+    for kind, method in (("gram", "regmean"), ("fisher", "fisher")):
+        files = []
+        for name in ("lm", "lm1"):
+            out = tmp_path / f"{name}.{kind}.safetensors"
+            assert _stats(kind, folders[name], data, out, "--batch-size", "3") == 0
+            files.append(str(out))
+        by_file = [
+            {"model": str(folders[n]), "statistics": f} for n, f in zip(("lm", "lm1"), files)
+        ]
+        by_data = [  # the string shorthand and the mapping form
+            {"model": str(folders["lm"]), "data": {"source": data, "batch_size": 3}},
+            {"model": str(folders["lm1"]), "data": {"source": data, "batch_size": 3}},
+        ]
+        outs = []
+        for tag, entries in (("file", by_file), ("data", by_data)):
+            recipe = tmp_path / f"{method}-{tag}.yaml"
+            recipe.write_text(yaml.safe_dump({"method": method, "models": entries}))
+            outs.append(tmp_path / f"{method}-{tag}")
+            assert main(["merge", str(recipe), "--out", str(outs[-1]), "--quiet"]) == 0
+        a, b = (open_checkpoint(str(o)) for o in outs)
+        assert a.names() == b.names()
+        for n in a.names():
+            assert torch.equal(a.read(n), b.read(n)), (method, n)
+        a.close()
+        b.close()
+    files = []  # the string shorthand: `splice stats`' default options
+    for name in ("lm", "lm1"):
+        assert _stats("gram", folders[name], data, tmp_path / f"{name}.d.safetensors") == 0
+        files.append(
+            {"model": str(folders[name]), "statistics": str(tmp_path / f"{name}.d.safetensors")}
+        )
+    short = [{"model": str(folders[n]), "data": data} for n in ("lm", "lm1")]
+    for tag, entries in (("short", short), ("files", files)):
+        (tmp_path / f"{tag}.yaml").write_text(
+            yaml.safe_dump({"method": "regmean", "models": entries})
+        )
+        assert (
+            main(["merge", str(tmp_path / f"{tag}.yaml"), "--out", str(tmp_path / tag), "--quiet"])
+            == 0
+        )
+    a, b = open_checkpoint(str(tmp_path / "short")), open_checkpoint(str(tmp_path / "files"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a.read(q), b.read(q))
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"data": "missing.jsonl"}, "models[1].data"),
+        ({"data": {"source": "x.jsonl", "batch_size": 0}}, "batch_size"),
+        ({"data": {"source": "x.jsonl", "sorce": 1}}, "sorce"),
+        ({"data": "x.jsonl", "statistics": "s.safetensors"}, "not both"),
+        ({}, "or `data:`"),
+    ],
+)
+def test_recipe_data_errors_before_any_model_runs(
+    folders, tmp_path, capsys, monkeypatch, entry, message
+):
+    import splice.train.models as models
+
+    def never(*a, **k):
+        raise AssertionError("a model ran before every data entry was checked")
+
+    monkeypatch.setattr(models, "load_for_task", never)
+    good = {"model": str(folders["cls"]), "data": str(folders["root"] / "cls.jsonl")}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"method": "regmean", "models": [good, {"model": str(folders["cls"]), **entry}]}
+        )
+    )
+    err = fails_cleanly(["merge", str(recipe), "--out", str(tmp_path / "m"), "--quiet"], capsys)
+    assert message in err
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    recipe.write_text(yaml.safe_dump({"method": "regmean", "models": [good, good]}))
+    err = fails_cleanly(["merge", str(recipe), "--out", str(tmp_path / "taken")], capsys)
+    assert "already exists" in err and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    linear = tmp_path / "l.yaml"
+    linear.write_text(yaml.safe_dump({"method": "linear", "models": [good, good]}))
+    err = fails_cleanly(["merge", str(linear), "--out", str(tmp_path / "m"), "--quiet"], capsys)
+    assert "models[0].data: method 'linear' reads no statistics" in err
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -15,6 +15,19 @@ if TYPE_CHECKING:
     from splice.recipe.schema import Recipe
 
 
+def _check_out_early(out: str, overwrite: int | bool, recipe: Recipe) -> None:
+    """The output refusal `run_merge` would give, before the minutes a recipe's ``data:``
+    entries take to collect."""
+    from splice.errors import CheckpointError
+    from splice.io.out_location import check_out_location, input_paths, overwrite_refusal
+
+    refusal = overwrite_refusal(
+        check_out_location(out), out, int(overwrite), input_paths(recipe.model_references())
+    )
+    if refusal is not None:
+        raise CheckpointError(refusal)
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from splice.engine import plan_merge, run_merge
     from splice.io import parse_size
@@ -39,7 +52,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe, text = routed.recipe, None
     shard = parse_size(args.shard_size)
     budget = parse_size(args.memory)
-    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite)
+    if recipe.models and any(e.data is not None for e in recipe.models):
+        _check_out_early(args.out, args.overwrite, recipe)  # before collecting statistics
+    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
     try:
         report = run_merge(
             plan,

@@ -206,6 +206,12 @@ def coefficient_space(
         raise CoefficientSearchError(
             f"method '{method.label}' merges LoRA factors; coefficient search runs dense merges"
         )
+    with_data = [i for i, e in enumerate(parsed.models) if e.data is not None]
+    if with_data:  # each candidate would collect them again
+        raise CoefficientSearchError(
+            f"models[{with_data[0]}].data: a search merges many candidates; collect each "
+            "model's statistics once with `splice stats` and give `statistics:` files"
+        )
     searchable = [p.name for p in method.params if p.per_model and p.describe_type() == "float"]
     if parameter not in searchable:
         raise CoefficientSearchError(

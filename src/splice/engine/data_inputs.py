@@ -3,22 +3,28 @@
     method: regmean
     models:
       - {model: ./expert_a, statistics: ./expert_a.gram.safetensors}
-      - {model: ./expert_b, statistics: ./expert_b.gram.safetensors}
+      - {model: ./expert_b, data: bbc_news}
+      - {model: ./expert_c, data: {source: my.jsonl, max_examples: 256, batch_size: 16}}
 
-Each file is one model's statistics as written by `splice.merge.data_stats.save_statistics`
-(collected by running the model on data in Python). They are read whole and checked when the
-merge is planned, before any tensor is merged (`splice.merge.data_merge.check_statistics`:
-names, shapes, finite values); each job then hands the method its tensor's statistics
-(`DataStats`). Memory: all statistics stay loaded during the merge (Fisher: one tensor per
-parameter and model, the models' size again; RegMean: one d_in x d_in Gram per linear layer
-and model). A digest of every statistic enters the run's fingerprint, so ``--resume`` after
-a statistics file changed starts over.
+A ``statistics:`` file is one model's statistics as written by `splice stats` or
+`splice.merge.data_stats.save_statistics`. A ``data:`` entry collects them when the merge is
+planned, exactly as ``splice stats KIND MODEL --data SOURCE ...`` would (the same options,
+`splice.train.statistics`), kept in memory and not written: first every model's request is
+checked and its data read (sources, splits, labels in the head), then the models run one at
+a time. The model must be an HF folder (a sequence classifier or a causal LM). Statistics
+are read whole and checked when the merge is planned, before any tensor is merged
+(`splice.merge.data_merge.check_statistics`: names, shapes, finite values); each job then
+hands the method its tensor's statistics (`DataStats`). Memory: all statistics stay loaded
+during the merge (Fisher: one tensor per parameter and model, the models' size again;
+RegMean: one d_in x d_in Gram per linear layer and model). A digest of every statistic
+enters the run's fingerprint, so ``--resume`` after a statistics file changed starts over.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -28,7 +34,13 @@ from splice.merge import MergeMethod
 from splice.merge.data_merge import check_statistics
 from splice.merge.data_stats import load_statistics
 from splice.merge.stats import DataStatistic, DataStats
-from splice.recipe.schema import Recipe
+from splice.recipe.schema import ModelEntry, Recipe
+from splice.train.statistics import (
+    PreparedStats,
+    StatsRequest,
+    compute_statistics,
+    prepare_statistics,
+)
 
 
 @dataclass
@@ -49,17 +61,21 @@ class DataInputs:
 
 
 def load_data_inputs(
-    recipe: Recipe, method: MergeMethod, shapes: dict[str, tuple[int, ...]]
+    recipe: Recipe,
+    method: MergeMethod,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    progress: bool = True,
 ) -> DataInputs | None:
     """The recipe's statistics checked against the floating tensors to merge (``shapes``),
     or None for a data-free method (which must name none)."""
     entries = recipe.models or []
-    given = [i for i, e in enumerate(entries) if e.statistics is not None]
+    given = [(i, k) for i, e in enumerate(entries) for k in ("statistics", "data") if getattr(e, k)]
     if not method.needs_data:
         if given:
             raise MergeValidationError(
-                f"models[{given[0]}].statistics: method '{method.name}' reads no statistics "
-                "(only data-aware methods such as fisher and regmean do)"
+                f"models[{given[0][0]}].{given[0][1]}: method '{method.name}' reads no "
+                "statistics (only data-aware methods such as fisher and regmean do)"
             )
         return None
     if recipe.models is None:
@@ -69,16 +85,21 @@ def load_data_inputs(
         )
     if len(method.data_statistics) != 1:
         raise MergeValidationError(f"method '{method.name}' needs several statistics")
-    missing = [i for i, e in enumerate(entries) if e.statistics is None]
+    missing = [i for i, e in enumerate(entries) if e.statistics is None and e.data is None]
     if missing:
         e = entries[missing[0]]
         raise MergeValidationError(
             f"models[{missing[0]}] ({e.model}): method '{method.name}' needs "
-            f"`statistics:` on every model, a safetensors file of its "
-            f"{method.data_statistics[0]} statistics (splice.merge.data_stats)"
+            f"`statistics:` (a safetensors file of its {method.data_statistics[0]} "
+            "statistics, from `splice stats`) or `data:` (a task or file to collect them on) "
+            "on every model"
         )
     request = DataStatistic(method.data_statistics[0])
-    stats = [load_statistics(e.statistics) for e in entries if e.statistics is not None]
+    prepared = {i: _prepare(i, e, request.kind, progress) for i, e in enumerate(entries) if e.data}
+    stats = [
+        compute_statistics(prepared[i]) if i in prepared else load_statistics(e.statistics)
+        for i, e in enumerate(entries)
+    ]
     norms = tuple(check_statistics(request.kind, s, shapes, i) for i, s in enumerate(stats))
     h = hashlib.sha256()
     for s in stats:
@@ -87,3 +108,34 @@ def load_data_inputs(
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return DataInputs(request, stats, norms, h.hexdigest())
+
+
+def _prepare(i: int, entry: ModelEntry, kind: str, progress: bool) -> PreparedStats:
+    """Model ``i``'s ``data:`` request checked and its data read (`prepare_statistics`)."""
+    from splice.errors import SpliceError
+
+    d = entry.data
+    assert d is not None
+    if "+" in entry.model and not Path(entry.model).exists():
+        raise MergeValidationError(
+            f"models[{i}].data: statistics are collected on an HF model folder, not on "
+            f"{entry.model!r} (a model + LoRA reference); run `splice stats` on the merged-in "
+            "folder and give `statistics:`"
+        )
+    req = StatsRequest(
+        kind=kind,  # type: ignore[arg-type]
+        model=entry.model,
+        data=d.source,
+        out=None,
+        split=d.split,
+        seed=d.seed,
+        max_examples=d.max_examples,
+        batch_size=d.batch_size,
+        max_length=d.max_length,
+        per_example=d.per_example,
+        progress=progress,
+    )
+    try:
+        return prepare_statistics(req)
+    except SpliceError as e:
+        raise MergeValidationError(f"models[{i}].data ({entry.model}): {e}") from None

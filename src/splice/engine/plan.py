@@ -376,9 +376,11 @@ def plan_merge(
     readers: Mapping[str, CheckpointReader] | None = None,
     *,
     allow_nonfinite: bool = False,
+    progress: bool = True,
 ) -> MergePlan:
     """Open inputs (headers only) and plan every output tensor. Raises before any heavy work.
-    Inputs it opens, and outputs, refuse NaN / ±inf values unless ``allow_nonfinite``."""
+    Inputs it opens, and outputs, refuse NaN / ±inf values unless ``allow_nonfinite``. A
+    data-aware recipe's ``data:`` entries are collected here (``progress``: their bars)."""
     opened: dict[str, CheckpointReader] = dict(readers or {})
     try:
         method = get_method(recipe.method_name)  # unknown method: fail before opening files
@@ -405,7 +407,7 @@ def plan_merge(
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
         requests = topk_requests(planner.method, jobs)
         merged = {j.out.name: j.out.shape for j in jobs if j.kind == "merge"}
-        data = load_data_inputs(recipe, planner.method, merged)
+        data = load_data_inputs(recipe, planner.method, merged, progress=progress)
     except BaseException:
         for r in opened.values():
             r.close()

@@ -10,7 +10,8 @@ Two dialects share one schema and are told apart by one key:
 Keys (both dialects unless marked):
     merge_method | method   the merge method (exactly one of the two)
     base_model              base checkpoint reference (folder, file, or PATH+LORA_ADAPTER)
-    models                  list of {model, parameters}
+    models                  list of {model, parameters}; (splice) data-aware methods read
+                            `statistics:` (a file) or `data:` (collected at merge time)
     slices                  list of {sources: [{model, layer_range, parameters}],
                             base_model, parameters}  (layer stacking / per-slice merges)
     parameters              global parameter settings
@@ -43,7 +44,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from splice.config_errors import did_you_mean
 from splice.errors import RecipeError
@@ -86,6 +94,20 @@ def _check_ref(value: Any) -> Any:
     return value
 
 
+class StatsData(BaseModel):
+    """Data to collect a model's statistics on when the merge runs (`splice stats`'
+    options): a built-in task or a .csv/.tsv/.jsonl file, and how much of it."""
+
+    model_config = _STRICT
+    source: str
+    split: Literal["all", "train", "validation", "test"] | None = None
+    seed: int = 0
+    max_examples: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(128, ge=2)
+    per_example: bool = True  # fisher: each example's own gradient (False: per batch)
+
+
 class ModelEntry(BaseModel):
     model_config = _STRICT
     model: str
@@ -93,8 +115,22 @@ class ModelEntry(BaseModel):
     # This model's data statistics (a safetensors file from
     # `splice.merge.data_stats.save_statistics`), for the data-aware methods.
     statistics: str | None = None
+    # ... or the data to collect them on when the merge runs (engine.data_inputs); a string is
+    # the source alone
+    data: StatsData | None = None
 
     _ref = field_validator("model", mode="before")(_check_ref)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelEntry:
+        if self.statistics is not None and self.data is not None:
+            raise ValueError("give `statistics:` (a file) or `data:` (collected now), not both")
+        return self
 
 
 class SliceSource(BaseModel):

@@ -64,7 +64,7 @@ class StatsRequest:
     kind: Kind
     model: str
     data: str
-    out: str | Path
+    out: str | Path | None  # None: not written (`compute_statistics` returns them)
     task: str | None = None  # seq_cls | causal_lm; None: from config.json
     split: str | None = None  # None: "train" for a built-in task, "all" for a file
     seed: int = 0
@@ -88,11 +88,48 @@ class StatsResult:
     bytes: int
 
 
+@dataclass(frozen=True)
+class PreparedStats:
+    """A checked request with its data read (`prepare_statistics`); the model not loaded."""
+
+    req: StatsRequest
+    folder: Path
+    task: str
+    num_labels: int
+    examples: tuple[Any, ...]  # seq_cls: (texts, labels); causal_lm: (rows,)
+    n: int
+
+
 def collect_statistics(req: StatsRequest) -> StatsResult:
     """Check ``req``, run the model over its data and write the statistics file."""
-    from splice.merge.data_stats import collect_fisher, collect_gram, save_statistics
+    from splice.merge.data_stats import save_statistics
+
+    prepared = prepare_statistics(req)
+    stats = compute_statistics(prepared)
+    metadata = {
+        "format": "splice-statistics",
+        "kind": req.kind,
+        "task": prepared.task,
+        "model": str(prepared.folder),
+        "data": str(req.data),
+        "split": _split_of(req),
+        "examples": str(prepared.n),
+        "per_example": str(req.per_example).lower() if req.kind == "fisher" else "",
+        "reduction": req.reduction if req.kind == "gram" else "",
+    }
+    assert req.out is not None
+    out = Path(req.out)
+    save_statistics(stats, out, {k: v for k, v in metadata.items() if v})
+    size = sum(t.numel() * t.element_size() for t in stats.values())
+    return StatsResult(out, req.kind, prepared.task, prepared.n, len(stats), size)
+
+
+def prepare_statistics(req: StatsRequest) -> PreparedStats:
+    """Every check of ``req`` (numbers, output path when ``out`` is set, model kind, data
+    readable and non-empty, labels in the head) and its data read: all that can fail before
+    the model runs. A recipe with ``data:`` entries prepares every model's request first."""
     from splice.numbers import check_number
-    from splice.train.models import load_for_task, resolve_model
+    from splice.train.models import resolve_model
 
     if req.kind not in ("fisher", "gram"):
         raise StatsError(f"kind must be 'fisher' or 'gram', not {req.kind!r}")
@@ -112,29 +149,40 @@ def collect_statistics(req: StatsRequest) -> StatsResult:
             re.compile(pattern)
         except re.error as e:
             raise StatsError(f"--exclude {pattern!r} is not a regular expression: {e}") from None
-    out = _check_out(Path(req.out), req.overwrite)
+    if req.out is not None:
+        _check_out(Path(req.out), req.overwrite)
     folder = resolve_model(req.model)
     config = _config(folder)
     task = req.task or _task_of(config, folder)
     if task not in TASK_SUFFIXES.values():
         raise StatsError(f"--task must be seq_cls or causal_lm, not {task!r}")
+    num_labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
     if task == "seq_cls":
         texts, labels = _classification_data(req, config)
-        n = len(texts)
-    else:
-        lm_rows = _lm_data(req)
-        n = len(lm_rows)
-    num_labels = int(config.get("num_labels") or len(config.get("id2label") or {}) or 2)
-    model, tok, _ = load_for_task(req.model, task, num_labels if task == "seq_cls" else None)
+        return PreparedStats(req, folder, task, num_labels, (texts, labels), len(texts))
+    lm_rows = _lm_data(req)
+    return PreparedStats(req, folder, task, num_labels, (lm_rows,), len(lm_rows))
+
+
+def compute_statistics(prepared: PreparedStats) -> dict[str, Tensor]:
+    """Run the prepared request's model over its data, batch by batch: the statistics."""
+    from splice.merge.data_stats import collect_fisher, collect_gram
+    from splice.train.models import load_for_task
+
+    req, task = prepared.req, prepared.task
+    labels_n = prepared.num_labels if task == "seq_cls" else None
+    model, tok, _ = load_for_task(req.model, task, labels_n)
     model.eval()
     if task == "seq_cls":
         from splice.train.data import cls_batches
 
+        texts, labels = prepared.examples
         batches = cls_batches(texts, labels, tok, req.batch_size, req.max_length)
         loss_fn = classification_losses
     else:
         from splice.train.data import lm_batches, lm_encode
 
+        (lm_rows,) = prepared.examples
         if req.kind == "fisher":
             for i, row in enumerate(lm_rows):
                 if not any(t != -100 for t in lm_encode(row, tok, req.max_length)[1][1:]):
@@ -148,32 +196,17 @@ def collect_statistics(req: StatsRequest) -> StatsResult:
 
     bar = tqdm(
         batches,
-        total=math.ceil(n / req.batch_size),
+        total=math.ceil(prepared.n / req.batch_size),
         desc=f"{req.kind} statistics",
         unit="batch",
         disable=not req.progress,
         leave=False,
     )
     if req.kind == "fisher":
-        stats = collect_fisher(model, bar, loss_fn, per_example=req.per_example)
-    else:
-        stats = collect_gram(
-            model, bar, forward=forward_inputs, reduction=req.reduction, exclude=req.exclude
-        )
-    metadata = {
-        "format": "splice-statistics",
-        "kind": req.kind,
-        "task": task,
-        "model": str(folder),
-        "data": str(req.data),
-        "split": _split_of(req),
-        "examples": str(n),
-        "per_example": str(req.per_example).lower() if req.kind == "fisher" else "",
-        "reduction": req.reduction if req.kind == "gram" else "",
-    }
-    save_statistics(stats, out, {k: v for k, v in metadata.items() if v})
-    size = sum(t.numel() * t.element_size() for t in stats.values())
-    return StatsResult(out, req.kind, task, n, len(stats), size)
+        return collect_fisher(model, bar, loss_fn, per_example=req.per_example)
+    return collect_gram(
+        model, bar, forward=forward_inputs, reduction=req.reduction, exclude=req.exclude
+    )
 
 
 def _check_out(out: Path, overwrite: bool) -> Path:
