@@ -24,7 +24,7 @@ def test_detects_a_causal_lm(tiny_lm_pool, tiny_bert):
     assert not is_causal_lm("/no/such/model")  # left to the classifier bench's error
 
 
-def test_tiny_lm_pool_end_to_end(tiny_lm_pool, bench_cache, tmp_path):
+def test_lm_pool_end_to_end(tiny_lm_pool, bench_cache, tmp_path):
     model, tasks = tiny_lm_pool
     out = tmp_path / "out"
     res = run_bench(_cfg(model, tasks, compose=["oracle"]), out)

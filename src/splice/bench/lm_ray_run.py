@@ -169,10 +169,8 @@ class _LMContext:
 
             cfg = self.cfg
             model, tok, _ = load_for_task(str(self.folder), "causal_lm")
-            self.evaluator = LMEvaluator(
-                model, tok, self.tasks, cfg.training.max_length, cfg.eval_batch_size,
-                cfg.lm.max_new_tokens,
-            )  # fmt: skip
+            length, batch, new = cfg.training.max_length, cfg.eval_batch_size, cfg.lm.max_new_tokens
+            self.evaluator = LMEvaluator(model, tok, self.tasks, length, batch, new)
         return self.evaluator
 
     def expert_folders(self, kind: str) -> list[Path]:

@@ -20,7 +20,9 @@ classifier bench (`bench.run.run_bench` dispatches). Order of work:
    not beat the pretrained model are left out of it. Test data never informs a choice.
 6. results.json and results.md under ``out``.
 
-Evaluation is in float32 (``precision`` applies to the classifier bench).
+Evaluation is in float32 (``precision`` applies to the classifier bench). With ``--ray``
+(`bench.lm_ray_run`) the training (3) and each merge + evaluation of (5) run as Ray
+units; the driver does the rest and assembles the same rows (`LMRunner` is the seam).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ Merge units return their scores to the driver (a few numbers); only experts are 
 
 A worker builds the run's tasks, base and evaluator once (remembered per run in the worker
 process) and runs with ``threads`` (the config's, else 1) CPUs reserved and torch threads.
+
+A causal-LM pool's runner (`bench.lm_ray_run`) uses the same pieces: `run_spec`,
+`run_context` (with its own context builder), `merge_units`, `submit_units`, `gather_units`.
 """
 
 from __future__ import annotations
