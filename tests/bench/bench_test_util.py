@@ -1,4 +1,4 @@
-"""Helpers of the bench tests: the tiny run's config."""
+"""Helpers of the bench tests: the tiny runs' configs (classifier and causal-LM pools)."""
 
 from __future__ import annotations
 
@@ -39,4 +39,27 @@ def tiny_config(model: Path, tasks: list[Path], **over) -> dict:
     }
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def tiny_lm_config(model: Path, tasks: list[str], **over) -> dict:
+    """The tiny Llama pool (`tiny_lm_pool`): full and LoRA experts of 4 steps, task
+    arithmetic with a two-point grid (default λ = 0 on it), linear, lora:svd."""
+    cfg = {
+        "model": str(model),
+        "tasks": tasks,
+        "kinds": ["full", "lora"],
+        "training": {"epochs": 2, "batch_size": 8, "max_length": 16, "warmup_ratio": 0.0},
+        "full": {"lr": 3e-3},
+        "lora": {"lr": 1e-2, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "merge": {
+            "methods": ["task_arithmetic", "linear", "lora:svd"],
+            "params": {"task_arithmetic": {"lambda": 0.0}},
+            "grids": {"task_arithmetic": {"lambda": [0.0, 0.5]}},
+        },
+        "lm": {"max_new_tokens": 3},
+        "eval_batch_size": 8,
+        "compose": [],
+    }
+    cfg.update(over)
     return cfg

@@ -1,9 +1,11 @@
 """A tiny BERT (hidden 32, 2 layers) with a WordPiece vocab, and two synthetic CSV tasks
-whose label is carried by keywords, so a few epochs learn them."""
+whose label is carried by keywords, so a few epochs learn them; the tiny Llama's causal-LM
+pool; a local Ray instance of 2 CPUs for a module."""
 
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -70,3 +72,33 @@ def bench_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("SPLICE_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_pool(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The tiny Llama folder, two text domains (.txt) and a prompt/answer task (.jsonl)."""
+    from tiny_hf import save_tiny_llama_folder
+
+    root = tmp_path_factory.mktemp("bench-lm")
+    model = save_tiny_llama_folder(root / "llama")
+    rng = random.Random(0)
+    a = root / "abc.txt"
+    a.write_text("\n".join("".join(rng.choices("abc ", k=12)) for _ in range(60)) + "\n")
+    d = root / "digits.txt"
+    d.write_text("\n".join("".join(rng.choices("0123 ", k=12)) for _ in range(60)) + "\n")
+    em = root / "color.jsonl"
+    rows = [
+        {"prompt": f"word: {w}\ncat:", "completion": f" {c}"}
+        for w, c in [("sky", "blue"), ("grass", "green"), ("sun", "yellow")] * 10
+    ]
+    em.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, [str(a), str(d), str(em)]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance (2 CPUs) for the module; skipped when Ray is not installed."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -4,65 +4,28 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
+from bench_test_util import tiny_lm_config
 
 from splice.bench import parse_bench_config, run_bench
 from splice.bench.lm_evaluate import normalized_loss
 from splice.bench.lm_run import is_causal_lm
 from splice.errors import SpliceError
-from tiny_hf import save_tiny_llama_folder
-
-
-@pytest.fixture(scope="module")
-def lm_pool(tmp_path_factory):
-    """The tiny Llama folder, two text domains (.txt) and a prompt/answer task (.jsonl)."""
-    root = tmp_path_factory.mktemp("bench-lm")
-    model = save_tiny_llama_folder(root / "llama")
-    rng = random.Random(0)
-    a = root / "abc.txt"
-    a.write_text("\n".join("".join(rng.choices("abc ", k=12)) for _ in range(60)) + "\n")
-    d = root / "digits.txt"
-    d.write_text("\n".join("".join(rng.choices("0123 ", k=12)) for _ in range(60)) + "\n")
-    em = root / "color.jsonl"
-    rows = [
-        {"prompt": f"word: {w}\ncat:", "completion": f" {c}"}
-        for w, c in [("sky", "blue"), ("grass", "green"), ("sun", "yellow")] * 10
-    ]
-    em.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model, [str(a), str(d), str(em)]
 
 
 def _cfg(model, tasks, **over):
-    data = {
-        "model": str(model),
-        "tasks": tasks,
-        "kinds": ["full", "lora"],
-        "training": {"epochs": 2, "batch_size": 8, "max_length": 16, "warmup_ratio": 0.0},
-        "full": {"lr": 3e-3},
-        "lora": {"lr": 1e-2, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "merge": {
-            "methods": ["task_arithmetic", "linear", "lora:svd"],
-            "params": {"task_arithmetic": {"lambda": 0.0}},
-            "grids": {"task_arithmetic": {"lambda": [0.0, 0.5]}},
-        },
-        "lm": {"max_new_tokens": 3},
-        "eval_batch_size": 8,
-        "compose": [],
-    }
-    data.update(over)
-    return parse_bench_config(data)
+    return parse_bench_config(tiny_lm_config(model, tasks, **over))
 
 
-def test_detects_a_causal_lm(lm_pool, tiny_bert):
-    assert is_causal_lm(str(lm_pool[0]))
+def test_detects_a_causal_lm(tiny_lm_pool, tiny_bert):
+    assert is_causal_lm(str(tiny_lm_pool[0]))
     assert not is_causal_lm(str(tiny_bert))
     assert not is_causal_lm("/no/such/model")  # left to the classifier bench's error
 
 
-def test_lm_pool_end_to_end(lm_pool, bench_cache, tmp_path):
-    model, tasks = lm_pool
+def test_lm_pool_end_to_end(tiny_lm_pool, bench_cache, tmp_path):
+    model, tasks = tiny_lm_pool
     out = tmp_path / "out"
     res = run_bench(_cfg(model, tasks, compose=["oracle"]), out)
     data = json.loads((out / "results.json").read_text())
@@ -103,25 +66,25 @@ def test_lm_pool_end_to_end(lm_pool, bench_cache, tmp_path):
     assert all(e["cached"] for k in again.experts.values() for e in k.values())
 
 
-def test_lora_targets_must_exist(lm_pool, bench_cache, tmp_path):
-    model, tasks = lm_pool
+def test_lora_targets_must_exist(tiny_lm_pool, bench_cache, tmp_path):
+    model, tasks = tiny_lm_pool
     cfg = _cfg(model, tasks, kinds=["lora"], lora={"target_modules": ["query", "value"]})
     with pytest.raises(SpliceError, match=r"q_proj"):
         run_bench(cfg, tmp_path / "o")
 
 
-def test_unknown_lm_task_is_a_clear_error(lm_pool, bench_cache, tmp_path):
-    model, tasks = lm_pool
+def test_unknown_lm_task_is_a_clear_error(tiny_lm_pool, bench_cache, tmp_path):
+    model, tasks = tiny_lm_pool
     with pytest.raises(SpliceError, match=r"wordnet_glosses"):
         run_bench(_cfg(model, [tasks[0], "wordnet_gloss"]), tmp_path / "o")
 
 
-def test_cli_prints_the_lm_table(lm_pool, bench_cache, tmp_path, capsys):
+def test_cli_prints_the_lm_table(tiny_lm_pool, bench_cache, tmp_path, capsys):
     import yaml
 
     from splice.cli import main
 
-    model, tasks = lm_pool
+    model, tasks = tiny_lm_pool
     cfg = _cfg(model, tasks[:2], kinds=["lora"]).model_dump(mode="json")
     cfg["merge"] = {"methods": ["linear"]}
     path = tmp_path / "lm.yaml"

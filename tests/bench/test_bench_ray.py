@@ -26,13 +26,6 @@ ray = pytest.importorskip("ray")
 TIMING = {"merge_seconds", "inference_cost", "search_seconds", "seconds", "note"}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _config(tiny_bert, tiny_tasks):
     """LoRA experts and the multi-task model; a method without a sweep, one with the default
     off its grid, one with it on the grid; a coefficient search; no composition rows."""

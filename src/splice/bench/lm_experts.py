@@ -97,15 +97,10 @@ def train_lm_expert(
     return {"kind": kind, "tasks": [task.name], "train_examples": len(train), **summary.record()}
 
 
-def get_lm_expert(
-    folder: Path,
-    identity: dict[str, Any],
-    task: LMTaskData,
-    kind: str,
-    cfg: BenchConfig,
-    progress: bool = True,
-) -> Expert:
-    """The cached ``kind`` expert of ``task`` (trained on a cache miss)."""
+def lm_expert_key(
+    identity: dict[str, Any], task: LMTaskData, kind: str, cfg: BenchConfig
+) -> tuple[str, Path]:
+    """The cache key of the ``kind`` expert of ``task`` and its folder (trained or not)."""
     key = content_key(
         {
             "pool": "lm",
@@ -115,7 +110,19 @@ def get_lm_expert(
             "training": training_settings(cfg, kind),
         }
     )
-    where = bench_root() / "lm-experts" / f"{kind}-{task.name}-{key[:16]}"
+    return key, bench_root() / "lm-experts" / f"{kind}-{task.name}-{key[:16]}"
+
+
+def get_lm_expert(
+    folder: Path,
+    identity: dict[str, Any],
+    task: LMTaskData,
+    kind: str,
+    cfg: BenchConfig,
+    progress: bool = True,
+) -> Expert:
+    """The cached ``kind`` expert of ``task`` (trained on a cache miss)."""
+    key, where = lm_expert_key(identity, task, kind, cfg)
     if (where / "meta.json").is_file():
         meta = json.loads((where / "meta.json").read_text())
         return Expert(kind, [task.name], where, {}, meta, cached=True)

@@ -20,7 +20,9 @@ classifier bench (`bench.run.run_bench` dispatches). Order of work:
    not beat the pretrained model are left out of it. Test data never informs a choice.
 6. results.json and results.md under ``out``.
 
-Evaluation is in float32 (``precision`` applies to the classifier bench).
+Evaluation is in float32 (``precision`` applies to the classifier bench). With ``--ray``
+(`bench.lm_ray_run`) the training (3) and each merge + evaluation of (5) run as Ray
+units; the driver does the rest and assembles the same rows (`LMRunner` is the seam).
 """
 
 from __future__ import annotations
@@ -136,11 +138,54 @@ def mean_defined(values: dict[str, float | None]) -> float | None:
     return sum(got) / len(got) if got else None
 
 
+def applies(p: PlannedMethod, kind: str) -> bool:
+    """Whether ``p`` has a row in ``kind``'s table (``lora:NAME`` merges LoRA experts' adapters)."""
+    return not (p.low_rank and kind != "lora")
+
+
+class LMRunner:
+    """Where the experts train and the merges run: here, in order (`bench.lm_ray_run`'s
+    subclass sends them to Ray as units; the rows are the same)."""
+
+    def __init__(self, cfg: BenchConfig, ev: LMEvaluator, folder: Path, log: Any, progress: bool):
+        self.cfg, self.ev, self.folder, self.log, self.progress = cfg, ev, folder, log, progress
+        self.experts: dict[str, dict[str, Expert]] = {}
+
+    def train_experts(self, identity: dict[str, Any], tasks: list[LMTaskData]) -> None:
+        """One expert per kind and task into ``self.experts`` (cache hits cost nothing)."""
+        from splice.bench.lm_experts import get_lm_expert
+
+        for kind in self.cfg.kinds:
+            self.experts[kind] = {}
+            for t in tasks:
+                self.log(f"{kind} expert {t.name}")
+                self.experts[kind][t.name] = get_lm_expert(
+                    self.folder, identity, t, kind, self.cfg, self.progress
+                )
+
+    def start_merges(self, planned: list[PlannedMethod]) -> None:
+        """Nothing here: a local run merges method by method in `method_rows`."""
+
+    def method_rows(
+        self, p: PlannedMethod, kind: str, row: Any, ex_val: Scores, pre_val: Scores
+    ) -> list[LMRow] | str:
+        """``p``'s rows in ``kind``'s table, or the error of a merge that failed."""
+        folders = [e.folder for e in self.experts[kind].values()]
+        try:
+            return _method_rows(
+                p, kind, self.cfg, self.ev, self.folder, folders, row, ex_val, pre_val
+            )
+        except (SpliceError, RuntimeError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+
+
 def run_lm_bench(
-    cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = True
+    cfg: BenchConfig, out: str | os.PathLike[str], progress: bool = True, on_ray: bool = False
 ) -> LMBenchResults:
+    """The LM pool's run (the module docstring); ``on_ray``: experts and merges as Ray units
+    (`bench.lm_ray_run`; Ray must be connected)."""
     from splice.bench.cache import model_identity
-    from splice.bench.lm_experts import check_target_modules, get_lm_expert
+    from splice.bench.lm_experts import check_target_modules
     from splice.io.out_location import prepare_work_folder
     from splice.train.models import load_for_task, resolve_model
 
@@ -169,14 +214,16 @@ def run_lm_bench(
     log = (lambda s: tqdm.write(f"splice bench: {s}")) if progress else (lambda s: None)
     pretrained = {"test": ev.evaluate(base_state, "test"), "val": ev.evaluate(None, "validation")}
     t_prep = time.perf_counter() - start
-    identity = model_identity(folder)
-    experts: dict[str, dict[str, Expert]] = {}
-    for kind in cfg.kinds:
-        experts[kind] = {}
-        for t in tasks:
-            log(f"{kind} expert {t.name}")
-            experts[kind][t.name] = get_lm_expert(folder, identity, t, kind, cfg, progress)
+    if on_ray:
+        from splice.bench.lm_ray_run import LMRayRunner
+
+        runner: LMRunner = LMRayRunner(cfg, ev, folder, log, progress)
+    else:
+        runner = LMRunner(cfg, ev, folder, log, progress)
+    runner.train_experts(model_identity(folder), tasks)
+    experts = runner.experts
     t_train = time.perf_counter() - start - t_prep
+    runner.start_merges(planned)
     rows: list[LMRow] = []
     failed: list[dict[str, str]] = []
     expert_info: dict[str, dict[str, dict[str, Any]]] = {}
@@ -201,19 +248,16 @@ def run_lm_bench(
         row = partial(make_row, kind, ex_test, pretrained["test"])
         rows.append(row("baseline", "pretrained", pretrained["test"]))
         rows.append(row("baseline", "experts", ex_test))
-        folders = [experts[kind][t.name].folder for t in tasks]
         for p in planned:
-            if p.low_rank and kind != "lora":
-                continue  # lora:NAME merges the LoRA experts' adapters
+            if not applies(p, kind):
+                continue
             log(f"{kind} {p.name}")
-            try:
-                rows.extend(
-                    _method_rows(p, kind, cfg, ev, folder, folders, row, ex_val, pretrained["val"])
-                )
-            except (SpliceError, RuntimeError, ValueError) as e:
-                msg = f"{type(e).__name__}: {e}"
-                log(f"{kind} {p.name} failed, skipped: {msg}")
-                failed.append({"kind": kind, "method": p.name, "error": msg})
+            got = runner.method_rows(p, kind, row, ex_val, pretrained["val"])
+            if isinstance(got, str):
+                log(f"{kind} {p.name} failed, skipped: {got}")
+                failed.append({"kind": kind, "method": p.name, "error": got})
+            else:
+                rows.extend(got)
     results = LMBenchResults(
         config=cfg.model_dump(mode="json"),
         tasks={t.name: {"kind": t.kind, "sizes": t.sizes()} for t in tasks},

@@ -25,6 +25,9 @@ Merge units return their scores to the driver (a few numbers); only experts are 
 
 A worker builds the run's tasks, base and evaluator once (remembered per run in the worker
 process) and runs with ``threads`` (the config's, else 1) CPUs reserved and torch threads.
+
+A causal-LM pool's runner (`bench.lm_ray_run`) uses the same pieces: `run_spec`,
+`run_context` (with its own context builder), `merge_units`, `submit_units`, `gather_units`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -63,10 +67,7 @@ class RayRunner(_Runner):
     def __init__(self, cfg: BenchConfig, progress: bool):
         super().__init__(cfg, progress)
         self.pool = RayPool(cfg.threads or 1)
-        config = cfg.model_dump(mode="json")
-        cache = str(cache_root().resolve())
-        self.spec: Spec = {"config": config, "cache": cache, "run": uuid.uuid4().hex}
-        self.spec["key"] = content_key(self.spec)  # this run, in the workers
+        self.spec = run_spec(cfg)
 
     # -- experts --------------------------------------------------------------------------
     def train_experts(
@@ -113,22 +114,18 @@ class RayRunner(_Runner):
             for p in planned:
                 if not _applies(p, kind):
                     continue
-                on_driver = p.data_aware or p.statistics is not None
-                units = [] if on_driver else merge_units(p)
-                refs = [
-                    self.pool.submit(merge_unit, self.spec, kind, p.name, params, splits)
-                    for _, params, splits in units
-                ]
-                jobs.append((kind, p, units, refs))
+                if p.data_aware or p.statistics is not None:  # on the driver
+                    jobs.append((kind, p, [], []))
+                else:
+                    jobs.append((kind, p, *submit_units(self.pool, merge_unit, self.spec, kind, p)))
         for kind, p, units, refs in jobs:
             if p.data_aware or p.statistics is not None:
                 pool = [experts[kind][t] for t in ev.tasks]
                 self.merge_method(kind, p, ev, base_folder, pool)
                 continue
             self.step(f"{kind} {p.name}")
-            results = self.pool.gather(refs, on_done=lambda _: self.done())
+            results, error = gather_units(self.pool, refs, on_done=lambda _: self.done())
             self.done(_method_units(p) - len(units))
-            error = next((r["error"] for r in results if "error" in r), None)
             if error is not None:
                 tqdm.write(f"splice bench: {kind} {p.name} failed, skipped: {error}")
                 self.failed.append(Failure(kind, p.name, error))
@@ -158,6 +155,25 @@ def merge_units(p: PlannedMethod) -> list[Unit]:
     if default_value not in p.sweep[1]:
         units.append((None, default_params, ("test",)))
     return units
+
+
+def submit_units(
+    pool: RayPool, fn: Callable[..., dict[str, Any]], spec: Spec, kind: str, p: PlannedMethod
+) -> tuple[list[Unit], list[Any]]:
+    """Start ``fn(spec, kind, method, params, splits)`` for each of ``p``'s merge units (the
+    classifier's `merge_unit`, the causal-LM pool's); the units and their references."""
+    units = merge_units(p)
+    refs = [pool.submit(fn, spec, kind, p.name, params, splits) for _, params, splits in units]
+    return units, refs
+
+
+def gather_units(
+    pool: RayPool, refs: list[Any], on_done: Callable[[int], None] | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The units' results in order, and the first one's error in unit order (the merge a
+    local run would have failed on first), or None."""
+    results = pool.gather(refs, on_done=on_done)
+    return results, next((r["error"] for r in results if "error" in r), None)
 
 
 def assemble(
@@ -223,23 +239,38 @@ class _Context:
             ]
         return self.pools[kind]
 
-
-_CONTEXTS: dict[str, _Context] = {}  # the current run of this worker process
-
-
-def _context(spec: Spec) -> _Context:
-    os.environ["SPLICE_CACHE"] = spec["cache"]  # the driver's cache (shared on a cluster)
-    if spec["key"] not in _CONTEXTS:  # a new run: the previous one's context dropped
-        _CONTEXTS.clear()
-        cfg = parse_bench_config(spec["config"])
+    @classmethod
+    def build(cls, cfg: BenchConfig) -> _Context:
         tasks = [prepare_task(t, cfg.data) for t in cfg.tasks]
-        _CONTEXTS[spec["key"]] = _Context(cfg, tasks, prepare_base(cfg.model, cfg.training.seed))
+        return cls(cfg, tasks, prepare_base(cfg.model, cfg.training.seed))
+
+
+def run_spec(cfg: BenchConfig) -> Spec:
+    """What a unit needs to rebuild the run in a worker: the config, the driver's cache path
+    and a key unique to this run."""
+    config = cfg.model_dump(mode="json")
+    cache = str(cache_root().resolve())
+    spec: Spec = {"config": config, "cache": cache, "run": uuid.uuid4().hex}
+    spec["key"] = content_key(spec)  # this run, in the workers
+    return spec
+
+
+_CONTEXTS: dict[str, Any] = {}  # the current run of this worker process
+
+
+def run_context(spec: Spec, build: Callable[[BenchConfig], Any] = _Context.build) -> Any:
+    """In the worker: the run's context, ``build(config)`` once per run and worker process
+    (a new run drops the previous one's), with the driver's bench cache."""
+    os.environ["SPLICE_CACHE"] = spec["cache"]  # the driver's cache (shared on a cluster)
+    if spec["key"] not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[spec["key"]] = build(parse_bench_config(spec["config"]))
     return _CONTEXTS[spec["key"]]
 
 
 def train_unit(spec: Spec, kind: str, names: list[str]) -> None:
     """Train the model of ``kind`` on the tasks ``names`` into the cache (a hit: nothing)."""
-    ctx = _context(spec)
+    ctx = run_context(spec)
     get_expert(ctx.base, [t for t in ctx.tasks if t.name in names], kind, ctx.cfg, False)
 
 
@@ -248,7 +279,7 @@ def merge_unit(
 ) -> dict[str, Any]:
     """Merge the experts of ``kind`` with ``method``; its accuracy per task on ``splits``
     and the merge's seconds, or ``{"error": ...}`` for a failure a local run records."""
-    ctx = _context(spec)
+    ctx = run_context(spec)
     pool = ctx.pool(kind)
     heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
     try:
@@ -264,7 +295,7 @@ def search_objective(spec: Spec, kind: str, objective: str) -> Any:
     """The coefficient-search objective of ``kind``'s experts, built in the worker."""
     from splice.bench.search import objective_value
 
-    ctx = _context(spec)
+    ctx = run_context(spec)
     heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in ctx.pool(kind)}
     ev = ctx.ev()
     return lambda state: objective_value(ev, state, heads, objective)[0]

@@ -29,7 +29,8 @@ the paper's test-time protocol, said in each such row's note. Outputs: results.j
 results.md, accuracy_by_method.png, accuracy_vs_coefficient.png under ``out``.
 
 With ``ray`` (`splice bench --ray`) the training (3), the merges (5) and the searches'
-candidates run as Ray tasks (`splice.bench.ray_run`); the rows are the same.
+candidates run as Ray tasks (`splice.bench.ray_run`; a causal-LM pool's training and
+merges: `splice.bench.lm_ray_run`); the rows are the same.
 """
 
 from __future__ import annotations
@@ -82,19 +83,16 @@ def run_bench(
     """Run the whole benchmark (see the module docstring); returns its results, also written
     under ``out``. ``ray``: run the training and merge units as Ray tasks on the cluster at
     that address (``"local"``: a local instance; `splice.bench.ray_run`), same results. A
-    causal-LM ``model`` runs the LM pool instead (`bench.lm_run`; not on Ray yet)."""
+    causal-LM ``model`` runs the LM pool instead (`bench.lm_run`; on Ray: `bench.lm_ray_run`)."""
     from splice.bench.lm_run import is_causal_lm, run_lm_bench
 
-    if is_causal_lm(cfg.model):
-        if ray is not None:
-            raise SpliceError("--ray does not run causal-LM pools yet; run them without --ray")
-        return run_lm_bench(cfg, out, progress)  # type: ignore[return-value]
+    run = run_lm_bench if is_causal_lm(cfg.model) else _run_bench
     if ray is None:
-        return _run_bench(cfg, out, progress, False)
+        return run(cfg, out, progress, False)  # type: ignore[return-value]
     from splice.engine.ray_pool import ray_session
 
     with ray_session(ray):  # the connection checked before any work
-        return _run_bench(cfg, out, progress, True)
+        return run(cfg, out, progress, True)  # type: ignore[return-value]
 
 
 def _run_bench(

@@ -1,0 +1,82 @@
+"""`splice bench --ray` on the tiny Llama's causal-LM pool (`bench.lm_ray_run`), on a local
+Ray instance of 2 CPUs: the rows equal the local run's (the same experts, scores, parameters
+and variants), and a Ray rerun on the local run's cache trains nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from bench_test_util import tiny_lm_config
+
+from splice.bench import parse_bench_config, run_bench
+
+pytest.importorskip("ray")
+
+TIMING = {"merge_seconds", "seconds", "train_seconds"}
+
+
+def _strip(value):
+    """A results.json part without its timings (they differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def runs(local_ray, tiny_lm_pool, tmp_path_factory):
+    """A local run, a Ray run on its own cache, a Ray rerun on the local run's cache. The
+    task-arithmetic grid lacks the default λ = 0 (its own unit) and a point beats it."""
+    model, tasks = tiny_lm_pool
+    grids = {"task_arithmetic": {"lambda": [0.5, 1.0]}}
+    cfg = tiny_lm_config(model, tasks, baselines={"probe": False, "multitask": False})
+    cfg = parse_bench_config({**cfg, "merge": {**cfg["merge"], "grids": grids}})
+    root = tmp_path_factory.mktemp("bench-lm-ray")
+    out = {"root": root}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, cache, on in (
+            ("local", "a", None),
+            ("ray", "b", "local"),
+            ("rerun", "a", "local"),
+        ):
+            mp.setenv("SPLICE_CACHE", str(root / cache))
+            out[name] = run_bench(cfg, root / name, progress=False, ray=on)
+    return out
+
+
+def _saved(root: Path, name: str) -> dict:
+    return json.loads((root / name / "results.json").read_text())
+
+
+def test_lm_ray_rows_equal_the_local_rows(runs):
+    root = runs["root"]
+    local, ray_run = _saved(root, "local"), _saved(root, "ray")
+    assert local["failed"] == ray_run["failed"] == []
+    assert _strip(local["rows"]) == _strip(ray_run["rows"])
+    assert _strip(local["pretrained"]) == _strip(ray_run["pretrained"])
+    for kind, pool in local["experts"].items():
+        for task, e in pool.items():
+            other = ray_run["experts"][kind][task]
+            assert (e["test"], e["validation"], e["steps"]) == (
+                other["test"],
+                other["validation"],
+                other["steps"],
+            )
+            assert not e["cached"] and not other["cached"]  # trained by the run, on Ray in b
+    rows = {(r.kind, r.method, r.variant): r for r in runs["ray"].rows}
+    assert rows[("full", "task_arithmetic", "default")].params == {"lambda": 0.0}
+    assert rows[("full", "task_arithmetic", "tuned")].params["lambda"] in (0.5, 1.0)
+    assert ("lora", "lora:svd", "default") in rows and ("full", "lora:svd", "default") not in rows
+
+
+def test_a_lm_ray_rerun_after_a_local_run_trains_nothing(runs):
+    root = runs["root"]
+    experts = root / "a" / "bench" / "lm-experts"
+    assert len(list(experts.iterdir())) == 6  # 2 kinds x 3 tasks, no new one
+    for kind, pool in runs["rerun"].experts.items():
+        for task, e in pool.items():
+            assert e["cached"] and e["folder"] == runs["local"].experts[kind][task]["folder"]
+    assert _strip(_saved(root, "rerun")["rows"]) == _strip(_saved(root, "local")["rows"])
