@@ -24,6 +24,9 @@ one: the same torch ops on the same dtypes, in the same order.
 - Model Stock: ``t·mean(θ_i) + (1 − t)·θ_0`` in the compute dtype, with the mean as
   ``(θ_1 + θ_2 + …) / n`` — mergekit's form, not splice's ``θ_0 + t·mean(δ_i)`` (equal in
   exact arithmetic, not in bf16).
+- SLERP's dot and Model Stock's dots and float16 norms are sums over a whole tensor, which
+  torch splits over its intra-op threads: they are added in the order torch uses with
+  mergekit's thread count (`_mergekit_reductions`), whatever splice's own.
 
 float32 and float64 keep splice's own kernels (bit-identical to mergekit in float32 for
 the task-vector methods; within 1e-6 for the others), so their pinned outputs do not move.

@@ -108,7 +108,12 @@ def norm_last(x: Tensor, threads: int) -> Tensor:
     if x.dtype != torch.float16 or not _whole_vector(x):
         return torch.norm(x, dim=-1)
     n = x.shape[-1]
-    ranges = _ranges(n, threads) or [(0, n)]  # serially: one range
+    ranges = _ranges(n, threads)
+    if ranges is None and torch.get_num_threads() == 1:
+        return torch.norm(x, dim=-1)  # serial, as wanted
+    ranges = ranges or [(0, n)]  # serially: one range
+    # numpy's float32 cumsum is the sequential sum (about 2.5 ns an entry here, against
+    # torch's own 1.1 ns: float16 recipes only)
     squares = x.reshape(-1).float().square_().numpy()
     total = np.float32(0)
     for start, stop in ranges:
