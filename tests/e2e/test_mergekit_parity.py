@@ -54,10 +54,13 @@ CONFIG = {
 MODELS = ("base", "ft0", "ft1", "ft2")
 
 
-def llama_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    h, f, v = HIDDEN, INTER, VOCAB
+def llama_tensors(
+    gen: torch.Generator, dims: dict[str, int] | None = None
+) -> dict[str, torch.Tensor]:
+    d = {**CONFIG, **(dims or {})}
+    h, f, v = d["hidden_size"], d["intermediate_size"], d["vocab_size"]
     out = {"model.embed_tokens.weight": torch.randn(v, h, generator=gen) * 0.02}
-    for i in range(LAYERS):
+    for i in range(d["num_hidden_layers"]):
         p = f"model.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out[p + f"self_attn.{n}.weight"] = torch.randn(h, h, generator=gen) / h**0.5
@@ -71,9 +74,12 @@ def llama_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
+def write_models(
+    root: Path, dtype: torch.dtype, dims: dict[str, int] | None = None, spread: float = 0.01
+) -> dict[str, Path]:
+    """Base and fine-tunes (base + noise of ``spread`` times each tensor's std)."""
     gen = torch.Generator().manual_seed(1234)
-    base = llama_tensors(gen)
+    base = llama_tensors(gen, dims)
     paths = {}
     for name in MODELS:
         if name == "base":
@@ -81,7 +87,8 @@ def write_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
         else:
             # every entry changes, by different amounts per model
             tensors = {
-                n: w + torch.randn(w.shape, generator=gen) * 0.01 * w.std() for n, w in base.items()
+                n: w + torch.randn(w.shape, generator=gen) * spread * w.std()
+                for n, w in base.items()
             }
         d = root / name
         d.mkdir()
@@ -90,7 +97,7 @@ def write_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
             str(d / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        cfg = {**CONFIG, "torch_dtype": str(dtype).removeprefix("torch.")}
+        cfg = {**CONFIG, **(dims or {}), "torch_dtype": str(dtype).removeprefix("torch.")}
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         paths[name] = d
     return paths
@@ -116,18 +123,27 @@ def load_dir(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_both(recipe: dict, tmp_path: Path) -> tuple[Path, Path]:
+def run_both(
+    recipe: dict, tmp_path: Path, mergekit_threads: int | None = None
+) -> tuple[Path, Path]:
+    """Both tools on one recipe file; ``mergekit_threads``: torch's intra-op threads for
+    mergekit's run (its ``--num-threads``), else the process's."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     mk_out, sp_out = tmp_path / "mergekit", tmp_path / "splice"
     config = MergeConfiguration.model_validate(yaml.safe_load(path.read_text()))
-    mergekit_run_merge(
-        config,
-        str(mk_out),
-        options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
-        config_source=path.read_text(),
-    )
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(mergekit_threads or old_threads)
+    try:
+        mergekit_run_merge(
+            config,
+            str(mk_out),
+            options=MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+            config_source=path.read_text(),
+        )
+    finally:
+        torch.set_num_threads(old_threads)
     parsed, text = load_recipe(path)
     plan = plan_merge(parsed)
     try:
@@ -411,6 +427,38 @@ def test_same_bits_as_mergekit_without_dtype(
     recipe = CASES[case](bf16_models)
     del recipe["dtype"]
     mk_out, sp_out = run_both(recipe, tmp_path)
+    assert_same(mk_out, sp_out, exact=True)
+
+
+# Wider models: the embeddings and MLP weights have 40,960 entries, over the 2^15 from which
+# torch splits a whole-tensor reduction over its threads, so mergekit's SLERP and Model Stock
+# bits depend on its thread count (several same-shape tensors of each kind). The fine-tunes
+# are further from the base (cos ≈ 0.995) so that SLERP interpolates on the sphere, not
+# linearly (|cos| > 0.9995).
+WIDE = {"hidden_size": 64, "intermediate_size": 640, "num_hidden_layers": 3, "vocab_size": 640}
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_models(tmp_path_factory.mktemp("wide_models"), torch.bfloat16, WIDE, spread=0.1)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", ["slerp", "model_stock", "model_stock_filter_wise"])
+def test_same_bits_as_mergekit_with_its_thread_count(
+    case: str,
+    dtype: str,
+    threads: int,
+    wide_models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """mergekit run with ``threads`` intra-op threads, splice told so through
+    SPLICE_MERGEKIT_THREADS (its own jobs run with other thread counts): the same bits."""
+    monkeypatch.setenv("SPLICE_MERGEKIT_THREADS", str(threads))
+    recipe = with_dtype(CASES[case](wide_models), dtype)
+    mk_out, sp_out = run_both(recipe, tmp_path, mergekit_threads=threads)
     assert_same(mk_out, sp_out, exact=True)
 
 

@@ -260,3 +260,55 @@ def test_float32_kernel_differs_in_bfloat16():
     ctx = MergeContext(dialect="splice", tensor_name="w")
     actual = get_method("ties")(base.clone(), [t.clone() for t in tensors], ctx, **params)
     assert not torch.equal(actual, expected)
+
+
+# mergekit's whole-tensor reductions (SLERP's dot, Model Stock's dots and float16 norms)
+# split over torch's intra-op threads from 2^15 entries on, so its bits depend on its thread
+# count; the mergekit dialect takes that count from SPLICE_MERGEKIT_THREADS (default:
+# torch's default) whatever its own. Several tensors of each shape, above the grain.
+THREADED_SHAPES = [(256, 320), (256, 320), (70_001,), (300, 500)]
+
+
+def mergekit_merge_with_threads(name, base, tensors, params, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return mergekit_merge(name, base, tensors, params)
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_bits_threaded(name, base, tensors, params, threads, monkeypatch):
+    monkeypatch.setenv("SPLICE_MERGEKIT_THREADS", str(threads))
+    expected = mergekit_merge_with_threads(name, base, tensors, params, threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)  # not mergekit's count
+    try:
+        actual = splice_merge(name, base, tensors, params)
+    finally:
+        torch.set_num_threads(old)
+    assert actual.dtype == expected.dtype
+    differ = (actual != expected).sum().item()
+    assert torch.equal(actual, expected), f"{differ} of {expected.numel()} entries differ"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
+def test_slerp_same_bits_with_mergekit_threads(dtype, threads, monkeypatch):
+    g = torch.Generator().manual_seed(21)
+    for i, shape in enumerate(THREADED_SHAPES):
+        a = torch.randn(shape, generator=g) * 0.02
+        b = a + torch.randn(shape, generator=g) * 0.01
+        t = (0.4, 0.7, 0.25, 0.5)[i]
+        check_bits_threaded("slerp", a.to(dtype), [b.to(dtype)], {"t": t}, threads, monkeypatch)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", WITH_FLOAT32, ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_same_bits_with_mergekit_threads(dtype, filter_wise, threads, monkeypatch):
+    for i, shape in enumerate(THREADED_SHAPES):
+        base, tensors = inputs(shape, 3, seed=30 + i, scale=0.05, spread=0.02)
+        tensors = [low(t + 0.01 * (base - 0.03), dtype) for t in tensors]
+        params = {"filter_wise": filter_wise}
+        check_bits_threaded("model_stock", low(base, dtype), tensors, params, threads, monkeypatch)

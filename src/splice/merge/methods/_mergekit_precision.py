@@ -24,6 +24,9 @@ one: the same torch ops on the same dtypes, in the same order.
 - Model Stock: ``t·mean(θ_i) + (1 − t)·θ_0`` in the compute dtype, with the mean as
   ``(θ_1 + θ_2 + …) / n`` — mergekit's form, not splice's ``θ_0 + t·mean(δ_i)`` (equal in
   exact arithmetic, not in bf16).
+- SLERP's dot and Model Stock's dots and float16 norms are sums over a whole tensor, which
+  torch splits over its intra-op threads: they are added in the order torch uses with
+  mergekit's thread count (`_mergekit_reductions`), whatever splice's own.
 
 float32 and float64 keep splice's own kernels (bit-identical to mergekit in float32 for
 the task-vector methods; within 1e-6 for the others), so their pinned outputs do not move.
@@ -39,6 +42,7 @@ import torch
 from torch import Tensor
 
 from splice.merge.methods._common import kernel_accepts
+from splice.merge.methods._mergekit_reductions import mergekit_threads, norm_last, sum_last
 from splice.merge.registry import MergeContext
 
 try:
@@ -180,8 +184,10 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     )
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
+    # the dot's reduction order depends on mergekit's thread count (_mergekit_reductions)
+    threads = mergekit_threads()
     dots = [
-        ((chunk(a32, s) / norm_a) * (chunk(b32, s) / norm_b)).sum(dim=1, keepdim=True)
+        sum_last((chunk(a32, s) / norm_a) * (chunk(b32, s) / norm_b), threads).reshape(1, 1)
         for s in starts
     ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
@@ -204,11 +210,14 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     else:
         w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
     offsets = [w - w0 for w in ws]
+    threads = mergekit_threads()  # the reductions' order depends on it (_mergekit_reductions)
+    norms = [norm_last(d, threads) for d in offsets]
     cosines = []
     for i, da in enumerate(offsets):
-        for db in offsets[i + 1 :]:
-            norm_product = torch.norm(da, dim=-1) * torch.norm(db, dim=-1)
-            cosines.append(((da * db).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+        for j in range(i + 1, len(offsets)):
+            norm_product = norms[i] * norms[j]
+            dot = sum_last(da * offsets[j], threads)
+            cosines.append((dot / norm_product.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denominator = 1 + (n - 1) * cos
