@@ -368,6 +368,8 @@ class RowSlots:
     slots: Tensor  # (rows,) or (k,) when ``rows`` is set
     rows: Tensor | None  # the covered rows, ascending; None: all rows
     uniform: int | None = None  # the slot of every row, when all rows have the same one
+    # weighted-set pairs (`pair_slots`): each entry's weight; ``rows`` may repeat a row
+    weights: Tensor | None = None
 
 
 def row_slots(
@@ -386,6 +388,24 @@ def row_slots(
     return RowSlots(
         torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
         torch.tensor(covered, dtype=torch.long, device=device),
+    )
+
+
+def pair_slots(
+    stack_slots: dict[str, int], pairs: list[tuple[int, str, float]], device: torch.device
+) -> RowSlots | None:
+    """The (row, adapter, weight) pairs of weighted-set rows whose adapter is in a stack, as
+    entries computed like rows (the row's input gathered per entry) whose update is scaled
+    by the weight and added to the row (``index_add_``: a row's entries sum); None when no
+    pair is in the stack. Weight 0 entries are dropped (they add 0)."""
+    kept = [(r, stack_slots[n], w) for r, n, w in pairs if n in stack_slots and w != 0.0]
+    if not kept:
+        return None
+    rows, slots, weights = zip(*kept, strict=True)
+    return RowSlots(
+        torch.tensor(slots, dtype=torch.long, device=device),
+        torch.tensor(rows, dtype=torch.long, device=device),
+        weights=torch.tensor(weights, dtype=torch.float32, device=device),
     )
 
 
@@ -494,7 +514,18 @@ def add_kron_(out: Tensor, x: Tensor, stack: KronStack, rs: RowSlots) -> None:
     _add_rows_(out, kron_update(x, stack, rs), rs)
 
 
+def add_scaled_output_(out: Tensor, base: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """IA3 output scaling as an additive update (weighted-set pairs): out ← out + (l − 1) ⊙
+    base per entry (f_a − f for that adapter), ``base`` the base layer's output."""
+    vec = stack.vectors[0]
+    base3 = _rows3(base.index_select(0, rs.rows) if rs.rows is not None else base.contiguous())
+    upd = base3.to(vec.dtype) * (vec.index_select(0, rs.slots) - 1)[:, None, :]
+    _add_rows_(out, upd, rs)
+
+
 def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:
+    if rs.weights is not None:  # weighted-set pairs: each entry's update times its weight
+        upd3 = upd3 * rs.weights.to(upd3.dtype)[:, None, None]
     if rs.rows is None:
         _rows3(out).add_(upd3)
     else:
