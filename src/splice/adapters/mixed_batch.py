@@ -202,10 +202,14 @@ class MixedBatchPlan:
         return self._paired[id(layer)]
 
     def pairs(
-        self, stack_slots: dict[str, int], paired: frozenset[int], device: torch.device
+        self,
+        stack_slots: dict[str, int],
+        paired: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> RowSlots | None:
         """The (row, adapter, weight) entries of the ``paired`` segments in a stack."""
-        key = ("pairs", tuple(stack_slots), paired, device)
+        key = ("pairs", tuple(stack_slots), paired, device, dtype)
         if key not in self._slots:
             entries = [
                 (r, n, w)
@@ -213,7 +217,7 @@ class MixedBatchPlan:
                 for n, w in self.segments[i].weights
                 for r in self.segments[i].rows
             ]
-            self._slots[key] = pair_slots(stack_slots, entries, device)
+            self._slots[key] = pair_slots(stack_slots, entries, device, dtype)
         return self._slots[key]
 
 
@@ -441,7 +445,7 @@ def _run_kernels(
     def slot_sets(stack_slots: dict[str, int]) -> list[RowSlots]:
         found = [plan.slots(stack_slots, x.device)]
         if paired:
-            found.append(plan.pairs(stack_slots, paired, x.device))
+            found.append(plan.pairs(stack_slots, paired, x.device, kernels.dtype))
         return [rs for rs in found if rs is not None]
 
     if kernels.ia3_out is not None:

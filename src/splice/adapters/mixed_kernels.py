@@ -392,12 +392,16 @@ def row_slots(
 
 
 def pair_slots(
-    stack_slots: dict[str, int], pairs: list[tuple[int, str, float]], device: torch.device
+    stack_slots: dict[str, int],
+    pairs: list[tuple[int, str, float]],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> RowSlots | None:
     """The (row, adapter, weight) pairs of weighted-set rows whose adapter is in a stack, as
     entries computed like rows (the row's input gathered per entry) whose update is scaled
     by the weight and added to the row (``index_add_``: a row's entries sum); None when no
-    pair is in the stack. Weight 0 entries are dropped (they add 0)."""
+    pair is in the stack. Weight 0 entries are dropped (they add 0). The weights are held in
+    ``dtype``, the kernels' compute dtype (float64 adapters keep float64 weights)."""
     kept = [(r, stack_slots[n], w) for r, n, w in pairs if n in stack_slots and w != 0.0]
     if not kept:
         return None
@@ -405,7 +409,7 @@ def pair_slots(
     return RowSlots(
         torch.tensor(slots, dtype=torch.long, device=device),
         torch.tensor(rows, dtype=torch.long, device=device),
-        weights=torch.tensor(weights, dtype=torch.float32, device=device),
+        weights=torch.tensor(weights, dtype=dtype, device=device),
     )
 
 
