@@ -27,11 +27,26 @@ Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
   scatter, no copy);
 - otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
   inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA / LoHa (linear), IA3 or VeRA
-  are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
-  factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
-  vectors gathered per row; whatever the number of distinct adapters), updating the base
-  result in place;
-- the remaining segments (the rows sharing one weighted set, or one adapter of another
+  (or LoKr, OFT, HRA: `splice.adapters.mixed_structured`) are computed together by the batched
+  kernels of `splice.adapters.mixed_kernels` (stacked factors per rank bucket, two ``bmm``
+  over the rows, DoRA's scale and the IA3 / VeRA vectors gathered per row; whatever the
+  number of distinct adapters), updating the base result in place;
+- weighted sets whose adapters in this layer are all of an *additive* kernel kind
+  (`ADDITIVE_KINDS`: LoRA incl. rsLoRA / rank patterns and DoRA, LoHa in its LoRA form,
+  VeRA, LoKr, IA3 output scaling) run in the same kernels: each such row is expanded into
+  (row, adapter, weight) entries (`MixedBatchPlan.pairs`, weight-0 entries dropped), each
+  entry is computed like a single-adapter row (the row's x gathered by the kernel, the
+  factors by the entry's slot) giving f_a(x) − f(x) from x and the row's base result (LoRA:
+  s B A x; DoRA: (c − 1)(f(x) − b) + c s B A x; IA3: (l − 1) ⊙ f(x)), multiplied by its
+  weight and summed into the row (``index_add_``). Their base result is left unchanged
+  (entries that read it read the base layer's own output; the result is then a copy), so
+  the row gets f(x) + Σ w_i (f_{a_i}(x) − f(x)) as above, up to float rounding — per row
+  (retrieval routing, Twin-Merging: every row its own set) in two ``bmm`` per rank bucket
+  instead of one Python segment per row. Not additive, so not paired: input transforms (IA3
+  input scaling, OFT, HRA: they change the base layer's input) and the non-kernel kinds; the
+  decision is per layer (a set runs in the kernels at the layers where all of its adapters
+  are additive kernel kinds, per segment at the others);
+- the remaining segments (the rows sharing one other weighted set, or one adapter of another
   kind) run per segment: the segment's rows are gathered once (``index_select``), each
   adapter of the set runs on them, and the result is written back (``index_copy``). Additive
   adapters (LoRA, DoRA, VeRA, LoHa, LoKr, IA3 output scaling, BitFit, bottleneck) reuse the
@@ -80,8 +95,10 @@ from splice.adapters.layer import AdaptedLayer, AdapterStateError
 from splice.adapters.mixed_kernels import (
     LayerKernels,
     RowSlots,
+    SetSlots,
     add_kron_,
     add_lora_,
+    add_lora_sets_,
     add_scaled_output_,
     add_vera_,
     kernel_kind,
@@ -90,6 +107,7 @@ from splice.adapters.mixed_kernels import (
     row_slots,
     scale_input,
     scale_output_,
+    set_slots,
 )
 from splice.adapters.mixed_structured import reflect_input, rotate_input
 from splice.config_errors import did_you_mean
@@ -137,7 +155,7 @@ class MixedBatchPlan:
     # per call: each layer's kernels (checked once per call, not per decoding step) and the
     # rows' slots per stack (shared by the layers with the same adapters)
     _kernels: dict[int, LayerKernels | None] = field(default_factory=dict, repr=False)
-    _slots: dict[tuple, RowSlots | None] = field(default_factory=dict, repr=False)
+    _slots: dict[tuple, Any] = field(default_factory=dict, repr=False)
     # per layer: the weighted-set segments its kernels run (indices into ``segments``)
     _paired: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
 
@@ -218,6 +236,23 @@ class MixedBatchPlan:
                 for r in self.segments[i].rows
             ]
             self._slots[key] = pair_slots(stack_slots, entries, device, dtype)
+        return self._slots[key]
+
+    def sets(
+        self,
+        stack_slots: dict[str, int],
+        paired: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> SetSlots | None:
+        """Each row's (slot, weight) list in a LoRA stack, for the ``paired`` segments."""
+        key = ("sets", tuple(stack_slots), paired, device, dtype)
+        if key not in self._slots:
+            row_sets: list[list[tuple[str, float]] | None] = [None] * self.rows
+            for i in paired:
+                for r in self.segments[i].rows:
+                    row_sets[r] = list(self.segments[i].weights)
+            self._slots[key] = set_slots(stack_slots, row_sets, device, dtype)
         return self._slots[key]
 
 
@@ -457,9 +492,13 @@ def _run_kernels(
                 work.append(partial(add_scaled_output_, base=base_out, stack=kernels.ia3_out,
                                     rs=rs))  # fmt: skip
     for lora in kernels.lora:
-        for rs in slot_sets(lora.slots):
-            reads_base |= rs.weights is not None and lora.c is not None
+        rs = plan.slots(lora.slots, x.device)
+        if rs is not None:
             work.append(partial(add_lora_, x=x, base=base_out, bias=bias, stack=lora, rs=rs))
+        ss = plan.sets(lora.slots, paired, x.device, kernels.dtype) if paired else None
+        if ss is not None:  # each row's set as one LoRA of the summed rank
+            reads_base |= lora.c is not None
+            work.append(partial(add_lora_sets_, x=x, base=base_out, bias=bias, stack=lora, ss=ss))
     for vera in kernels.vera:
         for rs in slot_sets(vera.slots):
             work.append(partial(add_vera_, x=x, stack=vera, rs=rs))
