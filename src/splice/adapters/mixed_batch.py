@@ -33,16 +33,19 @@ Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
   number of distinct adapters), updating the base result in place;
 - weighted sets whose adapters in this layer are all of an *additive* kernel kind
   (`ADDITIVE_KINDS`: LoRA incl. rsLoRA / rank patterns and DoRA, LoHa in its LoRA form,
-  VeRA, LoKr, IA3 output scaling) run in the same kernels: each such row is expanded into
-  (row, adapter, weight) entries (`MixedBatchPlan.pairs`, weight-0 entries dropped), each
-  entry is computed like a single-adapter row (the row's x gathered by the kernel, the
-  factors by the entry's slot) giving f_a(x) − f(x) from x and the row's base result (LoRA:
-  s B A x; DoRA: (c − 1)(f(x) − b) + c s B A x; IA3: (l − 1) ⊙ f(x)), multiplied by its
-  weight and summed into the row (``index_add_``). Their base result is left unchanged
-  (entries that read it read the base layer's own output; the result is then a copy), so
-  the row gets f(x) + Σ w_i (f_{a_i}(x) − f(x)) as above, up to float rounding — per row
-  (retrieval routing, Twin-Merging: every row its own set) in two ``bmm`` per rank bucket
-  instead of one Python segment per row. Not additive, so not paired: input transforms (IA3
+  VeRA, LoKr, IA3 output scaling) run in the same kernels, each adapter's f_a(x) − f(x)
+  computed from x and the row's base result (LoRA: s B A x; DoRA: (c − 1)(f(x) − b) + c s
+  B A x; IA3: (l − 1) ⊙ f(x)), times its weight, added to the row. LoRA stacks (LoRA, DoRA,
+  LoHa): each row's K adapters of the bucket as one LoRA of rank K·R, [w_1 B_1 … w_K B_K]
+  [A_1; …; A_K] x plus Σ w_k (c_k − 1)(f(x) − b) (`MixedBatchPlan.sets`, padded with the
+  zero slot: two ``bmm`` over the rows, as single-adapter rows). VeRA, LoKr, IA3: the row is
+  expanded into (row, adapter, weight) entries (`MixedBatchPlan.pairs`), each computed like
+  a single-adapter row (its row of x gathered), scaled and ``index_add_``-ed into the row.
+  Weight-0 entries are dropped. The base result is left unchanged (what reads it reads the
+  base layer's own output; the result is then a copy), so the row gets f(x) + Σ w_i
+  (f_{a_i}(x) − f(x)) as above, up to float rounding — with every row its own set
+  (retrieval routing, Twin-Merging) in a few batched products per stack instead of one
+  Python segment per row. Not additive, so not paired: input transforms (IA3
   input scaling, OFT, HRA: they change the base layer's input) and the non-kernel kinds; the
   decision is per layer (a set runs in the kernels at the layers where all of its adapters
   are additive kernel kinds, per segment at the others);

@@ -31,11 +31,14 @@ Each row r has at most one of these adapters a(r) with weight 1. With x_r the ro
   λ_b,a(r) ⊙ B'(λ_d,a(r) ⊙ A' x_r), with A' x computed once for the group's rows and the
   per-row vectors gathered (λ = 0 for other rows).
 
-Weighted sets of the additive kinds (LoRA / DoRA / LoHa, VeRA, LoKr, IA3 output scaling):
-each (row, adapter, weight) entry is computed as a row of its own (`pair_slots`: the entry's
-row of x gathered, its adapter's slot), the update times the weight and ``index_add_``-ed into
-the row (`splice.adapters.mixed_batch`, Execution). IA3 output scaling then adds
-(l − 1) ⊙ base_r (`add_scaled_output_`) instead of scaling in place.
+Weighted sets of the additive kinds (`splice.adapters.mixed_batch`, Execution): in a LoRA
+stack, a row with K of its adapters is one LoRA of rank K·R (`set_slots`, `add_lora_sets_`):
+A = [A_1; …; A_K], B = [w_1 B_1 … w_K B_K] gathered per row (zero slot, weight 0 as padding),
+DoRA's term Σ w_k (c_k − 1) ⊙ (base_r − b). VeRA, LoKr, IA3 output scaling: each (row,
+adapter, weight) entry is computed as a row of its own (`pair_slots`: the entry's row of x
+gathered, its adapter's slot), the update times the weight and ``index_add_``-ed into the
+row; IA3 output scaling then adds (l − 1) ⊙ base_r (`add_scaled_output_`) instead of
+scaling in place.
 
 When under half the batch has rows for a kernel, its rows are gathered first (and the result
 added back with ``index_add_``); otherwise the kernel runs on every row (the zero slot costs
