@@ -549,10 +549,10 @@ def add_lora_sets_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, st
     dtype = stack.a.dtype
     n, k = ss.slots.shape
     rank, in_f, out_f = stack.a.shape[1], stack.a.shape[2], stack.b.shape[1]
-    flat = ss.slots.flatten()
+    flat, w = ss.slots.flatten(), ss.weights.to(dtype)  # (the stacks may differ in dtype)
     a = stack.a.index_select(0, flat).view(n, k * rank, in_f)
     bt = stack.b.index_select(0, flat).view(n, k, out_f, rank).transpose(2, 3)
-    bt = (bt * ss.weights.to(dtype)[:, :, None, None]).reshape(n, k * rank, out_f)
+    bt = (bt * w[:, :, None, None]).reshape(n, k * rank, out_f)
     if ss.rows is not None:
         x, base = x.index_select(0, ss.rows), base.index_select(0, ss.rows)
     h = torch.bmm(a, _rows3(x.contiguous().to(dtype)).transpose(1, 2)).transpose(1, 2)
@@ -560,7 +560,7 @@ def add_lora_sets_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, st
     upd = _rows3(out) if in_place else torch.zeros(n, h.shape[1], out_f, dtype=dtype,
                                                    device=out.device)  # fmt: skip
     if stack.c is not None:
-        cw = ((stack.c.index_select(0, flat).view(n, k, out_f) - 1) * ss.weights[:, :, None]).sum(1)
+        cw = ((stack.c.index_select(0, flat).view(n, k, out_f) - 1) * w[:, :, None]).sum(1)
         base3 = _rows3(base.contiguous()).to(dtype)
         if bias is not None:
             base3 = base3 - bias.to(dtype)
