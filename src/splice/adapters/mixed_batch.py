@@ -472,10 +472,11 @@ def _run_kernels(
     (no copy); with lower-precision base outputs (bf16 base, float32 adapters) a float32 copy
     is updated and rounded once at the end, as a row alone is.
 
-    The ``paired`` weighted-set segments run as (row, adapter, weight) entries (`pair_slots`):
-    each entry's update (computed like a single-adapter row's, from the row's x and base
-    result) times its weight, summed into the row. Entries reading the base result (DoRA's
-    rescaled part, IA3 output scaling) read ``base_out``, so then the result is a copy."""
+    The ``paired`` weighted-set segments: in LoRA stacks each row's set as one LoRA of the
+    summed rank (`set_slots`); in the VeRA, LoKr and IA3 stacks as (row, adapter, weight)
+    entries (`pair_slots`), each entry's update (computed like a single-adapter row's) times
+    its weight, summed into the row. What reads the base result (DoRA's rescaled part, IA3
+    output scaling) reads ``base_out``, so then the result is a copy."""
     bias = getattr(layer.base_layer, "bias", None)
     work: list[Callable[[Tensor], None]] = []
     reads_base = False
