@@ -7,6 +7,8 @@ does):
 
     python benchmarks/mixed_batch.py            # the issue's grid: 32 rows x 64 tokens
     python benchmarks/mixed_batch.py --quick    # a smaller grid, a few minutes on 2 cores
+    python benchmarks/mixed_batch.py --weighted-sets 2 --types lora --counts 8
+
 
 Setup: SmolLM2-135M-Instruct (float32, from the packaged GGUF, converted once to an HF folder
 by `splice.train.models`, as `splice train` loads it), a batch of --rows rows x --tokens
@@ -31,6 +33,15 @@ Memory: 100 LoRA r8 (q, v, o) adapters added to one model: the bytes of their te
 (parameters and buffers of the adapter modules), the dense dW bytes they stand for
 (out x in per adapted layer), and the process's resident-set growth (psutil) while adding
 them. Results go to --out (JSON).
+
+--weighted-sets K: each row its own weighted set instead (retrieval routing / Twin-Merging):
+K of the n adapters drawn at random per row, softmax weights of random logits. Columns: the
+base, splice (weighted sets of additive kernel adapters in the batched kernels), and splice
+with those sets forced onto the per-segment path (the behaviour before the kernels took
+them: `MixedBatchPlan.paired` patched to pair nothing); the two splice outputs are checked
+close first (max |diff| of the logits <= 5e-3: float32 rounding of different summation
+orders through 30 layers, ~1e-4 here, 0 with the model in float64). No PEFT column (PEFT
+has no weighted rows).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -139,6 +151,35 @@ def time_configuration(variants: dict, ids: torch.Tensor, reps: int) -> dict[str
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def weighted_sets(rows: int, n: int, k: int, seed: int = 0) -> list[dict[str, float]]:
+    """Per row: k of the n adapters a0..a{n-1} at random, softmax weights of N(0, 1) logits."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rows):
+        pick = torch.randperm(n, generator=g)[:k].tolist()
+        w = torch.softmax(torch.randn(k, generator=g, dtype=torch.float64), 0).tolist()
+        out.append({f"a{i}": wi for i, wi in zip(pick, w, strict=True)})
+    return out
+
+
+def per_segment(am, ids: torch.Tensor, names: list):
+    """``am``'s mixed forward with every weighted set on the per-segment path."""
+    from splice.adapters.mixed_batch import MixedBatchPlan
+
+    with mock.patch.object(MixedBatchPlan, "paired", lambda self, layer, kinds: frozenset()):
+        return am(input_ids=ids, adapter_names=names)
+
+
+def check_weighted_sets(am, ids: torch.Tensor, names: list) -> float:
+    with torch.no_grad():
+        got = am(input_ids=ids, adapter_names=names).logits
+        want = per_segment(am, ids, names).logits
+    diff = (got - want).abs().max().item()
+    # float32 rounding through 30 layers: a few 1e-4 (in float64 both give the same logits)
+    assert diff <= 5e-3, f"batched and per-segment weighted sets differ by {diff:.3g}"
+    return diff
+
+
 def check_lora_parity(am, pm, ids: torch.Tensor, names: list[str]) -> float:
     with torch.no_grad():
         got = am(input_ids=ids, adapter_names=names).logits
@@ -190,6 +231,13 @@ def main() -> None:
         action="store_true",
         help="--rows 8 --tokens 32 --counts 1,8 --reps 2 (a few minutes)",
     )
+    ap.add_argument(
+        "--weighted-sets",
+        type=int,
+        default=0,
+        metavar="K",
+        help="each row its own weighted set of K adapters (module docstring)",
+    )
     ap.add_argument("--out", default=".bench/mixed_batch.json")
     a = ap.parse_args()  # fmt: skip
     if a.quick:
@@ -205,9 +253,16 @@ def main() -> None:
     parity = None
     for label in a.types.split(","):
         am = splice_model(base, label, max(counts))
-        pm = peft_model(base, am, max(counts)) if label == "lora" else None
+        lora_peft = label == "lora" and not a.weighted_sets
+        pm = peft_model(base, am, max(counts)) if lora_peft else None
         for n in counts:
-            names = [f"a{r % n}" for r in range(a.rows)]
+            names: list = [f"a{r % n}" for r in range(a.rows)]
+            if a.weighted_sets:
+                if n < a.weighted_sets:
+                    continue
+                names = weighted_sets(a.rows, n, a.weighted_sets)
+                diff = check_weighted_sets(am, ids, names)
+                print(f"{label} x{n}: batched vs per-segment max |diff| = {diff:.2e}", flush=True)
             if pm is not None and parity is None:
                 parity = check_lora_parity(am, pm, ids, names)
                 print(f"LoRA parity: max |splice - PEFT| = {parity:.2e}", flush=True)
@@ -215,6 +270,8 @@ def main() -> None:
                 "base": lambda x: base(input_ids=x),
                 "splice": lambda x, m=am, names=names: m(input_ids=x, adapter_names=names),
             }
+            if a.weighted_sets:
+                variants["per_segment"] = lambda x, m=am, names=names: per_segment(m, x, names)
             if pm is not None:
                 variants["peft"] = lambda x, m=pm, names=names: m(input_ids=x, adapter_names=names)
             t = time_configuration(variants, ids, a.reps)
@@ -228,12 +285,17 @@ def main() -> None:
     head = ["type", "adapters", "base ms", "splice ms", "splice/base", "PEFT ms", "PEFT/base",
             "splice/PEFT"]  # fmt: skip
     print(f"\n{a.rows} rows x {a.tokens} tokens, median of {a.reps}; load {info['load_avg_1m']}")
+    if a.weighted_sets:
+        print(f"each row its own weighted set of {a.weighted_sets} adapters")
+        head = ["type", "adapters", "base ms", "splice ms", "splice/base", "per-segment ms",
+                "per-segment/base", "per-segment/splice"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
     for r in results:
-        b, s, p = r["base_s"], r["splice_s"], r.get("peft_s")
+        b, s, p = r["base_s"], r["splice_s"], r.get("peft_s", r.get("per_segment_s"))
         cells = [r["type"], str(r["adapters"]), f"{b * 1e3:.0f}", f"{s * 1e3:.0f}", f"{s / b:.2f}×"]
-        cells += [f"{p * 1e3:.0f}", f"{p / b:.2f}×", f"{s / p:.2f}×"] if p else ["—"] * 3
+        last = p / s if a.weighted_sets else s / p if p else 0.0
+        cells += [f"{p * 1e3:.0f}", f"{p / b:.2f}×", f"{last:.2f}×"] if p else ["—"] * 3
         print("| " + " | ".join(cells) + " |")
     if memory:
         print(

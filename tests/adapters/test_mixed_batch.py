@@ -180,6 +180,79 @@ def test_weighted_set_is_the_weighted_sum_of_deltas(kind: str) -> None:
     torch.testing.assert_close(mixed[1:2], want, atol=1e-5, rtol=0)
 
 
+# adapters whose weighted sets run in the batched kernels (`ADDITIVE_KINDS`) and others
+PAIRED = ["lora", "lora_rslora_pattern", "dora", "loha", "vera", "lokr", "ia3_out"]
+UNPAIRED = ["oft", "hra", "ia3", "bitfit", "bottleneck"]
+
+
+@torch.no_grad()
+def set_alone(am: AdapterModel, batch: dict, row: int, entry, mp) -> torch.Tensor:
+    """The row alone with its entry, every adapter on the per-segment path (the kernels
+    off): f(x) + Σ w_i (f_{a_i}(x) − f(x)) at each layer, from each adapter's own forward."""
+    from splice.adapters.mixed_batch import MixedBatchPlan
+
+    one = {k: v[row : row + 1] for k, v in batch.items()}
+    with mp.context() as m:
+        m.setattr(MixedBatchPlan, "kernels", lambda self, layer: None)
+        return outputs(am, one, adapter_names=[entry])[1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_random_weighted_sets_run_in_the_kernels(kind: str, monkeypatch) -> None:
+    """Property: random per-row weighted sets (1–4 adapters, weights in [−1.5, 1.5] with some
+    exactly 0) of additive kernel kinds, mixed with single-adapter rows of every kind, base
+    rows and sets holding a non-kernel adapter: every row equals the row alone with its
+    entry, and no additive kernel adapter runs on the per-segment path unless its set holds
+    a non-kernel adapter."""
+    from splice.adapters.layer import AdaptedLayer
+    from splice.adapters.mixed_batch import ADDITIVE_KINDS
+    from splice.adapters.mixed_kernels import kernel_kind
+
+    setups = configs(kind)
+    setups["ia3_out"] = ("ia3", {"target_modules": NAMES[kind][0], "feedforward_modules": []})
+    paired = [label for label in PAIRED if label not in NOT_ON.get(kind, ())]
+    am = model_with(kind, {label: setups[label] for label in paired + UNPAIRED})
+    original = AdaptedLayer.forward_alone
+
+    def checked(layer, adapter, *args):
+        if kernel_kind(adapter, layer.base_layer) in ADDITIVE_KINDS:
+            raise AssertionError("an additive kernel adapter ran per segment")
+        return original(layer, adapter, *args)
+
+    rng = random.Random(7)
+    for trial in range(5):
+        entries: list = []
+        for _ in range(rng.randint(3, 8)):
+            u = rng.random()
+            if u < 0.5:
+                names = rng.sample(paired, rng.randint(1, 4))
+                entries.append({n: rng.choice([0.0, rng.uniform(-1.5, 1.5)]) for n in names})
+            elif u < 0.8:
+                entries.append(rng.choice([*paired, *UNPAIRED]))
+            else:
+                entries.append("__base__")
+        entries.append({paired[0]: 0.7, paired[-1]: -0.4})  # at least one set in the kernels
+        batch = inputs(seed=trial, batch=len(entries))
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(AdaptedLayer, "forward_alone", checked)
+            hidden = outputs(am, batch, adapter_names=entries)[1]
+        # sets with a non-kernel adapter still run (per segment), with the same values
+        entries_mixed = [*entries, {rng.choice(UNPAIRED): 0.5, paired[0]: -1.0}]
+        batch_mixed = inputs(seed=trial, batch=len(entries_mixed))
+        with torch.no_grad():
+            hidden_mixed = outputs(am, batch_mixed, adapter_names=entries_mixed)[1]
+        torch.testing.assert_close(hidden_mixed[:-1], hidden, atol=1e-5, rtol=0)
+        for row, entry in enumerate(entries_mixed):
+            if isinstance(entry, str):
+                want = row_alone(am, batch_mixed, row, entry)[1]
+            else:
+                want = set_alone(am, batch_mixed, row, entry, monkeypatch)
+            torch.testing.assert_close(hidden_mixed[row : row + 1], want, atol=1e-5, rtol=0)
+    # the sets matter: a set's row differs from the base row
+    base_row = row_alone(am, batch_mixed, len(entries) - 1, "__base__")[1]
+    assert (hidden_mixed[len(entries) - 1] - base_row).abs().max() > 1e-3
+
+
 def test_bottleneck_weighted_set_sums_residuals() -> None:
     """Bottleneck adapters (no weight delta): h + Σ w_i r_i(h) at each adapted layer."""
     setup = configs("llama")["bottleneck"]

@@ -56,6 +56,62 @@ def test_random_assignments_of_many_adapters(kind: str, monkeypatch) -> None:
     check_random_assignments(am, list(setups), seed=3, trials=4, mp=monkeypatch)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_random_weighted_sets_of_many_ranks(kind: str, monkeypatch) -> None:
+    """Property: per-row weighted sets (1–5 of 12 adapters of mixed types and rank buckets,
+    weights in [−2, 2]) next to single-adapter and base rows; every row equals the row alone
+    with its entry (`set_alone`: each adapter's own forward). In float64: with these large
+    random adapters the tiny models amplify float32 rounding of either path past 1e-5 (both
+    paths differ from the float64 result by up to ~1e-4 in float32, and agree to ~1e-14 in
+    float64); the float32 check is `test_random_weighted_sets_run_in_the_kernels`."""
+    from test_mixed_batch import outputs, row_alone, set_alone
+
+    setups = many_adapters(kind, 12, seed=5)
+    am = model_with(kind, setups).double()
+    rng = random.Random(4)
+    for trial in range(3):
+        entries: list = [rng.choice([*setups, "__base__"]) for _ in range(rng.randint(1, 4))]
+        entries += [
+            {n: rng.uniform(-2, 2) for n in rng.sample(list(setups), rng.randint(1, 5))}
+            for _ in range(rng.randint(2, 5))
+        ]
+        rng.shuffle(entries)
+        batch = inputs(seed=trial, batch=len(entries))
+        with torch.no_grad():
+            hidden = outputs(am, batch, adapter_names=entries)[1]
+        for row, entry in enumerate(entries):
+            if isinstance(entry, str):
+                want = row_alone(am, batch, row, entry)[1]
+            else:
+                want = set_alone(am, batch, row, entry, monkeypatch)
+            torch.testing.assert_close(hidden[row : row + 1], want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("rows_set", [[0], [0, 2]])  # one row of 3: gathered; two: in place
+def test_lora_sets_kernel_by_hand(rows_set: list[int]) -> None:
+    """`add_lora_sets_` on 1-dimensional factors: adapter 0 A = [1, 2], B = [1, 0] with DoRA's
+    c = [2, 1]; adapter 1 A = [0, 1], B = [0, 3], c = 1; bias [1, 1]. A row {0: 0.5, 1: −2}
+    with x = [1, 1], base [10, 20]: + 0.5 [1·3, 0] − 2 [0, 3·1] + 0.5 (c_0 − 1)(base − b) =
+    [1.5 + 4.5, −6]; rows without a set are unchanged."""
+    a = torch.zeros(3, 8, 2)
+    b = torch.zeros(3, 2, 8)
+    a[0, 0], b[0, :, 0] = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
+    a[1, 0], b[1, :, 0] = torch.tensor([0.0, 1.0]), torch.tensor([0.0, 3.0])
+    c = torch.tensor([[2.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    stack = mixed_kernels.LoraStack({"p": 0, "q": 1}, a, b, c)
+    sets = [[("p", 0.5), ("q", -2.0)] if r in rows_set else None for r in range(3)]
+    ss = mixed_kernels.set_slots(stack.slots, sets, torch.device("cpu"), torch.float32)
+    assert ss is not None and (ss.rows is None) == (len(rows_set) == 2)
+    x = torch.tensor([[[1.0, 1.0]], [[5.0, 7.0]], [[1.0, 1.0]]])
+    base = torch.tensor([[[10.0, 20.0]], [[30.0, 40.0]], [[10.0, 20.0]]])
+    out = base.clone()
+    mixed_kernels.add_lora_sets_(out, x, base, torch.ones(2), stack, ss)
+    want = base.clone()
+    for r in rows_set:
+        want[r, 0] += torch.tensor([6.0, -6.0])
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+
+
 def test_ranks_bucketed_and_stacks_hold_factor_bytes() -> None:
     setups = {
         "r2": ("lora", {"r": 2, "target_modules": ["q_proj"]}),

@@ -27,11 +27,29 @@ Execution, per adapted layer (`AdaptedLayer.forward` while a plan is set):
   scatter, no copy);
 - otherwise the base layer runs once for the whole batch (on x ⊙ l per row where IA3 scales
   inputs), then the rows whose one adapter (weight 1) is LoRA / DoRA / LoHa (linear), IA3 or VeRA
-  are computed together by the batched kernels of `splice.adapters.mixed_kernels` (stacked
-  factors per rank bucket, two ``bmm`` over the rows, DoRA's scale and the IA3 / VeRA
-  vectors gathered per row; whatever the number of distinct adapters), updating the base
-  result in place;
-- the remaining segments (the rows sharing one weighted set, or one adapter of another
+  (or LoKr, OFT, HRA: `splice.adapters.mixed_structured`) are computed together by the batched
+  kernels of `splice.adapters.mixed_kernels` (stacked factors per rank bucket, two ``bmm``
+  over the rows, DoRA's scale and the IA3 / VeRA vectors gathered per row; whatever the
+  number of distinct adapters), updating the base result in place;
+- weighted sets whose adapters in this layer are all of an *additive* kernel kind
+  (`ADDITIVE_KINDS`: LoRA incl. rsLoRA / rank patterns and DoRA, LoHa in its LoRA form,
+  VeRA, LoKr, IA3 output scaling) run in the same kernels, each adapter's f_a(x) − f(x)
+  computed from x and the row's base result (LoRA: s B A x; DoRA: (c − 1)(f(x) − b) + c s
+  B A x; IA3: (l − 1) ⊙ f(x)), times its weight, added to the row. LoRA stacks (LoRA, DoRA,
+  LoHa): each row's K adapters of the bucket as one LoRA of rank K·R, [w_1 B_1 … w_K B_K]
+  [A_1; …; A_K] x plus Σ w_k (c_k − 1)(f(x) − b) (`MixedBatchPlan.sets`, padded with the
+  zero slot: two ``bmm`` over the rows, as single-adapter rows). VeRA, LoKr, IA3: the row is
+  expanded into (row, adapter, weight) entries (`MixedBatchPlan.pairs`), each computed like
+  a single-adapter row (its row of x gathered), scaled and ``index_add_``-ed into the row.
+  Weight-0 entries are dropped. The base result is left unchanged (what reads it reads the
+  base layer's own output; the result is then a copy), so the row gets f(x) + Σ w_i
+  (f_{a_i}(x) − f(x)) as above, up to float rounding — with every row its own set
+  (retrieval routing, Twin-Merging) in a few batched products per stack instead of one
+  Python segment per row. Not additive, so not paired: input transforms (IA3
+  input scaling, OFT, HRA: they change the base layer's input) and the non-kernel kinds; the
+  decision is per layer (a set runs in the kernels at the layers where all of its adapters
+  are additive kernel kinds, per segment at the others);
+- the remaining segments (the rows sharing one other weighted set, or one adapter of another
   kind) run per segment: the segment's rows are gathered once (``index_select``), each
   adapter of the set runs on them, and the result is written back (``index_copy``). Additive
   adapters (LoRA, DoRA, VeRA, LoHa, LoKr, IA3 output scaling, BitFit, bottleneck) reuse the
@@ -80,14 +98,19 @@ from splice.adapters.layer import AdaptedLayer, AdapterStateError
 from splice.adapters.mixed_kernels import (
     LayerKernels,
     RowSlots,
+    SetSlots,
     add_kron_,
     add_lora_,
+    add_lora_sets_,
+    add_scaled_output_,
     add_vera_,
     kernel_kind,
     layer_kernels,
+    pair_slots,
     row_slots,
     scale_input,
     scale_output_,
+    set_slots,
 )
 from splice.adapters.mixed_structured import reflect_input, rotate_input
 from splice.config_errors import did_you_mean
@@ -98,6 +121,10 @@ if TYPE_CHECKING:
 BASE_NAME = "__base__"  # PEFT's row name for "no adapter"
 
 RowAdapters = str | Sequence[str] | Mapping[str, float]
+
+# kernel kinds whose update f_a(x) − f(x) is computed per row from x and the row's base result,
+# leaving that base result as it is: a weighted set of them runs in the kernels (as pairs)
+ADDITIVE_KINDS = frozenset({"lora", "loha", "vera", "lokr", "ia3_out"})
 
 _SETTING = threading.Lock()  # guards the check-and-set of a model's plan
 
@@ -131,7 +158,9 @@ class MixedBatchPlan:
     # per call: each layer's kernels (checked once per call, not per decoding step) and the
     # rows' slots per stack (shared by the layers with the same adapters)
     _kernels: dict[int, LayerKernels | None] = field(default_factory=dict, repr=False)
-    _slots: dict[tuple, RowSlots | None] = field(default_factory=dict, repr=False)
+    _slots: dict[tuple, Any] = field(default_factory=dict, repr=False)
+    # per layer: the weighted-set segments its kernels run (indices into ``segments``)
+    _paired: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # each row's adapter when it is one name with weight 1 (None: base or weighted set)
@@ -141,7 +170,7 @@ class MixedBatchPlan:
                 for r in seg.rows:
                     self.row_single[r] = seg.weights[0][0]
         # the adapters whose cached kernel state this batch reads (`layer_kernels`)
-        self.kernel_names = {n for n in self.row_single if n is not None}
+        self.kernel_names = {n for seg in self.segments for n, _ in seg.weights}
         only = {self.row_single[r] for r in range(self.rows)}
         # every row the same single adapter: the plain forward with it (no gather / scatter)
         self.only = only.pop() if len(only) == 1 and self.rows else None
@@ -175,6 +204,58 @@ class MixedBatchPlan:
         key = (tuple(stack_slots), device)
         if key not in self._slots:
             self._slots[key] = row_slots(stack_slots, self.row_single, device)
+        return self._slots[key]
+
+    def paired(self, layer: AdaptedLayer, kinds: Mapping[str, str]) -> frozenset[int]:
+        """The weighted-set segments (indices) the layer's kernels run: every adapter of the
+        set that the layer has is of an additive kernel kind (`ADDITIVE_KINDS`), at least one."""
+        if id(layer) not in self._paired:
+            paired = []
+            for i, seg in enumerate(self.segments):
+                present = [n for n, _ in seg.weights if n in layer.adapters]
+                if (
+                    not seg.single
+                    and present
+                    and all(kinds.get(n) in ADDITIVE_KINDS for n in present)
+                ):
+                    paired.append(i)
+            self._paired[id(layer)] = frozenset(paired)
+        return self._paired[id(layer)]
+
+    def pairs(
+        self,
+        stack_slots: dict[str, int],
+        paired: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> RowSlots | None:
+        """The (row, adapter, weight) entries of the ``paired`` segments in a stack."""
+        key = ("pairs", tuple(stack_slots), paired, device, dtype)
+        if key not in self._slots:
+            entries = [
+                (r, n, w)
+                for i in sorted(paired)
+                for n, w in self.segments[i].weights
+                for r in self.segments[i].rows
+            ]
+            self._slots[key] = pair_slots(stack_slots, entries, device, dtype)
+        return self._slots[key]
+
+    def sets(
+        self,
+        stack_slots: dict[str, int],
+        paired: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> SetSlots | None:
+        """Each row's (slot, weight) list in a LoRA stack, for the ``paired`` segments."""
+        key = ("sets", tuple(stack_slots), paired, device, dtype)
+        if key not in self._slots:
+            row_sets: list[list[tuple[str, float]] | None] = [None] * self.rows
+            for i in paired:
+                for r in self.segments[i].rows:
+                    row_sets[r] = list(self.segments[i].weights)
+            self._slots[key] = set_slots(stack_slots, row_sets, device, dtype)
         return self._slots[key]
 
 
@@ -307,9 +388,13 @@ def layer_forward(
     x_base = x if kernels is None else _transform_input(plan, kernels, x)
     base_out = layer.base_layer(x_base, *args, **kwargs)
     out, owned = base_out, False
+    paired: frozenset[int] = frozenset()
     if kernels is not None:
-        out, owned = _run_kernels(plan, kernels, layer, x, base_out)
-    for seg in plan.segments:
+        paired = plan.paired(layer, kinds)
+        out, owned = _run_kernels(plan, kernels, layer, x, base_out, paired)
+    for i, seg in enumerate(plan.segments):
+        if i in paired:
+            continue  # a weighted set of additive kernel adapters: done by the kernels
         if seg.single and (seg.weights[0][0] in kinds or seg.weights[0][0] not in layer.adapters):
             continue  # done by a kernel above, or nothing to do in this layer
         present = [(layer.adapters[n], w) for n, w in seg.weights if n in layer.adapters]
@@ -373,36 +458,64 @@ def _one_lora(layer: AdaptedLayer, module: Any, x: Tensor, args: tuple, kwargs: 
 
 
 def _run_kernels(
-    plan: MixedBatchPlan, kernels: LayerKernels, layer: AdaptedLayer, x: Tensor, base_out: Tensor
+    plan: MixedBatchPlan,
+    kernels: LayerKernels,
+    layer: AdaptedLayer,
+    x: Tensor,
+    base_out: Tensor,
+    paired: frozenset[int] = frozenset(),
 ) -> tuple[Tensor, bool]:
     """The batched kernels' rows (`splice.adapters.mixed_kernels`) on the base result: the
     result and whether it is a tensor the caller may write (False: ``base_out`` untouched).
 
     The base layer's fresh output is updated in place when its dtype is the compute dtype
     (no copy); with lower-precision base outputs (bf16 base, float32 adapters) a float32 copy
-    is updated and rounded once at the end, as a row alone is."""
+    is updated and rounded once at the end, as a row alone is.
+
+    The ``paired`` weighted-set segments: in LoRA stacks each row's set as one LoRA of the
+    summed rank (`set_slots`); in the VeRA, LoKr and IA3 stacks as (row, adapter, weight)
+    entries (`pair_slots`), each entry's update (computed like a single-adapter row's) times
+    its weight, summed into the row. What reads the base result (DoRA's rescaled part, IA3
+    output scaling) reads ``base_out``, so then the result is a copy."""
     bias = getattr(layer.base_layer, "bias", None)
     work: list[Callable[[Tensor], None]] = []
+    reads_base = False
+
+    def slot_sets(stack_slots: dict[str, int]) -> list[RowSlots]:
+        found = [plan.slots(stack_slots, x.device)]
+        if paired:
+            found.append(plan.pairs(stack_slots, paired, x.device, kernels.dtype))
+        return [rs for rs in found if rs is not None]
+
     if kernels.ia3_out is not None:
-        rs = plan.slots(kernels.ia3_out.slots, x.device)
-        if rs is not None:
-            work.append(partial(scale_output_, stack=kernels.ia3_out, rs=rs))
+        for rs in slot_sets(kernels.ia3_out.slots):
+            if rs.weights is None:
+                work.append(partial(scale_output_, stack=kernels.ia3_out, rs=rs))
+            else:
+                reads_base = True
+                work.append(partial(add_scaled_output_, base=base_out, stack=kernels.ia3_out,
+                                    rs=rs))  # fmt: skip
     for lora in kernels.lora:
         rs = plan.slots(lora.slots, x.device)
         if rs is not None:
             work.append(partial(add_lora_, x=x, base=base_out, bias=bias, stack=lora, rs=rs))
+        ss = plan.sets(lora.slots, paired, x.device, kernels.dtype) if paired else None
+        if ss is not None:  # each row's set as one LoRA of the summed rank
+            reads_base |= lora.c is not None
+            work.append(partial(add_lora_sets_, x=x, base=base_out, bias=bias, stack=lora, ss=ss))
     for vera in kernels.vera:
-        rs = plan.slots(vera.slots, x.device)
-        if rs is not None:
+        for rs in slot_sets(vera.slots):
             work.append(partial(add_vera_, x=x, stack=vera, rs=rs))
     for kron in kernels.kron:
-        rs = plan.slots(kron.slots, x.device)
-        if rs is not None:
+        for rs in slot_sets(kron.slots):
             work.append(partial(add_kron_, x=x, stack=kron, rs=rs))
     if not work:
         return base_out, False
     dtype = torch.promote_types(base_out.dtype, kernels.dtype)
-    out = base_out.contiguous() if dtype == base_out.dtype else base_out.to(dtype)
+    if dtype != base_out.dtype:
+        out = base_out.to(dtype)
+    else:
+        out = base_out.clone() if reads_base else base_out.contiguous()
     for step in work:
         step(out)
     return out.to(base_out.dtype), True

@@ -2,8 +2,8 @@
 is LoRA / DoRA, LoHa (linear), IA3 or VeRA, whatever the number of distinct adapters
 (`splice.adapters.mixed_batch` calls them; the other adapter kinds run per segment).
 
-Each row r has at most one of these adapters a(r) with weight 1 (weighted sets run per
-segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
+Each row r has at most one of these adapters a(r) with weight 1. With x_r the row's input
+(L positions, flattened) and base_r = f(x_r):
 
 - LoRA / DoRA, for rank bucket R (the next power of two ≥ r, at least 8): the layer's
   adapters of that bucket are stacked, padded with zero ranks (exact: the extra products are
@@ -30,6 +30,15 @@ segment). With x_r the row's input (L positions, flattened) and base_r = f(x_r):
   is built; the usual case: one ``projection_prng_key``) form one group: y_r = base_r +
   λ_b,a(r) ⊙ B'(λ_d,a(r) ⊙ A' x_r), with A' x computed once for the group's rows and the
   per-row vectors gathered (λ = 0 for other rows).
+
+Weighted sets of the additive kinds (`splice.adapters.mixed_batch`, Execution): in a LoRA
+stack, a row with K of its adapters is one LoRA of rank K·R (`set_slots`, `add_lora_sets_`):
+A = [A_1; …; A_K], B = [w_1 B_1 … w_K B_K] gathered per row (zero slot, weight 0 as padding),
+DoRA's term Σ w_k (c_k − 1) ⊙ (base_r − b). VeRA, LoKr, IA3 output scaling: each (row,
+adapter, weight) entry is computed as a row of its own (`pair_slots`: the entry's row of x
+gathered, its adapter's slot), the update times the weight and ``index_add_``-ed into the
+row; IA3 output scaling then adds (l − 1) ⊙ base_r (`add_scaled_output_`) instead of
+scaling in place.
 
 When under half the batch has rows for a kernel, its rows are gathered first (and the result
 added back with ``index_add_``); otherwise the kernel runs on every row (the zero slot costs
@@ -368,6 +377,8 @@ class RowSlots:
     slots: Tensor  # (rows,) or (k,) when ``rows`` is set
     rows: Tensor | None  # the covered rows, ascending; None: all rows
     uniform: int | None = None  # the slot of every row, when all rows have the same one
+    # weighted-set pairs (`pair_slots`): each entry's weight; ``rows`` may repeat a row
+    weights: Tensor | None = None
 
 
 def row_slots(
@@ -386,6 +397,71 @@ def row_slots(
     return RowSlots(
         torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
         torch.tensor(covered, dtype=torch.long, device=device),
+    )
+
+
+def pair_slots(
+    stack_slots: dict[str, int],
+    pairs: list[tuple[int, str, float]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> RowSlots | None:
+    """The (row, adapter, weight) pairs of weighted-set rows whose adapter is in a stack, as
+    entries computed like rows (the row's input gathered per entry) whose update is scaled
+    by the weight and added to the row (``index_add_``: a row's entries sum); None when no
+    pair is in the stack. Weight 0 entries are dropped (they add 0). The weights are held in
+    ``dtype``, the kernels' compute dtype (float64 adapters keep float64 weights)."""
+    kept = [(r, stack_slots[n], w) for r, n, w in pairs if n in stack_slots and w != 0.0]
+    if not kept:
+        return None
+    rows, slots, weights = zip(*kept, strict=True)
+    return RowSlots(
+        torch.tensor(slots, dtype=torch.long, device=device),
+        torch.tensor(rows, dtype=torch.long, device=device),
+        weights=torch.tensor(weights, dtype=dtype, device=device),
+    )
+
+
+@dataclass
+class SetSlots:
+    """For one LoRA stack: the weighted-set rows with adapters in it, each row's slots and
+    weights padded to the largest count K with the zero slot and weight 0 (exact: + 0)."""
+
+    slots: Tensor  # (n, K)
+    weights: Tensor  # (n, K), in the kernels' compute dtype
+    rows: Tensor | None  # the n rows, ascending; None: every row of the batch (n = rows)
+
+
+def set_slots(
+    stack_slots: dict[str, int],
+    row_sets: list[list[tuple[str, float]] | None],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SetSlots | None:
+    """Each row's (slot, weight) list in a LoRA stack from its weighted set (None: not one run
+    as such); None when no row has one of the stack's adapters with a non-zero weight. When
+    at least half the batch has one, every row is listed (the others with the zero slot),
+    as `row_slots`."""
+    neutral = len(stack_slots)
+    per_row = [
+        [(stack_slots[n], w) for n, w in entries if n in stack_slots and w != 0.0]
+        if entries is not None
+        else []
+        for entries in row_sets
+    ]
+    covered = [i for i, e in enumerate(per_row) if e]
+    if not covered:
+        return None
+    listed = list(range(len(per_row))) if 2 * len(covered) >= len(per_row) else covered
+    k = max(len(per_row[i]) for i in covered)
+    pad = [(neutral, 0.0)] * k
+    grid = [(per_row[i] + pad)[:k] for i in listed]
+    return SetSlots(
+        torch.tensor([[s for s, _ in g] for g in grid], dtype=torch.long, device=device),
+        torch.tensor([[w for _, w in g] for g in grid], dtype=dtype, device=device),
+        None
+        if len(listed) == len(per_row)
+        else torch.tensor(covered, dtype=torch.long, device=device),
     )
 
 
@@ -411,7 +487,9 @@ def scale_input(x: Tensor, stack: VectorStack, rs: RowSlots) -> Tensor:
 # The functions below update ``out`` in place: a contiguous tensor owned by the caller, in the
 # promoted dtype of the base result and the adapters. Each row has at most one kernel adapter,
 # so a kernel run on every row leaves the rows of the others exactly as they were (× 1, + 0):
-# the base result's rows that other adapters read are unchanged.
+# the base result's rows that other adapters read are unchanged. Weighted-set entries
+# (``rs.weights``) touch only their own rows, which no single-adapter kernel covers; the entries
+# that read the base result get it from the base layer's output, not from ``out``.
 
 
 def scale_output_(out: Tensor, stack: VectorStack, rs: RowSlots) -> None:
@@ -458,6 +536,40 @@ def add_lora_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: 
     _add_rows_(out, upd, rs)
 
 
+def add_lora_sets_(out: Tensor, x: Tensor, base: Tensor, bias: Tensor | None, stack: LoraStack,
+                   ss: SetSlots) -> None:  # fmt: skip
+    """Weighted-set rows of a LoRA stack: each row's K adapters as one LoRA of rank K·R,
+
+        out_r += Σ_k w_k [(c_k − 1)(base_r − b) + B_k A_k x_r] = (Σ_k w_k (c_k − 1))(base_r − b)
+                 + [B_1 w_1 … B_K w_K] [A_1; …; A_K] x_r
+
+    (the factors gathered per row and concatenated along the rank, the weights folded into
+    the B columns): two ``bmm`` over the rows, x read once per row. ``base``: the base layer's
+    output (unchanged by the other kernels)."""
+    dtype = stack.a.dtype
+    n, k = ss.slots.shape
+    rank, in_f, out_f = stack.a.shape[1], stack.a.shape[2], stack.b.shape[1]
+    flat, w = ss.slots.flatten(), ss.weights.to(dtype)  # (the stacks may differ in dtype)
+    a = stack.a.index_select(0, flat).view(n, k * rank, in_f)
+    bt = stack.b.index_select(0, flat).view(n, k, out_f, rank).transpose(2, 3)
+    bt = (bt * w[:, :, None, None]).reshape(n, k * rank, out_f)
+    if ss.rows is not None:
+        x, base = x.index_select(0, ss.rows), base.index_select(0, ss.rows)
+    h = torch.bmm(a, _rows3(x.contiguous().to(dtype)).transpose(1, 2)).transpose(1, 2)
+    in_place = ss.rows is None and out.dtype == dtype
+    upd = _rows3(out) if in_place else torch.zeros(n, h.shape[1], out_f, dtype=dtype,
+                                                   device=out.device)  # fmt: skip
+    if stack.c is not None:
+        cw = ((stack.c.index_select(0, flat).view(n, k, out_f) - 1) * w[:, :, None]).sum(1)
+        base3 = _rows3(base.contiguous()).to(dtype)
+        if bias is not None:
+            base3 = base3 - bias.to(dtype)
+        upd.addcmul_(cw[:, None, :], base3)
+    upd.baddbmm_(h, bt)
+    if not in_place:
+        _add_rows_(out, upd, RowSlots(ss.slots, ss.rows))
+
+
 def _add_one_lora_(
     out: Tensor, x: Tensor, bias: Tensor | None, stack: LoraStack, slot: int
 ) -> None:
@@ -494,7 +606,18 @@ def add_kron_(out: Tensor, x: Tensor, stack: KronStack, rs: RowSlots) -> None:
     _add_rows_(out, kron_update(x, stack, rs), rs)
 
 
+def add_scaled_output_(out: Tensor, base: Tensor, stack: VectorStack, rs: RowSlots) -> None:
+    """IA3 output scaling as an additive update (weighted-set pairs): out ← out + (l − 1) ⊙
+    base per entry (f_a − f for that adapter), ``base`` the base layer's output."""
+    vec = stack.vectors[0]
+    base3 = _rows3(base.index_select(0, rs.rows) if rs.rows is not None else base.contiguous())
+    upd = base3.to(vec.dtype) * (vec.index_select(0, rs.slots) - 1)[:, None, :]
+    _add_rows_(out, upd, rs)
+
+
 def _add_rows_(out: Tensor, upd3: Tensor, rs: RowSlots) -> None:
+    if rs.weights is not None:  # weighted-set pairs: each entry's update times its weight
+        upd3 = upd3 * rs.weights.to(upd3.dtype)[:, None, None]
     if rs.rows is None:
         _rows3(out).add_(upd3)
     else:

@@ -2,8 +2,9 @@
 diagonal rotation of the input) and HRA (Householder reflections of the input). The stacks are
 built and cached by `splice.adapters.mixed_kernels` (same cache, same freshness checks) and
 applied by `splice.adapters.mixed_batch`; each row has at most one kernel adapter, with weight
-1 (weighted sets run per segment), and rows without one of a stack's adapters read its
-neutral slot (zero / identity: exact, x·1 + Σ 0 and x − 0 change no bit).
+1 (LoKr also takes weighted-set entries, as LoRA does; OFT / HRA in a weighted set run per
+segment), and rows without one of a stack's adapters read its neutral slot (zero / identity:
+exact, x·1 + Σ 0 and x − 0 change no bit).
 
 LoKr on nn.Linear (out = a·b, in = c·d): ΔW = s W1 ⊗ W2, W1: a×c, W2: b×d (each possibly the
 product of its low-rank factors, multiplied once when the stack is built). For one token x
