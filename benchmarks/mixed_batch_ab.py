@@ -8,8 +8,9 @@ Run by hand from the repository root (needs git and the packaged SmolLM2, as
     python benchmarks/mixed_batch_ab.py --ref main --types lora,loha --counts 1,32
     python benchmarks/mixed_batch_ab.py --ref main --decode     # 16 rows x 1 token, 64 LoRAs
 
-The revision's `splice/adapters/mixed_batch.py` and `mixed_kernels.py` are loaded as separate
-modules (`before_mixed_batch` importing `before_mixed_kernels`); both versions run on the same
+The revision's `splice/adapters/mixed_batch.py`, `mixed_kernels.py` and `mixed_structured.py`
+are loaded as separate modules (`before_mixed_batch` importing `before_mixed_kernels` and
+`before_mixed_structured`); both versions run on the same
 `AdapterModel` (`plan_rows` + `mixed_forward` of each), after a check that their logits agree
 (1e-3: float32 summation order). Per configuration: one warm-up each, then --reps rounds with
 the order rotated; medians; ratios to the base model alone. Prefill: --rows x --tokens random
@@ -35,15 +36,19 @@ import mixed_batch as mb
 
 
 def load_before(ref: str, folder: Path):
-    """The revision's mixed_batch / mixed_kernels as modules ``before_*``."""
-    for name in ("mixed_kernels", "mixed_batch"):
-        src = subprocess.run(
+    """The revision's mixed_batch / mixed_kernels / mixed_structured (where it has one) as
+    modules ``before_*``."""
+    for name in ("mixed_structured", "mixed_kernels", "mixed_batch"):
+        shown = subprocess.run(
             ["git", "show", f"{ref}:src/splice/adapters/{name}.py"],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        src = src.replace(
-            "from splice.adapters.mixed_kernels import", "from before_mixed_kernels import"
-        )
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if shown.returncode != 0 and name == "mixed_structured":
+            continue  # older revisions: no structured kernels
+        shown.check_returncode()
+        src = shown.stdout
+        for dep in ("mixed_kernels", "mixed_structured"):
+            src = src.replace(f"from splice.adapters.{dep} import", f"from before_{dep} import")
         (folder / f"before_{name}.py").write_text(src)
     sys.path.insert(0, str(folder))
     import before_mixed_batch

@@ -147,6 +147,11 @@ def test_kron_update_equals_the_kronecker_product(order: str) -> None:
     torch.testing.assert_close(got, start + want)
     subset = RowSlots(torch.tensor([0, 1]), torch.tensor([2, 3]))
     torch.testing.assert_close(kron_update(x, stack, subset), want[2:])
+    uniform = RowSlots(torch.tensor([1] * 4), None, uniform=1)  # all positions as one row
+    want = x @ torch.kron(w1[1], w2[1]).T
+    torch.testing.assert_close(kron_update(x, stack, uniform), want)
+    got = kron_update(x, stack, uniform, into=start.clone())
+    torch.testing.assert_close(got, start + want)
 
 
 def test_rotate_input_runs_and_gathered_equal_the_block_diagonal() -> None:

@@ -21,13 +21,25 @@ floats. Used when that cost is under the dense out·in (as LoHa's LoRA form; a d
 factorization, e.g. a prime dimension, runs per segment), without rank / module dropout in
 training.
 
+When W2 is stored factored, W2 = U2 V2 of rank k (PEFT's default for r < max(b, d) / 2), and
+k (c·d + a·c + a·b) is below the dense order's cost, the stack keeps U2 and V2 instead:
+per token X V2ᵀ (c×k), W1 · (a×k), · U2ᵀ (a×b). r = 8 on a 576×576 layer (24×24 factors):
+13.8 k multiply-adds per token instead of 27.6 k, and the tensors moved between the
+products (the token axis must sit next to c for W1's product: one copy each way) are k/b of
+the activation's size instead of all of it. The last product is accumulated into the
+output in place (``baddbmm_``) when every row is computed in the output's dtype.
+
 OFT (`splice.adapters.methods.oft`): x' = x R_bd as row vectors, block j: x'_j = x_j R_j
 (k×k blocks, in = nb·k). The stack holds every adapter's blocks, (n+1) × nb × k × k, the last
-slot the identity; per row x'_r = x_r R_a(r) with the row's blocks gathered (nb·k² = in·k
-floats per row), then the base layer once on all rows. Caching W R_a per adapter instead
-would hold a copy of the base weight per adapter (out·in floats): refused for the same reason
-as dense LoKr. Not with ``coft`` (it rewrites its parameter at every forward) or module
-dropout in training; adapters of different block sizes get one stack each.
+slot the identity; per row x'_r = x_r R_a(r), then the base layer once on all rows. On CPU, per
+run of consecutive rows with one adapter: one ``bmm`` over that adapter's nb blocks, reading
+and writing the rows through strided (nb, tokens, k) views (no gather of blocks, no permuted
+copies of x; rows without an OFT adapter are copied); elsewhere one einsum over all rows with
+each row's blocks gathered (nb·k² = in·k floats per row): one launch instead of one per run.
+Caching W R_a per adapter instead would hold a copy of the base weight per adapter (out·in
+floats): refused for the same reason as dense LoKr. Not with ``coft`` (it rewrites its
+parameter at every forward) or module dropout in training; adapters of different block
+sizes get one stack each.
 
 HRA (`splice.adapters.methods.hra`): x' = x Hᵀ with H = H_1 ⋯ H_r, H_i = I − 2 v_i v_iᵀ
 (v_i = u_i / ‖u_i‖). In compact WY form H = I − V T Vᵀ, T upper triangular from the recursion
@@ -230,18 +242,33 @@ def kron_update(x: Tensor, stack: KronStack, rs: RowSlots, into: Tensor | None =
     """(rows, positions, out): s W1 X W2ᵀ per token of the covered rows (all rows when
     ``rs.rows`` is None), the row's factors gathered. With ``into`` (rows, positions, out),
     contiguous, in the stack's dtype: the update is accumulated into it and it is returned.
+    One adapter on every row: all positions as one row (no gather, larger products)."""
+    if rs.uniform is not None and rs.rows is None:
+        one = slice(rs.uniform, rs.uniform + 1)
+        u2 = None if stack.u2 is None else stack.u2[one]
+        flat = None if into is None else into.view(1, -1, into.shape[-1])
+        x1 = x.reshape(1, -1, x.shape[-1])
+        got = _kron(x1, stack.w1[one], stack.w2[one], u2, stack.w1_first, flat)
+        return got.view(x.shape[0], -1, got.shape[-1])
+    if rs.rows is not None:
+        x = x.index_select(0, rs.rows)
+    u2 = None if stack.u2 is None else stack.u2.index_select(0, rs.slots)
+    w1, w2 = stack.w1.index_select(0, rs.slots), stack.w2.index_select(0, rs.slots)
+    return _kron(x, w1, w2, u2, stack.w1_first, into)
+
+
+def _kron(x: Tensor, w1: Tensor, w2: Tensor, u2: Tensor | None, w1_first: bool,
+          into: Tensor | None) -> Tensor:  # fmt: skip
+    """`kron_update` with each row's factors given (``w2``: V2 when ``u2`` is given).
 
     The products contract d with a plain ``bmm`` over (positions·c) × d; contracting c needs
     the token axis moved next to it (one copy of a tensor the size of the narrower side):
     W2 first: X W2ᵀ (or X V2ᵀ, k columns), moved, W1 ·, moved back, then (· U2ᵀ) as the last
     ``bmm``, accumulated in place; W1 first: X moved, W1 ·, moved back, · W2ᵀ last."""
-    if rs.rows is not None:
-        x = x.index_select(0, rs.rows)
-    w1, w2 = stack.w1.index_select(0, rs.slots), stack.w2.index_select(0, rs.slots)
     rows, (a, c), d = w1.shape[0], w1.shape[1:], w2.shape[2]
     x3 = x.contiguous().to(w1.dtype).view(rows, -1, d)  # (rows, L·c, d)
     length = x3.shape[1] // c
-    if stack.u2 is None and stack.w1_first:  # Z = W1 X per token (a×d), then Z W2ᵀ
+    if u2 is None and w1_first:  # Z = W1 X per token (a×d), then Z W2ᵀ
         xt = x3.view(rows, length, c, d).transpose(1, 2).reshape(rows, c, length * d)
         z = torch.bmm(w1, xt).view(rows, a, length, d).transpose(1, 2)
         z, last = z.reshape(rows, length * a, d), w2.transpose(1, 2)
@@ -250,13 +277,12 @@ def kron_update(x: Tensor, stack: KronStack, rs: RowSlots, into: Tensor | None =
         t = torch.bmm(x3, w2.transpose(1, 2)).view(rows, length, c, k)
         t = t.transpose(1, 2).reshape(rows, c, length * k)
         z = torch.bmm(w1, t).view(rows, a, length, k).transpose(1, 2)  # (rows, L, a, k)
-        if stack.u2 is None:  # k = b: z is the update, token axis strided
+        if u2 is None:  # k = b: z is the update, token axis strided
             if into is None:
                 return z.reshape(rows, length, a * k)
             into.view(rows, length, a, k).add_(z)
             return into
-        z, last = z.reshape(rows, length * a, k), stack.u2.index_select(0, rs.slots)
-        last = last.transpose(1, 2)
+        z, last = z.reshape(rows, length * a, k), u2.transpose(1, 2)
     b = last.shape[2]
     if into is None:
         return torch.bmm(z, last).view(rows, length, a * b)
