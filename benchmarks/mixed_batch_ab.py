@@ -13,9 +13,11 @@ are loaded as separate modules (`before_mixed_batch` importing `before_mixed_ker
 `before_mixed_structured`); both versions run on the same
 `AdapterModel` (`plan_rows` + `mixed_forward` of each), after a check that their logits agree
 (1e-3: float32 summation order). Per configuration: one warm-up each, then --reps rounds with
-the order rotated; medians; ratios to the base model alone. Prefill: --rows x --tokens random
-ids, row r names adapter r mod n (adapters as in `benchmarks/mixed_batch.py`). Decode: 64 LoRA
-r8 adapters on q/k/v/o loaded, 16 rows of one token, 16 distinct adapters vs one.
+the order rotated; medians (wall time, or with --clock cpu --threads 1 this thread's CPU time:
+on a shared machine the steadier one); ratios to the base model alone. Prefill: --rows x
+--tokens random ids, row r names adapter r mod n (adapters as in `benchmarks/mixed_batch.py`).
+Decode: 64 LoRA r8 adapters on q/k/v/o loaded, 16 rows of one token, 16 distinct adapters vs
+one.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def run(module, am, names: list[str], **inputs):
         return am.model(**inputs)
 
 
-def bench(variants: dict, reps: int) -> dict[str, float]:
+def bench(variants: dict, reps: int, clock=time.perf_counter) -> dict[str, float]:
     keys = list(variants)
     times: dict[str, list[float]] = {k: [] for k in keys}
     with torch.no_grad():
@@ -70,9 +72,9 @@ def bench(variants: dict, reps: int) -> dict[str, float]:
             variants[k]()
         for rep in range(reps):
             for k in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
-                start = time.perf_counter()
+                start = clock()
                 variants[k]()
-                times[k].append(time.perf_counter() - start)
+                times[k].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -97,8 +99,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", action="store_true")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this thread's CPU time (time.thread_time), with --threads 1 only: all "
+        "compute then runs on this thread, and time spent descheduled by other processes on "
+        "a shared machine is not counted",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.clock == "cpu" and a.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (other threads' work is not counted)")
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
         before = load_before(a.ref, Path(tmp))
     base = mb.load_base()
@@ -118,7 +131,7 @@ def main() -> None:
             "after_one": lambda: run(after, am, one, input_ids=ids),
             "before_many": lambda: run(before, am, many, input_ids=ids),
             "after_many": lambda: run(after, am, many, input_ids=ids),
-        }, a.reps)  # fmt: skip
+        }, a.reps, clock)  # fmt: skip
         print(", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items()))
         print(f"16 distinct / 1 adapter: before {t['before_many'] / t['before_one']:.2f}x, "
               f"after {t['after_many'] / t['after_one']:.2f}x")  # fmt: skip
@@ -135,7 +148,7 @@ def main() -> None:
                 "base": lambda: base(input_ids=ids),
                 "before": lambda m=am, r=names: run(before, m, r, input_ids=ids),
                 "after": lambda m=am, r=names: run(after, m, r, input_ids=ids),
-            }, a.reps)  # fmt: skip
+            }, a.reps, clock)  # fmt: skip
             b = t["base"]
             print(f"{label} x{n}: base {b * 1e3:.0f} ms, before {t['before'] / b:.3f}x, "
                   f"after {t['after'] / b:.3f}x; after/before {t['after'] / t['before']:.3f}",
