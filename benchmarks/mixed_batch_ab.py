@@ -8,13 +8,16 @@ Run by hand from the repository root (needs git and the packaged SmolLM2, as
     python benchmarks/mixed_batch_ab.py --ref main --types lora,loha --counts 1,32
     python benchmarks/mixed_batch_ab.py --ref main --decode     # 16 rows x 1 token, 64 LoRAs
 
-The revision's `splice/adapters/mixed_batch.py` and `mixed_kernels.py` are loaded as separate
-modules (`before_mixed_batch` importing `before_mixed_kernels`); both versions run on the same
+The revision's `splice/adapters/mixed_batch.py`, `mixed_kernels.py` and `mixed_structured.py`
+are loaded as separate modules (`before_mixed_batch` importing `before_mixed_kernels` and
+`before_mixed_structured`); both versions run on the same
 `AdapterModel` (`plan_rows` + `mixed_forward` of each), after a check that their logits agree
 (1e-3: float32 summation order). Per configuration: one warm-up each, then --reps rounds with
-the order rotated; medians; ratios to the base model alone. Prefill: --rows x --tokens random
-ids, row r names adapter r mod n (adapters as in `benchmarks/mixed_batch.py`). Decode: 64 LoRA
-r8 adapters on q/k/v/o loaded, 16 rows of one token, 16 distinct adapters vs one.
+the order rotated; medians (wall time, or with --clock cpu --threads 1 this thread's CPU time:
+on a shared machine the steadier one); ratios to the base model alone. Prefill: --rows x
+--tokens random ids, row r names adapter r mod n (adapters as in `benchmarks/mixed_batch.py`).
+Decode: 64 LoRA r8 adapters on q/k/v/o loaded, 16 rows of one token, 16 distinct adapters vs
+one.
 """
 
 from __future__ import annotations
@@ -35,15 +38,19 @@ import mixed_batch as mb
 
 
 def load_before(ref: str, folder: Path):
-    """The revision's mixed_batch / mixed_kernels as modules ``before_*``."""
-    for name in ("mixed_kernels", "mixed_batch"):
-        src = subprocess.run(
+    """The revision's mixed_batch / mixed_kernels / mixed_structured (where it has one) as
+    modules ``before_*``."""
+    for name in ("mixed_structured", "mixed_kernels", "mixed_batch"):
+        shown = subprocess.run(
             ["git", "show", f"{ref}:src/splice/adapters/{name}.py"],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        src = src.replace(
-            "from splice.adapters.mixed_kernels import", "from before_mixed_kernels import"
-        )
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if shown.returncode != 0 and name == "mixed_structured":
+            continue  # older revisions: no structured kernels
+        shown.check_returncode()
+        src = shown.stdout
+        for dep in ("mixed_kernels", "mixed_structured"):
+            src = src.replace(f"from splice.adapters.{dep} import", f"from before_{dep} import")
         (folder / f"before_{name}.py").write_text(src)
     sys.path.insert(0, str(folder))
     import before_mixed_batch
@@ -57,7 +64,7 @@ def run(module, am, names: list[str], **inputs):
         return am.model(**inputs)
 
 
-def bench(variants: dict, reps: int) -> dict[str, float]:
+def bench(variants: dict, reps: int, clock=time.perf_counter) -> dict[str, float]:
     keys = list(variants)
     times: dict[str, list[float]] = {k: [] for k in keys}
     with torch.no_grad():
@@ -65,9 +72,9 @@ def bench(variants: dict, reps: int) -> dict[str, float]:
             variants[k]()
         for rep in range(reps):
             for k in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
-                start = time.perf_counter()
+                start = clock()
                 variants[k]()
-                times[k].append(time.perf_counter() - start)
+                times[k].append(clock() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -92,8 +99,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", action="store_true")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this thread's CPU time (time.thread_time), with --threads 1 only: all "
+        "compute then runs on this thread, and time spent descheduled by other processes on "
+        "a shared machine is not counted",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.clock == "cpu" and a.threads != 1:
+        ap.error("--clock cpu needs --threads 1 (other threads' work is not counted)")
+    clock = time.thread_time if a.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
         before = load_before(a.ref, Path(tmp))
     base = mb.load_base()
@@ -113,7 +131,7 @@ def main() -> None:
             "after_one": lambda: run(after, am, one, input_ids=ids),
             "before_many": lambda: run(before, am, many, input_ids=ids),
             "after_many": lambda: run(after, am, many, input_ids=ids),
-        }, a.reps)  # fmt: skip
+        }, a.reps, clock)  # fmt: skip
         print(", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in t.items()))
         print(f"16 distinct / 1 adapter: before {t['before_many'] / t['before_one']:.2f}x, "
               f"after {t['after_many'] / t['after_one']:.2f}x")  # fmt: skip
@@ -130,7 +148,7 @@ def main() -> None:
                 "base": lambda: base(input_ids=ids),
                 "before": lambda m=am, r=names: run(before, m, r, input_ids=ids),
                 "after": lambda m=am, r=names: run(after, m, r, input_ids=ids),
-            }, a.reps)  # fmt: skip
+            }, a.reps, clock)  # fmt: skip
             b = t["base"]
             print(f"{label} x{n}: base {b * 1e3:.0f} ms, before {t['before'] / b:.3f}x, "
                   f"after {t['after'] / b:.3f}x; after/before {t['after'] / t['before']:.3f}",

@@ -16,10 +16,12 @@ from splice.adapters import mixed_kernels
 from splice.adapters.methods.hra import householder_product
 from splice.adapters.mixed_kernels import RowSlots
 from splice.adapters.mixed_structured import (
+    BlockStack,
     KronStack,
     kron_cost,
     kron_update,
     reflection_form,
+    rotate_input,
     structured_kind,
 )
 
@@ -80,7 +82,12 @@ def test_random_assignments_of_structured_adapters(kind: str, monkeypatch) -> No
 
 
 PAIRS = {  # two adapters of one type, different options
-    "lokr": [{"r": 2, "alpha": 4}, {"r": 1, "decompose_both": True, "decompose_factor": 2}],
+    # W2 factored (rank 2), both factored, W2 dense (r = 4 ≥ 8 / 2)
+    "lokr": [
+        {"r": 2, "alpha": 4},
+        {"r": 1, "decompose_both": True, "decompose_factor": 2},
+        {"r": 4, "alpha": 2},
+    ],
     "oft": [{"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 8, "block_share": True}],
     "hra": [{"r": 4}, {"r": 3, "apply_GS": True}],
 }
@@ -92,9 +99,12 @@ def test_one_adapter_on_every_row_and_on_few_rows(label: str) -> None:
     targets = {"target_modules": ["q_proj", "v_proj", "down_proj"]}
     setups = {f"{label}{i}": (label, {**p, **targets}) for i, p in enumerate(PAIRS[label])}
     am = model_with("llama", setups)
-    first, second = setups
-    check_rows(am, [first] * 3)
+    first, second, *more = setups
+    for name in (first, *more):
+        check_rows(am, [name] * 3)
     check_rows(am, [first, "__base__", "__base__", "__base__", second])
+    check_rows(am, [*setups, *setups, "__base__"])
+    check_rows(am, [first, first, second, second, "__base__", "__base__", first])  # runs
 
 
 def test_kron_update_hand_computed() -> None:
@@ -110,6 +120,65 @@ def test_kron_update_hand_computed() -> None:
     # per token: W2 first costs b·c·(d + a), W1 first a·d·(c + b)
     assert kron_cost(4, 8, 2, 2) == (4 * 2 * 10, True)  # W2 first: 2·8·6 = 96
     assert kron_cost(8, 4, 2, 2) == (2 * 4 * 10, False)  # W1 first: 8·2·6 = 96
+
+
+@pytest.mark.parametrize("order", ["w1_first", "w2_first", "factored"])
+def test_kron_update_equals_the_kronecker_product(order: str) -> None:
+    """Every product order, returned or accumulated in place, on all rows or a subset:
+    s (W1 ⊗ W2) x per token, against ``torch.kron`` (W2 = U2 V2 of rank 2 when factored)."""
+    g = torch.Generator().manual_seed(0)
+    a, c, b, d, n, k = 3, 4, 5, 2, 2, 2
+    w1 = torch.randn(n + 1, a, c, generator=g, dtype=torch.float64)
+    u2 = torch.randn(n + 1, b, k, generator=g, dtype=torch.float64)
+    v2 = torch.randn(n + 1, k, d, generator=g, dtype=torch.float64)
+    w1[n], u2[n], v2[n] = 0, 0, 0
+    w2 = u2 @ v2
+    if order == "factored":
+        stack = KronStack({"p": 0, "q": 1}, w1, v2, False, u2)
+    else:
+        stack = KronStack({"p": 0, "q": 1}, w1, w2, order == "w1_first")
+    x = torch.randn(4, 3, c * d, generator=g, dtype=torch.float64)  # 4 rows, 3 positions
+    slots = [1, n, 0, 1]
+    want = torch.stack([x[r] @ torch.kron(w1[s], w2[s]).T for r, s in enumerate(slots)])
+    all_rows = RowSlots(torch.tensor(slots), None)
+    torch.testing.assert_close(kron_update(x, stack, all_rows), want)
+    start = torch.randn(4, 3, a * b, generator=g, dtype=torch.float64)
+    got = kron_update(x, stack, all_rows, into=start.clone())
+    torch.testing.assert_close(got, start + want)
+    subset = RowSlots(torch.tensor([0, 1]), torch.tensor([2, 3]))
+    torch.testing.assert_close(kron_update(x, stack, subset), want[2:])
+    uniform = RowSlots(torch.tensor([1] * 4), None, uniform=1)  # all positions as one row
+    want = x @ torch.kron(w1[1], w2[1]).T
+    torch.testing.assert_close(kron_update(x, stack, uniform), want)
+    got = kron_update(x, stack, uniform, into=start.clone())
+    torch.testing.assert_close(got, start + want)
+
+
+def test_rotate_input_runs_and_gathered_equal_the_block_diagonal() -> None:
+    """OFT rows: the CPU path (one ``bmm`` per run of rows, strided views) and the gathered
+    einsum (other devices; here with no runs) both give x_r R_bd(a(r)); rows of the
+    identity slot are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    nb, k = 3, 2
+    blocks = torch.randn(3, nb, k, k, generator=g)
+    blocks[2] = torch.eye(k)
+    stack = BlockStack({"p": 0, "q": 1}, blocks)
+    x = torch.randn(5, 2, nb * k, generator=g)
+    slots = [0, 0, 2, 1, 1]
+    want = torch.stack([x[r] @ torch.block_diag(*blocks[s]) for r, s in enumerate(slots)])
+    runs = [(0, 2, 0), (2, 3, 2), (3, 5, 1)]
+    for rs in (
+        RowSlots(torch.tensor(slots), None, runs=runs),
+        RowSlots(torch.tensor(slots), None),
+        RowSlots(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 3, 4]), runs=runs),
+        RowSlots(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 3, 4])),
+    ):
+        got = rotate_input(x, stack, rs)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got[2], x[2])
+    assert (
+        mixed_kernels.row_slots({"p": 0, "q": 1}, ["p", "p", None, "q", "q"], x.device).runs == runs
+    )
 
 
 def test_reflection_form_is_the_householder_product() -> None:
@@ -142,18 +211,28 @@ def test_kinds_that_run_per_segment() -> None:
             {"r": 0, "oft_block_size": 4, "module_dropout": 0.5, "target_modules": attn},
         ),
         "h64": ("hra", {"r": 2, "target_modules": attn}),
-        "big": ("lokr", {"r": 2, "decompose_factor": 1, "target_modules": attn}),
+        # W1 1×1, W2 dense out×in (r ≥ in / 2): the Kronecker form costs more than ΔW
+        "big": ("lokr", {"r": 16, "decompose_factor": 1, "target_modules": attn}),
+        # the same with W2 of rank 2 (a LoRA in LoKr form): its factors are cheap
+        "thin": ("lokr", {"r": 2, "decompose_factor": 1, "target_modules": attn}),
         "ok": ("oft", {"r": 0, "oft_block_size": 4, "target_modules": attn}),
     }
     am = model_with("llama", setups)
     layer = next(layer for _, layer in am.adapted_layers())
     layer.adapters["h64"].double()
     kinds = {n: structured_kind(m, layer.base_layer) for n, m in layer.adapters.items()}
-    assert kinds == {"coft": None, "drop": "oft", "h64": None, "big": None, "ok": "oft"}
+    assert kinds == {
+        "coft": None,
+        "drop": "oft",
+        "h64": None,
+        "big": None,
+        "thin": "lokr",
+        "ok": "oft",
+    }
     layer.adapters["drop"].train()
     assert structured_kind(layer.adapters["drop"], layer.base_layer) is None
     layer.adapters["drop"].eval()
-    check_rows(am, ["coft", "drop", "ok", "__base__", "big", "h64"])
+    check_rows(am, ["coft", "drop", "ok", "__base__", "big", "h64", "thin"])
 
 
 @pytest.mark.parametrize("what", ["lokr", "oft", "hra", "base_weight"])

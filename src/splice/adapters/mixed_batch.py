@@ -419,12 +419,14 @@ def layer_forward(
 def _kernel_first(layer: AdaptedLayer, name: str) -> bool:
     """Whether rows of adapter ``name`` alone run faster through the cached kernel than
     through the adapter's plain forward: DoRA (cached scale), LoHa (cached LoRA form), LoKr
-    (cached factors, no dense ΔW) and HRA (its reflections as one low-rank update)."""
+    (cached factors, no dense ΔW), HRA (its reflections as one low-rank update) and OFT
+    (cached blocks: no Cayley transform per forward; on CPU one ``bmm`` on strided views, no
+    permuted copies)."""
     if name not in layer.adapters:
         return False
     module = layer.adapters[name]
     kind = kernel_kind(module, layer.base_layer)
-    return kind in ("loha", "lokr", "hra") or (
+    return kind in ("loha", "lokr", "hra", "oft") or (
         kind == "lora" and bool(getattr(module, "use_dora", False))
     )
 

@@ -378,7 +378,11 @@ class RowSlots:
     rows: Tensor | None  # the covered rows, ascending; None: all rows
     uniform: int | None = None  # the slot of every row, when all rows have the same one
     # weighted-set pairs (`pair_slots`): each entry's weight; ``rows`` may repeat a row
-    weights: Tensor | None = None
+    weights: Tensor | None = field(default=None, kw_only=True)
+    # every row of the batch as runs (start, stop, slot) of consecutive rows with one slot
+    # (the neutral slot included), for kernels that loop over runs (OFT on CPU; not set for
+    # weighted-set pairs)
+    runs: list[tuple[int, int, int]] = field(default_factory=list, kw_only=True)
 
 
 def row_slots(
@@ -391,12 +395,21 @@ def row_slots(
     covered = [i for i, s in enumerate(slots) if s != neutral]
     if not covered:
         return None
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(slots):
+        if runs and runs[-1][2] == s:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        else:
+            runs.append((i, i + 1, s))
     if 2 * len(covered) >= len(slots):
         uniform = slots[0] if len(covered) == len(slots) and len(set(slots)) == 1 else None
-        return RowSlots(torch.tensor(slots, dtype=torch.long, device=device), None, uniform)
+        return RowSlots(
+            torch.tensor(slots, dtype=torch.long, device=device), None, uniform, runs=runs
+        )
     return RowSlots(
         torch.tensor([slots[i] for i in covered], dtype=torch.long, device=device),
         torch.tensor(covered, dtype=torch.long, device=device),
+        runs=runs,
     )
 
 
@@ -602,7 +615,11 @@ def add_vera_(out: Tensor, x: Tensor, stack: VectorStack, rs: RowSlots) -> None:
 
 
 def add_kron_(out: Tensor, x: Tensor, stack: KronStack, rs: RowSlots) -> None:
-    """out ← out + s W1 X W2ᵀ per row (`splice.adapters.mixed_structured`)."""
+    """out ← out + s W1 X W2ᵀ per row (`splice.adapters.mixed_structured`): accumulated into
+    ``out`` by the last product when every row is computed in ``out``'s dtype."""
+    if rs.rows is None and out.dtype == stack.w1.dtype:
+        kron_update(x, stack, rs, into=_rows3(out))
+        return
     _add_rows_(out, kron_update(x, stack, rs), rs)
 
 

@@ -22,13 +22,25 @@ floats. Used when that cost is under the dense out·in (as LoHa's LoRA form; a d
 factorization, e.g. a prime dimension, runs per segment), without rank / module dropout in
 training.
 
+When W2 is stored factored, W2 = U2 V2 of rank k (PEFT's default for r < max(b, d) / 2), and
+k (c·d + a·c + a·b) is below the dense order's cost, the stack keeps U2 and V2 instead:
+per token X V2ᵀ (c×k), W1 · (a×k), · U2ᵀ (a×b). r = 8 on a 576×576 layer (24×24 factors):
+13.8 k multiply-adds per token instead of 27.6 k, and the tensors moved between the
+products (the token axis must sit next to c for W1's product: one copy each way) are k/b of
+the activation's size instead of all of it. The last product is accumulated into the
+output in place (``baddbmm_``) when every row is computed in the output's dtype.
+
 OFT (`splice.adapters.methods.oft`): x' = x R_bd as row vectors, block j: x'_j = x_j R_j
 (k×k blocks, in = nb·k). The stack holds every adapter's blocks, (n+1) × nb × k × k, the last
-slot the identity; per row x'_r = x_r R_a(r) with the row's blocks gathered (nb·k² = in·k
-floats per row), then the base layer once on all rows. Caching W R_a per adapter instead
-would hold a copy of the base weight per adapter (out·in floats): refused for the same reason
-as dense LoKr. Not with ``coft`` (it rewrites its parameter at every forward) or module
-dropout in training; adapters of different block sizes get one stack each.
+slot the identity; per row x'_r = x_r R_a(r), then the base layer once on all rows. On CPU, per
+run of consecutive rows with one adapter: one ``bmm`` over that adapter's nb blocks, reading
+and writing the rows through strided (nb, tokens, k) views (no gather of blocks, no permuted
+copies of x; rows without an OFT adapter are copied); elsewhere one einsum over all rows with
+each row's blocks gathered (nb·k² = in·k floats per row): one launch instead of one per run.
+Caching W R_a per adapter instead would hold a copy of the base weight per adapter (out·in
+floats): refused for the same reason as dense LoKr. Not with ``coft`` (it rewrites its
+parameter at every forward) or module dropout in training; adapters of different block
+sizes get one stack each.
 
 HRA (`splice.adapters.methods.hra`): x' = x Hᵀ with H = H_1 ⋯ H_r, H_i = I − 2 v_i v_iᵀ
 (v_i = u_i / ‖u_i‖). In compact WY form H = I − V T Vᵀ, T upper triangular from the recursion
@@ -85,13 +97,28 @@ def kron_cost(a: int, c: int, b: int, d: int) -> tuple[int, bool]:
     return min(w2_first, w1_first), w1_first < w2_first
 
 
+def factored_cost(a: int, c: int, b: int, d: int, k: int) -> int:
+    """Multiply-adds per token of ((X V2ᵀ)ᵀ W1ᵀ)ᵀ U2ᵀ = W1 X W2ᵀ with W2 = U2 V2 of rank k."""
+    return k * (c * d + a * c + a * b)
+
+
+def _w2_rank(module: LoKr, shapes: tuple[int, int, int, int]) -> int | None:
+    """The rank k of W2 = U2 V2 when it is stored factored and applying the factors is
+    cheaper than the dense W2 (`kron_cost`); None otherwise."""
+    if module.use_w2 or module.effective:
+        return None
+    k = module.lokr_w2_a.shape[1]
+    return k if factored_cost(*shapes, k) < kron_cost(*shapes)[0] else None
+
+
 def structured_kind(module: AdapterModule, base: nn.Module) -> str | None:
     """The kernel kind (lokr, oft, hra) of ``module``, None: per segment (module docstring)."""
     if isinstance(module, LoKr):
         if not isinstance(base, nn.Linear) or module.effective or _training_dropout(module):
             return None
-        a, c, b, d = _kron_shapes(module)
-        cost, _ = kron_cost(a, c, b, d)
+        shapes = _kron_shapes(module)
+        k = _w2_rank(module, shapes)
+        cost = kron_cost(*shapes)[0] if k is None else factored_cost(*shapes, k)
         return "lokr" if cost < base.in_features * base.out_features else None
     if isinstance(module, OFTLinear):
         dropout = module.training and module.dropout_p > 0
@@ -104,12 +131,14 @@ def structured_kind(module: AdapterModule, base: nn.Module) -> str | None:
 @dataclass
 class KronStack:
     """LoKr adapters of one factor shape: W1 (n+1) × a × c (s folded in), W2 (n+1) × b × d;
-    the last slot is zero."""
+    the last slot is zero. With ``u2`` (W2 stored as U2 V2 of rank k, `factored_cost`):
+    ``w2`` holds V2, (n+1) × k × d, and ``u2`` U2, (n+1) × b × k; ``w1_first`` is unused."""
 
     slots: dict[str, int]
     w1: Tensor
     w2: Tensor
     w1_first: bool
+    u2: Tensor | None = None
 
 
 @dataclass
@@ -135,19 +164,26 @@ def _slots(names: list[str]) -> dict[str, int]:
 
 
 def build_kron(modules: dict[str, LoKr]) -> list[KronStack]:
-    groups: dict[tuple[int, int, int, int], list[str]] = {}
+    """One stack per factor shape and W2 rank (None: W2 dense; `_w2_rank`)."""
+    groups: dict[tuple[tuple[int, int, int, int], int | None], list[str]] = {}
     for n, m in modules.items():
-        groups.setdefault(_kron_shapes(m), []).append(n)
+        shapes = _kron_shapes(m)
+        groups.setdefault((shapes, _w2_rank(m, shapes)), []).append(n)
     stacks = []
-    for (a, c, b, d), names in groups.items():
+    for (shapes, k), names in groups.items():
         pairs = [modules[n].factors() for n in names]
         w1 = [w1 * modules[n].scaling for n, (w1, _) in zip(names, pairs, strict=True)]
-        w2 = [w2 for _, w2 in pairs]
-        w1.append(torch.zeros_like(w1[0]))
-        w2.append(torch.zeros_like(w2[0]))
-        stacks.append(
-            KronStack(_slots(names), torch.stack(w1), torch.stack(w2), kron_cost(a, c, b, d)[1])
-        )
+        w2 = [
+            w2 if k is None else modules[n].lokr_w2_b
+            for n, (_, w2) in zip(names, pairs, strict=True)
+        ]
+        u2 = None if k is None else [modules[n].lokr_w2_a for n in names]
+        for t in (w1, w2, u2):
+            if t is not None:
+                t.append(torch.zeros_like(t[0]))
+        stack = KronStack(_slots(names), torch.stack(w1), torch.stack(w2), kron_cost(*shapes)[1])
+        stack.u2 = None if u2 is None else torch.stack(u2)
+        stacks.append(stack)
     return stacks
 
 
@@ -203,19 +239,56 @@ def build_reflect(
 # -- applying ----------------------------------------------------------------------------------
 
 
-def kron_update(x: Tensor, stack: KronStack, rs: RowSlots) -> Tensor:
+def kron_update(x: Tensor, stack: KronStack, rs: RowSlots, into: Tensor | None = None) -> Tensor:
     """(rows, positions, out): s W1 X W2ᵀ per token of the covered rows (all rows when
-    ``rs.rows`` is None), the row's factors gathered."""
+    ``rs.rows`` is None), the row's factors gathered. With ``into`` (rows, positions, out),
+    contiguous, in the stack's dtype: the update is accumulated into it and it is returned.
+    One adapter on every row: all positions as one row (no gather, larger products)."""
+    if rs.uniform is not None and rs.rows is None:
+        one = slice(rs.uniform, rs.uniform + 1)
+        u2 = None if stack.u2 is None else stack.u2[one]
+        flat = None if into is None else into.view(1, -1, into.shape[-1])
+        x1 = x.reshape(1, -1, x.shape[-1])
+        got = _kron(x1, stack.w1[one], stack.w2[one], u2, stack.w1_first, flat)
+        return got.view(x.shape[0], -1, got.shape[-1])
     if rs.rows is not None:
         x = x.index_select(0, rs.rows)
+    u2 = None if stack.u2 is None else stack.u2.index_select(0, rs.slots)
     w1, w2 = stack.w1.index_select(0, rs.slots), stack.w2.index_select(0, rs.slots)
-    rows, (a, c), (b, d) = w1.shape[0], w1.shape[1:], w2.shape[1:]
-    x4 = x.contiguous().to(w1.dtype).view(rows, -1, c, d)
-    if stack.w1_first:  # (W1 X) W2ᵀ: a×d per token, then one bmm
-        z = torch.einsum("rac,rlcd->rlad", w1, x4)
-        return torch.bmm(z.reshape(rows, -1, d), w2.transpose(1, 2)).view(rows, -1, a * b)
-    t = torch.bmm(x4.view(rows, -1, d), w2.transpose(1, 2)).view(rows, -1, c, b)
-    return torch.einsum("rac,rlcb->rlab", w1, t).reshape(rows, -1, a * b)
+    return _kron(x, w1, w2, u2, stack.w1_first, into)
+
+
+def _kron(x: Tensor, w1: Tensor, w2: Tensor, u2: Tensor | None, w1_first: bool,
+          into: Tensor | None) -> Tensor:  # fmt: skip
+    """`kron_update` with each row's factors given (``w2``: V2 when ``u2`` is given).
+
+    The products contract d with a plain ``bmm`` over (positions·c) × d; contracting c needs
+    the token axis moved next to it (one copy of a tensor the size of the narrower side):
+    W2 first: X W2ᵀ (or X V2ᵀ, k columns), moved, W1 ·, moved back, then (· U2ᵀ) as the last
+    ``bmm``, accumulated in place; W1 first: X moved, W1 ·, moved back, · W2ᵀ last."""
+    rows, (a, c), d = w1.shape[0], w1.shape[1:], w2.shape[2]
+    x3 = x.contiguous().to(w1.dtype).view(rows, -1, d)  # (rows, L·c, d)
+    length = x3.shape[1] // c
+    if u2 is None and w1_first:  # Z = W1 X per token (a×d), then Z W2ᵀ
+        xt = x3.view(rows, length, c, d).transpose(1, 2).reshape(rows, c, length * d)
+        z = torch.bmm(w1, xt).view(rows, a, length, d).transpose(1, 2)
+        z, last = z.reshape(rows, length * a, d), w2.transpose(1, 2)
+    else:  # T = X W2ᵀ (or X V2ᵀ) per token (c×k), then W1 T (then · U2ᵀ)
+        k = w2.shape[1]
+        t = torch.bmm(x3, w2.transpose(1, 2)).view(rows, length, c, k)
+        t = t.transpose(1, 2).reshape(rows, c, length * k)
+        z = torch.bmm(w1, t).view(rows, a, length, k).transpose(1, 2)  # (rows, L, a, k)
+        if u2 is None:  # k = b: z is the update, token axis strided
+            if into is None:
+                return z.reshape(rows, length, a * k)
+            into.view(rows, length, a, k).add_(z)
+            return into
+        z, last = z.reshape(rows, length * a, k), u2.transpose(1, 2)
+    b = last.shape[2]
+    if into is None:
+        return torch.bmm(z, last).view(rows, length, a * b)
+    into.view(rows, length * a, b).baddbmm_(z, last)
+    return into
 
 
 def _transform_rows(x: Tensor, rs: RowSlots, fn) -> Tensor:
@@ -228,7 +301,15 @@ def _transform_rows(x: Tensor, rs: RowSlots, fn) -> Tensor:
 
 
 def rotate_input(x: Tensor, stack: BlockStack, rs: RowSlots) -> Tensor:
-    """OFT: x_r R_a(r) per row, block by block (the base layer's input, in x's dtype)."""
+    """OFT: x_r R_a(r) per row, block by block (the base layer's input, in x's dtype).
+
+    On CPU, per run of consecutive rows with one adapter (`RowSlots.runs`): one ``bmm`` over
+    the nb blocks of that adapter's stack slot (no gather), reading x and writing the result
+    through strided views ((nb, rows·L, k) with row stride ``in``: BLAS takes them as they
+    are, no copy either way); runs of rows without an OFT adapter are copied. Elsewhere (many
+    small launches would cost more than the copies) one gathered einsum over all rows."""
+    if x.is_cpu and rs.runs and x.numel():
+        return _rotate_runs(x, stack, rs.runs)
 
     def rotate(xs: Tensor, slots: Tensor, uniform: int | None) -> Tensor:
         blocks = stack.blocks
@@ -241,6 +322,21 @@ def rotate_input(x: Tensor, stack: BlockStack, rs: RowSlots) -> Tensor:
         return y.reshape(xs.shape)
 
     return _transform_rows(x, rs, rotate)
+
+
+def _rotate_runs(x: Tensor, stack: BlockStack, runs: list[tuple[int, int, int]]) -> Tensor:
+    blocks = stack.blocks
+    neutral, nb, k = blocks.shape[0] - 1, blocks.shape[1], blocks.shape[2]
+    xs = x.contiguous().to(blocks.dtype)
+    y = torch.empty_like(xs)
+    for start, stop, slot in runs:
+        if slot == neutral:
+            y[start:stop] = xs[start:stop]
+            continue
+        # the run's tokens as (nb, tokens, k): element (j, t, ·) at t·in + j·k
+        x_run = xs[start:stop].view(-1, nb, k).transpose(0, 1)
+        torch.bmm(x_run, blocks[slot], out=y[start:stop].view(-1, nb, k).transpose(0, 1))
+    return y.to(x.dtype)
 
 
 def reflect_input(x: Tensor, stack: ReflectStack, rs: RowSlots) -> Tensor:
