@@ -63,3 +63,31 @@ def tiny_lm_config(model: Path, tasks: list[str], **over) -> dict:
     }
     cfg.update(over)
     return cfg
+
+
+def without_keys(value, keys: set[str]):
+    """A results.json part without the entries named ``keys`` at any depth (timings: they
+    differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: without_keys(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [without_keys(v, keys) for v in value]
+    return value
+
+
+class FakePool:
+    """A Ray pool stand-in for the units tests: runs a unit at once with ``result(params,
+    splits)``; the merge whose lambda is ``fail`` returns the error a failing unit sends."""
+
+    def __init__(self, fail, result):
+        self.fail, self.result = fail, result
+
+    def submit(self, fn, spec, kind, method, params, splits):
+        if params.get("lambda") == self.fail:
+            return {"error": "SpliceError: the weighted mean direction is zero"}
+        return self.result(params, splits)
+
+    def gather(self, refs, on_done=None):
+        for i in range(len(refs) if on_done is not None else 0):
+            on_done(i)
+        return refs

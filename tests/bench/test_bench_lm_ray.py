@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bench_test_util import tiny_lm_config
+from bench_test_util import tiny_lm_config, without_keys
 
 from splice.bench import parse_bench_config, run_bench
 
@@ -17,13 +17,8 @@ pytest.importorskip("ray")
 TIMING = {"merge_seconds", "seconds", "train_seconds"}
 
 
-def _strip(value):
-    """A results.json part without its timings (they differ between any two runs)."""
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+def _untimed(value):
+    return without_keys(value, TIMING)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +50,8 @@ def test_lm_ray_rows_equal_the_local_rows(runs):
     root = runs["root"]
     local, ray_run = _saved(root, "local"), _saved(root, "ray")
     assert local["failed"] == ray_run["failed"] == []
-    assert _strip(local["rows"]) == _strip(ray_run["rows"])
-    assert _strip(local["pretrained"]) == _strip(ray_run["pretrained"])
+    assert _untimed(local["rows"]) == _untimed(ray_run["rows"])
+    assert _untimed(local["pretrained"]) == _untimed(ray_run["pretrained"])
     for kind, pool in local["experts"].items():
         for task, e in pool.items():
             other = ray_run["experts"][kind][task]
@@ -79,4 +74,4 @@ def test_a_lm_ray_rerun_after_a_local_run_trains_nothing(runs):
     for kind, pool in runs["rerun"].experts.items():
         for task, e in pool.items():
             assert e["cached"] and e["folder"] == runs["local"].experts[kind][task]["folder"]
-    assert _strip(_saved(root, "rerun")["rows"]) == _strip(_saved(root, "local")["rows"])
+    assert _untimed(_saved(root, "rerun")["rows"]) == _untimed(_saved(root, "local")["rows"])

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from bench_test_util import FakePool
 
 import splice.bench.merging as merging
 from splice.bench.config import parse_bench_config
@@ -108,21 +109,6 @@ def test_no_tuned_row_when_no_point_has_a_validation_score(monkeypatch):
     assert rows == local and [r.variant for r in rows] == ["default"]
 
 
-class _Pool:
-    """Runs a unit at once; the merge of lambda = ``fail`` fails."""
-
-    def __init__(self, fail):
-        self.fail = fail
-
-    def submit(self, fn, spec, kind, method, params, splits):
-        if params.get("lambda") == self.fail:
-            return {"error": "SpliceError: the weighted mean direction is zero"}
-        return _unit_result(params, splits)
-
-    def gather(self, refs, on_done=None):
-        return refs
-
-
 @pytest.mark.parametrize("fail", [0.3, 0.5, 1.0])
 def test_a_failing_lm_unit_is_recorded_as_locally(monkeypatch, fail):
     grid = [0.3, 0.5, 0.8 if fail == 1.0 else 1.0]  # 1.0: the default's own merge fails
@@ -131,7 +117,7 @@ def test_a_failing_lm_unit_is_recorded_as_locally(monkeypatch, fail):
     experts = {"full": {t: Expert("full", [t], Path(t), {}) for t in ("a", "c")}}
     r = LMRayRunner.__new__(LMRayRunner)  # no Ray: the units run in the fake pool
     LMRunner.__init__(r, cfg, _LMEval(), Path("base"), lambda s: None, False)
-    r.pool, r.spec, r.jobs, r.experts = _Pool(fail), {}, {}, experts
+    r.pool, r.spec, r.jobs, r.experts = FakePool(fail, _unit_result), {}, {}, experts
     r.start_merges([p])
     got = r.method_rows(p, "full", _row(), EX_VAL, PRE["val"])
     assert got == "SpliceError: the weighted mean direction is zero" and r.jobs == {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from bench_test_util import tiny_config
+from bench_test_util import tiny_config, without_keys
 from safetensors.torch import load_file, save_file
 
 from cli_checks import fails_cleanly
@@ -24,6 +24,10 @@ from tiny_hf import save_tiny_llama_folder
 ray = pytest.importorskip("ray")
 
 TIMING = {"merge_seconds", "inference_cost", "search_seconds", "seconds", "note"}
+
+
+def _untimed(value):
+    return without_keys(value, TIMING)
 
 
 def _config(tiny_bert, tiny_tasks):
@@ -67,23 +71,14 @@ def runs(local_ray, tiny_bert, tiny_tasks, tmp_path_factory):
     return out
 
 
-def _strip(value):
-    """A results.json part without its timings (they differ between any two runs)."""
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
 def _saved(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
 def test_ray_rows_equal_the_local_rows(runs):
     local, ray_run = _saved(runs["local"][1]), _saved(runs["ray"][1])
-    assert _strip(local["tables"]) == _strip(ray_run["tables"])
-    assert _strip(local["sweeps"]) == _strip(ray_run["sweeps"])
+    assert _untimed(local["tables"]) == _untimed(ray_run["tables"])
+    assert _untimed(local["sweeps"]) == _untimed(ray_run["sweeps"])
     assert local["failed"] == ray_run["failed"] == []
     a, b = runs["local"][0], runs["ray"][0]
     for task, e in a.experts["lora"].items():
@@ -119,7 +114,9 @@ def test_a_ray_rerun_after_a_local_run_trains_nothing(runs):
         for task, e in pool.items():
             assert e.cached and e.folder == local.experts[kind][task].folder
     assert again.multitask.cached
-    assert _strip(_saved(runs["rerun"][1])["tables"]) == _strip(_saved(runs["local"][1])["tables"])
+    assert _untimed(_saved(runs["rerun"][1])["tables"]) == _untimed(
+        _saved(runs["local"][1])["tables"]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from bench_test_util import FakePool
 from tqdm import tqdm
 
 import splice.bench.run as run_mod
@@ -70,23 +71,6 @@ def test_assembled_rows_equal_the_local_rows(monkeypatch, p):
     assert ([sweep] if sweep else []) == local.sweeps
 
 
-class _Pool:
-    """Runs a unit at once; the merge of lambda = ``fail`` fails."""
-
-    def __init__(self, fail):
-        self.fail = fail
-
-    def submit(self, fn, spec, kind, method, params, splits):
-        if params.get("lambda") == self.fail:
-            return {"error": "SpliceError: the weighted mean direction is zero"}
-        return _unit_result(params, splits)
-
-    def gather(self, refs, on_done=None):
-        for i in range(len(refs)):
-            on_done(i)
-        return refs
-
-
 @pytest.mark.parametrize("fail", [0.3, 0.5, 1.0])
 def test_a_failing_unit_is_recorded_as_locally(monkeypatch, fail):
     grid = [0.3, 0.5, 0.7 if fail == 1.0 else 1.0]  # 1.0: the default's own merge fails
@@ -94,7 +78,7 @@ def test_a_failing_unit_is_recorded_as_locally(monkeypatch, fail):
     r = RayRunner.__new__(RayRunner)  # no Ray: the units run in the fake pool
     run_mod._Runner.__init__(r, _cfg(), progress=False)
     r.bar = tqdm(total=100, disable=True)
-    r.pool, r.spec = _Pool(fail), {}
+    r.pool, r.spec = FakePool(fail, _unit_result), {}
     r.merge_all([p], _Eval(), Path("base"), {"full": dict(zip("ab", POOL))})
     assert r.rows == [] and r.sweeps == []
     msg = "SpliceError: the weighted mean direction is zero"
