@@ -115,3 +115,5 @@ def test_default_setting_configured_value_or_registered_default():
     assert params == {**ties.params, param: value}
     (ties,), _ = select_methods(["ties"], 2, {"ties": {param: 0.7}})
     assert ties.default_setting()[1] == 0.7
+    (rpp,), _ = select_methods(["regmean++"], 2)  # not a registered method: its own default
+    assert rpp.default_setting()[1] == rpp.params[rpp.sweep[0]]

@@ -144,7 +144,10 @@ class PlannedMethod:
         registered default."""
         assert self.sweep is not None
         param = self.sweep[0]
-        value = self.params.get(param, get_method(self.name).param(param).default)
+        if param in self.params:  # (a data-aware method's label is no registered method)
+            value = self.params[param]
+        else:
+            value = get_method(self.name).param(param).default
         return param, value, {**self.params, param: value}
 
 
