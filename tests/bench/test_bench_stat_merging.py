@@ -64,7 +64,7 @@ def test_rows_on_both_kinds(run):
             assert want in got, (kind, want)
         for r in res.tables[kind]:
             if r.method in METHODS["params"]:
-                assert r.merge_seconds > 0 and r.peak_memory_mb is not None
+                assert r.merge_seconds >= 0 and r.peak_memory_mb is not None  # (rounded to 0.01 s)
                 assert "train examples per task" in r.note
     text = (root / "out" / "results.json").read_text()
     assert '"peak_memory_mb"' in text

@@ -146,7 +146,7 @@ CASES = {
     ),
     "data-aware method without statistics": (
         _recipe(method="regmean", base_model=None),
-        "needs `statistics:` on every model",
+        "needs `statistics:` (a safetensors file",
     ),
     "layer range beyond the model": (
         lambda m, p: {

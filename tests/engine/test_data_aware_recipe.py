@@ -105,3 +105,24 @@ def test_recipe_statistics_errors(models, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("splice: error: ") and fragment in err, err
         assert not (tmp_path / "merged").exists()
+
+
+def test_plan_merge_without_a_collector_refuses_data_entries(models):
+    from splice.engine import plan_merge
+    from splice.errors import MergeValidationError
+    from splice.recipe.schema import parse_recipe
+
+    entries = [{"model": models[n], "data": "texts.jsonl"} for n in ("ft0", "ft1")]
+    recipe = parse_recipe({"method": "regmean", "models": entries}, "recipe")
+    with pytest.raises(MergeValidationError, match=r"models\[0\]\.data: .*collect="):
+        plan_merge(recipe)
+    seen = []
+
+    def collect(with_data, kind):  # the engine hands every data entry over, once
+        seen.append(([i for i, _ in with_data], kind))
+        return {i: _grams(models["tensors"][f"ft{i}"], i) for i, _ in with_data}
+
+    plan = plan_merge(recipe, collect=collect)
+    assert seen == [([0, 1], "gram")] and plan.data is not None
+    for r in plan.readers.values():
+        r.close()

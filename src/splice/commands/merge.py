@@ -52,9 +52,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe, text = routed.recipe, None
     shard = parse_size(args.shard_size)
     budget = parse_size(args.memory)
+    collect = None
     if recipe.models and any(e.data is not None for e in recipe.models):
+        from functools import partial
+
+        from splice.train.statistics import collect_data_entries
+
         _check_out_early(args.out, args.overwrite, recipe)  # before collecting statistics
-    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+        collect = partial(collect_data_entries, progress=not args.quiet)
+    plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite, collect=collect)
     try:
         report = run_merge(
             plan,

@@ -8,23 +8,25 @@
 
 A ``statistics:`` file is one model's statistics as written by `splice stats` or
 `splice.merge.data_stats.save_statistics`. A ``data:`` entry collects them when the merge is
-planned, exactly as ``splice stats KIND MODEL --data SOURCE ...`` would (the same options,
-`splice.train.statistics`), kept in memory and not written: first every model's request is
-checked and its data read (sources, splits, labels in the head), then the models run one at
-a time. The model must be an HF folder (a sequence classifier or a causal LM). Statistics
-are read whole and checked when the merge is planned, before any tensor is merged
-(`splice.merge.data_merge.check_statistics`: names, shapes, finite values); each job then
-hands the method its tensor's statistics (`DataStats`). Memory: all statistics stay loaded
-during the merge (Fisher: one tensor per parameter and model, the models' size again;
-RegMean: one d_in x d_in Gram per linear layer and model). A digest of every statistic
-enters the run's fingerprint, so ``--resume`` after a statistics file changed starts over.
+planned, exactly as ``splice stats KIND MODEL --data SOURCE ...`` would (the same options),
+kept in memory and not written: the planner hands them to a collector
+(`splice.train.statistics.collect_data_entries`, passed in by `splice merge`; the engine
+runs no model), which checks every model's request and reads its data (sources, splits,
+labels in the head), then runs the models one at a time. The model must be an HF folder (a
+sequence classifier or a causal LM). Statistics are read whole and checked when the merge is
+planned, before any tensor is merged (`splice.merge.data_merge.check_statistics`: names,
+shapes, finite values); each job then hands the method its tensor's statistics
+(`DataStats`). Memory: all statistics stay loaded during the merge (Fisher: one tensor per
+parameter and model, the models' size again; RegMean: one d_in x d_in Gram per linear layer
+and model). A digest of every statistic enters the run's fingerprint, so ``--resume`` after
+a statistics file changed starts over.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -35,12 +37,9 @@ from splice.merge.data_merge import check_statistics
 from splice.merge.data_stats import load_statistics
 from splice.merge.stats import DataStatistic, DataStats
 from splice.recipe.schema import ModelEntry, Recipe
-from splice.train.statistics import (
-    PreparedStats,
-    StatsRequest,
-    compute_statistics,
-    prepare_statistics,
-)
+
+# (the ``data:`` entries with their index, the statistic's kind) -> statistics per index
+DataCollector = Callable[[list[tuple[int, ModelEntry]], str], dict[int, dict[str, Tensor]]]
 
 
 @dataclass
@@ -65,10 +64,11 @@ def load_data_inputs(
     method: MergeMethod,
     shapes: dict[str, tuple[int, ...]],
     *,
-    progress: bool = True,
+    collect: DataCollector | None = None,
 ) -> DataInputs | None:
     """The recipe's statistics checked against the floating tensors to merge (``shapes``),
-    or None for a data-free method (which must name none)."""
+    or None for a data-free method (which must name none). ``data:`` entries are handed to
+    ``collect`` (`splice.train.statistics.collect_data_entries`; the engine runs no model)."""
     entries = recipe.models or []
     given = [(i, k) for i, e in enumerate(entries) for k in ("statistics", "data") if getattr(e, k)]
     if not method.needs_data:
@@ -95,9 +95,18 @@ def load_data_inputs(
             "on every model"
         )
     request = DataStatistic(method.data_statistics[0])
-    prepared = {i: _prepare(i, e, request.kind, progress) for i, e in enumerate(entries) if e.data}
+    with_data = [(i, e) for i, e in enumerate(entries) if e.data is not None]
+    collected: dict[int, dict[str, Tensor]] = {}
+    if with_data:
+        if collect is None:
+            raise MergeValidationError(
+                f"models[{with_data[0][0]}].data: this caller collects no statistics; pass "
+                "collect=splice.train.statistics.collect_data_entries to plan_merge (as "
+                "`splice merge` does) or give `statistics:` files"
+            )
+        collected = collect(with_data, request.kind)
     stats = [
-        compute_statistics(prepared[i]) if i in prepared else load_statistics(e.statistics)
+        collected[i] if i in collected else load_statistics(str(e.statistics))
         for i, e in enumerate(entries)
     ]
     norms = tuple(check_statistics(request.kind, s, shapes, i) for i, s in enumerate(stats))
@@ -108,34 +117,3 @@ def load_data_inputs(
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return DataInputs(request, stats, norms, h.hexdigest())
-
-
-def _prepare(i: int, entry: ModelEntry, kind: str, progress: bool) -> PreparedStats:
-    """Model ``i``'s ``data:`` request checked and its data read (`prepare_statistics`)."""
-    from splice.errors import SpliceError
-
-    d = entry.data
-    assert d is not None
-    if "+" in entry.model and not Path(entry.model).exists():
-        raise MergeValidationError(
-            f"models[{i}].data: statistics are collected on an HF model folder, not on "
-            f"{entry.model!r} (a model + LoRA reference); run `splice stats` on the merged-in "
-            "folder and give `statistics:`"
-        )
-    req = StatsRequest(
-        kind=kind,  # type: ignore[arg-type]
-        model=entry.model,
-        data=d.source,
-        out=None,
-        split=d.split,
-        seed=d.seed,
-        max_examples=d.max_examples,
-        batch_size=d.batch_size,
-        max_length=d.max_length,
-        per_example=d.per_example,
-        progress=progress,
-    )
-    try:
-        return prepare_statistics(req)
-    except SpliceError as e:
-        raise MergeValidationError(f"models[{i}].data ({entry.model}): {e}") from None

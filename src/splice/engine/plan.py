@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from splice.config_errors import did_you_mean
-from splice.engine.data_inputs import DataInputs, load_data_inputs
+from splice.engine.data_inputs import DataCollector, DataInputs, load_data_inputs
 from splice.engine.layers import layer_index, rename_layer
 from splice.engine.topk import topk_requests
 from splice.errors import MergeValidationError
@@ -376,11 +376,12 @@ def plan_merge(
     readers: Mapping[str, CheckpointReader] | None = None,
     *,
     allow_nonfinite: bool = False,
-    progress: bool = True,
+    collect: DataCollector | None = None,
 ) -> MergePlan:
     """Open inputs (headers only) and plan every output tensor. Raises before any heavy work.
     Inputs it opens, and outputs, refuse NaN / ±inf values unless ``allow_nonfinite``. A
-    data-aware recipe's ``data:`` entries are collected here (``progress``: their bars)."""
+    data-aware recipe's ``data:`` entries are collected here by ``collect``, after every
+    other check (`engine.data_inputs`)."""
     opened: dict[str, CheckpointReader] = dict(readers or {})
     try:
         method = get_method(recipe.method_name)  # unknown method: fail before opening files
@@ -407,7 +408,7 @@ def plan_merge(
             raise MergeValidationError(f"two output tensors would be named '{dup}'")
         requests = topk_requests(planner.method, jobs)
         merged = {j.out.name: j.out.shape for j in jobs if j.kind == "merge"}
-        data = load_data_inputs(recipe, planner.method, merged, progress=progress)
+        data = load_data_inputs(recipe, planner.method, merged, collect=collect)
     except BaseException:
         for r in opened.values():
             r.close()

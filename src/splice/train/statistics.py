@@ -337,3 +337,41 @@ def _lm_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     ).view(targets.shape)
     counts = (targets != -100).sum(dim=1)
     return nll.sum(dim=1) / counts.clamp_min(1)
+
+
+def collect_data_entries(
+    entries: list[tuple[int, Any]], kind: str, *, progress: bool = True
+) -> dict[int, dict[str, Tensor]]:
+    """A recipe's ``data:`` entries (index, `splice.recipe.schema.ModelEntry`) collected as
+    ``kind`` statistics, in memory: every entry's request checked and its data read first,
+    then the models run one at a time (`splice.engine.data_inputs`' collector; `splice merge`
+    passes it to `plan_merge`). Errors name the entry: ``models[i].data (MODEL): ...``."""
+    from splice.errors import MergeValidationError
+
+    prepared: dict[int, PreparedStats] = {}
+    for i, entry in entries:
+        d = entry.data
+        if "+" in entry.model and not Path(entry.model).exists():
+            raise MergeValidationError(
+                f"models[{i}].data: statistics are collected on an HF model folder, not on "
+                f"{entry.model!r} (a model + LoRA reference); run `splice stats` on the "
+                "merged-in folder and give `statistics:`"
+            )
+        req = StatsRequest(
+            kind=kind,  # type: ignore[arg-type]
+            model=entry.model,
+            data=d.source,
+            out=None,
+            split=d.split,
+            seed=d.seed,
+            max_examples=d.max_examples,
+            batch_size=d.batch_size,
+            max_length=d.max_length,
+            per_example=d.per_example,
+            progress=progress,
+        )
+        try:
+            prepared[i] = prepare_statistics(req)
+        except SpliceError as e:
+            raise MergeValidationError(f"models[{i}].data ({entry.model}): {e}") from None
+    return {i: compute_statistics(p) for i, p in prepared.items()}
