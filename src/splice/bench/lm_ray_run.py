@@ -38,7 +38,6 @@ from splice.bench.lm_run import (
     LMRow,
     LMRunner,
     Scores,
-    applies,
     mean_defined,
     score,
 )
@@ -82,7 +81,7 @@ class LMRayRunner(LMRunner):
         """Every merge unit of every (kind, method) submitted at once."""
         for kind in self.cfg.kinds:
             for p in planned:
-                if applies(p, kind):
+                if p.applies_to(kind):
                     self.jobs[(kind, p.name)] = submit_units(
                         self.pool, lm_merge_unit, self.spec, kind, p
                     )

@@ -138,11 +138,6 @@ def mean_defined(values: dict[str, float | None]) -> float | None:
     return sum(got) / len(got) if got else None
 
 
-def applies(p: PlannedMethod, kind: str) -> bool:
-    """Whether ``p`` has a row in ``kind``'s table (``lora:NAME`` merges LoRA experts' adapters)."""
-    return not (p.low_rank and kind != "lora")
-
-
 class LMRunner:
     """Where the experts train and the merges run: here, in order (`bench.lm_ray_run`'s
     subclass sends them to Ray as units; the rows are the same)."""
@@ -249,7 +244,7 @@ def run_lm_bench(
         rows.append(row("baseline", "pretrained", pretrained["test"]))
         rows.append(row("baseline", "experts", ex_test))
         for p in planned:
-            if not applies(p, kind):
+            if not p.applies_to(kind):
                 continue
             log(f"{kind} {p.name}")
             got = runner.method_rows(p, kind, row, ex_val, pretrained["val"])

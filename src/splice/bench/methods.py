@@ -138,6 +138,11 @@ class PlannedMethod:
     # runs the experts on their train data (`bench.stat_merging`): the data settings
     statistics: dict[str, Any] | None = None
 
+    def applies_to(self, kind: str) -> bool:
+        """Whether the method has a row in ``kind``'s table: a low-rank method (``lora:NAME``)
+        merges the LoRA experts' adapters, so only in the LoRA table."""
+        return kind == "lora" or not self.low_rank
+
     def default_setting(self) -> tuple[str, Any, dict[str, Any]]:
         """(swept parameter, its default value, the default row's parameters) of a swept
         method: the configured value when ``params`` names the parameter, else the method's

@@ -52,7 +52,7 @@ from splice.bench.merging import merge_backbones
 from splice.bench.methods import PlannedMethod, best_point
 from splice.bench.precision import resolve_precision
 from splice.bench.results import Failure, Row, Sweep, SweepPoint
-from splice.bench.run import _applies, _mean, _method_units, _Runner
+from splice.bench.run import _mean, _method_units, _Runner
 from splice.bench.tasks import TaskData, prepare_task
 from splice.engine.ray_pool import RayPool, candidate_evaluator
 from splice.errors import SpliceError
@@ -112,7 +112,7 @@ class RayRunner(_Runner):
         jobs = []
         for kind in self.cfg.kinds:
             for p in planned:
-                if not _applies(p, kind):
+                if not p.applies_to(kind):
                     continue
                 if p.data_aware or p.statistics is not None:  # on the driver
                     jobs.append((kind, p, [], []))

@@ -269,7 +269,7 @@ class _Runner:
         for kind in self.cfg.kinds:
             pool = [experts[kind][t] for t in ev.tasks]
             for p in planned:
-                if _applies(p, kind):
+                if p.applies_to(kind):
                     self.merge_method(kind, p, ev, base_folder, pool)
 
     def search_evaluator(self, kind: str, method: str, objective: str) -> Any:
@@ -533,11 +533,6 @@ def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def _applies(p: PlannedMethod, kind: str) -> bool:
-    """Low-rank methods merge the LoRA experts' adapters: rows of the LoRA table only."""
-    return kind == "lora" or not p.low_rank
-
-
 def _method_units(p: PlannedMethod) -> int:
     """Progress units of one method on one kind: its sweep, default and tuned merges;
     AdaMerging's rows."""
@@ -549,7 +544,7 @@ def _method_units(p: PlannedMethod) -> int:
 
 
 def _units(planned: list[PlannedMethod], kinds: list[str], n_tasks: int, cfg: BenchConfig) -> int:
-    merges = sum(_method_units(p) for k in kinds for p in planned if _applies(p, k))
+    merges = sum(_method_units(p) for k in kinds for p in planned if p.applies_to(k))
     train = n_tasks * len(kinds) + int(cfg.baselines.multitask)
     # + probe, multitask eval, per-kind baselines, composition rows
     searches = len(cfg.search.methods) * len(kinds)
