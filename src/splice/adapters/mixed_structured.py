@@ -181,9 +181,15 @@ def build_kron(modules: dict[str, LoKr]) -> list[KronStack]:
         for t in (w1, w2, u2):
             if t is not None:
                 t.append(torch.zeros_like(t[0]))
-        stack = KronStack(_slots(names), torch.stack(w1), torch.stack(w2), kron_cost(*shapes)[1])
-        stack.u2 = None if u2 is None else torch.stack(u2)
-        stacks.append(stack)
+        stacks.append(
+            KronStack(
+                _slots(names),
+                torch.stack(w1),
+                torch.stack(w2),
+                kron_cost(*shapes)[1],
+                None if u2 is None else torch.stack(u2),
+            )
+        )
     return stacks
 
 
