@@ -197,6 +197,18 @@ def set_alone(am: AdapterModel, batch: dict, row: int, entry, mp) -> torch.Tenso
         return outputs(am, one, adapter_names=[entry])[1]
 
 
+def check_entries(am: AdapterModel, batch: dict, hidden: torch.Tensor, entries: list, mp,
+                  atol: float) -> None:  # fmt: skip
+    """Each row of a mixed forward's ``hidden`` equals that row alone with its entry: a name
+    with that adapter active (`row_alone`), a weighted set per segment (`set_alone`)."""
+    for row, entry in enumerate(entries):
+        if isinstance(entry, str):
+            want = row_alone(am, batch, row, entry)[1]
+        else:
+            want = set_alone(am, batch, row, entry, mp)
+        torch.testing.assert_close(hidden[row : row + 1], want, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_random_weighted_sets_run_in_the_kernels(kind: str, monkeypatch) -> None:
     """Property: random per-row weighted sets (1–4 adapters, weights in [−1.5, 1.5] with some
@@ -242,12 +254,7 @@ def test_random_weighted_sets_run_in_the_kernels(kind: str, monkeypatch) -> None
         with torch.no_grad():
             hidden_mixed = outputs(am, batch_mixed, adapter_names=entries_mixed)[1]
         torch.testing.assert_close(hidden_mixed[:-1], hidden, atol=1e-5, rtol=0)
-        for row, entry in enumerate(entries_mixed):
-            if isinstance(entry, str):
-                want = row_alone(am, batch_mixed, row, entry)[1]
-            else:
-                want = set_alone(am, batch_mixed, row, entry, monkeypatch)
-            torch.testing.assert_close(hidden_mixed[row : row + 1], want, atol=1e-5, rtol=0)
+        check_entries(am, batch_mixed, hidden_mixed, entries_mixed, monkeypatch, atol=1e-5)
     # the sets matter: a set's row differs from the base row
     base_row = row_alone(am, batch_mixed, len(entries) - 1, "__base__")[1]
     assert (hidden_mixed[len(entries) - 1] - base_row).abs().max() > 1e-3

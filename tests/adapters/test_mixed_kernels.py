@@ -64,7 +64,7 @@ def test_random_weighted_sets_of_many_ranks(kind: str, monkeypatch) -> None:
     random adapters the tiny models amplify float32 rounding of either path past 1e-5 (both
     paths differ from the float64 result by up to ~1e-4 in float32, and agree to ~1e-14 in
     float64); the float32 check is `test_random_weighted_sets_run_in_the_kernels`."""
-    from test_mixed_batch import outputs, row_alone, set_alone
+    from test_mixed_batch import check_entries, outputs
 
     setups = many_adapters(kind, 12, seed=5)
     am = model_with(kind, setups).double()
@@ -79,12 +79,7 @@ def test_random_weighted_sets_of_many_ranks(kind: str, monkeypatch) -> None:
         batch = inputs(seed=trial, batch=len(entries))
         with torch.no_grad():
             hidden = outputs(am, batch, adapter_names=entries)[1]
-        for row, entry in enumerate(entries):
-            if isinstance(entry, str):
-                want = row_alone(am, batch, row, entry)[1]
-            else:
-                want = set_alone(am, batch, row, entry, monkeypatch)
-            torch.testing.assert_close(hidden[row : row + 1], want, atol=1e-10, rtol=0)
+        check_entries(am, batch, hidden, entries, monkeypatch, atol=1e-10)
 
 
 @pytest.mark.parametrize("rows_set", [[0], [0, 2]])  # one row of 3: gathered; two: in place
