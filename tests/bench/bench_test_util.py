@@ -91,3 +91,23 @@ class FakePool:
         for i in range(len(refs) if on_done is not None else 0):
             on_done(i)
         return refs
+
+
+def local_ray_and_rerun(cfg, root: Path) -> dict:
+    """``cfg`` run locally (cache ``root/a``), on a local Ray on its own cache (``root/b``),
+    and on Ray again on the local run's cache; each run's results by name (local, ray,
+    rerun), their outputs in ``root/NAME``. Needs Ray started (the ``local_ray`` fixture)."""
+    import pytest
+
+    from splice.bench.run import run_bench
+
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, cache, on in (
+            ("local", "a", None),
+            ("ray", "b", "local"),
+            ("rerun", "a", "local"),
+        ):
+            mp.setenv("SPLICE_CACHE", str(root / cache))
+            out[name] = run_bench(cfg, root / name, progress=False, ray=on)
+    return out

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from bench_test_util import tiny_lm_config, without_keys
+from bench_test_util import local_ray_and_rerun, tiny_lm_config, without_keys
 
-from splice.bench import parse_bench_config, run_bench
+from splice.bench import parse_bench_config
 
 pytest.importorskip("ray")
 
@@ -30,16 +30,7 @@ def runs(local_ray, tiny_lm_pool, tmp_path_factory):
     cfg = tiny_lm_config(model, tasks, baselines={"probe": False, "multitask": False})
     cfg = parse_bench_config({**cfg, "merge": {**cfg["merge"], "grids": grids}})
     root = tmp_path_factory.mktemp("bench-lm-ray")
-    out = {"root": root}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, cache, on in (
-            ("local", "a", None),
-            ("ray", "b", "local"),
-            ("rerun", "a", "local"),
-        ):
-            mp.setenv("SPLICE_CACHE", str(root / cache))
-            out[name] = run_bench(cfg, root / name, progress=False, ray=on)
-    return out
+    return {"root": root, **local_ray_and_rerun(cfg, root)}
 
 
 def _saved(root: Path, name: str) -> dict:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from bench_test_util import tiny_config, without_keys
+from bench_test_util import local_ray_and_rerun, tiny_config, without_keys
 from safetensors.torch import load_file, save_file
 
 from cli_checks import fails_cleanly
-from splice.bench import parse_bench_config, run_bench
+from splice.bench import parse_bench_config
 from splice.cli import main
 from splice.errors import SpliceError
 from tiny_hf import save_tiny_llama_folder
@@ -58,15 +58,7 @@ def runs(local_ray, tiny_bert, tiny_tasks, tmp_path_factory):
     """A local run, a Ray run on its own cache, and a Ray rerun on the local run's cache."""
     root = tmp_path_factory.mktemp("bench-ray")
     cfg = _config(tiny_bert, tiny_tasks)
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, cache, on in (
-            ("local", "a", None),
-            ("ray", "b", "local"),
-            ("rerun", "a", "local"),
-        ):
-            mp.setenv("SPLICE_CACHE", str(root / cache))
-            out[name] = (run_bench(cfg, root / name, progress=False, ray=on), root / name)
+    out = {n: (res, root / n) for n, res in local_ray_and_rerun(cfg, root).items()}
     out["root"] = root
     return out
 
