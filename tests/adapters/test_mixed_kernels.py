@@ -249,3 +249,30 @@ def test_cache_checks_the_batch_adapters_and_the_layer_structure() -> None:
     am.add_adapter("b", make_config(*lora))
     randomize(am.adapter_parameters("b"), seed=99, scale=0.2)
     check_rows(am, ["b", "a", "c"])
+
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_mixed_batch_under_autocast(kind: str, monkeypatch) -> None:
+    """Under CPU bfloat16 autocast (the bench's precision on CPUs with bf16 matmuls), rows of
+    every adapter type and weighted sets of additive ones run (autocast used to turn the
+    kernels' ``bmm`` bfloat16 before an in-place float32 ``baddbmm_``: a dtype error) and
+    each row stays within bfloat16 rounding of the same row in float32 (no autocast): the
+    kernels compute the adapters in their float32 stacks."""
+    from test_mixed_batch import configs, outputs
+
+    setups = configs(kind)
+    am = model_with(kind, setups)
+    rng = random.Random(2)
+    names = list(setups)
+    additive = [n for n in names if n.startswith(("lora", "dora", "vera", "loha", "lokr"))]
+    entries: list = [rng.choice([*names, "__base__"]) for _ in range(6)]
+    entries += [{n: rng.uniform(-1, 1) for n in rng.sample(additive, 2)} for _ in range(3)]
+    batch = inputs(seed=0, batch=len(entries))
+    with torch.no_grad():
+        want = outputs(am, batch, adapter_names=entries)[1]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = outputs(am, batch, adapter_names=entries)[1]
+    scale = float(want.abs().max())
+    err = float((got.float() - want).abs().max())
+    assert 0 < err <= 0.05 * scale, (err, scale)  # bf16 rounding, not an exact f32 rerun

@@ -86,7 +86,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -366,6 +366,18 @@ def mixed_forward(am: AdapterModel, plan: MixedBatchPlan) -> Iterator[None]:
             layer.mixed_plan = None
 
 
+
+def _kernel_precision(x: Tensor) -> AbstractContextManager[object]:
+    """Autocast off for the kernels: they pick their own dtypes (the stacks', cast in and
+    out), which autocast would override for some ops (``bmm`` to bfloat16) but not for the
+    in-place ones that follow (``baddbmm_``), mixing dtypes. Under autocast the adapters'
+    products run in the stacks' dtype (float32 for float32 adapters); the base layer keeps
+    autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return nullcontext()
+
 def layer_forward(
     plan: MixedBatchPlan, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict
 ) -> Tensor:
@@ -385,13 +397,18 @@ def layer_forward(
         return layer._forward_with(running, x, args, kwargs)
     kernels = plan.kernels(layer) if plan.segments else None
     kinds = kernels.kinds if kernels is not None else {}
-    x_base = x if kernels is None else _transform_input(plan, kernels, x)
+    if kernels is None:
+        x_base = x
+    else:
+        with _kernel_precision(x):
+            x_base = _transform_input(plan, kernels, x)
     base_out = layer.base_layer(x_base, *args, **kwargs)
     out, owned = base_out, False
     paired: frozenset[int] = frozenset()
     if kernels is not None:
         paired = plan.paired(layer, kinds)
-        out, owned = _run_kernels(plan, kernels, layer, x, base_out, paired)
+        with _kernel_precision(x):
+            out, owned = _run_kernels(plan, kernels, layer, x, base_out, paired)
     for i, seg in enumerate(plan.segments):
         if i in paired:
             continue  # a weighted set of additive kernel adapters: done by the kernels
