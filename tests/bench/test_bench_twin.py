@@ -79,3 +79,20 @@ def test_twin_row_needs_no_lora_kind_but_other_routes_do(tiny_bert, tiny_tasks):
         parse_bench_config({**data, "kinds": ["full"], "compose": ["oracle", "twin_merging"]})
     with pytest.raises(BenchConfigError, match=r"twin\.fraction"):
         parse_bench_config({**data, "twin": {"fraction": 1.5}})
+
+
+def test_router_trained_on_the_train_split(twin_run, monkeypatch):
+    """``twin.router_split: train`` (the official script's choice) embeds every task's
+    training split for the router instead of its validation split."""
+    from splice.bench.tasks import prepare_task
+
+    root, cfg, _ = twin_run
+    monkeypatch.setenv("SPLICE_CACHE", str(root / "cache"))  # the module run's experts
+    data = {**cfg.model_dump(), "kinds": ["lora"], "compose": ["twin_merging"]}
+    data["twin"] = {**data["twin"], "router_split": "train", "epochs": 1}
+    again = run_bench(parse_bench_config(data), root / "train-router", progress=False)
+    n = sum(len(prepare_task(t, cfg.data).parts["train"].labels) for t in cfg.tasks)
+    assert n > 75
+    assert f"router MLP trained on {n} train examples" in _row(again, "lora").note
+    with pytest.raises(BenchConfigError, match="router_split"):
+        parse_bench_config({**data, "twin": {"router_split": "test"}})

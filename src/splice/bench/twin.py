@@ -13,7 +13,8 @@ Per kind, with the experts' backbones θ_1..θ_T (a LoRA expert's: its adapter f
    T · r ≤ 38;
 3. router: the official MLP (`TwinRouter`) on the shared model's mean-pooled embedding,
    trained to predict the task on every task's *validation* split (the paper trains it on
-   a small validation set), ``twin.epochs`` epochs of batches of ``twin.batch_size``
+   a small validation set) or, with ``twin.router_split: train``, its training split (the
+   official script embeds up to 5,500 training examples per task), ``twin.epochs`` epochs of batches of ``twin.batch_size``
    (the official batch of 1,024 over ~44k examples makes ~2,150 steps; the bench's few
    hundred validation examples need smaller batches for the same number of epochs to train
    it: 50 × ⌈800 / 64⌉ = 650 steps on the 4-task run);
@@ -100,7 +101,9 @@ def run_twin(
     captured = _TwinModel(ev, twin)
     embeddings, ids = [], []
     for i, task in enumerate(tasks):
-        for b in ev.encoded[(task, "validation")].batches:
+        key = (task, s.router_split)
+        enc = ev.encoded[key] if key in ev.encoded else ev.encode(ev.tasks[task], s.router_split)
+        for b in enc.batches:
             with autocast(ev.precision):
                 embeddings.append(twin.embed(b))
             ids += [i] * int(b["input_ids"].shape[0])
@@ -136,6 +139,6 @@ def twin_note(r: TwinResult, s: TwinSettings) -> str:
         f"Twin-Merging: shared = {s.shared} {s.shared_params}; exclusive = θ_t − θ* per "
         f"Linear weight at {rank} (keeps {100 * r.kept:.1f}% of Σ‖θ_t − θ*‖²; biases, "
         f"LayerNorm, embeddings shared); router MLP trained on {r.router_examples} "
-        f"validation examples (fits {100 * r.router_validation:.1f}% of them), per-example "
+        f"{s.router_split} examples (fits {100 * r.router_validation:.1f}% of them), per-example "
         f"{weights} weights; offline setup {r.setup_seconds:.1f} s"
     )
