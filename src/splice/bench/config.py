@@ -239,7 +239,7 @@ class TwinSettings(_Strict):
     batch_size: int = Field(64, gt=1)
     seed: int = 0
     top_k: int | None = Field(None, gt=0)
-    router_split: Literal["validation", "train"] = "validation"
+    router_split: Literal["train", "validation"] = "train"
 
     _finite = field_validator("shared_params")(classmethod(_finite_values))
 

@@ -12,9 +12,11 @@ Per kind, with the experts' backbones θ_1..θ_T (a LoRA expert's: its adapter f
    T · r, so the default rank (38 on MiniLM's 384-wide matrices) keeps it whole when
    T · r ≤ 38;
 3. router: the official MLP (`TwinRouter`) on the shared model's mean-pooled embedding,
-   trained to predict the task on every task's *validation* split (the paper trains it on
-   a small validation set) or, with ``twin.router_split: train``, its training split (the
-   official script embeds up to 5,500 training examples per task), ``twin.epochs`` epochs of batches of ``twin.batch_size``
+   trained to predict the task on every task's training split (``twin.router_split``
+   ``train``, the default: the official script embeds up to 5,500 training examples per
+   task; on the eight-task pool it routes 3–11 points more test examples to their own task
+   than the validation split) or its *validation* split (``validation``: the paper's text
+   says a small validation set), ``twin.epochs`` epochs of batches of ``twin.batch_size``
    (the official batch of 1,024 over ~44k examples makes ~2,150 steps; the bench's few
    hundred validation examples need smaller batches for the same number of epochs to train
    it: 50 × ⌈800 / 64⌉ = 650 steps on the 4-task run);
