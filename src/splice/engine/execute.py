@@ -141,10 +141,18 @@ class _Runner:
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
 
-            def combine(parts: list[torch.Tensor]) -> torch.Tensor:
-                return parts[0] if job.kind == "copy" else self._merge(index, parts)
+            def combine(parts: list[torch.Tensor], stats: dict) -> torch.Tensor:
+                return parts[0] if job.kind == "copy" else self._merge(index, parts, stats)
 
-            rows = merged_rows(self.sources, self.plan, index, self.chunks[index], combine, seen)
+            rows = merged_rows(
+                self.sources,
+                self.plan,
+                index,
+                self.chunks[index],
+                combine,
+                seen,
+                self.rules.get(index, {}),
+            )
             return [Output(job.out.name, None, seen, rows=rows)]
         read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
         if job.kind == "copy":
@@ -156,14 +164,17 @@ class _Runner:
         del read
         return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
 
-    def _merge(self, index: int, read: list[torch.Tensor]) -> torch.Tensor:
+    def _merge(
+        self, index: int, read: list[torch.Tensor], stats: dict | None = None
+    ) -> torch.Tensor:
         """The method on the job's inputs (the base first, when it has one) in the compute
-        dtype, then the LiNeS post-step; ``read`` is consumed."""
+        dtype, then the LiNeS post-step; ``read`` is consumed. ``stats``: the answers to the
+        method's statistic requests for a row chunk (default: the job's whole-model ones)."""
         job = self.plan.jobs[index]
         cd = self.plan.job_compute_dtype(job)
         base = read.pop(0) if job.base else None
         tensors = read
-        model_stats: dict = dict(self.rules.get(index, {}))
+        model_stats: dict = dict(self.rules.get(index, {}) if stats is None else stats)
         if self.plan.data is not None:
             data = self.plan.data
             model_stats[data.request] = data.answer([s.name for s in job.inputs])
