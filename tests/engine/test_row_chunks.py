@@ -251,9 +251,8 @@ def test_chunked_trims_equal_unchunked_bit_for_bit(
 ):
     """TIES / magnitude_prune in row chunks: the same files as the unchunked merge, with the
     tie quota carried from chunk to chunk (scope model: the whole-model rule's; scope tensor:
-    the pre-pass's). The mergekit dialect's per-tensor trim with ties left out at the
-    threshold (the grid models) is merged as one chunk: torch's sort order over the whole
-    tensor picks them."""
+    the pre-pass's). The mergekit dialect's per-tensor trim of bf16 task vectors is merged
+    unchunked: torch's sort order over the whole tensor picks the ties at the threshold."""
     paths = (_grid_models if grid else _models)(tmp_path, torch.bfloat16)
     recipe = _trim_recipe(paths, method, dialect, scope, cd)
     whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
@@ -262,17 +261,24 @@ def test_chunked_trims_equal_unchunked_bit_for_bit(
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         if dialect != "mergekit" or scope != "tensor":
             assert len(chunked[name]) > 2 and max(chunked[name]) < 16
-        elif grid:
-            assert chunked[name] == [16]  # partial ties in torch's order: one chunk
-        # (bf16 random task vectors may or may not tie at the threshold: either way)
+        else:  # bf16 task vectors: ties in torch's sort order (no pre-pass)
+            assert name not in chunked
     _same_files(tmp_path / "whole", tmp_path / "chunked")
 
 
-def test_a_chunked_mergekit_trim_without_partial_ties_is_chunked(tmp_path, monkeypatch):
-    """float32 task vectors (no two |δ| equal): the mergekit dialect's per-tensor top-k set
-    is unique, so its chunk rules give torch's selection."""
-    recipe = _trim_recipe(_models(tmp_path, torch.float32), "ties", "mergekit", "tensor", "float32")
+@pytest.mark.parametrize("grid", [False, True], ids=["random", "tied"])
+def test_a_mergekit_trim_is_chunked_when_no_tie_is_left_out(tmp_path, monkeypatch, grid):
+    """float32 models: the pre-pass decides. Random task vectors (no two |δ| equal): the
+    per-tensor top-k set is unique, so the chunk rules give torch's selection; task vectors
+    on a grid leave ties out at the threshold: the tensor is merged unchunked."""
+    paths = (_grid_models if grid else _models)(tmp_path, torch.float32)
+    recipe = _trim_recipe(paths, "ties", "mergekit", "tensor", "float32")
     whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
     chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
-    assert whole == {} and max(chunked["lm_head.weight"]) < 16
+    assert whole == {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if grid:
+            assert name not in chunked
+        else:
+            assert len(chunked[name]) > 2 and max(chunked[name]) < 16
     _same_files(tmp_path / "whole", tmp_path / "chunked")

@@ -31,8 +31,10 @@ entries equal to v), and TIES' sign election and disjoint mean are entrywise aft
   rule. The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
   dialect breaks them in torch's unstable sort order over the whole tensor, which chunks
   cannot repeat: the chunk rules are used only when every entry equal to v is kept (the
-  top-k set is then unique); otherwise (common with bf16 task vectors) the job is merged
-  as one chunk of all its rows, unchunked, with the memory of an unchunked job.
+  top-k set is then unique); otherwise the job is merged unchunked, with its full cost
+  (the pre-pass runs before the merge starts, so the budget sees it). 16-bit inputs or
+  compute dtype nearly always leave ties out (a few thousand distinct magnitudes over
+  millions of entries), so such mergekit-dialect trims are not chunked at all.
 
 Magnitudes are those of the unchunked merge: δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
@@ -59,7 +61,7 @@ from splice.merge import KeepRule, StatRequest, TensorTopK, TopKThreshold
 
 def chunkable(plan: MergePlan, index: int) -> bool:
     """Whether job ``index`` gives the same result merged in row chunks (a mergekit-dialect
-    per-tensor trim may still fall back to one chunk, see the module docstring)."""
+    per-tensor trim may still be merged unchunked after its pre-pass: module docstring)."""
     job = plan.jobs[index]
     if len(job.out.shape) < 1 or job.out.shape[0] < 2:
         return False
@@ -79,15 +81,34 @@ def chunkable(plan: MergePlan, index: int) -> bool:
         or plan.data is not None
     ):
         return False
+    if not tensor_requests(plan, index):
+        return True
     # the per-tensor selection ranks float32 bit patterns, which NaN has none of
-    return not (plan.allow_nonfinite and _tensor_requests(plan, index))
+    if plan.allow_nonfinite:
+        return False
+    # mergekit's ties at the threshold are in torch's sort order: chunked only when the
+    # pre-pass finds none left out; 16-bit task vectors nearly always leave some (a few
+    # thousand distinct magnitudes over millions of entries), so they skip the pre-pass
+    return plan.recipe.dialect != "mergekit" or all(
+        t.itemsize >= 4
+        for t in [plan.job_compute_dtype(job)]
+        + [plan.readers[s.ref].info(s.name).dtype for s in job.sources]
+    )
 
 
-def _tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
-    """The job's per-tensor trim statistics (`TensorTopK`), answered per chunk."""
+def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
+    """The job's per-tensor trim statistics (`TensorTopK`): a chunked job's are answered
+    per chunk by `chunk_tensor_rules` before the merge starts."""
+    if plan.jobs[index].kind == "copy":
+        return []
     stats = plan.method.model_stats
     declared = stats(plan.jobs[index].params) if stats is not None else []
     return [r for r in declared if isinstance(r, TensorTopK)]
+
+
+def chunk_spans(rows: int, rows_per: int) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of the chunks of ``rows_per`` rows (the last shorter)."""
+    return [(a, min(rows, a + rows_per)) for a in range(0, rows, rows_per)]
 
 
 def rows_per_chunk(plan: MergePlan, index: int, cost: int, share: int) -> int | None:
@@ -107,27 +128,20 @@ def merged_rows(
     combine: Callable[[list[torch.Tensor], dict[StatRequest, Any]], torch.Tensor],
     record: MutableMapping[str, str],
     rules: Mapping[StatRequest, Any],
+    chunk_rules: list[dict[StatRequest, Any]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Job ``index`` chunk by chunk: rows of every source (stored dtype; converted to the
     compute dtype for a merge), ``combine``d with the chunk's statistics (``rules``, the
     job's whole-model answers, with each `KeepRule` made the chunk's; plus the chunk's
-    `TensorTopK` answers), cast to the output dtype. The sources' digests go into
-    ``record`` after the last chunk."""
+    answers in ``chunk_rules``, from `chunk_tensor_rules`), cast to the output dtype. The
+    sources' digests go into ``record`` after the last chunk."""
     job = plan.jobs[index]
     cd = None if job.kind == "copy" else plan.job_compute_dtype(job)
     srcs = job.sources
     infos = [plan.readers[s.ref].info(s.name) for s in srcs]
     hashers = [input_hasher(i.dtype, i.shape) for i in infos]
-    rows = job.out.shape[0]
-    spans = [(a, min(rows, a + rows_per)) for a in range(0, rows, rows_per)]
-    tensor_rules: list[dict[StatRequest, Any]] = [{} for _ in spans]
-    requests = [] if job.kind == "copy" else _tensor_requests(plan, index)
-    if requests:
-        found = _tensor_rules(sources, plan, index, spans, requests)
-        if found is None:  # mergekit's tie order over the whole tensor: one chunk
-            spans, tensor_rules = [(0, rows)], [{}]
-        else:
-            tensor_rules = found
+    spans = chunk_spans(job.out.shape[0], rows_per)
+    tensor_rules = chunk_rules if chunk_rules is not None else [{} for _ in spans]
     quota = {r: a.tie_quota for r, a in rules.items() if isinstance(a, KeepRule)}
     for (start, stop), own in zip(spans, tensor_rules, strict=True):
         parts = []
@@ -167,17 +181,16 @@ def _magnitude(
     return magnitude(x)
 
 
-def _tensor_rules(
-    sources: Sources,
-    plan: MergePlan,
-    index: int,
-    spans: list[tuple[int, int]],
-    requests: list[TensorTopK],
+def chunk_tensor_rules(
+    sources: Sources, plan: MergePlan, index: int, rows_per: int
 ) -> list[dict[StatRequest, Any]] | None:
-    """Each chunk's `KeepRule` for every per-tensor trim request (radix selection over the
-    chunks, two reads of their rows); None in the mergekit dialect when some entries equal
-    to a threshold are left out (their choice is torch's sort order over the whole tensor)."""
+    """Each chunk's `KeepRule` for every per-tensor trim request of job ``index`` (radix
+    selection over the chunks, two reads of their rows); None in the mergekit dialect when
+    some entries equal to a threshold are left out (torch's sort order over the whole
+    tensor picks them): the job is then merged unchunked."""
     job = plan.jobs[index]
+    requests = tensor_requests(plan, index)
+    spans = chunk_spans(job.out.shape[0], rows_per)
     cd = plan.job_compute_dtype(job)
     dialect = plan.recipe.dialect
     cols = job.out.numel // job.out.shape[0]

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 import splice
-from splice.engine.chunks import merged_rows, rows_per_chunk
+from splice.engine.chunks import chunk_tensor_rules, merged_rows, rows_per_chunk, tensor_requests
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
@@ -114,6 +114,8 @@ class _Runner:
     sources: Sources
     rules: Rules
     chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
+    # job -> each chunk's answers to its per-tensor statistics (`chunk_tensor_rules`)
+    chunk_rules: dict[int, list[dict]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         lines = self.plan.recipe.lines
@@ -152,6 +154,7 @@ class _Runner:
                 combine,
                 seen,
                 self.rules.get(index, {}),
+                self.chunk_rules.get(index),
             )
             return [Output(job.out.name, None, seen, rows=rows)]
         read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
@@ -297,6 +300,16 @@ def run_merge(
 
     def before(pending: list[int]) -> None:
         runner.rules = rules() if pending else {}
+        # Per-tensor trim statistics of the chunked jobs, before any job is admitted: a
+        # job that cannot be chunked after all (mergekit's tie order) gets its full cost.
+        for i in pending:
+            if i in chunks and tensor_requests(plan, i):
+                found = chunk_tensor_rules(runner.sources, plan, i, chunks[i])
+                if found is None:
+                    del chunks[i]
+                    costs[i] = job_cost(plan, i)
+                else:
+                    runner.chunk_rules[i] = found
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads_per_job(threads))
