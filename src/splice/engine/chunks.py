@@ -23,8 +23,9 @@ A magnitude trim is elementwise once its `KeepRule` is known: keep |δ| > v, plu
 a chunk's rule is (v, the quota left after the earlier chunks, capped at the chunk's own
 entries equal to v), and TIES' sign election and disjoint mean are entrywise after it:
 
-- ``scope: model``: v and the tensor's quota come from the whole-model passes
-  (`splice.engine.topk`); each chunk counts its entries equal to v while quota is left.
+- ``scope: model``: the whole-model passes (`splice.engine.topk`) rank a chunked job a
+  chunk at a time, in row order, so they give each chunk's rule directly (and hold only a
+  chunk's rows: the passes' memory is bounded too).
 - ``scope: tensor`` (`TensorTopK`): a statistics pre-pass over the chunks finds v by the
   same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads
   of the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its
@@ -46,7 +47,7 @@ not chunked.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-from splice.merge import KeepRule, StatRequest, TensorTopK, TopKThreshold
+from splice.merge import StatRequest, TensorTopK
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
@@ -127,40 +128,25 @@ def merged_rows(
     rows_per: int,
     combine: Callable[[list[torch.Tensor], dict[StatRequest, Any]], torch.Tensor],
     record: MutableMapping[str, str],
-    rules: Mapping[StatRequest, Any],
     chunk_rules: list[dict[StatRequest, Any]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Job ``index`` chunk by chunk: rows of every source (stored dtype; converted to the
-    compute dtype for a merge), ``combine``d with the chunk's statistics (``rules``, the
-    job's whole-model answers, with each `KeepRule` made the chunk's; plus the chunk's
-    answers in ``chunk_rules``, from `chunk_tensor_rules`), cast to the output dtype. The
-    sources' digests go into ``record`` after the last chunk."""
+    compute dtype for a merge), ``combine``d with the chunk's answers to the method's
+    statistic requests (``chunk_rules``: each chunk's `KeepRule` per request, from the
+    whole-model passes or `chunk_tensor_rules`), cast to the output dtype. The sources'
+    digests go into ``record`` after the last chunk."""
     job = plan.jobs[index]
     cd = None if job.kind == "copy" else plan.job_compute_dtype(job)
     srcs = job.sources
     infos = [plan.readers[s.ref].info(s.name) for s in srcs]
     hashers = [input_hasher(i.dtype, i.shape) for i in infos]
     spans = chunk_spans(job.out.shape[0], rows_per)
-    tensor_rules = chunk_rules if chunk_rules is not None else [{} for _ in spans]
-    quota = {r: a.tie_quota for r, a in rules.items() if isinstance(a, KeepRule)}
-    for (start, stop), own in zip(spans, tensor_rules, strict=True):
+    for (start, stop), stats in zip(spans, chunk_rules or [{} for _ in spans], strict=True):
         parts = []
         for s, h in zip(srcs, hashers, strict=True):
             part = sources.read_rows(s.ref, s.name, start, stop)
             h.update(raw_bytes(part))
             parts.append(part if cd is None else part.to(cd))
-        stats = {**rules, **own}
-        for r in quota:  # a whole-model rule's ties: the quota left, in flat order
-            rule = rules[r]
-            left = quota[r]
-            if left > 0:
-                assert isinstance(r, TopKThreshold)
-                mag = _magnitude(job, parts, r.model_index, r.of_delta)
-                equal = int((mag == rule.threshold).sum())
-                del mag
-                left = min(left, equal)
-                quota[r] -= left
-            stats[r] = KeepRule(rule.threshold, left)
         out = combine(parts, stats)
         del parts
         yield out.to(job.out.dtype).contiguous()
@@ -169,16 +155,11 @@ def merged_rows(
         record[source_key(s.ref, s.name)] = h.hexdigest()
 
 
-def _magnitude(
-    job: TensorJob, parts: list[torch.Tensor], model: int, of_delta: bool = True
-) -> torch.Tensor:
-    """|θ_model − base| (or |θ_model|) of a chunk, float32, as the unchunked trim ranks it:
-    the difference in the compute dtype of ``parts`` (the base first, when the job has one)."""
-    offset = 1 if job.base else 0
-    x = parts[offset + model]
-    if of_delta and job.base:
-        x = torch.sub(x, parts[0])
-    return magnitude(x)
+def _magnitude(job: TensorJob, parts: list[torch.Tensor], model: int) -> torch.Tensor:
+    """|θ_model − base| of a chunk, float32, as the unchunked trim ranks it: the difference
+    in the compute dtype of ``parts`` (the base first)."""
+    assert job.base is not None
+    return magnitude(torch.sub(parts[1 + model], parts[0]))
 
 
 def chunk_tensor_rules(
