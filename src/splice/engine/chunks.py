@@ -43,6 +43,10 @@ float32 (`splice.delta.topk.magnitude`).
 Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
 Stock's cosines, the L1 rescale, random masks drawn over the whole tensor: DARE, DELLA) are
 not chunked.
+
+Chunk buffers are a few to 30 MB, the sizes glibc keeps on its heap once freed; ``splice
+merge`` fixes its mmap threshold (`splice.engine.heap`) so that they go back to the system
+and the peak RSS follows ``--memory``.
 """
 
 from __future__ import annotations
