@@ -7,7 +7,8 @@ size of each mmapped block freed, up to 32 MB. A merge frees many buffers of a f
 30 MB (row chunks, per-tensor statistics); after the first, same-sized buffers come from
 the heap and are kept, so the peak RSS grows with the tensors merged, not with
 ``--memory``: measured 2.5 GB for a row-chunked TIES merge of a 0.95B model (three
-fine-tunes, ``--memory 1GB``), whose buffers in use never exceed about 0.5 GB.
+fine-tunes, ``--memory 1GB``, one thread); its statistics passes alone peak at 3.3 GB, or
+0.43 GB with the threshold fixed at 1 MB.
 
 Fixing the threshold (``mallopt(M_MMAP_THRESHOLD, 8 MB)``; setting it turns the rise off)
 and the trim threshold with it gives 1.0-1.1 GB for that merge (0.6-0.75 GB when set from
