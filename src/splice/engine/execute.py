@@ -122,7 +122,8 @@ class _Runner:
     sources: Sources
     rules: Rules
     chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
-    # job -> each chunk's answers to its per-tensor statistics (`chunk_tensor_rules`)
+    # job -> each chunk's `KeepRule`s: whole-model (`_model_stat_rules`) or per-tensor
+    # (`chunk_tensor_rules`) trims
     chunk_rules: ChunkRules = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -340,9 +341,11 @@ def run_merge(
     runner = _Runner(plan, Sources(plan.readers), {}, chunks)
 
     def before(pending: list[int]) -> None:
-        runner.rules, runner.chunk_rules = stats() if pending else ({}, {})
-        # Per-tensor trim statistics of the chunked jobs, before any job is admitted: a
-        # job that cannot be chunked after all (mergekit's tie order) gets its full cost.
+        rules_, per_chunk = stats() if pending else ({}, {})
+        runner.rules, runner.chunk_rules = rules_, dict(per_chunk)
+        # Per-tensor trim statistics of the chunked jobs, before any job is admitted (one
+        # job at a time, a chunk at a time): a job that cannot be chunked after all
+        # (mergekit's tie order) gets its full cost.
         for i in pending:
             if i in chunks and tensor_requests(plan, i):
                 found = chunk_tensor_rules(runner.sources, plan, i, chunks[i])
