@@ -1,6 +1,6 @@
 """Row chunks (`splice.engine.chunks`): a job over its budget share merged a slice of rows at
 a time gives the unchunked files bit for bit (tensors, shard records, resume), and only the
-elementwise methods and copies are chunked."""
+elementwise methods, magnitude trims (TIES, magnitude_prune) and copies are chunked."""
 
 from __future__ import annotations
 
@@ -60,13 +60,18 @@ def _recipes(paths: dict[str, str]) -> dict[str, dict]:
 
 def _merge(recipe: dict, out, monkeypatch, **kw) -> list[int]:
     """Run the merge; the row counts of every chunked write, in order."""
-    chunked: list[int] = []
+    return [n for rows in _merge_rows(recipe, out, monkeypatch, **kw).values() for n in rows]
+
+
+def _merge_rows(recipe: dict, out, monkeypatch, **kw) -> dict[str, list[int]]:
+    """Run the merge; the row counts of the chunked writes of each tensor, in order."""
+    chunked: dict[str, list[int]] = {}
     real = ShardedWriter.write_rows
 
     def spy(self, name, **k):
         rows = real(self, name, **k)
         write = rows.write
-        rows.write = lambda c: (chunked.append(c.shape[0]), write(c))[1]
+        rows.write = lambda c: (chunked.setdefault(name, []).append(c.shape[0]), write(c))[1]
         return rows
 
     monkeypatch.setattr(ShardedWriter, "write_rows", spy)
@@ -127,16 +132,27 @@ def test_a_chunked_run_resumes_unchunked_to_the_same_files(tmp_path, monkeypatch
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_only_elementwise_methods_and_copies_are_chunked(tmp_path):
+def test_only_elementwise_methods_trims_and_copies_are_chunked(tmp_path):
     paths = _models(tmp_path, torch.float32)
     models = [
         {"model": paths[f"ft{i}"], "parameters": {"weight": 1.0, "density": 0.5}} for i in range(3)
     ]
-    cases = {"ties": False, "dare_ties": False, "task_arithmetic": True}
-    for method, elementwise in cases.items():
-        plan = plan_merge(
-            parse_recipe({"merge_method": method, "base_model": paths["base"], "models": models})
-        )
+    cases = {
+        ("ties", False): True,
+        ("ties", True): False,  # the L1 rescale needs the whole tensor's norms
+        ("magnitude_prune", False): True,
+        ("dare_ties", False): False,  # random masks over the whole tensor
+        ("slerp", False): False,
+        ("task_arithmetic", False): True,
+    }
+    for (method, rescale), elementwise in cases.items():
+        doc = {"merge_method": method, "base_model": paths["base"], "models": models}
+        if method == "slerp":
+            doc = {**doc, "models": [{"model": paths["ft0"]}, {"model": paths["base"]}]}
+            doc["parameters"] = {"t": 0.5}
+        elif method != "task_arithmetic":
+            doc["parameters"] = {"rescale": rescale}
+        plan = plan_merge(parse_recipe(doc))
         try:
             by_name = {j.out.name: i for i, j in enumerate(plan.jobs)}
             emb, ids = by_name["model.embed_tokens.weight"], by_name["model.position_ids"]
@@ -173,3 +189,96 @@ def test_inputs_that_cannot_read_rows_alone_are_not_chunked(tmp_path):
     finally:
         plan.readers[ref] = plan.readers[ref].inner  # type: ignore[attr-defined]
         plan.close()
+
+
+def _grid_models(tmp_path, dtype: torch.dtype) -> dict[str, str]:
+    """Base on a 1/16 grid, task vectors of -3/64 .. 3/64: exact in bfloat16, and |δ| takes
+    four values, so every trim threshold has many ties (the tie quota is split across
+    chunks; the mergekit dialect's sort order decides which ties survive)."""
+    g = torch.Generator().manual_seed(7)
+    names = tiny_tensors(0)
+    base = {n: torch.randint(-16, 17, t.shape, generator=g) / 16 for n, t in names.items()}
+    base["model.position_ids"] = torch.arange(20)
+    paths = {"base": write_folder(tmp_path / "base", {n: _cast(t, dtype) for n, t in base.items()})}
+    for i in range(3):
+        ft = {
+            n: _cast(t + torch.randint(-3, 4, t.shape, generator=g) / 64, dtype)
+            if t.is_floating_point()
+            else t
+            for n, t in base.items()
+        }
+        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=600)
+    return paths
+
+
+def _trim_recipe(paths: dict[str, str], method: str, dialect: str, scope: str, cd: str) -> dict:
+    models = [
+        {"model": paths[f"ft{i}"], "parameters": {"weight": w, "density": d}}
+        for i, (w, d) in enumerate(((1.0, 0.2), (0.8, 0.3), (0.6, 0.5)))
+    ]
+    key = "merge_method" if dialect == "mergekit" else "method"
+    return {
+        key: method,
+        "base_model": paths["base"],
+        "models": models,
+        "parameters": {"scope": scope, "lambda": 0.9},
+        "dtype": cd,
+    }
+
+
+def _same_files(a, b) -> None:
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("cd", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("method", "dialect", "scope"),
+    [
+        ("ties", "splice", "model"),
+        ("ties", "splice", "tensor"),
+        ("magnitude_prune", "splice", "model"),
+        ("magnitude_prune", "splice", "tensor"),
+        ("ties", "mergekit", "model"),
+        ("ties", "mergekit", "tensor"),
+    ],
+)
+@pytest.mark.parametrize("grid", [False, True], ids=["random", "tied"])
+def test_chunked_trims_equal_unchunked_bit_for_bit(
+    tmp_path, monkeypatch, cd, method, dialect, scope, grid
+):
+    """TIES / magnitude_prune in row chunks: the same files as the unchunked merge, with the
+    tie quota carried from chunk to chunk (scope model: the whole-model rule's; scope tensor:
+    the pre-pass's). The mergekit dialect's per-tensor trim of bf16 task vectors is merged
+    unchunked: torch's sort order over the whole tensor picks the ties at the threshold."""
+    paths = (_grid_models if grid else _models)(tmp_path, torch.bfloat16)
+    recipe = _trim_recipe(paths, method, dialect, scope, cd)
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
+    assert whole == {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if dialect != "mergekit" or scope != "tensor":
+            assert len(chunked[name]) > 2 and max(chunked[name]) < 16
+        else:  # bf16 task vectors: ties in torch's sort order (no pre-pass)
+            assert name not in chunked
+    _same_files(tmp_path / "whole", tmp_path / "chunked")
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["random", "tied"])
+def test_a_mergekit_trim_is_chunked_when_no_tie_is_left_out(tmp_path, monkeypatch, grid):
+    """float32 models: the pre-pass decides. Random task vectors (no two |δ| equal): the
+    per-tensor top-k set is unique, so the chunk rules give torch's selection; task vectors
+    on a grid leave ties out at the threshold: the tensor is merged unchunked."""
+    paths = (_grid_models if grid else _models)(tmp_path, torch.float32)
+    recipe = _trim_recipe(paths, "ties", "mergekit", "tensor", "float32")
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
+    assert whole == {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if grid:
+            assert name not in chunked
+        else:
+            assert len(chunked[name]) > 2 and max(chunked[name]) < 16
+    _same_files(tmp_path / "whole", tmp_path / "chunked")

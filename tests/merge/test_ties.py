@@ -5,7 +5,7 @@ import torch
 from merge_test_util import MERGEKIT, run
 
 from splice.errors import MergeValidationError
-from splice.merge import KeepRule, MergeContext, TopKThreshold, get_method
+from splice.merge import KeepRule, MergeContext, TensorTopK, TopKThreshold, get_method
 
 BASE = [1.0] * 6
 D1 = [3.0, -1.0, 2.0, 0.5, -4.0, 1.0]
@@ -93,7 +93,8 @@ def test_model_scope_uses_keep_rules():
     ties = get_method("ties")
     params = {"density": [0.5, 1.0, 0.0], "scope": "model"}
     assert ties.model_stats(params) == [TopKThreshold(model_index=0, density=0.5)]
-    assert ties.model_stats({**params, "scope": "tensor"}) == []
+    # scope tensor: a per-tensor request, answered only for a tensor merged in row chunks
+    assert ties.model_stats({**params, "scope": "tensor"}) == [TensorTopK(0, 0.5)]
     # |D1| = [3,1,2,.5,4,1]: rule "> 2, plus one tie at 2" keeps [3,0,2,0,-4,0]
     ctx = MergeContext(model_stats={TopKThreshold(0, 0.5): KeepRule(2.0, 1)})
     out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
@@ -113,3 +114,16 @@ def test_model_scope_without_statistic_is_a_clear_error():
 def test_density_zero_keeps_the_base():
     out = run("ties", BASE, models(D1, D2), density=0.0)
     torch.testing.assert_close(out, torch.tensor(BASE))
+
+
+def test_tensor_scope_uses_a_given_chunk_rule():
+    """A row chunk's `TensorTopK` answer replaces the method's own per-tensor selection
+    (which keeps the top 3 of |D1| = [3,1,2,.5,4,1]: [4,1,3,1,-3,1])."""
+    # "> 0.5": five entries kept
+    ctx = MergeContext(model_stats={TensorTopK(0, 0.5): KeepRule(0.5, 0)}, dialect="mergekit")
+    out = run("ties", BASE, models(D1), ctx=ctx, density=0.5)
+    torch.testing.assert_close(out, torch.tensor([4.0, 0.0, 3.0, 1.0, -3.0, 2.0]))
+    # "> 1, plus the first entry equal to 1" (flat order: the -1)
+    ctx = MergeContext(model_stats={TensorTopK(0, 0.5): KeepRule(1.0, 1)})
+    out = run("ties", BASE, models(D1), ctx=ctx, density=0.5, scope="tensor")
+    torch.testing.assert_close(out, torch.tensor([4.0, 0.0, 3.0, 1.0, -3.0, 1.0]))

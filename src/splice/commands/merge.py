@@ -30,6 +30,7 @@ def _check_out_early(out: str, overwrite: int | bool, recipe: Recipe) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from splice.engine import plan_merge, run_merge
+    from splice.engine.heap import release_large_buffers
     from splice.io import parse_size
     from splice.lora_merge import route
     from splice.recipe.schema import load_recipe
@@ -61,6 +62,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         _check_out_early(args.out, args.overwrite, recipe)  # before collecting statistics
         collect = partial(collect_data_entries, progress=not args.quiet)
     plan = plan_merge(recipe, allow_nonfinite=args.allow_nonfinite, collect=collect)
+    release_large_buffers()  # the peak RSS follows --memory (splice.engine.heap)
     try:
         report = run_merge(
             plan,

@@ -8,39 +8,65 @@ chunking they, not ``--memory``, set the peak.
 
 A job whose estimated cost exceeds its share of the budget (``memory_budget`` over the jobs
 that may run at once) is split along its first dimension into chunks of rows, each within
-the share, when the job's result at an entry depends only on the inputs at that entry and
-on per-tensor values known before the first chunk (weights, λ, the LiNeS depth scale, the
-output dtype): copies, and the methods in `ELEMENTWISE_METHODS`, when every input is read
-from safetensors files (which read a chunk's rows alone). Each chunk reads only its
-rows of every input (`splice.io.mapped.read_rows`), merges them with the same method, casts
-them and hands them to the writer, which stores them in order (`ShardedWriter.write_rows`),
-so the output is bit for bit the unchunked one, and the input digests for ``--resume``
-(hashed chunk by chunk in row order) and the shard's record are the same too.
+the share, when every input is read from safetensors files (which read a chunk's rows
+alone) and the method says its result on a slice of rows is those rows of its whole result
+(`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); and
+a magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
+``rescale: true``, whose L1 norms span the whole tensor). Each chunk reads only its rows
+of every input (`splice.io.mapped.read_rows`), merges them with the same method, casts them
+and hands them to the writer, which stores them in order (`ShardedWriter.write_rows`), so
+the output is bit for bit the unchunked one, and the input digests for ``--resume`` (hashed
+chunk by chunk in row order) and the shard's record are the same too.
 
-Methods that need whole-tensor statistics first (the k-th magnitude of a TIES / DARE trim,
-SLERP's norms and dot product, Model Stock's cosines, random masks drawn over the whole
-tensor) are not chunked here: they would need their statistics and their elementwise steps
-split apart through the method interface (then the elementwise steps can run per chunk).
+A magnitude trim is elementwise once its `KeepRule` is known: keep |δ| > v, plus the first
+``tie_quota`` entries equal to v in flat order. Row chunks are consecutive in flat order, so
+a chunk's rule is (v, the quota left after the earlier chunks, capped at the chunk's own
+entries equal to v), and TIES' sign election and disjoint mean are entrywise after it:
+
+- ``scope: model``: the whole-model passes (`splice.engine.topk`) rank a chunked job a
+  chunk at a time, in row order, so they give each chunk's rule directly (and hold only a
+  chunk's rows: the passes' memory is bounded too).
+- ``scope: tensor`` (`TensorTopK`): a statistics pre-pass over the chunks finds v by the
+  same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads
+  of the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its
+  rule. The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
+  dialect breaks them in torch's unstable sort order over the whole tensor, which chunks
+  cannot repeat: the chunk rules are used only when every entry equal to v is kept (the
+  top-k set is then unique); otherwise the job is merged unchunked, with its full cost
+  (the pre-pass runs before the merge starts, so the budget sees it). 16-bit inputs or
+  compute dtype nearly always leave ties out (a few thousand distinct magnitudes over
+  millions of entries), so such mergekit-dialect trims are not chunked at all.
+
+Magnitudes are those of the unchunked merge: δ = θ − base in the compute dtype, |δ| in
+float32 (`splice.delta.topk.magnitude`).
+
+Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
+Stock's cosines, the L1 rescale, random masks drawn over the whole tensor: DARE, DELLA) are
+not chunked.
+
+Chunk buffers are a few to 30 MB, the sizes glibc keeps on its heap once freed; ``splice
+merge`` fixes its mmap threshold (`splice.engine.heap`) so that they go back to the system
+and the peak RSS follows ``--memory``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
 
 import torch
 
+from splice.delta.topk import keep_count, magnitude
 from splice.engine.driver import Sources, source_key
-from splice.engine.plan import MergePlan
+from splice.engine.plan import MergePlan, TensorJob
+from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-
-# Methods whose merged entry is a function of the input entries at that position and of
-# per-tensor parameters only, in both dialects and every compute dtype (mergekit's stacked
-# bfloat16 arithmetic sums over the model axis, entry by entry).
-ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic"})
+from splice.merge import StatRequest, TensorTopK
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
-    """Whether job ``index`` gives the same result merged in row chunks."""
+    """Whether job ``index`` gives the same result merged in row chunks (a mergekit-dialect
+    per-tensor trim may still be merged unchunked after its pre-pass: module docstring)."""
     job = plan.jobs[index]
     if len(job.out.shape) < 1 or job.out.shape[0] < 2:
         return False
@@ -52,13 +78,42 @@ def chunkable(plan: MergePlan, index: int) -> bool:
     if job.kind == "copy":
         return True
     method = plan.method
-    return (
-        method.name in ELEMENTWISE_METHODS
-        and method.representation == "dense"
-        and not method.random
-        and plan.data is None
-        and not plan.stat_requests
+    if (
+        method.row_chunks is None
+        or not method.row_chunks(job.params)
+        or method.representation != "dense"
+        or method.random
+        or plan.data is not None
+    ):
+        return False
+    if not tensor_requests(plan, index):
+        return True
+    # the per-tensor selection ranks float32 bit patterns, which NaN has none of
+    if plan.allow_nonfinite:
+        return False
+    # mergekit's ties at the threshold are in torch's sort order: chunked only when the
+    # pre-pass finds none left out; 16-bit task vectors nearly always leave some (a few
+    # thousand distinct magnitudes over millions of entries), so they skip the pre-pass
+    return plan.recipe.dialect != "mergekit" or all(
+        t.itemsize >= 4
+        for t in [plan.job_compute_dtype(job)]
+        + [plan.readers[s.ref].info(s.name).dtype for s in job.sources]
     )
+
+
+def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
+    """The job's per-tensor trim statistics (`TensorTopK`): a chunked job's are answered
+    per chunk by `chunk_tensor_rules` before the merge starts."""
+    if plan.jobs[index].kind == "copy":
+        return []
+    stats = plan.method.model_stats
+    declared = stats(plan.jobs[index].params) if stats is not None else []
+    return [r for r in declared if isinstance(r, TensorTopK)]
+
+
+def chunk_spans(rows: int, rows_per: int) -> list[tuple[int, int]]:
+    """The row ranges [start, stop) of the chunks of ``rows_per`` rows (the last shorter)."""
+    return [(a, min(rows, a + rows_per)) for a in range(0, rows, rows_per)]
 
 
 def rows_per_chunk(plan: MergePlan, index: int, cost: int, share: int) -> int | None:
@@ -75,28 +130,68 @@ def merged_rows(
     plan: MergePlan,
     index: int,
     rows_per: int,
-    combine: Callable[[list[torch.Tensor]], torch.Tensor],
+    combine: Callable[[list[torch.Tensor], dict[StatRequest, Any]], torch.Tensor],
     record: MutableMapping[str, str],
+    chunk_rules: list[dict[StatRequest, Any]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Job ``index`` chunk by chunk: rows of every source (stored dtype; converted to the
-    compute dtype for a merge), ``combine``d, cast to the output dtype. The sources' digests
-    go into ``record`` after the last chunk."""
+    compute dtype for a merge), ``combine``d with the chunk's answers to the method's
+    statistic requests (``chunk_rules``: each chunk's `KeepRule` per request, from the
+    whole-model passes or `chunk_tensor_rules`), cast to the output dtype. The sources'
+    digests go into ``record`` after the last chunk."""
     job = plan.jobs[index]
     cd = None if job.kind == "copy" else plan.job_compute_dtype(job)
     srcs = job.sources
     infos = [plan.readers[s.ref].info(s.name) for s in srcs]
     hashers = [input_hasher(i.dtype, i.shape) for i in infos]
-    rows = job.out.shape[0]
-    for start in range(0, rows, rows_per):
-        stop = min(rows, start + rows_per)
+    spans = chunk_spans(job.out.shape[0], rows_per)
+    for (start, stop), stats in zip(spans, chunk_rules or [{} for _ in spans], strict=True):
         parts = []
         for s, h in zip(srcs, hashers, strict=True):
             part = sources.read_rows(s.ref, s.name, start, stop)
             h.update(raw_bytes(part))
             parts.append(part if cd is None else part.to(cd))
-        out = combine(parts)
+        out = combine(parts, stats)
         del parts
         yield out.to(job.out.dtype).contiguous()
         del out
     for s, h in zip(srcs, hashers, strict=True):
         record[source_key(s.ref, s.name)] = h.hexdigest()
+
+
+def _magnitude(job: TensorJob, parts: list[torch.Tensor], model: int) -> torch.Tensor:
+    """|θ_model − base| of a chunk, float32, as the unchunked trim ranks it: the difference
+    in the compute dtype of ``parts`` (the base first)."""
+    assert job.base is not None
+    return magnitude(torch.sub(parts[1 + model], parts[0]))
+
+
+def chunk_tensor_rules(
+    sources: Sources, plan: MergePlan, index: int, rows_per: int
+) -> list[dict[StatRequest, Any]] | None:
+    """Each chunk's `KeepRule` for every per-tensor trim request of job ``index`` (radix
+    selection over the chunks, two reads of their rows); None in the mergekit dialect when
+    some entries equal to a threshold are left out (torch's sort order over the whole
+    tensor picks them): the job is then merged unchunked."""
+    job = plan.jobs[index]
+    requests = tensor_requests(plan, index)
+    spans = chunk_spans(job.out.shape[0], rows_per)
+    cd = plan.job_compute_dtype(job)
+    dialect = plan.recipe.dialect
+    cols = job.out.numel // job.out.shape[0]
+
+    def magnitudes(c: int) -> list[torch.Tensor]:
+        start, stop = spans[c]
+        parts = [sources.read_rows(s.ref, s.name, start, stop).to(cd) for s in job.sources]
+        return [_magnitude(job, parts, r.model_index) for r in requests]
+
+    rules, left_out = select_rules(
+        requests,
+        range(len(spans)),
+        lambda c: (spans[c][1] - spans[c][0]) * cols,
+        magnitudes,
+        count=lambda density, n: keep_count(n, density, dialect),
+    )
+    if dialect == "mergekit" and any(left_out):
+        return None
+    return [dict(rules[c]) for c in range(len(spans))]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,13 @@ import torch
 import yaml
 
 import splice
-from splice.engine.chunks import merged_rows, rows_per_chunk
+from splice.engine.chunks import (
+    chunk_spans,
+    chunk_tensor_rules,
+    merged_rows,
+    rows_per_chunk,
+    tensor_requests,
+)
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
@@ -40,10 +47,11 @@ from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
 from splice.io import model_dir_of
 from splice.io.finite import numerical_errors
+from splice.io.mapped import read_rows
 from splice.io.open import model_side_files, split_reference
 from splice.io.safe_paths import member
 from splice.io.textfile import load_json_object
-from splice.merge import DepthScale, MergeContext
+from splice.merge import DepthScale, KeepRule, MergeContext
 
 # Compute dtypes in which the mergekit dialect repeats mergekit's own arithmetic (stacked).
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -114,6 +122,9 @@ class _Runner:
     sources: Sources
     rules: Rules
     chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
+    # job -> each chunk's `KeepRule`s: whole-model (`_model_stat_rules`) or per-tensor
+    # (`chunk_tensor_rules`) trims
+    chunk_rules: ChunkRules = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         lines = self.plan.recipe.lines
@@ -141,10 +152,18 @@ class _Runner:
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
 
-            def combine(parts: list[torch.Tensor]) -> torch.Tensor:
-                return parts[0] if job.kind == "copy" else self._merge(index, parts)
+            def combine(parts: list[torch.Tensor], stats: dict) -> torch.Tensor:
+                return parts[0] if job.kind == "copy" else self._merge(index, parts, stats)
 
-            rows = merged_rows(self.sources, self.plan, index, self.chunks[index], combine, seen)
+            rows = merged_rows(
+                self.sources,
+                self.plan,
+                index,
+                self.chunks[index],
+                combine,
+                seen,
+                self.chunk_rules.get(index),
+            )
             return [Output(job.out.name, None, seen, rows=rows)]
         read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
         if job.kind == "copy":
@@ -156,14 +175,17 @@ class _Runner:
         del read
         return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
 
-    def _merge(self, index: int, read: list[torch.Tensor]) -> torch.Tensor:
+    def _merge(
+        self, index: int, read: list[torch.Tensor], stats: dict | None = None
+    ) -> torch.Tensor:
         """The method on the job's inputs (the base first, when it has one) in the compute
-        dtype, then the LiNeS post-step; ``read`` is consumed."""
+        dtype, then the LiNeS post-step; ``read`` is consumed. ``stats``: a row chunk's
+        answers to the method's statistic requests, in place of the job's."""
         job = self.plan.jobs[index]
         cd = self.plan.job_compute_dtype(job)
         base = read.pop(0) if job.base else None
         tensors = read
-        model_stats: dict = dict(self.rules.get(index, {}))
+        model_stats: dict = {**self.rules.get(index, {}), **(stats or {})}
         if self.plan.data is not None:
             data = self.plan.data
             model_stats[data.request] = data.answer([s.name for s in job.inputs])
@@ -185,35 +207,66 @@ class _Runner:
         return out
 
 
-def _model_stat_rules(plan: MergePlan, threads: int, progress: bool) -> Rules:
-    """The answers to the method's whole-model top-k requests (two extra passes)."""
+ChunkRules = dict[int, list[dict]]  # job -> each row chunk's statistic answers
+
+
+def _model_stat_rules(
+    plan: MergePlan, threads: int, progress: bool, chunks: Mapping[int, int]
+) -> tuple[Rules, ChunkRules]:
+    """The answers to the method's whole-model top-k requests (two extra passes): per job,
+    and per row chunk of the jobs merged in chunks (``chunks``: job -> rows per chunk),
+    whose rows the passes read a chunk at a time. Ranked in plan order, a chunked job's
+    chunks in row order (= flat order), so a chunk's tie quota is what is left of its
+    job's after the earlier chunks, and the job's is the sum of its chunks'."""
     requests = plan.stat_requests
     if not requests:
-        return {}
+        return {}, {}
+    # The statistic spans all merged tensors, also those a resumed run has done.
+    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
+    units: list[tuple[int, tuple[int, int] | None]] = []  # (job, rows or None: whole)
+    for i in merge_jobs:
+        if i in chunks:
+            units += [(i, span) for span in chunk_spans(plan.jobs[i].out.shape[0], chunks[i])]
+        else:
+            units.append((i, None))
 
-    def magnitudes(i: int) -> list[torch.Tensor]:
+    def numel(u: int) -> int:
+        i, span = units[u]
+        out = plan.jobs[i].out
+        return out.numel if span is None else (span[1] - span[0]) * (out.numel // out.shape[0])
+
+    def magnitudes(u: int) -> list[torch.Tensor]:
+        i, span = units[u]
         job = plan.jobs[i]
         cd = plan.job_compute_dtype(job)
-        base = plan.readers[job.base.ref].read(job.base.name).to(cd) if job.base else None
+
+        def load(ref: str, name: str) -> torch.Tensor:
+            reader = plan.readers[ref]
+            t = reader.read(name) if span is None else read_rows(reader, name, *span)
+            return t.to(cd)
+
+        base = load(job.base.ref, job.base.name) if job.base else None
         out = []
         for r in requests:
-            x = plan.readers[job.inputs[r.model_index].ref].read(job.inputs[r.model_index].name)
-            x = x.to(cd)
+            x = load(job.inputs[r.model_index].ref, job.inputs[r.model_index].name)
             if r.of_delta and base is not None:
                 x = x - base
             out.append(x.abs().float())
         return out
 
-    # The statistic spans all merged tensors, also those a resumed run has done.
-    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
-    return keep_rules(
-        requests,
-        merge_jobs,
-        lambda i: plan.jobs[i].out.numel,
-        magnitudes,
-        threads=threads,
-        progress=progress,
-    )
+    found = keep_rules(requests, range(len(units)), numel, magnitudes, threads, progress)
+    rules: Rules = {}
+    per_chunk: ChunkRules = {}
+    for u, (i, span) in enumerate(units):
+        if span is None:
+            rules[i] = found[u]
+        else:
+            per_chunk.setdefault(i, []).append(dict(found[u]))
+    for i, parts in per_chunk.items():
+        rules[i] = {
+            r: KeepRule(parts[0][r].threshold, sum(p[r].tie_quota for p in parts)) for r in requests
+        }
+    return rules, per_chunk
 
 
 def run_merge(
@@ -245,13 +298,6 @@ def run_merge(
     config_json = _config_json(plan)  # side inputs first: no output if one is bad
     if config_json is not None:
         extra["config.json"] = config_json
-    memo: list[Rules] = []
-
-    def rules() -> Rules:  # whole-model statistics, computed at most once
-        if not memo:
-            memo.append(_model_stat_rules(plan, threads, progress))
-        return memo[0]
-
     # A job costing more than its share of the budget (the jobs that may run at once) is
     # merged in row chunks where its method allows (`splice.engine.chunks`).
     share = memory_budget // (threads + max(read_ahead, 1))
@@ -262,6 +308,16 @@ def run_merge(
         if rows is not None:
             chunks[i] = rows
             costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
+    memo: list[tuple[Rules, ChunkRules]] = []
+
+    def stats() -> tuple[Rules, ChunkRules]:  # whole-model statistics, computed at most once
+        if not memo:
+            memo.append(_model_stat_rules(plan, threads, progress, chunks))
+        return memo[0]
+
+    def rules() -> Rules:
+        return stats()[0]
+
     spec = Stream(
         outputs=[j.out for j in plan.jobs],
         metadata={
@@ -285,7 +341,19 @@ def run_merge(
     runner = _Runner(plan, Sources(plan.readers), {}, chunks)
 
     def before(pending: list[int]) -> None:
-        runner.rules = rules() if pending else {}
+        rules_, per_chunk = stats() if pending else ({}, {})
+        runner.rules, runner.chunk_rules = rules_, dict(per_chunk)
+        # Per-tensor trim statistics of the chunked jobs, before any job is admitted (one
+        # job at a time, a chunk at a time): a job that cannot be chunked after all
+        # (mergekit's tie order) gets its full cost.
+        for i in pending:
+            if i in chunks and tensor_requests(plan, i):
+                found = chunk_tensor_rules(runner.sources, plan, i, chunks[i])
+                if found is None:
+                    del chunks[i]
+                    costs[i] = job_cost(plan, i)
+                else:
+                    runner.chunk_rules[i] = found
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads_per_job(threads))

@@ -72,7 +72,7 @@ def _merge(plan: MergePlan, rules_cache: dict[Any, Rules] | None) -> dict[str, t
     if rules_cache is not None and key in rules_cache:
         runner.rules = rules_cache[key]
     else:
-        runner.rules = _model_stat_rules(plan, threads=1, progress=False)
+        runner.rules = _model_stat_rules(plan, threads=1, progress=False, chunks={})[0]
         if rules_cache is not None:
             rules_cache[key] = runner.rules
     state: dict[str, torch.Tensor] = {}

@@ -28,7 +28,7 @@ import torch
 
 from splice.engine.driver import passes
 from splice.errors import MergeValidationError
-from splice.merge import KeepRule, MergeMethod, TopKThreshold
+from splice.merge import KeepRule, MergeMethod, TensorTopK, TopKThreshold
 
 if TYPE_CHECKING:
     from splice.engine.plan import TensorJob
@@ -66,9 +66,28 @@ def keep_rules(
     progress: bool = False,
 ) -> dict[int, dict[TopKThreshold, KeepRule]]:
     """For each job index and request, the KeepRule that keeps exactly round(d·N) entries."""
+    return select_rules(requests, jobs, numel, magnitudes, threads=threads, progress=progress)[0]
+
+
+def select_rules(
+    requests: Sequence[TopKThreshold | TensorTopK],
+    jobs: Iterable[int],
+    numel: Callable[[int], int],
+    magnitudes: MagnitudeFn,
+    *,
+    count: Callable[[float, int], int] = lambda density, n: round(density * n),
+    threads: int = 1,
+    progress: bool = False,
+) -> tuple[dict[int, dict[TopKThreshold | TensorTopK, KeepRule]], list[int]]:
+    """`keep_rules` with the kept count k = ``count(density, N)`` of each request, and, per
+    request, how many entries equal to its threshold are left out (0: the k kept entries
+    are the only top-k set, whatever the tie order).
+
+    The "jobs" may be any parts of the entries in flat order: the row chunks of one tensor
+    give the per-chunk rules of a per-tensor top-k (`splice.engine.chunks`)."""
     job_list = list(jobs)
     total = sum(numel(j) for j in job_list)
-    ks = [round(r.density * total) for r in requests]
+    ks = [count(r.density, total) for r in requests]
     lock = threading.Lock()
 
     def run(fn: Callable[[int], None], label: str) -> None:
@@ -115,7 +134,8 @@ def keep_rules(
     if any(b is not None for b in buckets):
         run(pass2, "trim threshold (2/2)")
 
-    rules: dict[int, dict[TopKThreshold, KeepRule]] = {j: {} for j in job_list}
+    rules: dict[int, dict[TopKThreshold | TensorTopK, KeepRule]] = {j: {} for j in job_list}
+    left_out = [0] * len(requests)
     for ri, (req, k, bucket) in enumerate(zip(requests, ks, buckets)):
         if bucket is None:
             # keep nothing (k = 0) or everything (k = N)
@@ -137,8 +157,9 @@ def keep_rules(
                     eq = int(uc[1][hit[0, 0]])
             quota = min(eq, remaining)
             remaining -= quota
+            left_out[ri] += eq - quota
             rules[j][req] = KeepRule(threshold, quota)
-    return rules
+    return rules, left_out
 
 
 def topk_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKThreshold]:

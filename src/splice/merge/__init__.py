@@ -8,7 +8,7 @@ from splice.merge.registry import (
     get_method,
     merge_method,
 )
-from splice.merge.stats import DepthScale, KeepRule, StatRequest, TopKThreshold
+from splice.merge.stats import DepthScale, KeepRule, StatRequest, TensorTopK, TopKThreshold
 
 __all__ = [
     "DepthScale",
@@ -17,6 +17,7 @@ __all__ = [
     "MergeMethod",
     "PerModel",
     "StatRequest",
+    "TensorTopK",
     "TopKThreshold",
     "all_methods",
     "get_method",

@@ -194,6 +194,11 @@ class MergeMethod:
     # Statistics collected on data that every tensor's merge reads (`DataStatistic(kind)` in
     # `MergeContext.model_stats`): "fisher", "gram". Empty for data-free methods.
     data_statistics: tuple[DataKind, ...] = ()
+    # Given a job's parameters, whether the method's result on a slice of rows is those rows
+    # of its result on the whole tensor, when its `KeepRule` answers are those of the slice
+    # (`splice.engine.chunks`): elementwise methods, and a magnitude trim followed by an
+    # elementwise combine. None: never merged in row chunks.
+    row_chunks: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property
     def label(self) -> str:
@@ -341,6 +346,7 @@ def merge_method(
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
     representation: Representation = "dense",
     data_statistics: Sequence[DataKind] = (),
+    row_chunks: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; a name taken twice in one
     representation is an error)."""
@@ -369,6 +375,7 @@ def merge_method(
             mergekit_ignored=frozenset(mergekit_ignored),
             representation=representation,
             data_statistics=tuple(data_statistics),
+            row_chunks=row_chunks,
         )
         _REGISTRY[(representation, name)] = method
         return method

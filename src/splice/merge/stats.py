@@ -10,6 +10,9 @@ engine imports no method.
   DARE-TIES, breadcrumbs, magnitude pruning with ``scope: model``). The engine finds, by two
   radix-selection passes over every merged tensor (`splice.engine.topk`), the `KeepRule` per
   tensor that keeps exactly round(density · N) entries over the whole model.
+- `TensorTopK(model_index, density)`: the same trim within one tensor (``scope: tensor``),
+  answered only for a tensor merged in row chunks (a `KeepRule` per chunk, from a
+  statistics pre-pass over the chunks); a method selects by itself when it is unanswered.
 - `DepthScale(alpha, beta)`: LiNeS' depth scaling s(l) = α + β · l / (L − 1) (α outside
   layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
   which the engine puts in every context, so `MergeContext.stat` answers it directly; the
@@ -55,6 +58,18 @@ class TopKThreshold:
 
 
 @dataclass(frozen=True)
+class TensorTopK:
+    """Request: the top-k of |tensors[model_index] − base| (float32) within this tensor
+    alone, k = `keep_count`(n, density, dialect) (a ``scope: tensor`` trim). Answered, with a
+    `KeepRule` for the rows in hand, only when the engine merges the tensor in row chunks
+    (`splice.engine.chunks`); otherwise it is left unanswered and the method selects the
+    entries itself from the whole tensor."""
+
+    model_index: int
+    density: float
+
+
+@dataclass(frozen=True)
 class DepthScale:
     """Request: LiNeS' depth scale of a tensor, s(l) = α + β · l / (L − 1)."""
 
@@ -93,4 +108,4 @@ class DataStats:
     model_norms: tuple[float, ...]
 
 
-StatRequest = TopKThreshold | DepthScale | DataStatistic
+StatRequest = TopKThreshold | TensorTopK | DepthScale | DataStatistic

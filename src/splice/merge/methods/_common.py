@@ -19,7 +19,7 @@ from splice.delta.argsort_select import trim_like_argsort_
 from splice.delta.topk import keep_count, magnitude, topk_mask
 from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
-from splice.merge.stats import TopKThreshold
+from splice.merge.stats import TensorTopK, TopKThreshold
 
 try:
     from splice.merge.methods import _ties_kernel
@@ -52,12 +52,24 @@ def deltas_(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.sub_(base) for t in own_inputs(base, tensors)]
 
 
-def trim_requests(params: Mapping[str, Any]) -> list[TopKThreshold]:
-    """Whole-model statistics for a magnitude trim with ``scope="model"``: one request per
-    model whose density is strictly between 0 and 1 (0 and 1 need no statistic)."""
-    if params["scope"] != "model":
-        return []
-    return [TopKThreshold(i, d) for i, d in enumerate(params["density"]) if 0 < d < 1]
+def trim_requests(params: Mapping[str, Any]) -> list[TopKThreshold | TensorTopK]:
+    """The statistics of a magnitude trim: one request per model whose density is strictly
+    between 0 and 1 (0 and 1 need no statistic), whole-model (`TopKThreshold`) with
+    ``scope="model"``, else per tensor (`TensorTopK`, answered only in row chunks)."""
+    kind = TopKThreshold if params["scope"] == "model" else TensorTopK
+    return [kind(i, d) for i, d in enumerate(params["density"]) if 0 < d < 1]
+
+
+def elementwise(params: Mapping[str, Any]) -> bool:
+    """`merge_method`'s ``row_chunks`` for an elementwise method: always."""
+    return True
+
+
+def trim_chunks(params: Mapping[str, Any]) -> bool:
+    """``row_chunks`` of a magnitude trim then an elementwise combine: the trim is
+    elementwise given its `KeepRule` (the engine answers one per chunk), except the L1
+    rescale, which needs the whole tensor's norms before and after the trim."""
+    return not params["rescale"]
 
 
 def magnitude_trim_(
@@ -66,7 +78,9 @@ def magnitude_trim_(
     """Keep the largest-|δ| entries of one task vector, zero the rest (in place).
 
     scope="tensor": `keep_count` entries of this tensor (rule depends on the dialect); ties
-    at the boundary in flat order, or in mergekit's sort order in the mergekit dialect.
+    at the boundary in flat order, or in mergekit's sort order in the mergekit dialect; or,
+    for a tensor merged in row chunks, the engine's `KeepRule` for the chunk, its answer
+    to `TensorTopK` (the same entries: `splice.engine.chunks`).
     scope="model": the engine's whole-model `KeepRule`, its answer to `TopKThreshold`.
     rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit).
     """
@@ -74,7 +88,11 @@ def magnitude_trim_(
         return delta
     if density <= 0:
         return delta.zero_()
-    if scope == "tensor" and ctx.dialect == "mergekit":
+    if scope == "model":
+        rule = ctx.stat(TopKThreshold(index, density))
+    else:
+        rule = ctx.model_stats.get(TensorTopK(index, density))
+    if rule is None and scope == "tensor" and ctx.dialect == "mergekit":
         # One compiled pass (selection and masking) where the extension is built.
         l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
         if trim_like_argsort_(delta, keep_count(delta.numel(), density, ctx.dialect)):
@@ -82,8 +100,8 @@ def magnitude_trim_(
                 rescale_l1(l1, delta)
             return delta
     mag = magnitude(delta)
-    if scope == "model":
-        mask = keep_rule_mask(mag, ctx.stat(TopKThreshold(index, density)))
+    if rule is not None:
+        mask = keep_rule_mask(mag, rule)
     else:
         ties = "torch_sort" if ctx.dialect == "mergekit" else "flat"
         mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), ties)

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from splice.errors import MergeValidationError
-from splice.merge.methods._common import own_inputs
+from splice.merge.methods._common import elementwise, own_inputs
 from splice.merge.methods._mergekit_precision import linear_float32, mergekit_low_precision
 from splice.merge.registry import MergeContext, PerModel, merge_method
 
 
-@merge_method("linear", needs_base=False)
+@merge_method("linear", needs_base=False, row_chunks=elementwise)
 def linear(
     base: Tensor | None,
     tensors: Sequence[Tensor],

@@ -8,7 +8,7 @@ sum with |Σ w| < 1e-8 is not divided by), with mergekit's order of operations, 
 results are bit-identical: each δ_i is multiplied by w_i, then the products are summed.
 """
 
-from splice.merge.methods._common import linear_combine_
+from splice.merge.methods._common import elementwise, linear_combine_
 from splice.merge.methods._compose import compose
 
 compose(
@@ -19,4 +19,5 @@ compose(
     # mergekit's generalized task arithmetic accepts these for every variant; here they
     # have no effect in mergekit either.
     mergekit_ignored={"int8_mask", "density", "rescale"},
+    row_chunks=elementwise,
 )

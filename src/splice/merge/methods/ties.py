@@ -40,6 +40,7 @@ from splice.merge.methods._common import (
     linear_combine_,
     magnitude_trim_,
     ties_combine_,
+    trim_chunks,
     trim_requests,
 )
 from splice.merge.methods._compose import compose
@@ -68,6 +69,7 @@ compose(
     mergekit_defaults={"scope": "tensor"},
     mergekit_ignored={"int8_mask"},
     model_stats=trim_requests,
+    row_chunks=trim_chunks,
 )
 compose(
     "magnitude_prune",
@@ -75,4 +77,5 @@ compose(
     linear_combine_,
     summary="Keep the largest entries of each task vector, then add their weighted sum.",
     model_stats=trim_requests,
+    row_chunks=trim_chunks,
 )
