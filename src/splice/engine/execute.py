@@ -51,7 +51,7 @@ from splice.io.mapped import read_rows
 from splice.io.open import model_side_files, split_reference
 from splice.io.safe_paths import member
 from splice.io.textfile import load_json_object
-from splice.merge import DepthScale, KeepRule, MergeContext
+from splice.merge import DepthScale, KeepMask, KeepRule, MergeContext
 
 # Compute dtypes in which the mergekit dialect repeats mergekit's own arithmetic (stacked).
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -344,16 +344,15 @@ def run_merge(
         rules_, per_chunk = stats() if pending else ({}, {})
         runner.rules, runner.chunk_rules = rules_, dict(per_chunk)
         # Per-tensor trim statistics of the chunked jobs, before any job is admitted (one
-        # job at a time, a chunk at a time): a job that cannot be chunked after all
-        # (mergekit's tie order) gets its full cost.
+        # job at a time, a chunk or a model's whole tensor at a time): the keep masks a job
+        # holds until it is written are part of its cost.
         for i in pending:
             if i in chunks and tensor_requests(plan, i):
                 found = chunk_tensor_rules(runner.sources, plan, i, chunks[i])
-                if found is None:
-                    del chunks[i]
-                    costs[i] = job_cost(plan, i)
-                else:
-                    runner.chunk_rules[i] = found
+                runner.chunk_rules[i] = found
+                costs[i] += sum(
+                    a.nbytes for c in found for a in c.values() if isinstance(a, KeepMask)
+                )
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads_per_job(threads))
