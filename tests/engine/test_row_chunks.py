@@ -10,7 +10,7 @@ from tiny_models import tiny_tensors, write_folder
 
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge, run_merge
-from splice.engine.chunks import chunkable, rows_per_chunk
+from splice.engine.chunks import chunkable, rows_per_chunk, tensor_pass_cost
 from splice.io.writer import ShardedWriter
 from splice.merge import KeepMask, KeepRule
 from splice.recipe.schema import parse_recipe
@@ -315,3 +315,18 @@ def test_a_keep_mask_packs_eight_entries_a_byte():
     assert packed.bits.tolist() == [0b10000001, 0b10100000, 0b00000000]
     assert packed.nbytes == 3 and packed.count == 18
     assert torch.equal(packed.unpack((2, 9)), mask)
+
+
+@pytest.mark.parametrize(("cd", "peak"), [("bfloat16", 11), ("float16", 15), ("float32", 13)])
+def test_the_whole_tensor_selection_is_in_the_job_cost(tmp_path, cd, peak):
+    """mergekit dialect, scope tensor: one model's δ (s bytes an entry) plus the selection's
+    scratch (9 bytes an entry; 13 for float16's float32 magnitudes), and the packed masks of
+    the three trimmed models held: 16 x 8 = 128 entries, 16 bytes each."""
+    paths = _models(tmp_path, torch.bfloat16)
+    for dialect, want in (("mergekit", (peak * 128, 3 * 16)), ("splice", (0, 0))):
+        plan = plan_merge(parse_recipe(_trim_recipe(paths, "ties", dialect, "tensor", cd)))
+        try:
+            emb = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
+            assert tensor_pass_cost(plan, emb) == want
+        finally:
+            plan.close()

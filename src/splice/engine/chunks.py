@@ -27,23 +27,24 @@ entries equal to v), and TIES' sign election and disjoint mean are entrywise aft
   chunk at a time, in row order, so they give each chunk's rule directly (and hold only a
   chunk's rows: the passes' memory is bounded too).
 - ``scope: tensor`` (`TensorTopK`): a statistics pre-pass over the chunks finds v by the
-  same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads
-  of the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its
-  rule. The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
+  same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads of
+  the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its rule.
+  The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
   dialect breaks them in torch's unstable sort order over the whole tensor, which no rule
-  repeats: where the radix selection finds entries equal to v left out (the top-k set is
-  not unique), and always for 16-bit inputs or compute dtype (a few thousand distinct
-  magnitudes over millions of entries nearly always leave some out), the pre-pass selects
-  over the whole tensor, one model at a time: δ = θ − base in the compute dtype as the
-  unchunked merge computes it, trimmed by the same `trim_torch_sort_`, and keeps only
-  each chunk's rows of the keep mask, packed 8 entries a byte (`KeepMask`, n/8 bytes per
-  model), the chunk's answer in place of a rule. Peak of that pass (alone, before any job
-  is admitted): the base and one model in the compute dtype (2·s·n bytes for s-byte
-  entries; one more read buffer when the files are wider) and the selection's scratch
-  (8-byte (magnitude, index) pairs and a byte of flags; for float16, which the compiled
-  trim does not take, float32 magnitudes too): at most (2·s + 13)·n bytes, under half the
-  unchunked job's own estimate (`job_cost`, 44·n to 46·n for TIES over three models). The
-  packed masks are held until the job is written and are added to its cost.
+  repeats: where the radix selection finds entries equal to v left out (the top-k set is not
+  unique), and always for 16-bit inputs or compute dtype (a few thousand distinct magnitudes
+  over millions of entries nearly always leave some out), the pre-pass selects over the
+  whole tensor, one model at a time: δ = θ − base in the compute dtype as the unchunked
+  merge computes it, trimmed by the same `trim_torch_sort_`, and keeps only each chunk's
+  rows of the keep mask, packed 8 entries a byte (`KeepMask`, n/8 bytes per model), the
+  chunk's answer in place of a rule. The job finds them when it starts, so only the masks of
+  the jobs in flight are held. Peak of that pass: one model's δ in the compute dtype (s·n
+  bytes for s-byte entries; it is built a chunk at a time, so no whole base is held) and the
+  selection's scratch (8-byte (magnitude, index) pairs and a byte of flags; for float16,
+  which the compiled trim does not take, float32 magnitudes too): (s+9)·n bytes, (s+13)·n
+  for float16, under a third of the unchunked job's own estimate (`job_cost`, 44·n to 46·n
+  for TIES over three models). The job's cost (`tensor_pass_cost`) is the larger of that
+  peak and a chunk's, plus the packed masks, held until the job is written.
 
 Magnitudes are those of the unchunked merge: δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
@@ -173,6 +174,23 @@ def _magnitude(job: TensorJob, parts: list[torch.Tensor], model: int) -> torch.T
     return magnitude(torch.sub(parts[1 + model], parts[0]))
 
 
+def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
+    """Bytes of job ``index``'s per-tensor statistics beyond a chunk's merge: the peak of
+    the mergekit dialect's whole-tensor selection (one model's δ in the compute dtype, s
+    bytes an entry, and the selection's scratch: (s+9)·n, (s+13)·n for float16) and
+    the packed keep masks held until the job is written (n/8 per trimmed model); counted
+    whenever the dialect may need them (float32: only where ties are split). (0, 0) for
+    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time."""
+    requests = tensor_requests(plan, index)
+    if plan.recipe.dialect != "mergekit" or not requests:
+        return 0, 0
+    job = plan.jobs[index]
+    cd = plan.job_compute_dtype(job)
+    n = job.out.numel
+    scratch = 13 if cd == torch.float16 else 9
+    return (cd.itemsize + scratch) * n, len(requests) * -(-n // 8)
+
+
 def chunk_tensor_rules(
     sources: Sources, plan: MergePlan, index: int, rows_per: int
 ) -> list[dict[StatRequest, Any]]:
@@ -225,11 +243,13 @@ def chunk_keep_masks(
     with δ = 0 is marked as dropped: δ · mask is the same zero either way."""
     job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
-    rows, cols = job.out.shape[0], job.out.numel // job.out.shape[0]
-    base_src, src = job.sources[0], job.sources[1 + request.model_index]
-    base = sources.read_rows(base_src.ref, base_src.name, 0, rows).to(cd)
-    delta = sources.read_rows(src.ref, src.name, 0, rows).to(cd).sub_(base)  # a fresh read
-    del base
+    cols = job.out.numel // job.out.shape[0]
+    base, src = job.sources[0], job.sources[1 + request.model_index]
+    delta = torch.empty(job.out.shape, dtype=cd)
+    for a, b in spans:  # δ is entrywise: built a chunk at a time, no whole base held
+        part = sources.read_rows(src.ref, src.name, a, b).to(cd)
+        delta[a:b] = part.sub_(sources.read_rows(base.ref, base.name, a, b).to(cd))
+        del part
     k = keep_count(delta.numel(), request.density, plan.recipe.dialect)
     keep = trim_torch_sort_(delta, k).reshape(-1) != 0
     del delta
