@@ -10,8 +10,9 @@ from tiny_models import tiny_tensors, write_folder
 
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge, run_merge
-from splice.engine.chunks import chunkable, rows_per_chunk
+from splice.engine.chunks import chunkable, rows_per_chunk, tensor_pass_cost
 from splice.io.writer import ShardedWriter
+from splice.merge import KeepMask, KeepRule
 from splice.recipe.schema import parse_recipe
 
 
@@ -233,7 +234,7 @@ def _same_files(a, b) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("cd", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cd", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize(
     ("method", "dialect", "scope"),
     [
@@ -243,6 +244,7 @@ def _same_files(a, b) -> None:
         ("magnitude_prune", "splice", "tensor"),
         ("ties", "mergekit", "model"),
         ("ties", "mergekit", "tensor"),
+        ("magnitude_prune", "mergekit", "tensor"),
     ],
 )
 @pytest.mark.parametrize("grid", [False, True], ids=["random", "tied"])
@@ -251,34 +253,80 @@ def test_chunked_trims_equal_unchunked_bit_for_bit(
 ):
     """TIES / magnitude_prune in row chunks: the same files as the unchunked merge, with the
     tie quota carried from chunk to chunk (scope model: the whole-model rule's; scope tensor:
-    the pre-pass's). The mergekit dialect's per-tensor trim of bf16 task vectors is merged
-    unchunked: torch's sort order over the whole tensor picks the ties at the threshold."""
+    the pre-pass's), or, for the mergekit dialect's per-tensor trim of bf16 task vectors
+    (ties at the threshold in torch's sort order over the whole tensor), each chunk's rows
+    of the whole tensor's keep mask."""
     paths = (_grid_models if grid else _models)(tmp_path, torch.bfloat16)
     recipe = _trim_recipe(paths, method, dialect, scope, cd)
     whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    answers = _spy_tensor_answers(monkeypatch)
     chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
     assert whole == {}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if dialect != "mergekit" or scope != "tensor":
-            assert len(chunked[name]) > 2 and max(chunked[name]) < 16
-        else:  # bf16 task vectors: ties in torch's sort order (no pre-pass)
-            assert name not in chunked
+        assert len(chunked[name]) > 2 and max(chunked[name]) < 16
+    # 16-bit inputs: every mergekit per-tensor trim is selected over the whole tensor
+    if scope == "tensor":
+        kinds = {KeepMask} if dialect == "mergekit" else {KeepRule}
+        assert {type(a) for a in answers} == kinds
     _same_files(tmp_path / "whole", tmp_path / "chunked")
 
 
+def _spy_tensor_answers(monkeypatch) -> list:
+    """Collects every per-chunk answer `chunk_tensor_rules` gives."""
+    found: list = []
+    real = execute_mod.chunk_tensor_rules
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        found.extend(a for chunk in out for a in chunk.values())
+        return out
+
+    monkeypatch.setattr(execute_mod, "chunk_tensor_rules", spy)
+    return found
+
+
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
 @pytest.mark.parametrize("grid", [False, True], ids=["random", "tied"])
-def test_a_mergekit_trim_is_chunked_when_no_tie_is_left_out(tmp_path, monkeypatch, grid):
-    """float32 models: the pre-pass decides. Random task vectors (no two |δ| equal): the
-    per-tensor top-k set is unique, so the chunk rules give torch's selection; task vectors
-    on a grid leave ties out at the threshold: the tensor is merged unchunked."""
+def test_a_float32_mergekit_trim_needs_masks_only_when_ties_are_left_out(
+    tmp_path, monkeypatch, grid, method
+):
+    """float32 models: the radix pre-pass decides. Random task vectors (no two |δ| equal):
+    the per-tensor top-k set is unique, so the chunk rules give torch's selection; task
+    vectors on a grid leave ties out at the threshold: each chunk gets its rows of the keep
+    mask selected over the whole tensor. Both are chunked and give the unchunked files."""
     paths = (_grid_models if grid else _models)(tmp_path, torch.float32)
-    recipe = _trim_recipe(paths, "ties", "mergekit", "tensor", "float32")
+    recipe = _trim_recipe(paths, method, "mergekit", "tensor", "float32")
     whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    answers = _spy_tensor_answers(monkeypatch)
     chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, threads=1, memory_budget=2048)
     assert whole == {}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if grid:
-            assert name not in chunked
-        else:
-            assert len(chunked[name]) > 2 and max(chunked[name]) < 16
+        assert len(chunked[name]) > 2 and max(chunked[name]) < 16
+    kinds = {type(a) for a in answers}
+    assert kinds == ({KeepRule, KeepMask} if grid else {KeepRule})
     _same_files(tmp_path / "whole", tmp_path / "chunked")
+
+
+def test_a_keep_mask_packs_eight_entries_a_byte():
+    mask = torch.tensor(
+        [[1, 0, 0, 0, 0, 0, 0, 1, 1], [0, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool
+    )
+    packed = KeepMask.pack(mask)
+    assert packed.bits.tolist() == [0b10000001, 0b10100000, 0b00000000]
+    assert packed.nbytes == 3 and packed.count == 18
+    assert torch.equal(packed.unpack((2, 9)), mask)
+
+
+@pytest.mark.parametrize(("cd", "peak"), [("bfloat16", 11), ("float16", 15), ("float32", 13)])
+def test_the_whole_tensor_selection_is_in_the_job_cost(tmp_path, cd, peak):
+    """mergekit dialect, scope tensor: one model's δ (s bytes an entry) plus the selection's
+    scratch (9 bytes an entry; 13 for float16's float32 magnitudes), and the packed masks of
+    the three trimmed models held: 16 x 8 = 128 entries, 16 bytes each."""
+    paths = _models(tmp_path, torch.bfloat16)
+    for dialect, want in (("mergekit", (peak * 128, 3 * 16)), ("splice", (0, 0))):
+        plan = plan_merge(parse_recipe(_trim_recipe(paths, "ties", dialect, "tensor", cd)))
+        try:
+            emb = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
+            assert tensor_pass_cost(plan, emb) == want
+        finally:
+            plan.close()

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.delta.argsort_select import argsort_topk_mask, selection_path
+from splice.delta.argsort_select import argsort_topk_mask, selection_path, trim_like_argsort_
 
 # How ties at a keep boundary are broken:
 # - "flat": the first equal entries in flat row-major order (splice's rule, deterministic
@@ -71,6 +71,16 @@ def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
     if tied and ties == "torch_sort":
         mask = argsort_topk_mask(flat, k)
     return mask.reshape(mag.shape)
+
+
+def trim_torch_sort_(delta: Tensor, k: int) -> Tensor:
+    """In place: zero every entry of ``delta`` but the ``k`` that
+    ``torch.argsort(|δ|, descending=True)[:k]`` selects (mergekit's per-tensor trim; the
+    zeros keep δ's sign, as ``δ · mask`` gives): one compiled pass where it applies
+    (`trim_like_argsort_`), else the mask of `topk_mask` with ties in torch's order."""
+    if not trim_like_argsort_(delta, k):
+        delta.mul_(topk_mask(magnitude(delta), k, "torch_sort"))
+    return delta
 
 
 def _topk_flat(flat: Tensor, k: int) -> tuple[Tensor, bool]:

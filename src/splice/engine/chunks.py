@@ -27,15 +27,24 @@ entries equal to v), and TIES' sign election and disjoint mean are entrywise aft
   chunk at a time, in row order, so they give each chunk's rule directly (and hold only a
   chunk's rows: the passes' memory is bounded too).
 - ``scope: tensor`` (`TensorTopK`): a statistics pre-pass over the chunks finds v by the
-  same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads
-  of the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its
-  rule. The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
-  dialect breaks them in torch's unstable sort order over the whole tensor, which chunks
-  cannot repeat: the chunk rules are used only when every entry equal to v is kept (the
-  top-k set is then unique); otherwise the job is merged unchunked, with its full cost
-  (the pre-pass runs before the merge starts, so the budget sees it). 16-bit inputs or
-  compute dtype nearly always leave ties out (a few thousand distinct magnitudes over
-  millions of entries), so such mergekit-dialect trims are not chunked at all.
+  same radix selection (`topk.select_rules` with the chunks as its parts: two extra reads of
+  the tensor's rows), k = `keep_count` (n, density, dialect), and gives each chunk its rule.
+  The splice dialect breaks ties at v in flat order, which the rules do. The mergekit
+  dialect breaks them in torch's unstable sort order over the whole tensor, which no rule
+  repeats: where the radix selection finds entries equal to v left out (the top-k set is not
+  unique), and always for 16-bit inputs or compute dtype (a few thousand distinct magnitudes
+  over millions of entries nearly always leave some out), the pre-pass selects over the
+  whole tensor, one model at a time: δ = θ − base in the compute dtype as the unchunked
+  merge computes it, trimmed by the same `trim_torch_sort_`, and keeps only each chunk's
+  rows of the keep mask, packed 8 entries a byte (`KeepMask`, n/8 bytes per model), the
+  chunk's answer in place of a rule. The job finds them when it starts, so only the masks of
+  the jobs in flight are held. Peak of that pass: one model's δ in the compute dtype (s·n
+  bytes for s-byte entries; it is built a chunk at a time, so no whole base is held) and the
+  selection's scratch (8-byte (magnitude, index) pairs and a byte of flags; for float16,
+  which the compiled trim does not take, float32 magnitudes too): (s+9)·n bytes, (s+13)·n
+  for float16, under a third of the unchunked job's own estimate (`job_cost`, 44·n to 46·n
+  for TIES over three models). The job's cost (`tensor_pass_cost`) is the larger of that
+  peak and a chunk's, plus the packed masks, held until the job is written.
 
 Magnitudes are those of the unchunked merge: δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
@@ -56,17 +65,16 @@ from typing import Any
 
 import torch
 
-from splice.delta.topk import keep_count, magnitude
+from splice.delta.topk import keep_count, magnitude, trim_torch_sort_
 from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-from splice.merge import StatRequest, TensorTopK
+from splice.merge import KeepMask, StatRequest, TensorTopK
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
-    """Whether job ``index`` gives the same result merged in row chunks (a mergekit-dialect
-    per-tensor trim may still be merged unchunked after its pre-pass: module docstring)."""
+    """Whether job ``index`` gives the same result merged in row chunks."""
     job = plan.jobs[index]
     if len(job.out.shape) < 1 or job.out.shape[0] < 2:
         return False
@@ -89,16 +97,16 @@ def chunkable(plan: MergePlan, index: int) -> bool:
     if not tensor_requests(plan, index):
         return True
     # the per-tensor selection ranks float32 bit patterns, which NaN has none of
-    if plan.allow_nonfinite:
-        return False
-    # mergekit's ties at the threshold are in torch's sort order: chunked only when the
-    # pre-pass finds none left out; 16-bit task vectors nearly always leave some (a few
-    # thousand distinct magnitudes over millions of entries), so they skip the pre-pass
-    return plan.recipe.dialect != "mergekit" or all(
-        t.itemsize >= 4
-        for t in [plan.job_compute_dtype(job)]
-        + [plan.readers[s.ref].info(s.name).dtype for s in job.sources]
-    )
+    return not plan.allow_nonfinite
+
+
+def _sixteen_bit(plan: MergePlan, job: TensorJob) -> bool:
+    """Whether the job's inputs or compute dtype are 16-bit (ties at a threshold then all
+    but certain)."""
+    dtypes = [plan.job_compute_dtype(job)] + [
+        plan.readers[s.ref].info(s.name).dtype for s in job.sources
+    ]
+    return any(t.itemsize < 4 for t in dtypes)
 
 
 def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
@@ -166,32 +174,83 @@ def _magnitude(job: TensorJob, parts: list[torch.Tensor], model: int) -> torch.T
     return magnitude(torch.sub(parts[1 + model], parts[0]))
 
 
+def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
+    """Bytes of job ``index``'s per-tensor statistics beyond a chunk's merge: the peak of
+    the mergekit dialect's whole-tensor selection (one model's δ in the compute dtype, s
+    bytes an entry, and the selection's scratch: (s+9)·n, (s+13)·n for float16) and
+    the packed keep masks held until the job is written (n/8 per trimmed model); counted
+    whenever the dialect may need them (float32: only where ties are split). (0, 0) for
+    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time."""
+    requests = tensor_requests(plan, index)
+    if plan.recipe.dialect != "mergekit" or not requests:
+        return 0, 0
+    job = plan.jobs[index]
+    cd = plan.job_compute_dtype(job)
+    n = job.out.numel
+    scratch = 13 if cd == torch.float16 else 9
+    return (cd.itemsize + scratch) * n, len(requests) * -(-n // 8)
+
+
 def chunk_tensor_rules(
     sources: Sources, plan: MergePlan, index: int, rows_per: int
-) -> list[dict[StatRequest, Any]] | None:
-    """Each chunk's `KeepRule` for every per-tensor trim request of job ``index`` (radix
-    selection over the chunks, two reads of their rows); None in the mergekit dialect when
-    some entries equal to a threshold are left out (torch's sort order over the whole
-    tensor picks them): the job is then merged unchunked."""
+) -> list[dict[StatRequest, Any]]:
+    """Each chunk's answer to every per-tensor trim request of job ``index``: a `KeepRule`
+    (radix selection over the chunks, two reads of their rows), or in the mergekit dialect,
+    where that leaves entries equal to the threshold out or the job is 16-bit, a `KeepMask`
+    of the chunk's rows (`chunk_keep_masks`)."""
     job = plan.jobs[index]
     requests = tensor_requests(plan, index)
     spans = chunk_spans(job.out.shape[0], rows_per)
     cd = plan.job_compute_dtype(job)
     dialect = plan.recipe.dialect
     cols = job.out.numel // job.out.shape[0]
+    answers: list[dict[StatRequest, Any]] = [{} for _ in spans]
+    whole = dialect == "mergekit" and _sixteen_bit(plan, job)
+    ranked = [] if whole else requests
 
     def magnitudes(c: int) -> list[torch.Tensor]:
         start, stop = spans[c]
         parts = [sources.read_rows(s.ref, s.name, start, stop).to(cd) for s in job.sources]
-        return [_magnitude(job, parts, r.model_index) for r in requests]
+        return [_magnitude(job, parts, r.model_index) for r in ranked]
 
-    rules, left_out = select_rules(
-        requests,
-        range(len(spans)),
-        lambda c: (spans[c][1] - spans[c][0]) * cols,
-        magnitudes,
-        count=lambda density, n: keep_count(n, density, dialect),
-    )
-    if dialect == "mergekit" and any(left_out):
-        return None
-    return [dict(rules[c]) for c in range(len(spans))]
+    masked = requests if whole else []
+    if ranked:
+        rules, left_out = select_rules(
+            ranked,
+            range(len(spans)),
+            lambda c: (spans[c][1] - spans[c][0]) * cols,
+            magnitudes,
+            count=lambda density, n: keep_count(n, density, dialect),
+        )
+        for c, answer in enumerate(answers):
+            answer.update(rules[c])
+        if dialect == "mergekit":
+            masked = [r for r, n in zip(ranked, left_out, strict=True) if n]
+    for r in masked:
+        for answer, mask in zip(
+            answers, chunk_keep_masks(sources, plan, index, r, spans), strict=True
+        ):
+            answer[r] = mask
+    return answers
+
+
+def chunk_keep_masks(
+    sources: Sources, plan: MergePlan, index: int, request: TensorTopK, spans: list[tuple[int, int]]
+) -> list[KeepMask]:
+    """The keep mask of the mergekit dialect's per-tensor trim of one model over the whole
+    tensor of job ``index``, as the unchunked merge selects it (δ in the compute dtype,
+    `trim_torch_sort_`), split into the chunks' rows (``spans``) and packed. A kept entry
+    with δ = 0 is marked as dropped: δ · mask is the same zero either way."""
+    job = plan.jobs[index]
+    cd = plan.job_compute_dtype(job)
+    cols = job.out.numel // job.out.shape[0]
+    base, src = job.sources[0], job.sources[1 + request.model_index]
+    delta = torch.empty(job.out.shape, dtype=cd)
+    for a, b in spans:  # δ is entrywise: built a chunk at a time, no whole base held
+        part = sources.read_rows(src.ref, src.name, a, b).to(cd)
+        delta[a:b] = part.sub_(sources.read_rows(base.ref, base.name, a, b).to(cd))
+        del part
+    k = keep_count(delta.numel(), request.density, plan.recipe.dialect)
+    keep = trim_torch_sort_(delta, k).reshape(-1) != 0
+    del delta
+    return [KeepMask.pack(keep[a * cols : b * cols]) for a, b in spans]

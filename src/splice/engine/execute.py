@@ -36,6 +36,7 @@ from splice.engine.chunks import (
     chunk_tensor_rules,
     merged_rows,
     rows_per_chunk,
+    tensor_pass_cost,
     tensor_requests,
 )
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
@@ -122,8 +123,8 @@ class _Runner:
     sources: Sources
     rules: Rules
     chunks: dict[int, int] = field(default_factory=dict)  # job -> rows per chunk
-    # job -> each chunk's `KeepRule`s: whole-model (`_model_stat_rules`) or per-tensor
-    # (`chunk_tensor_rules`) trims
+    # job -> each chunk's `KeepRule`s of the whole-model trims (`_model_stat_rules`); the
+    # per-tensor ones (`chunk_tensor_rules`) are found when the job starts
     chunk_rules: ChunkRules = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,14 +156,12 @@ class _Runner:
             def combine(parts: list[torch.Tensor], stats: dict) -> torch.Tensor:
                 return parts[0] if job.kind == "copy" else self._merge(index, parts, stats)
 
+            # per-tensor trims: each chunk's answers, found now (the job's cost counts them)
+            chunk_rules = self.chunk_rules.get(index)
+            if chunk_rules is None and tensor_requests(self.plan, index):
+                chunk_rules = chunk_tensor_rules(self.sources, self.plan, index, self.chunks[index])
             rows = merged_rows(
-                self.sources,
-                self.plan,
-                index,
-                self.chunks[index],
-                combine,
-                seen,
-                self.chunk_rules.get(index),
+                self.sources, self.plan, index, self.chunks[index], combine, seen, chunk_rules
             )
             return [Output(job.out.name, None, seen, rows=rows)]
         read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
@@ -308,6 +307,9 @@ def run_merge(
         if rows is not None:
             chunks[i] = rows
             costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
+            # the job's per-tensor statistics, found when it starts (`chunk_tensor_rules`)
+            peak, held = tensor_pass_cost(plan, i)
+            costs[i] = max(costs[i], peak) + held
     memo: list[tuple[Rules, ChunkRules]] = []
 
     def stats() -> tuple[Rules, ChunkRules]:  # whole-model statistics, computed at most once
@@ -343,17 +345,6 @@ def run_merge(
     def before(pending: list[int]) -> None:
         rules_, per_chunk = stats() if pending else ({}, {})
         runner.rules, runner.chunk_rules = rules_, dict(per_chunk)
-        # Per-tensor trim statistics of the chunked jobs, before any job is admitted (one
-        # job at a time, a chunk at a time): a job that cannot be chunked after all
-        # (mergekit's tie order) gets its full cost.
-        for i in pending:
-            if i in chunks and tensor_requests(plan, i):
-                found = chunk_tensor_rules(runner.sources, plan, i, chunks[i])
-                if found is None:
-                    del chunks[i]
-                    costs[i] = job_cost(plan, i)
-                else:
-                    runner.chunk_rules[i] = found
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads_per_job(threads))

@@ -8,10 +8,18 @@ from splice.merge.registry import (
     get_method,
     merge_method,
 )
-from splice.merge.stats import DepthScale, KeepRule, StatRequest, TensorTopK, TopKThreshold
+from splice.merge.stats import (
+    DepthScale,
+    KeepMask,
+    KeepRule,
+    StatRequest,
+    TensorTopK,
+    TopKThreshold,
+)
 
 __all__ = [
     "DepthScale",
+    "KeepMask",
     "KeepRule",
     "MergeContext",
     "MergeMethod",

@@ -12,7 +12,9 @@ engine imports no method.
   tensor that keeps exactly round(density · N) entries over the whole model.
 - `TensorTopK(model_index, density)`: the same trim within one tensor (``scope: tensor``),
   answered only for a tensor merged in row chunks (a `KeepRule` per chunk, from a
-  statistics pre-pass over the chunks); a method selects by itself when it is unanswered.
+  statistics pre-pass over the chunks, or a `KeepMask` of the chunk's rows where the
+  mergekit dialect's tie order needs the whole tensor); a method selects by itself when it
+  is unanswered.
 - `DepthScale(alpha, beta)`: LiNeS' depth scaling s(l) = α + β · l / (L − 1) (α outside
   layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
   which the engine puts in every context, so `MergeContext.stat` answers it directly; the
@@ -26,9 +28,12 @@ engine imports no method.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import torch
 from torch import Tensor
 
 
@@ -46,6 +51,32 @@ class KeepRule:
     tie_quota: int
 
 
+@dataclass(frozen=True, eq=False)
+class KeepMask:
+    """Which entries of some rows of a tensor survive a per-tensor trim selected over the
+    whole tensor (mergekit's ties in torch's sort order, which no threshold rule repeats):
+    the keep mask of those rows in flat order, packed 8 entries a byte (`numpy.packbits`,
+    n/8 bytes)."""
+
+    bits: np.ndarray
+    count: int
+
+    @staticmethod
+    def pack(mask: Tensor) -> KeepMask:
+        """The packed form of a bool mask (flattened)."""
+        flat = mask.reshape(-1).cpu().numpy()
+        return KeepMask(np.packbits(flat), flat.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
+
+    def unpack(self, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+        """The bool mask, of ``shape`` (``count`` entries)."""
+        flat = np.unpackbits(self.bits, count=self.count).view(np.bool_)
+        return torch.from_numpy(flat).reshape(tuple(shape)).to(device)
+
+
 @dataclass(frozen=True)
 class TopKThreshold:
     """Request: the whole-model top-k of |tensors[model_index] − base| (float32), or of
@@ -61,7 +92,8 @@ class TopKThreshold:
 class TensorTopK:
     """Request: the top-k of |tensors[model_index] − base| (float32) within this tensor
     alone, k = `keep_count`(n, density, dialect) (a ``scope: tensor`` trim). Answered, with a
-    `KeepRule` for the rows in hand, only when the engine merges the tensor in row chunks
+    `KeepRule` or a `KeepMask` for the rows in hand, only when the engine merges the tensor
+    in row chunks
     (`splice.engine.chunks`); otherwise it is left unanswered and the method selects the
     entries itself from the whole tensor."""
 

@@ -15,11 +15,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.delta.argsort_select import trim_like_argsort_
-from splice.delta.topk import keep_count, magnitude, topk_mask
+from splice.delta.topk import keep_count, magnitude, topk_mask, trim_torch_sort_
 from splice.merge.registry import MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
-from splice.merge.stats import TensorTopK, TopKThreshold
+from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
 
 try:
     from splice.merge.methods import _ties_kernel
@@ -79,8 +78,10 @@ def magnitude_trim_(
 
     scope="tensor": `keep_count` entries of this tensor (rule depends on the dialect); ties
     at the boundary in flat order, or in mergekit's sort order in the mergekit dialect; or,
-    for a tensor merged in row chunks, the engine's `KeepRule` for the chunk, its answer
-    to `TensorTopK` (the same entries: `splice.engine.chunks`).
+    for a tensor merged in row chunks, the engine's answer to `TensorTopK` for the chunk
+    (the same entries: `splice.engine.chunks`): a `KeepRule`, or in the mergekit dialect
+    when ties at the threshold are split, a `KeepMask` (the chunk's rows of the whole
+    tensor's selection, made by the same `trim_torch_sort_`).
     scope="model": the engine's whole-model `KeepRule`, its answer to `TopKThreshold`.
     rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit).
     """
@@ -92,19 +93,19 @@ def magnitude_trim_(
         rule = ctx.stat(TopKThreshold(index, density))
     else:
         rule = ctx.model_stats.get(TensorTopK(index, density))
+    if isinstance(rule, KeepMask):  # the rows of a whole-tensor selection (no rescale)
+        return delta.mul_(rule.unpack(delta.shape, delta.device))
     if rule is None and scope == "tensor" and ctx.dialect == "mergekit":
-        # One compiled pass (selection and masking) where the extension is built.
         l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
-        if trim_like_argsort_(delta, keep_count(delta.numel(), density, ctx.dialect)):
-            if l1 is not None:
-                rescale_l1(l1, delta)
-            return delta
+        trim_torch_sort_(delta, keep_count(delta.numel(), density, ctx.dialect))
+        if l1 is not None:
+            rescale_l1(l1, delta)
+        return delta
     mag = magnitude(delta)
     if rule is not None:
         mask = keep_rule_mask(mag, rule)
     else:
-        ties = "torch_sort" if ctx.dialect == "mergekit" else "flat"
-        mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), ties)
+        mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), "flat")
     l1 = l1_norm(delta, mag, ctx.dialect) if rescale else None
     del mag
     delta.mul_(mask)
