@@ -44,9 +44,14 @@ entries equal to v), and TIES' sign election and disjoint mean are entrywise aft
   which the compiled trim does not take, float32 magnitudes too): (s+9)·n bytes, (s+13)·n
   for float16, under a third of the unchunked job's own estimate (`job_cost`, 44·n to 46·n
   for TIES over three models). The job's cost (`tensor_pass_cost`) is the larger of that
-  peak and a chunk's, plus the packed masks, held until the job is written.
+  peak and a chunk's, plus the packed masks, held until the job is written. The chunk
+  applies its mask as δ · mask, so a dropped δ = ±∞ (16-bit overflow of θ − base; inputs
+  are finite) would be NaN where the compiled trim leaves a zero; it never shows: an ∞
+  dropped means the k kept entries are all ∞, the output is not finite either way and
+  the merge stops with the same `NonFiniteError`.
 
-Magnitudes are those of the unchunked merge: δ = θ − base in the compute dtype, |δ| in
+Magnitudes are those of the unchunked merge (`job_magnitudes`, the one reader for the
+whole-model passes and the per-tensor pre-pass): δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
 
 Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
@@ -60,7 +65,7 @@ and the peak RSS follows ``--memory``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -70,7 +75,7 @@ from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-from splice.merge import KeepMask, StatRequest, TensorTopK
+from splice.merge import KeepMask, StatRequest, TensorTopK, TopKThreshold
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
@@ -167,11 +172,27 @@ def merged_rows(
         record[source_key(s.ref, s.name)] = h.hexdigest()
 
 
-def _magnitude(job: TensorJob, parts: list[torch.Tensor], model: int) -> torch.Tensor:
-    """|θ_model − base| of a chunk, float32, as the unchunked trim ranks it: the difference
-    in the compute dtype of ``parts`` (the base first)."""
-    assert job.base is not None
-    return magnitude(torch.sub(parts[1 + model], parts[0]))
+def job_magnitudes(
+    plan: MergePlan,
+    job: TensorJob,
+    requests: Sequence[TensorTopK | TopKThreshold],
+    load: Callable[[str, str], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Per request, the float32 magnitudes the unchunked trim ranks, of the rows ``load``
+    reads (reference, tensor name -> rows in the stored dtype): |θ_m − base| with the
+    difference taken in the job's compute dtype, or |θ_m| for a whole-model request not of
+    a delta. One reader of trim magnitudes for the whole-model passes and the per-tensor
+    pre-pass alike; only the inputs the requests name are read."""
+    cd = plan.job_compute_dtype(job)
+    base = load(job.base.ref, job.base.name).to(cd) if job.base is not None else None
+    out = []
+    for r in requests:
+        src = job.inputs[r.model_index]
+        x = load(src.ref, src.name).to(cd)
+        if getattr(r, "of_delta", True) and base is not None:
+            x = torch.sub(x, base)
+        out.append(magnitude(x))
+    return out
 
 
 def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
@@ -201,7 +222,6 @@ def chunk_tensor_rules(
     job = plan.jobs[index]
     requests = tensor_requests(plan, index)
     spans = chunk_spans(job.out.shape[0], rows_per)
-    cd = plan.job_compute_dtype(job)
     dialect = plan.recipe.dialect
     cols = job.out.numel // job.out.shape[0]
     answers: list[dict[StatRequest, Any]] = [{} for _ in spans]
@@ -210,8 +230,9 @@ def chunk_tensor_rules(
 
     def magnitudes(c: int) -> list[torch.Tensor]:
         start, stop = spans[c]
-        parts = [sources.read_rows(s.ref, s.name, start, stop).to(cd) for s in job.sources]
-        return [_magnitude(job, parts, r.model_index) for r in ranked]
+        return job_magnitudes(
+            plan, job, ranked, lambda ref, name: sources.read_rows(ref, name, start, stop)
+        )
 
     masked = requests if whole else []
     if ranked:

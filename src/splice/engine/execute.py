@@ -34,6 +34,7 @@ import splice
 from splice.engine.chunks import (
     chunk_spans,
     chunk_tensor_rules,
+    job_magnitudes,
     merged_rows,
     rows_per_chunk,
     tensor_pass_cost,
@@ -236,22 +237,12 @@ def _model_stat_rules(
 
     def magnitudes(u: int) -> list[torch.Tensor]:
         i, span = units[u]
-        job = plan.jobs[i]
-        cd = plan.job_compute_dtype(job)
 
         def load(ref: str, name: str) -> torch.Tensor:
             reader = plan.readers[ref]
-            t = reader.read(name) if span is None else read_rows(reader, name, *span)
-            return t.to(cd)
+            return reader.read(name) if span is None else read_rows(reader, name, *span)
 
-        base = load(job.base.ref, job.base.name) if job.base else None
-        out = []
-        for r in requests:
-            x = load(job.inputs[r.model_index].ref, job.inputs[r.model_index].name)
-            if r.of_delta and base is not None:
-                x = x - base
-            out.append(x.abs().float())
-        return out
+        return job_magnitudes(plan, plan.jobs[i], requests, load)
 
     found = keep_rules(requests, range(len(units)), numel, magnitudes, threads, progress)
     rules: Rules = {}
