@@ -251,7 +251,6 @@ def test_cache_checks_the_batch_adapters_and_the_layer_structure() -> None:
     check_rows(am, ["b", "a", "c"])
 
 
-
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_mixed_batch_under_autocast(kind: str, monkeypatch) -> None:
     """Under CPU bfloat16 autocast (the bench's precision on CPUs with bf16 matmuls), rows of

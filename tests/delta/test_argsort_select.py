@@ -1,5 +1,7 @@
 """The O(n) reproduction of torch.argsort's top-k selection against the real argsort."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -144,3 +146,34 @@ def test_trim_declines_what_it_cannot_do():
     assert not argsort_select.trim_like_argsort_(x.clone(), 5)  # NaN: the mask path
     assert not argsort_select.trim_like_argsort_(x.half(), 5)  # float16: the mask path
     assert not argsort_select.trim_like_argsort_(torch.ones(8), 8)  # k = n: nothing to trim
+
+
+@compiled
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pairs_filled_in_slices_select_what_argsort_selects(seed):
+    """`select_pairs_packed` on (value, flat index) pairs filled in three uneven slices (as
+    the chunked trim fills them a chunk of rows at a time): the packed mask is torch's
+    argsort top-k, bit for bit, on the tie-heavy inputs."""
+    np = pytest.importorskip("numpy")
+    for x, k in _adversarial(seed):
+        n = x.numel()
+        pairs = np.empty(n, dtype=argsort_select.PAIR)
+        cuts = [0, n // 3, n // 3 + 7, n]
+        for a, b in itertools.pairwise(cuts):
+            pairs["v"][a:b] = x[a:b].numpy()
+            pairs["i"][a:b] = np.arange(a, b, dtype=np.uint32)
+        bits = argsort_select.select_pairs_packed(pairs, k)
+        assert bits is not None and len(bits) == -(-n // 8)
+        got = torch.from_numpy(np.unpackbits(bits, count=n).astype(bool))
+        assert torch.equal(got, _reference(x, k)), (n, k)
+
+
+def test_pairs_selection_declines_what_it_cannot_do(monkeypatch):
+    np = pytest.importorskip("numpy")
+    pairs = np.zeros(40, dtype=argsort_select.PAIR)
+    assert argsort_select.select_pairs_packed(pairs, 0) is None  # k outside (0, n)
+    assert argsort_select.select_pairs_packed(pairs, 40) is None
+    assert argsort_select.select_pairs_packed(np.zeros(40, dtype=np.float32), 5) is None
+    monkeypatch.setattr(argsort_select, "_introselect", None)
+    assert not argsort_select.pairs_selectable(40)
+    assert argsort_select.select_pairs_packed(pairs, 5) is None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import tiny_tensors, write_folder
 
+from splice.engine import chunks as chunks_mod
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge, run_merge
 from splice.engine.chunks import chunkable, rows_per_chunk, tensor_pass_cost
@@ -317,16 +318,51 @@ def test_a_keep_mask_packs_eight_entries_a_byte():
     assert torch.equal(packed.unpack((2, 9)), mask)
 
 
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "whole-delta"])
 @pytest.mark.parametrize(("cd", "peak"), [("bfloat16", 11), ("float16", 15), ("float32", 13)])
-def test_the_whole_tensor_selection_is_in_the_job_cost(tmp_path, cd, peak):
-    """mergekit dialect, scope tensor: one model's δ (s bytes an entry) plus the selection's
-    scratch (9 bytes an entry; 13 for float16's float32 magnitudes), and the packed masks of
-    the three trimmed models held: 16 x 8 = 128 entries, 16 bytes each."""
+def test_the_whole_tensor_selection_is_in_the_job_cost(tmp_path, monkeypatch, cd, peak, pairs):
+    """mergekit dialect, scope tensor, 16 x 8 = 128 entries, the packed masks of the three
+    trimmed models held (16 bytes each). With the compiled pairs selection: its 8-byte
+    (|δ|, index) pairs and the packed mask, whatever the dtype (8 x 128 + 16); without it:
+    one model's δ (s bytes an entry) plus the selection's scratch (9 bytes an entry; 13 for
+    float16's float32 magnitudes)."""
+    if pairs and not chunks_mod.pairs_selectable(128):
+        pytest.skip("the compiled selection is not built")
+    if not pairs:
+        monkeypatch.setattr(chunks_mod, "pairs_selectable", lambda n: False)
     paths = _models(tmp_path, torch.bfloat16)
-    for dialect, want in (("mergekit", (peak * 128, 3 * 16)), ("splice", (0, 0))):
+    first = 8 * 128 + 16 if pairs else peak * 128
+    for dialect, want in (("mergekit", (first, 3 * 16)), ("splice", (0, 0))):
         plan = plan_merge(parse_recipe(_trim_recipe(paths, "ties", dialect, "tensor", cd)))
         try:
             emb = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
             assert tensor_pass_cost(plan, emb) == want
         finally:
             plan.close()
+
+
+@pytest.mark.parametrize("cd", ["bfloat16", "float16"])
+def test_keep_masks_from_pairs_and_from_the_whole_delta_agree(tmp_path, monkeypatch, cd):
+    """The mergekit dialect's chunked per-tensor trim of bf16 task vectors on a grid (ties
+    at every threshold): the compiled pairs selection (filled a chunk at a time) and the
+    whole-δ trim it replaces give the same files as the unchunked merge."""
+    paths = _grid_models(tmp_path, torch.bfloat16)
+    recipe = _trim_recipe(paths, "ties", "mergekit", "tensor", cd)
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    assert whole == {}
+    used: list[int] = []
+    real = chunks_mod.select_pairs_packed
+
+    def spy(pairs, k):
+        used.append(k)
+        return real(pairs, k)
+
+    monkeypatch.setattr(chunks_mod, "select_pairs_packed", spy)
+    _merge_rows(recipe, tmp_path / "pairs", monkeypatch, threads=1, memory_budget=2048)
+    assert bool(used) == chunks_mod.pairs_selectable(128)  # every chunked tensor x 3 models
+    monkeypatch.setattr(chunks_mod, "pairs_selectable", lambda n: False)
+    used.clear()
+    _merge_rows(recipe, tmp_path / "delta", monkeypatch, threads=1, memory_budget=2048)
+    assert used == []
+    _same_files(tmp_path / "whole", tmp_path / "pairs")
+    _same_files(tmp_path / "whole", tmp_path / "delta")

@@ -366,7 +366,6 @@ def mixed_forward(am: AdapterModel, plan: MixedBatchPlan) -> Iterator[None]:
             layer.mixed_plan = None
 
 
-
 def _kernel_precision(x: Tensor) -> AbstractContextManager[object]:
     """Autocast off for the kernels: they pick their own dtypes (the stacks', cast in and
     out), which autocast would override for some ops (``bmm`` to bfloat16) but not for the
@@ -377,6 +376,7 @@ def _kernel_precision(x: Tensor) -> AbstractContextManager[object]:
     if torch.is_autocast_enabled(device):
         return torch.autocast(device, enabled=False)
     return nullcontext()
+
 
 def layer_forward(
     plan: MixedBatchPlan, layer: AdaptedLayer, x: Tensor, args: tuple, kwargs: dict

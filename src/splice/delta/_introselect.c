@@ -17,7 +17,14 @@
  *   place: every entry not selected becomes a zero with its sign (what delta * mask gives).
  *   False (delta untouched) on the depth limit.
  *
- * Both functions release the GIL while they run.
+ * torch_sort_select_pairs(pairs, k, bits) -> bool
+ *   The same selection on (value, index) pairs the caller built (n entries of a float32
+ *   value and a uint32 flat index, 8 bytes each, e.g. filled a slice of a tensor at a time),
+ *   scrambled in place; sets the bit of each selected index in bits (ceil(n / 8) bytes,
+ *   zeroed by the caller; numpy.packbits order, most significant bit first). Peak: the
+ *   pairs alone, no copy of the values. False (bits untouched) on the depth limit.
+ *
+ * All three release the GIL while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -247,7 +254,44 @@ static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
     return PyBool_FromLong(rc);
 }
 
+static PyObject *torch_sort_select_pairs(PyObject *self, PyObject *args) {
+    PyObject *pairs_obj, *bits_obj;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OnO", &pairs_obj, &k, &bits_obj)) return NULL;
+    Py_buffer pairs, bits;
+    if (PyObject_GetBuffer(pairs_obj, &pairs, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(bits_obj, &bits, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&pairs);
+        return NULL;
+    }
+    Py_ssize_t n = pairs.len / (Py_ssize_t)sizeof(pair32);
+    if (pairs.len % (Py_ssize_t)sizeof(pair32) != 0 || bits.len != (n + 7) / 8 || k <= 0 ||
+        k >= n || n > (Py_ssize_t)UINT32_MAX) {
+        PyBuffer_Release(&pairs);
+        PyBuffer_Release(&bits);
+        PyErr_SetString(PyExc_ValueError, "torch_sort_select_pairs: need n 8-byte (float32, "
+                                          "uint32) pairs, ceil(n/8) bytes and 0 < k < n");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    pair32 *a = (pair32 *)pairs.buf;
+    uint8_t *out = (uint8_t *)bits.buf;
+    rc = select32(a, n, k);
+    if (rc == 1)
+        for (Py_ssize_t p = 0; p < k; p++) out[a[p].i >> 3] |= (uint8_t)(0x80u >> (a[p].i & 7u));
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&pairs);
+    PyBuffer_Release(&bits);
+    return PyBool_FromLong(rc);
+}
+
 static PyMethodDef methods[] = {
+    {"torch_sort_select_pairs", torch_sort_select_pairs, METH_VARARGS,
+     "torch_sort_select_pairs(pairs, k, bits) -> bool: set the packed bits of the indices "
+     "torch.argsort(values, descending=True)[:k] selects, from caller-built (float32 value, "
+     "uint32 index) pairs (scrambled); False where introsort would use heapsort."},
     {"torch_sort_trim", torch_sort_trim, METH_VARARGS,
      "torch_sort_trim(delta, k, itemsize) -> bool: zero (keeping the sign) all entries of a "
      "float32 / bfloat16 buffer but the k that torch.argsort(|delta|, descending=True)[:k] "

@@ -210,3 +210,36 @@ def argsort_topk_mask(x: torch.Tensor, k: int, path: Path | None = None) -> torc
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return _argsort_mask(x.cpu().float(), k).to(x.device)
     return _select(x.contiguous(), k, path or selection_path())
+
+
+PAIR = np.dtype([("v", "<f4"), ("i", "<u4")])  # the compiled selection's (value, index)
+
+
+def pairs_selectable(n: int) -> bool:
+    """Whether `select_pairs_packed` can select among ``n`` caller-built pairs: the
+    compiled extension passed its self-check and flat indices fit in 32 bits."""
+    return (
+        _introselect is not None
+        and hasattr(_introselect, "torch_sort_select_pairs")
+        and 1 < n <= 0xFFFFFFFF
+        and selection_path() == "compiled"
+    )
+
+
+def select_pairs_packed(pairs: np.ndarray, k: int) -> np.ndarray | None:
+    """The positions ``torch.argsort(values, descending=True)[:k]`` selects, as a packed
+    keep mask (``numpy.packbits`` order, ⌈n/8⌉ bytes), from (value, flat index) pairs of
+    dtype `PAIR` that the caller filled (value float32 without NaN, index = the entry's
+    flat position; e.g. a slice of rows at a time, so that no whole copy of the values is
+    held). The pairs are scrambled. None when ``pairs_selectable`` is false, k is not in
+    (0, n), or introsort would switch to heapsort: the caller then selects another way
+    (the pairs no longer hold their order)."""
+    n = len(pairs)
+    if pairs.dtype != PAIR or not pairs.flags.c_contiguous or not 0 < k < n:
+        return None
+    if not pairs_selectable(n):
+        return None
+    bits = np.zeros(-(-n // 8), dtype=np.uint8)
+    if not _introselect.torch_sort_select_pairs(pairs, k, bits):
+        return None
+    return bits

@@ -34,16 +34,19 @@ entries equal to v), and TIES' sign election and disjoint mean are entrywise aft
   repeats: where the radix selection finds entries equal to v left out (the top-k set is not
   unique), and always for 16-bit inputs or compute dtype (a few thousand distinct magnitudes
   over millions of entries nearly always leave some out), the pre-pass selects over the
-  whole tensor, one model at a time: δ = θ − base in the compute dtype as the unchunked
-  merge computes it, trimmed by the same `trim_torch_sort_`, and keeps only each chunk's
-  rows of the keep mask, packed 8 entries a byte (`KeepMask`, n/8 bytes per model), the
-  chunk's answer in place of a rule. The job finds them when it starts, so only the masks of
-  the jobs in flight are held. Peak of that pass: one model's δ in the compute dtype (s·n
-  bytes for s-byte entries; it is built a chunk at a time, so no whole base is held) and the
-  selection's scratch (8-byte (magnitude, index) pairs and a byte of flags; for float16,
-  which the compiled trim does not take, float32 magnitudes too): (s+9)·n bytes, (s+13)·n
-  for float16, under a third of the unchunked job's own estimate (`job_cost`, 44·n to 46·n
-  for TIES over three models). The job's cost (`tensor_pass_cost`) is the larger of that
+  whole tensor, one model at a time, the entries the unchunked merge's `trim_torch_sort_`
+  keeps of δ = θ − base (in the compute dtype), and keeps only each chunk's rows of the
+  keep mask, packed 8 entries a byte (`KeepMask`, n/8 bytes per model), the chunk's answer
+  in place of a rule. The job finds them when it starts, so only the masks of the jobs in
+  flight are held. The selection sorts (|δ|, flat index) pairs along introsort's path
+  (`splice.delta.argsort_select`); with the compiled extension those pairs are filled a
+  chunk of rows at a time (`select_pairs_packed`), so the pass holds 8 bytes an entry and
+  the packed mask: 8·n + n/8, whatever the dtype. Without it (or in the rare case where
+  introsort would switch to heapsort) δ is built whole, a chunk at a time, and trimmed in
+  place: its s bytes an entry plus the selection's 9 ((s+9)·n; (s+13)·n for float16, whose
+  float32 magnitudes are a copy). Either is under a third of the unchunked job's own
+  estimate (`job_cost`, 44·n to 46·n for TIES over three models). The job's cost
+  (`tensor_pass_cost`) is the larger of that
   peak and a chunk's, plus the packed masks, held until the job is written. The chunk
   applies its mask as δ · mask, so a dropped δ = ±∞ (16-bit overflow of θ − base; inputs
   are finite) would be NaN where the compiled trim leaves a zero; it never shows: an ∞
@@ -68,8 +71,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
+from splice.delta.argsort_select import PAIR, pairs_selectable, select_pairs_packed
 from splice.delta.topk import keep_count, magnitude, trim_torch_sort_
 from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
@@ -197,8 +202,9 @@ def job_magnitudes(
 
 def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
     """Bytes of job ``index``'s per-tensor statistics beyond a chunk's merge: the peak of
-    the mergekit dialect's whole-tensor selection (one model's δ in the compute dtype, s
-    bytes an entry, and the selection's scratch: (s+9)·n, (s+13)·n for float16) and
+    the mergekit dialect's whole-tensor selection (the compiled pairs and the packed mask:
+    8·n + n/8; else one model's δ in the compute dtype, s bytes an entry, and the
+    selection's scratch: (s+9)·n, (s+13)·n for float16) and
     the packed keep masks held until the job is written (n/8 per trimmed model); counted
     whenever the dialect may need them (float32: only where ties are split). (0, 0) for
     the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time."""
@@ -208,6 +214,8 @@ def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
     job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
     n = job.out.numel
+    if pairs_selectable(n):  # the pairs, filled a chunk at a time, and the packed mask
+        return 8 * n + -(-n // 8), len(requests) * -(-n // 8)
     scratch = 13 if cd == torch.float16 else 9
     return (cd.itemsize + scratch) * n, len(requests) * -(-n // 8)
 
@@ -259,19 +267,51 @@ def chunk_keep_masks(
     sources: Sources, plan: MergePlan, index: int, request: TensorTopK, spans: list[tuple[int, int]]
 ) -> list[KeepMask]:
     """The keep mask of the mergekit dialect's per-tensor trim of one model over the whole
-    tensor of job ``index``, as the unchunked merge selects it (δ in the compute dtype,
-    `trim_torch_sort_`), split into the chunks' rows (``spans``) and packed. A kept entry
-    with δ = 0 is marked as dropped: δ · mask is the same zero either way."""
+    tensor of job ``index``, as the unchunked merge selects it (δ in the compute dtype, the
+    entries `trim_torch_sort_` keeps), split into the chunks' rows (``spans``) and packed.
+
+    With the compiled selection (`pairs_selectable`): the (|δ|, flat index) pairs it sorts
+    are filled a chunk of rows at a time, so the pass holds 8 bytes an entry and the packed
+    mask, no whole δ (`select_pairs_packed`, the same introsort path). Otherwise, or where
+    introsort would switch to heapsort: δ is built whole a chunk at a time and trimmed by
+    `trim_torch_sort_` itself; a kept entry with δ = 0 is then marked as dropped (δ · mask
+    is the same zero either way)."""
     job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
     cols = job.out.numel // job.out.shape[0]
+    n = job.out.numel
+    k = keep_count(n, request.density, plan.recipe.dialect)
     base, src = job.sources[0], job.sources[1 + request.model_index]
+
+    def delta_rows(a: int, b: int) -> torch.Tensor:
+        part = sources.read_rows(src.ref, src.name, a, b).to(cd)
+        return part.sub_(sources.read_rows(base.ref, base.name, a, b).to(cd))
+
+    if 0 < k < n and pairs_selectable(n):
+        pairs = np.empty(n, dtype=PAIR)
+        clean = True
+        for a, b in spans:
+            mag = magnitude(delta_rows(a, b)).reshape(-1)
+            if bool(mag.isnan().any()):  # the selection takes no NaN (as the trim)
+                clean = False
+                break
+            pairs["v"][a * cols : b * cols] = mag.numpy()
+            pairs["i"][a * cols : b * cols] = np.arange(a * cols, b * cols, dtype=np.uint32)
+            del mag
+        bits = select_pairs_packed(pairs, k) if clean else None
+        del pairs
+        if bits is not None:
+            return [_packed_span(bits, a * cols, b * cols) for a, b in spans]
     delta = torch.empty(job.out.shape, dtype=cd)
     for a, b in spans:  # δ is entrywise: built a chunk at a time, no whole base held
-        part = sources.read_rows(src.ref, src.name, a, b).to(cd)
-        delta[a:b] = part.sub_(sources.read_rows(base.ref, base.name, a, b).to(cd))
-        del part
-    k = keep_count(delta.numel(), request.density, plan.recipe.dialect)
+        delta[a:b] = delta_rows(a, b)
     keep = trim_torch_sort_(delta, k).reshape(-1) != 0
     del delta
     return [KeepMask.pack(keep[a * cols : b * cols]) for a, b in spans]
+
+
+def _packed_span(bits: np.ndarray, start: int, stop: int) -> KeepMask:
+    """Entries [start, stop) of a packed mask (``numpy.packbits`` order), packed anew."""
+    lo = start // 8
+    flat = np.unpackbits(bits[lo : -(-stop // 8)])[start - 8 * lo : stop - 8 * lo]
+    return KeepMask(np.packbits(flat), stop - start)
