@@ -216,6 +216,12 @@ def odd(pool) -> dict[str, Path]:
     (cut / "config.json").write_text((pool["e0"] / "config.json").read_text())
     out["cut"] = cut
     out["cls_base"] = save_tiny_llama_classifier_folder(root / "cls_base", seed=0)
+    bare = root / "bare"  # a bare backbone: the base's tensors without the `model.` prefix
+    bare.mkdir()
+    w = load_file(str(pool["base"] / "model.safetensors"))
+    save_file({n.removeprefix("model."): t for n, t in w.items()}, str(bare / "model.safetensors"))
+    (bare / "config.json").write_text((pool["base"] / "config.json").read_text())
+    out["bare"] = bare
     (root / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}))
     out["empty"] = root / "empty.jsonl"
     return out
@@ -234,7 +240,7 @@ def _bad_recipe(pool, odd, case: str) -> Path:
     }.get(case)
     models = [good[0], second] if second else good
     extra = {"method": "ties"} if case == "method" else {}
-    base = odd["cls_base"] if case == "head-clash" else pool["base"]
+    base = {"head-clash": odd["cls_base"], "bare-base": odd["bare"]}.get(case, pool["base"])
     return _recipe(pool["root"] / f"bad-{case}.yaml", base, models, **extra)
 
 
@@ -247,6 +253,7 @@ def _bad_recipe(pool, odd, case: str) -> Path:
         ("architecture", [], "model_type 'qwen2'"),
         ("shape", [], "has shape [32, 48], the base [32, 64]"),
         ("names", [], "backbone tensors differ"),
+        ("bare-base", [], "the base names it without the experts' 'model.' prefix"),
         ("method", [], "`method: task_arithmetic`"),
         # a classifier base whose 2-label head clashes with expert 1's 3 labels
         ("head-clash", [], "could not run the learned recipe: shape mismatch for tensor 'score"),

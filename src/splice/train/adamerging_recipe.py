@@ -421,9 +421,15 @@ def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list
             )
         for n in names:
             if n not in base_shapes:
+                bare = n[len(start) :] in base_shapes  # a bare backbone (e.g. BertModel)
+                why = (
+                    f"the base names it without the experts' '{start}' prefix; a recipe "
+                    "merges tensors by name: save the base's tensors under the experts' names"
+                    if bare
+                    else "the base must have the experts' backbone tensor names"
+                )
                 raise MergeValidationError(
-                    f"models[{i}] ({t.model}): tensor '{n}' is not in the base {base} "
-                    "(the base must have the experts' backbone tensor names)"
+                    f"models[{i}] ({t.model}): tensor '{n}' is not in the base {base} ({why})"
                 )
             if shapes[n] != base_shapes[n]:
                 raise MergeValidationError(
