@@ -285,6 +285,24 @@ def test_errors_before_any_training_write_nothing(
     no_output(out, merged)
 
 
+def test_existing_outputs_are_refused_before_training(pool, tmp_path, capsys, monkeypatch):
+    import splice.train.models as models
+
+    def never(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_for_task", never)
+    out, merged = tmp_path / "l.yaml", tmp_path / "m"
+    argv = ["search", str(pool["recipe"]), "--objective", "adamerging", "--out", str(out)]
+    out.write_text("mine")
+    assert "exists" in fails_cleanly([*argv, "--quiet"], capsys)
+    out.unlink()
+    merged.mkdir()
+    (merged / "keep.txt").write_text("mine")
+    assert "already exists" in fails_cleanly([*argv, "--merged", str(merged)], capsys)
+    assert not out.exists() and (merged / "keep.txt").read_text() == "mine"
+
+
 def test_lm_loss_flags_keep_their_defaults_and_refuse_adamerging_ones(pool, capsys):
     argv = ["search", str(pool["recipe"]), "--out", str(pool["root"] / "x.yaml")]
     assert "--steps applies to --objective adamerging" in fails_cleanly(

@@ -321,7 +321,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", metavar="RECIPE", help="merge recipe (YAML) whose weights to search")
     p.add_argument("--out", required=True, help="where to write the best recipe (YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (--merged)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file (and a splice output at --merged)",
+    )
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
