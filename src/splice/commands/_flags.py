@@ -50,7 +50,7 @@ def output_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
+def add_ray_flag(p: argparse._ActionsContainer, what: str) -> None:
     """``--ray [ADDRESS]``: run ``what`` as Ray tasks (`splice.engine.ray_pool`); alone, the
     value is ``local`` (RAY_ADDRESS if set, else a new local Ray instance)."""
     p.add_argument(

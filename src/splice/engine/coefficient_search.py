@@ -75,6 +75,12 @@ def block_filter(layers: list[int]) -> str:
     return "re:" + LAYER_SEGMENT + "(?:" + "|".join(str(i) for i in layers) + r")\."
 
 
+def recipe_yaml(recipe: Mapping[str, Any]) -> str:
+    """A found recipe as YAML, in its keys' order; floats in Python's round-trip repr, so
+    `splice merge` reads back exactly the weights that were found."""
+    return yaml.safe_dump(dict(recipe), sort_keys=False, allow_unicode=True)
+
+
 @dataclass(frozen=True)
 class CoefficientSpace:
     """Which values are searched: ``parameter`` of each input model, per layer block."""
@@ -144,7 +150,7 @@ class CoefficientSearchResult:
     state: State | None = None  # the best merged model (keep_state=True)
 
     def recipe_yaml(self) -> str:
-        return yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)
+        return recipe_yaml(self.recipe)
 
     def write(self, path: str | Path) -> Path:
         p = Path(path)
