@@ -320,20 +320,10 @@ def _check_recipe(r: Recipe) -> None:
 def _task(i: int, e: Any) -> AdaMergingTask:
     """The entry's texts, read as `splice stats` reads them (labels not needed)."""
     from splice.train.models import resolve_model
-    from splice.train.statistics import StatsRequest, _lm_data
+    from splice.train.statistics import _lm_data, entry_request
 
     d = e.data
-    req = StatsRequest(
-        kind="gram",
-        model=e.model,
-        data=d.source,
-        out=None,
-        split=d.split,
-        seed=d.seed,
-        max_examples=d.max_examples,
-        batch_size=d.batch_size,
-        max_length=d.max_length,
-    )
+    req = entry_request("gram", e.model, d)  # only its data settings are used: the texts
     try:
         folder = resolve_model(e.model)
     except SpliceError as err:

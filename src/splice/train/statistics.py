@@ -339,6 +339,24 @@ def _lm_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return nll.sum(dim=1) / counts.clamp_min(1)
 
 
+def entry_request(kind: str, model: str, d: Any, *, progress: bool = True) -> StatsRequest:
+    """The `StatsRequest` of a recipe model's ``data:`` entry ``d``
+    (`splice.recipe.schema.StatsData`) on ``model``, kept in memory (``out`` None)."""
+    return StatsRequest(
+        kind=kind,  # type: ignore[arg-type]
+        model=model,
+        data=d.source,
+        out=None,
+        split=d.split,
+        seed=d.seed,
+        max_examples=d.max_examples,
+        batch_size=d.batch_size,
+        max_length=d.max_length,
+        per_example=d.per_example,
+        progress=progress,
+    )
+
+
 def collect_data_entries(
     entries: list[tuple[int, Any]], kind: str, *, progress: bool = True
 ) -> dict[int, dict[str, Tensor]]:
@@ -357,19 +375,7 @@ def collect_data_entries(
                 f"{entry.model!r} (a model + LoRA reference); run `splice stats` on the "
                 "merged-in folder and give `statistics:`"
             )
-        req = StatsRequest(
-            kind=kind,  # type: ignore[arg-type]
-            model=entry.model,
-            data=d.source,
-            out=None,
-            split=d.split,
-            seed=d.seed,
-            max_examples=d.max_examples,
-            batch_size=d.batch_size,
-            max_length=d.max_length,
-            per_example=d.per_example,
-            progress=progress,
-        )
+        req = entry_request(kind, entry.model, d, progress=progress)
         try:
             prepared[i] = prepare_statistics(req)
         except SpliceError as e:
