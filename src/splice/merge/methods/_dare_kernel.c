@@ -89,24 +89,26 @@ static void drop_run(
     const uint32_t th = (uint32_t)(thr >> 32), tl = (uint32_t)thr;
     mt_seed(s, (uint32_t)(seed & 0xffffffffu));
     for (uint64_t b = offset / (MT_N / 2); b > 0; b--) mt_twist(s); /* whole blocks skipped */
-    int skip = (int)(offset % (MT_N / 2)); /* entries of the first block before delta[0] */
+    int skip = (int)(offset % (MT_N / 2)); /* entries of its block before delta[0] */
     for (Py_ssize_t lo = 0; lo < n;) {
         const int room = MT_N / 2 - skip;
         const int c = (int)(n - lo < room ? n - lo : room);
         mt_block(s, w);
-        const uint32_t *ww = w + 2 * skip;
+        if (skip > 0) { /* the block the offset falls in: its words from entry skip on */
+            memmove(w, w + 2 * skip, 2 * sizeof(uint32_t) * (size_t)c);
+            skip = 0;
+        }
         /* finite x: x · 1 = x, x · 0 = ±0 (x's sign bit alone) */
         if (itemsize == 4) {
             uint32_t *d = (uint32_t *)buf + lo;
             for (int k = 0; k < c; k++)
-                d[k] &= keep_mask(ww[2 * k], ww[2 * k + 1], th, tl) | 0x80000000u;
+                d[k] &= keep_mask(w[2 * k], w[2 * k + 1], th, tl) | 0x80000000u;
         } else {
             uint16_t *d = (uint16_t *)buf + lo;
             for (int k = 0; k < c; k++)
-                d[k] &= (uint16_t)(keep_mask(ww[2 * k], ww[2 * k + 1], th, tl) | 0x8000u);
+                d[k] &= (uint16_t)(keep_mask(w[2 * k], w[2 * k + 1], th, tl) | 0x8000u);
         }
         lo += c;
-        skip = 0;
     }
 }
 
