@@ -1,12 +1,13 @@
 """Row chunks (`splice.engine.chunks`): a job over its budget share merged a slice of rows at
 a time gives the unchunked files bit for bit (tensors, shard records, resume), and only the
-elementwise methods, magnitude trims (TIES, magnitude_prune) and copies are chunked."""
+elementwise methods, magnitude trims (TIES, magnitude_prune), DARE's seeded drop (each
+chunk's mask the tensor's stream from its first flat entry) and copies are chunked."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_tensors, write_folder
+from tiny_models import CONFIG, tiny_tensors, write_folder
 
 from splice.engine import chunks as chunks_mod
 from splice.engine import execute as execute_mod
@@ -143,7 +144,9 @@ def test_only_elementwise_methods_trims_and_copies_are_chunked(tmp_path):
         ("ties", False): True,
         ("ties", True): False,  # the L1 rescale needs the whole tensor's norms
         ("magnitude_prune", False): True,
-        ("dare_ties", False): False,  # random masks over the whole tensor
+        ("dare_ties", False): True,  # each chunk's mask: the stream from its first entry
+        ("dare_ties", True): False,  # the L1 rescale needs the whole tensor's norms
+        ("della", False): False,  # magnitude ranks over the whole tensor
         ("slerp", False): False,
         ("task_arithmetic", False): True,
     }
@@ -152,6 +155,8 @@ def test_only_elementwise_methods_trims_and_copies_are_chunked(tmp_path):
         if method == "slerp":
             doc = {**doc, "models": [{"model": paths["ft0"]}, {"model": paths["base"]}]}
             doc["parameters"] = {"t": 0.5}
+        elif method == "della":
+            doc["parameters"] = {"rescale": rescale, "epsilon": 0.1}
         elif method != "task_arithmetic":
             doc["parameters"] = {"rescale": rescale}
         plan = plan_merge(parse_recipe(doc))
@@ -366,3 +371,85 @@ def test_keep_masks_from_pairs_and_from_the_whole_delta_agree(tmp_path, monkeypa
     assert used == []
     _same_files(tmp_path / "whole", tmp_path / "pairs")
     _same_files(tmp_path / "whole", tmp_path / "delta")
+
+
+def _wide_models(tmp_path, dtype: torch.dtype) -> dict[str, str]:
+    """A 97 x 41 embedding and lm_head (3977 entries): row chunks start at flat entries
+    that are multiples of 41, not of the generator's 312-entry blocks, and cross them."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.embed_tokens.weight": (97, 41), "model.norm.weight": (41,)}
+    shapes["lm_head.weight"] = (97, 41)
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    config = {**CONFIG, "hidden_size": 41, "vocab_size": 97}
+    folder = {n: _cast(t, dtype) for n, t in base.items()}
+    paths = {"base": write_folder(tmp_path / "base", folder, config=config)}
+    for i in range(3):
+        ft = {n: _cast(t + 0.1 * torch.randn(t.shape, generator=g), dtype) for n, t in base.items()}
+        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=9000, config=config)
+    return paths
+
+
+def _dare_recipe(paths: dict[str, str], method: str, dialect: str, rescale, cd: str) -> dict:
+    models = [
+        {"model": paths[f"ft{i}"], "parameters": {"weight": w, "density": d}}
+        for i, (w, d) in enumerate(((1.0, 0.2), (0.8, 0.3), (0.6, 0.5)))
+    ]
+    key = "merge_method" if dialect == "mergekit" else "method"
+    doc = {key: method, "base_model": paths["base"], "models": models, "dtype": cd}
+    doc["parameters"] = {"rescale": rescale, "lambda": 0.9}
+    return doc if dialect == "mergekit" else {**doc, "seed": 5}
+
+
+# chunks of 4 rows (164 entries; 25 chunks, the last 1 row), most starting inside a
+# 312-entry block
+_DARE_BUDGET = 24_000
+
+
+@pytest.mark.parametrize("cd", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("method", "dialect", "rescale"),
+    [
+        ("dare_ties", "splice", "inverse"),
+        ("dare_ties", "splice", "none"),
+        ("dare_linear", "splice", "inverse"),
+        ("dare_ties", "mergekit", False),
+        ("dare_linear", "mergekit", False),
+    ],
+)
+def test_chunked_dare_equals_unchunked_bit_for_bit(
+    tmp_path, monkeypatch, cd, dtype, method, dialect, rescale
+):
+    """DARE / DARE-TIES in row chunks: each chunk's masks are the tensor's streams from its
+    first flat entry, so the files are the unchunked ones (float32 / bfloat16: the compiled
+    drop; float16: torch's draws, the entries before the chunk drawn and discarded); every
+    chunk drawn from the start of the stream (offset 0) gives other files."""
+    recipe = _dare_recipe(_wide_models(tmp_path, dtype), method, dialect, rescale, cd)
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    kw = {"threads": 1, "memory_budget": _DARE_BUDGET}
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
+    assert whole == {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert len(chunked[name]) > 8 and max(chunked[name]) < 12, chunked[name]
+    _same_files(tmp_path / "whole", tmp_path / "chunked")
+    real = execute_mod._Runner._merge
+    monkeypatch.setattr(
+        execute_mod._Runner,
+        "_merge",
+        lambda self, index, read, stats=None, offset=0: real(self, index, read, stats, 0),
+    )
+    _merge_rows(recipe, tmp_path / "offset0", monkeypatch, **kw)
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert any(
+        (tmp_path / "whole" / f).read_bytes() != (tmp_path / "offset0" / f).read_bytes()
+        for f in shards
+    )
+
+
+@pytest.mark.parametrize(("dialect", "rescale"), [("splice", "l1"), ("mergekit", True)])
+def test_dare_with_the_l1_rescale_is_not_chunked(tmp_path, monkeypatch, dialect, rescale):
+    recipe = _dare_recipe(
+        _wide_models(tmp_path, torch.float32), "dare_ties", dialect, rescale, "float32"
+    )
+    kw = {"threads": 1, "memory_budget": _DARE_BUDGET}
+    assert _merge_rows(recipe, tmp_path / "out", monkeypatch, **kw) == {}

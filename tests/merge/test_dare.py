@@ -25,7 +25,9 @@ def fixed_masks(monkeypatch):
 
     def use(*masks):
         queue = [torch.tensor(m) for m in masks]
-        monkeypatch.setattr(dare_module, "dare_mask", lambda shape, density, gen: queue.pop(0))
+        monkeypatch.setattr(
+            dare_module, "dare_mask", lambda shape, density, gen, offset=0: queue.pop(0)
+        )
         monkeypatch.setattr(dare_module, "_dare_kernel", None)  # the draw goes through dare_mask
 
     return use
@@ -189,3 +191,110 @@ def test_dare_drop_compiled_equals_torch_path(monkeypatch, dtype, rescale):
     slow = dare_module.dare_drop_(delta.clone(), 0.3, 12345, rescale)
     assert fast.count_nonzero() < delta.numel() * 0.5  # something was dropped
     assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))
+
+
+def _row_chunks_of_drop(delta, density, seed, spans, rescale="inverse"):
+    """``dare_drop_`` on each span of rows [a, b) with its first flat entry as the offset,
+    the chunks concatenated."""
+    cols = delta[0].numel()
+    return torch.cat(
+        [
+            dare_module.dare_drop_(delta[a:b].clone(), density, seed, rescale, a * cols)
+            for a, b in spans
+        ]
+    )
+
+
+# 97 rows of 41 entries (3977): chunks of 1, 7 and 30 rows start at offsets that are not
+# multiples of 312 (or 624) and cross the 312-entry blocks of the generator's words
+_SPANS = [(0, 1), (1, 8), (8, 38), (38, 45), (45, 96), (96, 97)]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rescale", ["inverse", "none"])
+def test_a_drop_with_an_offset_is_the_slice_of_the_whole_drop(
+    monkeypatch, compiled, dtype, rescale
+):
+    if compiled and dare_module._dare_kernel is None:
+        pytest.skip("the _dare_kernel extension is not built")
+    if not compiled:
+        monkeypatch.setattr(dare_module, "_dare_kernel", None)
+    delta = (torch.randn(97, 41, generator=torch.Generator().manual_seed(5)) * 0.01).to(dtype)
+    delta[::3] = -delta[::3].abs()  # dropped negative entries keep their sign (-0.0)
+    seed = 2**40 + 17
+    whole = dare_module.dare_drop_(delta.clone(), 0.3, seed, rescale)
+    chunked = _row_chunks_of_drop(delta, 0.3, seed, _SPANS, rescale)
+    assert 0 < whole.count_nonzero() < delta.numel() * 0.5
+    assert torch.equal(chunked.view(torch.uint8), whole.view(torch.uint8))
+    # every chunk drawn from the start of the stream (offset 0) is another mask
+    naive = torch.cat(
+        [dare_module.dare_drop_(delta[a:b].clone(), 0.3, seed, rescale) for a, b in _SPANS]
+    )
+    assert not torch.equal(naive.view(torch.uint8), whole.view(torch.uint8))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("n", "offset"),
+    [
+        (1, 1),
+        (1, 311),
+        (1, 312),
+        (5, 310),
+        (313, 1),
+        (312, 312),
+        (700, 623),
+        (1000, 625),
+        (3, 10**6 + 3),
+        (2000, 31337),
+    ],
+)
+def test_the_compiled_drop_at_an_offset_is_torchs_slice(n, offset):
+    """Offsets inside the first block, at and across 312 / 624, many blocks on: the kernel
+    skips 2 · offset words (whole blocks by the twist alone)."""
+    seed = 977 + offset
+    whole = torch.empty(offset + n, dtype=torch.bool).bernoulli_(
+        0.4, generator=dare_module.seeded_generator(seed)
+    )
+    delta = torch.randn(n, generator=torch.Generator().manual_seed(n)) + 3  # no zero
+    got = delta.clone()
+    assert dare_module._dare_kernel.drop(got.numpy(), 4, seed, 0.4, offset)
+    assert torch.equal(got != 0, whole[offset:])
+
+
+def test_skipping_to_an_offset_in_blocks_concatenates_torchs_draws(monkeypatch):
+    """torch takes two words per entry whatever the size of a draw: an offset skipped in
+    blocks (here 100 entries, a partial last one) gives the slice of one draw."""
+    assert dare_module.split_draws_agree()
+    monkeypatch.setattr(dare_module, "SKIP_BLOCK", 100)
+    whole = torch.empty(1357 + 50, dtype=torch.bool).bernoulli_(
+        0.5, generator=dare_module.seeded_generator(3)
+    )
+    part = dare_module.dare_mask(torch.Size([5, 10]), 0.5, dare_module.seeded_generator(3), 1357)
+    assert torch.equal(part.reshape(-1), whole[1357:])
+
+
+def test_the_self_checks_cover_offsets():
+    offsets = [o for _, o, _ in dare_module._OFFSET_CHECKS]
+    assert any(o % 312 for o in offsets) and max(offsets) > 624
+    if dare_module._dare_kernel is not None:
+        assert dare_module.compiled_drop_agrees()
+
+
+def test_the_l1_rescale_takes_no_offset():
+    with pytest.raises(ValueError, match="whole tensor"):
+        dare_module.dare_drop_(torch.ones(4), 0.5, 1, "l1", offset=8)
+    with pytest.raises(ValueError, match="whole tensor"):
+        dare_module.dare_drop_(torch.ones(4), 0.5, 1, True, offset=8)
+
+
+def test_dare_row_chunks_except_the_l1_rescale():
+    for rescale, chunks in (
+        ("inverse", True),
+        ("none", True),
+        (False, True),
+        ("l1", False),
+        (True, False),
+    ):
+        assert dare_module.dare_chunks({"rescale": rescale}) is chunks

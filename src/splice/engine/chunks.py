@@ -10,13 +10,26 @@ A job whose estimated cost exceeds its share of the budget (``memory_budget`` ov
 that may run at once) is split along its first dimension into chunks of rows, each within
 the share, when every input is read from safetensors files (which read a chunk's rows
 alone) and the method says its result on a slice of rows is those rows of its whole result
-(`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); and
-a magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
-``rescale: true``, whose L1 norms span the whole tensor). Each chunk reads only its rows
-of every input (`splice.io.mapped.read_rows`), merges them with the same method, casts them
-and hands them to the writer, which stores them in order (`ShardedWriter.write_rows`), so
-the output is bit for bit the unchunked one, and the input digests for ``--resume`` (hashed
-chunk by chunk in row order) and the shard's record are the same too.
+(`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); a
+magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
+``rescale: true``, whose L1 norms span the whole tensor); and DARE's seeded random drop
+followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, not
+the L1 rescale). Each chunk reads only its rows of every input
+(`splice.io.mapped.read_rows`), merges them with the same method (its first flat entry,
+first row × entries a row, in ``MergeContext.flat_offset``), casts them and hands them to
+the writer, which stores them in order (`ShardedWriter.write_rows`), so the output is bit
+for bit the unchunked one, and the input digests for ``--resume`` (hashed chunk by chunk
+in row order) and the shard's record are the same too.
+
+DARE's keep mask of model i is drawn serially from a generator seeded per (seed, tensor,
+i), two 32-bit words an entry (`splice.merge.methods.dare`): the mask of a chunk is the
+stream from its first flat entry on, which the compiled drop reaches by skipping 2·offset
+words (the generator's state twisted, no tempering: ~0.4 ns an entry; the chunks of a
+tensor skip n·(chunks − 1)/2 entries in all) and torch's path by drawing and discarding
+the earlier entries a million at a time. Whether torch's draws split that way is checked
+once per process (`dare.split_draws_agree`; where not, DARE is not chunked). A random
+method is chunked only without ``allow_nonfinite``: a δ with a NaN or an infinity goes to
+torch's multiply, whose NaN bits may depend on the chunk's length.
 
 A magnitude trim is elementwise once its `KeepRule` is known: keep |δ| > v, plus the first
 ``tie_quota`` entries equal to v in flat order. Row chunks are consecutive in flat order, so
@@ -58,8 +71,10 @@ whole-model passes and the per-tensor pre-pass): δ = θ − base in the compute
 float32 (`splice.delta.topk.magnitude`).
 
 Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
-Stock's cosines, the L1 rescale, random masks drawn over the whole tensor: DARE, DELLA) are
-not chunked.
+Stock's cosines, the L1 rescale) are not chunked, nor DELLA (its keep probabilities rank
+magnitudes within each last-axis row, and its mask is drawn with torch's
+tensor-probability Bernoulli, one word an entry: a row chunk's would be the stream from
+its first entry too, but no skip is written for it).
 
 Chunk buffers are a few to 30 MB, the sizes glibc keeps on its heap once freed; ``splice
 merge`` fixes its mmap threshold (`splice.engine.heap`) so that they go back to the system
@@ -100,13 +115,14 @@ def chunkable(plan: MergePlan, index: int) -> bool:
         method.row_chunks is None
         or not method.row_chunks(job.params)
         or method.representation != "dense"
-        or method.random
         or plan.data is not None
     ):
         return False
-    if not tensor_requests(plan, index):
+    if not tensor_requests(plan, index) and not method.random:
         return True
-    # the per-tensor selection ranks float32 bit patterns, which NaN has none of
+    # the per-tensor selection ranks float32 bit patterns, which NaN has none of; a random
+    # drop leaves a δ with a NaN or an infinity to torch's mul, whose NaN bits may differ
+    # with the chunk's length
     return not plan.allow_nonfinite
 
 
@@ -148,28 +164,30 @@ def merged_rows(
     plan: MergePlan,
     index: int,
     rows_per: int,
-    combine: Callable[[list[torch.Tensor], dict[StatRequest, Any]], torch.Tensor],
+    combine: Callable[[list[torch.Tensor], dict[StatRequest, Any], int], torch.Tensor],
     record: MutableMapping[str, str],
     chunk_rules: list[dict[StatRequest, Any]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Job ``index`` chunk by chunk: rows of every source (stored dtype; converted to the
     compute dtype for a merge), ``combine``d with the chunk's answers to the method's
     statistic requests (``chunk_rules``: each chunk's `KeepRule` per request, from the
-    whole-model passes or `chunk_tensor_rules`), cast to the output dtype. The sources'
-    digests go into ``record`` after the last chunk."""
+    whole-model passes or `chunk_tensor_rules`) and its first flat entry (row × entries a
+    row: ``MergeContext.flat_offset``), cast to the output dtype. The sources' digests go
+    into ``record`` after the last chunk."""
     job = plan.jobs[index]
     cd = None if job.kind == "copy" else plan.job_compute_dtype(job)
     srcs = job.sources
     infos = [plan.readers[s.ref].info(s.name) for s in srcs]
     hashers = [input_hasher(i.dtype, i.shape) for i in infos]
     spans = chunk_spans(job.out.shape[0], rows_per)
+    cols = job.out.numel // job.out.shape[0]
     for (start, stop), stats in zip(spans, chunk_rules or [{} for _ in spans], strict=True):
         parts = []
         for s, h in zip(srcs, hashers, strict=True):
             part = sources.read_rows(s.ref, s.name, start, stop)
             h.update(raw_bytes(part))
             parts.append(part if cd is None else part.to(cd))
-        out = combine(parts, stats)
+        out = combine(parts, stats, start * cols)
         del parts
         yield out.to(job.out.dtype).contiguous()
         del out

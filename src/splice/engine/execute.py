@@ -154,8 +154,10 @@ class _Runner:
             if self.rules.get(index):
                 seen[stats_key(job.out.name)] = rules_digest(self.rules[index])
 
-            def combine(parts: list[torch.Tensor], stats: dict) -> torch.Tensor:
-                return parts[0] if job.kind == "copy" else self._merge(index, parts, stats)
+            def combine(parts: list[torch.Tensor], stats: dict, offset: int) -> torch.Tensor:
+                if job.kind == "copy":
+                    return parts[0]
+                return self._merge(index, parts, stats, offset)
 
             # per-tensor trims: each chunk's answers, found now (the job's cost counts them)
             chunk_rules = self.chunk_rules.get(index)
@@ -176,11 +178,12 @@ class _Runner:
         return [Output(job.out.name, out.to(job.out.dtype).contiguous(), seen)]
 
     def _merge(
-        self, index: int, read: list[torch.Tensor], stats: dict | None = None
+        self, index: int, read: list[torch.Tensor], stats: dict | None = None, offset: int = 0
     ) -> torch.Tensor:
         """The method on the job's inputs (the base first, when it has one) in the compute
         dtype, then the LiNeS post-step; ``read`` is consumed. ``stats``: a row chunk's
-        answers to the method's statistic requests, in place of the job's."""
+        answers to the method's statistic requests, in place of the job's; ``offset``: its
+        first flat entry (``ctx.flat_offset``)."""
         job = self.plan.jobs[index]
         cd = self.plan.job_compute_dtype(job)
         base = read.pop(0) if job.base else None
@@ -196,6 +199,7 @@ class _Runner:
             model_stats=model_stats,
             layer_index=layer_index(job.out.name),
             num_layers=self.num_layers,
+            flat_offset=offset,
         )
         # Methods may modify their inputs in place: the post-step keeps its own base.
         kept = base.clone() if self.post is not None and base is not None else None

@@ -99,6 +99,10 @@ class MergeContext:
     # the model's layer count; None for tensors outside layers / models without layers.
     layer_index: int | None = None
     num_layers: int | None = None
+    # The flat (row-major) index in the whole tensor of the first entry of the inputs: 0,
+    # or the first row's times the row's entries for a row chunk (`splice.engine.chunks`),
+    # where a random method's draws continue the whole tensor's stream (DARE).
+    flat_offset: int = 0
 
     def stat(self, request: StatRequest) -> Any:
         """The answer to a declared statistic request (`splice.merge.stats`)."""
@@ -196,8 +200,9 @@ class MergeMethod:
     data_statistics: tuple[DataKind, ...] = ()
     # Given a job's parameters, whether the method's result on a slice of rows is those rows
     # of its result on the whole tensor, when its `KeepRule` answers are those of the slice
-    # (`splice.engine.chunks`): elementwise methods, and a magnitude trim followed by an
-    # elementwise combine. None: never merged in row chunks.
+    # and ``ctx.flat_offset`` the slice's first flat entry (`splice.engine.chunks`):
+    # elementwise methods, a magnitude trim followed by an elementwise combine, DARE's
+    # seeded drop (its stream from that entry). None: never merged in row chunks.
     row_chunks: Callable[[Mapping[str, Any]], bool] | None = None
 
     @property

@@ -1,16 +1,20 @@
 /* DARE's random drop, compiled (optional extension), for splice.merge.methods.dare.
  *
- * drop(delta, itemsize, seed, p) -> bool
- *   In place: delta[j] = delta[j] * keep_j, keep_j in {0, 1}, where keep_j is exactly the
- *   j-th entry of torch's
+ * drop(delta, itemsize, seed, p, offset=0) -> bool
+ *   In place: delta[j] = delta[j] * keep_(offset + j), keep_i in {0, 1}, where keep_i is
+ *   exactly the i-th entry of torch's
  *       g = torch.Generator().manual_seed(seed)
- *       torch.empty(n, dtype=torch.bool).bernoulli_(p, generator=g)
+ *       torch.empty(offset + n, dtype=torch.bool).bernoulli_(p, generator=g)
  *   on the CPU: torch draws each entry serially from the generator's mt19937 engine (seeded
  *   with the low 32 bits of the seed): two 32-bit words hi, lo; u = ((hi << 32 | lo) mod
  *   2^53) · 2^-53; keep = u < p. Since u · 2^53 is an integer and p · 2^53 exact in double,
  *   u < p <=> (hi << 32 | lo) mod 2^53 < ceil(p · 2^53), compared here as integers.
  *   The engine's words are made 624 at a time (one twist of the state, then tempering),
- *   loops the compiler vectorizes; the product delta · keep is torch's delta.mul_(mask)
+ *   loops the compiler vectorizes. ``offset`` (a row chunk's first flat entry, its mask
+ *   being the stream from there on) skips 2 · offset words: the offset / 312 whole blocks
+ *   before it need the twist alone (the state), not the tempering; the block it falls in
+ *   is made whole and its first offset mod 312 entries' words are passed over. The
+ *   product delta · keep is torch's delta.mul_(mask)
  *   (±0 for a dropped entry). itemsize 4: float32; 2: bfloat16 (the product of a finite
  *   bf16 value and 0 or 1 is a bf16 value: no rounding). A delta with a NaN or an infinity
  *   is left untouched and False returned (torch's NaN bits differ between its scalar and
@@ -36,12 +40,17 @@ static inline uint32_t twist(uint32_t u, uint32_t v) {
     return (y >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu);
 }
 
-/* One twist of the whole state, then its 624 tempered words into out. */
-static void mt_block(uint32_t *restrict s, uint32_t *restrict out) {
+/* One twist of the whole state: the engine's next 624 words, untempered. */
+static void mt_twist(uint32_t *s) {
     int j = 0;
     for (; j < MT_N - MT_M; j++) s[j] = s[j + MT_M] ^ twist(s[j], s[j + 1]);
     for (; j < MT_N - 1; j++) s[j] = s[j + MT_M - MT_N] ^ twist(s[j], s[j + 1]);
     s[MT_N - 1] = s[MT_M - 1] ^ twist(s[MT_N - 1], s[0]);
+}
+
+/* One twist of the whole state, then its 624 tempered words into out. */
+static void mt_block(uint32_t *restrict s, uint32_t *restrict out) {
+    mt_twist(s);
     for (int k = 0; k < MT_N; k++) {
         uint32_t y = s[k];
         y ^= y >> 11;
@@ -72,14 +81,23 @@ static inline uint32_t keep_mask(uint32_t hi, uint32_t lo, uint32_t th, uint32_t
     return 0u - (uint32_t)((h < th) | ((h == th) & (lo < tl)));
 }
 
-static void drop_run(void *buf, int itemsize, Py_ssize_t n, uint64_t seed, double p) {
+static void drop_run(
+    void *buf, int itemsize, Py_ssize_t n, uint64_t seed, double p, uint64_t offset
+) {
     uint32_t s[MT_N], w[MT_N];
     const uint64_t thr = (uint64_t)ceil(p * 9007199254740992.0); /* p · 2^53, p in [0, 1] */
     const uint32_t th = (uint32_t)(thr >> 32), tl = (uint32_t)thr;
     mt_seed(s, (uint32_t)(seed & 0xffffffffu));
-    for (Py_ssize_t lo = 0; lo < n; lo += MT_N / 2) {
-        const int c = (int)(n - lo < MT_N / 2 ? n - lo : MT_N / 2);
+    for (uint64_t b = offset / (MT_N / 2); b > 0; b--) mt_twist(s); /* whole blocks skipped */
+    int skip = (int)(offset % (MT_N / 2)); /* entries of its block before delta[0] */
+    for (Py_ssize_t lo = 0; lo < n;) {
+        const int room = MT_N / 2 - skip;
+        const int c = (int)(n - lo < room ? n - lo : room);
         mt_block(s, w);
+        if (skip > 0) { /* the block the offset falls in: its words from entry skip on */
+            memmove(w, w + 2 * skip, 2 * sizeof(uint32_t) * (size_t)c);
+            skip = 0;
+        }
         /* finite x: x · 1 = x, x · 0 = ±0 (x's sign bit alone) */
         if (itemsize == 4) {
             uint32_t *d = (uint32_t *)buf + lo;
@@ -90,16 +108,17 @@ static void drop_run(void *buf, int itemsize, Py_ssize_t n, uint64_t seed, doubl
             for (int k = 0; k < c; k++)
                 d[k] &= (uint16_t)(keep_mask(w[2 * k], w[2 * k + 1], th, tl) | 0x8000u);
         }
+        lo += c;
     }
 }
 
 static PyObject *drop(PyObject *self, PyObject *args) {
     PyObject *obj;
     int itemsize;
-    unsigned long long seed;
+    unsigned long long seed, offset = 0;
     double p;
     Py_buffer view;
-    if (!PyArg_ParseTuple(args, "OiKd", &obj, &itemsize, &seed, &p)) return NULL;
+    if (!PyArg_ParseTuple(args, "OiKd|K", &obj, &itemsize, &seed, &p, &offset)) return NULL;
     if (itemsize != 2 && itemsize != 4) {
         PyErr_SetString(PyExc_ValueError, "drop: itemsize 2 (bfloat16) or 4 (float32)");
         return NULL;
@@ -117,7 +136,7 @@ static PyObject *drop(PyObject *self, PyObject *args) {
     int done;
     Py_BEGIN_ALLOW_THREADS;
     done = all_finite(view.buf, itemsize, view.len / itemsize);
-    if (done) drop_run(view.buf, itemsize, view.len / itemsize, (uint64_t)seed, p);
+    if (done) drop_run(view.buf, itemsize, view.len / itemsize, (uint64_t)seed, p, offset);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&view);
     return PyBool_FromLong(done);
@@ -125,9 +144,10 @@ static PyObject *drop(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"drop", drop, METH_VARARGS,
-     "drop(delta, itemsize, seed, p) -> bool: delta *= torch's Bernoulli(p) bool mask drawn "
-     "from a generator seeded with seed, in place (float32: itemsize 4, bfloat16: 2); False "
-     "(nothing done) when delta has a non-finite entry."},
+     "drop(delta, itemsize, seed, p, offset=0) -> bool: delta *= entries offset ... offset + "
+     "n - 1 of torch's Bernoulli(p) bool mask drawn from a generator seeded with seed, in "
+     "place (float32: itemsize 4, bfloat16: 2); False (nothing done) when delta has a "
+     "non-finite entry."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,13 +24,26 @@ pass: the same mask bits, about 8x less CPU time than ``bernoulli_`` + ``mul_``.
 against torch's own draws at first use; torch's ops are used when it disagrees, is not
 built, or δ has a NaN or an infinity.
 
+Row chunks (`splice.engine.chunks`): torch draws the mask serially, entry j from words 2j
+and 2j + 1 of the stream, so the mask of rows [a, b) of a tensor with c entries a row is
+entries [a·c, b·c) of the whole tensor's mask: the stream from entry ``ctx.flat_offset`` =
+a·c on. The kernel skips the 2·a·c words before it (whole 624-word blocks by the state's
+twist alone, ~0.4 ns an entry); torch's path draws and discards those entries, a million
+at a time (`dare_mask`). With the inverse rescale (1/density) or none, the drop and both
+combines are then elementwise: DARE and DARE-TIES are merged in row chunks, bit for bit as
+unchunked (`dare_chunks`, in both dialects: the mergekit dialect draws from the same
+seeded generators). The L1 rescale (mergekit's default ``rescale: true``) needs the whole
+tensor's norms before and after the drop: not chunked.
+
 Defaults: ``density`` is required in the splice dialect (mergekit defaults it to 1, which
 makes DARE a no-op). dare_ties: normalize defaults to true in splice (TIES' disjoint mean,
 as in the paper's DARE+TIES) and false in mergekit; ``disjoint``, when given, wins over
 ``normalize``.
 """
 
+from collections.abc import Mapping
 from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,8 +59,23 @@ except ImportError:  # built without a C compiler: torch's bernoulli_ and mul_
     _dare_kernel = None
 
 
-def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> Tensor:
-    """Bool keep-mask, each entry kept with probability ``density`` (drawn on the CPU)."""
+SKIP_BLOCK = 1 << 20  # entries drawn and discarded at a time when skipping to an offset
+
+
+def dare_mask(
+    shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0
+) -> Tensor:
+    """Bool keep-mask, each entry kept with probability ``density`` (drawn on the CPU):
+    entries ``offset`` … ``offset + numel − 1`` of the mask drawn over ``offset + numel``
+    entries (a row chunk's part of the whole tensor's mask). torch draws a bool mask
+    serially, two words of the generator per entry whatever the density, so the first
+    ``offset`` entries are drawn and discarded, ``SKIP_BLOCK`` at a time (checked:
+    `split_draws_agree`)."""
+    if offset > 0:
+        scratch = torch.empty(min(offset, SKIP_BLOCK), dtype=torch.bool)
+        for done in range(0, offset, SKIP_BLOCK):
+            scratch[: min(SKIP_BLOCK, offset - done)].bernoulli_(density, generator=generator)
+        del scratch
     return torch.empty(shape, dtype=torch.bool).bernoulli_(density, generator=generator)
 
 
@@ -61,17 +89,24 @@ def seeded_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def dare_drop_(delta: Tensor, density: float, seed: int, rescale: Rescale) -> Tensor:
-    """``dare_apply_(δ, dare_mask(δ.shape, density, seeded_generator(seed)), density,
-    rescale)``: in one compiled pass when `compiled_drop_applies`, else with torch's ops."""
+def dare_drop_(
+    delta: Tensor, density: float, seed: int, rescale: Rescale, offset: int = 0
+) -> Tensor:
+    """``dare_apply_(δ, dare_mask(δ.shape, density, seeded_generator(seed), offset),
+    density, rescale)``: in one compiled pass when `compiled_drop_applies`, else with
+    torch's ops. ``offset``: δ's first entry's place in the flat tensor whose mask is drawn
+    (a row chunk's first flat entry; not with the L1 rescale, whose norms span the whole
+    tensor)."""
+    mode = rescale_mode(rescale)
+    if offset and mode == "l1":
+        raise ValueError("dare_drop_: the L1 rescale needs the whole tensor (offset 0)")
     if compiled_drop_applies(delta):
         assert _dare_kernel is not None
-        mode = rescale_mode(rescale)
         l1 = delta.abs().sum() if mode == "l1" else None
         buf = delta.view(torch.int16) if delta.dtype == torch.bfloat16 else delta
-        if _dare_kernel.drop(buf.numpy(), delta.element_size(), seed, float(density)):
+        if _dare_kernel.drop(buf.numpy(), delta.element_size(), seed, float(density), offset):
             return rescale_kept_(delta, mode, density, l1)
-    mask = dare_mask(delta.shape, density, seeded_generator(seed))
+    mask = dare_mask(delta.shape, density, seeded_generator(seed), offset)
     return dare_apply_(delta, mask, density, rescale)
 
 
@@ -89,25 +124,61 @@ def compiled_drop_applies(delta: Tensor) -> bool:
     )
 
 
+# (entries, offset, density) of the self-checks: sizes and offsets around the 312-entry
+# block, offsets inside a block and past several, and a size and offset of several blocks
+_CHECKS = ((1, 0, 0.5), (311, 0, 0.3), (625, 0, 0.9), (4099, 0, 0.2), (20000, 0, 0.5))
+_OFFSET_CHECKS = ((1, 311, 0.5), (313, 1, 0.3), (625, 312, 0.9), (700, 937, 0.2), (3001, 4567, 0.5))
+
+
 @cache
 def compiled_drop_agrees() -> bool:
-    """The compiled draw against torch's ``bernoulli_`` + ``mul_`` on a few sizes, seeds and
-    densities, once per process (a torch that draws differently disables it)."""
+    """The compiled draw against torch's ``bernoulli_`` + ``mul_`` on a few sizes, offsets,
+    seeds and densities (with an offset: the slice of torch's mask over offset + n
+    entries), once per process (a torch that draws differently disables it)."""
     if _dare_kernel is None:
         return False
     g = seeded_generator(20240601)
-    for n, density in ((1, 0.5), (311, 0.3), (625, 0.9), (4099, 0.2), (20000, 0.5)):
+    for n, offset, density in _CHECKS + _OFFSET_CHECKS:
         seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        whole = torch.empty(offset + n, dtype=torch.bool)
+        whole.bernoulli_(density, generator=seeded_generator(seed))
         for dtype in (torch.float32, torch.bfloat16):
             delta = torch.randn(n, generator=g).to(dtype)
-            want = delta * dare_mask(delta.shape, density, seeded_generator(seed))
+            want = delta * whole[offset:]
             got = delta.clone()
             buf = got.view(torch.int16) if dtype == torch.bfloat16 else got
-            if not _dare_kernel.drop(buf.numpy(), got.element_size(), seed, density):
+            if not _dare_kernel.drop(buf.numpy(), got.element_size(), seed, density, offset):
                 return False
             if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
                 return False
     return True
+
+
+@cache
+def split_draws_agree() -> bool:
+    """Whether torch's mask of a slice drawn after discarding the entries before it
+    (`dare_mask` with an offset, in blocks) is that slice of the mask drawn at once: torch
+    takes the same words per entry whatever the size of a draw. Checked once per process
+    on offsets inside and across the 312-entry block and across ``SKIP_BLOCK``; a torch
+    that draws otherwise (e.g. a vectorized or MKL Bernoulli) keeps DARE unchunked."""
+    g = seeded_generator(20240602)
+    for n, offset, density in (*_OFFSET_CHECKS, (5, SKIP_BLOCK + 7, 0.3)):
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        whole = torch.empty(offset + n, dtype=torch.bool)
+        whole.bernoulli_(density, generator=seeded_generator(seed))
+        part = dare_mask(torch.Size([n]), density, seeded_generator(seed), offset)
+        if not torch.equal(part, whole[offset:]):
+            return False
+    return True
+
+
+def dare_chunks(params: Mapping[str, Any]) -> bool:
+    """``row_chunks`` of DARE: a row chunk's mask is the stream of the tensor's generator
+    from the chunk's first flat entry (``ctx.flat_offset``), then the inverse rescale or
+    none and the combine are elementwise; not the L1 rescale (the whole tensor's norms
+    before and after the drop), nor where torch's draws do not split
+    (`split_draws_agree`)."""
+    return rescale_mode(params["rescale"]) != "l1" and split_draws_agree()
 
 
 def dare_(
@@ -120,7 +191,7 @@ def dare_(
     """Drop each entry of δ_i with probability 1 − density_i, rescale the rest (in place)."""
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
         if dens < 1:
-            dare_drop_(d, dens, ctx.generator_seed(i), rescale)
+            dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset)
 
 
 _MERGEKIT = {"density": 1.0, "rescale": True}
@@ -132,6 +203,7 @@ compose(
     random=True,
     mergekit_defaults=_MERGEKIT,
     mergekit_ignored={"int8_mask"},
+    row_chunks=dare_chunks,
 )
 compose(
     "dare_ties",
@@ -141,4 +213,5 @@ compose(
     random=True,
     mergekit_defaults={**_MERGEKIT, "normalize": False},
     mergekit_ignored={"int8_mask"},
+    row_chunks=dare_chunks,
 )
