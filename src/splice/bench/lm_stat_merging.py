@@ -13,8 +13,8 @@ data, the loss and the merge path are the LM pool's:
   expert was trained (`splice.train.data.lm_batches`, ``training.max_length``, right
   padding);
 - model: the expert's HF folder in float32; a LoRA expert is its folded backbone (the LoRA
-  pool's other dense rows merge the folded experts too, and so does the classifier pool's
-  statistic rows), so its Fisher covers every weight, not the adapter's;
+  pool's other dense rows merge the folded experts too, as the classifier pool's statistic
+  rows do), so its Fisher covers every weight, not the adapter's;
 - ``fisher`` / ``fisher_graft``: `collect_fisher` of the per-example mean next-token NLL
   (`splice.train.statistics.lm_losses`, what ``splice stats fisher`` takes of a causal LM),
   one example per backward pass (per_example); one float32 tensor per parameter;
@@ -23,10 +23,6 @@ data, the loss and the merge path are the LM pool's:
   input embedding, which has no Gram either), so RegMean averages the embedding / lm_head,
   the norms and every tensor without a Gram (`splice.merge.methods.regmean`); padding
   positions count in the Gram, as in the classifier pool (hence ``batch_size`` in the key);
-- merge: the native recipe with each expert's ``statistics:`` file through the engine
-  (`bench.merging.merge_backbones`), exactly what ``splice merge`` runs; ``merge_seconds``
-  and ``peak_memory_mb`` (peak RSS growth, `bench.memory.PeakRSS`) are the merge's.
-
 - ``regmean++``: `splice.merge.regmean_plusplus` on the experts' whole causal LMs (the
   block list found is the decoder's ``model.layers``; the embedding, final norm and
   lm_head, outside the blocks, are averaged), the Grams on the merged model's activations
@@ -36,6 +32,11 @@ data, the loss and the merge path are the LM pool's:
   the mean next-token NLL (`lm_losses`) of the merged model on one batch of task k's
   sample per iteration (the batches cycle), one row per ``variant`` as on the classifier
   pool (hard from task arithmetic λ 1, soft from the base).
+
+fisher, regmean and fisher_graft merge by the native recipe with each expert's
+``statistics:`` file through the engine (`bench.merging.merge_backbones`), exactly what
+``splice merge`` runs. ``merge_seconds`` and ``peak_memory_mb`` (peak RSS growth,
+`bench.memory.PeakRSS`) are the merge's (regmean++ and fw_merging: with their data passes).
 """
 
 from __future__ import annotations
