@@ -131,3 +131,17 @@ def test_a_failing_lm_unit_is_recorded_as_locally(monkeypatch, fail):
     local = LMRunner(cfg, _LMEval(), Path("base"), lambda s: None, False)
     local.experts = experts
     assert local.method_rows(p, "full", _row(), EX_VAL, PRE["val"]) == got
+
+
+def test_statistic_rows_run_on_the_driver(monkeypatch):
+    """A data-aware method (fisher) submits no Ray unit: its rows are the local runner's."""
+    p = PlannedMethod("fisher", {}, None, False, statistics={"examples": 8, "seed": 0})
+    cfg = parse_bench_config({"tasks": ["a.txt", "c.jsonl"], "kinds": ["full"]})
+    r = LMRayRunner.__new__(LMRayRunner)
+    LMRunner.__init__(r, cfg, _LMEval(), Path("base"), lambda s: None, False)
+    r.pool, r.spec, r.jobs = FakePool(None, _unit_result), {}, {}
+    r.experts = {"full": {t: Expert("full", [t], Path(t), {}) for t in ("a", "c")}}
+    r.start_merges([p])
+    assert r.jobs == {}
+    monkeypatch.setattr(LMRunner, "_stat_rows", lambda self, p, kind, *a: [(p.name, kind)])
+    assert r.method_rows(p, "full", _row(), EX_VAL, PRE["val"]) == [("fisher", "full")]

@@ -13,9 +13,11 @@ applied to `bench.lm_run`'s steps:
 
 The driver (`lm_run.run_lm_bench`) keeps everything else: the tasks, the pretrained and
 expert baselines (evaluated while the merge units run), the normalization, the tables.
-It assembles each method's rows from its units' metrics with the local rules
-(`lm_assemble`): the default row, and the tuned row at the grid point of the best mean
-normalized validation score (`methods.best_point`: ties to the earlier value, points
+The data-aware rows (fisher, regmean, fisher_graft, regmean++, fw_merging;
+`bench.lm_stat_merging`) run on the driver as a local run makes them (statistics and
+merges in process). It assembles each other method's rows from its units' metrics with
+the local rules (`lm_assemble`): the default row, and the tuned row at the grid point of
+the best mean normalized validation score (`methods.best_point`: ties to the earlier value, points
 without a score skipped; no tuned row when none has one). Test scores of points not
 chosen are dropped, so test data informs no choice. A failing merge (`SpliceError`,
 `RuntimeError`, `ValueError`) is recorded under ``failed`` as locally: the first failing
@@ -81,7 +83,7 @@ class LMRayRunner(LMRunner):
         """Every merge unit of every (kind, method) submitted at once."""
         for kind in self.cfg.kinds:
             for p in planned:
-                if p.applies_to(kind):
+                if p.applies_to(kind) and p.statistics is None:  # statistic rows: the driver
                     self.jobs[(kind, p.name)] = submit_units(
                         self.pool, lm_merge_unit, self.spec, kind, p
                     )
@@ -89,6 +91,8 @@ class LMRayRunner(LMRunner):
     def method_rows(
         self, p: PlannedMethod, kind: str, row: Any, ex_val: Scores, pre_val: Scores
     ) -> list[LMRow] | str:
+        if p.statistics is not None:  # collected and merged here (bench.lm_stat_merging)
+            return super().method_rows(p, kind, row, ex_val, pre_val)
         units, refs = self.jobs.pop((kind, p.name))
         results, error = gather_units(self.pool, refs)
         return error if error is not None else lm_assemble(p, units, results, row, ex_val, pre_val)

@@ -48,6 +48,11 @@ def render_markdown(results: LMBenchResults) -> str:
             avg = "" if r.avg_normalized is None else f"{r.avg_normalized:.3f}"
             lines.append(f"| {_label(r)} | " + " | ".join(cells) + f" | {avg} |")
         lines.append("")
+    notes = [r for r in results.rows if r.note is not None]
+    if notes:
+        lines += ["Notes:", ""]
+        lines += [f"- {r.kind} {_label(r)}: {r.note}." for r in notes]
+        lines.append("")
     if results.skipped:
         lines += ["Not run:", ""]
         lines += [f"- {s.name}: {s.reason}" for s in results.skipped]

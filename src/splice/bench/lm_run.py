@@ -14,10 +14,13 @@ classifier bench (`bench.run.run_bench` dispatches). Order of work:
 4. baselines on test: the pretrained model on every task, each expert on its own task;
 5. per kind and method: the sweep grid merged (`bench.merging.merge_backbones`, the real
    engine on the experts' HF folders) and scored on validation, the default and the best
-   grid point ("tuned") on test. The selection score is the mean over tasks of the
-   *normalized* validation score (`bench.lm_evaluate`: the loss gain share, exact match
-   over the expert's), so loss and exact-match tasks weigh alike; tasks whose expert did
-   not beat the pretrained model are left out of it. Test data never informs a choice.
+   grid point ("tuned") on test. The data-aware methods (fisher, regmean, fisher_graft,
+   regmean++, fw_merging; `bench.lm_stat_merging`) first collect each expert's statistics
+   on its train sample (cached) and merge with them, on the same sweep. The selection
+   score is the mean over tasks of the *normalized* validation score (`bench.lm_evaluate`:
+   the loss gain share, exact match over the expert's), so loss and exact-match tasks weigh
+   alike; tasks whose expert did not beat the pretrained model are left out of it. Test
+   data never informs a choice.
 6. results.json and results.md under ``out``.
 
 Evaluation is in float32 (``precision`` applies to the classifier bench). With ``--ray``
@@ -78,6 +81,8 @@ class LMRow:
     variant: str | None = None
     merge_seconds: float | None = None
     validation_score: float | None = None
+    note: str | None = None  # how the row was made (the statistic rows: data, time, memory)
+    peak_memory_mb: float | None = None  # the merge's peak RSS growth (statistic rows)
 
 
 @dataclass
@@ -167,11 +172,32 @@ class LMRunner:
         """``p``'s rows in ``kind``'s table, or the error of a merge that failed."""
         folders = [e.folder for e in self.experts[kind].values()]
         try:
-            return _method_rows(
-                p, kind, self.cfg, self.ev, self.folder, folders, row, ex_val, pre_val
-            )
+            if p.statistics is None:
+                return _method_rows(
+                    p, kind, self.cfg, self.ev, self.folder, folders, row, ex_val, pre_val
+                )
+            return self._stat_rows(p, kind, row, ex_val, pre_val)
         except (SpliceError, RuntimeError, ValueError) as e:
             return f"{type(e).__name__}: {e}"
+
+    def _stat_rows(
+        self, p: PlannedMethod, kind: str, row: Any, ex_val: Scores, pre_val: Scores
+    ) -> list[LMRow]:
+        """A statistic method's rows (`bench.lm_stat_merging`): each expert's statistics on
+        its train sample (cached), then the sweep / default / tuned rows of any method,
+        merged with them and annotated with the data, time and memory."""
+        from splice.bench.lm_stat_merging import LMStatMerger
+
+        self.log(f"{kind} {p.name}: statistics")
+        ev, cfg = self.ev, self.cfg
+        sm = LMStatMerger(
+            ev, p, list(self.experts[kind].values()), cfg.training.max_length, self.folder,
+            cfg.merge.seed,
+        )  # fmt: skip
+        if p.name == "fw_merging":
+            return [sm.fw_row(variant, row) for variant in p.params["variant"]]
+        rows = _method_rows(p, kind, cfg, ev, self.folder, [], row, ex_val, pre_val, merge=sm.merge)
+        return sm.annotate(rows)
 
 
 def run_lm_bench(
@@ -274,13 +300,18 @@ def run_lm_bench(
     return results
 
 
-def _method_rows(p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val) -> list[LMRow]:
-    """One method's default and tuned rows (tuned: best mean normalized validation score)."""
+def _method_rows(
+    p, kind, cfg, ev, base_folder, folders, row, ex_val, pre_val, merge=None
+) -> list[LMRow]:
+    """One method's default and tuned rows (tuned: best mean normalized validation score);
+    ``merge(params) -> (state, seconds)`` defaults to the engine on ``folders``."""
     from splice.bench.merging import merge_backbones
     from splice.bench.methods import best_point
 
-    def merge(params):
-        return merge_backbones(p.name, params, base_folder, folders, seed=cfg.merge.seed)
+    if merge is None:
+
+        def merge(params):
+            return merge_backbones(p.name, params, base_folder, folders, seed=cfg.merge.seed)
 
     if p.sweep is None:
         state, secs = merge(p.params)

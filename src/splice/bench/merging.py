@@ -32,14 +32,24 @@ from splice.reference import open_checkpoint
 
 
 def make_recipe(
-    method: str, params: dict[str, Any], base: Path, experts: list[Path], seed: int
+    method: str,
+    params: dict[str, Any],
+    base: Path,
+    experts: list[Path],
+    seed: int,
+    statistics: list[Path] | None = None,
 ) -> dict[str, Any]:
     """The native recipe: the base (for methods that take one), the experts in task order
-    (a low-rank method: their adapter folders)."""
+    (a low-rank method: their adapter folders), each with its ``statistics:`` file when
+    given (the data-aware methods: `splice merge`'s per-model statistics)."""
     low_rank = get_method(method).representation == "low_rank"
+    models = [{"model": str(p / ADAPTER_DIR if low_rank else p)} for p in experts]
+    if statistics is not None:
+        for m, s in zip(models, statistics, strict=True):
+            m["statistics"] = str(s)
     recipe: dict[str, Any] = {
         "method": method,
-        "models": [{"model": str(p / ADAPTER_DIR if low_rank else p)} for p in experts],
+        "models": models,
         "parameters": dict(params),
         "dtype": "float32",
         "seed": seed,
@@ -57,9 +67,11 @@ def merge_backbones(
     *,
     seed: int = 0,
     work_dir: Path | None = None,
+    statistics: list[Path] | None = None,
 ) -> tuple[State, float]:
-    """(merged backbone tensors, seconds spent merging)."""
-    recipe = make_recipe(method, params, base, experts, seed)
+    """(merged backbone tensors, seconds spent merging); ``statistics``: one file per expert
+    for a data-aware method (fisher, regmean, fisher_graft)."""
+    recipe = make_recipe(method, params, base, experts, seed, statistics)
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="splice-bench-merge-", dir=work_dir))
     try:

@@ -291,19 +291,24 @@ class StatMerger:
         return out
 
     def _data_note(self) -> str:
-        n = self.data["examples"]
-        note = f"data: up to {n} train examples per task (seed {self.data['seed']})"
-        if self.info:
-            kind = self.info[0]["kind"]
-            secs = sum(float(i["seconds"]) for i in self.info)
-            peak = max(float(i["peak_mb"]) for i in self.info)
-            cached = sum(i["cached"] == "true" for i in self.info)
-            note += (
-                f"; {kind} statistics collected in {secs:.1f} s over the {len(self.info)} "
-                f"experts (peak memory +{peak:.0f} MiB; {cached}/{len(self.info)} from the "
-                "cache)"
-            )
-        return note
+        return data_note(self.data, self.info)
+
+
+def data_note(data: dict[str, Any], info: list[dict[str, str]]) -> str:
+    """A stat row's note: the data, and the statistics' collection time, peak memory and
+    cache hits over the experts (``info``: `expert_statistics`' metadata per expert)."""
+    n = data["examples"]
+    note = f"data: up to {n} train examples per task (seed {data['seed']})"
+    if info:
+        kind = info[0]["kind"]
+        secs = sum(float(i["seconds"]) for i in info)
+        peak = max(float(i["peak_mb"]) for i in info)
+        cached = sum(i["cached"] == "true" for i in info)
+        note += (
+            f"; {kind} statistics collected in {secs:.1f} s over the {len(info)} "
+            f"experts (peak memory +{peak:.0f} MiB; {cached}/{len(info)} from the cache)"
+        )
+    return note
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def sample_batches(ev: Evaluator, task: str, data: dict[str, Any], size: int | N
     n = len(part)
     if n == 0:
         raise SpliceError(f"task {task}: no training examples for the statistics")
-    order = random.Random(data["seed"]).sample(range(n), min(data["examples"], n))
+    order = sample_indices(n, data)
     bs = size or data["batch_size"]
     out = []
     for s in range(0, len(order), bs):
@@ -357,6 +362,15 @@ def expert_model(ev: Evaluator, e: Expert) -> torch.nn.Module:
 
 
 def stats_path(ev: Evaluator, e: Expert, kind: str, data: dict[str, Any]) -> Path:
+    return stats_file(e, ev.tasks[e.tasks[0]].identity(), kind, data, ev.max_length)
+
+
+def stats_file(
+    e: Expert, task: dict[str, Any], kind: str, data: dict[str, Any], max_length: int
+) -> Path:
+    """The cache file of expert ``e``'s ``kind`` statistics: keyed on the expert, its task's
+    identity (``task``: examples and split), the statistic, the data settings that change
+    it and the token length (both pools: the classifier's and the causal LM's)."""
     from splice.bench.cache import bench_root, content_key
 
     settings = {k: data[k] for k in ("examples", "seed")}
@@ -369,14 +383,19 @@ def stats_path(ev: Evaluator, e: Expert, kind: str, data: dict[str, Any]) -> Pat
     key = content_key(
         {
             "expert": e.meta.get("key") or e.folder.name,
-            "task": ev.tasks[e.tasks[0]].identity(),
+            "task": task,
             "statistic": kind,
             "settings": settings,
-            "max_length": ev.max_length,
+            "max_length": max_length,
             "version": 1,
         }
     )
     return bench_root() / "stats" / f"{kind}-{e.folder.name}-{key[:16]}.safetensors"
+
+
+def sample_indices(n: int, data: dict[str, Any]) -> list[int]:
+    """The seeded sample of ``data['examples']`` of a train split's ``n`` examples."""
+    return random.Random(data["seed"]).sample(range(n), min(data["examples"], n))
 
 
 def expert_statistics(

@@ -191,7 +191,7 @@ def compute_statistics(prepared: PreparedStats) -> dict[str, Tensor]:
                         f"{req.max_length} (the prompt fills it); no loss to take a Fisher of"
                     )
         batches = lm_batches(lm_rows, tok, req.batch_size, req.max_length)
-        loss_fn = _lm_losses
+        loss_fn = lm_losses
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -325,7 +325,7 @@ def classification_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
 
 
-def _lm_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def lm_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per example: the mean next-token NLL over its target tokens (labels != -100)."""
     logits = model(**_inputs(batch)).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
