@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from splice.bench.memory import PeakRSS
-from splice.bench.stat_merging import data_note, sample_indices, stats_file
+from splice.bench.stat_merging import data_note, run_fw_merge, sample_indices, stats_file
 
 if TYPE_CHECKING:
     from splice.bench.experts import Expert
@@ -191,7 +191,6 @@ class LMStatMerger:
         """FW-Merging's row for ``variant`` (hard / soft), scored on test; ``row``: the
         kind's row maker (`lm_run.make_row`)."""
         from splice.bench.lm_run import _load
-        from splice.merge.frank_wolfe import fw_merge
         from splice.train.statistics import lm_losses
 
         params = self.p.params
@@ -210,21 +209,9 @@ class LMStatMerger:
         base = _load(self.base_folder)
         states = [_load(f) for f in self.folders]
         base = {n: base[n] for n in states[0] if n in base}
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            res = fw_merge(
-                ev.model,
-                base,
-                states,
-                [objective(k) for k in range(len(self.tasks))],
-                variant=variant,  # type: ignore[arg-type]
-                iterations=params["iterations"],
-                soft_scaling=params["soft_scaling"],
-                granularity=params["granularity"],
-                oracle=params["oracle"],
-                init="task_arithmetic" if variant == "hard" else "base",
-            )
-            secs = time.perf_counter() - start
+        res, secs, peak_mb = run_fw_merge(
+            ev.model, base, states, [objective(k) for k in range(len(self.tasks))], variant, params
+        )
         names = set(states[0])
         test = ev.evaluate({n: t.float() for n, t in res.state_dict.items() if n in names}, "test")
         names_t = [t.name for t in self.tasks]
@@ -233,12 +220,12 @@ class LMStatMerger:
         note = (
             f"{data_note(self.data, [])}; one batch of {self.data['batch_size']} per task and "
             f"iteration; picks per iteration: {picks}; objective "
-            f"{res.losses[0]:.3f} -> {res.losses[-1]:.3f}; peak memory +{mem.mb:.0f} MiB"
+            f"{res.losses[0]:.3f} -> {res.losses[-1]:.3f}; peak memory +{peak_mb:.0f} MiB"
         )
         shown = {"variant": variant, "iterations": params["iterations"]}
         return row(
             "merged", "fw_merging", test, params=shown, variant=variant,
-            merge_seconds=round(secs, 2), note=note, peak_memory_mb=mem.mb,
+            merge_seconds=round(secs, 2), note=note, peak_memory_mb=peak_mb,
         )  # fmt: skip
 
     def annotate(self, rows: list[LMRow]) -> list[LMRow]:

@@ -230,7 +230,6 @@ class StatMerger:
         from torch.func import functional_call
 
         from splice.bench.results import Row
-        from splice.merge.frank_wolfe import fw_merge
 
         ev, params = self.ev, self.p.params
         head = ev.base.head_name + "."
@@ -249,21 +248,10 @@ class StatMerger:
 
             return loss
 
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            res = fw_merge(
-                ev.model,
-                self.base,
-                self.states,
-                [objective(k) for k in range(len(self.tasks))],
-                variant=variant,  # type: ignore[arg-type]
-                iterations=params["iterations"],
-                soft_scaling=params["soft_scaling"],
-                granularity=params["granularity"],
-                oracle=params["oracle"],
-                init="task_arithmetic" if variant == "hard" else "base",
-            )
-            secs = time.perf_counter() - start
+        res, secs, peak_mb = run_fw_merge(
+            ev.model, self.base, self.states, [objective(k) for k in range(len(self.tasks))],
+            variant, params,
+        )  # fmt: skip
         test = ev.evaluate(_float(res.state_dict), heads, "test")
         shown = {"variant": variant, "iterations": params["iterations"]}
         picks = "; ".join(",".join(self.tasks[i] if i < len(self.tasks) else "start"
@@ -271,11 +259,11 @@ class StatMerger:
         note = (
             f"{self._data_note()}; one batch of {self.data['batch_size']} per task and "
             f"iteration; picks per iteration: {picks}; objective "
-            f"{res.losses[0]:.3f} -> {res.losses[-1]:.3f}; peak memory +{mem.mb:.0f} MiB"
+            f"{res.losses[0]:.3f} -> {res.losses[-1]:.3f}; peak memory +{peak_mb:.0f} MiB"
         )
         return Row(
             kind, "merged", "fw_merging", test, shown, None, round(secs, 2), note=note,
-            peak_memory_mb=mem.mb,
+            peak_memory_mb=peak_mb,
         )  # fmt: skip
 
     # -- rows -----------------------------------------------------------------------------
@@ -457,3 +445,34 @@ def _float(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _key(params: dict[str, Any]) -> str:
     return repr(sorted(params.items()))
+
+
+def run_fw_merge(
+    model: torch.nn.Module,
+    base: dict[str, torch.Tensor],
+    states: list[dict[str, torch.Tensor]],
+    objectives: list[Callable[..., torch.Tensor]],
+    variant: str,
+    params: dict[str, Any],
+) -> tuple[Any, float, float]:
+    """One FW-Merging row's merge (`splice.merge.frank_wolfe.fw_merge` with the row's
+    settings; hard starts from task arithmetic, soft from the base): the result, its seconds
+    and peak memory (MiB over the start), for the classifier and the LM pools alike."""
+    from splice.merge.frank_wolfe import fw_merge
+
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        res = fw_merge(
+            model,
+            base,
+            states,
+            objectives,
+            variant=variant,  # type: ignore[arg-type]
+            iterations=params["iterations"],
+            soft_scaling=params["soft_scaling"],
+            granularity=params["granularity"],
+            oracle=params["oracle"],
+            init="task_arithmetic" if variant == "hard" else "base",
+        )
+        secs = time.perf_counter() - start
+    return res, secs, mem.mb
