@@ -309,7 +309,9 @@ def chunk_keep_masks(
         pairs = np.empty(n, dtype=PAIR)
         clean = True
         for a, b in spans:
-            mag = magnitude(delta_rows(a, b)).reshape(-1)
+            mag = job_magnitudes(
+                plan, job, [request], lambda ref, name, a=a, b=b: sources.read_rows(ref, name, a, b)
+            )[0].reshape(-1)
             if bool(mag.isnan().any()):  # the selection takes no NaN (as the trim)
                 clean = False
                 break
