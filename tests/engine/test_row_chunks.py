@@ -400,8 +400,9 @@ def _dare_recipe(paths: dict[str, str], method: str, dialect: str, rescale, cd: 
     return doc if dialect == "mergekit" else {**doc, "seed": 5}
 
 
-# chunks of 4 rows (164 entries; 25 chunks, the last 1 row), most starting inside a
-# 312-entry block
+# chunks of 2 to 4 rows (float32 compute: 3 rows, 123 entries, 33 chunks, the last 1 row; a
+# chunk's merge and the next chunk's inputs read ahead fit the share), most starting inside
+# a 312-entry block
 _DARE_BUDGET = 24_000
 
 

@@ -19,10 +19,11 @@ than the budget runs alone), so peak memory is about max(budget, the largest ste
 interpreter, independent of model size. A spec that lists each step's reads (`Stream.reads`)
 gets them read ahead on one reader thread (`splice.engine.prefetch`): read, converted to the
 step's dtype, hashed and checked while the workers compute and write earlier steps, inside
-the same budget (a step's reads start only once the step is admitted). Reading (pread /
-mapped pages), computing (torch) and writing (pwrite) release the GIL, so they overlap.
-Every step's outputs are the same whatever the threads and read-ahead: a step gets fresh
-tensors of the same bytes either way.
+the same budget (a step's reads start only once the step is admitted; a running step may
+schedule more of its own, `Sources.ahead`, such as its next row chunk, which its cost then
+counts). Reading (pread / mapped pages), computing (torch) and writing (pwrite) release the
+GIL, so they overlap. Every step's outputs are the same whatever the threads and
+read-ahead: a step gets fresh tensors of the same bytes either way.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
 
 import splice
-from splice.engine.prefetch import Prefetcher, Read, Result
+from splice.engine.prefetch import Call, Prefetcher, Read, Result
 from splice.errors import MergeValidationError
 from splice.io import CheckpointReader, ShardedWriter, model_dir_of, plan_shards
 from splice.io.base import TensorInfo
-from splice.io.mapped import read_as, read_rows
+from splice.io.mapped import read_as, read_rows_as
 from splice.io.open import TOKENIZER_FILES, model_side_files
 from splice.reference import open_checkpoint
 
@@ -127,20 +128,57 @@ class Sources:
         step scheduled this read."""
         key = os.fspath(ref)
         step = getattr(_current, "step", None)
-        got = None
+        future = None
         if self.prefetcher is not None and step is not None:
-            got = self.prefetcher.take(step, key, name, dtype)
-        t, sha = got if got is not None else self.read_now(key, name, dtype, record is not None)
+            future = self.prefetcher.take(step, (key, name, dtype))
+        got: Result = (
+            future.result()
+            if future is not None
+            else self.read_now(key, name, dtype, record is not None)
+        )
+        t, sha = got
         if record is not None:
             assert sha is not None
             record[source_key(key, name)] = sha
         return t
 
-    def read_rows(self, ref: str, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of tensor ``name`` of ``ref``, stored dtype (`io.mapped`)."""
-        t = read_rows(self.readers[ref], name, start, stop)
+    def ahead(self, call: Call) -> None:
+        """Start ``call`` on the read-ahead for the running step, to `fetch` later (no-op
+        without a reader thread: `fetch` then runs it)."""
+        step = getattr(_current, "step", None)
+        if self.prefetcher is not None and step is not None:
+            self.prefetcher.schedule(step, [call])
+
+    def fetch(self, call: Call) -> Any:
+        """The result of ``call``: taken from the read-ahead when the running step scheduled
+        it (`ahead`, or its `Stream.reads` at admission), waiting for it if it is running;
+        else, and when the reader thread has not started it yet (busy with other steps'
+        reads: it is cancelled there), run now on this thread."""
+        step = getattr(_current, "step", None)
+        future = None
+        if self.prefetcher is not None and step is not None:
+            future = self.prefetcher.take(step, call.key)
+        if future is None or future.cancel():
+            return call.fn()
+        return future.result()
+
+    def read_rows(
+        self,
+        ref: str,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | None = None,
+        hasher: Any = None,
+    ) -> torch.Tensor:
+        """Rows [start, stop) of tensor ``name`` of ``ref``, a fresh tensor of ``dtype``
+        (None: as stored; the conversion reads mapped pages), their stored bytes fed to
+        ``hasher`` when one is given (`io.mapped.read_rows_as`)."""
+        reader = self.readers[ref]
+        t = read_rows_as(reader, name, start, stop, dtype, hasher)
+        info = reader.info(name)
         with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
+            self.bytes_read += info.nbytes // max(info.shape[0], 1) * (stop - start)
         return t
 
     def read_now(
@@ -244,7 +282,7 @@ class Stream:
     memory_budget: int = 1_000_000_000
     cost: Callable[[int], int] = lambda i: 0  # estimated bytes of a step at its peak
     # The reads of a step, in its order (for the read-ahead); None: steps read for themselves.
-    reads: Callable[[int], list[Read]] | None = None
+    reads: Callable[[int], list[Read | Call]] | None = None
     read_ahead: int = 1  # steps admitted beyond the busy workers (their reads start at once)
     progress: bool = False
     label: str = "writing"

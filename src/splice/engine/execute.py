@@ -32,6 +32,7 @@ import yaml
 
 import splice
 from splice.engine.chunks import (
+    chunk_read,
     chunk_spans,
     chunk_tensor_rules,
     job_magnitudes,
@@ -43,13 +44,13 @@ from splice.engine.chunks import (
 from splice.engine.driver import Output, Sources, Stream, StreamReport, write_stream
 from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
-from splice.engine.prefetch import Read
+from splice.engine.prefetch import Call, Read
 from splice.engine.resume_check import InputCheck, Rules, rules_digest, stats_key
 from splice.engine.topk import keep_rules
 from splice.errors import CheckpointError
 from splice.io import model_dir_of
 from splice.io.finite import numerical_errors
-from splice.io.mapped import read_rows
+from splice.io.mapped import read_as, read_rows_as
 from splice.io.open import model_side_files, split_reference
 from splice.io.safe_paths import member
 from splice.io.textfile import load_json_object
@@ -135,13 +136,14 @@ class _Runner:
         indices = [i for i in (layer_index(j.out.name) for j in self.plan.jobs) if i is not None]
         self.num_layers = self.plan.num_layers_out or (1 + max(indices) if indices else None)
 
-    def reads(self, index: int) -> list[Read]:
+    def reads(self, index: int) -> list[Read | Call]:
         """What job ``index`` reads, in order: (reference, tensor, dtype to convert to) of
-        the copied tensor, or of the base and each input in the compute dtype; nothing for a
-        job merged in row chunks (it reads its rows itself)."""
+        the copied tensor, or of the base and each input in the compute dtype; for a job
+        merged in row chunks, its first chunk's rows (`chunk_read`: the job reads each next
+        chunk ahead itself, `merged_rows`)."""
         job = self.plan.jobs[index]
         if index in self.chunks:
-            return []
+            return [chunk_read(self.sources, self.plan, index, self.chunks[index])]
         if job.kind == "copy":
             return [(job.inputs[0].ref, job.inputs[0].name, None)]
         cd = self.plan.job_compute_dtype(job)
@@ -167,7 +169,10 @@ class _Runner:
                 self.sources, self.plan, index, self.chunks[index], combine, seen, chunk_rules
             )
             return [Output(job.out.name, None, seen, rows=rows)]
-        read = [self.sources.read(ref, name, seen, dt) for ref, name, dt in self.reads(index)]
+        read = [
+            self.sources.read(ref, name, seen, dt)
+            for ref, name, dt in self.reads(index)  # type: ignore[misc]  # not chunked: Reads
+        ]
         if job.kind == "copy":
             out = read[0]
         else:
@@ -242,9 +247,11 @@ def _model_stat_rules(
     def magnitudes(u: int) -> list[torch.Tensor]:
         i, span = units[u]
 
-        def load(ref: str, name: str) -> torch.Tensor:
+        def load(ref: str, name: str, dtype: torch.dtype) -> torch.Tensor:
             reader = plan.readers[ref]
-            return reader.read(name) if span is None else read_rows(reader, name, *span)
+            if span is None:
+                return read_as(reader, name, dtype, digest=False)[0]
+            return read_rows_as(reader, name, *span, dtype)
 
         return job_magnitudes(plan, plan.jobs[i], requests, load)
 
@@ -298,13 +305,9 @@ def run_merge(
     costs = [job_cost(plan, i) for i in range(len(plan.jobs))]
     chunks: dict[int, int] = {}
     for i, cost in enumerate(costs):
-        rows = rows_per_chunk(plan, i, cost, share)
+        costs[i], rows = chunked_cost(plan, i, cost, share, read_ahead > 0)
         if rows is not None:
             chunks[i] = rows
-            costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
-            # the job's per-tensor statistics, found when it starts (`chunk_tensor_rules`)
-            peak, held = tensor_pass_cost(plan, i)
-            costs[i] = max(costs[i], peak) + held
     memo: list[tuple[Rules, ChunkRules]] = []
 
     def stats() -> tuple[Rules, ChunkRules]:  # whole-model statistics, computed at most once
@@ -361,6 +364,43 @@ def torch_threads_per_job(threads: int) -> int:
     return max(1, (os.cpu_count() or 1) // threads)
 
 
+def chunked_cost(
+    plan: MergePlan, index: int, cost: int, share: int, ahead: bool
+) -> tuple[int, int | None]:
+    """Job ``index``'s estimated cost and rows per chunk (None: not chunked), given its
+    unchunked ``cost`` (`job_cost`) and the budget ``share`` of a job in flight.
+
+    A chunked job holds one chunk's merge (``cost`` × rows / all rows) and, with the read-ahead
+    (``ahead``), the next chunk's inputs read meanwhile (`input_cost` × rows / all rows), so
+    its rows are chosen for the two to fit the share. Its per-tensor statistics, found when
+    it starts while its first chunk is read ahead, peak beside those inputs instead of
+    beside a chunk's merge, and their packed masks are held until it is written
+    (`tensor_pass_cost`): max(chunk, pass peak) + next chunk's inputs + masks."""
+    extra = input_cost(plan, index) if ahead else 0
+    rows = rows_per_chunk(plan, index, cost, share, extra)
+    if rows is None:
+        return cost, None
+    total = plan.jobs[index].out.shape[0]
+    peak, held = tensor_pass_cost(plan, index)
+    chunk, following = -(-cost * rows // total), -(-extra * rows // total)
+    return max(chunk, peak) + following + held, rows
+
+
+def input_cost(plan: MergePlan, index: int) -> int:
+    """Bytes of job ``index``'s inputs as held once read: each input in the compute dtype
+    (or as stored when the file dtype is wider), plus one read buffer beside its conversion;
+    a copy's tensor as stored. Part of `job_cost`; also what a chunk read ahead holds (pro
+    rata of its rows)."""
+    job = plan.jobs[index]
+    if job.kind == "copy":
+        return plan.readers[job.inputs[0].ref].info(job.inputs[0].name).nbytes
+    size = plan.job_compute_dtype(job).itemsize
+    numel = job.out.numel
+    file_sizes = [plan.readers[s.ref].info(s.name).nbytes // max(numel, 1) for s in job.sources]
+    cost = numel * sum(max(size, f) for f in file_sizes)
+    return cost + numel * max(file_sizes, default=0)  # one read buffer beside its conversion
+
+
 def job_cost(plan: MergePlan, index: int) -> int:
     """Approximate bytes a job holds at its peak, for the driver's memory budget.
 
@@ -378,14 +418,12 @@ def job_cost(plan: MergePlan, index: int) -> int:
     estimate gives (4 + 6) x 4 = 40. A copy job holds its input only.
     """
     job = plan.jobs[index]
+    cost = input_cost(plan, index)  # the inputs and one read buffer
     if job.kind == "copy":
-        return plan.readers[job.inputs[0].ref].info(job.inputs[0].name).nbytes
+        return cost
     cd = plan.job_compute_dtype(job)
-    size = torch.empty((), dtype=cd).element_size()
+    size = cd.itemsize
     numel = job.out.numel
-    file_sizes = [plan.readers[s.ref].info(s.name).nbytes // max(numel, 1) for s in job.sources]
-    cost = numel * sum(max(size, f) for f in file_sizes)
-    cost += numel * max(file_sizes, default=0)  # one read buffer beside its conversion
     cost += numel * max(size, 4) * 6
     if plan.recipe.dialect == "mergekit" and cd in _LOW_PRECISION and plan.method.needs_base:
         cost += numel * (size + 1) * len(job.inputs)  # the stacked deltas and agreement mask

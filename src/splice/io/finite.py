@@ -128,6 +128,19 @@ class FiniteReader:
 
         return checked
 
+    @property
+    def view_rows(self) -> Callable[[str, int, int], AbstractContextManager[torch.Tensor]]:
+        """The wrapped reader's mapped view of rows, checked (AttributeError when it has
+        none)."""
+        inner_view = self.inner.view_rows
+
+        @contextmanager
+        def checked(name: str, start: int, stop: int) -> Iterator[torch.Tensor]:
+            with inner_view(name, start, stop) as t:
+                yield check_input(t, name, self.source)
+
+        return checked
+
     def __getattr__(self, attr: str) -> Any:
         if attr == "inner":  # not yet set: no recursion
             raise AttributeError(attr)

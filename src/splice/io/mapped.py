@@ -12,7 +12,8 @@ and a private mapping would copy every written page anyway, one page fault at a 
 `read_rows` reads rows [start, stop) of a tensor (its first dimension), for callers that
 stream one large tensor in row chunks (`splice.engine.chunks`): only those bytes are read
 where the reader can (``reader.read_rows``; ``reader.rows_direct`` says so), else the whole
-tensor is read and sliced.
+tensor is read and sliced. `read_rows_as` is `read_as` for rows: converting, it maps only
+the rows' pages (``reader.view_rows``) and converts from them.
 
 The digest (`input_digest`, for `--resume`) and the NaN / ±inf check (a `FiniteReader`) see
 the tensor as stored, before the conversion, exactly as with a plain read.
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from splice.io.base import CheckpointReader
-from splice.io.shard_record import input_digest
+from splice.io.shard_record import input_digest, raw_bytes
 
 
 @contextlib.contextmanager
@@ -62,3 +64,44 @@ def read_rows(reader: CheckpointReader, name: str, start: int, stop: int) -> tor
     if rows is not None:
         return rows(name, start, stop)
     return reader.read(name)[start:stop].clone()
+
+
+@contextlib.contextmanager
+def _plain_rows(
+    reader: CheckpointReader, name: str, start: int, stop: int
+) -> Iterator[torch.Tensor]:
+    yield read_rows(reader, name, start, stop)
+
+
+def rows_view(
+    reader: CheckpointReader, name: str, start: int, stop: int
+) -> contextlib.AbstractContextManager:
+    """A context giving rows [start, stop) of tensor ``name`` as stored, to read only and not
+    keep: a mapped view of those rows where the reader has one (``reader.view_rows``), else
+    `read_rows`."""
+    view = getattr(reader, "view_rows", None)
+    return view(name, start, stop) if view is not None else _plain_rows(reader, name, start, stop)
+
+
+def read_rows_as(
+    reader: CheckpointReader,
+    name: str,
+    start: int,
+    stop: int,
+    dtype: torch.dtype | None,
+    hasher: Any = None,
+) -> torch.Tensor:
+    """Rows [start, stop) of tensor ``name`` as a fresh tensor of ``dtype`` (None: the stored
+    dtype), their stored bytes fed to ``hasher`` (a running `input_hasher`) when one is
+    given: converted from the mapped rows (`rows_view`), else a plain `read_rows`."""
+    if dtype is None or reader.info(name).dtype == dtype:
+        t = read_rows(reader, name, start, stop)
+        if hasher is not None:
+            hasher.update(raw_bytes(t))
+        return t
+    with rows_view(reader, name, start, stop) as stored:
+        if hasher is not None:
+            hasher.update(raw_bytes(stored))
+        out = stored.to(dtype)
+        del stored
+    return out

@@ -29,7 +29,7 @@ import math
 import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -186,16 +186,50 @@ class SafetensorsReader:
         read_exact(self._fd, buf, self._ranges[name][0] + row * start, self.path)
         return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(shape)
 
-    @contextlib.contextmanager
-    def view(self, name: str) -> Iterator[torch.Tensor]:
+    def view(self, name: str) -> contextlib.AbstractContextManager[torch.Tensor]:
         """Tensor ``name`` over a private mapping of its pages, valid inside the block only:
         read it, do not keep it (writes would copy pages, never reach the file)."""
         info = self._infos[name]
         if self._fd < 0:
             raise CheckpointError(f"{self.path}: view('{name}') after close()")
         begin, end = self._ranges[name]
+        return self._mapped(name, begin, end, info.shape, lambda: self.read(name))
+
+    def view_rows(
+        self, name: str, start: int, stop: int
+    ) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """Rows [start, stop) of tensor ``name`` over a private mapping of their pages only,
+        valid inside the block only (as `view`)."""
+        info = self._infos[name]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: view('{name}') after close()")
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        begin = self._ranges[name][0] + row * start
+        shape = (stop - start, *info.shape[1:])
+        return self._mapped(
+            name,
+            begin,
+            begin + row * (stop - start),
+            shape,
+            lambda: self.read_rows(name, start, stop),
+        )
+
+    @contextlib.contextmanager
+    def _mapped(
+        self,
+        name: str,
+        begin: int,
+        end: int,
+        shape: tuple[int, ...],
+        plain: Callable[[], torch.Tensor],
+    ) -> Iterator[torch.Tensor]:
+        """File bytes [begin, end) of tensor ``name`` as a tensor of ``shape`` over a private
+        mapping (``plain()``, a read, where the file system cannot map)."""
+        info = self._infos[name]
         if begin == end:
-            yield torch.empty(info.shape, dtype=info.dtype)
+            yield torch.empty(shape, dtype=info.dtype)
             return
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         if os.fstat(self._fd).st_size < end:  # mapping past the end would SIGBUS on access
@@ -205,11 +239,11 @@ class SafetensorsReader:
         try:
             mapped = mmap.mmap(self._fd, end - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError:  # a file system that cannot map files: a plain read
-            yield self.read(name)
+            yield plain()
             return
         try:
             flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin - start)
-            t = flat.view(info.dtype).reshape(info.shape)
+            t = flat.view(info.dtype).reshape(shape)
             del flat
             yield t
             del t

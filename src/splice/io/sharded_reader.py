@@ -24,7 +24,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import CheckpointReader, TensorInfo
-from splice.io.mapped import read_rows, stored_view
+from splice.io.mapped import read_rows, rows_view, stored_view
 from splice.io.safe_paths import allowed_root, member, shown
 from splice.io.safetensors_reader import MAX_TENSORS, SafetensorsReader
 from splice.io.textfile import load_json
@@ -101,6 +101,12 @@ class ShardedReader:
         """A mapped view of one tensor in its shard (`SafetensorsReader.view`; a plain read for
         a shard that cannot be mapped)."""
         return stored_view(self._shards[self._where[name]], name)
+
+    def view_rows(
+        self, name: str, start: int, stop: int
+    ) -> contextlib.AbstractContextManager[torch.Tensor]:
+        """A mapped view of rows [start, stop) of one tensor in its shard (`rows_view`)."""
+        return rows_view(self._shards[self._where[name]], name, start, stop)
 
     def close(self) -> None:
         """Close every shard."""
