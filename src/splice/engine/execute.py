@@ -141,9 +141,13 @@ class _Runner:
         the copied tensor, or of the base and each input in the compute dtype; for a job
         merged in row chunks, its first chunk's rows (`chunk_read`: the job reads each next
         chunk ahead itself, `merged_rows`)."""
-        job = self.plan.jobs[index]
         if index in self.chunks:
             return [chunk_read(self.sources, self.plan, index, self.chunks[index])]
+        return list(self._tensor_reads(index))
+
+    def _tensor_reads(self, index: int) -> list[Read]:
+        """The whole tensors job ``index`` reads (not chunked), in order."""
+        job = self.plan.jobs[index]
         if job.kind == "copy":
             return [(job.inputs[0].ref, job.inputs[0].name, None)]
         cd = self.plan.job_compute_dtype(job)
@@ -170,8 +174,7 @@ class _Runner:
             )
             return [Output(job.out.name, None, seen, rows=rows)]
         read = [
-            self.sources.read(ref, name, seen, dt)
-            for ref, name, dt in self.reads(index)  # type: ignore[misc]  # not chunked: Reads
+            self.sources.read(ref, name, seen, dt) for ref, name, dt in self._tensor_reads(index)
         ]
         if job.kind == "copy":
             out = read[0]
