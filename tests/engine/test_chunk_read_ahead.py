@@ -160,6 +160,10 @@ def test_chunks_read_ahead_give_the_unchunked_files_and_the_worker_read_ones(
         assert [r for w, r in order if w == "ahead"] == starts[1:]
         for k in range(len(starts) - 1):
             assert order.index(("ahead", starts[k + 1])) < order.index(("merge", starts[k]))
+    if method == "ties":  # the whole-tensor selection first: its first chunk is read after
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            first = next(t for n, _, t in ahead_reads if n == name)
+            assert not first.startswith("splice-read")
     assert spy.reads and not any(t.startswith("splice-read") for _, _, t in spy.reads)
     assert spy.live == 0  # every chunk read was let go
 
@@ -170,9 +174,13 @@ def test_a_chunked_jobs_cost_counts_the_chunk_read_ahead(tmp_path, monkeypatch, 
     (5632). One worker, two jobs ahead, a 6144 B budget: a share of 2048 B. With the
     read-ahead a chunk of r rows costs its merge 5632 r / 16 plus the next chunk's inputs
     2560 r / 16, 512 r: r = 4 (1408 + 640 = 2048); without it (read_ahead=0: a share of
-    6144 / 2 = 3072) r = 8 (2816). The mergekit dialect adds its whole-tensor selection
-    peak, 8 x 128 + 16 = 1040 (under the merge's 1408), and the three packed masks held,
-    3 x 16: 1408 + 640 + 48 = 2096."""
+    6144 / 2 = 3072) r = 8 (2816). The mergekit dialect first selects over the whole tensor
+    and reads the first chunk after it: the larger of the selection's peak and a chunk with
+    the next one's inputs, plus the three packed masks held, 3 x 16. The compiled selection
+    peaks at 8 x 128 + 16 = 1040: 2048 + 48 = 2096; selecting on the whole δ, at (4 + 9) x
+    128 = 1664 (over a chunk's merge, 1408, but not beside the next chunk's inputs):
+    2096 too, where a first chunk read ahead during the selection would make it
+    1664 + 640 + 48 = 2352."""
     if not chunks_mod.pairs_selectable(128):
         pytest.skip("the compiled selection is not built")
     models_ = [
@@ -193,13 +201,16 @@ def test_a_chunked_jobs_cost_counts_the_chunk_read_ahead(tmp_path, monkeypatch, 
         return real(out_dir, spec, *a, **k)
 
     monkeypatch.setattr(execute_mod, "write_stream", spy)
-    for k, (recipe, ahead, want_cost, want_rows) in enumerate(
+    for run, (recipe, ahead, want_cost, want_rows, pairs) in enumerate(
         (
-            (splice_ties, 2, 2048, 4),
-            (splice_ties, 0, 2816, 8),
-            (mergekit_ties, 2, 2096, 4),
+            (splice_ties, 2, 2048, 4, True),
+            (splice_ties, 0, 2816, 8, True),
+            (mergekit_ties, 2, 2096, 4, True),
+            (mergekit_ties, 2, 2096, 4, False),
         )
     ):
+        if not pairs:
+            monkeypatch.setattr(chunks_mod, "pairs_selectable", lambda n: False)
         plan = plan_merge(parse_recipe(recipe))
         try:
             i = next(k for k, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
@@ -209,7 +220,7 @@ def test_a_chunked_jobs_cost_counts_the_chunk_read_ahead(tmp_path, monkeypatch, 
             seen.clear()
             run_merge(
                 plan,
-                tmp_path / f"out{k}",
+                tmp_path / f"out{run}",
                 threads=1,
                 read_ahead=ahead,
                 memory_budget=6144,

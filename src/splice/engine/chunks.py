@@ -24,11 +24,13 @@ in row order) and the shard's record are the same too.
 The chunks are read ahead (`merged_rows`): the driver's reader thread
 (`splice.engine.prefetch`) reads, hashes and converts chunk k+1's rows while the worker
 merges, casts and writes chunk k, and reads the first chunk's when the job is admitted,
-as it reads an unchunked job's inputs (`chunk_read`, one of the job's reads). A chunked
-job thus holds a chunk's merge plus the next chunk's inputs, and its rows per chunk are
-chosen for both to fit its share (`rows_per_chunk`; `execute.chunked_cost`: the chunk's
-share of `job_cost` plus its share of `input_cost`; TIES over three bf16 models in
-float32, 42 + 18 bytes an entry, has 30% fewer rows a chunk than without the read-ahead).
+as it reads an unchunked job's inputs (`chunk_read`, one of the job's reads; after the
+whole-tensor selection for a job that starts with one, whose peak is then not raised:
+`first_chunk_ahead`). A chunked job thus holds a chunk's merge plus the next chunk's
+inputs, and its rows per chunk are chosen for both to fit its share (`rows_per_chunk`;
+`execute.chunked_cost`: the chunk's share of `job_cost` plus its share of `input_cost`;
+TIES over three bf16 models in float32, 42 + 18 bytes an entry, has 30% fewer rows a
+chunk than without the read-ahead).
 The digests stay in row order: a chunk's read is scheduled only once the one before it is
 taken, so one chunk at a time is read, on whichever thread. A job that fails drops the
 chunk read ahead for it (cancelled, or its rows let go when it ends). Without a reader
@@ -203,6 +205,13 @@ def read_chunk(
         for s, h in zip(job.sources, hashers, strict=True)
     ]
     return parts, hashers
+
+
+def first_chunk_ahead(plan: MergePlan, index: int) -> bool:
+    """Whether chunked job ``index``'s first chunk is read ahead when the job is admitted:
+    not when the job starts with a whole-tensor selection (the mergekit dialect's per-tensor
+    trims, `tensor_pass_cost`), whose peak would hold it too; it is read after."""
+    return tensor_pass_cost(plan, index)[0] == 0
 
 
 def chunk_read(

@@ -35,6 +35,7 @@ from splice.engine.chunks import (
     chunk_read,
     chunk_spans,
     chunk_tensor_rules,
+    first_chunk_ahead,
     job_magnitudes,
     merged_rows,
     rows_per_chunk,
@@ -140,8 +141,11 @@ class _Runner:
         """What job ``index`` reads, in order: (reference, tensor, dtype to convert to) of
         the copied tensor, or of the base and each input in the compute dtype; for a job
         merged in row chunks, its first chunk's rows (`chunk_read`: the job reads each next
-        chunk ahead itself, `merged_rows`)."""
+        chunk ahead itself, `merged_rows`), unless the job first selects over its whole
+        tensor (`first_chunk_ahead`)."""
         if index in self.chunks:
+            if not first_chunk_ahead(self.plan, index):
+                return []
             return [chunk_read(self.sources, self.plan, index, self.chunks[index])]
         return list(self._tensor_reads(index))
 
@@ -375,10 +379,10 @@ def chunked_cost(
 
     A chunked job holds one chunk's merge (``cost`` × rows / all rows) and, with the read-ahead
     (``ahead``), the next chunk's inputs read meanwhile (`input_cost` × rows / all rows), so
-    its rows are chosen for the two to fit the share. Its per-tensor statistics, found when
-    it starts while its first chunk is read ahead, peak beside those inputs instead of
-    beside a chunk's merge, and their packed masks are held until it is written
-    (`tensor_pass_cost`): max(chunk, pass peak) + next chunk's inputs + masks."""
+    its rows are chosen for the two to fit the share. The mergekit dialect's whole-tensor
+    selection, found when the job starts, peaks alone (its first chunk is read after it,
+    `first_chunk_ahead`), and its packed masks are held until the job is written
+    (`tensor_pass_cost`): max(chunk + next chunk's inputs, selection peak) + masks."""
     extra = input_cost(plan, index) if ahead else 0
     rows = rows_per_chunk(plan, index, cost, share, extra)
     if rows is None:
@@ -386,7 +390,7 @@ def chunked_cost(
     total = plan.jobs[index].out.shape[0]
     peak, held = tensor_pass_cost(plan, index)
     chunk, following = -(-cost * rows // total), -(-extra * rows // total)
-    return max(chunk, peak) + following + held, rows
+    return max(chunk + following, peak) + held, rows
 
 
 def input_cost(plan: MergePlan, index: int) -> int:
