@@ -30,9 +30,10 @@ whole-tensor selection for a job that starts with one, whose peak is then not ra
 inputs, and its rows per chunk are chosen for both to fit its share (`rows_per_chunk`;
 `execute.chunked_cost`: the chunk's share of `job_cost` plus its share of `input_cost`;
 TIES over three bf16 models in float32, 42 + 18 bytes an entry, has 30% fewer rows a
-chunk than without the read-ahead).
-The digests stay in row order: a chunk's read is scheduled only once the one before it is
-taken, so one chunk at a time is read, on whichever thread. A job that fails drops the
+chunk than without the read-ahead). The digests stay in row order: a chunk's read is
+scheduled only once the one before it is taken, so one chunk at a time is read, on
+whichever thread (a worker that needs a chunk whose read the reader has not started, busy
+with other jobs' inputs, reads it itself: `Sources.fetch`). A job that fails drops the
 chunk read ahead for it (cancelled, or its rows let go when it ends). Without a reader
 thread (``read_ahead=0``) the worker reads each chunk itself; the files are the same.
 
