@@ -297,4 +297,4 @@ def test_dare_row_chunks_except_the_l1_rescale():
         ("l1", False),
         (True, False),
     ):
-        assert dare_module.dare_chunks({"rescale": rescale}) is chunks
+        assert dare_module.dare_chunks({"rescale": rescale}, "splice", 2) is chunks

@@ -95,7 +95,8 @@ from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-from splice.merge import KeepMask, StatRequest, TensorTopK, TopKThreshold
+from splice.merge import KeepMask, StatRequest, TensorGram, TensorTopK, TopKThreshold
+from splice.merge.methods._row_gram import ROW_BLOCK, RowGram
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
@@ -113,7 +114,7 @@ def chunkable(plan: MergePlan, index: int) -> bool:
     method = plan.method
     if (
         method.row_chunks is None
-        or not method.row_chunks(job.params)
+        or not method.row_chunks(job.params, plan.recipe.dialect, len(job.out.shape))
         or method.representation != "dense"
         or plan.data is not None
     ):
@@ -135,14 +136,23 @@ def _sixteen_bit(plan: MergePlan, job: TensorJob) -> bool:
     return any(t.itemsize < 4 for t in dtypes)
 
 
-def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
-    """The job's per-tensor trim statistics (`TensorTopK`): a chunked job's are answered
-    per chunk by `chunk_tensor_rules` before the merge starts."""
+def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK | TensorGram]:
+    """The job's per-tensor statistics (`TensorTopK`, `TensorGram`): a chunked job's are
+    answered per chunk by `chunk_tensor_rules` before the merge starts."""
     if plan.jobs[index].kind == "copy":
         return []
     stats = plan.method.model_stats
     declared = stats(plan.jobs[index].params) if stats is not None else []
-    return [r for r in declared if isinstance(r, TensorTopK)]
+    return [r for r in declared if isinstance(r, (TensorTopK, TensorGram))]
+
+
+def _trim_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
+    return [r for r in tensor_requests(plan, index) if isinstance(r, TensorTopK)]
+
+
+def _gram_vectors(plan: MergePlan, job: TensorJob, request: TensorGram) -> int:
+    """m: the vectors of a `TensorGram` (the task vectors, or the base and the models)."""
+    return len(job.inputs) + (0 if request.of_delta or job.base is None else 1)
 
 
 def chunk_spans(rows: int, rows_per: int) -> list[tuple[int, int]]:
@@ -218,18 +228,29 @@ def job_magnitudes(
     return out
 
 
-def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
+def tensor_pass_cost(plan: MergePlan, index: int, rows_per: int | None = None) -> tuple[int, int]:
     """Bytes of job ``index``'s per-tensor statistics beyond a chunk's merge: the peak of
     the mergekit dialect's whole-tensor selection (the compiled pairs and the packed mask:
     8·n + n/8; else one model's δ in the compute dtype, s bytes an entry, and the
     selection's scratch: (s+9)·n, (s+13)·n for float16) and
     the packed keep masks held until the job is written (n/8 per trimmed model); counted
     whenever the dialect may need them (float32: only where ties are split). (0, 0) for
-    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time."""
-    requests = tensor_requests(plan, index)
+    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time.
+
+    A `TensorGram` pre-pass holds a chunk's inputs (at most a chunk's merge) and the float64
+    scratch of `_row_gram` beside them: m + 1 blocks of ``ROW_BLOCK`` entries (at least a
+    row; at most a chunk of ``rows_per`` rows, the whole tensor when None), counted as
+    held."""
+    job = plan.jobs[index]
+    grams = [r for r in tensor_requests(plan, index) if isinstance(r, TensorGram)]
+    if grams:
+        cols = job.out.numel // max(job.out.shape[0], 1)
+        chunk = job.out.numel if rows_per is None else rows_per * cols
+        block = min(chunk, max(ROW_BLOCK, cols))
+        return 0, max(8 * (_gram_vectors(plan, job, r) + 1) * block for r in grams)
+    requests = _trim_requests(plan, index)
     if plan.recipe.dialect != "mergekit" or not requests:
         return 0, 0
-    job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
     n = job.out.numel
     if pairs_selectable(n):  # the pairs, filled a chunk at a time, and the packed mask
@@ -241,16 +262,22 @@ def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
 def chunk_tensor_rules(
     sources: Sources, plan: MergePlan, index: int, rows_per: int
 ) -> list[dict[StatRequest, Any]]:
-    """Each chunk's answer to every per-tensor trim request of job ``index``: a `KeepRule`
-    (radix selection over the chunks, two reads of their rows), or in the mergekit dialect,
-    where that leaves entries equal to the threshold out or the job is 16-bit, a `KeepMask`
-    of the chunk's rows (`chunk_keep_masks`)."""
+    """Each chunk's answer to every per-tensor request of job ``index``. A trim
+    (`TensorTopK`): a `KeepRule` (radix selection over the chunks, two reads of their rows),
+    or in the mergekit dialect, where that leaves entries equal to the threshold out or the
+    job is 16-bit, a `KeepMask` of the chunk's rows (`chunk_keep_masks`). A `TensorGram`:
+    the whole tensor's, the same for every chunk (`chunk_gram`, one read of the rows)."""
     job = plan.jobs[index]
-    requests = tensor_requests(plan, index)
+    requests = _trim_requests(plan, index)
     spans = chunk_spans(job.out.shape[0], rows_per)
     dialect = plan.recipe.dialect
     cols = job.out.numel // job.out.shape[0]
     answers: list[dict[StatRequest, Any]] = [{} for _ in spans]
+    for g in tensor_requests(plan, index):
+        if isinstance(g, TensorGram):
+            gram = chunk_gram(sources, plan, index, g, spans)
+            for answer in answers:
+                answer[g] = gram
     whole = dialect == "mergekit" and _sixteen_bit(plan, job)
     ranked = [] if whole else requests
 
@@ -279,6 +306,32 @@ def chunk_tensor_rules(
         ):
             answer[r] = mask
     return answers
+
+
+def chunk_gram(
+    sources: Sources,
+    plan: MergePlan,
+    index: int,
+    request: TensorGram,
+    spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The `TensorGram` of job ``index`` from its rows chunk by chunk, in row order: the
+    sources' rows in the compute dtype (δ_i = θ_i − base taken there, as the method's
+    ``deltas_``, for ``of_delta``), fed to one `RowGram`, which gives the whole tensor's
+    bits (`splice.merge.methods._row_gram`)."""
+    job = plan.jobs[index]
+    cd = plan.job_compute_dtype(job)
+    gram = RowGram(_gram_vectors(plan, job, request))
+    for a, b in spans:
+        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        if request.of_delta and job.base is not None:
+            base = parts.pop(0)
+            for p in parts:  # fresh tensors (`read_rows`): in place
+                p.sub_(base)
+            del base
+        gram.add(parts)
+        del parts
+    return gram.gram()
 
 
 def chunk_keep_masks(

@@ -303,7 +303,7 @@ def run_merge(
             chunks[i] = rows
             costs[i] = -(-cost * rows // plan.jobs[i].out.shape[0])
             # the job's per-tensor statistics, found when it starts (`chunk_tensor_rules`)
-            peak, held = tensor_pass_cost(plan, i)
+            peak, held = tensor_pass_cost(plan, i, rows)
             costs[i] = max(costs[i], peak) + held
     memo: list[tuple[Rules, ChunkRules]] = []
 

@@ -13,6 +13,7 @@ from splice.merge.stats import (
     KeepMask,
     KeepRule,
     StatRequest,
+    TensorGram,
     TensorTopK,
     TopKThreshold,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MergeMethod",
     "PerModel",
     "StatRequest",
+    "TensorGram",
     "TensorTopK",
     "TopKThreshold",
     "all_methods",

@@ -15,6 +15,12 @@ engine imports no method.
   statistics pre-pass over the chunks, or a `KeepMask` of the chunk's rows where the
   mergekit dialect's tie order needs the whole tensor); a method selects by itself when it
   is unanswered.
+- `TensorGram(of_delta)`: the dot products between the tensor's vectors (the base and the
+  models, or the task vectors) over the whole tensor, in float64 with per-row partials added
+  in row order (`splice.merge.methods._row_gram`: the same bits in any row slices);
+  answered only for a tensor merged in row chunks, from a pre-pass over the chunks (SLERP's
+  norms and dot product, Model Stock's cosines); a method computes it from the whole tensor
+  when it is unanswered.
 - `DepthScale(alpha, beta)`: LiNeS' depth scaling s(l) = α + β · l / (L − 1) (α outside
   layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
   which the engine puts in every context, so `MergeContext.stat` answers it directly; the
@@ -102,6 +108,18 @@ class TensorTopK:
 
 
 @dataclass(frozen=True)
+class TensorGram:
+    """Request: the m × m Gram matrix G_ij = x_i · x_j over this whole tensor (float64, as
+    `splice.merge.methods._row_gram` computes it) of the vectors (base, θ_1, …, θ_n), or with
+    ``of_delta`` of the task vectors δ_i = θ_i − base taken in the compute dtype. Answered
+    (a float64 tensor [m, m]) only when the engine merges the tensor in row chunks (a
+    statistics pre-pass over the chunks, `splice.engine.chunks`); otherwise it is left
+    unanswered and the method computes it from the whole tensor (the same bits)."""
+
+    of_delta: bool
+
+
+@dataclass(frozen=True)
 class DepthScale:
     """Request: LiNeS' depth scale of a tensor, s(l) = α + β · l / (L − 1)."""
 
@@ -140,4 +158,4 @@ class DataStats:
     model_norms: tuple[float, ...]
 
 
-StatRequest = TopKThreshold | TensorTopK | DepthScale | DataStatistic
+StatRequest = TopKThreshold | TensorTopK | TensorGram | DepthScale | DataStatistic

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.delta.topk import keep_count, magnitude, topk_mask, trim_torch_sort_
-from splice.merge.registry import MergeContext, PerModel
+from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
 from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
 
@@ -59,12 +59,12 @@ def trim_requests(params: Mapping[str, Any]) -> list[TopKThreshold | TensorTopK]
     return [kind(i, d) for i, d in enumerate(params["density"]) if 0 < d < 1]
 
 
-def elementwise(params: Mapping[str, Any]) -> bool:
+def elementwise(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """`merge_method`'s ``row_chunks`` for an elementwise method: always."""
     return True
 
 
-def trim_chunks(params: Mapping[str, Any]) -> bool:
+def trim_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """``row_chunks`` of a magnitude trim then an elementwise combine: the trim is
     elementwise given its `KeepRule` (the engine answers one per chunk), except the L1
     rescale, which needs the whole tensor's norms before and after the trim."""

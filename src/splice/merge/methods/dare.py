@@ -50,7 +50,7 @@ from torch import Tensor
 
 from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
-from splice.merge.registry import MergeContext, PerModel
+from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import Rescale, drop_, rescale_kept_, rescale_mode
 
 try:
@@ -172,7 +172,7 @@ def split_draws_agree() -> bool:
     return True
 
 
-def dare_chunks(params: Mapping[str, Any]) -> bool:
+def dare_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """``row_chunks`` of DARE: a row chunk's mask is the stream of the tensor's generator
     from the chunk's first flat entry (``ctx.flat_offset``), then the inverse rescale or
     none and the combine are elementwise; not the L1 rescale (the whole tensor's norms
