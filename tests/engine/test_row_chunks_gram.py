@@ -87,13 +87,14 @@ def test_each_chunk_merged_with_its_own_gram_differs(tmp_path, monkeypatch):
     _merge_rows(recipe, tmp_path / "own", monkeypatch, **kw)
     shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
     assert any(
-        (tmp_path / "whole" / f).read_bytes() != (tmp_path / "own" / f).read_bytes()
-        for f in shards
+        (tmp_path / "whole" / f).read_bytes() != (tmp_path / "own" / f).read_bytes() for f in shards
     )
 
 
-@pytest.mark.parametrize(("method", "params"), [("slerp", {}), ("model_stock", {}),
-                                                ("model_stock", {"filter_wise": True})])
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("slerp", {}), ("model_stock", {}), ("model_stock", {"filter_wise": True})],
+)
 def test_the_mergekit_dialect_is_not_chunked(tmp_path, monkeypatch, method, params):
     """mergekit's reductions (thread ranges, 2^20-entry SLERP chunks) span the whole tensor:
     its SLERP and Model Stock stay unchunked, whatever the budget."""
