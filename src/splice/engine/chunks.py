@@ -12,9 +12,10 @@ the share, when every input is read from safetensors files (which read a chunk's
 alone) and the method says its result on a slice of rows is those rows of its whole result
 (`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); a
 magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
-``rescale: true``, whose L1 norms span the whole tensor); and DARE's seeded random drop
+``rescale: true``, whose L1 norms span the whole tensor); DARE's seeded random drop
 followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, not
-the L1 rescale). Each chunk reads only its rows of every input
+the L1 rescale); and, in the splice dialect, SLERP and Model Stock given the whole
+tensor's Gram matrix (below). Each chunk reads only its rows of every input
 (`splice.io.mapped.read_rows`), merges them with the same method (its first flat entry,
 first row × entries a row, in ``MergeContext.flat_offset``), casts them and hands them to
 the writer, which stores them in order (`ShardedWriter.write_rows`), so the output is bit
@@ -70,8 +71,25 @@ Magnitudes are those of the unchunked merge (`job_magnitudes`, the one reader fo
 whole-model passes and the per-tensor pre-pass): δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
 
-Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
-Stock's cosines, the L1 rescale) are not chunked, nor DELLA (its keep probabilities rank
+SLERP's norms and dot product and Model Stock's cosines (``scope: tensor``) are a Gram
+matrix over the whole tensor (`TensorGram`): of (base, θ_1) for SLERP, of the task vectors
+δ_i = θ_i − base (taken in the compute dtype) for Model Stock. The splice dialect defines
+it in row order (`splice.merge.methods._row_gram`): each first-dimension row's partial
+sums in float64 (entries cast to float64, the row reduced serially by torch, alone), the
+partials added one at a time in row order. Row chunks are consecutive rows, so a pre-pass
+(`chunk_gram`: one read of every input's rows, a chunk at a time) fed the chunks in order
+gives the unchunked merge's Gram bit for bit, and every chunk of the job is answered
+with it; the method then merges the chunk elementwise (SLERP: c_a·a + c_b·b as two
+products and a sum, whose bits do not depend on the chunk's length; Model Stock:
+base + t·mean δ). The pre-pass holds a chunk's inputs and m + 1 float64 blocks of up to
+2^16 entries (`tensor_pass_cost`). Model Stock's ``scope: row`` (one t per last-axis row)
+needs no pre-pass: a first-dimension row chunk of a tensor of 2 or more dimensions holds
+whole last-axis rows (a 1-D tensor is one row: not chunked). The mergekit dialect's SLERP
+and Model Stock repeat mergekit's reductions (float32 over 2^20-entry chunks and torch's
+thread ranges of the whole tensor, `_mergekit_reductions`), whose vectorised partial sums
+no row chunk repeats: they are not chunked (either scope).
+
+The L1 rescale (TIES, DARE) is not chunked, nor DELLA (its keep probabilities rank
 magnitudes within each last-axis row, and its mask is drawn with torch's
 tensor-probability Bernoulli, one word an entry: a row chunk's would be the stream from
 its first entry too, but no skip is written for it).
