@@ -446,8 +446,8 @@ def test_chunked_dare_equals_unchunked_bit_for_bit(
     )
 
 
-@pytest.mark.parametrize(("dialect", "rescale"), [("splice", "l1"), ("mergekit", True)])
-def test_dare_with_the_l1_rescale_is_not_chunked(tmp_path, monkeypatch, dialect, rescale):
+@pytest.mark.parametrize(("dialect", "rescale"), [("mergekit", True)])
+def test_dare_with_the_mergekit_l1_rescale_is_not_chunked(tmp_path, monkeypatch, dialect, rescale):
     recipe = _dare_recipe(
         _wide_models(tmp_path, torch.float32), "dare_ties", dialect, rescale, "float32"
     )

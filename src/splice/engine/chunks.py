@@ -113,8 +113,16 @@ from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher, raw_bytes
-from splice.merge import KeepMask, StatRequest, TensorGram, TensorTopK, TopKThreshold
-from splice.merge.methods._row_gram import ROW_BLOCK, RowGram
+from splice.merge import (
+    KeepMask,
+    MergeContext,
+    RowPartials,
+    StatRequest,
+    TensorGram,
+    TensorTopK,
+    TopKThreshold,
+)
+from splice.merge.methods._row_gram import ROW_BLOCK, RowGram, RowOrderSum
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
@@ -154,14 +162,17 @@ def _sixteen_bit(plan: MergePlan, job: TensorJob) -> bool:
     return any(t.itemsize < 4 for t in dtypes)
 
 
-def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK | TensorGram]:
-    """The job's per-tensor statistics (`TensorTopK`, `TensorGram`): a chunked job's are
-    answered per chunk by `chunk_tensor_rules` before the merge starts."""
+PerTensor = TensorTopK | TensorGram | RowPartials
+
+
+def tensor_requests(plan: MergePlan, index: int) -> list[PerTensor]:
+    """The job's per-tensor statistics (`TensorTopK`, `TensorGram`, `RowPartials`): a
+    chunked job's are answered per chunk by `chunk_tensor_rules` before the merge starts."""
     if plan.jobs[index].kind == "copy":
         return []
     stats = plan.method.model_stats
     declared = stats(plan.jobs[index].params) if stats is not None else []
-    return [r for r in declared if isinstance(r, (TensorTopK, TensorGram))]
+    return [r for r in declared if isinstance(r, (TensorTopK, TensorGram, RowPartials))]
 
 
 def _trim_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
@@ -258,14 +269,20 @@ def tensor_pass_cost(plan: MergePlan, index: int, rows_per: int | None = None) -
     A `TensorGram` pre-pass holds a chunk's inputs (at most a chunk's merge) and the float64
     scratch of `_row_gram` beside them: m + 1 blocks of ``ROW_BLOCK`` entries (at least a
     row; at most a chunk of ``rows_per`` rows, the whole tensor when None), counted as
-    held."""
+    held; a `RowPartials` pre-pass (the method's own step on a chunk, at most its merge)
+    one such block (the row sums' float64 scratch)."""
     job = plan.jobs[index]
-    grams = [r for r in tensor_requests(plan, index) if isinstance(r, TensorGram)]
-    if grams:
+    requests = tensor_requests(plan, index)
+    if any(isinstance(r, (TensorGram, RowPartials)) for r in requests):
         cols = job.out.numel // max(job.out.shape[0], 1)
         chunk = job.out.numel if rows_per is None else rows_per * cols
         block = min(chunk, max(ROW_BLOCK, cols))
-        return 0, max(8 * (_gram_vectors(plan, job, r) + 1) * block for r in grams)
+        vectors = [
+            _gram_vectors(plan, job, r) + 1 if isinstance(r, TensorGram) else 1
+            for r in requests
+            if isinstance(r, (TensorGram, RowPartials))
+        ]
+        return 0, 8 * max(vectors) * block
     requests = _trim_requests(plan, index)
     if plan.recipe.dialect != "mergekit" or not requests:
         return 0, 0
@@ -292,10 +309,13 @@ def chunk_tensor_rules(
     cols = job.out.numel // job.out.shape[0]
     answers: list[dict[StatRequest, Any]] = [{} for _ in spans]
     for g in tensor_requests(plan, index):
-        if isinstance(g, TensorGram):
-            gram = chunk_gram(sources, plan, index, g, spans)
+        if isinstance(g, (TensorGram, RowPartials)):
+            if isinstance(g, TensorGram):
+                total = chunk_gram(sources, plan, index, g, spans)
+            else:
+                total = chunk_row_partials(sources, plan, index, g, spans)
             for answer in answers:
-                answer[g] = gram
+                answer[g] = total
     whole = dialect == "mergekit" and _sixteen_bit(plan, job)
     ranked = [] if whole else requests
 
@@ -350,6 +370,40 @@ def chunk_gram(
         gram.add(parts)
         del parts
     return gram.gram()
+
+
+def chunk_row_partials(
+    sources: Sources,
+    plan: MergePlan,
+    index: int,
+    request: RowPartials,
+    spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The `RowPartials` of job ``index``: the method's ``row_partials`` of each chunk's
+    rows (in the compute dtype, the base first; its context that of the chunk's merge:
+    tensor name, seed, dialect, first flat entry), summed in row order (`RowOrderSum`)."""
+    job = plan.jobs[index]
+    fn = plan.method.row_partials
+    assert fn is not None, f"{plan.method.name} declares {request} without row_partials"
+    cd = plan.job_compute_dtype(job)
+    cols = job.out.numel // job.out.shape[0]
+    total: RowOrderSum | None = None
+    for a, b in spans:
+        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        base = parts.pop(0) if job.base is not None else None
+        ctx = MergeContext(
+            tensor_name=job.out.name,
+            seed=plan.recipe.seed,
+            dialect=plan.recipe.dialect,
+            flat_offset=a * cols,
+        )
+        partials = fn(base, parts, ctx, job.params)
+        del parts, base
+        if total is None:
+            total = RowOrderSum(tuple(partials.shape[1:]))
+        total.add(partials)
+    assert total is not None
+    return total.result()
 
 
 def chunk_keep_masks(

@@ -66,6 +66,10 @@ Dialect = Literal["splice", "mergekit"]
 Representation = Literal["dense", "low_rank"]
 # `MergeMethod.row_chunks`: (job parameters, dialect, tensor dimensions) -> chunkable
 RowChunks = Callable[[Mapping[str, Any], Dialect, int], bool]
+# `MergeMethod.row_partials`: (base, tensors, ctx, job parameters) -> float64 [rows, k]
+RowPartialsFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], "MergeContext", Mapping[str, Any]], torch.Tensor
+]
 LOW_RANK_PREFIX = "lora:"  # "lora:ties" names the low-rank ties
 
 
@@ -208,6 +212,10 @@ class MergeMethod:
     # seeded drop (its stream from that entry), SLERP and Model Stock given the whole
     # tensor's Gram matrix. None: never merged in row chunks.
     row_chunks: RowChunks | None = None
+    # The per-row partials of the method's `RowPartials` requests, for the engine's
+    # pre-pass over row chunks: (base, tensors, ctx, job parameters) -> float64 [rows, k]
+    # (the inputs are the chunk's rows in the compute dtype, and may be modified).
+    row_partials: RowPartialsFn | None = None
 
     @property
     def label(self) -> str:
@@ -356,6 +364,7 @@ def merge_method(
     representation: Representation = "dense",
     data_statistics: Sequence[DataKind] = (),
     row_chunks: RowChunks | None = None,
+    row_partials: RowPartialsFn | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; a name taken twice in one
     representation is an error)."""
@@ -385,6 +394,7 @@ def merge_method(
             representation=representation,
             data_statistics=tuple(data_statistics),
             row_chunks=row_chunks,
+            row_partials=row_partials,
         )
         _REGISTRY[(representation, name)] = method
         return method

@@ -1,5 +1,6 @@
-"""Dot products over a tensor in row order: the whole-tensor statistics of SLERP and Model
-Stock (splice dialect), the same bits whether the tensor is given whole or in row chunks.
+"""Dot products and L1 norms over a tensor in row order: the whole-tensor statistics of
+SLERP, Model Stock and DARE's L1 rescale (splice dialect), the same bits whether the tensor
+is given whole or in row chunks.
 
 For m vectors x_0 … x_{m−1} of one shape, rows along the first dimension (a 0-D tensor is
 one row, a 1-D tensor has one entry a row), the Gram matrix G_ij = x_i · x_j is computed as
@@ -16,7 +17,9 @@ one row, a 1-D tensor has one entry a row), the Gram matrix G_ij = x_i · x_j is
 the same bits. The rows are converted ``ROW_BLOCK`` entries at a time, so the float64
 scratch is a few blocks (≤ (m + 1) · 8 · 2^16 bytes, at least one row), not a copy of the
 tensor. `row_dots` gives the partials themselves (Model Stock's ``scope: row``, one t per
-row).
+row). `row_abs_sums` gives each row's Σ_c |x[r, c]| the same way (float64, serial), and
+`RowOrderSum` adds any per-row partials in row order (DARE's L1 norms before and after its
+drop, `RowPartials`).
 
 Cost: m casts to float64 and m(m+1)/2 products and row sums per entry, about the work of
 the float32 sums it replaces times two to three, on the statistics only.
@@ -59,12 +62,42 @@ def row_dots(xs: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def row_abs_sums(x: Tensor) -> Tensor:
+    """Σ_c |x[r, c]| of each row r (first dimension), float64 [rows]: entries cast to
+    float64, each row reduced serially (the same bits whatever the other rows)."""
+    rows = _rows(x)
+    n_rows, cols = rows.shape
+    out = torch.empty(n_rows, dtype=torch.float64)
+    step = max(1, ROW_BLOCK // max(cols, 1))
+    for a in range(0, n_rows, step):
+        out[a : a + step] = serial_row_sums(rows[a : a + step].to(torch.float64).abs_())
+    return out
+
+
+class RowOrderSum:
+    """The sum over rows of per-row float64 partials ([rows, ...]), added one at a time in
+    row order from 0 (`numpy.add.accumulate`: strictly sequential), fed in row order in any
+    slices (`add`)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.total = np.zeros(shape, dtype=np.float64)
+
+    def add(self, partials: Tensor) -> None:
+        """Add the partials of the next rows."""
+        chain = np.concatenate([self.total[None], partials.to(torch.float64).numpy()])
+        self.total = np.add.accumulate(chain, axis=0)[-1]
+
+    def result(self) -> Tensor:
+        """The sum so far, float64."""
+        return torch.from_numpy(np.array(self.total, dtype=np.float64))
+
+
 class RowGram:
     """G_ij = x_i · x_j over a tensor fed in row order (`add`): per-row float64 partials
     added one at a time in row order (the module's definition)."""
 
     def __init__(self, m: int) -> None:
-        self.total = np.zeros((m, m), dtype=np.float64)
+        self.sum = RowOrderSum((m, m))
 
     def add(self, xs: Sequence[Tensor]) -> None:
         """Add the next rows of the m vectors ``xs`` (one shape, the rows after those added
@@ -73,13 +106,11 @@ class RowGram:
         n_rows, cols = rows[0].shape
         step = max(1, ROW_BLOCK // max(cols, 1))
         for a in range(0, n_rows, step):
-            partials = row_dots([r[a : a + step] for r in rows]).numpy()
-            chain = np.concatenate([self.total[None], partials])
-            self.total = np.add.accumulate(chain, axis=0)[-1]
+            self.sum.add(row_dots([r[a : a + step] for r in rows]))
 
     def gram(self) -> Tensor:
         """The m × m Gram matrix so far, float64."""
-        return torch.from_numpy(self.total.copy())
+        return self.sum.result()
 
 
 def tensor_gram(xs: Sequence[Tensor]) -> Tensor:

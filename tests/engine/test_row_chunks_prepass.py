@@ -1,14 +1,23 @@
-"""Row chunks of SLERP and Model Stock (`splice.engine.chunks`, `TensorGram`): the whole
-tensor's Gram matrix from a statistics pre-pass over the chunks (float64, per-row partials
-added in row order: `splice.merge.methods._row_gram`), then each chunk merged elementwise;
-the files are the unchunked merge's bit for bit. Model Stock's ``scope: row`` is row-local
-(no pre-pass); the mergekit dialect is not chunked."""
+"""Row chunks of SLERP, Model Stock and DARE's L1 rescale (`splice.engine.chunks`): the
+whole tensor's statistics from a pre-pass over the chunks (float64, per-row partials added
+in row order: `splice.merge.methods._row_gram`; SLERP's and Model Stock's Gram matrix,
+`TensorGram`; DARE's L1 norms before and after its drop, `RowPartials`), then each chunk
+merged elementwise; the files are the unchunked merge's bit for bit. Model Stock's
+``scope: row`` is row-local (no pre-pass); the mergekit dialect's SLERP, Model Stock and
+L1 rescale are not chunked."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_row_chunks import _merge_rows, _models, _same_files, _spy_tensor_answers, _wide_models
+from test_row_chunks import (
+    _dare_recipe,
+    _merge_rows,
+    _models,
+    _same_files,
+    _spy_tensor_answers,
+    _wide_models,
+)
 
 from splice.engine import execute as execute_mod
 from splice.engine import plan_merge
@@ -136,3 +145,43 @@ def test_which_jobs_are_chunkable_and_what_the_pre_pass_costs(tmp_path):
 def test_a_gram_request_is_a_statistic_key():
     assert TensorGram(of_delta=True) == TensorGram(of_delta=True)
     assert len({TensorGram(of_delta=True), TensorGram(of_delta=False)}) == 2
+
+
+@pytest.mark.parametrize("cd", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_chunked_dare_with_the_l1_rescale_equals_unchunked_bit_for_bit(
+    tmp_path, monkeypatch, cd, dtype, method
+):
+    """Splice dialect, ``rescale: l1``: each chunk's drop is the tensor's stream from its
+    first entry, and its rescale |δ|_1 / |m ⊙ δ|_1 the whole tensor's (a pre-pass drawing
+    the same drops, `dare_l1_partials`): the unchunked files. Each answer: the 3 models'
+    two norms, one per chunk and equal within a tensor."""
+    recipe = _dare_recipe(_wide_models(tmp_path, dtype), method, "splice", "l1", cd)
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    answers = _spy_tensor_answers(monkeypatch)
+    kw = {"threads": 1, "memory_budget": _BUDGET}
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
+    assert whole == {}
+    for name in _BIG:
+        assert len(chunked[name]) > 4 and max(chunked[name]) < 97, chunked[name]
+    totals = _gram_answers(answers)
+    assert totals and all(t.shape == (6,) and t.dtype == torch.float64 for t in totals)
+    assert len({tuple(t.tolist()) for t in totals}) == len(chunked)
+    _same_files(tmp_path / "whole", tmp_path / "chunked")
+
+
+def test_the_l1_pre_pass_cost(tmp_path):
+    """DARE's L1 pre-pass holds one float64 block of row sums beside a chunk's step: 8
+    bytes an entry of min(chunk, ``ROW_BLOCK``); none without the L1 rescale."""
+    paths = _models(tmp_path, torch.float32)
+    for rescale, cost, cost2 in (("l1", (0, 8 * 128), (0, 8 * 16)), ("inverse", (0, 0), (0, 0))):
+        recipe = _dare_recipe(paths, "dare_ties", "splice", rescale, "float32")
+        plan = plan_merge(parse_recipe(recipe))
+        try:
+            lm_head = next(i for i, j in enumerate(plan.jobs) if j.out.name == "lm_head.weight")
+            assert chunkable(plan, lm_head)
+            assert tensor_pass_cost(plan, lm_head) == cost
+            assert tensor_pass_cost(plan, lm_head, rows_per=2) == cost2
+        finally:
+            plan.close()
