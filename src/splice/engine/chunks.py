@@ -13,9 +13,9 @@ alone) and the method says its result on a slice of rows is those rows of its wh
 (`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); a
 magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
 ``rescale: true``, whose L1 norms span the whole tensor); DARE's seeded random drop
-followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, not
-the L1 rescale); and, in the splice dialect, SLERP and Model Stock given the whole
-tensor's Gram matrix (below). Each chunk reads only its rows of every input
+followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, and
+in the splice dialect the L1 rescale given the whole tensor's norms, below); and, in the
+splice dialect, SLERP and Model Stock given the whole tensor's Gram matrix (below). Each chunk reads only its rows of every input
 (`splice.io.mapped.read_rows`), merges them with the same method (its first flat entry,
 first row × entries a row, in ``MergeContext.flat_offset``), casts them and hands them to
 the writer, which stores them in order (`ShardedWriter.write_rows`), so the output is bit
@@ -89,7 +89,15 @@ and Model Stock repeat mergekit's reductions (float32 over 2^20-entry chunks and
 thread ranges of the whole tensor, `_mergekit_reductions`), whose vectorised partial sums
 no row chunk repeats: they are not chunked (either scope).
 
-The L1 rescale (TIES, DARE) is not chunked, nor DELLA (its keep probabilities rank
+DARE's L1 rescale δ̂_i = m_i ⊙ δ_i · |δ_i|_1 / |m_i ⊙ δ_i|_1 in the splice dialect takes
+both norms as row-order float64 sums too (`RowOrderSum` of `row_abs_sums`). Its
+`RowPartials` request is answered by `chunk_row_partials`: the method's own
+``row_partials`` (`dare.dare_l1_partials`: δ, its per-row L1, the chunk's drop drawn at
+its flat offset, the per-row L1 after) on each chunk, in row order, so the totals are the
+unchunked merge's bits; the chunk's merge then draws the same drop and multiplies by the
+float64 ratio. The pre-pass draws every drop twice in all (once there, once in the
+merge). The mergekit dialect's L1 rescale (``rescale: true``, its default) sums |δ| in the
+compute dtype in torch's order, as mergekit: not chunked; nor TIES' L1 rescale, nor DELLA (its keep probabilities rank
 magnitudes within each last-axis row, and its mask is drawn with torch's
 tensor-probability Bernoulli, one word an entry: a row chunk's would be the stream from
 its first entry too, but no skip is written for it).
