@@ -1,7 +1,9 @@
 """Row chunks (`splice.engine.chunks`): a job over its budget share merged a slice of rows at
 a time gives the unchunked files bit for bit (tensors, shard records, resume), and only the
 elementwise methods, magnitude trims (TIES, magnitude_prune), DARE's seeded drop (each
-chunk's mask the tensor's stream from its first flat entry) and copies are chunked."""
+chunk's mask the tensor's stream from its first flat entry) and copies are chunked (and,
+with a statistics pre-pass, the splice dialect's SLERP, Model Stock and DARE L1 rescale:
+`test_row_chunks_prepass.py`)."""
 
 from __future__ import annotations
 

@@ -15,12 +15,13 @@ magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not wi
 ``rescale: true``, whose L1 norms span the whole tensor); DARE's seeded random drop
 followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, and
 in the splice dialect the L1 rescale given the whole tensor's norms, below); and, in the
-splice dialect, SLERP and Model Stock given the whole tensor's Gram matrix (below). Each chunk reads only its rows of every input
-(`splice.io.mapped.read_rows`), merges them with the same method (its first flat entry,
-first row × entries a row, in ``MergeContext.flat_offset``), casts them and hands them to
-the writer, which stores them in order (`ShardedWriter.write_rows`), so the output is bit
-for bit the unchunked one, and the input digests for ``--resume`` (hashed chunk by chunk
-in row order) and the shard's record are the same too.
+splice dialect, SLERP and Model Stock given the whole tensor's Gram matrix (below). Each
+chunk reads only its rows of every input (`splice.io.mapped.read_rows`), merges them with
+the same method (its first flat entry, first row × entries a row, in
+``MergeContext.flat_offset``), casts them and hands them to the writer, which stores them
+in order (`ShardedWriter.write_rows`), so the output is bit for bit the unchunked one, and
+the input digests for ``--resume`` (hashed chunk by chunk in row order) and the shard's
+record are the same too.
 
 DARE's keep mask of model i is drawn serially from a generator seeded per (seed, tensor,
 i), two 32-bit words an entry (`splice.merge.methods.dare`): the mask of a chunk is the
@@ -97,10 +98,10 @@ its flat offset, the per-row L1 after) on each chunk, in row order, so the total
 unchunked merge's bits; the chunk's merge then draws the same drop and multiplies by the
 float64 ratio. The pre-pass draws every drop twice in all (once there, once in the
 merge). The mergekit dialect's L1 rescale (``rescale: true``, its default) sums |δ| in the
-compute dtype in torch's order, as mergekit: not chunked; nor TIES' L1 rescale, nor DELLA (its keep probabilities rank
-magnitudes within each last-axis row, and its mask is drawn with torch's
-tensor-probability Bernoulli, one word an entry: a row chunk's would be the stream from
-its first entry too, but no skip is written for it).
+compute dtype in torch's order, as mergekit: not chunked; nor TIES' L1 rescale, nor DELLA
+(its keep probabilities rank magnitudes within each last-axis row, and its mask is drawn
+with torch's tensor-probability Bernoulli, one word an entry: a row chunk's would be the
+stream from its first entry too, but no skip is written for it).
 
 Chunk buffers are a few to 30 MB, the sizes glibc keeps on its heap once freed; ``splice
 merge`` fixes its mmap threshold (`splice.engine.heap`) so that they go back to the system
@@ -308,8 +309,9 @@ def chunk_tensor_rules(
     """Each chunk's answer to every per-tensor request of job ``index``. A trim
     (`TensorTopK`): a `KeepRule` (radix selection over the chunks, two reads of their rows),
     or in the mergekit dialect, where that leaves entries equal to the threshold out or the
-    job is 16-bit, a `KeepMask` of the chunk's rows (`chunk_keep_masks`). A `TensorGram`:
-    the whole tensor's, the same for every chunk (`chunk_gram`, one read of the rows)."""
+    job is 16-bit, a `KeepMask` of the chunk's rows (`chunk_keep_masks`). A `TensorGram`
+    or `RowPartials`: the whole tensor's, the same for every chunk (`chunk_gram`,
+    `chunk_row_partials`: one read of the rows)."""
     job = plan.jobs[index]
     requests = _trim_requests(plan, index)
     spans = chunk_spans(job.out.shape[0], rows_per)
