@@ -75,7 +75,7 @@ def _record(capsys) -> dict:
     return json.loads(printed[printed.index("{") :])
 
 
-def _python_lambdas(pool, granularity: str) -> torch.Tensor:
+def _python_lambdas(pool, granularity: str, ties_density: float | None = None) -> torch.Tensor:
     """The same AdaMerging through the Python API: the states read from the files, each
     task's texts tokenized in batches of 3 by its expert's tokenizer, its own head."""
     from torch.func import functional_call
@@ -113,6 +113,7 @@ def _python_lambdas(pool, granularity: str) -> torch.Tensor:
         steps=4,
         lr=0.05,
         batches_per_step=1,
+        ties_density=ties_density,
         seed=3,
     )
     return result.coefficients

@@ -39,6 +39,17 @@ the experts lack (an LM head); the folder has the base's config and tokenizer. S
 folder holds **no expert head**: it is the base's model with the merged backbone (heads are
 per task; to classify task k, load expert k and replace its backbone with the merged one).
 
+AdaMerging++ (``density``, `splice search --objective adamerging++`): λ learned over the
+TIES-processed vectors τ̂_k of `splice.train.adamerging.ties_task_vectors` (the bench's code
+path: top round(density · N) magnitudes over the whole backbone, sign elected on Σ_k τ̂_k,
+the disagreeing entries dropped), and the recipe written is ``method: ties`` with
+``parameters: {scope: model, majority: sum, weighted_votes: false, disjoint: sum}`` and each
+model's ``density``: `splice merge` trims over the tensors it merges (the backbone: the
+base's other tensors are copied, the experts' heads are not in the base), elects the sign
+on the unweighted trimmed vectors (TIES's default weighted vote would elect on Σ_k λ_k τ̂_k)
+and adds Σ_k λ_k τ̂_k, the same θ0 + Σ_k λ_k τ̂_k up to float32 rounding. A base that shares
+head tensors with the experts is refused for it (those would enter the whole-model trim).
+
 Everything is checked before any model is loaded: the recipe (``method: task_arithmetic``,
 a ``base_model``, ``models:`` that each name ``data:``; no ``parameters``, ``lines``,
 ``out_dtype``, ``on_missing`` or ``statistics:``, which would change what the written recipe
@@ -73,6 +84,16 @@ REFUSED_KEYS = {
 }
 
 
+# The global TIES settings of an AdaMerging++ recipe (`splice.merge.methods.ties`): the
+# paper's whole-model trim, sign elected on the unweighted trimmed vectors, disjoint sum.
+PLUS_PLUS_PARAMETERS = {
+    "scope": "model",
+    "majority": "sum",
+    "weighted_votes": False,
+    "disjoint": "sum",
+}
+
+
 @dataclass(frozen=True)
 class AdaMergingTask:
     """One expert of the recipe with its unlabeled texts."""
@@ -92,8 +113,9 @@ class PreparedAdaMerging:
     recipe: Recipe
     base: str
     tasks: list[AdaMergingTask]
-    backbone: list[str]  # the expert tensors under base_model_prefix, in checkpoint order
+    backbone: list[str]  # the expert tensors under base_model_prefix, in the base's order
     shared_heads: list[str]  # head tensor names the base has too (weight 0 in the recipe)
+    density: float | None = None  # AdaMerging++: the TIES trim density; None: plain
 
 
 @dataclass(frozen=True)
@@ -109,14 +131,19 @@ class LearnedRecipe:
     state: dict[str, Tensor]  # AdaMerging's merged backbone (float32 arithmetic)
 
 
-def prepare(recipe: str | Path | Mapping[str, Any], init: float = 0.3) -> PreparedAdaMerging:
-    """Every check of the module docstring, before any model is loaded; the texts read."""
+def prepare(
+    recipe: str | Path | Mapping[str, Any], init: float = 0.3, density: float | None = None
+) -> PreparedAdaMerging:
+    """Every check of the module docstring, before any model is loaded; the texts read.
+    ``density``: AdaMerging++ with that TIES density (in (0, 1]; the paper's 0.2)."""
     from splice.engine.coefficient_search import _load
     from splice.recipe.schema import parse_recipe
 
     raw = _load(recipe)
     parsed = parse_recipe(raw, str(recipe) if not isinstance(recipe, Mapping) else "recipe")
     _check_recipe(parsed)
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise MergeValidationError(f"AdaMerging++ density must be in (0, 1], got {density!r}")
     assert parsed.models is not None and parsed.base_model is not None
     tasks = [_task(i, e) for i, e in enumerate(parsed.models)]
     base_type = _model_type(parsed.base_model)
@@ -130,7 +157,14 @@ def prepare(recipe: str | Path | Mapping[str, Any], init: float = 0.3) -> Prepar
             )
         arch = arch or arch_i
     backbone, heads = _backbone(parsed.base_model, tasks, _prefix(arch))
-    prepared = PreparedAdaMerging(raw, parsed, parsed.base_model, tasks, backbone, heads)
+    if density is not None and density < 1 and heads:
+        raise MergeValidationError(
+            f"AdaMerging++ trims over the backbone only, but the base {parsed.base_model} "
+            f"shares head tensors with the experts ({', '.join(heads[:3])}): `splice merge`'s "
+            "whole-model TIES trim would count them too; give a base without that head (the "
+            "pretrained backbone or causal LM)"
+        )
+    prepared = PreparedAdaMerging(raw, parsed, parsed.base_model, tasks, backbone, heads, density)
     _check_plannable(prepared, init)
     return prepared
 
@@ -195,6 +229,7 @@ def learn(
         lr=lr,
         steps=steps,
         batches_per_step=batches_per_step,
+        ties_density=prepared.density,
         seed=seed,
         progress=progress,
     )
@@ -214,13 +249,21 @@ def learned_recipe(
     prepared: PreparedAdaMerging, coefficients: Tensor, layers: tuple[str, ...] | list[str]
 ) -> dict[str, Any]:
     """The input recipe without ``data:``, with ``on_missing: base`` and the weights of
-    ``coefficients`` ([K]: task-wise; [K, L]: per tensor ``layers[j]``)."""
+    ``coefficients`` ([K]: task-wise; [K, L]: per tensor ``layers[j]``). AdaMerging++
+    (``prepared.density``): ``method: ties`` with that density, the whole-model trim, the
+    sign elected on the unweighted trimmed vectors and a disjoint sum, i.e. θ0 + Σ_k λ_k τ̂_k
+    with τ̂_k of `splice.train.adamerging.ties_task_vectors`."""
     out = {k: v for k, v in prepared.raw.items() if k != "models"}
     out["on_missing"] = "base"
+    if prepared.density is not None:
+        out["method"] = "ties"
+        out["parameters"] = dict(PLUS_PLUS_PARAMETERS)
     models = []
     for k, entry in enumerate(prepared.raw["models"]):
         entry = {key: v for key, v in entry.items() if key != "data"}
         entry["parameters"] = {"weight": _weight(prepared, coefficients[k], layers)}
+        if prepared.density is not None:
+            entry["parameters"]["density"] = float(prepared.density)
         models.append(entry)
     out["models"] = models
     return out
@@ -432,6 +475,8 @@ def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list
             f"the base {base} has backbone tensors the experts lack, e.g. {extra[:3]} "
             f"({len(extra)} in all)"
         )
+    in_backbone = set(backbone)  # the base's order: `splice merge` plans in that order
+    backbone = [n for n in base_shapes if n in in_backbone]
     return backbone, sorted(h for h in heads if h in base_shapes)
 
 
