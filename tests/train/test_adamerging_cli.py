@@ -217,12 +217,22 @@ def odd(pool) -> dict[str, Path]:
     (cut / "config.json").write_text((pool["e0"] / "config.json").read_text())
     out["cut"] = cut
     out["cls_base"] = save_tiny_llama_classifier_folder(root / "cls_base", seed=0)
-    bare = root / "bare"  # a bare backbone: the base's tensors without the `model.` prefix
-    bare.mkdir()
     w = load_file(str(pool["base"] / "model.safetensors"))
-    save_file({n.removeprefix("model."): t for n, t in w.items()}, str(bare / "model.safetensors"))
-    (bare / "config.json").write_text((pool["base"] / "config.json").read_text())
-    out["bare"] = bare
+    for name, keep in (("bare", "model."), ("bare_lm", "")):
+        # a bare backbone: the base's `model.` tensors without the prefix (bare_lm: and the
+        # lm_head, a tensor the experts lack)
+        folder = root / name
+        folder.mkdir()
+        tensors = {n.removeprefix("model."): t for n, t in w.items() if n.startswith(keep)}
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text((pool["base"] / "config.json").read_text())
+        out[name] = folder
+    half = root / "half"  # `model.norm.weight` bare, the other backbone tensors prefixed
+    half.mkdir()
+    names = {n: "norm.weight" if n == "model.norm.weight" else n for n in w}
+    save_file({names[n]: t for n, t in w.items()}, str(half / "model.safetensors"))
+    (half / "config.json").write_text((pool["base"] / "config.json").read_text())
+    out["half"] = half
     (root / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}))
     out["empty"] = root / "empty.jsonl"
     return out
@@ -238,10 +248,12 @@ def _bad_recipe(pool, odd, case: str) -> Path:
         "architecture": {"model": str(odd["qwen"]), "data": d0},
         "shape": {"model": str(odd["wide"]), "data": d0},
         "names": {"model": str(odd["cut"]), "data": d0},
+        "prefix": {"model": str(pool["e1"]), "data": d0, "tensor_prefix": "model."},
     }.get(case)
     models = [good[0], second] if second else good
     extra = {"method": "ties"} if case == "method" else {}
-    base = {"head-clash": odd["cls_base"], "bare-base": odd["bare"]}.get(case, pool["base"])
+    bases = {"head-clash": "cls_base", "half-bare-base": "half", "bare-extra": "bare_lm"}
+    base = odd[bases[case]] if case in bases else pool["base"]
     return _recipe(pool["root"] / f"bad-{case}.yaml", base, models, **extra)
 
 
@@ -254,7 +266,9 @@ def _bad_recipe(pool, odd, case: str) -> Path:
         ("architecture", [], "model_type 'qwen2'"),
         ("shape", [], "has shape [32, 48], the base [32, 64]"),
         ("names", [], "backbone tensors differ"),
-        ("bare-base", [], "the base names it without the experts' 'model.' prefix"),
+        ("prefix", [], "tensor_prefix cannot be combined with `statistics:` / `data:`"),
+        ("half-bare-base", [], "names some backbone tensors with the experts' 'model.' prefix"),
+        ("bare-extra", [], "experts lack, e.g. ['lm_head.weight'] (1 in all) (a bare backbone"),
         ("method", [], "`method: task_arithmetic`"),
         # a classifier base whose 2-label head clashes with expert 1's 3 labels
         ("head-clash", [], "could not run the learned recipe: shape mismatch for tensor 'score"),

@@ -116,6 +116,9 @@ class PreparedAdaMerging:
     backbone: list[str]  # the expert tensors under base_model_prefix, in the base's order
     shared_heads: list[str]  # head tensor names the base has too (weight 0 in the recipe)
     density: float | None = None  # AdaMerging++: the TIES trim density; None: plain
+    # what the experts add to the base's tensor names: "" or, for a bare backbone base,
+    # the architecture's prefix (`bert.`), written as each model's `tensor_prefix`
+    base_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def prepare(
                 f"{parsed.base_model} {base_type!r}: AdaMerging merges one architecture"
             )
         arch = arch or arch_i
-    backbone, heads = _backbone(parsed.base_model, tasks, _prefix(arch))
+    backbone, heads, added = _backbone(parsed.base_model, tasks, _prefix(arch))
     if density is not None and density < 1 and heads:
         raise MergeValidationError(
             f"AdaMerging++ trims over the backbone only, but the base {parsed.base_model} "
@@ -164,7 +167,9 @@ def prepare(
             "whole-model TIES trim would count them too; give a base without that head (the "
             "pretrained backbone or causal LM)"
         )
-    prepared = PreparedAdaMerging(raw, parsed, parsed.base_model, tasks, backbone, heads, density)
+    prepared = PreparedAdaMerging(
+        raw, parsed, parsed.base_model, tasks, backbone, heads, density, added
+    )
     _check_plannable(prepared, init)
     return prepared
 
@@ -209,7 +214,18 @@ def learn(
                 for i in range(0, len(t.texts), t.batch_size)
             ]
         )
-    base = _read(open_checkpoint(prepared.base, check_finite=True), prepared.backbone)
+    cut = len(prepared.base_prefix)  # a bare base names `bert.x` as `x`
+    base = {
+        n: t
+        for n, t in zip(
+            prepared.backbone,
+            _read(
+                open_checkpoint(prepared.base, check_finite=True),
+                [n[cut:] for n in prepared.backbone],
+            ).values(),
+            strict=True,
+        )
+    }
     experts = [
         _read(open_checkpoint(str(t.folder), check_finite=True), prepared.backbone)
         for t in prepared.tasks
@@ -261,6 +277,8 @@ def learned_recipe(
     models = []
     for k, entry in enumerate(prepared.raw["models"]):
         entry = {key: v for key, v in entry.items() if key != "data"}
+        if prepared.base_prefix:
+            entry["tensor_prefix"] = prepared.base_prefix
         entry["parameters"] = {"weight": _weight(prepared, coefficients[k], layers)}
         if prepared.density is not None:
             entry["parameters"]["density"] = float(prepared.density)
@@ -419,9 +437,14 @@ def _prefix(arch: str | None) -> str:
     return str(prefix)
 
 
-def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list[str], list[str]]:
+def _backbone(
+    base: str, tasks: list[AdaMergingTask], prefix: str
+) -> tuple[list[str], list[str], str]:
     """The backbone tensor names (``prefix.``), the same with the same shapes in every expert
-    and the base; and the head names the base has too."""
+    and the base, in the base's order; the head names the base has too; and the prefix the
+    experts add to the base's names: "" when the base names them as the experts do, or
+    ``prefix.`` for a bare backbone base (e.g. a ``BertModel``'s ``embeddings.…`` for the
+    experts' ``bert.embeddings.…``)."""
     from splice.reference import open_checkpoint
 
     def infos(ref: str) -> dict[str, tuple[int, ...]]:
@@ -435,8 +458,10 @@ def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list
     start = prefix + "."
     backbone: list[str] = []
     heads: set[str] = set()
+    expert_shapes = []
     for i, t in enumerate(tasks):
         shapes = infos(str(t.folder))
+        expert_shapes.append(shapes)
         names = [n for n in shapes if n.startswith(start)]
         heads.update(n for n in shapes if not n.startswith(start))
         if not names:
@@ -452,32 +477,50 @@ def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list
                 f"models[{i}] ({t.model}): backbone tensors differ from models[0]'s, e.g. "
                 f"{odd[:3]} ({len(odd)} in all)"
             )
-        for n in names:
-            if n not in base_shapes:
-                bare = n[len(start) :] in base_shapes  # a bare backbone (e.g. BertModel)
-                why = (
-                    f"the base names it without the experts' '{start}' prefix; a recipe "
-                    "merges tensors by name: save the base's tensors under the experts' names"
-                    if bare
-                    else "the base must have the experts' backbone tensor names"
-                )
-                raise MergeValidationError(
-                    f"models[{i}] ({t.model}): tensor '{n}' is not in the base {base} ({why})"
-                )
-            if shapes[n] != base_shapes[n]:
+    added = _base_prefix(base, base_shapes, backbone, start)
+    for i, (t, shapes) in enumerate(zip(tasks, expert_shapes, strict=True)):
+        for n in backbone:
+            if shapes[n] != base_shapes[n[len(added) :]]:
                 raise MergeValidationError(
                     f"tensor '{n}': models[{i}] ({t.model}) has shape {list(shapes[n])}, the "
-                    f"base {list(base_shapes[n])}"
+                    f"base {list(base_shapes[n[len(added) :]])}"
                 )
-    extra = [n for n in base_shapes if n.startswith(start) and n not in set(backbone)]
+    in_backbone = set(backbone)
+    if added:  # a bare base: all of its tensors are backbone tensors, none a head
+        extra = [n for n in base_shapes if added + n not in in_backbone]
+    else:
+        extra = [n for n in base_shapes if n.startswith(start) and n not in in_backbone]
     if extra:
+        bare = f" (a bare backbone base: all of its tensors are under '{start}' in the experts)"
         raise MergeValidationError(
             f"the base {base} has backbone tensors the experts lack, e.g. {extra[:3]} "
-            f"({len(extra)} in all)"
+            f"({len(extra)} in all){bare if added else ''}"
         )
-    in_backbone = set(backbone)  # the base's order: `splice merge` plans in that order
-    backbone = [n for n in base_shapes if n in in_backbone]
-    return backbone, sorted(h for h in heads if h in base_shapes)
+    # the base's order: `splice merge` plans in that order
+    backbone = [added + n for n in base_shapes if added + n in in_backbone]
+    shared = [] if added else sorted(h for h in heads if h in base_shapes)
+    return backbone, shared, added
+
+
+def _base_prefix(base: str, base_shapes: Mapping[str, Any], backbone: list[str], start: str) -> str:
+    """ "" when the base has every backbone name, ``start`` when it has every one without
+    ``start`` (a bare backbone); otherwise an error naming the first missing tensor."""
+    missing = [n for n in backbone if n not in base_shapes]
+    if not missing:
+        return ""
+    bare = [n for n in backbone if n[len(start) :] in base_shapes]
+    if len(bare) == len(backbone) and not any(n.startswith(start) for n in base_shapes):
+        return start
+    if bare:
+        raise MergeValidationError(
+            f"the base {base} names some backbone tensors with the experts' '{start}' prefix "
+            f"and some without (e.g. '{missing[0]}' is not in it); give a base that names "
+            "all of them one way"
+        )
+    raise MergeValidationError(
+        f"tensor '{missing[0]}' of the experts is not in the base {base}, with or without "
+        f"'{start}' (the base must be the experts' pretrained model)"
+    )
 
 
 def _check_plannable(prepared: PreparedAdaMerging, init: float) -> None:
