@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from cli_checks import fails_cleanly, no_output
 from splice.cli import main
+from splice.errors import SpliceError
 from tiny_hf import save_tiny_llama_classifier_folder, save_tiny_llama_folder, tiny_llama_config
 
 TEXTS = ["good day", "bad day", "very nice", "awful", "so so", "the cat sat", "hello world"]
@@ -224,6 +225,7 @@ def odd(pool) -> dict[str, Path]:
         folder = root / name
         folder.mkdir()
         tensors = {n.removeprefix("model."): t for n, t in w.items() if n.startswith(keep)}
+        tensors["position_ids"] = torch.arange(16)[None]  # an integer buffer: not compared
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.json").write_text((pool["base"] / "config.json").read_text())
         out[name] = folder
@@ -324,3 +326,30 @@ def test_lm_loss_flags_keep_their_defaults_and_refuse_adamerging_ones(pool, caps
         [*argv, "--data", str(pool["d0"]), "--steps", "3"], capsys
     )
     assert "needs --data FILE" in fails_cleanly(argv, capsys)
+
+
+def test_experts_are_read_from_their_files_not_held(pool, monkeypatch):
+    """AdaMerging gets each expert's backbone as a `FileState` (read per lookup, nothing
+    kept), whose values are the file's; the readers are closed afterwards."""
+    import splice.train.adamerging as ada
+    from splice.train import adamerging_recipe as ar
+
+    seen = {}
+    real = ada.adamerging
+
+    def spy(base, experts, *a, **k):
+        seen["experts"] = experts
+        e0 = experts[0]
+        assert isinstance(e0, ar.FileState) and not isinstance(e0, dict)
+        stored = load_file(str(pool["e0"] / "model.safetensors"))
+        first = e0.names[0]
+        a1, a2 = e0[first], e0[first]
+        assert torch.equal(a1, stored[first]) and a1.data_ptr() != a2.data_ptr()  # fresh reads
+        assert "score.weight" not in e0 and set(e0) == {n for n in stored if n[:6] == "model."}
+        return real(base, experts, *a, **k)
+
+    monkeypatch.setattr(ada, "adamerging", spy)
+    prepared = ar.prepare(pool["recipe"])
+    ar.learn(prepared, granularity="task", steps=1, batches_per_step=1, progress=False)
+    with pytest.raises(SpliceError, match="after close"):
+        seen["experts"][0][seen["experts"][0].names[0]]

@@ -57,13 +57,15 @@ merges), every model's data (readable, at least one non-empty text), every model
 classifier of the base's ``model_type``, the backbone names and shapes (tensor headers), and
 that `splice merge` can plan the recipe to be written. Memory: the K experts loaded (their
 heads run the entropy), and AdaMerging's own (the base and the K task vectors in float32,
-one merged copy and its graph, one batch's activations): everything in memory.
+one merged copy and its graph, one batch's activations): everything in memory. The experts'
+backbones are not held a second time: AdaMerging reads them from the files one tensor at a
+time (`FileState`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,29 +228,35 @@ def learn(
             strict=True,
         )
     }
+    # the experts' backbones are read from their files when AdaMerging reads them (its
+    # shape check and its task vectors), one tensor at a time: never a second resident copy
     experts = [
-        _read(open_checkpoint(str(t.folder), check_finite=True), prepared.backbone)
+        FileState(open_checkpoint(str(t.folder), check_finite=True), prepared.backbone)
         for t in prepared.tasks
     ]
 
     def forward(params: Mapping[str, Tensor], k: int, batch: dict) -> Tensor:
         return functional_call(models[k], dict(params), args=(), kwargs=batch).logits
 
-    result = adamerging(
-        base,
-        experts,
-        batches,
-        forward,
-        granularity=granularity,  # type: ignore[arg-type]
-        init=init,
-        clamp=clamp,
-        lr=lr,
-        steps=steps,
-        batches_per_step=batches_per_step,
-        ties_density=prepared.density,
-        seed=seed,
-        progress=progress,
-    )
+    try:
+        result = adamerging(
+            base,
+            experts,
+            batches,
+            forward,
+            granularity=granularity,  # type: ignore[arg-type]
+            init=init,
+            clamp=clamp,
+            lr=lr,
+            steps=steps,
+            batches_per_step=batches_per_step,
+            ties_density=prepared.density,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        for e in experts:
+            e.close()
     names = [t.model for t in prepared.tasks]
     return LearnedRecipe(
         learned_recipe(prepared, result.coefficients, result.layers),
@@ -440,19 +448,22 @@ def _prefix(arch: str | None) -> str:
 def _backbone(
     base: str, tasks: list[AdaMergingTask], prefix: str
 ) -> tuple[list[str], list[str], str]:
-    """The backbone tensor names (``prefix.``), the same with the same shapes in every expert
-    and the base, in the base's order; the head names the base has too; and the prefix the
-    experts add to the base's names: "" when the base names them as the experts do, or
-    ``prefix.`` for a bare backbone base (e.g. a ``BertModel``'s ``embeddings.…`` for the
-    experts' ``bert.embeddings.…``)."""
+    """The backbone tensor names (the floating ones under ``prefix.``), the same with the
+    same shapes in every expert and the base, in the base's order; the head names the base
+    has too; and the prefix the experts add to the base's names: "" when the base names
+    them as the experts do, or ``prefix.`` for a bare backbone base (e.g. a ``BertModel``'s
+    ``embeddings.…`` for the experts' ``bert.embeddings.…``)."""
     from splice.reference import open_checkpoint
 
     def infos(ref: str) -> dict[str, tuple[int, ...]]:
+        """The floating tensors' shapes: integer buffers (``position_ids``) are neither
+        merged nor learned (the engine copies the base's), so they are not compared."""
         reader = open_checkpoint(ref)
         try:
-            return {n: tuple(reader.info(n).shape) for n in reader.names()}
+            found = {n: reader.info(n) for n in reader.names()}
         finally:
             reader.close()
+        return {n: tuple(i.shape) for n, i in found.items() if i.dtype.is_floating_point}
 
     base_shapes = infos(base)
     start = prefix + "."
@@ -537,6 +548,41 @@ def _check_plannable(prepared: PreparedAdaMerging, init: float) -> None:
             f"`splice merge` could not run the learned recipe: {e}"
         ) from None
     plan.close()
+
+
+class FileState(Mapping[str, Tensor]):
+    """A checkpoint's tensors ``names`` as a read-only mapping that reads each tensor from
+    the file when it is looked up (a fresh tensor, not kept): AdaMerging reads an expert's
+    state twice (the shape check, then τ_k = θ_k − θ0, one tensor at a time), so the
+    experts' backbones are never held as a copy next to the loaded models.
+
+    Why not the loaded models' own tensors: transformers (5.x) maps a safetensors file into
+    memory, so a loaded model's backbone is file-backed and not resident until read; reading
+    τ_k through it makes those pages resident (peak RSS as with a copy), while reading the
+    file leaves them untouched (the forward passes use the merged tensors, never the model's
+    own backbone). Measured in docs/adamerging.md ("Memory")."""
+
+    def __init__(self, reader: Any, names: list[str]) -> None:
+        self.reader = reader
+        self.names = list(names)
+        self._known = set(names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self.reader.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def _read(reader: Any, names: list[str]) -> dict[str, Tensor]:
