@@ -1,7 +1,9 @@
 """Row chunks (`splice.engine.chunks`): a job over its budget share merged a slice of rows at
 a time gives the unchunked files bit for bit (tensors, shard records, resume), and only the
 elementwise methods, magnitude trims (TIES, magnitude_prune), DARE's seeded drop (each
-chunk's mask the tensor's stream from its first flat entry) and copies are chunked."""
+chunk's mask the tensor's stream from its first flat entry) and copies are chunked (and,
+with a statistics pre-pass, the splice dialect's SLERP, Model Stock and DARE L1 rescale:
+`test_row_chunks_prepass.py`)."""
 
 from __future__ import annotations
 
@@ -447,8 +449,8 @@ def test_chunked_dare_equals_unchunked_bit_for_bit(
     )
 
 
-@pytest.mark.parametrize(("dialect", "rescale"), [("splice", "l1"), ("mergekit", True)])
-def test_dare_with_the_l1_rescale_is_not_chunked(tmp_path, monkeypatch, dialect, rescale):
+@pytest.mark.parametrize(("dialect", "rescale"), [("mergekit", True)])
+def test_dare_with_the_mergekit_l1_rescale_is_not_chunked(tmp_path, monkeypatch, dialect, rescale):
     recipe = _dare_recipe(
         _wide_models(tmp_path, torch.float32), "dare_ties", dialect, rescale, "float32"
     )

@@ -201,3 +201,13 @@ def test_methods_lists_both_representations(capsys):
     assert "| `svd` | no | ≥1 | `weight` | model | float | `1.0` |" in low
     assert main(["lora", "methods"]) == 0
     assert capsys.readouterr().out.strip() == "Low-rank (LoRA-native) methods" + low.rstrip()
+
+
+def test_tensor_prefix_is_refused_for_lora_adapters(three, tmp_path, capsys):
+    base, adapters = three
+    models = [{"model": a, "tensor_prefix": "model."} for a in adapters[:2]]
+    recipe = {"method": "lora:ties", "base_model": base, "models": models}
+    code, said = _run(tmp_path, recipe, "out", capsys)
+    assert code == 1, said
+    assert "'models[0].tensor_prefix' applies to checkpoint merges" in said, said
+    assert not (tmp_path / "out").exists()

@@ -38,7 +38,14 @@ def test_sparsifier_then_combiner_with_one_signature():
 
 def test_ties_combiner_without_sparsifier():
     m = compose("t_ties", None, ties_combine_, summary="Test.")
-    assert [p.name for p in m.params] == ["weight", "lambda", "normalize", "disjoint", "majority"]
+    assert [p.name for p in m.params] == [
+        "weight",
+        "lambda",
+        "normalize",
+        "disjoint",
+        "majority",
+        "weighted_votes",
+    ]
     out = m(torch.zeros(2), [torch.tensor([3.0, -1.0]), torch.tensor([-1.0, -3.0])])
     # signs of the sums [+, -]; agreeing means [3, -2]
     assert torch.equal(out, torch.tensor([3.0, -2.0]))

@@ -289,12 +289,42 @@ def test_the_l1_rescale_takes_no_offset():
         dare_module.dare_drop_(torch.ones(4), 0.5, 1, True, offset=8)
 
 
-def test_dare_row_chunks_except_the_l1_rescale():
-    for rescale, chunks in (
-        ("inverse", True),
-        ("none", True),
-        (False, True),
-        ("l1", False),
-        (True, False),
+def test_dare_row_chunks_except_the_mergekit_l1_rescale():
+    for rescale, dialect, chunks in (
+        ("inverse", "splice", True),
+        ("none", "splice", True),
+        (False, "mergekit", True),
+        ("l1", "splice", True),  # the norms: row-order sums, from a pre-pass over the chunks
+        (True, "splice", True),
+        (True, "mergekit", False),  # torch's whole-tensor sums
     ):
-        assert dare_module.dare_chunks({"rescale": rescale}) is chunks
+        assert dare_module.dare_chunks({"rescale": rescale}, dialect, 2) is chunks
+
+
+def test_splice_l1_rescale_with_fixed_masks(fixed_masks):
+    fixed_masks(M1)
+    out = run("dare_linear", BASE, models(D1), density=0.5, rescale="l1")
+    # kept [3,-1,0,.5,0,1] (L1 5.5) scaled to L1 11.5: x 23/11
+    expected = torch.tensor([1 + 69 / 11, 1 - 23 / 11, 1.0, 1 + 23 / 22, 1.0, 1 + 23 / 11])
+    torch.testing.assert_close(out, expected)
+
+
+def test_splice_l1_rescale_takes_the_answered_norms(fixed_masks):
+    """A row chunk's rescale is the whole tensor's (`DARE_L1`, columns |δ|, |m ⊙ δ| per
+    model), not its own rows': 12 / 3 = x4 here, where the rows alone give x 23/11."""
+    fixed_masks(M1)
+    totals = torch.tensor([12.0, 3.0], dtype=torch.float64)
+    ctx = MergeContext(model_stats={dare_module.DARE_L1: totals})
+    out = run("dare_linear", BASE, models(D1), density=0.5, rescale="l1", ctx=ctx)
+    torch.testing.assert_close(out, torch.tensor([13.0, -3.0, 1.0, 3.0, 1.0, 5.0]))
+
+
+def test_l1_partials_are_per_row_norms_before_and_after_the_drop(fixed_masks):
+    fixed_masks([M1[:3], M1[3:]])
+    base = torch.ones(2, 3)
+    tensors = [torch.tensor(models(D1)).reshape(2, 3), torch.tensor(models(D2)).reshape(2, 3)]
+    params = {"density": [0.5, 1.0], "rescale": "l1"}
+    got = dare_module.dare_l1_partials(base, tensors, MergeContext(), params)
+    # model 0: rows |3|+|-1|+|2| = 6, |.5|+|-4|+|1| = 5.5; kept [3,-1,0], [.5,0,1]: 4, 1.5
+    # model 1 (density 1: not dropped): zeros
+    assert got.tolist() == [[6.0, 4.0, 0.0, 0.0], [5.5, 1.5, 0.0, 0.0]]

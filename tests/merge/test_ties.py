@@ -127,3 +127,41 @@ def test_tensor_scope_uses_a_given_chunk_rule():
     ctx = MergeContext(model_stats={TensorTopK(0, 0.5): KeepRule(1.0, 1)})
     out = run("ties", BASE, models(D1), ctx=ctx, density=0.5, scope="tensor")
     torch.testing.assert_close(out, torch.tensor([4.0, 0.0, 3.0, 1.0, -3.0, 1.0]))
+
+
+# weighted_votes=False (AdaMerging++'s order): the sign is elected on the unweighted δ̂_i.
+#   δ1 = [1, -1], δ2 = [-2, 0.5], weights [1, 0.1], base 0, no trim
+#   weighted votes:   Σ w δ = [0.8, -0.95] -> s = [+, -]
+#   unweighted votes: Σ δ   = [-1, -0.5]   -> s = [-, -]; agreeing: entry 0 δ2, entry 1 δ1
+UNWEIGHTED = dict(density=1.0, weight=[1.0, 0.1], weighted_votes=False)
+
+
+@pytest.mark.parametrize(
+    ("disjoint", "expected"),
+    [
+        ("sum", [-0.2, -1.0]),  # [0.1 · -2, 1 · -1]
+        ("mean", [-2.0, -1.0]),  # [-0.2 / 0.1, -1 / 1]
+        ("max", [-0.2, -1.0]),  # s · max |w δ| over the agreeing
+    ],
+)
+def test_unweighted_votes(disjoint, expected):
+    out = run("ties", [0.0, 0.0], [[1.0, -1.0], [-2.0, 0.5]], disjoint=disjoint, **UNWEIGHTED)
+    torch.testing.assert_close(out, torch.tensor(expected))
+    weighted = {**UNWEIGHTED, "weighted_votes": True}
+    out = run("ties", [0.0, 0.0], [[1.0, -1.0], [-2.0, 0.5]], disjoint="sum", **weighted)
+    torch.testing.assert_close(out, torch.tensor([1.0, -1.0]))  # s = [+, -]
+
+
+def test_unweighted_votes_keep_agreeing_entries_of_a_negative_weight():
+    # δ = [2], [1], weights [-1, 1]: unweighted s = sign(3) = +, both agree: -2 + 1 = -1;
+    # weighted s = sign(-2 + 1) = -, only v1 = -2 agrees: -2
+    params = dict(disjoint="sum", weight=[-1.0, 1.0], density=1.0)
+    out = run("ties", [0.0], [[2.0], [1.0]], weighted_votes=False, **params)
+    torch.testing.assert_close(out, torch.tensor([-1.0]))
+    torch.testing.assert_close(run("ties", [0.0], [[2.0], [1.0]], **params), torch.tensor([-2.0]))
+
+
+def test_unweighted_votes_in_the_mergekit_dialect_use_splice_arithmetic():
+    models = [[1.0, -1.0], [-2.0, 0.5]]
+    out = run("ties", [0.0, 0.0], models, MERGEKIT, disjoint="sum", **UNWEIGHTED)
+    torch.testing.assert_close(out, torch.tensor([-0.2, -1.0]))

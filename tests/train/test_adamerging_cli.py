@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from cli_checks import fails_cleanly, no_output
 from splice.cli import main
+from splice.errors import SpliceError
 from tiny_hf import save_tiny_llama_classifier_folder, save_tiny_llama_folder, tiny_llama_config
 
 TEXTS = ["good day", "bad day", "very nice", "awful", "so so", "the cat sat", "hello world"]
@@ -75,7 +76,7 @@ def _record(capsys) -> dict:
     return json.loads(printed[printed.index("{") :])
 
 
-def _python_lambdas(pool, granularity: str) -> torch.Tensor:
+def _python_lambdas(pool, granularity: str, ties_density: float | None = None) -> torch.Tensor:
     """The same AdaMerging through the Python API: the states read from the files, each
     task's texts tokenized in batches of 3 by its expert's tokenizer, its own head."""
     from torch.func import functional_call
@@ -113,6 +114,7 @@ def _python_lambdas(pool, granularity: str) -> torch.Tensor:
         steps=4,
         lr=0.05,
         batches_per_step=1,
+        ties_density=ties_density,
         seed=3,
     )
     return result.coefficients
@@ -216,12 +218,23 @@ def odd(pool) -> dict[str, Path]:
     (cut / "config.json").write_text((pool["e0"] / "config.json").read_text())
     out["cut"] = cut
     out["cls_base"] = save_tiny_llama_classifier_folder(root / "cls_base", seed=0)
-    bare = root / "bare"  # a bare backbone: the base's tensors without the `model.` prefix
-    bare.mkdir()
     w = load_file(str(pool["base"] / "model.safetensors"))
-    save_file({n.removeprefix("model."): t for n, t in w.items()}, str(bare / "model.safetensors"))
-    (bare / "config.json").write_text((pool["base"] / "config.json").read_text())
-    out["bare"] = bare
+    for name, keep in (("bare", "model."), ("bare_lm", "")):
+        # a bare backbone: the base's `model.` tensors without the prefix (bare_lm: and the
+        # lm_head, a tensor the experts lack)
+        folder = root / name
+        folder.mkdir()
+        tensors = {n.removeprefix("model."): t for n, t in w.items() if n.startswith(keep)}
+        tensors["position_ids"] = torch.arange(16)[None]  # an integer buffer: not compared
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text((pool["base"] / "config.json").read_text())
+        out[name] = folder
+    half = root / "half"  # `model.norm.weight` bare, the other backbone tensors prefixed
+    half.mkdir()
+    names = {n: "norm.weight" if n == "model.norm.weight" else n for n in w}
+    save_file({names[n]: t for n, t in w.items()}, str(half / "model.safetensors"))
+    (half / "config.json").write_text((pool["base"] / "config.json").read_text())
+    out["half"] = half
     (root / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}))
     out["empty"] = root / "empty.jsonl"
     return out
@@ -237,10 +250,12 @@ def _bad_recipe(pool, odd, case: str) -> Path:
         "architecture": {"model": str(odd["qwen"]), "data": d0},
         "shape": {"model": str(odd["wide"]), "data": d0},
         "names": {"model": str(odd["cut"]), "data": d0},
+        "prefix": {"model": str(pool["e1"]), "data": d0, "tensor_prefix": "model."},
     }.get(case)
     models = [good[0], second] if second else good
     extra = {"method": "ties"} if case == "method" else {}
-    base = {"head-clash": odd["cls_base"], "bare-base": odd["bare"]}.get(case, pool["base"])
+    bases = {"head-clash": "cls_base", "half-bare-base": "half", "bare-extra": "bare_lm"}
+    base = odd[bases[case]] if case in bases else pool["base"]
     return _recipe(pool["root"] / f"bad-{case}.yaml", base, models, **extra)
 
 
@@ -253,7 +268,9 @@ def _bad_recipe(pool, odd, case: str) -> Path:
         ("architecture", [], "model_type 'qwen2'"),
         ("shape", [], "has shape [32, 48], the base [32, 64]"),
         ("names", [], "backbone tensors differ"),
-        ("bare-base", [], "the base names it without the experts' 'model.' prefix"),
+        ("prefix", [], "tensor_prefix cannot be combined with `statistics:` / `data:`"),
+        ("half-bare-base", [], "names some backbone tensors with the experts' 'model.' prefix"),
+        ("bare-extra", [], "experts lack, e.g. ['lm_head.weight'] (1 in all) (a bare backbone"),
         ("method", [], "`method: task_arithmetic`"),
         # a classifier base whose 2-label head clashes with expert 1's 3 labels
         ("head-clash", [], "could not run the learned recipe: shape mismatch for tensor 'score"),
@@ -309,3 +326,30 @@ def test_lm_loss_flags_keep_their_defaults_and_refuse_adamerging_ones(pool, caps
         [*argv, "--data", str(pool["d0"]), "--steps", "3"], capsys
     )
     assert "needs --data FILE" in fails_cleanly(argv, capsys)
+
+
+def test_experts_are_read_from_their_files_not_held(pool, monkeypatch):
+    """AdaMerging gets each expert's backbone as a `FileState` (read per lookup, nothing
+    kept), whose values are the file's; the readers are closed afterwards."""
+    import splice.train.adamerging as ada
+    from splice.train import adamerging_recipe as ar
+
+    seen = {}
+    real = ada.adamerging
+
+    def spy(base, experts, *a, **k):
+        seen["experts"] = experts
+        e0 = experts[0]
+        assert isinstance(e0, ar.FileState) and not isinstance(e0, dict)
+        stored = load_file(str(pool["e0"] / "model.safetensors"))
+        first = e0.names[0]
+        a1, a2 = e0[first], e0[first]
+        assert torch.equal(a1, stored[first]) and a1.data_ptr() != a2.data_ptr()  # fresh reads
+        assert "score.weight" not in e0 and set(e0) == {n for n in stored if n[:6] == "model."}
+        return real(base, experts, *a, **k)
+
+    monkeypatch.setattr(ada, "adamerging", spy)
+    prepared = ar.prepare(pool["recipe"])
+    ar.learn(prepared, granularity="task", steps=1, batches_per_step=1, progress=False)
+    with pytest.raises(SpliceError, match="after close"):
+        seen["experts"][0][seen["experts"][0].names[0]]

@@ -4,9 +4,9 @@ or learned by AdaMerging (``--objective adamerging``).
 splice search RECIPE --data FILE --out best.yaml [--objective lm-loss] [--budget 30]
               [--seed 0] [--patience N] [--layer-groups G] [--bounds 0,1] [--parameter weight]
               [--model REF] [--max-examples N] [--max-length 512] [--batch-size 8]
-splice search RECIPE --objective adamerging --out learned.yaml [--granularity layer|task]
-              [--steps 500] [--lr 0.001] [--batches-per-step 2] [--init 0.3] [--no-clamp]
-              [--seed 0] [--merged DIR]
+splice search RECIPE --objective adamerging|adamerging++ --out learned.yaml
+              [--granularity layer|task] [--steps 500] [--lr 0.001] [--batches-per-step 2]
+              [--init 0.3] [--no-clamp] [--seed 0] [--merged DIR] [--density 0.2 (++ only)]
 
 Each candidate is the recipe with its models' weights replaced, merged in memory by the
 engine (never written) and scored by the objective; the best recipe is written to --out and
@@ -22,6 +22,9 @@ over fine-tuned sequence classifiers, each model with ``data:`` (its task's unla
 task's predictions through its own head (Adam, `splice.train.adamerging`), all in memory.
 The learned weights are written as a task-arithmetic recipe; ``--merged DIR`` also writes
 `splice merge`'s output of it (the base's model with the merged backbone, no expert head).
+``adamerging++`` learns them on the TIES-processed task vectors (``--density``, the paper's
+0.2; `splice.train.adamerging.ties_task_vectors`) and writes a ``method: ties`` recipe
+(disjoint sum, sign elected on the unweighted trimmed vectors) that merges to the same.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any
 
 from splice.commands._flags import add_ray_flag
 
-OBJECTIVES = ("lm-loss", "adamerging")
+OBJECTIVES = ("lm-loss", "adamerging", "adamerging++")
+ADAMERGING = ("adamerging", "adamerging++")
 # Each objective's own flags and their defaults (argparse's default is None: "not given").
 LM_LOSS_FLAGS: dict[str, Any] = {
     "data": None,
@@ -56,6 +60,7 @@ ADAMERGING_FLAGS: dict[str, Any] = {
     "init": 0.3,
     "no_clamp": False,
     "merged": None,
+    "density": None,  # adamerging++ only (its default: the paper's 0.2)
 }
 
 
@@ -79,14 +84,18 @@ def _objective_flags(args: argparse.Namespace) -> None:
     """Refuse the other objective's flags; fill in this objective's defaults."""
     from splice.errors import SpliceError
 
-    own, other = (
-        (ADAMERGING_FLAGS, LM_LOSS_FLAGS)
-        if args.objective == "adamerging"
-        else (LM_LOSS_FLAGS, ADAMERGING_FLAGS)
-    )
+    ada = args.objective in ADAMERGING
+    own, other = (ADAMERGING_FLAGS, LM_LOSS_FLAGS) if ada else (LM_LOSS_FLAGS, ADAMERGING_FLAGS)
+    if args.objective == "adamerging" and args.density is not None:
+        raise SpliceError(
+            "--density applies to --objective adamerging++ (the TIES trim of its task "
+            "vectors); plain adamerging merges the whole task vectors"
+        )
     for flag in other:
         if getattr(args, flag) not in (None, False):
-            other_name = "lm-loss" if args.objective == "adamerging" else "adamerging"
+            other_name = "lm-loss" if ada else "adamerging"
+            if flag == "density":
+                other_name = "adamerging++"
             hint = " (AdaMerging reads each model's `data:`)" if flag == "data" else ""
             raise SpliceError(
                 f"--{flag.replace('_', '-')} applies to --objective {other_name}, not "
@@ -113,7 +122,7 @@ def _check_out_file(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     _objective_flags(args)
-    if args.objective == "adamerging":
+    if args.objective in ADAMERGING:
         return _adamerging(args)
     if args.ray is None:
         return _search(args)
@@ -230,7 +239,7 @@ def _adamerging(args: argparse.Namespace) -> int:
     from splice.io.output_folder import write_file_atomically
     from splice.numbers import check_number
     from splice.train import adamerging_recipe as ar
-    from splice.train.adamerging import _check_settings
+    from splice.train.adamerging import PAPER_TIES_DENSITY, _check_settings
 
     if args.granularity not in ("task", "layer"):
         raise SpliceError(f"--granularity must be 'task' or 'layer', not {args.granularity!r}")
@@ -240,12 +249,17 @@ def _adamerging(args: argparse.Namespace) -> int:
     check_number(args.init, "--init", error=SpliceError)
     if args.threads is not None:
         check_number(args.threads, "--threads", ge=1, error=SpliceError)
+    density = None
+    if args.objective == "adamerging++":
+        density = PAPER_TIES_DENSITY if args.density is None else args.density
+        check_number(density, "--density", gt=0, le=1, error=SpliceError)
     clamp = None if args.no_clamp else (0.0, 1.0)
     _check_settings(
-        args.granularity, args.init, clamp, args.lr, args.steps, args.batches_per_step, None
+        args.granularity, args.init, clamp, args.lr, args.steps, args.batches_per_step, density
     )
     _check_out_file(args)
-    prepared = ar.prepare(args.recipe, args.init)  # recipe, data, models' configs and names
+    # the recipe, data, models' configs and names
+    prepared = ar.prepare(args.recipe, args.init, density)
     if args.merged is not None:
         ar.check_merged_out(args.merged, int(args.overwrite), prepared.recipe)
     if args.threads:
@@ -300,8 +314,9 @@ def _adamerging(args: argparse.Namespace) -> int:
                 m: dict(zip(learned.layers, row.tolist())) for m, row in zip(learned.models, lam)
             }
         record = {
-            "objective": "adamerging",
+            "objective": args.objective,
             "granularity": args.granularity,
+            "density": density,
             "coefficients": coefficients,
             "losses": list(learned.losses),
             "steps": len(learned.losses),
@@ -331,7 +346,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=OBJECTIVES,
         default="lm-loss",
         help="lm-loss: CMA-ES on the causal-LM loss of --data (default); adamerging: "
-        "AdaMerging's entropy on each model's `data:` (docs/adamerging.md)",
+        "AdaMerging's entropy on each model's `data:`; adamerging++: the same on TIES-trimmed "
+        "task vectors (docs/adamerging.md)",
     )
     p.add_argument("--seed", type=int, default=0, help="CMA-ES seed / AdaMerging batch order (0)")
     p.add_argument("--threads", type=int, help="torch CPU threads (with --ray: per task)")
@@ -363,6 +379,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ada.add_argument("--init", type=float, help="start value of every λ (0.3)")
     ada.add_argument(
         "--no-clamp", action="store_true", default=None, help="λ not clamped to [0, 1]"
+    )
+    ada.add_argument(
+        "--density",
+        type=float,
+        help="adamerging++: the fraction of each task vector's largest entries kept (0.2)",
     )
     ada.add_argument(
         "--merged",

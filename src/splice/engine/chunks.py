@@ -12,14 +12,17 @@ the share, when every input is read from safetensors files (which read a chunk's
 alone) and the method says its result on a slice of rows is those rows of its whole result
 (`MergeMethod.row_chunks`): copies; the elementwise methods (linear, task arithmetic); a
 magnitude trim followed by an elementwise combine (TIES, magnitude_prune; not with
-``rescale: true``, whose L1 norms span the whole tensor); and DARE's seeded random drop
-followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, not
-the L1 rescale). Each chunk reads only its rows of every input
-(`splice.io.mapped.read_rows`), merges them with the same method (its first flat entry,
-first row × entries a row, in ``MergeContext.flat_offset``), casts them and hands them to
-the writer, which stores them in order (`ShardedWriter.write_rows`), so the output is bit
-for bit the unchunked one, and the input digests for ``--resume`` (hashed chunk by chunk
-in row order) and the shard's record are the same too.
+``rescale: true``, whose L1 norms span the whole tensor); DARE's seeded random drop
+followed by an elementwise combine (dare_linear, dare_ties; inverse rescale or none, and
+in the splice dialect the L1 rescale given the whole tensor's norms, below); and, in the
+splice dialect, SLERP and Model Stock given the whole tensor's Gram matrix (below). Each
+chunk reads only its rows of every input (`splice.io.mapped.read_rows_as`: converted from
+the mapped rows), merges them with
+the same method (its first flat entry, first row × entries a row, in
+``MergeContext.flat_offset``), casts them and hands them to the writer, which stores them
+in order (`ShardedWriter.write_rows`), so the output is bit for bit the unchunked one, and
+the input digests for ``--resume`` (hashed chunk by chunk in row order) and the shard's
+record are the same too.
 
 The chunks are read ahead (`merged_rows`): the driver's reader thread
 (`splice.engine.prefetch`) reads, hashes and converts chunk k+1's rows while the worker
@@ -86,11 +89,36 @@ Magnitudes are those of the unchunked merge (`job_magnitudes`, the one reader fo
 whole-model passes and the per-tensor pre-pass): δ = θ − base in the compute dtype, |δ| in
 float32 (`splice.delta.topk.magnitude`).
 
-Methods that need other whole-tensor statistics (SLERP's norms and dot product, Model
-Stock's cosines, the L1 rescale) are not chunked, nor DELLA (its keep probabilities rank
-magnitudes within each last-axis row, and its mask is drawn with torch's
-tensor-probability Bernoulli, one word an entry: a row chunk's would be the stream from
-its first entry too, but no skip is written for it).
+SLERP's norms and dot product and Model Stock's cosines (``scope: tensor``) are a Gram
+matrix over the whole tensor (`TensorGram`): of (base, θ_1) for SLERP, of the task vectors
+δ_i = θ_i − base (taken in the compute dtype) for Model Stock. The splice dialect defines
+it in row order (`splice.merge.methods._row_gram`): each first-dimension row's partial
+sums in float64 (entries cast to float64, the row reduced serially by torch, alone), the
+partials added one at a time in row order. Row chunks are consecutive rows, so a pre-pass
+(`chunk_gram`: one read of every input's rows, a chunk at a time) fed the chunks in order
+gives the unchunked merge's Gram bit for bit, and every chunk of the job is answered
+with it; the method then merges the chunk elementwise (SLERP: c_a·a + c_b·b as two
+products and a sum, whose bits do not depend on the chunk's length; Model Stock:
+base + t·mean δ). The pre-pass holds a chunk's inputs and m + 1 float64 blocks of up to
+2^16 entries (`tensor_pass_cost`). Model Stock's ``scope: row`` (one t per last-axis row)
+needs no pre-pass: a first-dimension row chunk of a tensor of 2 or more dimensions holds
+whole last-axis rows (a 1-D tensor is one row: not chunked). The mergekit dialect's SLERP
+and Model Stock repeat mergekit's reductions (float32 over 2^20-entry chunks and torch's
+thread ranges of the whole tensor, `_mergekit_reductions`), whose vectorised partial sums
+no row chunk repeats: they are not chunked (either scope).
+
+DARE's L1 rescale δ̂_i = m_i ⊙ δ_i · |δ_i|_1 / |m_i ⊙ δ_i|_1 in the splice dialect takes
+both norms as row-order float64 sums too (`RowOrderSum` of `row_abs_sums`). Its
+`RowPartials` request is answered by `chunk_row_partials`: the method's own
+``row_partials`` (`dare.dare_l1_partials`: δ, its per-row L1, the chunk's drop drawn at
+its flat offset, the per-row L1 after) on each chunk, in row order, so the totals are the
+unchunked merge's bits; the chunk's merge then draws the same drop and multiplies by the
+float64 ratio. The pre-pass draws every drop twice in all (once there, once in the
+merge). The mergekit dialect's L1 rescale (``rescale: true``, its default) sums |δ| in the
+compute dtype in torch's order, as mergekit: not chunked; nor TIES' L1 rescale, nor DELLA
+(its keep probabilities rank magnitudes within each last-axis row, and its mask is drawn
+with torch's tensor-probability Bernoulli, one word an entry: a row chunk's would be the
+stream from its first entry too, but no skip is written for it).
 
 Chunk buffers are a few to 30 MB, the sizes glibc keeps on its heap once freed; ``splice
 merge`` fixes its mmap threshold (`splice.engine.heap`) so that they go back to the system
@@ -113,7 +141,16 @@ from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.prefetch import Call
 from splice.engine.topk import select_rules
 from splice.io.shard_record import input_hasher
-from splice.merge import KeepMask, StatRequest, TensorTopK, TopKThreshold
+from splice.merge import (
+    KeepMask,
+    MergeContext,
+    RowPartials,
+    StatRequest,
+    TensorGram,
+    TensorTopK,
+    TopKThreshold,
+)
+from splice.merge.methods._row_gram import ROW_BLOCK, RowGram, RowOrderSum
 
 
 def chunkable(plan: MergePlan, index: int) -> bool:
@@ -131,7 +168,7 @@ def chunkable(plan: MergePlan, index: int) -> bool:
     method = plan.method
     if (
         method.row_chunks is None
-        or not method.row_chunks(job.params)
+        or not method.row_chunks(job.params, plan.recipe.dialect, len(job.out.shape))
         or method.representation != "dense"
         or plan.data is not None
     ):
@@ -153,14 +190,26 @@ def _sixteen_bit(plan: MergePlan, job: TensorJob) -> bool:
     return any(t.itemsize < 4 for t in dtypes)
 
 
-def tensor_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
-    """The job's per-tensor trim statistics (`TensorTopK`): a chunked job's are answered
-    per chunk by `chunk_tensor_rules` before the merge starts."""
+PerTensor = TensorTopK | TensorGram | RowPartials
+
+
+def tensor_requests(plan: MergePlan, index: int) -> list[PerTensor]:
+    """The job's per-tensor statistics (`TensorTopK`, `TensorGram`, `RowPartials`): a
+    chunked job's are answered per chunk by `chunk_tensor_rules` before the merge starts."""
     if plan.jobs[index].kind == "copy":
         return []
     stats = plan.method.model_stats
     declared = stats(plan.jobs[index].params) if stats is not None else []
-    return [r for r in declared if isinstance(r, TensorTopK)]
+    return [r for r in declared if isinstance(r, (TensorTopK, TensorGram, RowPartials))]
+
+
+def _trim_requests(plan: MergePlan, index: int) -> list[TensorTopK]:
+    return [r for r in tensor_requests(plan, index) if isinstance(r, TensorTopK)]
+
+
+def _gram_vectors(plan: MergePlan, job: TensorJob, request: TensorGram) -> int:
+    """m: the vectors of a `TensorGram` (the task vectors, or the base and the models)."""
+    return len(job.inputs) + (0 if request.of_delta or job.base is None else 1)
 
 
 def chunk_spans(rows: int, rows_per: int) -> list[tuple[int, int]]:
@@ -297,18 +346,35 @@ def job_magnitudes(
     return out
 
 
-def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
+def tensor_pass_cost(plan: MergePlan, index: int, rows_per: int | None = None) -> tuple[int, int]:
     """Bytes of job ``index``'s per-tensor statistics beyond a chunk's merge: the peak of
     the mergekit dialect's whole-tensor selection (the compiled pairs and the packed mask:
     8·n + n/8; else one model's δ in the compute dtype, s bytes an entry, and the
     selection's scratch: (s+9)·n, (s+13)·n for float16) and
     the packed keep masks held until the job is written (n/8 per trimmed model); counted
     whenever the dialect may need them (float32: only where ties are split). (0, 0) for
-    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time."""
+    the splice dialect, whose radix pre-pass holds one chunk's magnitudes at a time.
+
+    A `TensorGram` pre-pass holds a chunk's inputs (at most a chunk's merge) and the float64
+    scratch of `_row_gram` beside them: m + 1 blocks of ``ROW_BLOCK`` entries (at least a
+    row; at most a chunk of ``rows_per`` rows, the whole tensor when None), counted as
+    held; a `RowPartials` pre-pass (the method's own step on a chunk, at most its merge)
+    one such block (the row sums' float64 scratch)."""
+    job = plan.jobs[index]
     requests = tensor_requests(plan, index)
+    if any(isinstance(r, (TensorGram, RowPartials)) for r in requests):
+        cols = job.out.numel // max(job.out.shape[0], 1)
+        chunk = job.out.numel if rows_per is None else rows_per * cols
+        block = min(chunk, max(ROW_BLOCK, cols))
+        vectors = [
+            _gram_vectors(plan, job, r) + 1 if isinstance(r, TensorGram) else 1
+            for r in requests
+            if isinstance(r, (TensorGram, RowPartials))
+        ]
+        return 0, 8 * max(vectors) * block
+    requests = _trim_requests(plan, index)
     if plan.recipe.dialect != "mergekit" or not requests:
         return 0, 0
-    job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
     n = job.out.numel
     if pairs_selectable(n):  # the pairs, filled a chunk at a time, and the packed mask
@@ -320,16 +386,26 @@ def tensor_pass_cost(plan: MergePlan, index: int) -> tuple[int, int]:
 def chunk_tensor_rules(
     sources: Sources, plan: MergePlan, index: int, rows_per: int
 ) -> list[dict[StatRequest, Any]]:
-    """Each chunk's answer to every per-tensor trim request of job ``index``: a `KeepRule`
-    (radix selection over the chunks, two reads of their rows), or in the mergekit dialect,
-    where that leaves entries equal to the threshold out or the job is 16-bit, a `KeepMask`
-    of the chunk's rows (`chunk_keep_masks`)."""
+    """Each chunk's answer to every per-tensor request of job ``index``. A trim
+    (`TensorTopK`): a `KeepRule` (radix selection over the chunks, two reads of their rows),
+    or in the mergekit dialect, where that leaves entries equal to the threshold out or the
+    job is 16-bit, a `KeepMask` of the chunk's rows (`chunk_keep_masks`). A `TensorGram`
+    or `RowPartials`: the whole tensor's, the same for every chunk (`chunk_gram`,
+    `chunk_row_partials`: one read of the rows)."""
     job = plan.jobs[index]
-    requests = tensor_requests(plan, index)
+    requests = _trim_requests(plan, index)
     spans = chunk_spans(job.out.shape[0], rows_per)
     dialect = plan.recipe.dialect
     cols = job.out.numel // job.out.shape[0]
     answers: list[dict[StatRequest, Any]] = [{} for _ in spans]
+    for g in tensor_requests(plan, index):
+        if isinstance(g, (TensorGram, RowPartials)):
+            if isinstance(g, TensorGram):
+                total = chunk_gram(sources, plan, index, g, spans)
+            else:
+                total = chunk_row_partials(sources, plan, index, g, spans)
+            for answer in answers:
+                answer[g] = total
     whole = dialect == "mergekit" and _sixteen_bit(plan, job)
     ranked = [] if whole else requests
 
@@ -358,6 +434,66 @@ def chunk_tensor_rules(
         ):
             answer[r] = mask
     return answers
+
+
+def chunk_gram(
+    sources: Sources,
+    plan: MergePlan,
+    index: int,
+    request: TensorGram,
+    spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The `TensorGram` of job ``index`` from its rows chunk by chunk, in row order: the
+    sources' rows in the compute dtype (δ_i = θ_i − base taken there, as the method's
+    ``deltas_``, for ``of_delta``), fed to one `RowGram`, which gives the whole tensor's
+    bits (`splice.merge.methods._row_gram`)."""
+    job = plan.jobs[index]
+    cd = plan.job_compute_dtype(job)
+    gram = RowGram(_gram_vectors(plan, job, request))
+    for a, b in spans:
+        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        if request.of_delta and job.base is not None:
+            base = parts.pop(0)
+            for p in parts:  # fresh tensors (`read_rows`): in place
+                p.sub_(base)
+            del base
+        gram.add(parts)
+        del parts
+    return gram.gram()
+
+
+def chunk_row_partials(
+    sources: Sources,
+    plan: MergePlan,
+    index: int,
+    request: RowPartials,
+    spans: list[tuple[int, int]],
+) -> torch.Tensor:
+    """The `RowPartials` of job ``index``: the method's ``row_partials`` of each chunk's
+    rows (in the compute dtype, the base first; its context that of the chunk's merge:
+    tensor name, seed, dialect, first flat entry), summed in row order (`RowOrderSum`)."""
+    job = plan.jobs[index]
+    fn = plan.method.row_partials
+    assert fn is not None, f"{plan.method.name} declares {request} without row_partials"
+    cd = plan.job_compute_dtype(job)
+    cols = job.out.numel // job.out.shape[0]
+    total: RowOrderSum | None = None
+    for a, b in spans:
+        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        base = parts.pop(0) if job.base is not None else None
+        ctx = MergeContext(
+            tensor_name=job.out.name,
+            seed=plan.recipe.seed,
+            dialect=plan.recipe.dialect,
+            flat_offset=a * cols,
+        )
+        partials = fn(base, parts, ctx, job.params)
+        del parts, base
+        if total is None:
+            total = RowOrderSum(tuple(partials.shape[1:]))
+        total.add(partials)
+    assert total is not None
+    return total.result()
 
 
 def chunk_keep_masks(

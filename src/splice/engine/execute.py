@@ -381,14 +381,15 @@ def chunked_cost(
     (``ahead``), the next chunk's inputs read meanwhile (`input_cost` × rows / all rows), so
     its rows are chosen for the two to fit the share. The mergekit dialect's whole-tensor
     selection, found when the job starts, peaks alone (its first chunk is read after it,
-    `first_chunk_ahead`), and its packed masks are held until the job is written
-    (`tensor_pass_cost`): max(chunk + next chunk's inputs, selection peak) + masks."""
+    `first_chunk_ahead`), and its packed masks (or a Gram / row-sum pre-pass's float64
+    scratch) are held beside the rest (`tensor_pass_cost`): max(chunk + next chunk's
+    inputs, selection peak) + held."""
     extra = input_cost(plan, index) if ahead else 0
     rows = rows_per_chunk(plan, index, cost, share, extra)
     if rows is None:
         return cost, None
     total = plan.jobs[index].out.shape[0]
-    peak, held = tensor_pass_cost(plan, index)
+    peak, held = tensor_pass_cost(plan, index, rows)
     chunk, following = -(-cost * rows // total), -(-extra * rows // total)
     return max(chunk + following, peak) + held, rows
 

@@ -285,19 +285,23 @@ class _Planner:
             if any(layer_index(n) is not None for n in names)
             else 0
         )
+        prefixes = r.tensor_prefixes()
         jobs: list[TensorJob] = []
         for name in names:
             li = layer_index(name)
             t = 0.0 if li is None else (li / (num_layers - 1) if num_layers > 1 else 1.0)
-            self.job(g, name, dict.fromkeys(self._refs(g), name), t, jobs)
+            in_names = {ref: prefixes.get(ref, "") + name for ref in self._refs(g)}
+            self.job(g, name, in_names, t, jobs)
         return jobs, reference
 
     def _check_extra_names(self, reference: str, g: _Group) -> None:
         if self.recipe.on_missing != "error":
             return
         ref_names = self._names(reference)
+        prefixes = self.recipe.tensor_prefixes()
         for ref in self._refs(g):
-            extra = sorted(self._names(ref) - ref_names)
+            prefix = prefixes.get(ref, "")
+            extra = sorted(self._names(ref) - {prefix + n for n in ref_names})
             if extra:
                 raise MergeValidationError(
                     f"{ref} has tensors that {reference} lacks, e.g. {extra[:3]} "

@@ -119,6 +119,9 @@ def _fold(recipe: Recipe, kinds: dict[str, str | None]) -> RoutedRecipe:
 def _refuse_checkpoint_keys(recipe: Recipe, method: MergeMethod) -> None:
     given = [k for k in ("slices", "lines", "tokenizer_source") if getattr(recipe, k) is not None]
     given += ["on_missing"] if recipe.on_missing != "error" else []
+    given += [
+        f"models[{i}].tensor_prefix" for i, e in enumerate(recipe.models or []) if e.tensor_prefix
+    ]
     if given:
         raise MergeValidationError(
             f"'{given[0]}' applies to checkpoint merges; method '{method.label}' merges LoRA "

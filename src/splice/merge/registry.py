@@ -64,6 +64,12 @@ from splice.numbers import FINITE
 
 Dialect = Literal["splice", "mergekit"]
 Representation = Literal["dense", "low_rank"]
+# `MergeMethod.row_chunks`: (job parameters, dialect, tensor dimensions) -> chunkable
+RowChunks = Callable[[Mapping[str, Any], Dialect, int], bool]
+# `MergeMethod.row_partials`: (base, tensors, ctx, job parameters) -> float64 [rows, k]
+RowPartialsFn = Callable[
+    [torch.Tensor | None, list[torch.Tensor], "MergeContext", Mapping[str, Any]], torch.Tensor
+]
 LOW_RANK_PREFIX = "lora:"  # "lora:ties" names the low-rank ties
 
 
@@ -198,12 +204,18 @@ class MergeMethod:
     # Statistics collected on data that every tensor's merge reads (`DataStatistic(kind)` in
     # `MergeContext.model_stats`): "fisher", "gram". Empty for data-free methods.
     data_statistics: tuple[DataKind, ...] = ()
-    # Given a job's parameters, whether the method's result on a slice of rows is those rows
-    # of its result on the whole tensor, when its `KeepRule` answers are those of the slice
-    # and ``ctx.flat_offset`` the slice's first flat entry (`splice.engine.chunks`):
+    # Given a job's parameters, the recipe's dialect and the tensor's number of dimensions,
+    # whether the method's result on a slice of rows is those rows of its result on the
+    # whole tensor, when its statistic answers (`KeepRule`, `TensorGram`) are those of the
+    # slice and ``ctx.flat_offset`` the slice's first flat entry (`splice.engine.chunks`):
     # elementwise methods, a magnitude trim followed by an elementwise combine, DARE's
-    # seeded drop (its stream from that entry). None: never merged in row chunks.
-    row_chunks: Callable[[Mapping[str, Any]], bool] | None = None
+    # seeded drop (its stream from that entry), SLERP and Model Stock given the whole
+    # tensor's Gram matrix. None: never merged in row chunks.
+    row_chunks: RowChunks | None = None
+    # The per-row partials of the method's `RowPartials` requests, for the engine's
+    # pre-pass over row chunks: (base, tensors, ctx, job parameters) -> float64 [rows, k]
+    # (the inputs are the chunk's rows in the compute dtype, and may be modified).
+    row_partials: RowPartialsFn | None = None
 
     @property
     def label(self) -> str:
@@ -351,7 +363,8 @@ def merge_method(
     mergekit_ignored: frozenset[str] | set[str] = frozenset(),
     representation: Representation = "dense",
     data_statistics: Sequence[DataKind] = (),
-    row_chunks: Callable[[Mapping[str, Any]], bool] | None = None,
+    row_chunks: RowChunks | None = None,
+    row_partials: RowPartialsFn | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Register a merge method under ``name`` (one registry; a name taken twice in one
     representation is an error)."""
@@ -381,6 +394,7 @@ def merge_method(
             representation=representation,
             data_statistics=tuple(data_statistics),
             row_chunks=row_chunks,
+            row_partials=row_partials,
         )
         _REGISTRY[(representation, name)] = method
         return method

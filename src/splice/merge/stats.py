@@ -15,6 +15,16 @@ engine imports no method.
   statistics pre-pass over the chunks, or a `KeepMask` of the chunk's rows where the
   mergekit dialect's tie order needs the whole tensor); a method selects by itself when it
   is unanswered.
+- `TensorGram(of_delta)`: the dot products between the tensor's vectors (the base and the
+  models, or the task vectors) over the whole tensor, in float64 with per-row partials added
+  in row order (`splice.merge.methods._row_gram`: the same bits in any row slices);
+  answered only for a tensor merged in row chunks, from a pre-pass over the chunks (SLERP's
+  norms and dot product, Model Stock's cosines); a method computes it from the whole tensor
+  when it is unanswered.
+- `RowPartials(name)`: the totals over the whole tensor of per-row float64 partials that
+  the method computes itself from its inputs' rows (`MergeMethod.row_partials`: DARE's L1
+  norms before and after its drop), added in row order; answered only for a tensor merged
+  in row chunks, from a pre-pass calling ``row_partials`` on each chunk.
 - `DepthScale(alpha, beta)`: LiNeS' depth scaling s(l) = α + β · l / (L − 1) (α outside
   layers or for L <= 1). Its inputs are the tensor's layer index and the model's layer count,
   which the engine puts in every context, so `MergeContext.stat` answers it directly; the
@@ -102,6 +112,31 @@ class TensorTopK:
 
 
 @dataclass(frozen=True)
+class TensorGram:
+    """Request: the m × m Gram matrix G_ij = x_i · x_j over this whole tensor (float64, as
+    `splice.merge.methods._row_gram` computes it) of the vectors (base, θ_1, …, θ_n), or with
+    ``of_delta`` of the task vectors δ_i = θ_i − base taken in the compute dtype. Answered
+    (a float64 tensor [m, m]) only when the engine merges the tensor in row chunks (a
+    statistics pre-pass over the chunks, `splice.engine.chunks`); otherwise it is left
+    unanswered and the method computes it from the whole tensor (the same bits)."""
+
+    of_delta: bool
+
+
+@dataclass(frozen=True)
+class RowPartials:
+    """Request: the sums over this whole tensor of the per-row float64 partials [rows, k]
+    that the method's ``row_partials(base, tensors, ctx, params)`` gives for its inputs'
+    rows (``ctx.flat_offset``: their first flat entry), added one at a time in row order
+    (`splice.merge.methods._row_gram.RowOrderSum`). Answered (a float64 tensor [k]) only
+    when the engine merges the tensor in row chunks (a pre-pass over the chunks); otherwise
+    the method sums its own partials of the whole tensor (the same bits). ``name`` tells
+    one method's requests apart."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class DepthScale:
     """Request: LiNeS' depth scale of a tensor, s(l) = α + β · l / (L − 1)."""
 
@@ -140,4 +175,4 @@ class DataStats:
     model_norms: tuple[float, ...]
 
 
-StatRequest = TopKThreshold | TensorTopK | DepthScale | DataStatistic
+StatRequest = TopKThreshold | TensorTopK | TensorGram | RowPartials | DepthScale | DataStatistic

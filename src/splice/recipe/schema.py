@@ -118,6 +118,10 @@ class ModelEntry(BaseModel):
     # ... or the data to collect them on when the merge runs (engine.data_inputs); a string is
     # the source alone
     data: StatsData | None = None
+    # This model names the base's tensor N `tensor_prefix + N` (e.g. `bert.`: a
+    # BertForSequenceClassification merged onto a bare BertModel base); the output keeps the
+    # base's names. Needs `base_model`.
+    tensor_prefix: str | None = Field(None, min_length=1)
 
     _ref = field_validator("model", mode="before")(_check_ref)
 
@@ -130,6 +134,11 @@ class ModelEntry(BaseModel):
     def _one_source(self) -> ModelEntry:
         if self.statistics is not None and self.data is not None:
             raise ValueError("give `statistics:` (a file) or `data:` (collected now), not both")
+        if self.tensor_prefix is not None and (self.statistics or self.data):
+            raise ValueError(
+                "tensor_prefix cannot be combined with `statistics:` / `data:` (statistics "
+                "are named by the model's own tensor names)"
+            )
         return self
 
 
@@ -206,7 +215,22 @@ class Recipe(BaseModel):
             raise ValueError("give exactly one of 'models' or 'slices', non-empty")
         if self.tokenizer_source == "union":
             raise ValueError("tokenizer_source 'union' (vocabulary merging) is not supported yet")
+        prefixes: dict[str, str | None] = {}
+        for i, e in enumerate(self.models or []):
+            if e.tensor_prefix is None:
+                continue
+            if not self.base_model or e.model == self.base_model:
+                raise ValueError(
+                    f"models[{i}].tensor_prefix: names the base's tensors in this model; it "
+                    "needs a base_model other than the model"
+                )
+            if prefixes.setdefault(e.model, e.tensor_prefix) != e.tensor_prefix:
+                raise ValueError(f"models[{i}]: {e.model} is given two tensor_prefix values")
         return self
+
+    def tensor_prefixes(self) -> dict[str, str]:
+        """The `tensor_prefix` of each model reference that has one."""
+        return {e.model: e.tensor_prefix for e in self.models or [] if e.tensor_prefix}
 
     @property
     def method_name(self) -> str:

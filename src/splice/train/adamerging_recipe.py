@@ -39,6 +39,17 @@ the experts lack (an LM head); the folder has the base's config and tokenizer. S
 folder holds **no expert head**: it is the base's model with the merged backbone (heads are
 per task; to classify task k, load expert k and replace its backbone with the merged one).
 
+AdaMerging++ (``density``, `splice search --objective adamerging++`): λ learned over the
+TIES-processed vectors τ̂_k of `splice.train.adamerging.ties_task_vectors` (the bench's code
+path: top round(density · N) magnitudes over the whole backbone, sign elected on Σ_k τ̂_k,
+the disagreeing entries dropped), and the recipe written is ``method: ties`` with
+``parameters: {scope: model, majority: sum, weighted_votes: false, disjoint: sum}`` and each
+model's ``density``: `splice merge` trims over the tensors it merges (the backbone: the
+base's other tensors are copied, the experts' heads are not in the base), elects the sign
+on the unweighted trimmed vectors (TIES's default weighted vote would elect on Σ_k λ_k τ̂_k)
+and adds Σ_k λ_k τ̂_k, the same θ0 + Σ_k λ_k τ̂_k up to float32 rounding. A base that shares
+head tensors with the experts is refused for it (those would enter the whole-model trim).
+
 Everything is checked before any model is loaded: the recipe (``method: task_arithmetic``,
 a ``base_model``, ``models:`` that each name ``data:``; no ``parameters``, ``lines``,
 ``out_dtype``, ``on_missing`` or ``statistics:``, which would change what the written recipe
@@ -46,13 +57,15 @@ merges), every model's data (readable, at least one non-empty text), every model
 classifier of the base's ``model_type``, the backbone names and shapes (tensor headers), and
 that `splice merge` can plan the recipe to be written. Memory: the K experts loaded (their
 heads run the entropy), and AdaMerging's own (the base and the K task vectors in float32,
-one merged copy and its graph, one batch's activations): everything in memory.
+one merged copy and its graph, one batch's activations): everything in memory. The experts'
+backbones are not held a second time: AdaMerging reads them from the files one tensor at a
+time (`FileState`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +83,16 @@ REFUSED_KEYS = {
     "out_dtype": "the written recipe keeps each tensor's dtype",
     "on_missing": "the written recipe sets on_missing: base",
     "slices": "AdaMerging merges whole models",
+}
+
+
+# The global TIES settings of an AdaMerging++ recipe (`splice.merge.methods.ties`): the
+# paper's whole-model trim, sign elected on the unweighted trimmed vectors, disjoint sum.
+PLUS_PLUS_PARAMETERS = {
+    "scope": "model",
+    "majority": "sum",
+    "weighted_votes": False,
+    "disjoint": "sum",
 }
 
 
@@ -92,8 +115,12 @@ class PreparedAdaMerging:
     recipe: Recipe
     base: str
     tasks: list[AdaMergingTask]
-    backbone: list[str]  # the expert tensors under base_model_prefix, in checkpoint order
+    backbone: list[str]  # the expert tensors under base_model_prefix, in the base's order
     shared_heads: list[str]  # head tensor names the base has too (weight 0 in the recipe)
+    density: float | None = None  # AdaMerging++: the TIES trim density; None: plain
+    # what the experts add to the base's tensor names: "" or, for a bare backbone base,
+    # the architecture's prefix (`bert.`), written as each model's `tensor_prefix`
+    base_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,14 +136,19 @@ class LearnedRecipe:
     state: dict[str, Tensor]  # AdaMerging's merged backbone (float32 arithmetic)
 
 
-def prepare(recipe: str | Path | Mapping[str, Any], init: float = 0.3) -> PreparedAdaMerging:
-    """Every check of the module docstring, before any model is loaded; the texts read."""
+def prepare(
+    recipe: str | Path | Mapping[str, Any], init: float = 0.3, density: float | None = None
+) -> PreparedAdaMerging:
+    """Every check of the module docstring, before any model is loaded; the texts read.
+    ``density``: AdaMerging++ with that TIES density (in (0, 1]; the paper's 0.2)."""
     from splice.engine.coefficient_search import _load
     from splice.recipe.schema import parse_recipe
 
     raw = _load(recipe)
     parsed = parse_recipe(raw, str(recipe) if not isinstance(recipe, Mapping) else "recipe")
     _check_recipe(parsed)
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise MergeValidationError(f"AdaMerging++ density must be in (0, 1], got {density!r}")
     assert parsed.models is not None and parsed.base_model is not None
     tasks = [_task(i, e) for i, e in enumerate(parsed.models)]
     base_type = _model_type(parsed.base_model)
@@ -129,8 +161,17 @@ def prepare(recipe: str | Path | Mapping[str, Any], init: float = 0.3) -> Prepar
                 f"{parsed.base_model} {base_type!r}: AdaMerging merges one architecture"
             )
         arch = arch or arch_i
-    backbone, heads = _backbone(parsed.base_model, tasks, _prefix(arch))
-    prepared = PreparedAdaMerging(raw, parsed, parsed.base_model, tasks, backbone, heads)
+    backbone, heads, added = _backbone(parsed.base_model, tasks, _prefix(arch))
+    if density is not None and density < 1 and heads:
+        raise MergeValidationError(
+            f"AdaMerging++ trims over the backbone only, but the base {parsed.base_model} "
+            f"shares head tensors with the experts ({', '.join(heads[:3])}): `splice merge`'s "
+            "whole-model TIES trim would count them too; give a base without that head (the "
+            "pretrained backbone or causal LM)"
+        )
+    prepared = PreparedAdaMerging(
+        raw, parsed, parsed.base_model, tasks, backbone, heads, density, added
+    )
     _check_plannable(prepared, init)
     return prepared
 
@@ -175,29 +216,47 @@ def learn(
                 for i in range(0, len(t.texts), t.batch_size)
             ]
         )
-    base = _read(open_checkpoint(prepared.base, check_finite=True), prepared.backbone)
+    cut = len(prepared.base_prefix)  # a bare base names `bert.x` as `x`
+    base = {
+        n: t
+        for n, t in zip(
+            prepared.backbone,
+            _read(
+                open_checkpoint(prepared.base, check_finite=True),
+                [n[cut:] for n in prepared.backbone],
+            ).values(),
+            strict=True,
+        )
+    }
+    # the experts' backbones are read from their files when AdaMerging reads them (its
+    # shape check and its task vectors), one tensor at a time: never a second resident copy
     experts = [
-        _read(open_checkpoint(str(t.folder), check_finite=True), prepared.backbone)
+        FileState(open_checkpoint(str(t.folder), check_finite=True), prepared.backbone)
         for t in prepared.tasks
     ]
 
     def forward(params: Mapping[str, Tensor], k: int, batch: dict) -> Tensor:
         return functional_call(models[k], dict(params), args=(), kwargs=batch).logits
 
-    result = adamerging(
-        base,
-        experts,
-        batches,
-        forward,
-        granularity=granularity,  # type: ignore[arg-type]
-        init=init,
-        clamp=clamp,
-        lr=lr,
-        steps=steps,
-        batches_per_step=batches_per_step,
-        seed=seed,
-        progress=progress,
-    )
+    try:
+        result = adamerging(
+            base,
+            experts,
+            batches,
+            forward,
+            granularity=granularity,  # type: ignore[arg-type]
+            init=init,
+            clamp=clamp,
+            lr=lr,
+            steps=steps,
+            batches_per_step=batches_per_step,
+            ties_density=prepared.density,
+            seed=seed,
+            progress=progress,
+        )
+    finally:
+        for e in experts:
+            e.close()
     names = [t.model for t in prepared.tasks]
     return LearnedRecipe(
         learned_recipe(prepared, result.coefficients, result.layers),
@@ -214,13 +273,23 @@ def learned_recipe(
     prepared: PreparedAdaMerging, coefficients: Tensor, layers: tuple[str, ...] | list[str]
 ) -> dict[str, Any]:
     """The input recipe without ``data:``, with ``on_missing: base`` and the weights of
-    ``coefficients`` ([K]: task-wise; [K, L]: per tensor ``layers[j]``)."""
+    ``coefficients`` ([K]: task-wise; [K, L]: per tensor ``layers[j]``). AdaMerging++
+    (``prepared.density``): ``method: ties`` with that density, the whole-model trim, the
+    sign elected on the unweighted trimmed vectors and a disjoint sum, i.e. θ0 + Σ_k λ_k τ̂_k
+    with τ̂_k of `splice.train.adamerging.ties_task_vectors`."""
     out = {k: v for k, v in prepared.raw.items() if k != "models"}
     out["on_missing"] = "base"
+    if prepared.density is not None:
+        out["method"] = "ties"
+        out["parameters"] = dict(PLUS_PLUS_PARAMETERS)
     models = []
     for k, entry in enumerate(prepared.raw["models"]):
         entry = {key: v for key, v in entry.items() if key != "data"}
+        if prepared.base_prefix:
+            entry["tensor_prefix"] = prepared.base_prefix
         entry["parameters"] = {"weight": _weight(prepared, coefficients[k], layers)}
+        if prepared.density is not None:
+            entry["parameters"]["density"] = float(prepared.density)
         models.append(entry)
     out["models"] = models
     return out
@@ -376,24 +445,34 @@ def _prefix(arch: str | None) -> str:
     return str(prefix)
 
 
-def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list[str], list[str]]:
-    """The backbone tensor names (``prefix.``), the same with the same shapes in every expert
-    and the base; and the head names the base has too."""
+def _backbone(
+    base: str, tasks: list[AdaMergingTask], prefix: str
+) -> tuple[list[str], list[str], str]:
+    """The backbone tensor names (the floating ones under ``prefix.``), the same with the
+    same shapes in every expert and the base, in the base's order; the head names the base
+    has too; and the prefix the experts add to the base's names: "" when the base names
+    them as the experts do, or ``prefix.`` for a bare backbone base (e.g. a ``BertModel``'s
+    ``embeddings.…`` for the experts' ``bert.embeddings.…``)."""
     from splice.reference import open_checkpoint
 
     def infos(ref: str) -> dict[str, tuple[int, ...]]:
+        """The floating tensors' shapes: integer buffers (``position_ids``) are neither
+        merged nor learned (the engine copies the base's), so they are not compared."""
         reader = open_checkpoint(ref)
         try:
-            return {n: tuple(reader.info(n).shape) for n in reader.names()}
+            found = {n: reader.info(n) for n in reader.names()}
         finally:
             reader.close()
+        return {n: tuple(i.shape) for n, i in found.items() if i.dtype.is_floating_point}
 
     base_shapes = infos(base)
     start = prefix + "."
     backbone: list[str] = []
     heads: set[str] = set()
+    expert_shapes = []
     for i, t in enumerate(tasks):
         shapes = infos(str(t.folder))
+        expert_shapes.append(shapes)
         names = [n for n in shapes if n.startswith(start)]
         heads.update(n for n in shapes if not n.startswith(start))
         if not names:
@@ -409,30 +488,50 @@ def _backbone(base: str, tasks: list[AdaMergingTask], prefix: str) -> tuple[list
                 f"models[{i}] ({t.model}): backbone tensors differ from models[0]'s, e.g. "
                 f"{odd[:3]} ({len(odd)} in all)"
             )
-        for n in names:
-            if n not in base_shapes:
-                bare = n[len(start) :] in base_shapes  # a bare backbone (e.g. BertModel)
-                why = (
-                    f"the base names it without the experts' '{start}' prefix; a recipe "
-                    "merges tensors by name: save the base's tensors under the experts' names"
-                    if bare
-                    else "the base must have the experts' backbone tensor names"
-                )
-                raise MergeValidationError(
-                    f"models[{i}] ({t.model}): tensor '{n}' is not in the base {base} ({why})"
-                )
-            if shapes[n] != base_shapes[n]:
+    added = _base_prefix(base, base_shapes, backbone, start)
+    for i, (t, shapes) in enumerate(zip(tasks, expert_shapes, strict=True)):
+        for n in backbone:
+            if shapes[n] != base_shapes[n[len(added) :]]:
                 raise MergeValidationError(
                     f"tensor '{n}': models[{i}] ({t.model}) has shape {list(shapes[n])}, the "
-                    f"base {list(base_shapes[n])}"
+                    f"base {list(base_shapes[n[len(added) :]])}"
                 )
-    extra = [n for n in base_shapes if n.startswith(start) and n not in set(backbone)]
+    in_backbone = set(backbone)
+    if added:  # a bare base: all of its tensors are backbone tensors, none a head
+        extra = [n for n in base_shapes if added + n not in in_backbone]
+    else:
+        extra = [n for n in base_shapes if n.startswith(start) and n not in in_backbone]
     if extra:
+        bare = f" (a bare backbone base: all of its tensors are under '{start}' in the experts)"
         raise MergeValidationError(
             f"the base {base} has backbone tensors the experts lack, e.g. {extra[:3]} "
-            f"({len(extra)} in all)"
+            f"({len(extra)} in all){bare if added else ''}"
         )
-    return backbone, sorted(h for h in heads if h in base_shapes)
+    # the base's order: `splice merge` plans in that order
+    backbone = [added + n for n in base_shapes if added + n in in_backbone]
+    shared = [] if added else sorted(h for h in heads if h in base_shapes)
+    return backbone, shared, added
+
+
+def _base_prefix(base: str, base_shapes: Mapping[str, Any], backbone: list[str], start: str) -> str:
+    """ "" when the base has every backbone name, ``start`` when it has every one without
+    ``start`` (a bare backbone); otherwise an error naming the first missing tensor."""
+    missing = [n for n in backbone if n not in base_shapes]
+    if not missing:
+        return ""
+    bare = [n for n in backbone if n[len(start) :] in base_shapes]
+    if len(bare) == len(backbone) and not any(n.startswith(start) for n in base_shapes):
+        return start
+    if bare:
+        raise MergeValidationError(
+            f"the base {base} names some backbone tensors with the experts' '{start}' prefix "
+            f"and some without (e.g. '{missing[0]}' is not in it); give a base that names "
+            "all of them one way"
+        )
+    raise MergeValidationError(
+        f"tensor '{missing[0]}' of the experts is not in the base {base}, with or without "
+        f"'{start}' (the base must be the experts' pretrained model)"
+    )
 
 
 def _check_plannable(prepared: PreparedAdaMerging, init: float) -> None:
@@ -449,6 +548,41 @@ def _check_plannable(prepared: PreparedAdaMerging, init: float) -> None:
             f"`splice merge` could not run the learned recipe: {e}"
         ) from None
     plan.close()
+
+
+class FileState(Mapping[str, Tensor]):
+    """A checkpoint's tensors ``names`` as a read-only mapping that reads each tensor from
+    the file when it is looked up (a fresh tensor, not kept): AdaMerging reads an expert's
+    state twice (the shape check, then τ_k = θ_k − θ0, one tensor at a time), so the
+    experts' backbones are never held as a copy next to the loaded models.
+
+    Why not the loaded models' own tensors: transformers (5.x) maps a safetensors file into
+    memory, so a loaded model's backbone is file-backed and not resident until read; reading
+    τ_k through it makes those pages resident (peak RSS as with a copy), while reading the
+    file leaves them untouched (the forward passes use the merged tensors, never the model's
+    own backbone). Measured in docs/adamerging.md ("Memory")."""
+
+    def __init__(self, reader: Any, names: list[str]) -> None:
+        self.reader = reader
+        self.names = list(names)
+        self._known = set(names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self.reader.read(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def _read(reader: Any, names: list[str]) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.delta.topk import keep_count, magnitude, topk_mask, trim_torch_sort_
-from splice.merge.registry import MergeContext, PerModel
+from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
 from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
 
@@ -59,12 +59,12 @@ def trim_requests(params: Mapping[str, Any]) -> list[TopKThreshold | TensorTopK]
     return [kind(i, d) for i, d in enumerate(params["density"]) if 0 < d < 1]
 
 
-def elementwise(params: Mapping[str, Any]) -> bool:
+def elementwise(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """`merge_method`'s ``row_chunks`` for an elementwise method: always."""
     return True
 
 
-def trim_chunks(params: Mapping[str, Any]) -> bool:
+def trim_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """``row_chunks`` of a magnitude trim then an elementwise combine: the trim is
     elementwise given its `KeepRule` (the engine answers one per chunk), except the L1
     rescale, which needs the whole tensor's norms before and after the trim."""
@@ -153,12 +153,16 @@ def ties_combine_(
     disjoint: Disjoint | None = None,
     normalize: bool = True,
     lambda_: float = 1.0,
+    weighted_votes: bool = True,
 ) -> Tensor:
     """TIES sign election and disjoint merge of (already sparsified) task vectors, in place.
 
     v_i = w_i δ_i.  majority="sum": s = sign⁺(Σ v_i); "count": s = sign⁺(Σ sign(v_i)),
     where sign⁺(x) = +1 for x >= 0 and −1 otherwise. Entry i agrees where sign(v_i) == s
     (an exact zero never agrees).
+    ``weighted_votes=False``: the election and the agreement use the unweighted δ_i instead
+    (s = sign⁺(Σ δ_i), agree where sign(δ_i) == s; AdaMerging++'s order: elect on the
+    trimmed vectors, then weight), and the agreeing v_i = w_i δ_i are combined as above.
     disjoint="mean": Σ_agree v_i / Σ_agree w_i (a zero divisor counts as 1);
     "sum": Σ_agree v_i;  "max": s · max_agree |v_i|. ``disjoint``, when given, wins;
     otherwise mergekit's ``normalize`` picks "mean" (true) or "sum" (false).
@@ -172,6 +176,8 @@ def ties_combine_(
         return base
     if disjoint is None:
         disjoint = "mean" if normalize else "sum"
+    if not weighted_votes:
+        return _unweighted_votes_combine_(base, deltas, weight, majority, disjoint, lambda_)
     if fused_ties_applies(base, deltas, disjoint):
         assert _ties_kernel is not None
         _ties_kernel.combine(
@@ -197,6 +203,37 @@ def ties_combine_(
             merged.add_(agreeing)
         if divisor is not None:
             divisor.add_(agreeing.sign_(), alpha=w)
+    merged.mul_(sign)
+    del sign
+    if divisor is not None:
+        divisor.masked_fill_(divisor == 0, 1)
+        merged.div_(divisor)
+    return add_scaled_(base, merged, lambda_)
+
+
+def _unweighted_votes_combine_(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    weight: Sequence[float],
+    majority: Majority,
+    disjoint: Disjoint,
+    lambda_: float,
+) -> Tensor:
+    """`ties_combine_` with the sign elected on the unweighted δ_i (``weighted_votes=False``):
+    A_i = [sign(δ_i) == s], then Σ A_i w_i δ_i ("sum"), / Σ A_i w_i ("mean", a zero divisor
+    counts as 1), or s · max_i A_i |w_i δ_i| ("max")."""
+    sign = elect_signs(deltas, majority)
+    merged = torch.zeros_like(base)
+    divisor = torch.zeros_like(base) if disjoint == "mean" else None
+    for d, w in zip(deltas, weight, strict=True):
+        agreeing = d.mul_(sign).clamp_(min=0)  # |δ_i| where δ_i has the elected sign
+        if divisor is not None:
+            divisor.add_(agreeing.sign(), alpha=w)
+        agreeing.mul_(w)
+        if disjoint == "max":
+            torch.maximum(merged, agreeing.abs_(), out=merged)
+        else:
+            merged.add_(agreeing)
     merged.mul_(sign)
     del sign
     if divisor is not None:

@@ -44,6 +44,7 @@ ORDER = (
     "normalize",
     "disjoint",
     "majority",
+    "weighted_votes",
     "rescale",
     "scope",
 )
@@ -127,6 +128,8 @@ def _mergekit_combine(
             lambda_=kw["lambda_"],
         )
     if combine is ties_combine_:
+        if not kw["weighted_votes"]:
+            return None  # no such election in mergekit: splice's combiner
         disjoint = kw["disjoint"] or ("mean" if kw["normalize"] else "sum")
         if disjoint == "max":
             return None

@@ -73,7 +73,7 @@ def _single_output(x: Tensor) -> bool:
     return x.dim() <= 1 or math.prod(x.shape[:-1]) == 1
 
 
-def _serial_sums(rows: Tensor) -> Tensor:
+def serial_row_sums(rows: Tensor) -> Tensor:
     """``rows.sum(dim=-1)`` of a 2-D tensor with each row reduced serially: torch does that
     for several rows, or for one row with one thread or under GRAIN entries; otherwise the
     row is reduced as both rows of a stride-0 [2, n] view (each serial; twice the work)."""
@@ -94,10 +94,10 @@ def sum_last(x: Tensor, threads: int) -> Tensor:
     flat = x.reshape(-1)
     ranges = _ranges(flat.numel(), threads)
     if ranges is None:
-        return _serial_sums(flat.unsqueeze(0)).reshape(x.shape[:-1])
+        return serial_row_sums(flat.unsqueeze(0)).reshape(x.shape[:-1])
     (start, _), size = ranges[-1], ranges[0][1]
-    parts = [_serial_sums(flat[:start].view(-1, size))] if start else []
-    parts.append(_serial_sums(flat[start:].unsqueeze(0)))
+    parts = [serial_row_sums(flat[:start].view(-1, size))] if start else []
+    parts.append(serial_row_sums(flat[start:].unsqueeze(0)))
     slots = torch.zeros(threads, dtype=x.dtype, device=x.device)
     torch.cat(parts, out=slots[: len(ranges)])
     return slots.sum().reshape(x.shape[:-1])

@@ -9,7 +9,11 @@
 Rescale:
 - "inverse" (splice default, the paper): δ̂ = m ⊙ δ / density, which keeps E[δ̂] = δ.
 - "l1" (mergekit's ``rescale: true``, its default): δ̂ = m ⊙ δ · |δ|_1 / |m ⊙ δ|_1
-  (unchanged when either norm < 1e-7).
+  (unchanged when either norm < 1e-7). In the splice dialect both norms are float64 sums
+  of per-row partials added in row order (`_row_gram.row_abs_sums`, `RowOrderSum`: rows
+  along the first dimension) and the ratio is a float64 number multiplied into δ's dtype;
+  the mergekit dialect sums |δ| in δ's dtype in torch's order and divides there, as
+  mergekit.
 - "none" (mergekit's ``rescale: false``): δ̂ = m ⊙ δ.
 A boolean always has mergekit's meaning: true = "l1", false = "none".
 density >= 1 leaves δ untouched; density 0 drops everything.
@@ -32,8 +36,11 @@ twist alone, ~0.4 ns an entry); torch's path draws and discards those entries, a
 at a time (`dare_mask`). With the inverse rescale (1/density) or none, the drop and both
 combines are then elementwise: DARE and DARE-TIES are merged in row chunks, bit for bit as
 unchunked (`dare_chunks`, in both dialects: the mergekit dialect draws from the same
-seeded generators). The L1 rescale (mergekit's default ``rescale: true``) needs the whole
-tensor's norms before and after the drop: not chunked.
+seeded generators). The L1 rescale needs the whole tensor's norms before and after the
+drop: in the splice dialect they are row-order sums, which the engine finds by a pre-pass
+over the chunks (`RowPartials`, answered from `dare_l1_partials` on each chunk: the drop
+drawn at the chunk's offset), so ``rescale: l1`` is chunked too; in the mergekit dialect
+(``rescale: true``, its default) they are torch's whole-tensor sums: not chunked.
 
 Defaults: ``density`` is required in the splice dialect (mergekit defaults it to 1, which
 makes DARE a no-op). dare_ties: normalize defaults to true in splice (TIES' disjoint mean,
@@ -48,10 +55,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
+from splice.merge.methods._common import UnitFloat, deltas_, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
-from splice.merge.registry import MergeContext, PerModel
-from splice.merge.sparsify import Rescale, drop_, rescale_kept_, rescale_mode
+from splice.merge.methods._row_gram import RowOrderSum, row_abs_sums
+from splice.merge.registry import Dialect, MergeContext, PerModel
+from splice.merge.sparsify import L1_EPS, Rescale, drop_, rescale_kept_, rescale_mode
+from splice.merge.stats import RowPartials
 
 try:
     from splice.merge.methods import _dare_kernel
@@ -172,13 +181,74 @@ def split_draws_agree() -> bool:
     return True
 
 
-def dare_chunks(params: Mapping[str, Any]) -> bool:
+def dare_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
     """``row_chunks`` of DARE: a row chunk's mask is the stream of the tensor's generator
     from the chunk's first flat entry (``ctx.flat_offset``), then the inverse rescale or
-    none and the combine are elementwise; not the L1 rescale (the whole tensor's norms
-    before and after the drop), nor where torch's draws do not split
+    none and the combine are elementwise, and the splice dialect's L1 rescale too given
+    the whole tensor's norms (`DARE_L1`); not the mergekit dialect's L1 rescale (torch's
+    sums over the whole tensor), nor where torch's draws do not split
     (`split_draws_agree`)."""
-    return rescale_mode(params["rescale"]) != "l1" and split_draws_agree()
+    l1 = rescale_mode(params["rescale"]) == "l1"
+    return (not l1 or dialect == "splice") and split_draws_agree()
+
+
+DARE_L1 = RowPartials("dare_l1")  # per model i: columns 2i, 2i + 1 = |δ_i|_1, |m_i ⊙ δ_i|_1
+
+
+def dare_l1_requests(params: Mapping[str, Any]) -> list[RowPartials]:
+    """The L1 rescale's norms, over the whole tensor (answered for row chunks)."""
+    return [DARE_L1] if rescale_mode(params["rescale"]) == "l1" else []
+
+
+def _drop_l1_rows(d: Tensor, density: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    """Drop δ's entries (in place, no rescale); its per-row L1 partials before and after
+    (float64 [rows])."""
+    before = row_abs_sums(d)
+    dare_drop_(d, density, seed, "none", offset)
+    return before, row_abs_sums(d)
+
+
+def dare_l1_partials(
+    base: Tensor | None, tensors: list[Tensor], ctx: MergeContext, params: Mapping[str, Any]
+) -> Tensor:
+    """``row_partials`` of DARE's L1 rescale (splice dialect): per row, [|δ_0|, |m_0 ⊙ δ_0|,
+    |δ_1|, …] (float64 [rows, 2n]; zeros for a model not dropped), the drop drawn from the
+    rows' first flat entry (``ctx.flat_offset``); ``tensors`` become the dropped δ."""
+    assert base is not None
+    deltas = deltas_(base, tensors)
+    rows = base.shape[0] if base.dim() else 1
+    out = torch.zeros((rows, 2 * len(deltas)), dtype=torch.float64)
+    for i, (d, dens) in enumerate(zip(deltas, params["density"], strict=True)):
+        if dens < 1:
+            before, after = _drop_l1_rows(d, dens, ctx.generator_seed(i), ctx.flat_offset)
+            out[:, 2 * i], out[:, 2 * i + 1] = before, after
+    return out
+
+
+def _dare_l1_(deltas: list[Tensor], density: list[float], ctx: MergeContext) -> None:
+    """The splice dialect's L1-rescaled drop: δ_i ← m_i ⊙ δ_i · |δ_i|_1 / |m_i ⊙ δ_i|_1,
+    the norms row-order float64 sums over the whole tensor (a row chunk's: the engine's
+    answer to `DARE_L1`), the ratio a float64 number (unchanged when either norm is
+    below 1e-7)."""
+    totals = ctx.model_stats.get(DARE_L1)
+    for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
+        if dens >= 1:
+            continue
+        seed = ctx.generator_seed(i)
+        if totals is not None:
+            dare_drop_(d, dens, seed, "none", ctx.flat_offset)
+            before, after = float(totals[2 * i]), float(totals[2 * i + 1])
+        else:
+            rows = _drop_l1_rows(d, dens, seed, ctx.flat_offset)
+            before, after = (_ordered_total(r) for r in rows)
+        if before >= L1_EPS and after >= L1_EPS:
+            d.mul_(before / after)
+
+
+def _ordered_total(partials: Tensor) -> float:
+    total = RowOrderSum(())
+    total.add(partials)
+    return float(total.result())
 
 
 def dare_(
@@ -189,6 +259,8 @@ def dare_(
     ctx: MergeContext,
 ) -> None:
     """Drop each entry of δ_i with probability 1 − density_i, rescale the rest (in place)."""
+    if rescale_mode(rescale) == "l1" and ctx.dialect == "splice":
+        return _dare_l1_(deltas, density, ctx)
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
         if dens < 1:
             dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset)
@@ -204,6 +276,8 @@ compose(
     mergekit_defaults=_MERGEKIT,
     mergekit_ignored={"int8_mask"},
     row_chunks=dare_chunks,
+    model_stats=dare_l1_requests,
+    row_partials=dare_l1_partials,
 )
 compose(
     "dare_ties",
@@ -214,4 +288,6 @@ compose(
     mergekit_defaults={**_MERGEKIT, "normalize": False},
     mergekit_ignored={"int8_mask"},
     row_chunks=dare_chunks,
+    model_stats=dare_l1_requests,
+    row_partials=dare_l1_partials,
 )

@@ -19,19 +19,29 @@ Choices:
   computes. The splice dialect interpolates linearly when either norm is <= 1e-8 (the
   direction of a zero vector is undefined).
 - ``t`` must lie in [0, 1] (no extrapolation).
+- Statistics, splice dialect: |a|², |b|² and a · b are the Gram matrix of (a, b) in
+  float64, each row's partial sum added in row order (`_row_gram`; rows along the first
+  dimension), so they are the same bits whole or in row chunks: a tensor too large for its
+  share of ``--memory`` is merged in row chunks with the Gram of a statistics pre-pass
+  (`TensorGram`, `splice.engine.chunks`), then c_a·a + c_b·b entry by entry (two
+  products and a sum in the compute dtype: the same bits in any slice).
+- mergekit dialect: mergekit's own reductions (float32 over chunks of 2^20 entries and
+  torch's thread ranges, `_mergekit_precision.slerp_float32`), which no row chunk's partial
+  sums repeat bit for bit: not merged in row chunks.
 """
 
 import math
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 from splice.merge.methods._common import own_inputs
 from splice.merge.methods._mergekit_precision import mergekit_arithmetic, slerp_float32
-from splice.merge.registry import MergeContext, merge_method
+from splice.merge.methods._row_gram import tensor_gram
+from splice.merge.registry import Dialect, MergeContext, merge_method
+from splice.merge.stats import TensorGram
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -53,7 +63,23 @@ def slerp_coefficients(
     return math.sin((1 - t) * omega) / s, math.sin(t * omega) / s
 
 
-@merge_method("slerp", needs_base=True, min_models=1, max_models=1)
+GRAM = TensorGram(of_delta=False)  # of (base, other)
+
+
+def slerp_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
+    """``row_chunks`` of SLERP: elementwise given the Gram of (base, other), in the splice
+    dialect (the mergekit dialect's reductions span the whole tensor)."""
+    return dialect == "splice"
+
+
+@merge_method(
+    "slerp",
+    needs_base=True,
+    min_models=1,
+    max_models=1,
+    model_stats=lambda params: [GRAM],
+    row_chunks=slerp_chunks,
+)
 def slerp(
     base: Tensor,
     tensors: Sequence[Tensor],
@@ -65,9 +91,13 @@ def slerp(
     (other,) = own_inputs(base, tensors)
     if mergekit_arithmetic(ctx, base.dtype):
         return slerp_float32(base, other, t)
-    a, b = base.reshape(-1), other.reshape(-1)
-    norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float32))
-    norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float32))
-    dot = float((a * b).sum(dtype=torch.float32))
+    gram = ctx.model_stats.get(GRAM)  # a row chunk's: the whole tensor's
+    if gram is None:
+        gram = tensor_gram([base, other])
+    norm_a, norm_b = math.sqrt(float(gram[0, 0])), math.sqrt(float(gram[1, 1]))
+    dot = float(gram[0, 1])
     ca, cb = slerp_coefficients(norm_a, norm_b, dot, t, ctx.dialect == "splice")
-    return base.mul_(ca).add_(other, alpha=cb)
+    # c_a·a + c_b·b as two products and a sum: torch's vectorised add with ``alpha`` rounds
+    # 16-bit entries otherwise than its scalar tail, which would tie the bits to a chunk's
+    # length
+    return base.mul_(ca).add_(other.mul_(cb))

@@ -24,6 +24,12 @@ Choices:
   first, as mergekit (only such tensors are sorted; common with bf16 task vectors).
 - ``disjoint`` vs mergekit's ``normalize``: ``disjoint``, when given, wins; otherwise
   normalize=true means disjoint="mean" and normalize=false means disjoint="sum".
+- ``weighted_votes: false``: the sign is elected on the unweighted δ̂_i, s = sign⁺(Σ_i δ̂_i),
+  and A_i = [sign(δ̂_i) == s]; then the agreeing v_i = w_i δ̂_i are combined as above.
+  With disjoint "sum" this is AdaMerging++'s merge (`splice.train.adamerging`: TIES
+  vectors elected once, then weighted by the learned λ), which `splice search --objective
+  adamerging++` writes. Not a mergekit option (the mergekit dialect computes it in splice's
+  float32 arithmetic).
 - ``rescale: true`` multiplies each trimmed δ̂_i to restore the L1 norm of δ_i (mergekit).
 
 ``magnitude_prune``: the same trim, then task arithmetic (TIES without sign election; no
