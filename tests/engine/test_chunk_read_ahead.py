@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_tensors, write_folder
+from tiny_models import bf16_finetunes
 
 from splice.engine import chunks as chunks_mod
 from splice.engine import execute as execute_mod
@@ -27,16 +27,6 @@ from splice.io.safetensors_reader import SafetensorsReader
 from splice.io.shard_record import input_digest, input_hasher
 from splice.io.writer import ShardedWriter
 from splice.recipe.schema import parse_recipe
-
-
-def _bf16_models(tmp_path) -> dict[str, str]:
-    base = {n: t.to(torch.bfloat16) for n, t in tiny_tensors(0).items()}
-    paths = {"base": write_folder(tmp_path / "base", base)}
-    for i in range(3):
-        d = tiny_tensors(100 + i, scale=0.1)
-        ft = {n: (base[n].float() + d[n]).to(torch.bfloat16) for n in base}
-        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=600)
-    return paths
 
 
 def _recipe(paths: dict[str, str], method: str) -> dict:
@@ -133,7 +123,7 @@ def test_chunks_read_ahead_give_the_unchunked_files_and_the_worker_read_ones(
     merged); chunked with the rows read on the worker (``read_ahead=0``, the path before
     the read-ahead). The three output folders are the same bytes (shards, index with its
     input digests for --resume, config)."""
-    recipe = _recipe(_bf16_models(tmp_path), method)
+    recipe = _recipe(bf16_finetunes(tmp_path), method)
     _run(recipe, tmp_path / "whole")
     spy = _Spy(monkeypatch)
     _run(recipe, tmp_path / "ahead", threads=1, memory_budget=2048)
@@ -235,7 +225,7 @@ def test_a_failed_chunked_job_drops_its_read_ahead(tmp_path, monkeypatch):
     """The method fails on lm_head's second chunk: the run fails with no output; the chunk
     read ahead meanwhile (the third) is dropped, no chunk after it is read, and every
     tensor the chunk reads handed out is let go."""
-    paths = _bf16_models(tmp_path)
+    paths = bf16_finetunes(tmp_path)
     recipe = _recipe(paths, "task_arithmetic")
     spy = _Spy(monkeypatch)
     real = execute_mod._Runner._merge

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import tiny_tensors, write_folder
+from tiny_models import bf16_finetunes
 
 from splice.engine import plan_merge, run_merge
 from splice.engine.driver import Output, Sources, Stream, write_stream
@@ -163,16 +163,6 @@ def test_a_failed_read_ahead_fails_its_step_and_the_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _bf16_models(tmp_path):
-    base = {n: t.to(torch.bfloat16) for n, t in tiny_tensors(0).items()}
-    paths = {"base": write_folder(tmp_path / "base", base)}
-    for i in range(3):
-        d = tiny_tensors(100 + i, scale=0.1)
-        ft = {n: (base[n].float() + d[n]).to(torch.bfloat16) for n in base}
-        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=600)
-    return paths
-
-
 def _ties(paths, dtype: str) -> dict:
     return {
         "merge_method": "ties",
@@ -189,7 +179,7 @@ def test_job_cost_counts_mergekits_stacked_deltas_in_bfloat16(tmp_path):
     """Per entry, 3 fine-tunes + base in bf16 files: bfloat16 compute holds the 4 inputs
     (2 B each), one read buffer (2), float32 selection scratch (6 x 4) and mergekit's stacked
     deltas plus agreement mask (3 x (2 + 1)): 43 B; float32 compute: 4 x 4 + 2 + 24 = 42 B."""
-    paths = _bf16_models(tmp_path)
+    paths = bf16_finetunes(tmp_path)
     for dtype, per_entry in (("bfloat16", 43), ("float32", 42)):
         plan = plan_merge(parse_recipe(_ties(paths, dtype)))
         try:
@@ -201,7 +191,7 @@ def test_job_cost_counts_mergekits_stacked_deltas_in_bfloat16(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_merge_outputs_do_not_depend_on_read_ahead_or_threads(tmp_path, dtype):
-    paths = _bf16_models(tmp_path)
+    paths = bf16_finetunes(tmp_path)
     outs = []
     for k, (threads, ahead) in enumerate(((1, 0), (3, 4))):
         plan = plan_merge(parse_recipe(_ties(paths, dtype)))

@@ -48,3 +48,16 @@ def write_folder(
     if tokenizer:
         (path / "tokenizer.json").write_text('{"version": "1.0"}')
     return str(path)
+
+
+def bf16_finetunes(tmp_path: Path) -> dict[str, str]:
+    """A bf16 base (`tiny_tensors(0)`) and three bf16 fine-tunes (base +
+    `tiny_tensors(100 + i, 0.1)`, sharded at 600 bytes), written under ``tmp_path``:
+    {"base", "ft0", "ft1", "ft2"} -> folder."""
+    base = {n: t.to(torch.bfloat16) for n, t in tiny_tensors(0).items()}
+    paths = {"base": write_folder(tmp_path / "base", base)}
+    for i in range(3):
+        d = tiny_tensors(100 + i, scale=0.1)
+        ft = {n: (base[n].float() + d[n]).to(torch.bfloat16) for n in base}
+        paths[f"ft{i}"] = write_folder(tmp_path / f"ft{i}", ft, shard_bytes=600)
+    return paths

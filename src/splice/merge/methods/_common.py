@@ -203,6 +203,14 @@ def ties_combine_(
             merged.add_(agreeing)
         if divisor is not None:
             divisor.add_(agreeing.sign_(), alpha=w)
+    return _disjoint_finish_(base, merged, sign, divisor, lambda_)
+
+
+def _disjoint_finish_(
+    base: Tensor, merged: Tensor, sign: Tensor, divisor: Tensor | None, lambda_: float
+) -> Tensor:
+    """The end of a TIES disjoint merge: base + λ · s · merged (/ divisor, a zero one read
+    as 1), in place in ``base``."""
     merged.mul_(sign)
     del sign
     if divisor is not None:
@@ -234,12 +242,7 @@ def _unweighted_votes_combine_(
             torch.maximum(merged, agreeing.abs_(), out=merged)
         else:
             merged.add_(agreeing)
-    merged.mul_(sign)
-    del sign
-    if divisor is not None:
-        divisor.masked_fill_(divisor == 0, 1)
-        merged.div_(divisor)
-    return add_scaled_(base, merged, lambda_)
+    return _disjoint_finish_(base, merged, sign, divisor, lambda_)
 
 
 def fused_ties_applies(base: Tensor, deltas: Sequence[Tensor], disjoint: str) -> bool:
