@@ -173,13 +173,7 @@ class SafetensorsReader:
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor ``name`` (its first dimension) into a fresh tensor:
         only those bytes are read."""
-        info = self._infos[name]
-        if self._fd < 0:
-            raise CheckpointError(f"{self.path}: read('{name}') after close()")
-        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
-            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
-        row = info.nbytes // info.shape[0] if info.shape[0] else 0
-        shape = (stop - start, *info.shape[1:])
+        info, row, shape = self._row_span(name, start, stop, "read")
         if row == 0 or start == stop:
             return torch.empty(shape, dtype=info.dtype)
         buf = bytearray(row * (stop - start))
@@ -200,14 +194,8 @@ class SafetensorsReader:
     ) -> contextlib.AbstractContextManager[torch.Tensor]:
         """Rows [start, stop) of tensor ``name`` over a private mapping of their pages only,
         valid inside the block only (as `view`)."""
-        info = self._infos[name]
-        if self._fd < 0:
-            raise CheckpointError(f"{self.path}: view('{name}') after close()")
-        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
-            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
-        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        _, row, shape = self._row_span(name, start, stop, "view")
         begin = self._ranges[name][0] + row * start
-        shape = (stop - start, *info.shape[1:])
         return self._mapped(
             name,
             begin,
@@ -215,6 +203,19 @@ class SafetensorsReader:
             shape,
             lambda: self.read_rows(name, start, stop),
         )
+
+    def _row_span(
+        self, name: str, start: int, stop: int, op: str
+    ) -> tuple[TensorInfo, int, tuple[int, ...]]:
+        """Checks rows [start, stop) of ``name`` (open file, first dimension in range) and
+        gives its info, the bytes a row and the rows' shape."""
+        info = self._infos[name]
+        if self._fd < 0:
+            raise CheckpointError(f"{self.path}: {op}('{name}') after close()")
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of '{name}' with shape {list(info.shape)}")
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return info, row, (stop - start, *info.shape[1:])
 
     @contextlib.contextmanager
     def _mapped(
