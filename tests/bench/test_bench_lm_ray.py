@@ -1,6 +1,6 @@
 """`splice bench --ray` on the tiny Llama's causal-LM pool (`bench.lm_ray_run`), on a local
-Ray instance of 2 CPUs: the rows equal the local run's (the same experts, scores, parameters
-and variants), and a Ray rerun on the local run's cache trains nothing."""
+Ray instance of 2 CPUs: the rows equal the local run's (the same experts, multi-task model,
+scores, parameters and variants), and a Ray rerun on the local run's cache trains nothing."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ def _untimed(value):
 @pytest.fixture(scope="module")
 def runs(local_ray, tiny_lm_pool, tmp_path_factory):
     """A local run, a Ray run on its own cache, a Ray rerun on the local run's cache. The
-    task-arithmetic grid lacks the default λ = 0 (its own unit) and a point beats it."""
+    task-arithmetic grid lacks the default λ = 0 (its own unit) and a point beats it; the
+    multi-task model trains as a unit too."""
     model, tasks = tiny_lm_pool
     grids = {"task_arithmetic": {"lambda": [0.5, 1.0]}}
-    cfg = tiny_lm_config(model, tasks, baselines={"probe": False, "multitask": False})
+    cfg = tiny_lm_config(model, tasks, baselines={"probe": False, "multitask": True})
     cfg = parse_bench_config({**cfg, "merge": {**cfg["merge"], "grids": grids}})
     root = tmp_path_factory.mktemp("bench-lm-ray")
     return {"root": root, **local_ray_and_rerun(cfg, root)}
@@ -43,6 +44,12 @@ def test_lm_ray_rows_equal_the_local_rows(runs):
     assert local["failed"] == ray_run["failed"] == []
     assert _untimed(local["rows"]) == _untimed(ray_run["rows"])
     assert _untimed(local["pretrained"]) == _untimed(ray_run["pretrained"])
+    mt, ray_mt = local["experts"].pop("multitask"), ray_run["experts"].pop("multitask")
+    assert (mt["test"], mt["steps"]) == (ray_mt["test"], ray_mt["steps"])
+    assert not mt["cached"] and not ray_mt["cached"]
+    assert ("full", "multi-task", None) in {
+        (r["kind"], r["method"], r["variant"]) for r in local["rows"]
+    }
     for kind, pool in local["experts"].items():
         for task, e in pool.items():
             other = ray_run["experts"][kind][task]
@@ -61,7 +68,9 @@ def test_lm_ray_rows_equal_the_local_rows(runs):
 def test_a_lm_ray_rerun_after_a_local_run_trains_nothing(runs):
     root = runs["root"]
     experts = root / "a" / "bench" / "lm-experts"
-    assert len(list(experts.iterdir())) == 6  # 2 kinds x 3 tasks, no new one
+    assert len(list(experts.iterdir())) == 7  # 2 kinds x 3 tasks + multi-task, no new one
+    mt = runs["rerun"].multitask
+    assert mt["cached"] and mt["folder"] == runs["local"].multitask["folder"]
     for kind, pool in runs["rerun"].experts.items():
         for task, e in pool.items():
             assert e["cached"] and e["folder"] == runs["local"].experts[kind][task]["folder"]

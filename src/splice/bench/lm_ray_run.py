@@ -4,15 +4,17 @@ The classifier bench's machinery (`bench.ray_run`: the run's spec and worker con
 merge units of a method, their submission and gathering; `engine.ray_pool.RayPool`)
 applied to `bench.lm_run`'s steps:
 
-- **train** one expert (kind, task): `lm_experts.get_lm_expert` in a worker, written into
-  the bench cache under the key a local run uses (cache hits are not sent);
+- **train** one expert (kind, task) or the multi-task model (``baselines.multitask``):
+  `lm_experts.get_lm_expert` / `get_lm_multitask` in a worker, written into the bench
+  cache under the key a local run uses (cache hits are not sent);
 - **merge + evaluate** one (kind, method, setting) (`ray_run.merge_units`): the merge of the
   experts' HF folders (`merging.merge_backbones`, the merge seed of the config) scored by
   an `LMEvaluator` on validation and test for a grid point, on test for the default off
   the grid and for a method without a sweep. A unit returns the raw metrics per task.
 
-The driver (`lm_run.run_lm_bench`) keeps everything else: the tasks, the pretrained and
-expert baselines (evaluated while the merge units run), the normalization, the tables.
+The driver (`lm_run.run_lm_bench`) keeps everything else: the tasks, the pretrained,
+expert and multi-task baselines (evaluated while the merge units run), the normalization,
+the tables.
 The data-aware rows (fisher, regmean, fisher_graft, regmean++, fw_merging;
 `bench.lm_stat_merging`) run on the driver as a local run makes them (statistics and
 merges in process). It assembles each other method's rows from its units' metrics with
@@ -35,7 +37,13 @@ from typing import Any
 
 from splice.bench.config import BenchConfig
 from splice.bench.lm_evaluate import LMEvaluator
-from splice.bench.lm_experts import get_lm_expert, lm_expert_key
+from splice.bench.lm_experts import (
+    MULTITASK,
+    get_lm_expert,
+    get_lm_multitask,
+    lm_expert_key,
+    lm_multitask_key,
+)
 from splice.bench.lm_run import (
     LMRow,
     LMRunner,
@@ -60,24 +68,31 @@ class LMRayRunner(LMRunner):
         self.jobs: dict[tuple[str, str], tuple[list[Unit], list[Any]]] = {}
 
     def train_experts(self, identity: dict[str, Any], tasks: list[LMTaskData]) -> None:
-        """The cache misses trained as parallel units; then every expert read from the cache
-        (those trained now marked ``cached = False``, as a local run marks them)."""
+        """The cache misses (experts, the multi-task model) trained as parallel units; then
+        every model read from the cache (those trained now marked ``cached = False``, as a
+        local run marks them)."""
         cfg = self.cfg
         missing = [
-            (kind, t)
+            (kind, t.name)
             for kind in cfg.kinds
             for t in tasks
             if not (lm_expert_key(identity, t, kind, cfg)[1] / "meta.json").is_file()
         ]
-        self.log(f"train {len(missing)} expert(s) on Ray")
-        self.pool.map(lm_train_unit, [(self.spec, kind, t.name) for kind, t in missing])
-        trained = {(kind, t.name) for kind, t in missing}
+        mt_folder = lm_multitask_key(identity, tasks, cfg)[1]
+        if cfg.baselines.multitask and not (mt_folder / "meta.json").is_file():
+            missing.append((MULTITASK, ""))
+        self.log(f"train {len(missing)} model(s) on Ray")
+        self.pool.map(lm_train_unit, [(self.spec, kind, name) for kind, name in missing])
+        trained = set(missing)
         for kind in cfg.kinds:
             self.experts[kind] = {}
             for t in tasks:
                 e = get_lm_expert(self.folder, identity, t, kind, cfg, False)  # a cache hit
                 e.cached = (kind, t.name) not in trained
                 self.experts[kind][t.name] = e
+        if cfg.baselines.multitask:
+            self.multitask = get_lm_multitask(self.folder, identity, tasks, cfg, False)
+            self.multitask.cached = (MULTITASK, "") not in trained
 
     def start_merges(self, planned: list[PlannedMethod]) -> None:
         """Every merge unit of every (kind, method) submitted at once."""
@@ -187,8 +202,12 @@ class _LMContext:
 
 
 def lm_train_unit(spec: Spec, kind: str, name: str) -> None:
-    """Train the ``kind`` expert of task ``name`` into the cache (a hit: nothing)."""
+    """Train the ``kind`` expert of task ``name`` into the cache (a hit: nothing); kind
+    ``multitask``: the multi-task model on every task (``name`` unused)."""
     ctx: _LMContext = run_context(spec, _LMContext.build)
+    if kind == MULTITASK:
+        get_lm_multitask(ctx.folder, ctx.identity, ctx.tasks, ctx.cfg, False)
+        return
     task = next(t for t in ctx.tasks if t.name == name)
     get_lm_expert(ctx.folder, ctx.identity, task, kind, ctx.cfg, False)
 

@@ -6,12 +6,15 @@ A config whose ``model`` resolves to a causal LM (config.json ``architectures`` 
 classifier bench (`bench.run.run_bench` dispatches). Order of work:
 
 1. the methods (`bench.methods.select_methods`, the same rows as the classifier bench) and
-   what does not apply to an LM pool, each with its reason (the linear probe, the
-   multi-task model, composition rows, coefficient searches, AdaMerging: they need
-   classifier heads or the classifier evaluator); the output folder;
+   what does not apply to an LM pool, each with its reason (the linear probe, composition
+   rows, coefficient searches, AdaMerging: they need classifier heads or the classifier
+   evaluator); the output folder;
 2. the tasks (`bench.lm_tasks`), the model, its validation / test parts prepared once;
-3. the experts of each kind (`bench.lm_experts`, cached);
-4. baselines on test: the pretrained model on every task, each expert on its own task;
+3. the experts of each kind and, with ``baselines.multitask``, the multi-task model (one
+   full fine-tune on the union of the tasks' train examples; `bench.lm_experts`, cached);
+4. baselines on test: the pretrained model on every task, each expert on its own task, the
+   multi-task model on every task (evaluated once; a "multi-task" row in each kind's
+   table, normalized against that kind's experts, as the classifier bench's);
 5. per kind and method: the sweep grid merged (`bench.merging.merge_backbones`, the real
    engine on the experts' HF folders) and scored on validation, the default and the best
    grid point ("tuned") on test. The data-aware methods (fisher, regmean, fisher_graft,
@@ -95,10 +98,16 @@ class LMBenchResults:
     skipped: list[SkippedMethod]
     failed: list[dict[str, str]]
     seconds: dict[str, float]
+    multitask: dict[str, Any] | None = None  # test scores, folder, cached, training record
 
     def to_json(self) -> dict[str, Any]:
+        """As the classifier bench's results.json: the multi-task model under
+        ``experts.multitask``."""
         out = asdict(self)
         out["skipped"] = [asdict(s) for s in self.skipped]
+        multitask = out.pop("multitask")
+        if multitask is not None:
+            out["experts"]["multitask"] = multitask
         return out
 
 
@@ -107,8 +116,6 @@ def not_applicable(cfg: BenchConfig, planned: list[PlannedMethod]) -> list[Skipp
     out = []
     if cfg.baselines.probe:
         out.append(SkippedMethod("linear probe", "classification only (a head on features)"))
-    if cfg.baselines.multitask:
-        out.append(SkippedMethod("multi-task", "not implemented for LM pools"))
     for row in cfg.compose or []:
         out.append(SkippedMethod(row, "composition rows route classifier experts' heads"))
     for m in cfg.search.methods:
@@ -117,6 +124,15 @@ def not_applicable(cfg: BenchConfig, planned: list[PlannedMethod]) -> list[Skipp
         if p.data_aware:
             out.append(SkippedMethod(p.name, "AdaMerging's entropy objective needs a classifier"))
     return out
+
+
+def multitask_note(info: dict[str, Any]) -> str:
+    """How the multi-task row was made (its training record)."""
+    return (
+        f"one full fine-tune (full.lr) on the union of the tasks' train examples "
+        f"({info.get('train_examples')} examples, {info.get('steps')} steps; its time: "
+        f"results.json experts.multitask)"
+    )
 
 
 def score(test: Scores, experts: Scores, pretrained: Scores) -> dict[str, float | None]:
@@ -150,10 +166,13 @@ class LMRunner:
     def __init__(self, cfg: BenchConfig, ev: LMEvaluator, folder: Path, log: Any, progress: bool):
         self.cfg, self.ev, self.folder, self.log, self.progress = cfg, ev, folder, log, progress
         self.experts: dict[str, dict[str, Expert]] = {}
+        self.multitask: Expert | None = None
 
     def train_experts(self, identity: dict[str, Any], tasks: list[LMTaskData]) -> None:
-        """One expert per kind and task into ``self.experts`` (cache hits cost nothing)."""
-        from splice.bench.lm_experts import get_lm_expert
+        """One expert per kind and task into ``self.experts`` and, with
+        ``baselines.multitask``, the multi-task model into ``self.multitask`` (cache hits
+        cost nothing)."""
+        from splice.bench.lm_experts import get_lm_expert, get_lm_multitask
 
         for kind in self.cfg.kinds:
             self.experts[kind] = {}
@@ -162,6 +181,9 @@ class LMRunner:
                 self.experts[kind][t.name] = get_lm_expert(
                     self.folder, identity, t, kind, self.cfg, self.progress
                 )
+        if self.cfg.baselines.multitask:
+            self.log("multi-task model")
+            self.multitask = get_lm_multitask(self.folder, identity, tasks, self.cfg, self.progress)
 
     def start_merges(self, planned: list[PlannedMethod]) -> None:
         """Nothing here: a local run merges method by method in `method_rows`."""
@@ -245,6 +267,16 @@ def run_lm_bench(
     experts = runner.experts
     t_train = time.perf_counter() - start - t_prep
     runner.start_merges(planned)
+    mt_info: dict[str, Any] | None = None
+    if runner.multitask is not None:
+        mt = runner.multitask
+        log("multi-task model: evaluate")
+        mt_info = {
+            "test": ev.evaluate(_load(mt.folder), "test"),
+            "folder": str(mt.folder),
+            "cached": mt.cached,
+            **mt.meta,
+        }
     rows: list[LMRow] = []
     failed: list[dict[str, str]] = []
     expert_info: dict[str, dict[str, dict[str, Any]]] = {}
@@ -269,6 +301,10 @@ def run_lm_bench(
         row = partial(make_row, kind, ex_test, pretrained["test"])
         rows.append(row("baseline", "pretrained", pretrained["test"]))
         rows.append(row("baseline", "experts", ex_test))
+        if mt_info is not None:
+            rows.append(
+                row("baseline", "multi-task", mt_info["test"], note=multitask_note(mt_info))
+            )
         for p in planned:
             if not p.applies_to(kind):
                 continue
@@ -287,6 +323,7 @@ def run_lm_bench(
         rows=rows,
         skipped=skipped,
         failed=failed,
+        multitask=mt_info,
         seconds={
             "total": round(time.perf_counter() - start, 1),
             "prepare": round(t_prep, 1),
