@@ -339,10 +339,10 @@ def job_magnitudes(
     out = []
     for r in requests:
         src = job.inputs[r.model_index]
-        x = load(src.ref, src.name, cd)
+        x = load(src.ref, src.name, cd)  # fresh: δ and |δ| are taken in place (no new pages)
         if getattr(r, "of_delta", True) and base is not None:
-            x = torch.sub(x, base)
-        out.append(magnitude(x))
+            x.sub_(base)
+        out.append(x.abs_() if x.dtype == torch.float32 else magnitude(x))
     return out
 
 
