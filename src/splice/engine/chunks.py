@@ -451,7 +451,7 @@ def chunk_gram(
     cd = plan.job_compute_dtype(job)
     gram = RowGram(_gram_vectors(plan, job, request))
     for a, b in spans:
-        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        parts = [sources.read_rows(s.ref, s.name, a, b, cd) for s in job.sources]
         if request.of_delta and job.base is not None:
             base = parts.pop(0)
             for p in parts:  # fresh tensors (`read_rows`): in place
@@ -479,7 +479,7 @@ def chunk_row_partials(
     cols = job.out.numel // job.out.shape[0]
     total: RowOrderSum | None = None
     for a, b in spans:
-        parts = [sources.read_rows(s.ref, s.name, a, b).to(cd) for s in job.sources]
+        parts = [sources.read_rows(s.ref, s.name, a, b, cd) for s in job.sources]
         base = parts.pop(0) if job.base is not None else None
         ctx = MergeContext(
             tensor_name=job.out.name,

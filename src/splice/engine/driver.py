@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,10 +127,7 @@ class Sources:
         goes into ``record`` when one is given. Taken from the read-ahead when the running
         step scheduled this read."""
         key = os.fspath(ref)
-        step = getattr(_current, "step", None)
-        future = None
-        if self.prefetcher is not None and step is not None:
-            future = self.prefetcher.take(step, (key, name, dtype))
+        future = self._scheduled((key, name, dtype))
         got: Result = (
             future.result()
             if future is not None
@@ -141,6 +138,14 @@ class Sources:
             assert sha is not None
             record[source_key(key, name)] = sha
         return t
+
+    def _scheduled(self, key: Hashable) -> Future[Any] | None:
+        """The read-ahead's future of ``key`` (a read's (reference, name, dtype) or a call's
+        key) for the running step, or None when it scheduled none (or there is no reader)."""
+        step = getattr(_current, "step", None)
+        if self.prefetcher is None or step is None:
+            return None
+        return self.prefetcher.take(step, key)
 
     def ahead(self, call: Call) -> None:
         """Start ``call`` on the read-ahead for the running step, to `fetch` later (no-op
@@ -154,10 +159,7 @@ class Sources:
         it (`ahead`, or its `Stream.reads` at admission), waiting for it if it is running;
         else, and when the reader thread has not started it yet (busy with other steps'
         reads: it is cancelled there), run now on this thread."""
-        step = getattr(_current, "step", None)
-        future = None
-        if self.prefetcher is not None and step is not None:
-            future = self.prefetcher.take(step, call.key)
+        future = self._scheduled(call.key)
         if future is None or future.cancel():
             return call.fn()
         return future.result()

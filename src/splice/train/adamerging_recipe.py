@@ -216,18 +216,10 @@ def learn(
                 for i in range(0, len(t.texts), t.batch_size)
             ]
         )
-    cut = len(prepared.base_prefix)  # a bare base names `bert.x` as `x`
-    base = {
-        n: t
-        for n, t in zip(
-            prepared.backbone,
-            _read(
-                open_checkpoint(prepared.base, check_finite=True),
-                [n[cut:] for n in prepared.backbone],
-            ).values(),
-            strict=True,
-        )
-    }
+    prefix = prepared.base_prefix  # a bare base names `bert.x` as `x`
+    stored = [n[len(prefix) :] for n in prepared.backbone]
+    reader = open_checkpoint(prepared.base, check_finite=True)
+    base = {prefix + n: t for n, t in _read(reader, stored).items()}
     # the experts' backbones are read from their files when AdaMerging reads them (its
     # shape check and its task vectors), one tensor at a time: never a second resident copy
     experts = [
