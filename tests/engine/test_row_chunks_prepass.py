@@ -43,6 +43,20 @@ def _recipe(paths: dict[str, str], method: str, dialect: str, cd: str, **params)
     return {**doc, "parameters": params} if params else doc
 
 
+def _whole_then_chunked(recipe: dict, tmp_path, monkeypatch) -> tuple[dict, list]:
+    """``recipe`` merged whole (into tmp_path/whole: no chunks) and at ``_BUDGET`` (into
+    tmp_path/chunked: the embedding and lm_head in more than 4 chunks of < 97 rows); the
+    chunk rows per chunked tensor and the per-tensor answers the chunks got."""
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    answers = _spy_tensor_answers(monkeypatch)
+    kw = {"threads": 1, "memory_budget": _BUDGET}
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
+    assert whole == {}
+    for name in _BIG:
+        assert len(chunked[name]) > 4 and max(chunked[name]) < 97, chunked[name]
+    return chunked, answers
+
+
 def _gram_answers(answers: list) -> list[torch.Tensor]:
     return [a for a in answers if isinstance(a, torch.Tensor)]
 
@@ -63,13 +77,7 @@ def test_chunked_slerp_and_model_stock_equal_unchunked_bit_for_bit(
     """Chunked merges give the unchunked files; scope tensor answers one Gram per chunk (the
     same for all chunks of a tensor: m × m, float64), scope row none."""
     recipe = _recipe(_wide_models(tmp_path, dtype), method, "splice", cd, **params)
-    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
-    answers = _spy_tensor_answers(monkeypatch)
-    kw = {"threads": 1, "memory_budget": _BUDGET}
-    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
-    assert whole == {}
-    for name in _BIG:
-        assert len(chunked[name]) > 4 and max(chunked[name]) < 97, chunked[name]
+    chunked, answers = _whole_then_chunked(recipe, tmp_path, monkeypatch)
     grams = _gram_answers(answers)
     if pre_pass:
         m = 2 if method == "slerp" else 3
@@ -158,13 +166,7 @@ def test_chunked_dare_with_the_l1_rescale_equals_unchunked_bit_for_bit(
     the same drops, `dare_l1_partials`): the unchunked files. Each answer: the 3 models'
     two norms, one per chunk and equal within a tensor."""
     recipe = _dare_recipe(_wide_models(tmp_path, dtype), method, "splice", "l1", cd)
-    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
-    answers = _spy_tensor_answers(monkeypatch)
-    kw = {"threads": 1, "memory_budget": _BUDGET}
-    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
-    assert whole == {}
-    for name in _BIG:
-        assert len(chunked[name]) > 4 and max(chunked[name]) < 97, chunked[name]
+    chunked, answers = _whole_then_chunked(recipe, tmp_path, monkeypatch)
     totals = _gram_answers(answers)
     assert totals and all(t.shape == (6,) and t.dtype == torch.float64 for t in totals)
     assert len({tuple(t.tolist()) for t in totals}) == len(chunked)
