@@ -129,3 +129,118 @@ def test_errors():
         regmean_plusplus(models, [_data(0)])
     with pytest.raises(MergeValidationError, match="no module"):
         regmean_plusplus(models, [_data(0), _data(1)], layers="blocks")
+
+
+class ScaledStack(Stack):
+    """Not a chain: the hidden states are doubled between blocks."""
+
+    def forward(self, x):
+        for block in self.layers:
+            x = 2 * block(x)
+        return x
+
+
+def _same(a, b, atol=0.0):
+    assert set(a) == set(b)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=0, atol=atol), (n, (a[n] - b[n]).abs().max())
+
+
+def test_cached_inputs_equal_recomputed_ones_on_a_chain():
+    models = [_stack(0, n=4), _stack(1, n=4), _stack(2, n=4)]
+    data = [_data(s) for s in (30, 31, 32)]
+    cached, recomputed = {}, {}
+    a = regmean_plusplus(models, data, alpha=0.7, on_block=lambda k, g: cached.setdefault(k, g))
+    b = regmean_plusplus(
+        models,
+        data,
+        alpha=0.7,
+        cache_activations=False,
+        on_block=lambda k, g: recomputed.setdefault(k, g),
+    )
+    _same(a, b, atol=1e-12)
+    for layer in range(4):
+        for g, h in zip(cached[layer], recomputed[layer], strict=True):
+            _same(g, h, atol=1e-12)
+    # and block 3's Grams are the merged blocks 0..2's outputs by hand
+    x = data[1]
+    for k in range(3):
+        w = a[f"layers.{k}.fc.weight"]
+        x = [torch.tanh(v @ w.T) for v in x]
+    assert torch.allclose(cached[3][1]["layers.3.fc.weight"].double(), _gram(x), atol=1e-6)
+
+
+def test_a_model_that_is_not_a_chain_falls_back_and_stays_exact():
+    torch.manual_seed(0)
+    models = [ScaledStack(3, 2).double(), ScaledStack(3, 2).double()]
+    data = [_data(40), _data(41)]
+    seen = {}
+    with pytest.warns(UserWarning, match="do not form a chain"):
+        merged = regmean_plusplus(
+            models, data, alpha=1.0, on_block=lambda k, g: seen.setdefault(k, g)
+        )
+    m0 = merged["layers.0.fc.weight"]
+    g1 = [_gram([2 * torch.tanh(x @ m0.T) for x in d]) for d in data]
+    assert torch.allclose(seen[1][0]["layers.1.fc.weight"].double(), g1[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_llama_cached_equals_recomputed(use_cache):
+    """A real HF decoder (rotary embeddings, causal mask, a key/value cache in the call when
+    use_cache is on): the cached path replays the blocks exactly."""
+    models = [tiny_llama(s, num_hidden_layers=3).eval() for s in (0, 1)]
+    g = torch.Generator().manual_seed(1)
+    data = [
+        [
+            {
+                "input_ids": torch.randint(4, 64, (2, 6), generator=g),
+                "attention_mask": torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]),
+                "use_cache": use_cache,
+            }
+            for _ in range(2)
+        ]
+        for _ in range(2)
+    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        a = regmean_plusplus(models, data, alpha=0.9)
+    b = regmean_plusplus(models, data, alpha=0.9, cache_activations=False)
+    _same(a, b, atol=1e-5)
+    q2 = "model.layers.2.self_attn.q_proj.weight"
+    assert not torch.allclose(a[q2], models[0].state_dict()[q2], atol=1e-3)
+
+
+def test_bert_encoder_cached_equals_recomputed():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    models = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        models.append(BertModel(config).eval())
+    g = torch.Generator().manual_seed(2)
+    data = [
+        [
+            {
+                "input_ids": torch.randint(1, 50, (2, 7), generator=g),
+                "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+            }
+        ]
+        for _ in range(2)
+    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = regmean_plusplus(models, data, alpha=0.5, layers="encoder.layer")
+    b = regmean_plusplus(models, data, alpha=0.5, layers="encoder.layer", cache_activations=False)
+    _same(a, b, atol=1e-5)

@@ -32,24 +32,32 @@ Choices (from the authors' code, FusionBench-based, unless said otherwise):
   row count (``reduction="mean"``, the authors' running mean; "sum" keeps XᵀX). Tensors of a
   block without a Gram (biases, norms, excluded linears) are averaged. Each block is merged by
   splice's ``regmean`` method (float64 solve), parameter ``alpha`` as there (default 0.9).
-- Activations are not cached: for block l each batch runs through the merged model up to
-  block l, where a forward pre-hook hands block l's exact inputs (positional and keyword:
-  masks, rotary embeddings, per-layer-type masks) to candidate i's block l and stops the
-  forward. This is exact for any architecture whose blocks are called in list order. The
-  authors cache each task's block inputs and push them through the merged block instead.
+- Block inputs are cached (``cache_activations=True``, the default, as the authors do):
+  one forward of the merged model per batch captures block 0's hidden states and every
+  block's other call arguments; after block l is merged, the cached hidden states are pushed
+  through it to become block l+1's inputs (`splice.merge.block_inputs`, which checks that
+  the blocks form a chain and replays exactly; if not, it falls back with a warning). With
+  ``cache_activations=False``, or on the fallback, nothing is cached: for block l each batch
+  runs through the merged model up to block l, where a forward pre-hook hands block l's
+  exact inputs (positional and keyword) to candidate i's block l and stops the forward,
+  exact for any architecture whose blocks are called in list order.
 
 With one block, and identical tensors outside it, RegMean++ is RegMean (a test checks this).
 
-Memory: the candidate models and one merged copy, one batch's activations, and one block's
-Grams per model (one float32 d_in x d_in per linear of the block), not the whole model's.
-Time: block l costs a forward through blocks 0..l per batch and model: about L²/2 block
-forwards per batch for L blocks, against L for RegMean; no backward pass.
+Memory: the candidate models and one merged copy, one block's Grams per model (one float32
+d_in x d_in per linear of the block), not the whole model's, and with the cache every
+batch's hidden states (examples × positions × width floats per model).
+Time: with the cache, 2L block forwards per batch and model for L blocks (the candidate's
+block for the Grams, the merged block to advance), plus one capture forward; without it,
+block l costs a forward through blocks 0..l: about L²/2 block forwards per batch. No
+backward pass.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -57,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from splice.errors import DataError, MergeValidationError
+from splice.merge.block_inputs import BlockInputs
 from splice.merge.data_merge import merge_with_statistics
 from splice.merge.data_stats import ForwardFn, default_forward
 
@@ -94,6 +103,7 @@ def regmean_plusplus(
     reduction: Literal["mean", "sum"] = "mean",
     progress: bool = False,
     on_block: Callable[[int, list[dict[str, Tensor]]], None] | None = None,
+    cache_activations: bool = True,
 ) -> dict[str, Tensor]:
     """Merge ``models`` (same architecture) with RegMean++; ``batches[i]`` is candidate i's
     data, iterated once per block (so a list, not a generator). Returns the merged state dict.
@@ -133,6 +143,16 @@ def regmean_plusplus(
     from tqdm.auto import tqdm
 
     try:
+        cache = None
+        if cache_activations:
+            cache = BlockInputs.capture(merged_model, merged_blocks, batches, forward)
+            if cache is None:
+                warnings.warn(
+                    f"regmean++: the blocks of '{name}' do not form a chain that can be "
+                    "replayed from cached inputs; recomputing each block's inputs from the "
+                    "start (slower, same result)",
+                    stacklevel=2,
+                )
         for layer in tqdm(
             range(len(merged_blocks)), desc="regmean++", unit="block", disable=not progress
         ):
@@ -148,6 +168,9 @@ def regmean_plusplus(
                     patterns,
                     reduction,
                     i,
+                    (lambda blk, i=i, layer=layer: cache.run(blk, layer, i))
+                    if cache is not None
+                    else None,
                 )
                 for i in range(len(models))
             ]
@@ -158,6 +181,8 @@ def regmean_plusplus(
             else:  # every linear of the block excluded: RegMean averages it
                 merged = {n: _mean([sd[n] for sd in block_sds]) for n in names}
             merged_model.load_state_dict(merged, strict=False)
+            if cache is not None and layer + 1 < len(merged_blocks):
+                cache.advance(merged_blocks[layer], layer)
             out.update(merged)
             if on_block is not None:
                 on_block(layer, grams)
@@ -203,8 +228,11 @@ def _block_grams(
     patterns: list[re.Pattern[str]],
     reduction: str,
     index: int,
+    cached: Callable[[nn.Module], int] | None = None,
 ) -> dict[str, Tensor]:
-    """Grams of candidate ``index``'s block linears on the merged model's block inputs."""
+    """Grams of candidate ``index``'s block linears on the merged model's block inputs:
+    from the cache (``cached(block)`` runs the block on them, returns the batch count) or
+    by running the merged model up to the block."""
     sums: dict[str, Tensor] = {}
     rows: dict[str, int] = {}
 
@@ -219,16 +247,44 @@ def _block_grams(
 
         return accumulate
 
-    def reach(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        candidate_block(*args, **kwargs)
-        raise _ReachedBlock
-
     handles = [
         m.register_forward_hook(gram_hook(f"{prefix}{sub}.weight"))
         for sub, m in candidate_block.named_modules()
         if isinstance(m, nn.Linear) and not any(p.search(f"{prefix}{sub}") for p in patterns)
     ]
-    handles.append(merged_block.register_forward_pre_hook(reach, with_kwargs=True))
+    try:
+        if cached is not None:
+            seen = cached(candidate_block)
+        else:
+            seen = _run_to_block(merged_model, merged_block, candidate_block, batches, forward)
+    finally:
+        for h in handles:
+            h.remove()
+    if seen < 0:
+        raise MergeValidationError(
+            f"the forward of a batch of model {index} never reached block '{prefix[:-1]}'"
+        )
+    if seen == 0:
+        raise DataError(f"model {index}: no batches to compute Gram matrices on")
+    return {k: (s / rows[k] if reduction == "mean" else s) for k, s in sums.items()}
+
+
+def _run_to_block(
+    merged_model: nn.Module,
+    merged_block: nn.Module,
+    candidate_block: nn.Module,
+    batches: Iterable[Any],
+    forward: ForwardFn,
+) -> int:
+    """Run each batch through ``merged_model`` up to ``merged_block``, whose exact inputs
+    go to ``candidate_block`` instead; the number of batches, −1 if a forward never got
+    there."""
+
+    def reach(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        candidate_block(*args, **kwargs)
+        raise _ReachedBlock
+
+    handle = merged_block.register_forward_pre_hook(reach, with_kwargs=True)
     seen = 0
     try:
         with torch.no_grad():
@@ -238,12 +294,7 @@ def _block_grams(
                 except _ReachedBlock:
                     seen += 1
                     continue
-                raise MergeValidationError(
-                    f"the forward of a batch of model {index} never reached block '{prefix[:-1]}'"
-                )
+                return -1
     finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise DataError(f"model {index}: no batches to compute Gram matrices on")
-    return {k: (s / rows[k] if reduction == "mean" else s) for k, s in sums.items()}
+        handle.remove()
+    return seen
