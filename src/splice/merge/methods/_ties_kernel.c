@@ -15,6 +15,15 @@
  *   base: writable C-contiguous float32 buffer; deltas: a sequence of n float32 buffers of
  *   the same length (read only); weights: n floats. Compiled with -ffp-contract=off so no
  *   multiply-add is fused (each operation rounds once, as torch's).
+ *
+ * Speed: both block loops are written without branches so that they vectorize; that also
+ * needs -fno-trapping-math (setup.py), without which the compiler may not evaluate both
+ * sides of a select (a product could raise a floating-point flag nobody reads). It changes
+ * no value: every operation is the same IEEE operation, rounded once. On x86-64 Linux
+ * each block function is also compiled for AVX2 and picked at load time (`target_clones`),
+ * the same operations 8 floats at a time. Measured (2-vCPU AMD EPYC, 8M entries, 3 deltas,
+ * one thread, `gta_bf16` / `combine`): 19.4 / 7.0 ns per entry before, 4.6 / 3.7 with
+ * -fno-trapping-math, 2.1 / 1.4 with AVX2 as well; outputs identical bit for bit.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,8 +36,19 @@
 
 #define CHUNK 512 /* entries per block: the block's v_i stay in L1 */
 
+/* AVX2 and baseline clones of the block loops, chosen at load time (GNU ifunc). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
 /* The float32 combine over entries [0, len), block by block; every loop over a block is a
  * plain loop over entries without branches, which the compiler vectorizes. */
+VECTOR_CLONES
 static void combine_block(float *base, const float **d, const float *w, int n, Py_ssize_t len,
                           int count, int normalize, float lam) {
     static _Thread_local float v[MAX_MODELS][CHUNK];
@@ -157,15 +177,15 @@ static inline float bf2f(uint16_t h) {
 static inline uint16_t f2bf(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : r); /* a select, not a branch */
 }
 
 static inline float rbf(float f) { return bf2f(f2bf(f)); } /* round to a bf16 value */
 
 /* mergekit's generalized task arithmetic in bfloat16 (see gta_bf16), block by block with
  * branch-free loops over entries, as combine_block. */
+VECTOR_CLONES
 static void gta_bf16_block(uint16_t *base, const uint16_t **d, const float *w, int n,
                            Py_ssize_t len, int consensus, int normalize, float lam,
                            float weight_sum) {
@@ -196,8 +216,10 @@ static void gta_bf16_block(uint16_t *base, const uint16_t **d, const float *w, i
                 for (int j = 0; j < c; j++) {
                     const float sg = (vi[j] > 0.0f ? 1.0f : 0.0f) - (vi[j] < 0.0f ? 1.0f : 0.0f);
                     const int agree = sg == s[j];
-                    /* v · agree: v itself, or a signed zero (NaN stays NaN) */
-                    mixed[j] += agree ? vi[j] : vi[j] * 0.0f;
+                    /* v · agree: v itself, or a signed zero (NaN stays NaN); the
+                     * product is taken either way so that the loop has no branch */
+                    const float zero = vi[j] * 0.0f;
+                    mixed[j] += agree ? vi[j] : zero;
                     div[j] += agree ? wi : 0.0f;
                 }
             }
