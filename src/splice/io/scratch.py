@@ -1,0 +1,162 @@
+"""Reused scratch buffers: large temporary tensors carved from buffers already paged in.
+
+``splice merge`` fixes glibc's mmap threshold (`splice.engine.heap`) so that freed buffers
+of 8 MB or more go back to the system and the peak RSS follows ``--memory``; the price is
+that every large tensor a merge makes (an input converted to the compute dtype, a chunk's
+magnitudes, the selection's (value, index) pairs) is fresh anonymous memory, each 4 KB page
+faulted in and zeroed by the kernel on first touch: a third of the CPU time of a TIES merge.
+
+A `ScratchPool` keeps the storages it hands out and gives them again once no tensor uses
+them, so after the first jobs those tensors land on pages already in memory:
+
+- ``empty(shape, dtype)`` returns a tensor (uninitialised, like ``torch.empty``) on the
+  smallest free pooled storage that holds it; with none free, a new storage of the size
+  rounded up to ``GRAIN``, kept in the pool.
+- A storage is free when the pool's own reference is its only one (torch's storage use
+  count: every tensor on it, every view of one, a numpy array of one, holds a reference).
+  Nothing is released by hand, so a tensor that outlives its job (returned, kept in a
+  list) can never be overwritten: its storage is simply not free.
+- ``cap``: the pool holds at most ``cap`` bytes of storages. A new one that would pass it
+  first drops free storages (smallest first); if it still does not fit, the tensor is a
+  plain ``torch.empty`` outside the pool (today's behaviour). Requests under
+  ``min_bytes`` are always plain: glibc's heap already reuses those.
+
+The pool adds to the resident memory only the storages it keeps while free; it keeps none
+that a tensor of the merge would not have occupied at some point, and ``cap`` bounds them.
+
+`installed(pool)` makes a pool the process's current one while a merge runs (every thread:
+the read-ahead thread converts inputs, the workers compute); the module-level `empty` then
+draws from it, and is ``torch.empty`` otherwise. Thread-safe: one lock around the choice of
+a storage and the making of its tensor, so two threads never get the same free storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+
+GRAIN = 1 << 20  # pooled storages are whole MiB, so chunks of nearby sizes share them
+MIN_BYTES = 1 << 20  # smaller requests come from glibc's heap, which reuses them already
+AGE = 64  # a free storage that served none of the last AGE pooled requests is dropped
+RATIO = 4  # a request is served by a free storage of at most RATIO times its size (+ GRAIN)
+
+
+def _mapped(size: int) -> torch.UntypedStorage:
+    """A storage of ``size`` bytes on its own anonymous mapping (not glibc's heap, whatever
+    the size: dropping it gives its pages back to the system at once)."""
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8).untyped_storage()
+
+
+def _use_count(storage: torch.UntypedStorage) -> int:
+    """References to ``storage``'s memory: tensors, views, Python storage objects."""
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+class ScratchPool:
+    """Storages handed out as tensors and handed out again once unused (module docstring)."""
+
+    def __init__(self, cap: int, min_bytes: int = MIN_BYTES) -> None:
+        self.cap = cap
+        self.min_bytes = min_bytes
+        self._storages: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+        self._clock = 0  # pooled requests so far
+        self._last: dict[int, int] = {}  # id of a storage -> the request it last served
+        self.held = 0  # bytes of the storages kept
+        self.reused = 0  # tensors given on a storage kept from before
+        self.made = 0  # storages made
+        self.plain = 0  # tensors given outside the pool (too small, or over the cap)
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape`` and ``dtype``, on a pooled
+        storage when it is at least ``min_bytes`` and the cap allows."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= self.min_bytes:
+            with self._lock:
+                storage = self._take(nbytes)
+                if storage is not None:  # the tensor made under the lock: no longer free
+                    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        with self._lock:
+            self.plain += 1
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    def _take(self, nbytes: int) -> torch.UntypedStorage | None:
+        """The smallest free storage of at least ``nbytes``, else a new one (see the module
+        docstring for what it drops first), else None. Under the lock."""
+        self._clock += 1
+        for s in [s for s in self._storages if _use_count(s) == 1]:
+            if self._clock - self._last[id(s)] > AGE:  # unused for a while: let go
+                self._drop(s)
+        free = sorted((s for s in self._storages if _use_count(s) == 1), key=lambda s: s.nbytes())
+        fits = [s for s in free if nbytes <= s.nbytes() <= RATIO * nbytes + GRAIN]
+        if fits:
+            self.reused += 1
+            self._last[id(fits[0])] = self._clock
+            return fits[0]
+        size = -(-nbytes // GRAIN) * GRAIN
+        dropped = 0
+        for s in free:  # the new storage replaces free ones: held grows only with use
+            if dropped >= size and self.held + size <= self.cap:
+                break
+            dropped += s.nbytes()
+            self._drop(s)
+        if self.held + size > self.cap:
+            return None
+        storage = _mapped(size)
+        self._storages.append(storage)
+        self._last[id(storage)] = self._clock
+        self.held += size
+        self.made += 1
+        return storage
+
+    def _drop(self, storage: torch.UntypedStorage) -> None:
+        self._storages = [s for s in self._storages if s is not storage]
+        del self._last[id(storage)]
+        self.held -= storage.nbytes()
+
+    def clear(self) -> None:
+        """Drop every free storage (those in use stay until their tensors are gone)."""
+        with self._lock:
+            for s in [s for s in self._storages if _use_count(s) == 1]:
+                self._drop(s)
+
+
+_current: ScratchPool | None = None
+_install_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def installed(pool: ScratchPool | None) -> Iterator[ScratchPool | None]:
+    """Make ``pool`` the current pool of the process (for `empty`) inside the block, unless
+    one is already current (a merge inside a merge keeps the outer one); None: no change.
+    Its free storages are dropped when the block ends."""
+    global _current
+    with _install_lock:
+        mine = pool is not None and _current is None
+        if mine:
+            _current = pool
+    try:
+        yield _current
+    finally:
+        if mine:
+            with _install_lock:
+                _current = None
+            assert pool is not None
+            pool.clear()
+
+
+def current() -> ScratchPool | None:
+    """The pool `installed` now, or None."""
+    return _current
+
+
+def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)``, drawn from the current pool when one is
+    installed."""
+    pool = _current
+    return pool.empty(shape, dtype) if pool is not None else torch.empty(tuple(shape), dtype=dtype)
