@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from splice.io import scratch
+
 try:
     from splice.delta import _introselect
 except ImportError:  # built without a C compiler: the numpy path below
@@ -200,7 +202,11 @@ def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
     ):
         return False
     buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
-    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+    if n > 0xFFFFFFFF:  # 16-byte pairs: the extension allocates them
+        return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+    # its (value, index) pairs and keep bytes, 9n, in a scratch tensor (`splice.io.scratch`)
+    work = scratch.empty((9 * n,), torch.uint8)
+    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size(), work.numpy()))
 
 
 def argsort_topk_mask(x: torch.Tensor, k: int, path: Path | None = None) -> torch.Tensor:
