@@ -59,6 +59,16 @@ def magnitude(x: Tensor) -> Tensor:
     return x.detach().abs().float()
 
 
+def mask_(delta: Tensor, mask: Tensor) -> Tensor:
+    """In place: δ · mask for a bool ``mask`` of δ's shape, the mask converted to δ's dtype
+    in a scratch tensor first (`splice.io.scratch`: reused pages in a merge). The same
+    products as ``delta.mul_(mask)``, which converts the bool operand into a fresh tensor of
+    δ's size itself (the zeros keep δ's sign)."""
+    if mask.dtype == torch.bool and mask.shape == delta.shape and delta.device == mask.device:
+        mask = scratch.empty(mask.shape, delta.dtype).copy_(mask)
+    return delta.mul_(mask)
+
+
 def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
     """Bool mask (shape of ``mag``) keeping exactly the ``k`` largest entries of ``mag``.
 
@@ -82,7 +92,7 @@ def trim_torch_sort_(delta: Tensor, k: int) -> Tensor:
     zeros keep δ's sign, as ``δ · mask`` gives): one compiled pass where it applies
     (`trim_like_argsort_`), else the mask of `topk_mask` with ties in torch's order."""
     if not trim_like_argsort_(delta, k):
-        delta.mul_(topk_mask(magnitude(delta), k, "torch_sort"))
+        mask_(delta, topk_mask(magnitude(delta), k, "torch_sort"))
     return delta
 
 
