@@ -67,11 +67,27 @@ def test_a_miss_replaces_free_storages_instead_of_growing():
     ones = [pool.empty(F32_MIB, torch.float32) for _ in range(3)]
     assert pool.held == 3 * MIB and pool.made == 3
     del ones
-    big = pool.empty((2 * MIB // 4,), torch.float32)  # 2 MiB: none fits, two 1 MiB dropped
+    big = pool.empty((2 * MIB // 4,), torch.float32)  # 2 MiB: none fits; 3 MiB were in use
+    # at once, so two free 1 MiB storages make room
     assert pool.held == 3 * MIB and pool.made == 4
     again = pool.empty(F32_MIB, torch.float32)  # the 1 MiB storage left
     assert pool.held == 3 * MIB and pool.reused == 1
     del big, again
+
+
+def test_room_is_made_by_dropping_the_least_recently_used():
+    pool = _pool()
+    a, b, c = (pool.empty(F32_MIB, torch.float32) for _ in range(3))  # 3 MiB at once
+    ptr_a = a.data_ptr()
+    del a, b, c
+    x = pool.empty(F32_MIB, torch.float32)  # a again: b and c are now the least recent
+    assert x.data_ptr() == ptr_a
+    del x
+    big = pool.empty((2 * MIB // 4,), torch.float32)  # room for 2 MiB: b and c dropped
+    assert pool.held == 3 * MIB and pool.made == 4
+    y = pool.empty(F32_MIB, torch.float32)
+    assert y.data_ptr() == ptr_a and pool.reused == 2
+    del big, y
 
 
 def test_a_small_tensor_does_not_take_a_much_larger_storage():
@@ -83,11 +99,11 @@ def test_a_small_tensor_does_not_take_a_much_larger_storage():
     assert small.data_ptr() != ptr and pool.made == 2
     assert pool.held == MIB  # and the 16 MiB storage it replaced is gone
     del small
-    mid = pool.empty((4 * MIB // 4,), torch.float32)  # 4 MiB: no free one fits, a new one
-    assert pool.made == 3 and pool.held == 4 * MIB
+    mid = pool.empty((4 * MIB // 4,), torch.float32)  # 4 MiB: a new one (under the 16 MiB
+    assert pool.made == 3 and pool.held == 5 * MIB  # once in use: the 1 MiB one stays)
     del mid
     quarter = pool.empty((MIB // 4 + 1,), torch.float32)  # just over 1 MiB: the 4 MiB one
-    assert pool.reused == 1 and pool.held == 4 * MIB
+    assert pool.reused == 1 and pool.held == 5 * MIB
     del quarter
 
 

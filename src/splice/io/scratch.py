@@ -18,14 +18,15 @@ them, so after the first jobs those tensors land on pages already in memory:
   count: every tensor on it, every view of one, a numpy array of one, holds a reference).
   Nothing is released by hand, so a tensor that outlives its job (returned, kept in a
   list) can never be overwritten: its storage is simply not free.
-- What it holds follows what is in use. A new storage first replaces free ones (smallest
-  first, until as many bytes are dropped): while free storages are there, a miss does not
-  grow the pool, so its bytes never pass the most bytes its tensors held at once (rounded
-  to ``GRAIN``). A free storage that served none of the last ``AGE`` requests is dropped
-  (the embedding's chunk buffers once the layers run). ``cap`` bounds it all: a storage
-  that would pass it is not made, the tensor is a plain ``torch.empty`` outside the pool
-  (today's behaviour), as is every request under ``min_bytes`` (1 MiB; glibc's heap
-  serves those).
+- What it holds follows what is in use. ``high`` is the most bytes of storages in use at
+  one time so far; a new storage that would take the pool past it first drops free ones,
+  least recently used first, so the pool never holds more than its tensors once needed
+  at once (rounded to ``GRAIN``, and within ``RATIO``). A free storage that served none of
+  the last ``AGE`` requests is dropped (the embedding's chunk buffers once the layers
+  run; ``AGE`` spans more than one layer's jobs, whose tensors take turns). ``cap``
+  bounds it all: a storage that would pass it is not made, the tensor is a plain
+  ``torch.empty`` outside the pool (today's behaviour), as is every request under
+  ``min_bytes`` (1 MiB; glibc's heap serves those).
 
 So the peak RSS stays where the merge's own tensors put it (``--memory``): measured on the
 0.1B TIES merges, 515-536 MB against 551-577 MB without the pool (the pool's mappings leave
@@ -50,7 +51,7 @@ import torch
 
 GRAIN = 1 << 20  # pooled storages are whole MiB, so chunks of nearby sizes share them
 MIN_BYTES = 1 << 20  # smaller requests: glibc's heap (a mapping each would not pay)
-AGE = 64  # a free storage that served none of the last AGE pooled requests is dropped
+AGE = 256  # a free storage that served none of the last AGE pooled requests is dropped
 RATIO = 4  # a request is served by a free storage of at most RATIO times its size (+ GRAIN)
 
 
@@ -76,6 +77,7 @@ class ScratchPool:
         self._clock = 0  # pooled requests so far
         self._last: dict[int, int] = {}  # id of a storage -> the request it last served
         self.held = 0  # bytes of the storages kept
+        self.high = 0  # the most bytes of storages in use at once (with the one made)
         self.reused = 0  # tensors given on a storage kept from before
         self.made = 0  # storages made
         self.plain = 0  # tensors given outside the pool (too small, or over the cap)
@@ -107,11 +109,11 @@ class ScratchPool:
             self._last[id(fits[0])] = self._clock
             return fits[0]
         size = -(-nbytes // GRAIN) * GRAIN
-        dropped = 0
-        for s in free:  # the new storage replaces free ones: held grows only with use
-            if dropped >= size and self.held + size <= self.cap:
+        busy = self.held - sum(s.nbytes() for s in free)
+        self.high = max(self.high, busy + size)  # the most bytes in use at once
+        for s in sorted(free, key=lambda s: self._last[id(s)]):  # least recently used first
+            if self.held + size <= min(self.high, self.cap):
                 break
-            dropped += s.nbytes()
             self._drop(s)
         if self.held + size > self.cap:
             return None
