@@ -169,6 +169,8 @@ def test_installed_pool_serves_the_module_empty_and_is_cleared():
         a = scratch.empty(F32_MIB, torch.float32)
         scratch.empty(F32_MIB, torch.float32)
         assert pool.made == 2
+        meta = scratch.empty(F32_MIB, torch.float32, "meta")  # not the CPU: not pooled
+        assert meta.device.type == "meta" and (pool.made, pool.reused) == (2, 0)
     assert scratch.current() is None
     assert pool.held == MIB  # the free one dropped, the one in use kept
     del a

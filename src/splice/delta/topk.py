@@ -54,9 +54,12 @@ def largest_mask(x: Tensor, density: float) -> Tensor:
 
 def magnitude(x: Tensor) -> Tensor:
     """|x| in float32 (a new tensor; ``x`` is left alone)."""
-    if x.dtype == torch.float32:  # into a scratch tensor (`splice.io.scratch`): same bits
-        return torch.abs(x, out=scratch.empty(x.shape, torch.float32))
-    return x.detach().abs().float()
+    if x.dtype != torch.float32:
+        return x.detach().abs().float()
+    if x.requires_grad:
+        return x.abs()
+    # into a scratch tensor (`splice.io.scratch`: reused pages in a merge), the same bits
+    return torch.abs(x, out=scratch.empty(x.shape, torch.float32, x.device))
 
 
 def mask_(delta: Tensor, mask: Tensor) -> Tensor:
@@ -65,7 +68,7 @@ def mask_(delta: Tensor, mask: Tensor) -> Tensor:
     products as ``delta.mul_(mask)``, which converts the bool operand into a fresh tensor of
     δ's size itself (the zeros keep δ's sign)."""
     if mask.dtype == torch.bool and mask.shape == delta.shape and delta.device == mask.device:
-        mask = scratch.empty(mask.shape, delta.dtype).copy_(mask)
+        mask = scratch.empty(mask.shape, delta.dtype, delta.device).copy_(mask)
     return delta.mul_(mask)
 
 
@@ -132,7 +135,8 @@ def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
     times faster on the CPU than ``torch.kthvalue`` on large tensors.
     """
     bits = flat.view(torch.int32)
-    high = torch.bitwise_right_shift(bits, 16, out=scratch.empty(bits.shape, torch.int32))
+    high = scratch.empty(bits.shape, torch.int32, bits.device)
+    torch.bitwise_right_shift(bits, 16, out=high)
     bucket, above = _select_bin(torch.bincount(high, minlength=_BINS), k)
     low = torch.sub(bits, bucket << 16, out=high)  # the scratch again (bits >> 16 is spent)
     del high

@@ -52,7 +52,9 @@ def _bits(mag: torch.Tensor) -> torch.Tensor:
 
 def _high(bits: torch.Tensor) -> torch.Tensor:
     """``bits >> 16`` into a scratch tensor (`splice.io.scratch`: reused pages in a merge)."""
-    return torch.bitwise_right_shift(bits, 16, out=scratch.empty(bits.shape, torch.int32))
+    return torch.bitwise_right_shift(
+        bits, 16, out=scratch.empty(bits.shape, bits.dtype, bits.device)
+    )
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -29,9 +29,10 @@ them, so after the first jobs those tensors land on pages already in memory:
   ``min_bytes`` (1 MiB; glibc's heap serves those).
 
 So the peak RSS stays where the merge's own tensors put it (``--memory``): measured on the
-0.1B TIES merges, 515-536 MB against 551-577 MB without the pool (the pool's mappings leave
-no holes in glibc's heap); every large tensor that goes through the pool after the first
-jobs costs no page faults.
+0.1B TIES merges 516-536 MB against 535-580 MB without the pool, 525-533 against 770-795 MB
+for the whole-model trim (the pool's mappings leave no holes in glibc's heap); a large
+tensor that goes through the pool after the first jobs costs no page faults
+(docs/merge-performance.md, "What is left").
 
 `installed(pool)` makes a pool the process's current one while a merge runs (every thread:
 the read-ahead thread converts inputs, the workers compute); the module-level `empty` then
@@ -165,8 +166,12 @@ def current() -> ScratchPool | None:
     return _current
 
 
-def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty(shape, dtype=dtype)``, drawn from the current pool when one is
-    installed."""
+def empty(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype, device=device)``, drawn from the current pool when
+    one is installed and the device is the CPU."""
     pool = _current
-    return pool.empty(shape, dtype) if pool is not None else torch.empty(tuple(shape), dtype=dtype)
+    if pool is None or torch.device(device).type != "cpu":
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    return pool.empty(shape, dtype)
