@@ -170,6 +170,33 @@ def test_trim_into_a_reused_work_buffer_equals_its_own_allocation(dtype):
         )
 
 
+@compiled
+def test_trim_with_an_extension_built_before_its_work_buffer(monkeypatch):
+    """An extension built before ``torch_sort_trim`` took a work buffer (three arguments)
+    still trims, allocating its own scratch."""
+    from splice.delta import _introselect
+
+    class Old:
+        def torch_sort_trim(self, buf, k, itemsize):
+            """torch_sort_trim(delta, k, itemsize) -> bool"""
+            return _introselect.torch_sort_trim(buf, k, itemsize)
+
+    g = torch.Generator().manual_seed(9)
+    delta = torch.randn(3000, generator=g)
+    want = delta.clone()
+    assert argsort_select.trim_like_argsort_(want, 700)
+    monkeypatch.setattr(argsort_select, "_introselect", Old())
+    argsort_select._trim_takes_work.cache_clear()
+    try:
+        got = delta.clone()
+        assert argsort_select.trim_like_argsort_(got, 700)
+        assert torch.equal(got, want)
+    finally:
+        monkeypatch.undo()
+        argsort_select._trim_takes_work.cache_clear()
+    assert argsort_select._trim_takes_work()
+
+
 def test_trim_declines_what_it_cannot_do():
     x = torch.tensor([1.0, float("nan"), 2.0, 3.0] * 8)
     assert not argsort_select.trim_like_argsort_(x.clone(), 5)  # NaN: the mask path
