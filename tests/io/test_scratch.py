@@ -54,6 +54,8 @@ def test_the_cap_is_never_passed_and_small_requests_are_plain():
     c = pool.empty(F32_MIB, torch.float32)  # over the cap: outside the pool
     small = pool.empty((100,), torch.float32)  # under min_bytes: outside the pool
     assert (pool.made, pool.plain, pool.held) == (2, 2, 2 * MIB)
+    none = ScratchPool(MIB, min_bytes=0).empty((0, 5), torch.float32)  # empty: outside
+    assert none.shape == (0, 5)
     huge = pool.empty((3 * MIB // 4,), torch.float32)  # larger than the cap: outside
     assert pool.plain == 3 and huge.numel() == 3 * MIB // 4
     del a

@@ -87,7 +87,7 @@ class ScratchPool:
         """An uninitialised contiguous tensor of ``shape`` and ``dtype``, on a pooled
         storage when it is at least ``min_bytes`` and the cap allows."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes >= self.min_bytes:
+        if nbytes >= max(self.min_bytes, 1):  # (an empty tensor needs no storage)
             with self._lock:
                 storage = self._take(nbytes)
                 if storage is not None:  # the tensor made under the lock: no longer free
