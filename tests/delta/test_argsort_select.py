@@ -141,6 +141,62 @@ def test_trim_in_place_equals_delta_times_mask(dtype):
         assert torch.equal(got.float().view(torch.int32), want.float().view(torch.int32))
 
 
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trim_into_a_reused_work_buffer_equals_its_own_allocation(dtype):
+    """The compiled trim's (value, index) pairs and keep bytes in a caller's buffer of 9n
+    bytes (a reused scratch tensor, `splice.io.scratch`), left dirty by an earlier use: the
+    same zeros as with its own allocation; a buffer under 9n bytes is refused."""
+    from splice.delta import _introselect
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 6000, 1500
+    delta = (torch.randn(n, generator=g) * 0.003).to(dtype)
+    delta[:40] = 0.0
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    own, into = delta.clone(), delta.clone()
+    assert _introselect.torch_sort_trim(own.view(view).numpy(), k, delta.element_size())
+    work = torch.full((9 * n,), 0xA5, dtype=torch.uint8)  # dirty: the keep bytes are reset
+    for _ in range(2):
+        into.copy_(delta)
+        assert _introselect.torch_sort_trim(
+            into.view(view).numpy(), k, delta.element_size(), work.numpy()
+        )
+        assert torch.equal(into.view(view), own.view(view))
+    assert int((own != 0).sum()) == k
+    with pytest.raises(ValueError, match="9n"):
+        _introselect.torch_sort_trim(
+            into.view(view).numpy(), k, delta.element_size(), work[: 9 * n - 1].numpy()
+        )
+
+
+@compiled
+def test_trim_with_an_extension_built_before_its_work_buffer(monkeypatch):
+    """An extension built before ``torch_sort_trim`` took a work buffer (three arguments)
+    still trims, allocating its own scratch."""
+    from splice.delta import _introselect
+
+    class Old:
+        def torch_sort_trim(self, buf, k, itemsize):
+            """torch_sort_trim(delta, k, itemsize) -> bool"""
+            return _introselect.torch_sort_trim(buf, k, itemsize)
+
+    g = torch.Generator().manual_seed(9)
+    delta = torch.randn(3000, generator=g)
+    want = delta.clone()
+    assert argsort_select.trim_like_argsort_(want, 700)
+    monkeypatch.setattr(argsort_select, "_introselect", Old())
+    argsort_select._trim_takes_work.cache_clear()
+    try:
+        got = delta.clone()
+        assert argsort_select.trim_like_argsort_(got, 700)
+        assert torch.equal(got, want)
+    finally:
+        monkeypatch.undo()
+        argsort_select._trim_takes_work.cache_clear()
+    assert argsort_select._trim_takes_work()
+
+
 def test_trim_declines_what_it_cannot_do():
     x = torch.tensor([1.0, float("nan"), 2.0, 3.0] * 8)
     assert not argsort_select.trim_like_argsort_(x.clone(), 5)  # NaN: the mask path

@@ -160,12 +160,13 @@ static inline float magnitude_at(const void *buf, int itemsize, Py_ssize_t j) {
 }
 
 /* Mark in keep[] (n bytes, zeroed) the k entries torch.argsort(|x|, descending=True)[:k]
- * selects. Returns 1, 0 on the depth limit, -1 out of memory. */
+ * selects; the (value, index) pairs go into work (8n bytes, n <= UINT32_MAX) when given,
+ * else into a fresh allocation. Returns 1, 0 on the depth limit, -1 out of memory. */
 static int mark_torch_sort(const void *buf, int itemsize, Py_ssize_t n, Py_ssize_t k,
-                           uint8_t *keep) {
+                           uint8_t *keep, void *work) {
     int rc;
     if (n <= (Py_ssize_t)UINT32_MAX) {
-        pair32 *a = (pair32 *)malloc(sizeof(pair32) * (size_t)n);
+        pair32 *a = work != NULL ? (pair32 *)work : (pair32 *)malloc(sizeof(pair32) * (size_t)n);
         if (a == NULL) return -1;
         for (Py_ssize_t j = 0; j < n; j++) {
             a[j].v = magnitude_at(buf, itemsize, j);
@@ -174,7 +175,7 @@ static int mark_torch_sort(const void *buf, int itemsize, Py_ssize_t n, Py_ssize
         rc = select32(a, n, k);
         if (rc == 1)
             for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
-        free(a);
+        if (work == NULL) free(a);
     } else {
         pair64 *a = (pair64 *)malloc(sizeof(pair64) * (size_t)n);
         if (a == NULL) return -1;
@@ -210,7 +211,7 @@ static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS;
-    rc = mark_torch_sort(values.buf, 4, n, k, (uint8_t *)mask.buf);
+    rc = mark_torch_sort(values.buf, 4, n, k, (uint8_t *)mask.buf, NULL);
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&values);
     PyBuffer_Release(&mask);
@@ -219,24 +220,37 @@ static PyObject *torch_sort_topk(PyObject *self, PyObject *args) {
 }
 
 static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
-    PyObject *delta_obj;
+    PyObject *delta_obj, *work_obj = Py_None;
     Py_ssize_t k;
     int itemsize;
-    if (!PyArg_ParseTuple(args, "Oni", &delta_obj, &k, &itemsize)) return NULL;
-    Py_buffer delta;
+    if (!PyArg_ParseTuple(args, "Oni|O", &delta_obj, &k, &itemsize, &work_obj)) return NULL;
+    Py_buffer delta, work;
+    work.buf = NULL;
     if (PyObject_GetBuffer(delta_obj, &delta, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
         return NULL;
-    Py_ssize_t n = delta.len / (itemsize > 0 ? itemsize : 1);
-    if ((itemsize != 4 && itemsize != 2) || delta.len % itemsize != 0 || k <= 0 || k >= n) {
+    if (work_obj != Py_None &&
+        PyObject_GetBuffer(work_obj, &work, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&delta);
-        PyErr_SetString(PyExc_ValueError, "torch_sort_trim: float32 / bfloat16, 0 < k < n");
+        return NULL;
+    }
+    Py_ssize_t n = delta.len / (itemsize > 0 ? itemsize : 1);
+    if ((itemsize != 4 && itemsize != 2) || delta.len % itemsize != 0 || k <= 0 || k >= n ||
+        (work.buf != NULL &&
+         (n > (Py_ssize_t)UINT32_MAX || work.len < (Py_ssize_t)(sizeof(pair32) + 1) * n))) {
+        PyBuffer_Release(&delta);
+        if (work.buf != NULL) PyBuffer_Release(&work);
+        PyErr_SetString(PyExc_ValueError, "torch_sort_trim: float32 / bfloat16, 0 < k < n, "
+                                          "work (if given) of 9n bytes, n < 2^32");
         return NULL;
     }
     int rc = -1;
     Py_BEGIN_ALLOW_THREADS;
-    uint8_t *keep = (uint8_t *)calloc((size_t)n, 1);
+    /* the pairs, then the n keep bytes, in the caller's work buffer when given */
+    uint8_t *keep = work.buf != NULL ? (uint8_t *)work.buf + sizeof(pair32) * (size_t)n
+                                     : (uint8_t *)calloc((size_t)n, 1);
+    if (work.buf != NULL) memset(keep, 0, (size_t)n);
     if (keep != NULL) {
-        rc = mark_torch_sort(delta.buf, itemsize, n, k, keep);
+        rc = mark_torch_sort(delta.buf, itemsize, n, k, keep, work.buf);
         if (rc == 1 && itemsize == 4) {
             uint32_t *bits = (uint32_t *)delta.buf;
             for (Py_ssize_t j = 0; j < n; j++)
@@ -246,10 +260,11 @@ static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
             for (Py_ssize_t j = 0; j < n; j++)
                 if (!keep[j]) bits[j] &= 0x8000u;
         }
-        free(keep);
+        if (work.buf == NULL) free(keep);
     }
     Py_END_ALLOW_THREADS;
     PyBuffer_Release(&delta);
+    if (work.buf != NULL) PyBuffer_Release(&work);
     if (rc < 0) return PyErr_NoMemory();
     return PyBool_FromLong(rc);
 }
@@ -293,9 +308,10 @@ static PyMethodDef methods[] = {
      "torch.argsort(values, descending=True)[:k] selects, from caller-built (float32 value, "
      "uint32 index) pairs (scrambled); False where introsort would use heapsort."},
     {"torch_sort_trim", torch_sort_trim, METH_VARARGS,
-     "torch_sort_trim(delta, k, itemsize) -> bool: zero (keeping the sign) all entries of a "
-     "float32 / bfloat16 buffer but the k that torch.argsort(|delta|, descending=True)[:k] "
-     "selects, in place; False (delta untouched) where introsort would use heapsort."},
+     "torch_sort_trim(delta, k, itemsize[, work]) -> bool: zero (keeping the sign) all "
+     "entries of a float32 / bfloat16 buffer but the k that torch.argsort(|delta|, "
+     "descending=True)[:k] selects, in place; False (delta untouched) where introsort would "
+     "use heapsort. work: a writable buffer of 9n bytes for the scratch (else allocated)."},
     {"torch_sort_topk", torch_sort_topk, METH_VARARGS,
      "torch_sort_topk(values, k, mask) -> bool: mark torch.argsort(values, descending=True)"
      "[:k] in mask without sorting; False where introsort would switch to heapsort."},

@@ -39,6 +39,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from splice.io import scratch
+
 try:
     from splice.delta import _introselect
 except ImportError:  # built without a C compiler: the numpy path below
@@ -182,6 +184,13 @@ def _self_check() -> bool:
     return selection_path() != "sort"
 
 
+@functools.cache
+def _trim_takes_work() -> bool:
+    """Whether the built extension's ``torch_sort_trim`` takes a work buffer (one built
+    before it did still works, allocating its own)."""
+    return "[, work]" in (getattr(_introselect, "torch_sort_trim", None).__doc__ or "")
+
+
 def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
     """In place: zero every entry of ``delta`` but the ``k`` that
     ``torch.argsort(|delta|, descending=True)[:k]`` selects (the zeros keep δ's sign, as
@@ -200,7 +209,11 @@ def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
     ):
         return False
     buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
-    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+    if n > 0xFFFFFFFF or not _trim_takes_work():  # the extension allocates its scratch
+        return bool(_introselect.torch_sort_trim(buf, k, delta.element_size()))
+    # its (value, index) pairs and keep bytes, 9n, in a scratch tensor (`splice.io.scratch`)
+    work = scratch.empty((9 * n,), torch.uint8)
+    return bool(_introselect.torch_sort_trim(buf, k, delta.element_size(), work.numpy()))
 
 
 def argsort_topk_mask(x: torch.Tensor, k: int, path: Path | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from splice.delta.argsort_select import argsort_topk_mask, selection_path, trim_like_argsort_
+from splice.io import scratch
 
 # How ties at a keep boundary are broken:
 # - "flat": the first equal entries in flat row-major order (splice's rule, deterministic
@@ -53,7 +54,22 @@ def largest_mask(x: Tensor, density: float) -> Tensor:
 
 def magnitude(x: Tensor) -> Tensor:
     """|x| in float32 (a new tensor; ``x`` is left alone)."""
-    return x.abs() if x.dtype == torch.float32 else x.detach().abs().float()
+    if x.dtype != torch.float32:
+        return x.detach().abs().float()
+    if x.requires_grad:
+        return x.abs()
+    # into a scratch tensor (`splice.io.scratch`: reused pages in a merge), the same bits
+    return torch.abs(x, out=scratch.empty(x.shape, torch.float32, x.device))
+
+
+def mask_(delta: Tensor, mask: Tensor) -> Tensor:
+    """In place: δ · mask for a bool ``mask`` of δ's shape, the mask converted to δ's dtype
+    in a scratch tensor first (`splice.io.scratch`: reused pages in a merge). The same
+    products as ``delta.mul_(mask)``, which converts the bool operand into a fresh tensor of
+    δ's size itself (the zeros keep δ's sign)."""
+    if mask.dtype == torch.bool and mask.shape == delta.shape and delta.device == mask.device:
+        mask = scratch.empty(mask.shape, delta.dtype, delta.device).copy_(mask)
+    return delta.mul_(mask)
 
 
 def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
@@ -79,7 +95,7 @@ def trim_torch_sort_(delta: Tensor, k: int) -> Tensor:
     zeros keep δ's sign, as ``δ · mask`` gives): one compiled pass where it applies
     (`trim_like_argsort_`), else the mask of `topk_mask` with ties in torch's order."""
     if not trim_like_argsort_(delta, k):
-        delta.mul_(topk_mask(magnitude(delta), k, "torch_sort"))
+        mask_(delta, topk_mask(magnitude(delta), k, "torch_sort"))
     return delta
 
 
@@ -119,8 +135,11 @@ def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
     times faster on the CPU than ``torch.kthvalue`` on large tensors.
     """
     bits = flat.view(torch.int32)
-    bucket, above = _select_bin(torch.bincount(bits >> 16, minlength=_BINS), k)
-    low = bits - (bucket << 16)
+    high = scratch.empty(bits.shape, torch.int32, bits.device)
+    torch.bitwise_right_shift(bits, 16, out=high)
+    bucket, above = _select_bin(torch.bincount(high, minlength=_BINS), k)
+    low = torch.sub(bits, bucket << 16, out=high)  # the scratch again (bits >> 16 is spent)
+    del high
     low.clamp_(-1, _BINS).add_(1)  # 0: below the bucket, 1.._BINS: inside, _BINS+1: above
     low_hist = torch.bincount(low, minlength=_BINS + 2)[1 : _BINS + 1]
     lo, above_lo = _select_bin(low_hist, k - above)

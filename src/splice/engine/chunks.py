@@ -140,6 +140,7 @@ from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
 from splice.engine.prefetch import Call
 from splice.engine.topk import select_rules
+from splice.io import scratch
 from splice.io.shard_record import input_hasher
 from splice.merge import (
     KeepMask,
@@ -521,7 +522,7 @@ def chunk_keep_masks(
         return part.sub_(sources.read_rows(base.ref, base.name, a, b, cd))
 
     if 0 < k < n and pairs_selectable(n):
-        pairs = np.empty(n, dtype=PAIR)
+        pairs = scratch.empty((n * PAIR.itemsize,), torch.uint8).numpy().view(PAIR)
         clean = True
         for a, b in spans:
             mag = job_magnitudes(

@@ -54,6 +54,7 @@ from splice.io.finite import numerical_errors
 from splice.io.mapped import read_as, read_rows_as
 from splice.io.open import model_side_files, split_reference
 from splice.io.safe_paths import member
+from splice.io.scratch import ScratchPool, installed
 from splice.io.textfile import load_json_object
 from splice.merge import DepthScale, KeepRule, MergeContext
 
@@ -354,11 +355,18 @@ def run_merge(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads_per_job(threads))
     try:
-        return write_stream(
-            out_dir, spec, runner.sources, runner, before=before, extra_files=lambda: extra
-        )
+        with installed(ScratchPool(scratch_cap(memory_budget))):
+            return write_stream(
+                out_dir, spec, runner.sources, runner, before=before, extra_files=lambda: extra
+            )
     finally:
         torch.set_num_threads(old_threads)
+
+
+def scratch_cap(memory_budget: int) -> int:
+    """Bytes of reused scratch storages a merge keeps (`splice.io.scratch`): half the
+    budget."""
+    return memory_budget // 2
 
 
 def default_job_threads() -> int:

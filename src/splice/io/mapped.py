@@ -28,7 +28,16 @@ from typing import Any
 import torch
 
 from splice.io.base import CheckpointReader
+from splice.io.scratch import empty
 from splice.io.shard_record import input_digest, raw_bytes
+
+
+def _converted(stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``stored.to(dtype)`` (the same kernel and bits), written into a scratch tensor: one
+    of the current pool's reused storages while a merge runs (`splice.io.scratch`), so the
+    conversion writes pages already in memory instead of faulting in fresh ones."""
+    out = empty(stored.shape, dtype)
+    return out.copy_(stored)
 
 
 @contextlib.contextmanager
@@ -53,7 +62,7 @@ def read_as(
         return t, input_digest(t) if digest else None
     with stored_view(reader, name) as stored:
         sha = input_digest(stored) if digest else None
-        out = stored.to(dtype)
+        out = _converted(stored, dtype)
         del stored
     return out, sha
 
@@ -102,6 +111,6 @@ def read_rows_as(
     with rows_view(reader, name, start, stop) as stored:
         if hasher is not None:
             hasher.update(raw_bytes(stored))
-        out = stored.to(dtype)
+        out = _converted(stored, dtype)
         del stored
     return out

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.delta.topk import keep_count, magnitude, topk_mask, trim_torch_sort_
+from splice.delta.topk import keep_count, magnitude, mask_, topk_mask, trim_torch_sort_
 from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, rescale_l1
 from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
@@ -94,7 +94,7 @@ def magnitude_trim_(
     else:
         rule = ctx.model_stats.get(TensorTopK(index, density))
     if isinstance(rule, KeepMask):  # the rows of a whole-tensor selection (no rescale)
-        return delta.mul_(rule.unpack(delta.shape, delta.device))
+        return mask_(delta, rule.unpack(delta.shape, delta.device))
     if rule is None and scope == "tensor" and ctx.dialect == "mergekit":
         l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
         trim_torch_sort_(delta, keep_count(delta.numel(), density, ctx.dialect))
@@ -108,7 +108,7 @@ def magnitude_trim_(
         mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), "flat")
     l1 = l1_norm(delta, mag, ctx.dialect) if rescale else None
     del mag
-    delta.mul_(mask)
+    mask_(delta, mask)
     if l1 is not None:
         rescale_l1(l1, delta)
     return delta
