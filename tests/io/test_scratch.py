@@ -178,3 +178,12 @@ def test_installed_pool_serves_the_module_empty_and_is_cleared():
     del a
     with scratch.installed(None) as none:
         assert none is None and scratch.current() is None
+
+
+def test_without_torchs_use_count_nothing_is_pooled(monkeypatch):
+    monkeypatch.setattr(scratch, "POOLABLE", False)
+    pool = _pool()
+    with scratch.installed(pool) as current:
+        assert current is None and scratch.current() is None
+        a = scratch.empty(F32_MIB, torch.float32)
+        assert a.shape == F32_MIB and pool.made == 0

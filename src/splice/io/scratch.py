@@ -62,6 +62,11 @@ def _mapped(size: int) -> torch.UntypedStorage:
     return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8).untyped_storage()
 
 
+# torch's storage use count is a private binding (torch 2.13 has it); without it nothing is
+# pooled and every request is a plain ``torch.empty``.
+POOLABLE = hasattr(torch._C, "_storage_Use_Count")
+
+
 def _use_count(storage: torch.UntypedStorage) -> int:
     """References to ``storage``'s memory: tensors, views, Python storage objects."""
     return torch._C._storage_Use_Count(storage._cdata)
@@ -144,11 +149,12 @@ _install_lock = threading.Lock()
 @contextlib.contextmanager
 def installed(pool: ScratchPool | None) -> Iterator[ScratchPool | None]:
     """Make ``pool`` the current pool of the process (for `empty`) inside the block, unless
-    one is already current (a merge inside a merge keeps the outer one); None: no change.
+    one is already current (a merge inside a merge keeps the outer one) or torch lacks the
+    use count (`POOLABLE`); None: no change.
     Its free storages are dropped when the block ends."""
     global _current
     with _install_lock:
-        mine = pool is not None and _current is None
+        mine = pool is not None and _current is None and POOLABLE
         if mine:
             _current = pool
     try:
