@@ -28,6 +28,21 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
+def tiny_bert_config(**overrides):
+    """A 2-layer BERT config (hidden 32, 4 heads, vocab 64, 64 positions)."""
+    from transformers import BertConfig
+
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
+    return BertConfig(**{**kw, **overrides})
+
+
 def tiny_qwen2(seed: int = 0):
     """A 2-layer Qwen2 causal LM (hidden 32, vocab 64, q/k/v biases), from ``manual_seed(seed)``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -12,18 +12,10 @@ def tiny_llama(seed: int = 0):
 
 
 def tiny_bert_cls(seed: int = 0, num_labels: int = 3):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
+    cfg = tiny_hf.tiny_bert_config(num_labels=num_labels)
     return BertForSequenceClassification(cfg).eval()
 
 

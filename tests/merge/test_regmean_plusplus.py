@@ -15,7 +15,7 @@ from splice.errors import MergeValidationError
 from splice.merge.data_merge import merge_with_statistics
 from splice.merge.data_stats import collect_gram
 from splice.merge.regmean_plusplus import find_block_list, regmean_plusplus
-from tiny_hf import tiny_llama
+from tiny_hf import tiny_bert_config, tiny_llama
 
 
 class Block(nn.Module):
@@ -213,16 +213,9 @@ def test_llama_cached_equals_recomputed(use_cache):
 
 
 def test_bert_encoder_cached_equals_recomputed():
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config(num_hidden_layers=3)
     models = []
     for s in (0, 1):
         torch.manual_seed(s)
@@ -231,7 +224,7 @@ def test_bert_encoder_cached_equals_recomputed():
     data = [
         [
             {
-                "input_ids": torch.randint(1, 50, (2, 7), generator=g),
+                "input_ids": torch.randint(1, 64, (2, 7), generator=g),
                 "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
             }
         ]
