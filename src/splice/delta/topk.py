@@ -72,6 +72,14 @@ def mask_(delta: Tensor, mask: Tensor) -> Tensor:
     return delta.mul_(mask)
 
 
+def high_bits(bits: Tensor) -> Tensor:
+    """``bits >> 16`` (the radix selections' high half) into a scratch tensor
+    (`splice.io.scratch`: reused pages in a merge)."""
+    return torch.bitwise_right_shift(
+        bits, 16, out=scratch.empty(bits.shape, bits.dtype, bits.device)
+    )
+
+
 def topk_mask(mag: Tensor, k: int, ties: TieOrder = "flat") -> Tensor:
     """Bool mask (shape of ``mag``) keeping exactly the ``k`` largest entries of ``mag``.
 
@@ -135,8 +143,7 @@ def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
     times faster on the CPU than ``torch.kthvalue`` on large tensors.
     """
     bits = flat.view(torch.int32)
-    high = scratch.empty(bits.shape, torch.int32, bits.device)
-    torch.bitwise_right_shift(bits, 16, out=high)
+    high = high_bits(bits)
     bucket, above = _select_bin(torch.bincount(high, minlength=_BINS), k)
     low = torch.sub(bits, bucket << 16, out=high)  # the scratch again (bits >> 16 is spent)
     del high

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from splice.delta.topk import high_bits
 from splice.engine.driver import passes
 from splice.errors import MergeValidationError
-from splice.io import scratch
 from splice.merge import KeepRule, MergeMethod, TensorTopK, TopKThreshold
 
 if TYPE_CHECKING:
@@ -48,13 +48,6 @@ def _bits(mag: torch.Tensor) -> torch.Tensor:
     if torch.isnan(mag).any():
         raise ValueError("NaN in a task vector: cannot rank magnitudes")
     return mag.view(torch.int32)
-
-
-def _high(bits: torch.Tensor) -> torch.Tensor:
-    """``bits >> 16`` into a scratch tensor (`splice.io.scratch`: reused pages in a merge)."""
-    return torch.bitwise_right_shift(
-        bits, 16, out=scratch.empty(bits.shape, bits.dtype, bits.device)
-    )
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -106,7 +99,7 @@ def select_rules(
 
     def pass1(j: int) -> None:
         mags = magnitudes(j)
-        local = [torch.bincount(_high(_bits(m)), minlength=_BINS) for m in mags]
+        local = [torch.bincount(high_bits(_bits(m)), minlength=_BINS) for m in mags]
         with lock:
             for h, loc in zip(hi_hist, local):
                 h += loc
@@ -130,7 +123,7 @@ def select_rules(
                 local.append(None)
                 continue
             bits = _bits(m)
-            lo = bits[_high(bits) == bucket[0]] & 0xFFFF
+            lo = bits[high_bits(bits) == bucket[0]] & 0xFFFF
             entry.append(torch.unique(lo, return_counts=True))
             local.append(torch.bincount(lo, minlength=_BINS))
         with lock:
