@@ -10,7 +10,7 @@ import torch
 from cli_checks import fails_cleanly, no_output
 from splice.adapters import AdapterModel, LoraConfig, save_adapter
 from splice.cli import main
-from tiny_hf import save_tiny_llama_folder, tiny_llama, tiny_tokenizer
+from tiny_hf import save_tiny_llama_folder, tiny_bert_config, tiny_llama, tiny_tokenizer
 
 
 def _lora(path, seed, r=2):
@@ -28,18 +28,10 @@ def _lora(path, seed, r=2):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     base = save_tiny_llama_folder(root / "base")
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(root / "embedder")
+    BertModel(tiny_bert_config(num_hidden_layers=1)).save_pretrained(root / "embedder")
     tiny_tokenizer().save_pretrained(root / "embedder")
     rows = [{"prompt": f"q{i}: abc", "completion": f"ans {i}"} for i in range(4)]
     (root / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,6 +13,7 @@ from splice.compose.twin_merging import (
     twin_state,
 )
 from splice.delta import Dense, LowRank
+from tiny_hf import tiny_bert_config
 
 
 def test_exclusive_is_the_truncated_svd_of_expert_minus_shared():
@@ -57,11 +58,10 @@ def test_exclusive_checks_names_and_shapes():
 
 
 def _bert(seed: int):
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=64,
+    cfg = tiny_bert_config(
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
