@@ -323,4 +323,13 @@ static struct PyModuleDef module = {
     methods,
 };
 
-PyMODINIT_FUNC PyInit__introselect(void) { return PyModule_Create(&module); }
+/* API_VERSION 2: torch_sort_trim takes the optional work buffer (1, or no constant: it
+   allocates its own). Python checks the number, not the docstring. */
+PyMODINIT_FUNC PyInit__introselect(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -186,9 +186,10 @@ def _self_check() -> bool:
 
 @functools.cache
 def _trim_takes_work() -> bool:
-    """Whether the built extension's ``torch_sort_trim`` takes a work buffer (one built
-    before it did still works, allocating its own)."""
-    return "[, work]" in (getattr(_introselect, "torch_sort_trim", None).__doc__ or "")
+    """Whether the built extension's ``torch_sort_trim`` takes a work buffer: its
+    ``API_VERSION`` is 2 or more (a build without the constant still works, allocating its
+    own scratch)."""
+    return getattr(_introselect, "API_VERSION", 1) >= 2
 
 
 def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:

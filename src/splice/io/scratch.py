@@ -105,10 +105,13 @@ class ScratchPool:
         """The smallest free storage of at least ``nbytes``, else a new one (see the module
         docstring for what it drops first), else None. Under the lock."""
         self._clock += 1
+        free = []
         for s in [s for s in self._storages if _use_count(s) == 1]:
             if self._clock - self._last[id(s)] > AGE:  # unused for a while: let go
                 self._drop(s)
-        free = sorted((s for s in self._storages if _use_count(s) == 1), key=lambda s: s.nbytes())
+            else:
+                free.append(s)
+        free.sort(key=lambda s: s.nbytes())
         fits = [s for s in free if nbytes <= s.nbytes() <= RATIO * nbytes + GRAIN]
         if fits:
             self.reused += 1
