@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from splice.merge.methods._common import kernel_accepts
+from splice.merge.methods._common import kernel_accepts, own_inputs
 from splice.merge.methods._mergekit_reductions import mergekit_threads, norm_last, sum_last
 from splice.merge.registry import MergeContext
 
@@ -203,32 +203,42 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
 
 def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool) -> Tensor:
     """mergekit's Model Stock in the inputs' dtype: t·mean(θ_i) + (1 − t)·θ_0, with t from
-    the mean pairwise cosine of the task vectors (per row when ``filter_wise``)."""
+    the mean pairwise cosine of the task vectors (per row when ``filter_wise``).
+
+    mergekit's operations in its order (θ_1 + θ_2 + …, / n, θ_i − θ_0, the norms, the
+    pairwise dots, t·avg + (1 − t)·θ_0), each done in place where mergekit makes a new
+    tensor (the same kernel, the same bits): the sum of the θ_i first, then the task vectors
+    overwrite the inputs (the registry lets a method modify them; `own_inputs` copies one
+    that shares the base's storage), one buffer holds each pairwise product, and the base
+    becomes (1 − t)·θ_0. Whole-tensor memory: the inputs + 2 tensors (mergekit's: 2n + 3).
+    """
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
-        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
+        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in own_inputs(base, tensors)]
     else:
-        w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
-    offsets = [w - w0 for w in ws]
+        w0, ws = base.reshape(-1), [w.reshape(-1) for w in own_inputs(base, tensors)]
+    n = len(ws)
+    average = ws[0] + ws[1]
+    for w in ws[2:]:
+        average.add_(w)
+    average.div_(n)
+    offsets = [w.sub_(w0) for w in ws]
     threads = mergekit_threads()  # the reductions' order depends on it (_mergekit_reductions)
     norms = [norm_last(d, threads) for d in offsets]
+    product = torch.empty_like(w0)
     cosines = []
     for i, da in enumerate(offsets):
-        for j in range(i + 1, len(offsets)):
+        for j in range(i + 1, n):
             norm_product = norms[i] * norms[j]
-            dot = sum_last(da * offsets[j], threads)
+            dot = sum_last(torch.mul(da, offsets[j], out=product), threads)
             cosines.append((dot / norm_product.clamp(min=1e-6)).clamp(-1, 1))
+    del product, offsets, ws
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
-    total = ws[0]
-    for w in ws[1:]:
-        total = total + w
-    average = total / n
-    return (t * average + (1 - t) * w0).reshape(base.shape)
+    return average.mul_(t).add_(w0.mul_(1 - t)).reshape(base.shape)
 
 
 def karcher_in_dtype(
