@@ -161,6 +161,11 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     |a| is the norm of the chunk norms; the dot is taken between a/|a| and b/|b| (norms
     <= eps count as 1), summed per chunk then over chunks, clamped to [-1, 1]; |dot| >
     0.9995 interpolates linearly.
+
+    Every step is per chunk of `SLERP_CHUNK` entries (mergekit's own chunks), so nothing the
+    size of the tensor is made: each pass casts a chunk to float32 (no copy when the inputs
+    are float32) and the result is written over ``base``, which the registry lets a method
+    modify. The final combination is elementwise, so chunk by chunk gives its bits.
     """
     f32 = torch.float32
     a, b = base.reshape(1, -1), other.reshape(1, -1)
@@ -168,26 +173,21 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     if a.shape[1] == 0:
         return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
     starts = range(0, a.shape[1], SLERP_CHUNK)
-    # Each input cast to float32 once (the same values mergekit's per-chunk casts give).
-    a32, b32 = a.to(f32, copy=True), b.to(f32, copy=True)
 
     def chunk(x: Tensor, s: int) -> Tensor:
-        return x[:, s : s + SLERP_CHUNK]
+        return x[:, s : s + SLERP_CHUNK].to(f32)
 
-    norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(a32, s), dim=1, keepdim=True) for s in starts]),
-        dim=0,
-    )
-    norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(chunk(b32, s), dim=1, keepdim=True) for s in starts]),
-        dim=0,
-    )
+    def norm(x: Tensor) -> Tensor:
+        parts = [torch.linalg.vector_norm(chunk(x, s), dim=1, keepdim=True) for s in starts]
+        return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+    norm_a, norm_b = norm(a), norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     # the dot's reduction order depends on mergekit's thread count (_mergekit_reductions)
     threads = mergekit_threads()
     dots = [
-        sum_last((chunk(a32, s) / norm_a) * (chunk(b32, s) / norm_b), threads).reshape(1, 1)
+        sum_last((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b), threads).reshape(1, 1)
         for s in starts
     ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
@@ -196,9 +196,10 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    # Elementwise, so one pass over the whole tensor gives the chunked loop's values.
-    out = a32.mul_(coef_a).add_(b32.mul_(coef_b)).to(a.dtype)
-    return out.reshape(base.shape)
+    for s in starts:
+        mixed = chunk(a, s).mul_(coef_a).add_(chunk(b, s).mul_(coef_b))
+        a[:, s : s + SLERP_CHUNK].copy_(mixed)  # rounded to the inputs' dtype (no-op in f32)
+    return a.reshape(base.shape)
 
 
 def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: bool) -> Tensor:
