@@ -244,6 +244,16 @@ CASES = {
             {"weight": 0.6, "density": 0.9, "gamma": 0.01},
         ],
     ),
+    "breadcrumbs_rescale": lambda m: models_recipe(
+        m,
+        "breadcrumbs",
+        [
+            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
+            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
+            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
+        ],
+        {"rescale": True},
+    ),
     "breadcrumbs_ties": lambda m: models_recipe(
         m,
         "breadcrumbs_ties",
@@ -445,7 +455,10 @@ def wide_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("case", ["slerp", "model_stock", "model_stock_filter_wise"])
+@pytest.mark.parametrize(
+    "case",
+    ["slerp", "model_stock", "model_stock_filter_wise", "ties_rescale", "breadcrumbs_rescale"],
+)
 def test_same_bits_as_mergekit_with_its_thread_count(
     case: str,
     dtype: str,

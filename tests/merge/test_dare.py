@@ -328,3 +328,35 @@ def test_l1_partials_are_per_row_norms_before_and_after_the_drop(fixed_masks):
     # model 0: rows |3|+|-1|+|2| = 6, |.5|+|-4|+|1| = 5.5; kept [3,-1,0], [.5,0,1]: 4, 1.5
     # model 1 (density 1: not dropped): zeros
     assert got.tolist() == [[6.0, 4.0, 0.0, 0.0], [5.5, 1.5, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_mergekit_l1_rescale_sums_in_mergekits_thread_order(monkeypatch, dtype, threads):
+    """Over 2^15 entries torch splits ``abs().sum()`` over its threads, so mergekit's L1
+    ratio depends on its thread count: with SPLICE_MERGEKIT_THREADS set to it, DARE's drop
+    (compiled or torch's) gives the bits of mergekit's ``rescaled_masked_tensor`` on the
+    same mask, run with that many threads; summed serially (the splice dialect's order)
+    some of them differ."""
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    monkeypatch.setenv("SPLICE_MERGEKIT_THREADS", str(threads))
+    threads_of = dare_module.l1_threads("mergekit")
+    assert threads_of == threads
+    density, serial_differs = 0.3, []
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        delta = (torch.randn(300, 331, generator=gen) * 0.01).to(dtype)
+        mask = dare_module.dare_mask(delta.shape, density, dare_module.seeded_generator(seed))
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            want = sparsify.rescaled_masked_tensor(delta, mask, sparsify.RescaleNorm.l1)
+        finally:
+            torch.set_num_threads(old)
+        got = dare_module.dare_drop_(delta.clone(), density, seed, True, 0, threads_of)
+        assert torch.equal(got, want)
+        torch_path = dare_module.dare_apply_(delta.clone(), mask, density, True, threads_of)
+        assert torch.equal(torch_path, want)
+        serial = dare_module.dare_apply_(delta.clone(), mask, density, True, 1)
+        serial_differs.append(not torch.equal(serial, want))
+    assert any(serial_differs)

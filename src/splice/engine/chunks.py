@@ -104,7 +104,7 @@ base + t·mean δ). The pre-pass holds a chunk's inputs and m + 1 float64 blocks
 needs no pre-pass: a first-dimension row chunk of a tensor of 2 or more dimensions holds
 whole last-axis rows (a 1-D tensor is one row: not chunked). The mergekit dialect's SLERP
 and Model Stock repeat mergekit's reductions (float32 over 2^20-entry chunks and torch's
-thread ranges of the whole tensor, `_mergekit_reductions`), whose vectorised partial sums
+thread ranges of the whole tensor, `splice.merge.reductions`), whose vectorised partial sums
 no row chunk repeats: they are not chunked (either scope).
 
 DARE's L1 rescale δ̂_i = m_i ⊙ δ_i · |δ_i|_1 / |m_i ⊙ δ_i|_1 in the splice dialect takes

@@ -5,7 +5,12 @@ by magnitude) or by a random mask; this module zeroes the others and rescales.
 Rescale rules (`drop_`):
 - "inverse": each kept entry divided by its keep probability, so E[δ̂] = δ (DARE, DELLA);
 - "l1" (mergekit's ``rescale: true``): the kept entries scaled to the L1 norm of δ
-  measured before masking (`rescale_l1`; unchanged when either norm is below 1e-7);
+  measured before masking (`rescale_l1`; unchanged when either norm is below 1e-7). The
+  norms are ``x.abs().sum()`` in x's dtype, added up in the order torch uses with
+  ``threads`` intra-op threads (`l1_sum`): the mergekit dialect passes mergekit's thread
+  count (`l1_threads`), since torch splits a sum of 2^15 entries or more over its threads
+  and mergekit's ratio depends on it; the splice dialect sums serially, whatever the
+  machine or ``--threads``;
 - "none" (mergekit's ``rescale: false``): the kept entries as they are.
 """
 
@@ -16,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from splice.merge.reductions import mergekit_threads, sum_last
 from splice.merge.stats import KeepRule
 
 L1_EPS = 1e-7  # mergekit's tolerance: no L1 rescale when either norm is below it
@@ -36,14 +42,26 @@ def keep_rule_mask(mag: Tensor, rule: KeepRule) -> Tensor:
     return mask
 
 
-def rescale_l1(original_l1: Tensor | float, masked: Tensor) -> Tensor:
+def l1_threads(dialect: str) -> int:
+    """The thread count whose order `l1_sum` follows: mergekit's in the mergekit dialect,
+    else 1 (serial)."""
+    return mergekit_threads() if dialect == "mergekit" else 1
+
+
+def l1_sum(x: Tensor, threads: int) -> Tensor:
+    """|x|_1 as ``x.abs().sum()`` (a 0-dim tensor of x's dtype) computes it with ``threads``
+    intra-op threads (`sum_last`)."""
+    return sum_last(x.abs().reshape(-1), threads)
+
+
+def rescale_l1(original_l1: Tensor | float, masked: Tensor, threads: int = 1) -> Tensor:
     """mergekit's L1 matching, in place: ``masked *= |orig|_1 / |masked|_1``.
 
-    ``original_l1`` is |orig|_1 measured before masking. Nothing changes when either norm
-    is below 1e-7.
+    ``original_l1`` is |orig|_1 measured before masking; |masked|_1 is summed in the order
+    of ``threads`` threads (`l1_sum`). Nothing changes when either norm is below 1e-7.
     """
     before = torch.as_tensor(original_l1, dtype=masked.dtype, device=masked.device)
-    after = masked.abs().sum()
+    after = l1_sum(masked, threads)
     if before < L1_EPS or after < L1_EPS:
         return masked
     return masked.mul_(before / after)
@@ -62,18 +80,19 @@ def drop_(
     rescale: Rescale,
     keep_prob: Tensor | float = 1.0,
     l1: Tensor | None = None,
+    threads: int = 1,
 ) -> Tensor:
     """δ ← rescale(keep ⊙ δ), in place (see the module docstring for ``rescale``).
 
     ``keep_prob``: the keep probability of every entry (a number) or of each entry (a tensor
     of δ's shape), used by "inverse". ``l1``: |δ|_1 when the caller has measured it (else
-    it is measured here, in δ's dtype).
+    it is measured here, in δ's dtype). ``threads``: the L1 sums' order (`l1_sum`).
     """
     mode = rescale_mode(rescale)
     if mode == "l1" and l1 is None:
-        l1 = delta.abs().sum()
+        l1 = l1_sum(delta, threads)
     delta.mul_(keep.to(delta.device))
-    return rescale_kept_(delta, mode, keep_prob, l1)
+    return rescale_kept_(delta, mode, keep_prob, l1, threads)
 
 
 def rescale_mode(rescale: Rescale) -> Literal["inverse", "l1", "none"]:
@@ -82,10 +101,14 @@ def rescale_mode(rescale: Rescale) -> Literal["inverse", "l1", "none"]:
 
 
 def rescale_kept_(
-    delta: Tensor, rescale: Rescale, keep_prob: Tensor | float = 1.0, l1: Tensor | None = None
+    delta: Tensor,
+    rescale: Rescale,
+    keep_prob: Tensor | float = 1.0,
+    l1: Tensor | None = None,
+    threads: int = 1,
 ) -> Tensor:
     """The rescale half of `drop_`, in place, on a δ whose dropped entries are already zero
-    (``l1``: |δ|_1 before the drop, required for "l1")."""
+    (``l1``: |δ|_1 before the drop, required for "l1"; ``threads``: `l1_sum`'s order)."""
     mode = rescale_mode(rescale)
     if mode == "inverse":
         if isinstance(keep_prob, Tensor):
@@ -93,7 +116,7 @@ def rescale_kept_(
         return rescale_inverse(delta, keep_prob)
     if mode == "l1":
         assert l1 is not None
-        rescale_l1(l1, delta)
+        rescale_l1(l1, delta, threads)
     return delta
 
 

@@ -16,8 +16,9 @@ from pydantic import Field
 from torch import Tensor
 
 from splice.delta.topk import keep_count, magnitude, mask_, topk_mask, trim_torch_sort_
+from splice.merge.reductions import sum_last
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import keep_rule_mask, rescale_l1
+from splice.merge.sparsify import keep_rule_mask, l1_sum, l1_threads, rescale_l1
 from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
 
 try:
@@ -99,7 +100,7 @@ def magnitude_trim_(
         l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
         trim_torch_sort_(delta, keep_count(delta.numel(), density, ctx.dialect))
         if l1 is not None:
-            rescale_l1(l1, delta)
+            rescale_l1(l1, delta, l1_threads(ctx.dialect))
         return delta
     mag = magnitude(delta)
     if rule is not None:
@@ -110,14 +111,17 @@ def magnitude_trim_(
     del mag
     mask_(delta, mask)
     if l1 is not None:
-        rescale_l1(l1, delta)
+        rescale_l1(l1, delta, l1_threads(ctx.dialect))
     return delta
 
 
 def l1_norm(delta: Tensor, mag: Tensor, dialect: str) -> Tensor:
-    """|δ|_1 for the L1 rescale: from the float32 magnitudes ``mag``, or in δ's own dtype in
-    the mergekit dialect (mergekit sums |δ| in the compute dtype; the same in float32)."""
-    return delta.abs().sum() if dialect == "mergekit" else mag.sum()
+    """|δ|_1 for the L1 rescale: from the float32 magnitudes ``mag`` (serially), or in δ's
+    own dtype in the mergekit dialect (mergekit sums |δ| in the compute dtype, in its
+    threads' order: `l1_sum`)."""
+    if dialect == "mergekit":
+        return l1_sum(delta, l1_threads(dialect))
+    return sum_last(mag.reshape(-1), 1)
 
 
 def linear_combine_(

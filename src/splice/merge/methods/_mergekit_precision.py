@@ -26,7 +26,7 @@ one: the same torch ops on the same dtypes, in the same order.
   exact arithmetic, not in bf16).
 - SLERP's dot and Model Stock's dots and float16 norms are sums over a whole tensor, which
   torch splits over its intra-op threads: they are added in the order torch uses with
-  mergekit's thread count (`_mergekit_reductions`), whatever splice's own.
+  mergekit's thread count (`splice.merge.reductions`), whatever splice's own.
 
 float32 and float64 keep splice's own kernels (bit-identical to mergekit in float32 for
 the task-vector methods; within 1e-6 for the others), so their pinned outputs do not move.
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from splice.merge.methods._common import kernel_accepts, own_inputs
-from splice.merge.methods._mergekit_reductions import mergekit_threads, norm_last, sum_last
+from splice.merge.reductions import mergekit_threads, norm_last, sum_last
 from splice.merge.registry import MergeContext
 
 try:
@@ -184,7 +184,7 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     norm_a, norm_b = norm(a), norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    # the dot's reduction order depends on mergekit's thread count (_mergekit_reductions)
+    # the dot's reduction order depends on mergekit's thread count (splice.merge.reductions)
     threads = mergekit_threads()
     dots = [
         sum_last((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b), threads).reshape(1, 1)
@@ -224,7 +224,7 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
         average.add_(w)
     average.div_(n)
     offsets = [w.sub_(w0) for w in ws]
-    threads = mergekit_threads()  # the reductions' order depends on it (_mergekit_reductions)
+    threads = mergekit_threads()  # the reductions' order depends on it (splice.merge.reductions)
     norms = [norm_last(d, threads) for d in offsets]
     product = torch.empty_like(w0)
     cosines = []

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from splice.merge.methods._mergekit_reductions import serial_row_sums
+from splice.merge.reductions import serial_row_sums
 
 ROW_BLOCK = 1 << 16  # entries converted to float64 at a time (at least one row)
 

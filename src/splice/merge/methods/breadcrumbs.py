@@ -37,7 +37,7 @@ from splice.delta.topk import band_mask_rows, magnitude
 from splice.merge.methods._common import UnitFloat, l1_norm, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import drop_, rows_view
+from splice.merge.sparsify import drop_, l1_threads, rows_view
 
 RowScope = Literal["row", "tensor"]
 
@@ -66,7 +66,7 @@ def breadcrumbs_mask_(
     mask = band_mask_rows(rows, skip, keep, ties).reshape(delta.shape)
     l1 = l1_norm(delta, mag, dialect) if rescale else None
     del mag, rows
-    return drop_(delta, mask, rescale, l1=l1)
+    return drop_(delta, mask, rescale, l1=l1, threads=l1_threads(dialect))
 
 
 def band_(

@@ -59,7 +59,15 @@ from splice.merge.methods._common import UnitFloat, deltas_, linear_combine_, ti
 from splice.merge.methods._compose import compose
 from splice.merge.methods._row_gram import RowOrderSum, row_abs_sums
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import L1_EPS, Rescale, drop_, rescale_kept_, rescale_mode
+from splice.merge.sparsify import (
+    L1_EPS,
+    Rescale,
+    drop_,
+    l1_sum,
+    l1_threads,
+    rescale_kept_,
+    rescale_mode,
+)
 from splice.merge.stats import RowPartials
 
 try:
@@ -88,9 +96,12 @@ def dare_mask(
     return torch.empty(shape, dtype=torch.bool).bernoulli_(density, generator=generator)
 
 
-def dare_apply_(delta: Tensor, mask: Tensor, density: float, rescale: Rescale) -> Tensor:
-    """Zero the dropped entries of ``delta`` (in place) and rescale the kept ones."""
-    return drop_(delta, mask, rescale, density)
+def dare_apply_(
+    delta: Tensor, mask: Tensor, density: float, rescale: Rescale, threads: int = 1
+) -> Tensor:
+    """Zero the dropped entries of ``delta`` (in place) and rescale the kept ones
+    (``threads``: the order of the L1 rescale's sums, `splice.merge.sparsify.l1_sum`)."""
+    return drop_(delta, mask, rescale, density, threads=threads)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -99,24 +110,24 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def dare_drop_(
-    delta: Tensor, density: float, seed: int, rescale: Rescale, offset: int = 0
+    delta: Tensor, density: float, seed: int, rescale: Rescale, offset: int = 0, threads: int = 1
 ) -> Tensor:
     """``dare_apply_(δ, dare_mask(δ.shape, density, seeded_generator(seed), offset),
     density, rescale)``: in one compiled pass when `compiled_drop_applies`, else with
     torch's ops. ``offset``: δ's first entry's place in the flat tensor whose mask is drawn
     (a row chunk's first flat entry; not with the L1 rescale, whose norms span the whole
-    tensor)."""
+    tensor); ``threads``: the order of its sums, `splice.merge.sparsify.l1_sum`."""
     mode = rescale_mode(rescale)
     if offset and mode == "l1":
         raise ValueError("dare_drop_: the L1 rescale needs the whole tensor (offset 0)")
     if compiled_drop_applies(delta):
         assert _dare_kernel is not None
-        l1 = delta.abs().sum() if mode == "l1" else None
+        l1 = l1_sum(delta, threads) if mode == "l1" else None
         buf = delta.view(torch.int16) if delta.dtype == torch.bfloat16 else delta
         if _dare_kernel.drop(buf.numpy(), delta.element_size(), seed, float(density), offset):
-            return rescale_kept_(delta, mode, density, l1)
+            return rescale_kept_(delta, mode, density, l1, threads)
     mask = dare_mask(delta.shape, density, seeded_generator(seed), offset)
-    return dare_apply_(delta, mask, density, rescale)
+    return dare_apply_(delta, mask, density, rescale, threads)
 
 
 def compiled_drop_applies(delta: Tensor) -> bool:
@@ -261,9 +272,10 @@ def dare_(
     """Drop each entry of δ_i with probability 1 − density_i, rescale the rest (in place)."""
     if rescale_mode(rescale) == "l1" and ctx.dialect == "splice":
         return _dare_l1_(deltas, density, ctx)
+    threads = l1_threads(ctx.dialect)
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
         if dens < 1:
-            dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset)
+            dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset, threads)
 
 
 _MERGEKIT = {"density": 1.0, "rescale": True}

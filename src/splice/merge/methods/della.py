@@ -45,7 +45,7 @@ from splice.errors import MergeValidationError
 from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
 from splice.merge.registry import MergeContext, PerModel
-from splice.merge.sparsify import Rescale, drop_, rows_view
+from splice.merge.sparsify import Rescale, drop_, l1_threads, rows_view
 
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
 
@@ -70,15 +70,21 @@ def magprune_mask(prob: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def magprune_(
-    delta: Tensor, density: float, epsilon: float, rescale: Rescale, generator: torch.Generator
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    rescale: Rescale,
+    generator: torch.Generator,
+    threads: int = 1,
 ) -> Tensor:
-    """DELLA's MagPrune of one task vector, in place."""
+    """DELLA's MagPrune of one task vector, in place (``threads``: the order of the L1
+    rescale's sums, `splice.merge.sparsify.l1_sum`)."""
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
     prob = magprune_keep_prob(delta.cpu(), density, epsilon)
-    return drop_(delta, magprune_mask(prob, generator), rescale, prob)
+    return drop_(delta, magprune_mask(prob, generator), rescale, prob, threads=threads)
 
 
 def magprune_sparsifier(method: str) -> Callable[..., None]:
@@ -100,7 +106,7 @@ def magprune_sparsifier(method: str) -> Callable[..., None]:
                     f"got density {d}, epsilon {e}"
                 )
         for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
-            magprune_(d, dens, eps, rescale, ctx.generator(i))
+            magprune_(d, dens, eps, rescale, ctx.generator(i), l1_threads(ctx.dialect))
 
     return magprune_all_
 

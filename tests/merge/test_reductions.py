@@ -1,5 +1,5 @@
 """Whole-vector sums and norms in torch's order for a given thread count
-(`_mergekit_reductions`): the same bits as torch's own op run with that many intra-op
+(`splice.merge.reductions`): the same bits as torch's own op run with that many intra-op
 threads, whatever the thread count of the caller."""
 
 from collections.abc import Iterator
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splice.errors import RecipeError
-from splice.merge.methods._mergekit_reductions import (
+from splice.merge.reductions import (
     GRAIN,
     THREADS_ENV,
     mergekit_threads,
