@@ -251,14 +251,16 @@ static PyObject *torch_sort_trim(PyObject *self, PyObject *args) {
     if (work.buf != NULL) memset(keep, 0, (size_t)n);
     if (keep != NULL) {
         rc = mark_torch_sort(delta.buf, itemsize, n, k, keep, work.buf);
+        /* δ · 0 for an entry not kept: a zero with δ's sign. Branch-free (keep is 0 or 1, in
+         * random order: a branch mispredicts up to half the time, ~10 ns an entry at density
+         * 0.5), so the loop vectorizes. */
         if (rc == 1 && itemsize == 4) {
             uint32_t *bits = (uint32_t *)delta.buf;
-            for (Py_ssize_t j = 0; j < n; j++)
-                if (!keep[j]) bits[j] &= 0x80000000u; /* δ · 0: a zero with δ's sign */
+            for (Py_ssize_t j = 0; j < n; j++) bits[j] &= 0x80000000u | (0u - (uint32_t)keep[j]);
         } else if (rc == 1) {
             uint16_t *bits = (uint16_t *)delta.buf;
             for (Py_ssize_t j = 0; j < n; j++)
-                if (!keep[j]) bits[j] &= 0x8000u;
+                bits[j] &= (uint16_t)(0x8000u | (0u - (uint32_t)keep[j]));
         }
         if (work.buf == NULL) free(keep);
     }

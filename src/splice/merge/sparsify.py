@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from splice.io import scratch
 from splice.merge.reductions import mergekit_threads, sum_last
 from splice.merge.stats import KeepRule
 
@@ -50,8 +51,12 @@ def l1_threads(dialect: str) -> int:
 
 def l1_sum(x: Tensor, threads: int) -> Tensor:
     """|x|_1 as ``x.abs().sum()`` (a 0-dim tensor of x's dtype) computes it with ``threads``
-    intra-op threads (`sum_last`)."""
-    return sum_last(x.abs().reshape(-1), threads)
+    intra-op threads (`sum_last`); |x| in a scratch tensor (`splice.io.scratch`)."""
+    if x.requires_grad:
+        return sum_last(x.abs().reshape(-1), threads)
+    return sum_last(
+        torch.abs(x, out=scratch.empty(x.shape, x.dtype, x.device)).reshape(-1), threads
+    )
 
 
 def rescale_l1(original_l1: Tensor | float, masked: Tensor, threads: int = 1) -> Tensor:
