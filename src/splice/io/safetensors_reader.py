@@ -14,10 +14,13 @@ The file is opened only if it is a regular file (`safe_paths.open_regular`: a FI
 named `*.safetensors` is an error, not a hang), and errors never quote its bytes.
 
 `read(name)` reads that tensor's bytes, and nothing else, with `os.preadv` into a fresh
-buffer: no long-lived mmap, so the resident memory is the tensors the caller holds, not the
-file's pages. `view(name)` maps just that tensor's pages (privately, copy-on-write) for the
-length of a `with` block, for callers that only read them once (a conversion to another dtype,
-`splice.io.mapped`): no copy out of the page cache, and the mapping is gone after the block.
+tensor (uninitialized: no zeroing pass before the read; while a merge runs, one of the scratch
+pool's reused storages, `splice.io.scratch`, so the read lands in pages already in memory
+instead of faulting in new ones): no long-lived mmap, so the resident memory is the tensors
+the caller holds, not the file's pages. `view(name)` maps just that tensor's pages
+(privately, copy-on-write) for the length of a `with` block, for callers that only read them
+once (a conversion to another dtype, `splice.io.mapped`): no copy out of the page cache, and
+the mapping is gone after the block.
 The file descriptor stays open until `close()`; reads from several threads are safe.
 """
 
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from splice.errors import CheckpointError
+from splice.io import scratch
 from splice.io.base import TensorInfo
 from splice.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
 from splice.io.safe_paths import open_regular, shown
@@ -163,10 +167,16 @@ class SafetensorsReader:
         begin, end = self._ranges[name]
         if begin == end:
             return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(end - begin)
-        read_exact(self._fd, buf, begin, self.path)
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-        return flat.view(info.dtype).reshape(info.shape)
+        return self._read_into(info.shape, info.dtype, begin, end - begin)
+
+    def _read_into(
+        self, shape: tuple[int, ...], dtype: torch.dtype, offset: int, nbytes: int
+    ) -> torch.Tensor:
+        """``nbytes`` at ``offset`` as a fresh tensor of ``shape`` and ``dtype`` (a scratch
+        tensor: `splice.io.scratch`)."""
+        out = scratch.empty(shape, dtype)
+        read_exact(self._fd, out.reshape(-1).view(torch.uint8).numpy(), offset, self.path)
+        return out
 
     rows_direct = True  # `read_rows` reads only the rows' bytes
 
@@ -176,9 +186,9 @@ class SafetensorsReader:
         info, row, shape = self._row_span(name, start, stop, "read")
         if row == 0 or start == stop:
             return torch.empty(shape, dtype=info.dtype)
-        buf = bytearray(row * (stop - start))
-        read_exact(self._fd, buf, self._ranges[name][0] + row * start, self.path)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(shape)
+        return self._read_into(
+            shape, info.dtype, self._ranges[name][0] + row * start, row * (stop - start)
+        )
 
     def view(self, name: str) -> contextlib.AbstractContextManager[torch.Tensor]:
         """Tensor ``name`` over a private mapping of its pages, valid inside the block only:
