@@ -54,12 +54,15 @@ def largest_mask(x: Tensor, density: float) -> Tensor:
 
 def magnitude(x: Tensor) -> Tensor:
     """|x| in float32 (a new tensor; ``x`` is left alone)."""
-    if x.dtype != torch.float32:
-        return x.detach().abs().float()
     if x.requires_grad:
-        return x.abs()
-    # into a scratch tensor (`splice.io.scratch`: reused pages in a merge), the same bits
-    return torch.abs(x, out=scratch.empty(x.shape, torch.float32, x.device))
+        return x.abs() if x.dtype == torch.float32 else x.detach().abs().float()
+    # into a scratch tensor (`splice.io.scratch`: reused pages in a merge), the same bits;
+    # another dtype is converted first, then |.| in place (both exact: the same bits as
+    # x.abs().float(), with one float32 tensor instead of an |x| of x's dtype beside it)
+    out = scratch.empty(x.shape, torch.float32, x.device)
+    if x.dtype != torch.float32:
+        return out.copy_(x).abs_()
+    return torch.abs(x, out=out)
 
 
 def mask_(delta: Tensor, mask: Tensor) -> Tensor:
