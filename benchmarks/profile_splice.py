@@ -10,7 +10,8 @@ Wraps splice's own functions with timers that add up per step, runs the merge th
 engine (`plan_merge` + `run_merge`) and prints seconds per step and per phase: read,
 convert (inputs cast to the compute dtype), delta, selection (trim / drop), election (TIES
 sign vote), combine (the rest of the method), cast (to the output dtype), write, plus
-"stats" (whole-model statistic passes of the native TIES) and "other" (what no timer covers:
+"stats" (whole-model statistic passes of the native TIES, and the per-tensor statistics of a
+tensor merged in row chunks: its trim's keep rules or masks, Grams, row sums) and "other" (what no timer covers:
 thread hand-offs, set-up). With --threads 1 (the default) the steps run one after another and
 add up to the wall time; with more threads they are summed over threads (busy time).
 
@@ -49,6 +50,14 @@ STEPS: list[tuple[str, str, str, int, str | None]] = [
     ("splice.engine.execute", "_Runner.__call__", "job (all steps of one tensor)", 0, None),
     ("splice.engine.driver", "Sources.read", "read input tensor", 1, "read"),
     ("splice.engine.execute", "_model_stat_rules", "whole-model statistics passes", 0, "stats"),
+    (
+        "splice.engine.chunks",
+        "chunk_tensor_rules",
+        "per-tensor statistics of a chunked tensor",
+        0,
+        "stats",
+    ),
+    ("splice.engine.chunks", "chunk_keep_masks", "whole-tensor keep mask (torch order)", 1, None),
     ("splice.merge.registry", "MergeMethod.__call__", "method (all its steps)", 1, None),
     ("splice.merge.methods._common", "deltas_", "deltas θ_i − base", 2, "delta"),
     (

@@ -233,3 +233,28 @@ def test_pairs_selection_declines_what_it_cannot_do(monkeypatch):
     monkeypatch.setattr(argsort_select, "_introselect", None)
     assert not argsort_select.pairs_selectable(40)
     assert argsort_select.select_pairs_packed(pairs, 5) is None
+
+
+@compiled
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", [0, 17, 999])
+def test_the_compiled_trim_finds_nan_itself(dtype, where):
+    """API_VERSION 3: the extension declines a δ with a NaN anywhere (either sign) and
+    leaves it untouched, without the torch pass before it; `trim_torch_sort_` then gives
+    the mask path's result."""
+    from splice.delta import _introselect
+    from splice.delta.topk import magnitude, mask_, topk_mask, trim_torch_sort_
+
+    assert _introselect.API_VERSION >= 3
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(where)).to(dtype)
+    for nan in (float("nan"), -float("nan")):
+        y = x.clone()
+        y[where] = nan
+        before = y.clone()
+        bits = y.view(torch.int32 if dtype == torch.float32 else torch.int16).numpy()
+        work = torch.empty(9 * 1000, dtype=torch.uint8).numpy()
+        assert not _introselect.torch_sort_trim(bits, 300, y.element_size(), work)
+        assert torch.equal(y.view(torch.uint8), before.view(torch.uint8))
+        want = mask_(before.clone(), topk_mask(magnitude(before), 300, "torch_sort"))
+        got = trim_torch_sort_(y, 300)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

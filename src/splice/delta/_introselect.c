@@ -12,10 +12,11 @@
  *   values: C-contiguous float32 buffer without NaN (the caller checks); mask: writable
  *   byte buffer of the same length, zeroed by the caller; 0 < k < n.
  *
- * torch_sort_trim(delta, k, itemsize) -> bool
+ * torch_sort_trim(delta, k, itemsize[, work]) -> bool
  *   The same selection on |delta| (float32, itemsize 4, or bfloat16, itemsize 2), applied in
  *   place: every entry not selected becomes a zero with its sign (what delta * mask gives).
- *   False (delta untouched) on the depth limit.
+ *   False (delta untouched) on the depth limit, or when delta holds a NaN (checked while
+ *   the pairs are built: torch's sort orders NaN its own way, the caller sorts for real).
  *
  * torch_sort_select_pairs(pairs, k, bits) -> bool
  *   The same selection on (value, index) pairs the caller built (n entries of a float32
@@ -161,29 +162,34 @@ static inline float magnitude_at(const void *buf, int itemsize, Py_ssize_t j) {
 
 /* Mark in keep[] (n bytes, zeroed) the k entries torch.argsort(|x|, descending=True)[:k]
  * selects; the (value, index) pairs go into work (8n bytes, n <= UINT32_MAX) when given,
- * else into a fresh allocation. Returns 1, 0 on the depth limit, -1 out of memory. */
+ * else into a fresh allocation. Returns 1, 0 on the depth limit or a NaN in x (keep[]
+ * untouched), -1 out of memory. */
 static int mark_torch_sort(const void *buf, int itemsize, Py_ssize_t n, Py_ssize_t k,
                            uint8_t *keep, void *work) {
     int rc;
     if (n <= (Py_ssize_t)UINT32_MAX) {
         pair32 *a = work != NULL ? (pair32 *)work : (pair32 *)malloc(sizeof(pair32) * (size_t)n);
         if (a == NULL) return -1;
+        int nan = 0;
         for (Py_ssize_t j = 0; j < n; j++) {
             a[j].v = magnitude_at(buf, itemsize, j);
             a[j].i = (uint32_t)j;
+            nan |= a[j].v != a[j].v;
         }
-        rc = select32(a, n, k);
+        rc = nan ? 0 : select32(a, n, k);
         if (rc == 1)
             for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
         if (work == NULL) free(a);
     } else {
         pair64 *a = (pair64 *)malloc(sizeof(pair64) * (size_t)n);
         if (a == NULL) return -1;
+        int nan = 0;
         for (Py_ssize_t j = 0; j < n; j++) {
             a[j].v = magnitude_at(buf, itemsize, j);
             a[j].i = (int64_t)j;
+            nan |= a[j].v != a[j].v;
         }
-        rc = select64(a, n, k);
+        rc = nan ? 0 : select64(a, n, k);
         if (rc == 1)
             for (Py_ssize_t p = 0; p < k; p++) keep[a[p].i] = 1;
         free(a);
@@ -313,7 +319,7 @@ static PyMethodDef methods[] = {
      "torch_sort_trim(delta, k, itemsize[, work]) -> bool: zero (keeping the sign) all "
      "entries of a float32 / bfloat16 buffer but the k that torch.argsort(|delta|, "
      "descending=True)[:k] selects, in place; False (delta untouched) where introsort would "
-     "use heapsort. work: a writable buffer of 9n bytes for the scratch (else allocated)."},
+     "use heapsort or delta holds a NaN. work: a writable buffer of 9n bytes for the scratch (else allocated)."},
     {"torch_sort_topk", torch_sort_topk, METH_VARARGS,
      "torch_sort_topk(values, k, mask) -> bool: mark torch.argsort(values, descending=True)"
      "[:k] in mask without sorting; False where introsort would switch to heapsort."},
@@ -326,10 +332,11 @@ static struct PyModuleDef module = {
 };
 
 /* API_VERSION 2: torch_sort_trim takes the optional work buffer (1, or no constant: it
-   allocates its own). Python checks the number, not the docstring. */
+   allocates its own); 3: torch_sort_trim and torch_sort_topk check for NaN themselves
+   (False, nothing changed). Python checks the number, not the docstring. */
 PyMODINIT_FUNC PyInit__introselect(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", 2) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -197,7 +197,9 @@ def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
     ``torch.argsort(|delta|, descending=True)[:k]`` selects (the zeros keep δ's sign, as
     ``delta * mask`` gives). Done in one compiled call for a contiguous float32 / bfloat16
     CPU tensor without NaN when the compiled path passed its self-check; returns False
-    (``delta`` untouched) otherwise, and the caller masks with `argsort_topk_mask`."""
+    (``delta`` untouched) otherwise, and the caller masks with `argsort_topk_mask`. The
+    extension looks for NaN itself while it builds its pairs (``API_VERSION`` 3; an older
+    build gets a torch pass first)."""
     n = delta.numel()
     if (
         _introselect is None
@@ -206,7 +208,7 @@ def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
         or delta.dtype not in (torch.float32, torch.bfloat16)
         or not delta.is_contiguous()
         or selection_path() != "compiled"
-        or bool(torch.isnan(delta).any())
+        or (getattr(_introselect, "API_VERSION", 1) < 3 and bool(torch.isnan(delta).any()))
     ):
         return False
     buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
