@@ -11,9 +11,10 @@ engine (`plan_merge` + `run_merge`) and prints seconds per step and per phase: r
 convert (inputs cast to the compute dtype), delta, selection (trim / drop), election (TIES
 sign vote), combine (the rest of the method), cast (to the output dtype), write, plus
 "stats" (whole-model statistic passes of the native TIES, and the per-tensor statistics of a
-tensor merged in row chunks: its trim's keep rules or masks, Grams, row sums) and "other" (what no timer covers:
-thread hand-offs, set-up). With --threads 1 (the default) the steps run one after another and
-add up to the wall time; with more threads they are summed over threads (busy time).
+tensor merged in row chunks: its trim's keep rules or masks, Grams, row sums) and "other"
+(what no timer covers: thread hand-offs, set-up). With --threads 1 (the default) the steps
+run one after another and add up to the wall time; with more threads they are summed over
+threads (busy time).
 
 With --models, recipes for each method and variant are written next to the models (the
 base and 3 fine-tunes of benchmarks/merge_speed.py, which builds them; TIES densities
