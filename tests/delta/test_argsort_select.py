@@ -258,3 +258,24 @@ def test_the_compiled_trim_finds_nan_itself(dtype, where):
         want = mask_(before.clone(), topk_mask(magnitude(before), 300, "torch_sort"))
         got = trim_torch_sort_(y, 300)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_fill_pairs_compiled_and_numpy_agree(monkeypatch):
+    """`fill_pairs` in slices gives (value, flat index) pairs, the compiled pass and numpy's
+    the same bytes; a NaN in a slice is refused by both."""
+    np = pytest.importorskip("numpy")
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    for compiled_pass in (True, False):
+        if not compiled_pass:
+            monkeypatch.setattr(argsort_select, "_introselect", None)
+        pairs = np.zeros(1000, dtype=argsort_select.PAIR)
+        for a, b in ((0, 1), (1, 400), (400, 1000)):
+            assert argsort_select.fill_pairs(pairs, values[a:b], a)
+        assert np.array_equal(pairs["v"], values.numpy())
+        assert np.array_equal(pairs["i"], np.arange(1000, dtype=np.uint32))
+        bad = values[10:20].clone()
+        bad[3] = float("nan")
+        assert not argsort_select.fill_pairs(pairs, bad, 10)
+    monkeypatch.undo()
+    if argsort_select._introselect is not None:
+        assert hasattr(argsort_select._introselect, "fill_pairs")

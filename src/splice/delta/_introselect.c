@@ -25,7 +25,12 @@
  *   zeroed by the caller; numpy.packbits order, most significant bit first). Peak: the
  *   pairs alone, no copy of the values. False (bits untouched) on the depth limit.
  *
- * All three release the GIL while they run.
+ * fill_pairs(pairs, values, start) -> bool
+ *   pairs[start + j] = (values[j], start + j) for the float32 values (m of them; the pairs
+ *   buffer as for torch_sort_select_pairs, start + m <= n), in one pass. False when a value
+ *   is NaN (the selection takes none; the pairs are then partly filled).
+ *
+ * All four release the GIL while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -310,7 +315,45 @@ static PyObject *torch_sort_select_pairs(PyObject *self, PyObject *args) {
     return PyBool_FromLong(rc);
 }
 
+static PyObject *fill_pairs(PyObject *self, PyObject *args) {
+    PyObject *pairs_obj, *values_obj;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "OOn", &pairs_obj, &values_obj, &start)) return NULL;
+    Py_buffer pairs, values;
+    if (PyObject_GetBuffer(pairs_obj, &pairs, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(values_obj, &values, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&pairs);
+        return NULL;
+    }
+    Py_ssize_t n = pairs.len / (Py_ssize_t)sizeof(pair32), m = values.len / 4;
+    if (pairs.len % (Py_ssize_t)sizeof(pair32) != 0 || values.len % 4 != 0 || start < 0 ||
+        start > n - m || n > (Py_ssize_t)UINT32_MAX) {
+        PyBuffer_Release(&pairs);
+        PyBuffer_Release(&values);
+        PyErr_SetString(PyExc_ValueError, "fill_pairs: need n 8-byte pairs, m float32 values, "
+                                          "0 <= start <= n - m and n < 2^32");
+        return NULL;
+    }
+    int nan = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    pair32 *a = (pair32 *)pairs.buf + start;
+    const float *v = (const float *)values.buf;
+    for (Py_ssize_t j = 0; j < m; j++) {
+        a[j].v = v[j];
+        a[j].i = (uint32_t)(start + j);
+        nan |= v[j] != v[j];
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&pairs);
+    PyBuffer_Release(&values);
+    return PyBool_FromLong(!nan);
+}
+
 static PyMethodDef methods[] = {
+    {"fill_pairs", fill_pairs, METH_VARARGS,
+     "fill_pairs(pairs, values, start) -> bool: pairs[start + j] = (values[j], start + j) "
+     "for float32 values, in one pass; False when a value is NaN."},
     {"torch_sort_select_pairs", torch_sort_select_pairs, METH_VARARGS,
      "torch_sort_select_pairs(pairs, k, bits) -> bool: set the packed bits of the indices "
      "torch.argsort(values, descending=True)[:k] selects, from caller-built (float32 value, "
@@ -333,7 +376,7 @@ static struct PyModuleDef module = {
 
 /* API_VERSION 2: torch_sort_trim takes the optional work buffer (1, or no constant: it
    allocates its own); 3: torch_sort_trim and torch_sort_topk check for NaN themselves
-   (False, nothing changed). Python checks the number, not the docstring. */
+   (False, nothing changed), and fill_pairs exists. Python checks the number, not the docstring. */
 PyMODINIT_FUNC PyInit__introselect(void) {
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", 3) < 0) {

@@ -242,6 +242,21 @@ def pairs_selectable(n: int) -> bool:
     )
 
 
+def fill_pairs(pairs: np.ndarray, values: torch.Tensor, start: int) -> bool:
+    """``pairs[start + j] = (values[j], start + j)`` for a contiguous float32 CPU tensor of
+    values (a slice of the entries, e.g. a chunk of rows): one compiled pass where the
+    extension has it (``API_VERSION`` 3), else numpy's. False when a value is NaN (the
+    selection takes none; the pairs are then partly filled)."""
+    if getattr(_introselect, "fill_pairs", None) is not None:
+        return bool(_introselect.fill_pairs(pairs, values.numpy(), start))
+    if bool(values.isnan().any()):
+        return False
+    stop = start + values.numel()
+    pairs["v"][start:stop] = values.numpy()
+    pairs["i"][start:stop] = np.arange(start, stop, dtype=np.uint32)
+    return True
+
+
 def select_pairs_packed(pairs: np.ndarray, k: int) -> np.ndarray | None:
     """The positions ``torch.argsort(values, descending=True)[:k]`` selects, as a packed
     keep mask (``numpy.packbits`` order, ⌈n/8⌉ bytes), from (value, flat index) pairs of

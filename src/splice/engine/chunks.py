@@ -134,7 +134,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from splice.delta.argsort_select import PAIR, pairs_selectable, select_pairs_packed
+from splice.delta.argsort_select import PAIR, fill_pairs, pairs_selectable, select_pairs_packed
 from splice.delta.topk import keep_count, magnitude, trim_torch_sort_
 from splice.engine.driver import Sources, source_key
 from splice.engine.plan import MergePlan, TensorJob
@@ -531,12 +531,10 @@ def chunk_keep_masks(
                 [request],
                 lambda ref, name, dt, a=a, b=b: sources.read_rows(ref, name, a, b, dt),
             )[0].reshape(-1)
-            if bool(mag.isnan().any()):  # the selection takes no NaN (as the trim)
-                clean = False
-                break
-            pairs["v"][a * cols : b * cols] = mag.numpy()
-            pairs["i"][a * cols : b * cols] = np.arange(a * cols, b * cols, dtype=np.uint32)
+            clean = fill_pairs(pairs, mag, a * cols)  # the selection takes no NaN (as the trim)
             del mag
+            if not clean:
+                break
         bits = select_pairs_packed(pairs, k) if clean else None
         del pairs
         if bits is not None:
