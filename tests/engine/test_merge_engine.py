@@ -107,6 +107,45 @@ def test_ties_whole_model_trim_matches_bruteforce(models, tmp_path):
         torch.testing.assert_close(got[n], t["base"][n] + num / den, rtol=0, atol=1e-6)
 
 
+def test_whole_model_trim_leaves_out_tensors_kept_whole(models, tmp_path):
+    """A tensor every model keeps whole (density 1 through a filter) is not trimmed and not
+    counted in the whole-model N: the others are trimmed as if it were not merged at all
+    (what AdaMerging++'s recipe needs for a classifier head the base shares)."""
+    t = models["tensors"]
+    names = list(t["base"])
+    whole = [n for n in names if "mlp" in n]
+    ranked = [n for n in names if n not in whole]
+    assert whole and ranked
+    dens = [0.2, 0.5]
+
+    def density(d):
+        return [{"filter": "mlp", "value": 1.0}, {"value": d}]
+
+    recipe = {
+        "method": "ties",
+        "base_model": models["base"],
+        "models": [
+            {"model": models[f"ft{i}"], "parameters": {"density": density(d)}}
+            for i, d in enumerate(dens)
+        ],
+        "parameters": {"scope": "model", "disjoint": "sum"},
+    }
+    got = load_all(merge(recipe, tmp_path / "out", threads=2))
+    n_ranked = sum(t["base"][n].numel() for n in ranked)
+    trimmed = []
+    for i, d in enumerate(dens):
+        deltas = [t[f"ft{i}"][n] - t["base"][n] for n in ranked]
+        masks = _global_topk_mask(deltas, round(d * n_ranked))
+        kept = dict(zip(ranked, [x * m for x, m in zip(deltas, masks)]))
+        kept |= {n: t[f"ft{i}"][n] - t["base"][n] for n in whole}
+        trimmed.append(kept)
+    for n in names:
+        a, b = trimmed[0][n], trimmed[1][n]
+        sign = torch.where(a + b >= 0, 1.0, -1.0)
+        num = a * (torch.sign(a) == sign) + b * (torch.sign(b) == sign)
+        torch.testing.assert_close(got[n], t["base"][n] + num, rtol=0, atol=1e-6)
+
+
 def test_layer_gradient_and_filter(models, tmp_path):
     t = models["tensors"]
     recipe = {

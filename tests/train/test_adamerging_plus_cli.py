@@ -142,11 +142,34 @@ def test_density_with_lm_loss_is_refused(pool, capsys):
     assert "--density applies to --objective adamerging++, not lm-loss" in err
 
 
-def test_a_head_the_base_shares_is_refused_with_a_trim(pool, odd, tmp_path, capsys):
-    """A classifier base shares `score.weight`: `splice merge`'s whole-model trim would count
-    it, AdaMerging++'s does not; refused before any model is loaded (density 1: no trim)."""
-    models = [{"model": str(pool[f"e{i}"]), "data": str(pool[f"d{i}"])} for i in range(2)]
-    recipe = plain._recipe(tmp_path / "r.yaml", odd["cls_base"], models)
-    argv = ["search", str(recipe), "--objective", "adamerging++", "--out", str(tmp_path / "l")]
-    err = fails_cleanly([*argv, "--quiet"], capsys)
-    assert "AdaMerging++ trims over the backbone only" in err and "score.weight" in err
+def test_a_head_the_base_shares_stays_out_of_the_trim(tmp_path, capsys):
+    """A classifier base shares `score.weight` (the experts' name and shape): the written
+    recipe gives it density 1 and weight 0, so `splice merge` trims over the backbone alone
+    (as AdaMerging++ does) and writes the base's head; the backbone is θ0 + Σ_k λ_k τ̂_k with
+    τ̂_k trimmed over the backbone's entries only."""
+    base_dir = plain.save_tiny_llama_classifier_folder(tmp_path / "base", seed=0)
+    base = load_file(str(base_dir / "model.safetensors"))
+    models = []
+    for i in range(2):
+        e = plain._expert(tmp_path, i, base, ("neg", "pos"))
+        (tmp_path / f"t{i}.jsonl").write_text(json.dumps({"text": plain.TEXTS[i]}) + "\n")
+        models.append({"model": str(e), "data": str(tmp_path / f"t{i}.jsonl")})
+    recipe = plain._recipe(tmp_path / "r.yaml", base_dir, models)
+    out = tmp_path / "l.yaml"
+    argv = ["search", str(recipe), "--objective", "adamerging++", "--out", str(out)]
+    assert main([*argv, "--steps", "2", "--granularity", "task", "--quiet", "--json"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(printed[printed.index("{") :])
+    written = yaml.safe_load(out.read_text())
+    heads = {"filter": "re:^(?:score\\.weight)$", "value": 1.0}
+    assert all(m["parameters"]["density"] == [heads, {"value": 0.2}] for m in written["models"])
+    assert main(["merge", str(out), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    experts = [load_file(str(Path(m["model"]) / "model.safetensors")) for m in models]
+    assert torch.equal(got["score.weight"], base["score.weight"])
+    names = [n for n in base if n.startswith("model.")]
+    trimmed = _ties_by_hand(base, experts, names, 0.2)
+    lam = [record["coefficients"][m["model"]] for m in models]
+    for n in names:
+        by_hand = base[n] + lam[0] * trimmed[0][n] + lam[1] * trimmed[1][n]
+        assert torch.allclose(got[n], by_hand, rtol=0, atol=1e-6), n

@@ -47,7 +47,7 @@ from splice.engine.layers import layer_index
 from splice.engine.plan import MergePlan
 from splice.engine.prefetch import Call, Read
 from splice.engine.resume_check import InputCheck, Rules, rules_digest, stats_key
-from splice.engine.topk import keep_rules
+from splice.engine.topk import keep_rules, topk_jobs
 from splice.errors import CheckpointError
 from splice.io import model_dir_of
 from splice.io.finite import numerical_errors
@@ -238,8 +238,9 @@ def _model_stat_rules(
     requests = plan.stat_requests
     if not requests:
         return {}, {}
-    # The statistic spans all merged tensors, also those a resumed run has done.
-    merge_jobs = [i for i, j in enumerate(plan.jobs) if j.kind == "merge"]
+    # The statistic spans all merged tensors that declare it (`topk_jobs`: not those every
+    # model keeps whole), also those a resumed run has done.
+    merge_jobs = topk_jobs(plan.method, plan.jobs)
     units: list[tuple[int, tuple[int, int] | None]] = []  # (job, rows or None: whole)
     for i in merge_jobs:
         if i in chunks:

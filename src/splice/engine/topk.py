@@ -163,23 +163,34 @@ def select_rules(
     return rules, left_out
 
 
+def _declared(method: MergeMethod, params: dict) -> list[TopKThreshold]:
+    """The whole-model top-k requests of one tensor's parameters."""
+    if method.model_stats is None:
+        return []
+    return [r for r in method.model_stats(params) if isinstance(r, TopKThreshold)]
+
+
 def topk_requests(method: MergeMethod, jobs: list[TensorJob]) -> list[TopKThreshold]:
     """The whole-model top-k statistics the method declares (other requests need no pass);
-    their parameters must not vary by tensor."""
-    merge_jobs = [j for j in jobs if j.kind == "merge"]
-    if method.model_stats is None or not merge_jobs:
+    their parameters must not vary by tensor. A tensor that declares none (every model's
+    density 0 or 1 there: nothing is ranked) is left out of the whole-model trim and of its
+    count N (`topk_jobs`); every other tensor must declare the same."""
+    ranked = [j for j in jobs if j.kind == "merge" and _declared(method, j.params)]
+    if not ranked:
         return []
-
-    def declared(params: dict) -> list[TopKThreshold]:
-        assert method.model_stats is not None
-        return [r for r in method.model_stats(params) if isinstance(r, TopKThreshold)]
-
-    requests = declared(merge_jobs[0].params)
-    for j in merge_jobs[1:]:
-        if declared(j.params) != requests:
+    requests = _declared(method, ranked[0].params)
+    for j in ranked[1:]:
+        if _declared(method, j.params) != requests:
             raise MergeValidationError(
                 "whole-model trimming (scope: model) needs the same density for every "
-                f"tensor, but '{j.out.name}' differs from '{merge_jobs[0].out.name}'; "
-                "use scope: tensor for per-tensor densities"
+                f"tensor, but '{j.out.name}' differs from '{ranked[0].out.name}'; "
+                "use scope: tensor for per-tensor densities (a tensor may also keep "
+                "density 1 for every model: it is then not trimmed nor counted)"
             )
     return requests
+
+
+def topk_jobs(method: MergeMethod, jobs: list[TensorJob]) -> list[int]:
+    """The indices of the jobs the whole-model trim spans: the merged tensors that declare
+    its requests (`topk_requests`)."""
+    return [i for i, j in enumerate(jobs) if j.kind == "merge" and _declared(method, j.params)]

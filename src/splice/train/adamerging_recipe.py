@@ -47,8 +47,10 @@ the disagreeing entries dropped), and the recipe written is ``method: ties`` wit
 model's ``density``: `splice merge` trims over the tensors it merges (the backbone: the
 base's other tensors are copied, the experts' heads are not in the base), elects the sign
 on the unweighted trimmed vectors (TIES's default weighted vote would elect on Σ_k λ_k τ̂_k)
-and adds Σ_k λ_k τ̂_k, the same θ0 + Σ_k λ_k τ̂_k up to float32 rounding. A base that shares
-head tensors with the experts is refused for it (those would enter the whole-model trim).
+and adds Σ_k λ_k τ̂_k, the same θ0 + Σ_k λ_k τ̂_k up to float32 rounding. Head tensors the
+base shares with the experts get density 1 (and weight 0), which keeps them out of the
+whole-model trim and its count (`splice.engine.topk.topk_requests`): the base's head is
+written as it is.
 
 Everything is checked before any model is loaded: the recipe (``method: task_arithmetic``,
 a ``base_model``, ``models:`` that each name ``data:``; no ``parameters``, ``lines``,
@@ -162,13 +164,6 @@ def prepare(
             )
         arch = arch or arch_i
     backbone, heads, added = _backbone(parsed.base_model, tasks, _prefix(arch))
-    if density is not None and density < 1 and heads:
-        raise MergeValidationError(
-            f"AdaMerging++ trims over the backbone only, but the base {parsed.base_model} "
-            f"shares head tensors with the experts ({', '.join(heads[:3])}): `splice merge`'s "
-            "whole-model TIES trim would count them too; give a base without that head (the "
-            "pretrained backbone or causal LM)"
-        )
     prepared = PreparedAdaMerging(
         raw, parsed, parsed.base_model, tasks, backbone, heads, density, added
     )
@@ -281,18 +276,35 @@ def learned_recipe(
             entry["tensor_prefix"] = prepared.base_prefix
         entry["parameters"] = {"weight": _weight(prepared, coefficients[k], layers)}
         if prepared.density is not None:
-            entry["parameters"]["density"] = float(prepared.density)
+            entry["parameters"]["density"] = _density(prepared)
         models.append(entry)
     out["models"] = models
     return out
+
+
+def _heads_filter(prepared: PreparedAdaMerging) -> str:
+    """The recipe filter matching the head tensors the base shares with the experts."""
+    return "re:^(?:" + "|".join(re.escape(n) for n in prepared.shared_heads) + ")$"
+
+
+def _density(prepared: PreparedAdaMerging) -> Any:
+    """AdaMerging++'s density; 1 on the head tensors the base shares (weight 0 there), which
+    leaves them out of the whole-model trim and its count, as AdaMerging++ trims over the
+    backbone only."""
+    assert prepared.density is not None
+    if not prepared.shared_heads:
+        return float(prepared.density)
+    return [
+        {"filter": _heads_filter(prepared), "value": 1.0},
+        {"value": float(prepared.density)},
+    ]
 
 
 def _weight(prepared: PreparedAdaMerging, lam: Tensor, layers: Any) -> Any:
     if lam.dim() == 0:
         if not prepared.shared_heads:
             return float(lam)
-        heads = "|".join(re.escape(n) for n in prepared.shared_heads)
-        return [{"filter": f"re:^(?:{heads})$", "value": 0.0}, {"value": float(lam)}]
+        return [{"filter": _heads_filter(prepared), "value": 0.0}, {"value": float(lam)}]
     entries: list[dict[str, Any]] = [
         {"filter": f"re:^{re.escape(name)}$", "value": float(v)}
         for name, v in zip(layers, lam.tolist(), strict=True)
