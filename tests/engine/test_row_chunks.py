@@ -148,7 +148,8 @@ def test_only_elementwise_methods_trims_and_copies_are_chunked(tmp_path):
         ("magnitude_prune", False): True,
         ("dare_ties", False): True,  # each chunk's mask: the stream from its first entry
         ("dare_ties", True): False,  # the L1 rescale needs the whole tensor's norms
-        ("della", False): False,  # magnitude ranks over the whole tensor
+        ("della", False): True,  # ranks within rows; each chunk's mask: the stream from there
+        ("della", True): False,  # the L1 rescale needs the whole tensor's norms
         ("slerp", False): False,
         ("task_arithmetic", False): True,
     }
@@ -434,6 +435,44 @@ def test_chunked_dare_equals_unchunked_bit_for_bit(
     assert whole == {}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert len(chunked[name]) > 8 and max(chunked[name]) < 12, chunked[name]
+    _same_files(tmp_path / "whole", tmp_path / "chunked")
+    real = execute_mod._Runner._merge
+    monkeypatch.setattr(
+        execute_mod._Runner,
+        "_merge",
+        lambda self, index, read, stats=None, offset=0: real(self, index, read, stats, 0),
+    )
+    _merge_rows(recipe, tmp_path / "offset0", monkeypatch, **kw)
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert any(
+        (tmp_path / "whole" / f).read_bytes() != (tmp_path / "offset0" / f).read_bytes()
+        for f in shards
+    )
+
+
+@pytest.mark.parametrize("cd", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("method", "dialect", "rescale"),
+    [
+        ("della", "splice", "inverse"),
+        ("della", "splice", "none"),
+        ("della_linear", "splice", "inverse"),
+        ("della", "mergekit", False),
+    ],
+)
+def test_chunked_della_equals_unchunked_bit_for_bit(
+    tmp_path, monkeypatch, cd, method, dialect, rescale
+):
+    """DELLA in row chunks: each chunk ranks its own whole rows and draws the tensor's
+    stream from its first flat entry, so the files are the unchunked ones; every chunk drawn
+    from the start of the stream gives other files."""
+    recipe = _dare_recipe(_wide_models(tmp_path, torch.float32), method, dialect, rescale, cd)
+    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
+    kw = {"threads": 1, "memory_budget": _DARE_BUDGET}
+    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
+    assert whole == {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert len(chunked[name]) > 8, chunked[name]
     _same_files(tmp_path / "whole", tmp_path / "chunked")
     real = execute_mod._Runner._merge
     monkeypatch.setattr(

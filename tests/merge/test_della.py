@@ -20,7 +20,7 @@ def fixed_masks(monkeypatch):
 
     def use(*masks):
         queue = [torch.tensor(m) for m in masks]
-        monkeypatch.setattr(della_module, "magprune_mask", lambda prob, gen: queue.pop(0))
+        monkeypatch.setattr(della_module, "magprune_mask", lambda prob, gen, offset=0: queue.pop(0))
 
     return use
 
@@ -119,3 +119,33 @@ def test_deterministic_given_seed():
         for s in (1, 1, 2)
     )
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_mask_at_an_offset_is_the_slice_of_the_whole_mask():
+    """torch draws a float32-probability Bernoulli mask one generator word per entry, so
+    discarding the first `offset` draws (in blocks) gives that slice of the whole mask,
+    across `SKIP_BLOCK` too; drawing the slice from the start gives another mask."""
+    from splice.merge.methods import della
+
+    prob = torch.rand(3000, generator=torch.Generator().manual_seed(1))
+    whole = della.magprune_mask(prob, torch.Generator().manual_seed(7))
+    for offset in (1, 311, 1234, 2999):
+        part = della.magprune_mask(prob[offset:], torch.Generator().manual_seed(7), offset)
+        assert torch.equal(part, whole[offset:])
+    naive = della.magprune_mask(prob[1234:], torch.Generator().manual_seed(7))
+    assert not torch.equal(naive, whole[1234:])
+    assert della.magprune_draws_split()
+
+
+def test_della_row_chunks_except_the_l1_rescale_and_1d():
+    from splice.merge.methods import della
+
+    for rescale, dialect, ndim, chunks in (
+        ("inverse", "splice", 2, True),
+        ("none", "splice", 3, True),
+        (False, "mergekit", 2, True),
+        ("l1", "splice", 2, False),
+        (True, "mergekit", 2, False),
+        ("inverse", "splice", 1, False),
+    ):
+        assert della.della_chunks({"rescale": rescale}, dialect, ndim) is chunks

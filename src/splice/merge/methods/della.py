@@ -32,10 +32,19 @@ accepted and ignored). Choices:
   0 < d < 1 (mergekit's rule); d >= 1 keeps δ as is, d = 0 drops everything.
 - Randomness: ``ctx.generator(i)`` for model i, drawn on the CPU (reproducible; cannot
   match mergekit's draws from the global torch RNG).
+- Row chunks (`splice.engine.chunks`): the ranks are within last-axis rows, which a row
+  chunk of a tensor of 2 or more dimensions holds whole, and torch draws a Bernoulli mask
+  with a float32 probability tensor serially, one 32-bit word of the generator per entry
+  whatever the probability, so a chunk's mask is the tensor's stream from the chunk's first
+  flat entry (``ctx.flat_offset``; the entries before it drawn and discarded, checked once
+  per process: `magprune_draws_split`); the inverse rescale or none and the combines are
+  elementwise. Not chunked: the L1 rescale (norms over the whole tensor), 1-D tensors (one
+  row).
 """
 
-from collections.abc import Callable
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from functools import cache
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
@@ -44,8 +53,8 @@ from torch import Tensor
 from splice.errors import MergeValidationError
 from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
-from splice.merge.registry import MergeContext, PerModel
-from splice.merge.sparsify import Rescale, drop_, l1_threads, rows_view
+from splice.merge.registry import Dialect, MergeContext, PerModel
+from splice.merge.sparsify import Rescale, drop_, l1_threads, rescale_mode, rows_view
 
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
 
@@ -64,9 +73,45 @@ def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     return prob.reshape(delta.shape)
 
 
-def magprune_mask(prob: Tensor, generator: torch.Generator) -> Tensor:
-    """Bool keep-mask, entry e kept with probability ``prob[e]`` (drawn on the CPU)."""
-    return torch.bernoulli(prob, generator=generator).bool()
+SKIP_BLOCK = 1 << 20  # entries drawn and discarded at a time when skipping to an offset
+
+
+def magprune_mask(prob: Tensor, generator: torch.Generator, offset: int = 0) -> Tensor:
+    """Bool keep-mask, entry e kept with probability ``prob[e]`` (float32, drawn on the CPU):
+    the draws of entries ``offset`` … of a mask drawn over the whole flat tensor (a row
+    chunk's part), the ``offset`` entries before it drawn and discarded, ``SKIP_BLOCK`` at a
+    time (one word each whatever the probability: `magprune_draws_split`)."""
+    if offset > 0:
+        dummy = torch.zeros(min(offset, SKIP_BLOCK), dtype=torch.float32)
+        for done in range(0, offset, SKIP_BLOCK):
+            torch.bernoulli(dummy[: min(SKIP_BLOCK, offset - done)], generator=generator)
+        del dummy
+    return torch.bernoulli(prob.float(), generator=generator).bool()
+
+
+@cache
+def magprune_draws_split() -> bool:
+    """Whether a mask drawn after discarding the entries before it (`magprune_mask` with an
+    offset) is that slice of the mask drawn at once, for a few sizes, offsets and
+    probabilities (across ``SKIP_BLOCK`` too); checked once per process. A torch that draws
+    otherwise keeps DELLA unchunked."""
+    g = torch.Generator().manual_seed(20240603)
+    for n, offset in ((1, 1), (7, 5), (300, 1000), (64, SKIP_BLOCK + 3)):
+        prob = torch.rand(offset + n, generator=g)
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        whole = magprune_mask(prob, torch.Generator().manual_seed(seed))
+        part = magprune_mask(prob[offset:], torch.Generator().manual_seed(seed), offset)
+        if not torch.equal(part, whole[offset:]):
+            return False
+    return True
+
+
+def della_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
+    """``row_chunks`` of DELLA: a row chunk holds whole last-axis rows (2 or more dimensions),
+    its mask is the tensor's stream from its first flat entry, and the rescale is elementwise
+    (inverse or none; not the L1 rescale's whole-tensor norms)."""
+    l1 = rescale_mode(params["rescale"]) == "l1"
+    return ndim >= 2 and not l1 and magprune_draws_split()
 
 
 def magprune_(
@@ -76,15 +121,18 @@ def magprune_(
     rescale: Rescale,
     generator: torch.Generator,
     threads: int = 1,
+    offset: int = 0,
 ) -> Tensor:
     """DELLA's MagPrune of one task vector, in place (``threads``: the order of the L1
-    rescale's sums, `splice.merge.sparsify.l1_sum`)."""
+    rescale's sums, `splice.merge.sparsify.l1_sum`; ``offset``: δ's first entry's place in
+    the flat tensor whose mask is drawn, a row chunk's first flat entry)."""
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
     prob = magprune_keep_prob(delta.cpu(), density, epsilon)
-    return drop_(delta, magprune_mask(prob, generator), rescale, prob, threads=threads)
+    mask = magprune_mask(prob, generator, offset)
+    return drop_(delta, mask, rescale, prob, threads=threads)
 
 
 def magprune_sparsifier(method: str) -> Callable[..., None]:
@@ -106,7 +154,8 @@ def magprune_sparsifier(method: str) -> Callable[..., None]:
                     f"got density {d}, epsilon {e}"
                 )
         for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
-            magprune_(d, dens, eps, rescale, ctx.generator(i), l1_threads(ctx.dialect))
+            threads = l1_threads(ctx.dialect)
+            magprune_(d, dens, eps, rescale, ctx.generator(i), threads, ctx.flat_offset)
 
     return magprune_all_
 
@@ -123,4 +172,5 @@ for _name, _combine, _then in (
         random=True,
         mergekit_defaults={"density": 1.0, "rescale": True},
         mergekit_ignored={"int8_mask"},
+        row_chunks=della_chunks,
     )
