@@ -18,6 +18,8 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
 # The TIES kernel's loops select between values computed on both sides: without traps
 # assumed the compiler vectorizes them (4-5x here); no value changes (see the .c file).
 TIES_FLAGS = [*FLAGS, "-fno-trapping-math"]
+# The AVX2 + baseline clones macro both kernels include (listed so an sdist carries it).
+CLONES_HEADER = "src/splice/merge/methods/_vector_clones.h"
 
 setup(
     ext_modules=[
@@ -30,12 +32,14 @@ setup(
         Extension(
             "splice.merge.methods._ties_kernel",
             ["src/splice/merge/methods/_ties_kernel.c"],
+            depends=[CLONES_HEADER],
             extra_compile_args=TIES_FLAGS,
             optional=True,
         ),
         Extension(
             "splice.merge.methods._dare_kernel",
             ["src/splice/merge/methods/_dare_kernel.c"],
+            depends=[CLONES_HEADER],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -210,6 +210,12 @@ TIES3 = [
     {"weight": 0.6, "density": 0.5},
 ]
 
+BREADCRUMBS3 = [
+    {"weight": 1.0, "density": 0.5, "gamma": 0.05},
+    {"weight": 0.8, "density": 0.7, "gamma": 0.1},
+    {"weight": 0.6, "density": 0.9, "gamma": 0.01},
+]
+
 CASES = {
     "linear": lambda m: models_recipe(m, "linear", W3, base=False),
     "linear_no_normalize": lambda m: models_recipe(
@@ -235,33 +241,14 @@ CASES = {
     "ties_rescale": lambda m: models_recipe(
         m, "ties", TIES3, {"normalize": False, "rescale": True}
     ),
-    "breadcrumbs": lambda m: models_recipe(
-        m,
-        "breadcrumbs",
-        [
-            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
-            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
-            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
-        ],
-    ),
+    "breadcrumbs": lambda m: models_recipe(m, "breadcrumbs", BREADCRUMBS3),
     "breadcrumbs_rescale": lambda m: models_recipe(
-        m,
-        "breadcrumbs",
-        [
-            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
-            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
-            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
-        ],
-        {"rescale": True},
+        m, "breadcrumbs", BREADCRUMBS3, {"rescale": True}
     ),
     "breadcrumbs_ties": lambda m: models_recipe(
         m,
         "breadcrumbs_ties",
-        [
-            {"weight": 1.0, "density": 0.5, "gamma": 0.05},
-            {"weight": 0.8, "density": 0.7, "gamma": 0.1},
-            {"weight": 0.6, "density": 0.9, "gamma": 0.01},
-        ],
+        BREADCRUMBS3,
         {"normalize": True},
     ),
     "slerp": lambda m: {

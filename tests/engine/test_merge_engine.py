@@ -77,6 +77,19 @@ def _global_topk_mask(deltas: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     return out
 
 
+def _whole_model_trims(t: dict, names: list[str], dens: list[float]) -> list[dict]:
+    """Per model i: name -> δ_i = ft_i − base with only its round(d_i · N) largest |entries|
+    over all of ``names`` (N entries) kept."""
+    n_total = sum(t["base"][n].numel() for n in names)
+    out = []
+    for i, d in enumerate(dens):
+        deltas = [t[f"ft{i}"][n] - t["base"][n] for n in names]
+        masks = _global_topk_mask(deltas, round(d * n_total))
+        assert sum(int(m.sum()) for m in masks) == round(d * n_total)
+        out.append({n: x * m for n, x, m in zip(names, deltas, masks)})
+    return out
+
+
 def test_ties_whole_model_trim_matches_bruteforce(models, tmp_path):
     t = models["tensors"]
     names = list(t["base"])
@@ -90,15 +103,9 @@ def test_ties_whole_model_trim_matches_bruteforce(models, tmp_path):
         "parameters": {"scope": "model"},
     }
     got = load_all(merge(recipe, tmp_path / "out", threads=2))
-    n_total = sum(t["base"][n].numel() for n in names)
-    trimmed = []
-    for i, d in enumerate(dens):
-        deltas = [t[f"ft{i}"][n] - t["base"][n] for n in names]
-        masks = _global_topk_mask(deltas, round(d * n_total))
-        trimmed.append([x * m for x, m in zip(deltas, masks)])
-        assert sum(int(m.sum()) for m in masks) == round(d * n_total)
-    for j, n in enumerate(names):
-        a, b = trimmed[0][j], trimmed[1][j]
+    trimmed = _whole_model_trims(t, names, dens)
+    for n in names:
+        a, b = trimmed[0][n], trimmed[1][n]
         sign = torch.where(a + b >= 0, 1.0, -1.0)
         agree_a = (torch.sign(a) == sign).float()
         agree_b = (torch.sign(b) == sign).float()
@@ -131,14 +138,9 @@ def test_whole_model_trim_leaves_out_tensors_kept_whole(models, tmp_path):
         "parameters": {"scope": "model", "disjoint": "sum"},
     }
     got = load_all(merge(recipe, tmp_path / "out", threads=2))
-    n_ranked = sum(t["base"][n].numel() for n in ranked)
-    trimmed = []
-    for i, d in enumerate(dens):
-        deltas = [t[f"ft{i}"][n] - t["base"][n] for n in ranked]
-        masks = _global_topk_mask(deltas, round(d * n_ranked))
-        kept = dict(zip(ranked, [x * m for x, m in zip(deltas, masks)]))
+    trimmed = _whole_model_trims(t, ranked, dens)
+    for i, kept in enumerate(trimmed):
         kept |= {n: t[f"ft{i}"][n] - t["base"][n] for n in whole}
-        trimmed.append(kept)
     for n in names:
         a, b = trimmed[0][n], trimmed[1][n]
         sign = torch.where(a + b >= 0, 1.0, -1.0)

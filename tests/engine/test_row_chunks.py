@@ -409,26 +409,9 @@ def _dare_recipe(paths: dict[str, str], method: str, dialect: str, rescale, cd: 
 _DARE_BUDGET = 24_000
 
 
-@pytest.mark.parametrize("cd", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("method", "dialect", "rescale"),
-    [
-        ("dare_ties", "splice", "inverse"),
-        ("dare_ties", "splice", "none"),
-        ("dare_linear", "splice", "inverse"),
-        ("dare_ties", "mergekit", False),
-        ("dare_linear", "mergekit", False),
-    ],
-)
-def test_chunked_dare_equals_unchunked_bit_for_bit(
-    tmp_path, monkeypatch, cd, dtype, method, dialect, rescale
-):
-    """DARE / DARE-TIES in row chunks: each chunk's masks are the tensor's streams from its
-    first flat entry, so the files are the unchunked ones (float32 / bfloat16: the compiled
-    drop; float16: torch's draws, the entries before the chunk drawn and discarded); every
-    chunk drawn from the start of the stream (offset 0) gives other files."""
-    recipe = _dare_recipe(_wide_models(tmp_path, dtype), method, dialect, rescale, cd)
+def _chunked_random_drop_is_whole(recipe: dict, tmp_path, monkeypatch) -> None:
+    """A random-drop recipe merged whole and in chunks of 2 to 4 rows: the same files; with
+    every chunk drawn from the start of its stream (offset 0), other files."""
     whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
     kw = {"threads": 1, "memory_budget": _DARE_BUDGET}
     chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
@@ -450,6 +433,29 @@ def test_chunked_dare_equals_unchunked_bit_for_bit(
     )
 
 
+@pytest.mark.parametrize("cd", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("method", "dialect", "rescale"),
+    [
+        ("dare_ties", "splice", "inverse"),
+        ("dare_ties", "splice", "none"),
+        ("dare_linear", "splice", "inverse"),
+        ("dare_ties", "mergekit", False),
+        ("dare_linear", "mergekit", False),
+    ],
+)
+def test_chunked_dare_equals_unchunked_bit_for_bit(
+    tmp_path, monkeypatch, cd, dtype, method, dialect, rescale
+):
+    """DARE / DARE-TIES in row chunks: each chunk's masks are the tensor's streams from its
+    first flat entry, so the files are the unchunked ones (float32 / bfloat16: the compiled
+    drop; float16: torch's draws, the entries before the chunk drawn and discarded); every
+    chunk drawn from the start of the stream (offset 0) gives other files."""
+    recipe = _dare_recipe(_wide_models(tmp_path, dtype), method, dialect, rescale, cd)
+    _chunked_random_drop_is_whole(recipe, tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("cd", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("method", "dialect", "rescale"),
@@ -467,25 +473,7 @@ def test_chunked_della_equals_unchunked_bit_for_bit(
     stream from its first flat entry, so the files are the unchunked ones; every chunk drawn
     from the start of the stream gives other files."""
     recipe = _dare_recipe(_wide_models(tmp_path, torch.float32), method, dialect, rescale, cd)
-    whole = _merge_rows(recipe, tmp_path / "whole", monkeypatch)
-    kw = {"threads": 1, "memory_budget": _DARE_BUDGET}
-    chunked = _merge_rows(recipe, tmp_path / "chunked", monkeypatch, **kw)
-    assert whole == {}
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert len(chunked[name]) > 8, chunked[name]
-    _same_files(tmp_path / "whole", tmp_path / "chunked")
-    real = execute_mod._Runner._merge
-    monkeypatch.setattr(
-        execute_mod._Runner,
-        "_merge",
-        lambda self, index, read, stats=None, offset=0: real(self, index, read, stats, 0),
-    )
-    _merge_rows(recipe, tmp_path / "offset0", monkeypatch, **kw)
-    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
-    assert any(
-        (tmp_path / "whole" / f).read_bytes() != (tmp_path / "offset0" / f).read_bytes()
-        for f in shards
-    )
+    _chunked_random_drop_is_whole(recipe, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(("dialect", "rescale"), [("mergekit", True)])

@@ -35,16 +35,9 @@
 #define MT_M 397
 
 /* AVX2 and baseline clones of the loops (the twist, the tempering, the keep test, the
- * finiteness scan), chosen at load time (GNU ifunc); the same integer operations 8 words
- * at a time, so the same words and masks. The helpers are inlined into the cloned callers. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef VECTOR_CLONES
-#define VECTOR_CLONES
-#endif
+ * finiteness scan): the same integer operations 8 words at a time, so the same words and
+ * masks. The helpers are inlined into the cloned callers. */
+#include "_vector_clones.h"
 #define INLINE static inline __attribute__((always_inline))
 
 static void mt_seed(uint32_t *s, uint32_t seed) {

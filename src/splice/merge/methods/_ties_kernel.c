@@ -37,14 +37,7 @@
 #define CHUNK 512 /* entries per block: the block's v_i stay in L1 */
 
 /* AVX2 and baseline clones of the block loops, chosen at load time (GNU ifunc). */
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef VECTOR_CLONES
-#define VECTOR_CLONES
-#endif
+#include "_vector_clones.h"
 
 /* The float32 combine over entries [0, len), block by block; every loop over a block is a
  * plain loop over entries without branches, which the compiler vectorizes. */
