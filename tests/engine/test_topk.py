@@ -74,3 +74,31 @@ def test_values_spanning_binades_and_zeros():
     (req,), rules = _run([mags], [0.5])
     kept = _apply(mags[0], rules[0][req])
     assert kept.tolist() == [False, False, False, False, True, True, True, True]
+
+
+def test_compiled_histograms_equal_torchs(monkeypatch):
+    """The compiled radix histograms (one pass) and torch's (isnan, shift, bincount) give
+    the same counts, over all values and inside a bucket, with zeros, ties and several
+    binades; NaN is an error in both."""
+    import pytest
+
+    from splice.engine import topk
+
+    if getattr(topk._introselect, "radix_histogram", None) is None:
+        pytest.skip("the _introselect extension is not built")
+    g = torch.Generator().manual_seed(3)
+    mag = (torch.randn(50_000, generator=g) * 4).exp().bfloat16().float()  # ties, binades
+    mag[::97] = 0.0
+    compiled_high = topk._histogram(mag, None)
+    bucket = int(compiled_high.argmax())
+    compiled_low = topk._histogram(mag, bucket)
+    assert int(compiled_high.sum()) == mag.numel() and int(compiled_low.sum()) > 1
+    bad = mag.clone()
+    bad[123] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        topk._histogram(bad, None)
+    monkeypatch.setattr(topk, "_introselect", None)
+    assert torch.equal(topk._histogram(mag, None), compiled_high)
+    assert torch.equal(topk._histogram(mag, bucket), compiled_low)
+    with pytest.raises(ValueError, match="NaN"):
+        topk._histogram(bad, bucket)

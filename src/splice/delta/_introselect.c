@@ -30,7 +30,13 @@
  *   buffer as for torch_sort_select_pairs, start + m <= n), in one pass. False when a value
  *   is NaN (the selection takes none; the pairs are then partly filled).
  *
- * All four release the GIL while they run.
+ * radix_histogram(mag, hist, bucket) -> bool
+ *   The radix selection's histograms of non-negative float32 values (their int32 bits are
+ *   monotonic in the value), added into hist (65536 int64 counts): bucket < 0, by the high
+ *   16 bits of every value; else by the low 16 bits of the values whose high 16 bits are
+ *   bucket. One pass, no copy. False when a value is NaN (the counts are then partial).
+ *
+ * All five release the GIL while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -350,7 +356,51 @@ static PyObject *fill_pairs(PyObject *self, PyObject *args) {
     return PyBool_FromLong(!nan);
 }
 
+static PyObject *radix_histogram(PyObject *self, PyObject *args) {
+    PyObject *mag_obj, *hist_obj;
+    long long bucket;
+    if (!PyArg_ParseTuple(args, "OOL", &mag_obj, &hist_obj, &bucket)) return NULL;
+    Py_buffer mag, hist;
+    if (PyObject_GetBuffer(mag_obj, &mag, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(hist_obj, &hist, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&mag);
+        return NULL;
+    }
+    if (mag.len % 4 != 0 || hist.len != 65536 * (Py_ssize_t)sizeof(int64_t) || bucket > 65535) {
+        PyBuffer_Release(&mag);
+        PyBuffer_Release(&hist);
+        PyErr_SetString(PyExc_ValueError, "radix_histogram: float32 values, 65536 int64 "
+                                          "counts, bucket < 65536");
+        return NULL;
+    }
+    const Py_ssize_t n = mag.len / 4;
+    uint32_t nan = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    const uint32_t *u = (const uint32_t *)mag.buf;
+    int64_t *h = (int64_t *)hist.buf;
+    if (bucket < 0) {
+        for (Py_ssize_t j = 0; j < n; j++) {
+            nan |= (u[j] & 0x7fffffffu) > 0x7f800000u;
+            h[u[j] >> 16]++;
+        }
+    } else {
+        const uint32_t b = (uint32_t)bucket;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            nan |= (u[j] & 0x7fffffffu) > 0x7f800000u;
+            if ((u[j] >> 16) == b) h[u[j] & 0xffffu]++; /* few match: a predictable branch */
+        }
+    }
+    Py_END_ALLOW_THREADS;
+    PyBuffer_Release(&mag);
+    PyBuffer_Release(&hist);
+    return PyBool_FromLong(!nan);
+}
+
 static PyMethodDef methods[] = {
+    {"radix_histogram", radix_histogram, METH_VARARGS,
+     "radix_histogram(mag, hist, bucket) -> bool: add the counts of the float32 values' high "
+     "16 bits (bucket < 0), or of the low 16 bits of those whose high 16 bits are bucket, "
+     "into hist (65536 int64); False when a value is NaN."},
     {"fill_pairs", fill_pairs, METH_VARARGS,
      "fill_pairs(pairs, values, start) -> bool: pairs[start + j] = (values[j], start + j) "
      "for float32 values, in one pass; False when a value is NaN."},
@@ -376,7 +426,7 @@ static struct PyModuleDef module = {
 
 /* API_VERSION 2: torch_sort_trim takes the optional work buffer (1, or no constant: it
    allocates its own); 3: torch_sort_trim and torch_sort_topk check for NaN themselves
-   (False, nothing changed), and fill_pairs exists. Python checks the number, not the docstring. */
+   (False, nothing changed), and fill_pairs and radix_histogram exist. Python checks the number, not the docstring. */
 PyMODINIT_FUNC PyInit__introselect(void) {
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddIntConstant(m, "API_VERSION", 3) < 0) {

@@ -15,7 +15,10 @@ monotonic in the value):
    entries equal to v (first ones in flat order within a tensor) to keep exactly k.
 
 Memory: two 65,536-bin histograms per model plus the per-tensor tie counts; the inputs are
-streamed one tensor at a time. Cost: two extra reads of the inputs.
+streamed one tensor at a time. Cost: two extra reads of the inputs. Each histogram is one
+compiled pass over the magnitudes where the extension has it (`radix_histogram` of
+`splice.delta._introselect`: NaN check, bits, counts), else torch's isnan, shift, mask and
+bincount; the same counts.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from splice.delta.topk import high_bits
+
+try:
+    from splice.delta import _introselect
+except ImportError:  # built without a C compiler: torch's ops
+    _introselect = None
 from splice.engine.driver import passes
 from splice.errors import MergeValidationError
 from splice.merge import KeepRule, MergeMethod, TensorTopK, TopKThreshold
@@ -48,6 +56,25 @@ def _bits(mag: torch.Tensor) -> torch.Tensor:
     if torch.isnan(mag).any():
         raise ValueError("NaN in a task vector: cannot rank magnitudes")
     return mag.view(torch.int32)
+
+
+def _histogram(mag: torch.Tensor, bucket: int | None) -> torch.Tensor:
+    """The radix selection's counts (65,536 int64) of one tensor's magnitudes: by the high
+    16 bits of every value (``bucket`` None), else by the low 16 bits of the values whose
+    high 16 bits are ``bucket``. ValueError on NaN."""
+    flat = mag.reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    compiled = getattr(_introselect, "radix_histogram", None)
+    if compiled is not None and flat.device.type == "cpu" and not flat.requires_grad:
+        hist = torch.zeros(_BINS, dtype=torch.int64)
+        if not compiled(flat.contiguous().numpy(), hist.numpy(), -1 if bucket is None else bucket):
+            raise ValueError("NaN in a task vector: cannot rank magnitudes")
+        return hist
+    bits = _bits(flat)
+    if bucket is None:
+        return torch.bincount(high_bits(bits), minlength=_BINS)
+    return torch.bincount(bits[high_bits(bits) == bucket] & 0xFFFF, minlength=_BINS)
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -99,7 +126,7 @@ def select_rules(
 
     def pass1(j: int) -> None:
         mags = magnitudes(j)
-        local = [torch.bincount(high_bits(_bits(m)), minlength=_BINS) for m in mags]
+        local = [_histogram(m, None) for m in mags]
         with lock:
             for h, loc in zip(hi_hist, local):
                 h += loc
@@ -122,10 +149,10 @@ def select_rules(
                 entry.append(None)
                 local.append(None)
                 continue
-            bits = _bits(m)
-            lo = bits[high_bits(bits) == bucket[0]] & 0xFFFF
-            entry.append(torch.unique(lo, return_counts=True))
-            local.append(torch.bincount(lo, minlength=_BINS))
+            counts = _histogram(m, bucket[0])
+            present = counts.nonzero().squeeze(1)  # the bucket's low bits here, ascending
+            entry.append((present, counts[present]))
+            local.append(counts)
         with lock:
             per_job[j] = entry
             for h, loc in zip(lo_hist, local):
