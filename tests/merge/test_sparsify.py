@@ -176,3 +176,38 @@ def test_rows_view():
     x = torch.arange(24.0).reshape(2, 3, 4)
     assert torch.equal(rows_view(x)[4], torch.tensor([16.0, 17.0, 18.0, 19.0]))
     assert rows_view(torch.tensor(1.0)).shape == (1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_keep_rule_trim_equals_the_mask_path(dtype):
+    """`keep_rule_trim_` keeps what `keep_rule_mask` keeps (|δ| > t, then the first quota
+    entries equal to t in flat order; the zeros with δ's sign), bit for bit, for thresholds
+    inside the values, at 0 and at +inf; a non-finite δ is left to the torch path."""
+    from splice.merge import sparsify
+
+    if getattr(sparsify._introselect, "apply_keep_rule", None) is None:
+        pytest.skip("the _introselect extension is not built")
+    g = torch.Generator().manual_seed(8)
+    delta = (torch.randn(40, 50, generator=g) * 0.01).to(dtype)  # bf16: many ties
+    delta[0, :7] = 0.0
+    delta[1, :5] = -0.0
+    mag = delta.abs().float().reshape(-1)
+    t = float(mag.sort().values[1200])
+    ties = int((mag == t).sum())
+    for rule in (
+        KeepRule(t, 0),
+        KeepRule(t, min(2, ties)),
+        KeepRule(t, ties),
+        KeepRule(0.0, 3),
+        KeepRule(float("inf"), 0),
+    ):
+        want = delta * keep_rule_mask(delta.abs().float(), rule)
+        got = delta.clone()
+        assert sparsify.keep_rule_trim_(got, rule)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), rule
+    bad = delta.clone()
+    bad[3, 3] = float("inf")
+    before = bad.clone()
+    assert not sparsify.keep_rule_trim_(bad, KeepRule(t, 1))
+    assert torch.equal(bad.view(torch.uint8), before.view(torch.uint8))
+    assert not sparsify.keep_rule_trim_(delta.clone(), KeepRule(-1.0, 0))  # keep all: torch

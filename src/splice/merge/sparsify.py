@@ -16,6 +16,7 @@ Rescale rules (`drop_`):
 
 from __future__ import annotations
 
+import struct
 from typing import Literal
 
 import torch
@@ -24,6 +25,11 @@ from torch import Tensor
 from splice.io import scratch
 from splice.merge.reductions import mergekit_threads, sum_last
 from splice.merge.stats import KeepRule
+
+try:
+    from splice.delta import _introselect
+except ImportError:  # built without a C compiler: torch's ops (`keep_rule_mask`)
+    _introselect = None
 
 L1_EPS = 1e-7  # mergekit's tolerance: no L1 rescale when either norm is below it
 
@@ -57,6 +63,25 @@ def l1_sum(x: Tensor, threads: int) -> Tensor:
     return sum_last(
         torch.abs(x, out=scratch.empty(x.shape, x.dtype, x.device)).reshape(-1), threads
     )
+
+
+def keep_rule_trim_(delta: Tensor, rule: KeepRule) -> bool:
+    """In place: δ · `keep_rule_mask`(|δ|, rule), the zeros with δ's sign, in one compiled
+    pass (``apply_keep_rule``) for a contiguous float32 / bfloat16 CPU δ with finite entries
+    and a rule threshold >= 0; False (δ untouched) otherwise, for the torch path."""
+    apply = getattr(_introselect, "apply_keep_rule", None)
+    if (
+        apply is None
+        or delta.device.type != "cpu"
+        or delta.dtype not in (torch.float32, torch.bfloat16)
+        or not delta.is_contiguous()
+        or delta.requires_grad
+        or not rule.threshold >= 0
+    ):
+        return False
+    (bits,) = struct.unpack("<I", struct.pack("<f", rule.threshold))
+    view = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16)
+    return bool(apply(view.numpy(), delta.element_size(), bits, rule.tie_quota))
 
 
 def rescale_l1(original_l1: Tensor | float, masked: Tensor, threads: int = 1) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 from splice.delta.topk import keep_count, magnitude, mask_, topk_mask, trim_torch_sort_
 from splice.merge.reductions import sum_last
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import keep_rule_mask, l1_sum, l1_threads, rescale_l1
+from splice.merge.sparsify import keep_rule_mask, keep_rule_trim_, l1_sum, l1_threads, rescale_l1
 from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
 
 try:
@@ -102,6 +102,8 @@ def magnitude_trim_(
         if l1 is not None:
             rescale_l1(l1, delta, l1_threads(ctx.dialect))
         return delta
+    if rule is not None and not rescale and keep_rule_trim_(delta, rule):
+        return delta  # one compiled pass, the same entries kept
     mag = magnitude(delta)
     if rule is not None:
         mask = keep_rule_mask(mag, rule)
