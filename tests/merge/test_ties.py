@@ -165,3 +165,26 @@ def test_unweighted_votes_in_the_mergekit_dialect_use_splice_arithmetic():
     models = [[1.0, -1.0], [-2.0, 0.5]]
     out = run("ties", [0.0, 0.0], models, MERGEKIT, disjoint="sum", **UNWEIGHTED)
     torch.testing.assert_close(out, torch.tensor([-0.2, -1.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_tensor_trim_compiled_keep_rule_equals_the_mask_path(monkeypatch, dtype):
+    """splice's per-tensor trim (ties first in flat order) as a keep rule of the k-th
+    largest applied in one compiled pass: the same bits as the torch mask path, on
+    bf16-born values with many ties at the threshold."""
+    from splice.merge.methods import _common
+
+    g = torch.Generator().manual_seed(21)
+    delta = (torch.randn(64, 48, generator=g) * 0.01).bfloat16().to(dtype)
+    ctx = MergeContext(tensor_name="w")
+    for density in (0.1, 0.37, 0.9):
+        fast = _common.magnitude_trim_(
+            delta.clone(), density, 0, scope="tensor", ctx=ctx, rescale=False
+        )
+        with monkeypatch.context() as m:
+            m.setattr(_common, "keep_rule_trim_", lambda d, rule: False)
+            slow = _common.magnitude_trim_(
+                delta.clone(), density, 0, scope="tensor", ctx=ctx, rescale=False
+            )
+        assert int((fast != 0).sum()) == round(density * delta.numel())
+        assert torch.equal(fast.view(torch.uint8), slow.view(torch.uint8))

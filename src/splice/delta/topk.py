@@ -25,6 +25,11 @@ from torch import Tensor
 from splice.delta.argsort_select import argsort_topk_mask, selection_path, trim_like_argsort_
 from splice.io import scratch
 
+try:
+    from splice.delta import _introselect
+except ImportError:  # built without a C compiler: torch's ops
+    _introselect = None
+
 # How ties at a keep boundary are broken:
 # - "flat": the first equal entries in flat row-major order (splice's rule, deterministic
 #   across devices and torch versions);
@@ -136,15 +141,37 @@ def _select_bin(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(above[b])
 
 
+def radix_histogram(flat: Tensor, bucket: int | None) -> Tensor | None:
+    """The radix selection's counts (65,536 int64) of a 1-D non-negative float32 CPU
+    tensor: by the high 16 bits of every value (``bucket`` None), else by the low 16 bits of
+    the values whose high 16 bits are ``bucket``; one compiled pass (``radix_histogram`` of
+    the extension). None where the extension lacks it, or when a value is NaN."""
+    compiled = getattr(_introselect, "radix_histogram", None)
+    if compiled is None or flat.device.type != "cpu" or flat.requires_grad:
+        return None
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    values = flat.contiguous().numpy()
+    return hist if compiled(values, hist.numpy(), -1 if bucket is None else bucket) else None
+
+
 def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
     """The k-th largest of a 1-D non-negative float32 tensor (1 <= k <= n), with how many
     entries are strictly larger and how many equal it.
 
     Radix selection on the float32 bit patterns (monotonic for non-negative floats): a
     65,536-bin histogram of the high 16 bits finds the bucket, a second one of the low 16
-    bits inside that bucket finds the value. Two ``bincount`` passes: O(n), and several
-    times faster on the CPU than ``torch.kthvalue`` on large tensors.
+    bits inside that bucket finds the value. Two compiled histogram passes
+    (`radix_histogram`), else two ``bincount`` passes: O(n), and several times faster on the
+    CPU than ``torch.kthvalue`` on large tensors.
     """
+    high_hist = radix_histogram(flat, None)
+    if high_hist is not None:
+        bucket, above = _select_bin(high_hist, k)
+        low_hist = radix_histogram(flat, bucket)
+        if low_hist is not None:
+            lo, above_lo = _select_bin(low_hist, k - above)
+            pattern = torch.tensor([(bucket << 16) | lo], dtype=torch.int32)
+            return float(pattern.view(torch.float32)), above + above_lo, int(low_hist[lo])
     bits = flat.view(torch.int32)
     high = high_bits(bits)
     bucket, above = _select_bin(torch.bincount(high, minlength=_BINS), k)

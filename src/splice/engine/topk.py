@@ -17,8 +17,8 @@ monotonic in the value):
 Memory: two 65,536-bin histograms per model plus the per-tensor tie counts; the inputs are
 streamed one tensor at a time. Cost: two extra reads of the inputs. Each histogram is one
 compiled pass over the magnitudes where the extension has it (`radix_histogram` of
-`splice.delta._introselect`: NaN check, bits, counts), else torch's isnan, shift, mask and
-bincount; the same counts.
+`splice.delta.topk.radix_histogram`: NaN check, bits, counts), else torch's isnan, shift,
+mask and bincount; the same counts.
 """
 
 from __future__ import annotations
@@ -29,12 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splice.delta.topk import high_bits
-
-try:
-    from splice.delta import _introselect
-except ImportError:  # built without a C compiler: torch's ops
-    _introselect = None
+from splice.delta.topk import high_bits, radix_histogram
 from splice.engine.driver import passes
 from splice.errors import MergeValidationError
 from splice.merge import KeepRule, MergeMethod, TensorTopK, TopKThreshold
@@ -65,11 +60,8 @@ def _histogram(mag: torch.Tensor, bucket: int | None) -> torch.Tensor:
     flat = mag.reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
-    compiled = getattr(_introselect, "radix_histogram", None)
-    if compiled is not None and flat.device.type == "cpu" and not flat.requires_grad:
-        hist = torch.zeros(_BINS, dtype=torch.int64)
-        if not compiled(flat.contiguous().numpy(), hist.numpy(), -1 if bucket is None else bucket):
-            raise ValueError("NaN in a task vector: cannot rank magnitudes")
+    hist = radix_histogram(flat, bucket)  # one compiled pass; None: torch's (NaN: raises)
+    if hist is not None:
         return hist
     bits = _bits(flat)
     if bucket is None:

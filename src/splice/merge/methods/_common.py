@@ -15,11 +15,18 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from splice.delta.topk import keep_count, magnitude, mask_, topk_mask, trim_torch_sort_
+from splice.delta.topk import (
+    keep_count,
+    kth_largest,
+    magnitude,
+    mask_,
+    topk_mask,
+    trim_torch_sort_,
+)
 from splice.merge.reductions import sum_last
 from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import keep_rule_mask, keep_rule_trim_, l1_sum, l1_threads, rescale_l1
-from splice.merge.stats import KeepMask, TensorTopK, TopKThreshold
+from splice.merge.stats import KeepMask, KeepRule, TensorTopK, TopKThreshold
 
 try:
     from splice.merge.methods import _ties_kernel
@@ -105,10 +112,13 @@ def magnitude_trim_(
     if rule is not None and not rescale and keep_rule_trim_(delta, rule):
         return delta  # one compiled pass, the same entries kept
     mag = magnitude(delta)
-    if rule is not None:
-        mask = keep_rule_mask(mag, rule)
-    else:
-        mask = topk_mask(mag, keep_count(delta.numel(), density, ctx.dialect), "flat")
+    k = keep_count(delta.numel(), density, ctx.dialect)
+    if rule is None and not rescale and 0 < k < delta.numel():
+        # splice's own tie order (first in flat order) is a keep rule of the k-th largest
+        value, above, _ = kth_largest(mag.reshape(-1), k)
+        if keep_rule_trim_(delta, KeepRule(value, k - above)):
+            return delta
+    mask = keep_rule_mask(mag, rule) if rule is not None else topk_mask(mag, k, "flat")
     l1 = l1_norm(delta, mag, ctx.dialect) if rescale else None
     del mag
     mask_(delta, mask)
