@@ -429,9 +429,14 @@ def chunk_tensor_rules(
             answer.update(rules[c])
         if dialect == "mergekit":
             masked = [r for r, n in zip(ranked, left_out, strict=True) if n]
+    n = job.out.numel
+    # one pairs buffer for every model's selection (its pages touched once, not per model)
+    pairs = (
+        scratch.empty((n * PAIR.itemsize,), torch.uint8) if masked and pairs_selectable(n) else None
+    )
     for r in masked:
         for answer, mask in zip(
-            answers, chunk_keep_masks(sources, plan, index, r, spans), strict=True
+            answers, chunk_keep_masks(sources, plan, index, r, spans, pairs), strict=True
         ):
             answer[r] = mask
     return answers
@@ -498,7 +503,12 @@ def chunk_row_partials(
 
 
 def chunk_keep_masks(
-    sources: Sources, plan: MergePlan, index: int, request: TensorTopK, spans: list[tuple[int, int]]
+    sources: Sources,
+    plan: MergePlan,
+    index: int,
+    request: TensorTopK,
+    spans: list[tuple[int, int]],
+    work: torch.Tensor | None = None,
 ) -> list[KeepMask]:
     """The keep mask of the mergekit dialect's per-tensor trim of one model over the whole
     tensor of job ``index``, as the unchunked merge selects it (δ in the compute dtype, the
@@ -509,7 +519,9 @@ def chunk_keep_masks(
     mask, no whole δ (`select_pairs_packed`, the same introsort path). Otherwise, or where
     introsort would switch to heapsort: δ is built whole a chunk at a time and trimmed by
     `trim_torch_sort_` itself; a kept entry with δ = 0 is then marked as dropped (δ · mask
-    is the same zero either way)."""
+    is the same zero either way). ``work``: a uint8 tensor of 8n bytes for the pairs (the
+    caller's, reused across models; held by the caller through the rare fallback below, which
+    then needs (s + 9)·n bytes on top), else one is taken from the scratch pool."""
     job = plan.jobs[index]
     cd = plan.job_compute_dtype(job)
     cols = job.out.numel // job.out.shape[0]
@@ -522,7 +534,9 @@ def chunk_keep_masks(
         return part.sub_(sources.read_rows(base.ref, base.name, a, b, cd))
 
     if 0 < k < n and pairs_selectable(n):
-        pairs = scratch.empty((n * PAIR.itemsize,), torch.uint8).numpy().view(PAIR)
+        if work is None:
+            work = scratch.empty((n * PAIR.itemsize,), torch.uint8)
+        pairs = work.numpy().view(PAIR)
         clean = True
         for a, b in spans:
             mag = job_magnitudes(
