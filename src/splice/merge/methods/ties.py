@@ -16,7 +16,8 @@ then weight, elect, merge, normalize, scale by λ).
 
 Choices:
 - Trim scope. ``scope="model"`` (splice default, the paper): keep exactly
-  round(density_i · N) entries of δ_i over the whole model (N = all merged entries), via
+  round(density_i · N) entries of δ_i over the whole model (N = all merged entries but
+  those of a tensor every model keeps whole, density 0 or 1 there through a filter), via
   the engine's whole-model `KeepRule`. ``scope="tensor"`` (mergekit default): keep the top
   entries of each tensor on its own; splice dialect keeps exactly round(density_i · n),
   mergekit dialect max(1, int(density_i · n)). Equal magnitudes at the threshold: the
