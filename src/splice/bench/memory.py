@@ -7,7 +7,11 @@ statistics, autograd graphs), not what was resident before (the evaluator, the c
 features). Limits: a sampler misses a peak shorter than its interval (2 ms by default;
 PyTorch's large CPU allocations are page-touched, so they last longer than that), and memory
 freed earlier but kept by the allocator is reused without growing the RSS, so a step after
-a larger one can read low. Figures compare methods run in the same process and order.
+a larger one can read low (on 2026-12-03 an FW-Merging row run after a larger one read
++0.8 MiB). On entry the heap's freed memory is given back first
+(`splice.engine.heap.trim_heap`, glibc's ``malloc_trim``), which lowers the start value by
+what glibc kept in its heap; memory kept elsewhere (torch's caches, mapped buffers still
+held) is still reused unseen. Figures compare methods run in the same process and order.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class PeakRSS:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self) -> PeakRSS:
+        from splice.engine.heap import trim_heap
+
+        trim_heap()  # what earlier steps freed but the allocator kept is not counted as in use
         self.start = self.peak = self._rss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

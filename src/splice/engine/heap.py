@@ -45,3 +45,19 @@ def release_large_buffers(threshold: int = THRESHOLD) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(
         mallopt(M_TRIM_THRESHOLD, 2 * threshold)
     )
+
+
+def trim_heap() -> bool:
+    """Give the heap's freed memory back to the system now (glibc's ``malloc_trim(0)``), so
+    that the RSS after it counts what is in use, not what the allocator kept from earlier
+    work. Whether anything was released; False outside glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
