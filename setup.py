@@ -2,6 +2,8 @@
 
 - ``splice.delta._introselect``: the mergekit dialect's torch-sort-order top-k selection
   (`splice.delta.argsort_select`);
+- ``splice.delta._radix_kernel``: the radix selection's histograms and keep rule
+  (`splice.delta.topk.radix_histogram`, `splice.merge.sparsify.keep_rule_trim_`);
 - ``splice.merge.methods._ties_kernel``: the float32 TIES sign election and disjoint merge
   in one pass (`splice.merge.methods._common.ties_combine_`);
 - ``splice.merge.methods._dare_kernel``: DARE's random drop with torch's own Bernoulli
@@ -26,6 +28,12 @@ setup(
         Extension(
             "splice.delta._introselect",
             ["src/splice/delta/_introselect.c"],
+            extra_compile_args=FLAGS,
+            optional=True,
+        ),
+        Extension(
+            "splice.delta._radix_kernel",
+            ["src/splice/delta/_radix_kernel.c"],
             extra_compile_args=FLAGS,
             optional=True,
         ),

@@ -85,8 +85,8 @@ def test_compiled_histograms_equal_torchs(monkeypatch):
     from splice.delta import topk as topk_mod
     from splice.engine import topk
 
-    if getattr(topk_mod._introselect, "radix_histogram", None) is None:
-        pytest.skip("the _introselect extension is not built")
+    if getattr(topk_mod._radix_kernel, "radix_histogram", None) is None:
+        pytest.skip("the _radix_kernel extension is not built")
     g = torch.Generator().manual_seed(3)
     mag = (torch.randn(50_000, generator=g) * 4).exp().bfloat16().float()  # ties, binades
     mag[::97] = 0.0
@@ -98,7 +98,7 @@ def test_compiled_histograms_equal_torchs(monkeypatch):
     bad[123] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         topk._histogram(bad, None)
-    monkeypatch.setattr(topk_mod, "_introselect", None)
+    monkeypatch.setattr(topk_mod, "_radix_kernel", None)
     assert torch.equal(topk._histogram(mag, None), compiled_high)
     assert torch.equal(topk._histogram(mag, bucket), compiled_low)
     with pytest.raises(ValueError, match="NaN"):

@@ -185,8 +185,8 @@ def test_compiled_keep_rule_trim_equals_the_mask_path(dtype):
     inside the values, at 0 and at +inf; a non-finite δ is left to the torch path."""
     from splice.merge import sparsify
 
-    if getattr(sparsify._introselect, "apply_keep_rule", None) is None:
-        pytest.skip("the _introselect extension is not built")
+    if getattr(sparsify._radix_kernel, "apply_keep_rule", None) is None:
+        pytest.skip("the _radix_kernel extension is not built")
     g = torch.Generator().manual_seed(8)
     delta = (torch.randn(40, 50, generator=g) * 0.01).to(dtype)  # bf16: many ties
     delta[0, :7] = 0.0

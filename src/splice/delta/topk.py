@@ -26,9 +26,9 @@ from splice.delta.argsort_select import argsort_topk_mask, selection_path, trim_
 from splice.io import scratch
 
 try:
-    from splice.delta import _introselect
+    from splice.delta import _radix_kernel
 except ImportError:  # built without a C compiler: torch's ops
-    _introselect = None
+    _radix_kernel = None
 
 # How ties at a keep boundary are broken:
 # - "flat": the first equal entries in flat row-major order (splice's rule, deterministic
@@ -145,8 +145,8 @@ def radix_histogram(flat: Tensor, bucket: int | None) -> Tensor | None:
     """The radix selection's counts (65,536 int64) of a 1-D non-negative float32 CPU
     tensor: by the high 16 bits of every value (``bucket`` None), else by the low 16 bits of
     the values whose high 16 bits are ``bucket``; one compiled pass (``radix_histogram`` of
-    the extension). None where the extension lacks it, or when a value is NaN."""
-    compiled = getattr(_introselect, "radix_histogram", None)
+    ``_radix_kernel``). None without the extension, or when a value is NaN."""
+    compiled = getattr(_radix_kernel, "radix_histogram", None)
     if compiled is None or flat.device.type != "cpu" or flat.requires_grad:
         return None
     hist = torch.zeros(_BINS, dtype=torch.int64)

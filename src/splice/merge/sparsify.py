@@ -27,9 +27,9 @@ from splice.merge.reductions import mergekit_threads, sum_last
 from splice.merge.stats import KeepRule
 
 try:
-    from splice.delta import _introselect
+    from splice.delta import _radix_kernel
 except ImportError:  # built without a C compiler: torch's ops (`keep_rule_mask`)
-    _introselect = None
+    _radix_kernel = None
 
 L1_EPS = 1e-7  # mergekit's tolerance: no L1 rescale when either norm is below it
 
@@ -67,9 +67,10 @@ def l1_sum(x: Tensor, threads: int) -> Tensor:
 
 def keep_rule_trim_(delta: Tensor, rule: KeepRule) -> bool:
     """In place: δ · `keep_rule_mask`(|δ|, rule), the zeros with δ's sign, in one compiled
-    pass (``apply_keep_rule``) for a contiguous float32 / bfloat16 CPU δ with finite entries
-    and a rule threshold >= 0; False (δ untouched) otherwise, for the torch path."""
-    apply = getattr(_introselect, "apply_keep_rule", None)
+    pass (``apply_keep_rule`` of ``_radix_kernel``) for a contiguous float32 / bfloat16 CPU
+    δ with finite entries and a rule threshold >= 0; False (δ untouched) otherwise, for the
+    torch path."""
+    apply = getattr(_radix_kernel, "apply_keep_rule", None)
     if (
         apply is None
         or delta.device.type != "cpu"
