@@ -141,17 +141,22 @@ def _select_bin(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(above[b])
 
 
-def radix_histogram(flat: Tensor, bucket: int | None) -> Tensor | None:
-    """The radix selection's counts (65,536 int64) of a 1-D non-negative float32 CPU
-    tensor: by the high 16 bits of every value (``bucket`` None), else by the low 16 bits of
-    the values whose high 16 bits are ``bucket``; one compiled pass (``radix_histogram`` of
-    ``_radix_kernel``). None without the extension, or when a value is NaN."""
+def radix_histogram(flat: Tensor, bucket: int | None) -> tuple[Tensor, bool]:
+    """The radix selection's counts (65,536 int64) of a 1-D non-negative float32 tensor: by
+    the high 16 bits of every value (``bucket`` None), else by the low 16 bits of the values
+    whose high 16 bits are ``bucket``; and whether a value is NaN (counted by its bits,
+    above +inf). One compiled pass (``radix_histogram`` of ``_radix_kernel``) for a CPU
+    tensor; else, or to count a NaN, torch's isnan, shift, mask and ``bincount``."""
     compiled = getattr(_radix_kernel, "radix_histogram", None)
-    if compiled is None or flat.device.type != "cpu" or flat.requires_grad:
-        return None
-    hist = torch.zeros(_BINS, dtype=torch.int64)
-    values = flat.contiguous().numpy()
-    return hist if compiled(values, hist.numpy(), -1 if bucket is None else bucket) else None
+    if compiled is not None and flat.device.type == "cpu" and not flat.requires_grad:
+        hist = torch.zeros(_BINS, dtype=torch.int64)
+        if compiled(flat.contiguous().numpy(), hist.numpy(), -1 if bucket is None else bucket):
+            return hist, False
+    nan = bool(torch.isnan(flat).any())
+    bits = flat.view(torch.int32)
+    if bucket is None:
+        return torch.bincount(high_bits(bits), minlength=_BINS), nan
+    return torch.bincount(bits[high_bits(bits) == bucket] & 0xFFFF, minlength=_BINS), nan
 
 
 def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
@@ -160,25 +165,11 @@ def kth_largest(flat: Tensor, k: int) -> tuple[float, int, int]:
 
     Radix selection on the float32 bit patterns (monotonic for non-negative floats): a
     65,536-bin histogram of the high 16 bits finds the bucket, a second one of the low 16
-    bits inside that bucket finds the value. Two compiled histogram passes
-    (`radix_histogram`), else two ``bincount`` passes: O(n), and several times faster on the
-    CPU than ``torch.kthvalue`` on large tensors.
+    bits inside that bucket finds the value. Two histogram passes (`radix_histogram`):
+    O(n), and several times faster on the CPU than ``torch.kthvalue`` on large tensors.
     """
-    high_hist = radix_histogram(flat, None)
-    if high_hist is not None:
-        bucket, above = _select_bin(high_hist, k)
-        low_hist = radix_histogram(flat, bucket)
-        if low_hist is not None:
-            lo, above_lo = _select_bin(low_hist, k - above)
-            pattern = torch.tensor([(bucket << 16) | lo], dtype=torch.int32)
-            return float(pattern.view(torch.float32)), above + above_lo, int(low_hist[lo])
-    bits = flat.view(torch.int32)
-    high = high_bits(bits)
-    bucket, above = _select_bin(torch.bincount(high, minlength=_BINS), k)
-    low = torch.sub(bits, bucket << 16, out=high)  # the scratch again (bits >> 16 is spent)
-    del high
-    low.clamp_(-1, _BINS).add_(1)  # 0: below the bucket, 1.._BINS: inside, _BINS+1: above
-    low_hist = torch.bincount(low, minlength=_BINS + 2)[1 : _BINS + 1]
+    bucket, above = _select_bin(radix_histogram(flat, None)[0], k)
+    low_hist = radix_histogram(flat, bucket)[0]
     lo, above_lo = _select_bin(low_hist, k - above)
     pattern = torch.tensor([(bucket << 16) | lo], dtype=torch.int32)
     return float(pattern.view(torch.float32)), above + above_lo, int(low_hist[lo])

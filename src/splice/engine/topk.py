@@ -16,8 +16,8 @@ monotonic in the value):
 
 Memory: two 65,536-bin histograms per model plus the per-tensor tie counts; the inputs are
 streamed one tensor at a time. Cost: two extra reads of the inputs. Each histogram is one
-compiled pass over the magnitudes where the extension has it (`radix_histogram` of
-`splice.delta.topk.radix_histogram`: NaN check, bits, counts), else torch's isnan, shift,
+compiled pass over the magnitudes where the extension has it
+(`splice.delta.topk.radix_histogram`: NaN check, bits, counts), else torch's isnan, shift,
 mask and bincount; the same counts.
 """
 
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from splice.delta.topk import high_bits, radix_histogram
+from splice.delta.topk import radix_histogram
 from splice.engine.driver import passes
 from splice.errors import MergeValidationError
 from splice.merge import KeepRule, MergeMethod, TensorTopK, TopKThreshold
@@ -44,15 +44,6 @@ _BINS = 1 << 16
 MagnitudeFn = Callable[[int], Sequence[torch.Tensor]]
 
 
-def _bits(mag: torch.Tensor) -> torch.Tensor:
-    mag = mag.reshape(-1)
-    if mag.dtype != torch.float32:
-        mag = mag.float()
-    if torch.isnan(mag).any():
-        raise ValueError("NaN in a task vector: cannot rank magnitudes")
-    return mag.view(torch.int32)
-
-
 def _histogram(mag: torch.Tensor, bucket: int | None) -> torch.Tensor:
     """The radix selection's counts (65,536 int64) of one tensor's magnitudes: by the high
     16 bits of every value (``bucket`` None), else by the low 16 bits of the values whose
@@ -60,13 +51,10 @@ def _histogram(mag: torch.Tensor, bucket: int | None) -> torch.Tensor:
     flat = mag.reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
-    hist = radix_histogram(flat, bucket)  # one compiled pass; None: torch's (NaN: raises)
-    if hist is not None:
-        return hist
-    bits = _bits(flat)
-    if bucket is None:
-        return torch.bincount(high_bits(bits), minlength=_BINS)
-    return torch.bincount(bits[high_bits(bits) == bucket] & 0xFFFF, minlength=_BINS)
+    counts, nan = radix_histogram(flat, bucket)
+    if nan:
+        raise ValueError("NaN in a task vector: cannot rank magnitudes")
+    return counts
 
 
 def _select(hist: torch.Tensor, k: int) -> tuple[int, int]:
