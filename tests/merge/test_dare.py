@@ -267,7 +267,7 @@ def test_skipping_to_an_offset_in_blocks_concatenates_torchs_draws(monkeypatch):
     """torch takes two words per entry whatever the size of a draw: an offset skipped in
     blocks (here 100 entries, a partial last one) gives the slice of one draw."""
     assert dare_module.split_draws_agree()
-    monkeypatch.setattr(dare_module, "SKIP_BLOCK", 100)
+    monkeypatch.setattr(importlib.import_module("splice.merge.sparsify"), "SKIP_BLOCK", 100)
     whole = torch.empty(1357 + 50, dtype=torch.bool).bernoulli_(
         0.5, generator=dare_module.seeded_generator(3)
     )

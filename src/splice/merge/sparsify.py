@@ -17,6 +17,7 @@ Rescale rules (`drop_`):
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -33,8 +34,19 @@ except ImportError:  # built without a C compiler: torch's ops (`keep_rule_mask`
 
 L1_EPS = 1e-7  # mergekit's tolerance: no L1 rescale when either norm is below it
 
+SKIP_BLOCK = 1 << 20  # entries drawn and discarded at a time when a mask starts at an offset
+
 # A boolean always has mergekit's meaning: true = "l1", false = "none".
 Rescale = Literal["inverse", "l1", "none"] | bool
+
+
+def discard_draws(offset: int, draw: Callable[[int], object]) -> None:
+    """Move a generator past the first ``offset`` entries of a random mask: ``draw(m)``
+    draws m entries with the kernel of the real draw (so it takes the same generator words),
+    called ``SKIP_BLOCK`` entries at a time. A row chunk's mask drawn next is then the
+    tensor's stream from the chunk's first entry (DARE, DELLA)."""
+    for done in range(0, offset, SKIP_BLOCK):
+        draw(min(SKIP_BLOCK, offset - done))
 
 
 def keep_rule_mask(mag: Tensor, rule: KeepRule) -> Tensor:

@@ -61,7 +61,9 @@ from splice.merge.methods._row_gram import RowOrderSum, row_abs_sums
 from splice.merge.registry import Dialect, MergeContext, PerModel
 from splice.merge.sparsify import (
     L1_EPS,
+    SKIP_BLOCK,
     Rescale,
+    discard_draws,
     drop_,
     l1_sum,
     l1_threads,
@@ -76,9 +78,6 @@ except ImportError:  # built without a C compiler: torch's bernoulli_ and mul_
     _dare_kernel = None
 
 
-SKIP_BLOCK = 1 << 20  # entries drawn and discarded at a time when skipping to an offset
-
-
 def dare_mask(
     shape: torch.Size, density: float, generator: torch.Generator, offset: int = 0
 ) -> Tensor:
@@ -86,13 +85,11 @@ def dare_mask(
     entries ``offset`` … ``offset + numel − 1`` of the mask drawn over ``offset + numel``
     entries (a row chunk's part of the whole tensor's mask). torch draws a bool mask
     serially, two words of the generator per entry whatever the density, so the first
-    ``offset`` entries are drawn and discarded, ``SKIP_BLOCK`` at a time (checked:
+    ``offset`` entries are drawn and discarded (`discard_draws`; checked:
     `split_draws_agree`)."""
-    if offset > 0:
-        scratch = torch.empty(min(offset, SKIP_BLOCK), dtype=torch.bool)
-        for done in range(0, offset, SKIP_BLOCK):
-            scratch[: min(SKIP_BLOCK, offset - done)].bernoulli_(density, generator=generator)
-        del scratch
+    discard_draws(
+        offset, lambda m: torch.empty(m, dtype=torch.bool).bernoulli_(density, generator=generator)
+    )
     return torch.empty(shape, dtype=torch.bool).bernoulli_(density, generator=generator)
 
 

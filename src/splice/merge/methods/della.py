@@ -54,7 +54,15 @@ from splice.errors import MergeValidationError
 from splice.merge.methods._common import UnitFloat, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import Rescale, drop_, l1_threads, rescale_mode, rows_view
+from splice.merge.sparsify import (
+    SKIP_BLOCK,
+    Rescale,
+    discard_draws,
+    drop_,
+    l1_threads,
+    rescale_mode,
+    rows_view,
+)
 
 Epsilon = Annotated[float, Field(ge=0, lt=1)]
 
@@ -73,19 +81,12 @@ def magprune_keep_prob(delta: Tensor, density: float, epsilon: float) -> Tensor:
     return prob.reshape(delta.shape)
 
 
-SKIP_BLOCK = 1 << 20  # entries drawn and discarded at a time when skipping to an offset
-
-
 def magprune_mask(prob: Tensor, generator: torch.Generator, offset: int = 0) -> Tensor:
     """Bool keep-mask, entry e kept with probability ``prob[e]`` (float32, drawn on the CPU):
     the draws of entries ``offset`` … of a mask drawn over the whole flat tensor (a row
-    chunk's part), the ``offset`` entries before it drawn and discarded, ``SKIP_BLOCK`` at a
-    time (one word each whatever the probability: `magprune_draws_split`)."""
-    if offset > 0:
-        dummy = torch.zeros(min(offset, SKIP_BLOCK), dtype=torch.float32)
-        for done in range(0, offset, SKIP_BLOCK):
-            torch.bernoulli(dummy[: min(SKIP_BLOCK, offset - done)], generator=generator)
-        del dummy
+    chunk's part), the ``offset`` entries before it drawn and discarded (`discard_draws`;
+    one word each whatever the probability: `magprune_draws_split`)."""
+    discard_draws(offset, lambda m: torch.bernoulli(torch.zeros(m), generator=generator))
     return torch.bernoulli(prob.float(), generator=generator).bool()
 
 
@@ -153,8 +154,8 @@ def magprune_sparsifier(method: str) -> Callable[..., None]:
                     f"method '{method}': model {i}: density ± epsilon must lie in (0, 1), "
                     f"got density {d}, epsilon {e}"
                 )
+        threads = l1_threads(ctx.dialect)
         for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
-            threads = l1_threads(ctx.dialect)
             magprune_(d, dens, eps, rescale, ctx.generator(i), threads, ctx.flat_offset)
 
     return magprune_all_
