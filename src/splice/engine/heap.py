@@ -21,10 +21,23 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 8 << 20
+
+
+def _libc(function: str) -> Any:
+    """The C library's ``function`` (a ctypes function), or None where there is none (not
+    glibc: musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(name), function)
+    except (OSError, AttributeError):
+        return None
 
 
 def release_large_buffers(threshold: int = THRESHOLD) -> bool:
@@ -32,13 +45,8 @@ def release_large_buffers(threshold: int = THRESHOLD) -> bool:
     memory at the top of a heap above which it is given back) at twice that, glibc's own
     ratio: the dynamic rise may already have raised it, up to 64 MB per arena. Whether it
     took effect."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
@@ -51,12 +59,8 @@ def trim_heap() -> bool:
     """Give the heap's freed memory back to the system now (glibc's ``malloc_trim(0)``), so
     that the RSS after it counts what is in use, not what the allocator kept from earlier
     work. Whether anything was released; False outside glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = [ctypes.c_size_t]
     malloc_trim.restype = ctypes.c_int
