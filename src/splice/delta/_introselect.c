@@ -9,8 +9,9 @@
  *   insertion sort (stable, never moving an entry past an equal one) decides, so those
  *   entries are ordered stably here. Returns False (mask untouched) where introsort would
  *   switch to heapsort (depth limit reached): the caller then sorts for real.
- *   values: C-contiguous float32 buffer without NaN (the caller checks); mask: writable
- *   byte buffer of the same length, zeroed by the caller; 0 < k < n.
+ *   values: C-contiguous float32 buffer (a NaN: False, mask untouched, the caller sorts
+ *   for real); mask: writable byte buffer of the same length, zeroed by the caller;
+ *   0 < k < n.
  *
  * torch_sort_trim(delta, k, itemsize[, work]) -> bool
  *   The same selection on |delta| (float32, itemsize 4, or bfloat16, itemsize 2), applied in
@@ -362,10 +363,12 @@ static PyMethodDef methods[] = {
      "torch_sort_trim(delta, k, itemsize[, work]) -> bool: zero (keeping the sign) all "
      "entries of a float32 / bfloat16 buffer but the k that torch.argsort(|delta|, "
      "descending=True)[:k] selects, in place; False (delta untouched) where introsort would "
-     "use heapsort or delta holds a NaN. work: a writable buffer of 9n bytes for the scratch (else allocated)."},
+     "use heapsort or delta holds a NaN. work: a writable buffer of 9n bytes for the "
+     "scratch (else allocated)."},
     {"torch_sort_topk", torch_sort_topk, METH_VARARGS,
      "torch_sort_topk(values, k, mask) -> bool: mark torch.argsort(values, descending=True)"
-     "[:k] in mask without sorting; False where introsort would switch to heapsort."},
+     "[:k] in mask without sorting; False where introsort would switch to heapsort or a "
+     "value is NaN."},
     {NULL, NULL, 0, NULL},
 };
 

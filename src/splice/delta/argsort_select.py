@@ -184,12 +184,17 @@ def _self_check() -> bool:
     return selection_path() != "sort"
 
 
+def _api_version() -> int:
+    """The built extension's ``API_VERSION`` (1 for a build without the constant): 2, its
+    ``torch_sort_trim`` takes a work buffer; 3, it looks for NaN itself."""
+    return getattr(_introselect, "API_VERSION", 1)
+
+
 @functools.cache
 def _trim_takes_work() -> bool:
-    """Whether the built extension's ``torch_sort_trim`` takes a work buffer: its
-    ``API_VERSION`` is 2 or more (a build without the constant still works, allocating its
-    own scratch)."""
-    return getattr(_introselect, "API_VERSION", 1) >= 2
+    """Whether the built extension's ``torch_sort_trim`` takes a work buffer (a build before
+    ``API_VERSION`` 2 still works, allocating its own scratch)."""
+    return _api_version() >= 2
 
 
 def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
@@ -208,7 +213,7 @@ def trim_like_argsort_(delta: torch.Tensor, k: int) -> bool:
         or delta.dtype not in (torch.float32, torch.bfloat16)
         or not delta.is_contiguous()
         or selection_path() != "compiled"
-        or (getattr(_introselect, "API_VERSION", 1) < 3 and bool(torch.isnan(delta).any()))
+        or (_api_version() < 3 and bool(torch.isnan(delta).any()))
     ):
         return False
     buf = delta.view(torch.int32 if delta.dtype == torch.float32 else torch.int16).numpy()
