@@ -162,6 +162,26 @@ def _garble_record(partial: Path, shard: str) -> None:
     (partial / ".splice-state" / f"{shard}.json").write_text("{not json")
 
 
+def _sha256_record(partial: Path, shard: str) -> None:
+    """The record as splice wrote it before XXH3-128: SHA-256 digests, no "hash" key (the
+    digests here are of the right bytes, so only the missing name can refuse it)."""
+    import hashlib
+
+    f = partial / ".splice-state" / f"{shard}.json"
+    data = json.loads(f.read_text())
+    assert data.pop("hash") == "xxh3-128"
+    with safe_open(str(partial / shard), "pt") as g:
+        names = list(g.keys())
+    raw = (partial / shard).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        data["tensors"][name] = hashlib.sha256(raw[8 + n + begin : 8 + n + end]).hexdigest()
+    data["header"] = hashlib.sha256(raw[: 8 + n]).hexdigest()
+    f.write_text(json.dumps(data))
+
+
 def _edit_header(partial: Path, shard: str) -> None:
     f = partial / shard
     data = f.read_bytes()
@@ -174,6 +194,7 @@ def _edit_header(partial: Path, shard: str) -> None:
         (_flip_data_byte, "changed since the shard was finished"),
         (_drop_record, "has no record"),
         (_garble_record, "has no record"),
+        (_sha256_record, "finished by an older splice"),
         (_edit_header, "header differs"),
     ],
 )

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from io_test_util import DTYPES, bit_equal, sample
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -329,3 +330,34 @@ def test_resume_without_partial_folder_starts_fresh(tmp_path):
     _write_all(w, tensors)
     w.finalize()
     assert Path(out, "model.safetensors.index.json").exists()
+
+
+def test_shard_record_holds_xxh3_128_digests_of_the_written_bytes(tmp_path):
+    """The record names its digest and holds XXH3-128 of the header and of each tensor's
+    bytes as they lie in the shard (both write paths: whole tensors and row chunks)."""
+    from splice.io.shard_record import digest, input_digest
+
+    assert digest(b"") == "99aa06d3014798d86001c324468d497f"  # XXH3-128 of no bytes
+    x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    want = xxhash.xxh3_128(b"torch.float32[2, 3]" + x.numpy().tobytes()).hexdigest()
+    assert input_digest(x) == want
+    tensors, shards, out = _resume_setup(tmp_path)
+    w = ShardedWriter(out, shards, {}, fingerprint="f")
+    w.write("t0", tensors["t0"])
+    rows = w.write_rows("t1")
+    rows.write(tensors["t1"][:3])
+    rows.write(tensors["t1"][3:])
+    rows.close()
+    w.abort()
+    tmp = partial_dir_of(out)
+    shard = tmp / shards[0].filename
+    record = json.loads((tmp / ".splice-state" / f"{shards[0].filename}.json").read_text())
+    assert record["hash"] == "xxh3-128"
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert record["header"] == xxhash.xxh3_128(raw[: 8 + n]).hexdigest()
+    for name in ("t0", "t1"):
+        begin, end = header[name]["data_offsets"]
+        data = raw[8 + n + begin : 8 + n + end]
+        assert record["tensors"][name] == xxhash.xxh3_128(data).hexdigest()

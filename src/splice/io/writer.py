@@ -30,7 +30,6 @@ before every tensor was written) raise ValueError / RuntimeError, not SpliceErro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -57,6 +56,7 @@ from splice.io.safe_paths import open_regular, require_regular
 from splice.io.shard_plan import ShardPlan, plan_shards
 from splice.io.shard_record import (
     ShardRecord,
+    content_hasher,
     digest,
     layout_digest,
     notice_redone,
@@ -445,7 +445,7 @@ class RowWriter:
         self.row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
         self.offset = offset
         self.rows = 0
-        self.sha = hashlib.sha256()
+        self.sha = content_hasher()
 
     def write(self, chunk: torch.Tensor) -> None:
         """Store the next rows."""
