@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from splice.io import scratch
 from splice.merge.methods._common import kernel_accepts, own_inputs
 from splice.merge.reductions import mergekit_threads, norm_last, sum_last
 from splice.merge.registry import MergeContext
@@ -211,7 +212,8 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     tensor (the same kernel, the same bits): the sum of the θ_i first, then the task vectors
     overwrite the inputs (the registry lets a method modify them; `own_inputs` copies one
     that shares the base's storage), one buffer holds each pairwise product, and the base
-    becomes (1 − t)·θ_0. Whole-tensor memory: the inputs + 2 tensors (mergekit's: 2n + 3).
+    becomes (1 − t)·θ_0. Whole-tensor memory: the inputs + 2 tensors (mergekit's: 2n + 3),
+    both scratch tensors (`splice.io.scratch`: reused pages while a merge runs).
     """
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -219,14 +221,14 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     else:
         w0, ws = base.reshape(-1), [w.reshape(-1) for w in own_inputs(base, tensors)]
     n = len(ws)
-    average = ws[0] + ws[1]
+    average = torch.add(ws[0], ws[1], out=scratch.empty(w0.shape, w0.dtype, w0.device))
     for w in ws[2:]:
         average.add_(w)
     average.div_(n)
     offsets = [w.sub_(w0) for w in ws]
     threads = mergekit_threads()  # the reductions' order depends on it (splice.merge.reductions)
     norms = [norm_last(d, threads) for d in offsets]
-    product = torch.empty_like(w0)
+    product = scratch.empty(w0.shape, w0.dtype, w0.device)
     cosines = []
     for i, da in enumerate(offsets):
         for j in range(i + 1, n):
