@@ -5,7 +5,15 @@ import torch
 
 from splice.delta.topk import band_mask_rows, keep_count, kth_largest, topk_mask, topk_mask_rows
 from splice.merge import KeepRule
-from splice.merge.sparsify import drop_, keep_rule_mask, rescale_inverse, rescale_l1, rows_view
+from splice.merge.sparsify import (
+    drop_,
+    keep_rule_mask,
+    l1_sum,
+    l1_work,
+    rescale_inverse,
+    rescale_l1,
+    rows_view,
+)
 
 T, F = True, False
 
@@ -142,6 +150,26 @@ def test_rescale_l1():
     assert torch.equal(rescale_l1(10.0, zero), torch.zeros(3))
     tiny = torch.tensor([1e-8, 0.0])
     assert torch.equal(rescale_l1(5.0, tiny.clone()), tiny)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l1_sum_in_a_shared_work_buffer(dtype):
+    """`l1_sum` with `l1_work`'s buffer gives the bits of ``x.abs().sum()`` in torch's order
+    (several sizes through one buffer, each summing only its own entries), and leaves x."""
+    xs = [torch.tensor([1.5, -2.0, 0.25], dtype=dtype), torch.tensor([[-3.0, 4.0]], dtype=dtype)]
+    work = l1_work(xs)
+    assert work is not None and work.shape == (3,) and work.dtype == dtype
+    assert [float(l1_sum(x, 1, work)) for x in xs] == [3.75, 7.0]
+    assert [float(l1_sum(x, 1, work)) for x in reversed(xs)] == [7.0, 3.75]
+    assert xs[0].tolist() == [1.5, -2.0, 0.25]
+    gen = torch.Generator().manual_seed(0)
+    big = [(torch.randn(70_001, generator=gen) * 0.01).to(dtype) for _ in range(2)]
+    work = l1_work(big)
+    for x in big:
+        for threads in (1, 2, 3):
+            assert torch.equal(l1_sum(x, threads, work), l1_sum(x, threads))
+    assert l1_work([]) is None
+    assert l1_work([torch.ones(2, requires_grad=True)]) is None
 
 
 def test_drop_per_entry_probabilities_and_given_l1():

@@ -67,6 +67,7 @@ from splice.merge.sparsify import (
     drop_,
     l1_sum,
     l1_threads,
+    l1_work,
     rescale_kept_,
     rescale_mode,
 )
@@ -107,22 +108,29 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def dare_drop_(
-    delta: Tensor, density: float, seed: int, rescale: Rescale, offset: int = 0, threads: int = 1
+    delta: Tensor,
+    density: float,
+    seed: int,
+    rescale: Rescale,
+    offset: int = 0,
+    threads: int = 1,
+    work: Tensor | None = None,
 ) -> Tensor:
     """``dare_apply_(δ, dare_mask(δ.shape, density, seeded_generator(seed), offset),
     density, rescale)``: in one compiled pass when `compiled_drop_applies`, else with
     torch's ops. ``offset``: δ's first entry's place in the flat tensor whose mask is drawn
     (a row chunk's first flat entry; not with the L1 rescale, whose norms span the whole
-    tensor); ``threads``: the order of its sums, `splice.merge.sparsify.l1_sum`."""
+    tensor); ``threads``, ``work``: the order of its sums and their |δ| buffer,
+    `splice.merge.sparsify.l1_sum`."""
     mode = rescale_mode(rescale)
     if offset and mode == "l1":
         raise ValueError("dare_drop_: the L1 rescale needs the whole tensor (offset 0)")
     if compiled_drop_applies(delta):
         assert _dare_kernel is not None
-        l1 = l1_sum(delta, threads) if mode == "l1" else None
+        l1 = l1_sum(delta, threads, work) if mode == "l1" else None
         buf = delta.view(torch.int16) if delta.dtype == torch.bfloat16 else delta
         if _dare_kernel.drop(buf.numpy(), delta.element_size(), seed, float(density), offset):
-            return rescale_kept_(delta, mode, density, l1, threads)
+            return rescale_kept_(delta, mode, density, l1, threads, work)
     mask = dare_mask(delta.shape, density, seeded_generator(seed), offset)
     return dare_apply_(delta, mask, density, rescale, threads)
 
@@ -270,9 +278,11 @@ def dare_(
     if rescale_mode(rescale) == "l1" and ctx.dialect == "splice":
         return _dare_l1_(deltas, density, ctx)
     threads = l1_threads(ctx.dialect)
+    # one |δ| buffer for every model's two L1 sums
+    work = l1_work(deltas) if rescale_mode(rescale) == "l1" else None
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
         if dens < 1:
-            dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset, threads)
+            dare_drop_(d, dens, ctx.generator_seed(i), rescale, ctx.flat_offset, threads, work)
 
 
 _MERGEKIT = {"density": 1.0, "rescale": True}
