@@ -143,18 +143,20 @@ def drop_(
     keep_prob: Tensor | float = 1.0,
     l1: Tensor | None = None,
     threads: int = 1,
+    work: Tensor | None = None,
 ) -> Tensor:
     """δ ← rescale(keep ⊙ δ), in place (see the module docstring for ``rescale``).
 
     ``keep_prob``: the keep probability of every entry (a number) or of each entry (a tensor
     of δ's shape), used by "inverse". ``l1``: |δ|_1 when the caller has measured it (else
-    it is measured here, in δ's dtype). ``threads``: the L1 sums' order (`l1_sum`).
+    it is measured here, in δ's dtype). ``threads``, ``work``: the L1 sums' order and |δ|
+    buffer (`l1_sum`).
     """
     mode = rescale_mode(rescale)
     if mode == "l1" and l1 is None:
-        l1 = l1_sum(delta, threads)
+        l1 = l1_sum(delta, threads, work)
     delta.mul_(keep.to(delta.device))
-    return rescale_kept_(delta, mode, keep_prob, l1, threads)
+    return rescale_kept_(delta, mode, keep_prob, l1, threads, work)
 
 
 def rescale_mode(rescale: Rescale) -> Literal["inverse", "l1", "none"]:

@@ -80,7 +80,14 @@ def trim_chunks(params: Mapping[str, Any], dialect: Dialect, ndim: int) -> bool:
 
 
 def magnitude_trim_(
-    delta: Tensor, density: float, index: int, *, scope: str, ctx: MergeContext, rescale: bool
+    delta: Tensor,
+    density: float,
+    index: int,
+    *,
+    scope: str,
+    ctx: MergeContext,
+    rescale: bool,
+    work: Tensor | None = None,
 ) -> Tensor:
     """Keep the largest-|δ| entries of one task vector, zero the rest (in place).
 
@@ -91,7 +98,8 @@ def magnitude_trim_(
     when ties at the threshold are split, a `KeepMask` (the chunk's rows of the whole
     tensor's selection, made by the same `trim_torch_sort_`).
     scope="model": the engine's whole-model `KeepRule`, its answer to `TopKThreshold`.
-    rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit).
+    rescale=True multiplies the kept entries to restore the tensor's L1 norm (mergekit);
+    ``work``: the |δ| buffer of its sums (`splice.merge.sparsify.l1_work`), else a new one.
     """
     if density >= 1:
         return delta
@@ -104,10 +112,10 @@ def magnitude_trim_(
     if isinstance(rule, KeepMask):  # the rows of a whole-tensor selection (no rescale)
         return mask_(delta, rule.unpack(delta.shape, delta.device))
     if rule is None and scope == "tensor" and ctx.dialect == "mergekit":
-        l1 = l1_norm(delta, delta, ctx.dialect) if rescale else None
+        l1 = l1_norm(delta, delta, ctx.dialect, work) if rescale else None
         trim_torch_sort_(delta, keep_count(delta.numel(), density, ctx.dialect))
         if l1 is not None:
-            rescale_l1(l1, delta, l1_threads(ctx.dialect))
+            rescale_l1(l1, delta, l1_threads(ctx.dialect), work)
         return delta
     if rule is not None and not rescale and keep_rule_trim_(delta, rule):
         return delta  # one compiled pass, the same entries kept
@@ -119,20 +127,20 @@ def magnitude_trim_(
         if keep_rule_trim_(delta, KeepRule(value, k - above)):
             return delta
     mask = keep_rule_mask(mag, rule) if rule is not None else topk_mask(mag, k, "flat")
-    l1 = l1_norm(delta, mag, ctx.dialect) if rescale else None
+    l1 = l1_norm(delta, mag, ctx.dialect, work) if rescale else None
     del mag
     mask_(delta, mask)
     if l1 is not None:
-        rescale_l1(l1, delta, l1_threads(ctx.dialect))
+        rescale_l1(l1, delta, l1_threads(ctx.dialect), work)
     return delta
 
 
-def l1_norm(delta: Tensor, mag: Tensor, dialect: str) -> Tensor:
+def l1_norm(delta: Tensor, mag: Tensor, dialect: str, work: Tensor | None = None) -> Tensor:
     """|δ|_1 for the L1 rescale: from the float32 magnitudes ``mag`` (serially), or in δ's
     own dtype in the mergekit dialect (mergekit sums |δ| in the compute dtype, in its
-    threads' order: `l1_sum`)."""
+    threads' order: `l1_sum`, in ``work`` when given)."""
     if dialect == "mergekit":
-        return l1_sum(delta, l1_threads(dialect))
+        return l1_sum(delta, l1_threads(dialect), work)
     return sum_last(mag.reshape(-1), 1)
 
 

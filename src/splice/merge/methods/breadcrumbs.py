@@ -37,7 +37,7 @@ from splice.delta.topk import band_mask_rows, magnitude
 from splice.merge.methods._common import UnitFloat, l1_norm, linear_combine_, ties_combine_
 from splice.merge.methods._compose import compose
 from splice.merge.registry import Dialect, MergeContext, PerModel
-from splice.merge.sparsify import drop_, l1_threads, rows_view
+from splice.merge.sparsify import drop_, l1_threads, l1_work, rows_view
 
 RowScope = Literal["row", "tensor"]
 
@@ -54,9 +54,17 @@ def breadcrumbs_counts(n: int, density: float, gamma: float, dialect: Dialect) -
 
 
 def breadcrumbs_mask_(
-    delta: Tensor, density: float, gamma: float, *, scope: str, dialect: Dialect, rescale: bool
+    delta: Tensor,
+    density: float,
+    gamma: float,
+    *,
+    scope: str,
+    dialect: Dialect,
+    rescale: bool,
+    work: Tensor | None = None,
 ) -> Tensor:
-    """Mask one task vector to its middle band of magnitudes (in place)."""
+    """Mask one task vector to its middle band of magnitudes (in place; ``work``: the |δ|
+    buffer of the L1 rescale's sums, `splice.merge.sparsify.l1_work`)."""
     if density >= 1:
         return delta
     mag = magnitude(delta)
@@ -64,9 +72,9 @@ def breadcrumbs_mask_(
     skip, keep = breadcrumbs_counts(rows.shape[1], density, gamma, dialect)
     ties = "torch_sort" if dialect == "mergekit" else "flat"
     mask = band_mask_rows(rows, skip, keep, ties).reshape(delta.shape)
-    l1 = l1_norm(delta, mag, dialect) if rescale else None
+    l1 = l1_norm(delta, mag, dialect, work) if rescale else None
     del mag, rows
-    return drop_(delta, mask, rescale, l1=l1, threads=l1_threads(dialect))
+    return drop_(delta, mask, rescale, l1=l1, threads=l1_threads(dialect), work=work)
 
 
 def band_(
@@ -79,8 +87,9 @@ def band_(
     ctx: MergeContext,
 ) -> None:
     """Keep each task vector's density_i band of magnitudes below its top gamma_i (in place)."""
+    work = l1_work(deltas) if rescale else None  # one |δ| buffer for every L1 sum
     for d, dens, g in zip(deltas, density, gamma, strict=True):
-        breadcrumbs_mask_(d, dens, g, scope=scope, dialect=ctx.dialect, rescale=rescale)
+        breadcrumbs_mask_(d, dens, g, scope=scope, dialect=ctx.dialect, rescale=rescale, work=work)
 
 
 _MERGEKIT = {"density": 1.0, "scope": "tensor"}

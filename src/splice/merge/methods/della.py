@@ -60,6 +60,7 @@ from splice.merge.sparsify import (
     discard_draws,
     drop_,
     l1_threads,
+    l1_work,
     rescale_mode,
     rows_view,
 )
@@ -123,17 +124,19 @@ def magprune_(
     generator: torch.Generator,
     threads: int = 1,
     offset: int = 0,
+    work: Tensor | None = None,
 ) -> Tensor:
-    """DELLA's MagPrune of one task vector, in place (``threads``: the order of the L1
-    rescale's sums, `splice.merge.sparsify.l1_sum`; ``offset``: δ's first entry's place in
-    the flat tensor whose mask is drawn, a row chunk's first flat entry)."""
+    """DELLA's MagPrune of one task vector, in place (``threads``, ``work``: the order of the
+    L1 rescale's sums and their |δ| buffer, `splice.merge.sparsify.l1_sum`; ``offset``: δ's
+    first entry's place in the flat tensor whose mask is drawn, a row chunk's first flat
+    entry)."""
     if density >= 1:
         return delta
     if density <= 0:
         return delta.zero_()
     prob = magprune_keep_prob(delta.cpu(), density, epsilon)
     mask = magprune_mask(prob, generator, offset)
-    return drop_(delta, mask, rescale, prob, threads=threads)
+    return drop_(delta, mask, rescale, prob, threads=threads, work=work)
 
 
 def magprune_sparsifier(method: str) -> Callable[..., None]:
@@ -155,8 +158,9 @@ def magprune_sparsifier(method: str) -> Callable[..., None]:
                     f"got density {d}, epsilon {e}"
                 )
         threads = l1_threads(ctx.dialect)
+        work = l1_work(deltas) if rescale_mode(rescale) == "l1" else None  # one |δ| buffer
         for i, (d, dens, eps) in enumerate(zip(deltas, density, epsilon, strict=True)):
-            magprune_(d, dens, eps, rescale, ctx.generator(i), threads, ctx.flat_offset)
+            magprune_(d, dens, eps, rescale, ctx.generator(i), threads, ctx.flat_offset, work)
 
     return magprune_all_
 

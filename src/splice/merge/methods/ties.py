@@ -52,6 +52,7 @@ from splice.merge.methods._common import (
 )
 from splice.merge.methods._compose import compose
 from splice.merge.registry import MergeContext, PerModel
+from splice.merge.sparsify import l1_work
 
 
 def trim_(
@@ -63,8 +64,9 @@ def trim_(
     ctx: MergeContext,
 ) -> None:
     """Keep the round(density_i · n) largest-|δ_i| entries of each task vector (in place)."""
+    work = l1_work(deltas) if rescale else None  # one |δ| buffer for every L1 sum
     for i, (d, dens) in enumerate(zip(deltas, density, strict=True)):
-        magnitude_trim_(d, dens, i, scope=scope, ctx=ctx, rescale=rescale)
+        magnitude_trim_(d, dens, i, scope=scope, ctx=ctx, rescale=rescale, work=work)
 
 
 compose(
