@@ -179,6 +179,12 @@ def test_compiled_drop_leaves_non_finite_deltas_to_torch():
     want = _torch_drop(delta, 0.5, 7)
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    # the L1 rescale after the kernel declined: its |δ|_1 and a work buffer, as torch alone
+    mask = dare_module.dare_mask(delta.shape, 0.5, dare_module.seeded_generator(7))
+    want = dare_module.dare_apply_(delta.clone(), mask, 0.5, True)
+    got = dare_module.dare_drop_(delta.clone(), 0.5, 7, True, work=torch.full((6,), 9.0))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 @needs_kernel

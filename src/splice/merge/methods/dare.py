@@ -95,11 +95,19 @@ def dare_mask(
 
 
 def dare_apply_(
-    delta: Tensor, mask: Tensor, density: float, rescale: Rescale, threads: int = 1
+    delta: Tensor,
+    mask: Tensor,
+    density: float,
+    rescale: Rescale,
+    threads: int = 1,
+    *,
+    l1: Tensor | None = None,
+    work: Tensor | None = None,
 ) -> Tensor:
     """Zero the dropped entries of ``delta`` (in place) and rescale the kept ones
-    (``threads``: the order of the L1 rescale's sums, `splice.merge.sparsify.l1_sum`)."""
-    return drop_(delta, mask, rescale, density, threads=threads)
+    (``threads``, ``work``: the order of the L1 rescale's sums and their |δ| buffer,
+    `splice.merge.sparsify.l1_sum`; ``l1``: |δ|_1 when already summed)."""
+    return drop_(delta, mask, rescale, density, l1=l1, threads=threads, work=work)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -125,14 +133,17 @@ def dare_drop_(
     mode = rescale_mode(rescale)
     if offset and mode == "l1":
         raise ValueError("dare_drop_: the L1 rescale needs the whole tensor (offset 0)")
+    l1 = None
     if compiled_drop_applies(delta):
         assert _dare_kernel is not None
         l1 = l1_sum(delta, threads, work) if mode == "l1" else None
         buf = delta.view(torch.int16) if delta.dtype == torch.bfloat16 else delta
         if _dare_kernel.drop(buf.numpy(), delta.element_size(), seed, float(density), offset):
             return rescale_kept_(delta, mode, density, l1, threads, work)
+    # torch's ops: the kernel is not used, or declined δ (a non-finite entry) untouched, so
+    # an |δ|_1 it summed still holds
     mask = dare_mask(delta.shape, density, seeded_generator(seed), offset)
-    return dare_apply_(delta, mask, density, rescale, threads)
+    return dare_apply_(delta, mask, density, rescale, threads, l1=l1, work=work)
 
 
 def compiled_drop_applies(delta: Tensor) -> bool:
