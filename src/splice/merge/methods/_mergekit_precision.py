@@ -35,7 +35,7 @@ The splice dialect always uses its own kernels, whatever the dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -164,9 +164,13 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     0.9995 interpolates linearly.
 
     Every step is per chunk of `SLERP_CHUNK` entries (mergekit's own chunks), so nothing the
-    size of the tensor is made: each pass casts a chunk to float32 (no copy when the inputs
-    are float32) and the result is written over ``base``, which the registry lets a method
-    modify. The final combination is elementwise, so chunk by chunk gives its bits.
+    size of the tensor is made: each chunk's float32 temporaries (the cast of a 16-bit
+    chunk, the normalised chunks, the weighted ones) are written into two chunk buffers
+    taken once per tensor (`splice.io.scratch`: pages already in memory while a merge
+    runs), where a fresh temporary per chunk was a page fault per 4 KB (the 16-bit SLERP's
+    system time). The same ops on the same values: the same bits. The result is written
+    over ``base``, which the registry lets a method modify. The final combination is
+    elementwise, so chunk by chunk gives its bits.
     """
     f32 = torch.float32
     a, b = base.reshape(1, -1), other.reshape(1, -1)
@@ -174,13 +178,27 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     if a.shape[1] == 0:
         return ((1 - tt) * a + tt * b).reshape(base.shape).to(base.dtype)
     starts = range(0, a.shape[1], SLERP_CHUNK)
+    width = min(SLERP_CHUNK, a.shape[1])
+    buf_a = scratch.empty((1, width), f32, base.device)
+    buf_b = scratch.empty((1, width), f32, base.device)
 
-    def chunk(x: Tensor, s: int) -> Tensor:
-        return x[:, s : s + SLERP_CHUNK].to(f32)
+    def part(x: Tensor, s: int) -> Tensor:
+        return x[:, s : s + SLERP_CHUNK]
+
+    def as_f32(x: Tensor, s: int, buf: Tensor) -> Tensor:
+        """The chunk at ``s`` in float32: a view when ``x`` is float32, else cast into buf."""
+        chunk = part(x, s)
+        return chunk if chunk.dtype == f32 else buf[:, : chunk.shape[1]].copy_(chunk)
 
     def norm(x: Tensor) -> Tensor:
-        parts = [torch.linalg.vector_norm(chunk(x, s), dim=1, keepdim=True) for s in starts]
+        parts = [torch.linalg.vector_norm(as_f32(x, s, buf_a), dim=1, keepdim=True) for s in starts]
         return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+    def scaled(x: Tensor, s: int, by: Tensor, buf: Tensor, op: Callable[..., Tensor]) -> Tensor:
+        """op(chunk of x in float32, by) into ``buf``. A 16-bit chunk is cast into it first
+        (torch would cast a mixed-dtype input into a fresh temporary)."""
+        chunk, out = part(x, s), buf[:, : part(x, s).shape[1]]
+        return op(chunk if chunk.dtype == f32 else out.copy_(chunk), by, out=out)
 
     norm_a, norm_b = norm(a), norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
@@ -188,7 +206,10 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     # the dot's reduction order depends on mergekit's thread count (splice.merge.reductions)
     threads = mergekit_threads()
     dots = [
-        sum_last((chunk(a, s) / norm_a) * (chunk(b, s) / norm_b), threads).reshape(1, 1)
+        sum_last(
+            scaled(a, s, norm_a, buf_a, torch.div).mul_(scaled(b, s, norm_b, buf_b, torch.div)),
+            threads,
+        ).reshape(1, 1)
         for s in starts
     ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
@@ -198,8 +219,8 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     for s in starts:
-        mixed = chunk(a, s).mul_(coef_a).add_(chunk(b, s).mul_(coef_b))
-        a[:, s : s + SLERP_CHUNK].copy_(mixed)  # rounded to the inputs' dtype (no-op in f32)
+        mixed = scaled(a, s, coef_a, buf_a, torch.mul).add_(scaled(b, s, coef_b, buf_b, torch.mul))
+        part(a, s).copy_(mixed)  # rounded to the inputs' dtype
     return a.reshape(base.shape)
 
 
