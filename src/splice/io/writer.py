@@ -42,6 +42,7 @@ import torch
 
 from splice.errors import CheckpointError
 from splice.io.base import TensorInfo
+from splice.io.direct_write import DirectFile
 from splice.io.finite import check_output
 from splice.io.output_folder import (
     MARKER_NAME,
@@ -87,7 +88,7 @@ class _ShardState:
     header: bytes
     written: set[str] = field(default_factory=set)
     in_flight: set[str] = field(default_factory=set)
-    fd: int = -1
+    file: DirectFile | None = None
     complete: bool = False
     digests: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
@@ -216,7 +217,7 @@ class ShardedWriter:
             finally:
                 os.close(fd)
         if not state.plan.tensors:
-            self._complete(state, -1)
+            self._complete(state, None)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -243,10 +244,10 @@ class ShardedWriter:
             )
         if not allow_nonfinite:
             check_output(tensor, name)
-        state, fd, path = self._begin(name)
+        state, file = self._begin(name)
         try:
             data = raw_bytes(tensor) if info.numel else memoryview(b"")
-            pwrite_all(fd, data, offset, path)
+            file.pwrite(data, offset)
             sha = digest(data)
         except BaseException:
             self._abandon(state, name)
@@ -268,8 +269,9 @@ class ShardedWriter:
         except KeyError:
             raise ValueError(f"tensor '{name}' is not in the output plan") from None
 
-    def _begin(self, name: str) -> tuple[_ShardState, int, Path]:
-        """Mark ``name`` in flight; the open file descriptor of its shard."""
+    def _begin(self, name: str) -> tuple[_ShardState, DirectFile]:
+        """Mark ``name`` in flight; the open file of its shard (written past the page cache
+        where the file system allows: `splice.io.direct_write`)."""
         state = self._where[name][0]
         path = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
         with self._lock:
@@ -277,13 +279,10 @@ class ShardedWriter:
                 raise RuntimeError("write() after finalize() or abort()")
             if state.complete or name in state.written or name in state.in_flight:
                 raise ValueError(f"tensor '{name}' was written twice")
-            if state.fd < 0:
-                try:
-                    state.fd = os.open(path, os.O_WRONLY)
-                except OSError as e:
-                    raise CheckpointError(f"{path}: cannot open for writing: {e.strerror}") from e
+            if state.file is None:
+                state.file = DirectFile(path)
             state.in_flight.add(name)
-            return state, state.fd, path
+            return state, state.file
 
     def _abandon(self, state: _ShardState, name: str) -> None:
         with self._lock:
@@ -300,21 +299,21 @@ class ShardedWriter:
             state.inputs.update(inputs or {})
             done = len(state.written) == len(state.plan.tensors)
             if done:
-                fd, state.fd = state.fd, -1
+                file, state.file = state.file, None
         if done:
-            self._complete(state, fd)
+            self._complete(state, file)
 
-    def _complete(self, state: _ShardState, fd: int) -> None:
+    def _complete(self, state: _ShardState, file: DirectFile | None) -> None:
         """fsync, store the shard's record, then rename it complete."""
         partial = self.tmp_dir / (state.plan.filename + PARTIAL_SUFFIX)
         record = ShardRecord(digest(state.header), dict(state.digests), dict(state.inputs))
         with self.folder.mapped("cannot write the output"):
-            if fd < 0:
-                fd = os.open(partial, os.O_WRONLY)
+            if file is None:
+                file = DirectFile(partial, direct=False)
             try:
-                os.fsync(fd)
+                file.fsync()
             finally:
-                os.close(fd)
+                file.close()
             write_bytes(record_path(self.folder.state_dir, state.plan.filename), record.to_bytes())
             os.rename(partial, self.tmp_dir / state.plan.filename)
             fsync_dir(self.tmp_dir)
@@ -396,9 +395,9 @@ class ShardedWriter:
         with self._lock:
             self._finished = True
             for state in self._states.values():
-                if state.fd >= 0:
-                    os.close(state.fd)
-                    state.fd = -1
+                if state.file is not None:
+                    state.file.close()
+                    state.file = None
         self.folder.release(keep_partial=True)
 
     def __enter__(self) -> ShardedWriter:
@@ -436,11 +435,11 @@ class RowWriter:
         name: str,
         info: TensorInfo,
         offset: int,
-        begun: tuple[_ShardState, int, Path],
+        begun: tuple[_ShardState, DirectFile],
         allow_nonfinite: bool,
     ) -> None:
         self.writer, self.name, self.info = writer, name, info
-        self.state, self.fd, self.path = begun
+        self.state, self.file = begun
         self.allow_nonfinite = allow_nonfinite
         self.row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
         self.offset = offset
@@ -463,7 +462,7 @@ class RowWriter:
         if not self.allow_nonfinite:
             check_output(chunk, self.name)
         data = raw_bytes(chunk) if chunk.numel() else memoryview(b"")
-        pwrite_all(self.fd, data, self.offset + self.rows * self.row_bytes, self.path)
+        self.file.pwrite(data, self.offset + self.rows * self.row_bytes)
         self.sha.update(data)
         self.rows += chunk.shape[0]
 
