@@ -24,9 +24,10 @@ the two paths cannot overwrite each other's bytes; the shard's ``fsync`` flushes
 ends and the file's metadata. Writes whose whole-page part is below `MIN_DIRECT` bytes (norms,
 biases, small files) go through the cache alone.
 
-Fallback: where ``O_DIRECT`` does not exist (not Linux) or the file system refuses it (tmpfs,
-some network file systems: ``open`` or the first write fails with ``EINVAL``), the file is
-written through the cache, as before; nothing is reported, the bytes are the same.
+Fallback: where ``O_DIRECT`` does not exist (not Linux) or the file system refuses it (tmpfs
+before Linux 6.6, some FUSE file systems: ``open`` or the first write fails with
+``EINVAL``), the file is written through the cache, as before; nothing is reported, the
+bytes are the same.
 """
 
 from __future__ import annotations
