@@ -5,7 +5,8 @@
 - ``splice.delta._radix_kernel``: the radix selection's histograms and keep rule
   (`splice.delta.topk.radix_histogram`, `splice.merge.sparsify.keep_rule_trim_`);
 - ``splice.merge.methods._ties_kernel``: the float32 TIES sign election and disjoint merge
-  in one pass (`splice.merge.methods._common.ties_combine_`);
+  in one pass (`splice.merge.methods._common.ties_combine_`), and the float32 linear
+  combine of task arithmetic (`linear_combine_`);
 - ``splice.merge.methods._dare_kernel``: DARE's random drop with torch's own Bernoulli
   draws (`splice.merge.methods.dare`).
 

@@ -1,5 +1,6 @@
 """The compiled float32 TIES combine against the torch ops it replaces: the same bits."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,53 @@ def test_fused_bf16_gta_gives_the_same_bits(monkeypatch, consensus, normalize):
         nan = plain.isnan()
         assert torch.equal(fused.isnan(), nan) and nan.any()
         assert torch.equal(fused.view(torch.int16)[~nan], plain.view(torch.int16)[~nan])
+
+
+def _linear_both(base, deltas, monkeypatch, **kw):
+    from splice.merge.methods._common import linear_combine_
+
+    fused = linear_combine_(base.clone(), [d.clone() for d in deltas], **kw)
+    with monkeypatch.context() as m:
+        m.setattr(_common, "_ties_kernel", None)
+        plain = linear_combine_(base.clone(), [d.clone() for d in deltas], **kw)
+    return fused, plain
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("shape", [(), (7,), (515, 3)])
+def test_fused_linear_gives_the_same_bits(monkeypatch, n_models, normalize, shape):
+    """Task arithmetic's float32 combine, compiled, against torch's mul_ / add_ / div_: the
+    same bits, with weights and λ that float32 cannot hold exactly, −0, ±inf, NaN, overflow
+    and subnormals among the entries."""
+    g = torch.Generator().manual_seed(n_models)
+    base = torch.randn(shape, generator=g) * 3
+    deltas = [torch.randn(shape, generator=g) * 10.0 ** (i - 2) for i in range(n_models)]
+    if shape == (7,):
+        base[0], deltas[0][0] = -0.0, -0.0  # -0 · w + ... must stay -0 with one model
+        base[1], deltas[-1][2] = float("inf"), float("nan")
+        base[3], deltas[0][3] = 3e38, 3e38  # overflows to inf
+        base[4], deltas[0][4] = 0.0, 1e-42  # subnormal
+    weight = [1.0, 0.8, -0.6, 0.3, 1.7][:n_models]
+    for lam in (1.0, 0.3):
+        fused, plain = _linear_both(
+            base, deltas, monkeypatch, weight=weight, lambda_=lam, normalize=normalize
+        )
+        assert torch.equal(fused.view(torch.int32), plain.view(torch.int32))
+
+
+def test_fused_linear_hand_computed_and_tiny_weight_sum_not_divided():
+    """base + λ·Σ w_i δ_i [/ Σ w_i]: 1 + 0.5·(2·1 + 4·0.5) = 3 (no normalize); normalized by
+    Σw = 1.5: 1 + 0.5·4/1.5; |Σw| < 1e-8 is not divided by."""
+    from splice.merge.methods._common import linear_combine_
+
+    base, deltas = torch.tensor([1.0]), [torch.tensor([2.0]), torch.tensor([4.0])]
+    out = linear_combine_(base.clone(), deltas, [1.0, 0.5], lambda_=0.5)
+    assert out.item() == 3.0
+    f32 = np.float32
+    out = linear_combine_(base.clone(), deltas, [1.0, 0.5], lambda_=0.5, normalize=True)
+    assert out.item() == f32(1) + f32(0.5) * (f32(4) / f32(1.5))  # 2.3333335
+    out = linear_combine_(base.clone(), deltas, [2e-9, 1e-9], lambda_=1e8, normalize=True)
+    assert out.item() == f32(1) + f32(1e8) * (f32(2) * f32(2e-9) + f32(4) * f32(1e-9))  # ≈ 1.8
+    assert _common._linear_kernel_applies(base, deltas)
+    assert not _common._linear_kernel_applies(base.double(), [d.double() for d in deltas])

@@ -153,19 +153,37 @@ def linear_combine_(
     normalize: bool = False,
 ) -> Tensor:
     """base + λ · Σ w_i δ_i [/ Σ w_i when normalize and |Σ w_i| >= 1e-8] (mergekit's
-    generalized task arithmetic without consensus)."""
+    generalized task arithmetic without consensus).
+
+    float32 on the CPU runs as one compiled pass (`_ties_kernel.linear`: the same float32
+    operations in the same order, so the same bits; the deltas are left as they were) when
+    the extension is built; otherwise, and for other dtypes, the torch ops below, which
+    overwrite the deltas."""
     if not deltas:
+        return base
+    total = sum(weight) if normalize else 0.0
+    divide = normalize and abs(total) >= 1e-8
+    if _linear_kernel_applies(base, deltas):
+        assert _ties_kernel is not None
+        weights = [float(weight[i]) for i in range(len(deltas))]
+        _ties_kernel.linear(
+            base.numpy(), [d.numpy() for d in deltas], weights, divide, total, lambda_
+        )
         return base
     # Multiply, then add (not add_(d, alpha=w), which may fuse into one rounding): the same
     # roundings as mergekit's deltas.mul_(weights).sum(0), so fp32 results are bit-identical.
     merged = deltas[0].mul_(weight[0])
     for d, w in zip(deltas[1:], weight[1:], strict=True):
         merged.add_(d.mul_(w))
-    if normalize:
-        total = sum(weight)
-        if abs(total) >= 1e-8:
-            merged.div_(total)
+    if divide:
+        merged.div_(total)
     return add_scaled_(base, merged, lambda_)
+
+
+def _linear_kernel_applies(base: Tensor, deltas: Sequence[Tensor]) -> bool:
+    """Whether `linear_combine_` can use the compiled float32 kernel (an extension built
+    before it had `linear` cannot)."""
+    return hasattr(_ties_kernel, "linear") and kernel_accepts(base, deltas, torch.float32, 64)
 
 
 def ties_combine_(

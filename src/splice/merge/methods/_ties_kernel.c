@@ -1,6 +1,15 @@
 /* Fused TIES combines (optional extension): float32 `combine` for
- * splice.merge.methods._common.ties_combine_, and `gta_bf16` for mergekit's bfloat16
- * arithmetic in splice.merge.methods._mergekit_precision.gta_combine (described there).
+ * splice.merge.methods._common.ties_combine_, float32 `linear` for its linear_combine_ (task
+ * arithmetic), and `gta_bf16` for mergekit's bfloat16 arithmetic in
+ * splice.merge.methods._mergekit_precision.gta_combine (described there).
+ *
+ * linear(base, deltas, weights, divide, total, lam) -> None
+ *   One pass, in place in base, with the float32 operations of linear_combine_ (torch's
+ *   mul_ / add_ / div_ / mul_ / add_, so the same bits, and mergekit's in float32):
+ *     r = δ_1 · w_1;  r = r + δ_i · w_i for i = 2..n   (r starts at the first product: a
+ *                                                       −0 product stays −0)
+ *     divide: r = r / total;  λ != 1: r = r · λ;  base = base + r
+ *   (w_i, total and λ rounded to float32, as torch does with a Python scalar.)
  *
  * combine(base, deltas, weights, majority_count, normalize, lam) -> None
  *   One pass over the entries, in place in base, with exactly the float32 operations of
@@ -80,7 +89,31 @@ static void combine_block(float *base, const float **d, const float *w, int n, P
     }
 }
 
-/* The arguments both entry points share, held while a kernel runs: the base buffer
+/* The float32 linear combine over entries [0, len), block by block (vectorizable loops). */
+VECTOR_CLONES
+static void linear_block(float *base, const float **d, const float *w, int n, Py_ssize_t len,
+                         int divide, float total, float lam) {
+    float r[CHUNK];
+    for (Py_ssize_t lo = 0; lo < len; lo += CHUNK) {
+        const int c = (int)(len - lo < CHUNK ? len - lo : CHUNK);
+        const float *d0 = d[0] + lo;
+        const float w0 = w[0];
+        for (int j = 0; j < c; j++) r[j] = d0[j] * w0;
+        for (int i = 1; i < n; i++) {
+            const float *di = d[i] + lo;
+            const float wi = w[i];
+            for (int j = 0; j < c; j++) r[j] = r[j] + di[j] * wi;
+        }
+        if (divide)
+            for (int j = 0; j < c; j++) r[j] = r[j] / total;
+        if (lam != 1.0f)
+            for (int j = 0; j < c; j++) r[j] = r[j] * lam;
+        float *b = base + lo;
+        for (int j = 0; j < c; j++) b[j] = b[j] + r[j];
+    }
+}
+
+/* The arguments the entry points share, held while a kernel runs: the base buffer
  * (writable), one read-only buffer per delta of the base's length, and the weights as floats.
  * `take_inputs` fills it (1 on success; on failure a Python error is set and everything taken
  * so far is released); `release_inputs` gives everything back. */
@@ -237,6 +270,25 @@ static void gta_bf16_block(uint16_t *base, const uint16_t **d, const float *w, i
     }
 }
 
+static PyObject *linear(PyObject *self, PyObject *args) {
+    PyObject *base_obj, *deltas_obj, *weights_obj;
+    int divide;
+    double total, lam;
+    Inputs in;
+    if (!PyArg_ParseTuple(args, "OOOpdd", &base_obj, &deltas_obj, &weights_obj, &divide, &total,
+                          &lam))
+        return NULL;
+    if (!take_inputs(&in, base_obj, deltas_obj, weights_obj, "linear", 4,
+                     "float32 buffers expected"))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    linear_block((float *)in.base.buf, (const float **)in.d, in.w, (int)in.n, in.base.len / 4,
+                 divide, (float)total, (float)lam);
+    Py_END_ALLOW_THREADS;
+    release_inputs(&in);
+    Py_RETURN_NONE;
+}
+
 static PyObject *gta_bf16(PyObject *self, PyObject *args) {
     PyObject *base_obj, *deltas_obj, *weights_obj;
     int consensus, normalize;
@@ -271,6 +323,9 @@ static PyMethodDef methods[] = {
     {"combine", combine, METH_VARARGS,
      "combine(base, deltas, weights, majority_count, normalize, lam): fused float32 TIES "
      "sign election and disjoint merge, in place in base."},
+    {"linear", linear, METH_VARARGS,
+     "linear(base, deltas, weights, divide, total, lam): fused float32 linear combine "
+     "base + lam * (sum_i w_i d_i [/ total]), in place in base."},
     {NULL, NULL, 0, NULL},
 };
 
