@@ -50,6 +50,10 @@ try:
     from splice.merge.methods import _ties_kernel
 except ImportError:  # built without a C compiler: the torch ops
     _ties_kernel = None
+try:
+    from splice.merge.methods import _model_stock_kernel
+except ImportError:
+    _model_stock_kernel = None
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SLERP_CHUNK = 1024 * 1024  # entries per chunk of mergekit's SLERP statistics
@@ -235,6 +239,10 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     that shares the base's storage), one buffer holds each pairwise product, and the base
     becomes (1 − t)·θ_0. Whole-tensor memory: the inputs + 2 tensors (mergekit's: 2n + 3),
     both scratch tensors (`splice.io.scratch`: reused pages while a merge runs).
+
+    float32 on the CPU with the extension built: the average with the task vectors, and the
+    final interpolation, are one compiled pass each (`_model_stock_kernel`: the same float32
+    operations in the same order, so the same bits); the norms and dots stay torch's.
     """
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -242,11 +250,23 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     else:
         w0, ws = base.reshape(-1), [w.reshape(-1) for w in own_inputs(base, tensors)]
     n = len(ws)
-    average = torch.add(ws[0], ws[1], out=scratch.empty(w0.shape, w0.dtype, w0.device))
-    for w in ws[2:]:
-        average.add_(w)
-    average.div_(n)
-    offsets = [w.sub_(w0) for w in ws]
+    average = scratch.empty(w0.shape, w0.dtype, w0.device)
+    fused = (
+        _model_stock_kernel is not None
+        and w0.dim() >= 1
+        and w0.numel() > 0
+        and kernel_accepts(w0, ws, torch.float32, 64)
+    )
+    if fused:
+        assert _model_stock_kernel is not None
+        _model_stock_kernel.average_offsets(average.numpy(), w0.numpy(), [w.numpy() for w in ws])
+        offsets = ws
+    else:
+        torch.add(ws[0], ws[1], out=average)
+        for w in ws[2:]:
+            average.add_(w)
+        average.div_(n)
+        offsets = [w.sub_(w0) for w in ws]
     threads = mergekit_threads()  # the reductions' order depends on it (splice.merge.reductions)
     norms = [norm_last(d, threads) for d in offsets]
     product = scratch.empty(w0.shape, w0.dtype, w0.device)
@@ -262,6 +282,12 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     singular = denominator.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+    if fused:
+        assert _model_stock_kernel is not None
+        row = w0.shape[-1] if filter_wise else 0
+        t, kept = t.contiguous(), (1 - t).contiguous()
+        _model_stock_kernel.interpolate(average.numpy(), w0.numpy(), t.numpy(), kept.numpy(), row)
+        return average.reshape(base.shape)
     return average.mul_(t).add_(w0.mul_(1 - t)).reshape(base.shape)
 
 
