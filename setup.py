@@ -7,8 +7,8 @@
 - ``splice.merge.methods._ties_kernel``: the float32 TIES sign election and disjoint merge
   in one pass (`splice.merge.methods._common.ties_combine_`), and the float32 linear
   combine of task arithmetic (`linear_combine_`);
-- ``splice.merge.methods._model_stock_kernel``: the elementwise steps of mergekit's Model
-  Stock in float32 (`splice.merge.methods._mergekit_precision.model_stock_in_dtype`);
+- ``splice.merge.methods._mergekit_kernel``: the float32 elementwise steps of the mergekit
+  dialect's Model Stock and SLERP (`splice.merge.methods._mergekit_precision`);
 - ``splice.merge.methods._dare_kernel``: DARE's random drop with torch's own Bernoulli
   draws (`splice.merge.methods.dare`).
 
@@ -48,8 +48,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "splice.merge.methods._model_stock_kernel",
-            ["src/splice/merge/methods/_model_stock_kernel.c"],
+            "splice.merge.methods._mergekit_kernel",
+            ["src/splice/merge/methods/_mergekit_kernel.c"],
             depends=[CLONES_HEADER],
             extra_compile_args=FLAGS,
             optional=True,

@@ -51,9 +51,9 @@ try:
 except ImportError:  # built without a C compiler: the torch ops
     _ties_kernel = None
 try:
-    from splice.merge.methods import _model_stock_kernel
+    from splice.merge.methods import _mergekit_kernel
 except ImportError:
-    _model_stock_kernel = None
+    _mergekit_kernel = None
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 SLERP_CHUNK = 1024 * 1024  # entries per chunk of mergekit's SLERP statistics
@@ -204,18 +204,38 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
         chunk, out = part(x, s), buf[:, : part(x, s).shape[1]]
         return op(chunk if chunk.dtype == f32 else out.copy_(chunk), by, out=out)
 
+    def product(s: int) -> Tensor:
+        """(a / |a|) · (b / |b|) over the chunk at ``s``, in buf_a."""
+        if kernel is None:
+            return scaled(a, s, norm_a, buf_a, torch.div).mul_(
+                scaled(b, s, norm_b, buf_b, torch.div)
+            )
+        ca, cb = as_f32(a, s, buf_a), as_f32(b, s, buf_b)
+        out = buf_a[:, : ca.shape[1]]
+        kernel.slerp_product(out.numpy(), ca.numpy(), cb.numpy(), na, nb)
+        return out
+
+    def mix(s: int) -> Tensor:
+        """a · coef_a + b · coef_b over the chunk at ``s``, in buf_a."""
+        if kernel is None:
+            return scaled(a, s, coef_a, buf_a, torch.mul).add_(
+                scaled(b, s, coef_b, buf_b, torch.mul)
+            )
+        ca, cb = as_f32(a, s, buf_a), as_f32(b, s, buf_b)
+        out = buf_a[:, : ca.shape[1]]
+        kernel.slerp_mix(out.numpy(), ca.numpy(), cb.numpy(), float(coef_a), float(coef_b))
+        return out
+
+    # float32 on the CPU with the extension built: each chunk's two elementwise steps are one
+    # compiled pass each (`_mergekit_kernel`, torch's float32 operations in order)
+    kernel = _mergekit_kernel if base.device.type == "cpu" else None
     norm_a, norm_b = norm(a), norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
+    na, nb = float(norm_a), float(norm_b)
     # the dot's reduction order depends on mergekit's thread count (splice.merge.reductions)
     threads = mergekit_threads()
-    dots = [
-        sum_last(
-            scaled(a, s, norm_a, buf_a, torch.div).mul_(scaled(b, s, norm_b, buf_b, torch.div)),
-            threads,
-        ).reshape(1, 1)
-        for s in starts
-    ]
+    dots = [sum_last(product(s), threads).reshape(1, 1) for s in starts]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > 0.9995
     theta = torch.acos(torch.where(linear, 0, dot))
@@ -223,8 +243,7 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     for s in starts:
-        mixed = scaled(a, s, coef_a, buf_a, torch.mul).add_(scaled(b, s, coef_b, buf_b, torch.mul))
-        part(a, s).copy_(mixed)  # rounded to the inputs' dtype
+        part(a, s).copy_(mix(s))  # rounded to the inputs' dtype
     return a.reshape(base.shape)
 
 
@@ -241,7 +260,7 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     both scratch tensors (`splice.io.scratch`: reused pages while a merge runs).
 
     float32 on the CPU with the extension built: the average with the task vectors, and the
-    final interpolation, are one compiled pass each (`_model_stock_kernel`: the same float32
+    final interpolation, are one compiled pass each (`_mergekit_kernel`: the same float32
     operations in the same order, so the same bits); the norms and dots stay torch's.
     """
     if filter_wise:
@@ -252,14 +271,14 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     n = len(ws)
     average = scratch.empty(w0.shape, w0.dtype, w0.device)
     fused = (
-        _model_stock_kernel is not None
+        _mergekit_kernel is not None
         and w0.dim() >= 1
         and w0.numel() > 0
         and kernel_accepts(w0, ws, torch.float32, 64)
     )
     if fused:
-        assert _model_stock_kernel is not None
-        _model_stock_kernel.average_offsets(average.numpy(), w0.numpy(), [w.numpy() for w in ws])
+        assert _mergekit_kernel is not None
+        _mergekit_kernel.average_offsets(average.numpy(), w0.numpy(), [w.numpy() for w in ws])
         offsets = ws
     else:
         torch.add(ws[0], ws[1], out=average)
@@ -283,10 +302,10 @@ def model_stock_in_dtype(base: Tensor, tensors: Sequence[Tensor], filter_wise: b
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
     if fused:
-        assert _model_stock_kernel is not None
+        assert _mergekit_kernel is not None
         row = w0.shape[-1] if filter_wise else 0
         t, kept = t.contiguous(), (1 - t).contiguous()
-        _model_stock_kernel.interpolate(average.numpy(), w0.numpy(), t.numpy(), kept.numpy(), row)
+        _mergekit_kernel.interpolate(average.numpy(), w0.numpy(), t.numpy(), kept.numpy(), row)
         return average.reshape(base.shape)
     return average.mul_(t).add_(w0.mul_(1 - t)).reshape(base.shape)
 

@@ -1,6 +1,7 @@
-/* mergekit's Model Stock in float32, its elementwise steps fused (optional extension), for
- * splice.merge.methods._mergekit_precision.model_stock_in_dtype. The reductions between
- * the two steps (norms and pairwise dots, in torch's thread order) stay with torch.
+/* The mergekit dialect's float32 elementwise steps, fused (optional extension), for
+ * splice.merge.methods._mergekit_precision: Model Stock (`model_stock_in_dtype`) and SLERP
+ * (`slerp_float32`). The whole-tensor reductions between the steps (norms, dots, in
+ * torch's thread order) stay with torch.
  *
  * average_offsets(average, base, inputs) -> None
  *   One pass over the entries, with exactly the float32 operations of torch's
@@ -12,7 +13,15 @@
  *   (base is overwritten by base · (1 − t)); t and 1 − t are float32 buffers of one value
  *   each (row = 0), or one per row of ``row`` entries (mergekit's filter_wise).
  *
- * All buffers are C-contiguous float32 of the same length (t: 1 or len / row entries).
+ * slerp_product(out, a, b, norm_a, norm_b) -> None
+ *   out = (a / |a|) · (b / |b|), as torch's div(a, |a|).mul_(div(b, |b|)) (the product
+ *   whose sum is SLERP's dot).
+ *
+ * slerp_mix(out, a, b, coef_a, coef_b) -> None
+ *   out = a · coef_a + b · coef_b, as torch's mul(a, coef_a).add_(mul(b, coef_b)).
+ *
+ * All buffers are C-contiguous float32 of the same length (t: 1 or len / row entries); out
+ * may be a or b.
  * Compiled with -ffp-contract=off: no multiply-add is fused, each operation rounds once.
  */
 #define PY_SSIZE_T_CLEAN
@@ -53,6 +62,18 @@ static void interpolate_block(float *average, float *base, float t, float omt, P
         base[j] = kept;
         average[j] = average[j] * t + kept;
     }
+}
+
+VECTOR_CLONES
+static void slerp_product_block(float *out, const float *a, const float *b, float na, float nb,
+                                Py_ssize_t len) {
+    for (Py_ssize_t j = 0; j < len; j++) out[j] = (a[j] / na) * (b[j] / nb);
+}
+
+VECTOR_CLONES
+static void slerp_mix_block(float *out, const float *a, const float *b, float ca, float cb,
+                            Py_ssize_t len) {
+    for (Py_ssize_t j = 0; j < len; j++) out[j] = a[j] * ca + b[j] * cb;
 }
 
 typedef struct {
@@ -143,7 +164,44 @@ fail:
     return NULL;
 }
 
+/* out, a, b: float32 buffers of one length; two float scalars; the block function. */
+static PyObject *pairwise(PyObject *args, const char *name,
+                          void (*block)(float *, const float *, const float *, float, float,
+                                        Py_ssize_t)) {
+    PyObject *out_obj, *a_obj, *b_obj;
+    double x, y;
+    Held held = {.got = 0};
+    if (!PyArg_ParseTuple(args, "OOOdd", &out_obj, &a_obj, &b_obj, &x, &y)) return NULL;
+    float *out = take(&held, out_obj, 1, -1, name);
+    if (out == NULL) goto fail;
+    Py_ssize_t bytes = held.views[0].len;
+    const float *a = take(&held, a_obj, 0, bytes, name);
+    if (a == NULL) goto fail;
+    const float *b = take(&held, b_obj, 0, bytes, name);
+    if (b == NULL) goto fail;
+    Py_BEGIN_ALLOW_THREADS;
+    block(out, a, b, (float)x, (float)y, bytes / 4);
+    Py_END_ALLOW_THREADS;
+    release(&held);
+    Py_RETURN_NONE;
+fail:
+    release(&held);
+    return NULL;
+}
+
+static PyObject *slerp_product(PyObject *self, PyObject *args) {
+    return pairwise(args, "slerp_product", slerp_product_block);
+}
+
+static PyObject *slerp_mix(PyObject *self, PyObject *args) {
+    return pairwise(args, "slerp_mix", slerp_mix_block);
+}
+
 static PyMethodDef methods[] = {
+    {"slerp_product", slerp_product, METH_VARARGS,
+     "slerp_product(out, a, b, norm_a, norm_b): out = (a / norm_a) * (b / norm_b), float32."},
+    {"slerp_mix", slerp_mix, METH_VARARGS,
+     "slerp_mix(out, a, b, coef_a, coef_b): out = a * coef_a + b * coef_b, float32."},
     {"average_offsets", average_offsets, METH_VARARGS,
      "average_offsets(average, base, inputs): average = mean of the inputs, each input -= "
      "base; float32, in torch's order of operations."},
@@ -154,8 +212,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_model_stock_kernel",
-    "mergekit's Model Stock elementwise steps in float32 (see the C source).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_mergekit_kernel",
+    "The mergekit dialect's float32 elementwise steps (see the C source).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__model_stock_kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__mergekit_kernel(void) { return PyModule_Create(&module); }

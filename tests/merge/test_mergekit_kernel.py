@@ -1,5 +1,5 @@
 """mergekit's Model Stock in float32 with its elementwise steps compiled
-(`_model_stock_kernel`) against the torch ops they replace: the same bits."""
+(`_mergekit_kernel`) against the torch ops they replace: the same bits."""
 
 from types import SimpleNamespace
 
@@ -9,21 +9,21 @@ import torch
 from splice.merge.methods import _mergekit_precision as mp
 
 pytestmark = pytest.mark.skipif(
-    mp._model_stock_kernel is None, reason="C extension not built (no compiler)"
+    mp._mergekit_kernel is None, reason="C extension not built (no compiler)"
 )
 
 
 def _run(base, tensors, filter_wise, monkeypatch, kernel):
     with monkeypatch.context() as m:
         if not kernel:
-            m.setattr(mp, "_model_stock_kernel", None)
+            m.setattr(mp, "_mergekit_kernel", None)
         return mp.model_stock_in_dtype(base.clone(), [t.clone() for t in tensors], filter_wise)
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The kernel's entry points, counted."""
-    real, calls = mp._model_stock_kernel, []
+    real, calls = mp._mergekit_kernel, []
 
     def counted(name):
         def call(*args):
@@ -33,7 +33,7 @@ def kernel_calls(monkeypatch):
         return call
 
     spy = SimpleNamespace(**{n: counted(n) for n in ("average_offsets", "interpolate")})
-    monkeypatch.setattr(mp, "_model_stock_kernel", spy)
+    monkeypatch.setattr(mp, "_mergekit_kernel", spy)
     return calls
 
 
@@ -76,3 +76,52 @@ def test_hand_computed():
     rows = [torch.tensor([[2.0, 2.0], [1.0, 0.0]]), torch.tensor([[3.0, 3.0], [0.0, 1.0]])]
     out = mp.model_stock_in_dtype(base, rows, True)
     assert torch.equal(out, torch.tensor([[2.5, 2.5], [0.0, 0.0]]))
+
+
+def _slerp(base, other, t, monkeypatch, kernel):
+    with monkeypatch.context() as m:
+        if not kernel:
+            m.setattr(mp, "_mergekit_kernel", None)
+        return mp.slerp_float32(base.clone(), other.clone(), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [1, 7, 2 * mp.SLERP_CHUNK + 3])
+@pytest.mark.parametrize("kind", ["spherical", "nearly parallel", "zero"])
+def test_slerp_compiled_steps_give_torchs_bits(monkeypatch, dtype, size, kind):
+    """SLERP's per-chunk product and mix, compiled, against torch's div / mul / add: the
+    same bits, over several chunks, on the spherical and the linear branch, and with a zero
+    input (norm <= eps counts as 1)."""
+    g = torch.Generator().manual_seed(size)
+    base = torch.randn(size, generator=g)
+    other = {
+        "spherical": torch.randn(size, generator=g),
+        "nearly parallel": base * 1.0001,
+        "zero": torch.zeros(size),
+    }[kind]
+    base, other = base.to(dtype), other.to(dtype)
+    for t in (0.0, 0.3, 1.0):
+        fused = _slerp(base, other, t, monkeypatch, kernel=True)
+        plain = _slerp(base, other, t, monkeypatch, kernel=False)
+        assert fused.dtype == dtype
+        assert torch.equal(
+            fused.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            plain.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        )
+
+
+def test_slerp_uses_the_kernel(monkeypatch):
+    real, calls = mp._mergekit_kernel, []
+    spy = SimpleNamespace(
+        slerp_product=lambda *a: (calls.append("product"), real.slerp_product(*a))[1],
+        slerp_mix=lambda *a: (calls.append("mix"), real.slerp_mix(*a))[1],
+    )
+    monkeypatch.setattr(mp, "_mergekit_kernel", spy)
+    mp.slerp_float32(torch.randn(10), torch.randn(10), 0.5)
+    assert calls == ["product", "mix"]
+
+
+def test_slerp_hand_computed():
+    """a = (1, 0), b = (0, 1): θ = π/2, t = 0.5 -> sin(π/4) / sin(π/2) each: (√½, √½)."""
+    out = mp.slerp_float32(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    assert torch.allclose(out, torch.full((2,), 0.5**0.5), rtol=0, atol=1e-7)
