@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from splice.merge.methods import _common
-from splice.merge.methods._common import ties_combine_
+from splice.merge.methods._common import linear_combine_, ties_combine_
 
 pytestmark = pytest.mark.skipif(
     _common._ties_kernel is None, reason="C extension not built (no compiler)"
@@ -26,11 +26,12 @@ def _inputs(seed: int, n_models: int, shape=(64, 96)):
     return base, deltas
 
 
-def _both(base, deltas, monkeypatch, **kw):
-    fused = ties_combine_(base.clone(), [d.clone() for d in deltas], **kw)
+def _both(base, deltas, monkeypatch, combine=ties_combine_, **kw):
+    """``combine`` with the compiled kernel and with torch's ops."""
+    fused = combine(base.clone(), [d.clone() for d in deltas], **kw)
     with monkeypatch.context() as m:
         m.setattr(_common, "_ties_kernel", None)
-        plain = ties_combine_(base.clone(), [d.clone() for d in deltas], **kw)
+        plain = combine(base.clone(), [d.clone() for d in deltas], **kw)
     return fused, plain
 
 
@@ -98,16 +99,6 @@ def test_fused_bf16_gta_gives_the_same_bits(monkeypatch, consensus, normalize):
         assert torch.equal(fused.view(torch.int16)[~nan], plain.view(torch.int16)[~nan])
 
 
-def _linear_both(base, deltas, monkeypatch, **kw):
-    from splice.merge.methods._common import linear_combine_
-
-    fused = linear_combine_(base.clone(), [d.clone() for d in deltas], **kw)
-    with monkeypatch.context() as m:
-        m.setattr(_common, "_ties_kernel", None)
-        plain = linear_combine_(base.clone(), [d.clone() for d in deltas], **kw)
-    return fused, plain
-
-
 @pytest.mark.parametrize("n_models", [1, 2, 3, 5])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("shape", [(), (7,), (515, 3)])
@@ -125,8 +116,14 @@ def test_fused_linear_gives_the_same_bits(monkeypatch, n_models, normalize, shap
         base[4], deltas[0][4] = 0.0, 1e-42  # subnormal
     weight = [1.0, 0.8, -0.6, 0.3, 1.7][:n_models]
     for lam in (1.0, 0.3):
-        fused, plain = _linear_both(
-            base, deltas, monkeypatch, weight=weight, lambda_=lam, normalize=normalize
+        fused, plain = _both(
+            base,
+            deltas,
+            monkeypatch,
+            combine=linear_combine_,
+            weight=weight,
+            lambda_=lam,
+            normalize=normalize,
         )
         assert torch.equal(fused.view(torch.int32), plain.view(torch.int32))
 
@@ -134,8 +131,6 @@ def test_fused_linear_gives_the_same_bits(monkeypatch, n_models, normalize, shap
 def test_fused_linear_hand_computed_and_tiny_weight_sum_not_divided():
     """base + λ·Σ w_i δ_i [/ Σ w_i]: 1 + 0.5·(2·1 + 4·0.5) = 3 (no normalize); normalized by
     Σw = 1.5: 1 + 0.5·4/1.5; |Σw| < 1e-8 is not divided by."""
-    from splice.merge.methods._common import linear_combine_
-
     base, deltas = torch.tensor([1.0]), [torch.tensor([2.0]), torch.tensor([4.0])]
     out = linear_combine_(base.clone(), deltas, [1.0, 0.5], lambda_=0.5)
     assert out.item() == 3.0

@@ -85,6 +85,13 @@ static void release(Held *h) {
     for (int i = 0; i < h->got; i++) PyBuffer_Release(&h->views[i]);
 }
 
+/* Give back what ``h`` holds: None when ``ok``, else NULL with the Python error set. */
+static PyObject *finish(Held *h, int ok) {
+    release(h);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* Take a C-contiguous float32 buffer (writable when asked) of ``len`` bytes (-1: any). */
 static float *take(Held *h, PyObject *obj, int writable, Py_ssize_t len, const char *name) {
     Py_buffer *v = &h->views[h->got];
@@ -123,13 +130,11 @@ static PyObject *average_offsets(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
     average_offsets_block(average, base, x, (int)n, bytes / 4);
     Py_END_ALLOW_THREADS;
-    release(&held);
     Py_DECREF(inputs);
-    Py_RETURN_NONE;
+    return finish(&held, 1);
 fail:
-    release(&held);
     Py_DECREF(inputs);
-    return NULL;
+    return finish(&held, 0);
 }
 
 static PyObject *interpolate(PyObject *self, PyObject *args) {
@@ -157,11 +162,9 @@ static PyObject *interpolate(PyObject *self, PyObject *args) {
     for (Py_ssize_t r = 0; r < rows; r++)
         interpolate_block(average + r * step, base + r * step, t[r], omt[r], step);
     Py_END_ALLOW_THREADS;
-    release(&held);
-    Py_RETURN_NONE;
+    return finish(&held, 1);
 fail:
-    release(&held);
-    return NULL;
+    return finish(&held, 0);
 }
 
 /* out, a, b: float32 buffers of one length; two float scalars; the block function. */
@@ -182,11 +185,9 @@ static PyObject *pairwise(PyObject *args, const char *name,
     Py_BEGIN_ALLOW_THREADS;
     block(out, a, b, (float)x, (float)y, bytes / 4);
     Py_END_ALLOW_THREADS;
-    release(&held);
-    Py_RETURN_NONE;
+    return finish(&held, 1);
 fail:
-    release(&held);
-    return NULL;
+    return finish(&held, 0);
 }
 
 static PyObject *slerp_product(PyObject *self, PyObject *args) {

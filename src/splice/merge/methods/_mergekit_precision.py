@@ -204,26 +204,15 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
         chunk, out = part(x, s), buf[:, : part(x, s).shape[1]]
         return op(chunk if chunk.dtype == f32 else out.copy_(chunk), by, out=out)
 
-    def product(s: int) -> Tensor:
-        """(a / |a|) · (b / |b|) over the chunk at ``s``, in buf_a."""
+    def step(s: int, by_a: Tensor, by_b: Tensor, op: Callable[..., Tensor], join: str) -> Tensor:
+        """op(a, by_a) joined with op(b, by_b) over the chunk at ``s``, in buf_a: the dot's
+        product (div, then ``mul_``) or the mix (mul, then ``add_``)."""
         if kernel is None:
-            return scaled(a, s, norm_a, buf_a, torch.div).mul_(
-                scaled(b, s, norm_b, buf_b, torch.div)
-            )
+            return getattr(scaled(a, s, by_a, buf_a, op), join)(scaled(b, s, by_b, buf_b, op))
         ca, cb = as_f32(a, s, buf_a), as_f32(b, s, buf_b)
         out = buf_a[:, : ca.shape[1]]
-        kernel.slerp_product(out.numpy(), ca.numpy(), cb.numpy(), na, nb)
-        return out
-
-    def mix(s: int) -> Tensor:
-        """a · coef_a + b · coef_b over the chunk at ``s``, in buf_a."""
-        if kernel is None:
-            return scaled(a, s, coef_a, buf_a, torch.mul).add_(
-                scaled(b, s, coef_b, buf_b, torch.mul)
-            )
-        ca, cb = as_f32(a, s, buf_a), as_f32(b, s, buf_b)
-        out = buf_a[:, : ca.shape[1]]
-        kernel.slerp_mix(out.numpy(), ca.numpy(), cb.numpy(), float(coef_a), float(coef_b))
+        compiled = kernel.slerp_product if join == "mul_" else kernel.slerp_mix
+        compiled(out.numpy(), ca.numpy(), cb.numpy(), float(by_a), float(by_b))
         return out
 
     # float32 on the CPU with the extension built: each chunk's two elementwise steps are one
@@ -232,10 +221,11 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     norm_a, norm_b = norm(a), norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    na, nb = float(norm_a), float(norm_b)
     # the dot's reduction order depends on mergekit's thread count (splice.merge.reductions)
     threads = mergekit_threads()
-    dots = [sum_last(product(s), threads).reshape(1, 1) for s in starts]
+    dots = [
+        sum_last(step(s, norm_a, norm_b, torch.div, "mul_"), threads).reshape(1, 1) for s in starts
+    ]
     dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > 0.9995
     theta = torch.acos(torch.where(linear, 0, dot))
@@ -243,7 +233,7 @@ def slerp_float32(base: Tensor, other: Tensor, t: float, eps: float = 1e-8) -> T
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     for s in starts:
-        part(a, s).copy_(mix(s))  # rounded to the inputs' dtype
+        part(a, s).copy_(step(s, coef_a, coef_b, torch.mul, "add_"))  # rounded to a's dtype
     return a.reshape(base.shape)
 
 
