@@ -165,7 +165,7 @@ def linear_combine_(
     divide = normalize and abs(total) >= 1e-8
     if _linear_kernel_applies(base, deltas):
         assert _ties_kernel is not None
-        weights = [float(weight[i]) for i in range(len(deltas))]
+        weights = [float(w) for w in weight]
         _ties_kernel.linear(
             base.numpy(), [d.numpy() for d in deltas], weights, divide, total, lambda_
         )
@@ -289,26 +289,26 @@ def _unweighted_votes_combine_(
 
 def fused_ties_applies(base: Tensor, deltas: Sequence[Tensor], disjoint: str) -> bool:
     """Whether `ties_combine_` can use the compiled float32 kernel for these tensors."""
-    return disjoint in ("mean", "sum") and kernel_accepts(base, deltas, torch.float32, 64)
+    return (
+        _ties_kernel is not None
+        and disjoint in ("mean", "sum")
+        and kernel_accepts(base, deltas, torch.float32, 64)
+    )
 
 
 def kernel_accepts(
     base: Tensor, deltas: Sequence[Tensor], dtype: torch.dtype, max_models: int
 ) -> bool:
-    """Whether the compiled `_ties_kernel` is built and can take these tensors: at most
-    ``max_models`` deltas, all of ``dtype`` on the CPU, contiguous, without autograd, and of
-    the base's shape."""
-    return (
-        _ties_kernel is not None
-        and len(deltas) <= max_models
-        and all(
-            t.dtype == dtype
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and not t.requires_grad
-            and t.shape == base.shape
-            for t in (base, *deltas)
-        )
+    """Whether a compiled kernel can take these tensors: at most ``max_models`` deltas, all
+    of ``dtype`` on the CPU, contiguous, without autograd, and of the base's shape (the
+    callers check that their extension is built)."""
+    return len(deltas) <= max_models and all(
+        t.dtype == dtype
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not t.requires_grad
+        and t.shape == base.shape
+        for t in (base, *deltas)
     )
 
 
