@@ -27,7 +27,11 @@ What it does:
    --runs times per recipe (at least 2), interleaved (run 1 of splice and of every mergekit
    configuration, then run 2, ...), and reports min and median wall time, and the median
    CPU time (user + sys of the process tree, from GNU time: on a machine shared with other
-   jobs, the figure that still compares between tools and runs). Before every
+   jobs, the figure that still compares between tools and runs). Each tool's start-up (a
+   process that only imports what its merge command imports: interpreter, torch, the
+   tool) is timed too, and the table also shows median wall minus start-up and the
+   speedup on that. Both tools run from bytecode (PYTHONDONTWRITEBYTECODE is dropped), as
+   installed tools do. Before every
    run the inputs are read once (page cache warm, the same state for every run) and
    `sync` flushes earlier runs' dirty pages, so no run pays for another's writes.
    mergekit-yaml is run in several configurations (defaults, -j 2, --async-write, both);
@@ -418,6 +422,29 @@ def executable(name: str) -> str:
     return found
 
 
+# What each tool's merge command imports before it merges: timed alone, this is the
+# start-up every run of the tool pays (interpreter, torch, the tool's own modules).
+START_UP_IMPORTS = {
+    "splice": "import splice.commands.merge, splice.engine, splice.lora_merge, "
+    "splice.recipe.schema",
+    "mergekit": "import mergekit.scripts.run_yaml",
+}
+
+
+def start_up_seconds(env: dict[str, str], tools: list[str], runs: int) -> dict[str, float]:
+    """Median wall time of a process that only starts each tool (``START_UP_IMPORTS``),
+    interleaved over the tools. The first, untimed, round also writes the tools' bytecode
+    caches, so that no timed run compiles source."""
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
+    for r in range(runs + 1):
+        for tool in tools:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", START_UP_IMPORTS[tool]], env=env, check=True)
+            if r:
+                times[tool].append(time.perf_counter() - t0)
+    return {tool: statistics.median(ts) for tool, ts in times.items()}
+
+
 def tool_cmd(tool: str, extra: list[str], recipe: Path, out: Path) -> list[str]:
     if tool == "splice":
         return [executable("splice"), "merge", str(recipe), "--out", str(out), "--quiet", *extra]
@@ -595,8 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     files = input_files(dirs, list(MODELS))
     in_bytes = sum(f.stat().st_size for f in files)
     out_bytes = in_bytes // len(MODELS)
+    # both tools run as installed ones do: from bytecode (a PYTHONDONTWRITEBYTECODE left
+    # in the environment would have splice, an editable install, compile its source on
+    # every run, while mergekit's installed bytecode is reused)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -627,6 +657,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    start_up = start_up_seconds(env, ["splice"] + (["mergekit"] if mk_cfgs else []), 3)
+    print(
+        "start-up (a process importing what the merge command imports, median of 3): "
+        + ", ".join(f"{tool} {s:.2f} s" for tool, s in start_up.items()),
+        flush=True,
+    )
+
     rows: list[dict[str, object]] = []
     checks: dict[str, object] = {}
     splice_extra = args.splice_args.split()
@@ -640,10 +677,14 @@ def main(argv: list[str] | None = None) -> int:
         tools += [("mergekit", cfg, MERGEKIT_CONFIGS[cfg]) for cfg in mk_cfgs]
         sp, *mk_rows = bench_interleaved(tools, recipe, outs, files, args.runs, env)
         rows += [sp, *mk_rows]
+        for r in [sp, *mk_rows]:
+            r["start_up_s"] = start_up[str(r["tool"])]
+            r["after_start_up_s"] = float(r["wall_median_s"]) - r["start_up_s"]
         if mk_rows:
             best = min(mk_rows, key=lambda r: r["wall_median_s"])
             for r in [sp, *mk_rows]:
                 r["speedup_vs_mergekit_median"] = best["wall_median_s"] / r["wall_median_s"]
+                r["speedup_after_start_up"] = best["after_start_up_s"] / r["after_start_up_s"]
                 r["speedup_vs_mergekit_min"] = best["wall_min_s"] / r["wall_min_s"]
                 r["cpu_speedup_vs_mergekit"] = best["cpu_median_s"] / r["cpu_median_s"]
                 r["memory_vs_mergekit"] = r["peak_rss_mb"] / best["peak_rss_mb"]
@@ -670,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "inputs_bytes": in_bytes,
         "io_floor": floor,
+        "start_up_s": start_up,
         "rows": rows,
         "checks": checks,
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -706,7 +748,7 @@ def print_table(
     head = (
         f"{'tool':9} {'config':9} {'recipe':24} {'wall min':>9} {'median':>8} "
         f"{'peak RSS MB':>11} {'speedup':>8} {'mem ratio':>9} {'vs floor':>8} "
-        f"{'CPU median':>10} {'CPU speedup':>11}"
+        f"{'CPU median':>10} {'CPU speedup':>11} {'after start':>11} {'speedup':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -714,12 +756,14 @@ def print_table(
         sp = r.get("speedup_vs_mergekit_median")
         cs = r.get("cpu_speedup_vs_mergekit")
         mem = r.get("memory_vs_mergekit")
+        ss = r.get("speedup_after_start_up")
         print(
             f"{r['tool']:9} {r['config']:9} {r['recipe']:24} {r['wall_min_s']:>8.2f}s "
             f"{r['wall_median_s']:>7.2f}s {r['peak_rss_mb']:>11.0f} "
             f"{(f'{sp:.2f}x' if sp else '-'):>8} {(f'{mem:.2f}' if mem else '-'):>9} "
             f"{r['wall_median_s'] / floor['floor_s']:>7.1f}x "
-            f"{r['cpu_median_s']:>9.2f}s {(f'{cs:.2f}x' if cs else '-'):>11}"
+            f"{r['cpu_median_s']:>9.2f}s {(f'{cs:.2f}x' if cs else '-'):>11} "
+            f"{r['after_start_up_s']:>10.2f}s {(f'{ss:.2f}x' if ss else '-'):>8}"
         )
     print(
         f"\nI/O floor: read {floor['read_bytes'] / 1e9:.2f} GB in {floor['read_s']:.2f} s + "
@@ -731,7 +775,9 @@ def print_table(
     print(
         "speedup = mergekit's best median wall / this median wall; mem ratio = this peak "
         "RSS / mergekit's best config's peak RSS; CPU = user + sys seconds of the process "
-        "tree (GNU time), the comparable figure on a machine shared with other jobs"
+        "tree (GNU time), the comparable figure on a machine shared with other jobs; "
+        "after start = median wall minus the tool's start-up (a process importing what its "
+        "merge command imports), and its speedup against mergekit's best config"
     )
     for name, c in checks.items():
         print(f"outputs, {name} (splice vs mergekit {c['mergekit_config']}): {summary(c)}")
