@@ -109,17 +109,19 @@ def test_a_small_tensor_does_not_take_a_much_larger_storage():
     del quarter
 
 
-def test_a_storage_unused_for_a_while_is_dropped():
+def test_an_idle_storage_is_kept_for_a_later_tensor_of_its_size():
+    # the embedding's storages, idle while the layers run, serve the lm_head job at the end
     pool = ScratchPool(64 * MIB, min_bytes=64 << 10)
-    old = pool.empty((3 * MIB // 4,), torch.float32)  # 3 MiB
+    large = pool.empty((3 * MIB // 4,), torch.float32)  # 3 MiB
     small = pool.empty((64 << 10,), torch.float32)  # 256 kB on a 1 MiB storage
+    ptr = large.data_ptr()
     assert pool.made == 2 and pool.held == 4 * MIB
-    del old, small
-    for _ in range(scratch.AGE - 1):  # served by the 1 MiB storage (3 MiB > 4 x 256 kB + 1 MiB)
+    del large, small
+    for _ in range(1000):  # served by the 1 MiB storage (3 MiB > 4 x 256 kB + 1 MiB)
         pool.empty((64 << 10,), torch.float32)
-    assert pool.held == 4 * MIB
-    pool.empty((64 << 10,), torch.float32)
-    assert pool.held == MIB and pool.made == 2 and pool.reused == scratch.AGE
+    assert pool.held == 4 * MIB and pool.made == 2
+    again = pool.empty((3 * MIB // 4,), torch.float32)
+    assert again.data_ptr() == ptr and pool.made == 2 and pool.reused == 1001
 
 
 def test_clear_drops_only_free_storages():

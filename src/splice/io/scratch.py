@@ -21,10 +21,12 @@ them, so after the first jobs those tensors land on pages already in memory:
 - What it holds follows what is in use. ``high`` is the most bytes of storages in use at
   one time so far; a new storage that would take the pool past it first drops free ones,
   least recently used first, so the pool never holds more than its tensors once needed
-  at once (rounded to ``GRAIN``, and within ``RATIO``). A free storage that served none of
-  the last ``AGE`` requests is dropped (the embedding's chunk buffers once the layers
-  run; ``AGE`` spans more than one layer's jobs, whose tensors take turns). ``cap``
-  bounds it all: a storage that would pass it is not made, the tensor is a plain
+  at once (rounded to ``GRAIN``, and within ``RATIO``). A free storage is not dropped for
+  being idle: the embedding job's large storages, idle while the layers run, serve the
+  same-shaped lm_head job at the end (an age limit that dropped them made that job fault
+  in ~250 MB again: 0.37B bfloat16 Model Stock, 269K -> 204K page faults, 3.7-3.8 -> 3.5 s;
+  peak RSS unchanged, as ``high`` bounds what the pool holds either way). ``cap`` bounds
+  it all: a storage that would pass it is not made, the tensor is a plain
   ``torch.empty`` outside the pool (today's behaviour), as is every request under
   ``min_bytes`` (1 MiB; glibc's heap serves those).
 
@@ -52,7 +54,6 @@ import torch
 
 GRAIN = 1 << 20  # pooled storages are whole MiB, so chunks of nearby sizes share them
 MIN_BYTES = 1 << 20  # smaller requests: glibc's heap (a mapping each would not pay)
-AGE = 256  # a free storage that served none of the last AGE pooled requests is dropped
 RATIO = 4  # a request is served by a free storage of at most RATIO times its size (+ GRAIN)
 
 
@@ -105,13 +106,7 @@ class ScratchPool:
         """The smallest free storage of at least ``nbytes``, else a new one (see the module
         docstring for what it drops first), else None. Under the lock."""
         self._clock += 1
-        free = []
-        for s in [s for s in self._storages if _use_count(s) == 1]:
-            if self._clock - self._last[id(s)] > AGE:  # unused for a while: let go
-                self._drop(s)
-            else:
-                free.append(s)
-        free.sort(key=lambda s: s.nbytes())
+        free = sorted((s for s in self._storages if _use_count(s) == 1), key=lambda s: s.nbytes())
         fits = [s for s in free if nbytes <= s.nbytes() <= RATIO * nbytes + GRAIN]
         if fits:
             self.reused += 1
