@@ -422,11 +422,12 @@ def executable(name: str) -> str:
     return found
 
 
-# What each tool's merge command imports before it merges: timed alone, this is the
-# start-up every run of the tool pays (interpreter, torch, the tool's own modules).
+# What each tool's merge command imports before it merges, the way it does: timed alone,
+# this is the start-up every run of the tool pays (interpreter, torch, the tool's own
+# modules). `splice merge` pauses the cycle collector while it imports (commands/merge.py).
 START_UP_IMPORTS = {
-    "splice": "import splice.commands.merge, splice.engine, splice.lora_merge, "
-    "splice.recipe.schema",
+    "splice": "import gc; gc.disable(); import splice.commands.merge, splice.engine, "
+    "splice.lora_merge, splice.recipe.schema",
     "mergekit": "import mergekit.scripts.run_yaml",
 }
 
