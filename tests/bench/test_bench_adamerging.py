@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ METHODS = {
     # λ stays at its init 0.3 (a vanishing lr): the task-wise merge is Task Arithmetic at 0.3
     "params": {
         "adamerging": {"steps": 1, "lr": 1e-12},
-        "adamerging++": {"steps": 2, "granularity": ["layer"], "density": 0.5},
+        # steps and lr auto: the budget of one expert's training passes
+        "adamerging++": {"granularity": ["layer"], "density": 0.5},
     },
 }
 
@@ -53,14 +55,18 @@ def test_rows_notes_and_task_arithmetic_at_the_init(run):
     )
     assert ta.params["lambda"] == 0.3
     assert plain_task.test == ta.test and plain_layer.test == ta.test
-    assert plus.params == {"granularity": "layer", "steps": 2, "lr": 0.02, "density": 0.5}
+    expert_steps = [e.steps for e in res.experts["full"].values()]
+    steps = math.floor(sum(expert_steps) / len(expert_steps) / 2)  # 2 experts, 1 batch each
+    assert steps > 1
+    lr = round(0.6 / steps, 6)
+    assert plus.params == {"granularity": "layer", "steps": steps, "lr": lr, "density": 0.5}
     for r in (plain_task, plain_layer, plus):
         assert "unlabeled test inputs (labels unused" in r.note
         assert "x one expert's training" in r.note
         assert r.merge_seconds > 0
     assert "sentiment 0.300, topic 0.300" in plain_task.note
     assert (
-        f"adamerging++ (full; granularity=layer, steps=2, lr=0.02, density=0.5): "
+        f"adamerging++ (full; granularity=layer, steps={steps}, lr={lr}, density=0.5): "
         f"{plus.note}." in (out / "results.md").read_text()
     )
 
@@ -115,7 +121,8 @@ def test_learning_lowers_the_test_entropy(run, tiny_tasks):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"params": {"adamerging": {"steps": 0}}}, "'steps': Input should be greater than 0"),
+        ({"params": {"adamerging": {"steps": 0}}}, "steps must be a positive integer or 'auto'"),
+        ({"params": {"adamerging": {"lr": -0.1}}}, "lr must be a positive number or 'auto'"),
         ({"params": {"adamerging++": {"stesp": 3}}}, "did you mean 'steps'"),
         ({"params": {"adamerging": {"density": 0.2}}}, "'density' is the TIES trim"),
         ({"params": {"adamerging": {"granularity": []}}}, "granularity"),
@@ -133,3 +140,22 @@ def test_named_only_and_planned_with_the_settings():
     (p,) = select_methods(["adamerging++"], 3, params={"adamerging++": {"steps": 7}})[0]
     assert p.data_aware and p.sweep is None
     assert p.params["steps"] == 7 and p.params["density"] == 0.2 and p.params["init"] == 0.3
+    assert p.params["lr"] == "auto"
+
+
+def test_auto_schedule_is_one_experts_passes():
+    """steps: auto = ⌊mean expert steps / (K · batches_per_step)⌋, lr: auto = 0.6 / steps;
+    numbers given are kept; an expert without a recorded step count is skipped in the mean."""
+    from splice.bench.adamerging import AdaMergingSettings, resolve_schedule
+
+    auto = AdaMergingSettings()
+    got = resolve_schedule(auto, [150, 151, 140, None])  # mean 147, K 4: 36 steps
+    assert (got.steps, got.lr) == (36, 0.6 / 36)
+    two = resolve_schedule(AdaMergingSettings(batches_per_step=2), [150, 150])
+    assert (two.steps, two.lr) == (37, 0.6 / 37)
+    assert resolve_schedule(auto, [3, 3, 3, 3, 3]).steps == 1  # never 0
+    fixed = resolve_schedule(AdaMergingSettings(steps=7, lr=0.05), [150, 150])
+    assert (fixed.steps, fixed.lr) == (7, 0.05)
+    assert resolve_schedule(AdaMergingSettings(lr=0.05), [80, 80]).lr == 0.05
+    with pytest.raises(SpliceError, match="give steps \\(and lr\\) as numbers"):
+        resolve_schedule(auto, [None, None])

@@ -242,3 +242,27 @@ def test_layer_wise_parity_with_the_papers_loop():
     assert ours.layers == ("w", "b")
     assert torch.allclose(ours.coefficients, paper, atol=1e-6)
     assert not torch.allclose(paper, torch.full_like(paper, 0.3), atol=5e-3)  # it moved
+
+
+def test_a_tensor_no_expert_changes_gets_no_gradient_and_keeps_parity():
+    """As a LoRA expert leaves all but its target modules at the base: the bias "b" is the
+    same in every expert, so the forward sees it without ``requires_grad`` (no backward
+    work for it), its λ stays at the init, and the rest moves as the paper's loop moves it
+    (which computes the bias's zero gradient)."""
+    torch.manual_seed(7)
+    base = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+    experts = [{"w": base["w"] + torch.randn(3, 4), "b": base["b"].clone()} for _ in range(3)]
+    batches = [[torch.randn(5, 4), torch.randn(5, 4)] for _ in range(3)]
+    seen = []
+
+    def affine(params, task, x):
+        seen.append((params["w"].requires_grad, params["b"].requires_grad))
+        return x @ params["w"].T + params["b"]
+
+    ours = adamerging(base, experts, batches, affine, granularity="layer", steps=25)
+    paper = _paper_layer_wise(base, experts, batches, affine, steps=25)
+    assert set(seen[: 25 * 3 * 2]) == {(True, False)}
+    assert torch.allclose(ours.coefficients, paper, atol=1e-6)
+    assert torch.equal(ours.coefficients[:, 1], torch.full((3,), 0.3))
+    assert torch.equal(ours.state["b"], base["b"])
+    assert ours.state["b"].data_ptr() != base["b"].data_ptr()  # a copy, not the caller's

@@ -14,16 +14,27 @@ The forward pass is the evaluator's classifier skeleton run with functional weig
 
 Settings (``merge.params.adamerging`` / ``merge.params.adamerging++``), defaults:
 granularity [task, layer]; init 0.3, clamp to [0, 1], Adam, batch size 16 (the paper's);
-steps 30, lr 0.02 and one batch per task per step instead of the paper's 500 steps at
-1e-3 with two batches: the paper's schedule costs about 4000 forward and backward passes
-over a four-task pool, some 25 times one bench expert's training (about 150 steps of 16
-examples), while 30 steps cost about 120 passes (under one expert's training) and at lr
-0.02 Adam can still move λ by up to 0.6 (the paper's schedule: 500 · 1e-3 = 0.5);
-``density`` 0.2 (the paper's TIES K = 20) for ``adamerging++`` only.
+one batch per task per step; ``steps`` and ``lr`` ``auto``: a budget of forward and backward
+passes instead of the paper's 500 steps at 1e-3 with two batches (about 4000 passes over a
+four-task pool, 8000 over eight: some 25-50 times one bench expert's training).
+
+- ``steps: auto`` = max(1, ⌊P / (K · batches_per_step)⌋), P the mean number of optimizer
+  steps of the pool's experts' training and K the number of experts: AdaMerging runs at
+  most as many forward and backward passes, each of one batch, as one expert's training did
+  (a pass here costs about what a training step does: the backward reaches every merged
+  weight, as a full fine-tune's does), so its training takes about one expert's time.
+- ``lr: auto`` = 0.6 / steps: Adam moves a coefficient by at most about ``lr`` per step, so
+  λ can still travel 0.6 from its init within the budget (the paper's schedule: 500 · 1e-3
+  = 0.5).
+
+Until 2026-12-04 the defaults were a fixed 30 steps at lr 0.02: 240 passes on eight tasks,
+3-4 times one full expert's training. ``density`` 0.2 (the paper's TIES K = 20) for
+``adamerging++`` only.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,14 +56,28 @@ class AdaMergingSettings(StrictConfig):
     granularity: list[Literal["task", "layer"]] = Field(
         default_factory=lambda: ["task", "layer"], min_length=1
     )
-    steps: int = Field(30, gt=0)
-    lr: float = Field(0.02, gt=0)
+    steps: int | Literal["auto"] = "auto"
+    lr: float | Literal["auto"] = "auto"
     init: float = 0.3
     clamp: bool = True
     batch_size: int = Field(16, gt=0)
     batches_per_step: int = Field(1, gt=0)
     density: float = Field(0.2, gt=0, le=1)
     seed: int = 0
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"steps must be a positive integer or 'auto', got {v}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"lr must be a positive number or 'auto', got {v}")
+        return v
 
     @field_validator("granularity")
     @classmethod
@@ -74,9 +99,30 @@ def parse_settings(method: str, given: dict[str, Any]) -> AdaMergingSettings:
     )
 
 
+AUTO_TRAVEL = 0.6  # lr: auto = AUTO_TRAVEL / steps
+
+
+def resolve_schedule(s: AdaMergingSettings, expert_steps: list[int | None]) -> AdaMergingSettings:
+    """``s`` with ``steps`` and ``lr`` numbers: ``auto`` resolved from the pool's experts'
+    training steps (``expert_steps``, one per expert, in the pool's order)."""
+    steps = s.steps
+    if steps == "auto":
+        known = [int(x) for x in expert_steps if x]
+        if not known:
+            raise SpliceError(
+                "merge.params: AdaMerging's steps: auto is set by the experts' training "
+                "steps, which their cache does not record; give steps (and lr) as numbers"
+            )
+        budget = sum(known) / len(known)
+        steps = max(1, math.floor(budget / (len(expert_steps) * s.batches_per_step)))
+    lr = AUTO_TRAVEL / steps if s.lr == "auto" else s.lr
+    return s.model_copy(update={"steps": steps, "lr": lr})
+
+
 def row_params(method: str, s: AdaMergingSettings, granularity: str) -> dict[str, Any]:
     """What a row shows of its settings."""
-    out: dict[str, Any] = {"granularity": granularity, "steps": s.steps, "lr": s.lr}
+    lr = round(s.lr, 6) if isinstance(s.lr, float) else s.lr
+    out: dict[str, Any] = {"granularity": granularity, "steps": s.steps, "lr": lr}
     if method == "adamerging++":
         out["density"] = s.density
     return out
@@ -112,6 +158,8 @@ def learn_merge(
     from splice.bench.precision import autocast
     from splice.train.adamerging import adamerging
 
+    if s.steps == "auto" or s.lr == "auto":
+        raise ValueError("learn_merge takes numbers: resolve_schedule the settings first")
     model = ev.model.eval()
     prefix = ev.base.head_name + "."
     head_params = [{prefix + n: v.float() for n, v in heads[t].items()} for t in tasks]

@@ -386,9 +386,16 @@ class _Runner:
         on the unlabeled test inputs and scored on the test split."""
         from safetensors.torch import load_file
 
-        from splice.bench.adamerging import AdaMergingSettings, learn_merge, row_note, row_params
+        from splice.bench.adamerging import (
+            AdaMergingSettings,
+            learn_merge,
+            resolve_schedule,
+            row_note,
+            row_params,
+        )
 
         settings = AdaMergingSettings(**p.params)  # checked by select_methods
+        settings = resolve_schedule(settings, [e.meta.get("steps") for e in pool])
         tasks = [e.tasks[0] for e in pool]
         heads = {e.tasks[0]: e.heads[e.tasks[0]] for e in pool}
         base = load_file(str(base_folder / "model.safetensors"))

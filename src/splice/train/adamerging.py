@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -180,6 +180,10 @@ def adamerging(
     if ties_density is not None:
         vectors = ties_task_vectors(vectors, ties_density)
     theta0 = {n: base[n].detach().float() for n in names}
+    # tensors no expert changes (a LoRA expert's: all but its target modules) get no
+    # gradient: ⟨G^l, τ_k^l⟩ = 0 for every k, so their λ never move and their backward
+    # work is skipped (the step then costs what a LoRA expert's training step does)
+    moving = {n for n in names if any(bool(v[n].any()) for v in vectors)}
     shape = (len(experts),) if granularity == "task" else (len(experts), len(names))
     raw = torch.nn.Parameter(torch.full(shape, float(init)))
     opt: torch.optim.Optimizer
@@ -196,9 +200,9 @@ def adamerging(
         lam = _used(raw, clamp)
         # the merged weights as leaves: every batch's backward stops at them and their
         # gradients add up; the step's gradient to λ is then taken once (`_lambda_grad`)
-        params = _merged(theta0, vectors, lam, granularity)
-        for t in params.values():
-            t.requires_grad_(True)
+        params = _merged(theta0, vectors, lam, granularity, moving)
+        for n in moving:
+            params[n].requires_grad_(True)
         total = 0.0
         for k in range(len(experts)):
             for _b in range(batches_per_step):
@@ -217,7 +221,7 @@ def adamerging(
         lam.backward(_lambda_grad(params, vectors, lam.shape, granularity))
         opt.step()
     used = _used(raw, clamp).detach().clone()
-    merged = _merged(theta0, vectors, used, granularity)
+    merged = _merged(theta0, vectors, used, granularity, moving)
     state = {n: t.clone() for n, t in base.items()}
     for n in names:
         state[n] = merged[n].to(base[n].dtype)
@@ -233,16 +237,20 @@ def _merged(
     vectors: Sequence[Mapping[str, Tensor]],
     lam: Tensor,
     granularity: Granularity,
+    moving: Collection[str],
 ) -> dict[str, Tensor]:
     """θ0 + Σ_k λ_k τ_k per tensor (λ_k^l for tensor l layer-wise), without a graph: each
     tensor one copy of θ0 with the K terms added in place (``add_(τ, alpha=λ)``), not K
-    fresh sums a tensor (fresh pages each)."""
+    fresh sums a tensor (fresh pages each). A tensor not in ``moving`` (every τ_k^l = 0) is
+    a copy of θ0."""
     coefficients = lam.detach().tolist()
     out = {}
     for j, name in enumerate(theta0):
         t = theta0[name].clone()
-        for k, v in enumerate(vectors):
-            t.add_(v[name], alpha=coefficients[k] if granularity == "task" else coefficients[k][j])
+        if name in moving:
+            for k, v in enumerate(vectors):
+                c = coefficients[k] if granularity == "task" else coefficients[k][j]
+                t.add_(v[name], alpha=c)
         out[name] = t
     return out
 
