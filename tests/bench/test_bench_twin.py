@@ -96,3 +96,21 @@ def test_router_trained_on_the_validation_split(twin_run, monkeypatch):
     assert "router MLP trained on 75 validation examples" in _row(again, "lora").note
     with pytest.raises(BenchConfigError, match="router_split"):
         parse_bench_config({**data, "twin": {"router_split": "test"}})
+
+
+def test_router_on_every_layers_features(twin_run, monkeypatch):
+    """``twin.router_features: layers`` embeds with every hidden state (`TwinMerging.embed`):
+    the row names it in its settings and note; anything else is a config error."""
+    root, cfg, _ = twin_run
+    monkeypatch.setenv("SPLICE_CACHE", str(root / "cache"))  # the module run's experts
+    data = {**cfg.model_dump(), "kinds": ["lora"], "compose": ["twin_merging"]}
+    data["twin"] = {**data["twin"], "router_features": "layers", "epochs": 1}
+    seen = []
+    embed = TwinMerging.embed
+    monkeypatch.setattr(TwinMerging, "embed", lambda self, b: seen.append(e := embed(self, b)) or e)
+    row = _row(run_bench(parse_bench_config(data), root / "layers-router", progress=False), "lora")
+    assert row.params == {"shared": "task_arithmetic", "fraction": 0.1, "router": "layers"}
+    assert "from the shared model's mean-pooled hidden states of every layer" in row.note
+    assert {e.shape[1] for e in seen} == {3 * 32}  # tiny BERT: embeddings + 2 layers, width 32
+    with pytest.raises(BenchConfigError, match="router_features"):
+        parse_bench_config({**data, "twin": {"router_features": "cls"}})

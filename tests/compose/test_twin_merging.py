@@ -171,3 +171,37 @@ def test_router_is_seeded_and_validates():
         twin.weights(BATCH)
     with pytest.raises(TwinMergingError, match="weights must be"):
         twin.adapter_sets(torch.ones(3, 2))
+
+
+def test_layers_features_are_every_hidden_states_masked_mean_normalised():
+    """``features="layers"``: [m_0; ...; m_L] with m_l = mean over the unpadded tokens of the
+    shared model's hidden state l, divided by its L2 norm (by hand here); "last" is m_L
+    alone; the router's hidden width is 2 · the model's for "layers" and the official
+    2 · dim (None) for "last"."""
+    shared, experts = _experts()
+    ex = {f"t{i}": exclusive_knowledge(shared, e, rank=2) for i, e in enumerate(experts)}
+    layers = TwinMerging.build(_bert(0), ex, shared=shared, features="layers")
+    last = TwinMerging.build(_bert(0), ex, shared=shared)
+    model = _bert(0)
+    model.load_state_dict(shared)
+    with torch.no_grad():
+        hidden = model(**BATCH, output_hidden_states=True).hidden_states
+    assert len(hidden) == 2  # the embeddings and one layer
+    mask = BATCH["attention_mask"]
+    blocks = []
+    for h in hidden:
+        rows = []
+        for r in range(3):
+            n = int(mask[r].sum())
+            mean = h[r, :n].sum(0) / n
+            rows.append(mean / mean.norm())
+        blocks.append(torch.stack(rows))
+    got = layers.embed(BATCH)
+    assert got.shape == (3, 32)
+    torch.testing.assert_close(got, torch.cat(blocks, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last.embed(BATCH), blocks[-1], atol=1e-5, rtol=1e-5)
+    assert (layers.router_hidden(32), last.router_hidden(16)) == (32, None)
+    router = train_router(got, torch.tensor([0, 1, 0]), 2, epochs=1, hidden=32)
+    assert router.net[0].weight.shape == (32, 32)
+    with pytest.raises(TwinMergingError, match="'last' or 'layers'"):
+        TwinMerging.build(_bert(0), ex, shared=shared, features="cls")

@@ -68,6 +68,8 @@ NaN / inf numbers anywhere, including ``merge.params`` / ``merge.grids``).
       batch_size: 64
       seed: 0
       top_k: null                 # null: dense softmax weights (the paper); k: top-k renormalized
+      router_split: train         # the router's data: train | validation
+      router_features: last       # its input: last (the paper's) | layers (every layer's)
     gate:                         # compose: [..., gate]: a trained gate over the frozen LoRA
       levels: [sequence]          #   experts (bench.gating); a row per level: sequence | token
       top_k: 2                    # experts kept per routing position (null: dense)
@@ -240,6 +242,7 @@ class TwinSettings(_Strict):
     seed: int = 0
     top_k: int | None = Field(None, gt=0)
     router_split: Literal["train", "validation"] = "train"
+    router_features: Literal["last", "layers"] = "last"
 
     _finite = field_validator("shared_params")(classmethod(_finite_values))
 

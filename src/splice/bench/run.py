@@ -449,6 +449,8 @@ class _Runner:
         else:
             size = {"rank": s.rank} if s.rank else {"fraction": s.fraction}
             params = {"shared": s.shared, **size, **({"top_k": s.top_k} if s.top_k else {})}
+            if s.router_features != "last":  # the paper's is not named
+                params["router"] = s.router_features
             self.rows.append(
                 Row(
                     kind,

@@ -11,7 +11,9 @@ Per kind, with the experts' backbones θ_1..θ_T (a LoRA expert's: its adapter f
    are θ*'s. A LoRA expert's θ_t − θ* lives on its target modules and has rank at most
    T · r, so the default rank (38 on MiniLM's 384-wide matrices) keeps it whole when
    T · r ≤ 38;
-3. router: the official MLP (`TwinRouter`) on the shared model's mean-pooled embedding,
+3. router: the official MLP (`TwinRouter`) on the shared model's mean-pooled embedding
+   (``twin.router_features``: ``last``, the paper's last hidden state, or ``layers``, every
+   layer's, concatenated: `TwinMerging.embed`),
    trained to predict the task on every task's training split (``twin.router_split``
    ``train``, the default: the official script embeds up to 5,500 training examples per
    task; on the eight-task pool it routes 3–11 points more test examples to their own task
@@ -99,7 +101,9 @@ def run_twin(
         exclusive[task] = ex
         total += sum(float((expert[n].float() - shared[n].float()).square().sum()) for n in names)
         kept += sum(float(ex[n].to_dense().square().sum()) for n in names)
-    twin = TwinMerging.build(model, exclusive, shared=shared, top_k=s.top_k)
+    twin = TwinMerging.build(
+        model, exclusive, shared=shared, top_k=s.top_k, features=s.router_features
+    )
     captured = _TwinModel(ev, twin)
     embeddings, ids = [], []
     for i, task in enumerate(tasks):
@@ -111,7 +115,14 @@ def run_twin(
             ids += [i] * int(b["input_ids"].shape[0])
     x, y = torch.cat(embeddings), torch.tensor(ids)
     twin.router = train_router(
-        x, y, len(tasks), epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed
+        x,
+        y,
+        len(tasks),
+        epochs=s.epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        hidden=twin.router_hidden(x.shape[1]),
+        seed=s.seed,
     )
     with torch.no_grad():
         fit = float((twin.router(x).argmax(-1) == y).float().mean())
@@ -133,6 +144,12 @@ def run_twin(
     return TwinResult(test, seconds, routing, kept / total if total else 1.0, setup, len(y), fit)
 
 
+_FEATURES = {
+    "last": "the shared model's mean-pooled last hidden state",
+    "layers": "the shared model's mean-pooled hidden states of every layer",
+}
+
+
 def twin_note(r: TwinResult, s: TwinSettings) -> str:
     """The row's note: how it was made, in words."""
     rank = f"rank {s.rank}" if s.rank else f"rank ⌊min(m, n) · {s.fraction}⌋"
@@ -141,6 +158,7 @@ def twin_note(r: TwinResult, s: TwinSettings) -> str:
         f"Twin-Merging: shared = {s.shared} {s.shared_params}; exclusive = θ_t − θ* per "
         f"Linear weight at {rank} (keeps {100 * r.kept:.1f}% of Σ‖θ_t − θ*‖²; biases, "
         f"LayerNorm, embeddings shared); router MLP trained on {r.router_examples} "
-        f"{s.router_split} examples (fits {100 * r.router_validation:.1f}% of them), per-example "
+        f"{s.router_split} examples (fits {100 * r.router_validation:.1f}% of them) from "
+        f"{_FEATURES[s.router_features]}, per-example "
         f"{weights} weights; offline setup {r.setup_seconds:.1f} s"
     )
