@@ -279,8 +279,8 @@ class TwinMerging:
 
     def router_hidden(self, dim: int) -> int | None:
         """The router MLP's hidden width for embeddings of width ``dim``: None (2 · dim, the
-        official) for "last"; 2 · the model's width for "layers" (2 · dim would be
-        2 (L + 1) times the official MLP)."""
+        official) for "last"; 2 · the model's width for "layers" (2 · dim would make its
+        hidden layers L + 1 times wider than the official MLP's)."""
         if self.features == "last":
             return None
         return 2 * int(self.am.model.config.hidden_size)
