@@ -222,8 +222,8 @@ def adamerging(
         opt.step()
     used = _used(raw, clamp).detach().clone()
     merged = _merged(theta0, vectors, used, granularity, moving)
-    state = {n: t.clone() for n, t in base.items()}
-    for n in names:
+    state = {n: t.clone() for n, t in base.items()}  # θ0 where no expert moved it
+    for n in moving:
         state[n] = merged[n].to(base[n].dtype)
     return AdaMergingResult(state, used, tuple(names), tuple(losses), time.perf_counter() - start)
 
@@ -242,15 +242,16 @@ def _merged(
     """θ0 + Σ_k λ_k τ_k per tensor (λ_k^l for tensor l layer-wise), without a graph: each
     tensor one copy of θ0 with the K terms added in place (``add_(τ, alpha=λ)``), not K
     fresh sums a tensor (fresh pages each). A tensor not in ``moving`` (every τ_k^l = 0) is
-    a copy of θ0."""
+    θ0's own tensor, not a copy: nothing writes to it."""
     coefficients = lam.detach().tolist()
     out = {}
     for j, name in enumerate(theta0):
+        if name not in moving:
+            out[name] = theta0[name]
+            continue
         t = theta0[name].clone()
-        if name in moving:
-            for k, v in enumerate(vectors):
-                c = coefficients[k] if granularity == "task" else coefficients[k][j]
-                t.add_(v[name], alpha=c)
+        for k, v in enumerate(vectors):
+            t.add_(v[name], alpha=coefficients[k] if granularity == "task" else coefficients[k][j])
         out[name] = t
     return out
 
