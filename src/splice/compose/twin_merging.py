@@ -64,7 +64,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -242,7 +242,7 @@ class TwinMerging:
         → `exclusive_knowledge`) as an adapter on the Linear layers whose ``<path>.weight``
         it holds as a `LowRank`. All-zero deltas are skipped (no adapter work for them).
         ``features``: what `embed` gives the router (module docstring)."""
-        if features not in ("last", "layers"):
+        if features not in get_args(RouterFeatures):
             raise TwinMergingError(f"router features must be 'last' or 'layers', got {features!r}")
         if not exclusive:
             raise TwinMergingError("Twin-Merging needs at least one task")
